@@ -1,0 +1,199 @@
+"""Device profiles: the emulated hardware as frozen dataclasses in SI units.
+
+Profiles are data files (``profiles/*.yaml``); every figure carries its unit and
+its source, and figures that are ours rather than published say ``estimate: true``.
+The loader converts units once, so the cost model only ever sees bytes, seconds
+and FLOP/s.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Multipliers into SI base units (bytes, bytes/s, FLOP/s, seconds).
+_UNITS: dict[str, float] = {
+    "B": 1.0,
+    "KB": 1e3,
+    "MB": 1e6,
+    "GB": 1e9,
+    "TB": 1e12,
+    "KiB": 2.0**10,
+    "MiB": 2.0**20,
+    "GiB": 2.0**30,
+    "B/s": 1.0,
+    "GB/s": 1e9,
+    "TB/s": 1e12,
+    "FLOP/s": 1.0,
+    "GFLOP/s": 1e9,
+    "TFLOP/s": 1e12,
+    "PFLOP/s": 1e15,
+    "s": 1.0,
+    "ms": 1e-3,
+    "us": 1e-6,
+    "ns": 1e-9,
+    "ratio": 1.0,
+    "count": 1.0,
+}
+
+TOPOLOGIES = ("full_mesh", "switch", "ring", "pcie")
+
+
+class UnknownProfileError(ValueError):
+    """Raised for a profile name that has no data file."""
+
+
+@dataclass(frozen=True)
+class LinkProfile:
+    """A chip's links of one kind: per-direction injection bandwidth and hop latency."""
+
+    topology: str
+    chips: int
+    bandwidth_bytes_per_s: float  # per direction, per chip
+    latency_s: float
+
+    def __post_init__(self) -> None:
+        if self.topology not in TOPOLOGIES:
+            raise ValueError(f"unknown topology {self.topology!r}; known: {', '.join(TOPOLOGIES)}")
+        if self.bandwidth_bytes_per_s <= 0 or self.latency_s < 0 or self.chips < 1:
+            raise ValueError(f"link figures must be positive, got {self}")
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """One emulated chip. Figures are in SI units; ``sources`` maps each to its citation."""
+
+    name: str
+    description: str
+    hbm_capacity_bytes: float
+    hbm_bandwidth_bytes_per_s: float
+    sram_bytes: float
+    peak_flops_per_s: dict[str, float]
+    compute_efficiency: float
+    memory_efficiency: float
+    runtime_reserve_bytes: float
+    scale_up: LinkProfile
+    host_link: LinkProfile
+    sources: dict[str, str] = field(default_factory=dict, compare=False)
+    estimates: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        if "bf16" not in self.peak_flops_per_s:
+            raise ValueError(f"profile {self.name!r} needs a bf16 peak compute figure")
+        for name in ("compute_efficiency", "memory_efficiency"):
+            value = getattr(self, name)
+            if not 0 < value <= 1:
+                raise ValueError(f"profile {self.name!r}: {name} must be in (0, 1], got {value}")
+
+    def peak_flops(self, dtype: str) -> float:
+        """Peak dense FLOP/s for ``dtype``; formats without a figure run at the BF16 rate."""
+        return self.peak_flops_per_s.get(dtype, self.peak_flops_per_s["bf16"])
+
+    def effective_flops(self, dtype: str) -> float:
+        return self.peak_flops(dtype) * self.compute_efficiency
+
+    @property
+    def effective_bandwidth_bytes_per_s(self) -> float:
+        return self.hbm_bandwidth_bytes_per_s * self.memory_efficiency
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "hbm_capacity_GB": self.hbm_capacity_bytes / 1e9,
+            "hbm_bandwidth_TB_per_s": self.hbm_bandwidth_bytes_per_s / 1e12,
+            "bf16_TFLOP_per_s": self.peak_flops("bf16") / 1e12,
+            "scale_up_GB_per_s_per_direction": self.scale_up.bandwidth_bytes_per_s / 1e9,
+            "chips_per_node": self.scale_up.chips,
+            "topology": self.scale_up.topology,
+        }
+
+
+def _figure(entry: Any, key: str, sources: dict[str, str], estimates: list[str]) -> float:
+    """Convert one ``{value, unit, source}`` entry to SI, recording its provenance."""
+    if not isinstance(entry, dict) or not {"value", "unit", "source"} <= entry.keys():
+        raise ValueError(f"figure {key!r} needs value, unit and source, got {entry!r}")
+    unit = entry["unit"]
+    if unit not in _UNITS:
+        raise ValueError(f"figure {key!r} has unknown unit {unit!r}; known: {', '.join(_UNITS)}")
+    sources[key] = str(entry["source"])
+    if entry.get("estimate"):
+        estimates.append(key)
+    return float(entry["value"]) * _UNITS[unit]
+
+
+def _link(raw: dict[str, Any], key: str, sources: dict[str, str], estimates: list[str]) -> LinkProfile:
+    chips = raw.get("chips", {"value": 1, "unit": "count", "source": "point-to-point"})
+    return LinkProfile(
+        topology=raw["topology"],
+        chips=int(_figure(chips, f"{key}.chips", sources, estimates)),
+        bandwidth_bytes_per_s=_figure(raw["bandwidth"], f"{key}.bandwidth", sources, estimates),
+        latency_s=_figure(raw["latency"], f"{key}.latency", sources, estimates),
+    )
+
+
+def profile_from_dict(raw: dict[str, Any]) -> DeviceProfile:
+    """Build a profile from the parsed data file (see ``profiles/maia100.yaml``)."""
+    sources: dict[str, str] = {}
+    estimates: list[str] = []
+
+    def fig(key: str) -> float:
+        return _figure(raw[key], key, sources, estimates)
+
+    peaks = {
+        dtype: _figure(entry, f"peak_compute.{dtype}", sources, estimates)
+        for dtype, entry in raw["peak_compute"].items()
+    }
+    return DeviceProfile(
+        name=raw["name"],
+        description=raw.get("description", ""),
+        hbm_capacity_bytes=fig("hbm_capacity"),
+        hbm_bandwidth_bytes_per_s=fig("hbm_bandwidth"),
+        sram_bytes=fig("sram"),
+        peak_flops_per_s=peaks,
+        compute_efficiency=fig("compute_efficiency"),
+        memory_efficiency=fig("memory_efficiency"),
+        runtime_reserve_bytes=fig("runtime_reserve"),
+        scale_up=_link(raw["scale_up"], "scale_up", sources, estimates),
+        host_link=_link(raw["host_link"], "host_link", sources, estimates),
+        sources=sources,
+        estimates=tuple(estimates),
+    )
+
+
+def _builtin_dir() -> Path:
+    return Path(str(resources.files("maia_serving.emulator") / "profiles"))
+
+
+def host_profile_path() -> Path:
+    """Where ``maia-serving calibrate-host`` caches the measured host profile."""
+    cache = os.environ.get("MAIA_SERVING_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "maia-serving"
+    )
+    return Path(cache) / "host.yaml"
+
+
+def profile_names() -> list[str]:
+    """Built-in profile names plus ``host`` (measured on demand)."""
+    return sorted(p.stem for p in _builtin_dir().glob("*.yaml")) + ["host"]
+
+
+def load_profile(name: str) -> DeviceProfile:
+    """Load a profile by name; ``host`` is measured once and cached (see calibrate.py)."""
+    if name == "host":
+        path = host_profile_path()
+        if not path.exists():
+            from maia_serving.emulator.calibrate import calibrate_host
+
+            calibrate_host(path)
+        return profile_from_dict(yaml.safe_load(path.read_text()))
+    path = _builtin_dir() / f"{name}.yaml"
+    if not path.exists():
+        raise UnknownProfileError(
+            f"unknown device profile {name!r}; known profiles: {', '.join(profile_names())}"
+        )
+    return profile_from_dict(yaml.safe_load(path.read_text()))

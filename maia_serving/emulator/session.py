@@ -1,0 +1,89 @@
+"""EmulatedDevice: what an engine adapter talks to, one per engine.
+
+It holds the profile, the model shape, the memory plan and the clock, charges each
+engine step and returns a StepRecord that adapters log and export. Engine-free, so
+the vLLM and SGLang adapters charge steps the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from maia_serving.emulator.clock import EmulatedClock, RequestTiming
+from maia_serving.emulator.cost import Parallel, StepShape, step_cost
+from maia_serving.emulator.hardware import DeviceProfile
+from maia_serving.emulator.memory import MemoryPlan
+from maia_serving.emulator.model_shape import ModelShape
+
+
+@dataclass
+class StepRecord:
+    """One charged step, as sent to metrics: emulated seconds and the step's shape."""
+
+    step_s: float
+    compute_s: float
+    memory_s: float
+    comm_s: float
+    bound: str
+    num_tokens: int
+    num_seqs: int
+    now_s: float
+    wall_s: float
+    kv_blocks_used: int
+    first_token_ttfts_s: list[float] = field(default_factory=list)
+    finished: list[RequestTiming] = field(default_factory=list)
+
+
+class EmulatedDevice:
+    def __init__(self, profile: DeviceProfile, model: ModelShape, plan: MemoryPlan,
+                 parallel: Parallel, kv_cache_dtype: str):
+        self.profile = profile
+        self.model = model
+        self.plan = plan
+        self.parallel = parallel
+        self.kv_cache_dtype = kv_cache_dtype
+        self.clock = EmulatedClock()
+        self.total_wall_s = 0.0
+
+    @property
+    def kv_block_bytes(self) -> float:
+        return self.plan.kv_bytes_per_token * self.plan.config.block_size
+
+    def hbm_used_bytes(self, kv_blocks_used: int) -> float:
+        """Emulated HBM in use on one chip: runtime, weights, workspace and live KV blocks."""
+        plan = self.plan
+        return (plan.runtime_reserve_bytes + plan.weight_bytes + plan.workspace_bytes
+                + kv_blocks_used * self.kv_block_bytes)
+
+    def arrive(self, request_id: str) -> None:
+        self.clock.arrive(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self.clock.finish(request_id)
+
+    def charge(self, new_tokens: tuple[int, ...], context_lens: tuple[int, ...],
+               tokens_out: dict[str, int], finished: list[str], kv_blocks_used: int,
+               wall_s: float = 0.0) -> StepRecord:
+        """Charge one step; ``finished`` requests leave the clock with their timings."""
+        cost = step_cost(self.profile, self.model, StepShape(new_tokens, context_lens),
+                         self.parallel, self.kv_cache_dtype)
+        before = {rid for rid in tokens_out if self.clock.arrive(rid).first_token_s is None}
+        now = self.clock.advance(cost.total_s, tokens_out)
+        self.total_wall_s += wall_s
+        firsts = [now - self.clock.requests[rid].arrival_s
+                  for rid in before if tokens_out[rid] > 0]
+        done = [t for rid in finished if (t := self.clock.finish(rid)) is not None]
+        return StepRecord(
+            step_s=cost.total_s,
+            compute_s=cost.compute_s,
+            memory_s=cost.memory_s,
+            comm_s=cost.comm_s,
+            bound=cost.bound,
+            num_tokens=sum(new_tokens),
+            num_seqs=len(new_tokens),
+            now_s=now,
+            wall_s=wall_s,
+            kv_blocks_used=kv_blocks_used,
+            first_token_ttfts_s=firsts,
+            finished=done,
+        )

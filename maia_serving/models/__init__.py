@@ -1,0 +1,1 @@
+"""Models built locally: no model hub is reachable from where this runs."""

@@ -1,0 +1,142 @@
+"""KV-cache ops for the maia device: Triton kernels with plain-torch references.
+
+Each op below runs either the Triton kernel from ``maia_serving.kernels`` or the reference
+from ``maia_serving.ops.fp8`` (same arguments, same numerics). The choice is made on every
+call from the environment variable ``MAIA_SERVING_KERNELS``:
+
+- ``auto`` (default): Triton when the tensors live on a CUDA (or ROCm) device, or on the CPU
+  when ``TRITON_INTERPRET`` is true; the torch reference otherwise (a plain CPU host).
+- ``triton``: always Triton. On a CPU host this needs ``TRITON_INTERPRET=1`` set before
+  ``maia_serving.kernels`` is first imported (Triton reads it when a kernel is decorated).
+- ``torch``: always the torch reference.
+
+Note: Triton 3.9's interpreter converts fp32 to FP8 and bf16 inexactly; the kernel tests
+patch it (tests/unit/kernels/conftest.py). Serve with the torch reference on CPU hosts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from maia_serving.ops.fp8 import (
+    FP8_FORMATS,
+    Fp8Format,
+    check_cache_dtype,
+    dequantize_fp8_ref,
+    get_fp8_format,
+    kv_absmax_ref,
+    paged_attention_ref,
+    quantize_fp8_ref,
+    reshape_and_cache_ref,
+    resolve_kv_cache_dtype,
+    scale_tensor,
+)
+
+KERNELS_ENV = "MAIA_SERVING_KERNELS"
+KERNEL_BACKENDS = ("auto", "triton", "torch")
+_TRUE = ("1", "true", "on", "yes")
+
+__all__ = [
+    "FP8_FORMATS",
+    "KERNELS_ENV",
+    "KERNEL_BACKENDS",
+    "Fp8Format",
+    "check_cache_dtype",
+    "dequantize_fp8_ref",
+    "get_fp8_format",
+    "kernel_backend",
+    "kv_absmax",
+    "kv_absmax_ref",
+    "paged_attention",
+    "paged_attention_ref",
+    "quantize_fp8_ref",
+    "reshape_and_cache",
+    "reshape_and_cache_ref",
+    "resolve_kv_cache_dtype",
+    "scale_tensor",
+]
+
+
+def kernel_backend(device: torch.device) -> str:
+    """"triton" or "torch": which implementation runs for tensors on ``device``."""
+    choice = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
+    if choice not in KERNEL_BACKENDS:
+        raise ValueError(
+            f"{KERNELS_ENV}={choice!r} is not valid; allowed: {', '.join(KERNEL_BACKENDS)}"
+        )
+    if choice != "auto":
+        return choice
+    if importlib.util.find_spec("triton") is None:
+        return "torch"
+    if device.type == "cuda":
+        return "triton"
+    interpret = os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE
+    return "triton" if device.type == "cpu" and interpret else "torch"
+
+
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_cache_dtype: str = "auto",
+    k_scale: float | torch.Tensor | None = None,
+    v_scale: float | torch.Tensor | None = None,
+) -> None:
+    """Write key/value into the paged caches in place; see ``reshape_and_cache_ref``."""
+    args = (key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale)
+    if kernel_backend(key.device) == "triton":
+        from maia_serving import kernels
+
+        kernels.reshape_and_cache(*args)
+    else:
+        reshape_and_cache_ref(*args)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    kv_cache_dtype: str = "auto",
+    k_scale: float | torch.Tensor | None = None,
+    v_scale: float | torch.Tensor | None = None,
+    causal: bool = True,
+    *,
+    max_query_len: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Paged attention over varlen queries; see ``paged_attention_ref``.
+
+    ``max_query_len`` (the longest ``q_len``) spares the kernel a device sync; ``out``
+    receives the result when given and is returned.
+    """
+    args = (
+        query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
+        kv_cache_dtype, k_scale, v_scale, causal,
+    )  # fmt: skip
+    if kernel_backend(query.device) == "triton":
+        from maia_serving import kernels
+
+        return kernels.paged_attention(*args, max_query_len=max_query_len, out=out)
+    result = paged_attention_ref(*args)
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
+
+
+def kv_absmax(x: torch.Tensor) -> torch.Tensor:
+    """Per-KV-head ``max |x|`` as float32 ``[num_kv_heads]``; see ``kv_absmax_ref``."""
+    if kernel_backend(x.device) == "triton":
+        from maia_serving import kernels
+
+        return kernels.kv_absmax(x)
+    return kv_absmax_ref(x)

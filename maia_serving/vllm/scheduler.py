@@ -1,0 +1,83 @@
+"""MaiaScheduler: vLLM's scheduler, charging every step to the emulated device.
+
+The scheduler is the one place that sees each step's exact batch (tokens scheduled
+per request and their context lengths) and its outputs, so the emulated clock
+advances here, in the engine process. Records go to the serving process for
+``/metrics`` (maia_serving.metrics) and into a periodic log line.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from vllm.logger import init_logger
+from vllm.v1.core.sched.scheduler import Scheduler
+
+from maia_serving.metrics import ADDR_ENV, DeviceInfo, PeriodicLog, StatsPublisher
+from maia_serving.vllm import envs
+from maia_serving.vllm.device import build_device
+
+logger = init_logger("vllm.maia_serving")
+
+
+class MaiaScheduler(Scheduler):
+    def __init__(self, vllm_config, *args: Any, **kwargs: Any) -> None:
+        super().__init__(vllm_config, *args, **kwargs)
+        self.maia = build_device(vllm_config)
+        self._publisher = StatsPublisher(os.environ.get(ADDR_ENV))
+        self._log = PeriodicLog(self.maia, envs.log_interval_s())
+        self._scheduled_at = 0.0
+        plan = self.maia.plan
+        self._publisher.send(DeviceInfo(
+            profile=plan.profile,
+            model=plan.model,
+            kv_cache_dtype=self.maia.kv_cache_dtype,
+            tensor_parallel_size=plan.config.tensor_parallel_size,
+            pipeline_parallel_size=plan.config.pipeline_parallel_size,
+            hbm_total_bytes=plan.hbm_capacity_bytes,
+            hbm_static_bytes=self.maia.hbm_used_bytes(0),
+            kv_block_bytes=self.maia.kv_block_bytes,
+            emulated_kv_blocks=plan.num_blocks,
+            engine_kv_blocks=self.cache_config.num_gpu_blocks or 0,
+            block_size=plan.config.block_size,
+        ))
+
+    def add_request(self, request) -> None:
+        super().add_request(request)
+        self.maia.arrive(request.request_id)
+
+    def finish_requests(self, request_ids, finished_status):
+        aborted = super().finish_requests(request_ids, finished_status)
+        for request in aborted:
+            self.maia.abort(request.request_id)
+        return aborted
+
+    def schedule(self, *args: Any, **kwargs: Any):
+        out = super().schedule(*args, **kwargs)
+        self._scheduled_at = time.perf_counter()
+        return out
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        wall_s = time.perf_counter() - self._scheduled_at
+        scheduled = scheduler_output.num_scheduled_tokens
+        # num_computed_tokens already counts this step's tokens (see _update_after_schedule).
+        contexts = tuple(self.requests[rid].num_computed_tokens for rid in scheduled)
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        if not scheduled:
+            return outputs
+        tokens_out: dict[str, int] = {}
+        finished: list[str] = []
+        for eco in outputs.values():
+            for out in eco.outputs:
+                tokens_out[out.request_id] = len(out.new_token_ids)
+                if out.finish_reason is not None:
+                    finished.append(out.request_id)
+        used = self.cache_config.num_gpu_blocks * self.kv_cache_manager.usage
+        record = self.maia.charge(tuple(scheduled.values()), contexts, tokens_out, finished,
+                                  int(round(used)), wall_s)
+        self._publisher.send(record)
+        if (line := self._log.observe(record, time.monotonic())) is not None:
+            logger.info(line)
+        return outputs
