@@ -1,0 +1,184 @@
+"""The `maia-serving` command: profiles, fit, simulate, calibrate-host, demo-model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from maia_serving.emulator.cost import Parallel
+from maia_serving.emulator.hardware import host_profile_path, load_profile, profile_names
+from maia_serving.emulator.memory import ServingConfig, format_bytes, plan_memory, suggest
+from maia_serving.emulator.model_shape import KV_CACHE_DTYPES, builtin_model_names, load_model_shape
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def cmd_profiles(args: argparse.Namespace) -> int:
+    if args.show:
+        profile = load_profile(args.show)
+        print(f"{profile.name}: {profile.description}")
+        for key, source in profile.sources.items():
+            mark = " (estimate)" if key in profile.estimates else ""
+            print(f"  {key}: {source}{mark}")
+        return 0
+    names = [n for n in profile_names() if n != "host" or host_profile_path().exists()]
+    rows = [["profile", "HBM GB", "HBM TB/s", "BF16 TFLOP/s", "scale-up GB/s/dir", "chips", "topology",
+             "estimates"]]
+    for name in names:
+        p = load_profile(name)
+        rows.append([p.name, f"{p.hbm_capacity_bytes / 1e9:.0f}", f"{p.hbm_bandwidth_bytes_per_s / 1e12:.2f}",
+                     f"{p.peak_flops('bf16') / 1e12:.0f}", f"{p.scale_up.bandwidth_bytes_per_s / 1e9:.0f}",
+                     str(p.scale_up.chips), p.scale_up.topology, str(len(p.estimates))])
+    print(_table(rows))
+    if "host" not in names:
+        print("\n(host: run `maia-serving calibrate-host` to measure this machine)")
+    return 0
+
+
+def _serving_config(args: argparse.Namespace) -> ServingConfig:
+    return ServingConfig(
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        kv_cache_dtype=args.kv_cache_dtype,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+    )
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    model = load_model_shape(args.model)
+    profile = load_profile(args.device)
+    config = _serving_config(args)
+    plan = plan_memory(model, profile, config)
+    if args.json:
+        print(json.dumps({**plan.to_dict(), "config": config.__dict__}, indent=2))
+        return 0 if plan.fits else 1
+    print(f"{model.name} ({model.num_params() / 1e9:.2f} B parameters, {model.dtype}) on "
+          f"{config.tensor_parallel_size * config.pipeline_parallel_size} x {profile.name} "
+          f"(tp={config.tensor_parallel_size}, pp={config.pipeline_parallel_size}), per chip:")
+    rows = [["", "bytes"],
+            ["HBM capacity", format_bytes(plan.hbm_capacity_bytes)],
+            [f"usable (x{config.gpu_memory_utilization} - runtime reserve)", format_bytes(plan.usable_bytes)],
+            ["weights", format_bytes(plan.weight_bytes)],
+            ["activation workspace", format_bytes(plan.workspace_bytes)],
+            ["KV cache budget", format_bytes(plan.kv_budget_bytes)],
+            [f"KV per token ({config.kv_cache_dtype})", format_bytes(plan.kv_bytes_per_token)]]
+    print(_table(rows))
+    print(f"KV cache: {plan.num_blocks} blocks of {config.block_size} = {plan.kv_tokens} tokens; "
+          f"{plan.max_concurrent_seqs} concurrent sequences of {plan.max_model_len} tokens.")
+    if plan.fits:
+        print("FITS")
+        return 0
+    print(f"DOES NOT FIT: short by {format_bytes(plan.shortfall_bytes)} per chip.")
+    for tip in suggest(model, profile, config):
+        print(f"  try {tip}")
+    return 1
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from maia_serving.emulator.simulate import simulate_batch
+
+    model = load_model_shape(args.model)
+    parallel = Parallel(tp=args.tensor_parallel_size, pp=args.pipeline_parallel_size)
+    rows = [["profile", "TTFT ms", "TPOT ms", "e2e s", "output tok/s", "prefill", "decode"]]
+    results = []
+    for name in args.device:
+        res = simulate_batch(load_profile(name), model, args.num_seqs, args.prompt_len, args.output_len,
+                             parallel, args.kv_cache_dtype)
+        results.append(res.to_dict())
+        rows.append([name, f"{res.ttft_s * 1e3:.2f}", f"{res.tpot_s * 1e3:.3f}", f"{res.e2e_s:.3f}",
+                     f"{res.output_tokens_per_s:.0f}", res.prefill_bound, res.decode_bound])
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(f"{model.name}: {args.num_seqs} x ({args.prompt_len} in, {args.output_len} out), "
+              f"tp={parallel.tp}, pp={parallel.pp}, kv={args.kv_cache_dtype}")
+        print(_table(rows))
+    return 0
+
+
+def cmd_calibrate_host(args: argparse.Namespace) -> int:
+    from maia_serving.emulator.calibrate import calibrate_host
+
+    path = Path(args.out) if args.out else host_profile_path()
+    data = calibrate_host(path)
+    print(f"host profile written to {path}")
+    print(f"  memory bandwidth: {data['hbm_bandwidth']['value']:.1f} GB/s")
+    for dtype, fig in data["peak_compute"].items():
+        print(f"  matmul {dtype}: {fig['value'] * 1e3:.1f} GFLOP/s")
+    return 0
+
+
+def cmd_demo_model(args: argparse.Namespace) -> int:
+    from maia_serving.models.demo import build_demo_model
+
+    out = build_demo_model(Path(args.out), seed=args.seed)
+    print(f"demo model written to {out}")
+    return 0
+
+
+def _add_parallel(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    models = ", ".join(builtin_model_names())
+    parser = argparse.ArgumentParser(prog="maia-serving", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("profiles", help="list the device profiles")
+    p.add_argument("--show", metavar="NAME", help="print one profile's sources")
+    p.set_defaults(func=cmd_profiles)
+
+    p = sub.add_parser("fit", help="does a model fit a device? memory breakdown per chip")
+    p.add_argument("--model", required=True, help=f"model directory, config.json, or one of: {models}")
+    p.add_argument("--device", required=True, help="device profile (see `maia-serving profiles`)")
+    _add_parallel(p)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("simulate", help="emulated latency of a static batch on one or more profiles")
+    p.add_argument("--model", required=True, help=f"model directory, config.json, or one of: {models}")
+    p.add_argument("--device", nargs="+", default=["maia100", "maia200", "h100-sxm"])
+    _add_parallel(p)
+    p.add_argument("--num-seqs", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=1024)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("calibrate-host", help="measure this machine as the `host` profile")
+    p.add_argument("--out", help=f"where to write it (default {host_profile_path()})")
+    p.set_defaults(func=cmd_calibrate_host)
+
+    p = sub.add_parser("demo-model", help="build the tiny random Llama used by the demo and tests")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"maia-serving {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Start an engine's OpenAI-compatible server as a subprocess and wait until it serves.
+
+Used by the demo, the end-to-end tests and the benchmarks, so each starts the real
+server the way a user would, on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerFailed(RuntimeError):
+    pass
+
+
+class Server:
+    """A server process; ``with Server(cmd, port) as srv:`` waits for /health."""
+
+    def __init__(self, cmd: list[str], port: int, log_path: Path, env: dict[str, str] | None = None,
+                 timeout_s: float = 300.0):
+        self.cmd = cmd
+        self.port = port
+        self.log_path = log_path
+        self.env = {**os.environ, **(env or {})}
+        self.timeout_s = timeout_s
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def start(self) -> Server:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "w")
+        # A session of its own, so stopping the server stops its engine processes too.
+        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=True)
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerFailed(f"server exited with {self.proc.returncode}; log:\n{self.log_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(1)
+        self.stop()
+        raise ServerFailed(f"server not healthy after {self.timeout_s:.0f} s; log:\n{self.log_text()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def vllm_serve_cmd(model: str | Path, port: int, *extra: str, device: str | None = "maia") -> list[str]:
+    """``vllm serve MODEL --device maia ...`` with the venv's own `vllm` script."""
+    vllm = str(Path(sys.executable).with_name("vllm"))
+    cmd = [vllm, "serve", str(model), "--host", "127.0.0.1", "--port", str(port)]
+    if device:
+        cmd += ["--device", device]
+    return cmd + list(extra)
+
+
+def scrape(url: str, prefix: str = "maia:") -> dict[str, float]:
+    """Samples of ``/metrics`` whose name starts with ``prefix``, keyed by their line's name."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out

@@ -1,0 +1,57 @@
+"""`make demo`: serve the demo model with `vllm serve ... --device maia`, ask it one
+chat question through the openai client, print the answer and the emulated figures."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from openai import OpenAI
+
+from maia_serving.launch import Server, free_port, scrape, vllm_serve_cmd
+from maia_serving.models.demo import build_demo_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default=str(ROOT / "models" / "demo"))
+    parser.add_argument("--profile", default="maia200")
+    args = parser.parse_args()
+    model = Path(args.model)
+    if not (model / "config.json").exists():
+        print(f"building the demo model in {model}")
+        build_demo_model(model)
+    port = free_port()
+    cmd = vllm_serve_cmd(model, port, "--served-model-name", "demo", "--max-model-len", "1024",
+                         "--enforce-eager", "--additional-config", f'{{"maia_profile": "{args.profile}"}}')
+    print("$", " ".join(cmd))
+    log = ROOT / "models" / "demo-server.log"
+    with Server(cmd, port, log, env={"VLLM_CPU_CI_ENV": "1"}) as server:
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="none")
+        question = "Write a Python function that adds two numbers."
+        reply = client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": question}], max_tokens=32, temperature=0)
+        print(f"\nuser: {question}\nassistant (random demo weights): {reply.choices[0].message.content!r}")
+        print(f"usage: {reply.usage.prompt_tokens} prompt + {reply.usage.completion_tokens} completion tokens")
+        m = scrape(server.url)
+        info = next(k for k in m if k.startswith("maia:device_info"))
+        steps = m["maia:emulated_step_seconds_count"]
+        print(f"\nemulated device: {info}")
+        print(f"steps charged: {steps:.0f}; emulated busy time {m['maia:emulated_busy_seconds_total'] * 1e3:.3f} ms "
+              f"vs host {m['maia:host_step_seconds_total'] * 1e3:.1f} ms")
+        ttft = m["maia:emulated_time_to_first_token_seconds_sum"] / m["maia:emulated_time_to_first_token_seconds_count"]
+        tpot = m["maia:emulated_time_per_output_token_seconds_sum"] / m["maia:emulated_time_per_output_token_seconds_count"]
+        print(f"emulated TTFT {ttft * 1e6:.1f} us, TPOT {tpot * 1e6:.2f} us")
+        emulated_blocks = m['maia:kv_cache_blocks{holder="emulated"}']
+        engine_blocks = m['maia:kv_cache_blocks{holder="engine"}']
+        print(f"emulated HBM {m['maia:hbm_used_bytes'] / 1e9:.3f} / {m['maia:hbm_total_bytes'] / 1e9:.0f} GB; "
+              f"KV blocks: {emulated_blocks:.0f} on the emulated device, {engine_blocks:.0f} on the host")
+        print(f"server log: {log}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

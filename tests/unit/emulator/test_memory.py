@@ -1,0 +1,80 @@
+"""Capacity model: golden values worked out by hand, and the not-fit message."""
+
+import pytest
+
+from maia_serving.emulator import NotEnoughMemory, ServingConfig, load_model_shape, load_profile, plan_memory, require_fit
+from maia_serving.emulator.memory import kv_bytes_per_token
+
+
+@pytest.fixture(scope="module")
+def llama70b():
+    return load_model_shape("llama-3-70b")
+
+
+@pytest.fixture(scope="module")
+def maia100():
+    return load_profile("maia100")
+
+
+def test_llama3_70b_parameter_count_by_hand(llama70b):
+    h, inter, layers, vocab = 8192, 28672, 80, 128256
+    q, kv = 64 * 128, 8 * 128
+    layer = h * q + 2 * h * kv + q * h + 3 * h * inter + 2 * h
+    assert layer == 855_654_400
+    assert llama70b.num_params() == layers * layer + 2 * vocab * h + h == 70_553_706_496
+
+
+def test_llama3_70b_tp4_on_maia100_by_hand(llama70b, maia100):
+    plan = require_fit(llama70b, maia100, ServingConfig(tensor_parallel_size=4))
+    usable = 64e9 * 0.9 - 2**30
+    weights = 70_553_706_496 / 4 * 2
+    # 8192 tokens x (residual + normed input + q,k,v,o shards + gate/up shards) in bf16,
+    # plus fp32 logits for 256 sequences over a quarter of the vocabulary.
+    workspace = 8192 * (2 * 8192 + (2 * 8192 + 2 * 1024) / 4 + 2 * 28672 / 4) * 2 + 256 * 128256 / 4 * 4
+    per_token = 2 * 80 * (8 // 4) * 128 * 2
+    assert plan.usable_bytes == pytest.approx(usable)
+    assert plan.weight_bytes == pytest.approx(weights)
+    assert plan.workspace_bytes == pytest.approx(workspace)
+    assert plan.kv_bytes_per_token == per_token == 81_920
+    blocks = int((usable - weights - workspace) // (per_token * 16))
+    assert plan.num_blocks == blocks == 15_745
+    assert plan.max_concurrent_seqs == blocks // (8192 // 16) == 30
+    assert plan.fits
+
+
+def test_llama3_70b_does_not_fit_one_maia100_and_says_by_how_much(llama70b, maia100):
+    with pytest.raises(NotEnoughMemory) as err:
+        require_fit(llama70b, maia100, ServingConfig())
+    plan = err.value.plan
+    one_seq = 8192 * 2 * 80 * 8 * 128 * 2
+    expected_short = 70_553_706_496 * 2 + plan.workspace_bytes + one_seq - (64e9 * 0.9 - 2**30)
+    assert plan.shortfall_bytes == pytest.approx(expected_short)
+    msg = str(err.value)
+    assert "does not fit on maia100" in msg
+    assert f"short by {expected_short / 1e9:.2f} GB" in msg
+    assert "--tensor-parallel-size 4" in msg
+
+
+def test_fp8_kv_halves_bytes_and_doubles_tokens(llama70b, maia100):
+    bf16 = plan_memory(llama70b, maia100, ServingConfig(tensor_parallel_size=4))
+    fp8 = plan_memory(llama70b, maia100, ServingConfig(tensor_parallel_size=4, kv_cache_dtype="fp8"))
+    assert fp8.kv_bytes_per_token * 2 == bf16.kv_bytes_per_token
+    assert fp8.kv_tokens >= 2 * bf16.kv_tokens - 16
+
+
+def test_more_tp_than_kv_heads_replicates_heads(llama70b):
+    assert kv_bytes_per_token(llama70b, ServingConfig(tensor_parallel_size=16)) == 2 * 80 * 1 * 128 * 2
+
+
+def test_shorter_max_len_is_suggested_when_only_length_is_the_problem(maia100):
+    model = load_model_shape("llama-3-8b")
+    config = ServingConfig(max_model_len=10_000_000, gpu_memory_utilization=0.3)
+    with pytest.raises(NotEnoughMemory, match="--max-model-len"):
+        require_fit(model, maia100, config)
+
+
+def test_bad_config_values_are_refused():
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        ServingConfig(gpu_memory_utilization=1.5)
+    with pytest.raises(ValueError, match="kv cache dtype"):
+        kv_bytes_per_token(load_model_shape("llama-3-8b"), ServingConfig(kv_cache_dtype="int3"))

@@ -1,0 +1,54 @@
+"""Profiles load from data files, with units converted and sources kept."""
+
+import pytest
+import yaml
+
+from maia_serving.emulator import UnknownProfileError, load_profile, profile_names
+from maia_serving.emulator.hardware import profile_from_dict
+
+
+def test_builtin_profiles_and_their_figures():
+    assert {"maia100", "maia200", "h100-sxm", "h200", "host"} <= set(profile_names())
+    m100 = load_profile("maia100")
+    assert m100.hbm_capacity_bytes == 64e9
+    assert m100.hbm_bandwidth_bytes_per_s == pytest.approx(1.8e12)
+    assert m100.peak_flops("bf16") == pytest.approx(0.8e15)
+    assert m100.scale_up.bandwidth_bytes_per_s == pytest.approx(600e9)
+    assert m100.scale_up.chips == 4 and m100.scale_up.topology == "full_mesh"
+    m200 = load_profile("maia200")
+    assert m200.hbm_capacity_bytes == 216e9 and m200.hbm_bandwidth_bytes_per_s == pytest.approx(7e12)
+    assert m200.peak_flops("fp8") == pytest.approx(5e15)
+    assert "peak_compute.bf16" in m200.estimates  # not published: must say so
+    h100 = load_profile("h100-sxm")
+    assert h100.peak_flops("bf16") == pytest.approx(989e12)
+    assert load_profile("h200").hbm_capacity_bytes == 141e9
+
+
+@pytest.mark.parametrize("name", ["maia100", "maia200", "h100-sxm", "h200"])
+def test_every_figure_has_a_source(name):
+    profile = load_profile(name)
+    assert all(profile.sources.values())
+    assert "hbm_capacity" in profile.sources and "scale_up.bandwidth" in profile.sources
+
+
+def test_unknown_profile_lists_the_known_ones():
+    with pytest.raises(UnknownProfileError, match="known profiles: .*maia100"):
+        load_profile("maia300")
+
+
+def test_figure_without_source_or_unit_is_refused():
+    raw = yaml.safe_load(open(load_profile.__globals__["_builtin_dir"]() / "maia100.yaml"))
+    raw["hbm_capacity"] = {"value": 64, "unit": "GB"}
+    with pytest.raises(ValueError, match="needs value, unit and source"):
+        profile_from_dict(raw)
+    raw["hbm_capacity"] = {"value": 64, "unit": "gigs", "source": "x"}
+    with pytest.raises(ValueError, match="unknown unit"):
+        profile_from_dict(raw)
+
+
+def test_host_profile_is_measured_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAIA_SERVING_CACHE_DIR", str(tmp_path))
+    host = load_profile("host")
+    assert (tmp_path / "host.yaml").exists()
+    assert host.peak_flops("fp32") > 1e9 and host.hbm_bandwidth_bytes_per_s > 1e8
+    assert host.hbm_capacity_bytes > 1e9
