@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from maia_serving.emulator.session import EmulatedDevice, StepRecord
+from maia_serving.emulator.units import format_bytes, format_seconds
 
 ADDR_ENV = "MAIA_SERVING_STATS_ADDR"
 logger = logging.getLogger(__name__)
@@ -100,19 +101,19 @@ class PeriodicLog:
         dev = self.device
         line = (
             f"Maia emulation [{dev.profile.name}]: {int(self._steps)} steps, "
-            f"emulated {self._emu * 1e3:.2f} ms vs host {self._wall * 1e3:.1f} ms "
-            f"(last step {record.step_s * 1e3:.3f} ms, {record.bound}-bound), "
-            f"emulated TTFT mean {_mean_ms(self._ttfts)}, TPOT mean {_mean_ms(self._tpots)}, "
-            f"HBM {dev.hbm_used_bytes(record.kv_blocks_used) / 1e9:.2f}/"
-            f"{dev.profile.hbm_capacity_bytes / 1e9:.0f} GB, "
+            f"emulated {format_seconds(self._emu)} vs host {format_seconds(self._wall)} "
+            f"(last step {format_seconds(record.step_s)}, {record.bound}-bound), "
+            f"emulated TTFT mean {_mean(self._ttfts)}, TPOT mean {_mean(self._tpots)}, "
+            f"HBM {format_bytes(dev.hbm_used_bytes(record.kv_blocks_used))}/"
+            f"{format_bytes(dev.profile.hbm_capacity_bytes)}, "
             f"KV blocks {record.kv_blocks_used}/{dev.plan.num_blocks}"
         )
         self._steps = self._emu = self._wall = 0.0
         return line
 
 
-def _mean_ms(values: deque[float]) -> str:
-    return f"{sum(values) / len(values) * 1e3:.2f} ms" if values else "n/a"
+def _mean(values: deque[float]) -> str:
+    return format_seconds(sum(values) / len(values)) if values else "n/a"
 
 
 _STEP_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)

@@ -19,6 +19,7 @@ from typing import Any
 
 from maia_serving.emulator.hardware import DeviceProfile
 from maia_serving.emulator.model_shape import ModelShape, kv_cache_bytes_per_element
+from maia_serving.emulator.units import format_bytes
 
 GiB = 2.0**30
 
@@ -99,14 +100,6 @@ class NotEnoughMemory(ValueError):
         if suggestions:
             msg += " Try: " + "; ".join(suggestions) + "."
         super().__init__(msg)
-
-
-def format_bytes(nbytes: float) -> str:
-    """Decimal units, as datasheets give HBM capacity: "1.84 MB", "141.11 GB"."""
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if abs(nbytes) >= scale:
-            return f"{nbytes / scale:.2f} {unit}"
-    return f"{nbytes:.0f} B"
 
 
 def kv_bytes_per_token(model: ModelShape, config: ServingConfig) -> float:

@@ -61,7 +61,7 @@ __all__ = [
 
 
 def kernel_backend(device: torch.device) -> str:
-    """"triton" or "torch": which implementation runs for tensors on ``device``."""
+    """ "triton" or "torch": which implementation runs for tensors on ``device``."""
     choice = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
     if choice not in KERNEL_BACKENDS:
         raise ValueError(
@@ -88,7 +88,16 @@ def reshape_and_cache(
     v_scale: float | torch.Tensor | None = None,
 ) -> None:
     """Write key/value into the paged caches in place; see ``reshape_and_cache_ref``."""
-    args = (key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale)
+    args = (
+        key,
+        value,
+        key_cache,
+        value_cache,
+        slot_mapping,
+        kv_cache_dtype,
+        k_scale,
+        v_scale,
+    )
     if kernel_backend(key.device) == "triton":
         from maia_serving import kernels
 
@@ -119,9 +128,18 @@ def paged_attention(
     receives the result when given and is returned.
     """
     args = (
-        query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
-        kv_cache_dtype, k_scale, v_scale, causal,
-    )  # fmt: skip
+        query,
+        key_cache,
+        value_cache,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        scale,
+        kv_cache_dtype,
+        k_scale,
+        v_scale,
+        causal,
+    )
     if kernel_backend(query.device) == "triton":
         from maia_serving import kernels
 

@@ -116,7 +116,9 @@ def scale_tensor(
     )
 
 
-def _head_broadcast(scale: torch.Tensor | float | None, x: torch.Tensor) -> torch.Tensor:
+def _head_broadcast(
+    scale: torch.Tensor | float | None, x: torch.Tensor
+) -> torch.Tensor:
     """A scale shaped to broadcast over ``[..., num_kv_heads, head_dim]``."""
     return scale_tensor(scale, x.shape[-2], x.device).reshape(-1, 1)
 
@@ -163,7 +165,10 @@ def check_reshape_and_cache_args(
             f"key heads/head_dim {tuple(key.shape[1:])} do not match the cache's "
             f"{tuple(key_cache.shape[2:])}"
         )
-    if slot_mapping.shape != (key.shape[0],) or slot_mapping.dtype not in (torch.int32, torch.int64):
+    if slot_mapping.shape != (key.shape[0],) or slot_mapping.dtype not in (
+        torch.int32,
+        torch.int64,
+    ):
         raise ValueError(
             f"slot_mapping must be int32/int64 of shape [num_tokens={key.shape[0]}], got "
             f"{slot_mapping.dtype} {tuple(slot_mapping.shape)}"
@@ -187,14 +192,18 @@ def reshape_and_cache_ref(
     ``slot = slot_mapping[t]``; slot -1 marks padding and is skipped. FP8 caches get
     ``quantize_fp8_ref`` codes; unquantized caches a cast to their dtype (scales ignored).
     """
-    fmt = check_reshape_and_cache_args(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype)
+    fmt = check_reshape_and_cache_args(
+        key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype
+    )
     block_size = key_cache.shape[1]
     valid = slot_mapping >= 0
     slots = slot_mapping[valid].long()
     blocks, rows = slots // block_size, slots % block_size
     for src, cache, scale in ((key, key_cache, k_scale), (value, value_cache, v_scale)):
         x = src[valid]
-        cache[blocks, rows] = quantize_fp8_ref(x, scale, fmt) if fmt else x.to(cache.dtype)
+        cache[blocks, rows] = (
+            quantize_fp8_ref(x, scale, fmt) if fmt else x.to(cache.dtype)
+        )
 
 
 def check_paged_attention_args(
@@ -274,7 +283,13 @@ def paged_attention_ref(
     in the query's dtype.
     """
     fmt = check_paged_attention_args(
-        query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, kv_cache_dtype
+        query,
+        key_cache,
+        value_cache,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        kv_cache_dtype,
     )
     block_size, num_kv_heads = key_cache.shape[1:3]
     group = query.shape[1] // num_kv_heads
@@ -283,12 +298,18 @@ def paged_attention_ref(
     for i, seq_len in enumerate(lens):
         q0, q1 = starts[i], starts[i + 1]
         if q1 - q0 > seq_len:
-            raise ValueError(f"sequence {i} has {q1 - q0} queries but seq_len {seq_len}")
+            raise ValueError(
+                f"sequence {i} has {q1 - q0} queries but seq_len {seq_len}"
+            )
         if q1 == q0:
             continue
         blocks = block_tables[i, : -(-seq_len // block_size)].long()
-        k = _gather_kv(key_cache, blocks, seq_len, k_scale, fmt).repeat_interleave(group, dim=1)
-        v = _gather_kv(value_cache, blocks, seq_len, v_scale, fmt).repeat_interleave(group, dim=1)
+        k = _gather_kv(key_cache, blocks, seq_len, k_scale, fmt).repeat_interleave(
+            group, dim=1
+        )
+        v = _gather_kv(value_cache, blocks, seq_len, v_scale, fmt).repeat_interleave(
+            group, dim=1
+        )
         scores = torch.einsum("qhd,khd->hqk", query[q0:q1].float(), k) * scale
         if causal:
             q_pos = torch.arange(seq_len - (q1 - q0), seq_len, device=query.device)
@@ -305,9 +326,10 @@ def kv_absmax_ref(x: torch.Tensor) -> torch.Tensor:
     NaN entries are ignored (they would poison a calibrated scale); inf counts.
     """
     if x.dim() != 3:
-        raise ValueError(f"x must be [num_tokens, num_kv_heads, head_dim], got {tuple(x.shape)}")
-    a = x.float().abs()
-    a = torch.where(torch.isnan(a), torch.zeros_like(a), a)
+        raise ValueError(
+            f"x must be [num_tokens, num_kv_heads, head_dim], got {tuple(x.shape)}"
+        )
     if x.shape[0] == 0:
         return torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
-    return a.amax(dim=(0, 2))
+    a = x.float().abs()
+    return torch.where(torch.isnan(a), torch.zeros_like(a), a).amax(dim=(0, 2))

@@ -60,7 +60,7 @@ def _apply_profile(vllm_config: VllmConfig) -> None:
 
 def _apply_kv_cache_size(vllm_config: VllmConfig) -> None:
     """Size the KV cache as the emulated HBM would, clamped to what the host gives."""
-    from maia_serving.emulator.memory import format_bytes
+    from maia_serving.emulator.units import format_bytes
     from maia_serving.vllm.device import build_device
 
     device = build_device(vllm_config)  # raises NotEnoughMemory with what would fit
