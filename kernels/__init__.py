@@ -4,6 +4,10 @@ One file per op: a ``@triton.jit`` kernel plus a wrapper that checks its argumen
 launches it. Each wrapper has the signature of its plain-torch reference in
 ``maia_serving.ops.fp8``; call them through ``maia_serving.ops``, which picks the kernel or
 the reference per device.
+
+FP8 caches need a GPU with native FP8 conversions (CUDA sm_89 or newer: Ada, Hopper,
+Blackwell); bf16/fp16/fp32 caches run wherever Triton does. tests/unit/kernels checks the
+kernels in Triton's interpreter and compiles them for sm_90.
 """
 
 from .kv_absmax import kv_absmax

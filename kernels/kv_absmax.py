@@ -30,13 +30,19 @@ def _kv_absmax_kernel(
     dims = tl.arange(0, BLOCK_D)
     mask = (tokens[:, None] < num_tokens) & (dims[None, :] < head_dim)
     x = tl.load(
-        x_ptr + tokens[:, None].to(tl.int64) * x_stride_t + head * x_stride_h + dims[None, :],
+        x_ptr
+        + tokens[:, None].to(tl.int64) * x_stride_t
+        + head * x_stride_h
+        + dims[None, :],
         mask=mask,
         other=0.0,
     ).to(tl.float32)
     a = tl.abs(x)
-    a = tl.where(a == a, a, 0.0)  # NaN != NaN: drop NaN
-    tl.store(partial_ptr + head * num_token_blocks + token_block, tl.max(tl.max(a, axis=1), axis=0))
+    a = tl.where(a <= float("inf"), a, 0.0)  # false only for NaN: drop NaN
+    tl.store(
+        partial_ptr + head * num_token_blocks + token_block,
+        tl.max(tl.max(a, axis=1), axis=0),
+    )
 
 
 def _block_sizes(num_tokens: int, head_dim: int) -> tuple[int, int]:
@@ -59,7 +65,9 @@ def kv_absmax(x: torch.Tensor) -> torch.Tensor:
         return torch.zeros(num_kv_heads, dtype=torch.float32, device=x.device)
     block_t, block_d = _block_sizes(num_tokens, head_dim)
     num_token_blocks = triton.cdiv(num_tokens, block_t)
-    partial = torch.empty(num_kv_heads, num_token_blocks, dtype=torch.float32, device=x.device)
+    partial = torch.empty(
+        num_kv_heads, num_token_blocks, dtype=torch.float32, device=x.device
+    )
     _kv_absmax_kernel[(num_kv_heads, num_token_blocks)](
         x_ptr=x,
         partial_ptr=partial,

@@ -63,7 +63,8 @@ def _paged_attention_kernel(
     context_len = seq_len - q_len  # keys before the first query token
 
     rows = tl.arange(0, BLOCK_M)
-    q_token = q_block * BLOCK_Q + rows // QUERIES_PER_KV  # index within the sequence's queries
+    # Row r is query token q_token (counted within the sequence) of query head `head`.
+    q_token = q_block * BLOCK_Q + rows // QUERIES_PER_KV
     head = kv_head * QUERIES_PER_KV + rows % QUERIES_PER_KV
     row_valid = (rows < BLOCK_Q * QUERIES_PER_KV) & (q_token < q_len)
     dims = tl.arange(0, BLOCK_D)
@@ -107,10 +108,16 @@ def _paged_attention_kernel(
             mask=k_valid,
             other=0,
         ).to(tl.int64)
-        kv_offsets = page * cache_stride_b + (k_pos % BLOCK_SIZE) * cache_stride_s + cache_head
+        kv_offsets = (
+            page * cache_stride_b + (k_pos % BLOCK_SIZE) * cache_stride_s + cache_head
+        )
         kv_mask = k_valid[:, None] & dim_valid[None, :]
-        k = tl.load(key_cache_ptr + kv_offsets[:, None] + dims[None, :], mask=kv_mask, other=0)
-        v = tl.load(value_cache_ptr + kv_offsets[:, None] + dims[None, :], mask=kv_mask, other=0)
+        k = tl.load(
+            key_cache_ptr + kv_offsets[:, None] + dims[None, :], mask=kv_mask, other=0
+        )
+        v = tl.load(
+            value_cache_ptr + kv_offsets[:, None] + dims[None, :], mask=kv_mask, other=0
+        )
         if IS_FP8:
             if FP8_E5M2:
                 k = k.to(tl.float8e5, bitcast=True)
@@ -137,14 +144,18 @@ def _paged_attention_kernel(
     l_i = tl.where(l_i > 0.0, l_i, 1.0)  # padding rows: avoid 0/0 (never stored)
     out = acc * (v_scale / l_i)[:, None]
     tl.store(
-        out_ptr + (q_start + q_token)[:, None] * out_stride_t + head[:, None] * out_stride_h
+        out_ptr
+        + (q_start + q_token)[:, None] * out_stride_t
+        + head[:, None] * out_stride_h
         + dims[None, :],
         out.to(out_ptr.dtype.element_ty),
         mask=row_valid[:, None] & dim_valid[None, :],
     )
 
 
-def _block_sizes(max_query_len: int, queries_per_kv: int, head_dim: int) -> dict[str, int]:
+def _block_sizes(
+    max_query_len: int, queries_per_kv: int, head_dim: int
+) -> dict[str, int]:
     """Tile sizes. ``tl.dot`` needs every dimension >= 16 and a power of two."""
     block_m = min(64, max(16, triton.next_power_of_2(max_query_len * queries_per_kv)))
     block_m = max(block_m, triton.next_power_of_2(queries_per_kv))
@@ -180,7 +191,13 @@ def paged_attention(
     (the query's shape and dtype) receives the result and is returned.
     """
     fmt = check_paged_attention_args(
-        query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, kv_cache_dtype
+        query,
+        key_cache,
+        value_cache,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        kv_cache_dtype,
     )
     if not math.isfinite(scale):
         raise ValueError(f"softmax scale must be finite, got {scale}")
@@ -196,19 +213,30 @@ def paged_attention(
             f"out must match the query ({query.dtype} {tuple(query.shape)}), got "
             f"{out.dtype} {tuple(out.shape)}"
         )
-    if (query.stride(-1), out.stride(-1), key_cache.stride(-1), block_tables.stride(-1)) != (1,) * 4:
-        raise ValueError("query, out, the caches and block_tables need a contiguous last dimension")
+    if (
+        query.stride(-1),
+        out.stride(-1),
+        key_cache.stride(-1),
+        block_tables.stride(-1),
+    ) != (1,) * 4:
+        raise ValueError(
+            "query, out, the caches and block_tables need a contiguous last dimension"
+        )
     num_seqs = seq_lens.shape[0]
     num_heads, head_dim = query.shape[1:]
     block_size, num_kv_heads = key_cache.shape[1:3]
     if max_query_len is None:
-        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max()) if num_seqs else 0
+        max_query_len = (
+            int((query_start_loc[1:] - query_start_loc[:-1]).max()) if num_seqs else 0
+        )
     if max_query_len == 0 or query.shape[0] == 0:
         return out
     k_scale_t = scale_tensor(k_scale, num_kv_heads, query.device)
     v_scale_t = scale_tensor(v_scale, num_kv_heads, query.device)
     per_head_scale = k_scale_t.numel() > 1 or v_scale_t.numel() > 1
-    if per_head_scale:  # one flag for both: give a per-tensor partner one entry per head
+    if (
+        per_head_scale
+    ):  # one flag for both: give a per-tensor partner one entry per head
         k_scale_t = k_scale_t.expand(num_kv_heads).contiguous()
         v_scale_t = v_scale_t.expand(num_kv_heads).contiguous()
     queries_per_kv = num_heads // num_kv_heads

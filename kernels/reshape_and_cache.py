@@ -51,20 +51,31 @@ def _reshape_and_cache_kernel(
     dims = tl.arange(0, BLOCK_D)
     mask = (heads[:, None] < num_kv_heads) & (dims[None, :] < head_dim)
     key = tl.load(
-        key_ptr + token * key_stride_t + heads[:, None] * key_stride_h + dims[None, :], mask=mask
+        key_ptr + token * key_stride_t + heads[:, None] * key_stride_h + dims[None, :],
+        mask=mask,
     ).to(tl.float32)
     value = tl.load(
-        value_ptr + token * value_stride_t + heads[:, None] * value_stride_h + dims[None, :],
+        value_ptr
+        + token * value_stride_t
+        + heads[:, None] * value_stride_h
+        + dims[None, :],
         mask=mask,
     ).to(tl.float32)
     cache_offsets = (
-        block * cache_stride_b + row * cache_stride_s + heads[:, None] * cache_stride_h + dims[None, :]
+        block * cache_stride_b
+        + row * cache_stride_s
+        + heads[:, None] * cache_stride_h
+        + dims[None, :]
     )
 
     if IS_FP8:
         if PER_HEAD_SCALE:
-            k_scale = tl.load(k_scale_ptr + heads, mask=heads < num_kv_heads, other=1.0)[:, None]
-            v_scale = tl.load(v_scale_ptr + heads, mask=heads < num_kv_heads, other=1.0)[:, None]
+            k_scale = tl.load(
+                k_scale_ptr + heads, mask=heads < num_kv_heads, other=1.0
+            )[:, None]
+            v_scale = tl.load(
+                v_scale_ptr + heads, mask=heads < num_kv_heads, other=1.0
+            )[:, None]
         else:
             k_scale = tl.load(k_scale_ptr)
             v_scale = tl.load(v_scale_ptr)
@@ -73,7 +84,9 @@ def _reshape_and_cache_kernel(
         key = tl.math.div_rn(key, k_scale)
         value = tl.math.div_rn(value, v_scale)
         key = tl.where(key > FP8_MAX, FP8_MAX, tl.where(key < -FP8_MAX, -FP8_MAX, key))
-        value = tl.where(value > FP8_MAX, FP8_MAX, tl.where(value < -FP8_MAX, -FP8_MAX, value))
+        value = tl.where(
+            value > FP8_MAX, FP8_MAX, tl.where(value < -FP8_MAX, -FP8_MAX, value)
+        )
         if FP8_E5M2:
             key_out = key.to(tl.float8e5).to(tl.uint8, bitcast=True)
             value_out = value.to(tl.float8e5).to(tl.uint8, bitcast=True)
@@ -103,21 +116,27 @@ def reshape_and_cache(
     v_scale: float | torch.Tensor | None = None,
 ) -> None:
     """Triton version of ``maia_serving.ops.fp8.reshape_and_cache_ref`` (same arguments)."""
-    fmt = check_reshape_and_cache_args(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype)
+    fmt = check_reshape_and_cache_args(
+        key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype
+    )
     if key_cache.stride() != value_cache.stride():
         raise ValueError(
             f"key_cache and value_cache need equal strides, got {key_cache.stride()} and "
             f"{value_cache.stride()}"
         )
     if (key.stride(-1), value.stride(-1), key_cache.stride(-1)) != (1, 1, 1):
-        raise ValueError("key, value and the caches need a contiguous head_dim (stride 1)")
+        raise ValueError(
+            "key, value and the caches need a contiguous head_dim (stride 1)"
+        )
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return
     k_scale_t = scale_tensor(k_scale, num_kv_heads, key.device)
     v_scale_t = scale_tensor(v_scale, num_kv_heads, key.device)
     per_head_scale = k_scale_t.numel() > 1 or v_scale_t.numel() > 1
-    if per_head_scale:  # one flag for both: give a per-tensor partner one entry per head
+    if (
+        per_head_scale
+    ):  # one flag for both: give a per-tensor partner one entry per head
         k_scale_t = k_scale_t.expand(num_kv_heads).contiguous()
         v_scale_t = v_scale_t.expand(num_kv_heads).contiguous()
     block_h, block_d = _block_sizes(num_kv_heads, head_dim)

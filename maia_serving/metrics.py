@@ -52,27 +52,54 @@ class DeviceInfo:
 
 
 class StatsPublisher:
-    """Scheduler side: sends records without ever blocking a step."""
+    """Scheduler side: sends records in batches, without ever blocking a step.
 
-    def __init__(self, addr: str | None):
+    A batch leaves when a request got its first token or finished (so a client that
+    has its answer finds it on /metrics), when ``max_batch`` records wait, or when the
+    oldest has waited ``max_delay_s``: one send per step would cost more than the
+    emulation itself.
+    """
+
+    def __init__(self, addr: str | None, max_batch: int = 64, max_delay_s: float = 0.05):
         self._socket = None
+        self._pending: list[StepRecord] = []
+        self._info: DeviceInfo | None = None
+        self._oldest = 0.0
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_s
         if addr:
             import zmq
 
+            self._zmq = zmq
             self._socket = zmq.Context.instance().socket(zmq.PUSH)
             self._socket.setsockopt(zmq.SNDHWM, 10000)
             self._socket.setsockopt(zmq.LINGER, 0)
             self._socket.connect(addr)
 
-    def send(self, item: StepRecord | DeviceInfo) -> None:
+    def announce(self, info: DeviceInfo) -> None:
+        """The device's static facts ride ahead of every batch until one is delivered."""
+        self._info = info
+
+    def send(self, record: StepRecord, now: float) -> None:
         if self._socket is None:
             return
-        import zmq
+        if not self._pending:
+            self._oldest = now
+        self._pending.append(record)
+        urgent = record.first_token_ttfts_s or record.finished
+        if urgent or len(self._pending) >= self.max_batch or now - self._oldest >= self.max_delay_s:
+            self.flush()
 
+    def flush(self) -> None:
+        if self._socket is None or not self._pending:
+            return
+        batch = ([self._info] if self._info else []) + self._pending
         try:
-            self._socket.send(pickle.dumps(item), zmq.NOBLOCK)
-        except zmq.Again:
+            self._socket.send(pickle.dumps(batch), self._zmq.NOBLOCK)
+            self._info = None
+        except self._zmq.Again:
             pass  # no reader (yet): the figures are also in the engine's log
+        self._pending = []
 
 
 class PeriodicLog:
@@ -153,6 +180,8 @@ class EmulatedMetrics:
         self.steps = Histogram("maia:emulated_step_seconds", "Emulated time of one engine step",
                                buckets=_STEP_BUCKETS)
         self.host_steps = Counter("maia:host_step_seconds", "Measured host time of the charged steps")
+        self.overhead = Counter("maia:emulator_overhead_seconds",
+                                "Host time spent charging steps to the emulator")
         self.busy = Counter("maia:emulated_busy_seconds", "Emulated device time, summed over steps")
         self.parts = Counter("maia:emulated_time_by_part_seconds",
                              "Emulated step time by part (compute, memory, communication)", ["part"])
@@ -176,14 +205,15 @@ class EmulatedMetrics:
         with self._lock:
             while True:
                 try:
-                    item = pickle.loads(self._socket.recv(self._zmq.NOBLOCK))
+                    batch = pickle.loads(self._socket.recv(self._zmq.NOBLOCK))
                 except self._zmq.Again:
                     return count
-                count += 1
-                if isinstance(item, DeviceInfo):
-                    self._apply_info(item)
-                else:
-                    self._apply_step(item)
+                count += len(batch)
+                for item in batch:
+                    if isinstance(item, DeviceInfo):
+                        self._apply_info(item)
+                    else:
+                        self._apply_step(item)
 
     def _apply_info(self, info: DeviceInfo) -> None:
         self.info = info
@@ -198,6 +228,7 @@ class EmulatedMetrics:
         self.last_step = rec
         self.steps.observe(rec.step_s)
         self.host_steps.inc(rec.wall_s)
+        self.overhead.inc(rec.overhead_s)
         self.busy.inc(rec.step_s)
         self.parts.labels("compute").inc(rec.compute_s)
         self.parts.labels("memory").inc(rec.memory_s)

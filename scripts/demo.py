@@ -43,7 +43,8 @@ def main() -> int:
         print(f"steps charged: {steps:.0f}; emulated busy time {m['maia:emulated_busy_seconds_total'] * 1e3:.3f} ms "
               f"vs host {m['maia:host_step_seconds_total'] * 1e3:.1f} ms")
         ttft = m["maia:emulated_time_to_first_token_seconds_sum"] / m["maia:emulated_time_to_first_token_seconds_count"]
-        tpot = m["maia:emulated_time_per_output_token_seconds_sum"] / m["maia:emulated_time_per_output_token_seconds_count"]
+        tpot_sum = m["maia:emulated_time_per_output_token_seconds_sum"]
+        tpot = tpot_sum / m["maia:emulated_time_per_output_token_seconds_count"]
         print(f"emulated TTFT {ttft * 1e6:.1f} us, TPOT {tpot * 1e6:.2f} us")
         emulated_blocks = m['maia:kv_cache_blocks{holder="emulated"}']
         engine_blocks = m['maia:kv_cache_blocks{holder="engine"}']

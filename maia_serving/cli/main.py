@@ -10,8 +10,8 @@ from pathlib import Path
 from maia_serving.emulator.cost import Parallel
 from maia_serving.emulator.hardware import host_profile_path, load_profile, profile_names
 from maia_serving.emulator.memory import ServingConfig, plan_memory, suggest
-from maia_serving.emulator.units import format_bytes
 from maia_serving.emulator.model_shape import KV_CACHE_DTYPES, builtin_model_names, load_model_shape
+from maia_serving.emulator.units import format_bytes
 
 
 def _table(rows: list[list[str]]) -> str:

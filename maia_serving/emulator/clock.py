@@ -49,21 +49,24 @@ class EmulatedClock:
             timing = self.requests[request_id] = RequestTiming(arrival_s=self.now_s)
         return timing
 
-    def advance(self, step_s: float, tokens_out: dict[str, int]) -> float:
-        """End a step of ``step_s`` seconds in which each request emitted ``tokens_out[id]``."""
+    def advance(self, step_s: float, tokens_out: dict[str, int]) -> list[RequestTiming]:
+        """End a step of ``step_s`` seconds in which each request emitted ``tokens_out[id]``;
+        returns the timings of the requests whose first token this was."""
         if step_s < 0:
             raise ValueError(f"a step cannot take negative time ({step_s})")
         self.now_s += step_s
         self.num_steps += 1
+        firsts = []
         for request_id, count in tokens_out.items():
             if count <= 0:
                 continue
             timing = self.arrive(request_id)
             if timing.first_token_s is None:
                 timing.first_token_s = self.now_s
+                firsts.append(timing)
             timing.last_token_s = self.now_s
             timing.num_output_tokens += count
-        return self.now_s
+        return firsts
 
     def finish(self, request_id: str) -> RequestTiming | None:
         """Forget a finished request and return its timing."""

@@ -65,6 +65,9 @@ class Parallel:
     pp: int = 1
 
 
+SINGLE_CHIP = Parallel()
+
+
 @dataclass(frozen=True)
 class OpCost:
     name: str
@@ -112,82 +115,146 @@ class StepCost:
         }
 
 
-def roofline(profile: DeviceProfile, name: str, flops: float, nbytes: float, dtype: str = "bf16",
-             count: int = 1) -> OpCost:
-    """One operator (``count`` times) on the roofline of ``profile``."""
+def roofline(profile: DeviceProfile, name: str, flops: float, nbytes: float, dtype: str = "bf16") -> OpCost:
+    """One operator on the roofline of ``profile``."""
     return OpCost(
         name=name,
-        flops=flops * count,
-        bytes=nbytes * count,
-        compute_s=count * flops / profile.effective_flops(dtype),
-        memory_s=count * nbytes / profile.effective_bandwidth_bytes_per_s,
+        flops=flops,
+        bytes=nbytes,
+        compute_s=flops / profile.effective_flops(dtype),
+        memory_s=nbytes / profile.effective_bandwidth_bytes_per_s,
     )
 
 
-def _gemm(profile: DeviceProfile, name: str, tokens: int, k: float, n: float, act: float, wgt: float,
-          count: int) -> OpCost:
-    """``[tokens, k] @ [k, n]``: reads the weight and the input, writes the output."""
-    return roofline(profile, name, 2 * tokens * k * n, k * n * wgt + tokens * (k + n) * act,
-                    count=count)
+# An operator's FLOPs and bytes are linear in five step quantities; terms are the
+# coefficients, so a live engine evaluates a step with a few multiplications.
+STEP_VARIABLES = ("tokens", "seqs", "attended_pairs", "context_tokens", "constant")
 
 
-def _attention(profile: DeviceProfile, model: ModelShape, step: StepShape, tp: int, kv_elem: float,
-               layers: int) -> OpCost:
-    """Attention over the paged cache: reads each sequence's KV once at the cache dtype."""
-    heads = model.num_heads / tp
-    kv_heads = math.ceil(model.num_kv_heads / tp)
-    act = model.dtype_bytes
-    pairs = step.attended_pairs()
-    ctx = sum(step.context_lens)
-    tokens = step.num_tokens
-    flops = 4 * heads * model.head_dim * pairs
-    kv_token = 2 * kv_heads * model.head_dim * kv_elem
-    nbytes = ctx * kv_token + tokens * kv_token + 2 * tokens * heads * model.head_dim * act
-    return roofline(profile, "attention", flops, nbytes, count=layers)
+@dataclass(frozen=True)
+class OpTerms:
+    name: str
+    flops: tuple[float, float, float, float, float]  # coefficients of STEP_VARIABLES
+    bytes: tuple[float, float, float, float, float]
+
+
+def _lin(tokens: float = 0.0, seqs: float = 0.0, pairs: float = 0.0, context: float = 0.0,
+         const: float = 0.0) -> tuple[float, float, float, float, float]:
+    return (tokens, seqs, pairs, context, const)
+
+
+def _op(name: str, count: int, flops: tuple, nbytes: tuple) -> OpTerms:
+    return OpTerms(name, tuple(count * c for c in flops), tuple(count * c for c in nbytes))
+
+
+def _gemm(name: str, per_seq: bool, k: float, n: float, act: float, wgt: float, count: int) -> OpTerms:
+    """``[m, k] @ [k, n]`` with m tokens (or sequences): reads the weight and the input,
+    writes the output."""
+    rows = _lin(seqs=1.0) if per_seq else _lin(tokens=1.0)
+    flops = tuple(2 * k * n * r for r in rows)
+    nbytes = tuple((k + n) * act * r for r in rows)
+    nbytes = nbytes[:4] + (k * n * wgt,)
+    return _op(name, count, flops, nbytes)
+
+
+def op_terms(model: ModelShape, parallel: Parallel = SINGLE_CHIP, kv_cache_dtype: str = "auto") -> tuple[OpTerms, ...]:
+    """Per-operator FLOP and byte terms of one forward pass on one chip of ``tp``.
+
+    Attention reads each sequence's KV once at the cache dtype's size (paged,
+    flash-style) and writes the new tokens' KV; the LM head runs on the last token
+    of each sequence only.
+    """
+    tp, layers = parallel.tp, model.num_layers
+    act = wgt = model.dtype_bytes
+    h, q, kv, inter = model.hidden_size, model.q_size, model.kv_size, model.intermediate_size
+    heads, hd = model.num_heads / tp, model.head_dim
+    kv_token = 2 * math.ceil(model.num_kv_heads / tp) * hd * kv_cache_bytes_per_element(kv_cache_dtype, model.dtype)
+    return (
+        _op("rmsnorm", 2 * layers, _lin(tokens=5 * h), _lin(tokens=2 * h * act, const=h * wgt)),
+        _gemm("qkv_proj", False, h, (q + 2 * kv) / tp, act, wgt, layers),
+        _op("rotary", layers, _lin(tokens=6 * (q + kv) / tp), _lin(tokens=2 * (q + kv) / tp * act)),
+        _op("attention", layers, _lin(pairs=4 * heads * hd),
+            _lin(tokens=kv_token + 2 * heads * hd * act, context=kv_token)),
+        _gemm("o_proj", False, q / tp, h, act, wgt, layers),
+        _gemm("gate_up_proj", False, h, 2 * inter / tp, act, wgt, layers),
+        _op("silu_and_mul", layers, _lin(tokens=5 * inter / tp), _lin(tokens=3 * inter / tp * act)),
+        _gemm("down_proj", False, inter / tp, h, act, wgt, layers),
+        _op("residual_add", 2 * layers, _lin(tokens=h), _lin(tokens=3 * h * act)),
+        _op("embedding", 1, _lin(), _lin(tokens=h * act)),
+        _op("final_norm", 1, _lin(seqs=5 * h), _lin(seqs=2 * h * act, const=h * wgt)),
+        _gemm("lm_head", True, h, model.vocab_size / tp, act, wgt, 1),
+    )
+
+
+_COMPUTE_DTYPE = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16",
+                  "float32": "fp32", "fp32": "fp32", "float": "fp32"}
+
+
+class CostModel:
+    """step_cost for one (profile, model, parallelism, KV dtype), with the terms
+    worked out once: what a live engine calls every step."""
+
+    def __init__(self, profile: DeviceProfile, model: ModelShape, parallel: Parallel = SINGLE_CHIP,
+                 kv_cache_dtype: str = "auto"):
+        self.profile = profile
+        self.model = model
+        self.parallel = parallel
+        self.terms = op_terms(model, parallel, kv_cache_dtype)
+        self._flops_per_s = profile.effective_flops(_COMPUTE_DTYPE.get(model.dtype.removeprefix("torch."), "bf16"))
+        self._bytes_per_s = profile.effective_bandwidth_bytes_per_s
+
+    def comm_s(self, tokens: int, seqs: int) -> float:
+        """Tensor-parallel all-reduces (two per layer) and the logits all-gather; one
+        send/recv of the hidden states between consecutive pipeline stages."""
+        tp, pp = self.parallel.tp, self.parallel.pp
+        link, model = self.profile.scale_up, self.model
+        hidden = tokens * model.hidden_size * model.dtype_bytes
+        comm = 0.0
+        if tp > 1:
+            comm += 2 * model.num_layers * interconnect.all_reduce_s(link, hidden, tp)
+            comm += interconnect.all_gather_s(link, seqs * model.vocab_size * model.dtype_bytes, tp)
+        if pp > 1:
+            comm += (pp - 1) * interconnect.send_recv_s(link, hidden)
+        return comm
+
+    def cost(self, step: StepShape, detail: bool = False) -> StepCost:
+        """The step's cost; ``detail`` also lists each operator (slower: for reports)."""
+        return self._evaluate(step.num_tokens, step.num_seqs, step.attended_pairs(),
+                              sum(step.context_lens), detail)
+
+    def cost_of(self, new_tokens: tuple[int, ...], context_lens: tuple[int, ...]) -> StepCost:
+        """cost() for a live engine's step, trusted to be well formed: one pass, no checks."""
+        tokens = pairs = ctx = 0
+        for q, n in zip(new_tokens, context_lens):
+            tokens += q
+            ctx += n
+            pairs += q * n - q * (q - 1) // 2
+        return self._evaluate(tokens, len(new_tokens), pairs, ctx, False)
+
+    def _evaluate(self, tokens: int, seqs: int, pairs: int, ctx: int, detail: bool) -> StepCost:
+        if tokens == 0:
+            return StepCost(0.0, 0.0, 0.0, 0.0, 0.0, ())
+        compute = memory = flops = nbytes = 0.0
+        ops = []
+        for term in self.terms:
+            ft, fs, fp, fc, f1 = term.flops
+            bt, bs, bp, bc, b1 = term.bytes
+            f = ft * tokens + fs * seqs + fp * pairs + fc * ctx + f1
+            b = bt * tokens + bs * seqs + bp * pairs + bc * ctx + b1
+            compute_s, memory_s = f / self._flops_per_s, b / self._bytes_per_s
+            if compute_s >= memory_s:
+                compute += compute_s
+            else:
+                memory += memory_s
+            flops += f
+            nbytes += b
+            if detail:
+                ops.append(OpCost(term.name, f, b, compute_s, memory_s))
+        return StepCost(compute, memory, self.comm_s(tokens, seqs), flops, nbytes, tuple(ops))
 
 
 def step_cost(profile: DeviceProfile, model: ModelShape, step: StepShape,
-              parallel: Parallel = Parallel(), kv_cache_dtype: str = "auto") -> StepCost:
-    """Emulated time of one forward pass of ``step`` on ``tp * pp`` chips of ``profile``."""
-    tp, pp = parallel.tp, parallel.pp
-    tokens = step.num_tokens
-    if tokens == 0:
-        return StepCost(0.0, 0.0, 0.0, 0.0, 0.0, ())
-    layers = model.num_layers
-    act = wgt = model.dtype_bytes
-    h, q, kv, inter = model.hidden_size, model.q_size, model.kv_size, model.intermediate_size
-    kv_elem = kv_cache_bytes_per_element(kv_cache_dtype, model.dtype)
-    seqs = step.num_seqs
-    ops = [
-        roofline(profile, "rmsnorm", 5 * tokens * h, 2 * tokens * h * act + h * wgt, count=2 * layers),
-        _gemm(profile, "qkv_proj", tokens, h, (q + 2 * kv) / tp, act, wgt, layers),
-        roofline(profile, "rotary", 6 * tokens * (q + kv) / tp, 2 * tokens * (q + kv) / tp * act,
-                 count=layers),
-        _attention(profile, model, step, tp, kv_elem, layers),
-        _gemm(profile, "o_proj", tokens, q / tp, h, act, wgt, layers),
-        _gemm(profile, "gate_up_proj", tokens, h, 2 * inter / tp, act, wgt, layers),
-        roofline(profile, "silu_and_mul", 5 * tokens * inter / tp, 3 * tokens * inter / tp * act,
-                 count=layers),
-        _gemm(profile, "down_proj", tokens, inter / tp, h, act, wgt, layers),
-        roofline(profile, "residual_add", tokens * h, 3 * tokens * h * act, count=2 * layers),
-        roofline(profile, "embedding", 0, tokens * h * act),
-        roofline(profile, "final_norm", 5 * seqs * h, 2 * seqs * h * act + h * wgt),
-        _gemm(profile, "lm_head", seqs, h, model.vocab_size / tp, act, wgt, 1),
-    ]
-    link = profile.scale_up
-    comm = 0.0
-    if tp > 1:
-        comm += 2 * layers * interconnect.all_reduce_s(link, tokens * h * act, tp)
-        comm += interconnect.all_gather_s(link, seqs * model.vocab_size * act, tp)
-    if pp > 1:
-        comm += (pp - 1) * interconnect.send_recv_s(link, tokens * h * act)
-    compute = sum(op.time_s for op in ops if op.bound == "compute")
-    memory = sum(op.time_s for op in ops if op.bound == "memory")
-    return StepCost(
-        compute_s=compute,
-        memory_s=memory,
-        comm_s=comm,
-        flops=sum(op.flops for op in ops),
-        bytes=sum(op.bytes for op in ops),
-        ops=tuple(ops),
-    )
+              parallel: Parallel = SINGLE_CHIP, kv_cache_dtype: str = "auto") -> StepCost:
+    """Emulated time of one forward pass of ``step`` on ``tp * pp`` chips of ``profile``,
+    with the per-operator breakdown."""
+    return CostModel(profile, model, parallel, kv_cache_dtype).cost(step, detail=True)

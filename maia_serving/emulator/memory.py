@@ -92,9 +92,11 @@ class NotEnoughMemory(ValueError):
             f"{plan.model} does not fit on {plan.profile} "
             f"(tp={plan.config.tensor_parallel_size}, pp={plan.config.pipeline_parallel_size}, "
             f"kv_cache_dtype={plan.config.kv_cache_dtype}, max_model_len={plan.max_model_len}): "
-            f"per chip it needs {format_bytes(plan.weight_bytes)} weights + {format_bytes(plan.workspace_bytes)} workspace "
+            f"per chip it needs {format_bytes(plan.weight_bytes)} weights "
+            f"+ {format_bytes(plan.workspace_bytes)} workspace "
             f"+ {format_bytes(plan.max_model_len * plan.kv_bytes_per_token)} KV for one sequence, "
-            f"but only {format_bytes(plan.usable_bytes)} of {format_bytes(plan.hbm_capacity_bytes)} HBM is usable; "
+            f"but only {format_bytes(plan.usable_bytes)} of {format_bytes(plan.hbm_capacity_bytes)} "
+            f"HBM is usable; "
             f"short by {format_bytes(plan.shortfall_bytes)}."
         )
         if suggestions:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from maia_serving.emulator.clock import EmulatedClock, RequestTiming
-from maia_serving.emulator.cost import Parallel, StepShape, step_cost
+from maia_serving.emulator.cost import CostModel, Parallel
 from maia_serving.emulator.hardware import DeviceProfile
 from maia_serving.emulator.memory import MemoryPlan
 from maia_serving.emulator.model_shape import ModelShape
@@ -30,6 +30,7 @@ class StepRecord:
     now_s: float
     wall_s: float
     kv_blocks_used: int
+    overhead_s: float = 0.0  # host time the adapter spent charging this step
     first_token_ttfts_s: list[float] = field(default_factory=list)
     finished: list[RequestTiming] = field(default_factory=list)
 
@@ -42,8 +43,8 @@ class EmulatedDevice:
         self.plan = plan
         self.parallel = parallel
         self.kv_cache_dtype = kv_cache_dtype
+        self.cost_model = CostModel(profile, model, parallel, kv_cache_dtype)
         self.clock = EmulatedClock()
-        self.total_wall_s = 0.0
 
     @property
     def kv_block_bytes(self) -> float:
@@ -65,13 +66,8 @@ class EmulatedDevice:
                tokens_out: dict[str, int], finished: list[str], kv_blocks_used: int,
                wall_s: float = 0.0) -> StepRecord:
         """Charge one step; ``finished`` requests leave the clock with their timings."""
-        cost = step_cost(self.profile, self.model, StepShape(new_tokens, context_lens),
-                         self.parallel, self.kv_cache_dtype)
-        before = {rid for rid in tokens_out if self.clock.arrive(rid).first_token_s is None}
-        now = self.clock.advance(cost.total_s, tokens_out)
-        self.total_wall_s += wall_s
-        firsts = [now - self.clock.requests[rid].arrival_s
-                  for rid in before if tokens_out[rid] > 0]
+        cost = self.cost_model.cost_of(new_tokens, context_lens)
+        firsts = self.clock.advance(cost.total_s, tokens_out)
         done = [t for rid in finished if (t := self.clock.finish(rid)) is not None]
         return StepRecord(
             step_s=cost.total_s,
@@ -81,9 +77,9 @@ class EmulatedDevice:
             bound=cost.bound,
             num_tokens=sum(new_tokens),
             num_seqs=len(new_tokens),
-            now_s=now,
+            now_s=self.clock.now_s,
             wall_s=wall_s,
             kv_blocks_used=kv_blocks_used,
-            first_token_ttfts_s=firsts,
+            first_token_ttfts_s=[t.ttft_s for t in firsts],
             finished=done,
         )

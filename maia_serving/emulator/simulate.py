@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from maia_serving.emulator.cost import Parallel, StepShape, step_cost
+from maia_serving.emulator.cost import SINGLE_CHIP, CostModel, Parallel, StepShape
 from maia_serving.emulator.hardware import DeviceProfile
 from maia_serving.emulator.model_shape import ModelShape
 
@@ -52,16 +52,15 @@ def _prefill_chunks(num_seqs: int, prompt_len: int, budget: int) -> list[StepSha
 
 
 def simulate_batch(profile: DeviceProfile, model: ModelShape, num_seqs: int, prompt_len: int,
-                   output_len: int, parallel: Parallel = Parallel(), kv_cache_dtype: str = "auto",
+                   output_len: int, parallel: Parallel = SINGLE_CHIP, kv_cache_dtype: str = "auto",
                    max_num_batched_tokens: int = 8192) -> SimResult:
     if min(num_seqs, prompt_len, output_len, max_num_batched_tokens) < 1:
         raise ValueError("num_seqs, prompt_len, output_len and the token budget must be >= 1")
-    prefill = [step_cost(profile, model, s, parallel, kv_cache_dtype)
-               for s in _prefill_chunks(num_seqs, prompt_len, max_num_batched_tokens)]
+    costs = CostModel(profile, model, parallel, kv_cache_dtype)
+    prefill = [costs.cost(s) for s in _prefill_chunks(num_seqs, prompt_len, max_num_batched_tokens)]
     ttft = sum(c.total_s for c in prefill)
     decode = [
-        step_cost(profile, model, StepShape((1,) * num_seqs, (prompt_len + i,) * num_seqs),
-                  parallel, kv_cache_dtype)
+        costs.cost(StepShape((1,) * num_seqs, (prompt_len + i,) * num_seqs))
         for i in range(1, output_len)
     ]
     decode_s = sum(c.total_s for c in decode)

@@ -6,8 +6,9 @@ call from the environment variable ``MAIA_SERVING_KERNELS``:
 
 - ``auto`` (default): Triton when the tensors live on a CUDA (or ROCm) device, or on the CPU
   when ``TRITON_INTERPRET`` is true; the torch reference otherwise (a plain CPU host).
-- ``triton``: always Triton. On a CPU host this needs ``TRITON_INTERPRET=1`` set before
-  ``maia_serving.kernels`` is first imported (Triton reads it when a kernel is decorated).
+- ``triton``: always Triton. On a CPU host this needs ``TRITON_INTERPRET=1`` in the
+  environment before the process imports Triton (it is read when ``@triton.jit`` decorates
+  a function, ours and ``triton.language``'s alike).
 - ``torch``: always the torch reference.
 
 Note: Triton 3.9's interpreter converts fp32 to FP8 and bf16 inexactly; the kernel tests
@@ -61,7 +62,7 @@ __all__ = [
 
 
 def kernel_backend(device: torch.device) -> str:
-    """ "triton" or "torch": which implementation runs for tensors on ``device``."""
+    """Which implementation, "triton" or "torch", runs for tensors on ``device``."""
     choice = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
     if choice not in KERNEL_BACKENDS:
         raise ValueError(

@@ -29,8 +29,9 @@ class MaiaScheduler(Scheduler):
         self._publisher = StatsPublisher(os.environ.get(ADDR_ENV))
         self._log = PeriodicLog(self.maia, envs.log_interval_s())
         self._scheduled_at = 0.0
+        self._last_send_s = 0.0
         plan = self.maia.plan
-        self._publisher.send(DeviceInfo(
+        self._publisher.announce(DeviceInfo(
             profile=plan.profile,
             model=plan.model,
             kv_cache_dtype=self.maia.kv_cache_dtype,
@@ -61,12 +62,17 @@ class MaiaScheduler(Scheduler):
 
     def update_from_output(self, scheduler_output, model_runner_output):
         wall_s = time.perf_counter() - self._scheduled_at
+        # Overhead is this thread's CPU time: on a shared core, wall time would also
+        # count the moments the API server ran instead of us.
+        start = time.thread_time()
         scheduled = scheduler_output.num_scheduled_tokens
         # num_computed_tokens already counts this step's tokens (see _update_after_schedule).
         contexts = tuple(self.requests[rid].num_computed_tokens for rid in scheduled)
+        mid = time.thread_time()
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         if not scheduled:
             return outputs
+        resumed = time.thread_time()
         tokens_out: dict[str, int] = {}
         finished: list[str] = []
         for eco in outputs.values():
@@ -77,7 +83,12 @@ class MaiaScheduler(Scheduler):
         used = self.cache_config.num_gpu_blocks * self.kv_cache_manager.usage
         record = self.maia.charge(tuple(scheduled.values()), contexts, tokens_out, finished,
                                   int(round(used)), wall_s)
-        self._publisher.send(record)
-        if (line := self._log.observe(record, time.monotonic())) is not None:
+        now = time.monotonic()
+        if (line := self._log.observe(record, now)) is not None:
             logger.info(line)
+        # Our own work this step, plus the previous step's send (measured after it).
+        record.overhead_s = (mid - start) + (time.thread_time() - resumed) + self._last_send_s
+        sent = time.thread_time()
+        self._publisher.send(record, now)
+        self._last_send_s = time.thread_time() - sent
         return outputs

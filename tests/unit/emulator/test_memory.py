@@ -2,7 +2,14 @@
 
 import pytest
 
-from maia_serving.emulator import NotEnoughMemory, ServingConfig, load_model_shape, load_profile, plan_memory, require_fit
+from maia_serving.emulator import (
+    NotEnoughMemory,
+    ServingConfig,
+    load_model_shape,
+    load_profile,
+    plan_memory,
+    require_fit,
+)
 from maia_serving.emulator.memory import kv_bytes_per_token
 
 

@@ -1,29 +1,32 @@
 """Run the Triton kernel tests on a GPU when there is one, else in Triton's interpreter.
 
-Interpreter mode: Triton reads ``TRITON_INTERPRET`` when ``@triton.jit`` decorates a kernel
-(``triton.runtime.jit.jit`` picks ``InterpretedFunction`` then), so it is set here, before
-``maia_serving.kernels`` is first imported, and restored right after, so that other tests
-in the same session (and ``maia_serving.ops``' backend choice) do not see it. Triton also
-reads it at run time (the first launch imports ``triton.experimental.gluon``, which asserts
-interpreter mode), so the autouse ``_triton_interpret_env`` sets it again for each kernel test.
+On a host without a GPU (Triton 3.9.0):
 
-Triton 3.9.0's interpreter converts floats with its own bit arithmetic, which is wrong for
-the types these kernels use (measured; see /work/shared/notes/engines.md):
+1. Our kernels are decorated in interpreter mode. Triton reads ``TRITON_INTERPRET`` when
+   ``@triton.jit`` runs (``triton.runtime.jit.jit`` then returns an ``InterpretedFunction``),
+   so it is set while ``maia_serving.kernels`` is first imported, and restored after, so
+   that other tests in the session (and ``maia_serving.ops``' backend choice) do not see
+   it. Triton also reads it at run time (its first launch imports
+   ``triton.experimental.gluon``, which checks it), so ``_triton_interpret_env`` sets it
+   again for each kernel test.
+2. ``triton.language`` is imported before that, in normal mode, as ``import vllm`` would do
+   anyway in this process: its ``@jit`` library functions (``tl.max``, ``tl.sum``,
+   ``tl.zeros``, ...) are then ``JITFunction`` objects, whose ``__call__`` only raises
+   "Cannot call @triton.jit'd outside of the scope of a kernel". The patch makes that call
+   run the function through ``InterpretedFunction``, as interpreter mode would have done.
+3. The interpreter converts floats with its own bit arithmetic, which is wrong for the
+   types these kernels use (measured; see /work/shared/notes/engines.md):
+   fp32 -> fp8 e4m3 drops the rounding carry into the exponent (1.976 -> 1.0), does not
+   saturate (500 -> 256) and flushes subnormals; fp8 NaN codes decode as 480 (e4m3) and
+   98304 (e5m2); bf16 is kept as raw uint16 and fp32 -> bf16 truncates instead of rounding
+   to nearest even (arithmetic on a bf16 tensor also computes on the raw integers: the
+   kernels upcast right after every load, so that one is not patched). The patch replaces
+   ``InterpreterBuilder.cast_impl`` and ``create_fp_to_fp`` with torch conversions whenever
+   bf16 or an FP8 type is involved. torch rounds to nearest even like the GPU's ``cvt.rn``;
+   it does not saturate on overflow, but the kernels clamp before every FP8 cast.
 
-- fp32 -> fp8 e4m3: the rounding carry does not reach the exponent (1.976 -> 1.0), no
-  saturation (500 -> 256), subnormals flushed;
-- fp8 -> fp32: NaN codes decode as 480 (e4m3) and 98304 (e5m2);
-- bf16 is kept as raw uint16 and fp32 -> bf16 truncates instead of rounding to nearest even
-  (arithmetic on a bf16 tensor computes on the raw integers: the kernels upcast right
-  after every load, so that one is not patched).
-
-``torch_conversions_in_interpreter`` replaces the two conversion entry points of
-``triton.runtime.interpreter.InterpreterBuilder`` (``cast_impl`` and ``create_fp_to_fp``)
-with torch conversions whenever bf16 or an FP8 type is involved. torch's casts round to
-nearest even like the GPU's ``cvt.rn``; torch does not saturate on overflow, but the kernels
-clamp before every FP8 cast, so the difference never shows. Remove the patch when
-``test_interpreter_patch.py::test_interpreter_still_needs_patch`` fails after a Triton
-upgrade (the interpreter then converts correctly by itself).
+Patches 2 and 3 keep the originals and are undone after each test module. The tests in
+test_interpreter_patch.py fail once Triton no longer needs them: then remove them.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
+import triton.language  # noqa: F401 - before TRITON_INTERPRET is set: see 2. above
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -103,25 +107,47 @@ def _torch_dtypes() -> dict:
     }
 
 
-def patch_interpreter_conversions() -> dict:
-    """Patch ``InterpreterBuilder`` in place; returns the originals for ``restore``."""
+def patch_interpreter() -> dict:
+    """Apply patches 2 and 3 in place; returns the originals by name for ``restore``."""
     import triton.language as tl
     from triton.runtime import interpreter
+    from triton.runtime.jit import JITFunction
 
     builder = interpreter.InterpreterBuilder
-    originals = {name: getattr(builder, name) for name in ("cast_impl", "create_fp_to_fp")}
+    originals = {
+        "JITFunction.__call__": JITFunction.__call__,
+        "cast_impl": builder.cast_impl,
+        "create_fp_to_fp": builder.create_fp_to_fp,
+    }
+    interpreted: dict = {}
+
+    def call_interpreted(self, *args, **kwargs):
+        if self.fn not in interpreted:
+            interpreted[self.fn] = interpreter.InterpretedFunction(self.fn)
+        return interpreted[self.fn](*args, **kwargs)
+
     torch_dtypes = _torch_dtypes()
     # The interpreter stores these as unsigned integers of the same width.
-    storage = {torch.bfloat16: torch.uint16, torch.float8_e4m3fn: torch.uint8,
-               torch.float8_e5m2: torch.uint8, torch.float8_e4m3fnuz: torch.uint8,
-               torch.float8_e5m2fnuz: torch.uint8}  # fmt: skip
+    storage = {
+        torch.bfloat16: torch.uint16,
+        torch.float8_e4m3fn: torch.uint8,
+        torch.float8_e5m2: torch.uint8,
+        torch.float8_e4m3fnuz: torch.uint8,
+        torch.float8_e5m2fnuz: torch.uint8,
+    }
     special = {tl.bfloat16, tl.float8e4nv, tl.float8e5, tl.float8e4b8, tl.float8e5b16}
 
     def use_torch(src_ty, dst_ty) -> bool:
-        return (src_ty in special or dst_ty in special) and {src_ty, dst_ty} <= torch_dtypes.keys()
+        return (src_ty in special or dst_ty in special) and {
+            src_ty,
+            dst_ty,
+        } <= torch_dtypes.keys()
 
     def convert(src, dst_type):
-        src_dtype, dst_dtype = torch_dtypes[src.dtype.scalar], torch_dtypes[dst_type.scalar]
+        src_dtype, dst_dtype = (
+            torch_dtypes[src.dtype.scalar],
+            torch_dtypes[dst_type.scalar],
+        )
         data = torch.from_numpy(np.array(src.data, copy=True)).view(src_dtype)
         out = data.to(dst_dtype).view(storage.get(dst_dtype, dst_dtype)).numpy()
         return interpreter.TensorHandle(out, dst_type.scalar)
@@ -137,29 +163,29 @@ def patch_interpreter_conversions() -> dict:
             return convert(src, dst_type)
         return originals["create_fp_to_fp"](self, src, dst_type, rounding_mode)
 
+    JITFunction.__call__ = call_interpreted
     builder.cast_impl = cast_impl
     builder.create_fp_to_fp = create_fp_to_fp
     return originals
 
 
-def restore_interpreter_conversions(originals: dict) -> None:
+def restore_interpreter(originals: dict) -> None:
     from triton.runtime import interpreter
+    from triton.runtime.jit import JITFunction
 
-    for name, fn in originals.items():
-        setattr(interpreter.InterpreterBuilder, name, fn)
+    JITFunction.__call__ = originals["JITFunction.__call__"]
+    interpreter.InterpreterBuilder.cast_impl = originals["cast_impl"]
+    interpreter.InterpreterBuilder.create_fp_to_fp = originals["create_fp_to_fp"]
 
 
-@pytest.fixture(autouse=True, scope="session")
-def torch_conversions_in_interpreter() -> Iterator[dict]:
-    """Exact bf16/FP8 conversions in Triton's interpreter for the kernel tests (see above).
-
-    Yields the original ``InterpreterBuilder`` methods by name (none on a GPU host).
-    """
+@pytest.fixture(autouse=True, scope="module")
+def triton_interpreter_patches() -> Iterator[dict]:
+    """Patches 2 and 3 above for the kernel tests; yields the originals (none on a GPU)."""
     if ON_GPU:
         yield {}
         return
-    originals = patch_interpreter_conversions()
+    originals = patch_interpreter()
     try:
         yield originals
     finally:
-        restore_interpreter_conversions(originals)
+        restore_interpreter(originals)

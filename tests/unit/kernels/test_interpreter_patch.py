@@ -1,4 +1,4 @@
-"""The interpreter patch in conftest.py: its targets still exist and it is still needed."""
+"""The interpreter patches in conftest.py: their targets still exist and are still needed."""
 
 from __future__ import annotations
 
@@ -13,22 +13,34 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_patched_symbols_still_exist(torch_conversions_in_interpreter):
+def test_patched_symbols_still_exist(triton_interpreter_patches):
     from triton.runtime import interpreter
 
     expected = {
+        "JITFunction.__call__": ["self", "args", "kwargs"],
         "cast_impl": ["self", "src", "dst_type"],
         "create_fp_to_fp": ["self", "src", "dst_type", "rounding_mode"],
     }
     for name, params in expected.items():
-        original = torch_conversions_in_interpreter[name]
-        assert list(inspect.signature(original).parameters) == params, name
+        assert (
+            list(inspect.signature(triton_interpreter_patches[name]).parameters)
+            == params
+        ), name
     assert hasattr(interpreter, "TensorHandle")
+    assert hasattr(interpreter, "InterpretedFunction")
     assert hasattr(interpreter._ir.ROUNDING_MODE, "RTNE")
 
 
-def test_interpreter_still_needs_patch(torch_conversions_in_interpreter):
-    """Fails once Triton's own fp32 -> fp8 e4m3 conversion is right: then drop the patch."""
+def test_jit_functions_still_refuse_python_calls(triton_interpreter_patches):
+    """Fails once a JITFunction can be called from Python: then drop the __call__ patch."""
+    import triton.language as tl
+
+    with pytest.raises(RuntimeError, match="outside of the scope of a kernel"):
+        triton_interpreter_patches["JITFunction.__call__"](tl.zeros, (4,), tl.float32)
+
+
+def test_interpreter_still_needs_patch(triton_interpreter_patches):
+    """Fails once Triton's own fp32 -> fp8 e4m3 conversion is right: then drop that patch."""
     import triton.language as tl
     from triton.runtime import interpreter
 
@@ -39,8 +51,10 @@ def test_interpreter_still_needs_patch(torch_conversions_in_interpreter):
 
     patched = builder.create_fp_to_fp(handle, tl.float8e4nv, rtne)
     assert patched.data.tolist() == expected.tolist()
-    original = torch_conversions_in_interpreter["create_fp_to_fp"](builder, handle, tl.float8e4nv, rtne)
+    original = triton_interpreter_patches["create_fp_to_fp"](
+        builder, handle, tl.float8e4nv, rtne
+    )
     assert original.data.tolist() != expected.tolist(), (
         "Triton's interpreter now converts fp32 -> fp8 e4m3 correctly: check bf16 and NaN "
-        "decoding too, then remove the patch in tests/unit/kernels/conftest.py"
+        "decoding too, then remove the conversion patch in tests/unit/kernels/conftest.py"
     )

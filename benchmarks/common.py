@@ -1,0 +1,50 @@
+"""Shared pieces of the benchmarks: a bounded load generator and result files."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "out"
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    concurrency: int
+    output_tokens: int
+    wall_s: float
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.output_tokens / self.wall_s
+
+
+def run_load(base_url: str, model: str, requests: int, concurrency: int, max_tokens: int) -> LoadResult:
+    """A fixed number of completions, ``concurrency`` at a time; every one runs to max_tokens."""
+    from openai import OpenAI
+
+    # Retries: a keep-alive connection the server closed between rounds is not a result.
+    client = OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=3, timeout=600)
+
+    def one(i: int) -> int:
+        out = client.completions.create(model=model, prompt=f"# file {i}\nimport os\n\ndef main():\n",
+                                        max_tokens=max_tokens, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        return out.usage.completion_tokens
+
+    one(-1)  # warm-up, not counted
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        tokens = sum(pool.map(one, range(requests)))
+    return LoadResult(requests, concurrency, tokens, time.perf_counter() - start)
+
+
+def write_json(name: str, data: object) -> Path:
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2, default=lambda o: asdict(o)))
+    return path
