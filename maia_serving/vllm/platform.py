@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 logger = init_logger("vllm.maia_serving")
 
 SCHEDULER_CLS = "maia_serving.vllm.scheduler.MaiaScheduler"
+ATTENTION_BACKEND_CLS = "maia_serving.vllm.attention.backend.MaiaAttentionBackend"
 
 
 class MaiaPlatform(CpuPlatform):
@@ -29,6 +30,15 @@ class MaiaPlatform(CpuPlatform):
     @classmethod
     def get_device_name(cls, device_id: int = 0) -> str:
         return "maia (emulated on the host CPU)"
+
+    @classmethod
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None) -> str:
+        """Our backend: paged KV in BF16 or FP8 with the maia numerics, whatever was asked."""
+        if attn_selector_config.use_mla or attn_selector_config.use_sparse:
+            raise NotImplementedError("MLA and sparse attention are not supported on --device maia yet")
+        if selected_backend is not None:
+            logger.info("--device maia uses its own attention backend, not %s.", selected_backend)
+        return ATTENTION_BACKEND_CLS
 
     @classmethod
     def pre_register_and_update(cls, parser=None) -> None:
@@ -49,6 +59,7 @@ class MaiaPlatform(CpuPlatform):
         if vllm_config.model_config is None:
             return
         _apply_profile(vllm_config)
+        _validate_kv_scales(vllm_config)
         _apply_kv_cache_size(vllm_config)
         _apply_scheduler(vllm_config)
 
@@ -56,6 +67,28 @@ class MaiaPlatform(CpuPlatform):
 def _apply_profile(vllm_config: VllmConfig) -> None:
     """Record the resolved profile in the config, so every engine process agrees."""
     vllm_config.additional_config["maia_profile"] = envs.profile_name(vllm_config.additional_config)
+
+
+def _validate_kv_scales(vllm_config: VllmConfig) -> None:
+    """FP8 without calibrated scales runs, but never quietly: say how to calibrate."""
+    from maia_serving.vllm.attention import scales
+
+    cache_dtype = str(vllm_config.cache_config.cache_dtype)
+    if not cache_dtype.startswith("fp8"):
+        return
+    model = vllm_config.model_config.model
+    if scales.scale_mode() == "per_head":
+        if scales.load_sidecar(model) is None:
+            raise ValueError(
+                f"{scales.SCALES_ENV}=per_head needs {scales.SIDECAR} in {model}; run "
+                f"`maia-serving calibrate-kv --model {model} --data FILE --out DIR` and serve DIR")
+        return
+    if not scales.checkpoint_has_kv_scales(vllm_config.model_config.hf_config):
+        logger.warning(
+            "\n%s\n--kv-cache-dtype %s but %s has no calibrated KV-cache scales: every scale is 1.0, "
+            "which clips keys and values beyond the format's range and wastes its precision below it.\n"
+            "Calibrate: maia-serving calibrate-kv --model %s --data FILE.txt --out %s-kv-fp8\n"
+            "then serve the output directory.\n%s", "!" * 80, cache_dtype, model, model, model, "!" * 80)
 
 
 def _apply_kv_cache_size(vllm_config: VllmConfig) -> None:

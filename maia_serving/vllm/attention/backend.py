@@ -1,0 +1,170 @@
+"""MaiaAttentionBackend: vLLM attention over a paged KV cache in BF16 or FP8.
+
+Writes each step's keys and values into the cache (quantizing for FP8), then
+attends every query over the cache it just wrote, so prefill, decode, chunked
+prefill and prefix-cache hits all read the same (possibly quantized) pages. The
+numerics are maia_serving.ops: the Triton kernels where a Triton device is present,
+their torch references on a host (``MAIA_SERVING_KERNELS`` forces either).
+
+Cache page layout (per layer, vLLM's logical ``[blocks, kv_heads, block_size, 2 *
+head_size]``): the content axis holds a token's key then its value, so the key and
+value caches are equal-strided views ``[blocks, block_size, kv_heads, head_size]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.logger import init_logger
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+
+from maia_serving import ops
+from maia_serving.vllm.attention import scales
+
+logger = init_logger("vllm.maia_serving")
+
+
+class MaiaAttentionBackend(AttentionBackend):
+    forward_includes_kv_cache_update: bool = True
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.bfloat16, torch.float16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2"]
+
+    @staticmethod
+    def get_name() -> str:
+        return "MAIA_ATTN"
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        return [MultipleOf(16)]
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        return (KVCacheLayout.LBHNC,)
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @staticmethod
+    def get_impl_cls() -> type[MaiaAttentionImpl]:
+        return MaiaAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[MaiaMetadataBuilder]:
+        return MaiaMetadataBuilder
+
+
+@dataclass
+class MaiaAttentionMetadata:
+    num_actual_tokens: int
+    max_query_len: int
+    query_start_loc: torch.Tensor  # [num_seqs + 1]
+    seq_lens: torch.Tensor  # [num_seqs]
+    block_table: torch.Tensor  # [num_seqs, max_blocks]
+    slot_mapping: torch.Tensor  # [num_actual_tokens]
+
+
+class MaiaMetadataBuilder(AttentionMetadataBuilder[MaiaAttentionMetadata]):
+    def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig,
+                 device: torch.device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> MaiaAttentionMetadata:
+        m = common_attn_metadata
+        num_seqs = m.num_reqs
+        return MaiaAttentionMetadata(
+            num_actual_tokens=m.num_actual_tokens,
+            max_query_len=m.max_query_len,
+            query_start_loc=m.query_start_loc[: num_seqs + 1],
+            seq_lens=m.seq_lens[:num_seqs],
+            block_table=m.block_table_tensor[:num_seqs],
+            slot_mapping=m.slot_mapping[: m.num_actual_tokens],
+        )
+
+
+def split_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key and value views ``[blocks, block_size, kv_heads, head_size]`` of one layer's pages."""
+    pages = kv_cache.transpose(1, 2)  # [blocks, block_size, kv_heads, 2 * head_size]
+    return pages[..., :head_size], pages[..., head_size:]
+
+
+class MaiaAttentionImpl(AttentionImpl):
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
+                 alibi_slopes: list[float] | None, sliding_window: int | None, kv_cache_dtype: str,
+                 logits_soft_cap: float | None = None, attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name: str | None = None, sinks: torch.Tensor | None = None) -> None:
+        unsupported = {
+            "ALiBi": alibi_slopes is not None,
+            "sliding-window attention": sliding_window is not None,
+            "logits soft-capping": bool(logits_soft_cap),
+            "attention sinks": sinks is not None,
+            "non-decoder attention": attn_type != AttentionType.DECODER,
+            "KV sharing across layers": kv_sharing_target_layer_name is not None,
+        }
+        if missing := [name for name, used in unsupported.items() if used]:
+            raise NotImplementedError(
+                f"the maia attention backend does not support {', '.join(missing)} yet; "
+                "this model cannot run on --device maia")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.kv_sharing_target_layer_name = None
+        self.fp8 = ops.resolve_kv_cache_dtype(kv_cache_dtype) is not None
+        config = get_current_vllm_config()
+        self.model_dir = config.model_config.model if config.model_config else ""
+        self.tp_rank_size = (0, config.parallel_config.tensor_parallel_size)
+        self._head_scales: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _scales(self, layer) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """Per-head scales from the sidecar when asked for, else the layer's per-tensor ones."""
+        if not self.fp8:
+            return 1.0, 1.0
+        if scales.scale_mode() == "per_head":
+            if self._head_scales is None:
+                from vllm.distributed import get_tensor_model_parallel_rank
+
+                self._head_scales = scales.per_head_scales(
+                    self.model_dir, layer.layer_name, self.num_kv_heads,
+                    get_tensor_model_parallel_rank(), self.tp_rank_size[1])
+            return self._head_scales
+        return layer._k_scale, layer._v_scale
+
+    def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata: MaiaAttentionMetadata | None, output: torch.Tensor,
+                output_scale: torch.Tensor | None = None,
+                output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization is not supported by the maia backend")
+        if attn_metadata is None:  # profiling run
+            return output
+        n = attn_metadata.num_actual_tokens
+        key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
+        k_scale, v_scale = self._scales(layer)
+        ops.reshape_and_cache(key[:n], value[:n], key_cache, value_cache, attn_metadata.slot_mapping,
+                              self.kv_cache_dtype, k_scale, v_scale)
+        ops.paged_attention(
+            query[:n], key_cache, value_cache, attn_metadata.block_table, attn_metadata.seq_lens,
+            attn_metadata.query_start_loc, self.scale, self.kv_cache_dtype, k_scale, v_scale,
+            causal=True, max_query_len=attn_metadata.max_query_len, out=output[:n])
+        return output
+
+
+# vLLM's layers look their backend up by name in AttentionBackendEnum; importing this
+# module (in every process that builds the model) adds ours once.
+if MaiaAttentionBackend.get_name() not in AttentionBackendEnum.__members__:
+    register_backend(MaiaAttentionBackend.get_name(), f"{__name__}.MaiaAttentionBackend")
