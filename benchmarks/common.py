@@ -17,13 +17,35 @@ class LoadResult:
     concurrency: int
     output_tokens: int
     wall_s: float
+    server_cpu_s: float  # CPU time of the server's whole process tree during the load
 
     @property
     def output_tokens_per_s(self) -> float:
         return self.output_tokens / self.wall_s
 
+    @property
+    def output_tokens_per_cpu_s(self) -> float:
+        """Tokens per CPU-second: steady where wall-clock throughput is not, on a host
+        whose other tenants take its cores for seconds at a time."""
+        return self.output_tokens / self.server_cpu_s
 
-def run_load(base_url: str, model: str, requests: int, concurrency: int, max_tokens: int) -> LoadResult:
+
+def process_tree_cpu_s(pid: int) -> float:
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def run_load(base_url: str, model: str, requests: int, concurrency: int, max_tokens: int,
+             server_pid: int) -> LoadResult:
     """A fixed number of completions, ``concurrency`` at a time; every one runs to max_tokens."""
     from openai import OpenAI
 
@@ -37,10 +59,12 @@ def run_load(base_url: str, model: str, requests: int, concurrency: int, max_tok
         return out.usage.completion_tokens
 
     one(-1)  # warm-up, not counted
+    cpu_before = process_tree_cpu_s(server_pid)
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         tokens = sum(pool.map(one, range(requests)))
-    return LoadResult(requests, concurrency, tokens, time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    return LoadResult(requests, concurrency, tokens, wall, process_tree_cpu_s(server_pid) - cpu_before)
 
 
 def write_json(name: str, data: object) -> Path:

@@ -53,27 +53,32 @@ def main() -> int:
         for i in range(args.rounds):
             for name in (("cpu", "maia") if i % 2 == 0 else ("maia", "cpu")):
                 rounds[name].append(run_load(servers[name].url, "demo", args.requests, args.concurrency,
-                                             args.max_tokens))
+                                             args.max_tokens, servers[name].proc.pid))
         m = scrape(servers["maia"].url)
     median = {k: statistics.median(r.output_tokens_per_s for r in v) for k, v in rounds.items()}
+    per_cpu = {k: statistics.median(r.output_tokens_per_cpu_s for r in v) for k, v in rounds.items()}
     # Rounds i of both platforms ran back to back: their ratio cancels the host's drift.
     pair_ratios = [m_.output_tokens_per_s / c.output_tokens_per_s for m_, c in zip(rounds["maia"], rounds["cpu"])]
     ratio = statistics.median(pair_ratios)
+    cpu_ratio = per_cpu["maia"] / per_cpu["cpu"]
     steps = m["maia:emulated_step_seconds_count"]
     overhead = m["maia:emulator_overhead_seconds_total"] / m["maia:host_step_seconds_total"]
     print(f"workload: {args.rounds} alternating rounds x {args.requests} requests, concurrency "
           f"{args.concurrency}, {args.max_tokens} output tokens each, demo model")
-    print(f"{'platform':<24}{'median tok/s':>14}   rounds (tok/s)")
+    print(f"{'platform':<24}{'median tok/s':>14}{'tok per CPU-s':>15}   rounds (tok/s)")
     for name, label in labels.items():
-        print(f"{label:<24}{median[name]:>14.1f}   " + ", ".join(f"{r.output_tokens_per_s:.0f}" for r in rounds[name]))
+        print(f"{label:<24}{median[name]:>14.1f}{per_cpu[name]:>15.1f}   "
+              + ", ".join(f"{r.output_tokens_per_s:.0f}" for r in rounds[name]))
     print(f"throughput ratio maia/cpu, median of back-to-back pairs: {ratio:.3f} (goal >= 0.95; pairs: "
           + ", ".join(f"{r:.2f}" for r in pair_ratios) + ")")
+    print(f"tokens per server CPU-second, maia/cpu: {cpu_ratio:.3f}")
     print(f"emulator overhead: {overhead * 100:.2f}% of host step time over {steps:.0f} steps "
           f"({m['maia:emulator_overhead_seconds_total'] / steps * 1e6:.1f} us CPU per step; goal <= 2%)")
     print(f"emulated: {m['maia:emulated_busy_seconds_total'] * 1e3:.3f} ms busy on {args.profile} for "
           f"{m['maia:host_step_seconds_total']:.2f} s of host steps")
     path = write_json("serve_throughput", {"args": vars(args), "rounds": rounds, "median_tok_s": median,
-                                           "ratio": ratio, "pair_ratios": pair_ratios, "overhead_share": overhead,
+                                           "ratio": ratio, "pair_ratios": pair_ratios, "cpu_time_ratio": cpu_ratio,
+                                           "overhead_share": overhead,
                                            "maia_metrics": m})
     print(f"results: {path}")
     return 0

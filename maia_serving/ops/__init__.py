@@ -9,7 +9,8 @@ call from the environment variable ``MAIA_SERVING_KERNELS``:
 - ``triton``: always Triton. On a CPU host this needs ``TRITON_INTERPRET=1`` in the
   environment before the process imports Triton (it is read when ``@triton.jit`` decorates
   a function, ours and ``triton.language``'s alike).
-- ``torch``: always the torch reference.
+- ``torch``: always the torch path: ``ops.host.paged_attention_host`` (the reference's
+  numerics, batched over sequences) for attention, the references for the rest.
 
 Note: Triton 3.9's interpreter converts fp32 to FP8 and bf16 inexactly; the kernel tests
 patch it (tests/unit/kernels/conftest.py). Serve with the torch reference on CPU hosts.
@@ -17,6 +18,7 @@ patch it (tests/unit/kernels/conftest.py). Serve with the torch reference on CPU
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -61,6 +63,12 @@ __all__ = [
 ]
 
 
+@functools.cache
+def _has_triton() -> bool:
+    """Looked up once: a find_spec per call costs more than a decode step's attention."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def kernel_backend(device: torch.device) -> str:
     """Which implementation, "triton" or "torch", runs for tensors on ``device``."""
     choice = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
@@ -70,7 +78,7 @@ def kernel_backend(device: torch.device) -> str:
         )
     if choice != "auto":
         return choice
-    if importlib.util.find_spec("triton") is None:
+    if not _has_triton():
         return "torch"
     if device.type == "cuda":
         return "triton"
@@ -122,11 +130,13 @@ def paged_attention(
     *,
     max_query_len: int | None = None,
     out: torch.Tensor | None = None,
+    plan=None,
 ) -> torch.Tensor:
     """Paged attention over varlen queries; see ``paged_attention_ref``.
 
     ``max_query_len`` (the longest ``q_len``) spares the kernel a device sync; ``out``
-    receives the result when given and is returned.
+    receives the result when given and is returned. ``plan`` (``ops.host.PagedPlan`` for
+    the same batch) spares the torch path rebuilding its index tensors in every layer.
     """
     args = (
         query,
@@ -145,7 +155,9 @@ def paged_attention(
         from maia_serving import kernels
 
         return kernels.paged_attention(*args, max_query_len=max_query_len, out=out)
-    result = paged_attention_ref(*args)
+    from maia_serving.ops.host import paged_attention_host
+
+    result = paged_attention_host(*args, max_query_len=max_query_len, plan=plan)
     if out is None:
         return result
     out.copy_(result)

@@ -31,6 +31,7 @@ from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_b
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from maia_serving import ops
+from maia_serving.ops.host import PagedPlan, plan_paged_attention
 from maia_serving.vllm.attention import scales
 
 logger = init_logger("vllm.maia_serving")
@@ -74,24 +75,36 @@ class MaiaAttentionMetadata:
     seq_lens: torch.Tensor  # [num_seqs]
     block_table: torch.Tensor  # [num_seqs, max_blocks]
     slot_mapping: torch.Tensor  # [num_actual_tokens]
+    host_plan: PagedPlan | None  # index tensors for the torch path, shared by all layers
 
 
 class MaiaMetadataBuilder(AttentionMetadataBuilder[MaiaAttentionMetadata]):
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig,
                  device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.block_size = kv_cache_spec.block_size
+        self.num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
+        self.device = device
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> MaiaAttentionMetadata:
         m = common_attn_metadata
         num_seqs = m.num_reqs
+        query_start_loc = m.query_start_loc[: num_seqs + 1]
+        seq_lens = m.seq_lens[:num_seqs]
+        block_table = m.block_table_tensor[:num_seqs]
+        host_plan = None
+        if ops.kernel_backend(self.device) == "torch":
+            host_plan = plan_paged_attention(block_table, seq_lens, query_start_loc, m.num_actual_tokens,
+                                             self.num_heads, self.block_size, True, m.max_query_len)
         return MaiaAttentionMetadata(
             num_actual_tokens=m.num_actual_tokens,
             max_query_len=m.max_query_len,
-            query_start_loc=m.query_start_loc[: num_seqs + 1],
-            seq_lens=m.seq_lens[:num_seqs],
-            block_table=m.block_table_tensor[:num_seqs],
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens,
+            block_table=block_table,
             slot_mapping=m.slot_mapping[: m.num_actual_tokens],
+            host_plan=host_plan,
         )
 
 
@@ -160,7 +173,8 @@ class MaiaAttentionImpl(AttentionImpl):
         ops.paged_attention(
             query[:n], key_cache, value_cache, attn_metadata.block_table, attn_metadata.seq_lens,
             attn_metadata.query_start_loc, self.scale, self.kv_cache_dtype, k_scale, v_scale,
-            causal=True, max_query_len=attn_metadata.max_query_len, out=output[:n])
+            causal=True, max_query_len=attn_metadata.max_query_len, out=output[:n],
+            plan=attn_metadata.host_plan)
         return output
 
 

@@ -1,0 +1,57 @@
+"""The host's batched paged attention against the per-sequence reference."""
+
+import pytest
+import torch
+
+from maia_serving.ops import reshape_and_cache_ref
+from maia_serving.ops.fp8 import paged_attention_ref
+from maia_serving.ops.host import paged_attention_host
+
+CASES = {
+    "decode": [(1, 37), (1, 5), (1, 64), (1, 1)],
+    "prefill": [(9, 9), (3, 3), (16, 16)],
+    "chunked_and_prefix_hit": [(4, 20), (1, 33), (7, 7), (5, 48)],
+}
+
+
+def _batch(pairs, kv_cache_dtype, group, seed, block_size=16, num_kv_heads=2, head_dim=40):
+    gen = torch.Generator().manual_seed(seed)
+    num_heads = num_kv_heads * group
+    max_blocks = max(-(-n // block_size) for _, n in pairs)
+    num_blocks = len(pairs) * max_blocks + 3
+    cache_dtype = torch.uint8 if kv_cache_dtype.startswith("fp8") else torch.bfloat16
+    key_cache = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, dtype=cache_dtype)
+    value_cache = torch.zeros_like(key_cache)
+    perm = torch.randperm(num_blocks, generator=gen)[: len(pairs) * max_blocks].view(len(pairs), max_blocks)
+    k_scale = torch.tensor([0.02, 0.05])[:num_kv_heads]
+    v_scale = torch.tensor(0.03)
+    for s, (_, n) in enumerate(pairs):
+        k = torch.randn(n, num_kv_heads, head_dim, generator=gen) * 3
+        v = torch.randn(n, num_kv_heads, head_dim, generator=gen)
+        slots = perm[s, torch.arange(n) // block_size] * block_size + torch.arange(n) % block_size
+        reshape_and_cache_ref(k, v, key_cache, value_cache, slots, kv_cache_dtype, k_scale, v_scale)
+    q_lens = torch.tensor([q for q, _ in pairs])
+    query = torch.randn(int(q_lens.sum()), num_heads, head_dim, generator=gen).to(torch.bfloat16)
+    qsl = torch.zeros(len(pairs) + 1, dtype=torch.int32)
+    qsl[1:] = torch.cumsum(q_lens, 0)
+    seq_lens = torch.tensor([n for _, n in pairs], dtype=torch.int32)
+    return (query, key_cache, value_cache, perm.to(torch.int32), seq_lens, qsl, head_dim**-0.5,
+            kv_cache_dtype, k_scale, v_scale)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_batched_host_path_matches_reference(case, kv_cache_dtype, group):
+    args = _batch(CASES[case], kv_cache_dtype, group, seed=len(case) * group)
+    expected = paged_attention_ref(*args)
+    got = paged_attention_host(*args)
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_large_prefill_falls_back_to_the_reference(monkeypatch):
+    import maia_serving.ops.host as host
+
+    monkeypatch.setattr(host, "MAX_BATCHED_SCORES", 10)
+    args = _batch(CASES["prefill"], "auto", 2, seed=1)
+    torch.testing.assert_close(paged_attention_host(*args), paged_attention_ref(*args), atol=0, rtol=0)
