@@ -57,12 +57,11 @@ def per_head_scales(model_dir: str, layer_name: str, num_kv_heads: int, tp_rank:
         )
     entry = sidecar["layers"][str(layer_index(layer_name))]
     total = len(entry["k"])
-    if total == num_kv_heads:  # replicated heads, or no tensor parallelism
-        first = 0
-    else:
-        first = tp_rank * num_kv_heads
+    # A rank holds heads [rank * n, (rank + 1) * n), or all of them when they are replicated.
+    first = 0 if total == num_kv_heads else tp_rank * num_kv_heads
+    if first + num_kv_heads > total:
+        raise ValueError(f"{SIDECAR} has {total} KV heads for {layer_name}; rank {tp_rank} of {tp_size} "
+                         f"needs heads {first}..{first + num_kv_heads - 1}")
     k = torch.tensor(entry["k"][first:first + num_kv_heads], dtype=torch.float32)
     v = torch.tensor(entry["v"][first:first + num_kv_heads], dtype=torch.float32)
-    if k.numel() != num_kv_heads or total % max(1, min(tp_size, total)):
-        raise ValueError(f"{SIDECAR} has {total} KV heads for {layer_name}; this rank needs {num_kv_heads}")
     return k, v
