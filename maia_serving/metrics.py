@@ -129,7 +129,9 @@ class PeriodicLog:
         line = (
             f"Maia emulation [{dev.profile.name}]: {int(self._steps)} steps, "
             f"emulated {format_seconds(self._emu)} vs host {format_seconds(self._wall)} "
-            f"(last step {format_seconds(record.step_s)}, {record.bound}-bound), "
+            f"(last step {format_seconds(record.step_s)}: compute {format_seconds(record.compute_s)}, "
+            f"memory {format_seconds(record.memory_s)}, communication {format_seconds(record.comm_s)}, "
+            f"launch {format_seconds(record.launch_s)}; {record.bound}-bound), "
             f"emulated TTFT mean {_mean(self._ttfts)}, TPOT mean {_mean(self._tpots)}, "
             f"HBM {format_bytes(dev.hbm_used_bytes(record.kv_blocks_used))}/"
             f"{format_bytes(dev.profile.hbm_capacity_bytes)}, "
@@ -184,7 +186,7 @@ class EmulatedMetrics:
                                 "Host time spent charging steps to the emulator")
         self.busy = Counter("maia:emulated_busy_seconds", "Emulated device time, summed over steps")
         self.parts = Counter("maia:emulated_time_by_part_seconds",
-                             "Emulated step time by part (compute, memory, communication)", ["part"])
+                             "Emulated step time by part (compute, memory, communication, launch)", ["part"])
         self.tokens = Counter("maia:emulated_tokens", "Tokens the emulated device processed")
         self.ttft = Histogram("maia:emulated_time_to_first_token_seconds", "Emulated TTFT",
                               buckets=_LATENCY_BUCKETS)
@@ -233,6 +235,7 @@ class EmulatedMetrics:
         self.parts.labels("compute").inc(rec.compute_s)
         self.parts.labels("memory").inc(rec.memory_s)
         self.parts.labels("communication").inc(rec.comm_s)
+        self.parts.labels("launch").inc(rec.launch_s)
         self.tokens.inc(rec.num_tokens)
         for ttft in rec.first_token_ttfts_s:
             self.ttft.observe(ttft)

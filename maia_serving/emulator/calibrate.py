@@ -45,6 +45,14 @@ def measure_copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float
     return 2 * nbytes / _best_of(lambda: dst.copy_(src), repeats)
 
 
+def measure_op_overhead_s(repeats: int = 2000) -> float:
+    """Dispatch cost of one tiny torch op: the host's counterpart of a kernel launch."""
+    import torch
+
+    x = torch.zeros(8)
+    return _best_of(lambda: [x.add_(1) for _ in range(repeats)], 3) / repeats
+
+
 def physical_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
@@ -76,6 +84,7 @@ def host_profile_dict() -> dict[str, Any]:
         "compute_efficiency": _fig(1.0, "ratio", "the measured rate is already achieved"),
         "memory_efficiency": _fig(1.0, "ratio", "the measured rate is already achieved"),
         "runtime_reserve": _fig(0, "GiB", "none"),
+        "kernel_launch": _fig(measure_op_overhead_s() * 1e6, "us", measured + " (a tiny torch op)"),
         "scale_up": link,
         "host_link": link,
     }

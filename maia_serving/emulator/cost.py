@@ -3,8 +3,9 @@
 Each operator costs ``max(flops / (peak * compute_eff), bytes / (bw * memory_eff))``
 (Williams, Waterman and Patterson, "Roofline", CACM 2009); operators run one after
 another, so the step's time is the sum of the operator times plus the collectives.
-``compute_s`` sums the compute-bound operators, ``memory_s`` the memory-bound ones
-and ``comm_s`` the collectives: ``total_s`` is exactly their sum.
+``compute_s`` sums the compute-bound operators, ``memory_s`` the memory-bound ones,
+``comm_s`` the collectives and ``launch_s`` a fixed launch cost per kernel (what
+keeps a tiny model's step from costing nanoseconds): ``total_s`` is exactly their sum.
 
 A step is a batch of sequences, each adding ``num_new_tokens`` to a context that then
 holds ``context_len`` tokens: decode is ``(1, n)``, a prefill ``(n, n)``, a chunk of a
@@ -90,17 +91,19 @@ class StepCost:
     compute_s: float
     memory_s: float
     comm_s: float
+    launch_s: float
     flops: float
     bytes: float
     ops: tuple[OpCost, ...]
 
     @property
     def total_s(self) -> float:
-        return self.compute_s + self.memory_s + self.comm_s
+        return self.compute_s + self.memory_s + self.comm_s + self.launch_s
 
     @property
     def bound(self) -> str:
-        parts = {"compute": self.compute_s, "memory": self.memory_s, "communication": self.comm_s}
+        parts = {"compute": self.compute_s, "memory": self.memory_s, "communication": self.comm_s,
+                 "launch": self.launch_s}
         return max(parts, key=parts.__getitem__)
 
     def to_dict(self) -> dict[str, float | str]:
@@ -109,6 +112,7 @@ class StepCost:
             "compute_ms": self.compute_s * 1e3,
             "memory_ms": self.memory_s * 1e3,
             "comm_ms": self.comm_s * 1e3,
+            "launch_ms": self.launch_s * 1e3,
             "bound": self.bound,
             "GFLOP": self.flops / 1e9,
             "MB": self.bytes / 1e6,
@@ -136,6 +140,7 @@ class OpTerms:
     name: str
     flops: tuple[float, float, float, float, float]  # coefficients of STEP_VARIABLES
     bytes: tuple[float, float, float, float, float]
+    launches: int  # kernels per step
 
 
 def _lin(tokens: float = 0.0, seqs: float = 0.0, pairs: float = 0.0, context: float = 0.0,
@@ -144,7 +149,7 @@ def _lin(tokens: float = 0.0, seqs: float = 0.0, pairs: float = 0.0, context: fl
 
 
 def _op(name: str, count: int, flops: tuple, nbytes: tuple) -> OpTerms:
-    return OpTerms(name, tuple(count * c for c in flops), tuple(count * c for c in nbytes))
+    return OpTerms(name, tuple(count * c for c in flops), tuple(count * c for c in nbytes), count)
 
 
 def _gemm(name: str, per_seq: bool, k: float, n: float, act: float, wgt: float, count: int) -> OpTerms:
@@ -202,6 +207,7 @@ class CostModel:
         self.terms = op_terms(model, parallel, kv_cache_dtype)
         self._flops_per_s = profile.effective_flops(_COMPUTE_DTYPE.get(model.dtype.removeprefix("torch."), "bf16"))
         self._bytes_per_s = profile.effective_bandwidth_bytes_per_s
+        self._launch_s = profile.kernel_launch_s * sum(t.launches for t in self.terms)
 
     def comm_s(self, tokens: int, seqs: int) -> float:
         """Tensor-parallel all-reduces (two per layer) and the logits all-gather; one
@@ -233,7 +239,7 @@ class CostModel:
 
     def _evaluate(self, tokens: int, seqs: int, pairs: int, ctx: int, detail: bool) -> StepCost:
         if tokens == 0:
-            return StepCost(0.0, 0.0, 0.0, 0.0, 0.0, ())
+            return StepCost(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, ())
         compute = memory = flops = nbytes = 0.0
         ops = []
         for term in self.terms:
@@ -250,7 +256,7 @@ class CostModel:
             nbytes += b
             if detail:
                 ops.append(OpCost(term.name, f, b, compute_s, memory_s))
-        return StepCost(compute, memory, self.comm_s(tokens, seqs), flops, nbytes, tuple(ops))
+        return StepCost(compute, memory, self.comm_s(tokens, seqs), self._launch_s, flops, nbytes, tuple(ops))
 
 
 def step_cost(profile: DeviceProfile, model: ModelShape, step: StepShape,

@@ -77,6 +77,7 @@ class DeviceProfile:
     compute_efficiency: float
     memory_efficiency: float
     runtime_reserve_bytes: float
+    kernel_launch_s: float  # fixed cost of each kernel a step launches
     scale_up: LinkProfile
     host_link: LinkProfile
     sources: dict[str, str] = field(default_factory=dict, compare=False)
@@ -158,6 +159,7 @@ def profile_from_dict(raw: dict[str, Any]) -> DeviceProfile:
         compute_efficiency=fig("compute_efficiency"),
         memory_efficiency=fig("memory_efficiency"),
         runtime_reserve_bytes=fig("runtime_reserve"),
+        kernel_launch_s=fig("kernel_launch"),
         scale_up=_link(raw["scale_up"], "scale_up", sources, estimates),
         host_link=_link(raw["host_link"], "host_link", sources, estimates),
         sources=sources,

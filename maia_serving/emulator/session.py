@@ -24,6 +24,7 @@ class StepRecord:
     compute_s: float
     memory_s: float
     comm_s: float
+    launch_s: float
     bound: str
     num_tokens: int
     num_seqs: int
@@ -74,6 +75,7 @@ class EmulatedDevice:
             compute_s=cost.compute_s,
             memory_s=cost.memory_s,
             comm_s=cost.comm_s,
+            launch_s=cost.launch_s,
             bound=cost.bound,
             num_tokens=sum(new_tokens),
             num_seqs=len(new_tokens),

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -50,5 +51,6 @@ def test_offline_llm_runs_on_maia(one_chip):
 def test_tensor_parallel_two_chips_same_tokens_and_pays_for_collectives(one_chip, demo_model, tmp_path):
     result, log = _run(demo_model, tmp_path, 2)
     assert result["tokens"] == one_chip[0]["tokens"]
-    # The demo model's all-reduces cost more than its tiny GEMMs on two H100s.
-    assert "communication-bound" in log
+    assert "communication 0 ns" in one_chip[1]  # one chip: no collectives
+    comm = re.findall(r"communication ([0-9.]+) us", log)
+    assert comm and all(float(c) > 0 for c in comm)

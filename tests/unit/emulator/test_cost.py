@@ -45,9 +45,11 @@ def test_total_is_sum_of_parts(llama8b):
     for name in ("maia100", "maia200", "h100-sxm"):
         cost = step_cost(load_profile(name), llama8b, StepShape.of([(1, 900)] * 16 + [(300, 700)]),
                          Parallel(tp=4))
-        assert cost.total_s == pytest.approx(cost.compute_s + cost.memory_s + cost.comm_s)
+        assert cost.total_s == pytest.approx(cost.compute_s + cost.memory_s + cost.comm_s + cost.launch_s)
         assert cost.compute_s + cost.memory_s == pytest.approx(sum(o.time_s for o in cost.ops))
         assert cost.comm_s > 0
+        # Per layer: two norms, two residual adds and seven other kernels; three outside the layers.
+        assert cost.launch_s == pytest.approx((11 * 32 + 3) * load_profile(name).kernel_launch_s)
 
 
 def test_more_bandwidth_is_never_slower(llama8b, maia100):
