@@ -23,8 +23,10 @@ lint: setup-vllm
 	$(VENV_VLLM)/bin/ruff check maia_serving kernels tests benchmarks scripts
 
 bench: setup-vllm
-	$(PY) benchmarks/emulator_overhead.py
-	$(PY) benchmarks/serve_throughput.py
+	cd benchmarks && ../$(PY) serve_throughput.py
+	cd benchmarks && ../$(PY) kv_capacity.py
+	cd benchmarks && ../$(PY) kv_accuracy.py
+	cd benchmarks && ../$(PY) kernels_bench.py
 
 clean:
 	rm -rf $(VENV_VLLM) models benchmarks/out

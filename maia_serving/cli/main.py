@@ -1,4 +1,5 @@
-"""The `maia-serving` command: profiles, fit, simulate, calibrate-host, demo-model."""
+"""The `maia-serving` command: profiles, fit, simulate, calibrate-host, demo-model, train-model,
+calibrate-kv."""
 
 from __future__ import annotations
 
@@ -126,6 +127,32 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_model(args: argparse.Namespace) -> int:
+    from maia_serving.models.train import TrainConfig, train_model
+
+    config = TrainConfig(seed=args.seed) if args.steps is None else TrainConfig(steps=args.steps, seed=args.seed)
+    report = train_model(Path(args.out), config)
+    print(f"trained model written to {args.out} in {report['total_s']:.0f} s")
+    print(f"  loss: train {report['train_loss']:.3f}, held-out {report['heldout_loss']:.3f}")
+    print(f"  held-out perplexity (transformers): fp32 {report['heldout_ppl_hf_fp32']:.3f}, "
+          f"bf16 {report['heldout_ppl_hf_bf16']:.3f}")
+    return 0
+
+
+def cmd_calibrate_kv(args: argparse.Namespace) -> int:
+    from maia_serving.calibration import calibrate_kv
+
+    result = calibrate_kv(Path(args.model), [Path(f) for f in args.data], Path(args.out),
+                          max_tokens=args.max_tokens, seq_len=args.seq_len, fmt=args.format)
+    print(f"calibrated {args.format} KV-cache scales on {result.num_tokens} tokens written to {args.out}")
+    rows = [["layer", "k absmax", "v absmax", "k_scale", "v_scale"]]
+    for i, (k, v) in enumerate(zip(result.k_absmax, result.v_absmax)):
+        rows.append([str(i), f"{k.max().item():.4g}", f"{v.max().item():.4g}",
+                     f"{result.k_scale[i].max().item():.4g}", f"{result.v_scale[i].max().item():.4g}"])
+    print(_table(rows))
+    return 0
+
+
 def _add_parallel(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
@@ -169,6 +196,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo_model)
+
+    p = sub.add_parser("train-model", help="train the small Llama used for accuracy measurements (~6 min)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 400)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_model)
+
+    p = sub.add_parser("calibrate-kv", help="calibrate FP8 KV-cache scales; write a checkpoint vLLM loads")
+    p.add_argument("--model", required=True, help="model directory (config.json + safetensors)")
+    p.add_argument("--data", required=True, nargs="+", help="calibration text file(s)")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--max-tokens", type=int, default=32768, help="calibration tokens at most")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per forward pass (default: the model's max_position_embeddings, at most 2048)")
+    p.add_argument("--format", choices=["e4m3", "e5m2"], default="e4m3", help="FP8 format of the KV cache")
+    p.set_defaults(func=cmd_calibrate_kv)
     return parser
 
 

@@ -1,0 +1,345 @@
+"""FP8 KV-cache accuracy through vLLM: held-out perplexity and greedy agreement vs BF16.
+
+For a trained model (default models/trained, from `maia-serving train-model`) and its
+heldout.txt, each configuration runs in its own offline `LLM` subprocess:
+
+- BF16: the model as trained, ``kv_cache_dtype="auto"``;
+- FP8 E4M3 per-tensor: the `calibrate-kv` copy (scales from calibration.txt), "fp8";
+- FP8 E4M3 per-head: the same copy with ``MAIA_SERVING_KV_SCALES=per_head`` (the maia
+  backend reads the sidecar; vLLM's CPU platform cannot, so it is skipped there);
+- FP8 E5M2: its own `calibrate-kv --format e5m2` copy, "fp8_e5m2";
+- FP8 E4M3 scale 1.0: the uncalibrated model with "fp8".
+
+Perplexity comes from ``prompt_logprobs`` over non-overlapping windows of the held-out
+tokens (context length less one: vLLM must have room to generate a token); top-1
+agreement is the share of those positions whose most likely next token is BF16's; greedy
+agreement is the share of held-out prompts whose 32-token greedy continuation equals
+BF16's (a weak model has many near-ties, so one flipped token changes the rest).
+
+``--device maia`` (default) sets MAIA_SERVING_DEVICE=maia for the subprocesses;
+``--device cpu`` runs vLLM's built-in CPU platform, whose FP8 cache needs AVX-512 or AMX
+(a configuration that fails is reported with its error, the others still run).
+
+Writes benchmarks/out/kv_accuracy.json and benchmarks/out/kv_accuracy.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from common import OUT, write_json
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+DEFAULT_MODEL = ROOT / "models" / "trained"
+DEVICES = ("maia", "cpu")
+
+
+@dataclass(frozen=True)
+class KvConfig:
+    name: str
+    label: str
+    kv_cache_dtype: str
+    checkpoint: str  # "base" (as trained), or the calibrate-kv format: "e4m3", "e5m2"
+    env: tuple[tuple[str, str], ...] = ()
+    maia_only: bool = False
+
+
+CONFIGS = (
+    KvConfig("bf16", "BF16", "auto", "base"),
+    KvConfig("fp8_e4m3_per_tensor", "FP8 E4M3 per-tensor", "fp8", "e4m3"),
+    KvConfig("fp8_e4m3_per_head", "FP8 E4M3 per-head", "fp8", "e4m3", (("MAIA_SERVING_KV_SCALES", "per_head"),),
+             maia_only=True),
+    KvConfig("fp8_e5m2", "FP8 E5M2 calibrated", "fp8_e5m2", "e5m2"),
+    KvConfig("fp8_e4m3_scale1", "FP8 E4M3 scale 1.0", "fp8", "base"),
+)
+
+
+@dataclass
+class ConfigResult:
+    name: str
+    label: str
+    model: str
+    kv_cache_dtype: str
+    status: str = "ok"  # ok | skipped | error
+    error: str | None = None
+    nll_sum: float = 0.0
+    tokens_scored: int = 0
+    perplexity: float | None = None
+    top1_match_share: float | None = None  # next-token argmax = BF16's, over every scored position
+    greedy_match_share: float | None = None
+    greedy_mean_common_prefix_tokens: float | None = None
+    top1_token_ids: list[int] = field(default_factory=list, repr=False)
+    greedy_token_ids: list[list[int]] = field(default_factory=list, repr=False)
+    loaded_scales: dict | None = None  # attention layer -> [k_scale, v_scale, kv_cache_dtype]
+    startup_s: float = 0.0
+    logprobs_s: float = 0.0
+    greedy_s: float = 0.0
+    wall_s: float = 0.0
+
+
+# --- inside the vLLM subprocess ------------------------------------------------------
+
+def attention_scales(model) -> dict:
+    """What vLLM loaded into each attention layer (run in the workers by ``apply_model``)."""
+    from vllm.model_executor.layers.attention import Attention
+
+    return {name: [m._k_scale_float, m._v_scale_float, m.kv_cache_dtype]
+            for name, m in model.named_modules() if isinstance(m, Attention)}
+
+
+def worker(spec_path: str, result_path: str) -> None:
+    """Run one configuration: prompt logprobs over the windows, greedy continuations."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    spec = json.loads(Path(spec_path).read_text())
+    t0 = time.perf_counter()
+    llm = LLM(model=spec["model"], kv_cache_dtype=spec["kv_cache_dtype"], max_model_len=spec["max_model_len"],
+              enforce_eager=True, enable_prefix_caching=False, seed=0)
+    t1 = time.perf_counter()
+    # prompt_logprobs=1: each position's dict holds the actual token and the top-1 (rank 1)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in spec["windows"]],
+                        SamplingParams(prompt_logprobs=1, max_tokens=1, temperature=0.0), use_tqdm=False)
+    nll, top1 = 0.0, []
+    for out, window in zip(outs, spec["windows"]):
+        for logprobs, token in zip(out.prompt_logprobs[1:], window[1:]):
+            nll -= logprobs[token].logprob
+            top1.append(next(t for t, lp in logprobs.items() if lp.rank == 1))
+    t2 = time.perf_counter()
+    greedy = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]],
+                          SamplingParams(max_tokens=spec["gen_tokens"], temperature=0.0, ignore_eos=True),
+                          use_tqdm=False)
+    t3 = time.perf_counter()
+    Path(result_path).write_text(json.dumps({
+        "nll_sum": nll, "tokens_scored": len(top1), "top1_token_ids": top1,
+        "greedy_token_ids": [list(o.outputs[0].token_ids) for o in greedy],
+        "loaded_scales": llm.apply_model(attention_scales)[0],
+        "startup_s": t1 - t0, "logprobs_s": t2 - t1, "greedy_s": t3 - t2,
+    }))
+
+
+# --- the driver ----------------------------------------------------------------------
+
+def root_error(log: str) -> str:
+    """The first ``SomethingError: message`` line of a failed run's output: the root cause
+    (the engine re-raises it as "Engine core initialization failed" further down)."""
+    found = re.findall(r"^(?:.*\] )?(\w+(?:Error|Exception): .+)$", log, flags=re.MULTILINE)
+    return found[0].strip() if found else log.strip().splitlines()[-1] if log.strip() else "no output"
+
+
+def subprocess_env(device: str, config: KvConfig) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MAIA_SERVING_DEVICE", "MAIA_SERVING_KV_SCALES")}
+    env.update(VLLM_CPU_CI_ENV="1", VLLM_CPU_KVCACHE_SPACE="1",
+               VLLM_ALLOW_INSECURE_SERIALIZATION="1",  # apply_model sends a function to the workers
+               PYTHONPATH=os.pathsep.join(filter(None, [str(BENCH), str(ROOT), env.get("PYTHONPATH")])))
+    if device == "maia":
+        env["MAIA_SERVING_DEVICE"] = "maia"
+    env.update(dict(config.env))
+    return env
+
+
+def run_config(config: KvConfig, model: Path, device: str, workload: dict, logs: Path,
+               timeout_s: int) -> ConfigResult:
+    result = ConfigResult(config.name, config.label, str(model), config.kv_cache_dtype)
+    if config.maia_only and device != "maia":
+        result.status, result.error = "skipped", "per-head scales need the maia attention backend (--device maia)"
+        return result
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, out = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec.write_text(json.dumps({**workload, "model": str(model), "kv_cache_dtype": config.kv_cache_dtype}))
+        proc = subprocess.run([sys.executable, "-c", f"import kv_accuracy; kv_accuracy.worker({str(spec)!r}, "
+                               f"{str(out)!r})"], env=subprocess_env(device, config), cwd=BENCH,
+                              capture_output=True, text=True, timeout=timeout_s)
+        (logs / f"{config.name}.log").write_text(proc.stdout + proc.stderr)
+        result.wall_s = time.perf_counter() - start
+        if proc.returncode != 0:
+            result.status, result.error = "error", root_error(proc.stdout + proc.stderr)
+            return result
+        data = json.loads(out.read_text())
+    for key in ("nll_sum", "tokens_scored", "top1_token_ids", "greedy_token_ids", "loaded_scales", "startup_s",
+                "logprobs_s", "greedy_s"):
+        setattr(result, key, data[key])
+    result.perplexity = math.exp(result.nll_sum / result.tokens_scored)
+    return result
+
+
+def compare_with_bf16(results: list[ConfigResult]) -> None:
+    """Top-1 and greedy agreement with the BF16 configuration, in place."""
+    base = next((r for r in results if r.name == "bf16" and r.status == "ok"), None)
+    if base is None:
+        return
+    for r in results:
+        if r.status != "ok":
+            continue
+        r.top1_match_share = sum(a == b for a, b in zip(r.top1_token_ids, base.top1_token_ids)) / len(
+            base.top1_token_ids)
+        same, prefix = 0, 0
+        for a, b in zip(r.greedy_token_ids, base.greedy_token_ids):
+            same += a == b
+            prefix += next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        r.greedy_match_share = same / len(base.greedy_token_ids)
+        r.greedy_mean_common_prefix_tokens = prefix / len(base.greedy_token_ids)
+
+
+def build_workload(model: Path, max_windows: int, num_prompts: int, prompt_tokens: int, gen_tokens: int) -> dict:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from maia_serving.models.train import HELDOUT_FILE, text_windows
+
+    heldout = model / HELDOUT_FILE
+    if not heldout.exists():
+        raise FileNotFoundError(f"{heldout} does not exist: build the model with "
+                                f"`maia-serving train-model --out {model}`")
+    context = AutoConfig.from_pretrained(model).max_position_embeddings
+    ids = AutoTokenizer.from_pretrained(model)(heldout.read_text(), add_special_tokens=False)["input_ids"]
+    windows = text_windows(ids, context - 1)  # vLLM needs room for one generated token
+    if max_windows:
+        windows = windows[:max_windows]
+    if prompt_tokens + gen_tokens > context:
+        raise ValueError(f"--prompt-tokens + --gen-tokens must fit the context of {context} tokens")
+    step = max(1, len(windows) // num_prompts)
+    prompts = [w[:prompt_tokens] for w in windows[::step][:num_prompts]]
+    return {"windows": windows, "prompts": prompts, "gen_tokens": gen_tokens, "max_model_len": context}
+
+
+def calibrate(model: Path, work: Path, fmt: str, max_tokens: int) -> Path:
+    from maia_serving.calibration import calibrate_kv
+    from maia_serving.models.train import CALIBRATION_FILE
+
+    out = work / f"{model.name}-kv-{fmt}"
+    calibrate_kv(model, [model / CALIBRATION_FILE], out, max_tokens=max_tokens, fmt=fmt)
+    return out
+
+
+def table(results: list[ConfigResult]) -> str:
+    base = next((r.perplexity for r in results if r.name == "bf16" and r.perplexity), None)
+    rows = [["configuration", "kv_cache_dtype", "perplexity", "vs BF16", "top-1 = BF16", "greedy = BF16",
+             "common prefix", "wall s"]]
+    for r in results:
+        if r.status != "ok":
+            rows.append([r.label, r.kv_cache_dtype, r.status, "", "", "", "", f"{r.wall_s:.0f}"])
+            continue
+        delta = f"{100 * (r.perplexity / base - 1):+.3f}%" if base else ""
+        top1 = f"{100 * r.top1_match_share:.2f}%" if r.top1_match_share is not None else ""
+        match = f"{100 * r.greedy_match_share:.0f}%" if r.greedy_match_share is not None else ""
+        prefix = f"{r.greedy_mean_common_prefix_tokens:.1f}" if r.greedy_mean_common_prefix_tokens is not None else ""
+        rows.append([r.label, r.kv_cache_dtype, f"{r.perplexity:.3f}", delta, top1, match, prefix,
+                     f"{r.wall_s:.0f}"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    notes = [f"  {r.label}: {r.status}: {r.error}" for r in results if r.status != "ok"]
+    return "\n".join(lines + notes)
+
+
+def plot(results: list[ConfigResult], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if r.status == "ok"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    labels = [r.label.replace(" ", "\n", 2) for r in ok]
+    ax1.bar_label(ax1.bar(labels, [r.perplexity for r in ok], color="tab:blue"), fmt="%.2f", fontsize=8)
+    base = next((r.perplexity for r in ok if r.name == "bf16"), None)
+    if base:
+        ax1.axhline(base, color="black", linewidth=0.8, linestyle="--", label="BF16")
+        ppls = [r.perplexity for r in ok]
+        ax1.set_ylim(min(ppls) * 0.98, max(ppls) * 1.02)
+        ax1.legend()
+    ax1.set_ylabel("held-out perplexity (lower is better)")
+    x = range(len(ok))
+    for offset, key, name, color in ((-0.2, "top1_match_share", "next-token top-1 (% of positions)", "tab:green"),
+                                     (0.2, "greedy_match_share", "32-token greedy output (% of prompts)", "tab:olive")):
+        bars = ax2.bar([i + offset for i in x], [100 * (getattr(r, key) or 0) for r in ok], 0.4, label=name,
+                       color=color)
+        ax2.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax2.set_xticks(list(x), labels)
+    ax2.set_ylabel("same as BF16 (%)")
+    ax2.legend(fontsize=7, loc="lower left")
+    ax2.set_ylim(0, 105)
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--device", choices=DEVICES, default="maia")
+    parser.add_argument("--configs", nargs="+", choices=[c.name for c in CONFIGS], default=[c.name for c in CONFIGS])
+    parser.add_argument("--max-windows", type=int, default=64,
+                        help="held-out windows to score; 0: all (167 for models/trained, ~9 min in all)")
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--gen-tokens", type=int, default=32)
+    parser.add_argument("--calibration-tokens", type=int, default=32768)
+    parser.add_argument("--work-dir", type=Path, default=ROOT / "models" / "kv-accuracy",
+                        help="where the calibrated checkpoints go")
+    parser.add_argument("--timeout-s", type=int, default=900, help="per configuration")
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    model = args.model.resolve()
+    workload = build_workload(model, args.max_windows, args.prompts, args.prompt_tokens, args.gen_tokens)
+    configs = [c for c in CONFIGS if c.name in args.configs]
+    if "bf16" not in args.configs:
+        print("note: without bf16 there is no reference for the deltas and greedy agreement")
+    checkpoints = {"base": model}
+    for fmt in sorted({c.checkpoint for c in configs} - {"base"}):
+        checkpoints[fmt] = calibrate(model, args.work_dir, fmt, args.calibration_tokens)
+    logs = OUT / "kv_accuracy-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    results = []
+    for config in configs:
+        print(f"[{config.name}] {config.kv_cache_dtype} on {checkpoints[config.checkpoint]} ...", flush=True)
+        results.append(run_config(config, checkpoints[config.checkpoint], args.device, workload, logs,
+                                  args.timeout_s))
+        r = results[-1]
+        print(f"[{config.name}] {r.status} in {r.wall_s:.0f} s"
+              + (f": perplexity {r.perplexity:.3f}" if r.perplexity else f": {r.error}"), flush=True)
+    compare_with_bf16(results)
+
+    tokens = sum(len(w) - 1 for w in workload["windows"])
+    title = (f"{model.name} on --device {args.device}: {len(workload['windows'])} held-out windows "
+             f"({tokens} tokens scored), {len(workload['prompts'])} greedy prompts")
+    print(f"\n{title}\n{table(results)}")
+    training = model / "training.json"
+    if training.exists() and not args.max_windows:  # train-model scored the same windows
+        ref = json.loads(training.read_text())
+        print(f"transformers on the same windows: perplexity {ref['heldout_ppl_hf_bf16']:.3f} (bf16), "
+              f"{ref['heldout_ppl_hf_fp32']:.3f} (fp32)")
+    report = {
+        "model": str(model), "device": args.device, "windows": len(workload["windows"]),
+        "window_tokens": len(workload["windows"][0]), "tokens_scored": tokens,
+        "prompts": len(workload["prompts"]), "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
+        "calibration_tokens": args.calibration_tokens,
+        "hf_reference": json.loads(training.read_text()) if training.exists() else None,
+        "results": [{k: v for k, v in asdict(r).items() if not k.endswith("token_ids")} for r in results],
+        "total_s": time.perf_counter() - start,
+    }
+    path = write_json("kv_accuracy", report)
+    plot(results, title, OUT / "kv_accuracy.png")
+    print(f"\nwrote {path} and {OUT / 'kv_accuracy.png'} in {report['total_s']:.0f} s")
+    return 0 if any(r.status == "ok" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
