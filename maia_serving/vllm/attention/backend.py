@@ -140,7 +140,7 @@ class MaiaAttentionImpl(AttentionImpl):
         self.fp8 = ops.resolve_kv_cache_dtype(kv_cache_dtype) is not None
         config = get_current_vllm_config()
         self.model_dir = config.model_config.model if config.model_config else ""
-        self.tp_rank_size = (0, config.parallel_config.tensor_parallel_size)
+        self.tp_size = config.parallel_config.tensor_parallel_size
         self._head_scales: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _scales(self, layer) -> tuple[torch.Tensor | float, torch.Tensor | float]:
@@ -153,7 +153,7 @@ class MaiaAttentionImpl(AttentionImpl):
 
                 self._head_scales = scales.per_head_scales(
                     self.model_dir, layer.layer_name, self.num_kv_heads,
-                    get_tensor_model_parallel_rank(), self.tp_rank_size[1])
+                    get_tensor_model_parallel_rank(), self.tp_size)
             return self._head_scales
         return layer._k_scale, layer._v_scale
 
