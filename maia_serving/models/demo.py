@@ -5,25 +5,15 @@ Deterministic: the same seed and the same Python give the same files.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
+from maia_serving.models import LlamaShape
 from maia_serving.models.tokenizer import stdlib_files, train_tokenizer
 
-
-@dataclass(frozen=True)
-class DemoShape:
-    vocab_size: int = 2048
-    hidden_size: int = 128
-    intermediate_size: int = 384
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    head_dim: int = 32  # vLLM's CPU attention wants a multiple of 32
-    max_position_embeddings: int = 2048
+DEMO_SHAPE = LlamaShape()
 
 
-def build_demo_model(out: Path, seed: int = 0, shape: DemoShape = DemoShape(),
+def build_demo_model(out: Path, seed: int = 0, shape: LlamaShape = DEMO_SHAPE,
                      tokenizer_files: int = 60) -> Path:
     """Write config, bf16 safetensors weights and a tokenizer with a chat template."""
     import torch

@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from maia_serving.models import LlamaShape
 from maia_serving.models.tokenizer import stdlib_files, train_tokenizer
 
 HELDOUT_FILE = "heldout.txt"
@@ -31,16 +32,16 @@ REPORT_FILE = "training.json"
 NUM_THREADS = 2
 
 
-@dataclass(frozen=True)
-class TrainShape:
-    vocab_size: int = 4096
-    hidden_size: int = 256
-    intermediate_size: int = 688
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    head_dim: int = 64  # vLLM's CPU attention wants a multiple of 32
-    max_position_embeddings: int = 256  # the training context
+TRAIN_SHAPE = LlamaShape(
+    vocab_size=4096,
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    max_position_embeddings=256,  # the training context
+)
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class TrainConfig:
     eval_windows: int = 64  # windows for the train-split loss at the end
 
 
-def eval_window(shape: TrainShape = TrainShape()) -> int:
+def eval_window(shape: LlamaShape = TRAIN_SHAPE) -> int:
     """Tokens per evaluation window: the context less one, since vLLM refuses a prompt as long
     as max_model_len when it must generate (prompt_logprobs needs max_tokens >= 1)."""
     return shape.max_position_embeddings - 1
@@ -139,7 +140,7 @@ def _setup_determinism(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_model(out: Path, cfg: TrainConfig = TrainConfig(), shape: TrainShape = TrainShape()) -> dict:
+def train_model(out: Path, cfg: TrainConfig = TrainConfig(), shape: LlamaShape = TRAIN_SHAPE) -> dict:
     """Train, save the checkpoint and its texts to ``out``; return the report (also in training.json)."""
     import torch
     from tqdm import tqdm
