@@ -23,13 +23,14 @@ from maia_serving.models.demo import build_demo_model
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def server(model: Path, device: str | None, profile: str) -> Server:
+def server(model: Path, device: str | None, profile: str, attention: str) -> Server:
     port = free_port()
     extra = ["--served-model-name", "demo", "--max-model-len", "1024", "--enforce-eager"]
     if device:
         extra += ["--additional-config", f'{{"maia_profile": "{profile}"}}']
     # The built-in CPU platform must not pick ours up from the environment.
-    env = {"VLLM_CPU_CI_ENV": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "MAIA_SERVING_DEVICE": device or ""}
+    env = {"VLLM_CPU_CI_ENV": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "MAIA_SERVING_DEVICE": device or "",
+           "MAIA_SERVING_ATTENTION": attention}
     return Server(vllm_serve_cmd(model, port, *extra, device=device), port,
                   OUT / f"server-{device or 'cpu'}.log", env=env)
 
@@ -41,15 +42,17 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--attention", choices=["maia", "vllm-cpu"], default="maia",
+                        help="attention backend of the maia server (MAIA_SERVING_ATTENTION)")
     args = parser.parse_args()
     model = ROOT / "models" / "demo"
     if not (model / "config.json").exists():
         build_demo_model(model)
-    labels = {"cpu": "cpu (vLLM built-in)", "maia": f"maia ({args.profile})"}
+    labels = {"cpu": "cpu (vLLM built-in)", "maia": f"maia ({args.profile}, {args.attention} attn)"}
     rounds: dict[str, list] = {"cpu": [], "maia": []}
     with ExitStack() as stack:
-        servers = {"cpu": stack.enter_context(server(model, None, args.profile)),
-                   "maia": stack.enter_context(server(model, "maia", args.profile))}
+        servers = {"cpu": stack.enter_context(server(model, None, args.profile, args.attention)),
+                   "maia": stack.enter_context(server(model, "maia", args.profile, args.attention))}
         for i in range(args.rounds):
             for name in (("cpu", "maia") if i % 2 == 0 else ("maia", "cpu")):
                 rounds[name].append(run_load(servers[name].url, "demo", args.requests, args.concurrency,

@@ -14,6 +14,11 @@ DEFAULT_PROFILE = "maia200"
 # KV cache that the emulated HBM would hold.
 VLLM_CPU_KVCACHE_SPACE = "VLLM_CPU_KVCACHE_SPACE"
 DEFAULT_HOST_KV_GIB = 1.0
+# Attention on the host: "maia" (default) is our backend with the maia numerics (BF16
+# and FP8 KV, per-head scales); "vllm-cpu" is vLLM's C++ CPU kernel, faster on a host,
+# for runs that only want the emulated figures.
+MAIA_SERVING_ATTENTION = "MAIA_SERVING_ATTENTION"
+ATTENTION_CHOICES = ("maia", "vllm-cpu")
 # Seconds between the engine's emulation log lines.
 MAIA_SERVING_LOG_INTERVAL_S = "MAIA_SERVING_LOG_INTERVAL_S"
 
@@ -37,3 +42,10 @@ def host_kv_cap_bytes() -> int:
 
 def log_interval_s() -> float:
     return float(os.environ.get(MAIA_SERVING_LOG_INTERVAL_S, "10"))
+
+
+def attention() -> str:
+    value = os.environ.get(MAIA_SERVING_ATTENTION, "maia").strip().lower() or "maia"
+    if value not in ATTENTION_CHOICES:
+        raise ValueError(f"{MAIA_SERVING_ATTENTION}={value!r} is not valid; allowed: {', '.join(ATTENTION_CHOICES)}")
+    return value

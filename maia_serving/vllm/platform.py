@@ -33,12 +33,18 @@ class MaiaPlatform(CpuPlatform):
 
     @classmethod
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None) -> str:
-        """Our backend: paged KV in BF16 or FP8 with the maia numerics, whatever was asked."""
-        if attn_selector_config.use_mla or attn_selector_config.use_sparse:
+        """Our backend: paged KV in BF16 or FP8 with the maia numerics, whatever was asked;
+        vLLM's CPU kernel instead with MAIA_SERVING_ATTENTION=vllm-cpu."""
+        if envs.attention() == "vllm-cpu":
+            path = super().get_attn_backend_cls(selected_backend, attn_selector_config, num_heads)
+        elif attn_selector_config.use_mla or attn_selector_config.use_sparse:
             raise NotImplementedError("MLA and sparse attention are not supported on --device maia yet")
-        if selected_backend is not None:
-            logger.info("--device maia uses its own attention backend, not %s.", selected_backend)
-        return ATTENTION_BACKEND_CLS
+        else:
+            if selected_backend is not None:
+                logger.info("--device maia uses its own attention backend, not %s.", selected_backend)
+            path = ATTENTION_BACKEND_CLS
+        logger.info_once("Maia attention backend: %s (%s=%s)", path, envs.MAIA_SERVING_ATTENTION, envs.attention())
+        return path
 
     @classmethod
     def pre_register_and_update(cls, parser=None) -> None:
@@ -78,6 +84,9 @@ def _validate_kv_scales(vllm_config: VllmConfig) -> None:
         return
     model = vllm_config.model_config.model
     if scales.scale_mode() == "per_head":
+        if envs.attention() != "maia":
+            raise ValueError(f"{scales.SCALES_ENV}=per_head needs the maia attention backend; unset "
+                             f"{envs.MAIA_SERVING_ATTENTION} or set it to maia")
         if scales.load_sidecar(model) is None:
             raise ValueError(
                 f"{scales.SCALES_ENV}=per_head needs {scales.SIDECAR} in {model}; run "

@@ -21,11 +21,11 @@ if __name__ == "__main__":
 """
 
 
-def _run(demo_model, tmp_path, tp: int) -> tuple[dict, str]:
+def _run(demo_model, tmp_path, tp: int, extra_env: dict[str, str] | None = None) -> tuple[dict, str]:
     script = tmp_path / "offline.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "MAIA_SERVING_DEVICE": "maia", "MAIA_SERVING_PROFILE": "h100-sxm",
-           "VLLM_CPU_CI_ENV": "1", "MAIA_SERVING_LOG_INTERVAL_S": "0"}
+           "VLLM_CPU_CI_ENV": "1", "MAIA_SERVING_LOG_INTERVAL_S": "0", **(extra_env or {})}
     if tp > 1:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % (os.cpu_count() or 1)) for i in range(tp))
     out = subprocess.run([sys.executable, str(script), str(demo_model), str(tp)], env=env,
@@ -46,6 +46,7 @@ def test_offline_llm_runs_on_maia(one_chip):
     assert [len(t) for t in result["tokens"]] == [8, 8]
     assert "Maia KV cache: emulated h100-sxm holds" in log
     assert "Maia emulation [h100-sxm]" in log
+    assert "Maia attention backend: maia_serving.vllm.attention.backend.MaiaAttentionBackend" in log
 
 
 def test_tensor_parallel_two_chips_same_tokens_and_pays_for_collectives(one_chip, demo_model, tmp_path):
@@ -54,3 +55,13 @@ def test_tensor_parallel_two_chips_same_tokens_and_pays_for_collectives(one_chip
     assert "communication 0 ns" in one_chip[1]  # one chip: no collectives
     comm = re.findall(r"communication ([0-9.]+) us", log)
     assert comm and all(float(c) > 0 for c in comm)
+
+
+def test_vllm_cpu_attention_switch_gives_the_same_charging(one_chip, demo_model, tmp_path):
+    """MAIA_SERVING_ATTENTION=vllm-cpu: vLLM's C++ kernel on the host, the same emulation."""
+    result, log = _run(demo_model, tmp_path, 1, {"MAIA_SERVING_ATTENTION": "vllm-cpu"})
+    assert result["platform"] == "maia"
+    assert [len(t) for t in result["tokens"]] == [8, 8]
+    assert "Maia attention backend: vllm.v1.attention.backends.cpu_attn.CPUAttentionBackend" in log
+    assert "MAIA_ATTN" not in log
+    assert "Maia emulation [h100-sxm]" in log
