@@ -40,9 +40,7 @@ class EmulatedDevice:
     def __init__(self, profile: DeviceProfile, model: ModelShape, plan: MemoryPlan,
                  parallel: Parallel, kv_cache_dtype: str):
         self.profile = profile
-        self.model = model
         self.plan = plan
-        self.parallel = parallel
         self.kv_cache_dtype = kv_cache_dtype
         self.cost_model = CostModel(profile, model, parallel, kv_cache_dtype)
         self.clock = EmulatedClock()

@@ -157,11 +157,7 @@ def paged_attention(
         return kernels.paged_attention(*args, max_query_len=max_query_len, out=out)
     from maia_serving.ops.host import paged_attention_host
 
-    result = paged_attention_host(*args, max_query_len=max_query_len, plan=plan)
-    if out is None:
-        return result
-    out.copy_(result)
-    return out
+    return paged_attention_host(*args, max_query_len=max_query_len, plan=plan, out=out)
 
 
 def kv_absmax(x: torch.Tensor) -> torch.Tensor:

@@ -88,20 +88,24 @@ def paged_attention_host(
     causal: bool = True,
     max_query_len: int | None = None,
     plan: PagedPlan | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Arguments and result as ``paged_attention_ref``; ``plan`` (from
-    plan_paged_attention, the same batch) spares rebuilding the index tensors."""
+    plan_paged_attention, the same batch) spares rebuilding the index tensors; ``out``,
+    when given, receives the result (no second copy on the serving hot path)."""
     fmt = check_paged_attention_args(query, key_cache, value_cache, block_tables, seq_lens,
                                      query_start_loc, kv_cache_dtype)
     num_heads, head_dim = query.shape[1:]
     if plan is None:
         plan = plan_paged_attention(block_tables, seq_lens, query_start_loc, query.shape[0], num_heads,
                                     key_cache.shape[1], causal, max_query_len)
+    result = torch.zeros_like(query) if out is None else out.zero_()
     if plan.num_seqs == 0 or plan.max_q == 0:
-        return torch.zeros_like(query)
+        return result
     if not plan.batched:
-        return paged_attention_ref(query, key_cache, value_cache, block_tables, seq_lens,
-                                   query_start_loc, scale, kv_cache_dtype, k_scale, v_scale, causal)
+        return result.copy_(paged_attention_ref(query, key_cache, value_cache, block_tables, seq_lens,
+                                                query_start_loc, scale, kv_cache_dtype, k_scale, v_scale,
+                                                causal))
     num_kv_heads = key_cache.shape[2]
     keys = _pages(key_cache, plan, k_scale, fmt)
     values = _pages(value_cache, plan, v_scale, fmt)
@@ -113,9 +117,8 @@ def paged_attention_host(
     scores = scores.view(plan.num_seqs, num_kv_heads, plan.max_q, group, plan.max_len)
     scores.masked_fill_(plan.mask[:, None, :, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).view(plan.num_seqs, num_kv_heads, plan.max_q * group, plan.max_len)
-    out = torch.matmul(probs, values)  # [seqs, kv_heads, max_q * group, head_dim]
-    out = out.view(plan.num_seqs, num_kv_heads, plan.max_q, group, head_dim).permute(0, 2, 1, 3, 4)
-    out = out.reshape(plan.num_seqs, plan.max_q, num_heads, head_dim)
-    result = torch.zeros_like(query)
-    result[plan.index[plan.valid_q]] = out[plan.valid_q].to(query.dtype)
+    out_padded = torch.matmul(probs, values)  # [seqs, kv_heads, max_q * group, head_dim]
+    out_padded = out_padded.view(plan.num_seqs, num_kv_heads, plan.max_q, group, head_dim)
+    out_padded = out_padded.permute(0, 2, 1, 3, 4).reshape(plan.num_seqs, plan.max_q, num_heads, head_dim)
+    result[plan.index[plan.valid_q]] = out_padded[plan.valid_q].to(query.dtype)
     return result
