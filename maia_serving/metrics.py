@@ -5,7 +5,11 @@ The scheduler side charges each step to the emulator and publishes the StepRecor
 over a ZeroMQ PUSH socket; the HTTP side drains it into Prometheus metrics in the
 default registry, which the engine's own ``/metrics`` route serves. The address
 travels in ``MAIA_SERVING_STATS_ADDR``, set by the serving process before the
-engine process starts. Imports no engine.
+engine process starts.
+
+SGLang needs no channel: with ``--enable-metrics`` its ``/metrics`` aggregates the
+Prometheus files every process writes (``PROMETHEUS_MULTIPROC_DIR``), so its
+scheduler applies each record to an ``EmulatedMetricSet`` itself. Imports no engine.
 """
 
 from __future__ import annotations
@@ -49,6 +53,23 @@ class DeviceInfo:
     emulated_kv_blocks: int
     engine_kv_blocks: int
     block_size: int
+
+    @classmethod
+    def of(cls, device: EmulatedDevice, engine_kv_blocks: int) -> DeviceInfo:
+        plan = device.plan
+        return cls(
+            profile=plan.profile,
+            model=plan.model,
+            kv_cache_dtype=device.kv_cache_dtype,
+            tensor_parallel_size=plan.config.tensor_parallel_size,
+            pipeline_parallel_size=plan.config.pipeline_parallel_size,
+            hbm_total_bytes=plan.hbm_capacity_bytes,
+            hbm_static_bytes=device.hbm_used_bytes(0),
+            kv_block_bytes=device.kv_block_bytes,
+            emulated_kv_blocks=plan.num_blocks,
+            engine_kv_blocks=engine_kv_blocks,
+            block_size=plan.config.block_size,
+        )
 
 
 class StatsPublisher:
@@ -164,21 +185,18 @@ class _DrainOnScrape:
         return []
 
 
-class EmulatedMetrics:
-    """Serving side: Prometheus metrics fed by draining the channel."""
+class EmulatedMetricSet:
+    """The ``maia:*`` Prometheus metrics, and how a DeviceInfo or a StepRecord moves them.
 
-    def __init__(self, addr: str):
-        import zmq
-        from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+    Gauges say how to merge across processes (``multiprocess_mode``), so the set also
+    works where the engine serves metrics from several processes (SGLang's
+    ``PROMETHEUS_MULTIPROC_DIR``); outside multiprocess mode that argument is ignored.
+    """
 
-        self._zmq = zmq
-        self._lock = threading.Lock()  # drained from the engine loop and from scrapes
-        self._socket = zmq.Context.instance().socket(zmq.PULL)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.bind(addr)
-        REGISTRY.register(_DrainOnScrape(self))  # before the metrics: collected first
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
         self.info: DeviceInfo | None = None
-        self.last_step: StepRecord | None = None
         self.steps = Histogram("maia:emulated_step_seconds", "Emulated time of one engine step",
                                buckets=_STEP_BUCKETS)
         self.host_steps = Counter("maia:host_step_seconds", "Measured host time of the charged steps")
@@ -194,28 +212,21 @@ class EmulatedMetrics:
                               buckets=_LATENCY_BUCKETS)
         self.e2e = Histogram("maia:emulated_e2e_request_latency_seconds",
                              "Emulated end-to-end request latency", buckets=_LATENCY_BUCKETS)
-        self.hbm_used = Gauge("maia:hbm_used_bytes", "Emulated HBM in use on one chip")
-        self.hbm_total = Gauge("maia:hbm_total_bytes", "Emulated HBM capacity of one chip")
-        self.kv_used = Gauge("maia:kv_cache_blocks_used", "KV cache blocks in use")
-        self.kv_total = Gauge("maia:kv_cache_blocks", "KV cache blocks", ["holder"])
+        self.hbm_used = Gauge("maia:hbm_used_bytes", "Emulated HBM in use on one chip",
+                              multiprocess_mode="mostrecent")
+        self.hbm_total = Gauge("maia:hbm_total_bytes", "Emulated HBM capacity of one chip",
+                               multiprocess_mode="mostrecent")
+        self.kv_used = Gauge("maia:kv_cache_blocks_used", "KV cache blocks in use", multiprocess_mode="mostrecent")
+        self.kv_total = Gauge("maia:kv_cache_blocks", "KV cache blocks", ["holder"], multiprocess_mode="mostrecent")
         self.device = Gauge("maia:device_info", "The emulated device",
-                            ["profile", "model", "kv_cache_dtype", "tensor_parallel_size"])
+                            ["profile", "model", "kv_cache_dtype", "tensor_parallel_size"],
+                            multiprocess_mode="mostrecent")
 
-    def drain(self) -> int:
-        """Apply every record waiting on the channel; returns how many."""
-        count = 0
-        with self._lock:
-            while True:
-                try:
-                    batch = pickle.loads(self._socket.recv(self._zmq.NOBLOCK))
-                except self._zmq.Again:
-                    return count
-                count += len(batch)
-                for item in batch:
-                    if isinstance(item, DeviceInfo):
-                        self._apply_info(item)
-                    else:
-                        self._apply_step(item)
+    def apply(self, item: DeviceInfo | StepRecord) -> None:
+        if isinstance(item, DeviceInfo):
+            self._apply_info(item)
+        else:
+            self._apply_step(item)
 
     def _apply_info(self, info: DeviceInfo) -> None:
         self.info = info
@@ -227,7 +238,6 @@ class EmulatedMetrics:
                            str(info.tensor_parallel_size)).set(1)
 
     def _apply_step(self, rec: StepRecord) -> None:
-        self.last_step = rec
         self.steps.observe(rec.step_s)
         self.host_steps.inc(rec.wall_s)
         self.overhead.inc(rec.overhead_s)
@@ -247,3 +257,34 @@ class EmulatedMetrics:
         self.kv_used.set(rec.kv_blocks_used)
         if self.info is not None:
             self.hbm_used.set(self.info.hbm_static_bytes + rec.kv_blocks_used * self.info.kv_block_bytes)
+
+
+class EmulatedMetrics:
+    """Serving side of the channel: drains the engine's records into an EmulatedMetricSet
+    in the default registry, which the engine's own ``/metrics`` route serves (vLLM)."""
+
+    def __init__(self, addr: str):
+        import zmq
+        from prometheus_client import REGISTRY
+
+        self._zmq = zmq
+        self._lock = threading.Lock()  # drained from the engine loop and from scrapes
+        self._socket = zmq.Context.instance().socket(zmq.PULL)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.bind(addr)
+        REGISTRY.register(_DrainOnScrape(self))  # before the metrics: collected first
+        self.metrics = EmulatedMetricSet()
+
+    def drain(self) -> int:
+        """Apply every record waiting on the channel; returns how many."""
+        count = 0
+        with self._lock:
+            while True:
+                try:
+                    batch = pickle.loads(self._socket.recv(self._zmq.NOBLOCK))
+                except self._zmq.Again:
+                    return count
+                count += len(batch)
+                for item in batch:
+                    self.metrics.apply(item)
+

@@ -10,18 +10,8 @@ from __future__ import annotations
 import os
 import sys
 
+from maia_serving.envs import MAIA_SERVING_DEVICE, device_flag, device_requested
 from maia_serving.metrics import ensure_stats_addr
-from maia_serving.vllm import envs
-
-
-def _device_flag(argv: list[str]) -> str | None:
-    """The value of ``--device`` on a command line, if any."""
-    for i, arg in enumerate(argv):
-        if arg == "--device" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--device="):
-            return arg.split("=", 1)[1]
-    return None
 
 
 def register_platform() -> str | None:
@@ -31,9 +21,9 @@ def register_platform() -> str | None:
     sys.argv and handed to child processes through the environment. Otherwise
     decline, leaving vLLM's own platform choice untouched.
     """
-    if _device_flag(sys.argv[1:]) == "maia":
-        os.environ[envs.MAIA_SERVING_DEVICE] = "maia"
-    if not envs.device_requested():
+    if device_flag(sys.argv[1:]) == "maia":
+        os.environ[MAIA_SERVING_DEVICE] = "maia"
+    if not device_requested():
         return None
     ensure_stats_addr()  # created by the first process, inherited by the engine's
     return "maia_serving.vllm.platform.MaiaPlatform"

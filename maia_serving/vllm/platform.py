@@ -77,7 +77,7 @@ def _apply_profile(vllm_config: VllmConfig) -> None:
 
 def _validate_kv_scales(vllm_config: VllmConfig) -> None:
     """FP8 without calibrated scales runs, but never quietly: say how to calibrate."""
-    from maia_serving.vllm.attention import scales
+    from maia_serving import kv_scales as scales
 
     cache_dtype = str(vllm_config.cache_config.cache_dtype)
     if not cache_dtype.startswith("fp8"):
@@ -87,17 +87,10 @@ def _validate_kv_scales(vllm_config: VllmConfig) -> None:
         if envs.attention() != "maia":
             raise ValueError(f"{scales.SCALES_ENV}=per_head needs the maia attention backend; unset "
                              f"{envs.MAIA_SERVING_ATTENTION} or set it to maia")
-        if scales.load_sidecar(model) is None:
-            raise ValueError(
-                f"{scales.SCALES_ENV}=per_head needs {scales.SIDECAR} in {model}; run "
-                f"`maia-serving calibrate-kv --model {model} --data FILE --out DIR` and serve DIR")
+        scales.require_sidecar(model)
         return
     if not scales.checkpoint_has_kv_scales(vllm_config.model_config.hf_config):
-        logger.warning(
-            "\n%s\n--kv-cache-dtype %s but %s has no calibrated KV-cache scales: every scale is 1.0, "
-            "which clips keys and values beyond the format's range and wastes its precision below it.\n"
-            "Calibrate: maia-serving calibrate-kv --model %s --data FILE.txt --out %s-kv-fp8\n"
-            "then serve the output directory.\n%s", "!" * 80, cache_dtype, model, model, model, "!" * 80)
+        logger.warning(scales.missing_scales_warning(cache_dtype, model))
 
 
 def _apply_kv_cache_size(vllm_config: VllmConfig) -> None:

@@ -30,20 +30,7 @@ class MaiaScheduler(Scheduler):
         self._log = PeriodicLog(self.maia, envs.log_interval_s())
         self._scheduled_at = 0.0
         self._last_send_s = 0.0
-        plan = self.maia.plan
-        self._publisher.announce(DeviceInfo(
-            profile=plan.profile,
-            model=plan.model,
-            kv_cache_dtype=self.maia.kv_cache_dtype,
-            tensor_parallel_size=plan.config.tensor_parallel_size,
-            pipeline_parallel_size=plan.config.pipeline_parallel_size,
-            hbm_total_bytes=plan.hbm_capacity_bytes,
-            hbm_static_bytes=self.maia.hbm_used_bytes(0),
-            kv_block_bytes=self.maia.kv_block_bytes,
-            emulated_kv_blocks=plan.num_blocks,
-            engine_kv_blocks=self.cache_config.num_gpu_blocks or 0,
-            block_size=plan.config.block_size,
-        ))
+        self._publisher.announce(DeviceInfo.of(self.maia, self.cache_config.num_gpu_blocks or 0))
 
     def add_request(self, request) -> None:
         super().add_request(request)

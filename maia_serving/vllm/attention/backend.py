@@ -30,9 +30,9 @@ from vllm.v1.attention.backend import (
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
+from maia_serving import kv_scales as scales
 from maia_serving import ops
 from maia_serving.ops.host import PagedPlan, plan_paged_attention
-from maia_serving.vllm.attention import scales
 
 logger = init_logger("vllm.maia_serving")
 
@@ -152,7 +152,7 @@ class MaiaAttentionImpl(AttentionImpl):
                 from vllm.distributed import get_tensor_model_parallel_rank
 
                 self._head_scales = scales.per_head_scales(
-                    self.model_dir, layer.layer_name, self.num_kv_heads,
+                    self.model_dir, scales.layer_index(layer.layer_name), self.num_kv_heads,
                     get_tensor_model_parallel_rank(), self.tp_size)
             return self._head_scales
         return layer._k_scale, layer._v_scale

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from maia_serving.vllm.attention import scales
+from maia_serving import kv_scales as scales
 from maia_serving.vllm.platform import _validate_kv_scales
 
 
@@ -53,7 +53,7 @@ def test_per_head_scales_are_sliced_per_rank(tmp_path):
     (tmp_path / scales.SIDECAR).write_text(json.dumps(
         {"layers": {"3": {"k": [1.0, 2.0, 3.0, 4.0], "v": [5.0, 6.0, 7.0, 8.0]}}}))
     scales.load_sidecar.cache_clear()
-    k, v = scales.per_head_scales(str(tmp_path), "model.layers.3.self_attn.attn", 2, tp_rank=1, tp_size=2)
+    k, v = scales.per_head_scales(str(tmp_path), 3, 2, tp_rank=1, tp_size=2)
     assert k.tolist() == [3.0, 4.0] and v.tolist() == [7.0, 8.0]
-    k, _ = scales.per_head_scales(str(tmp_path), "model.layers.3.self_attn.attn", 4, tp_rank=0, tp_size=1)
+    k, _ = scales.per_head_scales(str(tmp_path), 3, 4, tp_rank=0, tp_size=1)
     assert k.tolist() == [1.0, 2.0, 3.0, 4.0]

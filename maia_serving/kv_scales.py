@@ -1,6 +1,9 @@
-"""KV-cache scales for the maia backend: per-tensor from the checkpoint (what vLLM
-loads into ``layer._k_scale``), per-head from the ``maia_kv_scales.json`` sidecar that
-``maia-serving calibrate-kv`` writes beside it."""
+"""KV-cache scales for the maia attention backends (vLLM and SGLang alike).
+
+Per-tensor scales come from the checkpoint or a scales file, through the engine (vLLM's
+``layer._k_scale``, SGLang's ``layer.k_scale``); per-head ones from the
+``maia_kv_scales.json`` sidecar that ``maia-serving calibrate-kv`` writes beside the
+weights. Imports no engine."""
 
 from __future__ import annotations
 
@@ -46,21 +49,37 @@ def layer_index(layer_name: str) -> int:
     return int(match.group(1))
 
 
-def per_head_scales(model_dir: str, layer_name: str, num_kv_heads: int, tp_rank: int,
-                    tp_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's slice of one layer's per-head K and V scales from the sidecar."""
+def calibrate_command(model_dir: str) -> str:
+    return f"maia-serving calibrate-kv --model {model_dir} --data FILE.txt --out {model_dir}-kv-fp8"
+
+
+def require_sidecar(model_dir: str) -> dict:
+    """The sidecar, or an error that says how to make one."""
     sidecar = load_sidecar(model_dir)
     if sidecar is None:
-        raise FileNotFoundError(
-            f"{SCALES_ENV}=per_head but {Path(model_dir) / SIDECAR} does not exist; run "
-            f"`maia-serving calibrate-kv --model {model_dir} --data FILE --out DIR` and serve DIR"
-        )
-    entry = sidecar["layers"][str(layer_index(layer_name))]
+        raise ValueError(f"{SCALES_ENV}=per_head needs {SIDECAR} in {model_dir}; run "
+                         f"`{calibrate_command(model_dir)}` and serve the output directory")
+    return sidecar
+
+
+def missing_scales_warning(cache_dtype: str, model_dir: str) -> str:
+    """The loud warning for an FP8 cache without calibrated scales (never a quiet 1.0)."""
+    bar = "!" * 80
+    return (f"\n{bar}\nKV cache {cache_dtype} but {model_dir} has no calibrated KV-cache scales: every "
+            "scale is 1.0, which clips keys and values beyond the format's range and wastes its "
+            f"precision below it.\nCalibrate: {calibrate_command(model_dir)}\n"
+            f"then serve the output directory.\n{bar}")
+
+
+def per_head_scales(model_dir: str, layer: int, num_kv_heads: int, tp_rank: int,
+                    tp_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's slice of layer ``layer``'s per-head K and V scales from the sidecar."""
+    entry = require_sidecar(model_dir)["layers"][str(layer)]
     total = len(entry["k"])
     # A rank holds heads [rank * n, (rank + 1) * n), or all of them when they are replicated.
     first = 0 if total == num_kv_heads else tp_rank * num_kv_heads
     if first + num_kv_heads > total:
-        raise ValueError(f"{SIDECAR} has {total} KV heads for {layer_name}; rank {tp_rank} of {tp_size} "
+        raise ValueError(f"{SIDECAR} has {total} KV heads for layer {layer}; rank {tp_rank} of {tp_size} "
                          f"needs heads {first}..{first + num_kv_heads - 1}")
     k = torch.tensor(entry["k"][first:first + num_kv_heads], dtype=torch.float32)
     v = torch.tensor(entry["v"][first:first + num_kv_heads], dtype=torch.float32)

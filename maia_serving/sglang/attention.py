@@ -1,0 +1,184 @@
+"""MaiaAttnBackend: SGLang attention over its token-to-KV pool with the maia numerics.
+
+SGLang keeps one ``[slots, kv_heads, head_dim]`` buffer per layer for K and for V (uint8
+codes for an FP8 cache) and maps each request's tokens to slots in ``req_to_token``. With
+pages of ``page_size`` slots that is exactly the paged layout of ``maia_serving.ops``
+(``[num_pages, page_size, kv_heads, head_dim]``, block table = page numbers), so this
+backend is a view plus a call: the same kernels and torch references as the vLLM
+backend, with no second copy of the numerics. Extend (prefill, chunked prefill, prefix
+hits) and decode differ only in how many query rows each request has.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+
+from maia_serving import kv_scales, ops
+from maia_serving.ops.host import PagedPlan, plan_paged_attention
+
+logger = logging.getLogger(__name__)
+
+_KV_DTYPE_NAMES = {
+    torch.float8_e4m3fn: "fp8_e4m3",
+    torch.float8_e5m2: "fp8_e5m2",
+}
+
+
+@dataclass
+class MaiaForwardMetadata:
+    """One step's batch in the ops' vocabulary, shared by every layer."""
+
+    block_tables: torch.Tensor  # [seqs, pages] page numbers
+    seq_lens: torch.Tensor  # [seqs] tokens of context, this step's included
+    query_start_loc: torch.Tensor  # [seqs + 1]
+    num_tokens: int
+    max_query_len: int
+    torch_path: bool  # the torch path plans its index tensors once per step
+    plan: PagedPlan | None = None  # built by the first layer (it knows the head count)
+
+
+def kv_cache_dtype_name(dtype: torch.dtype) -> str:
+    """SGLang's KV dtype in the ops' vocabulary ("auto" for an unquantized cache)."""
+    return _KV_DTYPE_NAMES.get(dtype, "auto")
+
+
+def layer_scale(layer, kind: str) -> float | None:
+    """The per-tensor scale SGLang loaded into the layer (checkpoint or scales file)."""
+    value = getattr(layer, f"{kind}_scale_float", None)
+    if value is None:
+        value = getattr(layer, f"{kind}_scale", None)
+    if isinstance(value, torch.Tensor):
+        value = float(value.reshape(-1)[0])
+    return float(value) if value is not None and value > 0 else None
+
+
+class MaiaAttnBackend(AttentionBackend):
+    """Registered with SGLang as ``--attention-backend maia``, the default on ``--device maia``."""
+
+    def __init__(self, model_runner) -> None:
+        super().__init__()
+        self.device = model_runner.device
+        self.req_to_token_pool = model_runner.req_to_token_pool
+        self.token_to_kv_pool = model_runner.token_to_kv_pool
+        self.page_size = model_runner.page_size
+        self.kv_cache_dtype = kv_cache_dtype_name(model_runner.kv_cache_dtype)
+        self.fp8 = self.kv_cache_dtype != "auto"
+        self.model_dir = model_runner.model_config.model_path
+        self.forward_metadata: MaiaForwardMetadata | None = None
+        self._scales: dict[int, tuple[torch.Tensor | float, torch.Tensor | float]] = {}
+        self._warned_default_scale = False
+
+    # -- per step --------------------------------------------------------------------
+    def init_forward_metadata(self, forward_batch) -> None:
+        mode = forward_batch.forward_mode
+        if mode.is_idle() or forward_batch.batch_size == 0:
+            self.forward_metadata = None
+            return
+        seq_lens_cpu = forward_batch.seq_lens_cpu
+        if seq_lens_cpu is None:
+            seq_lens_cpu = forward_batch.seq_lens.cpu()
+        if mode.is_decode():
+            q_lens = torch.ones_like(seq_lens_cpu)
+        elif mode.is_extend():
+            q_lens = torch.tensor(forward_batch.extend_seq_lens_cpu, dtype=seq_lens_cpu.dtype)
+        else:
+            raise NotImplementedError(f"the maia attention backend does not run {mode.name} batches")
+        max_len = int(seq_lens_cpu.max())
+        pages = -(-max_len // self.page_size)
+        rows = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices]
+        # Slot s of a request lives in page s // page_size; pages are page-aligned runs.
+        block_tables = (rows[:, : pages * self.page_size : self.page_size] // self.page_size).to(torch.int32)
+        query_start_loc = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
+        torch.cumsum(q_lens, 0, out=query_start_loc[1:])
+        device = forward_batch.seq_lens.device
+        seq_lens = forward_batch.seq_lens.to(torch.int32)
+        query_start_loc = query_start_loc.to(device)
+        self.forward_metadata = MaiaForwardMetadata(
+            block_tables, seq_lens, query_start_loc, int(q_lens.sum()), int(q_lens.max()),
+            ops.kernel_backend(device) == "torch")
+
+    # -- per layer -------------------------------------------------------------------
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True):
+        return self._forward(q, k, v, layer, forward_batch, save_kv_cache)
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True):
+        return self._forward(q, k, v, layer, forward_batch, save_kv_cache)
+
+    def _forward(self, q, k, v, layer, forward_batch, save_kv_cache: bool) -> torch.Tensor:
+        self._check_layer(layer)
+        num_heads, num_kv_heads, head_dim = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
+        key_cache, value_cache = self._caches(layer)
+        k_scale, v_scale = self._layer_scales(layer)
+        if save_kv_cache and k is not None and v is not None:
+            ops.reshape_and_cache(
+                k.view(-1, num_kv_heads, head_dim), v.view(-1, num_kv_heads, layer.v_head_dim),
+                key_cache, value_cache, forward_batch.out_cache_loc,
+                self.kv_cache_dtype, k_scale, v_scale)
+        query = q.reshape(-1, num_heads, head_dim)
+        out = torch.empty_like(query)
+        meta = self.forward_metadata
+        if meta is None:
+            return out.view(-1, num_heads * head_dim)
+        if meta.torch_path and meta.plan is None:
+            meta.plan = plan_paged_attention(meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                                             meta.num_tokens, num_heads, self.page_size, causal=True,
+                                             max_query_len=meta.max_query_len)
+        ops.paged_attention(
+            query, key_cache, value_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+            layer.scaling, self.kv_cache_dtype, k_scale, v_scale, True,
+            max_query_len=meta.max_query_len, out=out, plan=meta.plan)
+        return out.view(-1, num_heads * head_dim)
+
+    def _caches(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's K and V buffers viewed as pages (uint8 codes when FP8)."""
+        pool = self.token_to_kv_pool
+        caches = []
+        for buf in (pool.get_key_buffer(layer.layer_id), pool.get_value_buffer(layer.layer_id)):
+            if self.fp8:
+                buf = buf.view(torch.uint8)
+            caches.append(buf.view(-1, self.page_size, *buf.shape[1:]))
+        return caches[0], caches[1]
+
+    def _layer_scales(self, layer) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """Per-head scales from the sidecar when asked for, else the layer's per-tensor ones."""
+        if not self.fp8:
+            return 1.0, 1.0
+        cached = self._scales.get(layer.layer_id)
+        if cached is not None:
+            return cached
+        if kv_scales.scale_mode() == "per_head":
+            from sglang.srt.distributed import (
+                get_tensor_model_parallel_rank,
+                get_tensor_model_parallel_world_size,
+            )
+
+            k, v = kv_scales.per_head_scales(self.model_dir, layer.layer_id, layer.tp_k_head_num,
+                                             get_tensor_model_parallel_rank(),
+                                             get_tensor_model_parallel_world_size())
+            scales = (k.to(self.device), v.to(self.device))
+        else:
+            k, v = layer_scale(layer, "k"), layer_scale(layer, "v")
+            if k is None or v is None:
+                if not self._warned_default_scale:
+                    logger.warning(kv_scales.missing_scales_warning(self.kv_cache_dtype, self.model_dir))
+                    self._warned_default_scale = True
+                k, v = k or 1.0, v or 1.0
+            scales = (k, v)
+        self._scales[layer.layer_id] = scales
+        return scales
+
+    @staticmethod
+    def _check_layer(layer) -> None:
+        if layer.is_cross_attention or layer.qk_head_dim != layer.v_head_dim:
+            raise NotImplementedError("the maia attention backend serves decoder self-attention with "
+                                      "equal K and V head sizes only")
+        if (layer.sliding_window_size or -1) > -1 or layer.logit_cap:
+            raise NotImplementedError("the maia attention backend has no sliding window or logit soft-cap; "
+                                      "serve this model with another --attention-backend")
+
+    def support_triton(self) -> bool:
+        return False

@@ -1,0 +1,61 @@
+"""Build the emulated device from SGLang's server arguments: the one place that reads them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from maia_serving import envs
+from maia_serving.emulator.cost import Parallel
+from maia_serving.emulator.hardware import load_profile
+from maia_serving.emulator.memory import ServingConfig, require_fit
+from maia_serving.emulator.model_shape import shape_from_config
+from maia_serving.emulator.session import EmulatedDevice
+
+# The emulated device pages its KV cache like vLLM on maia, whatever SGLang's host
+# page size, so both engines report the same capacity for the same profile.
+EMULATED_BLOCK_SIZE = 16
+DEFAULT_MAX_RUNNING_REQUESTS = 256  # vLLM's max_num_seqs default, for the same workspace
+
+
+def kv_cache_dtype(server_args) -> str:
+    """SGLang's --kv-cache-dtype in the emulator's vocabulary ("auto", "fp8_e4m3", ...)."""
+    value = str(server_args.kv_cache_dtype or "auto")
+    return "auto" if value in ("auto", "bf16", "bfloat16", "float16", "fp16") else value
+
+
+def hf_config(model_path: str) -> dict:
+    path = Path(model_path) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"--device maia needs a local model folder with config.json; {model_path!r} has none")
+    return json.loads(path.read_text())
+
+
+def serving_config(server_args) -> ServingConfig:
+    """SGLang's memory-relevant settings in the emulator's terms (vLLM's names)."""
+    batched = server_args.chunked_prefill_size
+    if not batched or batched <= 0:
+        batched = server_args.max_prefill_tokens
+    return ServingConfig(
+        tensor_parallel_size=server_args.tp_size,
+        pipeline_parallel_size=server_args.pp_size,
+        kv_cache_dtype=kv_cache_dtype(server_args),
+        max_model_len=server_args.context_length,
+        block_size=EMULATED_BLOCK_SIZE,
+        max_num_batched_tokens=int(batched),
+        max_num_seqs=int(server_args.max_running_requests or DEFAULT_MAX_RUNNING_REQUESTS),
+    )
+
+
+def build_device(server_args, profile: str | None = None) -> EmulatedDevice:
+    """The emulated device this engine runs on; NotEnoughMemory if the model does not fit."""
+    hf = hf_config(server_args.model_path)
+    if server_args.dtype not in (None, "auto"):
+        hf["torch_dtype"] = str(server_args.dtype)
+    model = shape_from_config(hf, name=server_args.served_model_name or server_args.model_path)
+    config = serving_config(server_args)
+    device_profile = load_profile(envs.profile_name(profile))
+    plan = require_fit(model, device_profile, config)
+    return EmulatedDevice(device_profile, model, plan,
+                          Parallel(tp=config.tensor_parallel_size, pp=config.pipeline_parallel_size),
+                          config.kv_cache_dtype)

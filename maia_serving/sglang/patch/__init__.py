@@ -1,0 +1,1 @@
+"""Monkey-patches of SGLang for the maia platform; each module says why and when it can go."""

@@ -1,0 +1,89 @@
+"""The `maia` platform for SGLang: tensors on the host CPU, the emulator on top.
+
+``device_type`` is "cpu" and ``apply_server_args_defaults`` maps ``--device maia`` to
+"cpu", so SGLang's model runner, pools and samplers run unchanged on the host, while
+``device_name`` stays "maia" and the KV pool is sized as the emulated HBM would hold it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sglang.srt.platforms.cpu import CpuDeviceMixin
+from sglang.srt.platforms.device_mixin import PlatformEnum
+from sglang.srt.platforms.interface import PlatformCapabilities, SRTPlatform
+
+from maia_serving.sglang import ATTENTION_BACKEND as BACKEND_NAME
+
+logger = logging.getLogger(__name__)
+
+
+class MaiaSRTPlatform(CpuDeviceMixin, SRTPlatform):
+    _enum = PlatformEnum.OOT
+    device_name: str = "maia"
+    device_type: str = "cpu"
+    # The host runs no Triton and captures no graphs: SGLang takes its torch-native paths.
+    capabilities = PlatformCapabilities()
+
+    def get_device(self, device_id: int = 0) -> str:
+        return "cpu"
+
+    def get_device_name(self, device_id: int = 0) -> str:
+        return "maia (emulated on the host CPU)"
+
+    def get_default_attention_backend(self) -> str:
+        return BACKEND_NAME
+
+    def get_dispatch_key_name(self) -> str:
+        return "native"
+
+    def is_pin_memory_available(self, device=None) -> bool:
+        return False
+
+    def apply_server_args_defaults(self, server_args) -> None:
+        """Host tensors, our attention backend, and a KV pool sized by the emulated HBM."""
+        if server_args.device not in (None, "maia", "cpu"):
+            raise ValueError(f"the maia platform is active but --device is {server_args.device!r}; "
+                             "pass --device maia or unset SGLANG_PLATFORM/MAIA_SERVING_DEVICE")
+        server_args.device = "cpu"
+        if server_args.attention_backend in (None, BACKEND_NAME):
+            server_args.attention_backend = BACKEND_NAME
+        else:
+            logger.warning("--attention-backend %s on --device maia: the maia numerics (FP8 scales, "
+                           "per-head) and kernels are not used.", server_args.attention_backend)
+        if server_args.sampling_backend is None:
+            server_args.sampling_backend = "pytorch"
+        # One step at a time: the host has nothing to overlap, and each step is charged
+        # to the emulator with its own batch (maia_serving.sglang.stepping).
+        server_args.disable_overlap_schedule = True
+        server_args.cuda_graph_config = _no_graphs(server_args.cuda_graph_config)
+        _size_kv_pool(server_args)
+
+
+def _no_graphs(config):
+    """Graph capture off for decode and prefill: the host runs eagerly."""
+    from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, with_phase
+
+    config = with_phase(config, Phase.DECODE, backend=Backend.DISABLED)
+    return with_phase(config, Phase.PREFILL, backend=Backend.DISABLED)
+
+
+def _size_kv_pool(server_args) -> None:
+    """Size the KV pool as the emulated HBM would, clamped to what the host gives."""
+    from maia_serving.emulator.units import format_bytes
+    from maia_serving.sglang import envs as sglang_envs
+    from maia_serving.sglang.device import build_device
+
+    plan = build_device(server_args).plan  # raises NotEnoughMemory with what would fit
+    host_cap = sglang_envs.host_kv_cap_bytes()
+    host_tokens = int(host_cap // plan.kv_bytes_per_token)
+    tokens = min(plan.kv_tokens, host_tokens)
+    if server_args.max_total_tokens:
+        tokens = min(tokens, int(server_args.max_total_tokens))
+    server_args.max_total_tokens = tokens
+    logger.info(
+        "Maia KV cache: emulated %s holds %d tokens (%.2f GiB) after %s of weights; the host "
+        "gives at most %.2f GiB (%s), so the engine gets %d tokens (%.2f GiB).",
+        plan.profile, plan.kv_tokens, plan.kv_tokens * plan.kv_bytes_per_token / 2**30,
+        format_bytes(plan.weight_bytes), host_cap / 2**30, sglang_envs.MAIA_SERVING_HOST_KV_GIB,
+        tokens, tokens * plan.kv_bytes_per_token / 2**30)

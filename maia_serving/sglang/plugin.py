@@ -1,0 +1,57 @@
+"""The general plugin (``sglang.srt.plugins``): runs in every SGLang process.
+
+Registers the ``maia`` attention backend by name, so ``--attention-backend maia`` is
+accepted and resolvable, and, when the maia platform is active, hooks SGLang's
+scheduler so that every step is charged to the emulated device
+(``maia_serving.sglang.stepping``). SGLang applies the hooks in each process before it
+builds the scheduler.
+"""
+
+from __future__ import annotations
+
+SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
+
+
+def register() -> None:
+    from sglang.srt.arg_groups.choices import add_attention_backend_choices
+    from sglang.srt.layers.attention.attention_registry import register_attention_backend
+
+    from maia_serving.envs import device_requested
+    from maia_serving.sglang import ATTENTION_BACKEND
+    from maia_serving.sglang.patch import offline_device
+
+    add_attention_backend_choices([ATTENTION_BACKEND])
+
+    @register_attention_backend(ATTENTION_BACKEND)
+    def _create(runner):
+        from maia_serving.sglang.attention import MaiaAttnBackend
+
+        return MaiaAttnBackend(runner)
+
+    offline_device.register()
+    if device_requested():
+        _register_step_hooks()
+
+
+def _register_step_hooks() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    def after_init(result, scheduler, *args, **kwargs):
+        from maia_serving.sglang.device import build_device
+        from maia_serving.sglang.stepping import MaiaStepper
+
+        scheduler.maia = MaiaStepper(build_device(scheduler.server_args), scheduler.max_total_num_tokens)
+
+    def on_request(scheduler, recv_req, *args, **kwargs):
+        scheduler.maia.arrive(recv_req.rid)
+
+    def before_run(scheduler, batch, *args, **kwargs):
+        scheduler.maia.before_run(batch)
+
+    def after_result(result, scheduler, batch, *args, **kwargs):
+        scheduler.maia.after_result(batch, scheduler.token_to_kv_pool_allocator.available_size())
+
+    HookRegistry.register(f"{SCHEDULER}.__init__", after_init, HookType.AFTER)
+    HookRegistry.register(f"{SCHEDULER}.handle_generate_request", on_request, HookType.BEFORE)
+    HookRegistry.register(f"{SCHEDULER}.run_batch", before_run, HookType.BEFORE)
+    HookRegistry.register(f"{SCHEDULER}.process_batch_result", after_result, HookType.AFTER)
