@@ -20,7 +20,9 @@ The output is a copy of the model that stock vLLM 0.32 loads:
   (the weights stay unquantized); for ``--format e5m2`` the scheme is null, since vLLM
   refuses an E5M2 cache for a checkpoint that declares one (``write_calibrated_model``);
 - ``maia_kv_scales.json``: the per-KV-head scales that stock vLLM cannot load (its
-  per-tensor path takes one scale per layer) for the maia attention backend.
+  per-tensor path takes one scale per layer) for the maia attention backends;
+- ``kv_cache_scales.json`` (E4M3 only): SGLang's ``--quantization-param-path`` file, one
+  scale per layer for K and V alike (the larger of the two), for tensor parallel size 1.
 
 Imports no engine: torch, transformers and safetensors only.
 """
@@ -38,6 +40,7 @@ from transformers import DynamicCache
 from maia_serving.ops import get_fp8_format, kv_absmax
 
 SIDECAR = "maia_kv_scales.json"  # the name maia_serving.kv_scales reads
+SGLANG_SCALES = "kv_cache_scales.json"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SCALES_SHARD = "model-kv-scales.safetensors"  # only for sharded checkpoints
 MAX_DEFAULT_SEQ_LEN = 2048
@@ -183,6 +186,13 @@ def collect_absmax(model, token_ids: list[int], seq_len: int, fmt: str = "e4m3",
                          [v_absmax[i] for i in range(num_layers)])
 
 
+def sglang_scales_file(result: KvCalibration, model_type: str) -> dict:
+    """SGLang's scales schema (``QuantParamSchema``): ``scaling_factor[tp_rank][layer]``."""
+    per_layer = {i: max(k, v) for i, (k, v) in enumerate(result.per_tensor())}
+    return {"model_type": model_type,
+            "kv_cache": {"dtype": "float8_e4m3fn", "scaling_factor": {0: per_layer}}}
+
+
 def _scale_tensors(result: KvCalibration) -> dict[str, torch.Tensor]:
     tensors = {}
     for i, (k, v) in enumerate(result.per_tensor()):
@@ -208,7 +218,7 @@ def write_calibrated_model(model_dir: Path, out: Path, result: KvCalibration) ->
         raise ValueError(f"--out must differ from --model ({model_dir}): the model is copied, not edited")
     out.mkdir(parents=True, exist_ok=True)
     for path in model_dir.iterdir():
-        if path.is_file() and path.name not in ("config.json", SIDECAR) and not path.name.endswith(".safetensors"):
+        if path.is_file() and path.name not in ("config.json", SIDECAR, SGLANG_SCALES) and not path.name.endswith(".safetensors"):
             shutil.copy2(path, out / path.name)
 
     scales = _scale_tensors(result)
@@ -237,6 +247,9 @@ def write_calibrated_model(model_dir: Path, out: Path, result: KvCalibration) ->
     config["quantization_config"] = quant
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / SIDECAR).write_text(json.dumps(result.sidecar(), indent=2) + "\n")
+    if result.fmt == "e4m3":
+        document = sglang_scales_file(result, config.get("model_type", ""))
+        (out / SGLANG_SCALES).write_text(json.dumps(document, indent=2) + "\n")
 
 
 def calibrate_kv(model_dir: Path, data: list[Path], out: Path, max_tokens: int = 32768,

@@ -29,8 +29,13 @@ def scale_mode() -> str:
 
 
 def checkpoint_has_kv_scales(hf_config: object) -> bool:
-    """Whether the checkpoint declares calibrated KV scales (a kv_cache_scheme or fp8 kv)."""
-    quant = getattr(hf_config, "quantization_config", None) or {}
+    """Whether the checkpoint declares calibrated KV scales (a kv_cache_scheme or fp8 kv).
+
+    ``hf_config`` is a transformers config or the parsed config.json."""
+    if isinstance(hf_config, dict):
+        quant = hf_config.get("quantization_config") or {}
+    else:
+        quant = getattr(hf_config, "quantization_config", None) or {}
     if not isinstance(quant, dict):
         quant = getattr(quant, "to_dict", lambda: {})()
     return bool(quant.get("kv_cache_scheme")) or quant.get("kv_cache_quant_algo") is not None

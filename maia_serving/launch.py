@@ -92,6 +92,29 @@ def vllm_serve_cmd(model: str | Path, port: int, *extra: str, device: str | None
     return cmd + list(extra)
 
 
+# SGLang cannot share vLLM's environment: its servers run from their own venv.
+SGLANG_PYTHON_ENV = "MAIA_SERVING_SGLANG_PYTHON"
+DEFAULT_SGLANG_PYTHON = Path(__file__).resolve().parents[1] / ".venv-sglang" / "bin" / "python"
+
+
+def sglang_python() -> Path:
+    """The Python of the SGLang environment (``make setup-sglang`` builds .venv-sglang/)."""
+    python = Path(os.environ.get(SGLANG_PYTHON_ENV) or DEFAULT_SGLANG_PYTHON)
+    if not python.exists():
+        raise FileNotFoundError(f"no SGLang environment at {python}: run `make setup-sglang` "
+                                f"(or point {SGLANG_PYTHON_ENV} at a Python with sglang and maia-serving)")
+    return python
+
+
+def sglang_serve_cmd(model: str | Path, port: int, *extra: str, device: str | None = "maia") -> list[str]:
+    """``python -m sglang.launch_server --model-path MODEL --device maia ...`` in the SGLang venv."""
+    cmd = [str(sglang_python()), "-m", "sglang.launch_server", "--model-path", str(model),
+           "--host", "127.0.0.1", "--port", str(port)]
+    if device:
+        cmd += ["--device", device]
+    return cmd + list(extra)
+
+
 def scrape(url: str, prefix: str = "maia:") -> dict[str, float]:
     """Samples of ``/metrics`` whose name starts with ``prefix``, keyed by their line's name."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:

@@ -218,6 +218,8 @@ class EmulatedMetricSet:
                                multiprocess_mode="mostrecent")
         self.kv_used = Gauge("maia:kv_cache_blocks_used", "KV cache blocks in use", multiprocess_mode="mostrecent")
         self.kv_total = Gauge("maia:kv_cache_blocks", "KV cache blocks", ["holder"], multiprocess_mode="mostrecent")
+        self.kv_tokens = Gauge("maia:kv_cache_tokens", "KV cache capacity in tokens (blocks x block size)",
+                               ["holder"], multiprocess_mode="mostrecent")
         self.device = Gauge("maia:device_info", "The emulated device",
                             ["profile", "model", "kv_cache_dtype", "tensor_parallel_size"],
                             multiprocess_mode="mostrecent")
@@ -234,6 +236,8 @@ class EmulatedMetricSet:
         self.hbm_used.set(info.hbm_static_bytes)
         self.kv_total.labels("emulated").set(info.emulated_kv_blocks)
         self.kv_total.labels("engine").set(info.engine_kv_blocks)
+        self.kv_tokens.labels("emulated").set(info.emulated_kv_blocks * info.block_size)
+        self.kv_tokens.labels("engine").set(info.engine_kv_blocks * info.block_size)
         self.device.labels(info.profile, info.model, info.kv_cache_dtype,
                            str(info.tensor_parallel_size)).set(1)
 

@@ -165,30 +165,45 @@ def plan_memory(model: ModelShape, profile: DeviceProfile, config: ServingConfig
     )
 
 
-def suggest(model: ModelShape, profile: DeviceProfile, config: ServingConfig) -> list[str]:
-    """Changes that would make the model fit, cheapest first."""
+@dataclass(frozen=True)
+class Flags:
+    """How an engine's command line spells the settings that suggestions change."""
+
+    tensor_parallel: str
+    fp8_kv: str
+    max_len: str
+
+
+VLLM_FLAGS = Flags("--tensor-parallel-size", "--kv-cache-dtype fp8", "--max-model-len")
+SGLANG_FLAGS = Flags("--tp-size", "--kv-cache-dtype fp8_e4m3", "--context-length")
+
+
+def suggest(model: ModelShape, profile: DeviceProfile, config: ServingConfig,
+            flags: Flags = VLLM_FLAGS) -> list[str]:
+    """Changes that would make the model fit, cheapest first, as ``flags`` spells them."""
     out: list[str] = []
     tp = config.tensor_parallel_size * 2
     while tp <= profile.scale_up.chips:
         if plan_memory(model, profile, replace(config, tensor_parallel_size=tp)).fits:
-            out.append(f"--tensor-parallel-size {tp} (up to {profile.scale_up.chips} chips per node)")
+            out.append(f"{flags.tensor_parallel} {tp} (up to {profile.scale_up.chips} chips per node)")
             break
         tp *= 2
     if not config.kv_cache_dtype.startswith("fp8"):
         if plan_memory(model, profile, replace(config, kv_cache_dtype="fp8")).fits:
-            out.append("--kv-cache-dtype fp8 (half the KV bytes per token)")
+            out.append(f"{flags.fp8_kv} (half the KV bytes per token)")
     plan = plan_memory(model, profile, config)
     room = int(plan.kv_budget_bytes // plan.kv_bytes_per_token) // config.block_size * config.block_size
     if 0 < room < plan.max_model_len:
-        out.append(f"--max-model-len {room} (the longest sequence the KV budget holds)")
+        out.append(f"{flags.max_len} {room} (the longest sequence the KV budget holds)")
     if not out:
         out.append("a profile with more HBM (see `maia-serving profiles`)")
     return out
 
 
-def require_fit(model: ModelShape, profile: DeviceProfile, config: ServingConfig) -> MemoryPlan:
+def require_fit(model: ModelShape, profile: DeviceProfile, config: ServingConfig,
+                flags: Flags = VLLM_FLAGS) -> MemoryPlan:
     """The memory plan, or NotEnoughMemory with the numbers and what would fit."""
     plan = plan_memory(model, profile, config)
     if not plan.fits:
-        raise NotEnoughMemory(plan, suggest(model, profile, config))
+        raise NotEnoughMemory(plan, suggest(model, profile, config, flags))
     return plan

@@ -150,7 +150,8 @@ class MaiaAttnBackend(AttentionBackend):
         cached = self._scales.get(layer.layer_id)
         if cached is not None:
             return cached
-        if kv_scales.scale_mode() == "per_head":
+        mode = kv_scales.scale_mode()
+        if mode == "per_head":
             from sglang.srt.distributed import (
                 get_tensor_model_parallel_rank,
                 get_tensor_model_parallel_world_size,
@@ -166,8 +167,13 @@ class MaiaAttnBackend(AttentionBackend):
                 if not self._warned_default_scale:
                     logger.warning(kv_scales.missing_scales_warning(self.kv_cache_dtype, self.model_dir))
                     self._warned_default_scale = True
-                k, v = k or 1.0, v or 1.0
+                k, v, mode = k or 1.0, v or 1.0, "default 1.0"
+            else:
+                mode = "per_tensor"
             scales = (k, v)
+        if not self._scales:
+            logger.info("Maia KV cache %s: %s scales, layer %d: k=%s v=%s", self.kv_cache_dtype, mode,
+                        layer.layer_id, _show(scales[0]), _show(scales[1]))
         self._scales[layer.layer_id] = scales
         return scales
 
@@ -182,3 +188,8 @@ class MaiaAttnBackend(AttentionBackend):
 
     def support_triton(self) -> bool:
         return False
+
+
+def _show(scale: torch.Tensor | float) -> str:
+    values = scale.tolist() if isinstance(scale, torch.Tensor) else [scale]
+    return ",".join(f"{x:.4g}" for x in values)

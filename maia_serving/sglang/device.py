@@ -8,7 +8,7 @@ from pathlib import Path
 from maia_serving import envs
 from maia_serving.emulator.cost import Parallel
 from maia_serving.emulator.hardware import load_profile
-from maia_serving.emulator.memory import ServingConfig, require_fit
+from maia_serving.emulator.memory import SGLANG_FLAGS, ServingConfig, require_fit
 from maia_serving.emulator.model_shape import shape_from_config
 from maia_serving.emulator.session import EmulatedDevice
 
@@ -16,6 +16,9 @@ from maia_serving.emulator.session import EmulatedDevice
 # page size, so both engines report the same capacity for the same profile.
 EMULATED_BLOCK_SIZE = 16
 DEFAULT_MAX_RUNNING_REQUESTS = 256  # vLLM's max_num_seqs default, for the same workspace
+# vLLM 0.32's default gpu_memory_utilization: without --mem-fraction-static both engines
+# give the same share of the emulated HBM to weights and KV cache.
+DEFAULT_MEMORY_FRACTION = 0.92
 
 
 def kv_cache_dtype(server_args) -> str:
@@ -42,6 +45,7 @@ def serving_config(server_args) -> ServingConfig:
         kv_cache_dtype=kv_cache_dtype(server_args),
         max_model_len=server_args.context_length,
         block_size=EMULATED_BLOCK_SIZE,
+        gpu_memory_utilization=float(server_args.mem_fraction_static or DEFAULT_MEMORY_FRACTION),
         max_num_batched_tokens=int(batched),
         max_num_seqs=int(server_args.max_running_requests or DEFAULT_MAX_RUNNING_REQUESTS),
     )
@@ -55,7 +59,7 @@ def build_device(server_args, profile: str | None = None) -> EmulatedDevice:
     model = shape_from_config(hf, name=server_args.served_model_name or server_args.model_path)
     config = serving_config(server_args)
     device_profile = load_profile(envs.profile_name(profile))
-    plan = require_fit(model, device_profile, config)
+    plan = require_fit(model, device_profile, config, SGLANG_FLAGS)
     return EmulatedDevice(device_profile, model, plan,
                           Parallel(tp=config.tensor_parallel_size, pp=config.pipeline_parallel_size),
                           config.kv_cache_dtype)

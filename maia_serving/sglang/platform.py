@@ -57,6 +57,7 @@ class MaiaSRTPlatform(CpuDeviceMixin, SRTPlatform):
         # to the emulator with its own batch (maia_serving.sglang.stepping).
         server_args.disable_overlap_schedule = True
         server_args.cuda_graph_config = _no_graphs(server_args.cuda_graph_config)
+        _validate_kv_scales(server_args)
         _size_kv_pool(server_args)
 
 
@@ -66,6 +67,33 @@ def _no_graphs(config):
 
     config = with_phase(config, Phase.DECODE, backend=Backend.DISABLED)
     return with_phase(config, Phase.PREFILL, backend=Backend.DISABLED)
+
+
+def _validate_kv_scales(server_args) -> None:
+    """FP8 without calibrated scales runs, but never quietly; a named scales file must exist."""
+    from pathlib import Path
+
+    from maia_serving import kv_scales
+    from maia_serving.sglang.device import hf_config, kv_cache_dtype
+
+    cache_dtype = kv_cache_dtype(server_args)
+    if not cache_dtype.startswith("fp8"):
+        return
+    model = server_args.model_path
+    if kv_scales.scale_mode() == "per_head":
+        kv_scales.require_sidecar(model)
+        return
+    path = server_args.quantization_param_path
+    if path:
+        if not Path(path).is_file():
+            raise ValueError(f"--quantization-param-path {path} does not exist; write it with "
+                             f"`{kv_scales.calibrate_command(model)}` (kv_cache_scales.json in the output)")
+        if cache_dtype != "fp8_e4m3":
+            raise ValueError(f"--quantization-param-path is read by SGLang for fp8_e4m3 only, not {cache_dtype}; "
+                             "use a calibrated checkpoint (its kv_cache_scheme) or MAIA_SERVING_KV_SCALES=per_head")
+        return
+    if not kv_scales.checkpoint_has_kv_scales(hf_config(model)):
+        logger.warning(kv_scales.missing_scales_warning(cache_dtype, model))
 
 
 def _size_kv_pool(server_args) -> None:

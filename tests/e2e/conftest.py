@@ -1,15 +1,29 @@
-"""One real `vllm serve <demo> --device maia` on 127.0.0.1, shared by the e2e tests."""
+"""Real servers on 127.0.0.1, one per configuration, shared by the e2e tests:
+`vllm serve <demo> --device maia` and `python -m sglang.launch_server --model-path <demo>
+--device maia` (from .venv-sglang/), with the same limits so their figures compare."""
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from maia_serving.launch import Server, free_port, vllm_serve_cmd
+from maia_serving.launch import Server, free_port, sglang_serve_cmd, vllm_serve_cmd
 
 ROOT = Path(__file__).resolve().parents[2]
 LOGS = ROOT / "models" / "logs"
 # Eager mode keeps startup near 30 s; the CPU backend's compile warm-up adds as much again.
 ENGINE_ENV = {"VLLM_CPU_CI_ENV": "1", "MAIA_SERVING_LOG_INTERVAL_S": "1"}
+SGLANG_ENV = {"MAIA_SERVING_PROFILE": "maia100", "MAIA_SERVING_LOG_INTERVAL_S": "1"}
+# The same scheduling limits for both engines, so the emulated workspace and KV capacity match.
+VLLM_LIMITS = ("--max-model-len", "512", "--max-num-batched-tokens", "2048", "--max-num-seqs", "64")
+SGLANG_LIMITS = ("--context-length", "512", "--chunked-prefill-size", "2048", "--max-running-requests", "64")
+
+
+@dataclass
+class Served:
+    engine: str
+    server: Server
+    client: object  # openai.OpenAI
 
 
 @pytest.fixture(scope="session")
@@ -20,14 +34,58 @@ def logs_dir() -> Path:
 @pytest.fixture(scope="session")
 def maia_server(demo_model):
     port = free_port()
-    cmd = vllm_serve_cmd(demo_model, port, "--served-model-name", "demo", "--max-model-len", "512",
+    cmd = vllm_serve_cmd(demo_model, port, "--served-model-name", "demo", *VLLM_LIMITS,
                          "--enforce-eager", "--additional-config", '{"maia_profile": "maia100"}')
     with Server(cmd, port, LOGS / "maia-server.log", env=ENGINE_ENV) as server:
         yield server
 
 
 @pytest.fixture(scope="session")
-def client(maia_server):
+def sglang_server(demo_model):
+    port = free_port()
+    cmd = sglang_serve_cmd(demo_model, port, "--served-model-name", "demo", *SGLANG_LIMITS, "--enable-metrics")
+    with Server(cmd, port, LOGS / "maia-sglang-server.log", env=SGLANG_ENV) as server:
+        yield server
+
+
+def openai_client(server: Server):
     from openai import OpenAI
 
-    return OpenAI(base_url=f"{maia_server.url}/v1", api_key="none", max_retries=0)
+    return OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def calibrated_demo(demo_model, tmp_path_factory):
+    """The demo model calibrated by `maia-serving calibrate-kv` (E4M3): (folder, KvCalibration)."""
+    from maia_serving.calibration import calibrate_kv
+    from maia_serving.models.tokenizer import stdlib_files
+
+    out = tmp_path_factory.mktemp("demo-kv-fp8")
+    result = calibrate_kv(demo_model, stdlib_files(3), out, max_tokens=4096, seq_len=256, progress=False)
+    return out, result
+
+
+@pytest.fixture(scope="session")
+def sglang_fp8_server(calibrated_demo):
+    port = free_port()
+    cmd = sglang_serve_cmd(calibrated_demo[0], port, "--served-model-name", "demo-fp8", *SGLANG_LIMITS,
+                           "--kv-cache-dtype", "fp8_e4m3", "--enable-metrics")
+    with Server(cmd, port, LOGS / "maia-sglang-fp8-server.log", env=SGLANG_ENV) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def client(maia_server):
+    return openai_client(maia_server)
+
+
+@pytest.fixture(scope="session")
+def sglang_client(sglang_server):
+    return openai_client(sglang_server)
+
+
+@pytest.fixture(scope="session", params=["vllm", "sglang"])
+def served(request) -> Served:
+    """The same behaviour is expected of both engines on --device maia."""
+    server = request.getfixturevalue("maia_server" if request.param == "vllm" else "sglang_server")
+    return Served(request.param, server, openai_client(server))

@@ -8,6 +8,7 @@ from safetensors import safe_open
 
 from maia_serving.calibration import (
     SCALES_SHARD,
+    SGLANG_SCALES,
     SIDECAR,
     absmax_to_scale,
     calibrate_kv,
@@ -132,6 +133,13 @@ def test_calibrate_kv_writes_scales_config_and_sidecar(tiny_model_dir, data_file
     assert config["vocab_size"] == json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
     assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {p.name for p in out.iterdir()}
 
+    # SGLang's --quantization-param-path file: one scale per layer covering K and V, TP rank 0.
+    sglang = json.loads((out / SGLANG_SCALES).read_text())
+    assert sglang["model_type"] == config["model_type"]
+    assert sglang["kv_cache"]["dtype"] == "float8_e4m3fn"
+    assert sglang["kv_cache"]["scaling_factor"]["0"] == {
+        str(i): max(sidecar["per_tensor"][str(i)].values()) for i in range(NUM_LAYERS)}
+
 
 def test_e5m2_calibration_declares_no_kv_cache_scheme(tiny_model_dir, data_file, tmp_path):
     out = tmp_path / "e5m2"
@@ -139,6 +147,7 @@ def test_e5m2_calibration_declares_no_kv_cache_scheme(tiny_model_dir, data_file,
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["kv_cache_scheme"] is None  # vLLM 0.32 refuses fp8_e5m2 with one
     assert json.loads((out / SIDECAR).read_text())["format"] == "e5m2"
+    assert not (out / SGLANG_SCALES).exists()  # SGLang reads that file for E4M3 only
     with safe_open(out / "model.safetensors", framework="pt") as f:
         assert f.get_tensor("model.layers.0.self_attn.k_scale").item() == pytest.approx(
             result.k_absmax[0].max().item() / 57344.0)

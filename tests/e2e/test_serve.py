@@ -1,0 +1,119 @@
+"""Both engines on --device maia (`vllm serve` and SGLang's launch_server), through the
+openai client and plain HTTP: the same requests, the same answers expected."""
+
+import json
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from maia_serving.launch import scrape
+
+
+def test_models_lists_the_served_model(served):
+    models = served.client.models.list()
+    assert [m.id for m in models.data] == ["demo"]
+    assert models.data[0].max_model_len == 512
+
+
+def test_completion(served):
+    out = served.client.completions.create(model="demo", prompt="def add(a, b):", max_tokens=12, temperature=0)
+    assert out.usage.completion_tokens == 12
+    assert isinstance(out.choices[0].text, str) and out.choices[0].text
+
+
+def test_greedy_is_deterministic(served):
+    texts = {served.client.completions.create(model="demo", prompt="import os\n", max_tokens=8,
+                                              temperature=0).choices[0].text for _ in range(2)}
+    assert len(texts) == 1
+
+
+def test_chat(served):
+    out = served.client.chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "Say hi."}], max_tokens=10, temperature=0)
+    assert out.choices[0].message.role == "assistant"
+    assert out.usage.completion_tokens == 10
+
+
+def test_streaming_chat(served):
+    stream = served.client.chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "Count."}], max_tokens=8, temperature=0,
+        stream=True)
+    pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+    assert len(pieces) >= 2
+
+
+def test_streaming_completion(served):
+    stream = served.client.completions.create(model="demo", prompt="import", max_tokens=6, temperature=0,
+                                              stream=True)
+    pieces = [c.choices[0].text for c in stream if c.choices and c.choices[0].text]
+    assert len(pieces) >= 2
+
+
+def test_concurrent_requests(served):
+    def one(i: int) -> int:
+        out = served.client.completions.create(model="demo", prompt=f"x = {i}\n", max_tokens=16, temperature=0)
+        return out.usage.completion_tokens
+
+    with ThreadPoolExecutor(6) as pool:
+        assert list(pool.map(one, range(6))) == [16] * 6
+
+
+def test_prompt_over_max_model_len_is_400_and_server_keeps_serving(served):
+    with pytest.raises(openai.BadRequestError) as err:
+        served.client.completions.create(model="demo", prompt="word " * 2000, max_tokens=4)
+    assert err.value.status_code == 400
+    assert "context length" in str(err.value) or "512" in str(err.value)
+    out = served.client.completions.create(model="demo", prompt="still there?", max_tokens=4)
+    assert out.usage.completion_tokens == 4
+
+
+@pytest.mark.parametrize("body", [b"{not json", b'{"model": "demo", "prompt": "x", "max_tokens": "many"}'])
+def test_malformed_request_is_4xx_and_server_keeps_serving(served, body):
+    req = urllib.request.Request(f"{served.server.url}/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=10)
+    assert 400 <= err.value.code < 500
+    out = served.client.completions.create(model="demo", prompt="still there?", max_tokens=4)
+    assert out.usage.completion_tokens == 4
+
+
+def test_metrics_carry_the_emulated_figures(served):
+    before = scrape(served.server.url)
+    served.client.completions.create(model="demo", prompt="a b c d e f g h", max_tokens=5, temperature=0)
+    time.sleep(0.2)  # SGLang's scheduler writes its metric files after the response is sent
+    after = scrape(served.server.url)
+    assert after["maia:emulated_step_seconds_count"] - before.get("maia:emulated_step_seconds_count", 0) >= 5
+    assert after["maia:emulated_busy_seconds_total"] > before.get("maia:emulated_busy_seconds_total", 0)
+    assert after["maia:emulated_time_to_first_token_seconds_count"] >= 1
+    assert after["maia:emulated_time_per_output_token_seconds_count"] >= 1
+    assert after["maia:emulated_e2e_request_latency_seconds_count"] >= 1
+    assert after["maia:hbm_total_bytes"] == 64e9
+    assert 0 < after["maia:hbm_used_bytes"] < 64e9
+    info = [k for k in after if k.startswith("maia:device_info{")]
+    assert info and 'profile="maia100"' in info[0] and 'kv_cache_dtype="auto"' in info[0], info
+    assert after['maia:kv_cache_blocks{holder="emulated"}'] >= after['maia:kv_cache_blocks{holder="engine"}'] > 0
+
+
+def test_logs_state_kv_sizing_and_emulated_progress(served):
+    served.client.completions.create(model="demo", prompt="log me", max_tokens=3)
+    time.sleep(1.5)
+    served.client.completions.create(model="demo", prompt="log me again", max_tokens=3)
+    log = served.server.log_text()
+    assert "Maia KV cache: emulated maia100 holds" in log and "so the engine gets" in log
+    assert "Maia emulation [maia100]" in log
+
+
+def test_vllm_health_and_version(maia_server):
+    with urllib.request.urlopen(f"{maia_server.url}/version", timeout=10) as resp:
+        assert json.loads(resp.read())["version"].startswith("0.32")
+
+
+def test_sglang_runs_the_maia_attention_backend_on_the_host(sglang_server):
+    with urllib.request.urlopen(f"{sglang_server.url}/server_info", timeout=10) as resp:
+        info = json.loads(resp.read())
+    assert info["attention_backend"] == "maia"
+    assert info["device"] == "cpu"  # --device maia runs its tensors on the host

@@ -1,0 +1,160 @@
+"""MaiaAttnBackend over SGLang's token-to-KV pool against plain attention on what the pool holds.
+
+The pool is what SGLang allocates (``[slots, kv_heads, head_dim]`` per layer, uint8 codes
+for FP8); requests own scattered slots through ``req_to_token``. The check is independent
+of maia_serving.ops: per request, gather the cached K/V by slot, dequantize, and run
+torch's SDPA with the causal offset of the prefix.
+"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+from maia_serving.ops.fp8 import dequantize_fp8_ref
+from maia_serving.sglang.attention import MaiaAttnBackend
+
+HEADS, KV_HEADS, HEAD_DIM, LAYERS = 4, 2, 16, 1
+STORE = {"auto": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+class Pool:
+    """SGLang's MHATokenToKVPool as the backend sees it."""
+
+    def __init__(self, slots: int, dtype: torch.dtype):
+        store = torch.uint8 if dtype.itemsize == 1 else dtype
+        self.k = torch.zeros(slots, KV_HEADS, HEAD_DIM, dtype=store)
+        self.v = torch.zeros_like(self.k)
+        self.dtype = dtype
+
+    def get_key_buffer(self, layer_id):
+        return self.k.view(self.dtype)
+
+    def get_value_buffer(self, layer_id):
+        return self.v.view(self.dtype)
+
+
+def make_backend(kv: str, page_size: int, slots: int, req_to_token: torch.Tensor):
+    runner = SimpleNamespace(device=torch.device("cpu"), req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
+                             token_to_kv_pool=Pool(slots, STORE[kv]), page_size=page_size,
+                             kv_cache_dtype=STORE[kv], model_config=SimpleNamespace(model_path="unused"))
+    return MaiaAttnBackend(runner)
+
+
+def layer(k_scale=None, v_scale=None):
+    return SimpleNamespace(layer_id=0, tp_q_head_num=HEADS, tp_k_head_num=KV_HEADS, qk_head_dim=HEAD_DIM,
+                           v_head_dim=HEAD_DIM, scaling=HEAD_DIM ** -0.5, is_cross_attention=False,
+                           sliding_window_size=-1, logit_cap=0.0, k_scale_float=k_scale, v_scale_float=v_scale)
+
+
+def assign_slots(lens: list[int], page_size: int, max_len: int) -> torch.Tensor:
+    """Each request gets whole pages, scattered over the pool (page 0 stays SGLang's padding)."""
+    gen = torch.Generator().manual_seed(0)
+    pages = (torch.randperm(64, generator=gen) + 1).tolist()
+    table = torch.zeros(len(lens), max_len, dtype=torch.int32)
+    for r, n in enumerate(lens):
+        for pos in range(n):
+            if pos % page_size == 0:
+                page = pages.pop()
+            table[r, pos] = page * page_size + pos % page_size
+    return table
+
+
+def expected(q, backend, lyr, req_to_token, prefix, new, kv):
+    pool = backend.token_to_kv_pool
+    out, start = [], 0
+    for r, (p, n) in enumerate(zip(prefix, new)):
+        slots = req_to_token[r, : p + n].long()
+        k, v = pool.k[slots], pool.v[slots]
+        if kv == "auto":
+            k, v = k.float(), v.float()
+        else:
+            fmt = kv.removeprefix("fp8_")
+            k, v = dequantize_fp8_ref(k, lyr.k_scale_float, fmt), dequantize_fp8_ref(v, lyr.v_scale_float, fmt)
+        qr = q[start:start + n].float().view(n, HEADS, HEAD_DIM).transpose(0, 1)
+        k = k.transpose(0, 1).repeat_interleave(HEADS // KV_HEADS, 0)
+        v = v.transpose(0, 1).repeat_interleave(HEADS // KV_HEADS, 0)
+        mask = torch.arange(p + n)[None, :] <= (p + torch.arange(n))[:, None]
+        o = F.scaled_dot_product_attention(qr, k, v, attn_mask=mask, scale=lyr.scaling)
+        out.append(o.transpose(0, 1).reshape(n, HEADS * HEAD_DIM))
+        start += n
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("kv,scales", [("auto", (None, None)), ("fp8_e4m3", (0.02, 0.03)), ("fp8_e5m2", (0.5, 0.25))])
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_extend_then_decode_match_attention_over_the_pool(kv, scales, page_size):
+    torch.manual_seed(0)
+    prefix, new = [0, 5, 3], [4, 3, 1]  # a prefill, a prefix hit, a chunked continuation
+    req_to_token = assign_slots([p + n + 1 for p, n in zip(prefix, new)], page_size, 16)
+    slots = 65 * page_size + page_size
+    backend = make_backend(kv, page_size, slots, req_to_token)
+    lyr = layer(*scales)
+    # The cached prefixes, written as an earlier step would have.
+    pre = sum(prefix)
+    if pre:
+        k0, v0 = torch.randn(pre, KV_HEADS * HEAD_DIM), torch.randn(pre, KV_HEADS * HEAD_DIM)
+        loc = torch.cat([req_to_token[r, :p] for r, p in enumerate(prefix)])
+        batch = SimpleNamespace(forward_mode=ForwardMode.EXTEND, batch_size=3, req_pool_indices=torch.arange(3),
+                                seq_lens=torch.tensor(prefix), seq_lens_cpu=torch.tensor(prefix),
+                                extend_seq_lens_cpu=prefix, out_cache_loc=loc)
+        rows = [r for r, p in enumerate(prefix) if p]
+        batch.req_pool_indices, batch.batch_size = torch.tensor(rows), len(rows)
+        batch.seq_lens = batch.seq_lens_cpu = torch.tensor([prefix[r] for r in rows])
+        batch.extend_seq_lens_cpu = [prefix[r] for r in rows]
+        backend.init_forward_metadata(batch)
+        backend.forward_extend(torch.randn(pre, HEADS * HEAD_DIM).bfloat16(), k0.bfloat16(), v0.bfloat16(),
+                               lyr, batch)
+
+    total = sum(new)
+    q = torch.randn(total, HEADS * HEAD_DIM).bfloat16()
+    k, v = torch.randn(total, KV_HEADS * HEAD_DIM).bfloat16(), torch.randn(total, KV_HEADS * HEAD_DIM).bfloat16()
+    seq = [p + n for p, n in zip(prefix, new)]
+    batch = SimpleNamespace(forward_mode=ForwardMode.EXTEND, batch_size=3, req_pool_indices=torch.arange(3),
+                            seq_lens=torch.tensor(seq), seq_lens_cpu=torch.tensor(seq), extend_seq_lens_cpu=new,
+                            out_cache_loc=torch.cat([req_to_token[r, p:p + n] for r, (p, n) in
+                                                     enumerate(zip(prefix, new))]))
+    backend.init_forward_metadata(batch)
+    out = backend.forward_extend(q, k, v, lyr, batch)
+    assert out.shape == (total, HEADS * HEAD_DIM) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected(q, backend, lyr, req_to_token, prefix, new, kv),
+                               atol=2e-2, rtol=2e-2)
+
+    # One decode step for all three: one query each over everything cached so far.
+    q1 = torch.randn(3, HEADS * HEAD_DIM).bfloat16()
+    k1, v1 = torch.randn(3, KV_HEADS * HEAD_DIM).bfloat16(), torch.randn(3, KV_HEADS * HEAD_DIM).bfloat16()
+    seq1 = [s + 1 for s in seq]
+    batch = SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=3, req_pool_indices=torch.arange(3),
+                            seq_lens=torch.tensor(seq1), seq_lens_cpu=torch.tensor(seq1),
+                            out_cache_loc=torch.stack([req_to_token[r, s] for r, s in enumerate(seq)]))
+    backend.init_forward_metadata(batch)
+    out1 = backend.forward_decode(q1, k1, v1, lyr, batch)
+    torch.testing.assert_close(out1.float(), expected(q1, backend, lyr, req_to_token, seq, [1, 1, 1], kv),
+                               atol=2e-2, rtol=2e-2)
+
+
+def test_fp8_codes_in_the_pool_are_the_reference_quantization():
+    from maia_serving.ops.fp8 import quantize_fp8_ref
+
+    req_to_token = assign_slots([3], 1, 4)
+    backend = make_backend("fp8_e4m3", 1, 80, req_to_token)
+    k, v = torch.randn(3, KV_HEADS * HEAD_DIM) * 30, torch.randn(3, KV_HEADS * HEAD_DIM)
+    batch = SimpleNamespace(forward_mode=ForwardMode.EXTEND, batch_size=1, req_pool_indices=torch.arange(1),
+                            seq_lens=torch.tensor([3]), seq_lens_cpu=torch.tensor([3]), extend_seq_lens_cpu=[3],
+                            out_cache_loc=req_to_token[0, :3])
+    backend.init_forward_metadata(batch)
+    backend.forward_extend(torch.randn(3, HEADS * HEAD_DIM), k, v, layer(0.05, 0.01), batch)
+    slots = req_to_token[0, :3].long()
+    pool = backend.token_to_kv_pool
+    assert torch.equal(pool.k[slots], quantize_fp8_ref(k.view(3, KV_HEADS, HEAD_DIM), 0.05, "e4m3"))
+    assert torch.equal(pool.v[slots], quantize_fp8_ref(v.view(3, KV_HEADS, HEAD_DIM), 0.01, "e4m3"))
+
+
+def test_sliding_window_is_refused_with_a_clear_error():
+    backend = make_backend("auto", 1, 8, torch.zeros(1, 4, dtype=torch.int32))
+    lyr = layer()
+    lyr.sliding_window_size = 128
+    with pytest.raises(NotImplementedError, match="sliding window"):
+        backend.forward_decode(torch.randn(1, HEADS * HEAD_DIM), None, None, lyr, SimpleNamespace())
