@@ -1,32 +1,49 @@
 # Two commands: `make demo` and `make test`. Both set everything up first.
 VENV_VLLM := .venv-vllm
+VENV_SGLANG := .venv-sglang
 PY := $(VENV_VLLM)/bin/python
+SGL_PY := $(VENV_SGLANG)/bin/python
+# Engine-free unit tests run in both environments: the emulator and kernels install in each.
+SGLANG_UNIT := tests/unit/sglang tests/unit/emulator tests/unit/test_ops_host.py tests/unit/test_sglang_activate.py
 
-.PHONY: demo test test-unit test-e2e setup-vllm lint bench clean
+.PHONY: demo demo-sglang test test-unit test-e2e setup setup-vllm setup-sglang lint bench clean
+
+setup: setup-vllm setup-sglang
 
 setup-vllm:
 	bash scripts/setup-vllm.sh
 
+setup-sglang:
+	bash scripts/setup-sglang.sh
+
 demo: setup-vllm
 	$(PY) scripts/demo.py
 
-test: setup-vllm
+demo-sglang: setup-sglang
+	$(PY) scripts/demo.py --engine sglang
+
+# The vLLM environment drives every end-to-end test (SGLang's servers run from
+# .venv-sglang); the SGLang adapter's unit tests run in .venv-sglang.
+test: setup
+	$(SGL_PY) -m pytest $(SGLANG_UNIT)
 	$(PY) -m pytest tests
 
-test-unit: setup-vllm
+test-unit: setup
+	$(SGL_PY) -m pytest $(SGLANG_UNIT)
 	$(PY) -m pytest tests/unit
 
-test-e2e: setup-vllm
+test-e2e: setup
 	$(PY) -m pytest tests/e2e
 
 lint: setup-vllm
 	$(VENV_VLLM)/bin/ruff check maia_serving kernels tests benchmarks scripts
 
-bench: setup-vllm
+bench: setup
 	cd benchmarks && ../$(PY) serve_throughput.py
+	cd benchmarks && ../$(PY) engines.py
 	cd benchmarks && ../$(PY) kv_capacity.py
 	cd benchmarks && ../$(PY) kv_accuracy.py
 	cd benchmarks && ../$(PY) kernels_bench.py
 
 clean:
-	rm -rf $(VENV_VLLM) models benchmarks/out
+	rm -rf $(VENV_VLLM) $(VENV_SGLANG) models benchmarks/out

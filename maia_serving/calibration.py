@@ -218,7 +218,8 @@ def write_calibrated_model(model_dir: Path, out: Path, result: KvCalibration) ->
         raise ValueError(f"--out must differ from --model ({model_dir}): the model is copied, not edited")
     out.mkdir(parents=True, exist_ok=True)
     for path in model_dir.iterdir():
-        if path.is_file() and path.name not in ("config.json", SIDECAR, SGLANG_SCALES) and not path.name.endswith(".safetensors"):
+        written_here = path.name in ("config.json", SIDECAR, SGLANG_SCALES) or path.name.endswith(".safetensors")
+        if path.is_file() and not written_here:
             shutil.copy2(path, out / path.name)
 
     scales = _scale_tensors(result)

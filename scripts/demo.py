@@ -1,15 +1,17 @@
-"""`make demo`: serve the demo model with `vllm serve ... --device maia`, ask it one
-chat question through the openai client, print the answer and the emulated figures."""
+"""`make demo`: serve the demo model with `vllm serve ... --device maia` (or, with
+``--engine sglang``, SGLang's launch_server ``--device maia``), ask it one chat question
+through the openai client, print the answer and the emulated figures."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from openai import OpenAI
 
-from maia_serving.launch import Server, free_port, scrape, vllm_serve_cmd
+from maia_serving.launch import Server, free_port, scrape, sglang_serve_cmd, vllm_serve_cmd
 from maia_serving.models.demo import build_demo_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,23 +21,31 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=str(ROOT / "models" / "demo"))
     parser.add_argument("--profile", default="maia200")
+    parser.add_argument("--engine", choices=["vllm", "sglang"], default="vllm")
     args = parser.parse_args()
     model = Path(args.model)
     if not (model / "config.json").exists():
         print(f"building the demo model in {model}")
         build_demo_model(model)
     port = free_port()
-    cmd = vllm_serve_cmd(model, port, "--served-model-name", "demo", "--max-model-len", "1024",
-                         "--enforce-eager", "--additional-config", f'{{"maia_profile": "{args.profile}"}}')
-    print("$", " ".join(cmd))
-    log = ROOT / "models" / "demo-server.log"
-    with Server(cmd, port, log, env={"VLLM_CPU_CI_ENV": "1"}) as server:
+    if args.engine == "vllm":
+        cmd = vllm_serve_cmd(model, port, "--served-model-name", "demo", "--max-model-len", "1024",
+                             "--enforce-eager", "--additional-config", f'{{"maia_profile": "{args.profile}"}}')
+        env = {"VLLM_CPU_CI_ENV": "1"}
+    else:
+        cmd = sglang_serve_cmd(model, port, "--served-model-name", "demo", "--context-length", "1024",
+                               "--enable-metrics")
+        env = {"MAIA_SERVING_PROFILE": args.profile}
+    print("$", " ".join(f"{k}={v}" for k, v in env.items()), " ".join(cmd))
+    log = ROOT / "models" / f"demo-{args.engine}-server.log"
+    with Server(cmd, port, log, env=env) as server:
         client = OpenAI(base_url=f"{server.url}/v1", api_key="none")
         question = "Write a Python function that adds two numbers."
         reply = client.chat.completions.create(
             model="demo", messages=[{"role": "user", "content": question}], max_tokens=32, temperature=0)
         print(f"\nuser: {question}\nassistant (random demo weights): {reply.choices[0].message.content!r}")
         print(f"usage: {reply.usage.prompt_tokens} prompt + {reply.usage.completion_tokens} completion tokens")
+        time.sleep(0.2)  # SGLang's scheduler writes its metric files just after answering
         m = scrape(server.url)
         info = next(k for k in m if k.startswith("maia:device_info"))
         steps = m["maia:emulated_step_seconds_count"]

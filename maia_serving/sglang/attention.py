@@ -152,7 +152,7 @@ class MaiaAttnBackend(AttentionBackend):
             return cached
         mode = kv_scales.scale_mode()
         if mode == "per_head":
-            from sglang.srt.distributed import (
+            from sglang.srt.distributed.parallel_state import (
                 get_tensor_model_parallel_rank,
                 get_tensor_model_parallel_world_size,
             )

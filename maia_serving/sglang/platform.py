@@ -56,6 +56,9 @@ class MaiaSRTPlatform(CpuDeviceMixin, SRTPlatform):
         # One step at a time: the host has nothing to overlap, and each step is charged
         # to the emulator with its own batch (maia_serving.sglang.stepping).
         server_args.disable_overlap_schedule = True
+        # An idle scheduler otherwise polls its sockets flat out, taking a host core
+        # from every other engine process (seen: 80-90% of a core per idle server).
+        server_args.sleep_on_idle = True
         server_args.cuda_graph_config = _no_graphs(server_args.cuda_graph_config)
         _validate_kv_scales(server_args)
         _size_kv_pool(server_args)
@@ -91,6 +94,10 @@ def _validate_kv_scales(server_args) -> None:
         if cache_dtype != "fp8_e4m3":
             raise ValueError(f"--quantization-param-path is read by SGLang for fp8_e4m3 only, not {cache_dtype}; "
                              "use a calibrated checkpoint (its kv_cache_scheme) or MAIA_SERVING_KV_SCALES=per_head")
+        if kv_scales.checkpoint_has_kv_scales(hf_config(model)):
+            # SGLang 0.5.23 then assigns a float to the layer's k_scale parameter and fails.
+            raise ValueError(f"{model} already carries calibrated KV scales (kv_cache_scheme); serve it without "
+                             "--quantization-param-path, or pass the scales file with the original model")
         return
     if not kv_scales.checkpoint_has_kv_scales(hf_config(model)):
         logger.warning(kv_scales.missing_scales_warning(cache_dtype, model))

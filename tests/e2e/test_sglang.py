@@ -79,10 +79,11 @@ def test_offline_fp8_without_scales_warns_loudly(demo_model):
     assert "Maia KV cache fp8_e5m2: default 1.0 scales" in log or "per_tensor scales, layer 0: k=1 v=1" in log
 
 
-def test_offline_fp8_with_sglang_scales_file(calibrated_demo):
-    model, result = calibrated_demo
-    texts, log = run_offline(model, {"kv_cache_dtype": "fp8_e4m3",
-                                     "quantization_param_path": str(model / "kv_cache_scales.json")})
+def test_offline_fp8_with_sglang_scales_file(demo_model, calibrated_demo):
+    """The original model plus the scales file that calibrate-kv wrote beside its output."""
+    calibrated, result = calibrated_demo
+    texts, log = run_offline(demo_model, {"kv_cache_dtype": "fp8_e4m3",
+                                          "quantization_param_path": str(calibrated / "kv_cache_scales.json")})
     assert all(texts)
     k, v = result.per_tensor()[0]
     # SGLang's scales file holds one scale per layer for K and V alike: the larger one.
