@@ -65,7 +65,18 @@ def calibrated_demo(demo_model, tmp_path_factory):
     return out, result
 
 
-@pytest.fixture(scope="session")
+# FP8 servers live as long as the one module that uses each, to spare the host's memory.
+@pytest.fixture(scope="module")
+def vllm_fp8_server(calibrated_demo):
+    port = free_port()
+    cmd = vllm_serve_cmd(calibrated_demo[0], port, "--served-model-name", "demo-fp8", *VLLM_LIMITS,
+                         "--enforce-eager", "--kv-cache-dtype", "fp8", "--additional-config",
+                         '{"maia_profile": "maia100"}')
+    with Server(cmd, port, LOGS / "maia-fp8-server.log", env={"VLLM_CPU_CI_ENV": "1"}) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
 def sglang_fp8_server(calibrated_demo):
     port = free_port()
     cmd = sglang_serve_cmd(calibrated_demo[0], port, "--served-model-name", "demo-fp8", *SGLANG_LIMITS,

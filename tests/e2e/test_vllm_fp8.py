@@ -2,34 +2,14 @@
 
 import pytest
 
-from maia_serving.launch import Server, free_port, scrape, vllm_serve_cmd
+from maia_serving.launch import scrape
 
 
 @pytest.fixture(scope="module")
-def calibrated_demo(demo_model, tmp_path_factory):
-    from maia_serving.calibration import calibrate_kv
-    from maia_serving.models.tokenizer import stdlib_files
-
-    out = tmp_path_factory.mktemp("demo-kv-fp8")
-    calibrate_kv(demo_model, stdlib_files(3), out, max_tokens=4096, seq_len=512, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def fp8_server(calibrated_demo, logs_dir):
-    port = free_port()
-    cmd = vllm_serve_cmd(calibrated_demo, port, "--served-model-name", "demo-fp8", "--max-model-len", "512",
-                         "--enforce-eager", "--kv-cache-dtype", "fp8",
-                         "--additional-config", '{"maia_profile": "maia100"}')
-    with Server(cmd, port, logs_dir / "maia-fp8-server.log", env={"VLLM_CPU_CI_ENV": "1"}) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def fp8_client(fp8_server):
+def fp8_client(vllm_fp8_server):
     from openai import OpenAI
 
-    return OpenAI(base_url=f"{fp8_server.url}/v1", api_key="none", max_retries=0)
+    return OpenAI(base_url=f"{vllm_fp8_server.url}/v1", api_key="none", max_retries=0)
 
 
 def test_fp8_completion_chat_and_stream(fp8_client):
@@ -42,19 +22,19 @@ def test_fp8_completion_chat_and_stream(fp8_client):
     assert len([c for c in stream if c.choices and c.choices[0].text]) >= 2
 
 
-def test_fp8_uses_the_calibrated_scales_and_the_maia_backend(fp8_server, fp8_client):
+def test_fp8_uses_the_calibrated_scales_and_the_maia_backend(vllm_fp8_server, fp8_client):
     fp8_client.completions.create(model="demo-fp8", prompt="x", max_tokens=2)
-    log = fp8_server.log_text()
+    log = vllm_fp8_server.log_text()
     assert "no calibrated KV-cache scales" not in log
     assert "Using KV cache scaling factor 1.0" not in log
     assert "MAIA_ATTN" in log or "MaiaAttention" in log
 
 
-def test_fp8_kv_cache_holds_twice_the_tokens(fp8_server, fp8_client, maia_server, client):
+def test_fp8_kv_cache_holds_twice_the_tokens(vllm_fp8_server, fp8_client, maia_server, client):
     """Same profile (maia100), same host budget: twice the blocks, emulated and allocated."""
     client.completions.create(model="demo", prompt="x", max_tokens=2)
     fp8_client.completions.create(model="demo-fp8", prompt="x", max_tokens=2)
-    bf16, fp8 = scrape(maia_server.url), scrape(fp8_server.url)
+    bf16, fp8 = scrape(maia_server.url), scrape(vllm_fp8_server.url)
     for holder in ("emulated", "engine"):
         key = f'maia:kv_cache_blocks{{holder="{holder}"}}'
         assert fp8[key] >= 2 * bf16[key] - 1, holder
