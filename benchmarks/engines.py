@@ -84,7 +84,7 @@ def plot(median: dict[str, float], emu: dict[str, dict[str, float]], path: Path)
     b.set_xticks([j + width / 2 for j in range(len(maia))], [LABELS[n] for n in maia])
     b.set_ylabel("emulated microseconds (mean)")
     b.set_title("Emulated on the same profile")
-    b.legend()
+    b.legend(loc="lower center")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
