@@ -37,19 +37,28 @@ def _register_step_hooks() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     def after_init(result, scheduler, *args, **kwargs):
+        from sglang.srt.runtime_context import get_parallel
+
         from maia_serving.sglang.device import build_device
         from maia_serving.sglang.stepping import MaiaStepper
 
-        scheduler.maia = MaiaStepper(build_device(scheduler.server_args), scheduler.max_total_num_tokens)
+        # Every tensor-parallel rank runs a scheduler over the same batches; the emulated
+        # device (which prices the whole group's step) is charged once, by rank 0.
+        scheduler.maia = None
+        if get_parallel().tp_rank == 0:
+            scheduler.maia = MaiaStepper(build_device(scheduler.server_args), scheduler.max_total_num_tokens)
 
     def on_request(scheduler, recv_req, *args, **kwargs):
-        scheduler.maia.arrive(recv_req.rid)
+        if scheduler.maia is not None:
+            scheduler.maia.arrive(recv_req.rid)
 
     def before_run(scheduler, batch, *args, **kwargs):
-        scheduler.maia.before_run(batch)
+        if scheduler.maia is not None:
+            scheduler.maia.before_run(batch)
 
     def after_result(result, scheduler, batch, *args, **kwargs):
-        scheduler.maia.after_result(batch, scheduler.token_to_kv_pool_allocator.available_size())
+        if scheduler.maia is not None:
+            scheduler.maia.after_result(batch, scheduler.token_to_kv_pool_allocator.available_size())
 
     HookRegistry.register(f"{SCHEDULER}.__init__", after_init, HookType.AFTER)
     HookRegistry.register(f"{SCHEDULER}.handle_generate_request", on_request, HookType.BEFORE)

@@ -65,11 +65,24 @@ def test_fp8_kv_pool_holds_twice_the_tokens(sglang_fp8_server, fp8_client, sglan
     assert 'kv_cache_dtype="fp8_e4m3"' in next(k for k in fp8 if k.startswith("maia:device_info{"))
 
 
-def test_offline_engine_on_maia_without_any_environment(demo_model):
-    texts, log = run_offline(demo_model)
+@pytest.fixture(scope="module")
+def offline_tp1(demo_model):
+    return run_offline(demo_model)
+
+
+def test_offline_engine_on_maia_without_any_environment(offline_tp1):
+    texts, log = offline_tp1
     assert len(texts) == 2 and all(texts)
     assert "Maia KV cache: emulated maia200 holds" in log  # the default profile
     assert "Maia emulation [maia200]" in log or "max_total_num_tokens" in log
+
+
+def test_offline_tensor_parallel_2_gives_the_same_tokens(demo_model, offline_tp1):
+    """Two ranks on the host's two cores (SGLang binds one each), two emulated chips."""
+    texts, log = run_offline(demo_model, {"tp_size": 2}, env={"SGLANG_CPU_OMP_THREADS_BIND": "0|1",
+                                                              "MAIA_SERVING_LOG_INTERVAL_S": "0"})
+    assert texts == offline_tp1[0]
+    assert "Maia emulation [maia200]" in log
 
 
 def test_offline_fp8_without_scales_warns_loudly(demo_model):
