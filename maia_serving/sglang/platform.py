@@ -26,6 +26,7 @@ class MaiaSRTPlatform(CpuDeviceMixin, SRTPlatform):
     capabilities = PlatformCapabilities()
 
     def get_device(self, device_id: int = 0) -> str:
+        """A string, as SGLang's argument defaults split it (CpuDeviceMixin returns a torch.device)."""
         return "cpu"
 
     def get_device_name(self, device_id: int = 0) -> str:
@@ -33,12 +34,6 @@ class MaiaSRTPlatform(CpuDeviceMixin, SRTPlatform):
 
     def get_default_attention_backend(self) -> str:
         return BACKEND_NAME
-
-    def get_dispatch_key_name(self) -> str:
-        return "native"
-
-    def is_pin_memory_available(self, device=None) -> bool:
-        return False
 
     def apply_server_args_defaults(self, server_args) -> None:
         """Host tensors, our attention backend, and a KV pool sized by the emulated HBM."""
