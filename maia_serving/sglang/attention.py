@@ -22,12 +22,6 @@ from maia_serving.ops.host import PagedPlan, plan_paged_attention
 
 logger = logging.getLogger(__name__)
 
-_KV_DTYPE_NAMES = {
-    torch.float8_e4m3fn: "fp8_e4m3",
-    torch.float8_e5m2: "fp8_e5m2",
-}
-
-
 @dataclass
 class MaiaForwardMetadata:
     """One step's batch in the ops' vocabulary, shared by every layer."""
@@ -43,7 +37,10 @@ class MaiaForwardMetadata:
 
 def kv_cache_dtype_name(dtype: torch.dtype) -> str:
     """SGLang's KV dtype in the ops' vocabulary ("auto" for an unquantized cache)."""
-    return _KV_DTYPE_NAMES.get(dtype, "auto")
+    for fmt in ops.FP8_FORMATS.values():
+        if fmt.torch_dtype == dtype:
+            return f"fp8_{fmt.name}"
+    return "auto"
 
 
 def layer_scale(layer, kind: str) -> float | None:

@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 from maia_serving import envs
-from maia_serving.emulator.cost import Parallel
 from maia_serving.emulator.hardware import load_profile
-from maia_serving.emulator.memory import SGLANG_FLAGS, ServingConfig, require_fit
+from maia_serving.emulator.memory import SGLANG_FLAGS, ServingConfig
 from maia_serving.emulator.model_shape import shape_from_config
 from maia_serving.emulator.session import EmulatedDevice
 
@@ -57,9 +56,5 @@ def build_device(server_args, profile: str | None = None) -> EmulatedDevice:
     if server_args.dtype not in (None, "auto"):
         hf["torch_dtype"] = str(server_args.dtype)
     model = shape_from_config(hf, name=server_args.served_model_name or server_args.model_path)
-    config = serving_config(server_args)
-    device_profile = load_profile(envs.profile_name(profile))
-    plan = require_fit(model, device_profile, config, SGLANG_FLAGS)
-    return EmulatedDevice(device_profile, model, plan,
-                          Parallel(tp=config.tensor_parallel_size, pp=config.pipeline_parallel_size),
-                          config.kv_cache_dtype)
+    return EmulatedDevice.fit(load_profile(envs.profile_name(profile)), model, serving_config(server_args),
+                              SGLANG_FLAGS)

@@ -31,6 +31,7 @@ class _Pending:
     contexts: tuple[int, ...]
     outputs_before: tuple[int, ...]
     started: float
+    overhead_s: float  # this thread's CPU time spent reading the batch
 
 
 def step_shape(batch) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
@@ -54,22 +55,24 @@ class MaiaStepper:
         self.block_size = device.plan.config.block_size
         self._log = PeriodicLog(device, log_interval_s())
         self._pending: _Pending | None = None
+        self._last_apply_s = 0.0
         # SGLang's /metrics aggregates the files that PROMETHEUS_MULTIPROC_DIR collects.
         self.metrics = EmulatedMetricSet() if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else None
-        self.info = DeviceInfo.of(device, engine_kv_tokens // device.plan.config.block_size)
         if self.metrics is not None:
-            self.metrics.apply(self.info)
+            self.metrics.apply(DeviceInfo.of(device, engine_kv_tokens // self.block_size))
 
     def arrive(self, rid: str) -> None:
         self.device.arrive(rid)
 
     def before_run(self, batch) -> None:
+        start = time.thread_time()
         shape = step_shape(batch)
         if shape is None:
             self._pending = None
             return
         self._pending = _Pending(shape[0], shape[1], tuple(len(r.output_ids) for r in batch.reqs),
-                                 time.perf_counter())
+                                 time.perf_counter(), 0.0)
+        self._pending.overhead_s = time.thread_time() - start
 
     def after_result(self, batch, free_tokens: int) -> None:
         pending, self._pending = self._pending, None
@@ -88,6 +91,10 @@ class MaiaStepper:
                                     used_blocks, wall_s)
         if (line := self._log.observe(record, time.monotonic())) is not None:
             logger.info(line)
-        record.overhead_s = time.thread_time() - start
+        # Overhead is this thread's CPU time: reading the batch, charging, and writing the
+        # previous step's metrics (measured after they were written), as under vLLM.
+        record.overhead_s = pending.overhead_s + (time.thread_time() - start) + self._last_apply_s
         if self.metrics is not None:
+            applied = time.thread_time()
             self.metrics.apply(record)
+            self._last_apply_s = time.thread_time() - applied

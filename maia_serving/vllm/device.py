@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from maia_serving.emulator.cost import Parallel
 from maia_serving.emulator.hardware import load_profile
-from maia_serving.emulator.memory import ServingConfig, require_fit
+from maia_serving.emulator.memory import ServingConfig
 from maia_serving.emulator.model_shape import shape_from_config
 from maia_serving.emulator.session import EmulatedDevice
 from maia_serving.vllm import envs
@@ -40,9 +39,4 @@ def build_device(vllm_config: VllmConfig) -> EmulatedDevice:
         max_num_batched_tokens=sched.max_num_batched_tokens,
         max_num_seqs=sched.max_num_seqs,
     )
-    plan = require_fit(model, profile, config)
-    return EmulatedDevice(
-        profile, model, plan,
-        Parallel(tp=config.tensor_parallel_size, pp=config.pipeline_parallel_size),
-        config.kv_cache_dtype,
-    )
+    return EmulatedDevice.fit(profile, model, config)

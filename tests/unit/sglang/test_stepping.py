@@ -6,9 +6,8 @@ import pytest
 import torch
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-from maia_serving.emulator.cost import SINGLE_CHIP
 from maia_serving.emulator.hardware import load_profile
-from maia_serving.emulator.memory import ServingConfig, require_fit
+from maia_serving.emulator.memory import ServingConfig
 from maia_serving.emulator.model_shape import load_model_shape
 from maia_serving.emulator.session import EmulatedDevice
 from maia_serving.sglang.stepping import MaiaStepper, step_shape
@@ -37,10 +36,9 @@ def test_step_shape_of_extend_and_decode():
 @pytest.fixture
 def stepper(monkeypatch):
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
-    model = load_model_shape("llama-3-8b")
-    profile = load_profile("maia100")
-    plan = require_fit(model, profile, ServingConfig(max_model_len=4096))
-    return MaiaStepper(EmulatedDevice(profile, model, plan, SINGLE_CHIP, "auto"), engine_kv_tokens=160)
+    device = EmulatedDevice.fit(load_profile("maia100"), load_model_shape("llama-3-8b"),
+                                ServingConfig(max_model_len=4096))
+    return MaiaStepper(device, engine_kv_tokens=160)
 
 
 def test_a_request_is_timed_from_arrival_to_its_last_token(stepper):
