@@ -20,6 +20,6 @@ fi
 "$VENV/bin/pip" install -q -r requirements/sglang-lean.txt
 "$VENV/bin/pip" install -q --no-deps "sglang==0.5.23"
 "$VENV/bin/pip" install -q --no-deps -e .
-"$VENV/bin/pip" install -q pyyaml safetensors "pytest>=8"
+"$VENV/bin/pip" install -q pyyaml safetensors "pytest>=8" "hypothesis>=6.100"
 rm -f "$VENV"/.maia-setup-*
 touch "$STAMP"
