@@ -31,6 +31,7 @@ class StepRecord:
     now_s: float
     wall_s: float
     kv_blocks_used: int
+    kv_blocks_cached: int = 0  # blocks held only by the prefix cache (reusable, not used)
     overhead_s: float = 0.0  # host time the adapter spent charging this step
     first_token_ttfts_s: list[float] = field(default_factory=list)
     finished: list[RequestTiming] = field(default_factory=list)
