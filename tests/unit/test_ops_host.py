@@ -1,7 +1,9 @@
-"""The host's batched paged attention against the per-sequence reference."""
+"""The host's batched paged attention (what serves on CPU) and the per-sequence reference against
+float64 attention over the exactly dequantized cache, to one bf16 rounding step of the output."""
 
 import pytest
 import torch
+from attention_float64 import assert_within_one_bf16_step, bf16_step_violations, paged_attention_float64
 
 from maia_serving.ops import reshape_and_cache_ref
 from maia_serving.ops.fp8 import paged_attention_ref
@@ -39,14 +41,30 @@ def _batch(pairs, kv_cache_dtype, group, seed, block_size=16, num_kv_heads=2, he
             kv_cache_dtype, k_scale, v_scale)
 
 
+@pytest.mark.parametrize("attention", [paged_attention_host, paged_attention_ref], ids=["host", "ref"])
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8_e4m3", "fp8_e5m2"])
 @pytest.mark.parametrize("group", [1, 2, 4])
-def test_batched_host_path_matches_reference(case, kv_cache_dtype, group):
+def test_attention_is_float64_attention_rounded_once_to_bf16(attention, case, kv_cache_dtype, group):
     args = _batch(CASES[case], kv_cache_dtype, group, seed=len(case) * group)
-    expected = paged_attention_ref(*args)
-    got = paged_attention_host(*args)
-    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
+    assert_within_one_bf16_step(attention(*args), *paged_attention_float64(*args))
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8_e4m3", "fp8_e5m2"])
+def test_a_one_percent_scale_or_output_error_exceeds_the_tolerance(kv_cache_dtype):
+    """The tolerance above is tight enough to matter: a V scale 1% off (as a stale calibration
+    would give) or a 1% bias of the output puts most elements outside it; a K scale 1% off, which
+    moves the output only through the softmax, over a fifth of them (about 0.3-0.4 here)."""
+    args = _batch(CASES["chunked_and_prefix_hit"], kv_cache_dtype, 2, seed=3)
+    ref, err = paged_attention_float64(*args)
+    k_scale, v_scale = args[-2:]
+    wrong = {  # name: (output, the least fraction of elements outside the tolerance)
+        "v_scale": (paged_attention_host(*args[:-1], v_scale * 1.01), 0.5),
+        "output": ((paged_attention_host(*args).double() * 1.01).bfloat16(), 0.5),
+        "k_scale": (paged_attention_host(*args[:-2], k_scale * 1.01, v_scale), 0.2),
+    }
+    for name, (out, least) in wrong.items():
+        assert bf16_step_violations(out, ref, err).double().mean() > least, name
 
 
 def test_large_prefill_falls_back_to_the_reference(monkeypatch):

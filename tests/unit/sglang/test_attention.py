@@ -2,18 +2,19 @@
 
 The pool is what SGLang allocates (``[slots, kv_heads, head_dim]`` per layer, uint8 codes
 for FP8); requests own scattered slots through ``req_to_token``. The check is independent
-of maia_serving.ops: per request, gather the cached K/V by slot, dequantize, and run
-torch's SDPA with the causal offset of the prefix.
+of maia_serving.ops: per request, gather the cached K/V by slot, dequantize them exactly with
+the layer's scales (FP8 codes by the OCP spec formula) and attend in float64 with the causal
+offset of the prefix; the backend's bf16 output must be within one bf16 rounding step of that
+(tests/unit/attention_float64.py derives the bound).
 """
 
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
+from attention_float64 import assert_within_one_bf16_step, causal_attention_float64, dequantize_exact
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-from maia_serving.ops.fp8 import dequantize_fp8_ref
 from maia_serving.sglang.attention import MaiaAttnBackend
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS = 4, 2, 16, 1
@@ -37,9 +38,10 @@ class Pool:
 
 
 def make_backend(kv: str, page_size: int, slots: int, req_to_token: torch.Tensor):
+    hf_config = SimpleNamespace(to_dict=lambda: {"num_hidden_layers": LAYERS, "num_key_value_heads": KV_HEADS})
     runner = SimpleNamespace(device=torch.device("cpu"), req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
-                             token_to_kv_pool=Pool(slots, STORE[kv]), page_size=page_size,
-                             kv_cache_dtype=STORE[kv], model_config=SimpleNamespace(model_path="unused"))
+                             token_to_kv_pool=Pool(slots, STORE[kv]), page_size=page_size, kv_cache_dtype=STORE[kv],
+                             model_config=SimpleNamespace(model_path="unused", hf_config=hf_config))
     return MaiaAttnBackend(runner)
 
 
@@ -63,24 +65,18 @@ def assign_slots(lens: list[int], page_size: int, max_len: int) -> torch.Tensor:
 
 
 def expected(q, backend, lyr, req_to_token, prefix, new, kv):
+    """Float64 attention over the pool's entries and its error budget, ``[tokens, heads, head_dim]``."""
     pool = backend.token_to_kv_pool
-    out, start = [], 0
+    out, err, start = [], [], 0
     for r, (p, n) in enumerate(zip(prefix, new)):
         slots = req_to_token[r, : p + n].long()
-        k, v = pool.k[slots], pool.v[slots]
-        if kv == "auto":
-            k, v = k.float(), v.float()
-        else:
-            fmt = kv.removeprefix("fp8_")
-            k, v = dequantize_fp8_ref(k, lyr.k_scale_float, fmt), dequantize_fp8_ref(v, lyr.v_scale_float, fmt)
-        qr = q[start:start + n].float().view(n, HEADS, HEAD_DIM).transpose(0, 1)
-        k = k.transpose(0, 1).repeat_interleave(HEADS // KV_HEADS, 0)
-        v = v.transpose(0, 1).repeat_interleave(HEADS // KV_HEADS, 0)
-        mask = torch.arange(p + n)[None, :] <= (p + torch.arange(n))[:, None]
-        o = F.scaled_dot_product_attention(qr, k, v, attn_mask=mask, scale=lyr.scaling)
-        out.append(o.transpose(0, 1).reshape(n, HEADS * HEAD_DIM))
+        k = dequantize_exact(pool.k[slots], lyr.k_scale_float, kv)
+        v = dequantize_exact(pool.v[slots], lyr.v_scale_float, kv)
+        o, e = causal_attention_float64(q[start:start + n].double().view(n, HEADS, HEAD_DIM), k, v, lyr.scaling)
+        out.append(o)
+        err.append(e)
         start += n
-    return torch.cat(out)
+    return torch.cat(out), torch.cat(err)
 
 
 @pytest.mark.parametrize("kv,scales", [("auto", (None, None)), ("fp8_e4m3", (0.02, 0.03)), ("fp8_e5m2", (0.5, 0.25))])
@@ -119,8 +115,8 @@ def test_extend_then_decode_match_attention_over_the_pool(kv, scales, page_size)
     backend.init_forward_metadata(batch)
     out = backend.forward_extend(q, k, v, lyr, batch)
     assert out.shape == (total, HEADS * HEAD_DIM) and out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), expected(q, backend, lyr, req_to_token, prefix, new, kv),
-                               atol=2e-2, rtol=2e-2)
+    assert_within_one_bf16_step(out.view(total, HEADS, HEAD_DIM),
+                                *expected(q, backend, lyr, req_to_token, prefix, new, kv))
 
     # One decode step for all three: one query each over everything cached so far.
     q1 = torch.randn(3, HEADS * HEAD_DIM).bfloat16()
@@ -131,8 +127,8 @@ def test_extend_then_decode_match_attention_over_the_pool(kv, scales, page_size)
                             out_cache_loc=torch.stack([req_to_token[r, s] for r, s in enumerate(seq)]))
     backend.init_forward_metadata(batch)
     out1 = backend.forward_decode(q1, k1, v1, lyr, batch)
-    torch.testing.assert_close(out1.float(), expected(q1, backend, lyr, req_to_token, seq, [1, 1, 1], kv),
-                               atol=2e-2, rtol=2e-2)
+    assert_within_one_bf16_step(out1.view(3, HEADS, HEAD_DIM),
+                                *expected(q1, backend, lyr, req_to_token, seq, [1, 1, 1], kv))
 
 
 def test_fp8_codes_in_the_pool_are_the_reference_quantization():

@@ -1,0 +1,80 @@
+"""MaiaAttentionImpl.forward as vLLM calls it, on vLLM's KV page layout, with a layer's scales.
+
+vLLM hands the backend one layer's pages ``[blocks, kv_heads, block_size, 2 * head_size]`` (a
+token's key then its value on the last axis) and the attention layer, which carries the calibrated
+per-tensor scales ``_k_scale`` / ``_v_scale``. Two steps (prefills, then a decode, a chunked
+continuation and a new request) check that the bytes written are the reference quantization with
+the layer's scales, and that the output is float64 attention over those bytes, dequantized with
+the same scales, to one bf16 rounding step (tests/unit/attention_float64.py).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from attention_float64 import assert_within_one_bf16_step, paged_attention_float64
+from vllm.config import VllmConfig, set_current_vllm_config
+
+from maia_serving.ops.fp8 import quantize_fp8_ref
+from maia_serving.ops.host import plan_paged_attention
+from maia_serving.vllm.attention.backend import MaiaAttentionImpl, MaiaAttentionMetadata
+
+HEADS, KV_HEADS, HEAD_SIZE, BLOCK_SIZE, NUM_BLOCKS = 4, 2, 32, 16, 10
+FP8 = {"fp8": "e4m3", "fp8_e5m2": "e5m2"}
+# (request, tokens already cached, new tokens) per step; request 2 arrives in the second step.
+STEPS = [[(0, 0, 20), (1, 0, 5)], [(0, 20, 1), (1, 5, 3), (2, 0, 2)]]
+
+
+def _metadata(step: list[tuple[int, int, int]], block_table: torch.Tensor) -> MaiaAttentionMetadata:
+    """What MaiaMetadataBuilder.build gives the layers for this step on a host."""
+    q_lens = torch.tensor([n for _, _, n in step])
+    seq_lens = torch.tensor([p + n for _, p, n in step], dtype=torch.int32)
+    query_start_loc = torch.zeros(len(step) + 1, dtype=torch.int32)
+    query_start_loc[1:] = torch.cumsum(q_lens, 0)
+    pos = torch.cat([torch.arange(p, p + n) for _, p, n in step])
+    rows = torch.repeat_interleave(torch.arange(len(step)), q_lens)
+    slots = block_table[rows, pos // BLOCK_SIZE].long() * BLOCK_SIZE + pos % BLOCK_SIZE
+    num_tokens, max_q = int(q_lens.sum()), int(q_lens.max())
+    return MaiaAttentionMetadata(
+        num_actual_tokens=num_tokens, max_query_len=max_q, query_start_loc=query_start_loc, seq_lens=seq_lens,
+        block_table=block_table, slot_mapping=slots,
+        host_plan=plan_paged_attention(block_table, seq_lens, query_start_loc, num_tokens, HEADS, BLOCK_SIZE,
+                                       True, max_q))
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8", "fp8_e5m2"])
+def test_forward_writes_with_the_layer_scales_and_attends_to_one_bf16_step(kv_cache_dtype):
+    gen = torch.Generator().manual_seed(0)
+    with set_current_vllm_config(VllmConfig()):
+        impl = MaiaAttentionImpl(HEADS, HEAD_SIZE, HEAD_SIZE**-0.5, KV_HEADS, None, None, kv_cache_dtype)
+    # Calibrated scales as vLLM keeps them: 0-d float32 tensors (and their floats) on the layer.
+    layer = SimpleNamespace(layer_name="model.layers.0.self_attn.attn", _k_scale=torch.tensor(0.03),
+                            _v_scale=torch.tensor(0.011), _k_scale_float=0.03, _v_scale_float=0.011)
+    fmt = FP8.get(kv_cache_dtype)
+    kv_cache = torch.zeros(NUM_BLOCKS, KV_HEADS, BLOCK_SIZE, 2 * HEAD_SIZE,
+                           dtype=torch.uint8 if fmt else torch.bfloat16)
+    # The token-major key and value views the layout defines (not the backend's own split).
+    pages = kv_cache.permute(0, 2, 1, 3)
+    key_cache, value_cache = pages[..., :HEAD_SIZE], pages[..., HEAD_SIZE:]
+    block_table = torch.randperm(NUM_BLOCKS, generator=gen)[:6].view(3, 2).to(torch.int32)
+
+    for step in STEPS:
+        requests = [r for r, _, _ in step]
+        meta = _metadata(step, block_table[requests])
+        n = meta.num_actual_tokens
+        query = torch.randn(n, HEADS, HEAD_SIZE, generator=gen).bfloat16()
+        key = (torch.randn(n, KV_HEADS, HEAD_SIZE, generator=gen) * 3).bfloat16()
+        value = torch.randn(n, KV_HEADS, HEAD_SIZE, generator=gen).bfloat16()
+        output = torch.empty(n, HEADS, HEAD_SIZE, dtype=torch.bfloat16)
+        impl.forward(layer, query, key, value, kv_cache, meta, output)
+
+        blocks, rows = meta.slot_mapping // BLOCK_SIZE, meta.slot_mapping % BLOCK_SIZE
+        for cache, x, scale in ((key_cache, key, layer._k_scale), (value_cache, value, layer._v_scale)):
+            written = quantize_fp8_ref(x, scale, fmt) if fmt else x
+            assert torch.equal(cache[blocks, rows], written), "cache bytes are not the reference quantization"
+        ref, err = paged_attention_float64(query, key_cache, value_cache, meta.block_table, meta.seq_lens,
+                                           meta.query_start_loc, impl.scale, kv_cache_dtype, layer._k_scale,
+                                           layer._v_scale)
+        assert_within_one_bf16_step(output, ref, err)
