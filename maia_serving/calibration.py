@@ -39,7 +39,7 @@ from transformers import DynamicCache
 
 from maia_serving.ops import get_fp8_format, kv_absmax
 
-SIDECAR = "maia_kv_scales.json"  # the name maia_serving.kv_scales reads
+SIDECAR = "maia_kv_scales.json"  # the name maia_serving.serving.kv_scales reads
 SGLANG_SCALES = "kv_cache_scales.json"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SCALES_SHARD = "model-kv-scales.safetensors"  # only for sharded checkpoints

@@ -1,22 +1,182 @@
-"""Environment variables shared by the engine adapters, read lazily. Imports no engine."""
+"""Every environment variable maia-serving reads: one table, parsed and checked by name.
+
+Each setting has a default, a parser that says what is allowed, and one line of why.
+Adapters call ``check_all()`` while the engine builds its configuration (in the
+process the user started, before any engine process), so a bad value stops the
+server at once with the variable, the value and what is allowed. Values are read
+lazily, when asked for, because child processes inherit them from the parent.
+
+Imports nothing heavy: the engines import this module in every process.
+"""
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
-# "maia" activates the platform; `--device maia` on the command line sets it for the
-# engine's child processes, and offline users set it themselves.
+
+class SettingError(ValueError):
+    """A setting's value is not allowed; the message names the variable and the choices."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: str
+    parse: Callable[[str], Any]  # raises ValueError with what is wrong
+    allowed: str  # what a user may set, in words
+    why: str
+    engines: str = "both"  # "vllm", "sglang", "both", or "tools" (CLI, tests, benchmarks)
+    user_facing: bool = True  # listed in the README's settings table
+
+    def read(self, environ: dict[str, str] | None = None) -> Any:
+        raw = (os.environ if environ is None else environ).get(self.name, "")
+        value = raw.strip() or self.default
+        try:
+            return self.parse(value)
+        except ValueError as exc:
+            raise SettingError(f"{self.name}={raw!r} is not valid ({exc}); allowed: {self.allowed}. "
+                               f"{self.name}: {self.why}") from None
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        value = value.lower()
+        if value not in choices:
+            raise ValueError(f"not one of {', '.join(repr(c) for c in choices if c)}")
+        return value
+
+    return parse
+
+
+def _number(low: float, high: float, low_open: bool = True) -> Callable[[str], float]:
+    """A finite float in (low, high] (or [low, high] when ``low_open`` is False)."""
+
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError("not a number") from None
+        if not math.isfinite(number) or number > high or number < low or (low_open and number == low):
+            raise ValueError("out of range")
+        return number
+
+    return parse
+
+
+def _integer(low: int, high: int) -> Callable[[str], int]:
+    """An integer in [low, high]."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError("not an integer") from None
+        if not low <= number <= high:
+            raise ValueError("out of range")
+        return number
+
+    return parse
+
+
+def _stats_addr(value: str) -> str:
+    """Only a Unix socket in a private folder: nothing else may reach the metrics channel."""
+    if not value:
+        return ""
+    if not value.startswith("ipc://"):
+        raise ValueError("not an ipc:// address")
+    folder = os.path.dirname(value.removeprefix("ipc://"))
+    try:
+        st = os.stat(folder)
+    except OSError:
+        raise ValueError(f"folder {folder} does not exist") from None
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ValueError(f"folder {folder} is not private to this user (mode 0700)")
+    return value
+
+
+def _text(value: str) -> str:
+    return value
+
+
 MAIA_SERVING_DEVICE = "MAIA_SERVING_DEVICE"
-# The emulated device profile when the engine's own configuration names none.
 MAIA_SERVING_PROFILE = "MAIA_SERVING_PROFILE"
-DEFAULT_PROFILE = "maia200"
-# Seconds between the engine's emulation log lines.
 MAIA_SERVING_LOG_INTERVAL_S = "MAIA_SERVING_LOG_INTERVAL_S"
-DEFAULT_HOST_KV_GIB = 1.0
+MAIA_SERVING_ATTENTION = "MAIA_SERVING_ATTENTION"
+MAIA_SERVING_KV_SCALES = "MAIA_SERVING_KV_SCALES"
+MAIA_SERVING_KERNELS = "MAIA_SERVING_KERNELS"
+MAIA_SERVING_HOST_KV_GIB = "MAIA_SERVING_HOST_KV_GIB"
+VLLM_CPU_KVCACHE_SPACE = "VLLM_CPU_KVCACHE_SPACE"
+MAIA_SERVING_STATS_ADDR = "MAIA_SERVING_STATS_ADDR"
+MAIA_SERVING_CACHE_DIR = "MAIA_SERVING_CACHE_DIR"
+MAIA_SERVING_SGLANG_PYTHON = "MAIA_SERVING_SGLANG_PYTHON"
+
+DEFAULT_PROFILE = "maia200"
+# A host KV cache larger than this many GiB is a typo, not a machine.
+_MAX_HOST_KV_GIB = 1 << 20
+
+SETTINGS: dict[str, Setting] = {s.name: s for s in (
+    Setting(MAIA_SERVING_DEVICE, "", _choice("", "maia"), "maia, or unset",
+            "activates the maia platform where no --device flag can be given (offline LLM(...), "
+            "sglang.Engine); `--device maia` sets it for the engine's child processes"),
+    Setting(MAIA_SERVING_PROFILE, DEFAULT_PROFILE, _text, "a name from `maia-serving profiles`",
+            "the emulated device when the engine's own configuration names none"),
+    Setting(MAIA_SERVING_LOG_INTERVAL_S, "10", _number(0, 86400), "seconds, > 0 and <= 86400",
+            "how often the engine logs its `Maia emulation [profile]` line"),
+    Setting(MAIA_SERVING_ATTENTION, "maia", _choice("maia", "vllm-cpu"), "maia or vllm-cpu",
+            "the host attention under vLLM: ours (BF16/FP8 KV, maia numerics) or vLLM's C++ CPU kernel "
+            "(BF16 only, emulated figures only)", engines="vllm"),
+    Setting(MAIA_SERVING_KV_SCALES, "per_tensor", _choice("per_tensor", "per_head"), "per_tensor or per_head",
+            "FP8 KV scales: the checkpoint's per-tensor ones, or the per-head sidecar of `calibrate-kv`"),
+    Setting(MAIA_SERVING_KERNELS, "auto", _choice("auto", "triton", "torch"), "auto, triton or torch",
+            "KV ops: Triton kernels where a Triton device is, the torch path on a host (auto)"),
+    Setting(MAIA_SERVING_HOST_KV_GIB, "1", _number(0, _MAX_HOST_KV_GIB), "GiB, > 0",
+            "the most host memory SGLang's KV pool may take of what the emulated HBM would hold",
+            engines="sglang"),
+    Setting(VLLM_CPU_KVCACHE_SPACE, "1", _integer(1, _MAX_HOST_KV_GIB), "whole GiB, >= 1 (vLLM reads an integer)",
+            "vLLM's own CPU KV-cache knob; on maia, the most host memory the KV cache may take of "
+            "what the emulated HBM would hold", engines="vllm"),
+    Setting(MAIA_SERVING_STATS_ADDR, "", _stats_addr, "ipc:// in a folder private to this user",
+            "the engine-to-API-server metrics channel of vLLM; set by the platform, not by users",
+            engines="vllm", user_facing=False),
+    Setting(MAIA_SERVING_CACHE_DIR, "", _text, "a folder",
+            "where `calibrate-host` keeps the measured host profile (default ~/.cache/maia-serving)",
+            engines="tools"),
+    Setting(MAIA_SERVING_SGLANG_PYTHON, "", _text, "a Python with sglang and maia-serving",
+            "the SGLang environment the tests, demo and benchmarks start servers from "
+            "(default .venv-sglang/bin/python)", engines="tools"),
+)}
+
+
+def get(name: str) -> Any:
+    """The parsed value of setting ``name``; SettingError if it is not allowed."""
+    return SETTINGS[name].read()
+
+
+def check_all(engine: str | None = None) -> None:
+    """Parse every setting the engine reads (all when ``engine`` is None); one error naming
+    each bad variable."""
+    errors = []
+    for setting in SETTINGS.values():
+        if engine is not None and setting.engines not in ("both", engine):
+            continue
+        try:
+            setting.read()
+        except SettingError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise SettingError("\n".join(errors))
+
+
+def user_facing() -> Iterable[Setting]:
+    return (s for s in SETTINGS.values() if s.user_facing)
 
 
 def device_requested() -> bool:
-    return os.environ.get(MAIA_SERVING_DEVICE, "").lower() == "maia"
+    return os.environ.get(MAIA_SERVING_DEVICE, "").strip().lower() == "maia"
 
 
 def device_flag(argv: list[str]) -> str | None:
@@ -30,17 +190,9 @@ def device_flag(argv: list[str]) -> str | None:
 
 
 def profile_name(configured: str | None = None) -> str:
-    return str(configured or os.environ.get(MAIA_SERVING_PROFILE) or DEFAULT_PROFILE)
+    return str(configured or get(MAIA_SERVING_PROFILE))
 
 
-def log_interval_s() -> float:
-    return float(os.environ.get(MAIA_SERVING_LOG_INTERVAL_S, "10"))
-
-
-def gib_bytes(name: str, default_gib: float = DEFAULT_HOST_KV_GIB) -> int:
-    """An environment variable holding GiB, as bytes."""
-    raw = os.environ.get(name) or default_gib
-    try:
-        return int(float(raw) * 2**30)
-    except ValueError as exc:
-        raise ValueError(f"{name} must be a number of GiB, got {raw!r}") from exc
+def gib_bytes(name: str) -> int:
+    """A GiB setting, as bytes."""
+    return int(get(name) * 2**30)

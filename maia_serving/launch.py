@@ -66,6 +66,21 @@ class Server:
         self.stop()
         raise ServerFailed(f"server not healthy after {self.timeout_s:.0f} s; log:\n{self.log_text()[-4000:]}")
 
+    def rss_bytes(self) -> int:
+        """Resident memory of the server and every process it started (its session)."""
+        import psutil
+
+        if self.proc is None or self.proc.poll() is not None:
+            return 0
+        root = psutil.Process(self.proc.pid)
+        total = 0
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                total += proc.memory_info().rss
+            except psutil.NoSuchProcess:
+                continue
+        return total
+
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
@@ -115,13 +130,23 @@ def sglang_serve_cmd(model: str | Path, port: int, *extra: str, device: str | No
     return cmd + list(extra)
 
 
+def metric(samples: dict[str, float], name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` (from ``scrape``) whose labels include ``labels``."""
+    total = 0.0
+    for key, value in samples.items():
+        base, _, rest = key.partition("{")
+        if base == name and all(f'{k}="{v}"' in rest for k, v in labels.items()):
+            total += value
+    return total
+
+
 def scrape(url: str, prefix: str = "maia:") -> dict[str, float]:
     """Samples of ``/metrics`` whose name starts with ``prefix``, keyed by their line's name."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
         text = resp.read().decode()
     out: dict[str, float] = {}
     for line in text.splitlines():
-        if line.startswith(prefix):
+        if line.startswith(prefix) and not line.startswith("#"):
             name, _, value = line.rpartition(" ")
             out[name] = float(value)
     return out

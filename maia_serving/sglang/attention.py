@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
-from maia_serving import kv_scales, ops
+from maia_serving import ops
 from maia_serving.ops.host import PagedPlan, plan_paged_attention
+from maia_serving.serving import kv_scales
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ class MaiaAttnBackend(AttentionBackend):
         self.kv_cache_dtype = kv_cache_dtype_name(model_runner.kv_cache_dtype)
         self.fp8 = self.kv_cache_dtype != "auto"
         self.model_dir = model_runner.model_config.model_path
+        # (layers, KV heads) of the whole model: the sidecar is checked against them.
+        self.model_dims = kv_scales.model_dims(model_runner.model_config.hf_config.to_dict())
         self.forward_metadata: MaiaForwardMetadata | None = None
         self._scales: dict[int, tuple[torch.Tensor | float, torch.Tensor | float]] = {}
         self._warned_default_scale = False
@@ -154,7 +157,7 @@ class MaiaAttnBackend(AttentionBackend):
                 get_tensor_model_parallel_world_size,
             )
 
-            k, v = kv_scales.per_head_scales(self.model_dir, layer.layer_id, layer.tp_k_head_num,
+            k, v = kv_scales.per_head_scales(self.model_dir, *self.model_dims, layer.layer_id, layer.tp_k_head_num,
                                              get_tensor_model_parallel_rank(),
                                              get_tensor_model_parallel_world_size())
             scales = (k.to(self.device), v.to(self.device))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 
 from maia_serving import envs
@@ -27,10 +28,22 @@ def kv_cache_dtype(server_args) -> str:
 
 
 def hf_config(model_path: str) -> dict:
+    """The model's parsed config.json (read once per startup: the platform, the KV-scale
+    checks and the scheduler all ask)."""
+    return json.loads(_config_text(str(model_path)))
+
+
+@lru_cache(maxsize=4)
+def _config_text(model_path: str) -> str:
     path = Path(model_path) / "config.json"
     if not path.is_file():
         raise ValueError(f"--device maia needs a local model folder with config.json; {model_path!r} has none")
-    return json.loads(path.read_text())
+    text = path.read_text()
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+    return text
 
 
 def serving_config(server_args) -> ServingConfig:

@@ -13,7 +13,9 @@ from sglang.srt.platforms.cpu import CpuDeviceMixin
 from sglang.srt.platforms.device_mixin import PlatformEnum
 from sglang.srt.platforms.interface import PlatformCapabilities, SRTPlatform
 
+from maia_serving import envs
 from maia_serving.sglang import ATTENTION_BACKEND as BACKEND_NAME
+from maia_serving.sglang import ledger
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,10 @@ class MaiaSRTPlatform(CpuDeviceMixin, SRTPlatform):
 
     def apply_server_args_defaults(self, server_args) -> None:
         """Host tensors, our attention backend, and a KV pool sized by the emulated HBM."""
+        # In the launcher, before any engine process: bad settings and missing engine
+        # surfaces stop the server now, by name.
+        envs.check_all("sglang")
+        ledger.require_surfaces()
         if server_args.device not in (None, "maia", "cpu"):
             raise ValueError(f"the maia platform is active but --device is {server_args.device!r}; "
                              "pass --device maia or unset SGLANG_PLATFORM/MAIA_SERVING_DEVICE")
@@ -68,45 +74,42 @@ def _no_graphs(config):
 
 
 def _validate_kv_scales(server_args) -> None:
-    """FP8 without calibrated scales runs, but never quietly; a named scales file must exist."""
-    from pathlib import Path
-
-    from maia_serving import kv_scales
+    """FP8 without calibrated scales runs, but never quietly; a scales file must exist, parse and
+    cover every layer, or the server stops (SGLang itself would log and serve with 1.0)."""
+    from maia_serving.serving import kv_scales
     from maia_serving.sglang.device import hf_config, kv_cache_dtype
 
     cache_dtype = kv_cache_dtype(server_args)
     if not cache_dtype.startswith("fp8"):
         return
     model = server_args.model_path
-    if kv_scales.scale_mode() == "per_head":
-        kv_scales.require_sidecar(model)
-        return
-    path = server_args.quantization_param_path
+    config = hf_config(model)
+    path = server_args.quantization_param_path if kv_scales.scale_mode() != "per_head" else None
     if path:
-        if not Path(path).is_file():
-            raise ValueError(f"--quantization-param-path {path} does not exist; write it with "
-                             f"`{kv_scales.calibrate_command(model)}` (kv_cache_scales.json in the output)")
         if cache_dtype != "fp8_e4m3":
             raise ValueError(f"--quantization-param-path is read by SGLang for fp8_e4m3 only, not {cache_dtype}; "
                              "use a calibrated checkpoint (its kv_cache_scheme) or MAIA_SERVING_KV_SCALES=per_head")
-        if kv_scales.checkpoint_has_kv_scales(hf_config(model)):
+        if kv_scales.checkpoint_has_kv_scales(config):
             # SGLang 0.5.23 then assigns a float to the layer's k_scale parameter and fails.
             raise ValueError(f"{model} already carries calibrated KV scales (kv_cache_scheme); serve it without "
                              "--quantization-param-path, or pass the scales file with the original model")
-        return
-    if not kv_scales.checkpoint_has_kv_scales(hf_config(model)):
-        logger.warning(kv_scales.missing_scales_warning(cache_dtype, model))
+    kv_scales.check_fp8_scales(cache_dtype, model, config, path)
 
 
 def _size_kv_pool(server_args) -> None:
     """Size the KV pool as the emulated HBM would, clamped to what the host gives."""
     from maia_serving.emulator.units import format_bytes
-    from maia_serving.sglang import envs as sglang_envs
     from maia_serving.sglang.device import build_device
 
     plan = build_device(server_args).plan  # raises NotEnoughMemory with what would fit
-    host_cap = sglang_envs.host_kv_cap_bytes()
+    host_cap = envs.gib_bytes(envs.MAIA_SERVING_HOST_KV_GIB)
     host_tokens = int(host_cap // plan.kv_bytes_per_token)
+    if host_tokens < plan.max_model_len:
+        raise ValueError(
+            f"the host gives the KV cache {host_cap / 2**30:.2f} GiB ({envs.MAIA_SERVING_HOST_KV_GIB}), "
+            f"{host_tokens} tokens of {plan.model}, fewer than one sequence of --context-length "
+            f"{plan.max_model_len}; raise {envs.MAIA_SERVING_HOST_KV_GIB} to at least "
+            f"{plan.max_model_len * plan.kv_bytes_per_token / 2**30:.2f} or lower --context-length")
     tokens = min(plan.kv_tokens, host_tokens)
     if server_args.max_total_tokens:
         tokens = min(tokens, int(server_args.max_total_tokens))
@@ -115,5 +118,5 @@ def _size_kv_pool(server_args) -> None:
         "Maia KV cache: emulated %s holds %d tokens (%.2f GiB) after %s of weights; the host "
         "gives at most %.2f GiB (%s), so the engine gets %d tokens (%.2f GiB).",
         plan.profile, plan.kv_tokens, plan.kv_tokens * plan.kv_bytes_per_token / 2**30,
-        format_bytes(plan.weight_bytes), host_cap / 2**30, sglang_envs.MAIA_SERVING_HOST_KV_GIB,
+        format_bytes(plan.weight_bytes), host_cap / 2**30, envs.MAIA_SERVING_HOST_KV_GIB,
         tokens, tokens * plan.kv_bytes_per_token / 2**30)

@@ -18,7 +18,7 @@ def register() -> None:
 
     from maia_serving.envs import device_requested
     from maia_serving.sglang import ATTENTION_BACKEND
-    from maia_serving.sglang.patch import offline_device
+    from maia_serving.sglang.patch import offline_device, request_checks
 
     add_attention_backend_choices([ATTENTION_BACKEND])
 
@@ -30,6 +30,7 @@ def register() -> None:
 
     offline_device.register()
     if device_requested():
+        request_checks.register()
         _register_step_hooks()
 
 
@@ -40,8 +41,10 @@ def _register_step_hooks() -> None:
         from sglang.srt.runtime_context import get_parallel
 
         from maia_serving.sglang.device import build_device
+        from maia_serving.sglang.ledger import require_hooks_applied
         from maia_serving.sglang.stepping import MaiaStepper
 
+        require_hooks_applied(STEP_HOOKS)
         # Every tensor-parallel rank runs a scheduler over the same batches; the emulated
         # device (which prices the whole group's step) is charged once, by rank 0.
         scheduler.maia = None
@@ -58,9 +61,19 @@ def _register_step_hooks() -> None:
 
     def after_result(result, scheduler, batch, *args, **kwargs):
         if scheduler.maia is not None:
-            scheduler.maia.after_result(batch, scheduler.token_to_kv_pool_allocator.available_size())
+            scheduler.maia.after_result(batch, scheduler)
 
-    HookRegistry.register(f"{SCHEDULER}.__init__", after_init, HookType.AFTER)
-    HookRegistry.register(f"{SCHEDULER}.handle_generate_request", on_request, HookType.BEFORE)
-    HookRegistry.register(f"{SCHEDULER}.run_batch", before_run, HookType.BEFORE)
-    HookRegistry.register(f"{SCHEDULER}.process_batch_result", after_result, HookType.AFTER)
+    def after_abort(result, scheduler, recv_req, *args, **kwargs):
+        if scheduler.maia is not None:
+            scheduler.maia.abort(recv_req, scheduler)
+
+    hooks = {"__init__": (after_init, HookType.AFTER), "handle_generate_request": (on_request, HookType.BEFORE),
+             "run_batch": (before_run, HookType.BEFORE), "process_batch_result": (after_result, HookType.AFTER),
+             "abort_request": (after_abort, HookType.AFTER)}
+    for method, (hook, kind) in hooks.items():
+        HookRegistry.register(f"{SCHEDULER}.{method}", hook, kind)
+
+
+# The scheduler methods we hook (maia_serving.sglang.ledger lists them with why).
+STEP_HOOKS = tuple(f"{SCHEDULER}.{m}" for m in
+                   ("__init__", "handle_generate_request", "run_batch", "process_batch_result", "abort_request"))

@@ -5,7 +5,8 @@ maia platform turns the overlap scheduler off, so the two belong to the same bat
 The batch carries each request's new and cached tokens; after the result is processed
 each request's output and finish state are known. Hooks (registered by
 ``maia_serving.sglang.plugin`` through SGLang's HookRegistry) hand both to a
-``MaiaStepper`` kept on the scheduler.
+``MaiaStepper`` kept on the scheduler, which charges through the engine-neutral
+``StepCharger``: an error there is logged and counted, never raised into SGLang.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import os
 import time
 from dataclasses import dataclass
 
+from maia_serving import envs
 from maia_serving.emulator.session import EmulatedDevice
-from maia_serving.envs import log_interval_s
-from maia_serving.metrics import DeviceInfo, EmulatedMetricSet, PeriodicLog
+from maia_serving.serving.metrics import DeviceInfo, EmulatedMetricSet
+from maia_serving.serving.stepping import EngineStep, StepCharger
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +33,7 @@ class _Pending:
     contexts: tuple[int, ...]
     outputs_before: tuple[int, ...]
     started: float
-    overhead_s: float  # this thread's CPU time spent reading the batch
+    read_s: float  # this thread's CPU time spent reading the batch
 
 
 def step_shape(batch) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
@@ -50,34 +52,44 @@ class MaiaStepper:
     """The emulated device of one scheduler, with its log line and metrics."""
 
     def __init__(self, device: EmulatedDevice, engine_kv_tokens: int):
-        self.device = device
         self.engine_kv_tokens = engine_kv_tokens
         self.block_size = device.plan.config.block_size
-        self._log = PeriodicLog(device, log_interval_s())
         self._pending: _Pending | None = None
-        self._last_apply_s = 0.0
         # SGLang's /metrics aggregates the files that PROMETHEUS_MULTIPROC_DIR collects.
         self.metrics = EmulatedMetricSet() if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else None
-        if self.metrics is not None:
-            self.metrics.apply(DeviceInfo.of(device, engine_kv_tokens // self.block_size))
+        metrics = self.metrics
+        self.charger = StepCharger(device, logger, envs.get(envs.MAIA_SERVING_LOG_INTERVAL_S),
+                                   sink=metrics.apply if metrics else lambda record: None,
+                                   on_error=(lambda: metrics.count_errors("charge")) if metrics else lambda: None)
+        if metrics is not None:
+            metrics.apply(DeviceInfo.of(device, engine_kv_tokens // self.block_size))
+
+    @property
+    def device(self) -> EmulatedDevice:
+        return self.charger.device
 
     def arrive(self, rid: str) -> None:
-        self.device.arrive(rid)
+        self.charger.arrive(rid)
 
     def before_run(self, batch) -> None:
+        self._pending = None
+        self.charger.guard("reading a step's shape", self._read, batch)
+
+    def _read(self, batch) -> None:
         start = time.thread_time()
         shape = step_shape(batch)
         if shape is None:
-            self._pending = None
             return
         self._pending = _Pending(shape[0], shape[1], tuple(len(r.output_ids) for r in batch.reqs),
                                  time.perf_counter(), 0.0)
-        self._pending.overhead_s = time.thread_time() - start
+        self._pending.read_s = time.thread_time() - start
 
-    def after_result(self, batch, free_tokens: int) -> None:
+    def after_result(self, batch, scheduler) -> None:
         pending, self._pending = self._pending, None
-        if pending is None:
-            return
+        if pending is not None:
+            self.charger.guard("charging a step", self._charge, pending, batch, scheduler)
+
+    def _charge(self, pending: _Pending, batch, scheduler) -> None:
         wall_s = time.perf_counter() - pending.started
         start = time.thread_time()
         tokens_out: dict[str, int] = {}
@@ -86,15 +98,27 @@ class MaiaStepper:
             tokens_out[req.rid] = len(req.output_ids) - before
             if req.finished():
                 finished.append(req.rid)
-        used_blocks = math.ceil(max(0, self.engine_kv_tokens - free_tokens) / self.block_size)
-        record = self.device.charge(pending.new_tokens, pending.contexts, tokens_out, finished,
-                                    used_blocks, wall_s)
-        if (line := self._log.observe(record, time.monotonic())) is not None:
-            logger.info(line)
-        # Overhead is this thread's CPU time: reading the batch, charging, and writing the
-        # previous step's metrics (measured after they were written), as under vLLM.
-        record.overhead_s = pending.overhead_s + (time.thread_time() - start) + self._last_apply_s
+        shape = EngineStep(pending.new_tokens, pending.contexts, tokens_out, finished, *self._kv_blocks(scheduler))
+        self.charger.charge(shape, wall_s, pending.read_s + time.thread_time() - start)
+
+    def _kv_blocks(self, scheduler) -> tuple[int, int]:
+        """Emulated KV blocks held by requests, and held only by the radix (prefix) cache."""
+        free = scheduler.token_to_kv_pool_allocator.available_size()
+        cached = scheduler.tree_cache.evictable_size()  # free to evict, so not "used"
+        used = max(0, self.engine_kv_tokens - free - cached)
+        return math.ceil(used / self.block_size), cached // self.block_size
+
+    def abort(self, recv_req, scheduler) -> None:
+        """Forget requests SGLang aborted before they ran (matched as ``abort_request`` matches
+        them: by id prefix, or all); running ones finish through their batch as usual."""
+        self.charger.guard("a request's abort", self._abort, recv_req, scheduler)
+
+    def _abort(self, recv_req, scheduler) -> None:
+        running = {r.rid for r in scheduler.running_batch.reqs}
+        if scheduler.chunked_req is not None:
+            running.add(scheduler.chunked_req.rid)
+        for rid in [r for r in self.device.clock.requests if recv_req.abort_all or r.startswith(recv_req.rid)]:
+            if rid not in running:
+                self.device.abort(rid)
         if self.metrics is not None:
-            applied = time.thread_time()
-            self.metrics.apply(record)
-            self._last_apply_s = time.thread_time() - applied
+            self.metrics.set_kv(*self._kv_blocks(scheduler))

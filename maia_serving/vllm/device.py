@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from maia_serving import envs
 from maia_serving.emulator.hardware import load_profile
 from maia_serving.emulator.memory import ServingConfig
 from maia_serving.emulator.model_shape import shape_from_config
 from maia_serving.emulator.session import EmulatedDevice
-from maia_serving.vllm import envs
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -25,7 +25,7 @@ def build_device(vllm_config: VllmConfig) -> EmulatedDevice:
     parallel = vllm_config.parallel_config
     sched = vllm_config.scheduler_config
     cache = vllm_config.cache_config
-    profile = load_profile(envs.profile_name(vllm_config.additional_config))
+    profile = load_profile(envs.profile_name(vllm_config.additional_config.get("maia_profile")))
     hf = model_config.hf_config.to_dict()
     hf["torch_dtype"] = str(model_config.dtype).removeprefix("torch.")
     model = shape_from_config(hf, name=model_config.served_model_name or model_config.model)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from vllm.logger import init_logger
 from vllm.platforms.cpu import CpuPlatform
 
-from maia_serving.vllm import envs
+from maia_serving import envs
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -35,7 +35,7 @@ class MaiaPlatform(CpuPlatform):
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None) -> str:
         """Our backend: paged KV in BF16 or FP8 with the maia numerics, whatever was asked;
         vLLM's CPU kernel instead with MAIA_SERVING_ATTENTION=vllm-cpu."""
-        if envs.attention() == "vllm-cpu":
+        if envs.get(envs.MAIA_SERVING_ATTENTION) == "vllm-cpu":
             path = super().get_attn_backend_cls(selected_backend, attn_selector_config, num_heads)
         elif attn_selector_config.use_mla or attn_selector_config.use_sparse:
             raise NotImplementedError("MLA and sparse attention are not supported on --device maia yet")
@@ -43,7 +43,8 @@ class MaiaPlatform(CpuPlatform):
             if selected_backend is not None:
                 logger.info("--device maia uses its own attention backend, not %s.", selected_backend)
             path = ATTENTION_BACKEND_CLS
-        logger.info_once("Maia attention backend: %s (%s=%s)", path, envs.MAIA_SERVING_ATTENTION, envs.attention())
+        logger.info_once("Maia attention backend: %s (%s=%s)", path, envs.MAIA_SERVING_ATTENTION,
+                         envs.get(envs.MAIA_SERVING_ATTENTION))
         return path
 
     @classmethod
@@ -61,6 +62,9 @@ class MaiaPlatform(CpuPlatform):
 
     @classmethod
     def check_and_update_config(cls, vllm_config: VllmConfig) -> None:
+        # In the process the user started, before any engine process: a bad setting stops
+        # the server now, by name, not 40 s later in a worker.
+        envs.check_all("vllm")
         super().check_and_update_config(vllm_config)
         if vllm_config.model_config is None:
             return
@@ -72,25 +76,22 @@ class MaiaPlatform(CpuPlatform):
 
 def _apply_profile(vllm_config: VllmConfig) -> None:
     """Record the resolved profile in the config, so every engine process agrees."""
-    vllm_config.additional_config["maia_profile"] = envs.profile_name(vllm_config.additional_config)
+    vllm_config.additional_config["maia_profile"] = envs.profile_name(vllm_config.additional_config.get("maia_profile"))
 
 
 def _validate_kv_scales(vllm_config: VllmConfig) -> None:
-    """FP8 without calibrated scales runs, but never quietly: say how to calibrate."""
-    from maia_serving import kv_scales as scales
+    """FP8 without calibrated scales runs, but never quietly; per-head scales need our backend
+    and a sidecar that matches the model."""
+    from maia_serving.serving import kv_scales
 
     cache_dtype = str(vllm_config.cache_config.cache_dtype)
     if not cache_dtype.startswith("fp8"):
         return
-    model = vllm_config.model_config.model
-    if scales.scale_mode() == "per_head":
-        if envs.attention() != "maia":
-            raise ValueError(f"{scales.SCALES_ENV}=per_head needs the maia attention backend; unset "
-                             f"{envs.MAIA_SERVING_ATTENTION} or set it to maia")
-        scales.require_sidecar(model)
-        return
-    if not scales.checkpoint_has_kv_scales(vllm_config.model_config.hf_config):
-        logger.warning(scales.missing_scales_warning(cache_dtype, model))
+    if kv_scales.scale_mode() == "per_head" and envs.get(envs.MAIA_SERVING_ATTENTION) != "maia":
+        raise ValueError(f"{envs.MAIA_SERVING_KV_SCALES}=per_head needs the maia attention backend; unset "
+                         f"{envs.MAIA_SERVING_ATTENTION} or set it to maia")
+    model_config = vllm_config.model_config
+    kv_scales.check_fp8_scales(cache_dtype, model_config.model, model_config.hf_config.to_dict())
 
 
 def _apply_kv_cache_size(vllm_config: VllmConfig) -> None:
@@ -101,7 +102,7 @@ def _apply_kv_cache_size(vllm_config: VllmConfig) -> None:
     device = build_device(vllm_config)  # raises NotEnoughMemory with what would fit
     plan = device.plan
     emulated = plan.num_blocks * plan.config.block_size * plan.kv_bytes_per_token
-    host_cap = envs.host_kv_cap_bytes()
+    host_cap = envs.gib_bytes(envs.VLLM_CPU_KVCACHE_SPACE)
     vllm_config.cache_config.kv_cache_memory_bytes = int(min(emulated, host_cap))
     logger.info(
         "Maia KV cache: emulated %s holds %d blocks (%d tokens, %.2f GiB) after %s of "

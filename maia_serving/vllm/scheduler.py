@@ -1,36 +1,53 @@
 """MaiaScheduler: vLLM's scheduler, charging every step to the emulated device.
 
-The scheduler is the one place that sees each step's exact batch (tokens scheduled
-per request and their context lengths) and its outputs, so the emulated clock
-advances here, in the engine process. Records go to the serving process for
-``/metrics`` (maia_serving.metrics) and into a periodic log line.
+The scheduler is the one place that sees each step's exact batch and its outputs, so
+the emulated clock advances here, in the engine process. The batch's shape is read in
+``schedule()``, while every scheduled request is still known: a client can disconnect
+and its request be aborted before ``update_from_output`` (the work was still done, so
+the step is charged in full). Records go to the API server for ``/metrics``
+(maia_serving.vllm.channel) and into a periodic log line (maia_serving.serving.stepping).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 from vllm.logger import init_logger
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from maia_serving.metrics import ADDR_ENV, DeviceInfo, PeriodicLog, StatsPublisher
-from maia_serving.vllm import envs
+from maia_serving import envs
+from maia_serving.serving.metrics import DeviceInfo
+from maia_serving.serving.stepping import EngineStep, StepCharger
+from maia_serving.vllm.channel import StatsPublisher
 from maia_serving.vllm.device import build_device
 
 logger = init_logger("vllm.maia_serving")
 
 
+class _Scheduled:
+    """What schedule() saw of a step, completed by update_from_output."""
+
+    __slots__ = ("contexts", "new_tokens", "read_s", "started")
+
+    def __init__(self, new_tokens: tuple[int, ...], contexts: tuple[int, ...], started: float, read_s: float):
+        self.new_tokens = new_tokens
+        self.contexts = contexts
+        self.started = started
+        self.read_s = read_s
+
+
 class MaiaScheduler(Scheduler):
     def __init__(self, vllm_config, *args: Any, **kwargs: Any) -> None:
         super().__init__(vllm_config, *args, **kwargs)
-        self.maia = build_device(vllm_config)
-        self._publisher = StatsPublisher(os.environ.get(ADDR_ENV))
-        self._log = PeriodicLog(self.maia, envs.log_interval_s())
-        self._scheduled_at = 0.0
-        self._last_send_s = 0.0
-        self._publisher.announce(DeviceInfo.of(self.maia, self.cache_config.num_gpu_blocks or 0))
+        device = build_device(vllm_config)
+        self._publisher = StatsPublisher(envs.get(envs.MAIA_SERVING_STATS_ADDR))
+        self.maia = StepCharger(device, logger, envs.get(envs.MAIA_SERVING_LOG_INTERVAL_S),
+                                sink=lambda record: self._publisher.send(record, time.monotonic()),
+                                on_error=self._publisher.count_error)
+        # Keyed by the SchedulerOutput's id: with a batch queue, two steps can be in flight.
+        self._in_flight: dict[int, _Scheduled] = {}
+        self._publisher.announce(DeviceInfo.of(device, self.cache_config.num_gpu_blocks or 0))
 
     def add_request(self, request) -> None:
         super().add_request(request)
@@ -38,28 +55,36 @@ class MaiaScheduler(Scheduler):
 
     def finish_requests(self, request_ids, finished_status):
         aborted = super().finish_requests(request_ids, finished_status)
-        for request in aborted:
+        for request in aborted or ():
             self.maia.abort(request.request_id)
+        if aborted:
+            self.maia.guard("reporting the KV cache", self._report_if_idle)
         return aborted
 
     def schedule(self, *args: Any, **kwargs: Any):
         out = super().schedule(*args, **kwargs)
-        self._scheduled_at = time.perf_counter()
+        if out.num_scheduled_tokens:
+            self.maia.guard("reading a step's shape", self._read_shape, out)
         return out
 
-    def update_from_output(self, scheduler_output, model_runner_output):
-        wall_s = time.perf_counter() - self._scheduled_at
-        # Overhead is this thread's CPU time: on a shared core, wall time would also
-        # count the moments the API server ran instead of us.
+    def _read_shape(self, out) -> None:
         start = time.thread_time()
-        scheduled = scheduler_output.num_scheduled_tokens
+        scheduled = out.num_scheduled_tokens
         # num_computed_tokens already counts this step's tokens (see _update_after_schedule).
         contexts = tuple(self.requests[rid].num_computed_tokens for rid in scheduled)
-        mid = time.thread_time()
+        self._in_flight[id(out)] = _Scheduled(tuple(scheduled.values()), contexts, time.perf_counter(),
+                                              time.thread_time() - start)
+
+    def update_from_output(self, scheduler_output, model_runner_output):
         outputs = super().update_from_output(scheduler_output, model_runner_output)
-        if not scheduled:
-            return outputs
-        resumed = time.thread_time()
+        step = self._in_flight.pop(id(scheduler_output), None)
+        if step is not None:
+            self.maia.guard("charging a step", self._charge, step, outputs)
+        return outputs
+
+    def _charge(self, step: _Scheduled, outputs) -> None:
+        wall_s = time.perf_counter() - step.started
+        start = time.thread_time()
         tokens_out: dict[str, int] = {}
         finished: list[str] = []
         for eco in outputs.values():
@@ -67,15 +92,21 @@ class MaiaScheduler(Scheduler):
                 tokens_out[out.request_id] = len(out.new_token_ids)
                 if out.finish_reason is not None:
                     finished.append(out.request_id)
-        used = self.cache_config.num_gpu_blocks * self.kv_cache_manager.usage
-        record = self.maia.charge(tuple(scheduled.values()), contexts, tokens_out, finished,
-                                  int(round(used)), wall_s)
-        now = time.monotonic()
-        if (line := self._log.observe(record, now)) is not None:
-            logger.info(line)
-        # Our own work this step, plus the previous step's send (measured after it).
-        record.overhead_s = (mid - start) + (time.thread_time() - resumed) + self._last_send_s
-        sent = time.thread_time()
-        self._publisher.send(record, now)
-        self._last_send_s = time.thread_time() - sent
-        return outputs
+        used, cached = self._kv_blocks()
+        shape = EngineStep(step.new_tokens, step.contexts, tokens_out, finished, used, cached)
+        self.maia.charge(shape, wall_s, step.read_s + time.thread_time() - start)
+        self._report_if_idle()
+
+    def _kv_blocks(self) -> tuple[int, int]:
+        """KV blocks held by requests, and held only by the prefix cache."""
+        pool = self.kv_cache_manager.block_pool
+        free = pool.get_num_free_blocks()
+        used = pool.num_gpu_blocks - 1 - free  # the null block is never free
+        # Blocks that hold a reusable prefix and no running request: at least the cached ones
+        # beyond those in use (exact when nothing runs).
+        return used, min(free, max(0, len(pool.cached_block_hash_to_block) - used))
+
+    def _report_if_idle(self) -> None:
+        """When nothing is left to run, send what waits with the KV state: no step will."""
+        if not self.has_unfinished_requests():
+            self._publisher.flush(self._kv_blocks())

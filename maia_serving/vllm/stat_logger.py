@@ -6,32 +6,33 @@ process whether or not the maia platform is active; inert when it is not.
 
 from __future__ import annotations
 
-import os
-
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from maia_serving.metrics import ADDR_ENV, EmulatedMetrics
-from maia_serving.vllm import envs
+from maia_serving import envs
 
-_metrics: EmulatedMetrics | None = None
+_receiver = None
 
 
-def _shared_metrics() -> EmulatedMetrics | None:
+def _shared_receiver():
     """One channel and one set of Prometheus metrics per process, however many loggers."""
-    global _metrics
-    if _metrics is None and envs.device_requested() and os.environ.get(ADDR_ENV):
-        _metrics = EmulatedMetrics(os.environ[ADDR_ENV])
-    return _metrics
+    global _receiver
+    if _receiver is None and envs.device_requested():
+        addr = envs.get(envs.MAIA_SERVING_STATS_ADDR)
+        if addr:
+            from maia_serving.vllm.channel import StatsReceiver
+
+            _receiver = StatsReceiver(addr)
+    return _receiver
 
 
 class MaiaStatLogger(StatLoggerBase):
     def __init__(self, vllm_config, engine_index: int = 0):
-        self.metrics = _shared_metrics()
+        self.receiver = _shared_receiver()
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
-        if self.metrics is not None:
-            self.metrics.drain()
+        if self.receiver is not None:
+            self.receiver.drain()
 
     def log_engine_initialized(self) -> None:
-        if self.metrics is not None:
-            self.metrics.drain()
+        if self.receiver is not None:
+            self.receiver.drain()

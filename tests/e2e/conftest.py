@@ -19,6 +19,13 @@ VLLM_LIMITS = ("--max-model-len", "512", "--max-num-batched-tokens", "2048", "--
 SGLANG_LIMITS = ("--context-length", "512", "--chunked-prefill-size", "2048", "--max-running-requests", "64")
 
 
+def pytest_collection_modifyitems(items):
+    """Every test under tests/e2e starts or uses a real server: `pytest -m "not e2e"` is the fast suite."""
+    for item in items:
+        if "/tests/e2e/" in str(item.fspath):
+            item.add_marker(pytest.mark.e2e)
+
+
 @dataclass
 class Served:
     engine: str

@@ -30,9 +30,9 @@ from vllm.v1.attention.backend import (
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
-from maia_serving import kv_scales as scales
 from maia_serving import ops
 from maia_serving.ops.host import PagedPlan, plan_paged_attention
+from maia_serving.serving import kv_scales as scales
 
 logger = init_logger("vllm.maia_serving")
 
@@ -140,6 +140,8 @@ class MaiaAttentionImpl(AttentionImpl):
         self.fp8 = ops.resolve_kv_cache_dtype(kv_cache_dtype) is not None
         config = get_current_vllm_config()
         self.model_dir = config.model_config.model if config.model_config else ""
+        # (layers, KV heads) of the whole model: the sidecar is checked against them.
+        self.model_dims = scales.model_dims(config.model_config.hf_config.to_dict()) if config.model_config else (0, 0)
         self.tp_size = config.parallel_config.tensor_parallel_size
         self._head_scales: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -152,7 +154,7 @@ class MaiaAttentionImpl(AttentionImpl):
                 from vllm.distributed import get_tensor_model_parallel_rank
 
                 self._head_scales = scales.per_head_scales(
-                    self.model_dir, scales.layer_index(layer.layer_name), self.num_kv_heads,
+                    self.model_dir, *self.model_dims, scales.layer_index(layer.layer_name), self.num_kv_heads,
                     get_tensor_model_parallel_rank(), self.tp_size)
             return self._head_scales
         return layer._k_scale, layer._v_scale

@@ -1,20 +1,30 @@
-"""Charging SGLang steps: what the hooks read off a batch, and what the emulated clock makes of it."""
+"""Charging SGLang steps: what the hooks read off a batch and the scheduler, what the emulated
+clock makes of it, and that nothing the engine does to a request can make charging raise."""
 
+import logging
 from types import SimpleNamespace
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
+from maia_serving.emulator.cost import CostModel
 from maia_serving.emulator.hardware import load_profile
 from maia_serving.emulator.memory import ServingConfig
 from maia_serving.emulator.model_shape import load_model_shape
 from maia_serving.emulator.session import EmulatedDevice
+from maia_serving.serving.metrics import EmulatedMetricSet
+from maia_serving.sglang import stepping
 from maia_serving.sglang.stepping import MaiaStepper, step_shape
+
+POOL_TOKENS = 160  # the engine's KV pool; emulated blocks of 16 tokens
 
 
 def req(rid: str, outputs: int = 0, done: bool = False):
-    return SimpleNamespace(rid=rid, output_ids=[0] * outputs, finished=lambda: done)
+    r = SimpleNamespace(rid=rid, output_ids=[0] * outputs, done=done)
+    r.finished = lambda: r.done
+    return r
 
 
 def extend_batch(reqs, prefix, extend):
@@ -23,6 +33,21 @@ def extend_batch(reqs, prefix, extend):
 
 def decode_batch(reqs, seq_lens):
     return SimpleNamespace(forward_mode=ForwardMode.DECODE, reqs=reqs, seq_lens_cpu=torch.tensor(seq_lens))
+
+
+class FakeScheduler:
+    """The scheduler state the stepper reads: free slots, slots only the radix cache holds,
+    what runs."""
+
+    def __init__(self):
+        self.free, self.evictable = POOL_TOKENS, 0
+        self.token_to_kv_pool_allocator = SimpleNamespace(available_size=lambda: self.free)
+        self.tree_cache = SimpleNamespace(evictable_size=lambda: self.evictable)
+        self.running_batch = SimpleNamespace(reqs=[])
+        self.chunked_req = None
+
+    def hold(self, used: int, cached: int = 0) -> None:
+        self.free, self.evictable = POOL_TOKENS - used - cached, cached
 
 
 def test_step_shape_of_extend_and_decode():
@@ -34,50 +59,128 @@ def test_step_shape_of_extend_and_decode():
 
 
 @pytest.fixture
-def stepper(monkeypatch):
-    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+def registry():
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def stepper(monkeypatch, registry, tmp_path):
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.setattr(stepping, "EmulatedMetricSet", lambda: EmulatedMetricSet(registry))
     device = EmulatedDevice.fit(load_profile("maia100"), load_model_shape("llama-3-8b"),
                                 ServingConfig(max_model_len=4096))
-    return MaiaStepper(device, engine_kv_tokens=160)
+    return MaiaStepper(device, engine_kv_tokens=POOL_TOKENS)
+
+
+def _run(stepper, sched, batch, emit=(), finish=()):
+    """One step: run_batch, then the engine appends tokens and finishes requests, then the result."""
+    stepper.before_run(batch)
+    for r in batch.reqs:
+        if r.rid in emit:
+            r.output_ids.append(1)
+        if r.rid in finish:
+            r.done = True
+    stepper.after_result(batch, sched)
+
+
+def _value(registry, name, **labels):
+    return registry.get_sample_value(name, labels or None)
 
 
 def test_a_request_is_timed_from_arrival_to_its_last_token(stepper):
+    sched = FakeScheduler()
+    cost = CostModel(stepper.device.profile, load_model_shape("llama-3-8b"))
     stepper.arrive("a")
     a = req("a")
-    prefill = extend_batch([a], [0], [512])
-    stepper.before_run(prefill)
-    a.output_ids.append(1)  # the prefill samples the first token
-    stepper.after_result(prefill, free_tokens=160 - 33)
-    prefill_s = stepper.device.clock.now_s
-    assert prefill_s > 0
+    sched.hold(used=512 // 16)
+    _run(stepper, sched, extend_batch([a], [0], [512]), emit={"a"})
+    prefill_s = cost.cost_of((512,), (512,)).total_s
     timing = stepper.device.clock.requests["a"]
-    assert timing.first_token_s == prefill_s and timing.ttft_s == prefill_s
-
-    for n in range(2):
-        step = decode_batch([a], [513 + n])
-        stepper.before_run(step)
-        a.output_ids.append(1)
-        if n == 1:
-            a.finished = lambda: True
-        stepper.after_result(step, free_tokens=160 - 34 - n)
+    assert timing.ttft_s == pytest.approx(prefill_s, rel=1e-12)
+    decode_s = [cost.cost_of((1,), (513 + n,)).total_s for n in range(2)]
+    _run(stepper, sched, decode_batch([a], [513]), emit={"a"})
+    _run(stepper, sched, decode_batch([a], [514]), emit={"a"}, finish={"a"})
     assert "a" not in stepper.device.clock.requests  # finished requests leave the clock
-    decode_s = stepper.device.clock.now_s - prefill_s
     assert timing.num_output_tokens == 3
-    assert timing.tpot_s == pytest.approx(decode_s / 2) and timing.e2e_s == stepper.device.clock.now_s
+    assert timing.tpot_s == pytest.approx(sum(decode_s) / 2, rel=1e-12)
+    assert timing.e2e_s == pytest.approx(prefill_s + sum(decode_s), rel=1e-12)
 
 
-def test_used_kv_is_counted_in_emulated_blocks(stepper):
+def test_used_and_cached_kv_come_from_the_scheduler_in_emulated_blocks(stepper, registry):
+    sched = FakeScheduler()
     stepper.arrive("a")
-    batch = extend_batch([req("a")], [0], [20])
-    stepper.before_run(batch)
-    batch.reqs[0].output_ids.append(1)
-    record_before = stepper.device.clock.num_steps
-    stepper.after_result(batch, free_tokens=160 - 20)
-    assert stepper.device.clock.num_steps == record_before + 1
-    assert stepper.device.hbm_used_bytes(2) > stepper.device.hbm_used_bytes(0)
+    sched.hold(used=20, cached=40)  # 20 slots for the request, 40 only in the radix cache
+    _run(stepper, sched, extend_batch([req("a")], [0], [20]), emit={"a"})
+    assert _value(registry, "maia:kv_cache_blocks_used") == 2  # ceil(20 / 16)
+    assert _value(registry, "maia:kv_cache_blocks_cached") == 2  # 40 // 16
+    info = stepper.metrics.info
+    assert _value(registry, "maia:hbm_used_bytes") == info.hbm_static_bytes + 2 * info.kv_block_bytes
+
+
+def test_idle_server_with_a_warm_prefix_cache_reports_nothing_used(stepper, registry):
+    sched = FakeScheduler()
+    stepper.arrive("a")
+    sched.hold(used=0, cached=64)  # the request finished; its prefix stays cached
+    _run(stepper, sched, extend_batch([req("a")], [0], [8]), emit={"a"}, finish={"a"})
+    assert _value(registry, "maia:kv_cache_blocks_used") == 0
+    assert _value(registry, "maia:kv_cache_blocks_cached") == 4
+    assert _value(registry, "maia:hbm_used_bytes") == stepper.metrics.info.hbm_static_bytes
 
 
 def test_an_idle_batch_charges_nothing(stepper):
     stepper.before_run(SimpleNamespace(forward_mode=ForwardMode.IDLE, reqs=[]))
-    stepper.after_result(SimpleNamespace(reqs=[]), free_tokens=160)
+    stepper.after_result(SimpleNamespace(reqs=[]), FakeScheduler())
+    assert stepper.device.clock.num_steps == 0
+
+
+def test_abort_forgets_waiting_requests_and_keeps_running_ones(stepper, registry):
+    sched = FakeScheduler()
+    for rid in ("a-1", "a-2", "b"):
+        stepper.arrive(rid)
+    sched.running_batch.reqs = [req("a-2")]
+    stepper.abort(SimpleNamespace(rid="a", abort_all=False), sched)  # SGLang matches by prefix
+    assert set(stepper.device.clock.requests) == {"a-2", "b"}
+    stepper.abort(SimpleNamespace(rid="", abort_all=True), sched)
+    assert set(stepper.device.clock.requests) == {"a-2"}
+
+
+def test_abort_reports_the_kv_it_freed(stepper, registry):
+    sched = FakeScheduler()
+    stepper.arrive("a")
+    sched.hold(used=48)
+    _run(stepper, sched, extend_batch([req("a")], [0], [48]), emit={"a"})
+    assert _value(registry, "maia:kv_cache_blocks_used") == 3
+    sched.hold(used=0)  # the abort released it; no step follows
+    stepper.abort(SimpleNamespace(rid="a", abort_all=False), sched)
+    assert _value(registry, "maia:kv_cache_blocks_used") == 0
+
+
+def test_a_request_finished_early_or_aborted_mid_batch_is_charged_and_leaves(stepper):
+    sched = FakeScheduler()
+    a, b = req("a"), req("b")
+    for r in (a, b):
+        stepper.arrive(r.rid)
+    _run(stepper, sched, extend_batch([a, b], [0, 0], [4, 4]), emit={"a", "b"})
+    # b was aborted by its client: SGLang finishes it in the next batch without a token.
+    _run(stepper, sched, decode_batch([a, b], [5, 5]), emit={"a"}, finish={"b"})
+    assert set(stepper.device.clock.requests) == {"a"}
+    assert stepper.device.clock.num_steps == 2
+
+
+def test_a_request_unknown_to_the_clock_is_charged_without_error(stepper, registry):
+    """Preempted and retried, or arrived before the stepper existed: no KeyError, no error count."""
+    _run(stepper, FakeScheduler(), decode_batch([req("ghost")], [10]), emit={"ghost"}, finish={"ghost"})
+    assert stepper.device.clock.num_steps == 1
+    assert _value(registry, "maia:emulation_errors_total", stage="charge") == 0
+
+
+def test_an_error_in_charging_is_logged_counted_and_never_raised(stepper, registry, caplog):
+    caplog.set_level(logging.ERROR)
+    broken = SimpleNamespace(forward_mode=ForwardMode.DECODE, reqs=[req("a")], seq_lens_cpu=None)
+    stepper.before_run(broken)  # .tolist() of None raises inside the stepper
+    sched = FakeScheduler()
+    sched.token_to_kv_pool_allocator = None  # and so does reading the pool
+    _run(stepper, sched, extend_batch([req("b")], [0], [4]), emit={"b"})
+    assert _value(registry, "maia:emulation_errors_total", stage="charge") == 2
+    assert caplog.text.count("Traceback") == 1  # in full once, then quietly
     assert stepper.device.clock.num_steps == 0

@@ -1,0 +1,2 @@
+"""What both engine adapters share: the metric set, step charging, KV-scale checks and the
+ledger of engine surfaces we depend on. Imports no engine."""

@@ -1,0 +1,129 @@
+"""KV scales: a loud warning without them, never a quiet 1.0; every scales file checked
+before the engine loads anything, with the file named in the error."""
+
+import json
+import logging
+
+import pytest
+
+from maia_serving.envs import MAIA_SERVING_KV_SCALES, SettingError
+from maia_serving.serving import kv_scales as scales
+
+CONFIG = {"num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 4}
+
+
+@pytest.fixture(autouse=True)
+def _fresh(monkeypatch):
+    monkeypatch.delenv(MAIA_SERVING_KV_SCALES, raising=False)
+    scales.load_sidecar.cache_clear()
+
+
+def _sidecar(tmp_path, layers):
+    (tmp_path / scales.SIDECAR).write_text(json.dumps({"layers": layers}))
+
+
+GOOD_SIDECAR = {str(i): {"k": [0.1, 0.2, 0.3, 0.4], "v": [1.0, 2.0, 3.0, 4.0]} for i in range(2)}
+
+
+def test_fp8_without_scales_warns_with_the_calibrate_command(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger=scales.logger.name)
+    assert scales.check_fp8_scales("fp8", str(tmp_path), CONFIG) == "none"
+    assert "no calibrated KV-cache scales" in caplog.text
+    assert f"maia-serving calibrate-kv --model {tmp_path}" in caplog.text
+
+
+def test_checkpoint_scales_are_used_quietly(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger=scales.logger.name)
+    config = {**CONFIG, "quantization_config": {"kv_cache_scheme": {"num_bits": 8}}}
+    assert scales.check_fp8_scales("fp8", str(tmp_path), config) == "checkpoint"
+    assert caplog.text == ""
+
+
+def test_per_head_without_sidecar_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv(MAIA_SERVING_KV_SCALES, "per_head")
+    with pytest.raises(ValueError, match="maia_kv_scales.json") as err:
+        scales.check_fp8_scales("fp8", str(tmp_path), CONFIG)
+    assert "maia-serving calibrate-kv" in str(err.value)
+
+
+def test_unknown_scale_mode_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv(MAIA_SERVING_KV_SCALES, "per_channel")
+    with pytest.raises(SettingError, match="MAIA_SERVING_KV_SCALES='per_channel'.*per_tensor or per_head"):
+        scales.scale_mode()
+
+
+def test_good_sidecar_is_read(tmp_path, monkeypatch):
+    monkeypatch.setenv(MAIA_SERVING_KV_SCALES, "per_head")
+    _sidecar(tmp_path, GOOD_SIDECAR)
+    assert scales.check_fp8_scales("fp8", str(tmp_path), CONFIG) == "per_head"
+    assert scales.load_sidecar(str(tmp_path), 2, 4)[1] == ([0.1, 0.2, 0.3, 0.4], [1.0, 2.0, 3.0, 4.0])
+
+
+@pytest.mark.parametrize("layers,match", [
+    ({"0": GOOD_SIDECAR["0"]}, r"lacks scales for layer\(s\) \[1\]"),
+    ({**GOOD_SIDECAR, "1": {"k": [0.1, 0.2], "v": [1.0, 2.0, 3.0, 4.0]}}, "layer 1 needs 4 K scales"),
+    ({**GOOD_SIDECAR, "1": {"k": [0.1, 0.2, 0.0, 0.4], "v": [1.0, 2.0, 3.0, 4.0]}}, r"layer 1 k\[2\] is 0.0"),
+    ({**GOOD_SIDECAR, "0": {"k": [0.1, 0.2, 0.3, "x"], "v": [1.0, 2.0, 3.0, 4.0]}}, r"layer 0 k\[3\] is 'x'"),
+    ({**GOOD_SIDECAR, "0": {"k": [0.1, 0.2, 0.3, 0.4]}}, "layer 0 needs 4 V scales"),
+    ([1, 2], "must map layer numbers"),
+])
+def test_bad_sidecar_is_refused_naming_the_file(tmp_path, monkeypatch, layers, match):
+    monkeypatch.setenv(MAIA_SERVING_KV_SCALES, "per_head")
+    _sidecar(tmp_path, layers)
+    with pytest.raises(scales.ScalesFileError, match=match) as err:
+        scales.check_fp8_scales("fp8", str(tmp_path), CONFIG)
+    assert str(tmp_path / scales.SIDECAR) in str(err.value)
+
+
+def test_sidecar_that_is_not_json_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv(MAIA_SERVING_KV_SCALES, "per_head")
+    (tmp_path / scales.SIDECAR).write_text('{"layers": {"0": ')
+    with pytest.raises(scales.ScalesFileError, match="cannot be read as JSON"):
+        scales.check_fp8_scales("fp8", str(tmp_path), CONFIG)
+
+
+def _sglang_file(tmp_path, document) -> str:
+    path = tmp_path / "kv_cache_scales.json"
+    path.write_text(document if isinstance(document, str) else json.dumps(document))
+    return str(path)
+
+
+def test_sglang_scales_file_is_read(tmp_path):
+    path = _sglang_file(tmp_path, {"kv_cache": {"scaling_factor": {"0": {"0": 0.5, "1": 0.25}}}})
+    assert scales.check_fp8_scales("fp8_e4m3", str(tmp_path), CONFIG, path) == "file"
+    assert scales.load_sglang_scales_file(path, 2) == {0: 0.5, 1: 0.25}
+
+
+@pytest.mark.parametrize("document,match", [
+    ("{not json", "cannot be read as JSON"),
+    ("", "cannot be read as JSON"),
+    ({"kv_cache": {"scaling_factor": {"0": {"0": 0.5}}}}, r"lacks scales for layer\(s\) \[1\]"),
+    ({"kv_cache": {"scaling_factor": {"1": {"0": 0.5, "1": 0.5}}}}, "has no kv_cache.scaling_factor.0"),
+    ({"kv_cache": {}}, "has no kv_cache.scaling_factor"),
+    ({"kv_cache": {"scaling_factor": {"0": {"0": 0.5, "1": -1}}}}, "layer 1 is -1"),
+    ({"kv_cache": {"scaling_factor": {"0": {"0": 0.5, "1": True}}}}, "layer 1 is True"),
+])
+def test_bad_sglang_scales_file_is_refused_naming_it(tmp_path, document, match):
+    path = _sglang_file(tmp_path, document)
+    with pytest.raises(scales.ScalesFileError, match=match) as err:
+        scales.check_fp8_scales("fp8_e4m3", str(tmp_path), CONFIG, path)
+    assert path in str(err.value)
+
+
+def test_missing_sglang_scales_file_says_how_to_make_one(tmp_path):
+    with pytest.raises(scales.ScalesFileError, match="does not exist.*maia-serving calibrate-kv"):
+        scales.check_fp8_scales("fp8_e4m3", str(tmp_path), CONFIG, str(tmp_path / "nope.json"))
+
+
+def test_per_head_scales_are_sliced_per_rank(tmp_path):
+    _sidecar(tmp_path, {"0": {"k": [1.0, 2.0, 3.0, 4.0], "v": [5.0, 6.0, 7.0, 8.0]}})
+    k, v = scales.per_head_scales(str(tmp_path), 1, 4, 0, 2, tp_rank=1, tp_size=2)
+    assert k.tolist() == [3.0, 4.0] and v.tolist() == [7.0, 8.0]
+    k, _ = scales.per_head_scales(str(tmp_path), 1, 4, 0, 4, tp_rank=0, tp_size=1)
+    assert k.tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_more_ranks_than_kv_heads_replicate_one_head_each(tmp_path):
+    _sidecar(tmp_path, {"0": {"k": [1.0, 2.0], "v": [5.0, 6.0]}})
+    got = [scales.per_head_scales(str(tmp_path), 1, 2, 0, 1, tp_rank=r, tp_size=4)[0].tolist() for r in range(4)]
+    assert got == [[1.0], [1.0], [2.0], [2.0]]
