@@ -47,18 +47,6 @@ class StepShape:
         pairs = list(pairs)
         return cls(tuple(q for q, _ in pairs), tuple(n for _, n in pairs))
 
-    @property
-    def num_seqs(self) -> int:
-        return len(self.new_tokens)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.new_tokens)
-
-    def attended_pairs(self) -> int:
-        """Query-key pairs under a causal mask when the new tokens end each context."""
-        return sum(q * n - q * (q - 1) // 2 for q, n in zip(self.new_tokens, self.context_lens))
-
 
 @dataclass(frozen=True)
 class Parallel:
@@ -224,22 +212,21 @@ class CostModel:
         return comm
 
     def cost(self, step: StepShape, detail: bool = False) -> StepCost:
-        """The step's cost; ``detail`` also lists each operator (slower: for reports)."""
-        return self._evaluate(step.num_tokens, step.num_seqs, step.attended_pairs(),
-                              sum(step.context_lens), detail)
+        """The cost of a checked step; ``detail`` also lists each operator (slower: for reports)."""
+        return self.cost_of(step.new_tokens, step.context_lens, detail)
 
-    def cost_of(self, new_tokens: tuple[int, ...], context_lens: tuple[int, ...]) -> StepCost:
-        """cost() for a live engine's step, trusted to be well formed: one pass, no checks."""
+    def cost_of(self, new_tokens: tuple[int, ...], context_lens: tuple[int, ...], detail: bool = False) -> StepCost:
+        """The one implementation of a step's cost; a live engine calls it every step with a shape
+        trusted to be well formed, so it makes one pass and no checks (cost() checks first)."""
         tokens = pairs = ctx = 0
         for q, n in zip(new_tokens, context_lens):
             tokens += q
             ctx += n
+            # Causal: the new tokens hold positions n-q .. n-1 and each attends to itself and all before it.
             pairs += q * n - q * (q - 1) // 2
-        return self._evaluate(tokens, len(new_tokens), pairs, ctx, False)
-
-    def _evaluate(self, tokens: int, seqs: int, pairs: int, ctx: int, detail: bool) -> StepCost:
         if tokens == 0:
             return StepCost(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, ())
+        seqs = len(new_tokens)
         compute = memory = flops = nbytes = 0.0
         ops = []
         for term in self.terms:

@@ -1,21 +1,32 @@
-"""Roofline step cost: golden values by hand, and invariants."""
+"""Roofline step cost: golden values by hand through the engines' path, and invariants on random steps."""
 
 import dataclasses
+import functools
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from maia_serving.emulator import Parallel, StepShape, load_model_shape, load_profile, step_cost
-from maia_serving.emulator.cost import roofline
+from maia_serving.emulator import Parallel, ServingConfig, StepShape, load_model_shape, load_profile, step_cost
+from maia_serving.emulator.cost import CostModel, roofline
+from maia_serving.emulator.session import EmulatedDevice
+
+PROFILES = ("maia100", "maia200", "h100-sxm", "h200")
+MODELS = ("llama-3-8b", "llama-3-70b", "qwen2.5-7b")
 
 
-@pytest.fixture(scope="module")
-def llama8b():
-    return load_model_shape("llama-3-8b")
-
-
-@pytest.fixture(scope="module")
-def maia100():
-    return load_profile("maia100")
+@pytest.mark.parametrize("name", ["prefill", "chunk", "decode"])
+def test_golden_steps_as_the_engines_charge_them(llama8b, maia100, golden, name):
+    """The hand-priced steps of conftest.py, through EmulatedDevice.charge -> CostModel.cost_of."""
+    step = golden[name]
+    device = EmulatedDevice.fit(maia100, llama8b, ServingConfig())
+    record = device.charge(step.new_tokens, step.context_lens, {}, [], kv_blocks_used=0)
+    assert record.compute_s == pytest.approx(step.compute_s, rel=1e-12)
+    assert record.memory_s == pytest.approx(step.memory_s, rel=1e-12)
+    assert record.launch_s == pytest.approx((11 * 32 + 3) * 5e-6, rel=1e-12)
+    assert record.comm_s == 0.0
+    assert record.step_s == pytest.approx(step.total_s, rel=1e-12)
+    assert record.bound == ("memory" if name == "decode" else "compute")
 
 
 def test_golden_qkv_gemm_one_token_on_maia100(llama8b, maia100):
@@ -33,30 +44,12 @@ def test_golden_qkv_gemm_one_token_on_maia100(llama8b, maia100):
     assert op.bound == "memory"
 
 
-def test_golden_large_prefill_is_compute_bound(llama8b, maia100):
-    cost = step_cost(maia100, llama8b, StepShape.of([(4096, 4096)]))
-    assert cost.bound == "compute"
-    gemm_flops = 2 * 4096 * (32 * (4096 * 6144 + 4096 * 4096 + 3 * 4096 * 14336))
-    gemms = [o for o in cost.ops if o.name in {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}]
-    assert sum(o.flops for o in gemms) == gemm_flops
-
-
-def test_total_is_sum_of_parts(llama8b):
+def test_launch_cost_counts_every_kernel(llama8b):
     for name in ("maia100", "maia200", "h100-sxm"):
-        cost = step_cost(load_profile(name), llama8b, StepShape.of([(1, 900)] * 16 + [(300, 700)]),
-                         Parallel(tp=4))
-        assert cost.total_s == pytest.approx(cost.compute_s + cost.memory_s + cost.comm_s + cost.launch_s)
-        assert cost.compute_s + cost.memory_s == pytest.approx(sum(o.time_s for o in cost.ops))
+        cost = step_cost(load_profile(name), llama8b, StepShape.of([(1, 900)] * 16 + [(300, 700)]), Parallel(tp=4))
         assert cost.comm_s > 0
         # Per layer: two norms, two residual adds and seven other kernels; three outside the layers.
         assert cost.launch_s == pytest.approx((11 * 32 + 3) * load_profile(name).kernel_launch_s)
-
-
-def test_more_bandwidth_is_never_slower(llama8b, maia100):
-    faster = dataclasses.replace(maia100, hbm_bandwidth_bytes_per_s=maia100.hbm_bandwidth_bytes_per_s * 2)
-    for shape in ([(1, 100)] * 4, [(2048, 2048)], [(1, 8000)] * 64):
-        step = StepShape.of(shape)
-        assert step_cost(faster, llama8b, step).total_s <= step_cost(maia100, llama8b, step).total_s
 
 
 def test_fp8_kv_reads_half_the_attention_bytes(llama8b, maia100):
@@ -70,17 +63,111 @@ def test_fp8_kv_reads_half_the_attention_bytes(llama8b, maia100):
     assert attn["fp8"].bytes - q_and_out == (attn["auto"].bytes - q_and_out) / 2
 
 
-def test_causal_pairs_cover_chunked_prefill():
-    assert StepShape.of([(1, 10)]).attended_pairs() == 10
-    assert StepShape.of([(4, 4)]).attended_pairs() == 4 + 3 + 2 + 1
-    assert StepShape.of([(2, 6)]).attended_pairs() == 5 + 6
-
-
 def test_bad_step_shapes_are_refused():
     with pytest.raises(ValueError, match="context length"):
         StepShape.of([(5, 4)])
+    with pytest.raises(ValueError, match="one entry per sequence"):
+        StepShape((1, 1), (4,))
 
 
 def test_roofline_picks_the_slower_side(maia100):
     op = roofline(maia100, "x", flops=0.8e15 * 0.6, nbytes=1.0)
     assert op.compute_s == pytest.approx(1.0) and op.bound == "compute"
+
+
+@functools.cache
+def _cost_model(profile: str, model: str, tp: int, pp: int, kv_cache_dtype: str) -> CostModel:
+    return CostModel(load_profile(profile), load_model_shape(model), Parallel(tp, pp), kv_cache_dtype)
+
+
+def _sequences(max_len: int) -> st.SearchStrategy[tuple[int, int]]:
+    """(new tokens, context length) with 1 <= new <= context."""
+    return st.integers(1, max_len).flatmap(lambda n: st.tuples(st.integers(1, n), st.just(n)))
+
+
+# A continuous-batching step: decodes (one new token each) and a few prefills or prefill chunks.
+DECODES = st.integers(1, 8192).map(lambda n: (1, n))
+PREFILLS = _sequences(8192)
+SEQUENCES = st.one_of(DECODES, PREFILLS)
+BATCHES = st.tuples(st.lists(DECODES, max_size=16), st.lists(PREFILLS, max_size=2)).map(
+    lambda parts: parts[0] + parts[1]).filter(bool)
+STEPS = BATCHES.map(StepShape.of)
+# (profile, model, tp, pp, KV cache dtype)
+SETUPS = st.tuples(st.sampled_from(PROFILES), st.sampled_from(MODELS), st.sampled_from((1, 2, 4)),
+                   st.sampled_from((1, 2)), st.sampled_from(("auto", "fp8")))
+# Regrouping the compute- and memory-bound operators' sums when one changes side can move a total by an ulp.
+ROUNDING = 1e-12
+
+
+@given(SETUPS, STEPS)
+def test_cost_of_is_cost(setup, step):
+    """What the engines call prices a step exactly as the checked API and the reports do."""
+    model = _cost_model(*setup)
+    assert model.cost_of(step.new_tokens, step.context_lens) == model.cost(step)
+    assert model.cost_of(step.new_tokens, step.context_lens, detail=True) == model.cost(step, detail=True)
+
+
+@given(SETUPS, STEPS)
+def test_total_is_the_sum_of_its_parts(setup, step):
+    cost = _cost_model(*setup).cost(step, detail=True)
+    assert cost.total_s == cost.compute_s + cost.memory_s + cost.comm_s + cost.launch_s
+    assert cost.compute_s == pytest.approx(sum(o.compute_s for o in cost.ops if o.bound == "compute"), rel=ROUNDING)
+    assert cost.memory_s == pytest.approx(sum(o.memory_s for o in cost.ops if o.bound == "memory"), rel=ROUNDING)
+    assert cost.flops == pytest.approx(sum(o.flops for o in cost.ops), rel=ROUNDING)
+    assert cost.bytes == pytest.approx(sum(o.bytes for o in cost.ops), rel=ROUNDING)
+    assert (cost.comm_s > 0) == (setup[2:4] != (1, 1))
+
+
+@given(SETUPS, STEPS, st.floats(1.0, 16.0))
+def test_more_bandwidth_is_never_slower(setup, step, factor):
+    name, model, tp, pp, kv_cache_dtype = setup
+    profile = load_profile(name)
+    faster = dataclasses.replace(
+        profile, hbm_bandwidth_bytes_per_s=profile.hbm_bandwidth_bytes_per_s * factor,
+        scale_up=dataclasses.replace(profile.scale_up,
+                                     bandwidth_bytes_per_s=profile.scale_up.bandwidth_bytes_per_s * factor))
+    fast = CostModel(faster, load_model_shape(model), Parallel(tp, pp), kv_cache_dtype).cost(step)
+    assert fast.total_s <= _cost_model(*setup).cost(step).total_s * (1 + ROUNDING)
+
+
+@st.composite
+def _step_and_a_bigger_one(draw: st.DrawFn) -> tuple[StepShape, StepShape]:
+    """A step, and the same step with one more sequence, or with one sequence adding more tokens, or
+    attending to a longer context."""
+    pairs = draw(BATCHES)
+    grow = draw(st.sampled_from(("sequence", "new tokens", "context")))
+    if grow == "sequence":
+        return StepShape.of(pairs), StepShape.of([*pairs, draw(SEQUENCES)])
+    i = draw(st.integers(0, len(pairs) - 1))
+    q, n = pairs[i]
+    more = draw(st.integers(1, 1024))
+    bigger = (q + more, n + more) if grow == "new tokens" else (q, n + more)
+    return StepShape.of(pairs), StepShape.of([*pairs[:i], bigger, *pairs[i + 1:]])
+
+
+@given(SETUPS, _step_and_a_bigger_one())
+def test_more_tokens_are_never_cheaper(setup, steps):
+    small, big = steps
+    model = _cost_model(*setup)
+    assert model.cost(big).total_s >= model.cost(small).total_s * (1 - ROUNDING)
+
+
+def _causal_pairs_by_brute_force(step: StepShape) -> int:
+    """Count (query, key) positions with key <= query, the new tokens being the last of each context."""
+    return sum(1 for q, n in zip(step.new_tokens, step.context_lens)
+               for query in range(n - q, n) for key in range(n) if key <= query)
+
+
+@given(st.lists(_sequences(40), min_size=1, max_size=6).map(StepShape.of))
+def test_attention_prices_every_causal_pair(step):
+    """Attention FLOPs are 4 per head dimension per query-key pair: QK^T and PV, a multiply-add each."""
+    model = _cost_model("maia100", "llama-3-8b", 1, 1, "auto")
+    attention = next(o for o in model.cost_of(step.new_tokens, step.context_lens, detail=True).ops
+                     if o.name == "attention")
+    assert attention.flops == 32 * 4 * 32 * 128 * _causal_pairs_by_brute_force(step)
+
+
+def test_causal_pairs_of_known_steps():
+    assert _causal_pairs_by_brute_force(StepShape.of([(1, 10)])) == 10
+    assert _causal_pairs_by_brute_force(StepShape.of([(4, 4)])) == 4 + 3 + 2 + 1
+    assert _causal_pairs_by_brute_force(StepShape.of([(2, 6), (1, 3)])) == 5 + 6 + 3
