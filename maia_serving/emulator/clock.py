@@ -54,13 +54,16 @@ class EmulatedClock:
         returns the timings of the requests whose first token this was."""
         if step_s < 0:
             raise ValueError(f"a step cannot take negative time ({step_s})")
+        start_s = self.now_s
         self.now_s += step_s
         self.num_steps += 1
         firsts = []
         for request_id, count in tokens_out.items():
             if count <= 0:
                 continue
-            timing = self.arrive(request_id)
+            timing = self.requests.get(request_id)
+            if timing is None:  # not arrive()d: the engine first saw it when this step began
+                timing = self.requests[request_id] = RequestTiming(arrival_s=start_s)
             if timing.first_token_s is None:
                 timing.first_token_s = self.now_s
                 firsts.append(timing)

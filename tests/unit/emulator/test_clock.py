@@ -1,48 +1,53 @@
-"""Emulated clock and the engine-facing EmulatedDevice."""
+"""Emulated clock: per-request figures of hand-built runs, checked exactly (the step times are dyadic,
+so every sum and difference is exact in binary floating point)."""
 
 import pytest
 
-from maia_serving.emulator import EmulatedClock, Parallel, ServingConfig, load_model_shape, load_profile, plan_memory
-from maia_serving.emulator.session import EmulatedDevice
+from maia_serving.emulator import EmulatedClock
 
 
-def test_ttft_tpot_e2e():
+def test_ttft_tpot_e2e_of_two_overlapping_requests():
     clock = EmulatedClock()
-    clock.advance(1.0, {})
-    clock.arrive("a")
-    clock.advance(0.5, {"a": 1})  # prefill step
-    clock.advance(0.1, {"a": 1})
-    clock.advance(0.1, {"a": 1})
-    t = clock.finish("a")
-    assert t.ttft_s == pytest.approx(0.5)
-    assert t.tpot_s == pytest.approx(0.1)
-    assert t.e2e_s == pytest.approx(0.7)
-    assert t.num_output_tokens == 3
+    clock.advance(1.0, {})  # before either request: no part of their latency
+    clock.arrive("a")  # at 1.0
+    clock.advance(0.5, {"a": 1})  # a's prefill: first token at 1.5
+    clock.arrive("b")  # at 1.5
+    clock.advance(0.25, {"a": 1, "b": 0})  # a decodes; b's first prefill chunk emits nothing (1.75)
+    clock.advance(0.125, {"a": 2, "b": 1})  # a emits two tokens (a speculative step), b its first (1.875)
+    a = clock.finish("a")
+    clock.advance(0.0625, {"b": 1})  # 1.9375
+    b = clock.finish("b")
+
+    assert (a.arrival_s, a.first_token_s, a.last_token_s, a.num_output_tokens) == (1.0, 1.5, 1.875, 4)
+    assert a.ttft_s == 0.5
+    assert a.tpot_s == (1.875 - 1.5) / 3 == 0.125
+    assert a.e2e_s == 0.875
+    assert (b.arrival_s, b.first_token_s, b.last_token_s, b.num_output_tokens) == (1.5, 1.875, 1.9375, 2)
+    assert b.ttft_s == 0.375
+    assert b.tpot_s == 0.0625
+    assert b.e2e_s == 0.4375
+    assert (clock.now_s, clock.num_steps, clock.requests) == (1.9375, 5, {})
 
 
-def test_chunked_prefill_step_emits_nothing_yet():
+def test_a_request_seen_first_with_its_token_arrives_at_the_step_start():
+    """An engine may report a request's first step before arrive(); it arrived when that step began."""
     clock = EmulatedClock()
-    clock.arrive("a")
-    clock.advance(0.3, {"a": 0})
-    clock.advance(0.3, {"a": 1})
-    assert clock.requests["a"].ttft_s == pytest.approx(0.6)
+    clock.advance(0.5, {})
+    (first,) = clock.advance(0.25, {"a": 1})
+    assert (first.arrival_s, first.ttft_s) == (0.5, 0.25)
+
+
+def test_one_token_has_no_tpot_and_no_token_no_latency():
+    clock = EmulatedClock()
+    clock.arrive("one")
+    clock.arrive("none")
+    clock.advance(0.5, {"one": 1, "none": 0})
+    one, none = clock.finish("one"), clock.finish("none")
+    assert (one.ttft_s, one.e2e_s, one.tpot_s) == (0.5, 0.5, None)
+    assert (none.ttft_s, none.e2e_s, none.tpot_s) == (None, None, None)
+    assert clock.finish("never seen") is None
 
 
 def test_negative_step_is_refused():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="negative time"):
         EmulatedClock().advance(-1.0, {})
-
-
-def test_device_charges_steps_and_reports_finished_requests():
-    model = load_model_shape("llama-3-8b")
-    profile = load_profile("maia200")
-    plan = plan_memory(model, profile, ServingConfig())
-    dev = EmulatedDevice(profile, model, plan, Parallel(), "auto")
-    dev.arrive("r1")
-    first = dev.charge((100,), (100,), {"r1": 1}, [], kv_blocks_used=7, wall_s=0.02)
-    assert first.first_token_ttfts_s == [pytest.approx(first.step_s)]
-    second = dev.charge((1,), (101,), {"r1": 1}, ["r1"], kv_blocks_used=7)
-    assert second.finished[0].tpot_s == pytest.approx(second.step_s)
-    assert dev.clock.requests == {}
-    assert dev.hbm_used_bytes(7) == pytest.approx(
-        plan.runtime_reserve_bytes + plan.weight_bytes + plan.workspace_bytes + 7 * 16 * plan.kv_bytes_per_token)
