@@ -6,7 +6,6 @@ from maia_serving.emulator import (
     NotEnoughMemory,
     ServingConfig,
     load_model_shape,
-    load_profile,
     plan_memory,
     require_fit,
 )
@@ -16,11 +15,6 @@ from maia_serving.emulator.memory import kv_bytes_per_token
 @pytest.fixture(scope="module")
 def llama70b():
     return load_model_shape("llama-3-70b")
-
-
-@pytest.fixture(scope="module")
-def maia100():
-    return load_profile("maia100")
 
 
 def test_llama3_70b_parameter_count_by_hand(llama70b):
@@ -43,10 +37,30 @@ def test_llama3_70b_tp4_on_maia100_by_hand(llama70b, maia100):
     assert plan.weight_bytes == pytest.approx(weights)
     assert plan.workspace_bytes == pytest.approx(workspace)
     assert plan.kv_bytes_per_token == per_token == 81_920
+    assert plan.kv_budget_bytes == pytest.approx(usable - weights - workspace)
     blocks = int((usable - weights - workspace) // (per_token * 16))
     assert plan.num_blocks == blocks == 15_745
+    assert plan.kv_tokens == 16 * blocks
     assert plan.max_concurrent_seqs == blocks // (8192 // 16) == 30
-    assert plan.fits
+    assert plan.fits and plan.shortfall_bytes == 0
+
+
+def test_llama3_8b_on_one_maia100_by_hand(llama8b, maia100):
+    """The plan the device and cost tests run on: every figure an integer number of bytes, so exact."""
+    plan = require_fit(llama8b, maia100, ServingConfig())
+    # 64 GB x 0.9 - 1 GiB runtime reserve.
+    assert plan.usable_bytes == 64e9 * 0.9 - 2**30 == 56_526_258_176
+    # 32 layers x 218_112_000 + 2 x 128256 x 4096 (untied embedding and LM head) + 4096 = 8_030_261_248 params.
+    assert plan.weight_bytes == 8_030_261_248 * 2 == 16_060_522_496
+    # 8192 tokens x (residual + normed input 2 x 4096, q and o 2 x 4096, k and v 2 x 1024, gate and up
+    # 2 x 14336) in bf16, and fp32 logits of 256 sequences over 128256 tokens.
+    assert plan.workspace_bytes == 8192 * (4 * 4096 + 2 * 1024 + 2 * 14336) * 2 + 256 * 128256 * 4 == 903_086_080
+    # K and V x 32 layers x 8 heads x 128 x 2 bytes; a block of 16 tokens is 2 MiB.
+    assert plan.kv_bytes_per_token == 2 * 32 * 8 * 128 * 2 == 131_072
+    assert plan.kv_budget_bytes == 56_526_258_176 - 16_060_522_496 - 903_086_080 == 39_562_649_600
+    assert plan.num_blocks == 39_562_649_600 // 2**21 == 18_864
+    assert plan.kv_tokens == 18_864 * 16 == 301_824
+    assert plan.max_concurrent_seqs == 18_864 // (8192 // 16) == 36
 
 
 def test_llama3_70b_does_not_fit_one_maia100_and_says_by_how_much(llama70b, maia100):
