@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from maia_serving.models.outdir import output_dir
 from maia_serving.ops import get_fp8_format, kv_absmax
 
 SIDECAR = "maia_kv_scales.json"  # the name maia_serving.serving.kv_scales reads
@@ -214,9 +215,6 @@ def write_calibrated_model(model_dir: Path, out: Path, result: KvCalibration) ->
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    if out.resolve() == model_dir.resolve():
-        raise ValueError(f"--out must differ from --model ({model_dir}): the model is copied, not edited")
-    out.mkdir(parents=True, exist_ok=True)
     for path in model_dir.iterdir():
         written_here = path.name in ("config.json", SIDECAR, SGLANG_SCALES) or path.name.endswith(".safetensors")
         if path.is_file() and not written_here:
@@ -254,18 +252,27 @@ def write_calibrated_model(model_dir: Path, out: Path, result: KvCalibration) ->
 
 
 def calibrate_kv(model_dir: Path, data: list[Path], out: Path, max_tokens: int = 32768,
-                 seq_len: int | None = None, fmt: str = "e4m3", progress: bool = True) -> KvCalibration:
+                 seq_len: int | None = None, fmt: str = "e4m3", progress: bool = True,
+                 overwrite: bool = False) -> KvCalibration:
     """Calibrate ``model_dir`` on ``data`` and write the calibrated copy to ``out``.
 
     The forward passes run in float32 whatever the checkpoint's dtype: the scales only need
     the magnitudes, and float32 is the fast path on CPUs without bf16 matmul units.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     get_fp8_format(fmt)  # a clear error for an unknown format before any work
     if max_tokens < 2:
         raise ValueError(f"--max-tokens must be at least 2, got {max_tokens}")
     _check_model_dir(model_dir)
+    if out.resolve() == model_dir.resolve():
+        raise ValueError(f"--out must differ from --model ({model_dir}): the model is copied, not edited")
+    with output_dir(out, overwrite) as work:
+        return _calibrate(model_dir, data, work, max_tokens, seq_len, fmt, progress)
+
+
+def _calibrate(model_dir: Path, data: list[Path], out: Path, max_tokens: int, seq_len: int | None, fmt: str,
+               progress: bool) -> KvCalibration:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     token_ids = calibration_token_ids(tokenizer, data, max_tokens)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

@@ -122,7 +122,7 @@ def cmd_calibrate_host(args: argparse.Namespace) -> int:
 def cmd_demo_model(args: argparse.Namespace) -> int:
     from maia_serving.models.demo import build_demo_model
 
-    out = build_demo_model(Path(args.out), seed=args.seed)
+    out = build_demo_model(Path(args.out), seed=args.seed, overwrite=args.overwrite)
     print(f"demo model written to {out}")
     return 0
 
@@ -131,7 +131,7 @@ def cmd_train_model(args: argparse.Namespace) -> int:
     from maia_serving.models.train import TrainConfig, train_model
 
     config = TrainConfig(seed=args.seed) if args.steps is None else TrainConfig(steps=args.steps, seed=args.seed)
-    report = train_model(Path(args.out), config)
+    report = train_model(Path(args.out), config, overwrite=args.overwrite)
     print(f"trained model written to {args.out} in {report['total_s']:.0f} s")
     print(f"  loss: train {report['train_loss']:.3f}, held-out {report['heldout_loss']:.3f}")
     print(f"  held-out perplexity (transformers): fp32 {report['heldout_ppl_hf_fp32']:.3f}, "
@@ -143,7 +143,8 @@ def cmd_calibrate_kv(args: argparse.Namespace) -> int:
     from maia_serving.calibration import calibrate_kv
 
     result = calibrate_kv(Path(args.model), [Path(f) for f in args.data], Path(args.out),
-                          max_tokens=args.max_tokens, seq_len=args.seq_len, fmt=args.format)
+                          max_tokens=args.max_tokens, seq_len=args.seq_len, fmt=args.format,
+                          overwrite=args.overwrite)
     print(f"calibrated {args.format} KV-cache scales on {result.num_tokens} tokens written to {args.out}")
     rows = [["layer", "k absmax", "v absmax", "k_scale", "v_scale"]]
     for i, (k, v) in enumerate(zip(result.k_absmax, result.v_absmax)):
@@ -194,12 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo-model", help="build the tiny random Llama used by the demo and tests")
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out whole")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo_model)
 
     p = sub.add_parser("train-model", help="train the small Llama used for accuracy measurements (~6 min)")
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 400)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out whole")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_model)
 
@@ -211,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=None,
                    help="tokens per forward pass (default: the model's max_position_embeddings, at most 2048)")
     p.add_argument("--format", choices=["e4m3", "e5m2"], default="e4m3", help="FP8 format of the KV cache")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out whole")
     p.set_defaults(func=cmd_calibrate_kv)
     return parser
 
@@ -219,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         print(f"maia-serving {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -145,4 +145,13 @@ def load_model_shape(spec: str | Path) -> ModelShape:
             )
         path = builtin
     name = path.parent.name if path.name == "config.json" else path.stem
-    return shape_from_config(json.loads(path.read_text()), name=name)
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not a valid config.json ({exc})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is not a valid config.json (a JSON object is expected)")
+    try:
+        return shape_from_config(config, name=name)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}") from None

@@ -8,18 +8,24 @@ from __future__ import annotations
 from pathlib import Path
 
 from maia_serving.models import LlamaShape
+from maia_serving.models.outdir import output_dir
 from maia_serving.models.tokenizer import stdlib_files, train_tokenizer
 
 DEMO_SHAPE = LlamaShape()
 
 
 def build_demo_model(out: Path, seed: int = 0, shape: LlamaShape = DEMO_SHAPE,
-                     tokenizer_files: int = 60) -> Path:
+                     tokenizer_files: int = 60, overwrite: bool = False) -> Path:
     """Write config, bf16 safetensors weights and a tokenizer with a chat template."""
+    with output_dir(out, overwrite) as work:
+        _write_demo_model(work, seed, shape, tokenizer_files)
+    return out
+
+
+def _write_demo_model(out: Path, seed: int, shape: LlamaShape, tokenizer_files: int) -> None:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(shape.vocab_size, stdlib_files(tokenizer_files))
     config = LlamaConfig(
         **shape.__dict__,
@@ -39,4 +45,3 @@ def build_demo_model(out: Path, seed: int = 0, shape: LlamaShape = DEMO_SHAPE,
     )
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    return out

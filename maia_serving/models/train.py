@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from maia_serving.models import LlamaShape
+from maia_serving.models.outdir import output_dir
 from maia_serving.models.tokenizer import stdlib_files, train_tokenizer
 
 HELDOUT_FILE = "heldout.txt"
@@ -140,17 +141,22 @@ def _setup_determinism(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_model(out: Path, cfg: TrainConfig = TrainConfig(), shape: LlamaShape = TRAIN_SHAPE) -> dict:
+def train_model(out: Path, cfg: TrainConfig = TrainConfig(), shape: LlamaShape = TRAIN_SHAPE,
+                overwrite: bool = False) -> dict:
     """Train, save the checkpoint and its texts to ``out``; return the report (also in training.json)."""
+    if shape.head_dim % 32:
+        raise ValueError(f"head_dim must be a multiple of 32 (vLLM's CPU attention), got {shape.head_dim}")
+    with output_dir(out, overwrite) as work:
+        return _train(work, cfg, shape)
+
+
+def _train(out: Path, cfg: TrainConfig, shape: LlamaShape) -> dict:
     import torch
     from tqdm import tqdm
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    if shape.head_dim % 32:
-        raise ValueError(f"head_dim must be a multiple of 32 (vLLM's CPU attention), got {shape.head_dim}")
     start = time.perf_counter()
     _setup_determinism(cfg.seed)
-    out.mkdir(parents=True, exist_ok=True)
 
     train_files, heldout_files = split_files(stdlib_files(), cfg.heldout_every)
     tokenizer = train_tokenizer(shape.vocab_size, train_files)  # never sees the held-out files
