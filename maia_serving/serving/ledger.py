@@ -2,9 +2,9 @@
 that renames or removes one fails in tests and at startup, never silently.
 
 A surface is a dotted name (``pkg.module.Class.method``), an instance attribute set by a
-class (``pkg.module.Class#attr``: resolved on the class or found in its source,
-since instances do not exist before the engine runs), or an installed distribution
-(``dist:name``). Each says what kind of dependency it is, why we need it, and when it
+class or a module's functions (``pkg.module.Class#attr``, ``pkg.module#attr``: resolved on
+the object or found in its source, since instances do not exist before the engine runs),
+or an installed distribution (``dist:name``). Each says what kind of dependency it is, why we need it, and when it
 can go. The engine adapters keep their own lists (``maia_serving.vllm.ledger``,
 ``maia_serving.sglang.ledger``). Imports no engine until resolving.
 """
@@ -46,11 +46,12 @@ def resolve(surface: Surface) -> object:
                              f"{exc}") from None
 
 
-def _assigned_in_source(cls: object, attr: str) -> bool:
-    """Whether the class or one of its bases uses ``self.<attr>`` (set, perhaps by tuple
-    unpacking, or read): a renamed attribute leaves no trace there."""
-    pattern = re.compile(rf"self\.{re.escape(attr)}\b")
-    for klass in inspect.getmro(cls) if inspect.isclass(cls) else (cls,):
+def _assigned_in_source(obj: object, attr: str) -> bool:
+    """Whether a class (or one of its bases) uses ``self.<attr>``, or a module ``<any>.<attr>``
+    (set, perhaps by tuple unpacking, or read): a renamed attribute leaves no trace there."""
+    prefix = r"self\." if inspect.isclass(obj) else r"\w\."
+    pattern = re.compile(rf"{prefix}{re.escape(attr)}\b")
+    for klass in inspect.getmro(obj) if inspect.isclass(obj) else (obj,):
         try:
             if pattern.search(inspect.getsource(klass)):
                 return True

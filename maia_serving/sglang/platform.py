@@ -98,21 +98,18 @@ def _validate_kv_scales(server_args) -> None:
 
 def _size_kv_pool(server_args) -> None:
     """Size the KV pool as the emulated HBM would, clamped to what the host gives."""
+    from maia_serving.emulator.memory import SGLANG_FLAGS
     from maia_serving.emulator.units import format_bytes
+    from maia_serving.serving.host_fit import check_host
     from maia_serving.sglang.device import build_device
 
     plan = build_device(server_args).plan  # raises NotEnoughMemory with what would fit
     host_cap = envs.gib_bytes(envs.MAIA_SERVING_HOST_KV_GIB)
     host_tokens = int(host_cap // plan.kv_bytes_per_token)
-    if host_tokens < plan.max_model_len:
-        raise ValueError(
-            f"the host gives the KV cache {host_cap / 2**30:.2f} GiB ({envs.MAIA_SERVING_HOST_KV_GIB}), "
-            f"{host_tokens} tokens of {plan.model}, fewer than one sequence of --context-length "
-            f"{plan.max_model_len}; raise {envs.MAIA_SERVING_HOST_KV_GIB} to at least "
-            f"{plan.max_model_len * plan.kv_bytes_per_token / 2**30:.2f} or lower --context-length")
     tokens = min(plan.kv_tokens, host_tokens)
     if server_args.max_total_tokens:
         tokens = min(tokens, int(server_args.max_total_tokens))
+    check_host(plan, tokens * plan.kv_bytes_per_token, envs.MAIA_SERVING_HOST_KV_GIB, SGLANG_FLAGS)
     server_args.max_total_tokens = tokens
     logger.info(
         "Maia KV cache: emulated %s holds %d tokens (%.2f GiB) after %s of weights; the host "

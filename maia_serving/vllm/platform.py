@@ -12,6 +12,7 @@ from vllm.logger import init_logger
 from vllm.platforms.cpu import CpuPlatform
 
 from maia_serving import envs
+from maia_serving.vllm import ledger
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -65,6 +66,7 @@ class MaiaPlatform(CpuPlatform):
         # In the process the user started, before any engine process: a bad setting stops
         # the server now, by name, not 40 s later in a worker.
         envs.check_all("vllm")
+        ledger.require_surfaces()
         super().check_and_update_config(vllm_config)
         if vllm_config.model_config is None:
             return
@@ -96,7 +98,9 @@ def _validate_kv_scales(vllm_config: VllmConfig) -> None:
 
 def _apply_kv_cache_size(vllm_config: VllmConfig) -> None:
     """Size the KV cache as the emulated HBM would, clamped to what the host gives."""
+    from maia_serving.emulator.memory import VLLM_FLAGS
     from maia_serving.emulator.units import format_bytes
+    from maia_serving.serving.host_fit import check_host
     from maia_serving.vllm.device import build_device
 
     device = build_device(vllm_config)  # raises NotEnoughMemory with what would fit
@@ -104,6 +108,7 @@ def _apply_kv_cache_size(vllm_config: VllmConfig) -> None:
     emulated = plan.num_blocks * plan.config.block_size * plan.kv_bytes_per_token
     host_cap = envs.gib_bytes(envs.VLLM_CPU_KVCACHE_SPACE)
     vllm_config.cache_config.kv_cache_memory_bytes = int(min(emulated, host_cap))
+    check_host(plan, vllm_config.cache_config.kv_cache_memory_bytes, envs.VLLM_CPU_KVCACHE_SPACE, VLLM_FLAGS)
     logger.info(
         "Maia KV cache: emulated %s holds %d blocks (%d tokens, %.2f GiB) after %s of "
         "weights; the host gives at most %.2f GiB (%s), so the engine gets %.2f GiB.",

