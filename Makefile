@@ -4,7 +4,7 @@ VENV_SGLANG := .venv-sglang
 PY := $(VENV_VLLM)/bin/python
 SGL_PY := $(VENV_SGLANG)/bin/python
 # Engine-free unit tests run in both environments: the emulator and kernels install in each.
-SGLANG_UNIT := tests/unit/sglang tests/unit/emulator tests/unit/test_ops_host.py tests/unit/test_sglang_activate.py
+SGLANG_UNIT := tests/unit/sglang tests/unit/emulator tests/unit/serving tests/unit/test_ops_host.py tests/unit/test_sglang_activate.py
 
 .PHONY: demo demo-sglang test test-unit test-e2e setup setup-vllm setup-sglang lint bench clean
 

@@ -124,7 +124,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "sglang.Engine); `--device maia` sets it for the engine's child processes"),
     Setting(MAIA_SERVING_PROFILE, DEFAULT_PROFILE, _text, "a name from `maia-serving profiles`",
             "the emulated device when the engine's own configuration names none"),
-    Setting(MAIA_SERVING_LOG_INTERVAL_S, "10", _number(0, 86400), "seconds, > 0 and <= 86400",
+    Setting(MAIA_SERVING_LOG_INTERVAL_S, "10", _number(0, 86400, low_open=False), "seconds, 0 (every step) to 86400",
             "how often the engine logs its `Maia emulation [profile]` line"),
     Setting(MAIA_SERVING_ATTENTION, "maia", _choice("maia", "vllm-cpu"), "maia or vllm-cpu",
             "the host attention under vLLM: ours (BF16/FP8 KV, maia numerics) or vLLM's C++ CPU kernel "
@@ -173,6 +173,15 @@ def check_all(engine: str | None = None) -> None:
 
 def user_facing() -> Iterable[Setting]:
     return (s for s in SETTINGS.values() if s.user_facing)
+
+
+def markdown_table() -> str:
+    """The README's settings table, generated from this one (a test keeps them equal)."""
+    rows = ["| variable | default | allowed | engines | why |", "|---|---|---|---|---|"]
+    for s in user_facing():
+        rows.append(f"| `{s.name}` | {f'`{s.default}`' if s.default else 'unset'} | {s.allowed} | {s.engines} "
+                    f"| {s.why} |")
+    return "\n".join(rows)
 
 
 def device_requested() -> bool:

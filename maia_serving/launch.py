@@ -16,6 +16,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from maia_serving import envs
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -108,16 +110,15 @@ def vllm_serve_cmd(model: str | Path, port: int, *extra: str, device: str | None
 
 
 # SGLang cannot share vLLM's environment: its servers run from their own venv.
-SGLANG_PYTHON_ENV = "MAIA_SERVING_SGLANG_PYTHON"
 DEFAULT_SGLANG_PYTHON = Path(__file__).resolve().parents[1] / ".venv-sglang" / "bin" / "python"
 
 
 def sglang_python() -> Path:
     """The Python of the SGLang environment (``make setup-sglang`` builds .venv-sglang/)."""
-    python = Path(os.environ.get(SGLANG_PYTHON_ENV) or DEFAULT_SGLANG_PYTHON)
+    python = Path(envs.get(envs.MAIA_SERVING_SGLANG_PYTHON) or DEFAULT_SGLANG_PYTHON)
     if not python.exists():
-        raise FileNotFoundError(f"no SGLang environment at {python}: run `make setup-sglang` "
-                                f"(or point {SGLANG_PYTHON_ENV} at a Python with sglang and maia-serving)")
+        raise FileNotFoundError(f"no SGLang environment at {python}: run `make setup-sglang` (or point "
+                                f"{envs.MAIA_SERVING_SGLANG_PYTHON} at a Python with sglang and maia-serving)")
     return python
 
 

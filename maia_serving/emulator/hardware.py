@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from maia_serving import envs
+
 # Multipliers into SI base units (bytes, bytes/s, FLOP/s, seconds).
 _UNITS: dict[str, float] = {
     "B": 1.0,
@@ -173,7 +175,7 @@ def _builtin_dir() -> Path:
 
 def host_profile_path() -> Path:
     """Where ``maia-serving calibrate-host`` caches the measured host profile."""
-    cache = os.environ.get("MAIA_SERVING_CACHE_DIR") or os.path.join(
+    cache = envs.get(envs.MAIA_SERVING_CACHE_DIR) or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "maia-serving"
     )
     return Path(cache) / "host.yaml"

@@ -24,6 +24,7 @@ import os
 
 import torch
 
+from maia_serving import envs
 from maia_serving.ops.fp8 import (
     FP8_FORMATS,
     Fp8Format,
@@ -38,14 +39,12 @@ from maia_serving.ops.fp8 import (
     scale_tensor,
 )
 
-KERNELS_ENV = "MAIA_SERVING_KERNELS"
-KERNEL_BACKENDS = ("auto", "triton", "torch")
+KERNELS_ENV = envs.MAIA_SERVING_KERNELS
 _TRUE = ("1", "true", "on", "yes")
 
 __all__ = [
     "FP8_FORMATS",
     "KERNELS_ENV",
-    "KERNEL_BACKENDS",
     "Fp8Format",
     "check_cache_dtype",
     "dequantize_fp8_ref",
@@ -71,11 +70,7 @@ def _has_triton() -> bool:
 
 def kernel_backend(device: torch.device) -> str:
     """Which implementation, "triton" or "torch", runs for tensors on ``device``."""
-    choice = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
-    if choice not in KERNEL_BACKENDS:
-        raise ValueError(
-            f"{KERNELS_ENV}={choice!r} is not valid; allowed: {', '.join(KERNEL_BACKENDS)}"
-        )
+    choice = envs.get(KERNELS_ENV)
     if choice != "auto":
         return choice
     if not _has_triton():

@@ -67,7 +67,7 @@ def test_backend_switch_on_cpu(env, interpret, expected, monkeypatch):
 
 def test_backend_switch_rejects_unknown_value(monkeypatch):
     monkeypatch.setenv(ops.KERNELS_ENV, "cuda")
-    with pytest.raises(ValueError, match="auto, triton, torch"):
+    with pytest.raises(ValueError, match="MAIA_SERVING_KERNELS=.cuda.*auto, triton or torch"):
         ops.kernel_backend(torch.device("cpu"))
 
 
