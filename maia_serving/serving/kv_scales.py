@@ -136,6 +136,12 @@ def check_fp8_scales(cache_dtype: str, model_dir: str, hf_config: dict, scales_f
     return "none"
 
 
+def show_scales(scale) -> str:
+    """A scale (float or tensor of per-head values) for the log line both backends write."""
+    values = scale.reshape(-1).tolist() if hasattr(scale, "reshape") else [scale]
+    return ",".join(f"{x:.4g}" for x in values)
+
+
 def layer_index(layer_name: str) -> int:
     match = re.search(r"layers\.(\d+)\.", layer_name)
     if match is None:

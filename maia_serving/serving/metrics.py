@@ -125,7 +125,8 @@ class EmulatedMetricSet:
     def __init__(self, registry=None) -> None:
         from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
-        reg = {"registry": REGISTRY if registry is None else registry}
+        self.registry = REGISTRY if registry is None else registry
+        reg = {"registry": self.registry}
         self.info: DeviceInfo | None = None
         self.steps = Histogram("maia:emulated_step_seconds", "Emulated time of one engine step",
                                buckets=_STEP_BUCKETS, **reg)

@@ -173,7 +173,7 @@ class MaiaAttnBackend(AttentionBackend):
             scales = (k, v)
         if not self._scales:
             logger.info("Maia KV cache %s: %s scales, layer %d: k=%s v=%s", self.kv_cache_dtype, mode,
-                        layer.layer_id, _show(scales[0]), _show(scales[1]))
+                        layer.layer_id, kv_scales.show_scales(scales[0]), kv_scales.show_scales(scales[1]))
         self._scales[layer.layer_id] = scales
         return scales
 
@@ -189,7 +189,3 @@ class MaiaAttnBackend(AttentionBackend):
     def support_triton(self) -> bool:
         return False
 
-
-def _show(scale: torch.Tensor | float) -> str:
-    values = scale.tolist() if isinstance(scale, torch.Tensor) else [scale]
-    return ",".join(f"{x:.4g}" for x in values)

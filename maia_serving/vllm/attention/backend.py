@@ -144,6 +144,7 @@ class MaiaAttentionImpl(AttentionImpl):
         self.model_dims = scales.model_dims(config.model_config.hf_config.to_dict()) if config.model_config else (0, 0)
         self.tp_size = config.parallel_config.tensor_parallel_size
         self._head_scales: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._logged = False
 
     def _scales(self, layer) -> tuple[torch.Tensor | float, torch.Tensor | float]:
         """Per-head scales from the sidecar when asked for, else the layer's per-tensor ones."""
@@ -156,8 +157,16 @@ class MaiaAttentionImpl(AttentionImpl):
                 self._head_scales = scales.per_head_scales(
                     self.model_dir, *self.model_dims, scales.layer_index(layer.layer_name), self.num_kv_heads,
                     get_tensor_model_parallel_rank(), self.tp_size)
-            return self._head_scales
-        return layer._k_scale, layer._v_scale
+            k, v, mode = *self._head_scales, "per_head"
+        else:
+            k, v, mode = layer._k_scale, layer._v_scale, "per_tensor"
+        if not self._logged:
+            # What the cache is quantized with, once, for the first layer: the proof in the log.
+            self._logged = True
+            if scales.layer_index(layer.layer_name) == 0:
+                logger.info("Maia KV cache %s: %s scales, layer 0: k=%s v=%s", self.kv_cache_dtype, mode,
+                            scales.show_scales(k), scales.show_scales(v))
+        return k, v
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: MaiaAttentionMetadata | None, output: torch.Tensor,

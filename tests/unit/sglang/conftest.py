@@ -3,4 +3,6 @@
 
 import pytest
 
-pytest.importorskip("sglang", reason="the SGLang adapter's unit tests run in .venv-sglang (make test)")
+# "sglang.srt", not "sglang": with tests/unit on sys.path, this very folder would pass for a
+# namespace package named sglang.
+pytest.importorskip("sglang.srt", reason="the SGLang adapter's unit tests run in .venv-sglang (make test)")
