@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from maia_serving.launch import Server, free_port, sglang_serve_cmd, vllm_serve_cmd
+from maia_serving.launch import Server, free_port, scrape, sglang_serve_cmd, vllm_serve_cmd
 
 ROOT = Path(__file__).resolve().parents[2]
 LOGS = ROOT / "models" / "logs"
@@ -44,6 +44,7 @@ def maia_server(demo_model):
     cmd = vllm_serve_cmd(demo_model, port, "--served-model-name", "demo", *VLLM_LIMITS,
                          "--enforce-eager", "--additional-config", '{"maia_profile": "maia100"}')
     with Server(cmd, port, LOGS / "maia-server.log", env=ENGINE_ENV) as server:
+        server.metrics_at_start = scrape(server.url)  # before any request
         yield server
 
 
@@ -52,6 +53,7 @@ def sglang_server(demo_model):
     port = free_port()
     cmd = sglang_serve_cmd(demo_model, port, "--served-model-name", "demo", *SGLANG_LIMITS, "--enable-metrics")
     with Server(cmd, port, LOGS / "maia-sglang-server.log", env=SGLANG_ENV) as server:
+        server.metrics_at_start = scrape(server.url)  # before any request
         yield server
 
 

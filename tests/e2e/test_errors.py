@@ -1,5 +1,6 @@
-"""Clear errors before either engine starts: unknown profile, a model that does not fit,
-a scales file that is not there. Nothing is loaded before these checks."""
+"""Clear errors before either engine starts: unknown profile, a model that does not fit the
+emulated device or the host, bad settings, scales files that are missing, do not parse or
+lack layers. Nothing is loaded before these checks."""
 
 import json
 import shutil
@@ -64,3 +65,62 @@ def test_sglang_missing_scales_file_is_an_error(demo_model, tmp_path, logs_dir):
                  "--kv-cache-dtype", "fp8_e4m3", "--quantization-param-path", str(missing))
     assert f"--quantization-param-path {missing} does not exist" in msg
     assert "maia-serving calibrate-kv" in msg
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_bad_settings_stop_the_server_by_name_and_leave_nothing(engine, demo_model, logs_dir, tmp_path):
+    """Every bad variable named at once, in the process the user started; no socket folder left."""
+    bad = {"MAIA_SERVING_LOG_INTERVAL_S": "soon", "MAIA_SERVING_KV_SCALES": "per_channel"}
+    bad |= ({"MAIA_SERVING_ATTENTION": "flash", "VLLM_CPU_KVCACHE_SPACE": "lots"} if engine == "vllm"
+            else {"MAIA_SERVING_HOST_KV_GIB": "inf"})
+    port = free_port()
+    cmd, env = _cmd(engine, demo_model, port, "maia100")
+    with pytest.raises(ServerFailed) as err:
+        Server(cmd, port, logs_dir / f"bad-settings-{engine}.log", env={**env, **bad, "TMPDIR": str(tmp_path)},
+               timeout_s=240).start()
+    for name, value in bad.items():
+        assert f"{name}={value!r} is not valid" in str(err.value), name
+    assert list(tmp_path.glob("maia-serving-*")) == []
+
+
+def _calibrated_copy(src, dst):
+    """A copy of the calibrated demo whose scales files the test may break."""
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_per_head_sidecar_that_lacks_a_layer_stops_the_server(engine, calibrated_demo, tmp_path, logs_dir):
+    model = _calibrated_copy(calibrated_demo[0], tmp_path / "model")
+    sidecar = model / "maia_kv_scales.json"
+    doc = json.loads(sidecar.read_text())
+    del doc["layers"]["1"]
+    sidecar.write_text(json.dumps(doc))
+    dtype = "fp8" if engine == "vllm" else "fp8_e4m3"
+    port = free_port()
+    cmd, env = _cmd(engine, model, port, "maia100", "--kv-cache-dtype", dtype)
+    with pytest.raises(ServerFailed) as err:
+        Server(cmd, port, logs_dir / f"bad-sidecar-{engine}.log", env={**env, "MAIA_SERVING_KV_SCALES": "per_head"},
+               timeout_s=240).start()
+    assert f"{sidecar} lacks scales for layer(s) [1]" in str(err.value)
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"kv_cache": {"scaling_factor": {"0": {"0": 0.5}}}}'])
+def test_sglang_scales_file_that_does_not_parse_or_lacks_layers_stops_the_server(content, demo_model, tmp_path,
+                                                                                 logs_dir):
+    path = tmp_path / "kv_cache_scales.json"
+    path.write_text(content)
+    msg = _fails("sglang", demo_model, "maia100", logs_dir / "sglang-bad-scales.log",
+                 "--kv-cache-dtype", "fp8_e4m3", "--quantization-param-path", str(path))
+    assert str(path) in msg
+    assert ("cannot be read as JSON" in msg) if content.startswith("{not") else ("lacks scales for layer(s) [1]" in msg)
+
+
+@pytest.mark.parametrize("engine,length,setting", [("vllm", "--max-model-len", "VLLM_CPU_KVCACHE_SPACE"),
+                                                   ("sglang", "--context-length", "MAIA_SERVING_HOST_KV_GIB")])
+def test_max_model_len_beyond_the_host_kv_cache_gets_the_fit_message(engine, length, setting, llama70b_shape,
+                                                                    logs_dir):
+    """Llama-3-70B fits a Maia 200, but one 8192-token sequence (2.68 GB of KV) not the host's 1 GiB."""
+    msg = _fails(engine, llama70b_shape, "maia200", logs_dir / f"host-kv-{engine}.log", length, "8192")
+    assert f"with {length} 8192 needs 2.68 GB of KV cache for one sequence" in msg
+    assert f"raise {setting} or lower {length} to at most 3276" in msg

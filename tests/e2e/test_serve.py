@@ -81,20 +81,61 @@ def test_malformed_request_is_4xx_and_server_keeps_serving(served, body):
     assert out.usage.completion_tokens == 4
 
 
-def test_metrics_carry_the_emulated_figures(served):
+def _demo_device(demo_model):
+    """The emulated device both servers build for the demo model (maia100, the shared limits)."""
+    from maia_serving.emulator.hardware import load_profile
+    from maia_serving.emulator.memory import ServingConfig
+    from maia_serving.emulator.model_shape import load_model_shape
+    from maia_serving.emulator.session import EmulatedDevice
+
+    config = ServingConfig(max_model_len=512, max_num_batched_tokens=2048, max_num_seqs=64)
+    return EmulatedDevice.fit(load_profile("maia100"), load_model_shape(demo_model), config)
+
+
+DEVICE_INFO = 'maia:device_info{kv_cache_dtype="auto",model="demo",profile="maia100",tensor_parallel_size="1"}'
+
+
+def test_metrics_describe_the_device_before_any_request(served, demo_model):
+    first = served.server.metrics_at_start
+    assert first["maia:hbm_total_bytes"] == 64e9
+    assert first[DEVICE_INFO] == 1
+    assert first["maia:hbm_used_bytes"] == _demo_device(demo_model).hbm_used_bytes(0)
+    assert first["maia:kv_cache_blocks_used"] == 0
+
+
+def _settled_scrape(url: str, steps_before: float, expected_steps: int) -> dict[str, float]:
+    """/metrics once the request's steps are in (SGLang writes its files after responding)."""
+    for _ in range(50):
+        after = scrape(url)
+        if after["maia:emulated_step_seconds_count"] - steps_before >= expected_steps:
+            return after
+        time.sleep(0.1)
+    return after
+
+
+def test_metrics_rise_by_exactly_what_one_request_costs(served, demo_model):
+    """One request alone: a prefill and four decodes, priced as the cost model prices them."""
+    device = _demo_device(demo_model)
     before = scrape(served.server.url)
-    served.client.completions.create(model="demo", prompt="a b c d e f g h", max_tokens=5, temperature=0)
-    time.sleep(0.2)  # SGLang's scheduler writes its metric files after the response is sent
-    after = scrape(served.server.url)
-    assert after["maia:emulated_step_seconds_count"] - before.get("maia:emulated_step_seconds_count", 0) >= 5
-    assert after["maia:emulated_busy_seconds_total"] > before.get("maia:emulated_busy_seconds_total", 0)
-    assert after["maia:emulated_time_to_first_token_seconds_count"] >= 1
-    assert after["maia:emulated_time_per_output_token_seconds_count"] >= 1
-    assert after["maia:emulated_e2e_request_latency_seconds_count"] >= 1
-    assert after["maia:hbm_total_bytes"] == 64e9
-    assert 0 < after["maia:hbm_used_bytes"] < 64e9
-    info = [k for k in after if k.startswith("maia:device_info{")]
-    assert info and 'profile="maia100"' in info[0] and 'kv_cache_dtype="auto"' in info[0], info
+    out = served.client.completions.create(model="demo", prompt="a b c d e f g h", max_tokens=5, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 5
+    n = out.usage.prompt_tokens
+    after = _settled_scrape(served.server.url, before["maia:emulated_step_seconds_count"], 5)
+    rise = {k: after[k] - before.get(k, 0.0) for k in after}
+    steps = [((n,), (n,))] + [((1,), (n + i,)) for i in range(1, 5)]
+    busy = sum(device.cost_model.cost_of(q, c).total_s for q, c in steps)
+    assert rise["maia:emulated_step_seconds_count"] == 5
+    assert rise["maia:emulated_tokens_total"] == n + 4
+    assert rise["maia:emulated_busy_seconds_total"] == pytest.approx(busy, rel=1e-9)
+    for name in ("time_to_first_token", "time_per_output_token", "e2e_request_latency"):
+        assert rise[f"maia:emulated_{name}_seconds_count"] == 1, name
+    assert rise["maia:emulated_time_to_first_token_seconds_sum"] == pytest.approx(
+        device.cost_model.cost_of((n,), (n,)).total_s, rel=1e-9)
+    assert after[DEVICE_INFO] == 1
+    assert after["maia:kv_cache_blocks_used"] == 0  # the request is done: nothing held
+    assert after["maia:hbm_used_bytes"] == device.hbm_used_bytes(0)
+    assert after["maia:emulation_errors_total{stage=\"charge\"}"] == 0
     assert after['maia:kv_cache_blocks{holder="emulated"}'] >= after['maia:kv_cache_blocks{holder="engine"}'] > 0
 
 

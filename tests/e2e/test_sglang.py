@@ -67,14 +67,14 @@ def test_fp8_kv_pool_holds_twice_the_tokens(sglang_fp8_server, fp8_client, sglan
 
 @pytest.fixture(scope="module")
 def offline_tp1(demo_model):
-    return run_offline(demo_model)
+    return run_offline(demo_model, env={"MAIA_SERVING_LOG_INTERVAL_S": "0"})
 
 
 def test_offline_engine_on_maia_without_any_environment(offline_tp1):
     texts, log = offline_tp1
     assert len(texts) == 2 and all(texts)
     assert "Maia KV cache: emulated maia200 holds" in log  # the default profile
-    assert "Maia emulation [maia200]" in log or "max_total_num_tokens" in log
+    assert "Maia emulation [maia200]" in log  # steps were charged: startup alone does not print it
 
 
 def test_offline_tensor_parallel_2_gives_the_same_tokens(demo_model, offline_tp1):

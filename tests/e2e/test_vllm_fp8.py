@@ -22,12 +22,14 @@ def test_fp8_completion_chat_and_stream(fp8_client):
     assert len([c for c in stream if c.choices and c.choices[0].text]) >= 2
 
 
-def test_fp8_uses_the_calibrated_scales_and_the_maia_backend(vllm_fp8_server, fp8_client):
+def test_fp8_uses_the_calibrated_scales_and_the_maia_backend(vllm_fp8_server, fp8_client, calibrated_demo):
+    """The backend logs what it quantizes layer 0 with: the calibrated scales, not 1.0."""
     fp8_client.completions.create(model="demo-fp8", prompt="x", max_tokens=2)
     log = vllm_fp8_server.log_text()
+    k, v = calibrated_demo[1].per_tensor()[0]
+    assert f"Maia KV cache fp8: per_tensor scales, layer 0: k={k:.4g} v={v:.4g}" in log
     assert "no calibrated KV-cache scales" not in log
-    assert "Using KV cache scaling factor 1.0" not in log
-    assert "MAIA_ATTN" in log or "MaiaAttention" in log
+    assert "Maia attention backend: maia_serving.vllm.attention.backend.MaiaAttentionBackend" in log
 
 
 def test_fp8_kv_cache_holds_twice_the_tokens(vllm_fp8_server, fp8_client, maia_server, client):
