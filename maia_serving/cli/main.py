@@ -57,7 +57,7 @@ def _serving_config(args: argparse.Namespace) -> ServingConfig:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     model = load_model_shape(args.model)
-    profile = load_profile(args.device)
+    profile = load_profile(args.profile)
     config = _serving_config(args)
     plan = plan_memory(model, profile, config)
     if args.json:
@@ -92,7 +92,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     parallel = Parallel(tp=args.tensor_parallel_size, pp=args.pipeline_parallel_size)
     rows = [["profile", "TTFT ms", "TPOT ms", "e2e s", "output tok/s", "prefill", "decode"]]
     results = []
-    for name in args.device:
+    for name in args.profile:
         res = simulate_batch(load_profile(name), model, args.num_seqs, args.prompt_len, args.output_len,
                              parallel, args.kv_cache_dtype)
         results.append(res.to_dict())
@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fit", help="does a model fit a device? memory breakdown per chip")
     p.add_argument("--model", required=True, help=f"model directory, config.json, or one of: {models}")
-    p.add_argument("--device", required=True, help="device profile (see `maia-serving profiles`)")
+    p.add_argument("--profile", "--device", dest="profile", required=True,
+                   help="device profile (see `maia-serving profiles`); --device is the old spelling")
     _add_parallel(p)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
@@ -181,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulate", help="emulated latency of a static batch on one or more profiles")
     p.add_argument("--model", required=True, help=f"model directory, config.json, or one of: {models}")
-    p.add_argument("--device", nargs="+", default=["maia100", "maia200", "h100-sxm"])
+    p.add_argument("--profile", "--device", dest="profile", nargs="+", default=["maia100", "maia200", "h100-sxm"],
+                   help="device profiles to compare; --device is the old spelling")
     _add_parallel(p)
     p.add_argument("--num-seqs", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=1024)

@@ -1,6 +1,6 @@
 """vLLM adapter: the `maia` platform, thin over maia_serving.emulator.
 
-Entry points (pyproject.toml): ``vllm.platform_plugins`` -> register_platform,
+Entry points (pyproject.toml): ``vllm.platform_plugins`` -> activate,
 ``vllm.stat_logger_plugins`` -> maia_serving.vllm.stat_logger.MaiaStatLogger. Importing
 this module must stay cheap (no emulator, YAML or torch): vLLM calls the platform hook in
 every process before it parses arguments, with or without ``--device maia``.
@@ -17,7 +17,7 @@ import tempfile
 from maia_serving.envs import MAIA_SERVING_DEVICE, MAIA_SERVING_STATS_ADDR, device_flag, device_requested
 
 
-def register_platform() -> str | None:
+def activate() -> str | None:
     """Choose the maia platform from ``--device maia`` or MAIA_SERVING_DEVICE=maia.
 
     vLLM resolves platforms before it parses arguments, so the flag is read from

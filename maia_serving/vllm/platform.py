@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 logger = init_logger("vllm.maia_serving")
 
 SCHEDULER_CLS = "maia_serving.vllm.scheduler.MaiaScheduler"
-ATTENTION_BACKEND_CLS = "maia_serving.vllm.attention.backend.MaiaAttentionBackend"
+ATTENTION_BACKEND_CLS = "maia_serving.vllm.attention.MaiaAttentionBackend"
 
 
 class MaiaPlatform(CpuPlatform):

@@ -46,7 +46,7 @@ def test_offline_llm_runs_on_maia(one_chip):
     assert [len(t) for t in result["tokens"]] == [8, 8]
     assert "Maia KV cache: emulated h100-sxm holds" in log
     assert "Maia emulation [h100-sxm]" in log
-    assert "Maia attention backend: maia_serving.vllm.attention.backend.MaiaAttentionBackend" in log
+    assert "Maia attention backend: maia_serving.vllm.attention.MaiaAttentionBackend" in log
 
 
 def test_tensor_parallel_two_chips_same_tokens_and_pays_for_collectives(one_chip, demo_model, tmp_path):

@@ -19,7 +19,7 @@ from vllm.config import VllmConfig, set_current_vllm_config
 
 from maia_serving.ops.fp8 import quantize_fp8_ref
 from maia_serving.ops.host import plan_paged_attention
-from maia_serving.vllm.attention.backend import MaiaAttentionImpl, MaiaAttentionMetadata
+from maia_serving.vllm.attention import MaiaAttentionImpl, MaiaAttentionMetadata
 
 HEADS, KV_HEADS, HEAD_SIZE, BLOCK_SIZE, NUM_BLOCKS = 4, 2, 32, 16, 10
 FP8 = {"fp8": "e4m3", "fp8_e5m2": "e5m2"}

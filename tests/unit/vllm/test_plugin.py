@@ -18,7 +18,7 @@ def _clean_env(monkeypatch):
 @pytest.mark.parametrize("argv", [["vllm", "serve", "m", "--device", "maia"], ["vllm", "serve", "m", "--device=maia"]])
 def test_device_flag_selects_maia_and_tells_children(monkeypatch, argv):
     monkeypatch.setattr(sys, "argv", argv)
-    assert plugin.register_platform() == "maia_serving.vllm.platform.MaiaPlatform"
+    assert plugin.activate() == "maia_serving.vllm.platform.MaiaPlatform"
     import os
 
     assert os.environ["MAIA_SERVING_DEVICE"] == "maia"
@@ -28,13 +28,13 @@ def test_device_flag_selects_maia_and_tells_children(monkeypatch, argv):
 def test_environment_selects_maia(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["python", "script.py"])
     monkeypatch.setenv("MAIA_SERVING_DEVICE", "maia")
-    assert plugin.register_platform() == "maia_serving.vllm.platform.MaiaPlatform"
+    assert plugin.activate() == "maia_serving.vllm.platform.MaiaPlatform"
 
 
 @pytest.mark.parametrize("argv", [["vllm", "serve", "m"], ["vllm", "serve", "m", "--device", "cpu"]])
 def test_without_the_switch_the_plugin_declines(monkeypatch, argv):
     monkeypatch.setattr(sys, "argv", argv)
-    assert plugin.register_platform() is None
+    assert plugin.activate() is None
 
 
 def _platform_in_fresh_process(env_extra: dict[str, str]) -> str:
