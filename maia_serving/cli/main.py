@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from maia_serving.emulator.cost import Parallel
 from maia_serving.emulator.hardware import host_profile_path, load_profile, profile_names
 from maia_serving.emulator.memory import ServingConfig, plan_memory, suggest
 from maia_serving.emulator.model_shape import KV_CACHE_DTYPES, builtin_model_names, load_model_shape
@@ -85,26 +86,80 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 1
 
 
+def _simulate_workload(args: argparse.Namespace) -> tuple[list, str]:
+    """The requests the flags describe, and a line that names them."""
+    from maia_serving.emulator.workload import read_trace, synthetic
+
+    if args.trace:
+        given = [flag for flag, value in (("--input-len", args.input_len), ("--output-len", args.output_len))
+                 if value is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} describe synthetic requests; --trace gives each request's lengths")
+        requests = read_trace(Path(args.trace), args.num_prompts)
+        return requests, f"{len(requests)} requests from {args.trace}"
+    num, input_len, output_len = (default if value is None else value for value, default in
+                                  ((args.num_prompts, 8), (args.input_len, 1024), (args.output_len, 128)))
+    requests = synthetic(num, input_len, output_len, args.request_rate, args.seed)
+    rate = "all at once" if math.isinf(args.request_rate) else f"Poisson at {args.request_rate:g}/s, seed {args.seed}"
+    return requests, f"{num} x ({input_len} in, {output_len} out), {rate}"
+
+
+def _simulate_table(rows: list[dict]) -> str:
+    def ms(latency: dict | None, key: str) -> str:
+        return "-" if latency is None else f"{latency[key]:.2f}"
+
+    table = [["device", "req/s", "output tok/s", "total tok/s", "goodput req/s", "TTFT ms mean/p99",
+              "TPOT ms mean/p99", "e2e ms mean/p99", "KV peak", "preempted"]]
+    for r in rows:
+        if not r["fits"]:
+            table.append([r["device"], "does not fit"] + [""] * 8)
+            continue
+        goodput = "-" if r["goodput_req_s"] is None else f"{r['goodput_req_s']:.2f}"
+        table.append([r["device"], f"{r['request_throughput_req_s']:.2f}", f"{r['output_throughput_tok_s']:.0f}",
+                      f"{r['total_throughput_tok_s']:.0f}", goodput,
+                      *(f"{ms(r[k], 'mean')}/{ms(r[k], 'p99')}" for k in ("ttft_ms", "tpot_ms", "e2e_ms")),
+                      f"{r['kv_peak_usage']:.0%}", str(r["num_preemptions"])])
+    return _table(table)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from maia_serving.emulator.simulate import simulate_batch
+    from maia_serving.emulator.memory import NotEnoughMemory
+    from maia_serving.emulator.report import SLO, refused, summarize, write_chrome_trace, write_plot
+    from maia_serving.emulator.simulate import simulate_device
 
     model = load_model_shape(args.model)
-    parallel = Parallel(tp=args.tensor_parallel_size, pp=args.pipeline_parallel_size)
-    rows = [["profile", "TTFT ms", "TPOT ms", "e2e s", "output tok/s", "prefill", "decode"]]
-    results = []
-    for name in args.profile:
-        res = simulate_batch(load_profile(name), model, args.num_seqs, args.prompt_len, args.output_len,
-                             parallel, args.kv_cache_dtype)
-        results.append(res.to_dict())
-        rows.append([name, f"{res.ttft_s * 1e3:.2f}", f"{res.tpot_s * 1e3:.3f}", f"{res.e2e_s:.3f}",
-                     f"{res.output_tokens_per_s:.0f}", res.prefill_bound, res.decode_bound])
+    requests, described = _simulate_workload(args)
+    config = replace(_serving_config(args), max_num_batched_tokens=args.max_num_batched_tokens,
+                     max_num_seqs=args.max_num_seqs)
+    slo = SLO(args.ttft_slo_ms, args.tpot_slo_ms)
+    rows, sims = [], []
+    for profile in [load_profile(name) for name in args.profile]:  # a misspelt name stops before any run
+        try:
+            sim = simulate_device(profile, model, config, requests, args.enable_prefix_caching)
+        except NotEnoughMemory as exc:
+            rows.append(refused(profile.name, str(exc)))
+            continue
+        sims.append(sim)
+        rows.append(summarize(sim, slo).to_dict())
+    if args.chrome_trace and sims:
+        write_chrome_trace(Path(args.chrome_trace), sims)
+    if args.plot and sims:
+        write_plot(Path(args.plot), sims)
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(rows, indent=2))
     else:
-        print(f"{model.name}: {args.num_seqs} x ({args.prompt_len} in, {args.output_len} out), "
-              f"tp={parallel.tp}, pp={parallel.pp}, kv={args.kv_cache_dtype}")
-        print(_table(rows))
-    return 0
+        print(f"{model.name}: {described}; tp={config.tensor_parallel_size}, pp={config.pipeline_parallel_size}, "
+              f"kv={config.kv_cache_dtype}, max_num_seqs={config.max_num_seqs}, "
+              f"max_num_batched_tokens={config.max_num_batched_tokens}, "
+              f"prefix caching {'on' if args.enable_prefix_caching else 'off'}")
+        print(_simulate_table(rows))
+        for r in rows:
+            if r["fits"]:
+                usage = " ".join(f"{100 * u:.0f}" for _, u in r["kv_usage_over_time"])
+                print(f"{r['device']}: KV use over {r['duration_s']:.3g} s (%): {usage}")
+            else:
+                print(f"{r['device']}: {r['error']}")
+    return 0 if all(r["fits"] for r in rows) else 1
 
 
 def cmd_calibrate_host(args: argparse.Namespace) -> int:
@@ -180,15 +235,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_fit)
 
-    p = sub.add_parser("simulate", help="emulated latency of a static batch on one or more profiles")
+    p = sub.add_parser("simulate", help="serve a workload on one or more devices, simulated: vLLM v1's scheduler, "
+                       "the live cost model")
     p.add_argument("--model", required=True, help=f"model directory, config.json, or one of: {models}")
     p.add_argument("--profile", "--device", dest="profile", nargs="+", default=["maia100", "maia200", "h100-sxm"],
                    help="device profiles to compare; --device is the old spelling")
     _add_parallel(p)
-    p.add_argument("--num-seqs", type=int, default=8)
-    p.add_argument("--prompt-len", type=int, default=1024)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--weight-dtype", choices=["auto"], default="auto",
+                   help="the linear layers' storage; only the checkpoint's (auto) until ServingConfig takes others")
+    p.add_argument("--num-prompts", "--num-seqs", dest="num_prompts", type=int, default=None,
+                   help="requests to simulate (default 8; with --trace, its first N, default all)")
+    p.add_argument("--input-len", "--prompt-len", dest="input_len", type=int, default=None,
+                   help="prompt tokens per request (default 1024)")
+    p.add_argument("--output-len", type=int, default=None, help="output tokens per request (default 128)")
+    arrivals = p.add_mutually_exclusive_group()
+    arrivals.add_argument("--request-rate", type=float, default=float("inf"),
+                          help="Poisson arrivals per second; inf (default): all at once, a static batch")
+    arrivals.add_argument("--trace", metavar="FILE",
+                          help="JSONL, one request a line: arrival_s, input_len, output_len, optional prefix_id and "
+                               "prefix_len (see maia_serving/emulator/workload.py)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse cached KV blocks of shared prefixes (vLLM v1's default: on)")
+    p.add_argument("--ttft-slo-ms", type=float, default=None, help="goodput: time to first token at most this")
+    p.add_argument("--tpot-slo-ms", type=float, default=None, help="goodput: time per output token at most this")
+    p.add_argument("--chrome-trace", metavar="FILE", help="write a Chrome / Perfetto trace of every step and request")
+    p.add_argument("--plot", metavar="FILE", help="plot KV use and the queue over time (needs matplotlib)")
+    p.add_argument("--json", action="store_true", help="one JSON object per device")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("calibrate-host", help="measure this machine as the `host` profile")

@@ -1,79 +1,138 @@
-"""Simulate a batch on the emulated device, without an engine.
+"""A serving run on the emulated device without an engine: a discrete-event simulation.
 
-A static batch: ``num_seqs`` prompts of ``prompt_len`` tokens arrive together, are
-prefilled in chunks of at most ``max_num_batched_tokens`` tokens, then decode
-``output_len`` tokens each in lockstep. The steps are costed by cost.step_cost, as
-the live engines' steps are.
+workload -> scheduler (vLLM v1's policy) -> ``CostModel.cost_of`` per step (exactly what the
+live engines are charged) -> clock -> per-request figures. Time moves by each step's
+emulated cost; requests that arrive during a step join the queue when it ends, and an idle
+device jumps to the next arrival. A request's first token comes at the end of the step
+that completes its prefill, as the live clock counts it (clock.RequestTiming). Steps run
+one at a time: pipeline stages do not overlap micro-batches.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from maia_serving.emulator.cost import SINGLE_CHIP, CostModel, Parallel, StepShape
+from maia_serving.emulator.clock import RequestTiming
+from maia_serving.emulator.cost import CostModel
 from maia_serving.emulator.hardware import DeviceProfile
+from maia_serving.emulator.memory import ServingConfig
 from maia_serving.emulator.model_shape import ModelShape
+from maia_serving.emulator.scheduler import Scheduler, SchedulerConfig
+from maia_serving.emulator.session import EmulatedDevice
+from maia_serving.emulator.workload import Request
 
 
 @dataclass(frozen=True)
-class SimResult:
-    profile: str
-    num_seqs: int
-    prompt_len: int
-    output_len: int
-    ttft_s: float  # of the last sequence to get its first token
-    tpot_s: float
-    e2e_s: float
-    output_tokens_per_s: float
-    prefill_bound: str
-    decode_bound: str
+class StepLog:
+    """Every step as columns: when it began, its cost, its batch, the queue and the KV blocks it held."""
 
-    def to_dict(self) -> dict[str, float | int | str]:
-        return asdict(self)
+    start_s: tuple[float, ...]
+    step_s: tuple[float, ...]
+    num_tokens: tuple[int, ...]
+    num_seqs: tuple[int, ...]
+    num_waiting: tuple[int, ...]
+    kv_blocks_used: tuple[int, ...]
 
 
-def _prefill_chunks(num_seqs: int, prompt_len: int, budget: int) -> list[StepShape]:
-    """Chunked prefill: fill each step's token budget, sequence by sequence."""
-    done = [0] * num_seqs
-    steps: list[StepShape] = []
-    seq = 0
-    while seq < num_seqs:
-        pairs: list[tuple[int, int]] = []
-        room = budget
-        while room > 0 and seq < num_seqs:
-            take = min(room, prompt_len - done[seq])
-            done[seq] += take
-            pairs.append((take, done[seq]))
-            room -= take
-            if done[seq] == prompt_len:
-                seq += 1
-        steps.append(StepShape.of(pairs))
-    return steps
+@dataclass(frozen=True)
+class Simulation:
+    """What happened on one device: every step, and every request's timing in arrival order."""
+
+    device: str
+    requests: tuple[Request, ...]
+    timings: tuple[RequestTiming, ...]
+    steps: StepLog
+    kv_cache_blocks: int
+    num_preemptions: int
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
 
 
-def simulate_batch(profile: DeviceProfile, model: ModelShape, num_seqs: int, prompt_len: int,
-                   output_len: int, parallel: Parallel = SINGLE_CHIP, kv_cache_dtype: str = "auto",
-                   max_num_batched_tokens: int = 8192) -> SimResult:
-    if min(num_seqs, prompt_len, output_len, max_num_batched_tokens) < 1:
-        raise ValueError("num_seqs, prompt_len, output_len and the token budget must be >= 1")
-    costs = CostModel(profile, model, parallel, kv_cache_dtype)
-    prefill = [costs.cost(s) for s in _prefill_chunks(num_seqs, prompt_len, max_num_batched_tokens)]
-    ttft = sum(c.total_s for c in prefill)
-    decode = [
-        costs.cost(StepShape((1,) * num_seqs, (prompt_len + i,) * num_seqs))
-        for i in range(1, output_len)
-    ]
-    decode_s = sum(c.total_s for c in decode)
-    e2e = ttft + decode_s
-    return SimResult(
-        profile=profile.name,
-        num_seqs=num_seqs,
-        prompt_len=prompt_len,
-        output_len=output_len,
-        ttft_s=ttft,
-        tpot_s=decode_s / (output_len - 1) if output_len > 1 else 0.0,
-        e2e_s=e2e,
-        output_tokens_per_s=num_seqs * output_len / e2e,
-        prefill_bound=prefill[-1].bound,
-        decode_bound=decode[-1].bound if decode else "n/a",
+class _StepPrices:
+    """``CostModel.cost_of(...).total_s``, remembered for small batches: the function is pure, and at
+    low load the same shapes recur (every lone request decodes through the same contexts), which
+    would otherwise make pricing most of the run's time. Bounded: forgotten whole when full."""
+
+    max_seqs = 8
+    max_entries = 1 << 15
+
+    def __init__(self, costs: CostModel):
+        self._costs = costs
+        self._seen: dict[tuple[tuple[int, ...], tuple[int, ...]], float] = {}
+
+    def __call__(self, new_tokens: tuple[int, ...], context_lens: tuple[int, ...]) -> float:
+        if len(new_tokens) > self.max_seqs:
+            return self._costs.cost_of(new_tokens, context_lens).total_s
+        key = (new_tokens, context_lens)
+        step_s = self._seen.get(key)
+        if step_s is None:
+            if len(self._seen) >= self.max_entries:
+                self._seen.clear()
+            step_s = self._seen[key] = self._costs.cost_of(new_tokens, context_lens).total_s
+        return step_s
+
+
+def simulate(requests: list[Request], costs: CostModel, config: SchedulerConfig, device: str = "") -> Simulation:
+    """Run ``requests`` (sorted by arrival) to completion under vLLM v1's policy, each step priced
+    by ``costs``."""
+    if any(b.arrival_s < a.arrival_s for a, b in zip(requests, requests[1:])):
+        raise ValueError("requests must be sorted by arrival time")
+    scheduler = Scheduler(config)
+    price = _StepPrices(costs)
+    timings = [RequestTiming(arrival_s=r.arrival_s) for r in requests]
+    log: tuple[list, ...] = ([], [], [], [], [], [])
+    start_s, step_s, num_tokens, num_seqs, num_waiting, kv_used = log
+    now_s = 0.0
+    arrived = 0
+    while arrived < len(requests) or scheduler.has_work:
+        while arrived < len(requests) and requests[arrived].arrival_s <= now_s:
+            scheduler.add(requests[arrived])
+            arrived += 1
+        if not scheduler.has_work:
+            now_s = requests[arrived].arrival_s  # idle until the next arrival
+            continue
+        step = scheduler.schedule()
+        assert step.request_ids, "a scheduler with work scheduled nothing"
+        cost_s = price(step.new_tokens, step.context_lens)
+        start_s.append(now_s)
+        step_s.append(cost_s)
+        num_tokens.append(sum(step.new_tokens))
+        num_seqs.append(len(step.request_ids))
+        num_waiting.append(scheduler.num_waiting)
+        kv_used.append(scheduler.pool.num_used)
+        now_s += cost_s
+        for rid in scheduler.update(step).sampled:
+            timing = timings[rid]
+            if timing.first_token_s is None:
+                timing.first_token_s = now_s
+            timing.last_token_s = now_s
+            timing.num_output_tokens += 1
+    return Simulation(
+        device=device,
+        requests=tuple(requests),
+        timings=tuple(timings),
+        steps=StepLog(*(tuple(column) for column in log)),
+        kv_cache_blocks=config.num_blocks,
+        num_preemptions=scheduler.num_preemptions,
+        prefix_cache_queried_tokens=scheduler.prefix_cache_queried_tokens,
+        prefix_cache_hit_tokens=scheduler.prefix_cache_hit_tokens,
     )
+
+
+def simulate_device(profile: DeviceProfile, model: ModelShape, serving: ServingConfig, requests: list[Request],
+                    enable_prefix_caching: bool = True) -> Simulation:
+    """``requests`` served by ``model`` on ``profile`` with ``serving``'s settings, priced by the cost model
+    of the live engines' EmulatedDevice; NotEnoughMemory (the live engines' message) when it does not fit."""
+    device = EmulatedDevice.fit(profile, model, serving)
+    longest = max(r.input_len + r.output_len for r in requests)
+    if longest > device.plan.max_model_len:
+        raise ValueError(f"a request of {longest} tokens (input + output) exceeds max_model_len="
+                         f"{device.plan.max_model_len}; vLLM refuses it: raise --max-model-len or shorten the requests")
+    config = SchedulerConfig(
+        num_blocks=device.plan.num_blocks,
+        block_size=serving.block_size,
+        max_num_seqs=serving.max_num_seqs,
+        max_num_batched_tokens=serving.max_num_batched_tokens,
+        enable_prefix_caching=enable_prefix_caching,
+    )
+    return simulate(requests, device.cost_model, config, device=profile.name)

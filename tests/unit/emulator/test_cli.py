@@ -2,7 +2,10 @@
 
 import json
 
+import pytest
+
 from maia_serving.cli.main import main
+from maia_serving.emulator import NotEnoughMemory, ServingConfig, load_model_shape, load_profile, require_fit
 
 
 def test_profiles_table(capsys):
@@ -45,12 +48,72 @@ def test_bad_input_gets_a_clear_error(capsys):
     assert "built-in shapes" in capsys.readouterr().err
 
 
-def test_simulate_orders_devices_by_bandwidth_for_decode(capsys):
-    assert main(["simulate", "--model", "llama-3-8b", "--device", "maia100", "maia200", "h100-sxm",
-                 "--num-seqs", "1", "--prompt-len", "128", "--output-len", "16", "--json"]) == 0
-    res = {r["profile"]: r for r in json.loads(capsys.readouterr().out)}
-    assert res["maia200"]["tpot_s"] < res["h100-sxm"]["tpot_s"] < res["maia100"]["tpot_s"]
-    assert res["maia100"]["decode_bound"] == "memory"
+SIMULATE = ["simulate", "--model", "llama-3-8b", "--num-prompts", "4", "--input-len", "128", "--output-len", "16"]
+
+
+def test_simulate_json_has_one_row_per_device_with_the_latency_figures(capsys):
+    assert main([*SIMULATE, "--device", "maia100", "maia200", "h100-sxm", "--request-rate", "20", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["device"] for r in rows] == ["maia100", "maia200", "h100-sxm"]
+    for r in rows:
+        assert (r["fits"], r["error"], r["num_requests"]) == (True, None, 4)
+        assert r["output_throughput_tok_s"] > 0
+        for key in ("ttft_ms", "tpot_ms", "e2e_ms"):
+            assert set(r[key]) == {"mean", "p50", "p90", "p99"}
+            assert 0 < r[key]["p50"] <= r[key]["p90"] <= r[key]["p99"]
+    tpot = {r["device"]: r["tpot_ms"]["mean"] for r in rows}
+    assert tpot["maia200"] < tpot["h100-sxm"] < tpot["maia100"]  # decode reads the weights: HBM bandwidth
+
+
+def test_simulate_gives_a_device_that_does_not_fit_a_row_with_the_message_of_fit(capsys):
+    assert main(["fit", "--model", "llama-3-70b", "--profile", "maia100"]) == 1
+    fit_out = capsys.readouterr().out
+    assert main([*SIMULATE, "--model", "llama-3-70b", "--profile", "maia100", "maia200", "--json"]) == 1
+    refused, served = json.loads(capsys.readouterr().out)
+    with pytest.raises(NotEnoughMemory) as fit:
+        require_fit(load_model_shape("llama-3-70b"), load_profile("maia100"), ServingConfig())
+    assert (refused["device"], refused["fits"], refused["error"]) == ("maia100", False, str(fit.value))
+    assert refused["ttft_ms"] is None
+    for words in ("short by 88.91 GB", "--tensor-parallel-size 4 (up to 4 chips per node)"):
+        assert words in fit_out and words in refused["error"]
+    assert (served["device"], served["fits"], served["error"]) == ("maia200", True, None)
+    assert served["ttft_ms"]["mean"] > 0
+
+
+def test_simulate_prints_a_table_and_kv_use_over_time(capsys):
+    assert main([*SIMULATE, "--device", "maia200", "--ttft-slo-ms", "1000", "--tpot-slo-ms", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "4 x (128 in, 16 out), all at once" in out and "goodput req/s" in out
+    assert "maia200: KV use over" in out
+
+
+def test_simulate_replays_a_trace(tmp_path, capsys):
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text('{"arrival_s": 0, "input_len": 64, "output_len": 4}\n'
+                     '{"arrival_s": 5, "input_len": 64, "output_len": 4}\n')
+    assert main(["simulate", "--model", "llama-3-8b", "--device", "maia200", "--trace", str(trace), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["num_requests"] == 2 and row["duration_s"] > 5
+    assert main(["simulate", "--model", "llama-3-8b", "--device", "maia200", "--trace", str(trace),
+                 "--input-len", "8"]) == 2
+    assert "--input-len describe synthetic requests" in capsys.readouterr().err
+    trace.write_text('{"arrival_s": 0, "input_len": 64}\n')
+    assert main(["simulate", "--model", "llama-3-8b", "--device", "maia200", "--trace", str(trace)]) == 2
+    assert "trace.jsonl, line 1: missing output_len" in capsys.readouterr().err
+
+
+def test_simulate_writes_a_chrome_trace(tmp_path, capsys):
+    trace = tmp_path / "run.json"
+    assert main([*SIMULATE, "--device", "maia100", "maia200", "--chrome-trace", str(trace)]) == 0
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert {e["args"]["name"] for e in events if e["ph"] == "M"} == {"maia100", "maia200"}
+
+
+def test_simulate_plots(tmp_path, capsys):
+    pytest.importorskip("matplotlib")  # the bench extra: in .venv-vllm, not .venv-sglang
+    plot = tmp_path / "run.png"
+    assert main([*SIMULATE, "--device", "maia100", "maia200", "--plot", str(plot)]) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_device_is_kept_as_the_old_spelling_of_profile(capsys):
