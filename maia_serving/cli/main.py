@@ -131,6 +131,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     requests, described = _simulate_workload(args)
     config = replace(_serving_config(args), max_num_batched_tokens=args.max_num_batched_tokens,
                      max_num_seqs=args.max_num_seqs)
+    if args.weight_dtype != "auto":
+        config = replace(config, weight_dtype=args.weight_dtype)
     slo = SLO(args.ttft_slo_ms, args.tpot_slo_ms)
     rows, sims = [], []
     for profile in [load_profile(name) for name in args.profile]:  # a misspelt name stops before any run
@@ -241,8 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", "--device", dest="profile", nargs="+", default=["maia100", "maia200", "h100-sxm"],
                    help="device profiles to compare; --device is the old spelling")
     _add_parallel(p)
-    p.add_argument("--weight-dtype", choices=["auto"], default="auto",
-                   help="the linear layers' storage; only the checkpoint's (auto) until ServingConfig takes others")
+    p.add_argument("--weight-dtype", default="auto",
+                   help="the linear layers' storage (bf16, fp8, int4, mxfp4, ...); auto: the checkpoint's")
     p.add_argument("--num-prompts", "--num-seqs", dest="num_prompts", type=int, default=None,
                    help="requests to simulate (default 8; with --trace, its first N, default all)")
     p.add_argument("--input-len", "--prompt-len", dest="input_len", type=int, default=None,

@@ -116,6 +116,16 @@ def test_simulate_plots(tmp_path, capsys):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_simulate_stores_the_weights_in_the_weight_dtype(capsys):
+    tpot = {}
+    for dtype in ("auto", "fp8"):
+        assert main([*SIMULATE, "--device", "maia200", "--weight-dtype", dtype, "--json"]) == 0
+        tpot[dtype] = json.loads(capsys.readouterr().out)[0]["tpot_ms"]["mean"]
+    assert tpot["fp8"] < tpot["auto"]  # decode reads half the weight bytes
+    assert main([*SIMULATE, "--device", "maia200", "--weight-dtype", "fp7"]) == 2
+    assert "unknown dtype 'fp7'" in capsys.readouterr().err
+
+
 def test_device_is_kept_as_the_old_spelling_of_profile(capsys):
     assert main(["fit", "--model", "llama-3-8b", "--device", "maia200", "--json"]) == 0
     assert '"profile": "maia200"' in capsys.readouterr().out
