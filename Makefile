@@ -6,7 +6,7 @@ SGL_PY := $(VENV_SGLANG)/bin/python
 # Engine-free unit tests run in both environments: the emulator and kernels install in each.
 SGLANG_UNIT := tests/unit/sglang tests/unit/emulator tests/unit/serving tests/unit/test_ops_host.py tests/unit/test_sglang_activate.py
 
-.PHONY: demo demo-sglang test test-unit test-e2e setup setup-vllm setup-sglang lint bench clean
+.PHONY: demo demo-sglang test test-unit test-e2e setup setup-vllm setup-sglang lint bench mutation clean
 
 setup: setup-vllm setup-sglang
 
@@ -44,6 +44,16 @@ bench: setup
 	cd benchmarks && ../$(PY) kv_capacity.py
 	cd benchmarks && ../$(PY) kv_accuracy.py
 	cd benchmarks && ../$(PY) kernels_bench.py
+
+# Mutation testing of the emulator's pricing path and both adapters' step charging (not in CI:
+# over an hour on two cores). mutmut's settings: pyproject.toml [tool.mutmut]; SGLang's stepping.py
+# needs .venv-sglang, hence scripts/mutation_sglang.py. Results and equivalents: benchmarks/MUTATION.md.
+mutation: setup
+	$(PY) -m pip install -q "$$(grep -o 'mutmut==[0-9.]*' pyproject.toml)"
+	rm -rf mutants
+	$(VENV_VLLM)/bin/mutmut run
+	$(PY) scripts/mutation_sglang.py
+	$(PY) scripts/mutation_report.py --survivors
 
 clean:
 	rm -rf $(VENV_VLLM) $(VENV_SGLANG) models benchmarks/out
