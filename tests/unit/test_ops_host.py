@@ -5,14 +5,15 @@ import pytest
 import torch
 from attention_float64 import assert_within_one_bf16_step, bf16_step_violations, paged_attention_float64
 
-from maia_serving.ops import reshape_and_cache_ref
+from maia_serving.ops import host, reshape_and_cache_ref
 from maia_serving.ops.fp8 import paged_attention_ref
-from maia_serving.ops.host import paged_attention_host
+from maia_serving.ops.host import paged_attention_host, plan_paged_attention
 
 CASES = {
     "decode": [(1, 37), (1, 5), (1, 64), (1, 1)],
     "prefill": [(9, 9), (3, 3), (16, 16)],
     "chunked_and_prefix_hit": [(4, 20), (1, 33), (7, 7), (5, 48)],
+    "one_decode": [(1, 37)],  # a batch of one token: the index tensors' edge
 }
 
 
@@ -68,8 +69,78 @@ def test_a_one_percent_scale_or_output_error_exceeds_the_tolerance(kv_cache_dtyp
 
 
 def test_large_prefill_falls_back_to_the_reference(monkeypatch):
-    import maia_serving.ops.host as host
-
     monkeypatch.setattr(host, "MAX_BATCHED_SCORES", 10)
     args = _batch(CASES["prefill"], "auto", 2, seed=1)
     torch.testing.assert_close(paged_attention_host(*args), paged_attention_ref(*args), atol=0, rtol=0)
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("the batched path must not fall back to the reference")
+
+
+def test_the_fallback_hands_the_reference_every_argument(monkeypatch):
+    """FP8 with per-head K and per-tensor V scales, not causal: the fallback is the reference, exactly."""
+    monkeypatch.setattr(host, "MAX_BATCHED_SCORES", 0)
+    args = _batch(CASES["chunked_and_prefix_hit"], "fp8_e4m3", 2, seed=5)
+    torch.testing.assert_close(paged_attention_host(*args, causal=False), paged_attention_ref(*args, causal=False),
+                               atol=0, rtol=0)
+
+
+def test_a_batch_at_the_score_limit_is_still_batched(monkeypatch):
+    """2 sequences x 4 heads x 7 padded queries x 48 keys = 2688 padded scores."""
+    args = _batch([(7, 7), (5, 48)], "auto", 2, seed=6)
+    query, _, _, block_tables, seq_lens, qsl = args[:6]
+    plan = lambda: plan_paged_attention(block_tables, seq_lens, qsl, query.shape[0], 4, 16)  # noqa: E731
+    monkeypatch.setattr(host, "MAX_BATCHED_SCORES", 2688)
+    assert plan().batched
+    monkeypatch.setattr(host, "paged_attention_ref", _refuse)
+    assert_within_one_bf16_step(paged_attention_host(*args), *paged_attention_float64(*args))
+    monkeypatch.setattr(host, "MAX_BATCHED_SCORES", 2687)
+    assert not plan().batched
+
+
+def test_not_causal_attends_every_key_of_its_own_sequence_only():
+    args = _batch([(4, 20), (1, 33), (5, 48)], "auto", 2, seed=7)
+    torch.testing.assert_close(paged_attention_host(*args, causal=False), paged_attention_ref(*args, causal=False),
+                               atol=0, rtol=2**-7)
+
+
+def test_blocks_smaller_than_the_kv_heads_are_read_whole():
+    """The block size is the cache's dim 1, not its number of KV heads (dim 2)."""
+    args = _batch([(3, 9), (1, 14)], "auto", 1, seed=8, block_size=2, num_kv_heads=4)
+    assert_within_one_bf16_step(paged_attention_host(*args), *paged_attention_float64(*args))
+
+
+def test_defaults_are_a_bf16_causal_cache_and_the_result_lands_in_out():
+    query, key_cache, value_cache, block_tables, seq_lens, qsl, scale = _batch(CASES["prefill"], "auto", 2, 9)[:7]
+    out = torch.full_like(query, 7.0)
+    result = paged_attention_host(query, key_cache, value_cache, block_tables, seq_lens, qsl, scale, out=out)
+    assert result is out
+    expected = paged_attention_ref(query, key_cache, value_cache, block_tables, seq_lens, qsl, scale)
+    torch.testing.assert_close(out, expected, atol=0, rtol=2**-7)
+    plan = plan_paged_attention(block_tables, seq_lens, qsl, query.shape[0], query.shape[1], 16)
+    assert torch.equal(plan.mask[0, :9, :9], torch.ones(9, 9, dtype=torch.bool).triu(1))
+
+
+def test_the_result_does_not_depend_on_torchs_default_dtype():
+    args = _batch(CASES["decode"], "fp8_e4m3", 2, seed=10)
+    expected = paged_attention_host(*args)
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.testing.assert_close(paged_attention_host(*args), expected, atol=0, rtol=0)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_an_empty_batch_plans_nothing_and_returns_zeros():
+    query, key_cache, value_cache, block_tables, seq_lens, qsl, scale = _batch([(1, 5)], "auto", 1, seed=11)[:7]
+    empty = (query[:0], key_cache, value_cache, block_tables[:0], seq_lens[:0], qsl[:1], scale)
+    plan = plan_paged_attention(*empty[3:6], 0, 2, 16)
+    assert (plan.num_seqs, plan.max_q, plan.max_len) == (0, 0, 0)
+    assert paged_attention_host(*empty).shape == (0, 2, 40)
+
+
+def test_a_given_max_query_len_sets_the_padding():
+    """The engine knows the step's longest query; the plan pads to it without reading q_lens back."""
+    _, _, _, block_tables, seq_lens, qsl = _batch([(3, 9), (1, 14)], "auto", 1, seed=12)[:6]
+    assert plan_paged_attention(block_tables, seq_lens, qsl, 4, 2, 16, max_query_len=8).max_q == 8

@@ -51,3 +51,17 @@ def test_one_token_has_no_tpot_and_no_token_no_latency():
 def test_negative_step_is_refused():
     with pytest.raises(ValueError, match="negative time"):
         EmulatedClock().advance(-1.0, {})
+
+
+def test_arriving_again_keeps_the_first_arrival():
+    """SGLang's hooks and vLLM's retries can announce a request twice; its latency starts at the first."""
+    clock = EmulatedClock()
+    first = clock.arrive("a")
+    clock.advance(0.5, {})
+    assert clock.arrive("a") is first and first.arrival_s == 0.0
+
+
+def test_a_request_without_tokens_does_not_stop_the_others_getting_theirs():
+    clock = EmulatedClock()
+    (b,) = clock.advance(0.5, {"a": 0, "b": 1})
+    assert (b.first_token_s, b.num_output_tokens) == (0.5, 1)

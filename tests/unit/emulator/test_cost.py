@@ -8,7 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from maia_serving.emulator import Parallel, ServingConfig, StepShape, load_model_shape, load_profile, step_cost
-from maia_serving.emulator.cost import CostModel, roofline
+from maia_serving.emulator.cost import CostModel, StepCost, op_terms, roofline
+from maia_serving.emulator.interconnect import all_gather_s, all_reduce_s, send_recv_s
 from maia_serving.emulator.session import EmulatedDevice
 
 PROFILES = ("maia100", "maia200", "h100-sxm", "h200")
@@ -63,16 +64,84 @@ def test_fp8_kv_reads_half_the_attention_bytes(llama8b, maia100):
     assert attn["fp8"].bytes - q_and_out == (attn["auto"].bytes - q_and_out) / 2
 
 
+def test_llama3_8b_operators_on_two_chips_by_hand(llama8b):
+    """Per operator and token (or sequence, query-key pair, context token, step), FLOPs and bytes on one of
+    two tensor-parallel chips: the column-parallel GEMMs hold half their outputs, the row-parallel ones half
+    their inputs, attention half the heads (4 of the 8 KV heads); norms, residuals and embedding are whole."""
+    h, inter, layers = 4096, 14336, 32
+    qkv, kv_token = (4096 + 2 * 1024) // 2, 2 * 4 * 128 * 2  # this chip's q, k, v outputs; K and V bytes per token
+    expected = {  # name: (kernels, FLOPs by (tokens, seqs, pairs, context, constant), bytes by the same)
+        "rmsnorm": (2 * layers, (5 * h, 0, 0, 0, 0), (2 * h * 2, 0, 0, 0, h * 2)),
+        "qkv_proj": (layers, (2 * h * qkv, 0, 0, 0, 0), ((h + qkv) * 2, 0, 0, 0, h * qkv * 2)),
+        "rotary": (layers, (6 * 2560, 0, 0, 0, 0), (2 * 2560 * 2, 0, 0, 0, 0)),
+        "attention": (layers, (0, 0, 4 * 16 * 128, 0, 0), (kv_token + 2 * 16 * 128 * 2, 0, 0, kv_token, 0)),
+        "o_proj": (layers, (2 * 2048 * h, 0, 0, 0, 0), ((2048 + h) * 2, 0, 0, 0, 2048 * h * 2)),
+        "gate_up_proj": (layers, (2 * h * inter, 0, 0, 0, 0), ((h + inter) * 2, 0, 0, 0, h * inter * 2)),
+        "silu_and_mul": (layers, (5 * inter // 2, 0, 0, 0, 0), (3 * inter // 2 * 2, 0, 0, 0, 0)),
+        "down_proj": (layers, (2 * inter // 2 * h, 0, 0, 0, 0), ((inter // 2 + h) * 2, 0, 0, 0, inter // 2 * h * 2)),
+        "residual_add": (2 * layers, (h, 0, 0, 0, 0), (3 * h * 2, 0, 0, 0, 0)),
+        "embedding": (1, (0, 0, 0, 0, 0), (h * 2, 0, 0, 0, 0)),
+        "final_norm": (1, (0, 5 * h, 0, 0, 0), (0, 2 * h * 2, 0, 0, h * 2)),
+        "lm_head": (1, (0, 2 * h * 64128, 0, 0, 0), (0, (h + 64128) * 2, 0, 0, h * 64128 * 2)),
+    }
+    per_kernel = lambda n, coefficients: tuple(n * c for c in coefficients)  # noqa: E731
+    expected = {name: (n, per_kernel(n, f), per_kernel(n, b)) for name, (n, f, b) in expected.items()}
+    terms = op_terms(llama8b, Parallel(tp=2))
+    assert {t.name: (t.launches, t.flops[:5], t.bytes[:5]) for t in terms} == expected
+    assert all(not any(t.flops[5:]) and not any(t.bytes[5:]) for t in terms)  # no sliding window, no experts
+
+
+def test_collectives_of_two_tensor_and_two_pipeline_stages_by_hand(llama8b, maia100):
+    """Two all-reduces per layer of the tokens' hidden states, the logits all-gather of the last tokens, and
+    a send of the hidden states to each next stage (bf16: 2 bytes an element)."""
+    link, hidden = maia100.scale_up, 100 * 4096 * 2
+    tp2_pp2 = CostModel(maia100, llama8b, Parallel(tp=2, pp=2))
+    assert tp2_pp2.comm_s(100, 3) == (2 * 32 * all_reduce_s(link, hidden, 2)
+                                      + all_gather_s(link, 3 * 128256 * 2, 2)
+                                      + send_recv_s(link, hidden))
+    assert CostModel(maia100, llama8b, Parallel(pp=4)).comm_s(100, 3) == 3 * send_recv_s(link, hidden)
+    assert CostModel(maia100, llama8b, Parallel(tp=4)).comm_s(100, 3) == (
+        2 * 32 * all_reduce_s(link, hidden, 4) + all_gather_s(link, 3 * 128256 * 2, 4))
+
+
+def test_a_decode_steps_flops_count_every_operator(llama8b, maia100, golden):
+    """Two sequences decode a token each: all memory-bound, so only the FLOP count sees the compute side."""
+    step = golden["decode"]
+    cost = CostModel(maia100, llama8b).cost_of(step.new_tokens, step.context_lens)
+    gemms = 32 * 2 * 4096 * (6144 + 4096 + 28672) + 32 * 2 * 14336 * 4096  # qkv, o, gate_up, down per token
+    elementwise = 64 * 5 * 4096 + 32 * 6 * (4096 + 1024) + 32 * 5 * 14336 + 64 * 4096  # norms, rotary, SiLU, adds
+    per_seq = 5 * 4096 + 2 * 4096 * 128256  # final norm and LM head, on each sequence's last token
+    pairs = 2049 + 4097
+    assert cost.flops == pytest.approx(2 * (gemms + elementwise) + 2 * per_seq + pairs * 32 * 4 * 32 * 128, rel=1e-12)
+    assert cost.compute_s == 0.0
+
+
+def test_a_step_without_tokens_costs_nothing(llama8b, maia100):
+    assert CostModel(maia100, llama8b, Parallel(tp=2)).cost_of((), (), detail=True) == StepCost(
+        0.0, 0.0, 0.0, 0.0, 0.0, 0.0, ())
+
+
+def test_a_step_cost_reports_milliseconds_gflop_and_megabytes():
+    """The figures `maia-serving simulate` prints."""
+    cost = StepCost(compute_s=0.5, memory_s=0.25, comm_s=0.125, launch_s=0.0625, flops=3e9, bytes=5e6, ops=())
+    assert cost.to_dict() == {"total_ms": 937.5, "compute_ms": 500.0, "memory_ms": 250.0, "comm_ms": 125.0,
+                              "launch_ms": 62.5, "bound": "compute", "GFLOP": 3.0, "MB": 5.0}
+
+
 def test_bad_step_shapes_are_refused():
     with pytest.raises(ValueError, match="context length"):
         StepShape.of([(5, 4)])
-    with pytest.raises(ValueError, match="one entry per sequence"):
+    with pytest.raises(ValueError, match=r"^need 0 < new tokens <= context length, got \(0, 4\)$"):
+        StepShape.of([(0, 4)])
+    with pytest.raises(ValueError, match="^new_tokens and context_lens must have one entry per sequence$"):
         StepShape((1, 1), (4,))
 
 
 def test_roofline_picks_the_slower_side(maia100):
     op = roofline(maia100, "x", flops=0.8e15 * 0.6, nbytes=1.0)
     assert op.compute_s == pytest.approx(1.0) and op.bound == "compute"
+    assert (op.name, op.flops, op.bytes, op.memory_s) == ("x", 0.8e15 * 0.6, 1.0, 1.0 / (1.8e12 * 0.75))
+    assert op == roofline(maia100, "x", 0.8e15 * 0.6, 1.0, dtype="bf16")  # BF16 unless told otherwise
 
 
 @functools.cache

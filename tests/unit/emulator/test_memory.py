@@ -9,7 +9,8 @@ from maia_serving.emulator import (
     plan_memory,
     require_fit,
 )
-from maia_serving.emulator.memory import kv_bytes_per_token
+from maia_serving.emulator.memory import SGLANG_FLAGS, kv_bytes_per_token, suggest, weight_bytes_per_chip
+from maia_serving.emulator.units import format_bytes
 
 
 @pytest.fixture(scope="module")
@@ -97,5 +98,62 @@ def test_shorter_max_len_is_suggested_when_only_length_is_the_problem(maia100):
 def test_bad_config_values_are_refused():
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         ServingConfig(gpu_memory_utilization=1.5)
+    with pytest.raises(ValueError, match=r"^gpu_memory_utilization must be in \(0, 1\], got 0$"):
+        ServingConfig(gpu_memory_utilization=0)
+    assert ServingConfig(gpu_memory_utilization=1.0).gpu_memory_utilization == 1.0
+    for sizes in ({"tensor_parallel_size": 0}, {"pipeline_parallel_size": 0}):
+        with pytest.raises(ValueError, match="^parallel sizes must be at least 1$"):
+            ServingConfig(**sizes)
     with pytest.raises(ValueError, match="kv cache dtype"):
         kv_bytes_per_token(load_model_shape("llama-3-8b"), ServingConfig(kv_cache_dtype="int3"))
+
+
+def test_the_not_fit_message_in_full(llama70b, maia100):
+    with pytest.raises(NotEnoughMemory) as err:
+        require_fit(llama70b, maia100, ServingConfig())
+    plan = err.value.plan
+    assert err.value.suggestions == ["--tensor-parallel-size 4 (up to 4 chips per node)"]
+    assert str(err.value) == (
+        "llama-3-70b does not fit on maia100 (tp=1, pp=1, kv_cache_dtype=auto, max_model_len=8192): per chip it "
+        f"needs {format_bytes(70_553_706_496 * 2)} weights + {format_bytes(plan.workspace_bytes)} workspace "
+        f"+ {format_bytes(8192 * 2 * 80 * 8 * 128 * 2)} KV for one sequence, but only "
+        f"{format_bytes(64e9 * 0.9 - 2**30)} of 64.00 GB HBM is usable; short by "
+        f"{format_bytes(plan.shortfall_bytes)}. Try: --tensor-parallel-size 4 (up to 4 chips per node).")
+    assert plan.to_dict()["shortfall_bytes"] == plan.shortfall_bytes > 0 and plan.to_dict()["fits"] is False
+
+
+def test_every_way_to_fit_is_suggested_cheapest_first_in_the_engines_spelling(llama8b, maia100):
+    """300k tokens at 60% of HBM: a second chip, an FP8 cache or a shorter context each fit."""
+    config = ServingConfig(max_model_len=300_000, gpu_memory_utilization=0.6)
+    room = int(64e9 * 0.6 - 2**30 - 16_060_522_496 - 903_086_080) // 131_072 // 16 * 16
+    assert room == 155_344
+    assert suggest(llama8b, maia100, config) == [
+        "--tensor-parallel-size 2 (up to 4 chips per node)",
+        "--kv-cache-dtype fp8 (half the KV bytes per token)",
+        "--max-model-len 155344 (the longest sequence the KV budget holds)",
+    ]
+    with pytest.raises(NotEnoughMemory) as err:
+        require_fit(llama8b, maia100, config, SGLANG_FLAGS)
+    assert str(err.value).endswith(" Try: --tp-size 2 (up to 4 chips per node); --kv-cache-dtype fp8_e4m3 (half "
+                                   "the KV bytes per token); --context-length 155344 (the longest sequence the KV "
+                                   "budget holds).")
+
+
+def test_without_room_for_a_token_only_a_bigger_device_is_suggested(llama70b, maia100):
+    config = ServingConfig(tensor_parallel_size=4, gpu_memory_utilization=0.3)
+    assert plan_memory(llama70b, maia100, config).kv_budget_bytes == 0
+    assert suggest(llama70b, maia100, config) == ["a profile with more HBM (see `maia-serving profiles`)"]
+
+
+def test_a_budget_of_a_single_token_is_still_suggested_as_a_length(llama8b, maia100):
+    """With 1-token blocks, room for one and a half tokens (131_072 bytes each) makes max_model_len 1."""
+    utilization = (16_060_522_496 + 903_086_080 + 2**30 + 1.5 * 131_072) / 64e9
+    config = ServingConfig(block_size=1, gpu_memory_utilization=utilization)
+    assert "--max-model-len 1 (the longest sequence the KV budget holds)" in suggest(llama8b, maia100, config)
+
+
+def test_pipeline_stages_split_the_layers_weights_and_kv(llama8b):
+    """Two stages: 16 of the 32 layers per chip, and the embedding, LM head and final norm on each."""
+    config = ServingConfig(pipeline_parallel_size=2)
+    assert kv_bytes_per_token(llama8b, config) == 2 * 16 * 8 * 128 * 2
+    assert weight_bytes_per_chip(llama8b, config) == (16 * 218_112_000 + 2 * 128256 * 4096 + 4096) * 2

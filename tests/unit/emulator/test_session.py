@@ -3,7 +3,9 @@ requests timed from those prices, and HBM from the memory plan worked out in tes
 
 import pytest
 
-from maia_serving.emulator import ServingConfig
+from maia_serving.emulator import NotEnoughMemory, ServingConfig, load_model_shape
+from maia_serving.emulator.cost import CostModel, Parallel
+from maia_serving.emulator.memory import SGLANG_FLAGS
 from maia_serving.emulator.session import EmulatedDevice
 
 BLOCK_BYTES = 16 * 2 * 32 * 8 * 128 * 2  # 16 tokens x K and V x 32 layers x 8 KV heads x 128 x bf16: 2 MiB
@@ -70,3 +72,21 @@ def test_hbm_used_is_the_plan_plus_the_live_kv_blocks(device):
         assert device.hbm_used_bytes(blocks) - device.hbm_used_bytes(0) == blocks * BLOCK_BYTES
     # With every block of the plan in use, less than one block of the 0.9 x 64 GB share is left.
     assert 0 <= 64e9 * 0.9 - device.hbm_used_bytes(18_864) < BLOCK_BYTES
+
+
+@pytest.mark.parametrize("config", [ServingConfig(kv_cache_dtype="fp8"), ServingConfig(tensor_parallel_size=2),
+                                    ServingConfig(tensor_parallel_size=2, pipeline_parallel_size=2)],
+                         ids=["fp8", "tp2", "tp2-pp2"])
+def test_steps_are_priced_with_the_configured_kv_dtype_and_parallelism(llama8b, maia100, config):
+    device = EmulatedDevice.fit(maia100, llama8b, config)
+    parallel = Parallel(tp=config.tensor_parallel_size, pp=config.pipeline_parallel_size)
+    priced = CostModel(maia100, llama8b, parallel, config.kv_cache_dtype).cost_of((1, 1), (2049, 4097)).total_s
+    assert device.charge((1, 1), (2049, 4097), {}, [], kv_blocks_used=0).step_s == priced
+    assert priced != CostModel(maia100, llama8b).cost_of((1, 1), (2049, 4097)).total_s
+    assert device.profile is maia100
+
+
+def test_a_device_that_does_not_fit_suggests_in_the_engines_spelling(llama8b, maia100):
+    llama70b = load_model_shape("llama-3-70b")
+    with pytest.raises(NotEnoughMemory, match="Try: --tp-size 4 "):
+        EmulatedDevice.fit(maia100, llama70b, ServingConfig(), SGLANG_FLAGS)

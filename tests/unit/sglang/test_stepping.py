@@ -14,6 +14,7 @@ from maia_serving.emulator.hardware import load_profile
 from maia_serving.emulator.memory import ServingConfig
 from maia_serving.emulator.model_shape import load_model_shape
 from maia_serving.emulator.session import EmulatedDevice
+from maia_serving.serving import stepping as serving_stepping
 from maia_serving.serving.metrics import EmulatedMetricSet
 from maia_serving.sglang import stepping
 from maia_serving.sglang.stepping import MaiaStepper, step_shape
@@ -131,6 +132,7 @@ def test_an_idle_batch_charges_nothing(stepper):
     stepper.before_run(SimpleNamespace(forward_mode=ForwardMode.IDLE, reqs=[]))
     stepper.after_result(SimpleNamespace(reqs=[]), FakeScheduler())
     assert stepper.device.clock.num_steps == 0
+    assert stepper.charger.errors == 0
 
 
 def test_abort_forgets_waiting_requests_and_keeps_running_ones(stepper, registry):
@@ -183,4 +185,64 @@ def test_an_error_in_charging_is_logged_counted_and_never_raised(stepper, regist
     _run(stepper, sched, extend_batch([req("b")], [0], [4]), emit={"b"})
     assert _value(registry, "maia:emulation_errors_total", stage="charge") == 2
     assert caplog.text.count("Traceback") == 1  # in full once, then quietly
+    assert caplog.records[0].getMessage().startswith("maia-serving: reading a step's shape failed; ")
     assert stepper.device.clock.num_steps == 0
+
+
+def test_a_result_without_a_read_step_charges_nothing(stepper):
+    """process_batch_result for a batch run_batch never saw (the hooks registered mid-flight)."""
+    stepper.after_result(extend_batch([req("a")], [0], [4]), FakeScheduler())
+    assert (stepper.device.clock.num_steps, stepper.charger.errors) == (0, 0)
+
+
+def test_without_a_multiprocess_folder_there_are_no_metrics_and_charging_still_works(monkeypatch, registry):
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    monkeypatch.setattr(stepping, "EmulatedMetricSet", lambda: EmulatedMetricSet(registry))
+    device = EmulatedDevice.fit(load_profile("maia100"), load_model_shape("llama-3-8b"),
+                                ServingConfig(max_model_len=4096))
+    quiet = MaiaStepper(device, engine_kv_tokens=POOL_TOKENS)
+    assert quiet.metrics is None
+    quiet.arrive("a")
+    _run(quiet, FakeScheduler(), extend_batch([req("a")], [0], [4]), emit={"a"})
+    assert (quiet.device.clock.num_steps, quiet.charger.errors) == (1, 0)
+
+
+def test_the_engine_pool_counts_whole_blocks(monkeypatch, registry, tmp_path):
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.setattr(stepping, "EmulatedMetricSet", lambda: EmulatedMetricSet(registry))
+    device = EmulatedDevice.fit(load_profile("maia100"), load_model_shape("llama-3-8b"),
+                                ServingConfig(max_model_len=4096))
+    MaiaStepper(device, engine_kv_tokens=POOL_TOKENS + 10)
+    assert _value(registry, "maia:kv_cache_blocks", holder="engine") == POOL_TOKENS // 16
+
+
+def test_host_time_is_the_wall_time_from_run_to_result_and_overhead_the_cpu_time(stepper, registry, monkeypatch):
+    """Both read off fake clocks: 0.5 s between run_batch and the result, no CPU time spent."""
+    wall = iter([100.0, 100.5])
+    fake = SimpleNamespace(perf_counter=lambda: next(wall), thread_time=lambda: 1000.0, monotonic=lambda: 0.0)
+    monkeypatch.setattr(stepping, "time", fake)
+    monkeypatch.setattr(serving_stepping, "time", fake)
+    stepper.arrive("a")
+    _run(stepper, FakeScheduler(), extend_batch([req("a")], [0], [4]), emit={"a"})
+    assert _value(registry, "maia:host_step_seconds_total") == 0.5
+    assert _value(registry, "maia:emulator_overhead_seconds_total") == 0.0
+
+
+def test_a_request_in_a_chunked_prefill_runs_on_through_an_abort(stepper):
+    sched = FakeScheduler()
+    stepper.arrive("a-1")
+    sched.chunked_req = req("a-1")  # between its chunks it is in no batch, yet it runs
+    stepper.abort(SimpleNamespace(rid="a", abort_all=False), sched)
+    assert set(stepper.device.clock.requests) == {"a-1"}
+
+
+@pytest.mark.parametrize("hook,what", [
+    (lambda stepper, sched: stepper.abort(SimpleNamespace(rid="a", abort_all=False), sched), "a request's abort"),
+    (lambda stepper, sched: _run(stepper, sched, extend_batch([req("b")], [0], [4])), "charging a step"),
+], ids=["abort", "result"])
+def test_each_hook_names_itself_when_it_fails(stepper, caplog, hook, what):
+    caplog.set_level(logging.ERROR)
+    broken = FakeScheduler()
+    broken.token_to_kv_pool_allocator = broken.running_batch = None
+    hook(stepper, broken)
+    assert caplog.records[0].getMessage().startswith(f"maia-serving: {what} failed; ")

@@ -1,10 +1,14 @@
 """The vLLM stats channel: plain JSON over a private Unix socket; nothing a peer sends can run
 code or stop the API server, and nothing the engine does is lost when it goes idle."""
 
+import json
+import logging
 import os
 import pickle
 import time
+from dataclasses import asdict
 
+import prometheus_client
 import pytest
 import zmq
 from prometheus_client import CollectorRegistry
@@ -150,3 +154,126 @@ def test_a_publisher_without_a_reader_never_blocks(addr):
     for i in range(20000):
         pub.send(_record(), now=float(i))
     assert pub._msg.steps == []
+
+
+def _step_json(**changes) -> bytes:
+    step = {**asdict(_record()), **changes}
+    return json.dumps({"v": 1, "info": None, "steps": [step], "errors": 0, "kv": None}).encode()
+
+
+@pytest.mark.parametrize("data,message", [
+    (b'{"v": 1, "info": null, "steps": {}, "errors": 0, "kv": null}', "steps must be a list"),
+    (b'{"v": 1, "info": null, "steps": [], "errors": 0, "kv": [1]}', "kv must be [used, cached]"),
+    (b'{"v": 1, "info": null, "steps": [], "errors": 1.5, "kv": null}', "errors must be a number"),
+    (b'{"v": 1, "info": null, "steps": [], "errors": "many", "kv": null}', "errors must be a number"),
+    (b'{"v": 1, "info": null, "steps": [3], "errors": 0, "kv": null}', "a step must be an object"),
+    (_step_json(bound=1), "bound must be a string"),
+    (_step_json(first_token_ttfts_s={}), "first_token_ttfts_s and finished must be lists"),
+    (_step_json(finished={}), "first_token_ttfts_s and finished must be lists"),
+    (_step_json(finished=[[0.5]]), "a request timing must be an object"),
+])
+def test_a_malformed_message_is_refused_saying_what_is_wrong(data, message):
+    with pytest.raises(TypeError) as err:
+        decode(data)
+    assert str(err.value) == message
+
+
+def test_a_request_without_tokens_survives_the_round_trip():
+    """An aborted request may finish before its first token: no first or last token time."""
+    msg = Message(steps=[_record(finished=[RequestTiming(arrival_s=0.5)])])
+    assert decode(encode(msg)) == msg
+
+
+class FakeSocket:
+    """The publisher's socket: records what it sends, or refuses as a full queue does (zmq.Again)."""
+
+    def __init__(self, refuse=False):
+        self.refuse = refuse
+        self.sent: list[Message] = []
+
+    def send(self, data, flags):
+        if self.refuse:
+            raise zmq.Again()
+        self.sent.append(decode(data))
+
+
+def _publisher(refuse=False, **batching) -> tuple[StatsPublisher, FakeSocket]:
+    pub = StatsPublisher("inproc://maia-test-unused", **batching)
+    pub._socket.close(0)
+    pub._socket = FakeSocket(refuse)
+    return pub, pub._socket
+
+
+def test_a_batch_leaves_with_a_first_token_a_finish_a_full_batch_or_an_old_record():
+    timing = RequestTiming(arrival_s=0.0, first_token_s=0.5, last_token_s=0.5, num_output_tokens=1)
+    for urgent in (_record(first=[0.5]), _record(finished=[timing])):
+        pub, socket = _publisher(max_batch=64, max_delay_s=3600.0)
+        pub.send(urgent, now=100.0)
+        assert [len(m.steps) for m in socket.sent] == [1]
+    pub, socket = _publisher(max_batch=2, max_delay_s=3600.0)
+    pub.send(_record(), now=100.0)
+    assert socket.sent == []
+    pub.send(_record(), now=100.0)
+    assert [len(m.steps) for m in socket.sent] == [2]
+    pub, socket = _publisher(max_batch=64, max_delay_s=1.0)
+    pub.send(_record(), now=100.0)  # the oldest record's age counts from its own send
+    pub.send(_record(), now=100.5)
+    assert socket.sent == []
+    pub.send(_record(), now=101.0)
+    assert [len(m.steps) for m in socket.sent] == [3]
+
+
+def test_what_an_unread_channel_refuses_is_kept_device_facts_and_error_count():
+    pub, socket = _publisher(refuse=True)
+    pub.announce(INFO)
+    pub.count_error()
+    pub.count_error()
+    socket.refuse = False
+    pub.flush()
+    assert [(m.info, m.errors) for m in socket.sent] == [(INFO, 2)]
+
+
+def test_only_the_first_malformed_message_is_logged(addr, receiver, caplog):
+    caplog.set_level(logging.WARNING, logger="vllm.maia_serving")
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.connect(addr)
+    push.send(b"[1, 2]")
+    push.send(b"[3]")
+    _drain_until(receiver, lambda: receiver.dropped == 2)
+    push.close()
+    (warning,) = [r for r in caplog.records if r.name == "vllm.maia_serving"]
+    assert warning.levelno == logging.WARNING
+    assert warning.getMessage() == ("maia-serving: dropped a malformed message on the metrics channel (not a "
+                                    "maia-serving stats message); counted in "
+                                    'maia:emulation_errors_total{stage="channel"}')
+
+
+def test_drain_applies_every_waiting_message_and_counts_their_records():
+    """In-process transport: a message is waiting as soon as send() returns."""
+    rx = StatsReceiver("inproc://maia-test-drain", registry=CollectorRegistry())
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.connect("inproc://maia-test-drain")
+    push.send(encode(Message(steps=[_record()], errors=3)))
+    push.send(b"garbage")  # dropped; the messages after it are still applied
+    push.send(encode(Message(steps=[_record(), _record()])))
+    try:
+        assert rx.drain() == 3
+        assert rx.drain() == 0
+        assert _value(rx, "maia:emulated_step_seconds_count") == 3
+        assert _value(rx, "maia:emulation_errors_total", stage="charge") == 3
+        assert _value(rx, "maia:emulation_errors_total", stage="channel") == 1
+    finally:
+        push.close()
+        rx.close()
+
+
+def test_the_receiver_fills_the_registry_vllm_serves_by_default(monkeypatch):
+    served = CollectorRegistry()
+    monkeypatch.setattr(prometheus_client, "REGISTRY", served)
+    rx = StatsReceiver("inproc://maia-test-default-registry")
+    try:
+        assert rx.metrics.registry is served
+    finally:
+        rx.close()

@@ -7,6 +7,7 @@ import logging
 import shutil
 import tempfile
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
 from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import get_hash_fn_by_name
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import FinishReason
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
 from vllm.v1.outputs import ModelRunnerOutput
@@ -24,6 +26,8 @@ from vllm.v1.structured_output import StructuredOutputManager
 from maia_serving.emulator.cost import CostModel
 from maia_serving.emulator.hardware import load_profile
 from maia_serving.emulator.model_shape import shape_from_config
+from maia_serving.serving import stepping
+from maia_serving.vllm import scheduler as scheduler_module
 from maia_serving.vllm.channel import StatsReceiver
 from maia_serving.vllm.scheduler import MaiaScheduler
 
@@ -280,3 +284,60 @@ def test_an_emulation_error_is_logged_once_counted_and_the_engine_serves_on(engi
 
 def _raise(*args, **kwargs):
     raise RuntimeError("planted emulator bug")
+
+
+def _first_error(caplog) -> str:
+    return next(r for r in caplog.records if r.levelno >= logging.ERROR).getMessage()
+
+
+@pytest.mark.parametrize("broken,what", [("_read_shape", "reading a step's shape"), ("_kv_blocks", "charging a step")])
+def test_a_failing_stage_names_itself_and_the_engine_serves_on(engine, monkeypatch, caplog, broken, what):
+    e = engine()
+    monkeypatch.setattr(e.scheduler, broken, _raise)
+    e.add("a", [1] * 10, max_tokens=2)
+    assert e.step()[1] == {"a": None}
+    assert _first_error(caplog).startswith(f"maia-serving: {what} failed; ")
+
+
+def test_an_abort_that_cannot_report_the_kv_cache_says_so(engine, monkeypatch, caplog):
+    e = engine()
+    e.add("a", [1] * 10, max_tokens=2)
+    monkeypatch.setattr(e.scheduler, "_kv_blocks", _raise)
+    assert e.scheduler.finish_requests(["a"], RequestStatus.FINISHED_ABORTED)
+    assert _first_error(caplog).startswith("maia-serving: reporting the KV cache failed; ")
+
+
+def test_schedule_hands_its_arguments_to_vllm(engine, monkeypatch):
+    """EngineCore may pass throttle_prefills; the override must not drop it."""
+    seen = []
+    original = Scheduler.schedule
+
+    def spy(self, *args, **kwargs):
+        seen.append((args, kwargs))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Scheduler, "schedule", spy)
+    e = engine()
+    e.scheduler.schedule(True)
+    e.scheduler.schedule(throttle_prefills=True)
+    assert seen == [((True,), {}), ((), {"throttle_prefills": True})]
+
+
+def test_a_step_with_nothing_scheduled_charges_nothing(engine):
+    e = engine()
+    out = e.scheduler.schedule()
+    e.scheduler.update_from_output(out, e.run(out))
+    assert e.clock.num_steps == 0 and e.scheduler.maia.errors == 0
+
+
+def test_host_time_is_the_wall_time_from_schedule_to_result_and_overhead_the_cpu_time(engine, receiver, monkeypatch):
+    """Both read off fake clocks: 0.5 s between schedule() and the result, no CPU time spent."""
+    e = engine()
+    wall = iter([100.0, 100.5])
+    fake = SimpleNamespace(perf_counter=lambda: next(wall), thread_time=lambda: 1000.0, monotonic=time.monotonic)
+    monkeypatch.setattr(scheduler_module, "time", fake)
+    monkeypatch.setattr(stepping, "time", fake)
+    e.add("a", [1] * 10, max_tokens=2)
+    e.step()
+    expect(receiver, "maia:host_step_seconds_total", 0.5)
+    assert receiver.metrics.registry.get_sample_value("maia:emulator_overhead_seconds_total") == 0.0
