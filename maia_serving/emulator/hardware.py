@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from maia_serving import envs
+from maia_serving.emulator import precision
 
 # Multipliers into SI base units (bytes, bytes/s, FLOP/s, seconds).
 _UNITS: dict[str, float] = {
@@ -88,14 +89,20 @@ class DeviceProfile:
     def __post_init__(self) -> None:
         if "bf16" not in self.peak_flops_per_s:
             raise ValueError(f"profile {self.name!r} needs a bf16 peak compute figure")
+        unknown = set(self.peak_flops_per_s) - set(precision.PEAK_FALLBACK)
+        if unknown:
+            raise ValueError(f"profile {self.name!r}: unknown peak formats {sorted(unknown)}; "
+                             f"known: {', '.join(precision.PEAK_FALLBACK)}")
         for name in ("compute_efficiency", "memory_efficiency"):
             value = getattr(self, name)
             if not 0 < value <= 1:
                 raise ValueError(f"profile {self.name!r}: {name} must be in (0, 1], got {value}")
 
     def peak_flops(self, dtype: str) -> float:
-        """Peak dense FLOP/s for ``dtype``; formats without a figure run at the BF16 rate."""
-        return self.peak_flops_per_s.get(dtype, self.peak_flops_per_s["bf16"])
+        """Peak dense FLOP/s of a GEMM in ``dtype`` (a peak format such as "fp8", or any dtype spelling);
+        a format without a figure here runs at the next wider one that has one (precision.PEAK_FALLBACK)."""
+        key = dtype if dtype in precision.PEAK_FALLBACK else precision.dtype(dtype).peak
+        return self.peak_flops_per_s[precision.resolve_peak(self.peak_flops_per_s, key)]
 
     def effective_flops(self, dtype: str) -> float:
         return self.peak_flops(dtype) * self.compute_efficiency

@@ -37,6 +37,7 @@ from maia_serving.ops.fp8 import (
     reshape_and_cache_ref,
     resolve_kv_cache_dtype,
     scale_tensor,
+    torch_dtype,
 )
 
 KERNELS_ENV = envs.MAIA_SERVING_KERNELS
@@ -59,6 +60,7 @@ __all__ = [
     "reshape_and_cache_ref",
     "resolve_kv_cache_dtype",
     "scale_tensor",
+    "torch_dtype",
 ]
 
 

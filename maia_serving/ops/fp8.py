@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from maia_serving.emulator import precision
+
 
 @dataclass(frozen=True)
 class Fp8Format:
@@ -28,26 +30,29 @@ class Fp8Format:
     max_value: float
 
 
-FP8_FORMATS: dict[str, Fp8Format] = {
-    "e4m3": Fp8Format("e4m3", torch.float8_e4m3fn, 448.0),
-    "e5m2": Fp8Format("e5m2", torch.float8_e5m2, 57344.0),
-}
-
-# KV-cache dtype names (vLLM's ``--kv-cache-dtype`` spellings plus short ones) -> the FP8
-# format name, or the unquantized cache dtype (None: whatever float dtype the cache has).
-_KV_CACHE_DTYPES: dict[str, str | torch.dtype | None] = {
-    "auto": None,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
+# The canonical dtypes of maia_serving.emulator.precision (the one vocabulary) as torch holds them.
+TORCH_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp8": "e4m3",
-    "fp8_e4m3": "e4m3",
-    "fp8_e5m2": "e5m2",
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+    "int8": torch.int8,
 }
+FP8_FORMATS: dict[str, Fp8Format] = {
+    "e4m3": Fp8Format("e4m3", TORCH_DTYPES["fp8_e4m3"], 448.0),
+    "e5m2": Fp8Format("e5m2", TORCH_DTYPES["fp8_e5m2"], 57344.0),
+}
+_FP8_BY_DTYPE = {"fp8_e4m3": FP8_FORMATS["e4m3"], "fp8_e5m2": FP8_FORMATS["e5m2"]}
 _UNQUANTIZED_CACHE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of any spelling of a dtype that torch holds natively ("bf16", "bfloat16", "fp8"...)."""
+    canonical = precision.dtype(name).name
+    if canonical not in TORCH_DTYPES:
+        raise ValueError(f"{name!r} has no torch dtype; those with one: {', '.join(TORCH_DTYPES)}")
+    return TORCH_DTYPES[canonical]
 
 
 def get_fp8_format(fmt: str | Fp8Format) -> Fp8Format:
@@ -61,12 +66,9 @@ def get_fp8_format(fmt: str | Fp8Format) -> Fp8Format:
 
 def resolve_kv_cache_dtype(kv_cache_dtype: str) -> Fp8Format | None:
     """Map a KV-cache dtype name to its FP8 format, or None for an unquantized cache."""
-    if kv_cache_dtype not in _KV_CACHE_DTYPES:
-        raise ValueError(
-            f"unknown kv_cache_dtype {kv_cache_dtype!r}; allowed: {sorted(_KV_CACHE_DTYPES)}"
-        )
-    target = _KV_CACHE_DTYPES[kv_cache_dtype]
-    return FP8_FORMATS[target] if isinstance(target, str) else None
+    if precision.check_kv_cache_dtype(kv_cache_dtype) == "auto":
+        return None
+    return _FP8_BY_DTYPE.get(precision.dtype(kv_cache_dtype).name)
 
 
 def check_cache_dtype(kv_cache_dtype: str, *caches: torch.Tensor) -> Fp8Format | None:
@@ -76,14 +78,13 @@ def check_cache_dtype(kv_cache_dtype: str, *caches: torch.Tensor) -> Fp8Format |
     them, a named dtype only itself).
     """
     fmt = resolve_kv_cache_dtype(kv_cache_dtype)
-    target = _KV_CACHE_DTYPES[kv_cache_dtype]
     for cache in caches:
         if fmt is not None:
             expected: tuple[torch.dtype, ...] = (torch.uint8,)
-        elif target is None:
+        elif kv_cache_dtype == "auto":
             expected = _UNQUANTIZED_CACHE_DTYPES
         else:
-            expected = (target,)
+            expected = (torch_dtype(kv_cache_dtype),)
         if cache.dtype not in expected:
             raise ValueError(
                 f"kv_cache_dtype={kv_cache_dtype!r} needs a cache of dtype "

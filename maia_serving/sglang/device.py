@@ -7,6 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from maia_serving import envs
+from maia_serving.emulator import precision
 from maia_serving.emulator.hardware import load_profile
 from maia_serving.emulator.memory import SGLANG_FLAGS, ServingConfig
 from maia_serving.emulator.model_shape import shape_from_config
@@ -22,9 +23,8 @@ DEFAULT_MEMORY_FRACTION = 0.92
 
 
 def kv_cache_dtype(server_args) -> str:
-    """SGLang's --kv-cache-dtype in the emulator's vocabulary ("auto", "fp8_e4m3", ...)."""
-    value = str(server_args.kv_cache_dtype or "auto")
-    return "auto" if value in ("auto", "bf16", "bfloat16", "float16", "fp16") else value
+    """SGLang's --kv-cache-dtype, checked against the emulator's vocabulary ("auto", "bf16", "fp8_e4m3", ...)."""
+    return precision.check_kv_cache_dtype(str(server_args.kv_cache_dtype or "auto"))
 
 
 def hf_config(model_path: str) -> dict:

@@ -31,16 +31,23 @@ from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_b
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from maia_serving import ops
+from maia_serving.emulator import precision
 from maia_serving.ops.host import PagedPlan, plan_paged_attention
 from maia_serving.serving import kv_scales as scales
 
 logger = init_logger("vllm.maia_serving")
 
+# The KV cache formats MAIA_ATTN stores: BF16 or FP8 (every spelling of them in precision.py's vocabulary).
+KV_CACHE_FORMATS = ("bf16", "fp8_e4m3", "fp8_e5m2")
+
 
 class MaiaAttentionBackend(AttentionBackend):
     forward_includes_kv_cache_update: bool = True
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.bfloat16, torch.float16, torch.float32]
-    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2"]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = [
+        name for name in precision.kv_cache_spellings()
+        if name == "auto" or precision.dtype(name).name in KV_CACHE_FORMATS
+    ]
 
     @staticmethod
     def get_name() -> str:

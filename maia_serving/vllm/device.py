@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from maia_serving import envs
+from maia_serving.emulator import precision
 from maia_serving.emulator.hardware import load_profile
 from maia_serving.emulator.memory import ServingConfig
 from maia_serving.emulator.model_shape import shape_from_config
@@ -15,8 +16,8 @@ if TYPE_CHECKING:
 
 
 def kv_cache_dtype(vllm_config: VllmConfig) -> str:
-    """vLLM's cache dtype in the emulator's vocabulary ("auto", "fp8", ...)."""
-    return str(vllm_config.cache_config.cache_dtype)
+    """vLLM's cache dtype, checked against the emulator's vocabulary ("auto", "fp8", ...)."""
+    return precision.check_kv_cache_dtype(str(vllm_config.cache_config.cache_dtype))
 
 
 def build_device(vllm_config: VllmConfig) -> EmulatedDevice:

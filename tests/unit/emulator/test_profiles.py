@@ -13,6 +13,7 @@ def test_builtin_profiles_and_their_figures():
     assert m100.hbm_capacity_bytes == 64e9
     assert m100.hbm_bandwidth_bytes_per_s == pytest.approx(1.8e12)
     assert m100.peak_flops("bf16") == pytest.approx(0.8e15)
+    assert (m100.peak_flops("mx9"), m100.peak_flops("mx6")) == (pytest.approx(1.5e15), pytest.approx(3e15))
     assert m100.scale_up.bandwidth_bytes_per_s == pytest.approx(600e9)
     assert m100.scale_up.chips == 4 and m100.scale_up.topology == "full_mesh"
     m200 = load_profile("maia200")
@@ -21,7 +22,9 @@ def test_builtin_profiles_and_their_figures():
     assert "peak_compute.bf16" in m200.estimates  # not published: must say so
     h100 = load_profile("h100-sxm")
     assert h100.peak_flops("bf16") == pytest.approx(989e12)
-    assert load_profile("h200").hbm_capacity_bytes == 141e9
+    # "80 GB" and "141 GB" of HBM are binary gigabytes; CUDA reports 81,559 and 143,771 MiB of them.
+    assert h100.hbm_capacity_bytes == 81_559 * 2**20 < 80 * 2**30
+    assert load_profile("h200").hbm_capacity_bytes == 143_771 * 2**20 < 141 * 2**30
 
 
 @pytest.mark.parametrize("name", ["maia100", "maia200", "h100-sxm", "h200"])
