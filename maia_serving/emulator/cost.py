@@ -14,13 +14,13 @@ chunked prefill or a prefill after a prefix-cache hit ``(q, n)`` with ``q < n``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from maia_serving.emulator import interconnect
 from maia_serving.emulator.hardware import DeviceProfile
-from maia_serving.emulator.model_shape import ModelShape, kv_cache_bytes_per_element
+from maia_serving.emulator.model_shape import Linear, ModelShape
+from maia_serving.emulator.precision import Precision
 
 
 @dataclass(frozen=True)
@@ -118,69 +118,162 @@ def roofline(profile: DeviceProfile, name: str, flops: float, nbytes: float, dty
     )
 
 
-# An operator's FLOPs and bytes are linear in five step quantities; terms are the
-# coefficients, so a live engine evaluates a step with a few multiplications.
-STEP_VARIABLES = ("tokens", "seqs", "attended_pairs", "context_tokens", "constant")
+# An operator's FLOPs and bytes are linear in eight step quantities; terms are the coefficients,
+# so a live engine evaluates a step with a few multiplications. The window quantities are those of
+# sliding-window layers (pairs and context within the window); "experts" is the expected number of
+# distinct experts a layer's routed tokens touch (model_shape.MoE.experts_touched).
+STEP_VARIABLES = ("tokens", "seqs", "attended_pairs", "context_tokens", "constant", "window_pairs",
+                  "window_context", "experts")
+Coefficients = tuple[float, float, float, float, float, float, float, float]
+# Soft-capping an attention score or a logit, cap * tanh(x / cap): a division, a tanh, a multiplication.
+SOFTCAP_FLOPS = 3
 
 
 @dataclass(frozen=True)
 class OpTerms:
     name: str
-    flops: tuple[float, float, float, float, float]  # coefficients of STEP_VARIABLES
-    bytes: tuple[float, float, float, float, float]
+    flops: Coefficients  # coefficients of STEP_VARIABLES
+    bytes: Coefficients
     launches: int  # kernels per step
+    peak: str = "bf16"  # the profile peak its FLOPs run at (precision.DType.peak)
 
 
-def _lin(tokens: float = 0.0, seqs: float = 0.0, pairs: float = 0.0, context: float = 0.0,
-         const: float = 0.0) -> tuple[float, float, float, float, float]:
-    return (tokens, seqs, pairs, context, const)
+def _lin(tokens: float = 0.0, seqs: float = 0.0, pairs: float = 0.0, context: float = 0.0, const: float = 0.0,
+         window_pairs: float = 0.0, window_context: float = 0.0, experts: float = 0.0) -> Coefficients:
+    return (tokens, seqs, pairs, context, const, window_pairs, window_context, experts)
 
 
-def _op(name: str, count: int, flops: tuple, nbytes: tuple) -> OpTerms:
-    return OpTerms(name, tuple(count * c for c in flops), tuple(count * c for c in nbytes), count)
+ONCE = _lin(const=1.0)
+PER_TOKEN = _lin(tokens=1.0)
 
 
-def _gemm(name: str, per_seq: bool, k: float, n: float, act: float, wgt: float, count: int) -> OpTerms:
-    """``[m, k] @ [k, n]`` with m tokens (or sequences): reads the weight and the input,
-    writes the output."""
-    rows = _lin(seqs=1.0) if per_seq else _lin(tokens=1.0)
+def _add(a: Coefficients, b: Coefficients) -> Coefficients:
+    return tuple(x + y for x, y in zip(a, b))
+
+
+def _op(name: str, count: int, flops: Coefficients, nbytes: Coefficients, peak: str) -> OpTerms:
+    return OpTerms(name, tuple(count * c for c in flops), tuple(count * c for c in nbytes), count, peak)
+
+
+def _gemm(name: str, lin: Linear, prec: Precision, tp: int, rows: Coefficients, count: int,
+          weights: Coefficients = ONCE) -> OpTerms:
+    """``[m, k] @ [k, n]`` of ``lin``'s shard on one chip, m = ``rows``: reads the weight (``weights`` times:
+    once, or once per expert touched) in its stored dtype and the input in its GEMM dtype, writes the
+    output in the model's. Biases are left out (under 0.1% of any layer's bytes)."""
+    k, n = lin.in_features, lin.out_features
+    if lin.split == "column":
+        n /= tp
+    elif lin.split == "row":
+        k /= tp
+    a_in = prec.activation(lin.group).bytes_per_element
+    a_out = prec.model.bytes_per_element
+    wgt = prec.weight(lin.group).bytes_per_element
     flops = tuple(2 * k * n * r for r in rows)
-    nbytes = tuple((k + n) * act * r for r in rows)
-    nbytes = nbytes[:4] + (k * n * wgt,)
-    return _op(name, count, flops, nbytes)
+    nbytes = _add(tuple((k * a_in + n * a_out) * r for r in rows), tuple(k * n * wgt * w for w in weights))
+    return _op(name, count, flops, nbytes, prec.gemm_peak(lin.group))
+
+
+def _attention_ops(model: ModelShape, prec: Precision, tp: int) -> list[OpTerms]:
+    """Projections, rotary, attention over the cache (full and sliding layers), output projection.
+
+    Attention reads each sequence's KV once at the cache dtype's size (paged, flash-style), or its last
+    ``sliding_window`` tokens in a sliding layer, and writes the new tokens' KV. MLA runs absorbed, as vLLM
+    runs its decode: attention over the latent (scores over latent + rope dims, values over the latent),
+    kv_b_proj's up-projections applied per token as one GEMM.
+    """
+    layers, mla, act, peak = model.num_layers, model.mla, prec.model.bytes_per_element, prec.model.peak
+    heads = model.num_heads / tp
+    linears = {lin.name: lin for lin in model.linears() if lin.group == "attention"}
+    ops = [_gemm(name, lin, prec, tp, PER_TOKEN, layers) for name, lin in linears.items() if name != "o_proj"]
+    if mla:
+        qk_dim, v_dim = mla.latent_size, mla.kv_lora_rank
+        rotary = heads * mla.qk_rope_head_dim + mla.qk_rope_head_dim
+        latent = mla.kv_lora_rank + mla.q_lora_rank
+        ops.append(_op("latent_norm", layers, _lin(tokens=5 * latent),
+                       _lin(tokens=2 * latent * act, const=latent * act), peak))
+    else:
+        qk_dim = v_dim = model.head_dim
+        rotary = (model.q_size + model.num_kv_heads * model.head_dim) / tp
+    if model.qk_norm:
+        ops.append(_op("qk_norm", layers, _lin(tokens=5 * rotary),
+                       _lin(tokens=2 * rotary * act, const=2 * qk_dim * act), peak))
+    ops.append(_op("rotary", layers, _lin(tokens=6 * rotary), _lin(tokens=2 * rotary * act), peak))
+    kv_token = model.kv_elements_per_token_layer(tp) * prec.kv_cache.bytes_per_element
+    per_pair = 2 * heads * (qk_dim + v_dim) + (SOFTCAP_FLOPS * heads if model.attn_logit_softcap else 0)
+    io = kv_token + heads * (qk_dim + v_dim) * act
+    sliding = model.num_sliding_layers
+    if layers - sliding:
+        ops.append(_op("attention", layers - sliding, _lin(pairs=per_pair), _lin(tokens=io, context=kv_token), peak))
+    if sliding:
+        ops.append(_op("attention_sliding", sliding, _lin(window_pairs=per_pair),
+                       _lin(tokens=io, window_context=kv_token), peak))
+    ops.append(_gemm("o_proj", linears["o_proj"], prec, tp, PER_TOKEN, layers))
+    return ops
+
+
+def _mlp_ops(model: ModelShape, prec: Precision, tp: int) -> list[OpTerms]:
+    """Dense MLPs, or a router, the routed experts and the shared experts.
+
+    A routed GEMM has top_k rows per token and reads the weights of every expert its tokens touch:
+    E (1 - (1 - k/E)^T) of them for T tokens.
+    """
+    act, peak, moe = prec.model.bytes_per_element, prec.model.peak, model.moe
+    lin = {x.name: x for x in model.linears()}
+    ops = []
+
+    def mlp(prefix: str, width: float, layers: int, rows: Coefficients, weights: Coefficients = ONCE) -> list[OpTerms]:
+        width /= tp
+        return [_gemm(f"{prefix}gate_up_proj", lin[f"{prefix}gate_up_proj"], prec, tp, rows, layers, weights),
+                _op(f"{prefix}silu_and_mul", layers, tuple(5 * width * r for r in rows),
+                    tuple(3 * width * act * r for r in rows), peak),
+                _gemm(f"{prefix}down_proj", lin[f"{prefix}down_proj"], prec, tp, rows, layers, weights)]
+
+    dense = model.num_layers - model.num_moe_layers
+    if dense:
+        ops += mlp("", model.intermediate_size, dense, PER_TOKEN)
+    if moe:
+        layers = model.num_moe_layers
+        ops.append(_gemm("router", lin["router"], prec, tp, PER_TOKEN, layers))
+        ops += mlp("experts.", moe.intermediate_size, layers, _lin(tokens=moe.top_k), _lin(experts=1.0))
+        if moe.shared_intermediate_size:
+            ops += mlp("shared_experts.", moe.shared_intermediate_size, layers, PER_TOKEN)
+    return ops
 
 
 def op_terms(model: ModelShape, parallel: Parallel = SINGLE_CHIP, kv_cache_dtype: str = "auto") -> tuple[OpTerms, ...]:
     """Per-operator FLOP and byte terms of one forward pass on one chip of ``tp``.
 
-    Attention reads each sequence's KV once at the cache dtype's size (paged,
-    flash-style) and writes the new tokens' KV; the LM head runs on the last token
-    of each sequence only.
+    Weights are read in their stored dtype (precision.py), GEMM inputs in their GEMM dtype, everything
+    else in the model's; the LM head runs on the last token of each sequence only.
     """
-    tp, layers = parallel.tp, model.num_layers
-    act = wgt = model.dtype_bytes
-    h, q, kv, inter = model.hidden_size, model.q_size, model.kv_size, model.intermediate_size
-    heads, hd = model.num_heads / tp, model.head_dim
-    kv_token = 2 * math.ceil(model.num_kv_heads / tp) * hd * kv_cache_bytes_per_element(kv_cache_dtype, model.dtype)
-    return (
-        _op("rmsnorm", 2 * layers, _lin(tokens=5 * h), _lin(tokens=2 * h * act, const=h * wgt)),
-        _gemm("qkv_proj", False, h, (q + 2 * kv) / tp, act, wgt, layers),
-        _op("rotary", layers, _lin(tokens=6 * (q + kv) / tp), _lin(tokens=2 * (q + kv) / tp * act)),
-        _op("attention", layers, _lin(pairs=4 * heads * hd),
-            _lin(tokens=kv_token + 2 * heads * hd * act, context=kv_token)),
-        _gemm("o_proj", False, q / tp, h, act, wgt, layers),
-        _gemm("gate_up_proj", False, h, 2 * inter / tp, act, wgt, layers),
-        _op("silu_and_mul", layers, _lin(tokens=5 * inter / tp), _lin(tokens=3 * inter / tp * act)),
-        _gemm("down_proj", False, inter / tp, h, act, wgt, layers),
-        _op("residual_add", 2 * layers, _lin(tokens=h), _lin(tokens=3 * h * act)),
-        _op("embedding", 1, _lin(), _lin(tokens=h * act)),
-        _op("final_norm", 1, _lin(seqs=5 * h), _lin(seqs=2 * h * act, const=h * wgt)),
-        _gemm("lm_head", True, h, model.vocab_size / tp, act, wgt, 1),
-    )
+    prec = model.precision(kv_cache_dtype)
+    tp, layers, h = parallel.tp, model.num_layers, model.hidden_size
+    act = wgt = prec.model.bytes_per_element
+    peak = prec.model.peak
+    vocab = model.vocab_size / tp
+    lm_head = Linear("lm_head", "lm_head", h, model.vocab_size, 1, "column")
+    ops = [_op("rmsnorm", model.norms_per_layer * layers, _lin(tokens=5 * h), _lin(tokens=2 * h * act, const=h * wgt),
+               peak)]
+    ops += _attention_ops(model, prec, tp)
+    ops += _mlp_ops(model, prec, tp)
+    ops += [
+        _op("residual_add", 2 * layers, _lin(tokens=h), _lin(tokens=3 * h * act), peak),
+        _op("embedding", 1, _lin(), _lin(tokens=h * act), peak),
+        _op("final_norm", 1, _lin(seqs=5 * h), _lin(seqs=2 * h * act, const=h * wgt), peak),
+        _gemm("lm_head", lm_head, prec, tp, _lin(seqs=1.0), 1),
+    ]
+    if model.final_logit_softcap:
+        ops.append(_op("logit_softcap", 1, _lin(seqs=SOFTCAP_FLOPS * vocab), _lin(seqs=2 * vocab * act), peak))
+    return tuple(ops)
 
 
-_COMPUTE_DTYPE = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16",
-                  "float32": "fp32", "fp32": "fp32", "float": "fp32"}
+def _window_sum(lo: int, hi: int, window: int) -> int:
+    """sum(min(v, window) for v in range(lo, hi + 1)), for 1 <= lo <= hi."""
+    if hi <= window:
+        return (lo + hi) * (hi - lo + 1) // 2
+    if lo >= window:
+        return window * (hi - lo + 1)
+    return (lo + window) * (window - lo + 1) // 2 + window * (hi - window)
 
 
 class CostModel:
@@ -193,20 +286,24 @@ class CostModel:
         self.model = model
         self.parallel = parallel
         self.terms = op_terms(model, parallel, kv_cache_dtype)
-        self._flops_per_s = profile.effective_flops(_COMPUTE_DTYPE.get(model.dtype.removeprefix("torch."), "bf16"))
+        prec = model.precision(kv_cache_dtype)
+        self._model_bytes = prec.model.bytes_per_element
+        self._comm_bytes = prec.comm.bytes_per_element
+        self._flops_per_s = tuple(profile.effective_flops(t.peak) for t in self.terms)
         self._bytes_per_s = profile.effective_bandwidth_bytes_per_s
         self._launch_s = profile.kernel_launch_s * sum(t.launches for t in self.terms)
+        self._window = model.sliding_window if model.num_sliding_layers else None
 
     def comm_s(self, tokens: int, seqs: int) -> float:
         """Tensor-parallel all-reduces (two per layer) and the logits all-gather; one
         send/recv of the hidden states between consecutive pipeline stages."""
         tp, pp = self.parallel.tp, self.parallel.pp
         link, model = self.profile.scale_up, self.model
-        hidden = tokens * model.hidden_size * model.dtype_bytes
+        hidden = tokens * model.hidden_size * self._comm_bytes
         comm = 0.0
         if tp > 1:
             comm += 2 * model.num_layers * interconnect.all_reduce_s(link, hidden, tp)
-            comm += interconnect.all_gather_s(link, seqs * model.vocab_size * model.dtype_bytes, tp)
+            comm += interconnect.all_gather_s(link, seqs * model.vocab_size * self._model_bytes, tp)
         if pp > 1:
             comm += (pp - 1) * interconnect.send_recv_s(link, hidden)
         return comm
@@ -218,23 +315,28 @@ class CostModel:
     def cost_of(self, new_tokens: tuple[int, ...], context_lens: tuple[int, ...], detail: bool = False) -> StepCost:
         """The one implementation of a step's cost; a live engine calls it every step with a shape
         trusted to be well formed, so it makes one pass and no checks (cost() checks first)."""
-        tokens = pairs = ctx = 0
+        tokens = pairs = ctx = wpairs = wctx = 0
+        window = self._window
         for q, n in zip(new_tokens, context_lens):
             tokens += q
             ctx += n
             # Causal: the new tokens hold positions n-q .. n-1 and each attends to itself and all before it.
             pairs += q * n - q * (q - 1) // 2
+            if window:
+                wpairs += _window_sum(n - q + 1, n, window)
+                wctx += min(n, window)
         if tokens == 0:
             return StepCost(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, ())
         seqs = len(new_tokens)
+        experts = self.model.moe.experts_touched(tokens) if self.model.moe else 0.0
         compute = memory = flops = nbytes = 0.0
         ops = []
-        for term in self.terms:
-            ft, fs, fp, fc, f1 = term.flops
-            bt, bs, bp, bc, b1 = term.bytes
-            f = ft * tokens + fs * seqs + fp * pairs + fc * ctx + f1
-            b = bt * tokens + bs * seqs + bp * pairs + bc * ctx + b1
-            compute_s, memory_s = f / self._flops_per_s, b / self._bytes_per_s
+        for term, flops_per_s in zip(self.terms, self._flops_per_s):
+            ft, fs, fp, fc, f1, fwp, fwc, fe = term.flops
+            bt, bs, bp, bc, b1, bwp, bwc, be = term.bytes
+            f = ft * tokens + fs * seqs + fp * pairs + fc * ctx + f1 + fwp * wpairs + fwc * wctx + fe * experts
+            b = bt * tokens + bs * seqs + bp * pairs + bc * ctx + b1 + bwp * wpairs + bwc * wctx + be * experts
+            compute_s, memory_s = f / flops_per_s, b / self._bytes_per_s
             if compute_s >= memory_s:
                 compute += compute_s
             else:

@@ -3,12 +3,16 @@
 Per chip, with tensor parallel size ``tp`` and pipeline parallel size ``pp``::
 
     usable    = hbm_capacity * gpu_memory_utilization - runtime_reserve
-    weights   = layer_params * layers / pp / tp + embeddings / tp   (vocab-parallel)
+    weights   = decoder layers' weights * ceil(layers / pp) / layers / tp + embeddings / tp   (vocab-parallel)
     workspace = activations of one max_num_batched_tokens forward pass + fp32 logits
     kv_budget = usable - weights - workspace
-    kv/token  = 2 (K and V) * layers / pp * ceil(kv_heads / tp) * head_dim * kv_bytes
+    kv/token  = ceil(layers / pp) * (2 * ceil(kv_heads / tp) * head_dim, or MLA's latent) * kv_bytes
 
-The model fits when the budget holds at least one sequence of ``max_model_len``.
+Each weight is counted at its stored size (precision.py: quantized layers with their scales).
+Linear layers vLLM replicates (routers, MLA's latent down-projections) are whole on every
+chip; norms are counted split with the rest (they are under 0.01% of these models). A
+sequence holds every token in full-attention layers and the last ``sliding_window`` in
+sliding ones; the model fits when the budget holds one sequence of ``max_model_len``.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from maia_serving.emulator import precision
 from maia_serving.emulator.hardware import DeviceProfile
-from maia_serving.emulator.model_shape import ModelShape, kv_cache_bytes_per_element
+from maia_serving.emulator.model_shape import ModelShape
 from maia_serving.emulator.units import format_bytes
 
 GiB = 2.0**30
@@ -36,10 +41,16 @@ class ServingConfig:
     gpu_memory_utilization: float = 0.9
     max_num_batched_tokens: int = 8192
     max_num_seqs: int = 256
+    weight_dtype: str | None = None  # the linear layers' storage instead of the checkpoint's (--weight-dtype)
+    activation_dtype: str | None = None  # their GEMM inputs; None: as the weights' scheme feeds them
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             raise ValueError("parallel sizes must be at least 1")
+        precision.check_kv_cache_dtype(self.kv_cache_dtype)
+        for name in (self.weight_dtype, self.activation_dtype):
+            if name is not None:
+                precision.dtype(name)
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
@@ -61,6 +72,7 @@ class MemoryPlan:
     workspace_bytes: float
     kv_budget_bytes: float
     kv_bytes_per_token: float
+    kv_bytes_per_sequence: float  # one sequence of max_model_len, in whole blocks
     num_blocks: int
     kv_tokens: int
     max_concurrent_seqs: int
@@ -72,7 +84,7 @@ class MemoryPlan:
     @property
     def shortfall_bytes(self) -> float:
         """Bytes missing to hold one sequence of ``max_model_len`` (0 when it fits)."""
-        needed = self.weight_bytes + self.workspace_bytes + self.max_model_len * self.kv_bytes_per_token
+        needed = self.weight_bytes + self.workspace_bytes + self.kv_bytes_per_sequence
         return max(0.0, needed - self.usable_bytes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -94,7 +106,7 @@ class NotEnoughMemory(ValueError):
             f"kv_cache_dtype={plan.config.kv_cache_dtype}, max_model_len={plan.max_model_len}): "
             f"per chip it needs {format_bytes(plan.weight_bytes)} weights "
             f"+ {format_bytes(plan.workspace_bytes)} workspace "
-            f"+ {format_bytes(plan.max_model_len * plan.kv_bytes_per_token)} KV for one sequence, "
+            f"+ {format_bytes(plan.kv_bytes_per_sequence)} KV for one sequence, "
             f"but only {format_bytes(plan.usable_bytes)} of {format_bytes(plan.hbm_capacity_bytes)} "
             f"HBM is usable; "
             f"short by {format_bytes(plan.shortfall_bytes)}."
@@ -104,49 +116,99 @@ class NotEnoughMemory(ValueError):
         super().__init__(msg)
 
 
+def served_model(model: ModelShape, config: ServingConfig) -> ModelShape:
+    """``model`` with its weights stored as ``config`` says (``weight_dtype`` over the checkpoint's)."""
+    return model.with_weights(config.weight_dtype, config.activation_dtype)
+
+
+def _stage_layers(count: int, config: ServingConfig) -> int:
+    return math.ceil(count / config.pipeline_parallel_size)
+
+
+def _kv_bytes_per_token_layer(model: ModelShape, config: ServingConfig) -> float:
+    elem = precision.kv_cache_dtype(config.kv_cache_dtype, model.dtype).bytes_per_element
+    return model.kv_elements_per_token_layer(config.tensor_parallel_size) * elem
+
+
 def kv_bytes_per_token(model: ModelShape, config: ServingConfig) -> float:
-    """KV bytes one token takes on one chip (K and V of this chip's layers and heads)."""
-    layers = math.ceil(model.num_layers / config.pipeline_parallel_size)
-    # With more TP ranks than KV heads, each rank keeps a replica of one head.
-    heads = math.ceil(model.num_kv_heads / config.tensor_parallel_size)
-    elem = kv_cache_bytes_per_element(config.kv_cache_dtype, model.dtype)
-    return 2 * layers * heads * model.head_dim * elem
+    """KV bytes one token takes on one chip (this chip's layers and heads), windows aside."""
+    return _stage_layers(model.num_layers, config) * _kv_bytes_per_token_layer(model, config)
+
+
+def kv_bytes_per_sequence(model: ModelShape, config: ServingConfig, length: int) -> float:
+    """KV bytes one sequence of ``length`` tokens holds on one chip, in whole blocks. A sliding layer keeps
+    the blocks covering its last ``sliding_window`` tokens: ceil((window - 1) / block) + 1 once the sequence
+    outgrows it, as vLLM's sliding-window manager holds them."""
+    block = config.block_size
+    layers = _stage_layers(model.num_layers, config)
+    sliding = min(layers, _stage_layers(model.num_sliding_layers, config))
+    blocks = math.ceil(length / block)
+    window = model.sliding_window
+    window_blocks = blocks if window is None or length <= window else math.ceil((window - 1) / block) + 1
+    full = (layers - sliding) * blocks + sliding * window_blocks
+    return full * block * _kv_bytes_per_token_layer(model, config)
 
 
 def weight_bytes_per_chip(model: ModelShape, config: ServingConfig) -> float:
-    layers = math.ceil(model.num_layers / config.pipeline_parallel_size)
     tp = config.tensor_parallel_size
-    params = layers * model.layer_params() / tp + model.embedding_params() / tp
-    return params * model.dtype_bytes
+    prec = model.precision()
+    model_bytes = prec.model.bytes_per_element
+    linear = sum(model.linear_bytes(lin, prec) / (1 if lin.split == "none" else tp) for lin in model.linears())
+    decoder = linear + model.norm_params() * model_bytes / tp
+    stage = _stage_layers(model.num_layers, config) / model.num_layers
+    return decoder * stage + model.embedding_params() * model_bytes / tp
+
+
+def _mlp_width(model: ModelShape) -> int:
+    """The widest MLP intermediate one token produces: a dense MLP's, or its routed and shared experts' together."""
+    moe = model.moe
+    if moe is None:
+        return model.intermediate_size
+    routed = moe.top_k * moe.intermediate_size + moe.shared_intermediate_size
+    return max(routed, model.intermediate_size if moe.num_dense_layers else 0)
 
 
 def workspace_bytes_per_chip(model: ModelShape, config: ServingConfig) -> float:
     """Peak activations of one forward pass at the token budget, plus fp32 logits.
 
     Per token, the live tensors are the residual stream, the normed input, the
-    q/k/v and attention outputs, and the gated MLP's two intermediate tensors.
+    q/k/v and attention outputs, and the gated MLP's (or the experts') two intermediate tensors.
     """
     tp = config.tensor_parallel_size
     tokens = config.max_num_batched_tokens
     per_token = (
         2 * model.hidden_size
         + (model.q_size * 2 + model.kv_size * 2) / tp
-        + 2 * model.intermediate_size / tp
+        + 2 * _mlp_width(model) / tp
     )
     logits = config.max_num_seqs * model.vocab_size / tp * 4
     return tokens * per_token * model.dtype_bytes + logits
 
 
+def longest_sequence(model: ModelShape, config: ServingConfig, budget_bytes: float, limit: int) -> int:
+    """The longest sequence, in whole blocks and at most ``limit`` tokens, whose KV fits ``budget_bytes``."""
+    block = config.block_size
+    lo, hi = 0, limit // block
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if kv_bytes_per_sequence(model, config, mid * block) <= budget_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * block
+
+
 def plan_memory(model: ModelShape, profile: DeviceProfile, config: ServingConfig) -> MemoryPlan:
     """Size the KV cache of one chip; never raises for a model that does not fit."""
+    model = served_model(model, config)
     max_len = config.max_model_len or model.max_position_embeddings
     usable = profile.hbm_capacity_bytes * config.gpu_memory_utilization - profile.runtime_reserve_bytes
     weights = weight_bytes_per_chip(model, config)
     workspace = workspace_bytes_per_chip(model, config)
     per_token = kv_bytes_per_token(model, config)
+    per_seq = kv_bytes_per_sequence(model, config, max_len)
     budget = max(0.0, usable - weights - workspace)
     num_blocks = int(budget // (per_token * config.block_size))
-    blocks_per_seq = math.ceil(max_len / config.block_size)
     return MemoryPlan(
         profile=profile.name,
         model=model.name,
@@ -159,9 +221,10 @@ def plan_memory(model: ModelShape, profile: DeviceProfile, config: ServingConfig
         workspace_bytes=workspace,
         kv_budget_bytes=budget,
         kv_bytes_per_token=per_token,
+        kv_bytes_per_sequence=per_seq,
         num_blocks=num_blocks,
         kv_tokens=num_blocks * config.block_size,
-        max_concurrent_seqs=num_blocks // blocks_per_seq,
+        max_concurrent_seqs=int(budget // per_seq),
     )
 
 
@@ -192,7 +255,7 @@ def suggest(model: ModelShape, profile: DeviceProfile, config: ServingConfig,
         if plan_memory(model, profile, replace(config, kv_cache_dtype="fp8")).fits:
             out.append(f"{flags.fp8_kv} (half the KV bytes per token)")
     plan = plan_memory(model, profile, config)
-    room = int(plan.kv_budget_bytes // plan.kv_bytes_per_token) // config.block_size * config.block_size
+    room = longest_sequence(served_model(model, config), config, plan.kv_budget_bytes, plan.max_model_len)
     if 0 < room < plan.max_model_len:
         out.append(f"{flags.max_len} {room} (the longest sequence the KV budget holds)")
     if not out:

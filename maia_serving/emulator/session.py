@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from maia_serving.emulator.clock import EmulatedClock, RequestTiming
 from maia_serving.emulator.cost import CostModel, Parallel
 from maia_serving.emulator.hardware import DeviceProfile
-from maia_serving.emulator.memory import VLLM_FLAGS, Flags, MemoryPlan, ServingConfig, require_fit
+from maia_serving.emulator.memory import VLLM_FLAGS, Flags, MemoryPlan, ServingConfig, require_fit, served_model
 from maia_serving.emulator.model_shape import ModelShape
 
 
@@ -53,7 +53,7 @@ class EmulatedDevice:
         as ``flags`` spells them) if it does not fit."""
         plan = require_fit(model, profile, config, flags)
         parallel = Parallel(tp=config.tensor_parallel_size, pp=config.pipeline_parallel_size)
-        return cls(profile, model, plan, parallel, config.kv_cache_dtype)
+        return cls(profile, served_model(model, config), plan, parallel, config.kv_cache_dtype)
 
     @property
     def kv_block_bytes(self) -> float:
