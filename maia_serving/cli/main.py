@@ -60,11 +60,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
     model = load_model_shape(args.model)
     profile = load_profile(args.profile)
     config = _serving_config(args)
+    if args.weight_dtype != "auto":
+        config = replace(config, weight_dtype=args.weight_dtype)
     plan = plan_memory(model, profile, config)
     if args.json:
         print(json.dumps({**plan.to_dict(), "config": config.__dict__}, indent=2))
         return 0 if plan.fits else 1
-    print(f"{model.name} ({model.num_params() / 1e9:.2f} B parameters, {model.dtype}) on "
+    weights = f", weights in {config.weight_dtype}" if config.weight_dtype else ""
+    print(f"{model.name} ({model.num_params() / 1e9:.2f} B parameters, {model.dtype}{weights}) on "
           f"{config.tensor_parallel_size * config.pipeline_parallel_size} x {profile.name} "
           f"(tp={config.tensor_parallel_size}, pp={config.pipeline_parallel_size}), per chip:")
     rows = [["", "bytes"],
@@ -234,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--weight-dtype", default="auto",
+                   help="the linear layers' storage (bf16, fp8, int4, mxfp4, ...); auto: the checkpoint's")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_fit)
 

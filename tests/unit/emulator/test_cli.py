@@ -34,6 +34,18 @@ def test_fit_json(capsys):
     assert data["fits"] and data["kv_bytes_per_token"] == 2 * 32 * 8 * 128
 
 
+def test_fit_stores_the_weights_in_the_weight_dtype(capsys):
+    """Llama-3-8B's 6,979,321,856 linear weights in FP8; norms, embeddings and LM head stay BF16."""
+    assert main(["fit", "--model", "llama-3-8b", "--profile", "maia100", "--weight-dtype", "fp8", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["weight_bytes"] == 6_979_321_856 + (8_030_261_248 - 6_979_321_856) * 2
+    assert data["config"]["weight_dtype"] == "fp8"
+    assert main(["fit", "--model", "llama-3-8b", "--profile", "maia100", "--weight-dtype", "int4"]) == 0
+    assert "8.03 B parameters, bfloat16, weights in int4) on 1 x maia100" in capsys.readouterr().out
+    assert main(["fit", "--model", "llama-3-8b", "--profile", "maia100", "--weight-dtype", "fp7"]) == 2
+    assert "unknown dtype 'fp7'" in capsys.readouterr().err
+
+
 def test_fit_reads_a_model_directory(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({
         "hidden_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1,
