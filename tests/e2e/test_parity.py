@@ -209,4 +209,4 @@ def test_same_emulated_kv_capacity(runs):
     vllm, sglang = runs["vllm"][1], runs["sglang"][1]
     key = 'maia:kv_cache_tokens{holder="emulated"}'
     assert vllm[key] > 0 and abs(vllm[key] - sglang[key]) < 128, (vllm[key], sglang[key])
-    assert vllm["maia:hbm_total_bytes"] == sglang["maia:hbm_total_bytes"] == 64e9
+    assert vllm["maia:hbm_total_bytes"] == sglang["maia:hbm_total_bytes"] == 64 * 2**30

@@ -97,7 +97,7 @@ DEVICE_INFO = 'maia:device_info{kv_cache_dtype="auto",model="demo",profile="maia
 
 def test_metrics_describe_the_device_before_any_request(served, demo_model):
     first = served.server.metrics_at_start
-    assert first["maia:hbm_total_bytes"] == 64e9
+    assert first["maia:hbm_total_bytes"] == 64 * 2**30
     assert first[DEVICE_INFO] == 1
     assert first["maia:hbm_used_bytes"] == _demo_device(demo_model).hbm_used_bytes(0)
     assert first["maia:kv_cache_blocks_used"] == 0

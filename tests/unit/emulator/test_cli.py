@@ -23,7 +23,7 @@ def test_profiles_show_sources(capsys):
 def test_fit_70b_on_one_maia100_fails_and_tp4_fits(capsys):
     assert main(["fit", "--model", "llama-3-70b", "--profile", "maia100"]) == 1
     out = capsys.readouterr().out
-    assert "DOES NOT FIT: short by 88.91 GB" in out and "--tensor-parallel-size 4" in out
+    assert "DOES NOT FIT: short by 84.66 GB" in out and "--tensor-parallel-size 4" in out
     assert main(["fit", "--model", "llama-3-70b", "--device", "maia100", "--tensor-parallel-size", "4"]) == 0
     assert "FITS" in capsys.readouterr().out
 
@@ -86,7 +86,7 @@ def test_simulate_gives_a_device_that_does_not_fit_a_row_with_the_message_of_fit
         require_fit(load_model_shape("llama-3-70b"), load_profile("maia100"), ServingConfig())
     assert (refused["device"], refused["fits"], refused["error"]) == ("maia100", False, str(fit.value))
     assert refused["ttft_ms"] is None
-    for words in ("short by 88.91 GB", "--tensor-parallel-size 4 (up to 4 chips per node)"):
+    for words in ("short by 84.66 GB", "--tensor-parallel-size 4 (up to 4 chips per node)"):
         assert words in fit_out and words in refused["error"]
     assert (served["device"], served["fits"], served["error"]) == ("maia200", True, None)
     assert served["ttft_ms"]["mean"] > 0

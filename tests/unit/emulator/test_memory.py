@@ -12,6 +12,8 @@ from maia_serving.emulator import (
 from maia_serving.emulator.memory import SGLANG_FLAGS, kv_bytes_per_token, suggest, weight_bytes_per_chip
 from maia_serving.emulator.units import format_bytes
 
+MAIA100_HBM = 64 * 2**30  # "64 GB" of HBM2E: binary gigabytes
+
 
 @pytest.fixture(scope="module")
 def llama70b():
@@ -28,7 +30,7 @@ def test_llama3_70b_parameter_count_by_hand(llama70b):
 
 def test_llama3_70b_tp4_on_maia100_by_hand(llama70b, maia100):
     plan = require_fit(llama70b, maia100, ServingConfig(tensor_parallel_size=4))
-    usable = 64e9 * 0.9 - 2**30
+    usable = MAIA100_HBM * 0.9 - 2**30
     weights = 70_553_706_496 / 4 * 2
     # 8192 tokens x (residual + normed input + q,k,v,o shards + gate/up shards) in bf16,
     # plus fp32 logits for 256 sequences over a quarter of the vocabulary.
@@ -40,17 +42,19 @@ def test_llama3_70b_tp4_on_maia100_by_hand(llama70b, maia100):
     assert plan.kv_bytes_per_token == per_token == 81_920
     assert plan.kv_budget_bytes == pytest.approx(usable - weights - workspace)
     blocks = int((usable - weights - workspace) // (per_token * 16))
-    assert plan.num_blocks == blocks == 15_745
+    # (56.6 GiB - 35,276,853,248 - 611,647,488) // 1,310,720 = 24,885,286,502.4 // 1,310,720
+    assert plan.num_blocks == blocks == 18_985
     assert plan.kv_tokens == 16 * blocks
-    assert plan.max_concurrent_seqs == blocks // (8192 // 16) == 30
+    assert plan.max_concurrent_seqs == blocks // (8192 // 16) == 37
     assert plan.fits and plan.shortfall_bytes == 0
 
 
 def test_llama3_8b_on_one_maia100_by_hand(llama8b, maia100):
-    """The plan the device and cost tests run on: every figure an integer number of bytes, so exact."""
+    """The plan the device and cost tests run on, exact: every figure but the usable share an integer number
+    of bytes, and that one a multiple of 0.1 GiB."""
     plan = require_fit(llama8b, maia100, ServingConfig())
-    # 64 GB x 0.9 - 1 GiB runtime reserve.
-    assert plan.usable_bytes == 64e9 * 0.9 - 2**30 == 56_526_258_176
+    # 64 GiB x 0.9 - 1 GiB runtime reserve = 56.6 GiB.
+    assert plan.usable_bytes == MAIA100_HBM * 0.9 - 2**30 == 60_773_787_238.4
     # 32 layers x 218_112_000 + 2 x 128256 x 4096 (untied embedding and LM head) + 4096 = 8_030_261_248 params.
     assert plan.weight_bytes == 8_030_261_248 * 2 == 16_060_522_496
     # 8192 tokens x (residual + normed input 2 x 4096, q and o 2 x 4096, k and v 2 x 1024, gate and up
@@ -58,10 +62,10 @@ def test_llama3_8b_on_one_maia100_by_hand(llama8b, maia100):
     assert plan.workspace_bytes == 8192 * (4 * 4096 + 2 * 1024 + 2 * 14336) * 2 + 256 * 128256 * 4 == 903_086_080
     # K and V x 32 layers x 8 heads x 128 x 2 bytes; a block of 16 tokens is 2 MiB.
     assert plan.kv_bytes_per_token == 2 * 32 * 8 * 128 * 2 == 131_072
-    assert plan.kv_budget_bytes == 56_526_258_176 - 16_060_522_496 - 903_086_080 == 39_562_649_600
-    assert plan.num_blocks == 39_562_649_600 // 2**21 == 18_864
-    assert plan.kv_tokens == 18_864 * 16 == 301_824
-    assert plan.max_concurrent_seqs == 18_864 // (8192 // 16) == 36
+    assert plan.kv_budget_bytes == 60_773_787_238.4 - 16_060_522_496 - 903_086_080 == 43_810_178_662.4
+    assert plan.num_blocks == 43_810_178_662.4 // 2**21 == 20_890
+    assert plan.kv_tokens == 20_890 * 16 == 334_240
+    assert plan.max_concurrent_seqs == 20_890 // (8192 // 16) == 40
 
 
 def test_llama3_70b_does_not_fit_one_maia100_and_says_by_how_much(llama70b, maia100):
@@ -69,7 +73,7 @@ def test_llama3_70b_does_not_fit_one_maia100_and_says_by_how_much(llama70b, maia
         require_fit(llama70b, maia100, ServingConfig())
     plan = err.value.plan
     one_seq = 8192 * 2 * 80 * 8 * 128 * 2
-    expected_short = 70_553_706_496 * 2 + plan.workspace_bytes + one_seq - (64e9 * 0.9 - 2**30)
+    expected_short = 70_553_706_496 * 2 + plan.workspace_bytes + one_seq - (MAIA100_HBM * 0.9 - 2**30)
     assert plan.shortfall_bytes == pytest.approx(expected_short)
     msg = str(err.value)
     assert "does not fit on maia100" in msg
@@ -117,7 +121,7 @@ def test_the_not_fit_message_in_full(llama70b, maia100):
         "llama-3-70b does not fit on maia100 (tp=1, pp=1, kv_cache_dtype=auto, max_model_len=8192): per chip it "
         f"needs {format_bytes(70_553_706_496 * 2)} weights + {format_bytes(plan.workspace_bytes)} workspace "
         f"+ {format_bytes(8192 * 2 * 80 * 8 * 128 * 2)} KV for one sequence, but only "
-        f"{format_bytes(64e9 * 0.9 - 2**30)} of 64.00 GB HBM is usable; short by "
+        f"{format_bytes(MAIA100_HBM * 0.9 - 2**30)} of 68.72 GB HBM is usable; short by "
         f"{format_bytes(plan.shortfall_bytes)}. Try: --tensor-parallel-size 4 (up to 4 chips per node).")
     assert plan.to_dict()["shortfall_bytes"] == plan.shortfall_bytes > 0 and plan.to_dict()["fits"] is False
 
@@ -125,17 +129,17 @@ def test_the_not_fit_message_in_full(llama70b, maia100):
 def test_every_way_to_fit_is_suggested_cheapest_first_in_the_engines_spelling(llama8b, maia100):
     """300k tokens at 60% of HBM: a second chip, an FP8 cache or a shorter context each fit."""
     config = ServingConfig(max_model_len=300_000, gpu_memory_utilization=0.6)
-    room = int(64e9 * 0.6 - 2**30 - 16_060_522_496 - 903_086_080) // 131_072 // 16 * 16
-    assert room == 155_344
+    room = int(MAIA100_HBM * 0.6 - 2**30 - 16_060_522_496 - 903_086_080) // 131_072 // 16 * 16
+    assert room == 176_944
     assert suggest(llama8b, maia100, config) == [
         "--tensor-parallel-size 2 (up to 4 chips per node)",
         "--kv-cache-dtype fp8 (half the KV bytes per token)",
-        "--max-model-len 155344 (the longest sequence the KV budget holds)",
+        "--max-model-len 176944 (the longest sequence the KV budget holds)",
     ]
     with pytest.raises(NotEnoughMemory) as err:
         require_fit(llama8b, maia100, config, SGLANG_FLAGS)
     assert str(err.value).endswith(" Try: --tp-size 2 (up to 4 chips per node); --kv-cache-dtype fp8_e4m3 (half "
-                                   "the KV bytes per token); --context-length 155344 (the longest sequence the KV "
+                                   "the KV bytes per token); --context-length 176944 (the longest sequence the KV "
                                    "budget holds).")
 
 
@@ -147,7 +151,7 @@ def test_without_room_for_a_token_only_a_bigger_device_is_suggested(llama70b, ma
 
 def test_a_budget_of_a_single_token_is_still_suggested_as_a_length(llama8b, maia100):
     """With 1-token blocks, room for one and a half tokens (131_072 bytes each) makes max_model_len 1."""
-    utilization = (16_060_522_496 + 903_086_080 + 2**30 + 1.5 * 131_072) / 64e9
+    utilization = (16_060_522_496 + 903_086_080 + 2**30 + 1.5 * 131_072) / MAIA100_HBM
     config = ServingConfig(block_size=1, gpu_memory_utilization=utilization)
     assert "--max-model-len 1 (the longest sequence the KV budget holds)" in suggest(llama8b, maia100, config)
 

@@ -10,14 +10,14 @@ from maia_serving.emulator.hardware import profile_from_dict
 def test_builtin_profiles_and_their_figures():
     assert {"maia100", "maia200", "h100-sxm", "h200", "host"} <= set(profile_names())
     m100 = load_profile("maia100")
-    assert m100.hbm_capacity_bytes == 64e9
+    assert m100.hbm_capacity_bytes == 64 * 2**30  # HBM "GB" are binary
     assert m100.hbm_bandwidth_bytes_per_s == pytest.approx(1.8e12)
     assert m100.peak_flops("bf16") == pytest.approx(0.8e15)
     assert (m100.peak_flops("mx9"), m100.peak_flops("mx6")) == (pytest.approx(1.5e15), pytest.approx(3e15))
     assert m100.scale_up.bandwidth_bytes_per_s == pytest.approx(600e9)
     assert m100.scale_up.chips == 4 and m100.scale_up.topology == "full_mesh"
     m200 = load_profile("maia200")
-    assert m200.hbm_capacity_bytes == 216e9 and m200.hbm_bandwidth_bytes_per_s == pytest.approx(7e12)
+    assert m200.hbm_capacity_bytes == 216 * 2**30 and m200.hbm_bandwidth_bytes_per_s == pytest.approx(7e12)
     assert m200.peak_flops("fp8") == pytest.approx(5e15)
     assert "peak_compute.bf16" in m200.estimates  # not published: must say so
     h100 = load_profile("h100-sxm")
