@@ -91,6 +91,42 @@ def test_llama3_8b_operators_on_two_chips_by_hand(llama8b):
     assert all(not any(t.flops[5:]) and not any(t.bytes[5:]) for t in terms)  # no sliding window, no experts
 
 
+def _deepseek_with_q_lora():
+    """DeepSeek-V2-Lite projects queries straight from the hidden state; V2 and V3 through a 1536 latent."""
+    lite = load_model_shape("deepseek-v2-lite")
+    return dataclasses.replace(lite, mla=dataclasses.replace(lite.mla, q_lora_rank=1536))
+
+
+def _terms(tokens=0.0, seqs=0.0, const=0.0, experts=0.0):
+    return (tokens, seqs, 0.0, 0.0, const, 0.0, 0.0, experts)
+
+
+# (model, tp, operator): (kernels, FLOPs, bytes), per token, sequence, step or expert touched, bf16.
+FAMILY_OPERATORS = {
+    # MLA: one norm over the KV and query latents (512 + 1536) per layer, 27 layers.
+    ("deepseek-q-lora", 1, "latent_norm"): (27, _terms(27 * 5 * 2048), _terms(27 * 2 * 2048 * 2, const=27 * 2048 * 2)),
+    # MLA rotary: 16 heads' 64 rope dims of the query and one shared 64-dim rope key.
+    ("deepseek-q-lora", 1, "rotary"): (27, _terms(27 * 6 * 1088), _terms(27 * 2 * 1088 * 2)),
+    # Qwen3: RMSNorm of this chip's q and k heads ((32 + 4) x 128 / 2), 48 layers; the norm weights of 128.
+    ("qwen3-30b-a3b", 2, "qk_norm"): (48, _terms(48 * 5 * 2304), _terms(48 * 2 * 2304 * 2, const=48 * 2 * 128 * 2)),
+    # Gemma-2: soft-capping this chip's half of the 256000 logits of each sequence's last token.
+    ("gemma-2-9b", 2, "logit_softcap"): (1, _terms(seqs=3 * 128000), _terms(seqs=2 * 128000 * 2)),
+    # Mixtral: an expert's weights are read once per expert the step's tokens touch, not once per step.
+    ("mixtral-8x7b", 1, "experts.gate_up_proj"): (32, _terms(32 * 2 * 2 * 4096 * 28672),
+                                                  _terms(32 * 2 * (4096 + 28672) * 2, experts=32 * 4096 * 28672 * 2)),
+    ("mixtral-8x7b", 1, "experts.down_proj"): (32, _terms(32 * 2 * 2 * 14336 * 4096),
+                                               _terms(32 * 2 * (14336 + 4096) * 2, experts=32 * 14336 * 4096 * 2)),
+}
+
+
+@pytest.mark.parametrize("key", FAMILY_OPERATORS, ids=lambda key: f"{key[0]}-tp{key[1]}-{key[2]}")
+def test_operators_of_other_families_by_hand(key):
+    name, tp, op = key
+    model = _deepseek_with_q_lora() if name == "deepseek-q-lora" else load_model_shape(name)
+    (term,) = [t for t in op_terms(model, Parallel(tp=tp)) if t.name == op]
+    assert (term.launches, term.flops, term.bytes) == FAMILY_OPERATORS[key]
+
+
 def test_collectives_of_two_tensor_and_two_pipeline_stages_by_hand(llama8b, maia100):
     """Two all-reduces per layer of the tokens' hidden states, the logits all-gather of the last tokens, and
     a send of the hidden states to each next stage (bf16: 2 bytes an element)."""
@@ -114,6 +150,21 @@ def test_a_decode_steps_flops_count_every_operator(llama8b, maia100, golden):
     pairs = 2049 + 4097
     assert cost.flops == pytest.approx(2 * (gemms + elementwise) + 2 * per_seq + pairs * 32 * 4 * 32 * 128, rel=1e-12)
     assert cost.compute_s == 0.0
+
+
+def test_attention_full_and_sliding_adds_up_over_the_sequences(maia100):
+    """Gemma-2 alternates full and 4096-token sliding layers: a step's attention is its sequences' sum."""
+    model = CostModel(maia100, load_model_shape("gemma-2-9b"))
+
+    def attention(*pairs):
+        ops = model.cost_of(*zip(*pairs), detail=True).ops
+        return {o.name: (o.flops, o.bytes) for o in ops if o.name.startswith("attention")}
+
+    one, other, both = attention((3, 5000)), attention((2, 7000)), attention((3, 5000), (2, 7000))
+    assert set(both) == {"attention", "attention_sliding"}
+    for name, (flops, nbytes) in both.items():
+        assert flops == pytest.approx(one[name][0] + other[name][0], rel=1e-12)
+        assert nbytes == pytest.approx(one[name][1] + other[name][1], rel=1e-12)
 
 
 def test_a_step_without_tokens_costs_nothing(llama8b, maia100):

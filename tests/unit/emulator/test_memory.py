@@ -1,5 +1,7 @@
 """Capacity model: golden values worked out by hand, and the not-fit message."""
 
+import dataclasses
+
 import pytest
 
 from maia_serving.emulator import (
@@ -9,7 +11,14 @@ from maia_serving.emulator import (
     plan_memory,
     require_fit,
 )
-from maia_serving.emulator.memory import SGLANG_FLAGS, kv_bytes_per_token, suggest, weight_bytes_per_chip
+from maia_serving.emulator.memory import (
+    SGLANG_FLAGS,
+    kv_bytes_per_sequence,
+    kv_bytes_per_token,
+    suggest,
+    weight_bytes_per_chip,
+    workspace_bytes_per_chip,
+)
 from maia_serving.emulator.units import format_bytes
 
 MAIA100_HBM = 64 * 2**30  # "64 GB" of HBM2E: binary gigabytes
@@ -161,3 +170,22 @@ def test_pipeline_stages_split_the_layers_weights_and_kv(llama8b):
     config = ServingConfig(pipeline_parallel_size=2)
     assert kv_bytes_per_token(llama8b, config) == 2 * 16 * 8 * 128 * 2
     assert weight_bytes_per_chip(llama8b, config) == (16 * 218_112_000 + 2 * 128256 * 4096 + 4096) * 2
+
+
+def test_the_router_is_whole_on_every_tensor_parallel_rank():
+    """Mixtral's router (4096 x 8 per layer, bf16) is not sharded: two ranks hold it twice."""
+    mixtral = load_model_shape("mixtral-8x7b")
+    one, two = (weight_bytes_per_chip(mixtral, ServingConfig(tensor_parallel_size=tp)) for tp in (1, 2))
+    assert 2 * two - one == 32 * 4096 * 8 * 2
+
+
+def test_with_one_token_blocks_a_sliding_layer_holds_exactly_its_window():
+    """Mistral-7B: 32 sliding layers of 4096 tokens, 8 KV heads of 128 in bf16."""
+    mistral = load_model_shape("mistral-7b")
+    assert kv_bytes_per_sequence(mistral, ServingConfig(block_size=1), 10_000) == 32 * 4096 * 2 * 8 * 128 * 2
+
+
+def test_an_moe_model_without_dense_layers_never_holds_a_dense_mlp():
+    mixtral = load_model_shape("mixtral-8x7b")
+    wide = dataclasses.replace(mixtral, intermediate_size=10 * mixtral.intermediate_size)
+    assert workspace_bytes_per_chip(wide, ServingConfig()) == workspace_bytes_per_chip(mixtral, ServingConfig())

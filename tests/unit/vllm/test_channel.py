@@ -223,6 +223,20 @@ def test_a_batch_leaves_with_a_first_token_a_finish_a_full_batch_or_an_old_recor
     assert [len(m.steps) for m in socket.sent] == [3]
 
 
+def test_by_default_a_batch_leaves_at_64_records_or_50_ms():
+    pub, socket = _publisher()
+    for _ in range(63):
+        pub.send(_record(), now=0.0)
+    assert socket.sent == []
+    pub.send(_record(), now=0.0)
+    assert [len(m.steps) for m in socket.sent] == [64]
+    pub.send(_record(), now=1.0)
+    pub.send(_record(), now=1.04)
+    assert len(socket.sent) == 1
+    pub.send(_record(), now=1.05)
+    assert [len(m.steps) for m in socket.sent] == [64, 3]
+
+
 def test_what_an_unread_channel_refuses_is_kept_device_facts_and_error_count():
     pub, socket = _publisher(refuse=True)
     pub.announce(INFO)
@@ -239,7 +253,7 @@ def test_only_the_first_malformed_message_is_logged(addr, receiver, caplog):
     push.setsockopt(zmq.LINGER, 0)
     push.connect(addr)
     push.send(b"[1, 2]")
-    push.send(b"[3]")
+    push.send(b'{"v": 1}')  # malformed another way: only the first one's reason is logged
     _drain_until(receiver, lambda: receiver.dropped == 2)
     push.close()
     (warning,) = [r for r in caplog.records if r.name == "vllm.maia_serving"]

@@ -341,3 +341,31 @@ def test_host_time_is_the_wall_time_from_schedule_to_result_and_overhead_the_cpu
     e.step()
     expect(receiver, "maia:host_step_seconds_total", 0.5)
     assert receiver.metrics.registry.get_sample_value("maia:emulator_overhead_seconds_total") == 0.0
+
+
+def test_constructor_arguments_reach_vllm_positional_or_by_name(monkeypatch):
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(self, *args, **kwargs):
+        seen.append((args, kwargs))
+        raise Stop
+
+    monkeypatch.setattr(Scheduler, "__init__", spy)
+    with pytest.raises(Stop):
+        MaiaScheduler("vllm_config", "kv_cache_config", block_size=BLOCK)
+    assert seen == [(("vllm_config", "kv_cache_config"), {"block_size": BLOCK})]
+
+
+def test_an_engine_pool_not_sized_yet_is_announced_as_zero_blocks(engine, receiver, monkeypatch):
+    original = Scheduler.__init__
+
+    def unsized(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.cache_config.num_gpu_blocks = None
+
+    monkeypatch.setattr(Scheduler, "__init__", unsized)
+    engine()
+    expect(receiver, "maia:kv_cache_blocks", 0.0, holder="engine")
