@@ -44,6 +44,8 @@ bench: setup
 	cd benchmarks && ../$(PY) kv_capacity.py
 	cd benchmarks && ../$(PY) kv_accuracy.py
 	cd benchmarks && ../$(PY) kernels_bench.py
+	cd benchmarks && ../$(PY) simulator_speed.py
+	cd benchmarks && ../$(PY) reliability.py
 
 # Mutation testing of the emulator's pricing path and both adapters' step charging (not in CI:
 # over an hour on two cores). mutmut's settings: pyproject.toml [tool.mutmut]; SGLang's stepping.py
