@@ -1,12 +1,31 @@
 """An emulated clock: advances by each step's emulated time, times each request.
 
 The engine runs on the host; the clock says when each step *would* have finished on
-the emulated device. A request arrives at the emulated time the engine first sees
-it; its first token comes at the end of the step that finishes its prefill.
+the emulated device. A request's first token comes at the end of the step that
+finishes its prefill.
+
+Idle time (the rule both engines follow): the device is idle while no request is open
+(arrived and not yet finished or aborted), and while idle the emulated clock runs with
+the host's wall clock. A request that arrives ``d`` host seconds after the device went
+idle arrives ``d`` emulated seconds after its last step ended, so the gaps a client
+leaves between requests are kept, as ``simulate`` keeps the gaps of a trace. While
+busy, a request arrives at the emulated time the engine first sees it: between steps,
+at the end of the step in flight, where the simulator also admits it.
+
+Why not stamp every arrival with its host time: while busy, the host and the emulated
+device run the same steps at different speeds, so no host instant has one emulated
+counterpart; the engine's own order of events (which step a request joins) is the one
+thing both timelines share, and the clock keeps it. An idle gap has no step in it, so
+it maps one to one. The arrivals on the emulated timeline are therefore the host's
+arrivals exactly when the device idles between them, and otherwise as the host engine
+batched them: a host much slower than the device batches more requests per step than
+the device would have.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -36,14 +55,22 @@ class RequestTiming:
 
 
 class EmulatedClock:
-    """Per-engine emulated time and per-request timings."""
+    """Per-engine emulated time and per-request timings; ``host_time`` (seconds, monotonic)
+    is the host's clock that idle time follows."""
 
-    def __init__(self) -> None:
+    def __init__(self, host_time: Callable[[], float] = time.monotonic) -> None:
         self.now_s = 0.0
+        self.busy_s = 0.0  # the sum of the steps: now_s less the idle time
         self.num_steps = 0
         self.requests: dict[str, RequestTiming] = {}
+        self._host_time = host_time
+        self._idle_since_host_s: float | None = host_time()  # None while a request is open
 
     def arrive(self, request_id: str) -> RequestTiming:
+        """A request the engine has just seen; on an idle device, the host's idle time passes first."""
+        if self._idle_since_host_s is not None:
+            self.now_s += self._host_time() - self._idle_since_host_s
+            self._idle_since_host_s = None
         timing = self.requests.get(request_id)
         if timing is None:
             timing = self.requests[request_id] = RequestTiming(arrival_s=self.now_s)
@@ -56,6 +83,7 @@ class EmulatedClock:
             raise ValueError(f"a step cannot take negative time ({step_s})")
         start_s = self.now_s
         self.now_s += step_s
+        self.busy_s += step_s
         self.num_steps += 1
         firsts = []
         for request_id, count in tokens_out.items():
@@ -69,8 +97,17 @@ class EmulatedClock:
                 firsts.append(timing)
             timing.last_token_s = self.now_s
             timing.num_output_tokens += count
+        # Open requests (even ones never announced) keep the device busy; a step that ran while none
+        # was open (all aborted mid-step) was busy time, so the idle time starts again at its end.
+        if self.requests:
+            self._idle_since_host_s = None
+        elif step_s > 0:
+            self._idle_since_host_s = self._host_time()
         return firsts
 
     def finish(self, request_id: str) -> RequestTiming | None:
-        """Forget a finished request and return its timing."""
-        return self.requests.pop(request_id, None)
+        """Forget a finished request and return its timing; the last one leaves the device idle."""
+        timing = self.requests.pop(request_id, None)
+        if timing is not None and not self.requests:
+            self._idle_since_host_s = self._host_time()
+        return timing

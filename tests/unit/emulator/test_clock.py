@@ -6,8 +6,23 @@ import pytest
 from maia_serving.emulator import EmulatedClock
 
 
+class HostClock:
+    """A host clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now_s = 100.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def frozen() -> EmulatedClock:
+    """A clock whose host time never moves: no idle time, only steps."""
+    return EmulatedClock(host_time=lambda: 0.0)
+
+
 def test_ttft_tpot_e2e_of_two_overlapping_requests():
-    clock = EmulatedClock()
+    clock = frozen()
     clock.advance(1.0, {})  # before either request: no part of their latency
     clock.arrive("a")  # at 1.0
     clock.advance(0.5, {"a": 1})  # a's prefill: first token at 1.5
@@ -31,14 +46,14 @@ def test_ttft_tpot_e2e_of_two_overlapping_requests():
 
 def test_a_request_seen_first_with_its_token_arrives_at_the_step_start():
     """An engine may report a request's first step before arrive(); it arrived when that step began."""
-    clock = EmulatedClock()
+    clock = frozen()
     clock.advance(0.5, {})
     (first,) = clock.advance(0.25, {"a": 1})
     assert (first.arrival_s, first.ttft_s) == (0.5, 0.25)
 
 
 def test_one_token_has_no_tpot_and_no_token_no_latency():
-    clock = EmulatedClock()
+    clock = frozen()
     clock.arrive("one")
     clock.arrive("none")
     clock.advance(0.5, {"one": 1, "none": 0})
@@ -50,18 +65,76 @@ def test_one_token_has_no_tpot_and_no_token_no_latency():
 
 def test_negative_step_is_refused():
     with pytest.raises(ValueError, match="negative time"):
-        EmulatedClock().advance(-1.0, {})
+        frozen().advance(-1.0, {})
 
 
 def test_arriving_again_keeps_the_first_arrival():
     """SGLang's hooks and vLLM's retries can announce a request twice; its latency starts at the first."""
-    clock = EmulatedClock()
+    clock = frozen()
     first = clock.arrive("a")
     clock.advance(0.5, {})
     assert clock.arrive("a") is first and first.arrival_s == 0.0
 
 
 def test_a_request_without_tokens_does_not_stop_the_others_getting_theirs():
-    clock = EmulatedClock()
+    clock = frozen()
     (b,) = clock.advance(0.5, {"a": 0, "b": 1})
     assert (b.first_token_s, b.num_output_tokens) == (0.5, 1)
+
+
+def test_idle_time_follows_the_host_between_requests():
+    """A request that comes 2 host seconds after the device went idle comes 2 emulated seconds after
+    the last step; before the first request, the device is idle from the clock's start."""
+    host = HostClock()
+    clock = EmulatedClock(host_time=host)
+    host.now_s += 1.0
+    a = clock.arrive("a")  # 1 s after start
+    host.now_s += 0.5  # host time while busy is not emulated time
+    clock.advance(0.25, {"a": 1})
+    clock.finish("a")  # idle from 1.25 (emulated), 101.5 (host)
+    host.now_s += 2.0
+    b = clock.arrive("b")
+    assert (a.arrival_s, a.ttft_s) == (1.0, 0.25)
+    assert b.arrival_s == 1.25 + 2.0 == clock.now_s
+    assert clock.busy_s == 0.25
+
+
+def test_arrivals_while_busy_are_stamped_at_the_step_end_whatever_the_host_time():
+    """While a request is open, host time does not move the clock: b, seen after a's step, arrives
+    when that step ended on the emulated device, and waits for no host time."""
+    host = HostClock()
+    clock = EmulatedClock(host_time=host)
+    clock.arrive("a")
+    host.now_s += 3.0  # a slow host step
+    clock.advance(0.5, {"a": 1})
+    b = clock.arrive("b")
+    host.now_s += 3.0
+    clock.advance(0.25, {"a": 1, "b": 1})
+    assert (b.arrival_s, b.ttft_s) == (0.5, 0.25)
+    clock.finish("a")  # b is still open: not idle
+    host.now_s += 5.0
+    c = clock.arrive("c")
+    assert c.arrival_s == 0.75 == clock.now_s == clock.busy_s
+
+
+def test_a_step_that_ran_after_every_request_was_aborted_starts_the_idle_time_again():
+    """vLLM can abort the last request while its step runs; the step is charged in full, and the idle
+    time counts from its end, not from the abort."""
+    host = HostClock()
+    clock = EmulatedClock(host_time=host)
+    clock.arrive("a")
+    clock.finish("a")  # aborted mid-step
+    host.now_s += 1.0  # the step still runs on the host
+    clock.advance(0.5, {})
+    host.now_s += 2.0
+    assert clock.arrive("b").arrival_s == 0.5 + 2.0
+
+
+def test_finishing_an_unknown_request_or_an_empty_step_keeps_the_idle_time():
+    host = HostClock()
+    clock = EmulatedClock(host_time=host)
+    host.now_s += 1.0
+    clock.finish("never seen")
+    clock.advance(0.0, {})
+    host.now_s += 1.0
+    assert clock.arrive("a").arrival_s == 2.0

@@ -32,7 +32,7 @@ def test_two_requests_are_timed_by_the_golden_steps(device, golden):
     assert first.first_token_ttfts_s == [pytest.approx(prefill.total_s, rel=1e-12)]
     assert second.first_token_ttfts_s == [pytest.approx(chunk.total_s, rel=1e-12)]  # b arrived after a's prefill
     assert third.first_token_ttfts_s == []
-    assert third.now_s == pytest.approx(prefill.total_s + chunk.total_s + decode.total_s, rel=1e-12)
+    assert device.clock.busy_s == pytest.approx(prefill.total_s + chunk.total_s + decode.total_s, rel=1e-12)
 
     a, b = third.finished
     assert a.ttft_s == pytest.approx(prefill.total_s, rel=1e-12)
