@@ -104,6 +104,7 @@ def _text(value: str) -> str:
 
 MAIA_SERVING_DEVICE = "MAIA_SERVING_DEVICE"
 MAIA_SERVING_PROFILE = "MAIA_SERVING_PROFILE"
+MAIA_SERVING_MODEL = "MAIA_SERVING_MODEL"
 MAIA_SERVING_LOG_INTERVAL_S = "MAIA_SERVING_LOG_INTERVAL_S"
 MAIA_SERVING_ATTENTION = "MAIA_SERVING_ATTENTION"
 MAIA_SERVING_KV_SCALES = "MAIA_SERVING_KV_SCALES"
@@ -124,6 +125,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "sglang.Engine); `--device maia` sets it for the engine's child processes"),
     Setting(MAIA_SERVING_PROFILE, DEFAULT_PROFILE, _text, "a name from `maia-serving profiles`",
             "the emulated device when the engine's own configuration names none"),
+    Setting(MAIA_SERVING_MODEL, "", _text, "a built-in shape (`maia-serving fit --help` lists them), a config.json "
+            "path or a model folder; or unset", "a proxy shape when the engine's own configuration names none: "
+            "every step is priced and the emulated KV cache sized as this model, while the served (small) model "
+            "runs on the host; unset: the served model itself"),
     Setting(MAIA_SERVING_LOG_INTERVAL_S, "10", _number(0, 86400, low_open=False), "seconds, 0 (every step) to 86400",
             "how often the engine logs its `Maia emulation [profile]` line"),
     Setting(MAIA_SERVING_ATTENTION, "maia", _choice("maia", "vllm-cpu"), "maia or vllm-cpu",
@@ -200,6 +205,11 @@ def device_flag(argv: list[str]) -> str | None:
 
 def profile_name(configured: str | None = None) -> str:
     return str(configured or get(MAIA_SERVING_PROFILE))
+
+
+def priced_model(configured: str | None = None) -> str | None:
+    """The shape to price instead of the served model (the engine's setting, else MAIA_SERVING_MODEL), or None."""
+    return str(configured or get(MAIA_SERVING_MODEL)) or None
 
 
 def gib_bytes(name: str) -> int:

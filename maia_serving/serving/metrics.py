@@ -91,7 +91,7 @@ class PeriodicLog:
         self._last_log_wall = wall_now
         dev = self.device
         line = (
-            f"Maia emulation [{dev.profile.name}]: {int(self._steps)} steps, "
+            f"Maia emulation [{dev.profile.name}]: {dev.plan.model}, {int(self._steps)} steps, "
             f"emulated {format_seconds(self._emu)} vs host {format_seconds(self._wall)} "
             f"(last step {format_seconds(record.step_s)}: compute {format_seconds(record.compute_s)}, "
             f"memory {format_seconds(record.memory_s)}, communication {format_seconds(record.comm_s)}, "

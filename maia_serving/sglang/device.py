@@ -9,9 +9,10 @@ from pathlib import Path
 from maia_serving import envs
 from maia_serving.emulator import precision
 from maia_serving.emulator.hardware import load_profile
-from maia_serving.emulator.memory import SGLANG_FLAGS, ServingConfig
-from maia_serving.emulator.model_shape import shape_from_config
+from maia_serving.emulator.memory import SGLANG_FLAGS, MemoryPlan, ServingConfig, plan_memory
+from maia_serving.emulator.model_shape import ModelShape, shape_from_config
 from maia_serving.emulator.session import EmulatedDevice
+from maia_serving.serving.priced_model import priced_shape
 
 # The emulated device pages its KV cache like vLLM on maia, whatever SGLang's host
 # page size, so both engines report the same capacity for the same profile.
@@ -63,11 +64,24 @@ def serving_config(server_args) -> ServingConfig:
     )
 
 
-def build_device(server_args, profile: str | None = None) -> EmulatedDevice:
-    """The emulated device this engine runs on; NotEnoughMemory if the model does not fit."""
+def served_shape(server_args) -> ModelShape:
+    """The model the host runs, at the dtype SGLang runs it in."""
     hf = hf_config(server_args.model_path)
     if server_args.dtype not in (None, "auto"):
         hf["torch_dtype"] = str(server_args.dtype)
-    model = shape_from_config(hf, name=server_args.served_model_name or server_args.model_path)
+    return shape_from_config(hf, name=server_args.served_model_name or server_args.model_path)
+
+
+def build_device(server_args, profile: str | None = None) -> EmulatedDevice:
+    """The emulated device this engine runs on, priced as the served model or the proxy shape
+    MAIA_SERVING_MODEL names (SGLang has no free-form config flag); NotEnoughMemory if that model
+    does not fit."""
+    model = priced_shape(served_shape(server_args), envs.priced_model(), envs.MAIA_SERVING_MODEL)
     return EmulatedDevice.fit(load_profile(envs.profile_name(profile)), model, serving_config(server_args),
                               SGLANG_FLAGS)
+
+
+def host_plan(server_args, device: EmulatedDevice) -> MemoryPlan:
+    """The served model's own memory plan on the device's profile: what the host's KV tokens and
+    memory are measured in (the device's plan when no proxy shape is priced)."""
+    return plan_memory(served_shape(server_args), device.profile, serving_config(server_args))

@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING
 from maia_serving import envs
 from maia_serving.emulator import precision
 from maia_serving.emulator.hardware import load_profile
-from maia_serving.emulator.memory import ServingConfig
-from maia_serving.emulator.model_shape import shape_from_config
+from maia_serving.emulator.memory import MemoryPlan, ServingConfig, plan_memory
+from maia_serving.emulator.model_shape import ModelShape, shape_from_config
 from maia_serving.emulator.session import EmulatedDevice
+from maia_serving.serving.priced_model import priced_shape
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -20,24 +21,42 @@ def kv_cache_dtype(vllm_config: VllmConfig) -> str:
     return precision.check_kv_cache_dtype(str(vllm_config.cache_config.cache_dtype))
 
 
-def build_device(vllm_config: VllmConfig) -> EmulatedDevice:
-    """The emulated device this engine runs on; NotEnoughMemory if the model does not fit."""
+def served_shape(vllm_config: VllmConfig) -> ModelShape:
+    """The model the host runs, at the dtype vLLM runs it in."""
     model_config = vllm_config.model_config
+    hf = model_config.hf_config.to_dict()
+    hf["torch_dtype"] = str(model_config.dtype).removeprefix("torch.")
+    return shape_from_config(hf, name=model_config.served_model_name or model_config.model)
+
+
+def serving_config(vllm_config: VllmConfig) -> ServingConfig:
+    """vLLM's memory-relevant settings in the emulator's terms."""
     parallel = vllm_config.parallel_config
     sched = vllm_config.scheduler_config
     cache = vllm_config.cache_config
-    profile = load_profile(envs.profile_name(vllm_config.additional_config.get("maia_profile")))
-    hf = model_config.hf_config.to_dict()
-    hf["torch_dtype"] = str(model_config.dtype).removeprefix("torch.")
-    model = shape_from_config(hf, name=model_config.served_model_name or model_config.model)
-    config = ServingConfig(
+    return ServingConfig(
         tensor_parallel_size=parallel.tensor_parallel_size,
         pipeline_parallel_size=parallel.pipeline_parallel_size,
         kv_cache_dtype=kv_cache_dtype(vllm_config),
-        max_model_len=model_config.max_model_len,
+        max_model_len=vllm_config.model_config.max_model_len,
         block_size=cache.block_size,
         gpu_memory_utilization=cache.gpu_memory_utilization,
         max_num_batched_tokens=sched.max_num_batched_tokens,
         max_num_seqs=sched.max_num_seqs,
     )
-    return EmulatedDevice.fit(profile, model, config)
+
+
+def build_device(vllm_config: VllmConfig) -> EmulatedDevice:
+    """The emulated device this engine runs on, priced as the served model or the proxy shape
+    ``maia_model`` names; NotEnoughMemory if that model does not fit."""
+    profile = load_profile(envs.profile_name(vllm_config.additional_config.get("maia_profile")))
+    configured = vllm_config.additional_config.get("maia_model")
+    setting = "--additional-config maia_model" if configured else envs.MAIA_SERVING_MODEL
+    model = priced_shape(served_shape(vllm_config), envs.priced_model(configured), setting)
+    return EmulatedDevice.fit(profile, model, serving_config(vllm_config))
+
+
+def host_plan(vllm_config: VllmConfig, device: EmulatedDevice) -> MemoryPlan:
+    """The served model's own memory plan on the device's profile: what the host's KV tokens and
+    memory are measured in (the device's plan when no proxy shape is priced)."""
+    return plan_memory(served_shape(vllm_config), device.profile, serving_config(vllm_config))

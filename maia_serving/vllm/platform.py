@@ -58,7 +58,8 @@ class MaiaPlatform(CpuPlatform):
             choices=["maia"],
             default="maia",
             help="Run on the emulated Maia device (maia-serving). The profile comes from "
-            "--additional-config '{\"maia_profile\": NAME}' or MAIA_SERVING_PROFILE.",
+            "--additional-config '{\"maia_profile\": NAME}' or MAIA_SERVING_PROFILE; a proxy shape to price "
+            "instead of the served model from '{\"maia_model\": NAME}' or MAIA_SERVING_MODEL.",
         )
 
     @classmethod
@@ -97,25 +98,29 @@ def _validate_kv_scales(vllm_config: VllmConfig) -> None:
 
 
 def _apply_kv_cache_size(vllm_config: VllmConfig) -> None:
-    """Size the KV cache as the emulated HBM would, clamped to what the host gives."""
+    """Size the KV cache in tokens as the emulated HBM would hold them (of the proxy shape, if one
+    is priced), clamped to what the host gives the served model."""
     from maia_serving.emulator.memory import VLLM_FLAGS
     from maia_serving.emulator.units import format_bytes
     from maia_serving.serving.host_fit import check_host
-    from maia_serving.vllm.device import build_device
+    from maia_serving.serving.priced_model import engine_kv_tokens
+    from maia_serving.vllm.device import build_device, host_plan
 
     device = build_device(vllm_config)  # raises NotEnoughMemory with what would fit
-    plan = device.plan
-    emulated = plan.num_blocks * plan.config.block_size * plan.kv_bytes_per_token
+    plan, served = device.plan, host_plan(vllm_config, device)
     host_cap = envs.gib_bytes(envs.VLLM_CPU_KVCACHE_SPACE)
-    vllm_config.cache_config.kv_cache_memory_bytes = int(min(emulated, host_cap))
-    check_host(plan, vllm_config.cache_config.kv_cache_memory_bytes, envs.VLLM_CPU_KVCACHE_SPACE, VLLM_FLAGS)
+    tokens = engine_kv_tokens(plan, served, host_cap)
+    vllm_config.cache_config.kv_cache_memory_bytes = int(tokens * served.kv_bytes_per_token)
+    check_host(served, vllm_config.cache_config.kv_cache_memory_bytes, envs.VLLM_CPU_KVCACHE_SPACE, VLLM_FLAGS)
+    if plan.model != served.model:
+        logger.info("Maia proxy shape: every step is priced, and the emulated KV cache sized, as %s on %s; "
+                    "the host runs %s.", plan.model, plan.profile, served.model)
     logger.info(
-        "Maia KV cache: emulated %s holds %d blocks (%d tokens, %.2f GiB) after %s of "
-        "weights; the host gives at most %.2f GiB (%s), so the engine gets %.2f GiB.",
-        plan.profile, plan.num_blocks, plan.kv_tokens, emulated / 2**30,
-        format_bytes(plan.weight_bytes),
-        host_cap / 2**30, envs.VLLM_CPU_KVCACHE_SPACE,
-        vllm_config.cache_config.kv_cache_memory_bytes / 2**30,
+        "Maia KV cache: emulated %s holds %d blocks (%d tokens of %s, %.2f GiB) after %s of "
+        "weights; the host gives at most %.2f GiB (%s), so the engine gets %d tokens (%.2f GiB).",
+        plan.profile, plan.num_blocks, plan.kv_tokens, plan.model, plan.kv_tokens * plan.kv_bytes_per_token / 2**30,
+        format_bytes(plan.weight_bytes), host_cap / 2**30, envs.VLLM_CPU_KVCACHE_SPACE,
+        tokens, vllm_config.cache_config.kv_cache_memory_bytes / 2**30,
     )
 
 

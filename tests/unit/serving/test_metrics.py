@@ -164,8 +164,8 @@ def device():
 
 
 def _line(device, steps, emulated, host, record, ttft, tpot):
-    return (f"Maia emulation [maia100]: {steps} steps, emulated {emulated} vs host {host} (last step 250 ms: "
-            "compute 125 ms, memory 62.5 ms, communication 31.2 ms, launch 31.2 ms; compute-bound), "
+    return (f"Maia emulation [maia100]: llama-3-8b, {steps} steps, emulated {emulated} vs host {host} "
+            "(last step 250 ms: compute 125 ms, memory 62.5 ms, communication 31.2 ms, launch 31.2 ms; compute-bound), "
             f"emulated TTFT mean {ttft}, TPOT mean {tpot}, "
             f"HBM {format_bytes(device.hbm_used_bytes(record.kv_blocks_used))}/68.72 GB, "  # 64 GiB
             f"KV blocks {record.kv_blocks_used}/{device.plan.num_blocks} used, {record.kv_blocks_cached} cached")

@@ -83,7 +83,8 @@ def test_the_periodic_line_is_logged_when_the_interval_is_over(device, caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
     charger_of(device, log_interval_s=0.0).charge(EngineStep((16,), (16,), {}, [], 1, 0), 0.0, 0.0)
     (line,) = caplog.records
-    assert line.levelno == logging.INFO and line.getMessage().startswith("Maia emulation [maia100]: 1 steps, ")
+    assert line.levelno == logging.INFO
+    assert line.getMessage().startswith("Maia emulation [maia100]: llama-3-8b, 1 steps, ")
 
 
 class FakeThreadClock:

@@ -1,0 +1,37 @@
+"""vllm/device.py: the emulated device from vLLM's config, priced as the served model or a proxy shape."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from maia_serving import envs
+from maia_serving.vllm.device import build_device, host_plan
+
+DEMO = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128, "intermediate_size": 384,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+        "vocab_size": 2048, "max_position_embeddings": 2048, "torch_dtype": "bfloat16"}
+
+
+def test_the_vllm_adapter_prices_the_proxy_and_names_the_setting(monkeypatch):
+    """vllm/device.py on a stand-in of vLLM's config: maia_model wins over the environment, and an
+    error names the spelling the user gave."""
+    monkeypatch.delenv(envs.MAIA_SERVING_MODEL, raising=False)
+    hf = SimpleNamespace(to_dict=lambda: dict(DEMO))
+    config = SimpleNamespace(
+        model_config=SimpleNamespace(hf_config=hf, dtype="torch.bfloat16", served_model_name="demo", model="m",
+                                     max_model_len=512),
+        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
+        scheduler_config=SimpleNamespace(max_num_batched_tokens=2048, max_num_seqs=64),
+        cache_config=SimpleNamespace(cache_dtype="auto", block_size=128, gpu_memory_utilization=0.92),
+        additional_config={"maia_profile": "maia200", "maia_model": "llama-3-8b"})
+    device = build_device(config)
+    assert (device.plan.model, device.plan.profile) == ("llama-3-8b", "maia200")
+    assert host_plan(config, device).model == "demo"
+    config.additional_config["maia_model"] = "nope"
+    with pytest.raises(ValueError, match="^--additional-config maia_model='nope': no model config"):
+        build_device(config)
+    del config.additional_config["maia_model"]
+    assert build_device(config).plan.model == "demo"
+    monkeypatch.setenv(envs.MAIA_SERVING_MODEL, "nope")
+    with pytest.raises(ValueError, match="^MAIA_SERVING_MODEL='nope': no model config"):
+        build_device(config)
