@@ -94,6 +94,21 @@ def sglang_fp8_server(calibrated_demo):
         yield server
 
 
+# The demo model priced as Llama-3-8B on a Maia 200. Dev mode serves /pause and /resume, with which
+# maia_serving.replay hands the engine a whole batch at once, as `simulate` does.
+PROXY_CONFIG = '{"maia_profile": "maia200", "maia_model": "llama-3-8b"}'
+
+
+@pytest.fixture(scope="module")
+def proxy_server(demo_model):
+    port = free_port()
+    cmd = vllm_serve_cmd(demo_model, port, "--served-model-name", "demo", *VLLM_LIMITS, "--enforce-eager",
+                         "--additional-config", PROXY_CONFIG)
+    with Server(cmd, port, LOGS / "maia-proxy-server.log", env={**ENGINE_ENV, "VLLM_SERVER_DEV_MODE": "1"}) as server:
+        server.metrics_at_start = scrape(server.url)  # before any request
+        yield server
+
+
 @pytest.fixture(scope="session")
 def client(maia_server):
     return openai_client(maia_server)

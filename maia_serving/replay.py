@@ -1,0 +1,126 @@
+"""Live and offline agree: one fixed workload through a live vLLM server and through ``simulate``.
+
+A static batch (every request at once, fixed input and output lengths, ``ignore_eos``) is what
+``simulate`` runs by default. Sent over HTTP, the same requests reach vLLM's engine over a few
+host milliseconds, and the engine starts its first step with whichever came first: the live
+run then prefills in two steps where the simulator prefills in one, and the first request's
+TTFT and everyone's first decode differ (seen: mean TTFT 21% apart, TPOT 3%). So the replay
+pauses the scheduler (``POST /pause?mode=keep``, served with ``VLLM_SERVER_DEV_MODE=1``),
+sends the batch, gives it ``settle_s`` to reach the engine (a paused engine publishes no
+queue length to wait on) and resumes: the engine then sees the batch at once, as the
+simulator does; a run whose step count differs from the simulator's did not. The emulated
+figures are read from the server's own ``/metrics`` (the difference of two scrapes), so
+other traffic must not overlap.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+
+from maia_serving.emulator.simulate import Simulation
+from maia_serving.launch import metric, scrape
+
+# A prompt's tokens: distinct per request from the first token on, so no request shares a
+# prefix-cache block with another (the simulator's synthetic requests share none).
+_FIRST_TOKEN = 10
+_BODY_TOKENS = range(100, 1900)
+
+
+@dataclass(frozen=True)
+class Figures:
+    """Emulated figures of one run: busy time (the sum of the steps), and means per request."""
+
+    busy_s: float
+    ttft_s: float
+    tpot_s: float
+    num_steps: int
+    num_requests: int
+
+    def ratio_to(self, other: Figures) -> dict[str, float]:
+        """Each figure of this run over ``other``'s."""
+        return {name: getattr(self, name) / getattr(other, name) for name in ("busy_s", "ttft_s", "tpot_s")}
+
+
+def simulated_figures(sim: Simulation) -> Figures:
+    """The figures of a simulation, as /metrics would count them."""
+    tpots = [t.tpot_s for t in sim.timings if t.tpot_s is not None]
+    return Figures(busy_s=sum(sim.steps.step_s), ttft_s=sum(t.ttft_s for t in sim.timings) / len(sim.timings),
+                   tpot_s=sum(tpots) / len(tpots), num_steps=len(sim.steps.step_s), num_requests=len(sim.timings))
+
+
+def emulated_figures(before: dict[str, float], after: dict[str, float]) -> Figures:
+    """The figures between two scrapes of ``maia:*`` metrics."""
+
+    def delta(name: str) -> float:
+        return metric(after, name) - metric(before, name)
+
+    requests = delta("maia:emulated_time_to_first_token_seconds_count")
+    tpot_count = delta("maia:emulated_time_per_output_token_seconds_count")
+    if not requests or not tpot_count:
+        raise ValueError("no request finished between the two scrapes")
+    return Figures(busy_s=delta("maia:emulated_busy_seconds_total"),
+                   ttft_s=delta("maia:emulated_time_to_first_token_seconds_sum") / requests,
+                   tpot_s=delta("maia:emulated_time_per_output_token_seconds_sum") / tpot_count,
+                   num_steps=round(delta("maia:emulated_step_seconds_count")), num_requests=round(requests))
+
+
+def token_prompts(num_requests: int, input_len: int) -> list[list[int]]:
+    """``num_requests`` prompts of exactly ``input_len`` token ids, sharing no prefix."""
+    body = len(_BODY_TOKENS)
+    return [[_FIRST_TOKEN + i] + [_BODY_TOKENS[(7 * j + i) % body] for j in range(input_len - 1)]
+            for i in range(num_requests)]
+
+
+def _post(url: str) -> None:
+    request = urllib.request.Request(url, data=b"", method="POST")
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        resp.read()
+
+
+def replay_at_once(url: str, model: str, num_requests: int, input_len: int, output_len: int,
+                   settle_s: float = 2.0, timeout_s: float = 300.0) -> Figures:
+    """Serve the static batch on the vLLM server at ``url`` (dev mode, for /pause) and return its
+    emulated figures; every request must produce exactly ``output_len`` tokens."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=timeout_s)
+    before = scrape(url)
+    result: dict[str, object] = {}
+
+    def send() -> None:
+        try:
+            result["out"] = client.completions.create(model=model, prompt=token_prompts(num_requests, input_len),
+                                                      max_tokens=output_len, temperature=0,
+                                                      extra_body={"ignore_eos": True})
+        except Exception as exc:  # re-raised in the caller's thread
+            result["error"] = exc
+
+    _post(f"{url}/pause?mode=keep")
+    sender = threading.Thread(target=send)
+    try:
+        sender.start()
+        time.sleep(settle_s)
+    finally:
+        _post(f"{url}/resume")
+        sender.join(timeout_s)
+    if "error" in result:
+        raise result["error"]  # type: ignore[misc]
+    completion_tokens = result["out"].usage.completion_tokens  # type: ignore[union-attr]
+    if completion_tokens != num_requests * output_len:
+        raise ValueError(f"expected {num_requests * output_len} output tokens, got {completion_tokens}")
+    return emulated_figures(before, _settled(url, before, num_requests))
+
+
+def _settled(url: str, before: dict[str, float], num_requests: int, timeout_s: float = 10.0) -> dict[str, float]:
+    """A scrape that counts every request's TPOT: the engine's last records reach /metrics just after
+    the answer (over the stats channel)."""
+    name = "maia:emulated_time_per_output_token_seconds_count"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        after = scrape(url)
+        if metric(after, name) - metric(before, name) >= num_requests or time.monotonic() > deadline:
+            return after
+        time.sleep(0.05)

@@ -1,0 +1,52 @@
+"""Proxy shapes and live-versus-offline agreement: the demo model served by `vllm serve --device maia`
+priced as Llama-3-8B on a Maia 200 says so in its log and /metrics, sizes its KV cache as that model
+would, and a static batch through it gives the emulated figures `simulate` gives for the same shape
+and workload (within 5%; the same steps, so in practice to rounding)."""
+
+import pytest
+
+from maia_serving.emulator import ServingConfig, load_model_shape, load_profile
+from maia_serving.emulator.session import EmulatedDevice
+from maia_serving.emulator.simulate import simulate_device
+from maia_serving.emulator.workload import synthetic
+from maia_serving.launch import metric
+from maia_serving.replay import replay_at_once, simulated_figures
+
+NUM_REQUESTS, INPUT_LEN, OUTPUT_LEN = 8, 128, 64
+PRICED = 'maia:device_info{kv_cache_dtype="auto",model="llama-3-8b",profile="maia200",tensor_parallel_size="1"}'
+
+
+def _block_size(samples: dict[str, float]) -> int:
+    return round(metric(samples, "maia:kv_cache_tokens", holder="emulated")
+                 / metric(samples, "maia:kv_cache_blocks", holder="emulated"))
+
+
+def _config(block_size: int) -> ServingConfig:
+    """The server's limits (conftest.VLLM_LIMITS) and vLLM's default memory share."""
+    return ServingConfig(max_model_len=512, max_num_batched_tokens=2048, max_num_seqs=64, block_size=block_size,
+                         gpu_memory_utilization=0.92)
+
+
+def test_the_priced_shape_is_named_and_sizes_the_kv_cache(proxy_server):
+    first = proxy_server.metrics_at_start
+    assert first[PRICED] == 1
+    plan = EmulatedDevice.fit(
+        load_profile("maia200"), load_model_shape("llama-3-8b"), _config(_block_size(first))).plan
+    assert metric(first, "maia:kv_cache_blocks", holder="emulated") == plan.num_blocks
+    assert first["maia:hbm_total_bytes"] == 216 * 2**30
+    # The engine never holds more tokens than the emulated device could (here: exactly as many).
+    assert 0 < metric(first, "maia:kv_cache_tokens", holder="engine") <= plan.kv_tokens
+    log = proxy_server.log_text()
+    assert "Maia proxy shape: every step is priced, and the emulated KV cache sized, as llama-3-8b on maia200; " \
+           "the host runs demo." in log
+    assert "tokens of llama-3-8b" in log
+
+
+def test_a_static_batch_matches_simulate(proxy_server):
+    live = replay_at_once(proxy_server.url, "demo", NUM_REQUESTS, INPUT_LEN, OUTPUT_LEN)
+    sim = simulated_figures(simulate_device(load_profile("maia200"), load_model_shape("llama-3-8b"),
+                                            _config(_block_size(proxy_server.metrics_at_start)),
+                                            synthetic(NUM_REQUESTS, INPUT_LEN, OUTPUT_LEN)))
+    assert (live.num_requests, live.num_steps) == (NUM_REQUESTS, sim.num_steps), "not the simulator's steps"
+    for name, ratio in live.ratio_to(sim).items():
+        assert ratio == pytest.approx(1.0, abs=0.05), f"{name}: live {getattr(live, name)} vs {getattr(sim, name)}"
