@@ -19,7 +19,7 @@ import argparse
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +136,19 @@ def problems(data: dict[str, Any]) -> list[str]:
     return out
 
 
+def no_evict_seqs(case: dict[str, Any], config: Any) -> int:
+    """TensorRT-LLM's GUARANTEED_NO_EVICT admission for requests of one length: a request starts only when
+    the KV blocks of its whole input + output are free, so at most blocks // blocks-per-request run at once
+    (vLLM's policy instead admits on the prompt and preempts when decode runs out). The same rule for every
+    case of the source, worked out from the emulated memory plan, not tuned per case."""
+    from maia_serving.emulator import load_model_shape, load_profile
+    from maia_serving.emulator.memory import plan_memory
+
+    plan = plan_memory(load_model_shape(case["shape"]), load_profile(case["profile"]), config)
+    per_request = -(-(case["input_len"] + case["output_len"]) // config.block_size)
+    return max(1, min(config.max_num_seqs, plan.num_blocks // per_request))
+
+
 def predict(case: dict[str, Any], settings: dict[str, Any], max_requests: int | None = None) -> float:
     """The case's metric as `maia-serving simulate` predicts it: the CLI's simulate_device and summarize,
     with the source's engine settings."""
@@ -153,6 +166,8 @@ def predict(case: dict[str, Any], settings: dict[str, Any], max_requests: int | 
         max_num_seqs=settings["max_num_seqs"],
         max_num_batched_tokens=settings["max_num_batched_tokens"],
     )
+    if settings.get("admission") == "guaranteed_no_evict":
+        config = replace(config, max_num_seqs=no_evict_seqs(case, config))
     num = case["num_requests"] if max_requests is None else min(case["num_requests"], max_requests)
     if case["concurrency"] not in ("all", num):
         raise ValueError(f"case {case['id']}: only all-at-once workloads are simulated, got {case['concurrency']}")
