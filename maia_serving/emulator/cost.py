@@ -1,11 +1,31 @@
-"""Roofline cost of one engine step on the emulated device.
+"""Roofline cost of one engine step on the emulated device, with a small model per operator class.
 
-Each operator costs ``max(flops / (peak * compute_eff), bytes / (bw * memory_eff))``
+Each operator costs ``max(flops / (peak * efficiency), bytes / (bw * memory_eff))``
 (Williams, Waterman and Patterson, "Roofline", CACM 2009); operators run one after
 another, so the step's time is the sum of the operator times plus the collectives.
 ``compute_s`` sums the compute-bound operators, ``memory_s`` the memory-bound ones,
-``comm_s`` the collectives and ``launch_s`` a fixed launch cost per kernel (what
-keeps a tiny model's step from costing nanoseconds): ``total_s`` is exactly their sum.
+``comm_s`` the collectives and ``launch_s`` what is neither (what keeps a tiny model's
+step from costing nanoseconds): ``total_s`` is exactly their sum.
+
+The efficiency is shape-aware where the profile gives the figures (hardware.py; a profile
+without them gets the flat model: ``compute_efficiency`` everywhere, ``kernel_launch`` per
+kernel and nothing else):
+
+- GEMMs: ``compute_efficiency`` times the share of the tensor units' work that is useful
+  (``gemm_utilization``): rows and columns padded to whole output tiles, and tiles run in
+  waves over the compute units. A decode GEMM of 8 rows on a 64-row tile does 8x the work
+  it needs, so it is not "at 70% of peak"; it stays memory-bound because its weights cost more.
+- Attention: prefill at ``attention_compute_efficiency`` (flash kernels reach less of the
+  peak than a GEMM); decode attention takes at least the time of its longest (sequence,
+  KV head, KV split) work item on one compute unit (``attention_floor_s``): a small batch of
+  short contexts cannot occupy every unit and streams its KV at a fraction of the bandwidth.
+- Launches: every kernel costs ``kernel_launch`` on the device (fill, drain, the gap to the
+  next). The host's time to launch kernels (``host_launch`` each, or one ``cuda_graphs``
+  launch for a decode step the engines replay as a graph) overlaps the device's work and
+  only shows when it is longer (``exposed_host_s``). The engines fuse each residual add
+  into the next RMSNorm (vLLM's fused_add_rms_norm), so those are not kernels of their own.
+- ``step_overhead``: the host's work per step that the device waits for (scheduling,
+  preparing inputs, sampling), charged once per step.
 
 A step is a batch of sequences, each adding ``num_new_tokens`` to a context that then
 holds ``context_len`` tokens: decode is ``(1, n)``, a prefill ``(n, n)``, a chunk of a
@@ -14,8 +34,9 @@ chunked prefill or a prefill after a prefix-cache hit ``(q, n)`` with ``q < n``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from maia_serving.emulator import interconnect
 from maia_serving.emulator.hardware import DeviceProfile
@@ -136,6 +157,10 @@ class OpTerms:
     bytes: Coefficients
     launches: int  # kernels per step
     peak: str = "bf16"  # the profile peak its FLOPs run at (precision.DType.peak)
+    kind: str = "elementwise"  # "gemm", "attention" or "elementwise": which efficiency model prices it
+    gemm_rows: Coefficients | None = None  # a GEMM's m over all its groups, per layer (not times layers)
+    gemm_groups: Coefficients | None = None  # how many independent GEMMs share those rows (experts touched)
+    gemm_n: float = 0.0  # a GEMM's output columns on this chip
 
 
 def _lin(tokens: float = 0.0, seqs: float = 0.0, pairs: float = 0.0, context: float = 0.0, const: float = 0.0,
@@ -170,7 +195,8 @@ def _gemm(name: str, lin: Linear, prec: Precision, tp: int, rows: Coefficients, 
     wgt = prec.weight(lin.group).bytes_per_element
     flops = tuple(2 * k * n * r for r in rows)
     nbytes = _add(tuple((k * a_in + n * a_out) * r for r in rows), tuple(k * n * wgt * w for w in weights))
-    return _op(name, count, flops, nbytes, prec.gemm_peak(lin.group))
+    return replace(_op(name, count, flops, nbytes, prec.gemm_peak(lin.group)), kind="gemm", gemm_rows=rows,
+                   gemm_groups=weights, gemm_n=n)
 
 
 def _attention_ops(model: ModelShape, prec: Precision, tp: int) -> list[OpTerms]:
@@ -203,10 +229,11 @@ def _attention_ops(model: ModelShape, prec: Precision, tp: int) -> list[OpTerms]
     io = kv_token + heads * (qk_dim + v_dim) * act
     sliding = model.num_sliding_layers
     if layers - sliding:
-        ops.append(_op("attention", layers - sliding, _lin(pairs=per_pair), _lin(tokens=io, context=kv_token), peak))
+        ops.append(replace(_op("attention", layers - sliding, _lin(pairs=per_pair), _lin(tokens=io, context=kv_token),
+                               peak), kind="attention"))
     if sliding:
-        ops.append(_op("attention_sliding", sliding, _lin(window_pairs=per_pair),
-                       _lin(tokens=io, window_context=kv_token), peak))
+        ops.append(replace(_op("attention_sliding", sliding, _lin(window_pairs=per_pair),
+                               _lin(tokens=io, window_context=kv_token), peak), kind="attention"))
     ops.append(_gemm("o_proj", linears["o_proj"], prec, tp, PER_TOKEN, layers))
     return ops
 
@@ -257,7 +284,8 @@ def op_terms(model: ModelShape, parallel: Parallel = SINGLE_CHIP, kv_cache_dtype
     ops += _attention_ops(model, prec, tp)
     ops += _mlp_ops(model, prec, tp)
     ops += [
-        _op("residual_add", 2 * layers, _lin(tokens=h), _lin(tokens=3 * h * act), peak),
+        # Fused into the next RMSNorm (fused_add_rms_norm): its bytes and FLOPs, no kernel of its own.
+        replace(_op("residual_add", 2 * layers, _lin(tokens=h), _lin(tokens=3 * h * act), peak), launches=0),
         _op("embedding", 1, _lin(), _lin(tokens=h * act), peak),
         _op("final_norm", 1, _lin(seqs=5 * h), _lin(seqs=2 * h * act, const=h * wgt), peak),
         _gemm("lm_head", lm_head, prec, tp, _lin(seqs=1.0), 1),
@@ -276,6 +304,47 @@ def _window_sum(lo: int, hi: int, window: int) -> int:
     return (lo + window) * (window - lo + 1) // 2 + window * (hi - window)
 
 
+def gemm_utilization(rows: float, cols: float, groups: float, tile_m: int, tile_n: int, units: int) -> float:
+    """Share of the tensor units' work that is useful in ``groups`` GEMMs of ``rows / groups`` x ``cols`` outputs.
+
+    Why: a GEMM kernel computes whole output tiles (a Hopper warpgroup MMA is 64 rows), so 8 decode rows
+    cost as much compute as 64; and tiles run in waves over the compute units, so 133 tiles on 132 SMs
+    take two waves. With fewer tiles than units, split-K / stream-K kernels spread the K dimension over
+    the idle units, so a single partial wave costs nothing. 1.0 for shapes that fill whole waves.
+    """
+    if rows <= 0 or cols <= 0:
+        return 1.0
+    groups = max(groups, 1.0)
+    tiles = groups * math.ceil(rows / groups / tile_m) * math.ceil(cols / tile_n)
+    padding = rows * cols / (tiles * tile_m * tile_n)
+    waves = 1.0 if tiles <= units else tiles / (math.ceil(tiles / units) * units)
+    return padding * waves
+
+
+def attention_floor_s(item_bytes: float, units: int, bytes_per_s: float) -> float:
+    """The shortest time attention can take: its longest work item streamed by one unit at ``1 / units``
+    of the bandwidth.
+
+    Why: paged decode kernels (vLLM's paged attention v2, FlashInfer, FlashDecoding) give each (sequence,
+    KV head, KV split) to one compute unit. A batch with fewer items than units leaves units idle, and its
+    KV streams at a fraction of the bandwidth: eight sequences of 160 tokens with eight KV heads make 64
+    items on an H100's 132 SMs and take about twice their bytes / bandwidth. Long contexts are split into
+    ``attention_split`` tokens, so they fill the chip and the floor falls under bytes / bandwidth.
+    A floor rather than a divisor, so that adding work never makes a step cheaper.
+    """
+    return item_bytes * units / bytes_per_s
+
+
+def exposed_host_s(host_s: float, device_s: float) -> float:
+    """The host's launch time the device waits for: max(0, host - device).
+
+    Why: kernel launches are asynchronous, so the host issues the next kernels while the device runs the
+    earlier ones; the device only idles when the host issues them slower than it runs them (small models,
+    eager mode). CUDA graphs replace a step's launches by one, which is why engines capture decode steps.
+    """
+    return max(0.0, host_s - device_s)
+
+
 class CostModel:
     """step_cost for one (profile, model, parallelism, KV dtype), with the terms
     worked out once: what a live engine calls every step."""
@@ -289,10 +358,21 @@ class CostModel:
         prec = model.precision(kv_cache_dtype)
         self._model_bytes = prec.model.bytes_per_element
         self._comm_bytes = prec.comm.bytes_per_element
-        self._flops_per_s = tuple(profile.effective_flops(t.peak) for t in self.terms)
+        attention_eff = profile.attention_compute_efficiency or profile.compute_efficiency
+        self._flops_per_s = tuple(profile.peak_flops(t.peak) * attention_eff if t.kind == "attention"
+                                  else profile.effective_flops(t.peak) for t in self.terms)
         self._bytes_per_s = profile.effective_bandwidth_bytes_per_s
-        self._launch_s = profile.kernel_launch_s * sum(t.launches for t in self.terms)
+        kernels = sum(t.launches for t in self.terms)
+        self._launch_s = profile.kernel_launch_s * kernels
+        self._host_launch_s = profile.host_launch_s * kernels
         self._window = model.sliding_window if model.num_sliding_layers else None
+        self._gemm = profile.gemm
+        self._split = profile.attention_split_tokens if profile.gemm else 0
+        self._kv_heads = 1 if model.mla else math.ceil(model.num_kv_heads / parallel.tp)
+        # Per term, what its efficiency model needs, flattened for the per-step loop: a GEMM's rows per token and
+        # per sequence, its groups per expert touched (0: one group) and its columns; None for the others.
+        self._gemm_shapes = tuple((t.gemm_rows[0], t.gemm_rows[1], t.gemm_groups[7], t.gemm_n)
+                                  if self._gemm and t.kind == "gemm" else None for t in self.terms)
 
     def comm_s(self, tokens: int, seqs: int) -> float:
         """Tensor-parallel all-reduces (two per layer) and the logits all-gather; one
@@ -315,8 +395,8 @@ class CostModel:
     def cost_of(self, new_tokens: tuple[int, ...], context_lens: tuple[int, ...], detail: bool = False) -> StepCost:
         """The one implementation of a step's cost; a live engine calls it every step with a shape
         trusted to be well formed, so it makes one pass and no checks (cost() checks first)."""
-        tokens = pairs = ctx = wpairs = wctx = 0
-        window = self._window
+        tokens = pairs = ctx = wpairs = wctx = longest = 0
+        window, split = self._window, self._split
         for q, n in zip(new_tokens, context_lens):
             tokens += q
             ctx += n
@@ -325,18 +405,33 @@ class CostModel:
             if window:
                 wpairs += _window_sum(n - q + 1, n, window)
                 wctx += min(n, window)
+            if n > longest:
+                longest = n
         if tokens == 0:
             return StepCost(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, ())
         seqs = len(new_tokens)
         experts = self.model.moe.experts_touched(tokens) if self.model.moe else 0.0
+        gemm = self._gemm
+        # Tokens of KV the longest attention work item streams, in full and in sliding-window layers.
+        item_tokens = min(longest, split)
+        window_item_tokens = min(longest, split, window or longest)
         compute = memory = flops = nbytes = 0.0
         ops = []
-        for term, flops_per_s in zip(self.terms, self._flops_per_s):
+        for term, flops_per_s, shape in zip(self.terms, self._flops_per_s, self._gemm_shapes):
             ft, fs, fp, fc, f1, fwp, fwc, fe = term.flops
             bt, bs, bp, bc, b1, bwp, bwc, be = term.bytes
             f = ft * tokens + fs * seqs + fp * pairs + fc * ctx + f1 + fwp * wpairs + fwc * wctx + fe * experts
             b = bt * tokens + bs * seqs + bp * pairs + bc * ctx + b1 + bwp * wpairs + bwc * wctx + be * experts
             compute_s, memory_s = f / flops_per_s, b / self._bytes_per_s
+            if shape:
+                per_token, per_seq, per_expert, cols = shape
+                groups = per_expert * experts if per_expert else 1.0
+                compute_s /= gemm_utilization(per_token * tokens + per_seq * seqs, cols, groups,
+                                              gemm.tile_m, gemm.tile_n, gemm.units)
+            elif split and term.kind == "attention":
+                # bc / bwc: KV bytes per context token over this term's layers; one item holds one KV head.
+                item_bytes = (bc * item_tokens + bwc * window_item_tokens) / self._kv_heads
+                memory_s = max(memory_s, attention_floor_s(item_bytes, gemm.units, self._bytes_per_s))
             if compute_s >= memory_s:
                 compute += compute_s
             else:
@@ -345,7 +440,13 @@ class CostModel:
             nbytes += b
             if detail:
                 ops.append(OpCost(term.name, f, b, compute_s, memory_s))
-        return StepCost(compute, memory, self.comm_s(tokens, seqs), self._launch_s, flops, nbytes, tuple(ops))
+        comm = self.comm_s(tokens, seqs)
+        launch = self._launch_s + self.profile.step_overhead_s
+        graph = self.profile.graph
+        host = graph.launch_s if graph and tokens == seqs <= graph.max_batch else self._host_launch_s
+        if host:
+            launch += exposed_host_s(host, compute + memory + comm + self._launch_s)
+        return StepCost(compute, memory, comm, launch, flops, nbytes, tuple(ops))
 
 
 def step_cost(profile: DeviceProfile, model: ModelShape, step: StepShape,

@@ -68,6 +68,27 @@ class LinkProfile:
 
 
 @dataclass(frozen=True)
+class GemmTiling:
+    """How a GEMM is cut up on the chip: output tiles of ``tile_m x tile_n`` run in waves over ``units``."""
+
+    tile_m: int
+    tile_n: int
+    units: int
+
+    def __post_init__(self) -> None:
+        if min(self.tile_m, self.tile_n, self.units) < 1:
+            raise ValueError(f"GEMM tiling figures must be >= 1, got {self}")
+
+
+@dataclass(frozen=True)
+class CudaGraphs:
+    """Decode-only steps of at most ``max_batch`` sequences replay a captured graph, launched in ``launch_s``."""
+
+    launch_s: float
+    max_batch: int
+
+
+@dataclass(frozen=True)
 class DeviceProfile:
     """One emulated chip. Figures are in SI units; ``sources`` maps each to its citation."""
 
@@ -80,11 +101,19 @@ class DeviceProfile:
     compute_efficiency: float
     memory_efficiency: float
     runtime_reserve_bytes: float
-    kernel_launch_s: float  # fixed cost of each kernel a step launches
+    kernel_launch_s: float  # fixed device-side cost of each kernel a step runs (fill, drain, the gap to the next)
     scale_up: LinkProfile
     host_link: LinkProfile
     sources: dict[str, str] = field(default_factory=dict, compare=False)
     estimates: tuple[str, ...] = field(default=(), compare=False)
+    # The shape-aware figures (cost.py); each optional, and absent means the flat model: no tile or wave
+    # quantization, attention at compute_efficiency, no host time beyond kernel_launch_s.
+    gemm: GemmTiling | None = None
+    attention_compute_efficiency: float | None = None  # prefill attention's share of peak (flash kernels)
+    attention_split_tokens: int = 0  # decode attention's KV split (split-KV kernels); 0: no occupancy model
+    host_launch_s: float = 0.0  # host time to launch one kernel eagerly; overlapped with the device's work
+    graph: CudaGraphs | None = None  # decode steps replayed as one graph: one launch, not one per kernel
+    step_overhead_s: float = 0.0  # host time per step the device waits on: scheduling, inputs, sampling
 
     def __post_init__(self) -> None:
         if "bf16" not in self.peak_flops_per_s:
@@ -93,9 +122,9 @@ class DeviceProfile:
         if unknown:
             raise ValueError(f"profile {self.name!r}: unknown peak formats {sorted(unknown)}; "
                              f"known: {', '.join(precision.PEAK_FALLBACK)}")
-        for name in ("compute_efficiency", "memory_efficiency"):
+        for name in ("compute_efficiency", "memory_efficiency", "attention_compute_efficiency"):
             value = getattr(self, name)
-            if not 0 < value <= 1:
+            if value is not None and not 0 < value <= 1:
                 raise ValueError(f"profile {self.name!r}: {name} must be in (0, 1], got {value}")
 
     def peak_flops(self, dtype: str) -> float:
@@ -158,6 +187,18 @@ def profile_from_dict(raw: dict[str, Any]) -> DeviceProfile:
         dtype: _figure(entry, f"peak_compute.{dtype}", sources, estimates)
         for dtype, entry in raw["peak_compute"].items()
     }
+    def optional(key: str, default: float) -> float:
+        return fig(key) if key in raw else default
+
+    gemm = graph = None
+    if "gemm" in raw:
+        g = raw["gemm"]
+        gemm = GemmTiling(*(int(_figure(g[k], f"gemm.{k}", sources, estimates)) for k in ("tile_m", "tile_n", "units")))
+    if "cuda_graphs" in raw:
+        g = raw["cuda_graphs"]
+        graph = CudaGraphs(_figure(g["launch"], "cuda_graphs.launch", sources, estimates),
+                           int(_figure(g["max_batch"], "cuda_graphs.max_batch", sources, estimates)))
+    attention = fig("attention_compute_efficiency") if "attention_compute_efficiency" in raw else None
     return DeviceProfile(
         name=raw["name"],
         description=raw.get("description", ""),
@@ -173,6 +214,12 @@ def profile_from_dict(raw: dict[str, Any]) -> DeviceProfile:
         host_link=_link(raw["host_link"], "host_link", sources, estimates),
         sources=sources,
         estimates=tuple(estimates),
+        gemm=gemm,
+        attention_compute_efficiency=attention,
+        attention_split_tokens=int(optional("attention_split", 0)),
+        host_launch_s=optional("host_launch", 0.0),
+        graph=graph,
+        step_overhead_s=optional("step_overhead", 0.0),
     )
 
 

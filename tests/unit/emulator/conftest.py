@@ -16,8 +16,10 @@ from maia_serving.emulator import DeviceProfile, ModelShape, load_model_shape, l
 # Maia 100 (profiles/maia100.yaml): 0.8 PFLOP/s BF16 at 60%, 1.8 TB/s HBM at 75%, 5 us per kernel.
 FLOPS_PER_S = 0.8e15 * 0.6
 BYTES_PER_S = 1.8e12 * 0.75
-# Per layer two norms, two residual adds and seven other kernels; embedding, final norm, LM head.
-LAUNCH_S = (11 * 32 + 3) * 5e-6
+# Per layer two norms (each residual add is fused into the norm after it, vLLM's fused_add_rms_norm, so it
+# is no kernel of its own) and seven other kernels; embedding, final norm, LM head: 9 * 32 + 3 = 291 kernels.
+# Maia 100's profile has no host-launch, graph or step-overhead figures: launch time is only this.
+LAUNCH_S = (9 * 32 + 3) * 5e-6
 
 # Llama-3-8B: hidden 4096, 32 layers, 32 query and 8 KV heads of 128, MLP 14336, vocab 128256, BF16.
 # Per token and layer, the four GEMMs (qkv 4096x6144, o 4096x4096, gate_up 4096x28672, down 14336x4096):

@@ -24,7 +24,7 @@ def test_golden_steps_as_the_engines_charge_them(llama8b, maia100, golden, name)
     record = device.charge(step.new_tokens, step.context_lens, {}, [], kv_blocks_used=0)
     assert record.compute_s == pytest.approx(step.compute_s, rel=1e-12)
     assert record.memory_s == pytest.approx(step.memory_s, rel=1e-12)
-    assert record.launch_s == pytest.approx((11 * 32 + 3) * 5e-6, rel=1e-12)
+    assert record.launch_s == pytest.approx((9 * 32 + 3) * 5e-6, rel=1e-12)  # 291 kernels at 5 us
     assert record.comm_s == 0.0
     assert record.step_s == pytest.approx(step.total_s, rel=1e-12)
     assert record.bound == ("memory" if name == "decode" else "compute")
@@ -46,11 +46,11 @@ def test_golden_qkv_gemm_one_token_on_maia100(llama8b, maia100):
 
 
 def test_launch_cost_counts_every_kernel(llama8b):
-    for name in ("maia100", "maia200", "h100-sxm"):
+    for name in ("maia100", "maia200"):  # profiles without host-launch, graph or step-overhead figures
         cost = step_cost(load_profile(name), llama8b, StepShape.of([(1, 900)] * 16 + [(300, 700)]), Parallel(tp=4))
         assert cost.comm_s > 0
-        # Per layer: two norms, two residual adds and seven other kernels; three outside the layers.
-        assert cost.launch_s == pytest.approx((11 * 32 + 3) * load_profile(name).kernel_launch_s)
+        # Per layer: two norms (the residual adds fused into them) and seven other kernels; three outside the layers.
+        assert cost.launch_s == pytest.approx((9 * 32 + 3) * load_profile(name).kernel_launch_s)
 
 
 def test_fp8_kv_reads_half_the_attention_bytes(llama8b, maia100):
@@ -86,6 +86,8 @@ def test_llama3_8b_operators_on_two_chips_by_hand(llama8b):
     }
     per_kernel = lambda n, coefficients: tuple(n * c for c in coefficients)  # noqa: E731
     expected = {name: (n, per_kernel(n, f), per_kernel(n, b)) for name, (n, f, b) in expected.items()}
+    # The two residual adds per layer are fused into the next norm: their FLOPs and bytes, no kernel of their own.
+    expected["residual_add"] = (0, *expected["residual_add"][1:])
     terms = op_terms(llama8b, Parallel(tp=2))
     assert {t.name: (t.launches, t.flops[:5], t.bytes[:5]) for t in terms} == expected
     assert all(not any(t.flops[5:]) and not any(t.bytes[5:]) for t in terms)  # no sliding window, no experts
