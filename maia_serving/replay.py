@@ -18,13 +18,15 @@ from __future__ import annotations
 import threading
 import time
 import urllib.request
+import uuid
 from dataclasses import dataclass
 
 from maia_serving.emulator.simulate import Simulation
 from maia_serving.launch import metric, scrape
 
 # A prompt's tokens: distinct per request from the first token on, so no request shares a
-# prefix-cache block with another (the simulator's synthetic requests share none).
+# prefix-cache block with another (the simulator's synthetic requests share none); each replay
+# also salts the prefix cache anew, so none reuses an earlier replay's blocks.
 _FIRST_TOKEN = 10
 _BODY_TOKENS = range(100, 1900)
 
@@ -81,31 +83,36 @@ def _post(url: str) -> None:
 
 
 def replay_at_once(url: str, model: str, num_requests: int, input_len: int, output_len: int,
-                   settle_s: float = 2.0, timeout_s: float = 300.0) -> Figures:
+                   pause: bool = True, settle_s: float = 2.0, timeout_s: float = 300.0) -> Figures:
     """Serve the static batch on the vLLM server at ``url`` (dev mode, for /pause) and return its
-    emulated figures; every request must produce exactly ``output_len`` tokens."""
+    emulated figures; every request must produce exactly ``output_len`` tokens. ``pause=False``
+    sends it as a plain client would, in one HTTP request, to show what the pause changes."""
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=timeout_s)
     before = scrape(url)
+    salt = uuid.uuid4().hex
     result: dict[str, object] = {}
 
     def send() -> None:
         try:
             result["out"] = client.completions.create(model=model, prompt=token_prompts(num_requests, input_len),
                                                       max_tokens=output_len, temperature=0,
-                                                      extra_body={"ignore_eos": True})
+                                                      extra_body={"ignore_eos": True, "cache_salt": salt})
         except Exception as exc:  # re-raised in the caller's thread
             result["error"] = exc
 
-    _post(f"{url}/pause?mode=keep")
     sender = threading.Thread(target=send)
-    try:
+    if pause:
+        _post(f"{url}/pause?mode=keep")
+        try:
+            sender.start()
+            time.sleep(settle_s)
+        finally:
+            _post(f"{url}/resume")
+    else:
         sender.start()
-        time.sleep(settle_s)
-    finally:
-        _post(f"{url}/resume")
-        sender.join(timeout_s)
+    sender.join(timeout_s)
     if "error" in result:
         raise result["error"]  # type: ignore[misc]
     completion_tokens = result["out"].usage.completion_tokens  # type: ignore[union-attr]
