@@ -1,16 +1,19 @@
 """`make demo`: serve the demo model with `vllm serve ... --device maia` (or, with
-``--engine sglang``, SGLang's launch_server ``--device maia``), ask it one chat question
-through the openai client, print the answer and the emulated figures."""
+``--engine sglang``, SGLang's launch_server ``--device maia``) priced as Llama-3-8B on a
+Maia 200 (a proxy shape: the tiny model runs, every step is priced as the real one), ask it
+one chat question through the openai client, print the answer and the emulated figures."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
 from openai import OpenAI
 
+from maia_serving.emulator.units import format_seconds
 from maia_serving.launch import Server, free_port, scrape, sglang_serve_cmd, vllm_serve_cmd
 from maia_serving.models.demo import build_demo_model
 
@@ -22,6 +25,9 @@ def main() -> int:
     parser.add_argument("--model", default=str(ROOT / "models" / "demo"))
     parser.add_argument("--profile", default="maia200")
     parser.add_argument("--engine", choices=["vllm", "sglang"], default="vllm")
+    parser.add_argument("--priced-as", default="llama-3-8b",
+                        help="the shape every step is priced as (a built-in name or a config.json); '' for the demo "
+                             "model itself")
     args = parser.parse_args()
     model = Path(args.model)
     if not (model / "config.json").exists():
@@ -29,13 +35,14 @@ def main() -> int:
         build_demo_model(model)
     port = free_port()
     if args.engine == "vllm":
+        config = {"maia_profile": args.profile, **({"maia_model": args.priced_as} if args.priced_as else {})}
         cmd = vllm_serve_cmd(model, port, "--served-model-name", "demo", "--max-model-len", "1024",
-                             "--enforce-eager", "--additional-config", f'{{"maia_profile": "{args.profile}"}}')
+                             "--enforce-eager", "--additional-config", json.dumps(config))
         env = {"VLLM_CPU_CI_ENV": "1"}
     else:
         cmd = sglang_serve_cmd(model, port, "--served-model-name", "demo", "--context-length", "1024",
                                "--enable-metrics")
-        env = {"MAIA_SERVING_PROFILE": args.profile}
+        env = {"MAIA_SERVING_PROFILE": args.profile, "MAIA_SERVING_MODEL": args.priced_as}
     print("$", " ".join(f"{k}={v}" for k, v in env.items()), " ".join(cmd))
     log = ROOT / "models" / f"demo-{args.engine}-server.log"
     with Server(cmd, port, log, env=env) as server:
@@ -55,7 +62,7 @@ def main() -> int:
         ttft = m["maia:emulated_time_to_first_token_seconds_sum"] / m["maia:emulated_time_to_first_token_seconds_count"]
         tpot_sum = m["maia:emulated_time_per_output_token_seconds_sum"]
         tpot = tpot_sum / m["maia:emulated_time_per_output_token_seconds_count"]
-        print(f"emulated TTFT {ttft * 1e6:.1f} us, TPOT {tpot * 1e6:.2f} us")
+        print(f"emulated TTFT {format_seconds(ttft)}, TPOT {format_seconds(tpot)}")
         emulated_blocks = m['maia:kv_cache_blocks{holder="emulated"}']
         engine_blocks = m['maia:kv_cache_blocks{holder="engine"}']
         print(f"emulated HBM {m['maia:hbm_used_bytes'] / 1e9:.3f} / {m['maia:hbm_total_bytes'] / 1e9:.0f} GB; "

@@ -134,6 +134,9 @@ class EmulatedMetricSet:
         self.overhead = Counter("maia:emulator_overhead_seconds",
                                 "Host time spent charging steps to the emulator", **reg)
         self.busy = Counter("maia:emulated_busy_seconds", "Emulated device time, summed over steps", **reg)
+        self.clock = Gauge("maia:emulated_clock_seconds",
+                           "Emulated time at the end of the last step, idle time included (the clock follows "
+                           "the host while no request is open)", multiprocess_mode="mostrecent", **reg)
         self.parts = Counter("maia:emulated_time_by_part_seconds",
                              "Emulated step time by part (compute, memory, communication, launch)", ["part"],
                              **reg)
@@ -202,6 +205,7 @@ class EmulatedMetricSet:
         self.host_steps.inc(rec.wall_s)
         self.overhead.inc(rec.overhead_s)
         self.busy.inc(rec.step_s)
+        self.clock.set(rec.now_s)
         self.parts.labels("compute").inc(rec.compute_s)
         self.parts.labels("memory").inc(rec.memory_s)
         self.parts.labels("communication").inc(rec.comm_s)

@@ -22,6 +22,9 @@ FAMILIES = {
     "maia:host_step_seconds": ("counter", "Measured host time of the charged steps", set()),
     "maia:emulator_overhead_seconds": ("counter", "Host time spent charging steps to the emulator", set()),
     "maia:emulated_busy_seconds": ("counter", "Emulated device time, summed over steps", set()),
+    "maia:emulated_clock_seconds": (
+        "gauge", "Emulated time at the end of the last step, idle time included (the clock follows the host while "
+                 "no request is open)", set()),
     "maia:emulated_time_by_part_seconds": (
         "counter", "Emulated step time by part (compute, memory, communication, launch)", {"part"}),
     "maia:emulated_tokens": ("counter", "Tokens the emulated device processed", set()),
@@ -73,7 +76,7 @@ def test_every_family_has_its_documented_name_type_help_and_labels(metrics):
         labels = {k for sample in family.samples for k in sample.labels} - {"le"}
         got[family.name] = (family.type, family.documentation, labels)
     assert got == FAMILIES
-    gauges = [metrics.hbm_used, metrics.hbm_total, metrics.kv_used, metrics.kv_cached, metrics.kv_total,
+    gauges = [metrics.clock, metrics.hbm_used, metrics.hbm_total, metrics.kv_used, metrics.kv_cached, metrics.kv_total,
               metrics.kv_tokens, metrics.device]
     # SGLang's /metrics merges the files of several processes: a gauge is the latest value set.
     assert {g._multiprocess_mode for g in gauges} == {"mostrecent"}
@@ -122,6 +125,7 @@ def test_a_step_moves_every_figure(metrics):
     assert _value(metrics, "maia:host_step_seconds_total") == 0.5
     assert _value(metrics, "maia:emulator_overhead_seconds_total") == 0.0078125
     assert _value(metrics, "maia:emulated_busy_seconds_total") == 0.25
+    assert _value(metrics, "maia:emulated_clock_seconds") == 1.5
     parts = {p: _value(metrics, "maia:emulated_time_by_part_seconds_total", part=p)
              for p in ("compute", "memory", "communication", "launch")}
     assert parts == {"compute": 0.125, "memory": 0.0625, "communication": 0.03125, "launch": 0.03125}
