@@ -187,7 +187,7 @@ def _to_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """``[..., head_dim]`` float32 -> ``[..., num_blocks, block_size]``, zero-padded."""
     pad = -x.shape[-1] % block_size
     x = torch.nn.functional.pad(x, (0, pad))
-    return x.reshape(*x.shape[:-1], -1, block_size)
+    return x.reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
 
 
 def _nvfp4_scaled(
@@ -204,7 +204,7 @@ def _nvfp4_scaled(
 def _pack(codes: torch.Tensor, scale_codes: torch.Tensor, fmt: MxFormat) -> torch.Tensor:
     """int32 codes ``[..., nb, block]`` and scales ``[..., nb]`` -> uint8 ``[..., nb * block_bytes]``."""
     per_word, word_bytes = fmt.elements_per_word, fmt.bytes_per_word
-    words = codes.reshape(*codes.shape[:-1], -1, per_word)
+    words = codes.reshape(*codes.shape[:-1], fmt.block_size // per_word, per_word)
     shifts = torch.arange(per_word, device=codes.device) * fmt.element.bits
     word = (words << shifts).sum(-1)
     byte_shifts = torch.arange(word_bytes, device=codes.device) * 8
@@ -216,8 +216,8 @@ def _pack(codes: torch.Tensor, scale_codes: torch.Tensor, fmt: MxFormat) -> torc
 def _unpack(packed: torch.Tensor, fmt: MxFormat) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of ``_pack``: (element codes ``[..., nb, block]``, scale codes ``[..., nb]``)."""
     per_word, word_bytes = fmt.elements_per_word, fmt.bytes_per_word
-    blocks = packed.int().reshape(*packed.shape[:-1], -1, fmt.block_bytes)
-    elem_bytes = blocks[..., :-1].reshape(*blocks.shape[:-1], -1, word_bytes)
+    blocks = packed.int().reshape(*packed.shape[:-1], packed.shape[-1] // fmt.block_bytes, fmt.block_bytes)
+    elem_bytes = blocks[..., :-1].reshape(*blocks.shape[:-1], fmt.block_size // per_word, word_bytes)
     byte_shifts = torch.arange(word_bytes, device=packed.device) * 8
     word = (elem_bytes << byte_shifts).sum(-1)
     shifts = torch.arange(per_word, device=packed.device) * fmt.element.bits
@@ -277,3 +277,61 @@ def dequantize_mx_ref(
         block_scale = decode_minifloat_ref(scale_codes, ELEMENT_FORMATS["e4m3"]) * tensor_scale
     values = decode_minifloat_ref(codes, f.element) * block_scale[..., None]
     return values.flatten(-2)[..., :head_dim]
+
+
+def check_reshape_and_cache_mx_args(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_cache_dtype: str,
+) -> MxFormat:
+    """Shape and dtype checks shared by the reference and the kernel wrapper.
+
+    The caches are uint8 ``[num_blocks, block_size, num_kv_heads, head_bytes(fmt, head_dim)]``.
+    """
+    fmt = get_mx_format(kv_cache_dtype)
+    if key.dim() != 3 or key.shape != value.shape:
+        raise ValueError(
+            "key and value must both be [num_tokens, num_kv_heads, head_dim], got "
+            f"{tuple(key.shape)} and {tuple(value.shape)}"
+        )
+    num_tokens, num_kv_heads, head_dim = key.shape
+    expected = (num_kv_heads, head_bytes(fmt, head_dim))
+    for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
+        if cache.dtype != torch.uint8 or cache.dim() != 4 or tuple(cache.shape[2:]) != expected:
+            raise ValueError(
+                f"{name} for {fmt.name} at head_dim {head_dim} must be uint8 [num_blocks, block_size, "
+                f"{expected[0]}, {expected[1]}], got {cache.dtype} {tuple(cache.shape)}"
+            )
+    if key_cache.shape != value_cache.shape:
+        raise ValueError(f"key_cache and value_cache differ: {tuple(key_cache.shape)} and {tuple(value_cache.shape)}")
+    if slot_mapping.shape != (num_tokens,) or slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"slot_mapping must be int32/int64 of shape [num_tokens={num_tokens}], got "
+            f"{slot_mapping.dtype} {tuple(slot_mapping.shape)}"
+        )
+    return fmt
+
+
+def reshape_and_cache_mx_ref(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_cache_dtype: str,
+    k_scale: float | torch.Tensor | None = None,
+    v_scale: float | torch.Tensor | None = None,
+) -> None:
+    """Quantize ``key``/``value`` into the paged MX caches in place, as ``fp8.reshape_and_cache_ref``
+    does for FP8: token ``t`` to slot ``slot_mapping[t]`` (-1: padding, skipped). The scales are
+    NVFP4's per-tensor ones and must be None for the MX formats."""
+    fmt = check_reshape_and_cache_mx_args(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype)
+    block_size = key_cache.shape[1]
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid].long()
+    blocks, rows = slots // block_size, slots % block_size
+    for src, cache, scale in ((key, key_cache, k_scale), (value, value_cache, v_scale)):
+        cache[blocks, rows] = quantize_mx_ref(src[valid], fmt, scale)

@@ -17,6 +17,8 @@ import sys
 import pytest
 import triton
 
+from maia_serving.ops.mx import MX_FORMATS
+
 try:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -30,6 +32,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 RC = "maia_serving.kernels.reshape_and_cache"
 PA = "maia_serving.kernels.paged_attention"
 AB = "maia_serving.kernels.kv_absmax"
+MX = "maia_serving.kernels.mx_cache"
 _RC_POINTERS = {
     "key_ptr": "*bf16",
     "value_ptr": "*bf16",
@@ -50,7 +53,7 @@ _PA_POINTERS = {
 
 def _configs() -> dict[str, tuple[str, str, dict[str, str], dict]]:
     """id -> (module, kernel, pointer types, constexprs); tile sizes from the wrappers' helpers."""
-    rc, pa, ab = (importlib.import_module(m) for m in (RC, PA, AB))
+    rc, pa, ab, mx = (importlib.import_module(m) for m in (RC, PA, AB, MX))
     block_h, block_d = rc._block_sizes(num_kv_heads=8, head_dim=80)
     rc_common = {"BLOCK_H": block_h, "BLOCK_D": block_d, "PER_HEAD_SCALE": True}
     u8, bf16 = (
@@ -119,6 +122,15 @@ def _configs() -> dict[str, tuple[str, str, dict[str, str], dict]]:
             {"x_ptr": "*bf16", "partial_ptr": "*fp32"},
             dict(zip(("BLOCK_T", "BLOCK_D"), ab._block_sizes(4096, 128))),
         ),
+        **{
+            f"reshape_and_cache_mx-{name}": (
+                MX,
+                "_reshape_and_cache_mx_kernel",
+                {**_RC_POINTERS, **u8},
+                {**mx.format_constexprs(fmt, 80), "PER_HEAD_SCALE": name == "nvfp4"},
+            )
+            for name, fmt in MX_FORMATS.items()
+        },
     }
 
 
@@ -175,9 +187,9 @@ def compiled() -> dict[str, dict]:
 @pytest.mark.parametrize("config_id", list(_configs()))
 def test_kernel_compiles_for_sm90(config_id, compiled):
     assert compiled[config_id]["error"] is None, compiled[config_id]["error"]
-    if config_id.startswith("reshape_and_cache-e"):
+    if config_id.startswith("reshape_and_cache-e") or config_id == "reshape_and_cache_mx-nvfp4":
         assert compiled[config_id]["div_rn"], (
-            "FP8 quantization must divide as IEEE (div.rn)"
+            "FP8 and NVFP4 quantization must divide as IEEE (div.rn)"
         )
 
 
