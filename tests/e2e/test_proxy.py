@@ -3,6 +3,8 @@ priced as Llama-3-8B on a Maia 200 says so in its log and /metrics, sizes its KV
 would, and a static batch through it gives the emulated figures `simulate` gives for the same shape
 and workload (within 5%; the same steps, so in practice to rounding)."""
 
+import time
+
 import pytest
 
 from maia_serving.emulator import ServingConfig, load_model_shape, load_profile
@@ -50,3 +52,28 @@ def test_a_static_batch_matches_simulate(proxy_server):
     assert (live.num_requests, live.num_steps) == (NUM_REQUESTS, sim.num_steps), "not the simulator's steps"
     for name, ratio in live.ratio_to(sim).items():
         assert ratio == pytest.approx(1.0, abs=0.05), f"{name}: live {getattr(live, name)} vs {getattr(sim, name)}"
+
+
+def test_idle_time_between_requests_is_on_the_emulated_clock(proxy_server):
+    """The clock rule: two requests 2 host seconds apart, the device idle between them, are that far
+    apart on the emulated clock too (before the rule, the clock held only the steps' busy time)."""
+    from openai import OpenAI
+
+    from maia_serving.launch import scrape
+
+    client = OpenAI(base_url=f"{proxy_server.url}/v1", api_key="none", max_retries=0)
+
+    def one() -> dict[str, float]:
+        out = client.completions.create(model="demo", prompt=[[11] * 16], max_tokens=4, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == 4
+        time.sleep(0.5)  # the engine's last record reaches /metrics just after the answer
+        return scrape(proxy_server.url)
+
+    first = one()
+    time.sleep(2.0)
+    second = one()
+    clock = second["maia:emulated_clock_seconds"] - first["maia:emulated_clock_seconds"]
+    busy = second["maia:emulated_busy_seconds_total"] - first["maia:emulated_busy_seconds_total"]
+    assert busy < 0.1
+    assert 2.0 + busy <= clock < 10.0  # the idle gap (2 s and the client's own time) plus the second request's steps
