@@ -220,7 +220,8 @@ def plot(results: list[Result], path: Path, title: str) -> None:
     ax.set_title(title, fontsize=10)
     for regime, color in colors.items():
         ax.bar([0], [0], color=color, label=regime)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.set_ylim(0.5, 1.5)
+    ax.legend(fontsize=7, loc="lower left", ncol=5)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
