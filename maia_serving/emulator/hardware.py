@@ -187,6 +187,7 @@ def profile_from_dict(raw: dict[str, Any]) -> DeviceProfile:
         dtype: _figure(entry, f"peak_compute.{dtype}", sources, estimates)
         for dtype, entry in raw["peak_compute"].items()
     }
+
     def optional(key: str, default: float) -> float:
         return fig(key) if key in raw else default
 
@@ -199,6 +200,8 @@ def profile_from_dict(raw: dict[str, Any]) -> DeviceProfile:
         graph = CudaGraphs(_figure(g["launch"], "cuda_graphs.launch", sources, estimates),
                            int(_figure(g["max_batch"], "cuda_graphs.max_batch", sources, estimates)))
     attention = fig("attention_compute_efficiency") if "attention_compute_efficiency" in raw else None
+    split, host_launch, step_overhead = (optional("attention_split", 0), optional("host_launch", 0.0),
+                                         optional("step_overhead", 0.0))
     return DeviceProfile(
         name=raw["name"],
         description=raw.get("description", ""),
@@ -213,13 +216,13 @@ def profile_from_dict(raw: dict[str, Any]) -> DeviceProfile:
         scale_up=_link(raw["scale_up"], "scale_up", sources, estimates),
         host_link=_link(raw["host_link"], "host_link", sources, estimates),
         sources=sources,
-        estimates=tuple(estimates),
+        estimates=tuple(estimates),  # read every figure above this line: reading one appends to estimates
         gemm=gemm,
         attention_compute_efficiency=attention,
-        attention_split_tokens=int(optional("attention_split", 0)),
-        host_launch_s=optional("host_launch", 0.0),
+        attention_split_tokens=int(split),
+        host_launch_s=host_launch,
         graph=graph,
-        step_overhead_s=optional("step_overhead", 0.0),
+        step_overhead_s=step_overhead,
     )
 
 

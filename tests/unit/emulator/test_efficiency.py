@@ -137,3 +137,16 @@ def test_prefill_attention_runs_at_the_attention_efficiency(h100, llama8b):
     assert attention.flops == 32 * 4 * 32 * 128 * (2048 * 2049 // 2)
     assert attention.compute_s == pytest.approx(attention.flops / (989e12 * 0.6), rel=1e-12)
     assert attention.bound == "compute"
+
+
+def test_the_shape_aware_figures_are_read_with_their_sources_and_estimates(h100):
+    """Each new figure carries its source, and those that are ours say so (a published SM count does not)."""
+    assert h100.gemm.tile_m == 64 and h100.gemm.tile_n == 128 and h100.gemm.units == 132
+    assert h100.graph.max_batch == 512 and h100.graph.launch_s == pytest.approx(10e-6)
+    assert h100.host_launch_s == pytest.approx(5e-6) and h100.step_overhead_s == pytest.approx(1e-3)
+    assert h100.attention_split_tokens == 512 and h100.attention_compute_efficiency == 0.6
+    for key in ("gemm.tile_m", "gemm.units", "attention_split", "host_launch", "cuda_graphs.launch", "step_overhead"):
+        assert h100.sources[key]
+    assert {"gemm.tile_n", "host_launch", "cuda_graphs.launch", "step_overhead",
+            "attention_compute_efficiency"} <= set(h100.estimates)
+    assert "gemm.units" not in h100.estimates and "gemm.tile_m" not in h100.estimates
