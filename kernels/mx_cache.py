@@ -40,12 +40,64 @@ def encode_minifloat(y, MANT: tl.constexpr, BIAS: tl.constexpr, MAX_CODE: tl.con
 
 
 @triton.jit
-def decode_e4m3(code):
-    """Non-negative E4M3 code (never the NaN one) -> float32."""
-    exponent = code >> 3
-    mantissa = code & 7
-    normal = (((exponent + 120) << 23) | (mantissa << 20)).to(tl.float32, bitcast=True)
-    return tl.where(exponent > 0, normal, mantissa.to(tl.float32) * 0.001953125)  # 2^-9
+def decode_minifloat(code, BITS: tl.constexpr, MANT: tl.constexpr, BIAS: tl.constexpr, HAS_NAN: tl.constexpr):
+    """int32 code -> float32 by the spec's formula, built from bits (exact, no float constants).
+
+    A subnormal ``0.M * 2^(1 - BIAS)`` is ``1.M * 2^(1 - BIAS)`` minus ``2^(1 - BIAS)``: exact.
+    ``HAS_NAN``: the all-ones magnitude is NaN (E4M3).
+    """
+    magnitude = code & ((1 << (BITS - 1)) - 1)
+    exponent = magnitude >> MANT
+    mantissa_bits = (magnitude & ((1 << MANT) - 1)) << (23 - MANT)
+    normal = (((exponent - BIAS + 127) << 23) | mantissa_bits).to(tl.float32, bitcast=True)
+    lowest = (((128 - BIAS) << 23) | mantissa_bits).to(tl.float32, bitcast=True)
+    lowest_binade = tl.full(magnitude.shape, (128 - BIAS) << 23, tl.int32).to(tl.float32, bitcast=True)
+    value = tl.where(exponent > 0, normal, lowest - lowest_binade)
+    value = tl.where(((code >> (BITS - 1)) & 1) == 1, -value, value)
+    if HAS_NAN:
+        value = tl.where(magnitude == (1 << (BITS - 1)) - 1, float("nan"), value)
+    return value
+
+
+@triton.jit
+def decode_e8m0(code):
+    """E8M0 code -> float32 ``2^(code - 127)`` (code 0: the float32 subnormal 2^-127; 0xFF: NaN)."""
+    value = tl.where(code == 0, 0x00400000, code << 23).to(tl.float32, bitcast=True)
+    return tl.where(code == 255, float("nan"), value)
+
+
+@triton.jit
+def load_mx_tile(
+    cache_ptr,
+    row_offsets,  # [ROWS] int64: where each row's (token, KV head) bytes start
+    dims,  # [COLS] int32: which of the head's values
+    mask,  # [ROWS, COLS]
+    BLOCK: tl.constexpr,
+    BITS: tl.constexpr,
+    MANT: tl.constexpr,
+    BIAS: tl.constexpr,
+    PER_WORD: tl.constexpr,
+    WORD_BYTES: tl.constexpr,
+    NVFP4: tl.constexpr,
+):
+    """Dequantize ``[ROWS, COLS]`` values of a paged MX/NVFP4 cache to float32: element times its
+    block scale (NVFP4's per-tensor scale is left to the caller). Masked entries are 0."""
+    block_bytes = BLOCK * BITS // 8 + 1
+    block = dims // BLOCK
+    index = dims % BLOCK
+    word_start = row_offsets[:, None] + (block * block_bytes + (index // PER_WORD) * WORD_BYTES)[None, :]
+    word = tl.zeros(mask.shape, dtype=tl.int32)
+    for k in tl.static_range(WORD_BYTES):
+        word |= tl.load(cache_ptr + word_start + k, mask=mask, other=0).to(tl.int32) << (8 * k)
+    code = (word >> ((index % PER_WORD) * BITS)[None, :]) & ((1 << BITS) - 1)
+    scale_code = tl.load(
+        cache_ptr + row_offsets[:, None] + (block * block_bytes + block_bytes - 1)[None, :], mask=mask, other=0
+    ).to(tl.int32)
+    if NVFP4:
+        scale = decode_minifloat(scale_code, 8, 3, 7, True)
+    else:
+        scale = decode_e8m0(scale_code)
+    return decode_minifloat(code, BITS, MANT, BIAS, BITS == 8) * scale
 
 
 @triton.jit
@@ -81,7 +133,7 @@ def _quantize_row(
 
     if NVFP4:
         block_code = encode_minifloat(tl.math.div_rn(amax, MAX_VALUE * tensor_scale), 3, 7, 0x7E, 7)
-        denominator = (decode_e4m3(block_code) * tensor_scale)[:, None, None]
+        denominator = (decode_minifloat(block_code, 8, 3, 7, True) * tensor_scale)[:, None, None]
         y = tl.where(denominator > 0.0, tl.math.div_rn(x, denominator), x * 0.0)
         scale_code = tl.where(special, 0x7F, block_code)
     else:
@@ -181,6 +233,23 @@ def format_constexprs(fmt: MxFormat, head_dim: int) -> dict:
         "EMAX": elem.emax,
         "MAX_VALUE": elem.max_value,
         "NVFP4": fmt.scale == "e4m3",
+    }
+
+
+def attention_constexprs(fmt: MxFormat | None) -> dict:
+    """The paged-attention kernel's MX_* constexprs: how to decode ``fmt`` (None: not a block format)."""
+    if fmt is None:
+        return dict.fromkeys(
+            ("MX_BLOCK", "MX_BITS", "MX_MANT", "MX_BIAS", "MX_PER_WORD", "MX_WORD_BYTES", "MX_NVFP4"), 0
+        )
+    return {
+        "MX_BLOCK": fmt.block_size,
+        "MX_BITS": fmt.element.bits,
+        "MX_MANT": fmt.element.mantissa_bits,
+        "MX_BIAS": fmt.element.bias,
+        "MX_PER_WORD": fmt.elements_per_word,
+        "MX_WORD_BYTES": fmt.bytes_per_word,
+        "MX_NVFP4": fmt.scale == "e4m3",
     }
 
 

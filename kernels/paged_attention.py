@@ -5,7 +5,10 @@ query tokens of one sequence and every query head of one KV head (GQA), so each 
 read once per group: its ``BLOCK_M`` rows are (token, head-in-group) pairs. It walks the
 sequence's keys in tiles of ``TILE_N`` through the block table with an online softmax.
 FP8 pages are decoded to float32 in registers; since a program sees one KV head, its K and
-V scales are scalars, folded into the softmax scale and the final normalization.
+V scales are scalars, folded into the softmax scale and the final normalization. Block-scaled
+pages (MXFP8/6/4, NVFP4; ``maia_serving.ops.mx``) are decoded the same way by
+``mx_cache.load_mx_tile``, each value times its block scale; NVFP4's per-tensor scales fold
+like FP8's. Their numerics follow ``maia_serving.ops.mx.paged_attention_mx_ref``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ import triton
 import triton.language as tl
 
 from maia_serving.ops.fp8 import check_paged_attention_args, scale_tensor
+from maia_serving.ops.mx import MX_FORMATS, check_paged_attention_mx_args
+
+from .mx_cache import attention_constexprs, load_mx_tile
 
 
 @triton.jit
@@ -50,6 +56,13 @@ def _paged_attention_kernel(
     FP8_E5M2: tl.constexpr,
     PER_HEAD_SCALE: tl.constexpr,
     CAUSAL: tl.constexpr,
+    MX_BLOCK: tl.constexpr,  # 0: not a block-scaled cache; the MX_* below describe the format
+    MX_BITS: tl.constexpr,
+    MX_MANT: tl.constexpr,
+    MX_BIAS: tl.constexpr,
+    MX_PER_WORD: tl.constexpr,
+    MX_WORD_BYTES: tl.constexpr,
+    MX_NVFP4: tl.constexpr,
 ):
     seq = tl.program_id(0)
     q_block = tl.program_id(1)
@@ -79,7 +92,7 @@ def _paged_attention_kernel(
     ).to(tl.float32)
     q_pos = context_len + q_token  # absolute position of each row's token
 
-    if IS_FP8:
+    if IS_FP8 or MX_NVFP4:
         if PER_HEAD_SCALE:
             k_scale = tl.load(k_scale_ptr + kv_head)
             v_scale = tl.load(v_scale_ptr + kv_head)
@@ -112,21 +125,31 @@ def _paged_attention_kernel(
             page * cache_stride_b + (k_pos % BLOCK_SIZE) * cache_stride_s + cache_head
         )
         kv_mask = k_valid[:, None] & dim_valid[None, :]
-        k = tl.load(
-            key_cache_ptr + kv_offsets[:, None] + dims[None, :], mask=kv_mask, other=0
-        )
-        v = tl.load(
-            value_cache_ptr + kv_offsets[:, None] + dims[None, :], mask=kv_mask, other=0
-        )
-        if IS_FP8:
-            if FP8_E5M2:
-                k = k.to(tl.float8e5, bitcast=True)
-                v = v.to(tl.float8e5, bitcast=True)
-            else:
-                k = k.to(tl.float8e4nv, bitcast=True)
-                v = v.to(tl.float8e4nv, bitcast=True)
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+        if MX_BLOCK > 0:
+            k = load_mx_tile(
+                key_cache_ptr, kv_offsets, dims, kv_mask, MX_BLOCK, MX_BITS, MX_MANT, MX_BIAS,
+                MX_PER_WORD, MX_WORD_BYTES, MX_NVFP4,
+            )
+            v = load_mx_tile(
+                value_cache_ptr, kv_offsets, dims, kv_mask, MX_BLOCK, MX_BITS, MX_MANT, MX_BIAS,
+                MX_PER_WORD, MX_WORD_BYTES, MX_NVFP4,
+            )
+        else:
+            k = tl.load(
+                key_cache_ptr + kv_offsets[:, None] + dims[None, :], mask=kv_mask, other=0
+            )
+            v = tl.load(
+                value_cache_ptr + kv_offsets[:, None] + dims[None, :], mask=kv_mask, other=0
+            )
+            if IS_FP8:
+                if FP8_E5M2:
+                    k = k.to(tl.float8e5, bitcast=True)
+                    v = v.to(tl.float8e5, bitcast=True)
+                else:
+                    k = k.to(tl.float8e4nv, bitcast=True)
+                    v = v.to(tl.float8e4nv, bitcast=True)
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
 
         s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, TILE_N], log2 domain
         mask = row_valid[:, None] & k_valid[None, :]
@@ -184,13 +207,16 @@ def paged_attention(
     max_query_len: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Triton version of ``maia_serving.ops.fp8.paged_attention_ref`` (same arguments).
+    """Triton version of ``maia_serving.ops.fp8.paged_attention_ref`` (same arguments), and of
+    ``maia_serving.ops.mx.paged_attention_mx_ref`` when ``kv_cache_dtype`` names a block format.
 
     ``max_query_len`` bounds the grid; leave it None to read it from ``query_start_loc``
     (a device sync). A smaller value than the truth leaves queries unattended. ``out``
     (the query's shape and dtype) receives the result and is returned.
     """
-    fmt = check_paged_attention_args(
+    mx_fmt = MX_FORMATS.get(kv_cache_dtype)
+    check = check_paged_attention_mx_args if mx_fmt else check_paged_attention_args
+    fmt = check(
         query,
         key_cache,
         value_cache,
@@ -199,6 +225,12 @@ def paged_attention(
         query_start_loc,
         kv_cache_dtype,
     )
+    if mx_fmt:
+        if mx_fmt.scale == "e8m0" and (k_scale is not None or v_scale is not None):
+            raise ValueError(
+                f"{mx_fmt.name} keeps all its scale in the E8M0 block scales; pass k_scale=v_scale=None"
+            )
+        fmt = None
     if not math.isfinite(scale):
         raise ValueError(f"softmax scale must be finite, got {scale}")
     if key_cache.stride() != value_cache.stride():
@@ -268,6 +300,7 @@ def paged_attention(
         FP8_E5M2=fmt is not None and fmt.name == "e5m2",
         PER_HEAD_SCALE=per_head_scale,
         CAUSAL=causal,
+        **attention_constexprs(mx_fmt),
         **blocks,
     )
     return out

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from maia_serving.ops.fp8 import scale_tensor
+from maia_serving.ops.fp8 import check_paged_attention_args, paged_attention_ref, scale_tensor
 
 
 @dataclass(frozen=True)
@@ -335,3 +335,51 @@ def reshape_and_cache_mx_ref(
     blocks, rows = slots // block_size, slots % block_size
     for src, cache, scale in ((key, key_cache, k_scale), (value, value_cache, v_scale)):
         cache[blocks, rows] = quantize_mx_ref(src[valid], fmt, scale)
+
+
+def check_paged_attention_mx_args(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    kv_cache_dtype: str,
+) -> MxFormat:
+    """The caches' bytes, then every check of the unquantized path on the shapes they decode to."""
+    fmt = get_mx_format(kv_cache_dtype)
+    head_dim = query.shape[-1]
+    for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
+        if cache.dtype != torch.uint8 or cache.dim() != 4 or cache.shape[-1] != head_bytes(fmt, head_dim):
+            raise ValueError(
+                f"{name} for {fmt.name} at head_dim {head_dim} must be uint8 [num_blocks, block_size, "
+                f"num_kv_heads, {head_bytes(fmt, head_dim)}], got {cache.dtype} {tuple(cache.shape)}"
+            )
+    decoded = [torch.empty((*c.shape[:-1], head_dim), device="meta") for c in (key_cache, value_cache)]
+    check_paged_attention_args(query, *decoded, block_tables, seq_lens, query_start_loc, "auto")
+    return fmt
+
+
+def paged_attention_mx_ref(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    kv_cache_dtype: str,
+    k_scale: float | torch.Tensor | None = None,
+    v_scale: float | torch.Tensor | None = None,
+    causal: bool = True,
+) -> torch.Tensor:
+    """``fp8.paged_attention_ref`` over the float32 values the MX caches decode to (same arguments)."""
+    fmt = check_paged_attention_mx_args(
+        query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, kv_cache_dtype
+    )
+    head_dim = query.shape[-1]
+    keys = dequantize_mx_ref(key_cache, fmt, head_dim, k_scale)
+    values = dequantize_mx_ref(value_cache, fmt, head_dim, v_scale)
+    return paged_attention_ref(
+        query, keys, values, block_tables, seq_lens, query_start_loc, scale, "auto", causal=causal
+    )

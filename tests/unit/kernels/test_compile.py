@@ -60,7 +60,7 @@ def _configs() -> dict[str, tuple[str, str, dict[str, str], dict]]:
         {"key_cache_ptr": "*u8", "value_cache_ptr": "*u8"},
         {"key_cache_ptr": "*bf16", "value_cache_ptr": "*bf16"},
     )
-    pa_common = {"BLOCK_SIZE": 16, "FP8_E5M2": False, "CAUSAL": True}
+    pa_common = {"BLOCK_SIZE": 16, "FP8_E5M2": False, "CAUSAL": True, **mx.attention_constexprs(None)}
     return {
         "reshape_and_cache-e4m3": (
             RC,
@@ -128,6 +128,22 @@ def _configs() -> dict[str, tuple[str, str, dict[str, str], dict]]:
                 "_reshape_and_cache_mx_kernel",
                 {**_RC_POINTERS, **u8},
                 {**mx.format_constexprs(fmt, 80), "PER_HEAD_SCALE": name == "nvfp4"},
+            )
+            for name, fmt in MX_FORMATS.items()
+        },
+        **{
+            f"paged_attention-{name}-gqa4": (
+                PA,
+                "_paged_attention_kernel",
+                {**_PA_POINTERS, **u8},
+                {
+                    **pa_common,
+                    **pa._block_sizes(16, 4, 80),
+                    **mx.attention_constexprs(fmt),
+                    "QUERIES_PER_KV": 4,
+                    "IS_FP8": False,
+                    "PER_HEAD_SCALE": name == "nvfp4",
+                },
             )
             for name, fmt in MX_FORMATS.items()
         },
