@@ -45,6 +45,7 @@ bench: setup
 	cd benchmarks && ../$(PY) kv_accuracy.py
 	cd benchmarks && ../$(PY) kernels_bench.py
 	cd benchmarks && ../$(PY) simulator_speed.py
+	cd benchmarks && ../$(PY) fidelity.py
 	cd benchmarks && ../$(PY) live_vs_simulate.py
 	cd benchmarks && ../$(PY) reliability.py
 
