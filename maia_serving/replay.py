@@ -1,4 +1,4 @@
-"""Live and offline agree: one fixed workload through a live vLLM server and through ``simulate``.
+"""Live and offline agree: one fixed workload through a live server and through ``simulate``.
 
 A static batch (every request at once, fixed input and output lengths, ``ignore_eos``) is what
 ``simulate`` runs by default. Sent over HTTP, the same requests reach vLLM's engine over a few
@@ -8,7 +8,11 @@ TTFT and everyone's first decode differ (seen: mean TTFT 21% apart, TPOT 3%). So
 pauses the scheduler (``POST /pause?mode=keep``, served with ``VLLM_SERVER_DEV_MODE=1``),
 sends the batch, gives it ``settle_s`` to reach the engine (a paused engine publishes no
 queue length to wait on) and resumes: the engine then sees the batch at once, as the
-simulator does; a run whose step count differs from the simulator's did not. The emulated
+simulator does; a run whose step count differs from the simulator's did not. SGLang needs
+no pause: its tokenizer hands a batch of token-id prompts to the scheduler in one message
+(``pause=False``); its policy then matches the simulator's where it prefills as vLLM does
+(a batch that fits one step's budget), and not where vLLM would mix decodes into chunked
+prefills (SGLang prefills first). The emulated
 figures are read from the server's own ``/metrics`` (the difference of two scrapes), so
 other traffic must not overlap.
 """
@@ -84,9 +88,10 @@ def _post(url: str) -> None:
 
 def replay_at_once(url: str, model: str, num_requests: int, input_len: int, output_len: int,
                    pause: bool = True, settle_s: float = 2.0, timeout_s: float = 300.0) -> Figures:
-    """Serve the static batch on the vLLM server at ``url`` (dev mode, for /pause) and return its
+    """Serve the static batch on the server at ``url`` (vLLM in dev mode, for /pause) and return its
     emulated figures; every request must produce exactly ``output_len`` tokens. ``pause=False``
-    sends it as a plain client would, in one HTTP request, to show what the pause changes."""
+    sends it as a plain client would, in one HTTP request: for SGLang, or to show what the pause
+    changes under vLLM."""
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=timeout_s)

@@ -109,6 +109,16 @@ def proxy_server(demo_model):
         yield server
 
 
+@pytest.fixture(scope="module")
+def sglang_proxy_server(demo_model):
+    port = free_port()
+    cmd = sglang_serve_cmd(demo_model, port, "--served-model-name", "demo", *SGLANG_LIMITS, "--enable-metrics")
+    env = {**SGLANG_ENV, "MAIA_SERVING_PROFILE": "maia200", "MAIA_SERVING_MODEL": "llama-3-8b"}
+    with Server(cmd, port, LOGS / "maia-sglang-proxy-server.log", env=env) as server:
+        server.metrics_at_start = scrape(server.url)  # before any request
+        yield server
+
+
 @pytest.fixture(scope="session")
 def client(maia_server):
     return openai_client(maia_server)
