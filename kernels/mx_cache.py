@@ -6,6 +6,10 @@ where a word is the fewest elements that fill whole bytes (FP8 1, FP4 2, FP6 4).
 are built with integer operations on the float32 bits (no float8 casts: Triton's interpreter
 gets those wrong, and FP4/FP6 have no Triton type); a word's codes are OR-ed into one integer
 and stored byte by byte, followed by the block's scale byte.
+
+The read side lives here too: ``load_mx_tile`` decodes a ``[tokens, dims]`` tile of a paged
+cache to float32 for ``paged_attention`` (per value: gather its word and its block's scale
+byte; correct on any Triton device, not tuned for bandwidth).
 """
 
 from __future__ import annotations
