@@ -35,6 +35,23 @@ def test_unknown_profile_names_the_known_ones(engine, demo_model, logs_dir):
     assert "unknown device profile 'maia300'" in msg and "maia100" in msg
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_unknown_proxy_shape_names_the_built_in_ones(engine, demo_model, logs_dir):
+    """Each engine's spelling of the proxy shape: vLLM's maia_model, SGLang's MAIA_SERVING_MODEL."""
+    port = free_port()
+    if engine == "vllm":
+        config = json.dumps({"maia_profile": "maia200", "maia_model": "llama-9-9b"})
+        cmd, env = vllm_serve_cmd(demo_model, port, "--additional-config", config, "--enforce-eager"), {}
+        setting = "--additional-config maia_model"
+    else:
+        cmd, env = sglang_serve_cmd(demo_model, port), {"MAIA_SERVING_MODEL": "llama-9-9b"}
+        setting = "MAIA_SERVING_MODEL"
+    with pytest.raises(ServerFailed) as err:
+        Server(cmd, port, logs_dir / f"unknown-proxy-{engine}.log", env=env, timeout_s=240).start()
+    assert f"{setting}='llama-9-9b': no model config at 'llama-9-9b'" in str(err.value)
+    assert "llama-3-70b" in str(err.value)
+
+
 @pytest.fixture(scope="module")
 def llama70b_shape(demo_model, tmp_path_factory):
     """A Llama-3-70B-shaped config (no weights needed: sizing happens before loading)."""
