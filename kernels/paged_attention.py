@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from maia_serving.ops.fp8 import check_paged_attention_args, scale_tensor
+from maia_serving.ops.fp8 import check_paged_attention_args, check_sliding_window, scale_tensor
 from maia_serving.ops.mx import MX_FORMATS, check_paged_attention_mx_args
 
 from .mx_cache import attention_constexprs, load_mx_tile
@@ -46,6 +46,7 @@ def _paged_attention_kernel(
     cache_stride_h: tl.int64,
     block_tables_stride: tl.int64,
     head_dim,
+    sliding_window,  # keys each query sees, itself included (read when HAS_WINDOW)
     QUERIES_PER_KV: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr,
@@ -56,6 +57,7 @@ def _paged_attention_kernel(
     FP8_E5M2: tl.constexpr,
     PER_HEAD_SCALE: tl.constexpr,
     CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
     MX_BLOCK: tl.constexpr,  # 0: not a block-scaled cache; the MX_* below describe the format
     MX_BITS: tl.constexpr,
     MX_MANT: tl.constexpr,
@@ -108,12 +110,15 @@ def _paged_attention_kernel(
         kv_len = context_len + tl.minimum((q_block + 1) * BLOCK_Q, q_len)
     else:
         kv_len = seq_len
+    kv_start = 0
+    if HAS_WINDOW:  # keys before the first row's window are never read (freed pages included)
+        kv_start = tl.maximum(context_len + q_block * BLOCK_Q - sliding_window + 1, 0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     cache_head = kv_head * cache_stride_h
-    for start in range(0, kv_len, TILE_N):
+    for start in range(kv_start, kv_len, TILE_N):
         k_pos = start + tl.arange(0, TILE_N)
         k_valid = k_pos < kv_len
         page = tl.load(
@@ -155,6 +160,8 @@ def _paged_attention_kernel(
         mask = row_valid[:, None] & k_valid[None, :]
         if CAUSAL:
             mask = mask & (k_pos[None, :] <= q_pos[:, None])
+        if HAS_WINDOW:
+            mask = mask & (k_pos[None, :] > q_pos[:, None] - sliding_window)
         s = tl.where(mask, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_new = tl.where(m_new > float("-inf"), m_new, 0.0)  # rows without keys yet
@@ -206,14 +213,17 @@ def paged_attention(
     *,
     max_query_len: int | None = None,
     out: torch.Tensor | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Triton version of ``maia_serving.ops.fp8.paged_attention_ref`` (same arguments), and of
     ``maia_serving.ops.mx.paged_attention_mx_ref`` when ``kv_cache_dtype`` names a block format.
 
     ``max_query_len`` bounds the grid; leave it None to read it from ``query_start_loc``
     (a device sync). A smaller value than the truth leaves queries unattended. ``out``
-    (the query's shape and dtype) receives the result and is returned.
+    (the query's shape and dtype) receives the result and is returned. ``sliding_window``
+    (causal only): each query sees its last that many keys, itself included.
     """
+    check_sliding_window(sliding_window, causal)
     mx_fmt = MX_FORMATS.get(kv_cache_dtype)
     check = check_paged_attention_mx_args if mx_fmt else check_paged_attention_args
     fmt = check(
@@ -294,12 +304,14 @@ def paged_attention(
         cache_stride_h=key_cache.stride(2),
         block_tables_stride=block_tables.stride(0),
         head_dim=head_dim,
+        sliding_window=sliding_window or 0,
         QUERIES_PER_KV=queries_per_kv,
         BLOCK_SIZE=block_size,
         IS_FP8=fmt is not None,
         FP8_E5M2=fmt is not None and fmt.name == "e5m2",
         PER_HEAD_SCALE=per_head_scale,
         CAUSAL=causal,
+        HAS_WINDOW=sliding_window is not None,
         **attention_constexprs(mx_fmt),
         **blocks,
     )

@@ -128,12 +128,14 @@ def paged_attention(
     max_query_len: int | None = None,
     out: torch.Tensor | None = None,
     plan=None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Paged attention over varlen queries; see ``paged_attention_ref``.
 
     ``max_query_len`` (the longest ``q_len``) spares the kernel a device sync; ``out``
     receives the result when given and is returned. ``plan`` (``ops.host.PagedPlan`` for
-    the same batch) spares the torch path rebuilding its index tensors in every layer.
+    the same batch and window) spares the torch path rebuilding its index tensors in every
+    layer. ``sliding_window``: each query sees its last that many keys, itself included.
     """
     args = (
         query,
@@ -151,10 +153,11 @@ def paged_attention(
     if kernel_backend(query.device) == "triton":
         from maia_serving import kernels
 
-        return kernels.paged_attention(*args, max_query_len=max_query_len, out=out)
+        return kernels.paged_attention(*args, max_query_len=max_query_len, out=out, sliding_window=sliding_window)
     from maia_serving.ops.host import paged_attention_host
 
-    return paged_attention_host(*args, max_query_len=max_query_len, plan=plan, out=out)
+    return paged_attention_host(*args, max_query_len=max_query_len, plan=plan, out=out,
+                                sliding_window=sliding_window)
 
 
 def kv_absmax(x: torch.Tensor) -> torch.Tensor:

@@ -250,6 +250,27 @@ def check_paged_attention_args(
     return fmt
 
 
+def check_sliding_window(sliding_window: int | None, causal: bool) -> None:
+    """A window is a positive key count and only meaningful for causal attention."""
+    if sliding_window is None:
+        return
+    if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
+        raise ValueError(f"sliding_window must be a positive int (keys each query sees, itself included) or None, "
+                         f"got {sliding_window!r}")
+    if not causal:
+        raise ValueError("sliding_window needs causal attention")
+
+
+def attended(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    """True where the query at ``q_pos`` sees the key at ``k_pos`` (broadcast): keys up to its own
+    position and, with a window of W, the last W of them (itself included), as vLLM and HF define it
+    (flash-attn window ``(W - 1, 0)``; SGLang's exclusive ``sliding_window_size`` is W - 1)."""
+    seen = k_pos <= q_pos
+    if sliding_window is not None:
+        seen = seen & (k_pos > q_pos - sliding_window)
+    return seen
+
+
 def _gather_kv(
     cache: torch.Tensor,
     blocks: torch.Tensor,
@@ -274,15 +295,18 @@ def paged_attention_ref(
     k_scale: float | torch.Tensor | None = None,
     v_scale: float | torch.Tensor | None = None,
     causal: bool = True,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Attention of varlen queries over a paged KV cache, computed in float32.
 
     Sequence ``i`` owns query rows ``query_start_loc[i]:query_start_loc[i+1]``: the last
     ``q_len`` tokens of its ``seq_lens[i]`` tokens of context (decode, prefill, chunked
     prefill and prefix caching alike). Query head ``h`` reads KV head
-    ``h // (num_heads // num_kv_heads)``. Returns ``[total_q_tokens, num_heads, head_dim]``
-    in the query's dtype.
+    ``h // (num_heads // num_kv_heads)``. ``sliding_window`` (causal only): each query sees
+    its last ``sliding_window`` keys, itself included (``attended``). Returns
+    ``[total_q_tokens, num_heads, head_dim]`` in the query's dtype.
     """
+    check_sliding_window(sliding_window, causal)
     fmt = check_paged_attention_args(
         query,
         key_cache,
@@ -315,7 +339,7 @@ def paged_attention_ref(
         if causal:
             q_pos = torch.arange(seq_len - (q1 - q0), seq_len, device=query.device)
             k_pos = torch.arange(seq_len, device=query.device)
-            scores.masked_fill_(k_pos[None, :] > q_pos[:, None], float("-inf"))
+            scores.masked_fill_(~attended(q_pos[:, None], k_pos[None, :], sliding_window), float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[q0:q1] = torch.einsum("hqk,khd->qhd", probs, v).to(query.dtype)
     return out

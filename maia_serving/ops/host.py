@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from maia_serving.ops.fp8 import (
+    attended,
     check_paged_attention_args,
+    check_sliding_window,
     dequantize_fp8_ref,
     paged_attention_ref,
 )
@@ -35,11 +37,14 @@ class PagedPlan:
     valid_q: torch.Tensor  # [seqs, max_q]
     mask: torch.Tensor  # [seqs, 1 or max_q, max_len], True where a key is not attended
     batched: bool  # False: the padded scores would be too large, use the reference
+    sliding_window: int | None = None  # the window the mask was built for
 
 
 def plan_paged_attention(block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                          num_tokens: int, num_heads: int, block_size: int, causal: bool = True,
-                         max_query_len: int | None = None) -> PagedPlan:
+                         max_query_len: int | None = None, sliding_window: int | None = None) -> PagedPlan:
+    """The step's index tensors and mask; ``sliding_window`` as in ``paged_attention_ref``."""
+    check_sliding_window(sliding_window, causal)
     num_seqs = seq_lens.shape[0]
     q_lens = (query_start_loc[1:] - query_start_loc[:-1]).long()
     max_q = (int(q_lens.max()) if num_seqs else 0) if max_query_len is None else max_query_len
@@ -50,7 +55,7 @@ def plan_paged_attention(block_tables: torch.Tensor, seq_lens: torch.Tensor, que
     mask = k_pos[None, None, :] >= seq_lens_l[:, None, None]
     if causal:
         q_pos = seq_lens_l[:, None] - q_lens[:, None] + rows[None, :]
-        mask = mask | (k_pos[None, None, :] > q_pos[:, :, None])
+        mask = mask | ~attended(q_pos[:, :, None], k_pos[None, None, :], sliding_window)
     return PagedPlan(
         num_seqs=num_seqs,
         max_q=max_q,
@@ -60,6 +65,7 @@ def plan_paged_attention(block_tables: torch.Tensor, seq_lens: torch.Tensor, que
         valid_q=rows[None, :] < q_lens[:, None],
         mask=mask,
         batched=num_seqs * num_heads * max_q * max_len <= MAX_BATCHED_SCORES,
+        sliding_window=sliding_window,
     )
 
 
@@ -89,23 +95,27 @@ def paged_attention_host(
     max_query_len: int | None = None,
     plan: PagedPlan | None = None,
     out: torch.Tensor | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Arguments and result as ``paged_attention_ref``; ``plan`` (from
-    plan_paged_attention, the same batch) spares rebuilding the index tensors; ``out``,
-    when given, receives the result (no second copy on the serving hot path)."""
+    plan_paged_attention, the same batch and window) spares rebuilding the index tensors;
+    ``out``, when given, receives the result (no second copy on the serving hot path)."""
     fmt = check_paged_attention_args(query, key_cache, value_cache, block_tables, seq_lens,
                                      query_start_loc, kv_cache_dtype)
     num_heads, head_dim = query.shape[1:]
     if plan is None:
         plan = plan_paged_attention(block_tables, seq_lens, query_start_loc, query.shape[0], num_heads,
-                                    key_cache.shape[1], causal, max_query_len)
+                                    key_cache.shape[1], causal, max_query_len, sliding_window)
+    elif plan.sliding_window != sliding_window:
+        raise ValueError(f"the plan's mask is for sliding_window={plan.sliding_window}, this call asks for "
+                         f"{sliding_window}: plan each window apart")
     result = torch.zeros_like(query) if out is None else out.zero_()
     if plan.num_seqs == 0 or plan.max_q == 0:
         return result
     if not plan.batched:
         return result.copy_(paged_attention_ref(query, key_cache, value_cache, block_tables, seq_lens,
                                                 query_start_loc, scale, kv_cache_dtype, k_scale, v_scale,
-                                                causal))
+                                                causal, sliding_window))
     num_kv_heads = key_cache.shape[2]
     keys = _pages(key_cache, plan, k_scale, fmt)
     values = _pages(value_cache, plan, v_scale, fmt)

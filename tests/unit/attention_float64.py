@@ -48,15 +48,20 @@ def dequantize_exact(entries: torch.Tensor, scale: float | torch.Tensor | None, 
 
 
 def causal_attention_float64(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sliding_window: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``q [n, heads, d]``, the last n of the L tokens of ``k, v [L, kv_heads, d]`` (float64,
-    query head h reads KV head h // (heads // kv_heads)). Returns the attention output and the
-    float32 error budget ``err`` of each element (see the module doc)."""
+    query head h reads KV head h // (heads // kv_heads)); with ``sliding_window`` W, the query at
+    position p sees the keys p - W + 1 .. p (vLLM's and HF's window, its own key included).
+    Returns the attention output and the float32 error budget ``err`` of each element (see the
+    module doc)."""
     n, heads, d = q.shape
     group = heads // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    masked = torch.arange(k.shape[0])[None, :] > torch.arange(k.shape[0] - n, k.shape[0])[:, None]  # [n, L]
+    k_pos, q_pos = torch.arange(k.shape[0])[None, :], torch.arange(k.shape[0] - n, k.shape[0])[:, None]
+    masked = k_pos > q_pos  # [n, L]
+    if sliding_window is not None:
+        masked |= k_pos <= q_pos - sliding_window
     s = torch.einsum("qhd,khd->hqk", q, k) * scale
     s.masked_fill_(masked, float("-inf"))
     p = torch.softmax(s, dim=-1)
@@ -82,10 +87,11 @@ def paged_attention_float64(
     kv_cache_dtype: str = "auto",
     k_scale: float | torch.Tensor | None = None,
     v_scale: float | torch.Tensor | None = None,
+    sliding_window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Arguments as ``maia_serving.ops.paged_attention`` (causal); returns float64 output and
-    error budget ``[total_q, heads, d]``. Token t of sequence i lives in block
-    ``block_tables[i, t // block_size]``, row ``t % block_size``."""
+    """Arguments as ``maia_serving.ops.paged_attention`` (causal; ``sliding_window`` a keyword
+    there); returns float64 output and error budget ``[total_q, heads, d]``. Token t of
+    sequence i lives in block ``block_tables[i, t // block_size]``, row ``t % block_size``."""
     out = torch.zeros(query.shape, dtype=torch.float64)
     err = torch.zeros_like(out)
     block_size = key_cache.shape[1]
@@ -98,7 +104,8 @@ def paged_attention_float64(
         blocks, rows = block_tables[i].long()[pos // block_size], pos % block_size
         k = dequantize_exact(key_cache[blocks, rows], k_scale, kv_cache_dtype)
         v = dequantize_exact(value_cache[blocks, rows], v_scale, kv_cache_dtype)
-        out[q0:q1], err[q0:q1] = causal_attention_float64(query[q0:q1].double(), k, v, scale)
+        out[q0:q1], err[q0:q1] = causal_attention_float64(query[q0:q1].double(), k, v, scale,
+                                                              sliding_window)
     return out, err
 
 

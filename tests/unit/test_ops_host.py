@@ -144,3 +144,46 @@ def test_a_given_max_query_len_sets_the_padding():
     """The engine knows the step's longest query; the plan pads to it without reading q_lens back."""
     _, _, _, block_tables, seq_lens, qsl = _batch([(3, 9), (1, 14)], "auto", 1, seed=12)[:6]
     assert plan_paged_attention(block_tables, seq_lens, qsl, 4, 2, 16, max_query_len=8).max_q == 8
+
+
+@pytest.mark.parametrize("attention", [paged_attention_host, paged_attention_ref], ids=["host", "ref"])
+@pytest.mark.parametrize("case", ["decode", "chunked_and_prefix_hit"])
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8_e4m3"])
+@pytest.mark.parametrize("window", [1, 5, 16, 48])
+def test_sliding_window_is_float64_windowed_attention_rounded_once(attention, case, kv_cache_dtype, window):
+    """Windows of one key (a query sees only itself), inside a page, one page, every key."""
+    args = _batch(CASES[case], kv_cache_dtype, 2, seed=window)
+    assert_within_one_bf16_step(attention(*args, sliding_window=window),
+                                *paged_attention_float64(*args, sliding_window=window))
+
+
+def test_the_window_bites_and_sees_the_query_itself():
+    """Off by one matters: a window of W sees the W keys ending at the query's own (vLLM's
+    ``(W - 1, 0)``), so W = 1 returns the query token's own value and W = 16 differs from
+    full attention for contexts longer than 16."""
+    args = _batch([(1, 37), (3, 20)], "auto", 1, seed=13)
+    query, key_cache, value_cache, block_tables = args[:4]
+    own = torch.stack([value_cache[block_tables[0, 36 // 16], 36 % 16]]
+                      + [value_cache[block_tables[1, t // 16], t % 16] for t in (17, 18, 19)])
+    torch.testing.assert_close(paged_attention_host(*args, sliding_window=1), own, atol=0, rtol=0)
+    windowed, full = paged_attention_host(*args, sliding_window=16), paged_attention_host(*args)
+    assert (windowed - full).abs().amax() > 0.05
+    plan = plan_paged_attention(*args[3:6], query.shape[0], query.shape[1], 16, sliding_window=16)
+    assert plan.mask[0, 0].logical_not().nonzero().flatten().tolist() == list(range(21, 37))
+
+
+def test_a_plan_serves_only_its_own_window():
+    args = _batch(CASES["decode"], "auto", 1, seed=14)
+    query, _, _, block_tables, seq_lens, qsl = args[:6]
+    plan = plan_paged_attention(block_tables, seq_lens, qsl, query.shape[0], query.shape[1], 16, sliding_window=8)
+    assert_within_one_bf16_step(paged_attention_host(*args, plan=plan, sliding_window=8),
+                                *paged_attention_float64(*args, sliding_window=8))
+    with pytest.raises(ValueError, match="plan each window apart"):
+        paged_attention_host(*args, plan=plan)
+
+
+def test_the_fallback_keeps_the_window(monkeypatch):
+    monkeypatch.setattr(host, "MAX_BATCHED_SCORES", 0)
+    args = _batch(CASES["chunked_and_prefix_hit"], "auto", 2, seed=15)
+    torch.testing.assert_close(paged_attention_host(*args, sliding_window=6),
+                               paged_attention_ref(*args, sliding_window=6), atol=0, rtol=0)

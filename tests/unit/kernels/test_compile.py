@@ -60,7 +60,8 @@ def _configs() -> dict[str, tuple[str, str, dict[str, str], dict]]:
         {"key_cache_ptr": "*u8", "value_cache_ptr": "*u8"},
         {"key_cache_ptr": "*bf16", "value_cache_ptr": "*bf16"},
     )
-    pa_common = {"BLOCK_SIZE": 16, "FP8_E5M2": False, "CAUSAL": True, **mx.attention_constexprs(None)}
+    pa_common = {"BLOCK_SIZE": 16, "FP8_E5M2": False, "CAUSAL": True, "HAS_WINDOW": False,
+                 **mx.attention_constexprs(None)}
     return {
         "reshape_and_cache-e4m3": (
             RC,
@@ -114,6 +115,19 @@ def _configs() -> dict[str, tuple[str, str, dict[str, str], dict]]:
                 "QUERIES_PER_KV": 2,
                 "IS_FP8": False,
                 "PER_HEAD_SCALE": False,
+            },
+        ),
+        "paged_attention-bf16-sliding-window": (
+            PA,
+            "_paged_attention_kernel",
+            {**_PA_POINTERS, **bf16},
+            {
+                **pa_common,
+                **pa._block_sizes(64, 2, 128),
+                "QUERIES_PER_KV": 2,
+                "IS_FP8": False,
+                "PER_HEAD_SCALE": False,
+                "HAS_WINDOW": True,
             },
         ),
         "kv_absmax": (

@@ -280,3 +280,75 @@ def test_bad_arguments_raise_clear_errors(device):
         paged_attention(*args[:5], case.query_start_loc[:-1], *args[6:])
     with pytest.raises(ValueError, match="out must match"):
         paged_attention(*args, out=case.query.float())
+
+
+@pytest.mark.parametrize("batch", ["decode", "chunked_prefill", "mixed"])
+@pytest.mark.parametrize("window", [1, 7, 16, 70])
+def test_sliding_window_matches_reference(batch, window, device):
+    """Windows below, at and above a tile's and a page's size; 70 covers every key. The kernel
+    starts each program's key loop at its first row's window, so it never reads older pages."""
+    case = _make_case(
+        BATCHES[batch], 4, 64, 16, "fp8_e4m3", torch.bfloat16, seed=window, device=device
+    )
+    args = (
+        case.query,
+        case.key_cache,
+        case.value_cache,
+        case.block_tables,
+        case.seq_lens,
+        case.query_start_loc,
+        0.125,
+        "fp8_e4m3",
+        case.k_scale,
+        case.v_scale,
+    )
+    out = paged_attention(*args, sliding_window=window)
+    ref = paged_attention_ref(*args, sliding_window=window)
+    torch.testing.assert_close(out, ref, **TOLERANCES[torch.bfloat16])
+    if window < 50:  # the window bites: full attention differs
+        assert not torch.allclose(out, paged_attention_ref(*args), **TOLERANCES[torch.bfloat16])
+
+
+def test_sliding_window_argument_errors(device):
+    case = _make_case(
+        BATCHES["decode"], 4, 64, 16, "bf16", torch.bfloat16, seed=0, device=device
+    )
+    args = (
+        case.query,
+        case.key_cache,
+        case.value_cache,
+        case.block_tables,
+        case.seq_lens,
+        case.query_start_loc,
+        0.125,
+        "bf16",
+    )
+    with pytest.raises(ValueError, match="positive int"):
+        paged_attention(*args, sliding_window=0)
+    with pytest.raises(ValueError, match="needs causal"):
+        paged_attention(*args, causal=False, sliding_window=4)
+
+
+def test_sliding_window_never_reads_pages_before_the_window(device):
+    """vLLM frees the pages a window has passed (their block-table entries go stale): NaN there
+    must not reach the output. Decode at position 63 with a window of 16 reads keys 48..63 only."""
+    case = _make_case(
+        [(64, 1)], 4, 64, 16, "bf16", torch.bfloat16, seed=5, device=device
+    )
+    args = [
+        case.query,
+        case.key_cache,
+        case.value_cache,
+        case.block_tables,
+        case.seq_lens,
+        case.query_start_loc,
+        0.125,
+        "bf16",
+    ]
+    ref = paged_attention_ref(*args, sliding_window=16)
+    stale = case.block_tables[0, :3].long()
+    for cache in (case.key_cache, case.value_cache):
+        cache[stale] = float("nan")
+    torch.testing.assert_close(
+        paged_attention(*args, sliding_window=16), ref, **TOLERANCES[torch.bfloat16]
+    )
