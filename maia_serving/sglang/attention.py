@@ -6,16 +6,19 @@ pages of ``page_size`` slots that is exactly the paged layout of ``maia_serving.
 (``[num_pages, page_size, kv_heads, head_dim]``, block table = page numbers), so this
 backend is a view plus a call: the same kernels and torch references as the vLLM
 backend, with no second copy of the numerics. Extend (prefill, chunked prefill, prefix
-hits) and decode differ only in how many query rows each request has.
+hits) and decode differ only in how many query rows each request has. A layer with
+SGLang's ``sliding_window_size`` S (exclusive: S keys before the query's own) sees the
+last S + 1 keys, the ops' window.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+from sglang.srt.mem_cache.base_swa_memory_pool import BaseSWAKVPool
 
 from maia_serving import ops
 from maia_serving.ops.host import PagedPlan, plan_paged_attention
@@ -32,8 +35,8 @@ class MaiaForwardMetadata:
     query_start_loc: torch.Tensor  # [seqs + 1]
     num_tokens: int
     max_query_len: int
-    torch_path: bool  # the torch path plans its index tensors once per step
-    plan: PagedPlan | None = None  # built by the first layer (it knows the head count)
+    torch_path: bool  # the torch path plans its index tensors once per step and window
+    plans: dict[int | None, PagedPlan] = field(default_factory=dict)  # by window, built by a layer that needs it
 
 
 def kv_cache_dtype_name(dtype: torch.dtype) -> str:
@@ -54,6 +57,13 @@ def layer_scale(layer, kind: str) -> float | None:
     return float(value) if value is not None and value > 0 else None
 
 
+def layer_window(layer) -> int | None:
+    """The ops' window (keys seen, the query's own included) of SGLang's exclusive
+    ``sliding_window_size`` (-1 or None: none)."""
+    size = getattr(layer, "sliding_window_size", None)
+    return None if size is None or size < 0 else size + 1
+
+
 class MaiaAttnBackend(AttentionBackend):
     """Registered with SGLang as ``--attention-backend maia``, the default on ``--device maia``."""
 
@@ -62,6 +72,9 @@ class MaiaAttnBackend(AttentionBackend):
         self.device = model_runner.device
         self.req_to_token_pool = model_runner.req_to_token_pool
         self.token_to_kv_pool = model_runner.token_to_kv_pool
+        if isinstance(self.token_to_kv_pool, BaseSWAKVPool):
+            raise NotImplementedError("the maia attention backend reads one KV pool, not SGLang's hybrid "
+                                      "full/sliding-window pools; serve this model with --disable-hybrid-swa-memory")
         self.page_size = model_runner.page_size
         self.kv_cache_dtype = kv_cache_dtype_name(model_runner.kv_cache_dtype)
         self.fp8 = self.kv_cache_dtype != "auto"
@@ -123,14 +136,15 @@ class MaiaAttnBackend(AttentionBackend):
         meta = self.forward_metadata
         if meta is None:
             return out.view(-1, num_heads * head_dim)
-        if meta.torch_path and meta.plan is None:
-            meta.plan = plan_paged_attention(meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                                             meta.num_tokens, num_heads, self.page_size, causal=True,
-                                             max_query_len=meta.max_query_len)
+        window = layer_window(layer)
+        if meta.torch_path and window not in meta.plans:
+            meta.plans[window] = plan_paged_attention(meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                                                      meta.num_tokens, num_heads, self.page_size, causal=True,
+                                                      max_query_len=meta.max_query_len, sliding_window=window)
         ops.paged_attention(
             query, key_cache, value_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
             layer.scaling, self.kv_cache_dtype, k_scale, v_scale, True,
-            max_query_len=meta.max_query_len, out=out, plan=meta.plan)
+            max_query_len=meta.max_query_len, out=out, plan=meta.plans.get(window), sliding_window=window)
         return out.view(-1, num_heads * head_dim)
 
     def _caches(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,8 +196,8 @@ class MaiaAttnBackend(AttentionBackend):
         if layer.is_cross_attention or layer.qk_head_dim != layer.v_head_dim:
             raise NotImplementedError("the maia attention backend serves decoder self-attention with "
                                       "equal K and V head sizes only")
-        if (layer.sliding_window_size or -1) > -1 or layer.logit_cap:
-            raise NotImplementedError("the maia attention backend has no sliding window or logit soft-cap; "
+        if layer.logit_cap:
+            raise NotImplementedError("the maia attention backend has no logit soft-cap; "
                                       "serve this model with another --attention-backend")
 
     def support_triton(self) -> bool:

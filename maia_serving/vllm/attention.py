@@ -2,7 +2,9 @@
 
 Writes each step's keys and values into the cache (quantizing for FP8), then
 attends every query over the cache it just wrote, so prefill, decode, chunked
-prefill and prefix-cache hits all read the same (possibly quantized) pages. The
+prefill and prefix-cache hits all read the same (possibly quantized) pages.
+Sliding-window layers see the last ``sliding_window`` keys, their own included, as
+vLLM's other backends do (flash-attn's ``(W - 1, 0)``). The
 numerics are maia_serving.ops: the Triton kernels where a Triton device is present,
 their torch references on a host (``MAIA_SERVING_KERNELS`` forces either).
 
@@ -62,6 +64,10 @@ class MaiaAttentionBackend(AttentionBackend):
         return (KVCacheLayout.LBHNC,)
 
     @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return True
+
+    @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
         return attn_type == AttentionType.DECODER
 
@@ -82,7 +88,7 @@ class MaiaAttentionMetadata:
     seq_lens: torch.Tensor  # [num_seqs]
     block_table: torch.Tensor  # [num_seqs, max_blocks]
     slot_mapping: torch.Tensor  # [num_actual_tokens]
-    host_plan: PagedPlan | None  # index tensors for the torch path, shared by all layers
+    host_plan: PagedPlan | None  # index tensors for the torch path, shared by the group's layers of its window
 
 
 class MaiaMetadataBuilder(AttentionMetadataBuilder[MaiaAttentionMetadata]):
@@ -90,6 +96,9 @@ class MaiaMetadataBuilder(AttentionMetadataBuilder[MaiaAttentionMetadata]):
                  device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size
+        # One window per KV cache group (vLLM groups sliding-window layers apart); a layer of
+        # another window plans for itself.
+        self.sliding_window = getattr(kv_cache_spec, "sliding_window", None)
         self.num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
         self.device = device
 
@@ -103,7 +112,8 @@ class MaiaMetadataBuilder(AttentionMetadataBuilder[MaiaAttentionMetadata]):
         host_plan = None
         if ops.kernel_backend(self.device) == "torch":
             host_plan = plan_paged_attention(block_table, seq_lens, query_start_loc, m.num_actual_tokens,
-                                             self.num_heads, self.block_size, True, m.max_query_len)
+                                             self.num_heads, self.block_size, True, m.max_query_len,
+                                             self.sliding_window)
         return MaiaAttentionMetadata(
             num_actual_tokens=m.num_actual_tokens,
             max_query_len=m.max_query_len,
@@ -128,7 +138,6 @@ class MaiaAttentionImpl(AttentionImpl):
                  kv_sharing_target_layer_name: str | None = None, sinks: torch.Tensor | None = None) -> None:
         unsupported = {
             "ALiBi": alibi_slopes is not None,
-            "sliding-window attention": sliding_window is not None,
             "logits soft-capping": bool(logits_soft_cap),
             "attention sinks": sinks is not None,
             "non-decoder attention": attn_type != AttentionType.DECODER,
@@ -142,6 +151,7 @@ class MaiaAttentionImpl(AttentionImpl):
         self.head_size = head_size
         self.scale = float(scale)
         self.num_kv_heads = num_kv_heads
+        self.sliding_window = sliding_window
         self.kv_cache_dtype = kv_cache_dtype
         self.kv_sharing_target_layer_name = None
         self.fp8 = ops.resolve_kv_cache_dtype(kv_cache_dtype) is not None
@@ -188,11 +198,14 @@ class MaiaAttentionImpl(AttentionImpl):
         k_scale, v_scale = self._scales(layer)
         ops.reshape_and_cache(key[:n], value[:n], key_cache, value_cache, attn_metadata.slot_mapping,
                               self.kv_cache_dtype, k_scale, v_scale)
+        plan = attn_metadata.host_plan
+        if plan is not None and plan.sliding_window != self.sliding_window:
+            plan = None
         ops.paged_attention(
             query[:n], key_cache, value_cache, attn_metadata.block_table, attn_metadata.seq_lens,
             attn_metadata.query_start_loc, self.scale, self.kv_cache_dtype, k_scale, v_scale,
             causal=True, max_query_len=attn_metadata.max_query_len, out=output[:n],
-            plan=attn_metadata.host_plan)
+            plan=plan, sliding_window=self.sliding_window)
         return output
 
 

@@ -64,15 +64,17 @@ def assign_slots(lens: list[int], page_size: int, max_len: int) -> torch.Tensor:
     return table
 
 
-def expected(q, backend, lyr, req_to_token, prefix, new, kv):
-    """Float64 attention over the pool's entries and its error budget, ``[tokens, heads, head_dim]``."""
+def expected(q, backend, lyr, req_to_token, prefix, new, kv, window=None):
+    """Float64 attention over the pool's entries and its error budget, ``[tokens, heads, head_dim]``;
+    ``window`` in HF's and vLLM's terms (keys seen, the query's own included)."""
     pool = backend.token_to_kv_pool
     out, err, start = [], [], 0
     for r, (p, n) in enumerate(zip(prefix, new)):
         slots = req_to_token[r, : p + n].long()
         k = dequantize_exact(pool.k[slots], lyr.k_scale_float, kv)
         v = dequantize_exact(pool.v[slots], lyr.v_scale_float, kv)
-        o, e = causal_attention_float64(q[start:start + n].double().view(n, HEADS, HEAD_DIM), k, v, lyr.scaling)
+        o, e = causal_attention_float64(q[start:start + n].double().view(n, HEADS, HEAD_DIM), k, v, lyr.scaling,
+                                        window)
         out.append(o)
         err.append(e)
         start += n
@@ -148,9 +150,44 @@ def test_fp8_codes_in_the_pool_are_the_reference_quantization():
     assert torch.equal(pool.v[slots], quantize_fp8_ref(v.view(3, KV_HEADS, HEAD_DIM), 0.01, "e4m3"))
 
 
-def test_sliding_window_is_refused_with_a_clear_error():
+@pytest.mark.parametrize("page_size", [1, 4])
+@pytest.mark.parametrize("size", [0, 2, 5])
+def test_a_sliding_window_layer_sees_its_last_size_plus_one_keys(page_size, size):
+    """SGLang's ``sliding_window_size`` is exclusive (its models pass HF's window - 1; the torch-native
+    backend masks keys before ``q - size``): a prefill and a decode against float64 attention over the
+    last size + 1 keys, next to a full-attention layer of the same step."""
+    torch.manual_seed(size)
+    lens = [9, 4]
+    req_to_token = assign_slots([n + 1 for n in lens], page_size, 16)
+    backend = make_backend("auto", page_size, 65 * page_size + page_size, req_to_token)
+    windowed, full = layer(), layer()
+    windowed.sliding_window_size = size
+    q, k, v = (torch.randn(sum(lens), h * HEAD_DIM).bfloat16() for h in (HEADS, KV_HEADS, KV_HEADS))
+    batch = SimpleNamespace(forward_mode=ForwardMode.EXTEND, batch_size=2, req_pool_indices=torch.arange(2),
+                            seq_lens=torch.tensor(lens), seq_lens_cpu=torch.tensor(lens), extend_seq_lens_cpu=lens,
+                            out_cache_loc=torch.cat([req_to_token[r, :n] for r, n in enumerate(lens)]))
+    backend.init_forward_metadata(batch)
+    out = backend.forward_extend(q, k, v, windowed, batch)
+    assert_within_one_bf16_step(out.view(-1, HEADS, HEAD_DIM),
+                                *expected(q, backend, windowed, req_to_token, [0, 0], lens, "auto", size + 1))
+    out_full = backend.forward_extend(q, None, None, full, batch, save_kv_cache=False)
+    assert_within_one_bf16_step(out_full.view(-1, HEADS, HEAD_DIM),
+                                *expected(q, backend, full, req_to_token, [0, 0], lens, "auto"))
+
+    q1, k1, v1 = (torch.randn(2, h * HEAD_DIM).bfloat16() for h in (HEADS, KV_HEADS, KV_HEADS))
+    seq1 = [n + 1 for n in lens]
+    batch = SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=2, req_pool_indices=torch.arange(2),
+                            seq_lens=torch.tensor(seq1), seq_lens_cpu=torch.tensor(seq1),
+                            out_cache_loc=torch.stack([req_to_token[r, n] for r, n in enumerate(lens)]))
+    backend.init_forward_metadata(batch)
+    out1 = backend.forward_decode(q1, k1, v1, windowed, batch)
+    assert_within_one_bf16_step(out1.view(2, HEADS, HEAD_DIM),
+                                *expected(q1, backend, windowed, req_to_token, lens, [1, 1], "auto", size + 1))
+
+
+def test_logit_soft_cap_is_refused_with_a_clear_error():
     backend = make_backend("auto", 1, 8, torch.zeros(1, 4, dtype=torch.int32))
     lyr = layer()
-    lyr.sliding_window_size = 128
-    with pytest.raises(NotImplementedError, match="sliding window"):
+    lyr.logit_cap = 30.0
+    with pytest.raises(NotImplementedError, match="soft-cap"):
         backend.forward_decode(torch.randn(1, HEADS * HEAD_DIM), None, None, lyr, SimpleNamespace())

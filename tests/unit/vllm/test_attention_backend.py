@@ -27,8 +27,9 @@ FP8 = {"fp8": "e4m3", "fp8_e5m2": "e5m2"}
 STEPS = [[(0, 0, 20), (1, 0, 5)], [(0, 20, 1), (1, 5, 3), (2, 0, 2)]]
 
 
-def _metadata(step: list[tuple[int, int, int]], block_table: torch.Tensor) -> MaiaAttentionMetadata:
-    """What MaiaMetadataBuilder.build gives the layers for this step on a host."""
+def _metadata(step: list[tuple[int, int, int]], block_table: torch.Tensor,
+              sliding_window: int | None = None) -> MaiaAttentionMetadata:
+    """What MaiaMetadataBuilder.build gives the layers for this step on a host (its group's window)."""
     q_lens = torch.tensor([n for _, _, n in step])
     seq_lens = torch.tensor([p + n for _, p, n in step], dtype=torch.int32)
     query_start_loc = torch.zeros(len(step) + 1, dtype=torch.int32)
@@ -41,14 +42,18 @@ def _metadata(step: list[tuple[int, int, int]], block_table: torch.Tensor) -> Ma
         num_actual_tokens=num_tokens, max_query_len=max_q, query_start_loc=query_start_loc, seq_lens=seq_lens,
         block_table=block_table, slot_mapping=slots,
         host_plan=plan_paged_attention(block_table, seq_lens, query_start_loc, num_tokens, HEADS, BLOCK_SIZE,
-                                       True, max_q))
+                                       True, max_q, sliding_window))
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8", "fp8_e5m2"])
-def test_forward_writes_with_the_layer_scales_and_attends_to_one_bf16_step(kv_cache_dtype):
+@pytest.mark.parametrize(("kv_cache_dtype", "window", "plan_window"), [
+    ("auto", None, None), ("fp8", None, None), ("fp8_e5m2", None, None),
+    ("auto", 8, 8),  # a sliding-window layer on its group's plan
+    ("fp8", 8, None),  # a sliding-window layer in a group planned without one: it plans for itself
+])
+def test_forward_writes_with_the_layer_scales_and_attends_to_one_bf16_step(kv_cache_dtype, window, plan_window):
     gen = torch.Generator().manual_seed(0)
     with set_current_vllm_config(VllmConfig()):
-        impl = MaiaAttentionImpl(HEADS, HEAD_SIZE, HEAD_SIZE**-0.5, KV_HEADS, None, None, kv_cache_dtype)
+        impl = MaiaAttentionImpl(HEADS, HEAD_SIZE, HEAD_SIZE**-0.5, KV_HEADS, None, window, kv_cache_dtype)
     # Calibrated scales as vLLM keeps them: 0-d float32 tensors (and their floats) on the layer.
     layer = SimpleNamespace(layer_name="model.layers.0.self_attn.attn", _k_scale=torch.tensor(0.03),
                             _v_scale=torch.tensor(0.011), _k_scale_float=0.03, _v_scale_float=0.011)
@@ -62,7 +67,7 @@ def test_forward_writes_with_the_layer_scales_and_attends_to_one_bf16_step(kv_ca
 
     for step in STEPS:
         requests = [r for r, _, _ in step]
-        meta = _metadata(step, block_table[requests])
+        meta = _metadata(step, block_table[requests], plan_window)
         n = meta.num_actual_tokens
         query = torch.randn(n, HEADS, HEAD_SIZE, generator=gen).bfloat16()
         key = (torch.randn(n, KV_HEADS, HEAD_SIZE, generator=gen) * 3).bfloat16()
@@ -76,5 +81,5 @@ def test_forward_writes_with_the_layer_scales_and_attends_to_one_bf16_step(kv_ca
             assert torch.equal(cache[blocks, rows], written), "cache bytes are not the reference quantization"
         ref, err = paged_attention_float64(query, key_cache, value_cache, meta.block_table, meta.seq_lens,
                                            meta.query_start_loc, impl.scale, kv_cache_dtype, layer._k_scale,
-                                           layer._v_scale)
+                                           layer._v_scale, sliding_window=window)
         assert_within_one_bf16_step(output, ref, err)
