@@ -3,20 +3,25 @@
 Engines, checkpoints and users spell dtypes many ways ("bfloat16", "bf16", "torch.bfloat16",
 "fp8", "float8_e4m3fn"); every spelling resolves here to one canonical ``DType``, whose size
 includes the block scales of block-scaled formats (an MXFP4 element is 4.25 bits, not 4).
-``maia_serving.ops`` maps the canonical names to torch dtypes; the profiles list a peak per
-``DType.peak`` key. A served model's ``Precision`` separates what its weights, GEMM inputs,
+``maia_serving.ops`` maps the canonical names to torch dtypes, and ``maia_serving.ops.mx`` builds its
+block-scaled KV formats (element format, block size, scale) from these entries; a KV row is priced at
+``DType.row_bytes``, scales and the zero padding of a short last block included. The profiles list a
+peak per ``DType.peak`` key. A served model's ``Precision`` separates what its weights, GEMM inputs,
 KV cache and collectives are stored in.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
 class DType:
     """One storage format; ``block_size`` elements share ``scale_bits`` of scale (1 and 0: none).
-    ``weight_only`` formats feed their GEMMs activations in the model's dtype unless told otherwise."""
+    ``element`` and ``scale`` name the minifloat formats of a block-scaled float format's elements and
+    scale (what ``maia_serving.ops.mx`` encodes); "" for the others. ``weight_only`` formats feed their
+    GEMMs activations in the model's dtype unless told otherwise (it says nothing of KV caches)."""
 
     name: str
     element_bits: float
@@ -26,6 +31,8 @@ class DType:
     scale_bits: float = 0.0
     aliases: tuple[str, ...] = ()
     weight_only: bool = False
+    element: str = ""
+    scale: str = ""
 
     @property
     def bits_per_element(self) -> float:
@@ -35,8 +42,15 @@ class DType:
     def bytes_per_element(self) -> float:
         return self.bits_per_element / 8
 
+    def row_bytes(self, length: int) -> float:
+        """Bytes of one row of ``length`` values stored alone (a KV head's K or V of one token): whole
+        blocks, the last zero-padded, each with its scale. MXFP4 at 128 is 68 bytes; at 80, 3 blocks: 51."""
+        blocks = math.ceil(length / self.block_size)
+        return blocks * (self.block_size * self.element_bits + self.scale_bits) / 8
+
 
 _OCP_MX = "OCP Microscaling Formats (MX) v1.0: 32 elements share one 8-bit E8M0 scale"
+_MX = {"block_size": 32, "scale_bits": 8, "scale": "e8m0"}
 _SHARED_MICROEXPONENTS = ("Rouhani et al., ISCA 2023, 'With Shared Microexponents': 16 elements share an "
                           "8-bit exponent, each pair a 1-bit microexponent (1 bit per element)")
 
@@ -54,12 +68,15 @@ DTYPES: tuple[DType, ...] = (
     DType("int4", 4, "int4", "4-bit integer, one 16-bit scale per group of 128 (compressed-tensors W4A16 "
           "default group size; a checkpoint's own group size replaces it)", block_size=128, scale_bits=16,
           weight_only=True),
-    DType("mxfp8", 8, "fp8", _OCP_MX + " (E4M3 elements)", block_size=32, scale_bits=8),
-    DType("mxfp6", 6, "fp6", _OCP_MX + " (E2M3 elements)", block_size=32, scale_bits=8),
-    DType("mxfp4", 4, "fp4", _OCP_MX + " (E2M1 elements; gpt-oss's expert weights)", block_size=32, scale_bits=8,
-          weight_only=True),
+    DType("mxfp8", 8, "fp8", _OCP_MX + " (MXFP8: FP8 E4M3 elements, spec Table 1)", element="e4m3", **_MX),
+    DType("mxfp6", 6, "fp6", _OCP_MX + " (MXFP6: FP6 E3M2 elements, spec Table 1; the variant Maia's KV "
+          "cache uses, issue 10)", element="e3m2", **_MX),
+    DType("mxfp6_e2m3", 6, "fp6", _OCP_MX + " (MXFP6: FP6 E2M3 elements, spec Table 1; the other FP6 "
+          "variant, one more mantissa bit and less range)", element="e2m3", **_MX),
+    DType("mxfp4", 4, "fp4", _OCP_MX + " (MXFP4: FP4 E2M1 elements, spec Table 1; gpt-oss's expert weights)",
+          element="e2m1", weight_only=True, **_MX),
     DType("nvfp4", 4, "fp4", "NVIDIA NVFP4: E2M1 elements, one E4M3 scale per 16 (the per-tensor FP32 scale "
-          "is not counted)", block_size=16, scale_bits=8, weight_only=True),
+          "is not counted)", block_size=16, scale_bits=8, weight_only=True, element="e2m1", scale="e4m3"),
     DType("mx9", 8, "mx9", _SHARED_MICROEXPONENTS + "; sign and 7 mantissa bits", block_size=16, scale_bits=16),
     DType("mx6", 5, "mx6", _SHARED_MICROEXPONENTS + "; sign and 4 mantissa bits", block_size=16, scale_bits=16),
     DType("mx4", 3, "mx4", _SHARED_MICROEXPONENTS + "; sign and 2 mantissa bits", block_size=16, scale_bits=16),
@@ -82,8 +99,13 @@ PEAK_FALLBACK: dict[str, str | None] = {
     "mx4": "mx6",
 }
 
-# The formats a KV cache can be stored in (what the emulator prices and maia_serving.ops runs).
-KV_CACHE_FORMATS = ("bf16", "fp16", "fp32", "fp8_e4m3", "fp8_e5m2")
+# The formats the engines' adapters let ``--kv-cache-dtype`` name (check_kv_cache_dtype's default): what
+# both attention backends store today. The block-scaled ones join when both serve them (issue 10).
+SERVED_KV_CACHE_FORMATS = ("bf16", "fp16", "fp32", "fp8_e4m3", "fp8_e5m2")
+# Block-scaled KV formats: a K or V head row cut into blocks along head_dim (maia_serving.ops.mx stores them).
+BLOCK_SCALED_KV_FORMATS = ("mxfp8", "mxfp6", "mxfp6_e2m3", "mxfp4", "nvfp4")
+# The formats the emulator prices a KV cache in: memory.ServingConfig, fit, simulate, the cost model.
+KV_CACHE_FORMATS = SERVED_KV_CACHE_FORMATS + BLOCK_SCALED_KV_FORMATS
 
 _BY_NAME: dict[str, DType] = {spelling: d for d in DTYPES for spelling in (d.name, *d.aliases)}
 
@@ -102,22 +124,25 @@ def dtype(name: str | DType) -> DType:
     return _BY_NAME[key]
 
 
-def kv_cache_spellings() -> tuple[str, ...]:
-    """Every ``--kv-cache-dtype`` value the emulator accepts: "auto" (the model's dtype) and each
-    spelling of a KV cache format."""
-    return ("auto", *(s for s, d in _BY_NAME.items() if d.name in KV_CACHE_FORMATS))
+def kv_cache_spellings(formats: tuple[str, ...] = SERVED_KV_CACHE_FORMATS) -> tuple[str, ...]:
+    """Every ``--kv-cache-dtype`` value naming one of ``formats``: "auto" (the model's dtype) and each
+    spelling of them. The default is what the engines serve; the emulator takes ``KV_CACHE_FORMATS``."""
+    return ("auto", *(s for s, d in _BY_NAME.items() if d.name in formats))
 
 
-def check_kv_cache_dtype(name: str) -> str:
-    """``name`` itself if a KV cache can be stored in it; a clear error listing the allowed ones."""
-    if name not in kv_cache_spellings():
-        raise ValueError(f"unknown kv cache dtype {name!r}; allowed: {', '.join(kv_cache_spellings())}")
+def check_kv_cache_dtype(name: str, formats: tuple[str, ...] = SERVED_KV_CACHE_FORMATS) -> str:
+    """``name`` itself if it names one of ``formats`` (default: the engines' KV formats); a clear error
+    listing the allowed spellings otherwise."""
+    allowed = kv_cache_spellings(formats)
+    if name not in allowed:
+        raise ValueError(f"unknown kv cache dtype {name!r}; allowed: {', '.join(allowed)}")
     return name
 
 
 def kv_cache_dtype(name: str, model_dtype: str | DType) -> DType:
-    """The format a ``--kv-cache-dtype`` value stores the cache in; "auto" is the model's dtype."""
-    return dtype(model_dtype) if check_kv_cache_dtype(name) == "auto" else dtype(name)
+    """The format a ``--kv-cache-dtype`` value stores the cache in, any the emulator prices; "auto" is
+    the model's dtype."""
+    return dtype(model_dtype) if check_kv_cache_dtype(name, KV_CACHE_FORMATS) == "auto" else dtype(name)
 
 
 def gemm_peak(weight: DType, activation: DType) -> str:

@@ -3,9 +3,10 @@
 The references define the numerics that the Triton kernels in ``maia_serving.kernels.mx_cache``
 must reproduce bit for bit; they import no engine and run on any torch device.
 
-Formats (``MX_FORMATS``): a K or V row of one KV head (``head_dim`` values) is cut into blocks
-along the head dimension; each block stores its elements in a small float format and one
-shared scale.
+Formats (``MX_FORMATS``, built from ``maia_serving.emulator.precision``, the one dtype
+vocabulary, which names each format's element and scale formats, block size and scale bits): a
+K or V row of one KV head (``head_dim`` values) is cut into blocks along the head dimension;
+each block stores its elements in a small float format and one shared scale.
 
 - ``mxfp8`` (E4M3 elements), ``mxfp6`` (E3M2, the issue's choice), ``mxfp6_e2m3`` (E2M3, the
   other MXFP6 element format) and ``mxfp4`` (E2M1): blocks of 32, one E8M0 scale
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
+from maia_serving.emulator import precision
 from maia_serving.ops.fp8 import check_paged_attention_args, paged_attention_ref, scale_tensor
 
 
@@ -105,12 +107,17 @@ class MxFormat:
         return self.block_size * self.element.bits // 8 + 1
 
 
+def _from_vocabulary(d: precision.DType) -> MxFormat:
+    """The layout of a block-scaled KV format of ``precision.py``, whose entry names its element and
+    scale formats, block size and scale bits (the one vocabulary; this module adds the encoding)."""
+    if d.element_bits != ELEMENT_FORMATS[d.element].bits or d.scale_bits != 8 or d.scale not in ("e8m0", "e4m3"):
+        raise ValueError(f"{d.name}: the MX page layout stores {d.element} elements and one 8-bit scale per block")
+    return MxFormat(d.name, ELEMENT_FORMATS[d.element], d.block_size, d.scale)
+
+
+# mxfp8, mxfp6 (E3M2), mxfp6_e2m3, mxfp4, nvfp4: precision.BLOCK_SCALED_KV_FORMATS, in its order.
 MX_FORMATS: dict[str, MxFormat] = {
-    "mxfp8": MxFormat("mxfp8", ELEMENT_FORMATS["e4m3"], 32, "e8m0"),
-    "mxfp6": MxFormat("mxfp6", ELEMENT_FORMATS["e3m2"], 32, "e8m0"),
-    "mxfp6_e2m3": MxFormat("mxfp6_e2m3", ELEMENT_FORMATS["e2m3"], 32, "e8m0"),
-    "mxfp4": MxFormat("mxfp4", ELEMENT_FORMATS["e2m1"], 32, "e8m0"),
-    "nvfp4": MxFormat("nvfp4", ELEMENT_FORMATS["e2m1"], 16, "e4m3"),
+    name: _from_vocabulary(precision.dtype(name)) for name in precision.BLOCK_SCALED_KV_FORMATS
 }
 
 

@@ -38,11 +38,57 @@ def test_kv_cache_dtypes_are_the_vocabularys_kv_formats():
     spellings = precision.kv_cache_spellings()
     assert spellings[0] == "auto"
     assert {"bf16", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2"} <= set(spellings)
-    assert {precision.dtype(s).name for s in spellings[1:]} == set(precision.KV_CACHE_FORMATS)
+    assert {precision.dtype(s).name for s in spellings[1:]} == set(precision.SERVED_KV_CACHE_FORMATS)
     assert precision.kv_cache_dtype("auto", "bfloat16").name == "bf16"
     assert precision.kv_cache_dtype("fp8", "bfloat16").bytes_per_element == 1
+    # The engines' check (the default) refuses what their attention backends do not store yet.
     with pytest.raises(ValueError, match=r"unknown kv cache dtype 'mxfp4'; allowed: auto, fp32, "):
         precision.check_kv_cache_dtype("mxfp4")
+
+
+def test_the_emulator_prices_the_block_scaled_kv_formats_too():
+    priced = precision.kv_cache_spellings(precision.KV_CACHE_FORMATS)
+    assert set(priced) == set(precision.kv_cache_spellings()) | set(precision.BLOCK_SCALED_KV_FORMATS)
+    assert {precision.dtype(s).name for s in priced[1:]} == set(precision.KV_CACHE_FORMATS)
+    assert precision.check_kv_cache_dtype("mxfp4", precision.KV_CACHE_FORMATS) == "mxfp4"
+    assert precision.kv_cache_dtype("mxfp4", "bfloat16").name == "mxfp4"
+    assert precision.kv_cache_dtype("mxfp6", "bfloat16").element == "e3m2"
+    # Shared-microexponent and integer formats are weight formats only: known dtypes, refused for a KV cache.
+    with pytest.raises(ValueError, match=r"unknown kv cache dtype 'mx4'; allowed: auto, fp32, .*mxfp6_e2m3, "
+                                         r"mxfp4, nvfp4$"):
+        precision.kv_cache_dtype("mx4", "bf16")
+    with pytest.raises(ValueError, match=r"unknown kv cache dtype 'int4'"):
+        precision.check_kv_cache_dtype("int4", precision.KV_CACHE_FORMATS)
+
+
+@pytest.mark.parametrize(("name", "element", "block", "scale"), [
+    ("mxfp8", "e4m3", 32, "e8m0"),
+    ("mxfp6", "e3m2", 32, "e8m0"),  # OCP MX v1.0's FP6 E3M2, issue 10's MXFP6
+    ("mxfp6_e2m3", "e2m3", 32, "e8m0"),  # the other OCP FP6 variant
+    ("mxfp4", "e2m1", 32, "e8m0"),
+    ("nvfp4", "e2m1", 16, "e4m3"),
+])
+def test_block_scaled_kv_formats_name_their_element_block_and_scale(name, element, block, scale):
+    d = precision.dtype(name)
+    assert (d.element, d.block_size, d.scale, d.scale_bits) == (element, block, scale, 8)
+    assert d.element_bits == 1 + int(element[1]) + int(element[3])
+    assert element.upper() in d.source and name in precision.BLOCK_SCALED_KV_FORMATS
+    assert name in precision.KV_CACHE_FORMATS and name not in precision.SERVED_KV_CACHE_FORMATS
+
+
+@pytest.mark.parametrize(("name", "length", "nbytes"), [
+    ("bf16", 128, 256), ("fp8", 128, 128), ("fp32", 80, 320),
+    ("mxfp8", 128, 4 * (32 + 1)),  # 132: 8.25 bits an element
+    ("mxfp6", 128, 4 * (24 + 1)),  # 100: 6.25
+    ("mxfp6_e2m3", 128, 100),
+    ("mxfp4", 128, 4 * (16 + 1)),  # 68: 4.25
+    ("nvfp4", 128, 8 * (8 + 1)),  # 72: 4.5
+    ("mxfp4", 80, 3 * 17),  # 80 = 2.5 blocks: the third is padded to 32 and stored whole
+    ("nvfp4", 80, 5 * 9),  # 80 = 5 blocks of 16 exactly
+    ("mxfp8", 576, 18 * 33),  # DeepSeek's MLA latent (512 + 64)
+])
+def test_a_row_is_whole_blocks_with_their_scales(name, length, nbytes):
+    assert precision.dtype(name).row_bytes(length) == nbytes
 
 
 @pytest.mark.parametrize(("weight", "activation", "peak"), [
