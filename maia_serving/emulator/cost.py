@@ -202,7 +202,8 @@ def _gemm(name: str, lin: Linear, prec: Precision, tp: int, rows: Coefficients, 
 def _attention_ops(model: ModelShape, prec: Precision, tp: int) -> list[OpTerms]:
     """Projections, rotary, attention over the cache (full and sliding layers), output projection.
 
-    Attention reads each sequence's KV once at the cache dtype's size (paged, flash-style), or its last
+    Attention reads each sequence's KV once at the cache format's stored size (paged, flash-style; a
+    block-scaled format with its scales and padding, as memory.py counts it), or its last
     ``sliding_window`` tokens in a sliding layer, and writes the new tokens' KV. MLA runs absorbed, as vLLM
     runs its decode: attention over the latent (scores over latent + rope dims, values over the latent),
     kv_b_proj's up-projections applied per token as one GEMM.
@@ -224,7 +225,7 @@ def _attention_ops(model: ModelShape, prec: Precision, tp: int) -> list[OpTerms]
         ops.append(_op("qk_norm", layers, _lin(tokens=5 * rotary),
                        _lin(tokens=2 * rotary * act, const=2 * qk_dim * act), peak))
     ops.append(_op("rotary", layers, _lin(tokens=6 * rotary), _lin(tokens=2 * rotary * act), peak))
-    kv_token = model.kv_elements_per_token_layer(tp) * prec.kv_cache.bytes_per_element
+    kv_token = model.kv_bytes_per_token_layer(tp, prec.kv_cache)
     per_pair = 2 * heads * (qk_dim + v_dim) + (SOFTCAP_FLOPS * heads if model.attn_logit_softcap else 0)
     io = kv_token + heads * (qk_dim + v_dim) * act
     sliding = model.num_sliding_layers

@@ -6,9 +6,11 @@ Per chip, with tensor parallel size ``tp`` and pipeline parallel size ``pp``::
     weights   = decoder layers' weights * ceil(layers / pp) / layers / tp + embeddings / tp   (vocab-parallel)
     workspace = activations of one max_num_batched_tokens forward pass + fp32 logits
     kv_budget = usable - weights - workspace
-    kv/token  = ceil(layers / pp) * (2 * ceil(kv_heads / tp) * head_dim, or MLA's latent) * kv_bytes
+    kv/token  = ceil(layers / pp) * (2 * ceil(kv_heads / tp) head rows, or MLA's latent) at the KV format's row size
 
-Each weight is counted at its stored size (precision.py: quantized layers with their scales).
+Each weight is counted at its stored size (precision.py: quantized layers with their scales), and
+each KV row too: a block-scaled KV format (MXFP8/6/4, NVFP4) stores whole blocks along head_dim, each
+with its scale (MXFP4 at head_dim 128: 68 bytes a row, 4.25 bits an element).
 Linear layers vLLM replicates (routers, MLA's latent down-projections) are whole on every
 chip; norms are counted split with the rest (they are under 0.01% of these models). A
 sequence holds every token in full-attention layers and the last ``sliding_window`` in
@@ -47,7 +49,7 @@ class ServingConfig:
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             raise ValueError("parallel sizes must be at least 1")
-        precision.check_kv_cache_dtype(self.kv_cache_dtype)
+        precision.check_kv_cache_dtype(self.kv_cache_dtype, precision.KV_CACHE_FORMATS)
         for name in (self.weight_dtype, self.activation_dtype):
             if name is not None:
                 precision.dtype(name)
@@ -126,8 +128,8 @@ def _stage_layers(count: int, config: ServingConfig) -> int:
 
 
 def _kv_bytes_per_token_layer(model: ModelShape, config: ServingConfig) -> float:
-    elem = precision.kv_cache_dtype(config.kv_cache_dtype, model.dtype).bytes_per_element
-    return model.kv_elements_per_token_layer(config.tensor_parallel_size) * elem
+    kv_cache = precision.kv_cache_dtype(config.kv_cache_dtype, model.dtype)
+    return model.kv_bytes_per_token_layer(config.tensor_parallel_size, kv_cache)
 
 
 def kv_bytes_per_token(model: ModelShape, config: ServingConfig) -> float:
@@ -251,9 +253,10 @@ def suggest(model: ModelShape, profile: DeviceProfile, config: ServingConfig,
             out.append(f"{flags.tensor_parallel} {tp} (up to {profile.scale_up.chips} chips per node)")
             break
         tp *= 2
-    if not config.kv_cache_dtype.startswith("fp8"):
-        if plan_memory(model, profile, replace(config, kv_cache_dtype="fp8")).fits:
-            out.append(f"{flags.fp8_kv} (half the KV bytes per token)")
+    fp8 = replace(config, kv_cache_dtype="fp8")
+    share = kv_bytes_per_token(model, fp8) / kv_bytes_per_token(model, config)
+    if share < 1 and plan_memory(model, profile, fp8).fits:  # never from MXFP4 up to FP8
+        out.append(f"{flags.fp8_kv} ({'half' if share == 0.5 else f'{share:.2f}x'} the KV bytes per token)")
     plan = plan_memory(model, profile, config)
     room = longest_sequence(served_model(model, config), config, plan.kv_budget_bytes, plan.max_model_len)
     if 0 < room < plan.max_model_len:

@@ -29,8 +29,9 @@ from typing import Any
 from maia_serving.emulator import precision, quantization
 from maia_serving.emulator.precision import Precision, WeightQuant
 
-# `--kv-cache-dtype` values the emulator accepts; "auto" stores the KV cache in the model's dtype.
-KV_CACHE_DTYPES = precision.kv_cache_spellings()
+# `--kv-cache-dtype` values the emulator accepts (the block-scaled MX/NVFP4 formats too); "auto" stores
+# the KV cache in the model's dtype.
+KV_CACHE_DTYPES = precision.kv_cache_spellings(precision.KV_CACHE_FORMATS)
 
 
 def dtype_bytes(name: str) -> float:
@@ -154,6 +155,14 @@ class ModelShape:
         if self.mla:
             return self.mla.latent_size
         return 2 * math.ceil(self.num_kv_heads / tp) * self.head_dim
+
+    def kv_bytes_per_token_layer(self, tp: int, kv_cache: precision.DType) -> float:
+        """KV bytes one token stores in one layer on one chip in ``kv_cache``: each K and V head row (or
+        MLA's latent) stored whole, block-scaled formats with their scales and a short last block padded
+        (``DType.row_bytes``): Llama-3-8B's 128-wide heads take 68 bytes each in MXFP4, 256 in BF16."""
+        if self.mla:
+            return kv_cache.row_bytes(self.mla.latent_size)
+        return 2 * math.ceil(self.num_kv_heads / tp) * kv_cache.row_bytes(self.head_dim)
 
     def _attention_linears(self) -> list[Linear]:
         h, layers, mla = self.hidden_size, self.num_layers, self.mla

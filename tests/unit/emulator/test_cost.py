@@ -64,6 +64,22 @@ def test_fp8_kv_reads_half_the_attention_bytes(llama8b, maia100):
     assert attn["fp8"].bytes - q_and_out == (attn["auto"].bytes - q_and_out) / 2
 
 
+@pytest.mark.parametrize(("kv", "row"), [("mxfp8", 4 * 33), ("mxfp6", 4 * 25), ("mxfp6_e2m3", 4 * 25),
+                                          ("mxfp4", 4 * 17), ("nvfp4", 8 * 9)])
+def test_block_scaled_kv_reads_and_writes_its_stored_bytes(llama8b, maia100, kv, row):
+    """8 sequences decoding at 4096: per layer each reads 4096 tokens' K and V rows of 8 heads and writes one
+    token's, each 128-wide row at its stored size (whole blocks with their scales), plus q and the output."""
+    step = StepShape.of([(1, 4096)] * 8)
+    attn = {dt: next(o for o in step_cost(maia100, llama8b, step, kv_cache_dtype=dt).ops
+                     if o.name == "attention") for dt in ("auto", kv)}
+    q_and_out = 2 * 8 * 32 * 128 * 2 * 32
+    assert attn[kv].bytes == (8 * 4096 + 8) * 2 * 8 * row * 32 + q_and_out
+    assert attn[kv].flops == attn["auto"].flops  # dequantized in registers: the same math
+    if kv == "mxfp4":
+        assert attn[kv].bytes == 32_776 * 34_816 + 4_194_304 == 1_145_323_520
+        assert attn[kv].memory_s == pytest.approx(1_145_323_520 / (1.8e12 * 0.75), rel=1e-12)
+
+
 def test_llama3_8b_operators_on_two_chips_by_hand(llama8b):
     """Per operator and token (or sequence, query-key pair, context token, step), FLOPs and bytes on one of
     two tensor-parallel chips: the column-parallel GEMMs hold half their outputs, the row-parallel ones half

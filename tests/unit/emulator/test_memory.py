@@ -189,3 +189,54 @@ def test_an_moe_model_without_dense_layers_never_holds_a_dense_mlp():
     mixtral = load_model_shape("mixtral-8x7b")
     wide = dataclasses.replace(mixtral, intermediate_size=10 * mixtral.intermediate_size)
     assert workspace_bytes_per_chip(wide, ServingConfig()) == workspace_bytes_per_chip(mixtral, ServingConfig())
+
+
+@pytest.mark.parametrize(("kv", "row", "per_token", "blocks"), [
+    ("auto", 128 * 2, 131_072, 20_890),
+    ("fp8", 128, 65_536, 41_780),
+    ("mxfp8", 4 * (32 + 1), 67_584, 40_514),  # 4 blocks of 32 one-byte elements, each with its E8M0 scale
+    ("mxfp6", 4 * (24 + 1), 51_200, 53_479),  # 32 six-bit elements are 24 bytes
+    ("mxfp6_e2m3", 4 * (24 + 1), 51_200, 53_479),
+    ("mxfp4", 4 * (16 + 1), 34_816, 78_645),  # 4.25 bits an element
+    ("nvfp4", 8 * (8 + 1), 36_864, 74_276),  # 8 blocks of 16 with an E4M3 scale: 4.5 bits
+])
+def test_llama3_8b_kv_bytes_and_capacity_in_each_kv_format_by_hand(llama8b, maia100, kv, row, per_token, blocks):
+    """K and V x 32 layers x 8 heads x one 128-wide head row at the format's stored size, in the KV budget of
+    test_llama3_8b_on_one_maia100_by_hand (43_810_178_662.4 bytes, which the KV format leaves as it is)."""
+    plan = require_fit(llama8b, maia100, ServingConfig(kv_cache_dtype=kv))
+    assert plan.kv_bytes_per_token == 2 * 32 * 8 * row == per_token
+    assert plan.kv_budget_bytes == 43_810_178_662.4
+    assert plan.num_blocks == 43_810_178_662.4 // (per_token * 16) == blocks
+    assert plan.kv_tokens == 16 * blocks
+
+
+def test_mxfp4_holds_3_76x_the_tokens_of_bf16(llama8b, maia100):
+    """256 bytes a BF16 head row against 68 in MXFP4: 3.76x, to the whole block; NVFP4's 72: 3.56x."""
+    tokens = {kv: plan_memory(llama8b, maia100, ServingConfig(kv_cache_dtype=kv)).kv_tokens
+              for kv in ("bf16", "mxfp4", "nvfp4")}
+    assert tokens == {"bf16": 334_240, "mxfp4": 1_258_320, "nvfp4": 1_188_416}
+    assert tokens["mxfp4"] / tokens["bf16"] == pytest.approx(256 / 68, abs=1e-4)
+    assert round(tokens["mxfp4"] / tokens["bf16"], 2) == 3.76
+    assert tokens["nvfp4"] / tokens["bf16"] == pytest.approx(256 / 72, abs=1e-4)
+
+
+def test_a_head_dim_off_the_block_stores_its_last_block_padded(llama8b):
+    """head_dim 80 is 2.5 MXFP4 blocks: 3 stored, 3 x 17 = 51 bytes a row, not 80 x 4.25 / 8 = 42.5."""
+    narrow = dataclasses.replace(llama8b, head_dim=80)
+    assert kv_bytes_per_token(narrow, ServingConfig(kv_cache_dtype="mxfp4")) == 2 * 32 * 8 * 51 == 26_112
+    assert kv_bytes_per_token(narrow, ServingConfig(kv_cache_dtype="nvfp4")) == 2 * 32 * 8 * 5 * 9  # 5 whole blocks
+
+
+def test_mla_stores_its_latent_in_whole_blocks():
+    """DeepSeek-V2-Lite: one 512 + 64 = 576-wide latent per layer, 18 MXFP4 blocks of 17 bytes, 27 layers."""
+    model = load_model_shape("deepseek-v2-lite")
+    assert kv_bytes_per_token(model, ServingConfig(kv_cache_dtype="mxfp4")) == 27 * 18 * 17 == 8_262
+
+
+def test_fp8_is_suggested_only_where_it_is_smaller_and_says_by_how_much(llama8b, maia100):
+    """At 60% of HBM the KV budget is 23_194_335_641.6 bytes: 343_193 MXFP8 tokens, 353_918 FP8 ones."""
+    config = ServingConfig(max_model_len=350_000, gpu_memory_utilization=0.6, kv_cache_dtype="mxfp8")
+    assert "--kv-cache-dtype fp8 (0.97x the KV bytes per token)" in suggest(llama8b, maia100, config)
+    for kv in ("mxfp4", "fp8"):  # never up from a smaller format, nor to itself
+        tips = suggest(llama8b, maia100, dataclasses.replace(config, kv_cache_dtype=kv, max_model_len=2_000_000))
+        assert not any("--kv-cache-dtype" in tip for tip in tips)
