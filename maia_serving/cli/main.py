@@ -11,9 +11,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from maia_serving.emulator.hardware import host_profile_path, load_profile, profile_names
-from maia_serving.emulator.memory import ServingConfig, plan_memory, suggest
+from maia_serving.emulator.memory import MemoryPlan, ServingConfig, kv_bits_per_value, plan_memory, suggest
 from maia_serving.emulator.model_shape import KV_CACHE_DTYPES, builtin_model_names, load_model_shape
 from maia_serving.emulator.units import format_bytes
+from maia_serving.models.demo import FAMILIES as DEMO_FAMILIES
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -56,6 +57,14 @@ def _serving_config(args: argparse.Namespace) -> ServingConfig:
     )
 
 
+def _against_model_dtype(plan: MemoryPlan, auto: MemoryPlan, model_dtype: str) -> str:
+    """" (3.76x the 1455280 tokens of a bfloat16 cache)" where the KV cache is smaller or larger than in
+    the model's dtype (``auto``: the same plan with ``--kv-cache-dtype auto``)."""
+    if plan.kv_bytes_per_token == auto.kv_bytes_per_token or not auto.kv_tokens:
+        return ""
+    return f" ({plan.kv_tokens / auto.kv_tokens:.2f}x the {auto.kv_tokens} tokens of a {model_dtype} cache)"
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     model = load_model_shape(args.model)
     profile = load_profile(args.profile)
@@ -76,9 +85,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
             ["weights", format_bytes(plan.weight_bytes)],
             ["activation workspace", format_bytes(plan.workspace_bytes)],
             ["KV cache budget", format_bytes(plan.kv_budget_bytes)],
-            [f"KV per token ({config.kv_cache_dtype})", format_bytes(plan.kv_bytes_per_token)]]
+            [f"KV per token ({config.kv_cache_dtype}, {kv_bits_per_value(model, config):g} bits a value)",
+             format_bytes(plan.kv_bytes_per_token)]]
     print(_table(rows))
-    print(f"KV cache: {plan.num_blocks} blocks of {config.block_size} = {plan.kv_tokens} tokens; "
+    auto = plan_memory(model, profile, replace(config, kv_cache_dtype="auto"))
+    print(f"KV cache: {plan.num_blocks} blocks of {config.block_size} = {plan.kv_tokens} tokens"
+          f"{_against_model_dtype(plan, auto, model.dtype)}; "
           f"{plan.max_concurrent_seqs} concurrent sequences of {plan.max_model_len} tokens.")
     if plan.fits:
         print("FITS")
@@ -160,6 +172,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(_simulate_table(rows))
         for r in rows:
             if r["fits"]:
+                print(f"{r['device']}: KV cache of {r['kv_cache_tokens']} tokens at "
+                      f"{format_bytes(r['kv_bytes_per_token'])} per token ({config.kv_cache_dtype})")
                 usage = " ".join(f"{100 * u:.0f}" for _, u in r["kv_usage_over_time"])
                 print(f"{r['device']}: KV use over {r['duration_s']:.3g} s (%): {usage}")
             else:
@@ -182,8 +196,8 @@ def cmd_calibrate_host(args: argparse.Namespace) -> int:
 def cmd_demo_model(args: argparse.Namespace) -> int:
     from maia_serving.models.demo import build_demo_model
 
-    out = build_demo_model(Path(args.out), seed=args.seed, overwrite=args.overwrite)
-    print(f"demo model written to {out}")
+    out = build_demo_model(Path(args.out), seed=args.seed, overwrite=args.overwrite, family=args.family)
+    print(f"demo model ({args.family}) written to {out}")
     return 0
 
 
@@ -282,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo-model", help="build the tiny random Llama used by the demo and tests")
     p.add_argument("--out", required=True)
+    p.add_argument("--family", choices=list(DEMO_FAMILIES), default="llama",
+                   help="llama (the demo), sliding-window (Mistral, a window of 16 keys) or moe (Mixtral, "
+                        "4 experts, top-2); same shape and tokenizer")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out whole")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo_model)

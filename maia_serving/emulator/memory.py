@@ -137,6 +137,13 @@ def kv_bytes_per_token(model: ModelShape, config: ServingConfig) -> float:
     return _stage_layers(model.num_layers, config) * _kv_bytes_per_token_layer(model, config)
 
 
+def kv_bits_per_value(model: ModelShape, config: ServingConfig) -> float:
+    """What one stored K or V value costs, its block's scale and padding included (MXFP4 at head_dim 128:
+    4.25 bits; BF16: 16)."""
+    width = model.mla.latent_size if model.mla else model.head_dim
+    return precision.kv_cache_dtype(config.kv_cache_dtype, model.dtype).row_bytes(width) * 8 / width
+
+
 def kv_bytes_per_sequence(model: ModelShape, config: ServingConfig, length: int) -> float:
     """KV bytes one sequence of ``length`` tokens holds on one chip, in whole blocks. A sliding layer keeps
     the blocks covering its last ``sliding_window`` tokens: ceil((window - 1) / block) + 1 once the sequence

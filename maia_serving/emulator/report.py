@@ -71,6 +71,8 @@ class SimReport:
     num_preemptions: int
     prefix_cache_hit_rate: float | None  # None with prefix caching off
     kv_cache_blocks: int
+    kv_cache_tokens: int
+    kv_bytes_per_token: float  # one chip's, at the KV format's stored size (block scales included)
     kv_peak_usage: float  # fraction of the KV blocks, at the busiest step
     kv_mean_usage: float  # time-weighted over the run's span, idle time at zero
     kv_usage_over_time: tuple[tuple[float, float], ...]  # (time_s, fraction) at KV_SAMPLES even times
@@ -132,6 +134,8 @@ def summarize(sim: Simulation, slo: SLO = SLO()) -> SimReport:
         num_preemptions=sim.num_preemptions,
         prefix_cache_hit_rate=hit_rate,
         kv_cache_blocks=sim.kv_cache_blocks,
+        kv_cache_tokens=sim.kv_cache_tokens,
+        kv_bytes_per_token=sim.kv_bytes_per_token,
         kv_peak_usage=max(steps.kv_blocks_used) / sim.kv_cache_blocks,
         kv_mean_usage=busy_block_s / duration_s / sim.kv_cache_blocks if duration_s else 0.0,
         kv_usage_over_time=tuple(zip(sample_times, kv_usage_at(sim, sample_times))),

@@ -10,7 +10,7 @@ one at a time: pipeline stages do not overlap micro-batches.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from maia_serving.emulator.clock import RequestTiming
 from maia_serving.emulator.cost import CostModel
@@ -46,6 +46,8 @@ class Simulation:
     num_preemptions: int
     prefix_cache_queried_tokens: int
     prefix_cache_hit_tokens: int
+    kv_cache_tokens: int = 0
+    kv_bytes_per_token: float = 0.0  # one chip's, at the KV format's stored size (simulate_device sets it)
 
 
 class _StepPrices:
@@ -116,6 +118,7 @@ def simulate(requests: list[Request], costs: CostModel, config: SchedulerConfig,
         num_preemptions=scheduler.num_preemptions,
         prefix_cache_queried_tokens=scheduler.prefix_cache_queried_tokens,
         prefix_cache_hit_tokens=scheduler.prefix_cache_hit_tokens,
+        kv_cache_tokens=config.num_blocks * config.block_size,
     )
 
 
@@ -135,4 +138,5 @@ def simulate_device(profile: DeviceProfile, model: ModelShape, serving: ServingC
         max_num_batched_tokens=serving.max_num_batched_tokens,
         enable_prefix_caching=enable_prefix_caching,
     )
-    return simulate(requests, device.cost_model, config, device=profile.name)
+    sim = simulate(requests, device.cost_model, config, device=profile.name)
+    return replace(sim, kv_bytes_per_token=device.plan.kv_bytes_per_token)

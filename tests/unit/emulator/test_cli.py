@@ -141,3 +141,47 @@ def test_simulate_stores_the_weights_in_the_weight_dtype(capsys):
 def test_device_is_kept_as_the_old_spelling_of_profile(capsys):
     assert main(["fit", "--model", "llama-3-8b", "--device", "maia200", "--json"]) == 0
     assert '"profile": "maia200"' in capsys.readouterr().out
+
+
+FIT_MXFP4 = ["fit", "--model", "llama-3-8b", "--profile", "maia100", "--kv-cache-dtype", "mxfp4"]
+
+
+def test_fit_shows_an_mxfp4_cache_at_its_stored_size_and_against_bf16(capsys):
+    """K and V x 32 layers x 8 heads x 68 bytes (four blocks of 32 E2M1 values and their E8M0 scales) = 34,816
+    bytes a token; Maia 100's 43,810,178,662.4-byte KV budget holds 78,645 blocks of 16 of them: 3.76x BF16's."""
+    assert main(FIT_MXFP4) == 0
+    out = capsys.readouterr().out
+    assert "KV per token (mxfp4, 4.25 bits a value)  34.82 KB" in out
+    assert ("KV cache: 78645 blocks of 16 = 1258320 tokens (3.76x the 334240 tokens of a bfloat16 cache); "
+            "153 concurrent sequences of 8192 tokens.") in out
+    assert main([*FIT_MXFP4, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["kv_bytes_per_token"], data["kv_tokens"]) == (2 * 32 * 8 * 68, 1_258_320)
+    assert main(["fit", "--model", "llama-3-8b", "--profile", "maia100"]) == 0
+    out = capsys.readouterr().out  # the model's own dtype: nothing to compare with
+    assert "KV per token (auto, 16 bits a value)" in out and "KV cache: 20890 blocks of 16 = 334240 tokens; " in out
+
+
+def test_simulate_serves_an_mxfp4_cache_and_shows_its_capacity(capsys):
+    assert main([*SIMULATE, "--device", "maia100", "--kv-cache-dtype", "mxfp4", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert (row["kv_cache_blocks"], row["kv_cache_tokens"], row["kv_bytes_per_token"]) == (78_645, 1_258_320, 34_816)
+    assert main([*SIMULATE, "--device", "maia100", "--kv-cache-dtype", "mxfp4"]) == 0
+    out = capsys.readouterr().out
+    assert "kv=mxfp4" in out and "maia100: KV cache of 1258320 tokens at 34.82 KB per token (mxfp4)" in out
+    tpot = {}
+    for kv in ("auto", "mxfp4"):
+        assert main([*SIMULATE, "--device", "maia100", "--kv-cache-dtype", kv, "--json"]) == 0
+        tpot[kv] = json.loads(capsys.readouterr().out)[0]["tpot_ms"]["mean"]
+    assert tpot["mxfp4"] < tpot["auto"]  # decode reads a quarter of the KV bytes
+
+
+@pytest.mark.parametrize("command", ["fit", "simulate"])
+@pytest.mark.parametrize("kv", ["mxfp5", "mx4", "int4"])
+def test_an_unknown_kv_format_lists_the_choices(capsys, command, kv):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--model", "llama-3-8b", "--profile", "maia100", "--kv-cache-dtype", kv])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --kv-cache-dtype: invalid choice: '{kv}' (choose from 'auto', 'fp32', " in err
+    assert "'fp8_e5m2', 'e5m2', 'float8_e5m2', 'mxfp8', 'mxfp6', 'mxfp6_e2m3', 'mxfp4', 'nvfp4')" in err
