@@ -199,3 +199,18 @@ def test_the_log_line_comes_every_ten_seconds_by_default(device):
     assert log.observe(_record(), 0.0) is None
     assert log.observe(_record(), 9.5) is None
     assert log.observe(_record(), 10.0) is not None
+
+
+def test_an_mxfp4_device_shows_its_capacity_and_block_bytes(metrics):
+    """Llama-3-8B on a Maia 100 with an MXFP4 KV cache: 34,816 bytes a token (68-byte head rows), 78,645 blocks
+    of 16 (memory tests by hand), and each used block adds its 557,056 bytes to the HBM in use."""
+    device = EmulatedDevice.fit(load_profile("maia100"), load_model_shape("llama-3-8b"),
+                                ServingConfig(kv_cache_dtype="mxfp4"))
+    metrics.apply(DeviceInfo.of(device, engine_kv_blocks=100))
+    assert _value(metrics, "maia:kv_cache_blocks", holder="emulated") == 78_645
+    assert _value(metrics, "maia:kv_cache_tokens", holder="emulated") == 78_645 * 16 == 1_258_320
+    assert _value(metrics, "maia:device_info", profile="maia100", model="llama-3-8b", kv_cache_dtype="mxfp4",
+                  tensor_parallel_size="1") == 1
+    static = _value(metrics, "maia:hbm_used_bytes")
+    metrics.set_kv(10, 0)
+    assert _value(metrics, "maia:hbm_used_bytes") - static == 10 * 16 * 34_816
