@@ -39,11 +39,6 @@ def dtype_bytes(name: str) -> float:
     return precision.dtype(name).bytes_per_element
 
 
-def kv_cache_bytes_per_element(kv_cache_dtype: str, model_dtype: str) -> float:
-    """Bytes per stored KV element for a ``--kv-cache-dtype`` value."""
-    return precision.kv_cache_dtype(kv_cache_dtype, model_dtype).bytes_per_element
-
-
 @dataclass(frozen=True)
 class MoE:
     """Routed experts: each token runs ``top_k`` of ``num_experts`` gated MLPs of ``intermediate_size``,
