@@ -4,17 +4,19 @@ A static batch (every request at once, fixed input and output lengths, ``ignore_
 ``simulate`` runs by default. Sent over HTTP, the same requests reach vLLM's engine over a few
 host milliseconds, and the engine starts its first step with whichever came first: the live
 run then prefills in two steps where the simulator prefills in one, and the first request's
-TTFT and everyone's first decode differ (seen: mean TTFT 21% apart, TPOT 3%). So the replay
+TTFT and everyone's first decode differ (seen: mean TTFT 10-27% short, TPOT up to 3% long;
+benchmarks/README.md). So the replay
 pauses the scheduler (``POST /pause?mode=keep``, served with ``VLLM_SERVER_DEV_MODE=1``),
 sends the batch, gives it ``settle_s`` to reach the engine (a paused engine publishes no
 queue length to wait on) and resumes: the engine then sees the batch at once, as the
-simulator does; a run whose step count differs from the simulator's did not. SGLang needs
-no pause: its tokenizer hands a batch of token-id prompts to the scheduler in one message
-(``pause=False``); its policy then matches the simulator's where it prefills as vLLM does
-(a batch that fits one step's budget), and not where vLLM would mix decodes into chunked
-prefills (SGLang prefills first). The emulated
-figures are read from the server's own ``/metrics`` (the difference of two scrapes), so
-other traffic must not overlap.
+simulator does; a run whose step count differs from the simulator's did not. The pause is
+not on the emulated clock: the requests are open, so the device is not idle, and no step
+runs. SGLang needs no pause: its tokenizer hands a batch of token-id prompts to the
+scheduler in one message (``pause=False``); its policy then matches the simulator's where
+it prefills as vLLM does (a batch that fits one step's budget), and not where vLLM would
+mix decodes into chunked prefills (SGLang prefills first). The emulated figures are read
+from the server's own ``/metrics`` (the difference of two scrapes), so other traffic must
+not overlap.
 """
 
 from __future__ import annotations
