@@ -1,5 +1,5 @@
 """The `maia-serving` command: profiles, fit, simulate, calibrate-host, demo-model, train-model,
-calibrate-kv."""
+calibrate-kv, reshard, merge."""
 
 from __future__ import annotations
 
@@ -320,7 +320,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["e4m3", "e5m2"], default="e4m3", help="FP8 format of the KV cache")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out whole")
     p.set_defaults(func=cmd_calibrate_kv)
+
+    p = sub.add_parser("reshard", help="split a Hugging Face checkpoint into the per-rank files vLLM's "
+                                       "--load-format sharded_state reads")
+    p.add_argument("--model", required=True, help="model directory (config.json + safetensors); only read")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, required=True)
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out whole")
+    p.set_defaults(func=cmd_reshard)
+
+    p = sub.add_parser("merge", help="rebuild the Hugging Face checkpoint a reshard was made from, byte for byte")
+    p.add_argument("--model", required=True, help="a directory written by `maia-serving reshard`")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out whole")
+    p.set_defaults(func=cmd_merge)
     return parser
+
+
+def cmd_reshard(args: argparse.Namespace) -> int:
+    from maia_serving.models.reshard import reshard
+
+    manifest = reshard(Path(args.model), Path(args.out), args.tensor_parallel_size, args.pipeline_parallel_size,
+                       overwrite=args.overwrite)
+    print(f"{len(manifest['files'])} rank files for TP {args.tensor_parallel_size} x PP "
+          f"{args.pipeline_parallel_size} written to {args.out}; serve with --load-format sharded_state")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from maia_serving.models.reshard import merge
+
+    files = merge(Path(args.model), Path(args.out), overwrite=args.overwrite)
+    print(f"{', '.join(files)} rebuilt in {args.out}, equal to the source's sha256")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
