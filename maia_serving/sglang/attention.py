@@ -64,6 +64,21 @@ def layer_window(layer) -> int | None:
     return None if size is None or size < 0 else size + 1
 
 
+def config_window(hf_config: dict) -> int | None:
+    """The sliding window a model's config asks for (Qwen2's is off unless ``use_sliding_window``)."""
+    return hf_config.get("sliding_window") if hf_config.get("use_sliding_window", True) else None
+
+
+def dropped_window_warning(config: int, layer_windows: set[int | None]) -> str | None:
+    """What to tell a user whose model code gave no layer the config's window (SGLang 0.5.23's
+    Llama, Mistral and Mixtral classes, on every attention backend)."""
+    if layer_windows != {None}:
+        return None
+    return (f"the model's config.json sets sliding_window={config}, but SGLang's code for this architecture "
+            "gives no layer a window: every query attends over all its keys, so the outputs are full attention's "
+            "(serve it with vLLM for the window), while the emulated figures price the window")
+
+
 class MaiaAttnBackend(AttentionBackend):
     """Registered with SGLang as ``--attention-backend maia``, the default on ``--device maia``."""
 
@@ -80,13 +95,21 @@ class MaiaAttnBackend(AttentionBackend):
         self.fp8 = self.kv_cache_dtype != "auto"
         self.model_dir = model_runner.model_config.model_path
         # (layers, KV heads) of the whole model: the sidecar is checked against them.
-        self.model_dims = kv_scales.model_dims(model_runner.model_config.hf_config.to_dict())
+        hf_config = model_runner.model_config.hf_config.to_dict()
+        self.model_dims = kv_scales.model_dims(hf_config)
+        self.config_window = config_window(hf_config)
+        # The windows the first forward pass's layers bring, checked against the config's once it ran.
+        self._layer_windows: set[int | None] | None = set() if self.config_window else None
         self.forward_metadata: MaiaForwardMetadata | None = None
         self._scales: dict[int, tuple[torch.Tensor | float, torch.Tensor | float]] = {}
         self._warned_default_scale = False
 
     # -- per step --------------------------------------------------------------------
     def init_forward_metadata(self, forward_batch) -> None:
+        if self._layer_windows:  # a forward pass has run
+            if warning := dropped_window_warning(self.config_window, self._layer_windows):
+                logger.warning(warning)
+            self._layer_windows = None
         mode = forward_batch.forward_mode
         if mode.is_idle() or forward_batch.batch_size == 0:
             self.forward_metadata = None
@@ -137,6 +160,8 @@ class MaiaAttnBackend(AttentionBackend):
         if meta is None:
             return out.view(-1, num_heads * head_dim)
         window = layer_window(layer)
+        if self._layer_windows is not None:
+            self._layer_windows.add(window)
         if meta.torch_path and window not in meta.plans:
             meta.plans[window] = plan_paged_attention(meta.block_tables, meta.seq_lens, meta.query_start_loc,
                                                       meta.num_tokens, num_heads, self.page_size, causal=True,

@@ -15,7 +15,7 @@ import torch
 from attention_float64 import assert_within_one_bf16_step, causal_attention_float64, dequantize_exact
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-from maia_serving.sglang.attention import MaiaAttnBackend
+from maia_serving.sglang.attention import MaiaAttnBackend, config_window, dropped_window_warning
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS = 4, 2, 16, 1
 STORE = {"auto": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
@@ -37,8 +37,9 @@ class Pool:
         return self.v.view(self.dtype)
 
 
-def make_backend(kv: str, page_size: int, slots: int, req_to_token: torch.Tensor):
-    hf_config = SimpleNamespace(to_dict=lambda: {"num_hidden_layers": LAYERS, "num_key_value_heads": KV_HEADS})
+def make_backend(kv: str, page_size: int, slots: int, req_to_token: torch.Tensor, **config):
+    hf_config = SimpleNamespace(to_dict=lambda: {"num_hidden_layers": LAYERS, "num_key_value_heads": KV_HEADS,
+                                                 **config})
     runner = SimpleNamespace(device=torch.device("cpu"), req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
                              token_to_kv_pool=Pool(slots, STORE[kv]), page_size=page_size, kv_cache_dtype=STORE[kv],
                              model_config=SimpleNamespace(model_path="unused", hf_config=hf_config))
@@ -191,3 +192,28 @@ def test_logit_soft_cap_is_refused_with_a_clear_error():
     lyr.logit_cap = 30.0
     with pytest.raises(NotImplementedError, match="soft-cap"):
         backend.forward_decode(torch.randn(1, HEADS * HEAD_DIM), None, None, lyr, SimpleNamespace())
+
+
+def test_a_config_window_no_layer_got_is_reported():
+    """SGLang's Llama code (its Mistral and Mixtral too) drops config.json's sliding_window: the backend
+    says so once, after the first forward pass; a model whose layers carry windows is not reported."""
+    assert config_window({"sliding_window": 16}) == 16
+    assert config_window({"sliding_window": 4096, "use_sliding_window": False}) is None
+    assert "sliding_window=16" in dropped_window_warning(16, {None})
+    assert dropped_window_warning(16, {None, 16}) is None
+
+
+@pytest.mark.parametrize("size,warned", [(-1, True), (15, False)])
+def test_the_dropped_window_warning_follows_the_first_forward_pass(caplog, size, warned):
+    req_to_token = assign_slots([3], 1, 4)
+    backend = make_backend("auto", 1, 80, req_to_token, sliding_window=16)
+    lyr = layer()
+    lyr.sliding_window_size = size
+    batch = SimpleNamespace(forward_mode=ForwardMode.EXTEND, batch_size=1, req_pool_indices=torch.arange(1),
+                            seq_lens=torch.tensor([3]), seq_lens_cpu=torch.tensor([3]), extend_seq_lens_cpu=[3],
+                            out_cache_loc=req_to_token[0, :3])
+    for _ in range(2):
+        backend.init_forward_metadata(batch)
+        backend.forward_extend(*(torch.randn(3, h * HEAD_DIM) for h in (HEADS, KV_HEADS, KV_HEADS)), lyr, batch)
+    assert ("gives no layer a window" in caplog.text) == warned
+    assert caplog.text.count("gives no layer a window") <= 1
