@@ -414,7 +414,7 @@ def reshard(src: Path, out: Path, tp: int, pp: int = 1, overwrite: bool = False)
                 "copied": _copy_side_files(src, work, {*weight_files, INDEX}),
             },
             "layout": {"tensor_parallel_size": tp, "pipeline_parallel_size": pp,
-                       "pp_layers": pp_layers(arch.layers, pp), "vocab_padded": padded_vocab(arch),
+                       "pp_layers": [list(r) for r in pp_layers(arch.layers, pp)], "vocab_padded": padded_vocab(arch),
                        "kv_head_replicas": max(1, tp // arch.kv_heads), "tied_embeddings": arch.tied},
             "files": files,
         }

@@ -1,0 +1,270 @@
+"""reshard/merge: vLLM's per-rank state dicts cut right, merged back byte for byte, bad input refused by name.
+
+The checkpoints are tiny random Hugging Face models written by transformers itself, so the
+tensor names are the library's; the expected rank tensors are computed here from the whole
+tensors (padding, chunking, repeating heads), independently of the module's slice plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from maia_serving.cli.main import main
+from maia_serving.models import reshard as rs
+from maia_serving.models.reshard import ReshardError, merge, reshard
+
+# vocab 100 pads to 128 (TP 4: 32 rows a rank, the last rank 4 real rows and 28 zero rows).
+BASE = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            head_dim=16, max_position_embeddings=128)
+VARIANTS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=4, tie_word_embeddings=False)),
+    "gqa": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    "tied": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "mqa-qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+}
+
+
+def _build(out: Path, variant: str) -> Path:
+    import transformers
+
+    config_name, model_name, extra = VARIANTS[variant]
+    config = getattr(transformers, config_name)(**BASE, **extra, torch_dtype="bfloat16")
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(config).to(torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "tokenizer_config.json").write_text('{"model_max_length": 128}\n')
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf")
+    return {v: _build(root / v, v) for v in VARIANTS}
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def _copy_with(src: Path, dst: Path, change) -> Path:
+    """A copy of a checkpoint whose tensors ``change(tensors)`` edits in place."""
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    change(tensors)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (4, 1), (2, 2), (1, 3)])
+def test_merge_of_reshard_is_the_source_byte_for_byte(checkpoints, tmp_path, variant, tp, pp):
+    src = checkpoints[variant]
+    manifest = reshard(src, tmp_path / "sharded", tp, pp)
+    assert merge(tmp_path / "sharded", tmp_path / "merged") == ["model.safetensors"]
+    assert _digests(tmp_path / "merged") == _digests(src)
+    assert len(manifest["files"]) == tp * pp
+
+
+def _expected_rank(full: dict[str, torch.Tensor], config: dict, tp: int, rank: int, layers: range,
+                   first: bool, last: bool) -> dict[str, torch.Tensor]:
+    """vLLM's state dict of one rank, from the whole tensors."""
+    heads, kv, hd = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+    tied = config["tie_word_embeddings"]
+
+    def vocab(t: torch.Tensor) -> torch.Tensor:
+        padded = torch.cat([t, t.new_zeros(-len(t) % 64, t.shape[1])])
+        return padded.chunk(tp)[rank]
+
+    def kv_part(t: torch.Tensor) -> torch.Tensor:  # heads repeated until there is one group per rank
+        grouped = t.reshape(kv, hd, *t.shape[1:]).repeat_interleave(max(1, tp // kv), 0)
+        return grouped.chunk(tp)[rank].reshape(-1, *t.shape[1:])
+
+    out = {}
+    if first and not (tied and last):
+        out["model.embed_tokens.weight"] = vocab(full["model.embed_tokens.weight"])
+    for i in layers:
+        p = f"model.layers.{i}."
+        a, m = p + "self_attn.", p + "mlp."
+        for n in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+            out[p + n] = full[p + n]
+        for kind in ("weight", "bias"):
+            if a + f"q_proj.{kind}" in full:
+                out[a + f"qkv_proj.{kind}"] = torch.cat([full[a + f"q_proj.{kind}"].chunk(tp)[rank],
+                                                         kv_part(full[a + f"k_proj.{kind}"]),
+                                                         kv_part(full[a + f"v_proj.{kind}"])])
+        assert heads % tp == 0
+        out[a + "o_proj.weight"] = full[a + "o_proj.weight"].chunk(tp, dim=1)[rank]
+        for s in ("_k_scale", "_v_scale", "_q_scale", "_prob_scale"):
+            out[a + "attn." + s] = torch.tensor(1.0)
+        out[m + "gate_up_proj.weight"] = torch.cat([full[m + "gate_proj.weight"].chunk(tp)[rank],
+                                                    full[m + "up_proj.weight"].chunk(tp)[rank]])
+        out[m + "down_proj.weight"] = full[m + "down_proj.weight"].chunk(tp, dim=1)[rank]
+    if last:
+        out["model.norm.weight"] = full["model.norm.weight"]
+        out["lm_head.weight"] = vocab(full["model.embed_tokens.weight" if tied else "lm_head.weight"])
+    return out
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_each_rank_holds_the_slices_vllm_expects(checkpoints, tmp_path, variant, tp):
+    src = checkpoints[variant]
+    reshard(src, tmp_path / "sharded", tp)
+    full = load_file(src / "model.safetensors")
+    config = json.loads((src / "config.json").read_text())
+    for rank in range(tp):
+        got = load_file(tmp_path / "sharded" / f"model-rank-{rank}-part-0.safetensors")
+        want = _expected_rank(full, config, tp, rank, range(3), first=True, last=True)
+        assert sorted(got) == sorted(want)
+        for name, tensor in want.items():
+            assert got[name].dtype == tensor.dtype, name
+            assert torch.equal(got[name], tensor), name
+
+
+@pytest.mark.parametrize("variant", ["gqa", "tied"])
+def test_pipeline_stages_hold_their_layers_and_ends(checkpoints, tmp_path, variant):
+    src = checkpoints[variant]
+    manifest = reshard(src, tmp_path / "sharded", 2, 2)
+    assert manifest["layout"]["pp_layers"] == [[0, 2], [2, 3]]  # vLLM's split puts the odd layer early
+    full = load_file(src / "model.safetensors")
+    config = json.loads((src / "config.json").read_text())
+    for pp_rank, layers in enumerate([range(0, 2), range(2, 3)]):
+        for rank in range(2):
+            got = load_file(tmp_path / "sharded" / f"model-pp-{pp_rank}-tp-{rank}-part-0.safetensors")
+            want = _expected_rank(full, config, 2, rank, layers, first=pp_rank == 0, last=pp_rank == 1)
+            assert sorted(got) == sorted(want)
+            assert all(torch.equal(got[n], t) for n, t in want.items())
+
+
+def test_stage_split_and_tied_key_are_vllms_own():
+    pytest.importorskip("vllm")
+    from vllm.distributed.utils import get_pp_indices
+    from vllm.model_executor.model_loader.sharded_state_loader import ShardedStateLoader
+
+    for layers, pp in [(3, 2), (32, 3), (80, 6), (7, 4), (2, 2)]:
+        assert rs.pp_layers(layers, pp) == [get_pp_indices(layers, r, pp) for r in range(pp)]
+    shared = torch.zeros(4, 2)
+    kept = ShardedStateLoader._filter_subtensors({"model.embed_tokens.weight": shared, "lm_head.weight": shared})
+    assert list(kept) == ["lm_head.weight"]
+
+
+def test_manifest_says_how_each_tensor_was_split(checkpoints, tmp_path):
+    manifest = reshard(checkpoints["gqa"], tmp_path / "sharded", 4)
+    assert manifest["layout"]["kv_head_replicas"] == 2
+    assert manifest["source"]["files"]["model.safetensors"]["sha256"] == _digests(checkpoints["gqa"])[
+        "model.safetensors"]
+    assert sorted(manifest["source"]["copied"]) == ["config.json", "generation_config.json",
+                                                    "tokenizer_config.json"]
+    tensors = {t["name"]: t for t in manifest["files"]["model-rank-3-part-0.safetensors"]["tensors"]}
+    qkv = tensors["model.layers.0.self_attn.qkv_proj.weight"]
+    assert qkv["split"] == "qkv"
+    assert [(p["source"].rsplit(".", 2)[-2], p["start"], p["stop"]) for p in qkv["pieces"]] == [
+        ("q_proj", 48, 64), ("k_proj", 16, 32), ("v_proj", 16, 32)]
+    assert tensors["lm_head.weight"]["pad_rows"] == 28
+
+
+def _no_leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if ".partial-" in p.name or p.name == "out"]
+
+
+BAD_INPUTS = {
+    "missing": (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"),
+                "missing tensor model.layers.1.mlp.up_proj.weight"),
+    "extra": (lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.zeros(8)}),
+              "unexpected tensor model.layers.0.self_attn.rotary_emb.inv_freq"),
+    "shape": (lambda t: t.update({"model.layers.2.self_attn.k_proj.weight": torch.zeros(16, 64, dtype=torch.bfloat16)}),
+              r"tensor model.layers.2.self_attn.k_proj.weight has shape \[16, 64\], config.json implies \[32, 64\]"),
+    "dtype": (lambda t: t.update({"model.norm.weight": t["model.norm.weight"].float()}),
+              "mixed dtypes: tensor model.norm.weight is F32, the others BF16"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_checkpoint_is_refused_naming_the_tensor(checkpoints, tmp_path, case):
+    change, message = BAD_INPUTS[case]
+    src = _copy_with(checkpoints["gqa"], tmp_path / "src", change)
+    before = _digests(src)
+    with pytest.raises(ReshardError, match=message):
+        reshard(src, tmp_path / "out", 2)
+    assert _digests(src) == before
+    assert _no_leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_safetensors_is_refused_naming_the_file(checkpoints, tmp_path, damage):
+    src = shutil.copytree(checkpoints["llama"], tmp_path / "src")
+    weights = src / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x17" * 64)
+    with pytest.raises(ReshardError, match="model.safetensors: corrupt"):
+        reshard(src, tmp_path / "out", 2)
+    assert _no_leftovers(tmp_path) == []
+
+
+def test_layout_rules_are_vllms(checkpoints, tmp_path):
+    with pytest.raises(ReshardError, match="num_attention_heads 4 is not divisible by --tensor-parallel-size 3"):
+        reshard(checkpoints["llama"], tmp_path / "out", 3)
+    with pytest.raises(ReshardError, match="num_attention_heads 4 is not divisible by --tensor-parallel-size 8"):
+        reshard(checkpoints["llama"], tmp_path / "out", 8)
+    with pytest.raises(ReshardError, match="--pipeline-parallel-size 4 exceeds num_hidden_layers 3"):
+        reshard(checkpoints["llama"], tmp_path / "out", 1, 4)
+    arch = rs.read_arch({"architectures": ["LlamaForCausalLM"], **BASE, "num_attention_heads": 6,
+                         "num_key_value_heads": 4})
+    with pytest.raises(ReshardError, match="num_key_value_heads 4 and --tensor-parallel-size 3"):
+        rs.check_layout(arch, 3, 1)
+    with pytest.raises(ReshardError, match="architectures .*MixtralForCausalLM.* not supported"):
+        rs.read_arch({"architectures": ["MixtralForCausalLM"]})
+
+
+def test_existing_output_and_overlap_are_refused(checkpoints, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="is not empty"):
+        reshard(checkpoints["llama"], out, 2)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    with pytest.raises(ReshardError, match="overlaps the source"):
+        reshard(checkpoints["llama"], checkpoints["llama"] / "sharded", 2)
+
+
+def test_a_run_failing_midway_leaves_nothing(checkpoints, tmp_path, monkeypatch):
+    calls = []
+
+    def fail_on_third(t, source):
+        calls.append(t.name)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return real(t, source)
+
+    real = rs._materialize
+    monkeypatch.setattr(rs, "_materialize", fail_on_third)
+    with pytest.raises(OSError, match="disk full"):
+        reshard(checkpoints["llama"], tmp_path / "out", 2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_merge_refuses_a_tampered_shard(checkpoints, tmp_path):
+    reshard(checkpoints["llama"], tmp_path / "sharded", 2)
+    shard = tmp_path / "sharded" / "model-rank-1-part-0.safetensors"
+    tensors = load_file(shard)
+    tensors["model.layers.0.mlp.down_proj.weight"][0, 0] += 1
+    save_file(tensors, shard)
+    with pytest.raises(ReshardError, match="rebuilt model.safetensors differs from the source's sha256"):
+        merge(tmp_path / "sharded", tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_cli_reports_the_tensor(checkpoints, tmp_path, capsys):
+    src = _copy_with(checkpoints["llama"], tmp_path / "src", BAD_INPUTS["missing"][0])
+    assert main(["reshard", "--model", str(src), "--out", str(tmp_path / "out"), "-tp", "2"]) == 2
+    assert "missing tensor model.layers.1.mlp.up_proj.weight" in capsys.readouterr().err
+    assert main(["reshard", "--model", str(checkpoints["tied"]), "--out", str(tmp_path / "s"), "-tp", "2"]) == 0
+    assert main(["merge", "--model", str(tmp_path / "s"), "--out", str(tmp_path / "m")]) == 0
+    assert _digests(tmp_path / "m") == _digests(checkpoints["tied"])
