@@ -30,6 +30,16 @@ kernel and nothing else):
 A step is a batch of sequences, each adding ``num_new_tokens`` to a context that then
 holds ``context_len`` tokens: decode is ``(1, n)``, a prefill ``(n, n)``, a chunk of a
 chunked prefill or a prefill after a prefix-cache hit ``(q, n)`` with ``q < n``.
+
+Pipeline parallelism: stage ``k`` runs its share of the layers as vLLM splits them (``stage_layers``),
+the embedding on the first stage and the final norm, LM head and logits all-gather on the last, with
+its own tensor-parallel all-reduces, kernel launches and exposed host time; the host's per-step
+overhead is charged once, to the first stage. Between stages each tensor-parallel rank sends the
+hidden states to its counterpart in the next stage (over the scale-out tier where the stages sit on
+different nodes; vLLM places ranks stage-major, ``rank = stage * tp + tp_rank``). A step's cost is one
+batch through every stage: ``StepCost.stages`` and ``StepCost.hops`` are each stage's busy time and each
+transfer, and ``total_s`` their sum, the batch's latency. How stages overlap different batches is the
+simulator's business (simulate.py).
 """
 
 from __future__ import annotations
@@ -75,6 +85,24 @@ class Parallel:
     pp: int = 1
 
 
+def stage_layers(num_layers: int, pp: int) -> tuple[int, ...]:
+    """Layers of each pipeline stage as vLLM splits them (``vllm.distributed.utils.get_pp_indices``): evenly,
+    the remainder one each to the stages before the last, which also holds the LM head."""
+    if not 1 <= pp <= num_layers:
+        raise ValueError(f"pipeline parallel size {pp}: a model of {num_layers} layers takes 1 to {num_layers} "
+                         f"stages (each stage needs a layer)")
+    parts = [num_layers // pp] * pp
+    for i in range(2, num_layers % pp + 2):
+        parts[-i] += 1
+    return tuple(parts)
+
+
+def crosses_node(stage: int, tp: int, node_chips: int) -> bool:
+    """Whether stage ``stage`` sends to the next over the scale-out tier: some rank ``stage * tp + j`` and its
+    counterpart ``(stage + 1) * tp + j`` sit on different nodes of ``node_chips``."""
+    return any((stage * tp + j) // node_chips != ((stage + 1) * tp + j) // node_chips for j in range(tp))
+
+
 SINGLE_CHIP = Parallel()
 
 
@@ -104,6 +132,10 @@ class StepCost:
     flops: float
     bytes: float
     ops: tuple[OpCost, ...]
+    # With pipeline stages (pp > 1): each stage's busy time and each send to the next stage, which sum to
+    # total_s; empty on one stage, where the whole step is the stage.
+    stages: tuple[float, ...] = ()
+    hops: tuple[float, ...] = ()
 
     @property
     def total_s(self) -> float:
@@ -346,6 +378,22 @@ def exposed_host_s(host_s: float, device_s: float) -> float:
     return max(0.0, host_s - device_s)
 
 
+# Operators outside the decoder layers, by the pipeline stage that runs them (1: the first, 2: the last);
+# every other operator is a layer's and runs on every stage in proportion to its layers (0).
+_EDGE_PLACE = {"embedding": 1, "final_norm": 2, "lm_head": 2, "logit_softcap": 2}
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One stage's (or a whole step's) device work before launches: summed by _stage_cost."""
+
+    compute_s: float
+    memory_s: float
+    comm_s: float
+    kernels: float
+    first: bool  # the first stage: charged the host's step overhead
+
+
 class CostModel:
     """step_cost for one (profile, model, parallelism, KV dtype), with the terms
     worked out once: what a live engine calls every step."""
@@ -363,9 +411,6 @@ class CostModel:
         self._flops_per_s = tuple(profile.peak_flops(t.peak) * attention_eff if t.kind == "attention"
                                   else profile.effective_flops(t.peak) for t in self.terms)
         self._bytes_per_s = profile.effective_bandwidth_bytes_per_s
-        kernels = sum(t.launches for t in self.terms)
-        self._launch_s = profile.kernel_launch_s * kernels
-        self._host_launch_s = profile.host_launch_s * kernels
         self._window = model.sliding_window if model.num_sliding_layers else None
         self._gemm = profile.gemm
         self._split = profile.attention_split_tokens if profile.gemm else 0
@@ -374,20 +419,59 @@ class CostModel:
         # per sequence, its groups per expert touched (0: one group) and its columns; None for the others.
         self._gemm_shapes = tuple((t.gemm_rows[0], t.gemm_rows[1], t.gemm_groups[7], t.gemm_n)
                                   if self._gemm and t.kind == "gemm" else None for t in self.terms)
+        self._net = profile.network
+        self._places = tuple(_EDGE_PLACE.get(t.name, 0) for t in self.terms)
+        self._kernels = tuple(sum(t.launches for t, p in zip(self.terms, self._places) if p == place)
+                              for place in range(3))
+        self._stage_layers = stage_layers(model.num_layers, parallel.pp)
+        self._crosses = tuple(crosses_node(k, parallel.tp, self._net.node_chips) for k in range(parallel.pp - 1))
+
+    def all_reduce_s(self, tokens: int) -> float:
+        """One tensor-parallel all-reduce of the tokens' hidden states."""
+        hidden = tokens * self.model.hidden_size * self._comm_bytes
+        return interconnect.all_reduce(self._net, hidden, self.parallel.tp).time_s
+
+    def logits_s(self, seqs: int) -> float:
+        """The LM head's all-gather of the sequences' logits over the tensor-parallel group."""
+        logits = seqs * self.model.vocab_size * self._model_bytes
+        return interconnect.all_gather(self._net, logits, self.parallel.tp).time_s
+
+    def hops_s(self, tokens: int) -> tuple[float, ...]:
+        """Each stage's send of the hidden states to the next (each rank to its counterpart, all at once)."""
+        hidden = tokens * self.model.hidden_size * self._comm_bytes
+        return tuple(interconnect.send_recv_s(self._net, hidden, across) for across in self._crosses)
 
     def comm_s(self, tokens: int, seqs: int) -> float:
         """Tensor-parallel all-reduces (two per layer) and the logits all-gather; one
         send/recv of the hidden states between consecutive pipeline stages."""
-        tp, pp = self.parallel.tp, self.parallel.pp
-        link, model = self.profile.scale_up, self.model
-        hidden = tokens * model.hidden_size * self._comm_bytes
-        comm = 0.0
-        if tp > 1:
-            comm += 2 * model.num_layers * interconnect.all_reduce_s(link, hidden, tp)
-            comm += interconnect.all_gather_s(link, seqs * model.vocab_size * self._model_bytes, tp)
-        if pp > 1:
-            comm += (pp - 1) * interconnect.send_recv_s(link, hidden)
-        return comm
+        comm = 2 * self.model.num_layers * self.all_reduce_s(tokens) + self.logits_s(seqs)
+        return comm + sum(self.hops_s(tokens))
+
+    def _stage_cost(self, part: _Part, decode_graph: bool) -> float:
+        """Launch time of a stage (or a whole step): its kernels on the device, the host's step overhead on
+        the first stage, and the host's launch time where it outlasts the device's work."""
+        device_launch = self.profile.kernel_launch_s * part.kernels
+        launch = device_launch + (self.profile.step_overhead_s if part.first else 0.0)
+        graph = self.profile.graph
+        host = graph.launch_s if decode_graph else self.profile.host_launch_s * part.kernels
+        if host:
+            launch += exposed_host_s(host, part.compute_s + part.memory_s + part.comm_s + device_launch)
+        return launch
+
+    def _stages(self, tokens: int, seqs: int, compute: list[float], memory: list[float],
+                decode_graph: bool) -> tuple[list[tuple[float, float, float, float]], tuple[float, ...]]:
+        """Each stage's (compute, memory, comm, launch) from the per-place sums, and the hops between them."""
+        layers, last = self.model.num_layers, self.parallel.pp - 1
+        all_reduce, logits = self.all_reduce_s(tokens), self.logits_s(seqs)
+        stages = []
+        for k, count in enumerate(self._stage_layers):
+            share, first, is_last = count / layers, k == 0, k == last
+            part = _Part(share * compute[0] + first * compute[1] + is_last * compute[2],
+                         share * memory[0] + first * memory[1] + is_last * memory[2],
+                         2 * count * all_reduce + is_last * logits,
+                         share * self._kernels[0] + first * self._kernels[1] + is_last * self._kernels[2], first)
+            stages.append((part.compute_s, part.memory_s, part.comm_s, self._stage_cost(part, decode_graph)))
+        return stages, self.hops_s(tokens)
 
     def cost(self, step: StepShape, detail: bool = False) -> StepCost:
         """The cost of a checked step; ``detail`` also lists each operator (slower: for reports)."""
@@ -417,8 +501,9 @@ class CostModel:
         item_tokens = min(longest, split)
         window_item_tokens = min(longest, split, window or longest)
         compute = memory = flops = nbytes = 0.0
+        placed_compute, placed_memory = [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]
         ops = []
-        for term, flops_per_s, shape in zip(self.terms, self._flops_per_s, self._gemm_shapes):
+        for term, flops_per_s, shape, place in zip(self.terms, self._flops_per_s, self._gemm_shapes, self._places):
             ft, fs, fp, fc, f1, fwp, fwc, fe = term.flops
             bt, bs, bp, bc, b1, bwp, bwc, be = term.bytes
             f = ft * tokens + fs * seqs + fp * pairs + fc * ctx + f1 + fwp * wpairs + fwc * wctx + fe * experts
@@ -435,19 +520,24 @@ class CostModel:
                 memory_s = max(memory_s, attention_floor_s(item_bytes, gemm.units, self._bytes_per_s))
             if compute_s >= memory_s:
                 compute += compute_s
+                placed_compute[place] += compute_s
             else:
                 memory += memory_s
+                placed_memory[place] += memory_s
             flops += f
             nbytes += b
             if detail:
                 ops.append(OpCost(term.name, f, b, compute_s, memory_s))
-        comm = self.comm_s(tokens, seqs)
-        launch = self._launch_s + self.profile.step_overhead_s
         graph = self.profile.graph
-        host = graph.launch_s if graph and tokens == seqs <= graph.max_batch else self._host_launch_s
-        if host:
-            launch += exposed_host_s(host, compute + memory + comm + self._launch_s)
-        return StepCost(compute, memory, comm, launch, flops, nbytes, tuple(ops))
+        decode_graph = bool(graph and tokens == seqs <= graph.max_batch)
+        if self.parallel.pp == 1:
+            comm = self.comm_s(tokens, seqs)
+            launch = self._stage_cost(_Part(compute, memory, comm, sum(self._kernels), True), decode_graph)
+            return StepCost(compute, memory, comm, launch, flops, nbytes, tuple(ops))
+        stages, hops = self._stages(tokens, seqs, placed_compute, placed_memory, decode_graph)
+        compute, memory, comm, launch = (sum(column) for column in zip(*stages))
+        return StepCost(compute, memory, comm + sum(hops), launch, flops, nbytes, tuple(ops),
+                        stages=tuple(sum(stage) for stage in stages), hops=hops)
 
 
 def step_cost(profile: DeviceProfile, model: ModelShape, step: StepShape,

@@ -42,9 +42,13 @@ _UNITS: dict[str, float] = {
     "ns": 1e-9,
     "ratio": 1.0,
     "count": 1.0,
+    "flag": 1.0,
 }
 
-TOPOLOGIES = ("full_mesh", "switch", "ring", "pcie")
+# How a tier's chips are wired (interconnect.py prices each): every pair directly linked, all through one
+# switch (NVSwitch, an Ethernet or InfiniBand fabric), or through the host's PCIe switch.
+TOPOLOGIES = ("full_mesh", "switch", "pcie")
+VARIANT_SEPARATOR = "@"
 
 
 class UnknownProfileError(ValueError):
@@ -53,18 +57,40 @@ class UnknownProfileError(ValueError):
 
 @dataclass(frozen=True)
 class LinkProfile:
-    """A chip's links of one kind: per-direction injection bandwidth and hop latency."""
+    """One tier of a chip's network: how its ``chips`` are wired, a chip's per-direction injection bandwidth
+    into the tier and the latency of one hop (software included)."""
 
     topology: str
     chips: int
     bandwidth_bytes_per_s: float  # per direction, per chip
     latency_s: float
+    # full_mesh: the direct links between one pair of chips, per direction (a chip's injection bandwidth is
+    # this times its peers, unless some of its ports go elsewhere).
+    pair_bandwidth_bytes_per_s: float | None = None
+    in_network_reduction: bool = False  # the switch reduces (NVLink SHARP, NCCL's NVLS algorithm)
 
     def __post_init__(self) -> None:
         if self.topology not in TOPOLOGIES:
             raise ValueError(f"unknown topology {self.topology!r}; known: {', '.join(TOPOLOGIES)}")
         if self.bandwidth_bytes_per_s <= 0 or self.latency_s < 0 or self.chips < 1:
             raise ValueError(f"link figures must be positive, got {self}")
+        if (self.topology == "full_mesh") != (self.pair_bandwidth_bytes_per_s is not None):
+            raise ValueError(f"a full_mesh tier, and only one, gives its pair bandwidth, got {self}")
+        if self.in_network_reduction and self.topology != "switch":
+            raise ValueError(f"only a switch reduces in the network, got {self}")
+
+
+@dataclass(frozen=True)
+class Network:
+    """A chip's tiers: ``scale_up`` connects the chips of one node; ``scale_out`` (None: the profile names
+    none) connects nodes, each chip through its own NICs."""
+
+    scale_up: LinkProfile
+    scale_out: LinkProfile | None = None
+
+    @property
+    def node_chips(self) -> int:
+        return self.scale_up.chips
 
 
 @dataclass(frozen=True)
@@ -104,6 +130,7 @@ class DeviceProfile:
     kernel_launch_s: float  # fixed device-side cost of each kernel a step runs (fill, drain, the gap to the next)
     scale_up: LinkProfile
     host_link: LinkProfile
+    scale_out: LinkProfile | None = None
     sources: dict[str, str] = field(default_factory=dict, compare=False)
     estimates: tuple[str, ...] = field(default=(), compare=False)
     # The shape-aware figures (cost.py); each optional, and absent means the flat model: no tile or wave
@@ -140,6 +167,10 @@ class DeviceProfile:
     def effective_bandwidth_bytes_per_s(self) -> float:
         return self.hbm_bandwidth_bytes_per_s * self.memory_efficiency
 
+    @property
+    def network(self) -> Network:
+        return Network(self.scale_up, self.scale_out)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -149,6 +180,7 @@ class DeviceProfile:
             "scale_up_GB_per_s_per_direction": self.scale_up.bandwidth_bytes_per_s / 1e9,
             "chips_per_node": self.scale_up.chips,
             "topology": self.scale_up.topology,
+            "scale_out_GB_per_s_per_direction": self.scale_out.bandwidth_bytes_per_s / 1e9 if self.scale_out else None,
         }
 
 
@@ -166,12 +198,17 @@ def _figure(entry: Any, key: str, sources: dict[str, str], estimates: list[str])
 
 
 def _link(raw: dict[str, Any], key: str, sources: dict[str, str], estimates: list[str]) -> LinkProfile:
+    def fig(name: str) -> float:
+        return _figure(raw[name], f"{key}.{name}", sources, estimates)
+
     chips = raw.get("chips", {"value": 1, "unit": "count", "source": "point-to-point"})
     return LinkProfile(
         topology=raw["topology"],
         chips=int(_figure(chips, f"{key}.chips", sources, estimates)),
-        bandwidth_bytes_per_s=_figure(raw["bandwidth"], f"{key}.bandwidth", sources, estimates),
-        latency_s=_figure(raw["latency"], f"{key}.latency", sources, estimates),
+        bandwidth_bytes_per_s=fig("bandwidth"),
+        latency_s=fig("latency"),
+        pair_bandwidth_bytes_per_s=fig("pair_bandwidth") if "pair_bandwidth" in raw else None,
+        in_network_reduction=bool(fig("in_network_reduction")) if "in_network_reduction" in raw else False,
     )
 
 
@@ -215,6 +252,7 @@ def profile_from_dict(raw: dict[str, Any]) -> DeviceProfile:
         kernel_launch_s=fig("kernel_launch"),
         scale_up=_link(raw["scale_up"], "scale_up", sources, estimates),
         host_link=_link(raw["host_link"], "host_link", sources, estimates),
+        scale_out=_link(raw["scale_out"], "scale_out", sources, estimates) if "scale_out" in raw else None,
         sources=sources,
         estimates=tuple(estimates),  # read every figure above this line: reading one appends to estimates
         gemm=gemm,
@@ -238,13 +276,32 @@ def host_profile_path() -> Path:
     return Path(cache) / "host.yaml"
 
 
+def _builtin_raw() -> dict[str, dict[str, Any]]:
+    return {p.stem: yaml.safe_load(p.read_text()) for p in sorted(_builtin_dir().glob("*.yaml"))}
+
+
 def profile_names() -> list[str]:
-    """Built-in profile names plus ``host`` (measured on demand)."""
-    return sorted(p.stem for p in _builtin_dir().glob("*.yaml")) + ["host"]
+    """Built-in profile names, each topology variant as ``name@variant``, plus ``host`` (measured on demand)."""
+    names = []
+    for name, raw in _builtin_raw().items():
+        names += [name] + [f"{name}{VARIANT_SEPARATOR}{v}" for v in raw.get("variants", {})]
+    return names + ["host"]
+
+
+def with_variant(raw: dict[str, Any], variant: str) -> dict[str, Any]:
+    """The profile's data with a topology variant's keys over its own: the same chip wired another way
+    (an SXM GPU on PCIe only, NVSwitch without in-switch reduction), so the chip's figures are written once."""
+    variants = raw.get("variants", {})
+    if variant not in variants:
+        raise UnknownProfileError(f"profile {raw['name']!r} has no variant {variant!r}; "
+                                  f"its variants: {', '.join(variants) or 'none'}")
+    return {**{k: v for k, v in raw.items() if k != "variants"}, **variants[variant],
+            "name": f"{raw['name']}{VARIANT_SEPARATOR}{variant}"}
 
 
 def load_profile(name: str) -> DeviceProfile:
-    """Load a profile by name; ``host`` is measured once and cached (see calibrate.py)."""
+    """Load a profile by name (``h100-sxm@pcie``: a variant); ``host`` is measured once and cached
+    (see calibrate.py)."""
     if name == "host":
         path = host_profile_path()
         if not path.exists():
@@ -252,9 +309,11 @@ def load_profile(name: str) -> DeviceProfile:
 
             calibrate_host(path)
         return profile_from_dict(yaml.safe_load(path.read_text()))
-    path = _builtin_dir() / f"{name}.yaml"
+    base, _, variant = name.partition(VARIANT_SEPARATOR)
+    path = _builtin_dir() / f"{base}.yaml"
     if not path.exists():
         raise UnknownProfileError(
             f"unknown device profile {name!r}; known profiles: {', '.join(profile_names())}"
         )
-    return profile_from_dict(yaml.safe_load(path.read_text()))
+    raw = yaml.safe_load(path.read_text())
+    return profile_from_dict(with_variant(raw, variant) if variant else raw)

@@ -1,63 +1,147 @@
-"""Alpha-beta costs of collectives over a chip's scale-up links.
+"""Alpha-beta costs of collectives over a chip's network, with the algorithm chosen as NCCL chooses.
 
-The model is Hockney's: a message of ``n`` bytes over one link costs
-``alpha + n / beta``. Collective formulas follow Thakur, Rabenseifner and Gropp,
-"Optimization of Collective Communication Operations in MPICH" (IJHPCA 2005):
+The model is Hockney's: a message of ``n`` bytes over one link costs ``alpha + n / beta`` (``latency_s``,
+the per-direction bandwidth). Each topology offers the algorithms NCCL and vLLM run on it, and the
+cheapest is taken for the message size at hand, as NCCL's tuner picks the algorithm of least predicted
+time (``src/graph/tuning.cc``). For an all-reduce of ``n`` bytes over ``p`` chips of one node:
 
-* ring (``switch``, ``ring``, ``pcie``): reduce-scatter and all-gather each take
-  ``p - 1`` steps of ``n / p`` bytes; all-reduce is the two in sequence.
-* ``full_mesh``: every chip has a direct link to every other, so reduce-scatter and
-  all-gather are one step in which each chip sends ``n / p`` bytes to each of its
-  ``p - 1`` peers at once, sharing its injection bandwidth among them.
+* ``full_mesh`` (each pair of chips directly linked at ``b`` per direction, the pair bandwidth):
+  ``one_shot``, every chip sends its whole buffer to every peer at once and reduces locally:
+  ``alpha + n / b``; ``two_shot``, a direct reduce-scatter then a direct all-gather, each chip sending
+  ``n / p`` to each peer at once: ``2 (alpha + n / (p b))``. One-shot wins under ``n = alpha p b / (p - 2)``.
+* ``switch`` (NVSwitch; ``B`` a chip's injection bandwidth): ``ring``, ``2 (p - 1)`` steps of ``n / p``
+  (Thakur, Rabenseifner and Gropp, IJHPCA 2005): ``2 (p - 1) (alpha + n / (p B))``; ``one_shot``, vLLM's
+  custom all-reduce for small messages, the whole buffer to ``p - 1`` peers through the switch:
+  ``alpha + (p - 1) n / B``; with in-switch reduction, ``nvls``: each chip sends its ``n`` for the switch to
+  reduce and receives ``n`` multicast back, the two pipelined, ``2 alpha + (1 + 1 / p) n / B`` (our reading
+  of NVLink SHARP; a ring moves ``2 (p - 1) / p n``).
+* ``pcie``: ``ring`` only (vLLM's custom all-reduce needs NVLink beyond two GPUs).
 
-``bandwidth_bytes_per_s`` is a chip's injection bandwidth per direction, the figure
-the profiles give.
+A group larger than a node (``p = m c`` over ``m`` nodes of ``c`` chips) runs over the scale-out tier:
+a flat ``ring`` at the scale-out bandwidth (NCCL's multi-node ring: each chip's NIC carries one ring's
+node crossing), or ``hierarchical/ring`` and ``hierarchical/tree``: reduce-scatter in the node, an
+all-reduce of ``n / c`` among the ``m`` chips of the same local rank (a ring, or NCCL's double binary tree:
+``2 ceil(log2 m)`` hops, ``2 n / B``), all-gather in the node. Reduce-scatter and all-gather are one
+phase: a direct exchange on a full mesh, a ring elsewhere, and over nodes the in-node phase and a ring
+across nodes.
 """
 
 from __future__ import annotations
 
-from maia_serving.emulator.hardware import LinkProfile
+import math
+from dataclasses import dataclass
+
+from maia_serving.emulator.hardware import LinkProfile, Network
 
 
-def _check(link: LinkProfile, group: int) -> None:
+@dataclass(frozen=True)
+class Collective:
+    """The algorithm chosen for one collective and its time."""
+
+    algorithm: str
+    time_s: float
+
+
+NONE = Collective("none", 0.0)
+
+
+def _cheapest(options: dict[str, float]) -> Collective:
+    name = min(options, key=options.__getitem__)
+    return Collective(name, options[name])
+
+
+def _node_all_reduce(link: LinkProfile, n: float, p: int) -> dict[str, float]:
+    """The all-reduce algorithms of one tier and their times (module docstring)."""
+    a, bw = link.latency_s, link.bandwidth_bytes_per_s
+    if link.topology == "full_mesh":
+        pair = link.pair_bandwidth_bytes_per_s
+        return {"one_shot": a + n / pair, "two_shot": 2 * (a + n / p / pair)}
+    options = {"ring": 2 * (p - 1) * (a + n / p / bw)}
+    if link.topology == "switch":
+        options["one_shot"] = a + (p - 1) * n / bw
+        if link.in_network_reduction:
+            options["nvls"] = 2 * a + (1 + 1 / p) * n / bw
+    return options
+
+
+def _node_phase(link: LinkProfile, n: float, p: int) -> Collective:
+    """One reduce-scatter or all-gather phase of an ``n``-byte buffer over ``p`` chips of a tier."""
+    a = link.latency_s
+    if link.topology == "full_mesh":
+        return Collective("direct", a + n / p / link.pair_bandwidth_bytes_per_s)
+    return Collective("ring", (p - 1) * (a + n / p / link.bandwidth_bytes_per_s))
+
+
+def _across_all_reduce(link: LinkProfile, n: float, m: int) -> dict[str, float]:
+    """All-reduce of ``n`` bytes among ``m`` nodes, one chip each, over the scale-out tier."""
+    a, bw = link.latency_s, link.bandwidth_bytes_per_s
+    return {"ring": 2 * (m - 1) * (a + n / m / bw), "tree": 2 * math.ceil(math.log2(m)) * a + 2 * n / bw}
+
+
+def _nodes(net: Network, group: int) -> int:
+    """How many nodes a group spans (1 within one); ValueError where the network cannot hold it."""
     if group < 1:
         raise ValueError(f"group size must be at least 1, got {group}")
-    if group > link.chips:
-        raise ValueError(
-            f"a group of {group} chips exceeds the {link.chips} chips that the "
-            f"{link.topology} scale-up domain connects"
-        )
+    if group <= net.node_chips:
+        return 1
+    out = net.scale_out
+    if out is None:
+        raise ValueError(f"a group of {group} chips exceeds the {net.node_chips} chips of a node, and the "
+                         f"profile names no scale-out network")
+    if group > out.chips:
+        raise ValueError(f"a group of {group} chips exceeds the {out.chips} chips the scale-out network connects")
+    return math.ceil(group / net.node_chips)
 
 
-def _one_phase_s(link: LinkProfile, nbytes: float, group: int) -> float:
-    """One reduce-scatter or all-gather phase moving ``nbytes`` in total per chip."""
+def all_reduce(net: Network, nbytes: float, group: int) -> Collective:
+    """All-reduce of an ``nbytes`` buffer held by each of ``group`` chips, by the cheapest algorithm."""
+    nodes = _nodes(net, group)
     if group == 1 or nbytes <= 0:
-        return 0.0
-    moved = nbytes * (group - 1) / group
-    steps = 1 if link.topology == "full_mesh" else group - 1
-    return steps * link.latency_s + moved / link.bandwidth_bytes_per_s
+        return NONE
+    if nodes == 1:
+        return _cheapest(_node_all_reduce(net.scale_up, nbytes, group))
+    out, c = net.scale_out, net.node_chips
+    options = {"ring": 2 * (group - 1) * (out.latency_s + nbytes / group / out.bandwidth_bytes_per_s)}
+    if group % c == 0:
+        in_node = 2 * _node_phase(net.scale_up, nbytes, c).time_s
+        for name, across in _across_all_reduce(out, nbytes / c, nodes).items():
+            options[f"hierarchical/{name}"] = in_node + across
+    return _cheapest(options)
 
 
-def reduce_scatter_s(link: LinkProfile, nbytes: float, group: int) -> float:
+def _phase(net: Network, nbytes: float, group: int) -> Collective:
+    nodes = _nodes(net, group)
+    if group == 1 or nbytes <= 0:
+        return NONE
+    if nodes == 1:
+        return _node_phase(net.scale_up, nbytes, group)
+    out, c = net.scale_out, net.node_chips
+    options = {"ring": _node_phase(out, nbytes, group).time_s}
+    if group % c == 0:
+        options["hierarchical/ring"] = _node_phase(net.scale_up, nbytes, c).time_s + _node_phase(
+            out, nbytes / c, nodes).time_s
+    return _cheapest(options)
+
+
+def reduce_scatter(net: Network, nbytes: float, group: int) -> Collective:
     """Reduce-scatter of an ``nbytes`` buffer held by each of ``group`` chips."""
-    _check(link, group)
-    return _one_phase_s(link, nbytes, group)
+    return _phase(net, nbytes, group)
 
 
-def all_gather_s(link: LinkProfile, nbytes: float, group: int) -> float:
+def all_gather(net: Network, nbytes: float, group: int) -> Collective:
     """All-gather whose result is ``nbytes`` on every chip."""
-    _check(link, group)
-    return _one_phase_s(link, nbytes, group)
+    return _phase(net, nbytes, group)
 
 
-def all_reduce_s(link: LinkProfile, nbytes: float, group: int) -> float:
-    """All-reduce as reduce-scatter then all-gather (bandwidth-optimal)."""
-    _check(link, group)
-    return 2 * _one_phase_s(link, nbytes, group)
-
-
-def send_recv_s(link: LinkProfile, nbytes: float) -> float:
-    """Point-to-point transfer to a neighbour, as between pipeline stages."""
+def send_recv_s(net: Network, nbytes: float, across_nodes: bool = False) -> float:
+    """Point-to-point transfer, as between pipeline stages: over the pair's direct links on a full mesh,
+    through the switch otherwise, over the scale-out tier between nodes."""
     if nbytes <= 0:
         return 0.0
-    return link.latency_s + nbytes / link.bandwidth_bytes_per_s
+    if across_nodes:
+        if net.scale_out is None:
+            raise ValueError("a transfer between nodes needs a scale-out network; the profile names none")
+        link = net.scale_out
+        return link.latency_s + nbytes / link.bandwidth_bytes_per_s
+    link = net.scale_up
+    return link.latency_s + nbytes / (link.pair_bandwidth_bytes_per_s or link.bandwidth_bytes_per_s)

@@ -1,44 +1,128 @@
-"""Alpha-beta collectives: hand values for a full mesh and a ring."""
+"""Alpha-beta collectives on each profile's network, against values worked by hand from the profiles' figures.
+
+Maia 100: a mesh of 4, 150 GB/s a pair, 5 us a hop; 150 GB/s a chip to the scale-out switches, 10 us.
+Maia 200: a mesh of 4, 350 GB/s a pair, 3 us; 350 GB/s to the switch tier, 5 us.
+H100 SXM: NVSwitch of 8, 450 GB/s a GPU, 2 us, in-switch reduction (``@no-nvls``: without);
+``@pcie``: PCIe Gen5 x16, 64 GB/s, 5 us; InfiniBand 50 GB/s a GPU between nodes, 5 us.
+"""
+
+import dataclasses
 
 import pytest
 
 from maia_serving.emulator import load_profile
-from maia_serving.emulator.hardware import LinkProfile
-from maia_serving.emulator.interconnect import all_gather_s, all_reduce_s, reduce_scatter_s, send_recv_s
+from maia_serving.emulator.cost import crosses_node
+from maia_serving.emulator.hardware import LinkProfile, Network
+from maia_serving.emulator.interconnect import all_gather, all_reduce, reduce_scatter, send_recv_s
+
+US = 1e-6
+N = 64e6  # a 64 MB buffer
+
+CASES = [
+    # Maia 100, 4 chips: two-shot 2 (5 us + 16 MB / 150 GB/s) = 2 (5 + 106.667) us; one-shot would be
+    # 5 us + 64 MB / 150 GB/s = 431.667 us.
+    ("maia100", all_reduce, N, 4, "two_shot", 2 * (5 + 106.6667) * US),
+    # 2 of the 4: one-shot 5 us + 64 MB / 150 GB/s over the pair's links (two-shot: 10 us + the same bytes).
+    ("maia100", all_reduce, N, 2, "one_shot", (5 + 426.6667) * US),
+    # A direct phase: each chip sends N / 4 to each peer at once, 5 us + 106.667 us.
+    ("maia100", reduce_scatter, N, 4, "direct", (5 + 106.6667) * US),
+    ("maia100", all_gather, N, 4, "direct", (5 + 106.6667) * US),
+    # Maia 200: 2 (3 us + 16 MB / 350 GB/s) = 2 (3 + 45.714) us.
+    ("maia200", all_reduce, N, 4, "two_shot", 2 * (3 + 45.7143) * US),
+    ("maia200", reduce_scatter, N, 4, "direct", (3 + 45.7143) * US),
+    # H100 with NVLS: 2 * 2 us + (1 + 1/8) 64 MB / 450 GB/s = 4 + 160 us; a ring would take
+    # 14 (2 us + 8 MB / 450 GB/s) = 276.89 us, one-shot 2 us + 7 * 64 MB / 450 GB/s = 997.6 us.
+    ("h100-sxm", all_reduce, N, 8, "nvls", 164 * US),
+    ("h100-sxm@no-nvls", all_reduce, N, 8, "ring", 14 * (2 + 17.7778) * US),
+    # Reduce-scatter and all-gather rings: 7 (2 us + 8 MB / 450 GB/s).
+    ("h100-sxm", reduce_scatter, N, 8, "ring", 7 * (2 + 17.7778) * US),
+    ("h100-sxm", all_gather, N, 8, "ring", 7 * (2 + 17.7778) * US),
+    # PCIe: a ring at 64 GB/s, 14 (5 us + 8 MB / 64 GB/s) = 14 (5 + 125) us.
+    ("h100-sxm@pcie", all_reduce, N, 8, "ring", 14 * 130 * US),
+    ("h100-sxm@pcie", all_gather, N, 8, "ring", 7 * 130 * US),
+    # Two Maia 100 nodes: in each node a reduce-scatter and an all-gather of 64 MB, 2 (5 + 106.667) us;
+    # between them a ring of 2 over 150 GB/s on each chip's quarter, 2 (10 us + 8 MB / 150 GB/s) =
+    # 2 (10 + 53.333) us: 350 us. A flat ring would take 14 (10 us + 8 MB / 150 GB/s) = 886.67 us, a tree
+    # across 2 (10 us) + 2 * 16 MB / 150 GB/s = 233.33 us (in-node phases aside).
+    ("maia100", all_reduce, N, 8, "hierarchical/ring", 350 * US),
+    # Reduce-scatter over 2 nodes: in the node 5 + 106.667 us, then across (10 us + 8 MB / 150 GB/s).
+    ("maia100", reduce_scatter, N, 8, "hierarchical/ring", (5 + 106.6667 + 10 + 53.3333) * US),
+    # Two H100 nodes: the NVLS all-reduce is not a phase, so the node runs ring phases, 14 (2 + 17.778) us, and
+    # across each GPU's 8 MB a ring of 2 at 50 GB/s, 2 (5 us + 4 MB / 50 GB/s) = 170 us.
+    ("h100-sxm", all_reduce, N, 16, "hierarchical/ring", (14 * (2 + 17.7778) + 170) * US),
+]
 
 
-def test_full_mesh_all_reduce_is_two_steps():
-    link = LinkProfile("full_mesh", chips=4, bandwidth_bytes_per_s=600e9, latency_s=5e-6)
-    n = 64e6
-    assert all_reduce_s(link, n, 4) == pytest.approx(2 * (5e-6 + n * 3 / 4 / 600e9))
+@pytest.mark.parametrize(("profile", "collective", "nbytes", "group", "algorithm", "seconds"), CASES,
+                         ids=[f"{c[0]}-{c[1].__name__}-{c[3]}" for c in CASES])
+def test_each_collective_on_each_topology_by_hand(profile, collective, nbytes, group, algorithm, seconds):
+    chosen = collective(load_profile(profile).network, nbytes, group)
+    assert chosen.algorithm == algorithm
+    assert chosen.time_s == pytest.approx(seconds, rel=1e-5)
 
 
-def test_ring_all_reduce_takes_2_p_minus_1_steps():
-    link = LinkProfile("switch", chips=8, bandwidth_bytes_per_s=450e9, latency_s=2e-6)
-    n = 64e6
-    assert all_reduce_s(link, n, 8) == pytest.approx(2 * (7 * 2e-6 + n * 7 / 8 / 450e9))
-    assert reduce_scatter_s(link, n, 8) + all_gather_s(link, n, 8) == pytest.approx(all_reduce_s(link, n, 8))
+def test_the_algorithm_follows_the_message_size():
+    """On Maia 100's mesh one-shot wins below n = alpha p b / (p - 2) = 5 us * 4 * 150 GB/s / 2 = 1.5 MB; on
+    NVSwitch one-shot wins small messages (2 us + 7 n / 450 GB/s) and NVLS large ones (4 us + 1.125 n / 450 GB/s,
+    equal at n = 2 us * 450 GB/s / 5.875 = 153 KB); across 64 H100 nodes NCCL's tree wins a 64 KB buffer
+    (2 * 6 * 5 us + 2 * 8 KB / 50 GB/s = 60.32 us against a ring's 126 (5 us + 125 B / 50 GB/s) = 630.3 us)."""
+    mesh = load_profile("maia100").network
+    assert [all_reduce(mesh, n, 4).algorithm for n in (1.4e6, 1.6e6)] == ["one_shot", "two_shot"]
+    nvswitch = load_profile("h100-sxm").network
+    assert [all_reduce(nvswitch, n, 8).algorithm for n in (150e3, 160e3)] == ["one_shot", "nvls"]
+    small = all_reduce(nvswitch, 64e3, 512)
+    assert small.algorithm == "hierarchical/tree"
+    assert small.time_s == pytest.approx((14 * (2 + 8e3 / 450e3) + 60.32) * US, rel=1e-5)
+    assert all_reduce(nvswitch, 64e6, 16).algorithm == "hierarchical/ring"
 
 
-def test_one_chip_costs_nothing_and_too_many_is_an_error():
-    link = load_profile("maia100").scale_up
-    assert all_reduce_s(link, 1e6, 1) == 0.0
-    with pytest.raises(ValueError, match="exceeds the 4 chips"):
-        all_reduce_s(link, 1e6, 8)
+def test_one_chip_costs_nothing_and_a_group_beyond_the_network_is_an_error():
+    net = load_profile("maia100").network
+    assert all_reduce(net, 1e6, 1).time_s == 0.0 and all_gather(net, 0, 4).time_s == 0.0
+    with pytest.raises(ValueError, match="exceeds the 1024 chips the scale-out network connects"):
+        all_reduce(net, 1e6, 2048)
+    with pytest.raises(ValueError, match="exceeds the 4 chips of a node, and the profile names no scale-out"):
+        all_reduce(Network(net.scale_up), 1e6, 8)
 
 
-def test_send_recv():
-    link = LinkProfile("pcie", chips=1, bandwidth_bytes_per_s=32e9, latency_s=2e-6)
-    assert send_recv_s(link, 32e6) == pytest.approx(2e-6 + 1e-3)
+def test_send_recv_takes_the_pairs_links_the_switch_or_the_scale_out_tier():
+    """32 MB: over a Maia 100 pair 5 us + 32 MB / 150 GB/s; through NVSwitch 2 us + 32 MB / 450 GB/s; between
+    Maia 100 nodes 10 us + 32 MB / 150 GB/s."""
+    assert send_recv_s(load_profile("maia100").network, 32e6) == pytest.approx(5e-6 + 32e6 / 150e9)
+    assert send_recv_s(load_profile("h100-sxm").network, 32e6) == pytest.approx(2e-6 + 32e6 / 450e9)
+    assert send_recv_s(load_profile("maia100").network, 32e6, across_nodes=True) == pytest.approx(10e-6 + 32e6 / 150e9)
+    assert send_recv_s(load_profile("maia100").network, 0) == 0.0
+
+
+def test_stages_cross_nodes_where_their_ranks_do():
+    """Stage-major ranks on nodes of 4: tp=4 puts each stage on its own node; tp=2 puts stages 0 and 1 on the
+    first node and 2 and 3 on the second; tp=1 crosses only between ranks 3 and 4."""
+    assert [crosses_node(s, 4, 4) for s in range(1)] == [True]
+    assert [crosses_node(s, 2, 4) for s in range(3)] == [False, True, False]
+    assert [crosses_node(s, 1, 4) for s in range(7)] == [False, False, False, True, False, False, False]
+
+
+def test_maia100_mesh_counts_the_nine_ports_to_its_peers_not_all_twelve():
+    """12 x 400 GbE per chip: 3 to each of 3 peers (450 GB/s), 3 to the scale-out switches (150 GB/s)."""
+    m100 = load_profile("maia100")
+    assert m100.scale_up.bandwidth_bytes_per_s == pytest.approx(9 * 50e9)
+    assert m100.scale_up.pair_bandwidth_bytes_per_s == pytest.approx(3 * 50e9)
+    assert m100.scale_out.bandwidth_bytes_per_s == pytest.approx(3 * 50e9)
 
 
 def test_more_link_bandwidth_is_never_slower():
-    slow = LinkProfile("full_mesh", chips=4, bandwidth_bytes_per_s=100e9, latency_s=5e-6)
-    fast = LinkProfile("full_mesh", chips=4, bandwidth_bytes_per_s=200e9, latency_s=5e-6)
+    net = load_profile("maia100").network
+    fast = Network(dataclasses.replace(net.scale_up, pair_bandwidth_bytes_per_s=300e9), net.scale_out)
     for n in (1e3, 1e6, 1e9):
-        assert all_reduce_s(fast, n, 4) <= all_reduce_s(slow, n, 4)
+        for group in (2, 4, 8):
+            assert all_reduce(fast, n, group).time_s <= all_reduce(net, n, group).time_s
 
 
-def test_unknown_topology_is_refused():
-    with pytest.raises(ValueError, match="unknown topology"):
-        LinkProfile("torus", chips=4, bandwidth_bytes_per_s=1e9, latency_s=0)
+@pytest.mark.parametrize(("kwargs", "error"), [
+    ({"topology": "torus"}, "unknown topology"),
+    ({"topology": "full_mesh"}, "full_mesh tier, and only one, gives its pair bandwidth"),
+    ({"topology": "pcie", "in_network_reduction": True}, "only a switch reduces"),
+])
+def test_bad_links_are_refused(kwargs, error):
+    with pytest.raises(ValueError, match=error):
+        LinkProfile(**{"chips": 4, "bandwidth_bytes_per_s": 1e9, "latency_s": 0, **kwargs})

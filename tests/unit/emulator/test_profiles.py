@@ -14,7 +14,9 @@ def test_builtin_profiles_and_their_figures():
     assert m100.hbm_bandwidth_bytes_per_s == pytest.approx(1.8e12)
     assert m100.peak_flops("bf16") == pytest.approx(0.8e15)
     assert (m100.peak_flops("mx9"), m100.peak_flops("mx6")) == (pytest.approx(1.5e15), pytest.approx(3e15))
-    assert m100.scale_up.bandwidth_bytes_per_s == pytest.approx(600e9)
+    # 9 of the 12 x 400 GbE ports run the in-server mesh (3 to each peer); 3 go to the scale-out switches.
+    assert m100.scale_up.bandwidth_bytes_per_s == pytest.approx(450e9)
+    assert m100.scale_out.bandwidth_bytes_per_s == pytest.approx(150e9)
     assert m100.scale_up.chips == 4 and m100.scale_up.topology == "full_mesh"
     m200 = load_profile("maia200")
     assert m200.hbm_capacity_bytes == 216 * 2**30 and m200.hbm_bandwidth_bytes_per_s == pytest.approx(7e12)
@@ -27,11 +29,24 @@ def test_builtin_profiles_and_their_figures():
     assert load_profile("h200").hbm_capacity_bytes == 143_771 * 2**20 < 141 * 2**30
 
 
-@pytest.mark.parametrize("name", ["maia100", "maia200", "h100-sxm", "h200"])
+@pytest.mark.parametrize("name", [n for n in profile_names() if n != "host"])
 def test_every_figure_has_a_source(name):
     profile = load_profile(name)
     assert all(profile.sources.values())
     assert "hbm_capacity" in profile.sources and "scale_up.bandwidth" in profile.sources
+    assert "scale_out.bandwidth" in profile.sources
+
+
+def test_a_variant_is_the_same_chip_wired_otherwise():
+    """h100-sxm@pcie keeps the SXM GPU's compute and HBM, its GPUs talk over PCIe Gen5 x16; @no-nvls is NVSwitch
+    without in-switch reduction."""
+    sxm, pcie, no_nvls = (load_profile(n) for n in ("h100-sxm", "h100-sxm@pcie", "h100-sxm@no-nvls"))
+    assert pcie.name == "h100-sxm@pcie" and pcie.hbm_capacity_bytes == sxm.hbm_capacity_bytes
+    assert (pcie.scale_up.topology, pcie.scale_up.bandwidth_bytes_per_s) == ("pcie", 64e9)
+    assert sxm.scale_up.in_network_reduction and not no_nvls.scale_up.in_network_reduction
+    assert pcie.scale_out == sxm.scale_out
+    with pytest.raises(UnknownProfileError, match="no variant 'nvl72'; its variants: no-nvls, pcie"):
+        load_profile("h100-sxm@nvl72")
 
 
 def test_unknown_profile_lists_the_known_ones():
