@@ -99,7 +99,15 @@ def kv_usage_at(sim: Simulation, times_s: list[float]) -> list[float]:
     return out
 
 
-def _meets(ttft_s: float, tpot_s: float | None, slo: SLO) -> bool:
+def held_s(sim: Simulation) -> list[float]:
+    """How long each step's KV use holds: until the step ends or the next one starts, whichever is first
+    (pipelined steps overlap, and the next step's count already includes what this one holds)."""
+    steps = sim.steps
+    nexts = [*steps.start_s[1:], float("inf")]
+    return [min(dur, nxt - start) for start, dur, nxt in zip(steps.start_s, steps.step_s, nexts)]
+
+
+def meets(ttft_s: float, tpot_s: float | None, slo: SLO) -> bool:
     if slo.ttft_ms is not None and ttft_s * 1e3 > slo.ttft_ms:
         return False
     return slo.tpot_ms is None or tpot_s is None or tpot_s * 1e3 <= slo.tpot_ms
@@ -112,8 +120,8 @@ def summarize(sim: Simulation, slo: SLO = SLO()) -> SimReport:
     duration_s = max(t.last_token_s for t in timings) - start_s
     output_tokens = sum(t.num_output_tokens for t in timings)
     input_tokens = sum(r.input_len for r in sim.requests)
-    good = sum(_meets(t.ttft_s, t.tpot_s, slo) for t in timings)
-    busy_block_s = sum(b * s for b, s in zip(steps.kv_blocks_used, steps.step_s))
+    good = sum(meets(t.ttft_s, t.tpot_s, slo) for t in timings)
+    busy_block_s = sum(b * s for b, s in zip(steps.kv_blocks_used, held_s(sim)))
     sample_times = [start_s + duration_s * i / (KV_SAMPLES - 1) for i in range(KV_SAMPLES)]
     hit_rate = (sim.prefix_cache_hit_tokens / sim.prefix_cache_queried_tokens
                 if sim.prefix_cache_queried_tokens else None)

@@ -16,6 +16,12 @@ simulator batches as the live engine would (no engine is imported):
 4. A request whose computed tokens reach its length (prompt plus the tokens generated so
    far) samples one token; at ``output_len`` tokens it finishes and frees its blocks.
 
+With pipeline parallelism vLLM v1 keeps up to ``pipeline_parallel_size`` batches in flight (the engine
+core's batch queue, ``EngineCore.step_with_batch_queue``): it schedules the next batch while earlier ones
+run, from the requests that are not in one of them. A request in flight is skipped here until its batch
+is accounted (``update``) and is never the one preempted. vLLM also pipelines a long prompt's next chunk
+before the previous one returns; here a prefill waits for its chunk, the one difference.
+
 Prefix caching (vLLM v1's default): every full block that gets scheduled is cached under
 the identity of its tokens; a request admitted with nothing computed (new, or preempted)
 reuses its longest run of cached leading blocks, short of its last token, which is always
@@ -126,7 +132,7 @@ class BlockPool:
 class _Seq:
     """A request's progress; mutable, private to the scheduler."""
 
-    __slots__ = ("rid", "request", "num_tokens", "num_computed", "num_output", "blocks", "num_hashed")
+    __slots__ = ("rid", "request", "num_tokens", "num_computed", "num_output", "blocks", "num_hashed", "in_flight")
 
     def __init__(self, rid: int, request: Request):
         self.rid = rid
@@ -136,6 +142,7 @@ class _Seq:
         self.num_output = 0
         self.blocks: list[Hashable | None] = []  # cache key of each held block, None if not cached
         self.num_hashed = 0  # leading blocks already offered to the cache
+        self.in_flight = False  # in a scheduled batch not yet accounted (pipeline parallelism)
 
 
 class Scheduler:
@@ -228,11 +235,17 @@ class Scheduler:
         seq.blocks = []
         seq.num_hashed = 0
 
+    def _pop_victim(self) -> _Seq:
+        """The last admitted running request that is not in flight (``seq``, not in flight, is one)."""
+        running = self._running
+        index = next(i for i in range(len(running) - 1, -1, -1) if not running[i].in_flight)
+        return running.pop(index)
+
     def _preempt_for(self, seq: _Seq, num_new: int, preempted: list[int]) -> bool:
         """Preempt the last admitted running request until ``seq`` gets its blocks; False if ``seq``
         itself had to go."""
         while not self._allocate(seq, [], num_new):
-            victim = self._running.pop()
+            victim = self._pop_victim()
             self._free(victim)
             victim.num_computed = 0
             self._waiting.appendleft(victim)
@@ -254,6 +267,9 @@ class Scheduler:
         index = 0
         while index < len(running) and budget > 0:
             seq = running[index]
+            if seq.in_flight:
+                index += 1
+                continue
             num_new = min(seq.num_tokens - seq.num_computed, budget)
             end = seq.num_computed + num_new
             if end > len(seq.blocks) * bs:
@@ -283,6 +299,8 @@ class Scheduler:
             new.append(num_new)
             ctx.append(seq.num_computed + num_new)
             budget -= num_new
+        for rid in ids:
+            self._seqs[rid].in_flight = True
         return ScheduledStep(tuple(ids), tuple(new), tuple(ctx), tuple(preempted))
 
     def update(self, step: ScheduledStep) -> StepOutput:
@@ -292,6 +310,7 @@ class Scheduler:
         finished: list[int] = []
         for rid, num_new in zip(step.request_ids, step.new_tokens):
             seq = seqs[rid]
+            seq.in_flight = False
             seq.num_computed += num_new
             if seq.num_computed == seq.num_tokens:
                 seq.num_output += 1

@@ -4,27 +4,37 @@ workload -> scheduler (vLLM v1's policy) -> ``CostModel.cost_of`` per step (exac
 live engines are charged) -> clock -> per-request figures. Time moves by each step's
 emulated cost; requests that arrive during a step join the queue when it ends, and an idle
 device jumps to the next arrival. A request's first token comes at the end of the step
-that completes its prefill, as the live clock counts it (clock.RequestTiming). Steps run
-one at a time: pipeline stages do not overlap micro-batches.
+that completes its prefill, as the live clock counts it (clock.RequestTiming).
+
+Pipeline parallelism follows vLLM v1's batch queue (``EngineCore.step_with_batch_queue``): the engine
+keeps up to ``pp`` batches in flight, scheduling the next one, from requests not already in flight, as
+soon as the queue has room, and otherwise waits for the oldest batch and accounts its tokens. A batch
+runs through the stages in order (``StepCost.stages``, with ``StepCost.hops`` between them); a stage
+works on one batch at a time, so a batch waits at a stage still busy with the one before it. A batch's
+latency is the sum over its stages (plus any wait); with enough requests to fill the queue, batches
+leave the pipeline one per slowest stage's time, which bounds the throughput. With ``pp = 1`` a step
+runs alone: the queue holds one batch.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, replace
 
 from maia_serving.emulator.clock import RequestTiming
-from maia_serving.emulator.cost import CostModel
+from maia_serving.emulator.cost import CostModel, StepCost
 from maia_serving.emulator.hardware import DeviceProfile
 from maia_serving.emulator.memory import ServingConfig
 from maia_serving.emulator.model_shape import ModelShape
-from maia_serving.emulator.scheduler import Scheduler, SchedulerConfig
+from maia_serving.emulator.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from maia_serving.emulator.session import EmulatedDevice
 from maia_serving.emulator.workload import Request
 
 
 @dataclass(frozen=True)
 class StepLog:
-    """Every step as columns: when it began, its cost, its batch, the queue and the KV blocks it held."""
+    """Every step as columns: when it began (on the first stage), how long until it left the last, its
+    batch, the queue, the KV blocks it held and its communication time (every stage's and send's)."""
 
     start_s: tuple[float, ...]
     step_s: tuple[float, ...]
@@ -32,6 +42,7 @@ class StepLog:
     num_seqs: tuple[int, ...]
     num_waiting: tuple[int, ...]
     kv_blocks_used: tuple[int, ...]
+    comm_s: tuple[float, ...]
 
 
 @dataclass(frozen=True)
@@ -51,64 +62,87 @@ class Simulation:
 
 
 class _StepPrices:
-    """``CostModel.cost_of(...).total_s``, remembered for small batches: the function is pure, and at
-    low load the same shapes recur (every lone request decodes through the same contexts), which
-    would otherwise make pricing most of the run's time. Bounded: forgotten whole when full."""
+    """``CostModel.cost_of``, remembered for small batches: the function is pure, and at low load the
+    same shapes recur (every lone request decodes through the same contexts), which would otherwise
+    make pricing most of the run's time. Bounded: forgotten whole when full."""
 
     max_seqs = 8
     max_entries = 1 << 15
 
     def __init__(self, costs: CostModel):
         self._costs = costs
-        self._seen: dict[tuple[tuple[int, ...], tuple[int, ...]], float] = {}
+        self._seen: dict[tuple[tuple[int, ...], tuple[int, ...]], StepCost] = {}
 
-    def __call__(self, new_tokens: tuple[int, ...], context_lens: tuple[int, ...]) -> float:
+    def __call__(self, new_tokens: tuple[int, ...], context_lens: tuple[int, ...]) -> StepCost:
         if len(new_tokens) > self.max_seqs:
-            return self._costs.cost_of(new_tokens, context_lens).total_s
+            return self._costs.cost_of(new_tokens, context_lens)
         key = (new_tokens, context_lens)
-        step_s = self._seen.get(key)
-        if step_s is None:
+        cost = self._seen.get(key)
+        if cost is None:
             if len(self._seen) >= self.max_entries:
                 self._seen.clear()
-            step_s = self._seen[key] = self._costs.cost_of(new_tokens, context_lens).total_s
-        return step_s
+            cost = self._seen[key] = self._costs.cost_of(new_tokens, context_lens)
+        return cost
+
+
+def through_stages(now_s: float, cost: StepCost, free_s: tuple[float, ...]) -> tuple[float, float, tuple[float, ...]]:
+    """A batch submitted at ``now_s`` through the stages, each free from ``free_s``: when it starts on the first,
+    when it leaves the last, and when each stage is free again. One stage when the cost has none."""
+    stages, hops = cost.stages or (cost.total_s,), cost.hops
+    t, free = now_s, []
+    for k, busy_s in enumerate(stages):
+        end = max(t, free_s[k]) + busy_s
+        free.append(end)
+        t = end + (hops[k] if k < len(hops) else 0.0)
+    return max(now_s, free_s[0]), free[-1], tuple(free)
 
 
 def simulate(requests: list[Request], costs: CostModel, config: SchedulerConfig, device: str = "") -> Simulation:
     """Run ``requests`` (sorted by arrival) to completion under vLLM v1's policy, each step priced
-    by ``costs``."""
+    by ``costs``, up to ``costs.parallel.pp`` batches in flight."""
     if any(b.arrival_s < a.arrival_s for a, b in zip(requests, requests[1:])):
         raise ValueError("requests must be sorted by arrival time")
     scheduler = Scheduler(config)
     price = _StepPrices(costs)
+    depth = costs.parallel.pp
     timings = [RequestTiming(arrival_s=r.arrival_s) for r in requests]
-    log: tuple[list, ...] = ([], [], [], [], [], [])
-    start_s, step_s, num_tokens, num_seqs, num_waiting, kv_used = log
+    log: tuple[list, ...] = ([], [], [], [], [], [], [])
+    start_s, step_s, num_tokens, num_seqs, num_waiting, kv_used, comm_s = log
+    free_s = (0.0,) * depth
+    in_flight: deque[tuple[float, ScheduledStep]] = deque()
     now_s = 0.0
     arrived = 0
     while arrived < len(requests) or scheduler.has_work:
         while arrived < len(requests) and requests[arrived].arrival_s <= now_s:
             scheduler.add(requests[arrived])
             arrived += 1
-        if not scheduler.has_work:
+        step = scheduler.schedule() if len(in_flight) < depth and scheduler.has_work else None
+        if step and step.request_ids:
+            cost = price(step.new_tokens, step.context_lens)
+            start, end, free_s = through_stages(now_s, cost, free_s)
+            start_s.append(start)
+            step_s.append(end - start)
+            num_tokens.append(sum(step.new_tokens))
+            num_seqs.append(len(step.request_ids))
+            num_waiting.append(scheduler.num_waiting)
+            kv_used.append(scheduler.pool.num_used)
+            comm_s.append(cost.comm_s)
+            in_flight.append((end, step))
+            if len(in_flight) < depth:
+                continue  # the batch queue has room: schedule the next batch now
+        if in_flight:
+            end, done = in_flight.popleft()
+            now_s = max(now_s, end)
+            for rid in scheduler.update(done).sampled:
+                timing = timings[rid]
+                if timing.first_token_s is None:
+                    timing.first_token_s = now_s
+                timing.last_token_s = now_s
+                timing.num_output_tokens += 1
+        elif not scheduler.has_work:
             now_s = requests[arrived].arrival_s  # idle until the next arrival
-            continue
-        step = scheduler.schedule()
-        assert step.request_ids, "a scheduler with work scheduled nothing"
-        cost_s = price(step.new_tokens, step.context_lens)
-        start_s.append(now_s)
-        step_s.append(cost_s)
-        num_tokens.append(sum(step.new_tokens))
-        num_seqs.append(len(step.request_ids))
-        num_waiting.append(scheduler.num_waiting)
-        kv_used.append(scheduler.pool.num_used)
-        now_s += cost_s
-        for rid in scheduler.update(step).sampled:
-            timing = timings[rid]
-            if timing.first_token_s is None:
-                timing.first_token_s = now_s
-            timing.last_token_s = now_s
-            timing.num_output_tokens += 1
+        else:
+            raise AssertionError("a scheduler with work and nothing in flight scheduled nothing")
     return Simulation(
         device=device,
         requests=tuple(requests),
