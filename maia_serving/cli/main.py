@@ -184,6 +184,53 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0 if all(r["fits"] for r in rows) else 1
 
 
+def _plan_table(results: list, slo_given: bool) -> str:
+    def num(value: float | None, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    table = [["rank", "device", "topology", "tp", "pp", "output tok/s"] + (["goodput tok/s"] if slo_given else [])
+             + ["TTFT ms mean/p99", "TPOT ms mean/p99", "comm"]]
+    for r in results:
+        head = [num(r.rank, "d"), r.device, r.topology, str(r.tp), str(r.pp)]
+        if not r.fits:
+            table.append(head + ["rejected"] + [""] * (3 + slo_given))
+            continue
+        table.append(head + [f"{r.output_throughput_tok_s:.0f}"] + ([f"{r.goodput_tok_s:.0f}"] if slo_given else [])
+                     + [f"{r.ttft_ms:.1f}/{r.ttft_p99_ms:.1f}", f"{num(r.tpot_ms, '.2f')}/{num(r.tpot_p99_ms, '.2f')}",
+                        f"{r.comm_share:.1%}"])
+    return _table(table)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from maia_serving.emulator.plan import plan, write_plots
+    from maia_serving.emulator.report import SLO
+
+    model = load_model_shape(args.model)
+    args.trace = None
+    requests, described = _simulate_workload(args)
+    config = ServingConfig(kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len,
+                           gpu_memory_utilization=args.gpu_memory_utilization,
+                           max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                           weight_dtype=None if args.weight_dtype == "auto" else args.weight_dtype)
+    slo = SLO(args.ttft_slo_ms, args.tpot_slo_ms)
+    profiles = [load_profile(name) for name in args.profile]  # a misspelt name stops before any run
+    results = plan(profiles, model, args.num_devices, config, requests, slo, args.enable_prefix_caching)
+    if args.plot:
+        write_plots(Path(args.plot), results, f"{model.name} on {args.num_devices} chips")
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        slos = ", ".join(f"{k} <= {v:g} ms" for k, v in (("TTFT", slo.ttft_ms), ("TPOT", slo.tpot_ms)) if v is not None)
+        print(f"{model.name} on {args.num_devices} chips: {described}; kv={config.kv_cache_dtype}, "
+              f"max_num_seqs={config.max_num_seqs}, max_num_batched_tokens={config.max_num_batched_tokens}"
+              f"{'; ranked by goodput under ' + slos if slos else '; ranked by output throughput'}")
+        print(_plan_table(results, slo.given))
+        for r in results:
+            if not r.fits:
+                print(f"{r.device} tp={r.tp} pp={r.pp}: {r.reason}")
+    return 0 if any(r.fits for r in results) else 1
+
+
 def cmd_calibrate_host(args: argparse.Namespace) -> int:
     from maia_serving.emulator.calibrate import calibrate_host
 
@@ -292,6 +339,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE", help="plot KV use and the queue over time (needs matplotlib)")
     p.add_argument("--json", action="store_true", help="one JSON object per device")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("plan", help="rank the tensor x pipeline layouts of N chips on each device by what the "
+                       "simulator serves within the SLOs")
+    p.add_argument("--model", required=True, help=f"model directory, config.json, or one of: {models}")
+    p.add_argument("--device", "--profile", dest="profile", nargs="+", required=True,
+                   help="device profiles to compare, topology variants included (h100-sxm@pcie; see `profiles`)")
+    p.add_argument("--num-devices", type=int, required=True, help="chips per layout: every tp x pp = N is tried")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto")
+    p.add_argument("--weight-dtype", default="auto",
+                   help="the linear layers' storage (bf16, fp8, int4, mxfp4, ...); auto: the checkpoint's")
+    p.add_argument("--num-prompts", type=int, default=None, help="requests to simulate (default 8)")
+    p.add_argument("--input-len", type=int, default=None, help="prompt tokens per request (default 1024)")
+    p.add_argument("--output-len", type=int, default=None, help="output tokens per request (default 128)")
+    p.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="Poisson arrivals per second; inf (default): all at once, a static batch")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--ttft-slo-ms", type=float, default=None, help="rank by goodput: TTFT at most this")
+    p.add_argument("--tpot-slo-ms", type=float, default=None, help="rank by goodput: TPOT at most this")
+    p.add_argument("--plot", metavar="DIR", help="write throughput_vs_tpot.png and comm_share.png (needs matplotlib)")
+    p.add_argument("--json", action="store_true", help="a list of layouts")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("calibrate-host", help="measure this machine as the `host` profile")
     p.add_argument("--out", help=f"where to write it (default {host_profile_path()})")

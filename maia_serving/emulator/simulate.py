@@ -34,7 +34,8 @@ from maia_serving.emulator.workload import Request
 @dataclass(frozen=True)
 class StepLog:
     """Every step as columns: when it began (on the first stage), how long until it left the last, its
-    batch, the queue, the KV blocks it held and its communication time (every stage's and send's)."""
+    batch, the queue, the KV blocks it held, its work (``StepCost.total_s``: every stage's and send's time,
+    waits aside) and the communication in it."""
 
     start_s: tuple[float, ...]
     step_s: tuple[float, ...]
@@ -42,6 +43,7 @@ class StepLog:
     num_seqs: tuple[int, ...]
     num_waiting: tuple[int, ...]
     kv_blocks_used: tuple[int, ...]
+    work_s: tuple[float, ...]
     comm_s: tuple[float, ...]
 
 
@@ -106,8 +108,8 @@ def simulate(requests: list[Request], costs: CostModel, config: SchedulerConfig,
     price = _StepPrices(costs)
     depth = costs.parallel.pp
     timings = [RequestTiming(arrival_s=r.arrival_s) for r in requests]
-    log: tuple[list, ...] = ([], [], [], [], [], [], [])
-    start_s, step_s, num_tokens, num_seqs, num_waiting, kv_used, comm_s = log
+    log: tuple[list, ...] = ([], [], [], [], [], [], [], [])
+    start_s, step_s, num_tokens, num_seqs, num_waiting, kv_used, work_s, comm_s = log
     free_s = (0.0,) * depth
     in_flight: deque[tuple[float, ScheduledStep]] = deque()
     now_s = 0.0
@@ -126,6 +128,7 @@ def simulate(requests: list[Request], costs: CostModel, config: SchedulerConfig,
             num_seqs.append(len(step.request_ids))
             num_waiting.append(scheduler.num_waiting)
             kv_used.append(scheduler.pool.num_used)
+            work_s.append(cost.total_s)
             comm_s.append(cost.comm_s)
             in_flight.append((end, step))
             if len(in_flight) < depth:
