@@ -326,13 +326,18 @@ def scan_source(src: Path) -> Source:
     return Source(files, dtypes, shapes)
 
 
+def _names(names: list[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def check_source(arch: Arch, source: Source) -> str:
     """The checkpoint's one dtype, after checking its tensors are exactly those the config implies."""
     expected = hf_tensors(arch)
-    for name in sorted(expected.keys() - source.files.keys()):
-        raise ReshardError(f"missing tensor {name} (config.json implies it)")
-    for name in sorted(source.files.keys() - expected.keys()):
-        raise ReshardError(f"unexpected tensor {name} in {source.files[name].name} "
+    if missing := sorted(expected.keys() - source.files.keys()):
+        raise ReshardError(f"missing tensor {_names(missing)} (config.json implies it)")
+    if extra := sorted(source.files.keys() - expected.keys()):
+        raise ReshardError(f"unexpected tensor {_names(extra)} in {source.files[extra[0]].name} "
                            "(config.json implies no such tensor)")
     for name, shape in expected.items():
         if source.shapes[name] != shape:
@@ -475,6 +480,9 @@ def merge(dst: Path, out: Path, overwrite: bool = False) -> list[str]:
     if manifest.get("format") != FORMAT:
         raise ReshardError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     _check_paths(dst, out)
+    for name, entry in manifest["files"].items():
+        if not (dst / name).is_file() or _sha256(dst / name) != entry["sha256"]:
+            raise ReshardError(f"{dst / name} is missing or differs from the sha256 in {MANIFEST}")
     found = _covering(manifest, dst)
     with output_dir(out, overwrite) as work:
         for name, entry in manifest["source"]["files"].items():

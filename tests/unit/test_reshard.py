@@ -250,15 +250,27 @@ def test_a_run_failing_midway_leaves_nothing(checkpoints, tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_merge_refuses_a_tampered_shard(checkpoints, tmp_path):
+def test_merge_refuses_a_tampered_shard_and_a_plain_checkpoint(checkpoints, tmp_path):
     reshard(checkpoints["llama"], tmp_path / "sharded", 2)
     shard = tmp_path / "sharded" / "model-rank-1-part-0.safetensors"
     tensors = load_file(shard)
     tensors["model.layers.0.mlp.down_proj.weight"][0, 0] += 1
     save_file(tensors, shard)
-    with pytest.raises(ReshardError, match="rebuilt model.safetensors differs from the source's sha256"):
+    with pytest.raises(ReshardError, match="model-rank-1-part-0.safetensors is missing or differs from the sha256"):
         merge(tmp_path / "sharded", tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+    with pytest.raises(ReshardError, match="no maia-reshard.json; not written by `maia-serving reshard`"):
+        merge(checkpoints["llama"], tmp_path / "merged")
+
+
+def test_a_missing_tensor_list_names_the_first_few(checkpoints, tmp_path):
+    def drop_layer_2(tensors):
+        for name in [n for n in tensors if n.startswith("model.layers.2.")]:
+            del tensors[name]
+
+    src = _copy_with(checkpoints["llama"], tmp_path / "src", drop_layer_2)
+    with pytest.raises(ReshardError, match=r"missing tensor model.layers.2.input_layernorm.weight, .* and 6 more"):
+        reshard(src, tmp_path / "out", 1)
 
 
 def test_cli_reports_the_tensor(checkpoints, tmp_path, capsys):
