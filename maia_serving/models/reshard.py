@@ -312,11 +312,27 @@ class Source:
     shapes: dict[str, tuple[int, ...]]
 
 
+def weight_paths(src: Path) -> list[Path]:
+    """The checkpoint's files: those its index names if it has one (as vLLM reads it), else every ``*.safetensors``.
+
+    Mistral's repositories also hold ``consolidated.safetensors`` in Mistral's own format, outside the index.
+    """
+    index = src / INDEX
+    if not index.is_file():
+        paths = sorted(src.glob("*.safetensors"))
+        if not paths:
+            raise ReshardError(f"{src}: no *.safetensors files")
+        return paths
+    names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    for name in names:
+        if not (src / name).is_file():
+            raise ReshardError(f"{index} names {name}, which is not in {src}")
+    return [src / name for name in names]
+
+
 def scan_source(src: Path) -> Source:
-    """Index every tensor of every ``*.safetensors`` in ``src``; a tensor in two files is an error."""
-    paths = sorted(src.glob("*.safetensors"))
-    if not paths:
-        raise ReshardError(f"{src}: no *.safetensors files")
+    """Index every tensor of the checkpoint's files; a tensor in two files is an error."""
+    paths = weight_paths(src)
     files, dtypes, shapes = {}, {}, {}
     for path in paths:
         for name, (dtype, shape) in _scan(path).items():
@@ -371,11 +387,11 @@ def _write_rank(path: Path, tensors: list[OutTensor], source: Source) -> None:
             _write_tensor(f, _materialize(t, source))
 
 
-def _copy_side_files(src: Path, dst: Path, skip: set[str]) -> list[str]:
-    """Copy config, tokenizer and the other plain files, byte for byte."""
+def _copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Copy config, tokenizer and the other plain files, byte for byte; no weights, no index."""
     copied = []
     for path in sorted(src.iterdir()):
-        if path.is_file() and path.name not in skip and not path.name.startswith("."):
+        if path.is_file() and path.suffix != ".safetensors" and path.name != INDEX and not path.name.startswith("."):
             shutil.copy2(path, dst / path.name)
             copied.append(path.name)
     return copied
@@ -416,7 +432,8 @@ def reshard(src: Path, out: Path, tp: int, pp: int = 1, overwrite: bool = False)
                 "files": {n: {"sha256": _sha256(src / n), "header": _raw_header(src / n)} for n in weight_files},
                 "index": index.read_text() if index.is_file() else None,
                 "dtype": dtype,
-                "copied": _copy_side_files(src, work, {*weight_files, INDEX}),
+                "copied": _copy_side_files(src, work),
+                "left_out": sorted({p.name for p in src.glob("*.safetensors")} - set(weight_files)),
             },
             "layout": {"tensor_parallel_size": tp, "pipeline_parallel_size": pp,
                        "pp_layers": [list(r) for r in pp_layers(arch.layers, pp)], "vocab_padded": padded_vocab(arch),

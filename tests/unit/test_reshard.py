@@ -72,6 +72,24 @@ def test_merge_of_reshard_is_the_source_byte_for_byte(checkpoints, tmp_path, var
     assert len(manifest["files"]) == tp * pp
 
 
+def test_an_index_names_the_weight_files(checkpoints, tmp_path):
+    """Split over two files with an index, beside a file the index does not name (Mistral's consolidated)."""
+    src = shutil.copytree(checkpoints["gqa"], tmp_path / "src")
+    tensors = load_file(src / "model.safetensors")
+    (src / "model.safetensors").unlink()
+    names = sorted(tensors)
+    parts = {"model-00001-of-00002.safetensors": names[:20], "model-00002-of-00002.safetensors": names[20:]}
+    for file, part in parts.items():
+        save_file({n: tensors[n] for n in part}, src / file, metadata={"format": "pt"})
+    (src / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {n: f for f, part in parts.items() for n in part}}, indent=2))
+    save_file({"layers.0.attention.wq.weight": torch.zeros(2)}, src / "consolidated.safetensors")
+    manifest = reshard(src, tmp_path / "sharded", 2)
+    assert manifest["source"]["left_out"] == ["consolidated.safetensors"]
+    assert merge(tmp_path / "sharded", tmp_path / "merged") == sorted(parts)
+    assert _digests(tmp_path / "merged") == {k: v for k, v in _digests(src).items() if k != "consolidated.safetensors"}
+
+
 def _expected_rank(full: dict[str, torch.Tensor], config: dict, tp: int, rank: int, layers: range,
                    first: bool, last: bool) -> dict[str, torch.Tensor]:
     """vLLM's state dict of one rank, from the whole tensors."""
