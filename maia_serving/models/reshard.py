@@ -17,7 +17,9 @@ first stage holds ``model.embed_tokens``, the last ``model.norm`` and ``lm_head`
 Everything streams: each output tensor is cut from the source slices it needs and written
 at once into a file whose header was computed up front, so memory stays near the largest
 tensor. The manifest records the source files' hashes and headers and where every slice
-came from, so that ``merge`` rebuilds the source files byte for byte and checks it.
+came from, so that ``merge`` rebuilds the source files byte for byte and checks it. Tensors
+vLLM drops when loading (the rotary caches of some older checkpoints) go whole into a side
+file the loader's pattern does not match, so merge has them too.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ FORMAT = "maia-serving reshard 1"
 INDEX = "model.safetensors.index.json"
 VOCAB_PADDING = 64  # vLLM's DEFAULT_VOCAB_PADDING_SIZE
 ATTN_SCALES = ("_k_scale", "_v_scale", "_q_scale", "_prob_scale")
+# Tensors some checkpoints carry and vLLM drops when loading (AutoWeightsLoader's list): kept aside for merge.
+UNUSED_BY_VLLM = ("rotary_pos_emb.inv_freq", "rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+UNUSED_FILE = "maia-reshard-unused.safetensors"  # outside the loader's file pattern
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
@@ -342,6 +347,10 @@ def scan_source(src: Path) -> Source:
     return Source(files, dtypes, shapes)
 
 
+def _unused(name: str) -> bool:
+    return any(part in name for part in UNUSED_BY_VLLM)
+
+
 def _names(names: list[str], shown: int = 3) -> str:
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return ", ".join(names[:shown]) + more
@@ -352,16 +361,16 @@ def check_source(arch: Arch, source: Source) -> str:
     expected = hf_tensors(arch)
     if missing := sorted(expected.keys() - source.files.keys()):
         raise ReshardError(f"missing tensor {_names(missing)} (config.json implies it)")
-    if extra := sorted(source.files.keys() - expected.keys()):
+    if extra := sorted(n for n in source.files.keys() - expected.keys() if not _unused(n)):
         raise ReshardError(f"unexpected tensor {_names(extra)} in {source.files[extra[0]].name} "
                            "(config.json implies no such tensor)")
     for name, shape in expected.items():
         if source.shapes[name] != shape:
             raise ReshardError(f"tensor {name} has shape {list(source.shapes[name])}, "
                                f"config.json implies {list(shape)}")
-    dtype, _ = Counter(source.dtypes.values()).most_common(1)[0]
-    for name, other in sorted(source.dtypes.items()):
-        if other != dtype:
+    dtype, _ = Counter(source.dtypes[n] for n in expected).most_common(1)[0]
+    for name in sorted(expected):
+        if (other := source.dtypes[name]) != dtype:
             raise ReshardError(f"mixed dtypes: tensor {name} is {other}, the others {dtype}; "
                                "vLLM loads every weight in the model's one dtype")
     if dtype not in DTYPES:
@@ -385,6 +394,12 @@ def _write_rank(path: Path, tensors: list[OutTensor], source: Source) -> None:
         f.write(struct.pack("<Q", len(header)) + header)
         for t in tensors:
             _write_tensor(f, _materialize(t, source))
+
+
+def unused_tensors(source: Source) -> list[OutTensor]:
+    """The tensors vLLM would drop, each whole, for the side file merge reads them back from."""
+    return [OutTensor(n, source.shapes[n], source.dtypes[n], "not loaded by vLLM (kept for merge)",
+                      (Piece(n, 0, 0, source.shapes[n][0], 0),)) for n in sorted(source.files) if _unused(n)]
 
 
 def _copy_side_files(src: Path, dst: Path) -> list[str]:
@@ -424,6 +439,10 @@ def reshard(src: Path, out: Path, tp: int, pp: int = 1, overwrite: bool = False)
                 _write_rank(work / name, tensors, source)
                 files[name] = {"pp_rank": pp_rank, "tp_rank": tp_rank, "sha256": _sha256(work / name),
                                "tensors": [asdict(t) for t in tensors]}
+        if unused := unused_tensors(source):
+            _write_rank(work / UNUSED_FILE, unused, source)
+            files[UNUSED_FILE] = {"pp_rank": None, "tp_rank": None, "sha256": _sha256(work / UNUSED_FILE),
+                                  "tensors": [asdict(t) for t in unused]}
         index = src / INDEX
         manifest = {
             "format": FORMAT,

@@ -90,6 +90,16 @@ def test_an_index_names_the_weight_files(checkpoints, tmp_path):
     assert _digests(tmp_path / "merged") == {k: v for k, v in _digests(src).items() if k != "consolidated.safetensors"}
 
 
+def test_tensors_vllm_drops_are_kept_aside_for_merge(checkpoints, tmp_path):
+    inv_freq = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.rand(8) for i in range(3)}  # float32
+    src = _copy_with(checkpoints["gqa"], tmp_path / "src", lambda t: t.update(inv_freq))
+    reshard(src, tmp_path / "sharded", 2)
+    assert sorted(load_file(tmp_path / "sharded" / "maia-reshard-unused.safetensors")) == sorted(inv_freq)
+    assert not any("rotary" in n for n in load_file(tmp_path / "sharded" / "model-rank-0-part-0.safetensors"))
+    merge(tmp_path / "sharded", tmp_path / "merged")
+    assert _digests(tmp_path / "merged") == _digests(src)
+
+
 def _expected_rank(full: dict[str, torch.Tensor], config: dict, tp: int, rank: int, layers: range,
                    first: bool, last: bool) -> dict[str, torch.Tensor]:
     """vLLM's state dict of one rank, from the whole tensors."""
@@ -195,8 +205,8 @@ def _no_leftovers(parent: Path) -> list[str]:
 BAD_INPUTS = {
     "missing": (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"),
                 "missing tensor model.layers.1.mlp.up_proj.weight"),
-    "extra": (lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.zeros(8)}),
-              "unexpected tensor model.layers.0.self_attn.rotary_emb.inv_freq"),
+    "extra": (lambda t: t.update({"model.layers.0.self_attn.q_norm.weight": torch.zeros(16, dtype=torch.bfloat16)}),
+              "unexpected tensor model.layers.0.self_attn.q_norm.weight in model.safetensors"),
     "shape": (lambda t: t.update({"model.layers.2.self_attn.k_proj.weight": torch.zeros(16, 64, dtype=torch.bfloat16)}),
               r"tensor model.layers.2.self_attn.k_proj.weight has shape \[16, 64\], config.json implies \[32, 64\]"),
     "dtype": (lambda t: t.update({"model.norm.weight": t["model.norm.weight"].float()}),
