@@ -37,3 +37,9 @@ def sliding_window_model() -> Path:
 def moe_model() -> Path:
     """The demo shape as a Mixtral: 4 experts, 2 per token."""
     return _family_model("moe")
+
+
+@pytest.fixture(scope="session")
+def hybrid_window_model() -> Path:
+    """The demo shape as an Olmo-3: layer 0 attends over its last 16 keys, layer 1 over all."""
+    return _family_model("hybrid-window")

@@ -373,8 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo-model", help="build the tiny random Llama used by the demo and tests")
     p.add_argument("--out", required=True)
     p.add_argument("--family", choices=list(DEMO_FAMILIES), default="llama",
-                   help="llama (the demo), sliding-window (Mistral, a window of 16 keys) or moe (Mixtral, "
-                        "4 experts, top-2); same shape and tokenizer")
+                   help="llama (the demo), sliding-window (Mistral, every layer a window of 16 keys), "
+                        "hybrid-window (Olmo-3, one windowed layer and one full) or moe (Mixtral, 4 experts, "
+                        "top-2); same shape and tokenizer")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out whole")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo_model)

@@ -298,6 +298,9 @@ FAMILIES: dict[str, _Family] = {
     "deepseek_v2": _Family(moe="deepseek", mla=True),
     "deepseek_v3": _Family(moe="deepseek", mla=True),
     "gpt_oss": _Family(bias_key="attention_bias", sliding="alternate", moe="gpt_oss"),
+    # Olmo-3 names its sliding and full layers in layer_types; its q/k norms span all heads, not one
+    # (a few thousand parameters more than qk_norm counts: negligible for pricing).
+    "olmo3": _Family(bias_key="attention_bias", qk_norm=True, sliding="all"),
 }
 
 # Keys of the features above: a config without a model_type that has any of them is not a plain dense decoder.

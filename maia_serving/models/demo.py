@@ -1,9 +1,10 @@
 """The demo models: tiny random transformers, for plumbing, not for quality.
 
-``llama`` is the demo model; ``sliding-window`` (Mistral) and ``moe`` (Mixtral) share its
-shape and tokenizer and bring the model families the engines treat apart: attention over
-the last few keys only, and routed experts. Deterministic: the same seed and the same
-Python give the same files.
+``llama`` is the demo model; ``sliding-window`` (Mistral: every layer windowed),
+``hybrid-window`` (Olmo-3: a windowed layer, then a full one; SGLang's code windows it, not
+Mistral) and ``moe`` (Mixtral) share its shape and tokenizer and bring the model families the
+engines treat apart: attention over the last few keys only, and routed experts.
+Deterministic: the same seed and the same Python give the same files.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ DEMO_EXPERTS, DEMO_EXPERTS_PER_TOKEN = 4, 2
 FAMILIES: dict[str, tuple[str, str, dict]] = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
     "sliding-window": ("MistralConfig", "MistralForCausalLM", {"sliding_window": DEMO_SLIDING_WINDOW}),
+    "hybrid-window": ("Olmo3Config", "Olmo3ForCausalLM", {
+        "sliding_window": DEMO_SLIDING_WINDOW, "layer_types": ["sliding_attention", "full_attention"],
+    }),
     "moe": ("MixtralConfig", "MixtralForCausalLM", {
         "num_local_experts": DEMO_EXPERTS, "num_experts_per_tok": DEMO_EXPERTS_PER_TOKEN,
         "sliding_window": None, "router_jitter_noise": 0.0,

@@ -332,3 +332,11 @@ def test_every_builtin_shape_fits_a_plan_and_prices_a_step(name):
     assert plan.weight_bytes > 0 and plan.kv_bytes_per_token > 0
     cost = CostModel(load_profile("maia200"), model, Parallel(tp=4)).cost_of((1, 512), (3000, 512))
     assert cost.total_s > 0 and cost.memory_s > 0
+
+
+def test_olmo3_windows_the_layers_its_layer_types_name():
+    """Olmo-3 (the hybrid-window demo model's family): three windowed layers, then a full one."""
+    config = {**shape_config("llama-3-8b"), "model_type": "olmo3", "sliding_window": 4096, "attention_bias": False,
+              "layer_types": ["sliding_attention"] * 3 + ["full_attention"]} | {"num_hidden_layers": 4}
+    model = shape_from_config(config, "o")
+    assert (model.sliding_window, model.num_sliding_layers, model.qk_norm) == (4096, 3, True)
