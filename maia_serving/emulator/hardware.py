@@ -68,11 +68,14 @@ class LinkProfile:
     # this times its peers, unless some of its ports go elsewhere).
     pair_bandwidth_bytes_per_s: float | None = None
     in_network_reduction: bool = False  # the switch reduces (NVLink SHARP, NCCL's NVLS algorithm)
+    # Fixed cost of one collective (its kernel's launch and synchronization, NCCL's baseLat), on top of
+    # latency_s per step (NCCL's hwLat); 0 where latency_s already includes the software.
+    collective_latency_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.topology not in TOPOLOGIES:
             raise ValueError(f"unknown topology {self.topology!r}; known: {', '.join(TOPOLOGIES)}")
-        if self.bandwidth_bytes_per_s <= 0 or self.latency_s < 0 or self.chips < 1:
+        if self.bandwidth_bytes_per_s <= 0 or min(self.latency_s, self.collective_latency_s) < 0 or self.chips < 1:
             raise ValueError(f"link figures must be positive, got {self}")
         if (self.topology == "full_mesh") != (self.pair_bandwidth_bytes_per_s is not None):
             raise ValueError(f"a full_mesh tier, and only one, gives its pair bandwidth, got {self}")
@@ -209,6 +212,7 @@ def _link(raw: dict[str, Any], key: str, sources: dict[str, str], estimates: lis
         latency_s=fig("latency"),
         pair_bandwidth_bytes_per_s=fig("pair_bandwidth") if "pair_bandwidth" in raw else None,
         in_network_reduction=bool(fig("in_network_reduction")) if "in_network_reduction" in raw else False,
+        collective_latency_s=fig("collective_latency") if "collective_latency" in raw else 0.0,
     )
 
 

@@ -17,6 +17,10 @@ time (``src/graph/tuning.cc``). For an all-reduce of ``n`` bytes over ``p`` chip
   of NVLink SHARP; a ring moves ``2 (p - 1) / p n``).
 * ``pcie``: ``ring`` only (vLLM's custom all-reduce needs NVLink beyond two GPUs).
 
+Each collective also costs the node tier's ``collective_latency_s`` once (NCCL's ``baseLat``: the kernel's
+launch and synchronization), on top of ``latency_s`` per step (NCCL's ``hwLat``); a send between stages
+too.
+
 A group larger than a node (``p = m c`` over ``m`` nodes of ``c`` chips) runs over the scale-out tier:
 a flat ``ring`` at the scale-out bandwidth (NCCL's multi-node ring: each chip's NIC carries one ring's
 node crossing), or ``hierarchical/ring`` and ``hierarchical/tree``: reduce-scatter in the node, an
@@ -45,9 +49,9 @@ class Collective:
 NONE = Collective("none", 0.0)
 
 
-def _cheapest(options: dict[str, float]) -> Collective:
+def _cheapest(net: Network, options: dict[str, float]) -> Collective:
     name = min(options, key=options.__getitem__)
-    return Collective(name, options[name])
+    return Collective(name, net.scale_up.collective_latency_s + options[name])
 
 
 def _node_all_reduce(link: LinkProfile, n: float, p: int) -> dict[str, float]:
@@ -99,14 +103,14 @@ def all_reduce(net: Network, nbytes: float, group: int) -> Collective:
     if group == 1 or nbytes <= 0:
         return NONE
     if nodes == 1:
-        return _cheapest(_node_all_reduce(net.scale_up, nbytes, group))
+        return _cheapest(net, _node_all_reduce(net.scale_up, nbytes, group))
     out, c = net.scale_out, net.node_chips
     options = {"ring": 2 * (group - 1) * (out.latency_s + nbytes / group / out.bandwidth_bytes_per_s)}
     if group % c == 0:
         in_node = 2 * _node_phase(net.scale_up, nbytes, c).time_s
         for name, across in _across_all_reduce(out, nbytes / c, nodes).items():
             options[f"hierarchical/{name}"] = in_node + across
-    return _cheapest(options)
+    return _cheapest(net, options)
 
 
 def _phase(net: Network, nbytes: float, group: int) -> Collective:
@@ -114,13 +118,14 @@ def _phase(net: Network, nbytes: float, group: int) -> Collective:
     if group == 1 or nbytes <= 0:
         return NONE
     if nodes == 1:
-        return _node_phase(net.scale_up, nbytes, group)
+        phase = _node_phase(net.scale_up, nbytes, group)
+        return _cheapest(net, {phase.algorithm: phase.time_s})
     out, c = net.scale_out, net.node_chips
     options = {"ring": _node_phase(out, nbytes, group).time_s}
     if group % c == 0:
         options["hierarchical/ring"] = _node_phase(net.scale_up, nbytes, c).time_s + _node_phase(
             out, nbytes / c, nodes).time_s
-    return _cheapest(options)
+    return _cheapest(net, options)
 
 
 def reduce_scatter(net: Network, nbytes: float, group: int) -> Collective:
@@ -138,10 +143,11 @@ def send_recv_s(net: Network, nbytes: float, across_nodes: bool = False) -> floa
     through the switch otherwise, over the scale-out tier between nodes."""
     if nbytes <= 0:
         return 0.0
+    base = net.scale_up.collective_latency_s
     if across_nodes:
         if net.scale_out is None:
             raise ValueError("a transfer between nodes needs a scale-out network; the profile names none")
         link = net.scale_out
-        return link.latency_s + nbytes / link.bandwidth_bytes_per_s
+        return base + link.latency_s + nbytes / link.bandwidth_bytes_per_s
     link = net.scale_up
-    return link.latency_s + nbytes / (link.pair_bandwidth_bytes_per_s or link.bandwidth_bytes_per_s)
+    return base + link.latency_s + nbytes / (link.pair_bandwidth_bytes_per_s or link.bandwidth_bytes_per_s)

@@ -2,8 +2,9 @@
 
 Maia 100: a mesh of 4, 150 GB/s a pair, 5 us a hop; 150 GB/s a chip to the scale-out switches, 10 us.
 Maia 200: a mesh of 4, 350 GB/s a pair, 3 us; 350 GB/s to the switch tier, 5 us.
-H100 SXM: NVSwitch of 8, 450 GB/s a GPU, 2 us, in-switch reduction (``@no-nvls``: without);
-``@pcie``: PCIe Gen5 x16, 64 GB/s, 5 us; InfiniBand 50 GB/s a GPU between nodes, 5 us.
+H100 SXM: NVSwitch of 8, 450 GB/s a GPU, 0.6 us a step and 6.6 us a collective (NCCL's tuning model),
+in-switch reduction (``@no-nvls``: without); ``@pcie``: PCIe Gen5 x16, 64 GB/s, 1 us a step; InfiniBand
+50 GB/s a GPU between nodes, 5 us.
 """
 
 import dataclasses
@@ -30,16 +31,16 @@ CASES = [
     # Maia 200: 2 (3 us + 16 MB / 350 GB/s) = 2 (3 + 45.714) us.
     ("maia200", all_reduce, N, 4, "two_shot", 2 * (3 + 45.7143) * US),
     ("maia200", reduce_scatter, N, 4, "direct", (3 + 45.7143) * US),
-    # H100 with NVLS: 2 * 2 us + (1 + 1/8) 64 MB / 450 GB/s = 4 + 160 us; a ring would take
-    # 14 (2 us + 8 MB / 450 GB/s) = 276.89 us, one-shot 2 us + 7 * 64 MB / 450 GB/s = 997.6 us.
-    ("h100-sxm", all_reduce, N, 8, "nvls", 164 * US),
-    ("h100-sxm@no-nvls", all_reduce, N, 8, "ring", 14 * (2 + 17.7778) * US),
-    # Reduce-scatter and all-gather rings: 7 (2 us + 8 MB / 450 GB/s).
-    ("h100-sxm", reduce_scatter, N, 8, "ring", 7 * (2 + 17.7778) * US),
-    ("h100-sxm", all_gather, N, 8, "ring", 7 * (2 + 17.7778) * US),
-    # PCIe: a ring at 64 GB/s, 14 (5 us + 8 MB / 64 GB/s) = 14 (5 + 125) us.
-    ("h100-sxm@pcie", all_reduce, N, 8, "ring", 14 * 130 * US),
-    ("h100-sxm@pcie", all_gather, N, 8, "ring", 7 * 130 * US),
+    # H100 with NVLS: 6.6 us + 2 * 0.6 us + (1 + 1/8) 64 MB / 450 GB/s = 6.6 + 1.2 + 160 us; a ring would take
+    # 6.6 + 14 (0.6 us + 8 MB / 450 GB/s) = 6.6 + 257.29 us, one-shot 6.6 + 0.6 + 7 * 64 MB / 450 GB/s = 1002.8 us.
+    ("h100-sxm", all_reduce, N, 8, "nvls", (6.6 + 1.2 + 160) * US),
+    ("h100-sxm@no-nvls", all_reduce, N, 8, "ring", (6.6 + 14 * (0.6 + 17.7778)) * US),
+    # Reduce-scatter and all-gather rings: 6.6 us + 7 (0.6 us + 8 MB / 450 GB/s).
+    ("h100-sxm", reduce_scatter, N, 8, "ring", (6.6 + 7 * (0.6 + 17.7778)) * US),
+    ("h100-sxm", all_gather, N, 8, "ring", (6.6 + 7 * (0.6 + 17.7778)) * US),
+    # PCIe: a ring at 64 GB/s, 6.6 us + 14 (1 us + 8 MB / 64 GB/s) = 6.6 + 14 (1 + 125) us.
+    ("h100-sxm@pcie", all_reduce, N, 8, "ring", (6.6 + 14 * 126) * US),
+    ("h100-sxm@pcie", all_gather, N, 8, "ring", (6.6 + 7 * 126) * US),
     # Two Maia 100 nodes: in each node a reduce-scatter and an all-gather of 64 MB, 2 (5 + 106.667) us;
     # between them a ring of 2 over 150 GB/s on each chip's quarter, 2 (10 us + 8 MB / 150 GB/s) =
     # 2 (10 + 53.333) us: 350 us. A flat ring would take 14 (10 us + 8 MB / 150 GB/s) = 886.67 us, a tree
@@ -47,9 +48,9 @@ CASES = [
     ("maia100", all_reduce, N, 8, "hierarchical/ring", 350 * US),
     # Reduce-scatter over 2 nodes: in the node 5 + 106.667 us, then across (10 us + 8 MB / 150 GB/s).
     ("maia100", reduce_scatter, N, 8, "hierarchical/ring", (5 + 106.6667 + 10 + 53.3333) * US),
-    # Two H100 nodes: the NVLS all-reduce is not a phase, so the node runs ring phases, 14 (2 + 17.778) us, and
-    # across each GPU's 8 MB a ring of 2 at 50 GB/s, 2 (5 us + 4 MB / 50 GB/s) = 170 us.
-    ("h100-sxm", all_reduce, N, 16, "hierarchical/ring", (14 * (2 + 17.7778) + 170) * US),
+    # Two H100 nodes: the NVLS all-reduce is not a phase, so the node runs ring phases, 14 (0.6 + 17.778) us, and
+    # across each GPU's 8 MB a ring of 2 at 50 GB/s, 2 (5 us + 4 MB / 50 GB/s) = 170 us; 6.6 us once.
+    ("h100-sxm", all_reduce, N, 16, "hierarchical/ring", (6.6 + 14 * (0.6 + 17.7778) + 170) * US),
 ]
 
 
@@ -63,16 +64,17 @@ def test_each_collective_on_each_topology_by_hand(profile, collective, nbytes, g
 
 def test_the_algorithm_follows_the_message_size():
     """On Maia 100's mesh one-shot wins below n = alpha p b / (p - 2) = 5 us * 4 * 150 GB/s / 2 = 1.5 MB; on
-    NVSwitch one-shot wins small messages (2 us + 7 n / 450 GB/s) and NVLS large ones (4 us + 1.125 n / 450 GB/s,
-    equal at n = 2 us * 450 GB/s / 5.875 = 153 KB); across 64 H100 nodes NCCL's tree wins a 64 KB buffer
-    (2 * 6 * 5 us + 2 * 8 KB / 50 GB/s = 60.32 us against a ring's 126 (5 us + 125 B / 50 GB/s) = 630.3 us)."""
+    NVSwitch one-shot wins small messages (0.6 us + 7 n / 450 GB/s) and NVLS large ones (1.2 us + 1.125 n /
+    450 GB/s, equal at n = 0.6 us * 450 GB/s / 5.875 = 46 KB); across 64 H100 nodes NCCL's tree wins a 64 KB
+    buffer (2 * 6 * 5 us + 2 * 8 KB / 50 GB/s = 60.32 us against a ring's 126 (5 us + 125 B / 50 GB/s) = 630.3
+    us), after ring phases in the node of 14 (0.6 us + 8 KB / 450 GB/s) and the collective's 6.6 us."""
     mesh = load_profile("maia100").network
     assert [all_reduce(mesh, n, 4).algorithm for n in (1.4e6, 1.6e6)] == ["one_shot", "two_shot"]
     nvswitch = load_profile("h100-sxm").network
-    assert [all_reduce(nvswitch, n, 8).algorithm for n in (150e3, 160e3)] == ["one_shot", "nvls"]
+    assert [all_reduce(nvswitch, n, 8).algorithm for n in (40e3, 50e3)] == ["one_shot", "nvls"]
     small = all_reduce(nvswitch, 64e3, 512)
     assert small.algorithm == "hierarchical/tree"
-    assert small.time_s == pytest.approx((14 * (2 + 8e3 / 450e3) + 60.32) * US, rel=1e-5)
+    assert small.time_s == pytest.approx((6.6 + 14 * (0.6 + 8e3 / 450e3) + 60.32) * US, rel=1e-5)
     assert all_reduce(nvswitch, 64e6, 16).algorithm == "hierarchical/ring"
 
 
@@ -86,10 +88,10 @@ def test_one_chip_costs_nothing_and_a_group_beyond_the_network_is_an_error():
 
 
 def test_send_recv_takes_the_pairs_links_the_switch_or_the_scale_out_tier():
-    """32 MB: over a Maia 100 pair 5 us + 32 MB / 150 GB/s; through NVSwitch 2 us + 32 MB / 450 GB/s; between
-    Maia 100 nodes 10 us + 32 MB / 150 GB/s."""
+    """32 MB: over a Maia 100 pair 5 us + 32 MB / 150 GB/s; through NVSwitch 6.6 us + 0.6 us + 32 MB / 450 GB/s;
+    between Maia 100 nodes 10 us + 32 MB / 150 GB/s."""
     assert send_recv_s(load_profile("maia100").network, 32e6) == pytest.approx(5e-6 + 32e6 / 150e9)
-    assert send_recv_s(load_profile("h100-sxm").network, 32e6) == pytest.approx(2e-6 + 32e6 / 450e9)
+    assert send_recv_s(load_profile("h100-sxm").network, 32e6) == pytest.approx(7.2e-6 + 32e6 / 450e9)
     assert send_recv_s(load_profile("maia100").network, 32e6, across_nodes=True) == pytest.approx(10e-6 + 32e6 / 150e9)
     assert send_recv_s(load_profile("maia100").network, 0) == 0.0
 
