@@ -53,9 +53,10 @@ class Figures:
 
 
 def simulated_figures(sim: Simulation) -> Figures:
-    """The figures of a simulation, as /metrics would count them."""
+    """The figures of a simulation, as /metrics would count them: busy time is the steps' charged work
+    (``StepCost.total_s``), which with pipeline stages is not their overlapping spans."""
     tpots = [t.tpot_s for t in sim.timings if t.tpot_s is not None]
-    return Figures(busy_s=sum(sim.steps.step_s), ttft_s=sum(t.ttft_s for t in sim.timings) / len(sim.timings),
+    return Figures(busy_s=sum(sim.steps.work_s), ttft_s=sum(t.ttft_s for t in sim.timings) / len(sim.timings),
                    tpot_s=sum(tpots) / len(tpots), num_steps=len(sim.steps.step_s), num_requests=len(sim.timings))
 
 

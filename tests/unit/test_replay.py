@@ -38,7 +38,8 @@ def test_no_finished_request_is_an_error_not_a_division_by_zero():
 def test_simulated_figures_count_as_metrics_do():
     """Requests of one token have no TPOT, as /metrics leaves them out of its TPOT histogram."""
     timings = (RequestTiming(0.0, 0.5, 1.5, 3), RequestTiming(0.0, 1.0, 1.0, 1))
-    steps = StepLog((0.0, 0.5, 1.0), (0.5, 0.5, 0.5), (2, 2, 1), (2, 2, 1), (0, 0, 0), (1, 1, 1))
+    steps = StepLog((0.0, 0.5, 1.0), (0.5, 0.5, 0.5), (2, 2, 1), (2, 2, 1), (0, 0, 0), (1, 1, 1), (0.5, 0.5, 0.5),
+                    (0.0, 0.0, 0.0))
     sim = Simulation("maia200", (), timings, steps, 10, 0, 0, 0)
     assert simulated_figures(sim) == Figures(busy_s=1.5, ttft_s=0.75, tpot_s=0.5, num_steps=3, num_requests=2)
 
