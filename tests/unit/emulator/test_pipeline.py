@@ -117,3 +117,12 @@ def test_one_batch_of_every_request_leaves_the_other_stage_idle():
     sim = simulate([Request(0.0, 4, 3), Request(0.0, 4, 3)], StagedCosts((0.25, 0.25), 0.0625), config)
     assert sim.steps.start_s == (0.0, 9 / 16, 18 / 16)
     assert [t.last_token_s for t in sim.timings] == [27 / 16, 27 / 16]
+
+
+def test_a_tensor_parallel_group_larger_than_a_node_is_priced_over_the_scale_out_tier():
+    """Llama-3-70B with tp=8 on Maia 100 (nodes of 4): 100 tokens' hidden states, n = 100 * 8192 * 2 = 1,638,400 B.
+    In each node a direct reduce-scatter and all-gather, 2 (5 us + n / 4 / 150 GB/s) = 2 (5 + 2.7307) us; across
+    the two nodes each chip's quarter in a ring of 2, 2 (10 us + n / 8 / 150 GB/s) = 2 (10 + 1.3653) us: 38.19 us.
+    (A tree across: 2 * 10 us + 2 * n / 4 / 150 GB/s = 25.46 us; a flat ring: 14 (10 + 1.3653) us = 159.1 us.)"""
+    cost = CostModel(load_profile("maia100"), load_model_shape("llama-3-70b"), Parallel(tp=8))
+    assert cost.all_reduce_s(100) == pytest.approx((2 * (5 + 2.73067) + 2 * (10 + 1.36533)) * 1e-6, rel=1e-5)
