@@ -1,17 +1,18 @@
-"""Model families beyond the dense demo on --device maia: a sliding-window Mistral (every layer sees its
-last 16 keys) and a Mixtral MoE (4 experts, top-2), both the demo's shape, through the OpenAI API.
+"""Model families beyond the dense demo on --device maia, each the demo's shape, through the OpenAI API:
+a Mistral whose every layer sees its last 16 keys, an Olmo-3 with one such layer and one full layer (vLLM
+runs them as two KV cache groups), and a Mixtral MoE (4 experts, top-2).
 
-The window bites: a 41-token prompt, greedy, gives on `vllm serve --device maia` the tokens transformers
-gives with the window on the same weights, and not those it gives without. The MoE is priced as MoE: one
-request's emulated busy time is `simulate`'s for the MoE shape, not that of the same model with one dense
-MLP per layer.
+The window bites: a 41-token prompt, greedy, gives the tokens transformers gives with the window on the
+same weights, and not those it gives without (vLLM: all 8 tokens; SGLang: its prefill's token, later ones
+may part by rounding, the random models' logits being nearly flat). The MoE is priced as MoE: one
+request's emulated busy time is `simulate`'s for the MoE shape, not that of the same layers with one dense
+MLP each.
 
-SGLang 0.5.23 serves both on its CPU path, but its Mistral and Mixtral classes (its Llama code) drop
-``sliding_window`` on every attention backend, so they attend over every key: its tokens are transformers'
-without the window. The maia backend warns about it, and the SGLang test pins it, as the README's
-limitation says.
+SGLang 0.5.23's Mistral and Mixtral classes (its Llama code) drop ``sliding_window`` on every attention
+backend, so on SGLang the Mistral attends over every key: the maia backend warns, and a test pins it, as
+the README's limitation says. Its Olmo-3 code passes the window on, and the maia backend applies it.
 
-Each engine's two servers live as long as its test class, so at most two run at once.
+Servers live as long as their test class: at most two run at once.
 """
 
 from dataclasses import replace
@@ -54,7 +55,12 @@ def _sglang(model: Path, name: str) -> Server:
 @pytest.fixture(scope="class")
 def vllm_sliding_window(sliding_window_model):
     with _vllm(sliding_window_model, "sliding-window") as server:
-        server.metrics_at_start = scrape(server.url)  # before any request
+        yield server
+
+
+@pytest.fixture(scope="class")
+def vllm_hybrid_window(hybrid_window_model):
+    with _vllm(hybrid_window_model, "hybrid-window") as server:
         yield server
 
 
@@ -68,7 +74,12 @@ def vllm_moe(moe_model):
 @pytest.fixture(scope="class")
 def sglang_sliding_window(sliding_window_model):
     with _sglang(sliding_window_model, "sliding-window") as server:
-        server.metrics_at_start = scrape(server.url)  # before any request
+        yield server
+
+
+@pytest.fixture(scope="class")
+def sglang_hybrid_window(hybrid_window_model):
+    with _sglang(hybrid_window_model, "hybrid-window") as server:
         yield server
 
 
@@ -80,19 +91,21 @@ def sglang_moe(moe_model):
 
 
 @pytest.fixture(scope="module")
-def transformers_greedy(sliding_window_model) -> dict[str, list[int]]:
-    """Greedy tokens of PROMPT from transformers in float32, with the model's window and without one."""
+def transformers_greedy(sliding_window_model, hybrid_window_model) -> dict[str, dict[str, list[int]]]:
+    """Greedy tokens of PROMPT from transformers in float32, by model: with its window and with one
+    longer than the prompt (full attention)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    out = {}
-    for name, window in (("windowed", DEMO_SLIDING_WINDOW), ("full", None)):
-        model = AutoModelForCausalLM.from_pretrained(sliding_window_model, dtype=torch.float32)
-        model.config.sliding_window = window
-        tokens = model.generate(torch.tensor([PROMPT]), max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS,
-                                do_sample=False)
-        out[name] = tokens[0, len(PROMPT):].tolist()
-    assert out["windowed"] != out["full"], "the prompt is too short for the window to matter"
+    out: dict[str, dict[str, list[int]]] = {}
+    for family, path in (("sliding-window", sliding_window_model), ("hybrid-window", hybrid_window_model)):
+        for name, window in (("windowed", DEMO_SLIDING_WINDOW), ("full", 10 * len(PROMPT))):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            model.config.sliding_window = window
+            tokens = model.generate(torch.tensor([PROMPT]), max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS,
+                                    do_sample=False)
+            out.setdefault(family, {})[name] = tokens[0, len(PROMPT):].tolist()
+        assert out[family]["windowed"][0] != out[family]["full"][0], f"{family}: the window does not bite"
     return out
 
 
@@ -137,40 +150,57 @@ def _assert_priced_as_moe(server: Server, moe_model: Path) -> None:
     assert live.busy_s > 1.03 * dense.busy_s, f"priced as dense: live {live.busy_s} vs dense {dense.busy_s}"
 
 
-class TestVllm:
-    def test_sliding_window_model_answers_with_the_window(self, vllm_sliding_window, transformers_greedy):
-        _answers(vllm_sliding_window, "sliding-window")
-        out = _client(vllm_sliding_window).completions.create(
-            model="sliding-window", prompt=[PROMPT], max_tokens=MAX_TOKENS, temperature=0,
-            extra_body={"ignore_eos": True, "return_token_ids": True})
-        assert out.choices[0].token_ids == transformers_greedy["windowed"]
-        assert "MaiaAttentionBackend" in vllm_sliding_window.log_text()
+def _vllm_greedy(server: Server, model: str) -> list[int]:
+    out = _client(server).completions.create(model=model, prompt=[PROMPT], max_tokens=MAX_TOKENS, temperature=0,
+                                             extra_body={"ignore_eos": True, "return_token_ids": True})
+    return out.choices[0].token_ids
 
-    def test_moe_model_answers_and_is_priced_as_moe(self, vllm_moe, moe_model):
+
+def _sglang_greedy(server: Server) -> list[int]:
+    """Token ids in, token ids out: SGLang's native /generate (its OpenAI routes return text only)."""
+    import json
+    import urllib.request
+
+    body = {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": MAX_TOKENS, "temperature": 0,
+                                                     "ignore_eos": True}}
+    request = urllib.request.Request(f"{server.url}/generate", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as resp:
+        return json.loads(resp.read())["output_ids"]
+
+
+class TestVllmWindows:
+    @pytest.mark.parametrize("family", ["sliding-window", "hybrid-window"])
+    def test_answers_with_the_window(self, request, family, transformers_greedy):
+        server = request.getfixturevalue(f"vllm_{family.replace('-', '_')}")
+        _answers(server, family)
+        assert _vllm_greedy(server, family) == transformers_greedy[family]["windowed"]
+        assert "MaiaAttentionBackend" in server.log_text()
+
+
+class TestVllmMoe:
+    def test_answers_and_is_priced_as_moe(self, vllm_moe, moe_model):
         _answers(vllm_moe, "moe")
         _assert_priced_as_moe(vllm_moe, moe_model)
         assert "MoE backend" in vllm_moe.log_text()  # vLLM ran its CPU experts, not a dense stand-in
 
 
-class TestSglang:
-    def test_sliding_window_model_answers_without_the_window(self, sglang_sliding_window, transformers_greedy):
-        """SGLang's Mistral code attends over every key (no backend sees a window): a known limitation. The
-        first token (the prefill's) is full attention's; later ones may part from transformers' float32
-        by rounding, the random model's logits being nearly flat."""
-        import json
-        import urllib.request
+class TestSglangWindows:
+    def test_hybrid_window_model_answers_with_the_window(self, sglang_hybrid_window, transformers_greedy):
+        _answers(sglang_hybrid_window, "hybrid-window")
+        expected = transformers_greedy["hybrid-window"]
+        assert _sglang_greedy(sglang_hybrid_window)[0] == expected["windowed"][0] != expected["full"][0]
 
+    def test_mistral_answers_without_the_window(self, sglang_sliding_window, transformers_greedy):
+        """SGLang's Mistral code gives no layer a window: a known limitation, which the backend reports."""
         _answers(sglang_sliding_window, "sliding-window")
-        body = {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": MAX_TOKENS, "temperature": 0,
-                                                         "ignore_eos": True}}
-        request = urllib.request.Request(f"{sglang_sliding_window.url}/generate", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=120) as resp:
-            first = json.loads(resp.read())["output_ids"][0]
-        assert first == transformers_greedy["full"][0] != transformers_greedy["windowed"][0]
+        expected = transformers_greedy["sliding-window"]
+        assert _sglang_greedy(sglang_sliding_window)[0] == expected["full"][0] != expected["windowed"][0]
         assert "sets sliding_window=16, but SGLang's code for this architecture gives no layer a window" in \
             sglang_sliding_window.log_text()
 
-    def test_moe_model_answers_and_is_priced_as_moe(self, sglang_moe, moe_model):
+
+class TestSglangMoe:
+    def test_answers_and_is_priced_as_moe(self, sglang_moe, moe_model):
         _answers(sglang_moe, "moe")
         _assert_priced_as_moe(sglang_moe, moe_model)
