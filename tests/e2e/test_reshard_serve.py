@@ -1,6 +1,7 @@
-"""A re-sharded checkpoint served by `vllm serve DST --device maia --load-format sharded_state -tp 2`
-gives the original's greedy tokens: the demo model (GQA, 4 heads over 2 KV heads) and a tied-embedding
-sibling, whose TP-2 files hold the head once, as `lm_head.weight`."""
+"""A re-sharded checkpoint served by `vllm serve DST --device maia --load-format sharded_state` gives the
+original's greedy tokens: the demo model (GQA, 4 heads over 2 KV heads) at TP 2, at TP 4 (each KV head on
+two ranks) and at PP 2, and a tied-embedding sibling at TP 2 and PP 2 (the head once, as `lm_head.weight`,
+on the last stage; the embedding on the first)."""
 
 import json
 import os
@@ -14,18 +15,26 @@ from maia_serving.models.reshard import reshard
 
 PROMPTS = ["def main():", "import sys", "class Foo:"]
 LIMITS = ("--max-model-len", "256", "--max-num-batched-tokens", "2048", "--max-num-seqs", "8")
-ENV = {"VLLM_CPU_CI_ENV": "1", "MAIA_SERVING_LOG_INTERVAL_S": "1"}
-# Two ranks on two cores: one core each (vLLM's auto binding asserts on a single NUMA node).
-TP2_ENV = {**ENV, "VLLM_CPU_OMP_THREADS_BIND": "|".join(str(i % (os.cpu_count() or 1)) for i in range(2))}
+EAGER = {"VLLM_CPU_CI_ENV": "1"}  # the eager compile backend: startup near 30 s
 
 
-def _greedy(model, log, env: dict, *extra: str) -> list[str]:
+def _env(tp: int, pp: int) -> dict[str, str]:
+    """One core a rank, round robin (vLLM's auto binding asserts on a single NUMA node). PP runs compiled:
+    eager, vLLM's CPU model runner fails its second stage (`assert self.intermediate_tensors is not None`)."""
+    env = {"MAIA_SERVING_LOG_INTERVAL_S": "1", **(EAGER if pp == 1 else {})}
+    if tp * pp > 1:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % (os.cpu_count() or 1)) for i in range(tp * pp))
+    return env
+
+
+def _greedy(model, log, tp: int, pp: int, *extra: str) -> list[str]:
     from openai import OpenAI
 
     port = free_port()
-    cmd = vllm_serve_cmd(model, port, "--served-model-name", "demo", *LIMITS, "--enforce-eager",
+    cmd = vllm_serve_cmd(model, port, "--served-model-name", "demo", *LIMITS, "--tensor-parallel-size", str(tp),
+                         "--pipeline-parallel-size", str(pp), *(["--enforce-eager"] if pp == 1 else []),
                          "--additional-config", '{"maia_profile": "maia100"}', *extra)
-    with Server(cmd, port, log, env=env) as server:
+    with Server(cmd, port, log, env=_env(tp, pp)) as server:
         client = OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
         return [client.completions.create(model="demo", prompt=p, max_tokens=12, temperature=0).choices[0].text
                 for p in PROMPTS]
@@ -42,14 +51,22 @@ def _tied_sibling(demo_model, out):
     return out
 
 
-@pytest.mark.parametrize("variant", ["gqa", "tied"])
-def test_sharded_state_tp2_serves_the_originals_tokens(demo_model, logs_dir, tmp_path, variant):
-    original = demo_model if variant == "gqa" else _tied_sibling(demo_model, tmp_path / "tied")
-    reshard(original, tmp_path / "tp2", 2)
-    if variant == "tied":
-        assert "model.embed_tokens.weight" not in load_file(tmp_path / "tp2" / "model-rank-0-part-0.safetensors")
-    want = _greedy(original, logs_dir / f"reshard-{variant}-original.log", ENV)
-    got = _greedy(tmp_path / "tp2", logs_dir / f"reshard-{variant}-tp2.log", TP2_ENV,
-                  "--load-format", "sharded_state", "--tensor-parallel-size", "2")
+@pytest.fixture(scope="module")
+def originals(demo_model, logs_dir, tmp_path_factory) -> dict:
+    """Each variant's checkpoint and its greedy texts served as it is, on one rank."""
+    tied = _tied_sibling(demo_model, tmp_path_factory.mktemp("tied") / "model")
+    return {v: (m, _greedy(m, logs_dir / f"reshard-{v}-original.log", 1, 1))
+            for v, m in [("gqa", demo_model), ("tied", tied)]}
+
+
+@pytest.mark.parametrize("variant,tp,pp", [("gqa", 2, 1), ("gqa", 4, 1), ("gqa", 1, 2), ("tied", 2, 1),
+                                           ("tied", 1, 2)])
+def test_sharded_state_serves_the_originals_tokens(originals, logs_dir, tmp_path, variant, tp, pp):
+    model, want = originals[variant]
+    reshard(model, tmp_path / "sharded", tp, pp)
+    first = "model-rank-0-part-0.safetensors" if pp == 1 else "model-pp-0-tp-0-part-0.safetensors"
+    assert ("model.embed_tokens.weight" in load_file(tmp_path / "sharded" / first)) == (variant == "gqa" or pp > 1)
+    got = _greedy(tmp_path / "sharded", logs_dir / f"reshard-{variant}-tp{tp}-pp{pp}.log", tp, pp,
+                  "--load-format", "sharded_state")
     assert got == want
     assert all(want)
