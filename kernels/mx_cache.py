@@ -18,8 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from maia_serving.ops.fp8 import scale_tensor
 from maia_serving.ops.mx import MxFormat, blocks_per_head, check_reshape_and_cache_mx_args
+
+from .reshape_and_cache import cache_write_scales
 
 
 @triton.jit
@@ -271,21 +272,10 @@ def reshape_and_cache_mx(
     fmt = check_reshape_and_cache_mx_args(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype)
     if fmt.scale == "e8m0" and (k_scale is not None or v_scale is not None):
         raise ValueError(f"{fmt.name} keeps all its scale in the E8M0 block scales; pass k_scale=v_scale=None")
-    if key_cache.stride() != value_cache.stride():
-        raise ValueError(
-            f"key_cache and value_cache need equal strides, got {key_cache.stride()} and {value_cache.stride()}"
-        )
-    if (key.stride(-1), value.stride(-1), key_cache.stride(-1)) != (1, 1, 1):
-        raise ValueError("key, value and the caches need a contiguous last dimension (stride 1)")
     num_tokens, num_kv_heads, head_dim = key.shape
+    k_scale_t, v_scale_t, per_head_scale = cache_write_scales(key, value, key_cache, value_cache, k_scale, v_scale)
     if num_tokens == 0:
         return
-    k_scale_t = scale_tensor(k_scale, num_kv_heads, key.device)
-    v_scale_t = scale_tensor(v_scale, num_kv_heads, key.device)
-    per_head_scale = k_scale_t.numel() > 1 or v_scale_t.numel() > 1
-    if per_head_scale:  # one flag for both: give a per-tensor partner one entry per head
-        k_scale_t = k_scale_t.expand(num_kv_heads).contiguous()
-        v_scale_t = v_scale_t.expand(num_kv_heads).contiguous()
     _reshape_and_cache_mx_kernel[(num_tokens, num_kv_heads)](
         key_ptr=key,
         value_ptr=value,

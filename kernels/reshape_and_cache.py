@@ -119,26 +119,10 @@ def reshape_and_cache(
     fmt = check_reshape_and_cache_args(
         key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype
     )
-    if key_cache.stride() != value_cache.stride():
-        raise ValueError(
-            f"key_cache and value_cache need equal strides, got {key_cache.stride()} and "
-            f"{value_cache.stride()}"
-        )
-    if (key.stride(-1), value.stride(-1), key_cache.stride(-1)) != (1, 1, 1):
-        raise ValueError(
-            "key, value and the caches need a contiguous head_dim (stride 1)"
-        )
     num_tokens, num_kv_heads, head_dim = key.shape
+    k_scale_t, v_scale_t, per_head_scale = cache_write_scales(key, value, key_cache, value_cache, k_scale, v_scale)
     if num_tokens == 0:
         return
-    k_scale_t = scale_tensor(k_scale, num_kv_heads, key.device)
-    v_scale_t = scale_tensor(v_scale, num_kv_heads, key.device)
-    per_head_scale = k_scale_t.numel() > 1 or v_scale_t.numel() > 1
-    if (
-        per_head_scale
-    ):  # one flag for both: give a per-tensor partner one entry per head
-        k_scale_t = k_scale_t.expand(num_kv_heads).contiguous()
-        v_scale_t = v_scale_t.expand(num_kv_heads).contiguous()
     block_h, block_d = _block_sizes(num_kv_heads, head_dim)
     _reshape_and_cache_kernel[(num_tokens,)](
         key_ptr=key,
@@ -165,3 +149,30 @@ def reshape_and_cache(
         FP8_MAX=fmt.max_value if fmt else 0.0,
         PER_HEAD_SCALE=per_head_scale,
     )
+
+
+def cache_write_scales(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    k_scale: float | torch.Tensor | None,
+    v_scale: float | torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """What both cache-write kernels (FP8 and MX) need of their arguments: one stride for both caches
+    and a contiguous last dimension everywhere (checked), and the scales as tensors, one entry per
+    KV head for both when either is per head (the kernels take one flag for the pair)."""
+    if key_cache.stride() != value_cache.stride():
+        raise ValueError(
+            f"key_cache and value_cache need equal strides, got {key_cache.stride()} and {value_cache.stride()}"
+        )
+    if (key.stride(-1), value.stride(-1), key_cache.stride(-1)) != (1, 1, 1):
+        raise ValueError("key, value and the caches need a contiguous last dimension (stride 1)")
+    num_kv_heads = key.shape[1]
+    k_scale_t = scale_tensor(k_scale, num_kv_heads, key.device)
+    v_scale_t = scale_tensor(v_scale, num_kv_heads, key.device)
+    per_head_scale = k_scale_t.numel() > 1 or v_scale_t.numel() > 1
+    if per_head_scale:
+        k_scale_t = k_scale_t.expand(num_kv_heads).contiguous()
+        v_scale_t = v_scale_t.expand(num_kv_heads).contiguous()
+    return k_scale_t, v_scale_t, per_head_scale
