@@ -1,8 +1,11 @@
 """KV-cache ops for the maia device: Triton kernels with plain-torch references.
 
 Each op below runs either the Triton kernel from ``maia_serving.kernels`` or the reference
-from ``maia_serving.ops.fp8`` (same arguments, same numerics). The choice is made on every
-call from the environment variable ``MAIA_SERVING_KERNELS``:
+from ``maia_serving.ops.fp8`` (same arguments, same numerics); a ``kv_cache_dtype`` that names a
+block-scaled format of ``maia_serving.ops.mx`` (mxfp8, mxfp6, mxfp6_e2m3, mxfp4, nvfp4) goes to
+``kernels.reshape_and_cache_mx`` or ``reshape_and_cache_mx_ref`` for writes, and to the same
+attention entry points, which decode it; any other name meets the FP8 path's checks and errors.
+The choice is made on every call from the environment variable ``MAIA_SERVING_KERNELS``:
 
 - ``auto`` (default): Triton when the tensors live on a CUDA (or ROCm) device, or on the CPU
   when ``TRITON_INTERPRET`` is true; the torch reference otherwise (a plain CPU host).
@@ -39,6 +42,7 @@ from maia_serving.ops.fp8 import (
     scale_tensor,
     torch_dtype,
 )
+from maia_serving.ops.mx import MX_FORMATS, reshape_and_cache_mx_ref
 
 KERNELS_ENV = envs.MAIA_SERVING_KERNELS
 _TRUE = ("1", "true", "on", "yes")
@@ -46,6 +50,7 @@ _TRUE = ("1", "true", "on", "yes")
 __all__ = [
     "FP8_FORMATS",
     "KERNELS_ENV",
+    "MX_FORMATS",
     "Fp8Format",
     "check_cache_dtype",
     "dequantize_fp8_ref",
@@ -93,7 +98,8 @@ def reshape_and_cache(
     k_scale: float | torch.Tensor | None = None,
     v_scale: float | torch.Tensor | None = None,
 ) -> None:
-    """Write key/value into the paged caches in place; see ``reshape_and_cache_ref``."""
+    """Write key/value into the paged caches in place; see ``reshape_and_cache_ref`` (and
+    ``reshape_and_cache_mx_ref`` for the block-scaled formats)."""
     args = (
         key,
         value,
@@ -104,12 +110,13 @@ def reshape_and_cache(
         k_scale,
         v_scale,
     )
+    block_scaled = kv_cache_dtype in MX_FORMATS
     if kernel_backend(key.device) == "triton":
         from maia_serving import kernels
 
-        kernels.reshape_and_cache(*args)
+        (kernels.reshape_and_cache_mx if block_scaled else kernels.reshape_and_cache)(*args)
     else:
-        reshape_and_cache_ref(*args)
+        (reshape_and_cache_mx_ref if block_scaled else reshape_and_cache_ref)(*args)
 
 
 def paged_attention(
@@ -130,7 +137,8 @@ def paged_attention(
     plan=None,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Paged attention over varlen queries; see ``paged_attention_ref``.
+    """Paged attention over varlen queries; see ``paged_attention_ref`` (``paged_attention_mx_ref``
+    for the block-scaled formats: both implementations decode them while reading).
 
     ``max_query_len`` (the longest ``q_len``) spares the kernel a device sync; ``out``
     receives the result when given and is returned. ``plan`` (``ops.host.PagedPlan`` for

@@ -5,20 +5,36 @@ softmax, output in the query's dtype), but all sequences in one padded batch ins
 of a Python loop per sequence: on a CPU host the loop costs more than the model's
 GEMMs for a decode batch. Falls back to the reference when the padded score tensor
 would be large (long prefills), where the per-sequence loop is the cheaper one.
+
+The block-scaled formats (``ops.mx``: MXFP8, MXFP6, MXFP4, NVFP4) are decoded here from only
+the pages the batch reads, with lookup tables built once from the reference's decoding (values
+bit-identical to ``dequantize_mx_ref``), then attended as FP8 is: ``paged_attention_mx_ref``
+decodes the whole cache on every call, which serving cannot afford.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from maia_serving.ops.fp8 import (
+    Fp8Format,
     attended,
     check_paged_attention_args,
     check_sliding_window,
     dequantize_fp8_ref,
     paged_attention_ref,
+    scale_tensor,
+)
+from maia_serving.ops.mx import (
+    ELEMENT_FORMATS,
+    MX_FORMATS,
+    MxFormat,
+    check_paged_attention_mx_args,
+    decode_e8m0_ref,
+    decode_table,
 )
 
 # Padded score elements above which the per-sequence reference is used instead.
@@ -69,15 +85,83 @@ def plan_paged_attention(block_tables: torch.Tensor, seq_lens: torch.Tensor, que
     )
 
 
-def _pages(cache: torch.Tensor, plan: PagedPlan, scale, fmt) -> torch.Tensor:
+@functools.cache
+def _byte_table(fmt: MxFormat) -> torch.Tensor:
+    """float32 ``[256, elements per byte]``: what each byte of a one-byte word (FP8, FP4) holds, the
+    low bits first, so decoding is one gather with no shifts."""
+    shifts = torch.arange(fmt.elements_per_word) * fmt.element.bits
+    codes = (torch.arange(256)[:, None] >> shifts) & ((1 << fmt.element.bits) - 1)
+    return decode_table(fmt.element)[codes]
+
+
+@functools.cache
+def _scale_table(fmt: MxFormat) -> torch.Tensor:
+    """float32 ``[256]``: the block scale of each scale byte (E8M0, or NVFP4's E4M3)."""
+    codes = torch.arange(256)
+    return decode_e8m0_ref(codes) if fmt.scale == "e8m0" else decode_table(ELEMENT_FORMATS["e4m3"])
+
+
+def _element_values(elem_bytes: torch.Tensor, fmt: MxFormat) -> torch.Tensor:
+    """uint8 ``[..., nb, block element bytes]`` -> float32 ``[..., nb, block_size]`` (unscaled)."""
+    if fmt.bytes_per_word == 1:
+        return _byte_table(fmt).to(elem_bytes.device)[elem_bytes.long()].flatten(-2)
+    words = elem_bytes.int().unflatten(-1, (-1, fmt.bytes_per_word))  # FP6: 4 elements in 3 bytes
+    word = words[..., 0] | words[..., 1] << 8 | words[..., 2] << 16
+    shifts = torch.arange(fmt.elements_per_word, device=elem_bytes.device) * fmt.element.bits
+    codes = (word[..., None] >> shifts) & ((1 << fmt.element.bits) - 1)
+    return decode_table(fmt.element).to(elem_bytes.device)[codes].flatten(-2)
+
+
+def decode_mx(packed: torch.Tensor, fmt: MxFormat, head_dim: int,
+              scale: float | torch.Tensor | None) -> torch.Tensor:
+    """uint8 ``[..., num_kv_heads, head_bytes]`` -> float32 ``[..., num_kv_heads, head_dim]``, the
+    values ``dequantize_mx_ref`` gives (same products in the same order), for gathered pages only."""
+    blocks = packed.unflatten(-1, (-1, fmt.block_bytes))
+    block_scale = _scale_table(fmt).to(packed.device)[blocks[..., -1].long()]
+    if fmt.scale == "e4m3":
+        block_scale = block_scale * scale_tensor(scale, packed.shape[-2], packed.device).reshape(-1, 1)
+    values = _element_values(blocks[..., :-1], fmt) * block_scale[..., None]
+    return values.flatten(-2)[..., :head_dim]
+
+
+def _pages(cache: torch.Tensor, plan: PagedPlan, scale, fmt: Fp8Format | MxFormat | None,
+           head_dim: int) -> torch.Tensor:
     """``[num_seqs, kv_heads, max_len, head_dim]`` contiguous float32 keys or values."""
-    pages = cache[plan.blocks]  # [seqs, blocks, block_size, kv_heads, head_dim]
+    pages = cache[plan.blocks]  # [seqs, blocks, block_size, kv_heads, head_dim or head_bytes]
     pages = pages.reshape(plan.num_seqs, -1, *cache.shape[2:])[:, : plan.max_len]
-    if fmt:
+    if isinstance(fmt, MxFormat):
+        pages = decode_mx(pages, fmt, head_dim, scale)
+    elif fmt:
         pages = dequantize_fp8_ref(pages, scale, fmt)
     # One copy that both converts to float32 and makes each head's rows contiguous.
-    out = torch.empty((plan.num_seqs, cache.shape[2], plan.max_len, cache.shape[3]), dtype=torch.float32)
+    out = torch.empty((plan.num_seqs, cache.shape[2], plan.max_len, head_dim), dtype=torch.float32)
     return out.copy_(pages.permute(0, 2, 1, 3))
+
+
+def _check_args(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, kv_cache_dtype,
+                k_scale, v_scale) -> Fp8Format | MxFormat | None:
+    """The reference's checks for the cache's format; the MX formats take no per-tensor scale."""
+    mx_fmt = MX_FORMATS.get(kv_cache_dtype)
+    if mx_fmt is None:
+        return check_paged_attention_args(query, key_cache, value_cache, block_tables, seq_lens,
+                                          query_start_loc, kv_cache_dtype)
+    check_paged_attention_mx_args(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
+                                  kv_cache_dtype)
+    if mx_fmt.scale == "e8m0" and (k_scale is not None or v_scale is not None):
+        raise ValueError(f"{mx_fmt.name} keeps all its scale in the E8M0 block scales; pass k_scale=v_scale=None")
+    return mx_fmt
+
+
+def _mx_fallback(query, key_cache, value_cache, plan: PagedPlan, seq_lens, query_start_loc, scale,
+                 fmt: MxFormat, k_scale, v_scale, causal: bool, sliding_window: int | None) -> torch.Tensor:
+    """The per-sequence reference over the plan's pages alone, decoded into a float32 cache of
+    their own (block ``i * blocks + j`` is sequence i's j-th page)."""
+    head_dim = query.shape[-1]
+    decoded = [decode_mx(cache[plan.blocks].flatten(0, 1), fmt, head_dim, s)
+               for cache, s in ((key_cache, k_scale), (value_cache, v_scale))]
+    tables = torch.arange(plan.blocks.numel(), dtype=torch.int64, device=query.device).view(plan.blocks.shape)
+    return paged_attention_ref(query, *decoded, tables, seq_lens, query_start_loc, scale, "auto",
+                               causal=causal, sliding_window=sliding_window)
 
 
 def paged_attention_host(
@@ -97,11 +181,12 @@ def paged_attention_host(
     out: torch.Tensor | None = None,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Arguments and result as ``paged_attention_ref``; ``plan`` (from
-    plan_paged_attention, the same batch and window) spares rebuilding the index tensors;
-    ``out``, when given, receives the result (no second copy on the serving hot path)."""
-    fmt = check_paged_attention_args(query, key_cache, value_cache, block_tables, seq_lens,
-                                     query_start_loc, kv_cache_dtype)
+    """Arguments and result as ``paged_attention_ref`` (``paged_attention_mx_ref`` for the block-scaled
+    formats, here with the window too); ``plan`` (from plan_paged_attention, the same batch and
+    window) spares rebuilding the index tensors; ``out``, when given, receives the result (no
+    second copy on the serving hot path)."""
+    fmt = _check_args(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, kv_cache_dtype,
+                      k_scale, v_scale)
     num_heads, head_dim = query.shape[1:]
     if plan is None:
         plan = plan_paged_attention(block_tables, seq_lens, query_start_loc, query.shape[0], num_heads,
@@ -112,13 +197,16 @@ def paged_attention_host(
     result = torch.zeros_like(query) if out is None else out.zero_()
     if plan.num_seqs == 0 or plan.max_q == 0:
         return result
+    if not plan.batched and isinstance(fmt, MxFormat):
+        return result.copy_(_mx_fallback(query, key_cache, value_cache, plan, seq_lens, query_start_loc, scale,
+                                         fmt, k_scale, v_scale, causal, sliding_window))
     if not plan.batched:
         return result.copy_(paged_attention_ref(query, key_cache, value_cache, block_tables, seq_lens,
                                                 query_start_loc, scale, kv_cache_dtype, k_scale, v_scale,
                                                 causal, sliding_window))
     num_kv_heads = key_cache.shape[2]
-    keys = _pages(key_cache, plan, k_scale, fmt)
-    values = _pages(value_cache, plan, v_scale, fmt)
+    keys = _pages(key_cache, plan, k_scale, fmt, head_dim)
+    values = _pages(value_cache, plan, v_scale, fmt, head_dim)
     group = num_heads // num_kv_heads
     # [seqs, kv_heads, max_q * group, head_dim]: a KV head's queries in one matmul.
     q = query[plan.index].float().view(plan.num_seqs, plan.max_q, num_kv_heads, group, head_dim)

@@ -2,9 +2,14 @@
 
 The reference owes nothing to maia_serving.ops: FP8 codes are decoded by the OCP spec formula
 (fp8_spec_table) and multiplied by the float32 scale the product holds, both exact in float64;
-bf16/fp16/fp32 cache entries are exact in float64 as they are. So the only differences between a
-product output and this reference are the product's float32 arithmetic and its final rounding
-to the output dtype, and ``assert_within_one_bf16_step`` bounds exactly those.
+bf16/fp16/fp32 cache entries are exact in float64 as they are. The block-scaled MX/NVFP4 rows are
+read as the layout defines them (each block's element bits as one little-endian bit stream, then
+its scale byte) and decoded by mx_spec_table's formulas: element times E8M0 scale, or NVFP4's
+element times E4M3 scale times the float32 tensor scale, exact in float64 (the product rounds
+NVFP4's scale product once more in float32, a u the budget's factor of 2 below covers). So the
+only differences between a product output and this reference are the product's float32
+arithmetic and its final rounding to the output dtype, and ``assert_within_one_bf16_step``
+bounds exactly those.
 
 Why the bound (u = 2^-24, float32's unit roundoff; first-order error analysis):
 
@@ -26,6 +31,9 @@ ulp (2^-8 to 2^-7 relative): the bound is one bf16 rounding step, and a 1% error
 
 from __future__ import annotations
 
+import functools
+
+import mx_spec_table as mx_spec
 import torch
 from fp8_spec_table import E4M3, E5M2, Fp8Spec, decode
 
@@ -37,14 +45,49 @@ _DECODE_TABLES = {
 }
 
 
+def _float32_scale(scale: float | torch.Tensor | None) -> torch.Tensor:
+    """A float, 0-d, 1-element or per-KV-head scale as the float32 the product holds, in float64,
+    shaped to broadcast over ``[..., kv_heads, x]``."""
+    return torch.as_tensor(1.0 if scale is None else scale, dtype=torch.float32).double().reshape(-1, 1)
+
+
+@functools.cache
+def _mx_tables(fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 (element value by code, block scale by byte) of a block-scaled format, by the spec."""
+    elem = mx_spec.SPECS[mx_spec.ELEMENT[fmt]]
+    values = [mx_spec.decode(code, elem) for code in range(1 << elem.bits)]
+    scales = [mx_spec.decode(code, mx_spec.E4M3) if fmt == "nvfp4" else mx_spec.decode_e8m0(code)
+              for code in range(256)]
+    return torch.tensor(values, dtype=torch.float64), torch.tensor(scales, dtype=torch.float64)
+
+
+def dequantize_mx_exact(rows: torch.Tensor, scale: float | torch.Tensor | None, fmt: str) -> torch.Tensor:
+    """uint8 rows ``[..., kv_heads, blocks * block bytes]`` -> float64
+    ``[..., kv_heads, blocks * block_size]``, padding included: element ``i`` of a block is bits
+    ``bits * i ..`` of its bytes read as one little-endian stream (mx_spec_table.pack_block), then
+    its scale byte."""
+    bits, size = mx_spec.SPECS[mx_spec.ELEMENT[fmt]].bits, mx_spec.BLOCK_SIZE[fmt]
+    blocks = rows.long().unflatten(-1, (-1, size * bits // 8 + 1))
+    stream = (blocks[..., :-1, None] >> torch.arange(8)) & 1  # [..., blocks, element bytes, 8]
+    fields = stream.flatten(-2).unflatten(-1, (size, bits))
+    codes = (fields << torch.arange(bits)).sum(-1)
+    values, scales = _mx_tables(fmt)
+    block_scale = scales[blocks[..., -1]]
+    if fmt == "nvfp4":
+        block_scale = block_scale * _float32_scale(scale)
+    return (values[codes] * block_scale[..., None]).flatten(-2)
+
+
 def dequantize_exact(entries: torch.Tensor, scale: float | torch.Tensor | None, kv_cache_dtype: str) -> torch.Tensor:
     """Cache entries ``[..., kv_heads, head_dim]`` as float64: FP8 codes (uint8) decoded and times
-    the scale as float32 (a float, 0-d, 1-element or per-KV-head), the others as they are."""
+    the scale as float32 (a float, 0-d, 1-element or per-KV-head), MX/NVFP4 rows by
+    ``dequantize_mx_exact`` (head_dim rounded up to whole blocks), the others as they are."""
+    if kv_cache_dtype in mx_spec.BLOCK_SIZE:
+        return dequantize_mx_exact(entries, scale, kv_cache_dtype)
     spec = FP8_CACHE_DTYPES.get(kv_cache_dtype)
     if spec is None:
         return entries.double()
-    scale = torch.as_tensor(1.0 if scale is None else scale, dtype=torch.float32).double()
-    return _DECODE_TABLES[spec.name][entries.long()] * scale.reshape(-1, 1)
+    return _DECODE_TABLES[spec.name][entries.long()] * _float32_scale(scale)
 
 
 def causal_attention_float64(
@@ -102,8 +145,9 @@ def paged_attention_float64(
             continue
         pos = torch.arange(seq_len)
         blocks, rows = block_tables[i].long()[pos // block_size], pos % block_size
-        k = dequantize_exact(key_cache[blocks, rows], k_scale, kv_cache_dtype)
-        v = dequantize_exact(value_cache[blocks, rows], v_scale, kv_cache_dtype)
+        head_dim = query.shape[-1]
+        k = dequantize_exact(key_cache[blocks, rows], k_scale, kv_cache_dtype)[..., :head_dim]
+        v = dequantize_exact(value_cache[blocks, rows], v_scale, kv_cache_dtype)[..., :head_dim]
         out[q0:q1], err[q0:q1] = causal_attention_float64(query[q0:q1].double(), k, v, scale,
                                                               sliding_window)
     return out, err
