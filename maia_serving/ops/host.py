@@ -86,11 +86,11 @@ def plan_paged_attention(block_tables: torch.Tensor, seq_lens: torch.Tensor, que
 
 
 @functools.cache
-def _byte_table(fmt: MxFormat) -> torch.Tensor:
-    """float32 ``[256, elements per byte]``: what each byte of a one-byte word (FP8, FP4) holds, the
-    low bits first, so decoding is one gather with no shifts."""
-    shifts = torch.arange(fmt.elements_per_word) * fmt.element.bits
-    codes = (torch.arange(256)[:, None] >> shifts) & ((1 << fmt.element.bits) - 1)
+def _pair_table(fmt: MxFormat) -> torch.Tensor:
+    """float32 ``[2^(2 * bits), 2]``: the two elements that ``2 * bits`` packed bits hold, the low
+    bits first (FP4: a byte, FP6: half of a 3-byte word), so decoding is one gather per pair."""
+    bits = fmt.element.bits
+    codes = (torch.arange(1 << 2 * bits)[:, None] >> torch.tensor([0, bits])) & ((1 << bits) - 1)
     return decode_table(fmt.element)[codes]
 
 
@@ -103,35 +103,48 @@ def _scale_table(fmt: MxFormat) -> torch.Tensor:
 
 def _element_values(elem_bytes: torch.Tensor, fmt: MxFormat) -> torch.Tensor:
     """uint8 ``[..., nb, block element bytes]`` -> float32 ``[..., nb, block_size]`` (unscaled)."""
-    if fmt.bytes_per_word == 1:
-        return _byte_table(fmt).to(elem_bytes.device)[elem_bytes.long()].flatten(-2)
-    words = elem_bytes.int().unflatten(-1, (-1, fmt.bytes_per_word))  # FP6: 4 elements in 3 bytes
-    word = words[..., 0] | words[..., 1] << 8 | words[..., 2] << 16
-    shifts = torch.arange(fmt.elements_per_word, device=elem_bytes.device) * fmt.element.bits
-    codes = (word[..., None] >> shifts) & ((1 << fmt.element.bits) - 1)
-    return decode_table(fmt.element).to(elem_bytes.device)[codes].flatten(-2)
+    if fmt.element.bits == 8:  # MXFP8's E4M3 is torch's float8_e4m3fn, NaN codes included
+        return elem_bytes.view(torch.float8_e4m3fn).float()
+    pairs = elem_bytes
+    if fmt.element.bits == 6:  # 4 elements in 3 bytes: two 12-bit pairs
+        b = elem_bytes.int().unflatten(-1, (-1, 3))
+        pairs = torch.stack((b[..., 0] | (b[..., 1] & 0xF) << 8, b[..., 1] >> 4 | b[..., 2] << 4), -1)
+    values = _pair_table(fmt).to(elem_bytes.device)[pairs.long()]
+    return values.reshape(*elem_bytes.shape[:-1], fmt.block_size)
+
+
+def _decoded(packed: torch.Tensor, fmt: MxFormat, scale: float | torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 ``[..., num_kv_heads, head_bytes]`` -> (float32 elements ``[..., num_kv_heads, nb, block_size]``,
+    their block scales ``[..., num_kv_heads, nb, 1]``, NVFP4's tensor scale applied as the reference does)."""
+    blocks = packed.unflatten(-1, (-1, fmt.block_bytes))
+    block_scale = _scale_table(fmt).to(packed.device)[blocks[..., -1].long()]
+    if fmt.scale == "e4m3":
+        block_scale = block_scale * scale_tensor(scale, packed.shape[-2], packed.device).reshape(-1, 1)
+    return _element_values(blocks[..., :-1], fmt), block_scale[..., None]
 
 
 def decode_mx(packed: torch.Tensor, fmt: MxFormat, head_dim: int,
               scale: float | torch.Tensor | None) -> torch.Tensor:
     """uint8 ``[..., num_kv_heads, head_bytes]`` -> float32 ``[..., num_kv_heads, head_dim]``, the
     values ``dequantize_mx_ref`` gives (same products in the same order), for gathered pages only."""
-    blocks = packed.unflatten(-1, (-1, fmt.block_bytes))
-    block_scale = _scale_table(fmt).to(packed.device)[blocks[..., -1].long()]
-    if fmt.scale == "e4m3":
-        block_scale = block_scale * scale_tensor(scale, packed.shape[-2], packed.device).reshape(-1, 1)
-    values = _element_values(blocks[..., :-1], fmt) * block_scale[..., None]
-    return values.flatten(-2)[..., :head_dim]
+    elements, block_scale = _decoded(packed, fmt, scale)
+    return (elements * block_scale).flatten(-2)[..., :head_dim]
 
 
 def _pages(cache: torch.Tensor, plan: PagedPlan, scale, fmt: Fp8Format | MxFormat | None,
            head_dim: int) -> torch.Tensor:
-    """``[num_seqs, kv_heads, max_len, head_dim]`` contiguous float32 keys or values."""
+    """``[num_seqs, kv_heads, max_len, head_dim]`` float32 keys or values, each head's rows
+    contiguous (an MX head that ends in a partial block: a slice of its padded rows)."""
     pages = cache[plan.blocks]  # [seqs, blocks, block_size, kv_heads, head_dim or head_bytes]
     pages = pages.reshape(plan.num_seqs, -1, *cache.shape[2:])[:, : plan.max_len]
     if isinstance(fmt, MxFormat):
-        pages = decode_mx(pages, fmt, head_dim, scale)
-    elif fmt:
+        elements, block_scale = _decoded(pages, fmt, scale)
+        out = torch.empty((plan.num_seqs, cache.shape[2], plan.max_len, *elements.shape[-2:]), dtype=torch.float32)
+        # The scaling writes each head's rows contiguous: no separate copy.
+        torch.mul(elements, block_scale, out=out.permute(0, 2, 1, 3, 4))
+        return out.flatten(-2)[..., :head_dim]
+    if fmt:
         pages = dequantize_fp8_ref(pages, scale, fmt)
     # One copy that both converts to float32 and makes each head's rows contiguous.
     out = torch.empty((plan.num_seqs, cache.shape[2], plan.max_len, head_dim), dtype=torch.float32)
