@@ -317,3 +317,19 @@ def test_causal_pairs_of_known_steps():
     assert _causal_pairs_by_brute_force(StepShape.of([(1, 10)])) == 10
     assert _causal_pairs_by_brute_force(StepShape.of([(4, 4)])) == 4 + 3 + 2 + 1
     assert _causal_pairs_by_brute_force(StepShape.of([(2, 6), (1, 3)])) == 5 + 6 + 3
+
+
+@pytest.mark.parametrize("profile", ["maia100", "h100-sxm"])
+@pytest.mark.parametrize("pp", [2, 3])  # 32 layers: 16 + 16, and vLLM's uneven 11 + 11 + 10
+@pytest.mark.parametrize("step", [[(1, 900)] * 16, [(300, 700), (1, 40)], [(1, 100)] * 1024],
+                         ids=["decode", "mixed", "compute-bound-head"])  # 1024 rows: the LM head is compute bound
+def test_pipeline_stages_split_one_chips_work_without_adding_or_losing_any(llama8b, profile, pp, step):
+    """Stages run their share of the layers, the first the embedding and the last the head: summed over
+    the stages, compute, memory and the tensor-parallel collectives are one stage's, only the sends are new."""
+    whole, split = (CostModel(load_profile(profile), llama8b, Parallel(tp=2, pp=p)).cost_of(*zip(*step))
+                    for p in (1, pp))
+    assert len(split.stages) == pp and len(split.hops) == pp - 1
+    assert split.compute_s == pytest.approx(whole.compute_s, rel=1e-12)
+    assert split.memory_s == pytest.approx(whole.memory_s, rel=1e-12)
+    assert split.comm_s - sum(split.hops) == pytest.approx(whole.comm_s, rel=1e-12)
+    assert (split.flops, split.bytes) == pytest.approx((whole.flops, whole.bytes), rel=1e-12)
