@@ -141,6 +141,24 @@ def dequantize_fp8_ref(
     return codes.view(f.torch_dtype).float() * _head_broadcast(scale, codes)
 
 
+def check_token_rows(key: torch.Tensor, value: torch.Tensor) -> None:
+    """The new tokens' K and V, as every cache write takes them (FP8 and block-scaled alike)."""
+    if key.dim() != 3 or key.shape != value.shape:
+        raise ValueError(
+            "key and value must both be [num_tokens, num_kv_heads, head_dim], got "
+            f"{tuple(key.shape)} and {tuple(value.shape)}"
+        )
+
+
+def check_slot_mapping(slot_mapping: torch.Tensor, num_tokens: int) -> None:
+    """One cache slot per new token, as every cache write takes them."""
+    if slot_mapping.shape != (num_tokens,) or slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"slot_mapping must be int32/int64 of shape [num_tokens={num_tokens}], got "
+            f"{slot_mapping.dtype} {tuple(slot_mapping.shape)}"
+        )
+
+
 def check_reshape_and_cache_args(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -151,11 +169,7 @@ def check_reshape_and_cache_args(
 ) -> Fp8Format | None:
     """Shape and dtype checks shared by the reference and the kernel wrapper."""
     fmt = check_cache_dtype(kv_cache_dtype, key_cache, value_cache)
-    if key.dim() != 3 or key.shape != value.shape:
-        raise ValueError(
-            "key and value must both be [num_tokens, num_kv_heads, head_dim], got "
-            f"{tuple(key.shape)} and {tuple(value.shape)}"
-        )
+    check_token_rows(key, value)
     if key_cache.dim() != 4 or key_cache.shape != value_cache.shape:
         raise ValueError(
             "key_cache and value_cache must both be [num_blocks, block_size, num_kv_heads, "
@@ -166,14 +180,7 @@ def check_reshape_and_cache_args(
             f"key heads/head_dim {tuple(key.shape[1:])} do not match the cache's "
             f"{tuple(key_cache.shape[2:])}"
         )
-    if slot_mapping.shape != (key.shape[0],) or slot_mapping.dtype not in (
-        torch.int32,
-        torch.int64,
-    ):
-        raise ValueError(
-            f"slot_mapping must be int32/int64 of shape [num_tokens={key.shape[0]}], got "
-            f"{slot_mapping.dtype} {tuple(slot_mapping.shape)}"
-        )
+    check_slot_mapping(slot_mapping, key.shape[0])
     return fmt
 
 

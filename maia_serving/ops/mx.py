@@ -43,7 +43,13 @@ from dataclasses import dataclass
 import torch
 
 from maia_serving.emulator import precision
-from maia_serving.ops.fp8 import check_paged_attention_args, paged_attention_ref, scale_tensor
+from maia_serving.ops.fp8 import (
+    check_paged_attention_args,
+    check_slot_mapping,
+    check_token_rows,
+    paged_attention_ref,
+    scale_tensor,
+)
 
 
 @dataclass(frozen=True)
@@ -299,11 +305,7 @@ def check_reshape_and_cache_mx_args(
     The caches are uint8 ``[num_blocks, block_size, num_kv_heads, head_bytes(fmt, head_dim)]``.
     """
     fmt = get_mx_format(kv_cache_dtype)
-    if key.dim() != 3 or key.shape != value.shape:
-        raise ValueError(
-            "key and value must both be [num_tokens, num_kv_heads, head_dim], got "
-            f"{tuple(key.shape)} and {tuple(value.shape)}"
-        )
+    check_token_rows(key, value)
     num_tokens, num_kv_heads, head_dim = key.shape
     expected = (num_kv_heads, head_bytes(fmt, head_dim))
     for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
@@ -314,11 +316,7 @@ def check_reshape_and_cache_mx_args(
             )
     if key_cache.shape != value_cache.shape:
         raise ValueError(f"key_cache and value_cache differ: {tuple(key_cache.shape)} and {tuple(value_cache.shape)}")
-    if slot_mapping.shape != (num_tokens,) or slot_mapping.dtype not in (torch.int32, torch.int64):
-        raise ValueError(
-            f"slot_mapping must be int32/int64 of shape [num_tokens={num_tokens}], got "
-            f"{slot_mapping.dtype} {tuple(slot_mapping.shape)}"
-        )
+    check_slot_mapping(slot_mapping, num_tokens)
     return fmt
 
 
