@@ -50,6 +50,12 @@ class Case:
     k_scale: torch.Tensor | float | None
     v_scale: torch.Tensor | float | None
 
+    def args(self, scale: float, kv_cache_dtype: str, scales: bool = True) -> tuple:
+        """The positional arguments paged_attention and its reference share, up to the scales."""
+        head = (self.query, self.key_cache, self.value_cache, self.block_tables, self.seq_lens,
+                self.query_start_loc, scale, kv_cache_dtype)
+        return (*head, self.k_scale, self.v_scale) if scales else head
+
 
 def _make_case(
     batch, num_heads, head_dim, block_size, kv_cache_dtype, q_dtype, seed, device
@@ -137,19 +143,7 @@ def _dense_attention(case: Case, scale: float, causal: bool) -> torch.Tensor:
 
 
 def _run_both(case: Case, scale: float, kv_cache_dtype: str, causal: bool = True):
-    args = (
-        case.query,
-        case.key_cache,
-        case.value_cache,
-        case.block_tables,
-        case.seq_lens,
-        case.query_start_loc,
-        scale,
-        kv_cache_dtype,
-        case.k_scale,
-        case.v_scale,
-        causal,
-    )
+    args = (*case.args(scale, kv_cache_dtype), causal)
     return paged_attention(*args), paged_attention_ref(*args)
 
 
@@ -228,33 +222,9 @@ def test_out_and_max_query_len(device):
         BATCHES["mixed"], 4, 64, 16, "fp8_e4m3", torch.bfloat16, seed=3, device=device
     )
     out = torch.full_like(case.query, float("nan"))
-    result = paged_attention(
-        case.query,
-        case.key_cache,
-        case.value_cache,
-        case.block_tables,
-        case.seq_lens,
-        case.query_start_loc,
-        0.125,
-        "fp8_e4m3",
-        case.k_scale,
-        case.v_scale,
-        max_query_len=20,
-        out=out,
-    )
+    result = paged_attention(*case.args(0.125, "fp8_e4m3"), max_query_len=20, out=out)
     assert result is out
-    ref = paged_attention_ref(
-        case.query,
-        case.key_cache,
-        case.value_cache,
-        case.block_tables,
-        case.seq_lens,
-        case.query_start_loc,
-        0.125,
-        "fp8_e4m3",
-        case.k_scale,
-        case.v_scale,
-    )
+    ref = paged_attention_ref(*case.args(0.125, "fp8_e4m3"))
     torch.testing.assert_close(out, ref, **TOLERANCES[torch.bfloat16])
 
 
@@ -262,16 +232,7 @@ def test_bad_arguments_raise_clear_errors(device):
     case = _make_case(
         BATCHES["decode"], 4, 64, 16, "bf16", torch.bfloat16, seed=0, device=device
     )
-    args = [
-        case.query,
-        case.key_cache,
-        case.value_cache,
-        case.block_tables,
-        case.seq_lens,
-        case.query_start_loc,
-        0.125,
-        "bf16",
-    ]
+    args = case.args(0.125, "bf16", scales=False)
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         paged_attention(case.query[:, :3], *args[1:])
     with pytest.raises(ValueError, match="torch.uint8"):
@@ -290,18 +251,7 @@ def test_sliding_window_matches_reference(batch, window, device):
     case = _make_case(
         BATCHES[batch], 4, 64, 16, "fp8_e4m3", torch.bfloat16, seed=window, device=device
     )
-    args = (
-        case.query,
-        case.key_cache,
-        case.value_cache,
-        case.block_tables,
-        case.seq_lens,
-        case.query_start_loc,
-        0.125,
-        "fp8_e4m3",
-        case.k_scale,
-        case.v_scale,
-    )
+    args = case.args(0.125, "fp8_e4m3")
     out = paged_attention(*args, sliding_window=window)
     ref = paged_attention_ref(*args, sliding_window=window)
     torch.testing.assert_close(out, ref, **TOLERANCES[torch.bfloat16])
@@ -313,16 +263,7 @@ def test_sliding_window_argument_errors(device):
     case = _make_case(
         BATCHES["decode"], 4, 64, 16, "bf16", torch.bfloat16, seed=0, device=device
     )
-    args = (
-        case.query,
-        case.key_cache,
-        case.value_cache,
-        case.block_tables,
-        case.seq_lens,
-        case.query_start_loc,
-        0.125,
-        "bf16",
-    )
+    args = case.args(0.125, "bf16", scales=False)
     with pytest.raises(ValueError, match="positive int"):
         paged_attention(*args, sliding_window=0)
     with pytest.raises(ValueError, match="needs causal"):
@@ -335,16 +276,7 @@ def test_sliding_window_never_reads_pages_before_the_window(device):
     case = _make_case(
         [(64, 1)], 4, 64, 16, "bf16", torch.bfloat16, seed=5, device=device
     )
-    args = [
-        case.query,
-        case.key_cache,
-        case.value_cache,
-        case.block_tables,
-        case.seq_lens,
-        case.query_start_loc,
-        0.125,
-        "bf16",
-    ]
+    args = case.args(0.125, "bf16", scales=False)
     ref = paged_attention_ref(*args, sliding_window=16)
     stale = case.block_tables[0, :3].long()
     for cache in (case.key_cache, case.value_cache):
