@@ -98,6 +98,15 @@ def _stats_addr(value: str) -> str:
     return value
 
 
+def _block_scaled_kv(value: str) -> str:
+    """A block-scaled KV format of the dtype vocabulary, or "" (imported only when one is set)."""
+    if not value:
+        return ""
+    from maia_serving.emulator.precision import BLOCK_SCALED_KV_FORMATS
+
+    return _choice(*BLOCK_SCALED_KV_FORMATS)(value)
+
+
 def _text(value: str) -> str:
     return value
 
@@ -108,6 +117,7 @@ MAIA_SERVING_MODEL = "MAIA_SERVING_MODEL"
 MAIA_SERVING_LOG_INTERVAL_S = "MAIA_SERVING_LOG_INTERVAL_S"
 MAIA_SERVING_ATTENTION = "MAIA_SERVING_ATTENTION"
 MAIA_SERVING_KV_SCALES = "MAIA_SERVING_KV_SCALES"
+MAIA_SERVING_KV_CACHE_DTYPE = "MAIA_SERVING_KV_CACHE_DTYPE"
 MAIA_SERVING_KERNELS = "MAIA_SERVING_KERNELS"
 MAIA_SERVING_HOST_KV_GIB = "MAIA_SERVING_HOST_KV_GIB"
 VLLM_CPU_KVCACHE_SPACE = "VLLM_CPU_KVCACHE_SPACE"
@@ -136,6 +146,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "(BF16 only, emulated figures only)", engines="vllm"),
     Setting(MAIA_SERVING_KV_SCALES, "per_tensor", _choice("per_tensor", "per_head"), "per_tensor or per_head",
             "FP8 KV scales: the checkpoint's per-tensor ones, or the per-head sidecar of `calibrate-kv`"),
+    Setting(MAIA_SERVING_KV_CACHE_DTYPE, "", _block_scaled_kv, "mxfp8, mxfp6, mxfp6_e2m3, mxfp4 or nvfp4; or unset",
+            "a block-scaled KV cache (OCP MX or NVFP4), which the engines' --kv-cache-dtype cannot name: "
+            "`vllm serve --device maia --kv-cache-dtype mxfp4` and `maia-serving launch-sglang` set it; offline "
+            "LLM(...) and sglang.Engine read it (their own kv cache dtype stays auto)"),
     Setting(MAIA_SERVING_KERNELS, "auto", _choice("auto", "triton", "torch"), "auto, triton or torch",
             "KV ops: Triton kernels where a Triton device is, the torch path on a host (auto)"),
     Setting(MAIA_SERVING_HOST_KV_GIB, "1", _number(0, _MAX_HOST_KV_GIB), "GiB, > 0",

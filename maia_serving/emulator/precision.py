@@ -99,13 +99,14 @@ PEAK_FALLBACK: dict[str, str | None] = {
     "mx4": "mx6",
 }
 
-# The formats the engines' adapters let ``--kv-cache-dtype`` name (check_kv_cache_dtype's default): what
-# both attention backends store today. The block-scaled ones join when both serve them (issue 10).
-SERVED_KV_CACHE_FORMATS = ("bf16", "fp16", "fp32", "fp8_e4m3", "fp8_e5m2")
+# The formats the engines' own cache dtype holds (check_kv_cache_dtype's default), one dtype per element.
+# Both backends serve the block-scaled ones too, with the engine's dtype left at auto: MAIA_SERVING_KV_CACHE_DTYPE
+# names them (vLLM's --kv-cache-dtype on --device maia and SGLang's mxfp8/nvfp4 set it).
+ENGINE_KV_CACHE_FORMATS = ("bf16", "fp16", "fp32", "fp8_e4m3", "fp8_e5m2")
 # Block-scaled KV formats: a K or V head row cut into blocks along head_dim (maia_serving.ops.mx stores them).
 BLOCK_SCALED_KV_FORMATS = ("mxfp8", "mxfp6", "mxfp6_e2m3", "mxfp4", "nvfp4")
 # The formats the emulator prices a KV cache in: memory.ServingConfig, fit, simulate, the cost model.
-KV_CACHE_FORMATS = SERVED_KV_CACHE_FORMATS + BLOCK_SCALED_KV_FORMATS
+KV_CACHE_FORMATS = ENGINE_KV_CACHE_FORMATS + BLOCK_SCALED_KV_FORMATS
 
 _BY_NAME: dict[str, DType] = {spelling: d for d in DTYPES for spelling in (d.name, *d.aliases)}
 
@@ -124,13 +125,13 @@ def dtype(name: str | DType) -> DType:
     return _BY_NAME[key]
 
 
-def kv_cache_spellings(formats: tuple[str, ...] = SERVED_KV_CACHE_FORMATS) -> tuple[str, ...]:
+def kv_cache_spellings(formats: tuple[str, ...] = ENGINE_KV_CACHE_FORMATS) -> tuple[str, ...]:
     """Every ``--kv-cache-dtype`` value naming one of ``formats``: "auto" (the model's dtype) and each
     spelling of them. The default is what the engines serve; the emulator takes ``KV_CACHE_FORMATS``."""
     return ("auto", *(s for s, d in _BY_NAME.items() if d.name in formats))
 
 
-def check_kv_cache_dtype(name: str, formats: tuple[str, ...] = SERVED_KV_CACHE_FORMATS) -> str:
+def check_kv_cache_dtype(name: str, formats: tuple[str, ...] = ENGINE_KV_CACHE_FORMATS) -> str:
     """``name`` itself if it names one of ``formats`` (default: the engines' KV formats); a clear error
     listing the allowed spellings otherwise."""
     allowed = kv_cache_spellings(formats)

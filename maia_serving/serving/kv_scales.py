@@ -175,3 +175,31 @@ def per_head_scales(model_dir: str, num_layers: int, total_kv_heads: int, layer:
                          f"needs heads {first}..{first + num_kv_heads - 1}")
     return (torch.tensor(k[first:first + num_kv_heads], dtype=torch.float32),
             torch.tensor(v[first:first + num_kv_heads], dtype=torch.float32))
+
+
+def check_nvfp4_scales(model_dir: str, hf_config: dict) -> None:
+    """An NVFP4 cache's tensor scales come from the calibrated sidecar: it must exist and match the model."""
+    if not (Path(model_dir) / SIDECAR).exists():
+        raise ScalesFileError(f"an nvfp4 KV cache needs calibrated tensor scales, and {model_dir} has no {SIDECAR}; "
+                              f"run `{calibrate_command(model_dir)}` and serve the output directory")
+    load_sidecar(model_dir, *model_dims(hf_config))
+
+
+def nvfp4_tensor_scales(model_dir: str, num_layers: int, total_kv_heads: int, layer: int, num_kv_heads: int,
+                        tp_rank: int, tp_size: int):
+    """NVFP4's tensor scales for this rank's heads of ``layer``: ``t = amax / (6 x 448)`` from the
+    sidecar's calibrated absmax, so the largest block's E4M3 scale is E4M3's largest (E2M1's 6
+    times it covers amax). One per KV head with MAIA_SERVING_KV_SCALES=per_head, else the
+    layer's largest, as a per-tensor FP8 scale is."""
+    from maia_serving.ops.fp8 import get_fp8_format
+    from maia_serving.ops.mx import MX_FORMATS
+
+    path = Path(model_dir) / SIDECAR
+    calibrated = get_fp8_format(str(_read_json(path, "the per-head scales file").get("format", "e4m3")))
+    nvfp4 = MX_FORMATS["nvfp4"]
+    to_tensor_scale = calibrated.max_value / (nvfp4.element.max_value * get_fp8_format("e4m3").max_value)
+    scales = [s * to_tensor_scale for s in
+              per_head_scales(model_dir, num_layers, total_kv_heads, layer, num_kv_heads, tp_rank, tp_size)]
+    if scale_mode() == "per_head":
+        return scales[0], scales[1]
+    return float(scales[0].max()), float(scales[1].max())

@@ -8,7 +8,8 @@ backend is a view plus a call: the same kernels and torch references as the vLLM
 backend, with no second copy of the numerics. Extend (prefill, chunked prefill, prefix
 hits) and decode differ only in how many query rows each request has. A layer with
 SGLang's ``sliding_window_size`` S (exclusive: S keys before the query's own) sees the
-last S + 1 keys, the ops' window.
+last S + 1 keys, the ops' window. A block-scaled cache (MAIA_SERVING_KV_CACHE_DTYPE) lives in
+``kv_pool.BlockScaledKVPool``: uint8 rows of ``ops.mx.head_bytes`` per head.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache.base_swa_memory_pool import BaseSWAKVPool
 
-from maia_serving import ops
+from maia_serving import envs, ops
 from maia_serving.ops.host import PagedPlan, plan_paged_attention
+from maia_serving.ops.mx import MX_FORMATS
 from maia_serving.serving import kv_scales
 
 logger = logging.getLogger(__name__)
@@ -91,8 +93,11 @@ class MaiaAttnBackend(AttentionBackend):
             raise NotImplementedError("the maia attention backend reads one KV pool, not SGLang's hybrid "
                                       "full/sliding-window pools; serve this model with --disable-hybrid-swa-memory")
         self.page_size = model_runner.page_size
-        self.kv_cache_dtype = kv_cache_dtype_name(model_runner.kv_cache_dtype)
-        self.fp8 = self.kv_cache_dtype != "auto"
+        block_scaled = envs.get(envs.MAIA_SERVING_KV_CACHE_DTYPE)
+        self.kv_cache_dtype = block_scaled or kv_cache_dtype_name(model_runner.kv_cache_dtype)
+        self.fp8 = self.kv_cache_dtype.startswith("fp8")
+        # NVFP4 keeps a tensor scale beside its E4M3 block scales; the MX formats keep none.
+        self.tensor_scaled = bool(block_scaled) and MX_FORMATS[block_scaled].scale == "e4m3"
         self.model_dir = model_runner.model_config.model_path
         # (layers, KV heads) of the whole model: the sidecar is checked against them.
         hf_config = model_runner.model_config.hf_config.to_dict()
@@ -182,24 +187,25 @@ class MaiaAttnBackend(AttentionBackend):
             caches.append(buf.view(-1, self.page_size, *buf.shape[1:]))
         return caches[0], caches[1]
 
-    def _layer_scales(self, layer) -> tuple[torch.Tensor | float, torch.Tensor | float]:
-        """Per-head scales from the sidecar when asked for, else the layer's per-tensor ones."""
-        if not self.fp8:
-            return 1.0, 1.0
+    def _layer_scales(self, layer) -> tuple[torch.Tensor | float | None, torch.Tensor | float | None]:
+        """Per-head scales from the sidecar when asked for, else the layer's per-tensor ones; NVFP4's
+        tensor scales from the sidecar; none for the MX formats."""
+        if not (self.fp8 or self.tensor_scaled):
+            return (None, None) if self.kv_cache_dtype in MX_FORMATS else (1.0, 1.0)
         cached = self._scales.get(layer.layer_id)
         if cached is not None:
             return cached
         mode = kv_scales.scale_mode()
-        if mode == "per_head":
+        if self.tensor_scaled or mode == "per_head":
             from sglang.srt.distributed.parallel_state import (
                 get_tensor_model_parallel_rank,
                 get_tensor_model_parallel_world_size,
             )
 
-            k, v = kv_scales.per_head_scales(self.model_dir, *self.model_dims, layer.layer_id, layer.tp_k_head_num,
-                                             get_tensor_model_parallel_rank(),
-                                             get_tensor_model_parallel_world_size())
-            scales = (k.to(self.device), v.to(self.device))
+            read = kv_scales.nvfp4_tensor_scales if self.tensor_scaled else kv_scales.per_head_scales
+            k, v = read(self.model_dir, *self.model_dims, layer.layer_id, layer.tp_k_head_num,
+                        get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size())
+            scales = (k.to(self.device), v.to(self.device)) if isinstance(k, torch.Tensor) else (k, v)
         else:
             k, v = layer_scale(layer, "k"), layer_scale(layer, "v")
             if k is None or v is None:

@@ -24,7 +24,10 @@ DEFAULT_MEMORY_FRACTION = 0.92
 
 
 def kv_cache_dtype(server_args) -> str:
-    """SGLang's --kv-cache-dtype, checked against the emulator's vocabulary ("auto", "bf16", "fp8_e4m3", ...)."""
+    """The KV format served: a block-scaled one (MAIA_SERVING_KV_CACHE_DTYPE), else SGLang's
+    --kv-cache-dtype, checked against the emulator's vocabulary ("auto", "bf16", "fp8_e4m3", ...)."""
+    if block_scaled := envs.get(envs.MAIA_SERVING_KV_CACHE_DTYPE):
+        return block_scaled
     return precision.check_kv_cache_dtype(str(server_args.kv_cache_dtype or "auto"))
 
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from sglang.srt.platforms.cpu import CpuDeviceMixin
 from sglang.srt.platforms.device_mixin import PlatformEnum
@@ -37,6 +38,14 @@ class MaiaSRTPlatform(CpuDeviceMixin, SRTPlatform):
     def get_default_attention_backend(self) -> str:
         return BACKEND_NAME
 
+    def get_kv_pool_cls(self, *, kind: str) -> type | None:
+        """Packed uint8 rows for a block-scaled KV cache; SGLang's own pools otherwise."""
+        if kind != "mha" or not envs.get(envs.MAIA_SERVING_KV_CACHE_DTYPE):
+            return None
+        from maia_serving.sglang.kv_pool import BlockScaledKVPool
+
+        return BlockScaledKVPool
+
     def apply_server_args_defaults(self, server_args) -> None:
         """Host tensors, our attention backend, and a KV pool sized by the emulated HBM."""
         # In the launcher, before any engine process: bad settings and missing engine
@@ -61,6 +70,7 @@ class MaiaSRTPlatform(CpuDeviceMixin, SRTPlatform):
         # from every other engine process (seen: 80-90% of a core per idle server).
         server_args.sleep_on_idle = True
         server_args.cuda_graph_config = _no_graphs(server_args.cuda_graph_config)
+        _apply_block_scaled_kv(server_args)
         _validate_kv_scales(server_args)
         _size_kv_pool(server_args)
 
@@ -73,6 +83,31 @@ def _no_graphs(config):
     return with_phase(config, Phase.PREFILL, backend=Backend.DISABLED)
 
 
+def _apply_block_scaled_kv(server_args) -> None:
+    """A block-scaled KV cache: SGLang's own ``--kv-cache-dtype mxfp8`` / ``nvfp4`` (meant for its GPU
+    kernels) or MAIA_SERVING_KV_CACHE_DTYPE for any of them; SGLang's dtype stays auto and the
+    variable, inherited by the scheduler processes, tells the pool and the backend."""
+    from maia_serving.emulator.precision import BLOCK_SCALED_KV_FORMATS
+
+    requested = str(server_args.kv_cache_dtype or "auto")
+    fmt = envs.get(envs.MAIA_SERVING_KV_CACHE_DTYPE)
+    if requested in BLOCK_SCALED_KV_FORMATS:
+        if fmt and fmt != requested:
+            raise ValueError(f"--kv-cache-dtype {requested} but {envs.MAIA_SERVING_KV_CACHE_DTYPE}={fmt}: give one")
+        fmt = requested
+        os.environ[envs.MAIA_SERVING_KV_CACHE_DTYPE] = fmt
+        server_args.kv_cache_dtype = "auto"
+    elif fmt and requested != "auto":
+        raise ValueError(f"{envs.MAIA_SERVING_KV_CACHE_DTYPE}={fmt} and --kv-cache-dtype {requested} both name a "
+                         "KV cache format: give one")
+    if fmt and server_args.attention_backend != BACKEND_NAME:
+        raise ValueError(f"a {fmt} KV cache needs the maia attention backend, not --attention-backend "
+                         f"{server_args.attention_backend}")
+    if fmt:
+        logger.info("Maia KV cache: %s (%s), stored as packed bytes; SGLang's kv cache dtype stays auto.", fmt,
+                    envs.MAIA_SERVING_KV_CACHE_DTYPE)
+
+
 def _validate_kv_scales(server_args) -> None:
     """FP8 without calibrated scales runs, but never quietly; a scales file must exist, parse and
     cover every layer, or the server stops (SGLang itself would log and serve with 1.0)."""
@@ -80,9 +115,11 @@ def _validate_kv_scales(server_args) -> None:
     from maia_serving.sglang.device import hf_config, kv_cache_dtype
 
     cache_dtype = kv_cache_dtype(server_args)
+    model = server_args.model_path
+    if cache_dtype == "nvfp4":
+        kv_scales.check_nvfp4_scales(model, hf_config(model))
     if not cache_dtype.startswith("fp8"):
         return
-    model = server_args.model_path
     config = hf_config(model)
     path = server_args.quantization_param_path if kv_scales.scale_mode() != "per_head" else None
     if path:

@@ -1,4 +1,4 @@
-"""MaiaAttentionBackend: vLLM attention over a paged KV cache in BF16 or FP8.
+"""MaiaAttentionBackend: vLLM attention over a paged KV cache in BF16, FP8 or a block-scaled format.
 
 Writes each step's keys and values into the cache (quantizing for FP8), then
 attends every query over the cache it just wrote, so prefill, decode, chunked
@@ -10,12 +10,15 @@ their torch references on a host (``MAIA_SERVING_KERNELS`` forces either).
 
 Cache page layout (per layer, vLLM's logical ``[blocks, kv_heads, block_size, 2 *
 head_size]``): the content axis holds a token's key then its value, so the key and
-value caches are equal-strided views ``[blocks, block_size, kv_heads, head_size]``.
+value caches are equal-strided views ``[blocks, block_size, kv_heads, head_size]``. A block-scaled
+cache (MXFP8/6/4, NVFP4: MAIA_SERVING_KV_CACHE_DTYPE, recorded by the platform) stores uint8 rows of
+``ops.mx.head_bytes`` per head in the same layout: ``customize_spec`` tells vLLM the packed page
+size, so its block count, and the emulator's, count the scales and no more.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -32,14 +35,16 @@ from vllm.v1.attention.backend import (
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
-from maia_serving import ops
+from maia_serving import envs, ops
 from maia_serving.emulator import precision
 from maia_serving.ops.host import PagedPlan, plan_paged_attention
+from maia_serving.ops.mx import MX_FORMATS, head_bytes
 from maia_serving.serving import kv_scales as scales
 
 logger = init_logger("vllm.maia_serving")
 
-# The KV cache formats MAIA_ATTN stores: BF16 or FP8 (every spelling of them in precision.py's vocabulary).
+# vLLM's own cache dtypes MAIA_ATTN stores: BF16 or FP8 (every spelling in precision.py's vocabulary); the
+# block-scaled formats come through MAIA_SERVING_KV_CACHE_DTYPE and customize_spec.
 KV_CACHE_FORMATS = ("bf16", "fp8_e4m3", "fp8_e5m2")
 
 
@@ -54,6 +59,16 @@ class MaiaAttentionBackend(AttentionBackend):
     @staticmethod
     def get_name() -> str:
         return "MAIA_ATTN"
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        """A block-scaled cache's page: uint8, ``head_bytes`` for K and for V per head and token."""
+        fmt = envs.get(envs.MAIA_SERVING_KV_CACHE_DTYPE)
+        if not fmt or spec.state_content_bytes is not None:
+            return spec
+        if spec.head_size_v != spec.head_size:
+            raise NotImplementedError(f"a {fmt} KV cache on --device maia needs equal K and V head sizes")
+        return replace(spec, dtype=torch.uint8, state_content_bytes=2 * head_bytes(fmt, spec.head_size))
 
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
@@ -125,10 +140,11 @@ class MaiaMetadataBuilder(AttentionMetadataBuilder[MaiaAttentionMetadata]):
         )
 
 
-def split_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key and value views ``[blocks, block_size, kv_heads, head_size]`` of one layer's pages."""
-    pages = kv_cache.transpose(1, 2)  # [blocks, block_size, kv_heads, 2 * head_size]
-    return pages[..., :head_size], pages[..., head_size:]
+def split_kv_cache(kv_cache: torch.Tensor, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key and value views ``[blocks, block_size, kv_heads, row]`` of one layer's pages (``row``:
+    head_size elements, or a block-scaled format's head_bytes)."""
+    pages = kv_cache.transpose(1, 2)  # [blocks, block_size, kv_heads, 2 * row]
+    return pages[..., :row], pages[..., row:]
 
 
 class MaiaAttentionImpl(AttentionImpl):
@@ -152,10 +168,15 @@ class MaiaAttentionImpl(AttentionImpl):
         self.scale = float(scale)
         self.num_kv_heads = num_kv_heads
         self.sliding_window = sliding_window
-        self.kv_cache_dtype = kv_cache_dtype
-        self.kv_sharing_target_layer_name = None
-        self.fp8 = ops.resolve_kv_cache_dtype(kv_cache_dtype) is not None
         config = get_current_vllm_config()
+        # The block-scaled format the platform recorded (vLLM's own kv_cache_dtype is then auto).
+        self.kv_cache_dtype = config.additional_config.get("maia_kv_cache_dtype") or kv_cache_dtype
+        self.kv_sharing_target_layer_name = None
+        block_scaled = MX_FORMATS.get(self.kv_cache_dtype)
+        self.fp8 = block_scaled is None and ops.resolve_kv_cache_dtype(kv_cache_dtype) is not None
+        # NVFP4 keeps a tensor scale beside its E4M3 block scales; the MX formats keep none.
+        self.tensor_scaled = block_scaled is not None and block_scaled.scale == "e4m3"
+        self.row = head_bytes(block_scaled, head_size) if block_scaled else head_size
         self.model_dir = config.model_config.model if config.model_config else ""
         # (layers, KV heads) of the whole model: the sidecar is checked against them.
         self.model_dims = scales.model_dims(config.model_config.hf_config.to_dict()) if config.model_config else (0, 0)
@@ -163,18 +184,20 @@ class MaiaAttentionImpl(AttentionImpl):
         self._head_scales: tuple[torch.Tensor, torch.Tensor] | None = None
         self._logged = False
 
-    def _scales(self, layer) -> tuple[torch.Tensor | float, torch.Tensor | float]:
-        """Per-head scales from the sidecar when asked for, else the layer's per-tensor ones."""
-        if not self.fp8:
-            return 1.0, 1.0
-        if scales.scale_mode() == "per_head":
+    def _scales(self, layer) -> tuple[torch.Tensor | float | None, torch.Tensor | float | None]:
+        """Per-head scales from the sidecar when asked for, else the layer's per-tensor ones; NVFP4's
+        tensor scales from the sidecar; none for the MX formats."""
+        if not (self.fp8 or self.tensor_scaled):
+            return (None, None) if self.kv_cache_dtype in MX_FORMATS else (1.0, 1.0)
+        if self.tensor_scaled or scales.scale_mode() == "per_head":
             if self._head_scales is None:
                 from vllm.distributed import get_tensor_model_parallel_rank
 
-                self._head_scales = scales.per_head_scales(
-                    self.model_dir, *self.model_dims, scales.layer_index(layer.layer_name), self.num_kv_heads,
-                    get_tensor_model_parallel_rank(), self.tp_size)
-            k, v, mode = *self._head_scales, "per_head"
+                read = scales.nvfp4_tensor_scales if self.tensor_scaled else scales.per_head_scales
+                self._head_scales = read(self.model_dir, *self.model_dims, scales.layer_index(layer.layer_name),
+                                         self.num_kv_heads, get_tensor_model_parallel_rank(), self.tp_size)
+            k, v = self._head_scales
+            mode = scales.scale_mode()
         else:
             k, v, mode = layer._k_scale, layer._v_scale, "per_tensor"
         if not self._logged:
@@ -194,7 +217,7 @@ class MaiaAttentionImpl(AttentionImpl):
         if attn_metadata is None:  # profiling run
             return output
         n = attn_metadata.num_actual_tokens
-        key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
+        key_cache, value_cache = split_kv_cache(kv_cache, self.row)
         k_scale, v_scale = self._scales(layer)
         ops.reshape_and_cache(key[:n], value[:n], key_cache, value_cache, attn_metadata.slot_mapping,
                               self.kv_cache_dtype, k_scale, v_scale)

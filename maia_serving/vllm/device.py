@@ -17,7 +17,11 @@ if TYPE_CHECKING:
 
 
 def kv_cache_dtype(vllm_config: VllmConfig) -> str:
-    """vLLM's cache dtype, checked against the emulator's vocabulary ("auto", "fp8", ...)."""
+    """The KV format served: a block-scaled one the platform recorded, else vLLM's cache dtype,
+    checked against the emulator's vocabulary ("auto", "fp8", ...)."""
+    block_scaled = vllm_config.additional_config.get("maia_kv_cache_dtype")
+    if block_scaled:
+        return precision.check_kv_cache_dtype(block_scaled, precision.BLOCK_SCALED_KV_FORMATS)
     return precision.check_kv_cache_dtype(str(vllm_config.cache_config.cache_dtype))
 
 

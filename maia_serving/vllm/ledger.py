@@ -41,6 +41,9 @@ SURFACES: tuple[Surface, ...] = (
             "sizes the KV cache from the emulated HBM and sets the scheduler", "never: a platform hook"),
     Surface("vllm.platforms.interface.Platform.pre_register_and_update", "extension point",
             "gives `vllm serve` back its --device flag (vLLM 0.32 dropped it)", "vLLM has --device again"),
+    Surface("vllm.engine.arg_utils.EngineArgs.add_cli_args", "patch",
+            "its --kv-cache-dtype store action is swapped for one that also takes the block-scaled formats (MX, "
+            "NVFP4) and hands them to MAIA_SERVING_KV_CACHE_DTYPE", "vLLM lets a platform add KV cache dtypes"),
     Surface("vllm.config.CacheConfig#kv_cache_memory_bytes", "private attribute",
             "the KV cache size the platform sets", "vLLM lets a platform size the KV cache"),
     # Attention backend (maia_serving.vllm.attention)
@@ -48,6 +51,11 @@ SURFACES: tuple[Surface, ...] = (
             "registers MAIA_ATTN by name in every process that builds the model", "never: the registry is the API"),
     Surface("vllm.v1.attention.backends.registry.AttentionBackendEnum", "extension point",
             "checked so MAIA_ATTN is registered once", "never: the registry is the API"),
+    Surface("vllm.v1.attention.backend.AttentionBackend.customize_spec", "extension point",
+            "a block-scaled cache's page: uint8 rows of head_bytes, so vLLM counts blocks at the format's size",
+            "never: the backend's hook for packed pages"),
+    Surface("vllm.v1.kv_cache_interface.AttentionSpec#state_content_bytes", "private attribute",
+            "the packed bytes per head and token that customize_spec sets", "never: the packed-page field"),
     Surface("vllm.model_executor.layers.attention.attention#_k_scale", "private attribute",
             "the layer's calibrated K scale (and _v_scale)", "vLLM passes the scales to forward()"),
     Surface("vllm.model_executor.layers.attention.attention.Attention#layer_name", "private attribute",

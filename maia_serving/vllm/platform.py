@@ -6,12 +6,15 @@ custom ops) runs unchanged on the host; ``device_name`` is "maia".
 
 from __future__ import annotations
 
+import argparse
+import os
 from typing import TYPE_CHECKING
 
 from vllm.logger import init_logger
 from vllm.platforms.cpu import CpuPlatform
 
 from maia_serving import envs
+from maia_serving.emulator.precision import BLOCK_SCALED_KV_FORMATS
 from maia_serving.vllm import ledger
 
 if TYPE_CHECKING:
@@ -50,8 +53,12 @@ class MaiaPlatform(CpuPlatform):
 
     @classmethod
     def pre_register_and_update(cls, parser=None) -> None:
-        """Give `vllm serve` back its ``--device`` flag (vLLM 0.32 dropped it)."""
-        if parser is None or any("--device" in a.option_strings for a in parser._actions):
+        """Give `vllm serve` back its ``--device`` flag (vLLM 0.32 dropped it), and let
+        ``--kv-cache-dtype`` name the block-scaled formats."""
+        if parser is None:
+            return
+        _accept_block_scaled_kv(parser)
+        if any("--device" in a.option_strings for a in parser._actions):
             return
         parser.add_argument(
             "--device",
@@ -71,10 +78,61 @@ class MaiaPlatform(CpuPlatform):
         super().check_and_update_config(vllm_config)
         if vllm_config.model_config is None:
             return
+        _apply_block_scaled_kv(vllm_config)
         _apply_profile(vllm_config)
         _validate_kv_scales(vllm_config)
         _apply_kv_cache_size(vllm_config)
         _apply_scheduler(vllm_config)
+
+
+class _KvCacheDtypeAction(argparse.Action):
+    """``--kv-cache-dtype``: vLLM's own names as before; a block-scaled one (which vLLM's config
+    cannot hold) goes to MAIA_SERVING_KV_CACHE_DTYPE, inherited by the engine processes, and
+    vLLM's cache dtype stays auto."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        if value not in BLOCK_SCALED_KV_FORMATS:
+            setattr(namespace, self.dest, value)
+            return
+        already = os.environ.get(envs.MAIA_SERVING_KV_CACHE_DTYPE, "").strip()
+        if already and already != value:
+            parser.error(f"--kv-cache-dtype {value} but {envs.MAIA_SERVING_KV_CACHE_DTYPE}={already}: give one")
+        os.environ[envs.MAIA_SERVING_KV_CACHE_DTYPE] = value
+        setattr(namespace, self.dest, "auto")
+
+
+def _accept_block_scaled_kv(parser) -> None:
+    """Swap vLLM's ``--kv-cache-dtype`` store action for ours, with the block-scaled names added."""
+    action = next((a for a in parser._actions if "--kv-cache-dtype" in a.option_strings), None)
+    if action is None or isinstance(action, _KvCacheDtypeAction):
+        return
+    ours = _KvCacheDtypeAction(action.option_strings, action.dest, default=action.default, help=action.help,
+                               choices=[*action.choices, *BLOCK_SCALED_KV_FORMATS])
+    for i, existing in enumerate(parser._actions):
+        if existing is action:
+            parser._actions[i] = ours
+    for group in parser._action_groups:
+        group._group_actions[:] = [ours if a is action else a for a in group._group_actions]
+    for option in action.option_strings:
+        parser._option_string_actions[option] = ours
+
+
+def _apply_block_scaled_kv(vllm_config: VllmConfig) -> None:
+    """A block-scaled KV cache (MAIA_SERVING_KV_CACHE_DTYPE) with vLLM's cache dtype left at auto,
+    recorded in the config so every engine process agrees."""
+    fmt = envs.get(envs.MAIA_SERVING_KV_CACHE_DTYPE)
+    if not fmt:
+        return
+    cache_dtype = str(vllm_config.cache_config.cache_dtype)
+    if cache_dtype != "auto":
+        raise ValueError(f"{envs.MAIA_SERVING_KV_CACHE_DTYPE}={fmt} and --kv-cache-dtype {cache_dtype} both name a "
+                         "KV cache format: give one")
+    if envs.get(envs.MAIA_SERVING_ATTENTION) != "maia":
+        raise ValueError(f"a {fmt} KV cache needs the maia attention backend; unset {envs.MAIA_SERVING_ATTENTION} "
+                         "or set it to maia")
+    vllm_config.additional_config["maia_kv_cache_dtype"] = fmt
+    logger.info("Maia KV cache: %s (%s), stored as packed bytes; vLLM's cache dtype stays auto.", fmt,
+                envs.MAIA_SERVING_KV_CACHE_DTYPE)
 
 
 def _apply_profile(vllm_config: VllmConfig) -> None:
@@ -87,13 +145,15 @@ def _validate_kv_scales(vllm_config: VllmConfig) -> None:
     and a sidecar that matches the model."""
     from maia_serving.serving import kv_scales
 
+    model_config = vllm_config.model_config
+    if vllm_config.additional_config.get("maia_kv_cache_dtype") == "nvfp4":
+        kv_scales.check_nvfp4_scales(model_config.model, model_config.hf_config.to_dict())
     cache_dtype = str(vllm_config.cache_config.cache_dtype)
     if not cache_dtype.startswith("fp8"):
         return
     if kv_scales.scale_mode() == "per_head" and envs.get(envs.MAIA_SERVING_ATTENTION) != "maia":
         raise ValueError(f"{envs.MAIA_SERVING_KV_SCALES}=per_head needs the maia attention backend; unset "
                          f"{envs.MAIA_SERVING_ATTENTION} or set it to maia")
-    model_config = vllm_config.model_config
     kv_scales.check_fp8_scales(cache_dtype, model_config.model, model_config.hf_config.to_dict())
 
 

@@ -38,7 +38,7 @@ def test_kv_cache_dtypes_are_the_vocabularys_kv_formats():
     spellings = precision.kv_cache_spellings()
     assert spellings[0] == "auto"
     assert {"bf16", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2"} <= set(spellings)
-    assert {precision.dtype(s).name for s in spellings[1:]} == set(precision.SERVED_KV_CACHE_FORMATS)
+    assert {precision.dtype(s).name for s in spellings[1:]} == set(precision.ENGINE_KV_CACHE_FORMATS)
     assert precision.kv_cache_dtype("auto", "bfloat16").name == "bf16"
     assert precision.kv_cache_dtype("fp8", "bfloat16").bytes_per_element == 1
     # The engines' check (the default) refuses what their attention backends do not store yet.
@@ -73,7 +73,7 @@ def test_block_scaled_kv_formats_name_their_element_block_and_scale(name, elemen
     assert (d.element, d.block_size, d.scale, d.scale_bits) == (element, block, scale, 8)
     assert d.element_bits == 1 + int(element[1]) + int(element[3])
     assert element.upper() in d.source and name in precision.BLOCK_SCALED_KV_FORMATS
-    assert name in precision.KV_CACHE_FORMATS and name not in precision.SERVED_KV_CACHE_FORMATS
+    assert name in precision.KV_CACHE_FORMATS and name not in precision.ENGINE_KV_CACHE_FORMATS
 
 
 @pytest.mark.parametrize(("name", "length", "nbytes"), [

@@ -219,3 +219,25 @@ def test_layer_index_is_read_from_the_layer_name():
     assert scales.layer_index("model.layers.17.self_attn.attn") == 17
     with pytest.raises(ValueError, match="cannot tell the layer index of attention layer 'lm_head'"):
         scales.layer_index("lm_head")
+
+
+# --- NVFP4's tensor scales: the sidecar's calibrated absmax / (6 x 448) ----------------------------
+
+def test_nvfp4_needs_the_sidecar_and_says_how_to_write_it(tmp_path):
+    with pytest.raises(scales.ScalesFileError, match="an nvfp4 KV cache needs calibrated tensor scales") as err:
+        scales.check_nvfp4_scales(str(tmp_path), {"num_hidden_layers": 2, "num_key_value_heads": 4})
+    assert "maia-serving calibrate-kv --model" in str(err.value)
+    _sidecar(tmp_path, GOOD_SIDECAR)
+    scales.check_nvfp4_scales(str(tmp_path), {"num_hidden_layers": 2, "num_key_value_heads": 4})
+
+
+@pytest.mark.parametrize("calibrated,fp8_max", [("e4m3", 448.0), ("e5m2", 57344.0)])
+def test_nvfp4_tensor_scales_cover_the_calibrated_absmax(tmp_path, monkeypatch, calibrated, fp8_max):
+    """t x 6 x 448 is the absmax the sidecar's FP8 scale was calibrated from: per head, or the layer's largest."""
+    (tmp_path / scales.SIDECAR).write_text(json.dumps({"format": calibrated, "layers": GOOD_SIDECAR}))
+    k, v = scales.nvfp4_tensor_scales(str(tmp_path), 2, 4, 1, 4, 0, 1)
+    assert k * 6 * 448 == pytest.approx(0.4 * fp8_max) and v * 6 * 448 == pytest.approx(4.0 * fp8_max)
+    monkeypatch.setenv("MAIA_SERVING_KV_SCALES", "per_head")
+    k, v = scales.nvfp4_tensor_scales(str(tmp_path), 2, 4, 1, 2, 1, 2)  # rank 1 of 2: heads 2 and 3
+    assert (k * 6 * 448).tolist() == pytest.approx([0.3 * fp8_max, 0.4 * fp8_max], rel=1e-6)
+    assert (v * 6 * 448).tolist() == pytest.approx([3.0 * fp8_max, 4.0 * fp8_max], rel=1e-6)
