@@ -1,10 +1,13 @@
 """The torch path for serving on a host: paged attention batched over sequences.
 
-Same numerics as ``paged_attention_ref`` (dequantize to float32, float32 scores and
-softmax, output in the query's dtype), but all sequences in one padded batch instead
-of a Python loop per sequence: on a CPU host the loop costs more than the model's
-GEMMs for a decode batch. Falls back to the reference when the padded score tensor
-would be large (long prefills), where the per-sequence loop is the cheaper one.
+Same numerics as ``paged_attention_ref`` (float32 scores and softmax, output in the
+query's dtype), but all sequences in one padded batch instead of a Python loop per
+sequence: on a CPU host the loop costs more than the model's GEMMs for a decode batch.
+Falls back to the reference when the padded score tensor would be large (long prefills),
+where the per-sequence loop is the cheaper one. FP8 pages are read as their float32
+codes and the K and V scales (per tensor or per KV head) applied to the scores and the
+output instead, so an FP8 cache costs the pages' one conversion, as BF16 does (the
+products round differently from the reference's, well within its bf16 output).
 
 The block-scaled formats (``ops.mx``: MXFP8, MXFP6, MXFP4, NVFP4) are decoded here from only
 the pages the batch reads, with lookup tables built once from the reference's decoding (values
@@ -24,7 +27,6 @@ from maia_serving.ops.fp8 import (
     attended,
     check_paged_attention_args,
     check_sliding_window,
-    dequantize_fp8_ref,
     paged_attention_ref,
     scale_tensor,
 )
@@ -144,11 +146,16 @@ def _pages(cache: torch.Tensor, plan: PagedPlan, scale, fmt: Fp8Format | MxForma
         # The scaling writes each head's rows contiguous: no separate copy.
         torch.mul(elements, block_scale, out=out.permute(0, 2, 1, 3, 4))
         return out.flatten(-2)[..., :head_dim]
-    if fmt:
-        pages = dequantize_fp8_ref(pages, scale, fmt)
+    if fmt:  # the codes' values: the scale is applied to the scores or the output
+        pages = pages.view(fmt.torch_dtype)
     # One copy that both converts to float32 and makes each head's rows contiguous.
     out = torch.empty((plan.num_seqs, cache.shape[2], plan.max_len, head_dim), dtype=torch.float32)
     return out.copy_(pages.permute(0, 2, 1, 3))
+
+
+def _per_kv_head(scale, num_kv_heads: int, device: torch.device) -> torch.Tensor:
+    """An FP8 scale shaped ``[1, 1 or kv_heads, 1, 1]`` for ``[seqs, kv_heads, rows, cols]`` results."""
+    return scale_tensor(scale, num_kv_heads, device).view(1, -1, 1, 1)
 
 
 def _check_args(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, kv_cache_dtype,
@@ -224,11 +231,15 @@ def paged_attention_host(
     # [seqs, kv_heads, max_q * group, head_dim]: a KV head's queries in one matmul.
     q = query[plan.index].float().view(plan.num_seqs, plan.max_q, num_kv_heads, group, head_dim)
     q = q.permute(0, 2, 1, 3, 4).reshape(plan.num_seqs, num_kv_heads, plan.max_q * group, head_dim)
-    scores = torch.matmul(q, keys.transpose(2, 3)) * scale  # [seqs, kv_heads, max_q * group, max_len]
+    fp8 = isinstance(fmt, Fp8Format)
+    score_scale = scale * _per_kv_head(k_scale, num_kv_heads, query.device) if fp8 else scale
+    scores = torch.matmul(q, keys.transpose(2, 3)) * score_scale  # [seqs, kv_heads, max_q * group, max_len]
     scores = scores.view(plan.num_seqs, num_kv_heads, plan.max_q, group, plan.max_len)
     scores.masked_fill_(plan.mask[:, None, :, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).view(plan.num_seqs, num_kv_heads, plan.max_q * group, plan.max_len)
     out_padded = torch.matmul(probs, values)  # [seqs, kv_heads, max_q * group, head_dim]
+    if fp8:
+        out_padded *= _per_kv_head(v_scale, num_kv_heads, query.device)
     out_padded = out_padded.view(plan.num_seqs, num_kv_heads, plan.max_q, group, head_dim)
     out_padded = out_padded.permute(0, 2, 1, 3, 4).reshape(plan.num_seqs, plan.max_q, num_heads, head_dim)
     result[plan.index[plan.valid_q]] = out_padded[plan.valid_q].to(query.dtype)
