@@ -1,5 +1,5 @@
 """The `maia-serving` command: profiles, fit, simulate, calibrate-host, demo-model, train-model,
-calibrate-kv, reshard, merge."""
+calibrate-kv, qat-kv, reshard, merge."""
 
 from __future__ import annotations
 
@@ -278,6 +278,23 @@ def cmd_calibrate_kv(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_qat_kv(args: argparse.Namespace) -> int:
+    from maia_serving.models.qat import QatConfig, qat_kv, state_dir
+
+    given = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "save_every": args.save_every,
+             "objective": args.objective}
+    config = QatConfig(fmt=args.format, seed=args.seed, **{k: v for k, v in given.items() if v is not None})
+    print(f"checkpoint every {config.save_every} steps in {state_dir(Path(args.out))} (rerun to resume)")
+    report = qat_kv(Path(args.model), [Path(f) for f in args.data], Path(args.out), config, overwrite=args.overwrite)
+    print(f"{args.format} KV-cache QAT model written to {args.out} in {report.total_s:.0f} s")
+    print(f"  fake-quantized training-data loss: {report.loss_before:.4f} -> {report.loss_after:.4f}")
+    if report.heldout_ppl is not None:
+        ppl = report.heldout_ppl
+        print(f"  held-out perplexity: bf16 {ppl['bf16']:.3f}, {args.format} PTQ {ppl['ptq']:.3f}, "
+              f"{args.format} QAT {ppl['qat']:.3f} (QAT weights, unquantized KV {ppl['qat_unquantized']:.3f})")
+    return 0
+
+
 def _add_parallel(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
@@ -397,6 +414,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["e4m3", "e5m2"], default="e4m3", help="FP8 format of the KV cache")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out whole")
     p.set_defaults(func=cmd_calibrate_kv)
+
+    p = sub.add_parser("qat-kv", help="fine-tune a model with its KV cache fake-quantized (QAT); write a checkpoint "
+                                      "that serves with that KV format")
+    p.add_argument("--model", required=True, help="model directory (config.json + safetensors); only read")
+    p.add_argument("--format", required=True,
+                   help="KV-cache format: mxfp8, mxfp6, mxfp6_e2m3, mxfp4, nvfp4 or fp8_e4m3")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="training text file(s), e.g. the trained model's calibration.txt")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--objective", choices=["distill", "lm"], default=None,
+                   help="distill: match the unquantized model's predictions (default); lm: next-token loss")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 150)")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per step (default 8)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-4)")
+    p.add_argument("--save-every", type=int, default=None,
+                   help="steps between resumable checkpoints (default 25)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out whole")
+    p.set_defaults(func=cmd_qat_kv)
 
     p = sub.add_parser("reshard", help="split a Hugging Face checkpoint into the per-rank files vLLM's "
                                        "--load-format sharded_state reads")

@@ -95,7 +95,7 @@ def _capped_text(files: list[Path], max_bytes: int) -> str:
     return joined[: joined.rfind("\n") + 1]
 
 
-def _lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to ``min_lr_ratio`` of the peak."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -120,20 +120,23 @@ def mean_nll(model, windows: list[list[int]], batch_size: int = 16) -> float:
     return total / count
 
 
-def heldout_perplexity(model_dir: Path, dtype: str) -> tuple[float, int]:
+def heldout_perplexity(model_dir: Path, dtype: str, attn_implementation: str | None = None) -> tuple[float, int]:
     """(perplexity, tokens scored) of the saved checkpoint on its ``heldout.txt`` with
-    transformers, computed in ``dtype``."""
+    transformers, computed in ``dtype``; ``attn_implementation`` (default: the config's) lets
+    ``maia-serving qat-kv`` score with a fake-quantized KV cache."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
+                                                 attn_implementation=attn_implementation).eval()
     ids = tokenizer((model_dir / HELDOUT_FILE).read_text(), add_special_tokens=False)["input_ids"]
     windows = text_windows(ids, model.config.max_position_embeddings - 1)
     return math.exp(mean_nll(model, windows)), len(windows) * (len(windows[0]) - 1)
 
 
-def _setup_determinism(seed: int) -> None:
+def setup_determinism(seed: int) -> None:
+    """Fixed threads, deterministic kernels and a seeded global generator: same inputs, same weights."""
     import torch
 
     torch.set_num_threads(NUM_THREADS)
@@ -156,7 +159,7 @@ def _train(out: Path, cfg: TrainConfig, shape: LlamaShape) -> dict:
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     start = time.perf_counter()
-    _setup_determinism(cfg.seed)
+    setup_determinism(cfg.seed)
 
     train_files, heldout_files = split_files(stdlib_files(), cfg.heldout_every)
     tokenizer = train_tokenizer(shape.vocab_size, train_files)  # never sees the held-out files
@@ -188,7 +191,7 @@ def _train(out: Path, cfg: TrainConfig, shape: LlamaShape) -> dict:
     bar = tqdm(range(cfg.steps), desc="train", unit="step")
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg)
+            group["lr"] = lr_at(step, cfg)
         starts = torch.randint(0, len(stream) - ctx - 1, (cfg.batch_size,), generator=gen)
         batch = stream[starts[:, None] + offsets]
         logits = model(input_ids=batch[:, :-1], use_cache=False).logits
@@ -198,7 +201,7 @@ def _train(out: Path, cfg: TrainConfig, shape: LlamaShape) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         recent = (recent + [loss.item()])[-20:]
-        bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", lr=f"{_lr_at(step, cfg):.1e}")
+        bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", lr=f"{lr_at(step, cfg):.1e}")
     train_s = time.perf_counter() - start
 
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
