@@ -147,9 +147,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting(MAIA_SERVING_KV_SCALES, "per_tensor", _choice("per_tensor", "per_head"), "per_tensor or per_head",
             "FP8 KV scales: the checkpoint's per-tensor ones, or the per-head sidecar of `calibrate-kv`"),
     Setting(MAIA_SERVING_KV_CACHE_DTYPE, "", _block_scaled_kv, "mxfp8, mxfp6, mxfp6_e2m3, mxfp4 or nvfp4; or unset",
-            "a block-scaled KV cache (OCP MX or NVFP4), which the engines' --kv-cache-dtype cannot name: "
-            "`vllm serve --device maia --kv-cache-dtype mxfp4` and `maia-serving launch-sglang` set it; offline "
-            "LLM(...) and sglang.Engine read it (their own kv cache dtype stays auto)"),
+            "a block-scaled KV cache (OCP MX or NVFP4), which the engines' own configurations cannot hold: "
+            "vLLM's --kv-cache-dtype on --device maia and SGLang's --kv-cache-dtype mxfp8/nvfp4 set it; "
+            "offline LLM(...) and sglang.Engine read it (the engine's own kv cache dtype stays auto)"),
     Setting(MAIA_SERVING_KERNELS, "auto", _choice("auto", "triton", "torch"), "auto, triton or torch",
             "KV ops: Triton kernels where a Triton device is, the torch path on a host (auto)"),
     Setting(MAIA_SERVING_HOST_KV_GIB, "1", _number(0, _MAX_HOST_KV_GIB), "GiB, > 0",
