@@ -427,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distill: match the unquantized model's predictions (default); lm: next-token loss")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 150)")
     p.add_argument("--batch-size", type=int, default=None, help="windows per step (default 8)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-4)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4)")
     p.add_argument("--save-every", type=int, default=None,
                    help="steps between resumable checkpoints (default 25)")
     p.add_argument("--seed", type=int, default=0)
