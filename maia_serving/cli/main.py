@@ -279,13 +279,14 @@ def cmd_calibrate_kv(args: argparse.Namespace) -> int:
 
 
 def cmd_qat_kv(args: argparse.Namespace) -> int:
-    from maia_serving.models.qat import QatConfig, qat_kv, state_dir
+    from maia_serving.models.qat import QatConfig, qat_kv, state_dir, training_split_files
 
     given = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "save_every": args.save_every,
              "objective": args.objective}
     config = QatConfig(fmt=args.format, seed=args.seed, **{k: v for k, v in given.items() if v is not None})
     print(f"checkpoint every {config.save_every} steps in {state_dir(Path(args.out))} (rerun to resume)")
-    report = qat_kv(Path(args.model), [Path(f) for f in args.data], Path(args.out), config, overwrite=args.overwrite)
+    data = [Path(f) for f in args.data] if args.data else training_split_files()
+    report = qat_kv(Path(args.model), data, Path(args.out), config, overwrite=args.overwrite)
     print(f"{args.format} KV-cache QAT model written to {args.out} in {report.total_s:.0f} s")
     print(f"  fake-quantized training-data loss: {report.loss_before:.4f} -> {report.loss_after:.4f}")
     if report.heldout_ppl is not None:
@@ -420,12 +421,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model directory (config.json + safetensors); only read")
     p.add_argument("--format", required=True,
                    help="KV-cache format: mxfp8, mxfp6, mxfp6_e2m3, mxfp4, nvfp4 or fp8_e4m3")
-    p.add_argument("--data", required=True, nargs="+",
-                   help="training text file(s), e.g. the trained model's calibration.txt")
+    p.add_argument("--data", nargs="+",
+                   help="training text file(s) (default: the stdlib sources train-model trained on, held-out "
+                        "files excluded)")
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--objective", choices=["distill", "lm"], default=None,
                    help="distill: match the unquantized model's predictions (default); lm: next-token loss")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 150)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 400)")
     p.add_argument("--batch-size", type=int, default=None, help="windows per step (default 8)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4)")
     p.add_argument("--save-every", type=int, default=None,
