@@ -1,24 +1,28 @@
-"""FP8 KV-cache accuracy through vLLM: held-out perplexity and greedy agreement vs BF16.
+"""KV-cache accuracy through a live `vllm serve`: held-out perplexity and greedy agreement vs BF16.
 
 For a trained model (default models/trained, from `maia-serving train-model`) and its
-heldout.txt, each configuration runs in its own offline `LLM` subprocess:
+heldout.txt, each configuration gets its own server, started as a user would
+(`vllm serve MODEL --device maia --kv-cache-dtype ...`) and asked over HTTP:
 
-- BF16: the model as trained, ``kv_cache_dtype="auto"``;
+- BF16: the model as trained, ``--kv-cache-dtype auto``;
 - FP8 E4M3 per-tensor: the `calibrate-kv` copy (scales from calibration.txt), "fp8";
 - FP8 E4M3 per-head: the same copy with ``MAIA_SERVING_KV_SCALES=per_head`` (the maia
   backend reads the sidecar; vLLM's CPU platform cannot, so it is skipped there);
 - FP8 E5M2: its own `calibrate-kv --format e5m2` copy, "fp8_e5m2";
-- FP8 E4M3 scale 1.0: the uncalibrated model with "fp8".
+- FP8 E4M3 scale 1.0: the uncalibrated model with "fp8";
+- MXFP8, MXFP6, MXFP4 (post-training: their E8M0 block scales need no calibration) and NVFP4
+  (tensor scales from the E4M3 copy's sidecar), `--kv-cache-dtype mxfp4` etc. on --device maia;
+- MXFP4 after QAT: the `maia-serving qat-kv --format mxfp4` checkpoint (``--qat-model``), when it exists.
 
 Perplexity comes from ``prompt_logprobs`` over non-overlapping windows of the held-out
 tokens (context length less one: vLLM must have room to generate a token); top-1
 agreement is the share of those positions whose most likely next token is BF16's; greedy
 agreement is the share of held-out prompts whose 32-token greedy continuation equals
-BF16's (a weak model has many near-ties, so one flipped token changes the rest).
+BF16's (a weak model has many near-ties, so one flipped token changes the rest). The server's
+log line ``Maia KV cache ...`` is kept as the proof of the scales it quantized with.
 
-``--device maia`` (default) sets MAIA_SERVING_DEVICE=maia for the subprocesses;
-``--device cpu`` runs vLLM's built-in CPU platform, whose FP8 cache needs AVX-512 or AMX
-(a configuration that fails is reported with its error, the others still run).
+``--device maia`` (default); ``--device cpu`` runs vLLM's built-in CPU platform, whose FP8 cache
+needs AVX-512 or AMX (a configuration that fails is reported with its error, the others still run).
 
 Writes benchmarks/out/kv_accuracy.json and benchmarks/out/kv_accuracy.png.
 """
@@ -30,10 +34,9 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
-import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,7 +53,7 @@ class KvConfig:
     name: str
     label: str
     kv_cache_dtype: str
-    checkpoint: str  # "base" (as trained), or the calibrate-kv format: "e4m3", "e5m2"
+    checkpoint: str  # "base" (as trained), "qat" (--qat-model), or the calibrate-kv format: "e4m3", "e5m2"
     env: tuple[tuple[str, str], ...] = ()
     maia_only: bool = False
 
@@ -62,6 +65,11 @@ CONFIGS = (
              maia_only=True),
     KvConfig("fp8_e5m2", "FP8 E5M2 calibrated", "fp8_e5m2", "e5m2"),
     KvConfig("fp8_e4m3_scale1", "FP8 E4M3 scale 1.0", "fp8", "base"),
+    KvConfig("mxfp8", "MXFP8", "mxfp8", "base", maia_only=True),
+    KvConfig("mxfp6", "MXFP6 (E3M2)", "mxfp6", "base", maia_only=True),
+    KvConfig("mxfp4", "MXFP4", "mxfp4", "base", maia_only=True),
+    KvConfig("nvfp4", "NVFP4", "nvfp4", "e4m3", maia_only=True),
+    KvConfig("mxfp4_qat", "MXFP4 after QAT", "mxfp4", "qat", maia_only=True),
 )
 
 
@@ -81,97 +89,88 @@ class ConfigResult:
     greedy_mean_common_prefix_tokens: float | None = None
     top1_token_ids: list[int] = field(default_factory=list, repr=False)
     greedy_token_ids: list[list[int]] = field(default_factory=list, repr=False)
-    loaded_scales: dict | None = None  # attention layer -> [k_scale, v_scale, kv_cache_dtype]
+    scales_log: str | None = None  # the server's "Maia KV cache ..." lines: what it quantized with
     startup_s: float = 0.0
     logprobs_s: float = 0.0
     greedy_s: float = 0.0
     wall_s: float = 0.0
 
 
-# --- inside the vLLM subprocess ------------------------------------------------------
-
-def attention_scales(model) -> dict:
-    """What vLLM loaded into each attention layer (run in the workers by ``apply_model``)."""
-    from vllm.model_executor.layers.attention import Attention
-
-    return {name: [m._k_scale_float, m._v_scale_float, m.kv_cache_dtype]
-            for name, m in model.named_modules() if isinstance(m, Attention)}
-
-
-def worker(spec_path: str, result_path: str) -> None:
-    """Run one configuration: prompt logprobs over the windows, greedy continuations."""
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    spec = json.loads(Path(spec_path).read_text())
-    t0 = time.perf_counter()
-    llm = LLM(model=spec["model"], kv_cache_dtype=spec["kv_cache_dtype"], max_model_len=spec["max_model_len"],
-              enforce_eager=True, enable_prefix_caching=False, seed=0)
-    t1 = time.perf_counter()
-    # prompt_logprobs=1: each position's dict holds the actual token and the top-1 (rank 1)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in spec["windows"]],
-                        SamplingParams(prompt_logprobs=1, max_tokens=1, temperature=0.0), use_tqdm=False)
-    nll, top1 = 0.0, []
-    for out, window in zip(outs, spec["windows"]):
-        for logprobs, token in zip(out.prompt_logprobs[1:], window[1:]):
-            nll -= logprobs[token].logprob
-            top1.append(next(t for t, lp in logprobs.items() if lp.rank == 1))
-    t2 = time.perf_counter()
-    greedy = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]],
-                          SamplingParams(max_tokens=spec["gen_tokens"], temperature=0.0, ignore_eos=True),
-                          use_tqdm=False)
-    t3 = time.perf_counter()
-    Path(result_path).write_text(json.dumps({
-        "nll_sum": nll, "tokens_scored": len(top1), "top1_token_ids": top1,
-        "greedy_token_ids": [list(o.outputs[0].token_ids) for o in greedy],
-        "loaded_scales": llm.apply_model(attention_scales)[0],
-        "startup_s": t1 - t0, "logprobs_s": t2 - t1, "greedy_s": t3 - t2,
-    }))
-
-
-# --- the driver ----------------------------------------------------------------------
+# --- one live server per configuration ------------------------------------------------
 
 def root_error(log: str) -> str:
-    """The first ``SomethingError: message`` line of a failed run's output: the root cause
+    """The first ``SomethingError: message`` line of a failed server's log: the root cause
     (the engine re-raises it as "Engine core initialization failed" further down)."""
     found = re.findall(r"^(?:.*\] )?(\w+(?:Error|Exception): .+)$", log, flags=re.MULTILINE)
     return found[0].strip() if found else log.strip().splitlines()[-1] if log.strip() else "no output"
 
 
-def subprocess_env(device: str, config: KvConfig) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MAIA_SERVING_DEVICE", "MAIA_SERVING_KV_SCALES")}
-    env.update(VLLM_CPU_CI_ENV="1", VLLM_CPU_KVCACHE_SPACE="1",
-               VLLM_ALLOW_INSECURE_SERIALIZATION="1",  # apply_model sends a function to the workers
-               PYTHONPATH=os.pathsep.join(filter(None, [str(BENCH), str(ROOT), env.get("PYTHONPATH")])))
-    if device == "maia":
-        env["MAIA_SERVING_DEVICE"] = "maia"
+def server_env(config: KvConfig) -> dict[str, str]:
+    """The host budget of the other benchmarks; only this configuration's own settings."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MAIA_SERVING_DEVICE", "MAIA_SERVING_KV_SCALES", "MAIA_SERVING_KV_CACHE_DTYPE")}
+    env.update(VLLM_CPU_CI_ENV="1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0|1")
     env.update(dict(config.env))
     return env
 
 
+def _complete(url: str, body: dict) -> dict:
+    import urllib.request
+
+    request = urllib.request.Request(f"{url}/v1/completions", json.dumps({"model": "m", **body}).encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=600) as response:
+        return json.loads(response.read())["choices"][0]
+
+
+def measure(url: str, workload: dict) -> dict:
+    """Prompt logprobs over the windows and greedy continuations of the prompts, over HTTP."""
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        scored = list(pool.map(lambda w: _complete(url, {"prompt": w, "max_tokens": 1, "temperature": 0,
+                                                         "prompt_logprobs": 1}), workload["windows"]))
+        t1 = time.perf_counter()
+        greedy = list(pool.map(lambda p: _complete(url, {"prompt": p, "max_tokens": workload["gen_tokens"],
+                                                         "temperature": 0, "ignore_eos": True,
+                                                         "return_token_ids": True}), workload["prompts"]))
+    t2 = time.perf_counter()
+    nll, top1 = 0.0, []
+    for choice, window in zip(scored, workload["windows"]):
+        for logprobs, token in zip(choice["prompt_logprobs"][1:], window[1:]):
+            nll -= logprobs[str(token)]["logprob"]
+            top1.append(int(next(t for t, lp in logprobs.items() if lp["rank"] == 1)))
+    return {"nll_sum": nll, "tokens_scored": len(top1), "top1_token_ids": top1,
+            "greedy_token_ids": [c["token_ids"] for c in greedy], "logprobs_s": t1 - t0, "greedy_s": t2 - t1}
+
+
 def run_config(config: KvConfig, model: Path, device: str, workload: dict, logs: Path,
                timeout_s: int) -> ConfigResult:
+    from maia_serving.launch import Server, ServerFailed, free_port, vllm_serve_cmd
+
     result = ConfigResult(config.name, config.label, str(model), config.kv_cache_dtype)
     if config.maia_only and device != "maia":
-        result.status, result.error = "skipped", "per-head scales need the maia attention backend (--device maia)"
+        result.status, result.error = "skipped", f"{config.label} needs the maia attention backend (--device maia)"
         return result
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        spec, out = Path(tmp) / "spec.json", Path(tmp) / "result.json"
-        spec.write_text(json.dumps({**workload, "model": str(model), "kv_cache_dtype": config.kv_cache_dtype}))
-        proc = subprocess.run([sys.executable, "-c", f"import kv_accuracy; kv_accuracy.worker({str(spec)!r}, "
-                               f"{str(out)!r})"], env=subprocess_env(device, config), cwd=BENCH,
-                              capture_output=True, text=True, timeout=timeout_s)
-        (logs / f"{config.name}.log").write_text(proc.stdout + proc.stderr)
+    port = free_port()
+    cmd = vllm_serve_cmd(model, port, "--served-model-name", "m", "--max-model-len", str(workload["max_model_len"]),
+                         "--kv-cache-dtype", config.kv_cache_dtype, "--enforce-eager", "--no-enable-prefix-caching",
+                         "--seed", "0", device="maia" if device == "maia" else None)
+    log = logs / f"{config.name}.log"
+    try:
+        with Server(cmd, port, log, env=server_env(config), timeout_s=timeout_s) as server:
+            result.startup_s = time.perf_counter() - start
+            data = measure(server.url, workload)
+    except ServerFailed:
+        result.status, result.error = "error", root_error(log.read_text())
         result.wall_s = time.perf_counter() - start
-        if proc.returncode != 0:
-            result.status, result.error = "error", root_error(proc.stdout + proc.stderr)
-            return result
-        data = json.loads(out.read_text())
-    for key in ("nll_sum", "tokens_scored", "top1_token_ids", "greedy_token_ids", "loaded_scales", "startup_s",
-                "logprobs_s", "greedy_s"):
-        setattr(result, key, data[key])
+        return result
+    result.wall_s = time.perf_counter() - start
+    for key, value in data.items():
+        setattr(result, key, value)
     result.perplexity = math.exp(result.nll_sum / result.tokens_scored)
+    result.scales_log = "\n".join(sorted({m.group(1) for m in re.finditer(r"(Maia KV cache [^\n]*scales[^\n]*)",
+                                                                          log.read_text())})) or None
     return result
 
 
@@ -219,8 +218,16 @@ def calibrate(model: Path, work: Path, fmt: str, max_tokens: int) -> Path:
     from maia_serving.models.train import CALIBRATION_FILE
 
     out = work / f"{model.name}-kv-{fmt}"
-    calibrate_kv(model, [model / CALIBRATION_FILE], out, max_tokens=max_tokens, fmt=fmt)
+    calibrate_kv(model, [model / CALIBRATION_FILE], out, max_tokens=max_tokens, fmt=fmt, overwrite=True)
     return out
+
+
+def qat_recovery(results: list[ConfigResult]) -> float | None:
+    """The share of MXFP4's post-training perplexity loss against BF16 that QAT wins back (goal: >= 0.5)."""
+    ppl = {r.name: r.perplexity for r in results if r.perplexity}
+    if not {"bf16", "mxfp4", "mxfp4_qat"} <= ppl.keys() or ppl["mxfp4"] <= ppl["bf16"]:
+        return None
+    return (ppl["mxfp4"] - ppl["mxfp4_qat"]) / (ppl["mxfp4"] - ppl["bf16"])
 
 
 def table(results: list[ConfigResult]) -> str:
@@ -290,9 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--gen-tokens", type=int, default=32)
     parser.add_argument("--calibration-tokens", type=int, default=32768)
+    parser.add_argument("--qat-model", type=Path, default=ROOT / "models" / "trained-qat-mxfp4",
+                        help="the `maia-serving qat-kv --format mxfp4` checkpoint (skipped when it does not exist)")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "models" / "kv-accuracy",
                         help="where the calibrated checkpoints go")
-    parser.add_argument("--timeout-s", type=int, default=900, help="per configuration")
+    parser.add_argument("--timeout-s", type=int, default=300, help="for each server to start")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
@@ -301,8 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     configs = [c for c in CONFIGS if c.name in args.configs]
     if "bf16" not in args.configs:
         print("note: without bf16 there is no reference for the deltas and greedy agreement")
-    checkpoints = {"base": model}
-    for fmt in sorted({c.checkpoint for c in configs} - {"base"}):
+    checkpoints = {"base": model, "qat": args.qat_model.resolve()}
+    if not (checkpoints["qat"] / "config.json").exists():
+        print(f"note: no QAT checkpoint at {checkpoints['qat']}: write it with `maia-serving qat-kv --model {model} "
+              f"--format mxfp4 --data {model / 'calibration.txt'} --out {checkpoints['qat']}`")
+        configs = [c for c in configs if c.checkpoint != "qat"]
+    for fmt in sorted({c.checkpoint for c in configs} - {"base", "qat"}):
         checkpoints[fmt] = calibrate(model, args.work_dir, fmt, args.calibration_tokens)
     logs = OUT / "kv_accuracy-logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -321,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     title = (f"{model.name} on --device {args.device}: {len(workload['windows'])} held-out windows "
              f"({tokens} tokens scored), {len(workload['prompts'])} greedy prompts")
     print(f"\n{title}\n{table(results)}")
+    recovery = qat_recovery(results)
+    if recovery is not None:
+        print(f"QAT wins back {100 * recovery:.0f}% of MXFP4's post-training perplexity loss against BF16 (goal: 50%)")
     training = model / "training.json"
     if training.exists() and not args.max_windows:  # train-model scored the same windows
         ref = json.loads(training.read_text())
@@ -333,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         "calibration_tokens": args.calibration_tokens,
         "hf_reference": json.loads(training.read_text()) if training.exists() else None,
         "results": [{k: v for k, v in asdict(r).items() if not k.endswith("token_ids")} for r in results],
+        "qat_recovery": recovery,
         "total_s": time.perf_counter() - start,
     }
     path = write_json("kv_accuracy", report)

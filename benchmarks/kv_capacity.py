@@ -1,9 +1,11 @@
-"""KV capacity and serving throughput, FP8 against BF16, on `vllm serve --device maia`.
+"""KV capacity and serving throughput of each KV format against BF16, on `vllm serve --device maia`.
 
-For the same host budget (VLLM_CPU_KVCACHE_SPACE) and profile, how many KV tokens the
-engine actually allocated with each cache dtype (goal: FP8 >= 1.98x BF16), the
-emulated device's own capacity, and the serving throughput of each on the host.
-Also the emulated capacity for real shapes, from the same capacity model.
+For the same host budget (VLLM_CPU_KVCACHE_SPACE) and profile, how many KV tokens the engine
+actually allocated with each cache format (goals: FP8 >= 1.98x BF16, MXFP4 >= 3.7x), the
+emulated device's own capacity, and the serving throughput of each on the host, in rounds
+rotating between the servers (goal: every format >= 0.95x of BF16 per CPU-second). FP8 and
+NVFP4 serve the calibrated copy of the demo model (their scales), the MX formats the model as
+it is. Also the emulated capacity for real shapes, from the same capacity model.
 """
 
 from __future__ import annotations
@@ -42,56 +44,59 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--formats", nargs="+", default=["fp8", "mxfp8", "mxfp6", "mxfp4", "nvfp4"],
+                        help="KV formats served beside BF16 (auto)")
     args = parser.parse_args()
     model = ROOT / "models" / "demo"
     if not (model / "config.json").exists():
         build_demo_model(model)
-    models = {"auto": model, "fp8": calibrated(model)}
-    env = {"VLLM_CPU_CI_ENV": "1", "VLLM_CPU_KVCACHE_SPACE": args.host_kv_gib}
-    rounds: dict[str, list] = {k: [] for k in models}
+    formats = ["auto", *args.formats]
+    models = {f: calibrated(model) if f in ("fp8", "nvfp4") else model for f in formats}
+    env = {"VLLM_CPU_CI_ENV": "1", "VLLM_CPU_KVCACHE_SPACE": args.host_kv_gib, "MAIA_SERVING_KV_CACHE_DTYPE": ""}
+    rounds: dict[str, list] = {f: [] for f in formats}
     blocks: dict[str, dict[str, float]] = {}
     with ExitStack() as stack:
         servers = {}
-        for dtype, path in models.items():
+        for fmt, path in models.items():
             port = free_port()
             cmd = vllm_serve_cmd(path, port, "--served-model-name", "demo", "--max-model-len", "1024",
-                                 "--enforce-eager", "--kv-cache-dtype", dtype,
+                                 "--enforce-eager", "--kv-cache-dtype", fmt,
                                  "--additional-config", f'{{"maia_profile": "{args.profile}"}}')
-            servers[dtype] = stack.enter_context(Server(cmd, port, OUT / f"server-kv-{dtype}.log", env=env))
-        for i in range(args.rounds):
-            for dtype in (models if i % 2 == 0 else reversed(list(models))):
-                srv = servers[dtype]
-                rounds[dtype].append(run_load(srv.url, "demo", args.requests, args.concurrency, args.max_tokens,
-                                              srv.proc.pid))
-        for dtype, srv in servers.items():
+            servers[fmt] = stack.enter_context(Server(cmd, port, OUT / f"server-kv-{fmt}.log", env=env))
+        for i in range(args.rounds):  # each round starts one server later: none always runs first
+            for fmt in formats[i % len(formats):] + formats[:i % len(formats)]:
+                srv = servers[fmt]
+                rounds[fmt].append(run_load(srv.url, "demo", args.requests, args.concurrency, args.max_tokens,
+                                            srv.proc.pid))
+        for fmt, srv in servers.items():
             m = scrape(srv.url)
-            blocks[dtype] = {h: m[BLOCK.format(h)] for h in ("engine", "emulated")}
+            blocks[fmt] = {h: m[BLOCK.format(h)] for h in ("engine", "emulated")}
     block_size = 128  # vLLM's CPU default, which the maia platform keeps
-    ratio = {h: blocks["fp8"][h] / blocks["auto"][h] for h in ("engine", "emulated")}
+    ratio = {f: {h: blocks[f][h] / blocks["auto"][h] for h in ("engine", "emulated")} for f in formats}
     tput = {k: statistics.median(r.output_tokens_per_s for r in v) for k, v in rounds.items()}
     per_cpu = {k: statistics.median(r.output_tokens_per_cpu_s for r in v) for k, v in rounds.items()}
-    print(f"demo model on {args.profile}, host KV budget {args.host_kv_gib} GiB, block size {block_size}")
-    print(f"{'kv cache':<10}{'engine KV tokens':>18}{'emulated KV tokens':>20}{'tok/s':>10}{'tok/CPU-s':>11}")
-    for dtype in models:
-        engine, emulated = blocks[dtype]["engine"] * block_size, blocks[dtype]["emulated"] * block_size
-        print(f"{dtype:<10}{engine:>18,.0f}{emulated:>20,.0f}{tput[dtype]:>10.1f}{per_cpu[dtype]:>11.1f}")
-    print(f"FP8/BF16 KV tokens: engine {ratio['engine']:.3f}x, emulated {ratio['emulated']:.3f}x (goal >= 1.98x)")
-    print(f"FP8/BF16 throughput: {tput['fp8'] / tput['auto']:.3f}x wall, "
-          f"{per_cpu['fp8'] / per_cpu['auto']:.3f}x per CPU-s")
+    print(f"demo model on {args.profile}, host KV budget {args.host_kv_gib} GiB, block size {block_size}, "
+          f"{args.rounds} rotating rounds x {args.requests} requests x {args.max_tokens} tokens")
+    print(f"{'kv cache':<10}{'engine KV tokens':>18}{'emulated KV tokens':>20}{'x BF16':>8}{'tok/s':>10}"
+          f"{'tok/CPU-s':>11}{'x BF16 per CPU-s':>18}")
+    for fmt in formats:
+        engine, emulated = blocks[fmt]["engine"] * block_size, blocks[fmt]["emulated"] * block_size
+        print(f"{fmt:<10}{engine:>18,.0f}{emulated:>20,.0f}{ratio[fmt]['engine']:>8.3f}{tput[fmt]:>10.1f}"
+              f"{per_cpu[fmt]:>11.1f}{per_cpu[fmt] / per_cpu['auto']:>18.3f}")
+    print("goals: FP8 >= 1.98x and MXFP4 >= 3.7x the BF16 tokens; every format >= 0.95x BF16's tokens per CPU-s")
     shapes = []
-    print("\nemulated capacity of real shapes (max model len 8192, gpu_memory_utilization 0.9):")
-    print(f"{'model':<14}{'device':<10}{'tp':>3}{'BF16 KV tokens':>16}{'FP8 KV tokens':>16}{'ratio':>7}")
+    real = ("auto", "fp8", "mxfp6", "mxfp4")
+    print("\nemulated capacity of real shapes (max model len 8192, gpu_memory_utilization 0.9), KV tokens:")
+    print(f"{'model':<14}{'device':<10}{'tp':>3}" + "".join(f"{f:>14}" for f in real) + f"{'mxfp4 x':>9}")
     for name, device, tp in (("llama-3-8b", "maia100", 1), ("llama-3-8b", "maia200", 1),
                              ("llama-3-70b", "maia100", 4), ("llama-3-70b", "maia200", 1),
                              ("llama-3-70b", "h100-sxm", 4)):
         shape, profile = load_model_shape(name), load_profile(device)
-        plans = {dt: plan_memory(shape, profile, ServingConfig(tensor_parallel_size=tp, kv_cache_dtype=dt,
-                                                               max_model_len=8192)) for dt in ("auto", "fp8")}
-        row = {"model": name, "device": device, "tp": tp, "bf16_tokens": plans["auto"].kv_tokens,
-               "fp8_tokens": plans["fp8"].kv_tokens}
-        shapes.append(row)
-        print(f"{name:<14}{device:<10}{tp:>3}{row['bf16_tokens']:>16,}{row['fp8_tokens']:>16,}"
-              f"{row['fp8_tokens'] / max(row['bf16_tokens'], 1):>7.2f}")
+        tokens = {dt: plan_memory(shape, profile, ServingConfig(tensor_parallel_size=tp, kv_cache_dtype=dt,
+                                                                max_model_len=8192)).kv_tokens for dt in real}
+        shapes.append({"model": name, "device": device, "tp": tp, "kv_tokens": tokens})
+        print(f"{name:<14}{device:<10}{tp:>3}" + "".join(f"{tokens[f]:>14,}" for f in real)
+              + f"{tokens['mxfp4'] / max(tokens['auto'], 1):>9.2f}")
     path = write_json("kv_capacity", {"args": vars(args), "blocks": blocks, "ratio": ratio, "rounds": rounds,
                                       "throughput_tok_s": tput, "tok_per_cpu_s": per_cpu, "shapes": shapes})
     print(f"results: {path}")

@@ -75,3 +75,22 @@ def test_mx_cache_holds_the_tokens_its_bytes_allow(mx_served, demo_model, reques
         tokens = metric(mx, "maia:kv_cache_tokens", holder=holder)
         base = metric(bf16, "maia:kv_cache_tokens", holder=holder)
         assert tokens == pytest.approx(base * ratio, rel=0.01), (engine, holder)
+
+
+def test_a_qat_checkpoint_serves_with_its_format(demo_model, tmp_path_factory):
+    """`qat-kv` writes a plain checkpoint: SGLang serves it with the MXFP4 cache it was trained for
+    (vLLM does in benchmarks/kv_accuracy.py)."""
+    from maia_serving.models.qat import QatConfig, qat_kv
+    from maia_serving.models.tokenizer import stdlib_files
+
+    out = tmp_path_factory.mktemp("qat") / "demo-qat-mxfp4"
+    cfg = QatConfig(fmt="mxfp4", steps=2, batch_size=2, seq_len=64, save_every=2, eval_windows=2, warmup_steps=1)
+    qat_kv(demo_model, stdlib_files(2), out, cfg, progress=False)
+    port = free_port()
+    cmd = sglang_serve_cmd(out, port, "--served-model-name", "demo-qat", *SGLANG_LIMITS)
+    env = {**SGLANG_ENV, "MAIA_SERVING_KV_CACHE_DTYPE": "mxfp4"}
+    with Server(cmd, port, LOGS / "maia-sglang-qat-server.log", env=env) as server:
+        out = openai_client(server).completions.create(model="demo-qat", prompt="def add(a, b):", max_tokens=8,
+                                                       temperature=0, extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == 8
+        assert "Maia KV cache: mxfp4 (MAIA_SERVING_KV_CACHE_DTYPE)" in server.log_text()

@@ -179,3 +179,12 @@ def test_errors(tiny_model_dir, tmp_path, capsys):
                  str(tiny_model_dir / "calibration.txt"), "--out", str(tmp_path / "o")]) == 2
     assert "unknown KV format 'int3'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_default_data_is_what_train_model_trained_on():
+    from maia_serving.models.qat import training_split_files
+    from maia_serving.models.train import TrainConfig, split_files
+
+    files = training_split_files()
+    train, heldout = split_files(stdlib_files(), TrainConfig().heldout_every)
+    assert files == train and heldout and not set(files) & set(heldout)
