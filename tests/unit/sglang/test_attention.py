@@ -217,3 +217,31 @@ def test_the_dropped_window_warning_follows_the_first_forward_pass(caplog, size,
         backend.forward_extend(*(torch.randn(3, h * HEAD_DIM) for h in (HEADS, KV_HEADS, KV_HEADS)), lyr, batch)
     assert ("gives no layer a window" in caplog.text) == warned
     assert caplog.text.count("gives no layer a window") <= 1
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8", "mxfp4"])
+def test_a_block_scaled_pool_holds_the_mx_references_codes_and_is_read_through_them(fmt, monkeypatch):
+    """MAIA_SERVING_KV_CACHE_DTYPE: the pool (BlockScaledKVPool) holds uint8 rows of head_bytes; the
+    backend writes the reference's codes and attends over what they decode to."""
+    from maia_serving.ops.mx import dequantize_mx_ref, head_bytes, quantize_mx_ref
+
+    monkeypatch.setenv("MAIA_SERVING_KV_CACHE_DTYPE", fmt)
+    req_to_token = assign_slots([5], 1, 8)
+    backend = make_backend("auto", 1, 80, req_to_token)
+    row = head_bytes(fmt, HEAD_DIM)
+    pool = backend.token_to_kv_pool
+    pool.k = torch.zeros(80, KV_HEADS, row, dtype=torch.uint8)
+    pool.v, pool.dtype = torch.zeros_like(pool.k), torch.uint8
+    k, v = torch.randn(5, KV_HEADS * HEAD_DIM) * 3, torch.randn(5, KV_HEADS * HEAD_DIM)
+    q = torch.randn(5, HEADS * HEAD_DIM).bfloat16()
+    batch = SimpleNamespace(forward_mode=ForwardMode.EXTEND, batch_size=1, req_pool_indices=torch.arange(1),
+                            seq_lens=torch.tensor([5]), seq_lens_cpu=torch.tensor([5]), extend_seq_lens_cpu=[5],
+                            out_cache_loc=req_to_token[0, :5])
+    backend.init_forward_metadata(batch)
+    out = backend.forward_extend(q, k, v, layer(), batch)
+    slots = req_to_token[0, :5].long()
+    assert torch.equal(pool.k[slots], quantize_mx_ref(k.view(5, KV_HEADS, HEAD_DIM), fmt))
+    assert torch.equal(pool.v[slots], quantize_mx_ref(v.view(5, KV_HEADS, HEAD_DIM), fmt))
+    keys, values = (dequantize_mx_ref(c[slots], fmt, HEAD_DIM).double() for c in (pool.k, pool.v))
+    ref, err = causal_attention_float64(q.double().view(5, HEADS, HEAD_DIM), keys, values, HEAD_DIM ** -0.5)
+    assert_within_one_bf16_step(out.view(5, HEADS, HEAD_DIM), ref, err)

@@ -83,3 +83,35 @@ def test_forward_writes_with_the_layer_scales_and_attends_to_one_bf16_step(kv_ca
                                            meta.query_start_loc, impl.scale, kv_cache_dtype, layer._k_scale,
                                            layer._v_scale, sliding_window=window)
         assert_within_one_bf16_step(output, ref, err)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8", "mxfp6", "mxfp4"])
+def test_a_block_scaled_cache_is_written_and_read_as_the_mx_references(fmt):
+    """The platform records the format in additional_config (vLLM's own dtype stays auto); the page
+    holds each head row's head_bytes for K then V, as customize_spec sized it."""
+    from maia_serving.ops.mx import head_bytes, paged_attention_mx_ref, quantize_mx_ref
+
+    gen = torch.Generator().manual_seed(1)
+    with set_current_vllm_config(VllmConfig(additional_config={"maia_kv_cache_dtype": fmt})):
+        impl = MaiaAttentionImpl(HEADS, HEAD_SIZE, HEAD_SIZE**-0.5, KV_HEADS, None, None, "auto")
+    layer = SimpleNamespace(layer_name="model.layers.0.self_attn.attn")
+    row = head_bytes(fmt, HEAD_SIZE)
+    kv_cache = torch.zeros(NUM_BLOCKS, KV_HEADS, BLOCK_SIZE, 2 * row, dtype=torch.uint8)
+    pages = kv_cache.permute(0, 2, 1, 3)
+    key_cache, value_cache = pages[..., :row], pages[..., row:]
+    block_table = torch.randperm(NUM_BLOCKS, generator=gen)[:6].view(3, 2).to(torch.int32)
+    for step in STEPS:
+        meta = _metadata(step, block_table[[r for r, _, _ in step]])
+        n = meta.num_actual_tokens
+        query = torch.randn(n, HEADS, HEAD_SIZE, generator=gen).bfloat16()
+        key = (torch.randn(n, KV_HEADS, HEAD_SIZE, generator=gen) * 3).bfloat16()
+        value = torch.randn(n, KV_HEADS, HEAD_SIZE, generator=gen).bfloat16()
+        output = torch.empty(n, HEADS, HEAD_SIZE, dtype=torch.bfloat16)
+        impl.forward(layer, query, key, value, kv_cache, meta, output)
+
+        blocks, rows = meta.slot_mapping // BLOCK_SIZE, meta.slot_mapping % BLOCK_SIZE
+        assert torch.equal(key_cache[blocks, rows], quantize_mx_ref(key, fmt))
+        assert torch.equal(value_cache[blocks, rows], quantize_mx_ref(value, fmt))
+        expected = paged_attention_mx_ref(query, key_cache, value_cache, meta.block_table, meta.seq_lens,
+                                          meta.query_start_loc, impl.scale, fmt)
+        torch.testing.assert_close(output, expected, atol=0, rtol=2**-7)
