@@ -151,6 +151,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                      max_num_seqs=args.max_num_seqs)
     if args.weight_dtype != "auto":
         config = replace(config, weight_dtype=args.weight_dtype)
+    if args.comm_dtype != "auto":
+        config = replace(config, comm_dtype=args.comm_dtype)
     slo = SLO(args.ttft_slo_ms, args.tpot_slo_ms)
     rows, sims = [], []
     for profile in [load_profile(name) for name in args.profile]:  # a misspelt name stops before any run
@@ -211,7 +213,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     config = ServingConfig(kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len,
                            gpu_memory_utilization=args.gpu_memory_utilization,
                            max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                           weight_dtype=None if args.weight_dtype == "auto" else args.weight_dtype)
+                           weight_dtype=None if args.weight_dtype == "auto" else args.weight_dtype,
+                           comm_dtype=None if args.comm_dtype == "auto" else args.comm_dtype)
     slo = SLO(args.ttft_slo_ms, args.tpot_slo_ms)
     profiles = [load_profile(name) for name in args.profile]  # a misspelt name stops before any run
     results = plan(profiles, model, args.num_devices, config, requests, slo, args.enable_prefix_caching)
@@ -332,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_parallel(p)
     p.add_argument("--weight-dtype", default="auto",
                    help="the linear layers' storage (bf16, fp8, int4, mxfp4, ...); auto: the checkpoint's")
+    p.add_argument("--comm-dtype", default="auto",
+                   help="the tensor/pipeline collectives' payload (bf16, fp8, int8, ...: a quantized all-reduce); "
+                        "auto: the model's dtype")
     p.add_argument("--num-prompts", "--num-seqs", dest="num_prompts", type=int, default=None,
                    help="requests to simulate (default 8; with --trace, its first N, default all)")
     p.add_argument("--input-len", "--prompt-len", dest="input_len", type=int, default=None,
@@ -367,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto")
     p.add_argument("--weight-dtype", default="auto",
                    help="the linear layers' storage (bf16, fp8, int4, mxfp4, ...); auto: the checkpoint's")
+    p.add_argument("--comm-dtype", default="auto",
+                   help="the tensor/pipeline collectives' payload (bf16, fp8, int8, ...: a quantized all-reduce); "
+                        "auto: the model's dtype")
     p.add_argument("--num-prompts", type=int, default=None, help="requests to simulate (default 8)")
     p.add_argument("--input-len", type=int, default=None, help="prompt tokens per request (default 1024)")
     p.add_argument("--output-len", type=int, default=None, help="output tokens per request (default 128)")

@@ -45,12 +45,13 @@ class ServingConfig:
     max_num_seqs: int = 256
     weight_dtype: str | None = None  # the linear layers' storage instead of the checkpoint's (--weight-dtype)
     activation_dtype: str | None = None  # their GEMM inputs; None: as the weights' scheme feeds them
+    comm_dtype: str | None = None  # the collectives' payload (--comm-dtype); None: the model dtype
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             raise ValueError("parallel sizes must be at least 1")
         precision.check_kv_cache_dtype(self.kv_cache_dtype, precision.KV_CACHE_FORMATS)
-        for name in (self.weight_dtype, self.activation_dtype):
+        for name in (self.weight_dtype, self.activation_dtype, self.comm_dtype):
             if name is not None:
                 precision.dtype(name)
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -119,8 +120,10 @@ class NotEnoughMemory(ValueError):
 
 
 def served_model(model: ModelShape, config: ServingConfig) -> ModelShape:
-    """``model`` with its weights stored as ``config`` says (``weight_dtype`` over the checkpoint's)."""
-    return model.with_weights(config.weight_dtype, config.activation_dtype)
+    """``model`` with its weights stored as ``config`` says (``weight_dtype`` over the checkpoint's) and
+    its collectives' payload in ``comm_dtype`` (a quantized all-reduce) when one is given."""
+    model = model.with_weights(config.weight_dtype, config.activation_dtype)
+    return replace(model, comm_dtype=config.comm_dtype) if config.comm_dtype else model
 
 
 def _stage_layers(count: int, config: ServingConfig) -> int:

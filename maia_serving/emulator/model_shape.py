@@ -126,6 +126,7 @@ class ModelShape:
     moe: MoE | None = None
     mla: MLA | None = None
     quantization: WeightQuant | None = None  # the linear layers' storage; None: the model dtype
+    comm_dtype: str | None = None  # the tensor/pipeline collectives' payload; None: the model dtype
 
     @property
     def dtype_bytes(self) -> float:
@@ -229,8 +230,9 @@ class ModelShape:
 
     def precision(self, kv_cache_dtype: str = "auto") -> Precision:
         model = precision.dtype(self.dtype)
+        comm = precision.dtype(self.comm_dtype) if self.comm_dtype else model
         return Precision(model=model, kv_cache=precision.kv_cache_dtype(kv_cache_dtype, model),
-                         comm=model, quant=self.quantization)
+                         comm=comm, quant=self.quantization)
 
     def linear_bytes(self, lin: Linear, prec: Precision) -> float:
         """Stored bytes of ``lin``: weights in its group's dtype with their scales, biases in the model's."""

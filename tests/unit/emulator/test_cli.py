@@ -185,3 +185,15 @@ def test_an_unknown_kv_format_lists_the_choices(capsys, command, kv):
     err = capsys.readouterr().err
     assert f"argument --kv-cache-dtype: invalid choice: '{kv}' (choose from 'auto', 'fp32', " in err
     assert "'fp8_e5m2', 'e5m2', 'float8_e5m2', 'mxfp8', 'mxfp6', 'mxfp6_e2m3', 'mxfp4', 'nvfp4')" in err
+
+
+def test_simulate_prices_the_collectives_in_the_comm_dtype(capsys):
+    """--comm-dtype fp8 on a tensor-parallel layout: the same run, less time in communication."""
+    args = ["simulate", "--model", "llama-3-8b", "--profile", "maia100", "-tp", "4", "--num-prompts", "8",
+            "--input-len", "256", "--output-len", "16", "--json"]
+    runs = {}
+    for comm in ("auto", "fp8"):
+        assert main([*args, "--comm-dtype", comm]) == 0
+        runs[comm] = json.loads(capsys.readouterr().out)[0]
+    assert runs["fp8"]["output_throughput_tok_s"] > runs["auto"]["output_throughput_tok_s"]
+    assert main([*args, "--comm-dtype", "fp9"]) != 0

@@ -166,3 +166,35 @@ def test_precision_keeps_routers_and_the_lm_head_in_the_model_dtype():
         prec.weight("moe")
     with pytest.raises(ValueError, match=r"unknown linear layer groups \['moe'\]"):
         WeightQuant(bf16, None, unquantized=frozenset({"moe"}))
+
+
+# --- the collectives' payload: --comm-dtype -------------------------------------------------------
+
+def _tp_cost(comm_dtype: str | None):
+    from maia_serving.emulator import ServingConfig, load_model_shape
+    from maia_serving.emulator.cost import CostModel, Parallel, StepShape
+    from maia_serving.emulator.memory import served_model
+
+    model = served_model(load_model_shape("llama-3-8b"), ServingConfig(tensor_parallel_size=4, comm_dtype=comm_dtype))
+    cost = CostModel(load_profile("maia100"), model, Parallel(tp=4))
+    return cost, cost.cost(StepShape.of([(1, 1024)] * 64))
+
+
+def test_a_quantized_all_reduce_carries_the_comm_dtypes_bytes():
+    """FP8 collectives: each all-reduce moves half BF16's bytes; the GEMMs, attention and weights are
+    untouched (only the payload changes)."""
+    bf16_model, bf16 = _tp_cost(None)
+    fp8_model, fp8 = _tp_cost("fp8")
+    assert fp8_model.model.precision().comm.name == "fp8_e4m3"
+    assert bf16_model.model.precision().comm.name == "bf16"
+    assert fp8.comm_s < bf16.comm_s
+    assert fp8_model.all_reduce_s(64) < bf16_model.all_reduce_s(64)
+    assert (fp8.compute_s, fp8.memory_s) == (bf16.compute_s, bf16.memory_s)
+    assert fp8_model.model.weight_bytes() == bf16_model.model.weight_bytes()
+
+
+def test_an_unknown_comm_dtype_is_refused_by_name():
+    from maia_serving.emulator import ServingConfig
+
+    with pytest.raises(ValueError, match="fp9"):
+        ServingConfig(comm_dtype="fp9")
