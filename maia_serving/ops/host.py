@@ -103,16 +103,21 @@ def _scale_table(fmt: MxFormat) -> torch.Tensor:
     return decode_e8m0_ref(codes) if fmt.scale == "e8m0" else decode_table(ELEMENT_FORMATS["e4m3"])
 
 
+def _lookup(table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """``table[codes]`` through index_select: on a CPU 2-3x faster than advanced indexing."""
+    found = torch.index_select(table.to(codes.device), 0, codes.reshape(-1).long())
+    return found.view(*codes.shape, *table.shape[1:])
+
+
 def _element_values(elem_bytes: torch.Tensor, fmt: MxFormat) -> torch.Tensor:
     """uint8 ``[..., nb, block element bytes]`` -> float32 ``[..., nb, block_size]`` (unscaled)."""
     if fmt.element.bits == 8:  # MXFP8's E4M3 is torch's float8_e4m3fn, NaN codes included
-        return _fp8_table(torch.float8_e4m3fn)[elem_bytes.long()]
+        return _lookup(_fp8_table(torch.float8_e4m3fn), elem_bytes)
     pairs = elem_bytes
     if fmt.element.bits == 6:  # 4 elements in 3 bytes: two 12-bit pairs
         b = elem_bytes.int().unflatten(-1, (-1, 3))
         pairs = torch.stack((b[..., 0] | (b[..., 1] & 0xF) << 8, b[..., 1] >> 4 | b[..., 2] << 4), -1)
-    values = _pair_table(fmt).to(elem_bytes.device)[pairs.long()]
-    return values.reshape(*elem_bytes.shape[:-1], fmt.block_size)
+    return _lookup(_pair_table(fmt), pairs).view(*elem_bytes.shape[:-1], fmt.block_size)
 
 
 def _decoded(packed: torch.Tensor, fmt: MxFormat, scale: float | torch.Tensor | None
@@ -120,7 +125,7 @@ def _decoded(packed: torch.Tensor, fmt: MxFormat, scale: float | torch.Tensor | 
     """uint8 ``[..., num_kv_heads, head_bytes]`` -> (float32 elements ``[..., num_kv_heads, nb, block_size]``,
     their block scales ``[..., num_kv_heads, nb, 1]``, NVFP4's tensor scale applied as the reference does)."""
     blocks = packed.unflatten(-1, (-1, fmt.block_bytes))
-    block_scale = _scale_table(fmt).to(packed.device)[blocks[..., -1].long()]
+    block_scale = _lookup(_scale_table(fmt), blocks[..., -1])
     if fmt.scale == "e4m3":
         block_scale = block_scale * scale_tensor(scale, packed.shape[-2], packed.device).reshape(-1, 1)
     return _element_values(blocks[..., :-1], fmt), block_scale[..., None]
@@ -138,14 +143,17 @@ def _pages(cache: torch.Tensor, plan: PagedPlan, scale, fmt: Fp8Format | MxForma
            head_dim: int) -> torch.Tensor:
     """``[num_seqs, kv_heads, max_len, head_dim]`` float32 keys or values, each head's rows
     contiguous (an MX head that ends in a partial block: a slice of its padded rows)."""
-    pages = cache[plan.blocks]  # [seqs, blocks, block_size, kv_heads, head_dim or head_bytes]
+    # [seqs, blocks, block_size, kv_heads, head_dim or head_bytes] (index_select: 8x advanced indexing's speed)
+    pages = torch.index_select(cache, 0, plan.blocks.reshape(-1)).view(*plan.blocks.shape, *cache.shape[1:])
     pages = pages.reshape(plan.num_seqs, -1, *cache.shape[2:])[:, : plan.max_len]
     if isinstance(fmt, MxFormat):
-        elements, block_scale = _decoded(pages, fmt, scale)
-        out = torch.empty((plan.num_seqs, cache.shape[2], plan.max_len, *elements.shape[-2:]), dtype=torch.float32)
-        # The scaling writes each head's rows contiguous: no separate copy.
-        torch.mul(elements, block_scale, out=out.permute(0, 2, 1, 3, 4))
-        return out.flatten(-2)[..., :head_dim]
+        # Each head's rows contiguous in the bytes (the cheapest place to reorder), so every later step is.
+        blocks = pages.transpose(1, 2).unflatten(-1, (-1, fmt.block_bytes)).contiguous()
+        block_scale = _lookup(_scale_table(fmt), blocks[..., -1])  # [seqs, kv_heads, max_len, nb]
+        if fmt.scale == "e4m3":
+            block_scale *= scale_tensor(scale, cache.shape[2], cache.device).view(1, -1, 1, 1)
+        elements = _element_values(blocks[..., :-1], fmt)  # the reference's products, in its order
+        return elements.mul_(block_scale[..., None]).flatten(-2)[..., :head_dim]
     out = torch.empty((plan.num_seqs, cache.shape[2], plan.max_len, head_dim), dtype=torch.float32)
     if fmt:  # the codes' values, looked up (torch converts FP8 one element at a time, 3x slower)
         index = torch.empty(out.shape, dtype=torch.int64).copy_(pages.permute(0, 2, 1, 3))  # the result's order
