@@ -45,6 +45,14 @@ def _metadata(step: list[tuple[int, int, int]], block_table: torch.Tensor,
                                        True, max_q, sliding_window))
 
 
+def _step_tensors(gen: torch.Generator, n: int) -> tuple[torch.Tensor, ...]:
+    """A step's bf16 query, key (wider than 1, as real keys are) and value, and its output buffer."""
+    query = torch.randn(n, HEADS, HEAD_SIZE, generator=gen).bfloat16()
+    key = (torch.randn(n, KV_HEADS, HEAD_SIZE, generator=gen) * 3).bfloat16()
+    value = torch.randn(n, KV_HEADS, HEAD_SIZE, generator=gen).bfloat16()
+    return query, key, value, torch.empty(n, HEADS, HEAD_SIZE, dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize(("kv_cache_dtype", "window", "plan_window"), [
     ("auto", None, None), ("fp8", None, None), ("fp8_e5m2", None, None),
     ("auto", 8, 8),  # a sliding-window layer on its group's plan
@@ -69,10 +77,7 @@ def test_forward_writes_with_the_layer_scales_and_attends_to_one_bf16_step(kv_ca
         requests = [r for r, _, _ in step]
         meta = _metadata(step, block_table[requests], plan_window)
         n = meta.num_actual_tokens
-        query = torch.randn(n, HEADS, HEAD_SIZE, generator=gen).bfloat16()
-        key = (torch.randn(n, KV_HEADS, HEAD_SIZE, generator=gen) * 3).bfloat16()
-        value = torch.randn(n, KV_HEADS, HEAD_SIZE, generator=gen).bfloat16()
-        output = torch.empty(n, HEADS, HEAD_SIZE, dtype=torch.bfloat16)
+        query, key, value, output = _step_tensors(gen, n)
         impl.forward(layer, query, key, value, kv_cache, meta, output)
 
         blocks, rows = meta.slot_mapping // BLOCK_SIZE, meta.slot_mapping % BLOCK_SIZE
@@ -103,10 +108,7 @@ def test_a_block_scaled_cache_is_written_and_read_as_the_mx_references(fmt):
     for step in STEPS:
         meta = _metadata(step, block_table[[r for r, _, _ in step]])
         n = meta.num_actual_tokens
-        query = torch.randn(n, HEADS, HEAD_SIZE, generator=gen).bfloat16()
-        key = (torch.randn(n, KV_HEADS, HEAD_SIZE, generator=gen) * 3).bfloat16()
-        value = torch.randn(n, KV_HEADS, HEAD_SIZE, generator=gen).bfloat16()
-        output = torch.empty(n, HEADS, HEAD_SIZE, dtype=torch.bfloat16)
+        query, key, value, output = _step_tensors(gen, n)
         impl.forward(layer, query, key, value, kv_cache, meta, output)
 
         blocks, rows = meta.slot_mapping // BLOCK_SIZE, meta.slot_mapping % BLOCK_SIZE
