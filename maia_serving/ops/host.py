@@ -103,6 +103,11 @@ def _scale_table(fmt: MxFormat) -> torch.Tensor:
     return decode_e8m0_ref(codes) if fmt.scale == "e8m0" else decode_table(ELEMENT_FORMATS["e4m3"])
 
 
+def _gathered(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``cache[blocks]`` through index_select (on a CPU 8x faster than advanced indexing)."""
+    return torch.index_select(cache, 0, blocks.reshape(-1)).view(*blocks.shape, *cache.shape[1:])
+
+
 def _lookup(table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """``table[codes]`` through index_select: on a CPU 2-3x faster than advanced indexing."""
     found = torch.index_select(table.to(codes.device), 0, codes.reshape(-1).long())
@@ -120,14 +125,17 @@ def _element_values(elem_bytes: torch.Tensor, fmt: MxFormat) -> torch.Tensor:
     return _lookup(_pair_table(fmt), pairs).view(*elem_bytes.shape[:-1], fmt.block_size)
 
 
-def _decoded(packed: torch.Tensor, fmt: MxFormat, scale: float | torch.Tensor | None
+def _decoded(packed: torch.Tensor, fmt: MxFormat, scale: float | torch.Tensor | None, head_axis: int = -2
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 ``[..., num_kv_heads, head_bytes]`` -> (float32 elements ``[..., num_kv_heads, nb, block_size]``,
-    their block scales ``[..., num_kv_heads, nb, 1]``, NVFP4's tensor scale applied as the reference does)."""
+    """uint8 ``[..., head_bytes]`` whose KV heads lie along ``head_axis`` -> (float32 elements
+    ``[..., nb, block_size]``, their block scales ``[..., nb, 1]``, NVFP4's tensor scale applied as
+    the reference does)."""
     blocks = packed.unflatten(-1, (-1, fmt.block_bytes))
     block_scale = _lookup(_scale_table(fmt), blocks[..., -1])
     if fmt.scale == "e4m3":
-        block_scale = block_scale * scale_tensor(scale, packed.shape[-2], packed.device).reshape(-1, 1)
+        per_head = [1] * block_scale.dim()
+        per_head[head_axis] = -1
+        block_scale = block_scale * scale_tensor(scale, packed.shape[head_axis], packed.device).view(per_head)
     return _element_values(blocks[..., :-1], fmt), block_scale[..., None]
 
 
@@ -143,17 +151,12 @@ def _pages(cache: torch.Tensor, plan: PagedPlan, scale, fmt: Fp8Format | MxForma
            head_dim: int) -> torch.Tensor:
     """``[num_seqs, kv_heads, max_len, head_dim]`` float32 keys or values, each head's rows
     contiguous (an MX head that ends in a partial block: a slice of its padded rows)."""
-    # [seqs, blocks, block_size, kv_heads, head_dim or head_bytes] (index_select: 8x advanced indexing's speed)
-    pages = torch.index_select(cache, 0, plan.blocks.reshape(-1)).view(*plan.blocks.shape, *cache.shape[1:])
+    pages = _gathered(cache, plan.blocks)  # [seqs, blocks, block_size, kv_heads, head_dim or head_bytes]
     pages = pages.reshape(plan.num_seqs, -1, *cache.shape[2:])[:, : plan.max_len]
     if isinstance(fmt, MxFormat):
         # Each head's rows contiguous in the bytes (the cheapest place to reorder), so every later step is.
-        blocks = pages.transpose(1, 2).unflatten(-1, (-1, fmt.block_bytes)).contiguous()
-        block_scale = _lookup(_scale_table(fmt), blocks[..., -1])  # [seqs, kv_heads, max_len, nb]
-        if fmt.scale == "e4m3":
-            block_scale *= scale_tensor(scale, cache.shape[2], cache.device).view(1, -1, 1, 1)
-        elements = _element_values(blocks[..., :-1], fmt)  # the reference's products, in its order
-        return elements.mul_(block_scale[..., None]).flatten(-2)[..., :head_dim]
+        elements, block_scale = _decoded(pages.transpose(1, 2).contiguous(), fmt, scale, head_axis=1)
+        return elements.mul_(block_scale).flatten(-2)[..., :head_dim]  # the reference's products, in its order
     out = torch.empty((plan.num_seqs, cache.shape[2], plan.max_len, head_dim), dtype=torch.float32)
     if fmt:  # the codes' values, looked up (torch converts FP8 one element at a time, 3x slower)
         index = torch.empty(out.shape, dtype=torch.int64).copy_(pages.permute(0, 2, 1, 3))  # the result's order
@@ -193,7 +196,7 @@ def _mx_fallback(query, key_cache, value_cache, plan: PagedPlan, seq_lens, query
     """The per-sequence reference over the plan's pages alone, decoded into a float32 cache of
     their own (block ``i * blocks + j`` is sequence i's j-th page)."""
     head_dim = query.shape[-1]
-    decoded = [decode_mx(cache[plan.blocks].flatten(0, 1), fmt, head_dim, s)
+    decoded = [decode_mx(_gathered(cache, plan.blocks).flatten(0, 1), fmt, head_dim, s)
                for cache, s in ((key_cache, k_scale), (value_cache, v_scale))]
     tables = torch.arange(plan.blocks.numel(), dtype=torch.int64, device=query.device).view(plan.blocks.shape)
     return paged_attention_ref(query, *decoded, tables, seq_lens, query_start_loc, scale, "auto",
