@@ -185,6 +185,12 @@ def check_nvfp4_scales(model_dir: str, hf_config: dict) -> None:
     load_sidecar(model_dir, *model_dims(hf_config))
 
 
+@lru_cache(maxsize=4)
+def _sidecar_format(model_dir: str) -> str:
+    """The FP8 format the sidecar's scales were calibrated for (read once, not once per layer)."""
+    return str(_read_json(Path(model_dir) / SIDECAR, "the per-head scales file").get("format", "e4m3"))
+
+
 def nvfp4_tensor_scales(model_dir: str, num_layers: int, total_kv_heads: int, layer: int, num_kv_heads: int,
                         tp_rank: int, tp_size: int):
     """NVFP4's tensor scales for this rank's heads of ``layer``: ``t = amax / (6 x 448)`` from the
@@ -194,8 +200,7 @@ def nvfp4_tensor_scales(model_dir: str, num_layers: int, total_kv_heads: int, la
     from maia_serving.ops.fp8 import get_fp8_format
     from maia_serving.ops.mx import MX_FORMATS
 
-    path = Path(model_dir) / SIDECAR
-    calibrated = get_fp8_format(str(_read_json(path, "the per-head scales file").get("format", "e4m3")))
+    calibrated = get_fp8_format(_sidecar_format(model_dir))
     nvfp4 = MX_FORMATS["nvfp4"]
     to_tensor_scale = calibrated.max_value / (nvfp4.element.max_value * get_fp8_format("e4m3").max_value)
     scales = [s * to_tensor_scale for s in

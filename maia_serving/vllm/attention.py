@@ -181,7 +181,7 @@ class MaiaAttentionImpl(AttentionImpl):
         # (layers, KV heads) of the whole model: the sidecar is checked against them.
         self.model_dims = scales.model_dims(config.model_config.hf_config.to_dict()) if config.model_config else (0, 0)
         self.tp_size = config.parallel_config.tensor_parallel_size
-        self._head_scales: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._sidecar_scales: tuple[torch.Tensor | float, torch.Tensor | float] | None = None  # per head, or NVFP4's
         self._logged = False
 
     def _scales(self, layer) -> tuple[torch.Tensor | float | None, torch.Tensor | float | None]:
@@ -190,13 +190,13 @@ class MaiaAttentionImpl(AttentionImpl):
         if not (self.fp8 or self.tensor_scaled):
             return (None, None) if self.kv_cache_dtype in MX_FORMATS else (1.0, 1.0)
         if self.tensor_scaled or scales.scale_mode() == "per_head":
-            if self._head_scales is None:
+            if self._sidecar_scales is None:
                 from vllm.distributed import get_tensor_model_parallel_rank
 
                 read = scales.nvfp4_tensor_scales if self.tensor_scaled else scales.per_head_scales
-                self._head_scales = read(self.model_dir, *self.model_dims, scales.layer_index(layer.layer_name),
-                                         self.num_kv_heads, get_tensor_model_parallel_rank(), self.tp_size)
-            k, v = self._head_scales
+                self._sidecar_scales = read(self.model_dir, *self.model_dims, scales.layer_index(layer.layer_name),
+                                            self.num_kv_heads, get_tensor_model_parallel_rank(), self.tp_size)
+            k, v = self._sidecar_scales
             mode = scales.scale_mode()
         else:
             k, v, mode = layer._k_scale, layer._v_scale, "per_tensor"
