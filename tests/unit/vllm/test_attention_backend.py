@@ -117,3 +117,47 @@ def test_a_block_scaled_cache_is_written_and_read_as_the_mx_references(fmt):
         expected = paged_attention_mx_ref(query, key_cache, value_cache, meta.block_table, meta.seq_lens,
                                           meta.query_start_loc, impl.scale, fmt)
         torch.testing.assert_close(output, expected, atol=0, rtol=2**-7)
+
+
+@pytest.mark.parametrize(("kv_cache_dtype", "mode"), [("fp8", "per_head"), ("nvfp4", "per_tensor"),
+                                                      ("nvfp4", "per_head")])
+def test_scales_from_the_calibrated_sidecar_are_what_the_cache_is_written_with(kv_cache_dtype, mode, tmp_path,
+                                                                              monkeypatch):
+    """Per-head FP8 scales and NVFP4's tensor scales come from calibrate-kv's sidecar (amax / 448 per KV
+    head, so NVFP4's t is that / 6, per head or the layer's largest), for this layer and TP rank."""
+    import json
+
+    import vllm.distributed
+
+    from maia_serving.ops.mx import head_bytes, quantize_mx_ref
+    from maia_serving.serving import kv_scales
+
+    k_heads, v_heads = [0.02, 0.05], [0.03, 0.01]
+    layers = {"0": {"k": [0.5, 0.5], "v": [0.5, 0.5]}, "1": {"k": k_heads, "v": v_heads}}  # layer 1 is read
+    (tmp_path / kv_scales.SIDECAR).write_text(json.dumps({"format": "e4m3", "layers": layers}))
+    monkeypatch.setenv("MAIA_SERVING_KV_SCALES", mode)
+    monkeypatch.setattr(vllm.distributed, "get_tensor_model_parallel_rank", lambda: 0)
+    block_scaled = kv_cache_dtype == "nvfp4"
+    config = VllmConfig(additional_config={"maia_kv_cache_dtype": "nvfp4"} if block_scaled else {})
+    with set_current_vllm_config(config):
+        impl = MaiaAttentionImpl(HEADS, HEAD_SIZE, HEAD_SIZE**-0.5, KV_HEADS, None, None,
+                                 "auto" if block_scaled else kv_cache_dtype)
+    impl.model_dir, impl.model_dims = str(tmp_path), (2, KV_HEADS)
+    layer = SimpleNamespace(layer_name="model.layers.1.self_attn.attn")
+    row = head_bytes("nvfp4", HEAD_SIZE) if block_scaled else HEAD_SIZE
+    kv_cache = torch.zeros(NUM_BLOCKS, KV_HEADS, BLOCK_SIZE, 2 * row, dtype=torch.uint8)
+    pages = kv_cache.permute(0, 2, 1, 3)
+    gen = torch.Generator().manual_seed(2)
+    meta = _metadata(STEPS[0], torch.arange(6, dtype=torch.int32).view(3, 2)[:2])
+    query, key, value, output = _step_tensors(gen, meta.num_actual_tokens)
+    impl.forward(layer, query, key, value, kv_cache, meta, output)
+
+    blocks, rows = meta.slot_mapping // BLOCK_SIZE, meta.slot_mapping % BLOCK_SIZE
+    for cache, x, heads in ((pages[..., :row], key, k_heads), (pages[..., row:], value, v_heads)):
+        if block_scaled:
+            t = torch.tensor(heads) * (448 / (6 * 448))  # the calibrated amax (scale x 448) / (6 x 448)
+            t = t if mode == "per_head" else float(t.max())
+            expected = quantize_mx_ref(x, "nvfp4", t)
+        else:
+            expected = quantize_fp8_ref(x, torch.tensor(heads), "e4m3")
+        assert torch.equal(cache[blocks, rows], expected)
