@@ -4,42 +4,19 @@ float64 attention over the exactly dequantized cache, to one bf16 rounding step 
 import pytest
 import torch
 from attention_float64 import assert_within_one_bf16_step, bf16_step_violations, paged_attention_float64
+from paged_batch import CASES as BATCHES
+from paged_batch import paged_batch
 
-from maia_serving.ops import host, reshape_and_cache_ref
+from maia_serving.ops import host
 from maia_serving.ops.fp8 import paged_attention_ref
 from maia_serving.ops.host import paged_attention_host, plan_paged_attention
 
-CASES = {
-    "decode": [(1, 37), (1, 5), (1, 64), (1, 1)],
-    "prefill": [(9, 9), (3, 3), (16, 16)],
-    "chunked_and_prefix_hit": [(4, 20), (1, 33), (7, 7), (5, 48)],
-    "one_decode": [(1, 37)],  # a batch of one token: the index tensors' edge
-}
+CASES = {**BATCHES, "one_decode": [(1, 37)]}  # a batch of one token: the index tensors' edge
 
 
 def _batch(pairs, kv_cache_dtype, group, seed, block_size=16, num_kv_heads=2, head_dim=40):
-    gen = torch.Generator().manual_seed(seed)
-    num_heads = num_kv_heads * group
-    max_blocks = max(-(-n // block_size) for _, n in pairs)
-    num_blocks = len(pairs) * max_blocks + 3
-    cache_dtype = torch.uint8 if kv_cache_dtype.startswith("fp8") else torch.bfloat16
-    key_cache = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, dtype=cache_dtype)
-    value_cache = torch.zeros_like(key_cache)
-    perm = torch.randperm(num_blocks, generator=gen)[: len(pairs) * max_blocks].view(len(pairs), max_blocks)
-    k_scale = torch.tensor([0.02, 0.05])[:num_kv_heads]
-    v_scale = torch.tensor(0.03)
-    for s, (_, n) in enumerate(pairs):
-        k = torch.randn(n, num_kv_heads, head_dim, generator=gen) * 3
-        v = torch.randn(n, num_kv_heads, head_dim, generator=gen)
-        slots = perm[s, torch.arange(n) // block_size] * block_size + torch.arange(n) % block_size
-        reshape_and_cache_ref(k, v, key_cache, value_cache, slots, kv_cache_dtype, k_scale, v_scale)
-    q_lens = torch.tensor([q for q, _ in pairs])
-    query = torch.randn(int(q_lens.sum()), num_heads, head_dim, generator=gen).to(torch.bfloat16)
-    qsl = torch.zeros(len(pairs) + 1, dtype=torch.int32)
-    qsl[1:] = torch.cumsum(q_lens, 0)
-    seq_lens = torch.tensor([n for _, n in pairs], dtype=torch.int32)
-    return (query, key_cache, value_cache, perm.to(torch.int32), seq_lens, qsl, head_dim**-0.5,
-            kv_cache_dtype, k_scale, v_scale)
+    return paged_batch(pairs, kv_cache_dtype, group, seed, torch.tensor([0.02, 0.05])[:num_kv_heads],
+                       torch.tensor(0.03), block_size, num_kv_heads, head_dim)
 
 
 @pytest.mark.parametrize("attention", [paged_attention_host, paged_attention_ref], ids=["host", "ref"])

@@ -9,6 +9,7 @@ import types
 import pytest
 import torch
 from attention_float64 import assert_within_one_bf16_step, bf16_step_violations, paged_attention_float64
+from paged_batch import CASES, paged_batch
 
 import maia_serving
 from maia_serving import ops
@@ -20,14 +21,8 @@ from maia_serving.ops.mx import (
     head_bytes,
     paged_attention_mx_ref,
     quantize_mx_ref,
-    reshape_and_cache_mx_ref,
 )
 
-CASES = {
-    "decode": [(1, 37), (1, 5), (1, 64), (1, 1)],
-    "prefill": [(9, 9), (3, 3), (16, 16)],
-    "chunked_and_prefix_hit": [(4, 20), (1, 33), (7, 7), (5, 48)],
-}
 # NVFP4's per-tensor scales, calibrated as amax / (448 * 6) would be for these K and V: per KV head
 # for K, one for V (block scales stay below E4M3's 448).
 NVFP4_K_SCALE = torch.tensor([0.006, 0.008, 0.007, 0.009])
@@ -39,27 +34,7 @@ def _scales(fmt: str, num_kv_heads: int) -> tuple[torch.Tensor | None, torch.Ten
 
 
 def _batch(pairs, fmt, group, seed, head_dim=80, block_size=16, num_kv_heads=2):
-    """(q_len, seq_len) pairs written through the cache write into shuffled pages, with spare pages
-    the batch does not read; the arguments of paged_attention."""
-    gen = torch.Generator().manual_seed(seed)
-    max_blocks = max(-(-n // block_size) for _, n in pairs)
-    num_blocks = len(pairs) * max_blocks + 3
-    key_cache = torch.zeros(num_blocks, block_size, num_kv_heads, head_bytes(fmt, head_dim), dtype=torch.uint8)
-    value_cache = torch.zeros_like(key_cache)
-    perm = torch.randperm(num_blocks, generator=gen)[: len(pairs) * max_blocks].view(len(pairs), max_blocks)
-    k_scale, v_scale = _scales(fmt, num_kv_heads)
-    for s, (_, n) in enumerate(pairs):
-        k = torch.randn(n, num_kv_heads, head_dim, generator=gen) * 3
-        v = torch.randn(n, num_kv_heads, head_dim, generator=gen)
-        slots = perm[s, torch.arange(n) // block_size] * block_size + torch.arange(n) % block_size
-        reshape_and_cache_mx_ref(k, v, key_cache, value_cache, slots, fmt, k_scale, v_scale)
-    q_lens = torch.tensor([q for q, _ in pairs])
-    query = torch.randn(int(q_lens.sum()), num_kv_heads * group, head_dim, generator=gen).to(torch.bfloat16)
-    qsl = torch.zeros(len(pairs) + 1, dtype=torch.int32)
-    qsl[1:] = torch.cumsum(q_lens, 0)
-    seq_lens = torch.tensor([n for _, n in pairs], dtype=torch.int32)
-    return (query, key_cache, value_cache, perm.to(torch.int32), seq_lens, qsl, head_dim**-0.5, fmt,
-            k_scale, v_scale)
+    return paged_batch(pairs, fmt, group, seed, *_scales(fmt, num_kv_heads), block_size, num_kv_heads, head_dim)
 
 
 @pytest.mark.parametrize("fmt", list(MX_FORMATS))
