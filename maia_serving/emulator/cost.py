@@ -437,14 +437,24 @@ class CostModel:
         return interconnect.all_gather(self._net, logits, self.parallel.tp).time_s
 
     def hops_s(self, tokens: int) -> tuple[float, ...]:
-        """Each stage's send of the hidden states to the next (each rank to its counterpart, all at once)."""
-        hidden = tokens * self.model.hidden_size * self._comm_bytes
+        """Each stage's send to the next (each rank to its counterpart, all at once): the hidden states
+        and the residual stream, the two tensors vLLM's decoder models hand between stages."""
+        hidden = 2 * tokens * self.model.hidden_size * self._comm_bytes
         return tuple(interconnect.send_recv_s(self._net, hidden, across) for across in self._crosses)
 
+    def collectives_s(self, rows: Iterable[tuple[int, int, int, int, int]]) -> float:
+        """The collectives an engine step performed, each priced for its own bytes and group (rows as
+        ``maia_serving.serving.collectives`` ships them: op index, group, bytes, count, sending stage)."""
+        ops, net, tp, chips = interconnect.COLLECTIVE_OPS, self._net, self.parallel.tp, self._net.node_chips
+        return sum(count * interconnect.collective(net, ops[op], nbytes, group,
+                                                   ops[op] == "send" and crosses_node(stage, tp, chips)).time_s
+                   for op, group, nbytes, count, stage in rows)
+
     def comm_s(self, tokens: int, seqs: int) -> float:
-        """Tensor-parallel all-reduces (two per layer) and the logits all-gather; one
-        send/recv of the hidden states between consecutive pipeline stages."""
-        comm = 2 * self.model.num_layers * self.all_reduce_s(tokens) + self.logits_s(seqs)
+        """Tensor-parallel all-reduces (two per layer, and the vocabulary-parallel embedding's) and the
+        logits all-gather; one send/recv between consecutive pipeline stages. The counts are those a
+        live vLLM step performs (tests/e2e/test_collectives.py)."""
+        comm = (2 * self.model.num_layers + 1) * self.all_reduce_s(tokens) + self.logits_s(seqs)
         return comm + sum(self.hops_s(tokens))
 
     def _stage_cost(self, part: _Part, decode_graph: bool) -> float:
@@ -468,7 +478,7 @@ class CostModel:
             share, first, is_last = count / layers, k == 0, k == last
             part = _Part(share * compute[0] + first * compute[1] + is_last * compute[2],
                          share * memory[0] + first * memory[1] + is_last * memory[2],
-                         2 * count * all_reduce + is_last * logits,
+                         (2 * count + first) * all_reduce + is_last * logits,
                          share * self._kernels[0] + first * self._kernels[1] + is_last * self._kernels[2], first)
             stages.append((part.compute_s, part.memory_s, part.comm_s, self._stage_cost(part, decode_graph)))
         return stages, self.hops_s(tokens)

@@ -151,3 +151,23 @@ def send_recv_s(net: Network, nbytes: float, across_nodes: bool = False) -> floa
         return base + link.latency_s + nbytes / link.bandwidth_bytes_per_s
     link = net.scale_up
     return base + link.latency_s + nbytes / (link.pair_bandwidth_bytes_per_s or link.bandwidth_bytes_per_s)
+
+
+# The collectives an engine step performs, as its communicator names them; ``nbytes`` is the
+# buffer each chip holds for an all-reduce or reduce-scatter, the result for an all-gather or a
+# gather, the payload for a send.
+COLLECTIVE_OPS = ("all_reduce", "all_gather", "gather", "reduce_scatter", "send")
+
+
+def collective(net: Network, op: str, nbytes: float, group: int, across_nodes: bool = False) -> Collective:
+    """One collective by name. A gather to one chip is priced as the all-gather phase that delivers the
+    same bytes (on a ring or a direct exchange the root receives as much as every chip of an all-gather)."""
+    if op == "all_reduce":
+        return all_reduce(net, nbytes, group)
+    if op in ("all_gather", "gather"):
+        return all_gather(net, nbytes, group)
+    if op == "reduce_scatter":
+        return reduce_scatter(net, nbytes, group)
+    if op == "send":
+        return Collective("direct", send_recv_s(net, nbytes, across_nodes))
+    raise ValueError(f"unknown collective {op!r}; known: {', '.join(COLLECTIVE_OPS)}")

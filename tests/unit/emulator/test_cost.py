@@ -145,23 +145,41 @@ def test_operators_of_other_families_by_hand(key):
 
 
 def test_collectives_of_two_tensor_and_two_pipeline_stages_by_hand(llama8b, maia100):
-    """Two all-reduces per layer of the tokens' hidden states, the logits all-gather of the last tokens, and
-    a send of the hidden states to each next stage (bf16: 2 bytes an element), on Maia 100's mesh: 5 us a hop,
-    150 GB/s between a pair of chips.
+    """Two all-reduces per layer of the tokens' hidden states and one after the vocabulary-parallel
+    embedding, the logits all-gather of the last tokens, and a send of the hidden states and the residual
+    to each next stage (bf16: 2 bytes an element), on Maia 100's mesh: 5 us a hop, 150 GB/s between a pair
+    of chips.
 
     100 tokens: hidden = 100 * 4096 * 2 = 819,200 B. An all-reduce over 2 chips: one-shot 5 us + 819,200 /
     150e9 = 10.461 us beats two-shot 2 * (5 us + 409,600 / 150e9) = 15.461 us; over 4, one-shot 10.461 us
     beats 2 * (5 us + 204,800 / 150e9) = 12.731 us. The logits of 3 sequences, 3 * 128,256 * 2 = 769,536 B,
     gathered directly: 5 us + 769,536 / p / 150e9. A send to the next stage, on the same node: 5 us +
-    819,200 / 150e9.
+    2 * 819,200 / 150e9.
     """
-    one_shot, send = 5e-6 + 819_200 / 150e9, 5e-6 + 819_200 / 150e9
+    one_shot, send = 5e-6 + 819_200 / 150e9, 5e-6 + 2 * 819_200 / 150e9
     gather = {p: 5e-6 + 769_536 / p / 150e9 for p in (2, 4)}
     tp2_pp2 = CostModel(maia100, llama8b, Parallel(tp=2, pp=2))
-    assert tp2_pp2.comm_s(100, 3) == pytest.approx(2 * 32 * one_shot + gather[2] + send, rel=1e-12)
+    assert tp2_pp2.comm_s(100, 3) == pytest.approx(65 * one_shot + gather[2] + send, rel=1e-12)
     assert CostModel(maia100, llama8b, Parallel(pp=4)).comm_s(100, 3) == pytest.approx(3 * send, rel=1e-12)
     assert CostModel(maia100, llama8b, Parallel(tp=4)).comm_s(100, 3) == pytest.approx(
-        2 * 32 * one_shot + gather[4], rel=1e-12)
+        65 * one_shot + gather[4], rel=1e-12)
+
+
+def test_the_engines_own_collectives_priced_one_by_one_are_the_formulas(llama8b, maia100):
+    """The calls a live vLLM step makes at tp=2 x pp=2 (tests/e2e/test_collectives.py counts them on the demo
+    model), as the communicator ships them: on stage 0, 16 layers' two all-reduces and the embedding's, and
+    the send of the hidden states and residual; on stage 1, 16 layers' all-reduces and the logits'
+    all-gather. Priced call by call, they come to the cost model's formula for the same step."""
+    hidden, logits = 100 * 4096 * 2, 3 * 128_256 * 2
+    rows = [(0, 2, hidden, 33, 0), (4, 2, 2 * hidden, 1, 0), (0, 2, hidden, 32, 0), (1, 2, logits, 1, 0)]
+    model = CostModel(maia100, llama8b, Parallel(tp=2, pp=2))
+    assert model.collectives_s(rows) == pytest.approx(model.comm_s(100, 3), rel=1e-12)
+    # Stage 0's send leaves the node when each stage holds a node of 4 Maia 100s: priced at the scale-out tier.
+    llama70b = load_model_shape("llama-3-70b")
+    across = CostModel(maia100, llama70b, Parallel(tp=4, pp=2))
+    send = (4, 4, 2 * 100 * 8192 * 2, 1, 0)
+    assert across.collectives_s([send]) == pytest.approx(sum(across.hops_s(100)), rel=1e-12)
+    assert across.collectives_s([send]) > CostModel(maia100, llama70b, Parallel(tp=2, pp=2)).collectives_s([send])
 
 
 def test_a_decode_steps_flops_count_every_operator(llama8b, maia100, golden):

@@ -14,7 +14,7 @@ import pytest
 from maia_serving.emulator import load_profile
 from maia_serving.emulator.cost import crosses_node
 from maia_serving.emulator.hardware import LinkProfile, Network
-from maia_serving.emulator.interconnect import all_gather, all_reduce, reduce_scatter, send_recv_s
+from maia_serving.emulator.interconnect import all_gather, all_reduce, collective, reduce_scatter, send_recv_s
 
 US = 1e-6
 N = 64e6  # a 64 MB buffer
@@ -128,3 +128,15 @@ def test_more_link_bandwidth_is_never_slower():
 def test_bad_links_are_refused(kwargs, error):
     with pytest.raises(ValueError, match=error):
         LinkProfile(**{"chips": 4, "bandwidth_bytes_per_s": 1e9, "latency_s": 0, **kwargs})
+
+
+def test_a_collective_by_name_is_the_function_of_that_name():
+    """As the engine's communicator names them; a gather to one chip costs the all-gather phase."""
+    net = load_profile("maia100").network
+    assert collective(net, "all_reduce", N, 4) == all_reduce(net, N, 4)
+    assert collective(net, "reduce_scatter", N, 4) == reduce_scatter(net, N, 4)
+    assert collective(net, "all_gather", N, 4) == collective(net, "gather", N, 4) == all_gather(net, N, 4)
+    assert collective(net, "send", N, 2).time_s == send_recv_s(net, N)
+    assert collective(net, "send", N, 2, across_nodes=True).time_s == send_recv_s(net, N, across_nodes=True)
+    with pytest.raises(ValueError, match="unknown collective 'all_to_all'; known: all_reduce, all_gather"):
+        collective(net, "all_to_all", N, 4)

@@ -48,8 +48,8 @@ def test_a_decode_step_on_two_stages_by_hand(llama8b, maia100, golden):
     (4096 * 2 B), the LM head's weight, and per sequence the norm's read and write and the LM head's input
     and logits; the first stage the embedding gather, 4096 * 2 B per token. The layers take what is left of
     the golden step's bytes, half on each stage. Kernels: 9 a layer, so 9 * 16 + 1 = 145 on the first stage
-    and 9 * 16 + 2 = 146 on the last, 5 us each. The hidden states of 2 tokens, 2 * 4096 * 2 B, go over the
-    pair's links of the mesh: 5 us + 16,384 B / 150 GB/s.
+    and 9 * 16 + 2 = 146 on the last, 5 us each. The hidden states and the residual of 2 tokens, 2 * 2 * 4096 *
+    2 B, go over the pair's links of the mesh: 5 us + 32,768 B / 150 GB/s.
     """
     step = golden["decode"]
     cost = CostModel(maia100, llama8b, Parallel(pp=2)).cost_of(step.new_tokens, step.context_lens)
@@ -58,7 +58,7 @@ def test_a_decode_step_on_two_stages_by_hand(llama8b, maia100, golden):
     first = 2 * 4096 * 2 / bytes_per_s
     last = (4096 * 2 + 4096 * 128256 * 2 + 2 * per_seq) / bytes_per_s
     layers = step.memory_s - first - last
-    hop = 5e-6 + 16_384 / 150e9
+    hop = 5e-6 + 32_768 / 150e9
     assert cost.stages == pytest.approx((layers / 2 + first + 145 * 5e-6, layers / 2 + last + 146 * 5e-6), rel=1e-12)
     assert cost.hops == pytest.approx((hop,), rel=1e-12)
     assert cost.comm_s == pytest.approx(hop, rel=1e-12)
@@ -66,10 +66,10 @@ def test_a_decode_step_on_two_stages_by_hand(llama8b, maia100, golden):
 
 
 def test_stages_between_nodes_send_over_the_scale_out_tier():
-    """Llama-3-70B on 8 Maia 100 as tp=4, pp=2: each stage is a node, so 100 tokens' hidden states (100 * 8192 * 2
-    B) cross at 10 us + 1,638,400 B / 150 GB/s; as tp=2, pp=4 only the middle send crosses."""
+    """Llama-3-70B on 8 Maia 100 as tp=4, pp=2: each stage is a node, so 100 tokens' hidden states and residual
+    (2 * 100 * 8192 * 2 B) cross at 10 us + 3,276,800 B / 150 GB/s; as tp=2, pp=4 only the middle send crosses."""
     model, m100 = load_model_shape("llama-3-70b"), load_profile("maia100")
-    across, within = 10e-6 + 1_638_400 / 150e9, 5e-6 + 1_638_400 / 150e9
+    across, within = 10e-6 + 3_276_800 / 150e9, 5e-6 + 3_276_800 / 150e9
     assert CostModel(m100, model, Parallel(tp=4, pp=2)).hops_s(100) == pytest.approx((across,), rel=1e-12)
     assert CostModel(m100, model, Parallel(tp=2, pp=4)).hops_s(100) == pytest.approx((within, across, within),
                                                                                      rel=1e-12)
