@@ -7,7 +7,7 @@ the vLLM and SGLang adapters charge steps the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from maia_serving.emulator.clock import EmulatedClock, RequestTiming
 from maia_serving.emulator.cost import CostModel, Parallel
@@ -33,6 +33,8 @@ class StepRecord:
     kv_blocks_used: int
     kv_blocks_cached: int = 0  # blocks held only by the prefix cache (reusable, not used)
     overhead_s: float = 0.0  # host time the adapter spent charging this step
+    num_collectives: int = 0  # the engine's own collectives charged in comm_s (0: comm_s is the cost model's)
+    comm_bytes: int = 0  # their bytes, as each was priced
     first_token_ttfts_s: list[float] = field(default_factory=list)
     finished: list[RequestTiming] = field(default_factory=list)
 
@@ -73,9 +75,13 @@ class EmulatedDevice:
 
     def charge(self, new_tokens: tuple[int, ...], context_lens: tuple[int, ...],
                tokens_out: dict[str, int], finished: list[str], kv_blocks_used: int,
-               wall_s: float = 0.0) -> StepRecord:
-        """Charge one step; ``finished`` requests leave the clock with their timings."""
+               wall_s: float = 0.0, collectives: list[tuple[int, int, int, int, int]] | None = None) -> StepRecord:
+        """Charge one step; ``finished`` requests leave the clock with their timings. ``collectives``, the
+        calls the engine really made (``maia_serving.serving.collectives`` rows), replace the cost
+        model's count of them where given."""
         cost = self.cost_model.cost_of(new_tokens, context_lens)
+        if collectives is not None:
+            cost = replace(cost, comm_s=self.cost_model.collectives_s(collectives))
         firsts = self.clock.advance(cost.total_s, tokens_out)
         done = [t for rid in finished if (t := self.clock.finish(rid)) is not None]
         return StepRecord(
@@ -92,4 +98,6 @@ class EmulatedDevice:
             kv_blocks_used=kv_blocks_used,
             first_token_ttfts_s=[t.ttft_s for t in firsts],
             finished=done,
+            num_collectives=sum(row[3] for row in collectives or ()),
+            comm_bytes=sum(row[2] * row[3] for row in collectives or ()),
         )

@@ -94,7 +94,8 @@ class PeriodicLog:
             f"Maia emulation [{dev.profile.name}]: {dev.plan.model}, {int(self._steps)} steps, "
             f"emulated {format_seconds(self._emu)} vs host {format_seconds(self._wall)} "
             f"(last step {format_seconds(record.step_s)}: compute {format_seconds(record.compute_s)}, "
-            f"memory {format_seconds(record.memory_s)}, communication {format_seconds(record.comm_s)}, "
+            f"memory {format_seconds(record.memory_s)}, communication {format_seconds(record.comm_s)}"
+            f"{f' ({record.num_collectives} collectives)' if record.num_collectives else ''}, "
             f"launch {format_seconds(record.launch_s)}; {record.bound}-bound), "
             f"emulated TTFT mean {_mean(self._ttfts)}, TPOT mean {_mean(self._tpots)}, "
             f"HBM {format_bytes(dev.hbm_used_bytes(record.kv_blocks_used))}/"
@@ -141,6 +142,10 @@ class EmulatedMetricSet:
                              "Emulated step time by part (compute, memory, communication, launch)", ["part"],
                              **reg)
         self.tokens = Counter("maia:emulated_tokens", "Tokens the emulated device processed", **reg)
+        self.collectives = Counter("maia:emulated_collectives",
+                                   "Collectives the engine performed and the emulated interconnect was charged for",
+                                   **reg)
+        self.comm_bytes = Counter("maia:emulated_collective_bytes", "Bytes of the charged collectives", **reg)
         self.errors = Counter("maia:emulation_errors",
                               "Steps left uncharged or records dropped because of an error in the emulation "
                               "(the engine kept serving); see the server log", ["stage"], **reg)
@@ -211,6 +216,8 @@ class EmulatedMetricSet:
         self.parts.labels("communication").inc(rec.comm_s)
         self.parts.labels("launch").inc(rec.launch_s)
         self.tokens.inc(rec.num_tokens)
+        self.collectives.inc(rec.num_collectives)
+        self.comm_bytes.inc(rec.comm_bytes)
         for ttft in rec.first_token_ttfts_s:
             self.ttft.observe(ttft)
         for timing in rec.finished:

@@ -28,6 +28,8 @@ class EngineStep:
     finished: list[str]  # requests that left the engine this step
     kv_blocks_used: int  # emulated blocks held by running requests
     kv_blocks_cached: int  # emulated blocks held only by the prefix cache
+    # The collectives the engine performed (maia_serving.serving.collectives rows); None: price the cost model's
+    collectives: list[tuple[int, int, int, int, int]] | None = None
 
 
 class StepCharger:
@@ -74,7 +76,7 @@ class StepCharger:
     def _charge(self, shape: EngineStep, wall_s: float, read_s: float) -> StepRecord:
         start = time.thread_time()
         record = self.device.charge(shape.new_tokens, shape.contexts, shape.tokens_out, shape.finished,
-                                    shape.kv_blocks_used, wall_s)
+                                    shape.kv_blocks_used, wall_s, shape.collectives)
         record.kv_blocks_cached = shape.kv_blocks_cached
         if (line := self._log.observe(record, time.monotonic())) is not None:
             self.logger.info(line)

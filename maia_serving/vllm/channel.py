@@ -28,7 +28,7 @@ logger = logging.getLogger("vllm.maia_serving")
 VERSION = 1
 MAX_MESSAGE_BYTES = 8 << 20
 _FLOAT_FIELDS = ("step_s", "compute_s", "memory_s", "comm_s", "launch_s", "now_s", "wall_s", "overhead_s")
-_INT_FIELDS = ("num_tokens", "num_seqs", "kv_blocks_used", "kv_blocks_cached")
+_INT_FIELDS = ("num_tokens", "num_seqs", "kv_blocks_used", "kv_blocks_cached", "num_collectives", "comm_bytes")
 
 
 @dataclass

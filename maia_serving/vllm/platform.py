@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 logger = init_logger("vllm.maia_serving")
 
 SCHEDULER_CLS = "maia_serving.vllm.scheduler.MaiaScheduler"
+WORKER_CLS = "maia_serving.vllm.worker.MaiaWorker"
+COMMUNICATOR_CLS = "maia_serving.vllm.communicator.MaiaCommunicator"
 ATTENTION_BACKEND_CLS = "maia_serving.vllm.attention.MaiaAttentionBackend"
 
 
@@ -52,6 +54,17 @@ class MaiaPlatform(CpuPlatform):
         return path
 
     @classmethod
+    def get_device_communicator_cls(cls) -> str:
+        """vLLM's CPU collectives, each also charged to the emulated interconnect."""
+        return COMMUNICATOR_CLS
+
+    @classmethod
+    def use_custom_op_collectives(cls) -> bool:
+        """Collectives as vLLM's opaque custom ops: a compiled model then calls the communicator at run
+        time, where it counts each call, instead of tracing into it (the CPU platform traces them)."""
+        return True
+
+    @classmethod
     def pre_register_and_update(cls, parser=None) -> None:
         """Give `vllm serve` back its ``--device`` flag (vLLM 0.32 dropped it), and let
         ``--kv-cache-dtype`` name the block-scaled formats."""
@@ -75,6 +88,7 @@ class MaiaPlatform(CpuPlatform):
         # the server now, by name, not 40 s later in a worker.
         envs.check_all("vllm")
         ledger.require_surfaces()
+        _apply_worker(vllm_config)
         super().check_and_update_config(vllm_config)
         if vllm_config.model_config is None:
             return
@@ -182,6 +196,17 @@ def _apply_kv_cache_size(vllm_config: VllmConfig) -> None:
         format_bytes(plan.weight_bytes), host_cap / 2**30, envs.VLLM_CPU_KVCACHE_SPACE,
         tokens, vllm_config.cache_config.kv_cache_memory_bytes / 2**30,
     )
+
+
+def _apply_worker(vllm_config: VllmConfig) -> None:
+    """Our CPU worker subclass, which ships each step's collectives to the scheduler (before the CPU
+    platform would set its own)."""
+    parallel = vllm_config.parallel_config
+    if parallel.worker_cls == "auto":
+        parallel.worker_cls = WORKER_CLS
+    elif parallel.worker_cls != WORKER_CLS:
+        logger.warning("A custom worker (%s) is set: communication is priced by the cost model's count of "
+                       "collectives, not the engine's.", parallel.worker_cls)
 
 
 def _apply_scheduler(vllm_config: VllmConfig) -> None:

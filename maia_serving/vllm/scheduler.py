@@ -20,6 +20,7 @@ from maia_serving import envs
 from maia_serving.serving.metrics import DeviceInfo
 from maia_serving.serving.stepping import EngineStep, StepCharger
 from maia_serving.vllm.channel import StatsPublisher
+from maia_serving.vllm.communicator import OUTPUT_ATTR
 from maia_serving.vllm.device import build_device
 
 logger = init_logger("vllm.maia_serving")
@@ -47,6 +48,8 @@ class MaiaScheduler(Scheduler):
                                 on_error=self._publisher.count_error)
         # Keyed by the SchedulerOutput's id: with a batch queue, two steps can be in flight.
         self._in_flight: dict[int, _Scheduled] = {}
+        # The engine's collectives move the served model's tensors: a proxy shape's are the cost model's.
+        self._charge_collectives = not envs.priced_model(vllm_config.additional_config.get("maia_model"))
         self._publisher.announce(DeviceInfo.of(device, self.cache_config.num_gpu_blocks or 0))
 
     def add_request(self, request) -> None:
@@ -79,10 +82,10 @@ class MaiaScheduler(Scheduler):
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         step = self._in_flight.pop(id(scheduler_output), None)
         if step is not None:
-            self.maia.guard("charging a step", self._charge, step, outputs)
+            self.maia.guard("charging a step", self._charge, step, outputs, model_runner_output)
         return outputs
 
-    def _charge(self, step: _Scheduled, outputs) -> None:
+    def _charge(self, step: _Scheduled, outputs, model_runner_output) -> None:
         wall_s = time.perf_counter() - step.started
         start = time.thread_time()
         tokens_out: dict[str, int] = {}
@@ -93,7 +96,8 @@ class MaiaScheduler(Scheduler):
                 if out.finish_reason is not None:
                     finished.append(out.request_id)
         used, cached = self._kv_blocks()
-        shape = EngineStep(step.new_tokens, step.contexts, tokens_out, finished, used, cached)
+        collectives = getattr(model_runner_output, OUTPUT_ATTR, None) if self._charge_collectives else None
+        shape = EngineStep(step.new_tokens, step.contexts, tokens_out, finished, used, cached, collectives)
         self.maia.charge(shape, wall_s, step.read_s + time.thread_time() - start)
         self._report_if_idle()
 

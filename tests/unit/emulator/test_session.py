@@ -90,3 +90,22 @@ def test_a_device_that_does_not_fit_suggests_in_the_engines_spelling(llama8b, ma
     llama70b = load_model_shape("llama-3-70b")
     with pytest.raises(NotEnoughMemory, match="Try: --tp-size 4 "):
         EmulatedDevice.fit(maia100, llama70b, ServingConfig(), SGLANG_FLAGS)
+
+
+def test_the_engines_collectives_replace_the_formulas_count(llama8b, maia100):
+    """A step charged with the calls the engine made: its communication is theirs, priced call by call, and
+    the rest of the step is the cost model's; the record counts the calls and their bytes."""
+    device = EmulatedDevice.fit(maia100, llama8b, ServingConfig(tensor_parallel_size=2))
+    model = device.cost_model
+    formula = model.cost_of((100,), (100,))
+    rows = [(0, 2, 100 * 4096 * 2, 3, 0), (1, 2, 128_256 * 2, 1, 0)]  # 3 all-reduces, the logits' all-gather
+    record = device.charge((100,), (100,), {}, [], kv_blocks_used=0, collectives=rows)
+    assert record.comm_s == pytest.approx(model.collectives_s(rows), rel=1e-12)
+    assert record.comm_s < formula.comm_s  # 3 all-reduces, not 65
+    assert record.step_s == pytest.approx(formula.total_s - formula.comm_s + record.comm_s, rel=1e-12)
+    assert (record.compute_s, record.memory_s, record.launch_s) == (formula.compute_s, formula.memory_s,
+                                                                    formula.launch_s)
+    assert (record.num_collectives, record.comm_bytes) == (4, 3 * 819_200 + 256_512)
+    assert device.clock.busy_s == record.step_s
+    plain = device.charge((100,), (100,), {}, [], kv_blocks_used=0)
+    assert (plain.comm_s, plain.num_collectives, plain.comm_bytes) == (formula.comm_s, 0, 0)

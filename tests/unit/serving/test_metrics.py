@@ -28,6 +28,9 @@ FAMILIES = {
     "maia:emulated_time_by_part_seconds": (
         "counter", "Emulated step time by part (compute, memory, communication, launch)", {"part"}),
     "maia:emulated_tokens": ("counter", "Tokens the emulated device processed", set()),
+    "maia:emulated_collectives": (
+        "counter", "Collectives the engine performed and the emulated interconnect was charged for", set()),
+    "maia:emulated_collective_bytes": ("counter", "Bytes of the charged collectives", set()),
     "maia:emulation_errors": (
         "counter", "Steps left uncharged or records dropped because of an error in the emulation (the engine kept "
                    "serving); see the server log", {"stage"}),
@@ -55,7 +58,7 @@ def _timing(first_s, last_s, tokens):
 def _record(**changes) -> StepRecord:
     fields = dict(step_s=0.25, compute_s=0.125, memory_s=0.0625, comm_s=0.03125, launch_s=0.03125, bound="compute",
                   num_tokens=7, num_seqs=2, now_s=1.5, wall_s=0.5, kv_blocks_used=3, kv_blocks_cached=1,
-                  overhead_s=0.0078125)
+                  overhead_s=0.0078125, num_collectives=5, comm_bytes=4096)
     return StepRecord(**{**fields, **changes})
 
 
@@ -130,6 +133,8 @@ def test_a_step_moves_every_figure(metrics):
              for p in ("compute", "memory", "communication", "launch")}
     assert parts == {"compute": 0.125, "memory": 0.0625, "communication": 0.03125, "launch": 0.03125}
     assert _value(metrics, "maia:emulated_tokens_total") == 7
+    assert (_value(metrics, "maia:emulated_collectives_total"),
+            _value(metrics, "maia:emulated_collective_bytes_total")) == (5, 4096)
     assert _value(metrics, "maia:emulated_time_to_first_token_seconds_sum") == 0.75
     # Only a request with two tokens or more has a TPOT; one that never got a token has no latency.
     assert (_value(metrics, "maia:emulated_time_per_output_token_seconds_count"),
@@ -169,7 +174,8 @@ def device():
 
 def _line(device, steps, emulated, host, record, ttft, tpot):
     return (f"Maia emulation [maia100]: llama-3-8b, {steps} steps, emulated {emulated} vs host {host} "
-            "(last step 250 ms: compute 125 ms, memory 62.5 ms, communication 31.2 ms, launch 31.2 ms; compute-bound), "
+            "(last step 250 ms: compute 125 ms, memory 62.5 ms, communication 31.2 ms (5 collectives), launch 31.2 ms; "
+            "compute-bound), "
             f"emulated TTFT mean {ttft}, TPOT mean {tpot}, "
             f"HBM {format_bytes(device.hbm_used_bytes(record.kv_blocks_used))}/68.72 GB, "  # 64 GiB
             f"KV blocks {record.kv_blocks_used}/{device.plan.num_blocks} used, {record.kv_blocks_cached} cached")

@@ -4,10 +4,10 @@ one fails here, not silently in a server."""
 import pytest
 
 from maia_serving.serving.ledger import MissingSurface, Surface, require_all, resolve
-from maia_serving.vllm.ledger import SURFACES
+from maia_serving.vllm.ledger import SURFACES, WORKER_SURFACES
 
 
-@pytest.mark.parametrize("surface", SURFACES, ids=[s.target for s in SURFACES])
+@pytest.mark.parametrize("surface", SURFACES + WORKER_SURFACES, ids=[s.target for s in SURFACES + WORKER_SURFACES])
 def test_surface_resolves_in_the_installed_vllm(surface):
     resolve(surface)
     assert surface.why and surface.until and surface.kind

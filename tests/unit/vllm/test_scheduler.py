@@ -109,7 +109,7 @@ def engine(demo_model, receiver):
     """Builds an Engine on ``num_blocks`` engine KV blocks (one of them vLLM's null block)."""
     built = []
 
-    def make(num_blocks: int = 16, prefix_caching: bool = False) -> Engine:
+    def make(num_blocks: int = 16, prefix_caching: bool = False, proxy: str | None = None) -> Engine:
         vllm_config = VllmConfig(
             model_config=ModelConfig(model=str(demo_model), dtype="bfloat16", max_model_len=256,
                                      skip_tokenizer_init=True),
@@ -117,7 +117,7 @@ def engine(demo_model, receiver):
             scheduler_config=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256, max_model_len=256,
                                              is_encoder_decoder=False, enable_chunked_prefill=True,
                                              async_scheduling=False),
-            additional_config={"maia_profile": PROFILE},
+            additional_config={"maia_profile": PROFILE, **({"maia_model": proxy} if proxy else {})},
         )
         vllm_config.cache_config.num_gpu_blocks = num_blocks
         kv_cache_config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=[
@@ -369,3 +369,24 @@ def test_an_engine_pool_not_sized_yet_is_announced_as_zero_blocks(engine, receiv
     monkeypatch.setattr(Scheduler, "__init__", unsized)
     engine()
     expect(receiver, "maia:kv_cache_blocks", 0.0, holder="engine")
+
+
+@pytest.mark.parametrize("proxy", [None, "llama-3-8b"], ids=["served-model", "proxy-shape"])
+def test_the_collectives_a_step_shipped_are_what_it_is_charged(engine, receiver, proxy):
+    """The worker hands each step's collectives over on its ModelRunnerOutput (maia_collectives): they
+    are the step's communication, counted on /metrics. A proxy shape's steps move other tensors than
+    the host's, so there the cost model's count stands."""
+    e = engine(proxy=proxy)
+    device = e.scheduler.maia.device
+    rows = [(0, 2, 20 * 128 * 2, 5, 0), (1, 2, 2048 * 2, 1, 0)]
+    e.add("a", [1] * 20, max_tokens=1)
+    out = e.scheduler.schedule()
+    ran = e.run(out)
+    ran.maia_collectives = rows
+    e.scheduler.update_from_output(out, ran)
+    formula = device.cost_model.cost_of((20,), (20,))
+    charged = device.cost_model.collectives_s(rows) if proxy is None else formula.comm_s
+    assert e.clock.busy_s == pytest.approx(formula.total_s - formula.comm_s + charged, rel=1e-12)
+    expect(receiver, "maia:emulated_time_by_part_seconds_total", charged, part="communication")
+    expect(receiver, "maia:emulated_collectives_total", 6 if proxy is None else 0)
+    expect(receiver, "maia:emulated_collective_bytes_total", 5 * 5120 + 4096 if proxy is None else 0)
