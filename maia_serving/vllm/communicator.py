@@ -31,7 +31,9 @@ def _nbytes(tensor: torch.Tensor) -> int:
 
 class MaiaCommunicator(CpuCommunicator):
     def all_reduce(self, input_):
-        out = super().all_reduce(input_)
+        """Out of place, as vLLM's custom op declares it (the CPU communicator reduces into its input:
+        under a compiled graph, where the op may not alias or mutate its input, that gave wrong tokens)."""
+        out = super().all_reduce(input_.clone())
         TALLY.record("all_reduce", self.world_size, _nbytes(input_))
         return out
 
