@@ -13,6 +13,7 @@ _SCHED = "sglang.srt.managers.scheduler.Scheduler"
 _TOKENIZER = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
 _BATCH = "sglang.srt.managers.schedule_batch.ScheduleBatch"
 _REQ = "sglang.srt.managers.schedule_batch.Req"
+_GROUP = "sglang.srt.distributed.parallel_state.GroupCoordinator"
 _UNTIL_HOOKS = "SGLang offers a public per-step callback with the batch and its result"
 
 SURFACES: tuple[Surface, ...] = (
@@ -42,8 +43,14 @@ SURFACES: tuple[Surface, ...] = (
     Surface(f"{_BATCH}#seq_lens_cpu", "private attribute", "contexts of a decode step", _UNTIL_HOOKS),
     Surface(f"{_REQ}#output_ids", "private attribute", "tokens each request emitted", _UNTIL_HOOKS),
     Surface(f"{_REQ}.finished", "private attribute", "which requests left the engine", _UNTIL_HOOKS),
-    Surface("sglang.srt.runtime_context.get_parallel", "private attribute", "only TP rank 0 charges the device",
-            _UNTIL_HOOKS),
+    Surface("sglang.srt.runtime_context.get_parallel", "private attribute",
+            "only the first rank (TP rank 0 of pipeline stage 0) charges the device", _UNTIL_HOOKS),
+    # Collectives (maia_serving.sglang.patch.collectives)
+    *(Surface(f"{_GROUP}.{method}", "hook", "counts each call for the emulated interconnect",
+              "SGLang lets a platform supply its communicator") for method in
+      ("all_reduce", "all_gather", "gather", "reduce_scatter")),
+    Surface(f"{_GROUP}#world_size", "private attribute", "the group a collective ran over",
+            "SGLang lets a platform supply its communicator"),
     Surface("sglang.srt.plugins.hook_registry.HookRegistry#_patched", "private attribute",
             "checks at startup that every hook above applied (require_hooks_applied)",
             "HookRegistry raises when a hook fails to apply"),

@@ -18,7 +18,7 @@ def register() -> None:
 
     from maia_serving.envs import device_requested
     from maia_serving.sglang import ATTENTION_BACKEND
-    from maia_serving.sglang.patch import offline_device, request_checks
+    from maia_serving.sglang.patch import collectives, offline_device, request_checks
 
     add_attention_backend_choices([ATTENTION_BACKEND])
 
@@ -31,6 +31,7 @@ def register() -> None:
     offline_device.register()
     if device_requested():
         request_checks.register()
+        collectives.register()
         _register_step_hooks()
 
 
@@ -40,16 +41,21 @@ def _register_step_hooks() -> None:
     def after_init(result, scheduler, *args, **kwargs):
         from sglang.srt.runtime_context import get_parallel
 
+        from maia_serving import envs
         from maia_serving.sglang.device import build_device
         from maia_serving.sglang.ledger import require_hooks_applied
+        from maia_serving.sglang.patch.collectives import TARGETS
         from maia_serving.sglang.stepping import MaiaStepper
 
-        require_hooks_applied(STEP_HOOKS)
-        # Every tensor-parallel rank runs a scheduler over the same batches; the emulated
-        # device (which prices the whole group's step) is charged once, by rank 0.
+        require_hooks_applied(STEP_HOOKS + TARGETS)
+        # Every tensor-parallel rank, and every pipeline stage, runs a scheduler over the same batches;
+        # the emulated device (which prices the whole group's step) is charged once, by the first rank.
         scheduler.maia = None
-        if get_parallel().tp_rank == 0:
-            scheduler.maia = MaiaStepper(build_device(scheduler.server_args), scheduler.max_total_num_tokens)
+        parallel, args = get_parallel(), scheduler.server_args
+        if parallel.tp_rank == 0 and parallel.pp_rank == 0:
+            # The calls this process makes are the step's when it runs every layer of the served model.
+            engine_collectives = args.pp_size == 1 and not envs.priced_model()
+            scheduler.maia = MaiaStepper(build_device(args), scheduler.max_total_num_tokens, engine_collectives)
 
     def on_request(scheduler, recv_req, *args, **kwargs):
         if scheduler.maia is not None:

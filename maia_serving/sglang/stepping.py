@@ -21,6 +21,7 @@ from maia_serving import envs
 from maia_serving.emulator.session import EmulatedDevice
 from maia_serving.serving.metrics import DeviceInfo, EmulatedMetricSet
 from maia_serving.serving.stepping import EngineStep, StepCharger
+from maia_serving.sglang.patch.collectives import TALLY
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +52,11 @@ def step_shape(batch) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
 class MaiaStepper:
     """The emulated device of one scheduler, with its log line and metrics."""
 
-    def __init__(self, device: EmulatedDevice, engine_kv_tokens: int):
+    def __init__(self, device: EmulatedDevice, engine_kv_tokens: int, engine_collectives: bool = False):
         self.engine_kv_tokens = engine_kv_tokens
+        # Charge the collectives this process counted (maia_serving.sglang.patch.collectives) in
+        # place of the cost model's count.
+        self.engine_collectives = engine_collectives
         self.block_size = device.plan.config.block_size
         self._pending: _Pending | None = None
         # SGLang's /metrics aggregates the files that PROMETHEUS_MULTIPROC_DIR collects.
@@ -73,6 +77,7 @@ class MaiaStepper:
 
     def before_run(self, batch) -> None:
         self._pending = None
+        TALLY.clear()
         self.charger.guard("reading a step's shape", self._read, batch)
 
     def _read(self, batch) -> None:
@@ -98,7 +103,9 @@ class MaiaStepper:
             tokens_out[req.rid] = len(req.output_ids) - before
             if req.finished():
                 finished.append(req.rid)
-        shape = EngineStep(pending.new_tokens, pending.contexts, tokens_out, finished, *self._kv_blocks(scheduler))
+        collectives = TALLY.take() if self.engine_collectives else None
+        shape = EngineStep(pending.new_tokens, pending.contexts, tokens_out, finished, *self._kv_blocks(scheduler),
+                           collectives)
         self.charger.charge(shape, wall_s, pending.read_s + time.thread_time() - start)
 
     def _kv_blocks(self, scheduler) -> tuple[int, int]:

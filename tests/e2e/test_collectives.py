@@ -1,11 +1,16 @@
-"""The emulated interconnect is charged for the collectives vLLM really performs on `--device maia`.
+"""The emulated interconnect is charged for the collectives the engine really performs on `--device maia`,
+and tensor and pipeline parallelism give one rank's greedy tokens, in both engines.
 
-One request of a known prompt and length through TP 2 servers, eager and compiled (where the collectives
-are opaque custom ops the compiled graph calls), and a PP 2 server (compiled: vLLM's CPU runner needs it
-for PP): `/metrics` counts each collective of its steps, their bytes,
-and charges exactly what the cost model's formula prices for the same steps (so the formula's counts
-are the engine's: 2 all-reduces a layer and the embedding's, the logits' all-gather, and the hidden
-states with the residual between stages).
+One request of a known prompt and length through each parallel server: vLLM at TP 2, eager and compiled
+(where the collectives are opaque custom ops the compiled graph calls), and at PP 2 (compiled: vLLM's CPU
+runner needs it for PP); SGLang at `--tp-size 2` and `--pp-size 2`. `/metrics` counts each collective of
+the steps and their bytes, and charges exactly what the cost model's formula prices for the same steps
+(so the formula's counts are the engines': 2 all-reduces a layer and the embedding's, the logits'
+all-gather, the hidden states with the residual between stages). SGLang's pipeline stages run in other
+processes than the one that charges: there the formula is charged, once per step.
+
+On a 2-core host each rank is pinned to a core (`VLLM_CPU_OMP_THREADS_BIND`, `SGLANG_CPU_OMP_THREADS_BIND`:
+both engines refuse more ranks than NUMA nodes otherwise).
 """
 
 import json
@@ -13,29 +18,58 @@ import os
 import time
 
 import pytest
+from conftest import ENGINE_ENV, SGLANG_ENV
 
 from maia_serving.emulator.cost import CostModel, Parallel
 from maia_serving.emulator.hardware import load_profile
 from maia_serving.emulator.model_shape import shape_from_config
-from maia_serving.launch import Server, free_port, metric, scrape, vllm_serve_cmd
+from maia_serving.launch import Server, free_port, metric, scrape, sglang_serve_cmd, vllm_serve_cmd
 
 PROMPT = list(range(5, 5 + 37))  # 37 prompt tokens, given as ids so the count is exact
-LIMITS = ("--max-model-len", "256", "--max-num-batched-tokens", "2048", "--max-num-seqs", "8")
+STEPS = [(37, 1), (1, 1), (1, 1), (1, 1)]  # the prefill, then three decodes
+GREEDY_PROMPTS = ["def main():", "import sys", "class Foo:"]
+VLLM_LIMITS = ("--max-model-len", "256", "--max-num-batched-tokens", "2048", "--max-num-seqs", "8")
+SGLANG_LIMITS = ("--context-length", "256", "--chunked-prefill-size", "2048", "--max-running-requests", "8")
+CONFIGS = [("vllm", 2, 1, True), ("vllm", 2, 1, False), ("vllm", 1, 2, False), ("sglang", 2, 1, True),
+           ("sglang", 1, 2, True)]
 
 
-@pytest.fixture(scope="module", params=[(2, 1, True), (2, 1, False), (1, 2, False)],
-                ids=["tp2-eager", "tp2-compiled", "pp2-compiled"])
+def _bind(ranks: int) -> str:
+    return "|".join(str(i % (os.cpu_count() or 1)) for i in range(ranks))
+
+
+@pytest.fixture(scope="module", params=CONFIGS,
+                ids=[f"{e}-tp{t}-pp{p}{'' if e == 'sglang' else '-eager' if x else '-compiled'}"
+                     for e, t, p, x in CONFIGS])
 def parallel_server(request, demo_model, logs_dir):
-    tp, pp, eager = request.param
+    engine, tp, pp, eager = request.param
     port = free_port()
-    cmd = vllm_serve_cmd(demo_model, port, "--served-model-name", "demo", *LIMITS, "--tensor-parallel-size", str(tp),
-                         "--pipeline-parallel-size", str(pp), *(["--enforce-eager"] if eager else []),
-                         "--additional-config", '{"maia_profile": "maia100"}')
-    env = {"MAIA_SERVING_LOG_INTERVAL_S": "1", **({"VLLM_CPU_CI_ENV": "1"} if eager else {}),
-           "VLLM_CPU_OMP_THREADS_BIND": "|".join(str(i % (os.cpu_count() or 1)) for i in range(tp * pp))}
-    name = f"collectives-tp{tp}-pp{pp}-{'eager' if eager else 'compiled'}.log"
+    if engine == "vllm":
+        cmd = vllm_serve_cmd(demo_model, port, "--served-model-name", "demo", *VLLM_LIMITS,
+                             "--tensor-parallel-size", str(tp), "--pipeline-parallel-size", str(pp),
+                             *(["--enforce-eager"] if eager else []), "--additional-config",
+                             '{"maia_profile": "maia100"}')
+        env = {**(ENGINE_ENV if eager else {"MAIA_SERVING_LOG_INTERVAL_S": "1"}),
+               "VLLM_CPU_OMP_THREADS_BIND": _bind(tp * pp)}
+    else:
+        cmd = sglang_serve_cmd(demo_model, port, "--served-model-name", "demo", *SGLANG_LIMITS, "--enable-metrics",
+                               "--tp-size", str(tp), "--pp-size", str(pp))
+        env = {**SGLANG_ENV, "SGLANG_CPU_OMP_THREADS_BIND": _bind(tp * pp)}
+    name = f"collectives-{request.node.callspec.id if hasattr(request.node, 'callspec') else engine}.log"
     with Server(cmd, port, logs_dir / name, env=env) as server:
-        yield server, Parallel(tp=tp, pp=pp)
+        yield engine, server, Parallel(tp=tp, pp=pp)
+
+
+def _client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+
+
+def _greedy(server) -> list[str]:
+    client = _client(server)
+    return [client.completions.create(model="demo", prompt=p, max_tokens=12, temperature=0).choices[0].text
+            for p in GREEDY_PROMPTS]
 
 
 def _settled(url: str, name: str, at_least: float) -> dict[str, float]:
@@ -46,34 +80,40 @@ def _settled(url: str, name: str, at_least: float) -> dict[str, float]:
     return samples
 
 
-def test_each_step_charges_the_collectives_the_engine_performed(parallel_server, demo_model):
-    from openai import OpenAI
+def test_parallel_ranks_give_one_ranks_greedy_tokens(parallel_server, maia_server):
+    _, server, _ = parallel_server
+    want = _greedy(maia_server)
+    assert all(want)
+    assert _greedy(server) == want
 
-    server, parallel = parallel_server
+
+def test_each_step_charges_the_collectives_the_engine_performed(parallel_server, demo_model):
+    engine, server, parallel = parallel_server
     model = shape_from_config(json.loads((demo_model / "config.json").read_text()))
     cost = CostModel(load_profile("maia100"), model, parallel)
     hidden = model.hidden_size * 2  # bf16 activations
-    if parallel.tp > 1:  # (2 layers + the embedding) all-reduces and the logits' all-gather, per step
-        per_step = {"count": 2 * model.num_layers + 2,
-                    "bytes": lambda t: (2 * model.num_layers + 1) * t * hidden + model.vocab_size * 2}
+    if engine == "sglang" and parallel.pp > 1:  # stages elsewhere: the formula, charged once a step
+        count, nbytes = 0, 0
+    elif parallel.tp > 1:  # (2 layers + the embedding) all-reduces and the logits' all-gather, per step
+        count = len(STEPS) * (2 * model.num_layers + 2)
+        nbytes = sum((2 * model.num_layers + 1) * t * hidden + s * model.vocab_size * 2 for t, s in STEPS)
     else:  # the first stage sends the hidden states and the residual to the last
-        per_step = {"count": 1, "bytes": lambda t: 2 * t * hidden}
+        count, nbytes = len(STEPS), sum(2 * t * hidden for t, _ in STEPS)
 
     before = scrape(server.url)
-    client = OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
-    out = client.completions.create(model="demo", prompt=PROMPT, max_tokens=4, temperature=0,
-                                    extra_body={"ignore_eos": True})
+    out = _client(server).completions.create(model="demo", prompt=PROMPT, max_tokens=4, temperature=0,
+                                             extra_body={"ignore_eos": True})
     assert out.usage.completion_tokens == 4
-    steps = [(37, 1), (1, 1), (1, 1), (1, 1)]  # the prefill, then three decodes
-    count = sum(per_step["count"] for _ in steps)
-    after = _settled(server.url, "maia:emulated_collectives_total",
-                     metric(before, "maia:emulated_collectives_total") + count)
+    after = _settled(server.url, "maia:emulated_tokens_total", metric(before, "maia:emulated_tokens_total") + 40)
 
     def delta(name, **labels):
         return metric(after, name, **labels) - metric(before, name, **labels)
 
+    assert delta("maia:emulated_tokens_total") == 40
     assert delta("maia:emulated_collectives_total") == count
-    assert delta("maia:emulated_collective_bytes_total") == sum(per_step["bytes"](t) for t, _ in steps)
-    want = sum(cost.comm_s(t, s) for t, s in steps)
+    assert delta("maia:emulated_collective_bytes_total") == nbytes
+    want = sum(cost.comm_s(t, s) for t, s in STEPS)
     assert want > 0
     assert delta("maia:emulated_time_by_part_seconds_total", part="communication") == pytest.approx(want, rel=1e-6)
+    busy = sum(cost.cost_of((t,), (t if t > 1 else 37 + i,)).total_s for i, (t, _) in enumerate(STEPS))
+    assert delta("maia:emulated_busy_seconds_total") == pytest.approx(busy, rel=1e-6)

@@ -246,3 +246,49 @@ def test_each_hook_names_itself_when_it_fails(stepper, caplog, hook, what):
     broken.token_to_kv_pool_allocator = broken.running_batch = None
     hook(stepper, broken)
     assert caplog.records[0].getMessage().startswith(f"maia-serving: {what} failed; ")
+
+
+@pytest.mark.parametrize("engine_collectives", [True, False], ids=["counted", "cost-model"])
+def test_the_collectives_a_step_made_are_what_it_is_charged(monkeypatch, registry, tmp_path, engine_collectives):
+    """The patch's tally (maia_serving.sglang.patch.collectives) of what ran between run_batch and the
+    result is the step's communication; calls before run_batch belong to no step. Without engine
+    collectives (a proxy shape, or pipeline stages in other processes) the cost model counts."""
+    from maia_serving.sglang.patch import collectives
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.setattr(stepping, "EmulatedMetricSet", lambda: EmulatedMetricSet(registry))
+    device = EmulatedDevice.fit(load_profile("maia100"), load_model_shape("llama-3-8b"),
+                                ServingConfig(max_model_len=4096, tensor_parallel_size=2))
+    stepper = MaiaStepper(device, engine_kv_tokens=POOL_TOKENS, engine_collectives=engine_collectives)
+    group = SimpleNamespace(world_size=2)
+    hidden = torch.zeros(8, 4096, dtype=torch.bfloat16)
+    collectives.after_all_reduce(None, group, hidden)  # a scheduler-side call before the step
+    stepper.arrive("a")
+    a, batch = req("a"), extend_batch([req("a")], [0], [8])
+    stepper.before_run(batch)
+    for _ in range(3):
+        collectives.after_all_reduce(None, group, hidden)
+    collectives.after_all_gather(None, group, torch.zeros(1, 64_128, dtype=torch.bfloat16))
+    a.output_ids.append(1)
+    stepper.after_result(batch, FakeScheduler())
+    formula = device.cost_model.cost_of((8,), (8,))
+    rows = [(0, 2, 8 * 4096 * 2, 3, 0), (1, 2, 2 * 64_128 * 2, 1, 0)]
+    comm = device.cost_model.collectives_s(rows) if engine_collectives else formula.comm_s
+    assert device.clock.busy_s == pytest.approx(formula.total_s - formula.comm_s + comm, rel=1e-12)
+    assert _value(registry, "maia:emulated_collectives_total") == (4 if engine_collectives else 0)
+    assert collectives.TALLY.rows() == ([] if engine_collectives else
+                                        [(0, 2, 65_536, 3, 0), (1, 2, 256_512, 1, 0)])
+    collectives.TALLY.clear()
+
+
+def test_a_one_rank_group_counts_nothing_and_a_reduce_scatter_counts_its_inputs():
+    from maia_serving.sglang.patch import collectives
+
+    collectives.TALLY.clear()
+    x = torch.zeros(4, 8, dtype=torch.float32)
+    collectives.after_all_reduce(None, SimpleNamespace(world_size=1), x)
+    collectives.after_gather(None, SimpleNamespace(world_size=1), x)
+    assert collectives.TALLY.rows() == []
+    collectives.after_reduce_scatter(None, SimpleNamespace(world_size=2), x[:2], [x[:2], x[2:]])
+    collectives.after_gather(None, SimpleNamespace(world_size=2), x)
+    assert sorted(collectives.TALLY.take()) == [(2, 2, 256, 1, 0), (3, 2, 128, 1, 0)]
