@@ -10,11 +10,15 @@ SGLANG_UNIT := tests/unit/sglang tests/unit/emulator tests/unit/serving tests/un
 
 setup: setup-vllm setup-sglang
 
+# Each environment also builds the native host attention for its own torch (maia_serving/ops/native.py;
+# seconds when its source is unchanged).
 setup-vllm:
 	bash scripts/setup-vllm.sh
+	$(PY) -m maia_serving.ops.native
 
 setup-sglang:
 	bash scripts/setup-sglang.sh
+	$(SGL_PY) -m maia_serving.ops.native
 
 demo: setup-vllm
 	$(PY) scripts/demo.py

@@ -119,6 +119,7 @@ MAIA_SERVING_ATTENTION = "MAIA_SERVING_ATTENTION"
 MAIA_SERVING_KV_SCALES = "MAIA_SERVING_KV_SCALES"
 MAIA_SERVING_KV_CACHE_DTYPE = "MAIA_SERVING_KV_CACHE_DTYPE"
 MAIA_SERVING_KERNELS = "MAIA_SERVING_KERNELS"
+MAIA_SERVING_HOST_KERNEL = "MAIA_SERVING_HOST_KERNEL"
 MAIA_SERVING_HOST_KV_GIB = "MAIA_SERVING_HOST_KV_GIB"
 VLLM_CPU_KVCACHE_SPACE = "VLLM_CPU_KVCACHE_SPACE"
 MAIA_SERVING_STATS_ADDR = "MAIA_SERVING_STATS_ADDR"
@@ -152,6 +153,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "offline LLM(...) and sglang.Engine read it (the engine's own kv cache dtype stays auto)"),
     Setting(MAIA_SERVING_KERNELS, "auto", _choice("auto", "triton", "torch"), "auto, triton or torch",
             "KV ops: Triton kernels where a Triton device is, the torch path on a host (auto)"),
+    Setting(MAIA_SERVING_HOST_KERNEL, "auto", _choice("auto", "native", "torch"), "auto, native or torch",
+            "the host attention: one C++ call per layer that decodes the KV cache while reading it (native; "
+            "`make setup` builds it), the chain of torch ops (torch), or native where it builds (auto)"),
     Setting(MAIA_SERVING_HOST_KV_GIB, "1", _number(0, _MAX_HOST_KV_GIB), "GiB, > 0",
             "the most host memory SGLang's KV pool may take of what the emulated HBM would hold",
             engines="sglang"),

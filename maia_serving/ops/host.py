@@ -1,4 +1,6 @@
-"""The torch path for serving on a host: paged attention batched over sequences.
+"""Paged attention for serving on a host: one C++ call per layer where it is built
+(``ops.native``: each KV row decoded while it is read, an online softmax), else the torch path
+below, batched over sequences.
 
 Same numerics as ``paged_attention_ref`` (float32 scores and softmax, output in the
 query's dtype), but all sequences in one padded batch instead of a Python loop per
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from maia_serving.ops import native
 from maia_serving.ops.fp8 import (
     Fp8Format,
     attended,
@@ -203,6 +206,43 @@ def _mx_fallback(query, key_cache, value_cache, plan: PagedPlan, seq_lens, query
                                causal=causal, sliding_window=sliding_window)
 
 
+def _native(out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, fmt,
+            k_scale, v_scale, causal: bool, sliding_window: int | None) -> bool:
+    """Attend through the C++ kernel (``ops.native``) into ``out``; False, with nothing done, where it is not
+    built or cannot take these tensors (then the torch path below runs)."""
+    kernel = native.module()
+    if (kernel is None or query.dtype not in _NATIVE_DTYPES or (fmt is None and key_cache.dtype != query.dtype)
+            or any(t.stride(-1) != 1 for t in (query, out, key_cache, value_cache))):
+        return False
+    num_kv_heads, device = key_cache.shape[2], query.device
+    no_table = torch.empty(0, dtype=torch.float32)
+    if isinstance(fmt, MxFormat):
+        kind, elements, scales = native.BLOCK_SCALED, _mx_element_table(fmt), _scale_table(fmt)
+    elif fmt is not None:
+        kind, elements, scales = native.FP8, _fp8_table(fmt.torch_dtype), no_table
+    else:
+        kind, elements, scales = native.PLAIN, no_table, no_table
+    per_head = isinstance(fmt, Fp8Format) or (isinstance(fmt, MxFormat) and fmt.scale == "e4m3")
+    k_sc, v_sc = ((scale_tensor(s, num_kv_heads, device).contiguous() if per_head else _ONE)
+                  for s in (k_scale, v_scale))
+    bits, block, block_bytes = ((fmt.element.bits, fmt.block_size, fmt.block_bytes) if isinstance(fmt, MxFormat)
+                                else (0, 0, 0))
+    kernel.paged_attention(out, query, key_cache, value_cache, block_tables.long().contiguous(),
+                           seq_lens.long().contiguous(), query_start_loc.long().contiguous(), float(scale), kind,
+                           bits, block, block_bytes, elements, scales, k_sc, v_sc, causal, sliding_window or 0)
+    return True
+
+
+_NATIVE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_ONE = torch.ones(1, dtype=torch.float32)
+
+
+@functools.cache
+def _mx_element_table(fmt: MxFormat) -> torch.Tensor:
+    """What the kernel looks elements up in: FP8 codes' values, or the FP6/FP4 pair table."""
+    return _fp8_table(torch.float8_e4m3fn) if fmt.element.bits == 8 else _pair_table(fmt).contiguous()
+
+
 def paged_attention_host(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -235,6 +275,9 @@ def paged_attention_host(
                          f"{sliding_window}: plan each window apart")
     result = torch.zeros_like(query) if out is None else out.zero_()
     if plan.num_seqs == 0 or plan.max_q == 0:
+        return result
+    if _native(result, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, fmt,
+               k_scale, v_scale, causal, sliding_window):
         return result
     if not plan.batched and isinstance(fmt, MxFormat):
         return result.copy_(_mx_fallback(query, key_cache, value_cache, plan, seq_lens, query_start_loc, scale,

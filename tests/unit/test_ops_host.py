@@ -19,7 +19,15 @@ def _batch(pairs, kv_cache_dtype, group, seed, block_size=16, num_kv_heads=2, he
                        torch.tensor(0.03), block_size, num_kv_heads, head_dim)
 
 
-@pytest.mark.parametrize("attention", [paged_attention_host, paged_attention_ref], ids=["host", "ref"])
+@pytest.fixture(params=["native", "torch", "ref"])
+def attention(request):
+    """The host path through the C++ kernel or the torch ops, and the per-sequence reference."""
+    if request.param == "ref":
+        return paged_attention_ref
+    request.getfixturevalue(f"{request.param}_host_path")
+    return paged_attention_host
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8_e4m3", "fp8_e5m2"])
 @pytest.mark.parametrize("group", [1, 2, 4])
@@ -45,7 +53,7 @@ def test_a_one_percent_scale_or_output_error_exceeds_the_tolerance(kv_cache_dtyp
         assert bf16_step_violations(out, ref, err).double().mean() > least, name
 
 
-def test_large_prefill_falls_back_to_the_reference(monkeypatch):
+def test_large_prefill_falls_back_to_the_reference(monkeypatch, torch_host_path):
     monkeypatch.setattr(host, "MAX_BATCHED_SCORES", 10)
     args = _batch(CASES["prefill"], "auto", 2, seed=1)
     torch.testing.assert_close(paged_attention_host(*args), paged_attention_ref(*args), atol=0, rtol=0)
@@ -55,7 +63,7 @@ def _refuse(*args, **kwargs):
     raise AssertionError("the batched path must not fall back to the reference")
 
 
-def test_the_fallback_hands_the_reference_every_argument(monkeypatch):
+def test_the_fallback_hands_the_reference_every_argument(monkeypatch, torch_host_path):
     """FP8 with per-head K and per-tensor V scales, not causal: the fallback is the reference, exactly."""
     monkeypatch.setattr(host, "MAX_BATCHED_SCORES", 0)
     args = _batch(CASES["chunked_and_prefix_hit"], "fp8_e4m3", 2, seed=5)
@@ -63,7 +71,7 @@ def test_the_fallback_hands_the_reference_every_argument(monkeypatch):
                                atol=0, rtol=0)
 
 
-def test_a_batch_at_the_score_limit_is_still_batched(monkeypatch):
+def test_a_batch_at_the_score_limit_is_still_batched(monkeypatch, torch_host_path):
     """2 sequences x 4 heads x 7 padded queries x 48 keys = 2688 padded scores."""
     args = _batch([(7, 7), (5, 48)], "auto", 2, seed=6)
     query, _, _, block_tables, seq_lens, qsl = args[:6]
@@ -123,7 +131,6 @@ def test_a_given_max_query_len_sets_the_padding():
     assert plan_paged_attention(block_tables, seq_lens, qsl, 4, 2, 16, max_query_len=8).max_q == 8
 
 
-@pytest.mark.parametrize("attention", [paged_attention_host, paged_attention_ref], ids=["host", "ref"])
 @pytest.mark.parametrize("case", ["decode", "chunked_and_prefix_hit"])
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8_e4m3"])
 @pytest.mark.parametrize("window", [1, 5, 16, 48])
@@ -159,7 +166,7 @@ def test_a_plan_serves_only_its_own_window():
         paged_attention_host(*args, plan=plan)
 
 
-def test_the_fallback_keeps_the_window(monkeypatch):
+def test_the_fallback_keeps_the_window(monkeypatch, torch_host_path):
     monkeypatch.setattr(host, "MAX_BATCHED_SCORES", 0)
     args = _batch(CASES["chunked_and_prefix_hit"], "auto", 2, seed=15)
     torch.testing.assert_close(paged_attention_host(*args, sliding_window=6),

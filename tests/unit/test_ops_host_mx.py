@@ -54,7 +54,7 @@ def test_page_decoding_is_the_references_bit_for_bit(fmt, head_dim):
 @pytest.mark.parametrize("fmt", list(MX_FORMATS))
 @pytest.mark.parametrize("group", [1, 4])
 @pytest.mark.parametrize("head_dim", [40, 80])
-def test_host_is_the_mx_reference_and_float64_attention_rounded_once(case, fmt, group, head_dim):
+def test_host_is_the_mx_reference_and_float64_attention_rounded_once(case, fmt, group, head_dim, host_kernel):
     """head_dim 40 pads every format's last block, 80 the MX formats' (NVFP4's blocks of 16 fit)."""
     args = _batch(CASES[case], fmt, group, seed=len(case) * group + head_dim, head_dim=head_dim)
     got = paged_attention_host(*args)
@@ -64,7 +64,7 @@ def test_host_is_the_mx_reference_and_float64_attention_rounded_once(case, fmt, 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
 @pytest.mark.parametrize("window", [1, 5, 16])
-def test_sliding_window_is_float64_windowed_attention_rounded_once(fmt, window):
+def test_sliding_window_is_float64_windowed_attention_rounded_once(fmt, window, host_kernel):
     args = _batch(CASES["chunked_and_prefix_hit"], fmt, 2, seed=window)
     assert_within_one_bf16_step(paged_attention_host(*args, sliding_window=window),
                                 *paged_attention_float64(*args, sliding_window=window))
@@ -72,7 +72,7 @@ def test_sliding_window_is_float64_windowed_attention_rounded_once(fmt, window):
 
 @pytest.mark.parametrize("fmt", ["mxfp6", "nvfp4"])
 @pytest.mark.parametrize("window", [None, 6])
-def test_the_fallback_decodes_the_pages_too(monkeypatch, fmt, window):
+def test_the_fallback_decodes_the_pages_too(monkeypatch, fmt, window, torch_host_path):
     """Past the score limit the per-sequence loop runs over the batch's pages, decoded alike."""
     monkeypatch.setattr(host, "MAX_BATCHED_SCORES", 0)
     args = _batch(CASES["chunked_and_prefix_hit"], fmt, 2, seed=16)

@@ -1,0 +1,215 @@
+// Paged attention on a CPU host in one call per layer: each KV row is decoded while it is read
+// (BF16/FP16/FP32 as they are, FP8 and the block-scaled formats through the lookup tables the
+// Python side builds from the references, so decoded values are the references' bit for bit),
+// and every query of the row's KV head meets it with an online softmax. Threads split the
+// (sequence, KV head) pairs. Numerics: float32 scores, softmax and accumulation, as the torch
+// path; the sums run in another order, so results agree to float32 rounding, not bit for bit.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+enum Kind : int64_t { kPlain = 0, kFp8 = 1, kBlockScaled = 2 };
+constexpr int64_t kTile = 32;  // keys decoded at a time, each met by every query that sees it
+
+// A dot product in 8 independent lanes, which the compiler vectorizes without reordering any lane's sum.
+inline float dot(const float* a, const float* b, int64_t n) {
+  float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8)
+    for (int k = 0; k < 8; ++k) lanes[k] += a[d + k] * b[d + k];
+  float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  for (; d < n; ++d) sum += a[d] * b[d];
+  return sum;
+}
+
+struct Layout {
+  int64_t kind, head_dim, row_elems, bits, block, block_bytes;
+  const float* elements;  // kFp8: 256 values; kBlockScaled: FP8 256 values, FP6/FP4 pairs [2^(2 bits)][2]
+  const float* scales;    // kBlockScaled: the 256 block-scale values
+};
+
+template <typename T>
+inline void decode_plain(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+inline void decode_fp8(const uint8_t* src, float* dst, int64_t n, const float* table) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = table[src[i]];
+}
+
+// One head's row of a block-scaled page: blocks of element bytes then a scale byte; the elements
+// times the block's scale (times NVFP4's tensor scale, applied to the block scale first).
+inline void decode_block_scaled(const uint8_t* src, float* dst, const Layout& f, float tensor_scale) {
+  float tmp[64];
+  const int64_t blocks = (f.head_dim + f.block - 1) / f.block;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* p = src + b * f.block_bytes;
+    const float s = f.scales[p[f.block_bytes - 1]] * tensor_scale;
+    if (f.bits == 8) {
+      for (int64_t i = 0; i < f.block; ++i) tmp[i] = f.elements[p[i]];
+    } else if (f.bits == 4) {
+      for (int64_t j = 0; j < f.block / 2; ++j) {
+        const float* pair = f.elements + 2 * p[j];
+        tmp[2 * j] = pair[0];
+        tmp[2 * j + 1] = pair[1];
+      }
+    } else {  // FP6: 4 elements in 3 bytes, two 12-bit pairs
+      for (int64_t j = 0; j < f.block / 4; ++j) {
+        const uint32_t b0 = p[3 * j], b1 = p[3 * j + 1], b2 = p[3 * j + 2];
+        const float* lo = f.elements + 2 * (b0 | (b1 & 0xF) << 8);
+        const float* hi = f.elements + 2 * (b1 >> 4 | b2 << 4);
+        tmp[4 * j] = lo[0];
+        tmp[4 * j + 1] = lo[1];
+        tmp[4 * j + 2] = hi[0];
+        tmp[4 * j + 3] = hi[1];
+      }
+    }
+    const int64_t n = std::min(f.block, f.head_dim - b * f.block);
+    for (int64_t i = 0; i < n; ++i) dst[b * f.block + i] = tmp[i] * s;
+  }
+}
+
+template <typename T>
+void attend(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor& key_cache,
+            const torch::Tensor& value_cache, const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
+            const torch::Tensor& query_start_loc, double scale, const Layout& f, const torch::Tensor& k_scale,
+            const torch::Tensor& v_scale, bool causal, int64_t window) {
+  const int64_t num_seqs = seq_lens.size(0), num_heads = query.size(1), head_dim = query.size(2);
+  const int64_t kv_heads = key_cache.size(2), page = key_cache.size(1), group = num_heads / kv_heads;
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t table_stride = block_tables.stride(0);
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  const int64_t* starts = query_start_loc.data_ptr<int64_t>();
+  const float* ks = k_scale.data_ptr<float>();
+  const float* vs = v_scale.data_ptr<float>();
+  const int64_t k_heads = k_scale.numel() > 1, v_heads = v_scale.numel() > 1;  // 1: a scale per KV head
+  const T* q_data = query.data_ptr<T>();
+  T* o_data = out.data_ptr<T>();
+  const int64_t q_tok = query.stride(0), q_head = query.stride(1), o_tok = out.stride(0), o_head = out.stride(1);
+  const auto* k_bytes = static_cast<const uint8_t*>(key_cache.data_ptr());
+  const auto* v_bytes = static_cast<const uint8_t*>(value_cache.data_ptr());
+  const int64_t item = key_cache.element_size();
+  const int64_t kb = key_cache.stride(0) * item, kt = key_cache.stride(1) * item, kh = key_cache.stride(2) * item;
+  const int64_t vb = value_cache.stride(0) * item, vt = value_cache.stride(1) * item,
+                vh = value_cache.stride(2) * item;
+
+  at::parallel_for(0, num_seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> ktile(kTile * head_dim), vtile(kTile * head_dim), scores(kTile), q, acc, m, l;
+    for (int64_t work = begin; work < end; ++work) {
+      const int64_t s = work / kv_heads, h = work % kv_heads;
+      const int64_t len = lens[s], q0 = starts[s], q_len = starts[s + 1] - q0;
+      if (q_len <= 0 || len <= 0) continue;
+      const int64_t rows = q_len * group;
+      const float k_sc = ks[k_heads * h], v_sc = vs[v_heads * h];
+      const float score_scale = static_cast<float>(scale) * (f.kind == kFp8 ? k_sc : 1.0f);
+      q.assign(rows * head_dim, 0.0f);
+      acc.assign(rows * head_dim, 0.0f);
+      m.assign(rows, -std::numeric_limits<float>::infinity());
+      l.assign(rows, 0.0f);
+      for (int64_t r = 0; r < q_len; ++r)
+        for (int64_t g = 0; g < group; ++g) {
+          const T* src = q_data + (q0 + r) * q_tok + (h * group + g) * q_head;
+          for (int64_t d = 0; d < head_dim; ++d) q[(r * group + g) * head_dim + d] = static_cast<float>(src[d]);
+        }
+      // Keys any query of this sequence sees: the first query's window start to the last position.
+      const int64_t first_pos = len - q_len;
+      const int64_t lo = (causal && window > 0) ? std::max<int64_t>(0, first_pos - window + 1) : 0;
+      for (int64_t t0 = lo; t0 < len; t0 += kTile) {
+        const int64_t n = std::min<int64_t>(kTile, len - t0);
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t t = t0 + j, block = tables[s * table_stride + t / page], slot = t % page;
+          const uint8_t* kp = k_bytes + block * kb + slot * kt + h * kh;
+          const uint8_t* vp = v_bytes + block * vb + slot * vt + h * vh;
+          float* kr = ktile.data() + j * head_dim;
+          float* vr = vtile.data() + j * head_dim;
+          if (f.kind == kPlain) {
+            decode_plain(reinterpret_cast<const T*>(kp), kr, head_dim);
+            decode_plain(reinterpret_cast<const T*>(vp), vr, head_dim);
+          } else if (f.kind == kFp8) {
+            decode_fp8(kp, kr, head_dim, f.elements);
+            decode_fp8(vp, vr, head_dim, f.elements);
+          } else {
+            decode_block_scaled(kp, kr, f, k_sc);
+            decode_block_scaled(vp, vr, f, v_sc);
+          }
+        }
+        // Queries that see some key of the tile: positions t0 .. t0 + n - 1 + window - 1 (causal).
+        int64_t r_lo = 0, r_hi = q_len;
+        if (causal) {
+          r_lo = std::max<int64_t>(0, t0 - first_pos);
+          if (window > 0) r_hi = std::min<int64_t>(q_len, t0 + n - 1 + window - first_pos);
+        }
+        for (int64_t i = r_lo * group; i < r_hi * group; ++i) {
+          const int64_t pos = first_pos + i / group;
+          const float* qi = q.data() + i * head_dim;
+          float tile_max = -std::numeric_limits<float>::infinity();
+          for (int64_t j = 0; j < n; ++j) {
+            const int64_t t = t0 + j;
+            const bool seen = !causal || (t <= pos && (window <= 0 || t > pos - window));
+            scores[j] = seen ? dot(qi, ktile.data() + j * head_dim, head_dim) * score_scale
+                             : -std::numeric_limits<float>::infinity();
+            tile_max = std::max(tile_max, scores[j]);
+          }
+          if (tile_max == -std::numeric_limits<float>::infinity()) continue;
+          const float new_max = std::max(m[i], tile_max);
+          const float corr = std::exp(m[i] - new_max);  // 0 before the first key
+          float* a = acc.data() + i * head_dim;
+          float sum = l[i] * corr;
+          for (int64_t d = 0; d < head_dim; ++d) a[d] *= corr;
+          for (int64_t j = 0; j < n; ++j) {
+            if (scores[j] == -std::numeric_limits<float>::infinity()) continue;
+            const float p = std::exp(scores[j] - new_max);
+            sum += p;
+            const float* vr = vtile.data() + j * head_dim;
+            for (int64_t d = 0; d < head_dim; ++d) a[d] += p * vr[d];
+          }
+          l[i] = sum;
+          m[i] = new_max;
+        }
+      }
+      const float out_scale = f.kind == kFp8 ? v_sc : 1.0f;
+      for (int64_t r = 0; r < q_len; ++r)
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t i = r * group + g;
+          T* dst = o_data + (q0 + r) * o_tok + (h * group + g) * o_head;
+          const float norm = l[i] > 0.0f ? out_scale / l[i] : 0.0f;
+          for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<T>(acc[i * head_dim + d] * norm);
+        }
+    }
+  });
+}
+
+}  // namespace
+
+void paged_attention(torch::Tensor out, torch::Tensor query, torch::Tensor key_cache, torch::Tensor value_cache,
+                     torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor query_start_loc, double scale,
+                     int64_t kind, int64_t bits, int64_t block, int64_t block_bytes, torch::Tensor elements,
+                     torch::Tensor scales, torch::Tensor k_scale, torch::Tensor v_scale, bool causal,
+                     int64_t window) {
+  TORCH_CHECK(block <= 64, "block-scaled blocks of at most 64 elements");
+#ifdef _OPENMP
+  // This library's OpenMP runtime may not be torch's: use as many threads as torch was told to.
+  omp_set_num_threads(at::get_num_threads());
+#endif
+  const Layout f{kind, query.size(2), key_cache.size(3), bits, block, block_bytes,
+                 elements.numel() ? elements.data_ptr<float>() : nullptr,
+                 scales.numel() ? scales.data_ptr<float>() : nullptr};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "maia_paged_attention", [&] {
+    attend<scalar_t>(out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, f, k_scale,
+                     v_scale, causal, window);
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_attention", &paged_attention, "Paged attention over a decoded-while-read KV cache (maia-serving)");
+}
