@@ -3,7 +3,8 @@
 Each op below runs either the Triton kernel from ``maia_serving.kernels`` or the reference
 from ``maia_serving.ops.fp8`` (same arguments, same numerics); a ``kv_cache_dtype`` that names a
 block-scaled format of ``maia_serving.ops.mx`` (mxfp8, mxfp6, mxfp6_e2m3, mxfp4, nvfp4) goes to
-``kernels.reshape_and_cache_mx`` or ``reshape_and_cache_mx_ref`` for writes, and to the same
+``kernels.reshape_and_cache_mx`` or ``ops.host.reshape_and_cache_mx_host`` (the reference's bytes, in
+C++ where ``ops.native`` is built) for writes, and to the same
 attention entry points, which decode it; any other name meets the FP8 path's checks and errors.
 The choice is made on every call from the environment variable ``MAIA_SERVING_KERNELS``:
 
@@ -42,7 +43,7 @@ from maia_serving.ops.fp8 import (
     scale_tensor,
     torch_dtype,
 )
-from maia_serving.ops.mx import MX_FORMATS, reshape_and_cache_mx_ref
+from maia_serving.ops.mx import MX_FORMATS
 
 KERNELS_ENV = envs.MAIA_SERVING_KERNELS
 _TRUE = ("1", "true", "on", "yes")
@@ -115,8 +116,12 @@ def reshape_and_cache(
         from maia_serving import kernels
 
         (kernels.reshape_and_cache_mx if block_scaled else kernels.reshape_and_cache)(*args)
+    elif block_scaled:
+        from maia_serving.ops.host import reshape_and_cache_mx_host
+
+        reshape_and_cache_mx_host(*args)
     else:
-        (reshape_and_cache_mx_ref if block_scaled else reshape_and_cache_ref)(*args)
+        reshape_and_cache_ref(*args)
 
 
 def paged_attention(

@@ -37,9 +37,12 @@ from maia_serving.ops.mx import (
     ELEMENT_FORMATS,
     MX_FORMATS,
     MxFormat,
+    _check_scale,
     check_paged_attention_mx_args,
+    check_reshape_and_cache_mx_args,
     decode_e8m0_ref,
     decode_table,
+    reshape_and_cache_mx_ref,
 )
 
 # Padded score elements above which the per-sequence reference is used instead.
@@ -241,6 +244,26 @@ _ONE = torch.ones(1, dtype=torch.float32)
 def _mx_element_table(fmt: MxFormat) -> torch.Tensor:
     """What the kernel looks elements up in: FP8 codes' values, or the FP6/FP4 pair table."""
     return _fp8_table(torch.float8_e4m3fn) if fmt.element.bits == 8 else _pair_table(fmt).contiguous()
+
+
+def reshape_and_cache_mx_host(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype: str,
+                              k_scale=None, v_scale=None) -> None:
+    """``reshape_and_cache_mx_ref``'s checks and bytes, in one C++ call where the native module is built
+    (the reference's chain of small ops per layer otherwise)."""
+    fmt = check_reshape_and_cache_mx_args(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype)
+    kernel = native.module()
+    if (kernel is None or key.dtype not in _NATIVE_DTYPES or key.stride(-1) != 1 or value.stride(-1) != 1
+            or not key_cache.is_contiguous() or not value_cache.is_contiguous()):
+        reshape_and_cache_mx_ref(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale)
+        return
+    _check_scale(fmt, k_scale)
+    _check_scale(fmt, v_scale)
+    num_kv_heads, elem = key.shape[1], fmt.element
+    k_sc, v_sc = ((scale_tensor(s, num_kv_heads, key.device).contiguous() if fmt.scale == "e4m3" else _ONE)
+                  for s in (k_scale, v_scale))
+    kernel.reshape_and_cache_block_scaled(key, value, key_cache, value_cache, slot_mapping.long().contiguous(),
+                                          elem.bits, elem.mantissa_bits, elem.bias, elem.max_code, elem.emax,
+                                          elem.max_value, fmt.block_size, fmt.scale == "e8m0", k_sc, v_sc)
 
 
 def paged_attention_host(

@@ -1,5 +1,6 @@
-"""The host attention as one C++ call per layer (``csrc/host_attention.cpp``), built from the
-project's own source with torch's extension builder.
+"""The host attention as one C++ call per layer (``csrc/host_attention.cpp``), and the write into a
+block-scaled cache (``csrc/cache_write.cpp``), built from the project's own source with torch's
+extension builder.
 
 The torch path (``ops.host``) chains a dozen small ops per layer and materializes float32
 pages; this kernel decodes each KV row while reading it and meets it with every query of its
@@ -23,6 +24,7 @@ from maia_serving import envs
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "host_attention.cpp"
+SOURCES = (SOURCE, SOURCE.with_name("cache_write.cpp"))  # the module's entry points are in SOURCE
 # Kinds of cache rows the kernel decodes (host_attention.cpp's Kind).
 PLAIN, FP8, BLOCK_SCALED = 0, 1, 2
 
@@ -40,7 +42,8 @@ def load():
     folder = build_dir()
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        return cpp_extension.load(name="maia_host_attention", sources=[str(SOURCE)], build_directory=str(folder),
+        return cpp_extension.load(name="maia_host_attention", sources=[str(p) for p in SOURCES],
+                                  build_directory=str(folder),
                                   extra_cflags=["-O3", "-fopenmp", "-march=native", "-ffp-contract=off"],
                                   extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # the builder raises several types; the message is what matters

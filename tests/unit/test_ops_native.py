@@ -72,3 +72,54 @@ def test_a_cache_in_another_dtype_than_the_query_takes_the_torch_path(native_hos
     args = list(paged_batch(CASES["decode"], "auto", 2, 4, None, None, 16, 2, 32))
     args[1], args[2] = args[1].float(), args[2].float()
     assert_within_one_bf16_step(host.paged_attention_host(*args), *paged_attention_float64(*args))
+
+
+def _hostile_rows(head_dim: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """[tokens, 2 KV heads, head_dim] rows that meet every branch of the encoding: normal data at
+    several magnitudes, zeros and negative zeros, subnormals, values at and past each format's largest,
+    blocks whose largest element is a power of two, and NaN / infinity in some blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = [torch.randn(2, head_dim, generator=gen) * m for m in (1e-3, 1.0, 30.0, 1e4)]
+    rows.append(torch.zeros(2, head_dim))
+    rows.append(-torch.zeros(2, head_dim))
+    rows.append(torch.full((2, head_dim), 1e-40))  # float32 subnormals (bf16 keeps some)
+    rows.append(torch.linspace(-600.0, 600.0, 2 * head_dim).view(2, head_dim))
+    pow2 = torch.randn(2, head_dim, generator=gen)
+    pow2[:, ::16] = 4.0
+    rows.append(pow2)
+    special = torch.randn(2, head_dim, generator=gen)
+    special[0, 3], special[1, 40 % head_dim] = float("nan"), float("inf")
+    special[1, 0] = float("-inf")
+    rows.append(special)
+    return torch.stack(rows).to(dtype)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8", "mxfp6", "mxfp6_e2m3", "mxfp4", "nvfp4"])
+@pytest.mark.parametrize("head_dim", [40, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_the_native_write_is_the_references_bytes(native_host_path, fmt, head_dim, dtype):
+    """Every element code and scale byte, padding slots skipped, NVFP4 with a tensor scale per KV head."""
+    from maia_serving.ops.mx import head_bytes, reshape_and_cache_mx_ref
+
+    key = _hostile_rows(head_dim, dtype, seed=head_dim)
+    value = _hostile_rows(head_dim, dtype, seed=head_dim + 1).flip(0)
+    tokens = key.shape[0]
+    slots = torch.randperm(4 * 16, generator=torch.Generator().manual_seed(7))[:tokens]
+    slots[2] = -1  # a padding token
+    scales = (torch.tensor([0.02, 0.5]), torch.tensor(0.03)) if fmt == "nvfp4" else (None, None)
+    caches = [torch.full((4, 16, 2, head_bytes(fmt, head_dim)), 0xA5, dtype=torch.uint8) for _ in range(4)]
+    host.reshape_and_cache_mx_host(key, value, caches[0], caches[1], slots, fmt, *scales)
+    reshape_and_cache_mx_ref(key, value, caches[2], caches[3], slots, fmt, *scales)
+    assert torch.equal(caches[0], caches[2])
+    assert torch.equal(caches[1], caches[3])
+
+
+def test_the_native_write_keeps_the_references_checks(native_host_path):
+    from maia_serving.ops.mx import head_bytes
+
+    key = torch.randn(2, 2, 64, dtype=torch.bfloat16)
+    cache = torch.zeros(4, 16, 2, head_bytes("mxfp4", 64), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="MXFP4 keeps all its scale in the E8M0 block scales|E8M0"):
+        host.reshape_and_cache_mx_host(key, key, cache, cache.clone(), torch.tensor([0, 1]), "mxfp4", 0.5, None)
+    with pytest.raises(ValueError, match="uint8"):
+        host.reshape_and_cache_mx_host(key, key, cache.float(), cache.float(), torch.tensor([0, 1]), "mxfp4")

@@ -210,6 +210,15 @@ void paged_attention(torch::Tensor out, torch::Tensor query, torch::Tensor key_c
   });
 }
 
+// cache_write.cpp
+void reshape_and_cache_block_scaled(torch::Tensor key, torch::Tensor value, torch::Tensor key_cache,
+                                    torch::Tensor value_cache, torch::Tensor slot_mapping, int64_t bits,
+                                    int64_t mantissa_bits, int64_t bias, int64_t max_code, int64_t emax,
+                                    double max_value, int64_t block, bool e8m0, torch::Tensor k_scale,
+                                    torch::Tensor v_scale);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "Paged attention over a decoded-while-read KV cache (maia-serving)");
+  m.def("reshape_and_cache_block_scaled", &reshape_and_cache_block_scaled,
+        "Quantize key/value rows into a block-scaled paged cache, as quantize_mx_ref does (maia-serving)");
 }

@@ -1,0 +1,130 @@
+// Quantize key/value rows into a block-scaled paged cache (OCP MX, NVFP4) in one call per layer,
+// bit for bit what ops/mx.py's quantize_mx_ref writes: the same float32 operations in the same
+// order (powers of two are exact, division and rounding as torch does them: one IEEE rounding,
+// ties to even), so every element code and scale byte is the reference's.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace {
+
+struct Minifloat {
+  int64_t bits, mantissa_bits, bias, max_code;
+};
+
+// encode_minifloat_ref for one finite float32 value.
+inline int32_t encode(float y, const Minifloat& e) {
+  const float a = std::fabs(y);
+  const int32_t lowest = static_cast<int32_t>(1 - e.bias);
+  int32_t binade = lowest;
+  if (a > 0.0f) {
+    int exponent = 0;
+    std::frexp(a, &exponent);
+    binade = std::max<int32_t>(exponent - 1, lowest);
+  }
+  const float steps = std::nearbyint(a * std::ldexp(1.0f, static_cast<int>(e.mantissa_bits) - binade));
+  int32_t code = ((binade + static_cast<int32_t>(e.bias) - 1) << e.mantissa_bits) + static_cast<int32_t>(steps);
+  code = std::min<int32_t>(code, static_cast<int32_t>(e.max_code));
+  return code | (std::signbit(y) ? 1 << (e.bits - 1) : 0);
+}
+
+inline float decode(int32_t code, const Minifloat& e) {  // a finite, non-negative code
+  const int32_t exponent = code >> e.mantissa_bits, mantissa = code & ((1 << e.mantissa_bits) - 1);
+  if (exponent > 0)
+    return std::ldexp(static_cast<float>(mantissa + (1 << e.mantissa_bits)),
+                      exponent - static_cast<int32_t>(e.bias + e.mantissa_bits));
+  return std::ldexp(static_cast<float>(mantissa), static_cast<int32_t>(1 - e.bias - e.mantissa_bits));
+}
+
+constexpr Minifloat kE4M3{8, 3, 7, 0x7E};
+constexpr int32_t kE4M3Nan = 0x7F, kE8M0Nan = 0xFF, kE8M0Bias = 127;
+
+template <typename T>
+void write_row(const T* src, uint8_t* dst, int64_t head_dim, int64_t block, const Minifloat& elem, int64_t emax,
+               float max_value, bool e8m0, float tensor_scale) {
+  const int64_t blocks = (head_dim + block - 1) / block, elem_bytes = block * elem.bits / 8;
+  float x[64];
+  int32_t codes[64];
+  for (int64_t b = 0; b < blocks; ++b) {
+    float amax = 0.0f;
+    bool special = false;
+    for (int64_t i = 0; i < block; ++i) {
+      const int64_t d = b * block + i;
+      x[i] = d < head_dim ? static_cast<float>(src[d]) : 0.0f;
+      if (std::isfinite(x[i]))
+        amax = std::max(amax, std::fabs(x[i]));
+      else
+        special = true;
+    }
+    int32_t scale_code;
+    if (e8m0) {
+      int32_t shared = -kE8M0Bias;
+      if (amax > 0.0f) {
+        int exponent = 0;
+        std::frexp(amax, &exponent);
+        shared = std::max<int32_t>(exponent - 1 - static_cast<int32_t>(emax), -kE8M0Bias);
+      }
+      scale_code = special ? kE8M0Nan : shared + kE8M0Bias;
+      const float factor = std::ldexp(1.0f, -shared);
+      for (int64_t i = 0; i < block; ++i) x[i] = special ? 0.0f : x[i] * factor;
+    } else {  // NVFP4: an E4M3 block scale over the per-tensor one
+      const int32_t code = encode(amax / (max_value * tensor_scale), kE4M3);
+      const float denominator = decode(code, kE4M3) * tensor_scale;
+      scale_code = special ? kE4M3Nan : code;
+      for (int64_t i = 0; i < block; ++i)
+        x[i] = special ? 0.0f : (denominator > 0.0f ? x[i] / denominator : x[i] * 0.0f);
+    }
+    for (int64_t i = 0; i < block; ++i) codes[i] = encode(x[i], elem);
+    uint8_t* out = dst + b * (elem_bytes + 1);
+    if (elem.bits == 8) {
+      for (int64_t i = 0; i < block; ++i) out[i] = static_cast<uint8_t>(codes[i]);
+    } else if (elem.bits == 4) {
+      for (int64_t j = 0; j < block / 2; ++j) out[j] = static_cast<uint8_t>(codes[2 * j] | codes[2 * j + 1] << 4);
+    } else {  // FP6: 4 elements in 3 bytes, the first in the low bits
+      for (int64_t j = 0; j < block / 4; ++j) {
+        const uint32_t word = codes[4 * j] | codes[4 * j + 1] << 6 | codes[4 * j + 2] << 12 | codes[4 * j + 3] << 18;
+        out[3 * j] = word & 0xFF;
+        out[3 * j + 1] = (word >> 8) & 0xFF;
+        out[3 * j + 2] = (word >> 16) & 0xFF;
+      }
+    }
+    out[elem_bytes] = static_cast<uint8_t>(scale_code);
+  }
+}
+
+}  // namespace
+
+void reshape_and_cache_block_scaled(torch::Tensor key, torch::Tensor value, torch::Tensor key_cache,
+                                    torch::Tensor value_cache, torch::Tensor slot_mapping, int64_t bits,
+                                    int64_t mantissa_bits, int64_t bias, int64_t max_code, int64_t emax,
+                                    double max_value, int64_t block, bool e8m0, torch::Tensor k_scale,
+                                    torch::Tensor v_scale) {
+  TORCH_CHECK(block <= 64, "block-scaled blocks of at most 64 elements");
+  const Minifloat elem{bits, mantissa_bits, bias, max_code};
+  const int64_t tokens = key.size(0), heads = key.size(1), head_dim = key.size(2), page = key_cache.size(1);
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const float* ks = k_scale.data_ptr<float>();
+  const float* vs = v_scale.data_ptr<float>();
+  const int64_t k_heads = k_scale.numel() > 1, v_heads = v_scale.numel() > 1;
+  auto* kc = key_cache.data_ptr<uint8_t>();
+  auto* vc = value_cache.data_ptr<uint8_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, key.scalar_type(), "maia_cache_write", [&] {
+    const scalar_t* k = key.data_ptr<scalar_t>();
+    const scalar_t* v = value.data_ptr<scalar_t>();
+    at::parallel_for(0, tokens * heads, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t work = begin; work < end; ++work) {
+        const int64_t t = work / heads, h = work % heads, slot = slots[t];
+        if (slot < 0) continue;  // padding
+        const int64_t blk = slot / page, row = slot % page;
+        write_row(k + t * key.stride(0) + h * key.stride(1),
+                  kc + blk * key_cache.stride(0) + row * key_cache.stride(1) + h * key_cache.stride(2), head_dim,
+                  block, elem, emax, static_cast<float>(max_value), e8m0, ks[k_heads * h]);
+        write_row(v + t * value.stride(0) + h * value.stride(1),
+                  vc + blk * value_cache.stride(0) + row * value_cache.stride(1) + h * value_cache.stride(2),
+                  head_dim, block, elem, emax, static_cast<float>(max_value), e8m0, vs[v_heads * h]);
+      }
+    });
+  });
+}
