@@ -116,12 +116,10 @@ def reshape_and_cache(
         from maia_serving import kernels
 
         (kernels.reshape_and_cache_mx if block_scaled else kernels.reshape_and_cache)(*args)
-    elif block_scaled:
-        from maia_serving.ops.host import reshape_and_cache_mx_host
-
-        reshape_and_cache_mx_host(*args)
     else:
-        reshape_and_cache_ref(*args)
+        from maia_serving.ops import host
+
+        (host.reshape_and_cache_mx_host if block_scaled else host.reshape_and_cache_host)(*args)
 
 
 def paged_attention(

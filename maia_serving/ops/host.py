@@ -29,8 +29,10 @@ from maia_serving.ops.fp8 import (
     Fp8Format,
     attended,
     check_paged_attention_args,
+    check_reshape_and_cache_args,
     check_sliding_window,
     paged_attention_ref,
+    reshape_and_cache_ref,
     scale_tensor,
 )
 from maia_serving.ops.mx import (
@@ -246,14 +248,30 @@ def _mx_element_table(fmt: MxFormat) -> torch.Tensor:
     return _fp8_table(torch.float8_e4m3fn) if fmt.element.bits == 8 else _pair_table(fmt).contiguous()
 
 
+def reshape_and_cache_host(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype: str = "auto",
+                           k_scale=None, v_scale=None) -> None:
+    """``reshape_and_cache_ref``'s checks and bytes; an FP8 cache written in one C++ call where the native
+    module is built."""
+    fmt = check_reshape_and_cache_args(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype)
+    kernel = native.module()
+    if fmt is None or kernel is None or key.dtype not in _NATIVE_DTYPES or any(
+            t.stride(-1) != 1 for t in (key, value, key_cache, value_cache)):
+        reshape_and_cache_ref(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale)
+        return
+    num_kv_heads = key.shape[1]
+    k_sc, v_sc = (scale_tensor(s, num_kv_heads, key.device).contiguous() for s in (k_scale, v_scale))
+    kernel.reshape_and_cache_fp8(key, value, key_cache, value_cache, slot_mapping.long().contiguous(),
+                                 fmt.torch_dtype == torch.float8_e4m3fn, fmt.max_value, k_sc, v_sc)
+
+
 def reshape_and_cache_mx_host(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype: str,
                               k_scale=None, v_scale=None) -> None:
     """``reshape_and_cache_mx_ref``'s checks and bytes, in one C++ call where the native module is built
     (the reference's chain of small ops per layer otherwise)."""
     fmt = check_reshape_and_cache_mx_args(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype)
     kernel = native.module()
-    if (kernel is None or key.dtype not in _NATIVE_DTYPES or key.stride(-1) != 1 or value.stride(-1) != 1
-            or not key_cache.is_contiguous() or not value_cache.is_contiguous()):
+    if kernel is None or key.dtype not in _NATIVE_DTYPES or any(
+            t.stride(-1) != 1 for t in (key, value, key_cache, value_cache)):
         reshape_and_cache_mx_ref(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale)
         return
     _check_scale(fmt, k_scale)

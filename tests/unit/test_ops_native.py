@@ -53,9 +53,20 @@ def test_auto_serves_with_the_native_kernel_where_it_builds(fresh, monkeypatch):
 
 @pytest.mark.parametrize("fmt", ["auto", "fp8_e4m3", "mxfp4", "nvfp4"])
 def test_where_built_the_kernel_serves_alone(native_host_path, monkeypatch, fmt):
-    """No torch-path step runs: the pages are never gathered, the reference never called."""
-    for name in ("_pages", "paged_attention_ref", "_mx_fallback"):
+    """No torch-path step runs: the pages are never gathered, the references never called (a strided
+    cache view included: an engine's KV cache may be one)."""
+    for name in ("_pages", "paged_attention_ref", "_mx_fallback", "reshape_and_cache_ref", "reshape_and_cache_mx_ref"):
         monkeypatch.setattr(host, name, _refuse)
+    if fmt != "auto":
+        from maia_serving.ops.mx import MX_FORMATS, head_bytes
+
+        width = head_bytes(fmt, 64) if fmt in MX_FORMATS else 64
+        cache = torch.zeros(4, 2, 16, 2, width, dtype=torch.uint8)
+        key = torch.randn(3, 2, 64, dtype=torch.bfloat16)
+        scale = None if fmt == "mxfp4" else 0.5
+        write = host.reshape_and_cache_mx_host if fmt in MX_FORMATS else host.reshape_and_cache_host
+        write(key, key, cache[:, 0], cache[:, 1], torch.tensor([1, 20, 33]), fmt, scale, scale)
+        assert cache.any()
     scales = (torch.tensor([0.02, 0.05]), torch.tensor(0.03)) if fmt.startswith("fp8") else (
         (torch.tensor([0.01, 0.02]), torch.tensor([0.03, 0.04])) if fmt == "nvfp4" else (None, None))
     args = paged_batch(CASES["chunked_and_prefix_hit"], fmt, 2, 3, *scales, 16, 2, 64)
@@ -107,7 +118,8 @@ def test_the_native_write_is_the_references_bytes(native_host_path, fmt, head_di
     slots = torch.randperm(4 * 16, generator=torch.Generator().manual_seed(7))[:tokens]
     slots[2] = -1  # a padding token
     scales = (torch.tensor([0.02, 0.5]), torch.tensor(0.03)) if fmt == "nvfp4" else (None, None)
-    caches = [torch.full((4, 16, 2, head_bytes(fmt, head_dim)), 0xA5, dtype=torch.uint8) for _ in range(4)]
+    # K and V pages interleaved in one buffer, as an engine may lay them out: strided views, written in place.
+    caches = [torch.full((4, 2, 16, 2, head_bytes(fmt, head_dim)), 0xA5, dtype=torch.uint8)[:, 0] for _ in range(4)]
     host.reshape_and_cache_mx_host(key, value, caches[0], caches[1], slots, fmt, *scales)
     reshape_and_cache_mx_ref(key, value, caches[2], caches[3], slots, fmt, *scales)
     assert torch.equal(caches[0], caches[2])
@@ -123,3 +135,22 @@ def test_the_native_write_keeps_the_references_checks(native_host_path):
         host.reshape_and_cache_mx_host(key, key, cache, cache.clone(), torch.tensor([0, 1]), "mxfp4", 0.5, None)
     with pytest.raises(ValueError, match="uint8"):
         host.reshape_and_cache_mx_host(key, key, cache.float(), cache.float(), torch.tensor([0, 1]), "mxfp4")
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("per_head", [False, True], ids=["per-tensor", "per-head"])
+def test_the_native_fp8_write_is_the_references_bytes(native_host_path, fmt, dtype, per_head):
+    """Saturation, NaN, infinity, negative zero and subnormal results included."""
+    from maia_serving.ops.fp8 import reshape_and_cache_ref
+
+    key, value = _hostile_rows(64, dtype, seed=1), _hostile_rows(64, dtype, seed=2).flip(0)
+    slots = torch.randperm(4 * 16, generator=torch.Generator().manual_seed(9))[:key.shape[0]]
+    slots[0] = -1
+    k_scale = torch.tensor([0.02, 0.7]) if per_head else torch.tensor(0.05)
+    v_scale = torch.tensor([3.0, 1e-3]) if per_head else 0.25
+    caches = [torch.full((4, 2, 16, 2, 64), 0x5A, dtype=torch.uint8)[:, 1] for _ in range(4)]
+    host.reshape_and_cache_host(key, value, caches[0], caches[1], slots, fmt, k_scale, v_scale)
+    reshape_and_cache_ref(key, value, caches[2], caches[3], slots, fmt, k_scale, v_scale)
+    assert torch.equal(caches[0], caches[2])
+    assert torch.equal(caches[1], caches[3])

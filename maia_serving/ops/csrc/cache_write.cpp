@@ -1,9 +1,12 @@
-// Quantize key/value rows into a block-scaled paged cache (OCP MX, NVFP4) in one call per layer,
-// bit for bit what ops/mx.py's quantize_mx_ref writes: the same float32 operations in the same
-// order (powers of two are exact, division and rounding as torch does them: one IEEE rounding,
-// ties to even), so every element code and scale byte is the reference's.
+// Quantize key/value rows into a paged cache in one call per layer, bit for bit what the references
+// write: FP8 as ops/fp8.py's quantize_fp8_ref (divide by the scale, clamp, and torch's own c10
+// conversion), the block-scaled formats (OCP MX, NVFP4) as ops/mx.py's quantize_mx_ref: the same
+// float32 operations in the same order (powers of two are exact, division and rounding as torch
+// does them: one IEEE rounding, ties to even), so every element code and scale byte is the reference's.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
 
 #include <cmath>
 #include <cstdint>
@@ -124,6 +127,51 @@ void reshape_and_cache_block_scaled(torch::Tensor key, torch::Tensor value, torc
         write_row(v + t * value.stride(0) + h * value.stride(1),
                   vc + blk * value_cache.stride(0) + row * value_cache.stride(1) + h * value_cache.stride(2),
                   head_dim, block, elem, emax, static_cast<float>(max_value), e8m0, vs[v_heads * h]);
+      }
+    });
+  });
+}
+
+namespace {
+
+template <typename T, typename F8>
+void write_fp8_row(const T* src, uint8_t* dst, int64_t head_dim, float scale, float max_value) {
+  for (int64_t d = 0; d < head_dim; ++d) {
+    const float y = static_cast<float>(src[d]) / scale;
+    // torch.clamp keeps NaN; min/max written so that it does here too.
+    const float clamped = y < -max_value ? -max_value : (y > max_value ? max_value : y);
+    dst[d] = F8(clamped).x;
+  }
+}
+
+}  // namespace
+
+void reshape_and_cache_fp8(torch::Tensor key, torch::Tensor value, torch::Tensor key_cache, torch::Tensor value_cache,
+                           torch::Tensor slot_mapping, bool e4m3, double max_value, torch::Tensor k_scale,
+                           torch::Tensor v_scale) {
+  const int64_t tokens = key.size(0), heads = key.size(1), head_dim = key.size(2), page = key_cache.size(1);
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const float* ks = k_scale.data_ptr<float>();
+  const float* vs = v_scale.data_ptr<float>();
+  const int64_t k_heads = k_scale.numel() > 1, v_heads = v_scale.numel() > 1;
+  auto* kc = static_cast<uint8_t*>(key_cache.data_ptr());
+  auto* vc = static_cast<uint8_t*>(value_cache.data_ptr());
+  const float limit = static_cast<float>(max_value);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, key.scalar_type(), "maia_fp8_write", [&] {
+    const scalar_t* k = key.data_ptr<scalar_t>();
+    const scalar_t* v = value.data_ptr<scalar_t>();
+    auto row = e4m3 ? &write_fp8_row<scalar_t, c10::Float8_e4m3fn> : &write_fp8_row<scalar_t, c10::Float8_e5m2>;
+    at::parallel_for(0, tokens * heads, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t work = begin; work < end; ++work) {
+        const int64_t t = work / heads, h = work % heads, slot = slots[t];
+        if (slot < 0) continue;  // padding
+        const int64_t blk = slot / page, r = slot % page;
+        row(k + t * key.stride(0) + h * key.stride(1),
+            kc + blk * key_cache.stride(0) + r * key_cache.stride(1) + h * key_cache.stride(2), head_dim,
+            ks[k_heads * h], limit);
+        row(v + t * value.stride(0) + h * value.stride(1),
+            vc + blk * value_cache.stride(0) + r * value_cache.stride(1) + h * value_cache.stride(2), head_dim,
+            vs[v_heads * h], limit);
       }
     });
   });

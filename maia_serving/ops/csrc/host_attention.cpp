@@ -216,9 +216,14 @@ void reshape_and_cache_block_scaled(torch::Tensor key, torch::Tensor value, torc
                                     int64_t mantissa_bits, int64_t bias, int64_t max_code, int64_t emax,
                                     double max_value, int64_t block, bool e8m0, torch::Tensor k_scale,
                                     torch::Tensor v_scale);
+void reshape_and_cache_fp8(torch::Tensor key, torch::Tensor value, torch::Tensor key_cache, torch::Tensor value_cache,
+                           torch::Tensor slot_mapping, bool e4m3, double max_value, torch::Tensor k_scale,
+                           torch::Tensor v_scale);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "Paged attention over a decoded-while-read KV cache (maia-serving)");
   m.def("reshape_and_cache_block_scaled", &reshape_and_cache_block_scaled,
         "Quantize key/value rows into a block-scaled paged cache, as quantize_mx_ref does (maia-serving)");
+  m.def("reshape_and_cache_fp8", &reshape_and_cache_fp8,
+        "Quantize key/value rows into an FP8 paged cache, as quantize_fp8_ref does (maia-serving)");
 }
