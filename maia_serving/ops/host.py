@@ -308,17 +308,17 @@ def paged_attention_host(
     fmt = _check_args(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, kv_cache_dtype,
                       k_scale, v_scale)
     num_heads, head_dim = query.shape[1:]
-    if plan is None:
-        plan = plan_paged_attention(block_tables, seq_lens, query_start_loc, query.shape[0], num_heads,
-                                    key_cache.shape[1], causal, max_query_len, sliding_window)
-    elif plan.sliding_window != sliding_window:
+    if plan is not None and plan.sliding_window != sliding_window:
         raise ValueError(f"the plan's mask is for sliding_window={plan.sliding_window}, this call asks for "
                          f"{sliding_window}: plan each window apart")
     result = torch.zeros_like(query) if out is None else out.zero_()
-    if plan.num_seqs == 0 or plan.max_q == 0:
-        return result
     if _native(result, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, fmt,
                k_scale, v_scale, causal, sliding_window):
+        return result  # the kernel needs no plan: the engines skip building one where it is built
+    if plan is None:
+        plan = plan_paged_attention(block_tables, seq_lens, query_start_loc, query.shape[0], num_heads,
+                                    key_cache.shape[1], causal, max_query_len, sliding_window)
+    if plan.num_seqs == 0 or plan.max_q == 0:
         return result
     if not plan.batched and isinstance(fmt, MxFormat):
         return result.copy_(_mx_fallback(query, key_cache, value_cache, plan, seq_lens, query_start_loc, scale,

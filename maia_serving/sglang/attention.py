@@ -22,6 +22,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache.base_swa_memory_pool import BaseSWAKVPool
 
 from maia_serving import envs, ops
+from maia_serving.ops import native
 from maia_serving.ops.host import PagedPlan, plan_paged_attention
 from maia_serving.ops.mx import MX_FORMATS
 from maia_serving.serving import kv_scales
@@ -37,7 +38,7 @@ class MaiaForwardMetadata:
     query_start_loc: torch.Tensor  # [seqs + 1]
     num_tokens: int
     max_query_len: int
-    torch_path: bool  # the torch path plans its index tensors once per step and window
+    torch_path: bool  # the torch ops (not the native kernel) plan their index tensors once per step and window
     plans: dict[int | None, PagedPlan] = field(default_factory=dict)  # by window, built by a layer that needs it
 
 
@@ -140,7 +141,7 @@ class MaiaAttnBackend(AttentionBackend):
         query_start_loc = query_start_loc.to(device)
         self.forward_metadata = MaiaForwardMetadata(
             block_tables, seq_lens, query_start_loc, int(q_lens.sum()), int(q_lens.max()),
-            ops.kernel_backend(device) == "torch")
+            ops.kernel_backend(device) == "torch" and native.module() is None)
 
     # -- per layer -------------------------------------------------------------------
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True):

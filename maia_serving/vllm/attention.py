@@ -37,6 +37,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from maia_serving import envs, ops
 from maia_serving.emulator import precision
+from maia_serving.ops import native
 from maia_serving.ops.host import PagedPlan, plan_paged_attention
 from maia_serving.ops.mx import MX_FORMATS, head_bytes
 from maia_serving.serving import kv_scales as scales
@@ -125,7 +126,7 @@ class MaiaMetadataBuilder(AttentionMetadataBuilder[MaiaAttentionMetadata]):
         seq_lens = m.seq_lens[:num_seqs]
         block_table = m.block_table_tensor[:num_seqs]
         host_plan = None
-        if ops.kernel_backend(self.device) == "torch":
+        if ops.kernel_backend(self.device) == "torch" and native.module() is None:  # the torch ops' index tensors
             host_plan = plan_paged_attention(block_table, seq_lens, query_start_loc, m.num_actual_tokens,
                                              self.num_heads, self.block_size, True, m.max_query_len,
                                              self.sliding_window)
