@@ -97,42 +97,33 @@ void write_row(const T* src, uint8_t* dst, int64_t head_dim, int64_t block, cons
   }
 }
 
-}  // namespace
-
-void reshape_and_cache_block_scaled(torch::Tensor key, torch::Tensor value, torch::Tensor key_cache,
-                                    torch::Tensor value_cache, torch::Tensor slot_mapping, int64_t bits,
-                                    int64_t mantissa_bits, int64_t bias, int64_t max_code, int64_t emax,
-                                    double max_value, int64_t block, bool e8m0, torch::Tensor k_scale,
-                                    torch::Tensor v_scale) {
-  TORCH_CHECK(block <= 64, "block-scaled blocks of at most 64 elements");
-  const Minifloat elem{bits, mantissa_bits, bias, max_code};
-  const int64_t tokens = key.size(0), heads = key.size(1), head_dim = key.size(2), page = key_cache.size(1);
+// Each (token, KV head) row of key and value to its slot's page (slot -1: padding, skipped), through
+// ``write(src, dst, scale)`` with the row's scale (a scale per KV head, or one for all).
+template <typename T, typename Write>
+void for_each_row(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& key_cache,
+                  torch::Tensor& value_cache, const torch::Tensor& slot_mapping, const torch::Tensor& k_scale,
+                  const torch::Tensor& v_scale, Write write) {
+  const int64_t tokens = key.size(0), heads = key.size(1), page = key_cache.size(1);
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   const float* ks = k_scale.data_ptr<float>();
   const float* vs = v_scale.data_ptr<float>();
   const int64_t k_heads = k_scale.numel() > 1, v_heads = v_scale.numel() > 1;
-  auto* kc = key_cache.data_ptr<uint8_t>();
-  auto* vc = value_cache.data_ptr<uint8_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, key.scalar_type(), "maia_cache_write", [&] {
-    const scalar_t* k = key.data_ptr<scalar_t>();
-    const scalar_t* v = value.data_ptr<scalar_t>();
-    at::parallel_for(0, tokens * heads, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t work = begin; work < end; ++work) {
-        const int64_t t = work / heads, h = work % heads, slot = slots[t];
-        if (slot < 0) continue;  // padding
-        const int64_t blk = slot / page, row = slot % page;
-        write_row(k + t * key.stride(0) + h * key.stride(1),
-                  kc + blk * key_cache.stride(0) + row * key_cache.stride(1) + h * key_cache.stride(2), head_dim,
-                  block, elem, emax, static_cast<float>(max_value), e8m0, ks[k_heads * h]);
-        write_row(v + t * value.stride(0) + h * value.stride(1),
-                  vc + blk * value_cache.stride(0) + row * value_cache.stride(1) + h * value_cache.stride(2),
-                  head_dim, block, elem, emax, static_cast<float>(max_value), e8m0, vs[v_heads * h]);
-      }
-    });
+  auto* kc = static_cast<uint8_t*>(key_cache.data_ptr());
+  auto* vc = static_cast<uint8_t*>(value_cache.data_ptr());
+  const T* k = key.data_ptr<T>();
+  const T* v = value.data_ptr<T>();
+  at::parallel_for(0, tokens * heads, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t work = begin; work < end; ++work) {
+      const int64_t t = work / heads, h = work % heads, slot = slots[t];
+      if (slot < 0) continue;  // padding
+      const int64_t blk = slot / page, r = slot % page;
+      write(k + t * key.stride(0) + h * key.stride(1),
+            kc + blk * key_cache.stride(0) + r * key_cache.stride(1) + h * key_cache.stride(2), ks[k_heads * h]);
+      write(v + t * value.stride(0) + h * value.stride(1),
+            vc + blk * value_cache.stride(0) + r * value_cache.stride(1) + h * value_cache.stride(2), vs[v_heads * h]);
+    }
   });
 }
-
-namespace {
 
 template <typename T, typename F8>
 void write_fp8_row(const T* src, uint8_t* dst, int64_t head_dim, float scale, float max_value) {
@@ -146,33 +137,31 @@ void write_fp8_row(const T* src, uint8_t* dst, int64_t head_dim, float scale, fl
 
 }  // namespace
 
+void reshape_and_cache_block_scaled(torch::Tensor key, torch::Tensor value, torch::Tensor key_cache,
+                                    torch::Tensor value_cache, torch::Tensor slot_mapping, int64_t bits,
+                                    int64_t mantissa_bits, int64_t bias, int64_t max_code, int64_t emax,
+                                    double max_value, int64_t block, bool e8m0, torch::Tensor k_scale,
+                                    torch::Tensor v_scale) {
+  TORCH_CHECK(block <= 64, "block-scaled blocks of at most 64 elements");
+  const Minifloat elem{bits, mantissa_bits, bias, max_code};
+  const int64_t head_dim = key.size(2);
+  const float limit = static_cast<float>(max_value);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, key.scalar_type(), "maia_cache_write", [&] {
+    for_each_row<scalar_t>(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale,
+                           [&](const scalar_t* src, uint8_t* dst, float scale) {
+                             write_row(src, dst, head_dim, block, elem, emax, limit, e8m0, scale);
+                           });
+  });
+}
+
 void reshape_and_cache_fp8(torch::Tensor key, torch::Tensor value, torch::Tensor key_cache, torch::Tensor value_cache,
                            torch::Tensor slot_mapping, bool e4m3, double max_value, torch::Tensor k_scale,
                            torch::Tensor v_scale) {
-  const int64_t tokens = key.size(0), heads = key.size(1), head_dim = key.size(2), page = key_cache.size(1);
-  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
-  const float* ks = k_scale.data_ptr<float>();
-  const float* vs = v_scale.data_ptr<float>();
-  const int64_t k_heads = k_scale.numel() > 1, v_heads = v_scale.numel() > 1;
-  auto* kc = static_cast<uint8_t*>(key_cache.data_ptr());
-  auto* vc = static_cast<uint8_t*>(value_cache.data_ptr());
+  const int64_t head_dim = key.size(2);
   const float limit = static_cast<float>(max_value);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, key.scalar_type(), "maia_fp8_write", [&] {
-    const scalar_t* k = key.data_ptr<scalar_t>();
-    const scalar_t* v = value.data_ptr<scalar_t>();
     auto row = e4m3 ? &write_fp8_row<scalar_t, c10::Float8_e4m3fn> : &write_fp8_row<scalar_t, c10::Float8_e5m2>;
-    at::parallel_for(0, tokens * heads, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t work = begin; work < end; ++work) {
-        const int64_t t = work / heads, h = work % heads, slot = slots[t];
-        if (slot < 0) continue;  // padding
-        const int64_t blk = slot / page, r = slot % page;
-        row(k + t * key.stride(0) + h * key.stride(1),
-            kc + blk * key_cache.stride(0) + r * key_cache.stride(1) + h * key_cache.stride(2), head_dim,
-            ks[k_heads * h], limit);
-        row(v + t * value.stride(0) + h * value.stride(1),
-            vc + blk * value_cache.stride(0) + r * value_cache.stride(1) + h * value_cache.stride(2), head_dim,
-            vs[v_heads * h], limit);
-      }
-    });
+    for_each_row<scalar_t>(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale,
+                           [&](const scalar_t* src, uint8_t* dst, float scale) { row(src, dst, head_dim, scale, limit); });
   });
 }
