@@ -211,27 +211,36 @@ def _mx_fallback(query, key_cache, value_cache, plan: PagedPlan, seq_lens, query
                                causal=causal, sliding_window=sliding_window)
 
 
+def _native_kernel(dtype: torch.dtype, *tensors: torch.Tensor):
+    """The C++ module (``ops.native``) where it is built and takes these tensors: ``dtype`` (the query's or
+    the new keys') one it dispatches on, every tensor's rows contiguous; None otherwise."""
+    kernel = native.module()
+    if kernel is None or dtype not in _NATIVE_DTYPES or any(t.stride(-1) != 1 for t in tensors):
+        return None
+    return kernel
+
+
+def _kernel_scales(k_scale, v_scale, num_kv_heads: int, device: torch.device, used: bool):
+    """K and V scales as the kernels read them: float32 ``[1]`` or ``[num_kv_heads]``; a 1.0 the kernel
+    ignores where the format takes none (``used`` False)."""
+    return ((scale_tensor(s, num_kv_heads, device).contiguous() if used else _ONE) for s in (k_scale, v_scale))
+
+
 def _native(out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, fmt,
             k_scale, v_scale, causal: bool, sliding_window: int | None) -> bool:
-    """Attend through the C++ kernel (``ops.native``) into ``out``; False, with nothing done, where it is not
-    built or cannot take these tensors (then the torch path below runs)."""
-    kernel = native.module()
-    if (kernel is None or query.dtype not in _NATIVE_DTYPES or (fmt is None and key_cache.dtype != query.dtype)
-            or any(t.stride(-1) != 1 for t in (query, out, key_cache, value_cache))):
+    """Attend through the C++ kernel into ``out``; False, with nothing done, where it is not built or
+    cannot take these tensors (then the torch path below runs)."""
+    kernel = _native_kernel(query.dtype, query, out, key_cache, value_cache)
+    if kernel is None or (fmt is None and key_cache.dtype != query.dtype):
         return False
-    num_kv_heads, device = key_cache.shape[2], query.device
-    no_table = torch.empty(0, dtype=torch.float32)
     if isinstance(fmt, MxFormat):
         kind, elements, scales = native.BLOCK_SCALED, _mx_element_table(fmt), _scale_table(fmt)
-    elif fmt is not None:
-        kind, elements, scales = native.FP8, _fp8_table(fmt.torch_dtype), no_table
+        bits, block, block_bytes = fmt.element.bits, fmt.block_size, fmt.block_bytes
     else:
-        kind, elements, scales = native.PLAIN, no_table, no_table
+        kind, elements = (native.FP8, _fp8_table(fmt.torch_dtype)) if fmt else (native.PLAIN, _NO_TABLE)
+        scales, bits, block, block_bytes = _NO_TABLE, 0, 0, 0
     per_head = isinstance(fmt, Fp8Format) or (isinstance(fmt, MxFormat) and fmt.scale == "e4m3")
-    k_sc, v_sc = ((scale_tensor(s, num_kv_heads, device).contiguous() if per_head else _ONE)
-                  for s in (k_scale, v_scale))
-    bits, block, block_bytes = ((fmt.element.bits, fmt.block_size, fmt.block_bytes) if isinstance(fmt, MxFormat)
-                                else (0, 0, 0))
+    k_sc, v_sc = _kernel_scales(k_scale, v_scale, key_cache.shape[2], query.device, per_head)
     kernel.paged_attention(out, query, key_cache, value_cache, block_tables.long().contiguous(),
                            seq_lens.long().contiguous(), query_start_loc.long().contiguous(), float(scale), kind,
                            bits, block, block_bytes, elements, scales, k_sc, v_sc, causal, sliding_window or 0)
@@ -240,6 +249,7 @@ def _native(out, query, key_cache, value_cache, block_tables, seq_lens, query_st
 
 _NATIVE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ONE = torch.ones(1, dtype=torch.float32)
+_NO_TABLE = torch.empty(0, dtype=torch.float32)
 
 
 @functools.cache
@@ -253,13 +263,11 @@ def reshape_and_cache_host(key, value, key_cache, value_cache, slot_mapping, kv_
     """``reshape_and_cache_ref``'s checks and bytes; an FP8 cache written in one C++ call where the native
     module is built."""
     fmt = check_reshape_and_cache_args(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype)
-    kernel = native.module()
-    if fmt is None or kernel is None or key.dtype not in _NATIVE_DTYPES or any(
-            t.stride(-1) != 1 for t in (key, value, key_cache, value_cache)):
+    kernel = _native_kernel(key.dtype, key, value, key_cache, value_cache)
+    if fmt is None or kernel is None:
         reshape_and_cache_ref(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale)
         return
-    num_kv_heads = key.shape[1]
-    k_sc, v_sc = (scale_tensor(s, num_kv_heads, key.device).contiguous() for s in (k_scale, v_scale))
+    k_sc, v_sc = _kernel_scales(k_scale, v_scale, key.shape[1], key.device, True)
     kernel.reshape_and_cache_fp8(key, value, key_cache, value_cache, slot_mapping.long().contiguous(),
                                  fmt.torch_dtype == torch.float8_e4m3fn, fmt.max_value, k_sc, v_sc)
 
@@ -269,16 +277,14 @@ def reshape_and_cache_mx_host(key, value, key_cache, value_cache, slot_mapping, 
     """``reshape_and_cache_mx_ref``'s checks and bytes, in one C++ call where the native module is built
     (the reference's chain of small ops per layer otherwise)."""
     fmt = check_reshape_and_cache_mx_args(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype)
-    kernel = native.module()
-    if kernel is None or key.dtype not in _NATIVE_DTYPES or any(
-            t.stride(-1) != 1 for t in (key, value, key_cache, value_cache)):
+    kernel = _native_kernel(key.dtype, key, value, key_cache, value_cache)
+    if kernel is None:
         reshape_and_cache_mx_ref(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale)
         return
     _check_scale(fmt, k_scale)
     _check_scale(fmt, v_scale)
-    num_kv_heads, elem = key.shape[1], fmt.element
-    k_sc, v_sc = ((scale_tensor(s, num_kv_heads, key.device).contiguous() if fmt.scale == "e4m3" else _ONE)
-                  for s in (k_scale, v_scale))
+    elem = fmt.element
+    k_sc, v_sc = _kernel_scales(k_scale, v_scale, key.shape[1], key.device, fmt.scale == "e4m3")
     kernel.reshape_and_cache_block_scaled(key, value, key_cache, value_cache, slot_mapping.long().contiguous(),
                                           elem.bits, elem.mantissa_bits, elem.bias, elem.max_code, elem.emax,
                                           elem.max_value, fmt.block_size, fmt.scale == "e8m0", k_sc, v_sc)

@@ -54,3 +54,8 @@ class CollectiveTally:
 
 def op_name(row: Row) -> str:
     return COLLECTIVE_OPS[row[0]]
+
+
+def tensor_bytes(tensor) -> int:
+    """The bytes a tensor holds, as a collective moves them (any object with numel and element_size)."""
+    return tensor.numel() * tensor.element_size()

@@ -19,14 +19,11 @@ import torch
 from vllm.distributed.device_communicators.cpu_communicator import CpuCommunicator
 
 from maia_serving.serving.collectives import CollectiveTally
+from maia_serving.serving.collectives import tensor_bytes as _nbytes
 
 TALLY = CollectiveTally()
 RELAY_KEY = "maia_serving.collectives"
 OUTPUT_ATTR = "maia_collectives"  # the tally's attribute on a step's ModelRunnerOutput
-
-
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
 
 
 class MaiaCommunicator(CpuCommunicator):

@@ -15,13 +15,10 @@ wraps vLLM's CpuCommunicator).
 from __future__ import annotations
 
 from maia_serving.serving.collectives import CollectiveTally
+from maia_serving.serving.collectives import tensor_bytes as _nbytes
 
 GROUP = "sglang.srt.distributed.parallel_state.GroupCoordinator"
 TALLY = CollectiveTally()
-
-
-def _nbytes(tensor) -> int:
-    return tensor.numel() * tensor.element_size()
 
 
 def after_all_reduce(result, group, input_, *args, **kwargs) -> None:
