@@ -73,13 +73,15 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
+                        help="configurations to run (default: all; a ratio is printed where both of its are run)")
     parser.add_argument("--child", choices=list(CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child, args.prompts, args.tokens, args.repeats)
         return 0
-    rounds: dict[str, list[dict]] = {name: [] for name in CONFIGS}
-    names = list(CONFIGS)
+    names = list(args.configs)
+    rounds: dict[str, list[dict]] = {name: [] for name in names}
     for i in range(args.rounds):
         for name in names[i % len(names):] + names[: i % len(names)]:  # rotate who goes first
             rounds[name].append(run_round(name, args))
@@ -95,6 +97,8 @@ def main() -> int:
     ratios = {"maia-bf16 / cpu-bf16": ("maia-bf16", "cpu-bf16"), "maia-fp8 / maia-bf16": ("maia-fp8", "maia-bf16"),
               "maia-mxfp4 / maia-bf16": ("maia-mxfp4", "maia-bf16")}
     for label, (a, b) in ratios.items():
+        if a not in median or b not in median:
+            continue
         print(f"{label}: {median[a][0] / median[b][0]:.3f} wall, {median[a][1] / median[b][1]:.3f} per CPU-s "
               "(goal >= 0.95)")
     write_json("host_path", {"args": vars(args), "rounds": rounds})

@@ -12,6 +12,7 @@ KV cache and collectives are stored in.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -125,6 +126,7 @@ def dtype(name: str | DType) -> DType:
     return _BY_NAME[key]
 
 
+@functools.cache  # asked on every cache write and attention call
 def kv_cache_spellings(formats: tuple[str, ...] = ENGINE_KV_CACHE_FORMATS) -> tuple[str, ...]:
     """Every ``--kv-cache-dtype`` value naming one of ``formats``: "auto" (the model's dtype) and each
     spelling of them. The default is what the engines serve; the emulator takes ``KV_CACHE_FORMATS``."""

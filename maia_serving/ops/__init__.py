@@ -78,15 +78,19 @@ def _has_triton() -> bool:
 
 def kernel_backend(device: torch.device) -> str:
     """Which implementation, "triton" or "torch", runs for tensors on ``device``."""
-    choice = envs.get(KERNELS_ENV)
+    return _kernel_backend(os.environ.get(KERNELS_ENV, ""), os.environ.get("TRITON_INTERPRET", ""), device.type)
+
+
+@functools.lru_cache(maxsize=64)  # asked on every layer call; parsing the setting each time cost more than the op
+def _kernel_backend(choice: str, interpret: str, device_type: str) -> str:
+    choice = envs.SETTINGS[KERNELS_ENV].read({KERNELS_ENV: choice})
     if choice != "auto":
         return choice
     if not _has_triton():
         return "torch"
-    if device.type == "cuda":
+    if device_type == "cuda":
         return "triton"
-    interpret = os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE
-    return "triton" if device.type == "cpu" and interpret else "torch"
+    return "triton" if device_type == "cpu" and interpret.strip().lower() in _TRUE else "torch"
 
 
 def reshape_and_cache(

@@ -260,10 +260,13 @@ def _mx_element_table(fmt: MxFormat) -> torch.Tensor:
 
 def reshape_and_cache_host(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype: str = "auto",
                            k_scale=None, v_scale=None) -> None:
-    """``reshape_and_cache_ref``'s checks and bytes; an FP8 cache written in one C++ call where the native
-    module is built."""
+    """``reshape_and_cache_ref``'s checks and bytes, in one C++ call where the native module is built: an
+    FP8 cache, or an unquantized one of the rows' own dtype (a cast to another dtype takes the reference)."""
     fmt = check_reshape_and_cache_args(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype)
     kernel = _native_kernel(key.dtype, key, value, key_cache, value_cache)
+    if kernel is not None and fmt is None and key_cache.dtype == key.dtype == value.dtype:
+        kernel.reshape_and_cache_plain(key, value, key_cache, value_cache, slot_mapping.long().contiguous())
+        return
     if fmt is None or kernel is None:
         reshape_and_cache_ref(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale)
         return

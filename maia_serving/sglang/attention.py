@@ -131,17 +131,20 @@ class MaiaAttnBackend(AttentionBackend):
             raise NotImplementedError(f"the maia attention backend does not run {mode.name} batches")
         max_len = int(seq_lens_cpu.max())
         pages = -(-max_len // self.page_size)
+        device = forward_batch.seq_lens.device
+        torch_path = ops.kernel_backend(device) == "torch"
+        # The C++ host kernel reads int64 indices: made so here once a step, not in every layer.
+        index = torch.int64 if torch_path and native.module() is not None else torch.int32
         rows = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices]
         # Slot s of a request lives in page s // page_size; pages are page-aligned runs.
-        block_tables = (rows[:, : pages * self.page_size : self.page_size] // self.page_size).to(torch.int32)
-        query_start_loc = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
+        block_tables = (rows[:, : pages * self.page_size : self.page_size] // self.page_size).to(index)
+        query_start_loc = torch.zeros(len(q_lens) + 1, dtype=index)
         torch.cumsum(q_lens, 0, out=query_start_loc[1:])
-        device = forward_batch.seq_lens.device
-        seq_lens = forward_batch.seq_lens.to(torch.int32)
+        seq_lens = forward_batch.seq_lens.to(index)
         query_start_loc = query_start_loc.to(device)
         self.forward_metadata = MaiaForwardMetadata(
             block_tables, seq_lens, query_start_loc, int(q_lens.sum()), int(q_lens.max()),
-            ops.kernel_backend(device) == "torch" and native.module() is None)
+            torch_path and native.module() is None)
 
     # -- per layer -------------------------------------------------------------------
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True):

@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from maia_serving.emulator.clock import RequestTiming
 from maia_serving.emulator.session import StepRecord
@@ -44,8 +44,13 @@ class Message:
 
 def encode(msg: Message) -> bytes:
     return json.dumps({"v": VERSION, "info": msg.info.to_dict() if msg.info else None,
-                       "steps": [asdict(r) for r in msg.steps], "errors": msg.errors,
+                       "steps": [_step_dict(r) for r in msg.steps], "errors": msg.errors,
                        "kv": list(msg.kv) if msg.kv is not None else None}).encode()
+
+
+def _step_dict(record: StepRecord) -> dict:
+    """``asdict(record)`` without its deep copies (a tenth of the time, on every step)."""
+    return {**vars(record), "finished": [vars(t) for t in record.finished]}
 
 
 def decode(data: bytes) -> Message:

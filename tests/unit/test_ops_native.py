@@ -57,16 +57,15 @@ def test_where_built_the_kernel_serves_alone(native_host_path, monkeypatch, fmt)
     cache view included: an engine's KV cache may be one)."""
     for name in ("_pages", "paged_attention_ref", "_mx_fallback", "reshape_and_cache_ref", "reshape_and_cache_mx_ref"):
         monkeypatch.setattr(host, name, _refuse)
-    if fmt != "auto":
-        from maia_serving.ops.mx import MX_FORMATS, head_bytes
+    from maia_serving.ops.mx import MX_FORMATS, head_bytes
 
-        width = head_bytes(fmt, 64) if fmt in MX_FORMATS else 64
-        cache = torch.zeros(4, 2, 16, 2, width, dtype=torch.uint8)
-        key = torch.randn(3, 2, 64, dtype=torch.bfloat16)
-        scale = None if fmt == "mxfp4" else 0.5
-        write = host.reshape_and_cache_mx_host if fmt in MX_FORMATS else host.reshape_and_cache_host
-        write(key, key, cache[:, 0], cache[:, 1], torch.tensor([1, 20, 33]), fmt, scale, scale)
-        assert cache.any()
+    width = head_bytes(fmt, 64) if fmt in MX_FORMATS else 64
+    cache = torch.zeros(4, 2, 16, 2, width, dtype=torch.bfloat16 if fmt == "auto" else torch.uint8)
+    key = torch.randn(3, 2, 64, dtype=torch.bfloat16)
+    scale = None if fmt == "mxfp4" else 0.5
+    write = host.reshape_and_cache_mx_host if fmt in MX_FORMATS else host.reshape_and_cache_host
+    write(key, key, cache[:, 0], cache[:, 1], torch.tensor([1, 20, 33]), fmt, scale, scale)
+    assert cache.any()
     scales = (torch.tensor([0.02, 0.05]), torch.tensor(0.03)) if fmt.startswith("fp8") else (
         (torch.tensor([0.01, 0.02]), torch.tensor([0.03, 0.04])) if fmt == "nvfp4" else (None, None))
     args = paged_batch(CASES["chunked_and_prefix_hit"], fmt, 2, 3, *scales, 16, 2, 64)
@@ -154,3 +153,28 @@ def test_the_native_fp8_write_is_the_references_bytes(native_host_path, fmt, dty
     reshape_and_cache_ref(key, value, caches[2], caches[3], slots, fmt, k_scale, v_scale)
     assert torch.equal(caches[0], caches[2])
     assert torch.equal(caches[1], caches[3])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_the_native_unquantized_write_is_the_references(native_host_path, dtype):
+    """A copy into a strided cache view (an engine's K half of its pages), padding slots skipped, NaN and
+    infinity carried; every other byte of the cache untouched."""
+    from maia_serving.ops.fp8 import reshape_and_cache_ref
+
+    key, value = _hostile_rows(64, dtype, seed=3), _hostile_rows(64, dtype, seed=4).flip(0)
+    slots = torch.randperm(4 * 16, generator=torch.Generator().manual_seed(5))[:key.shape[0]]
+    slots[1] = -1
+    pages = [torch.full((4, 2, 16, 2, 64), 7.0, dtype=dtype) for _ in range(2)]
+    host.reshape_and_cache_host(key, value, pages[0][:, 0], pages[0][:, 1], slots, "auto")
+    reshape_and_cache_ref(key, value, pages[1][:, 0], pages[1][:, 1], slots, "auto")
+    assert torch.equal(pages[0].view(torch.uint8), pages[1].view(torch.uint8))  # bit for bit, NaN included
+
+
+def test_a_write_that_casts_takes_the_reference(native_host_path, monkeypatch):
+    """float32 rows into a bf16 cache: a cast, which the kernel's copy does not do."""
+    called = []
+    monkeypatch.setattr(host, "reshape_and_cache_ref", lambda *args: called.append(args))
+    cache = torch.zeros(4, 16, 2, 64, dtype=torch.bfloat16)
+    key = torch.randn(3, 2, 64)
+    host.reshape_and_cache_host(key, key, cache, cache.clone(), torch.tensor([1, 2, 3]), "auto")
+    assert called and not cache.any()

@@ -1,8 +1,9 @@
-// Quantize key/value rows into a paged cache in one call per layer, bit for bit what the references
-// write: FP8 as ops/fp8.py's quantize_fp8_ref (divide by the scale, clamp, and torch's own c10
-// conversion), the block-scaled formats (OCP MX, NVFP4) as ops/mx.py's quantize_mx_ref: the same
-// float32 operations in the same order (powers of two are exact, division and rounding as torch
-// does them: one IEEE rounding, ties to even), so every element code and scale byte is the reference's.
+// Write key/value rows into a paged cache in one call per layer, bit for bit what the references
+// write: an unquantized cache of the rows' dtype as a copy, FP8 as ops/fp8.py's quantize_fp8_ref
+// (divide by the scale, clamp, and torch's own c10 conversion), the block-scaled formats (OCP MX,
+// NVFP4) as ops/mx.py's quantize_mx_ref: the same float32 operations in the same order (powers of
+// two are exact, division and rounding as torch does them: one IEEE rounding, ties to even), so
+// every element code and scale byte is the reference's.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Float8_e4m3fn.h>
@@ -10,6 +11,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 namespace {
 
@@ -110,6 +112,7 @@ void for_each_row(const torch::Tensor& key, const torch::Tensor& value, torch::T
   const int64_t k_heads = k_scale.numel() > 1, v_heads = v_scale.numel() > 1;
   auto* kc = static_cast<uint8_t*>(key_cache.data_ptr());
   auto* vc = static_cast<uint8_t*>(value_cache.data_ptr());
+  const int64_t item = key_cache.element_size();  // the caches' strides are in elements, ``dst`` in bytes
   const T* k = key.data_ptr<T>();
   const T* v = value.data_ptr<T>();
   at::parallel_for(0, tokens * heads, 16, [&](int64_t begin, int64_t end) {
@@ -118,9 +121,10 @@ void for_each_row(const torch::Tensor& key, const torch::Tensor& value, torch::T
       if (slot < 0) continue;  // padding
       const int64_t blk = slot / page, r = slot % page;
       write(k + t * key.stride(0) + h * key.stride(1),
-            kc + blk * key_cache.stride(0) + r * key_cache.stride(1) + h * key_cache.stride(2), ks[k_heads * h]);
+            kc + (blk * key_cache.stride(0) + r * key_cache.stride(1) + h * key_cache.stride(2)) * item, ks[k_heads * h]);
       write(v + t * value.stride(0) + h * value.stride(1),
-            vc + blk * value_cache.stride(0) + r * value_cache.stride(1) + h * value_cache.stride(2), vs[v_heads * h]);
+            vc + (blk * value_cache.stride(0) + r * value_cache.stride(1) + h * value_cache.stride(2)) * item,
+            vs[v_heads * h]);
     }
   });
 }
@@ -163,5 +167,16 @@ void reshape_and_cache_fp8(torch::Tensor key, torch::Tensor value, torch::Tensor
     auto row = e4m3 ? &write_fp8_row<scalar_t, c10::Float8_e4m3fn> : &write_fp8_row<scalar_t, c10::Float8_e5m2>;
     for_each_row<scalar_t>(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale,
                            [&](const scalar_t* src, uint8_t* dst, float scale) { row(src, dst, head_dim, scale, limit); });
+  });
+}
+
+void reshape_and_cache_plain(torch::Tensor key, torch::Tensor value, torch::Tensor key_cache, torch::Tensor value_cache,
+                             torch::Tensor slot_mapping) {
+  TORCH_CHECK(key.scalar_type() == key_cache.scalar_type(), "an unquantized cache of the rows' own dtype");
+  const int64_t row_bytes = key.size(2) * key.element_size();
+  const torch::Tensor unscaled = torch::ones({1}, torch::kFloat32);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, key.scalar_type(), "maia_plain_write", [&] {
+    for_each_row<scalar_t>(key, value, key_cache, value_cache, slot_mapping, unscaled, unscaled,
+                           [&](const scalar_t* src, uint8_t* dst, float) { std::memcpy(dst, src, row_bytes); });
   });
 }

@@ -126,8 +126,14 @@ void attend(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor&
       const int64_t lo = (causal && window > 0) ? std::max<int64_t>(0, first_pos - window + 1) : 0;
       for (int64_t t0 = lo; t0 < len; t0 += kTile) {
         const int64_t n = std::min<int64_t>(kTile, len - t0);
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t t = t0 + j, block = tables[s * table_stride + t / page], slot = t % page;
+        // Page and row of each key stepped along (a 64-bit division per key would cost more than its decode).
+        int64_t page_index = t0 / page, slot = t0 % page;
+        for (int64_t j = 0; j < n; ++j, ++slot) {
+          if (slot == page) {
+            slot = 0;
+            ++page_index;
+          }
+          const int64_t block = tables[s * table_stride + page_index];
           const uint8_t* kp = k_bytes + block * kb + slot * kt + h * kh;
           const uint8_t* vp = v_bytes + block * vb + slot * vt + h * vh;
           float* kr = ktile.data() + j * head_dim;
@@ -220,10 +226,15 @@ void reshape_and_cache_fp8(torch::Tensor key, torch::Tensor value, torch::Tensor
                            torch::Tensor slot_mapping, bool e4m3, double max_value, torch::Tensor k_scale,
                            torch::Tensor v_scale);
 
+void reshape_and_cache_plain(torch::Tensor key, torch::Tensor value, torch::Tensor key_cache, torch::Tensor value_cache,
+                             torch::Tensor slot_mapping);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "Paged attention over a decoded-while-read KV cache (maia-serving)");
   m.def("reshape_and_cache_block_scaled", &reshape_and_cache_block_scaled,
         "Quantize key/value rows into a block-scaled paged cache, as quantize_mx_ref does (maia-serving)");
   m.def("reshape_and_cache_fp8", &reshape_and_cache_fp8,
         "Quantize key/value rows into an FP8 paged cache, as quantize_fp8_ref does (maia-serving)");
+  m.def("reshape_and_cache_plain", &reshape_and_cache_plain,
+        "Copy key/value rows into an unquantized paged cache of their dtype (maia-serving)");
 }
