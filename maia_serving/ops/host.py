@@ -237,8 +237,8 @@ def _native(out, query, key_cache, value_cache, block_tables, seq_lens, query_st
         kind, elements, scales = native.BLOCK_SCALED, _mx_element_table(fmt), _scale_table(fmt)
         bits, block, block_bytes = fmt.element.bits, fmt.block_size, fmt.block_bytes
     else:
-        kind, elements = (native.FP8, _fp8_table(fmt.torch_dtype)) if fmt else (native.PLAIN, _NO_TABLE)
-        scales, bits, block, block_bytes = _NO_TABLE, 0, 0, 0
+        kind = (native.FP8_E4M3 if fmt.torch_dtype == torch.float8_e4m3fn else native.FP8_E5M2) if fmt else native.PLAIN
+        elements, scales, bits, block, block_bytes = _NO_TABLE, _NO_TABLE, 0, 0, 0
     per_head = isinstance(fmt, Fp8Format) or (isinstance(fmt, MxFormat) and fmt.scale == "e4m3")
     k_sc, v_sc = _kernel_scales(k_scale, v_scale, key_cache.shape[2], query.device, per_head)
     kernel.paged_attention(out, query, key_cache, value_cache, block_tables.long().contiguous(),
@@ -254,8 +254,11 @@ _NO_TABLE = torch.empty(0, dtype=torch.float32)
 
 @functools.cache
 def _mx_element_table(fmt: MxFormat) -> torch.Tensor:
-    """What the kernel looks elements up in: FP8 codes' values, or the FP6/FP4 pair table."""
-    return _fp8_table(torch.float8_e4m3fn) if fmt.element.bits == 8 else _pair_table(fmt).contiguous()
+    """What the kernel looks elements up in: the FP6/FP4 pair table (FP8 elements, E4M3, it decodes itself)."""
+    if fmt.element.bits == 8 and fmt.element.name != "e4m3":
+        raise NotImplementedError(f"the native host attention decodes 8-bit MX elements as E4M3, "
+                                  f"not {fmt.element.name}")
+    return _NO_TABLE if fmt.element.bits == 8 else _pair_table(fmt).contiguous()
 
 
 def reshape_and_cache_host(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype: str = "auto",

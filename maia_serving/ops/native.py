@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).resolve().parent / "csrc" / "host_attention.cpp"
 SOURCES = (SOURCE, SOURCE.with_name("cache_write.cpp"))  # the module's entry points are in SOURCE
 # Kinds of cache rows the kernel decodes (host_attention.cpp's Kind).
-PLAIN, FP8, BLOCK_SCALED = 0, 1, 2
+PLAIN, FP8_E4M3, BLOCK_SCALED, FP8_E5M2 = 0, 1, 2, 3
 
 
 def build_dir() -> Path:

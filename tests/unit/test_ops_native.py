@@ -178,3 +178,22 @@ def test_a_write_that_casts_takes_the_reference(native_host_path, monkeypatch):
     key = torch.randn(3, 2, 64)
     host.reshape_and_cache_host(key, key, cache, cache.clone(), torch.tensor([1, 2, 3]), "auto")
     assert called and not cache.any()
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+def test_the_kernel_decodes_every_fp8_code_as_torch_does(native_host_path, fmt):
+    """One key whose value row holds all 256 codes: the output is each code's value, as torch converts
+    it (subnormals, NaN and E5M2's infinities included; a negative zero comes out as the sum 0 + -0)."""
+    from maia_serving.ops.fp8 import resolve_kv_cache_dtype
+
+    codes = torch.arange(256, dtype=torch.uint8)
+    key_cache = torch.zeros(1, 16, 1, 256, dtype=torch.uint8)
+    value_cache = torch.zeros(1, 16, 1, 256, dtype=torch.uint8)
+    value_cache[0, 0, 0] = codes
+    query = torch.ones(1, 1, 256)
+    one = torch.tensor([0]), torch.tensor([1]), torch.tensor([0, 1])
+    out = host.paged_attention_host(query, key_cache, value_cache, one[0][None], one[1], one[2], 1.0, fmt, 1.0, 1.0)
+    got, expected = out.view(-1), codes.view(resolve_kv_cache_dtype(fmt).torch_dtype).float()
+    nan = expected.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got[~nan], expected[~nan])

@@ -19,17 +19,35 @@ struct Minifloat {
   int64_t bits, mantissa_bits, bias, max_code;
 };
 
+// floor(log2(a)) for a finite a > 0 (frexp's exponent - 1), from the bits; frexp for subnormals.
+inline int32_t binade_of(float a) {
+  uint32_t bits;
+  std::memcpy(&bits, &a, sizeof bits);
+  const int32_t field = static_cast<int32_t>(bits >> 23 & 0xFF);
+  if (field == 0) {
+    int exponent = 0;
+    std::frexp(a, &exponent);
+    return exponent - 1;
+  }
+  return field - 127;
+}
+
+// 2^k exactly, built from the bits where it is a normal float32 (ldexp, a library call per element,
+// was most of a block-scaled write's time); ldexp outside that range.
+inline float pow2(int32_t k) {
+  if (k < -126 || k > 127) return std::ldexp(1.0f, k);
+  const uint32_t bits = static_cast<uint32_t>(k + 127) << 23;
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
 // encode_minifloat_ref for one finite float32 value.
 inline int32_t encode(float y, const Minifloat& e) {
   const float a = std::fabs(y);
   const int32_t lowest = static_cast<int32_t>(1 - e.bias);
-  int32_t binade = lowest;
-  if (a > 0.0f) {
-    int exponent = 0;
-    std::frexp(a, &exponent);
-    binade = std::max<int32_t>(exponent - 1, lowest);
-  }
-  const float steps = std::nearbyint(a * std::ldexp(1.0f, static_cast<int>(e.mantissa_bits) - binade));
+  const int32_t binade = a > 0.0f ? std::max<int32_t>(binade_of(a), lowest) : lowest;
+  const float steps = std::nearbyint(a * pow2(static_cast<int32_t>(e.mantissa_bits) - binade));
   int32_t code = ((binade + static_cast<int32_t>(e.bias) - 1) << e.mantissa_bits) + static_cast<int32_t>(steps);
   code = std::min<int32_t>(code, static_cast<int32_t>(e.max_code));
   return code | (std::signbit(y) ? 1 << (e.bits - 1) : 0);
@@ -66,13 +84,9 @@ void write_row(const T* src, uint8_t* dst, int64_t head_dim, int64_t block, cons
     int32_t scale_code;
     if (e8m0) {
       int32_t shared = -kE8M0Bias;
-      if (amax > 0.0f) {
-        int exponent = 0;
-        std::frexp(amax, &exponent);
-        shared = std::max<int32_t>(exponent - 1 - static_cast<int32_t>(emax), -kE8M0Bias);
-      }
+      if (amax > 0.0f) shared = std::max<int32_t>(binade_of(amax) - static_cast<int32_t>(emax), -kE8M0Bias);
       scale_code = special ? kE8M0Nan : shared + kE8M0Bias;
-      const float factor = std::ldexp(1.0f, -shared);
+      const float factor = pow2(-shared);
       for (int64_t i = 0; i < block; ++i) x[i] = special ? 0.0f : x[i] * factor;
     } else {  // NVFP4: an E4M3 block scale over the per-tensor one
       const int32_t code = encode(amax / (max_value * tensor_scale), kE4M3);

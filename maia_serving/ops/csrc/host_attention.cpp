@@ -1,7 +1,7 @@
 // Paged attention on a CPU host in one call per layer: each KV row is decoded while it is read
-// (BF16/FP16/FP32 as they are, FP8 and the block-scaled formats through the lookup tables the
-// Python side builds from the references, so decoded values are the references' bit for bit),
-// and every query of the row's KV head meets it with an online softmax. Threads split the
+// (BF16/FP16/FP32 as they are, FP8 in arithmetic, the block-scaled formats' FP6/FP4 elements through
+// the pair tables the Python side builds from the references: decoded values are the references' bit
+// for bit), and every query of the row's KV head meets it with an online softmax. Threads split the
 // (sequence, KV head) pairs. Numerics: float32 scores, softmax and accumulation, as the torch
 // path; the sums run in another order, so results agree to float32 rounding, not bit for bit.
 #include <torch/extension.h>
@@ -13,12 +13,13 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 namespace {
 
-enum Kind : int64_t { kPlain = 0, kFp8 = 1, kBlockScaled = 2 };
+enum Kind : int64_t { kPlain = 0, kFp8E4M3 = 1, kBlockScaled = 2, kFp8E5M2 = 3 };
 constexpr int64_t kTile = 32;  // keys decoded at a time, each met by every query that sees it
 
 // A dot product in 8 independent lanes, which the compiler vectorizes without reordering any lane's sum.
@@ -34,7 +35,7 @@ inline float dot(const float* a, const float* b, int64_t n) {
 
 struct Layout {
   int64_t kind, head_dim, row_elems, bits, block, block_bytes;
-  const float* elements;  // kFp8: 256 values; kBlockScaled: FP8 256 values, FP6/FP4 pairs [2^(2 bits)][2]
+  const float* elements;  // kBlockScaled FP6/FP4: element pairs [2^(2 bits)][2] (FP8 elements are E4M3)
   const float* scales;    // kBlockScaled: the 256 block-scale values
 };
 
@@ -43,8 +44,45 @@ inline void decode_plain(const T* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
-inline void decode_fp8(const uint8_t* src, float* dst, int64_t n, const float* table) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = table[src[i]];
+// FP8 codes' values as torch converts them, in integer arithmetic and masks the compiler vectorizes
+// (a table lookup per element cost three times BF16's decode; a branch or a select on floats keeps
+// the loop scalar): a normal code's exponent and mantissa moved into float32's fields and rebiased, a
+// subnormal's mantissa times its step; NaN codes (E4M3 0x7F, E5M2 exponent 31 with a mantissa) NaN,
+// E5M2's infinities infinite, the sign bit carried.
+inline uint32_t mask_if(bool condition) { return 0u - static_cast<uint32_t>(condition); }
+
+inline float from_bits(uint32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+inline uint32_t to_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  return bits;
+}
+
+inline float e4m3(uint32_t code) {
+  const uint32_t mag = code & 0x7F, normal = mask_if(mag > 7), nan = mask_if(mag == 0x7F);
+  const uint32_t subnormal = to_bits(static_cast<float>(static_cast<int32_t>(mag & 7)) * 0x1p-9f);
+  uint32_t bits = (((mag << 20) + (120u << 23)) & normal) | (subnormal & ~normal);
+  bits = (0x7FC00000u & nan) | (bits & ~nan);
+  return from_bits(bits | (code & 0x80) << 24);
+}
+
+inline float e5m2(uint32_t code) {
+  const uint32_t mag = code & 0x7F, normal = mask_if(mag > 3), special = mask_if(mag >= 0x7C);
+  const uint32_t subnormal = to_bits(static_cast<float>(static_cast<int32_t>(mag & 3)) * 0x1p-16f);
+  uint32_t bits = (((mag << 21) + (112u << 23)) & normal) | (subnormal & ~normal);
+  const uint32_t inf_or_nan = mag == 0x7C ? 0x7F800000u : 0x7FC00000u;
+  bits = (inf_or_nan & special) | (bits & ~special);
+  return from_bits(bits | (code & 0x80) << 24);
+}
+
+template <bool E4M3>
+inline void decode_fp8(const uint8_t* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = E4M3 ? e4m3(src[i]) : e5m2(src[i]);
 }
 
 // One head's row of a block-scaled page: blocks of element bytes then a scale byte; the elements
@@ -56,7 +94,7 @@ inline void decode_block_scaled(const uint8_t* src, float* dst, const Layout& f,
     const uint8_t* p = src + b * f.block_bytes;
     const float s = f.scales[p[f.block_bytes - 1]] * tensor_scale;
     if (f.bits == 8) {
-      for (int64_t i = 0; i < f.block; ++i) tmp[i] = f.elements[p[i]];
+      decode_fp8<true>(p, tmp, f.block);
     } else if (f.bits == 4) {
       for (int64_t j = 0; j < f.block / 2; ++j) {
         const float* pair = f.elements + 2 * p[j];
@@ -93,6 +131,7 @@ void attend(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor&
   const float* ks = k_scale.data_ptr<float>();
   const float* vs = v_scale.data_ptr<float>();
   const int64_t k_heads = k_scale.numel() > 1, v_heads = v_scale.numel() > 1;  // 1: a scale per KV head
+  const bool fp8 = f.kind == kFp8E4M3 || f.kind == kFp8E5M2;  // scales applied to scores and output
   const T* q_data = query.data_ptr<T>();
   T* o_data = out.data_ptr<T>();
   const int64_t q_tok = query.stride(0), q_head = query.stride(1), o_tok = out.stride(0), o_head = out.stride(1);
@@ -111,7 +150,7 @@ void attend(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor&
       if (q_len <= 0 || len <= 0) continue;
       const int64_t rows = q_len * group;
       const float k_sc = ks[k_heads * h], v_sc = vs[v_heads * h];
-      const float score_scale = static_cast<float>(scale) * (f.kind == kFp8 ? k_sc : 1.0f);
+      const float score_scale = static_cast<float>(scale) * (fp8 ? k_sc : 1.0f);
       q.assign(rows * head_dim, 0.0f);
       acc.assign(rows * head_dim, 0.0f);
       m.assign(rows, -std::numeric_limits<float>::infinity());
@@ -141,9 +180,12 @@ void attend(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor&
           if (f.kind == kPlain) {
             decode_plain(reinterpret_cast<const T*>(kp), kr, head_dim);
             decode_plain(reinterpret_cast<const T*>(vp), vr, head_dim);
-          } else if (f.kind == kFp8) {
-            decode_fp8(kp, kr, head_dim, f.elements);
-            decode_fp8(vp, vr, head_dim, f.elements);
+          } else if (f.kind == kFp8E4M3) {
+            decode_fp8<true>(kp, kr, head_dim);
+            decode_fp8<true>(vp, vr, head_dim);
+          } else if (f.kind == kFp8E5M2) {
+            decode_fp8<false>(kp, kr, head_dim);
+            decode_fp8<false>(vp, vr, head_dim);
           } else {
             decode_block_scaled(kp, kr, f, k_sc);
             decode_block_scaled(vp, vr, f, v_sc);
@@ -183,7 +225,7 @@ void attend(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor&
           m[i] = new_max;
         }
       }
-      const float out_scale = f.kind == kFp8 ? v_sc : 1.0f;
+      const float out_scale = fp8 ? v_sc : 1.0f;
       for (int64_t r = 0; r < q_len; ++r)
         for (int64_t g = 0; g < group; ++g) {
           const int64_t i = r * group + g;
