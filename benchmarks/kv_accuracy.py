@@ -24,7 +24,10 @@ log line ``Maia KV cache ...`` is kept as the proof of the scales it quantized w
 ``--device maia`` (default); ``--device cpu`` runs vLLM's built-in CPU platform, whose FP8 cache
 needs AVX-512 or AMX (a configuration that fails is reported with its error, the others still run).
 
-Writes benchmarks/out/kv_accuracy.json and benchmarks/out/kv_accuracy.png.
+``--engine sglang`` asks SGLang's server (``--device maia``) the same through its native ``/generate``
+(``return_logprob`` from position 0: its OpenAI API has no prompt logprobs).
+
+Writes benchmarks/out/kv_accuracy.json and benchmarks/out/kv_accuracy.png (``kv_accuracy_sglang.*``).
 """
 
 from __future__ import annotations
@@ -123,6 +126,41 @@ def _complete(url: str, body: dict) -> dict:
         return json.loads(response.read())["choices"][0]
 
 
+def _generate(url: str, body: dict) -> dict:
+    """SGLang's native ``/generate`` (its OpenAI API returns no prompt logprobs)."""
+    import urllib.request
+
+    request = urllib.request.Request(f"{url}/generate", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=600) as response:
+        return json.loads(response.read())
+
+
+def measure_sglang(url: str, workload: dict) -> dict:
+    """``measure``'s figures through SGLang: each window's input-token logprobs (``logprob_start_len`` 0,
+    the top one beside the actual token's) and greedy continuations as token ids."""
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        scored = list(pool.map(lambda w: _generate(url, {
+            "input_ids": w, "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 1,
+            "sampling_params": {"max_new_tokens": 1, "temperature": 0}}), workload["windows"]))
+        t1 = time.perf_counter()
+        greedy = list(pool.map(lambda p: _generate(url, {
+            "input_ids": p, "sampling_params": {"max_new_tokens": workload["gen_tokens"], "temperature": 0,
+                                                "ignore_eos": True}}), workload["prompts"]))
+    t2 = time.perf_counter()
+    nll, top1 = 0.0, []
+    for answer, window in zip(scored, workload["windows"]):
+        meta = answer["meta_info"]
+        # Entry i is the logprob of token i given the tokens before it (entry 0 has none).
+        if [entry[1] for entry in meta["input_token_logprobs"]] != list(window):
+            raise RuntimeError("SGLang scored other tokens than the window's")
+        for entry, top in zip(meta["input_token_logprobs"][1:], meta["input_top_logprobs"][1:]):
+            nll -= entry[0]
+            top1.append(int(top[0][1]))
+    return {"nll_sum": nll, "tokens_scored": len(top1), "top1_token_ids": top1,
+            "greedy_token_ids": [g["output_ids"] for g in greedy], "logprobs_s": t1 - t0, "greedy_s": t2 - t1}
+
+
 def measure(url: str, workload: dict) -> dict:
     """Prompt logprobs over the windows and greedy continuations of the prompts, over HTTP."""
     t0 = time.perf_counter()
@@ -143,8 +181,23 @@ def measure(url: str, workload: dict) -> dict:
             "greedy_token_ids": [c["token_ids"] for c in greedy], "logprobs_s": t1 - t0, "greedy_s": t2 - t1}
 
 
+def sglang_command(config: KvConfig, model: Path, port: int, max_model_len: int) -> tuple[list[str], dict[str, str]]:
+    """An SGLang server on maia for ``config``: FP8 under SGLang's own spellings, the block-scaled
+    formats through MAIA_SERVING_KV_CACHE_DTYPE (as the README documents), radix cache off."""
+    from maia_serving.launch import sglang_serve_cmd
+
+    # SGLang keeps a few positions of the context free for output (a 256 context takes 250 input tokens):
+    # allowed a longer context, it scores vLLM's 255-token windows, and no position past 256 is used.
+    env = {**server_env(config), "MAIA_SERVING_HOST_KV_GIB": "1", "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"}
+    kv = {"fp8": "fp8_e4m3"}.get(config.kv_cache_dtype, config.kv_cache_dtype)
+    if kv.startswith(("mx", "nv")):
+        env["MAIA_SERVING_KV_CACHE_DTYPE"], kv = kv, "auto"
+    return sglang_serve_cmd(model, port, "--served-model-name", "m", "--context-length", str(max_model_len + 8),
+                            "--kv-cache-dtype", kv, "--disable-radix-cache", "--random-seed", "0"), env
+
+
 def run_config(config: KvConfig, model: Path, device: str, workload: dict, logs: Path,
-               timeout_s: int) -> ConfigResult:
+               timeout_s: int, engine: str = "vllm") -> ConfigResult:
     from maia_serving.launch import Server, ServerFailed, free_port, vllm_serve_cmd
 
     result = ConfigResult(config.name, config.label, str(model), config.kv_cache_dtype)
@@ -153,14 +206,19 @@ def run_config(config: KvConfig, model: Path, device: str, workload: dict, logs:
         return result
     start = time.perf_counter()
     port = free_port()
-    cmd = vllm_serve_cmd(model, port, "--served-model-name", "m", "--max-model-len", str(workload["max_model_len"]),
-                         "--kv-cache-dtype", config.kv_cache_dtype, "--enforce-eager", "--no-enable-prefix-caching",
-                         "--seed", "0", device="maia" if device == "maia" else None)
-    log = logs / f"{config.name}.log"
+    if engine == "sglang":
+        cmd, env = sglang_command(config, model, port, workload["max_model_len"])
+    else:
+        cmd = vllm_serve_cmd(model, port, "--served-model-name", "m", "--max-model-len",
+                             str(workload["max_model_len"]), "--kv-cache-dtype", config.kv_cache_dtype,
+                             "--enforce-eager", "--no-enable-prefix-caching", "--seed", "0",
+                             device="maia" if device == "maia" else None)
+        env = server_env(config)
+    log = logs / f"{engine}-{config.name}.log"
     try:
-        with Server(cmd, port, log, env=server_env(config), timeout_s=timeout_s) as server:
+        with Server(cmd, port, log, env=env, timeout_s=timeout_s) as server:
             result.startup_s = time.perf_counter() - start
-            data = measure(server.url, workload)
+            data = (measure_sglang if engine == "sglang" else measure)(server.url, workload)
     except ServerFailed:
         result.status, result.error = "error", root_error(log.read_text())
         result.wall_s = time.perf_counter() - start
@@ -290,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--device", choices=DEVICES, default="maia")
+    parser.add_argument("--engine", choices=("vllm", "sglang"), default="vllm",
+                        help="sglang: SGLang's server on --device maia, asked through its native /generate")
     parser.add_argument("--configs", nargs="+", choices=[c.name for c in CONFIGS], default=[c.name for c in CONFIGS])
     parser.add_argument("--max-windows", type=int, default=64,
                         help="held-out windows to score; 0: all (167 for models/trained, ~9 min in all)")
@@ -324,14 +384,14 @@ def main(argv: list[str] | None = None) -> int:
     for config in configs:
         print(f"[{config.name}] {config.kv_cache_dtype} on {checkpoints[config.checkpoint]} ...", flush=True)
         results.append(run_config(config, checkpoints[config.checkpoint], args.device, workload, logs,
-                                  args.timeout_s))
+                                  args.timeout_s, args.engine))
         r = results[-1]
         print(f"[{config.name}] {r.status} in {r.wall_s:.0f} s"
               + (f": perplexity {r.perplexity:.3f}" if r.perplexity else f": {r.error}"), flush=True)
     compare_with_bf16(results)
 
     tokens = sum(len(w) - 1 for w in workload["windows"])
-    title = (f"{model.name} on --device {args.device}: {len(workload['windows'])} held-out windows "
+    title = (f"{model.name} on {args.engine} --device {args.device}: {len(workload['windows'])} held-out windows "
              f"({tokens} tokens scored), {len(workload['prompts'])} greedy prompts")
     print(f"\n{title}\n{table(results)}")
     recovery = qat_recovery(results)
@@ -343,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"transformers on the same windows: perplexity {ref['heldout_ppl_hf_bf16']:.3f} (bf16), "
               f"{ref['heldout_ppl_hf_fp32']:.3f} (fp32)")
     report = {
-        "model": str(model), "device": args.device, "windows": len(workload["windows"]),
+        "model": str(model), "engine": args.engine, "device": args.device, "windows": len(workload["windows"]),
         "window_tokens": len(workload["windows"][0]), "tokens_scored": tokens,
         "prompts": len(workload["prompts"]), "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
         "calibration_tokens": args.calibration_tokens,
@@ -352,9 +412,10 @@ def main(argv: list[str] | None = None) -> int:
         "qat_recovery": recovery,
         "total_s": time.perf_counter() - start,
     }
-    path = write_json("kv_accuracy", report)
-    plot(results, title, OUT / "kv_accuracy.png")
-    print(f"\nwrote {path} and {OUT / 'kv_accuracy.png'} in {report['total_s']:.0f} s")
+    name = "kv_accuracy" if args.engine == "vllm" else f"kv_accuracy_{args.engine}"
+    path = write_json(name, report)
+    plot(results, title, OUT / f"{name}.png")
+    print(f"\nwrote {path} and {OUT / f'{name}.png'} in {report['total_s']:.0f} s")
     return 0 if any(r.status == "ok" for r in results) else 1
 
 
