@@ -70,3 +70,6 @@ def test_host_profile_is_measured_and_cached(tmp_path, monkeypatch):
     assert (tmp_path / "host.yaml").exists()
     assert host.peak_flops("fp32") > 1e9 and host.hbm_bandwidth_bytes_per_s > 1e8
     assert host.hbm_capacity_bytes > 1e9
+    # Prefill attention at the serving host attention's measured rate, below the matmul's, with its source.
+    assert 0 < host.attention_compute_efficiency < 1
+    assert "prefill attention" in host.sources["attention_compute_efficiency"]
