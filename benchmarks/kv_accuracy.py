@@ -117,22 +117,21 @@ def server_env(config: KvConfig) -> dict[str, str]:
     return env
 
 
-def _complete(url: str, body: dict) -> dict:
+def _post(url: str, body: dict) -> dict:
     import urllib.request
 
-    request = urllib.request.Request(f"{url}/v1/completions", json.dumps({"model": "m", **body}).encode(),
-                                     {"Content-Type": "application/json"})
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=600) as response:
-        return json.loads(response.read())["choices"][0]
+        return json.loads(response.read())
+
+
+def _complete(url: str, body: dict) -> dict:
+    return _post(f"{url}/v1/completions", {"model": "m", **body})["choices"][0]
 
 
 def _generate(url: str, body: dict) -> dict:
     """SGLang's native ``/generate`` (its OpenAI API returns no prompt logprobs)."""
-    import urllib.request
-
-    request = urllib.request.Request(f"{url}/generate", json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=600) as response:
-        return json.loads(response.read())
+    return _post(f"{url}/generate", body)
 
 
 def measure_sglang(url: str, workload: dict) -> dict:

@@ -133,8 +133,9 @@ class MaiaAttnBackend(AttentionBackend):
         pages = -(-max_len // self.page_size)
         device = forward_batch.seq_lens.device
         torch_path = ops.kernel_backend(device) == "torch"
+        native_path = torch_path and native.module() is not None
         # The C++ host kernel reads int64 indices: made so here once a step, not in every layer.
-        index = torch.int64 if torch_path and native.module() is not None else torch.int32
+        index = torch.int64 if native_path else torch.int32
         rows = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices]
         # Slot s of a request lives in page s // page_size; pages are page-aligned runs.
         block_tables = (rows[:, : pages * self.page_size : self.page_size] // self.page_size).to(index)
@@ -144,7 +145,7 @@ class MaiaAttnBackend(AttentionBackend):
         query_start_loc = query_start_loc.to(device)
         self.forward_metadata = MaiaForwardMetadata(
             block_tables, seq_lens, query_start_loc, int(q_lens.sum()), int(q_lens.max()),
-            torch_path and native.module() is None)
+            torch_path and not native_path)
 
     # -- per layer -------------------------------------------------------------------
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True):

@@ -126,10 +126,11 @@ class MaiaMetadataBuilder(AttentionMetadataBuilder[MaiaAttentionMetadata]):
         seq_lens = m.seq_lens[:num_seqs]
         block_table = m.block_table_tensor[:num_seqs]
         host_plan = None
-        if ops.kernel_backend(self.device) == "torch" and native.module() is not None:
+        torch_path = ops.kernel_backend(self.device) == "torch"
+        if torch_path and native.module() is not None:
             # The C++ kernel reads int64 (vLLM keeps int32): converted once a step, not in every layer.
             block_table, seq_lens, query_start_loc = block_table.long(), seq_lens.long(), query_start_loc.long()
-        elif ops.kernel_backend(self.device) == "torch":  # the torch ops' index tensors
+        elif torch_path:  # the torch ops' index tensors
             host_plan = plan_paged_attention(block_table, seq_lens, query_start_loc, m.num_actual_tokens,
                                              self.num_heads, self.block_size, True, m.max_query_len,
                                              self.sliding_window)

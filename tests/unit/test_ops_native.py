@@ -191,8 +191,8 @@ def test_the_kernel_decodes_every_fp8_code_as_torch_does(native_host_path, fmt):
     value_cache = torch.zeros(1, 16, 1, 256, dtype=torch.uint8)
     value_cache[0, 0, 0] = codes
     query = torch.ones(1, 1, 256)
-    one = torch.tensor([0]), torch.tensor([1]), torch.tensor([0, 1])
-    out = host.paged_attention_host(query, key_cache, value_cache, one[0][None], one[1], one[2], 1.0, fmt, 1.0, 1.0)
+    tables, lens, starts = torch.tensor([[0]]), torch.tensor([1]), torch.tensor([0, 1])
+    out = host.paged_attention_host(query, key_cache, value_cache, tables, lens, starts, 1.0, fmt, 1.0, 1.0)
     got, expected = out.view(-1), codes.view(resolve_kv_cache_dtype(fmt).torch_dtype).float()
     nan = expected.isnan()
     assert torch.equal(got.isnan(), nan)
