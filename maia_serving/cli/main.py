@@ -10,6 +10,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from maia_serving.emulator.cost import ALL2ALL_BACKENDS
 from maia_serving.emulator.hardware import host_profile_path, load_profile, profile_names
 from maia_serving.emulator.memory import MemoryPlan, ServingConfig, kv_bits_per_value, plan_memory, suggest
 from maia_serving.emulator.model_shape import KV_CACHE_DTYPES, builtin_model_names, load_model_shape
@@ -53,6 +54,9 @@ def _serving_config(args: argparse.Namespace) -> ServingConfig:
     return ServingConfig(
         tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size,
+        data_parallel_size=args.data_parallel_size,
+        enable_expert_parallel=args.enable_expert_parallel,
+        all2all_backend=args.all2all_backend,
         kv_cache_dtype=args.kv_cache_dtype,
         max_model_len=args.max_model_len,
         block_size=args.block_size,
@@ -170,7 +174,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(f"{model.name}: {described}; tp={config.tensor_parallel_size}, pp={config.pipeline_parallel_size}, "
+        print(f"{model.name}: {described}; {_layout_words(config)}, "
               f"kv={config.kv_cache_dtype}, max_num_seqs={config.max_num_seqs}, "
               f"max_num_batched_tokens={config.max_num_batched_tokens}, "
               f"prefix caching {'on' if args.enable_prefix_caching else 'off'}")
@@ -186,14 +190,24 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0 if all(r["fits"] for r in rows) else 1
 
 
+def _layout_words(config: ServingConfig) -> str:
+    """"tp=2, pp=1", with the replicas and expert parallelism where the layout has them."""
+    words = f"tp={config.tensor_parallel_size}, pp={config.pipeline_parallel_size}"
+    if config.data_parallel_size > 1:
+        words += f", dp={config.data_parallel_size} ({config.all2all_backend})"
+    return words + (", expert parallel" if config.enable_expert_parallel else "")
+
+
 def _plan_table(results: list, slo_given: bool) -> str:
     def num(value: float | None, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
-    table = [["rank", "device", "topology", "tp", "pp", "output tok/s"] + (["goodput tok/s"] if slo_given else [])
-             + ["TTFT ms mean/p99", "TPOT ms mean/p99", "comm"]]
+    moe = any(r.dp > 1 or r.ep for r in results)
+    table = [["rank", "device", "topology", "tp", "pp"] + (["dp", "ep"] if moe else []) + ["output tok/s"]
+             + (["goodput tok/s"] if slo_given else []) + ["TTFT ms mean/p99", "TPOT ms mean/p99", "comm"]]
     for r in results:
-        head = [num(r.rank, "d"), r.device, r.topology, str(r.tp), str(r.pp)]
+        head = [num(r.rank, "d"), r.device, r.topology, str(r.tp), str(r.pp)] + (
+            [str(r.dp), "yes" if r.ep else "no"] if moe else [])
         if not r.fits:
             table.append(head + ["rejected"] + [""] * (3 + slo_given))
             continue
@@ -213,6 +227,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     config = ServingConfig(kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len,
                            gpu_memory_utilization=args.gpu_memory_utilization,
                            max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                           all2all_backend=args.all2all_backend,
                            weight_dtype=None if args.weight_dtype == "auto" else args.weight_dtype,
                            comm_dtype=None if args.comm_dtype == "auto" else args.comm_dtype)
     slo = SLO(args.ttft_slo_ms, args.tpot_slo_ms)
@@ -230,7 +245,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(_plan_table(results, slo.given))
         for r in results:
             if not r.fits:
-                print(f"{r.device} tp={r.tp} pp={r.pp}: {r.reason}")
+                extra = (f" dp={r.dp}" if r.dp > 1 else "") + (" ep" if r.ep else "")
+                print(f"{r.device} tp={r.tp} pp={r.pp}{extra}: {r.reason}")
     return 0 if any(r.fits for r in results) else 1
 
 
@@ -299,9 +315,19 @@ def cmd_qat_kv(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_all2all(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--all2all-backend", choices=ALL2ALL_BACKENDS, default=ALL2ALL_BACKENDS[0],
+                   help="how a MoE layer's tokens reach the experts of other data-parallel replicas (vLLM's flag)")
+
+
 def _add_parallel(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    p.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                   help="replicas, each tp x pp chips with its own batch and KV cache")
+    p.add_argument("--enable-expert-parallel", "-ep", action="store_true",
+                   help="MoE: whole experts spread over the tp x dp chips of a stage instead of split")
+    _add_all2all(p)
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto")
 
 
@@ -369,7 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help=f"model directory, config.json, or one of: {models}")
     p.add_argument("--device", "--profile", dest="profile", nargs="+", required=True,
                    help="device profiles to compare, topology variants included (h100-sxm@pcie; see `profiles`)")
-    p.add_argument("--num-devices", type=int, required=True, help="chips per layout: every tp x pp = N is tried")
+    p.add_argument("--num-devices", type=int, required=True,
+                   help="chips per layout: every tp x pp = N is tried (a MoE model: every tp x pp x dp, with and "
+                        "without expert parallelism)")
+    _add_all2all(p)
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto")
     p.add_argument("--weight-dtype", default="auto",
                    help="the linear layers' storage (bf16, fp8, int4, mxfp4, ...); auto: the checkpoint's")

@@ -79,10 +79,47 @@ class StepShape:
         return cls(tuple(q for q, _ in pairs), tuple(n for _, n in pairs))
 
 
+# vLLM's --all2all-backend values the cost model prices: the default gathers every data-parallel rank's tokens
+# and reduce-scatters the experts' outputs back; DeepEP's kernels send each token to its experts' ranks only,
+# and serve expert parallelism only (without it the default's moves are priced).
+ALL2ALL_BACKENDS = ("allgather_reducescatter", "deepep_high_throughput", "deepep_low_latency")
+
+
 @dataclass(frozen=True)
 class Parallel:
+    """A layout as vLLM's flags give it: ``dp`` replicas (``--data-parallel-size``) of ``tp x pp`` chips, and
+    with ``ep`` (``--enable-expert-parallel``) the routed experts spread whole over the ``tp * dp`` chips of a
+    stage instead of each expert's width split over them."""
+
     tp: int = 1
     pp: int = 1
+    dp: int = 1
+    ep: bool = False
+    all2all: str = "allgather_reducescatter"
+
+    def __post_init__(self) -> None:
+        if min(self.tp, self.pp, self.dp) < 1:
+            raise ValueError(f"parallel sizes must be at least 1, got tp={self.tp}, pp={self.pp}, dp={self.dp}")
+        if self.all2all not in ALL2ALL_BACKENDS:
+            raise ValueError(f"unknown all2all backend {self.all2all!r}; the cost model prices: "
+                             f"{', '.join(ALL2ALL_BACKENDS)}")
+
+    @property
+    def chips(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def moe_ranks(self) -> int:
+        """The chips one MoE layer's experts are split over: vLLM flattens the data-parallel replicas' tensor
+        parallel ranks into one group (``FusedMoEParallelConfig``), the expert-parallel group under ``ep``."""
+        return self.tp * self.dp
+
+    @property
+    def sequence_parallel_moe(self) -> bool:
+        """vLLM's ``use_sequence_parallel_moe``: with experts spread over replicas of several tensor-parallel
+        ranks, each rank sends only its share of the replica's tokens, and an all-gather over the tensor-parallel
+        group takes the place of the MoE output's all-reduce."""
+        return self.ep and self.tp > 1 and self.dp > 1
 
 
 def stage_layers(num_layers: int, pp: int) -> tuple[int, ...]:
@@ -174,7 +211,7 @@ def roofline(profile: DeviceProfile, name: str, flops: float, nbytes: float, dty
 # An operator's FLOPs and bytes are linear in eight step quantities; terms are the coefficients,
 # so a live engine evaluates a step with a few multiplications. The window quantities are those of
 # sliding-window layers (pairs and context within the window); "experts" is the expected number of
-# distinct experts a layer's routed tokens touch (model_shape.MoE.experts_touched).
+# distinct experts of this chip that a layer's routed tokens touch (model_shape.MoE.experts_touched).
 STEP_VARIABLES = ("tokens", "seqs", "attended_pairs", "context_tokens", "constant", "window_pairs",
                   "window_context", "experts")
 Coefficients = tuple[float, float, float, float, float, float, float, float]
@@ -214,9 +251,9 @@ def _op(name: str, count: int, flops: Coefficients, nbytes: Coefficients, peak: 
 
 def _gemm(name: str, lin: Linear, prec: Precision, tp: int, rows: Coefficients, count: int,
           weights: Coefficients = ONCE) -> OpTerms:
-    """``[m, k] @ [k, n]`` of ``lin``'s shard on one chip, m = ``rows``: reads the weight (``weights`` times:
-    once, or once per expert touched) in its stored dtype and the input in its GEMM dtype, writes the
-    output in the model's. Biases are left out (under 0.1% of any layer's bytes)."""
+    """``[m, k] @ [k, n]`` of ``lin``'s shard on one chip of ``tp`` sharing it, m = ``rows``: reads the weight
+    (``weights`` times: once, or once per expert touched) in its stored dtype and the input in its GEMM dtype,
+    writes the output in the model's. Biases are left out (under 0.1% of any layer's bytes)."""
     k, n = lin.in_features, lin.out_features
     if lin.split == "column":
         n /= tp
@@ -271,22 +308,26 @@ def _attention_ops(model: ModelShape, prec: Precision, tp: int) -> list[OpTerms]
     return ops
 
 
-def _mlp_ops(model: ModelShape, prec: Precision, tp: int) -> list[OpTerms]:
+def _mlp_ops(model: ModelShape, prec: Precision, parallel: Parallel) -> list[OpTerms]:
     """Dense MLPs, or a router, the routed experts and the shared experts.
 
     A routed GEMM has top_k rows per token and reads the weights of every expert its tokens touch:
-    E (1 - (1 - k/E)^T) of them for T tokens.
+    E (1 - (1 - k/E)^T) of them for T tokens. With data parallelism a MoE layer runs the tokens of every
+    replica (``dp`` times this replica's, each replica assumed to run a batch of the same shape, as vLLM's
+    replicas step together through the MoE layers): every one of them on this chip's slice of every
+    expert, or under expert parallelism the ``1 / (tp dp)`` of them routed to this chip's whole experts.
     """
-    act, peak, moe = prec.model.bytes_per_element, prec.model.peak, model.moe
+    act, peak, moe, tp = prec.model.bytes_per_element, prec.model.peak, model.moe, parallel.tp
     lin = {x.name: x for x in model.linears()}
     ops = []
 
-    def mlp(prefix: str, width: float, layers: int, rows: Coefficients, weights: Coefficients = ONCE) -> list[OpTerms]:
-        width /= tp
-        return [_gemm(f"{prefix}gate_up_proj", lin[f"{prefix}gate_up_proj"], prec, tp, rows, layers, weights),
+    def mlp(prefix: str, width: float, layers: int, rows: Coefficients, weights: Coefficients = ONCE,
+            shard: int = tp) -> list[OpTerms]:
+        width /= shard
+        return [_gemm(f"{prefix}gate_up_proj", lin[f"{prefix}gate_up_proj"], prec, shard, rows, layers, weights),
                 _op(f"{prefix}silu_and_mul", layers, tuple(5 * width * r for r in rows),
                     tuple(3 * width * act * r for r in rows), peak),
-                _gemm(f"{prefix}down_proj", lin[f"{prefix}down_proj"], prec, tp, rows, layers, weights)]
+                _gemm(f"{prefix}down_proj", lin[f"{prefix}down_proj"], prec, shard, rows, layers, weights)]
 
     dense = model.num_layers - model.num_moe_layers
     if dense:
@@ -294,7 +335,9 @@ def _mlp_ops(model: ModelShape, prec: Precision, tp: int) -> list[OpTerms]:
     if moe:
         layers = model.num_moe_layers
         ops.append(_gemm("router", lin["router"], prec, tp, PER_TOKEN, layers))
-        ops += mlp("experts.", moe.intermediate_size, layers, _lin(tokens=moe.top_k), _lin(experts=1.0))
+        routed = moe.top_k * parallel.dp / (parallel.moe_ranks if parallel.ep else 1)
+        ops += mlp("experts.", moe.intermediate_size, layers, _lin(tokens=routed), _lin(experts=1.0),
+                   1 if parallel.ep else parallel.moe_ranks)
         if moe.shared_intermediate_size:
             ops += mlp("shared_experts.", moe.shared_intermediate_size, layers, PER_TOKEN)
     return ops
@@ -315,7 +358,7 @@ def op_terms(model: ModelShape, parallel: Parallel = SINGLE_CHIP, kv_cache_dtype
     ops = [_op("rmsnorm", model.norms_per_layer * layers, _lin(tokens=5 * h), _lin(tokens=2 * h * act, const=h * wgt),
                peak)]
     ops += _attention_ops(model, prec, tp)
-    ops += _mlp_ops(model, prec, tp)
+    ops += _mlp_ops(model, prec, parallel)
     ops += [
         # Fused into the next RMSNorm (fused_add_rms_norm): its bytes and FLOPs, no kernel of its own.
         replace(_op("residual_add", 2 * layers, _lin(tokens=h), _lin(tokens=3 * h * act), peak), launches=0),
@@ -425,6 +468,13 @@ class CostModel:
                               for place in range(3))
         self._stage_layers = stage_layers(model.num_layers, parallel.pp)
         self._crosses = tuple(crosses_node(k, parallel.tp, self._net.node_chips) for k in range(parallel.pp - 1))
+        # MoE under data parallelism: every replica's tokens reach this chip's experts (_mlp_ops), and the
+        # chips per node of the two groups they travel in (vLLM's rank = (dp_rank * pp + stage) * tp + tp_rank).
+        self._moe_tokens = parallel.dp
+        self._expert_ranks = parallel.moe_ranks if parallel.ep else 1
+        replica, node = parallel.tp * parallel.pp, self._net.node_chips
+        self._dp_per_node = max(1, node // replica)
+        self._ep_per_node = min(parallel.tp, node) if replica >= node else node // replica * parallel.tp
 
     def all_reduce_s(self, tokens: int) -> float:
         """One tensor-parallel all-reduce of the tokens' hidden states."""
@@ -435,6 +485,30 @@ class CostModel:
         """The LM head's all-gather of the sequences' logits over the tensor-parallel group."""
         logits = seqs * self.model.vocab_size * self._model_bytes
         return interconnect.all_gather(self._net, logits, self.parallel.tp).time_s
+
+    def moe_layer_s(self, tokens: int) -> float:
+        """What one MoE layer adds to the tensor-parallel all-reduces with data parallelism: the dispatch of every
+        replica's tokens to the experts and the combine of their outputs as ``--all2all-backend`` moves them
+        (the default all-gathers the hidden states and router logits of every replica's tokens and
+        reduce-scatters the outputs back; DeepEP sends each token's hidden state to its ``top_k`` experts' chips
+        and back), and under sequence-parallel MoE the tensor-parallel all-gather that replaces the layer's
+        all-reduce, less that all-reduce. 0 with one replica: vLLM then runs no all2all."""
+        par, moe = self.parallel, self.model.moe
+        if par.dp == 1 or moe is None:
+            return 0.0
+        net, hidden = self._net, self.model.hidden_size * self._comm_bytes
+        sp = par.sequence_parallel_moe
+        if par.all2all == "allgather_reducescatter" or not par.ep:
+            group, per_node = (par.moe_ranks, self._ep_per_node) if sp else (par.dp, self._dp_per_node)
+            gathered = par.dp * tokens * (hidden + moe.num_experts * self._model_bytes)
+            moved = (interconnect.all_gather(net, gathered, group, per_node).time_s
+                     + interconnect.reduce_scatter(net, par.dp * tokens * hidden, group, per_node).time_s)
+        else:
+            sent = tokens / par.tp * moe.top_k * hidden
+            moved = 2 * interconnect.all_to_all(net, sent, par.moe_ranks, self._ep_per_node).time_s
+        if sp:
+            moved += interconnect.all_gather(net, tokens * hidden, par.tp).time_s - self.all_reduce_s(tokens)
+        return moved
 
     def hops_s(self, tokens: int) -> tuple[float, ...]:
         """Each stage's send to the next (each rank to its counterpart, all at once): the hidden states
@@ -452,10 +526,11 @@ class CostModel:
 
     def comm_s(self, tokens: int, seqs: int) -> float:
         """Tensor-parallel all-reduces (two per layer, and the vocabulary-parallel embedding's) and the
-        logits all-gather; one send/recv between consecutive pipeline stages. The counts are those a
-        live vLLM step performs (tests/e2e/test_collectives.py)."""
+        logits all-gather; one send/recv between consecutive pipeline stages; each MoE layer's dispatch and
+        combine across data-parallel replicas. The counts are those a live vLLM step performs
+        (tests/e2e/test_collectives.py)."""
         comm = (2 * self.model.num_layers + 1) * self.all_reduce_s(tokens) + self.logits_s(seqs)
-        return comm + sum(self.hops_s(tokens))
+        return comm + self.model.num_moe_layers * self.moe_layer_s(tokens) + sum(self.hops_s(tokens))
 
     def _stage_cost(self, part: _Part, decode_graph: bool) -> float:
         """Launch time of a stage (or a whole step): its kernels on the device, the host's step overhead on
@@ -473,12 +548,13 @@ class CostModel:
         """Each stage's (compute, memory, comm, launch) from the per-place sums, and the hops between them."""
         layers, last = self.model.num_layers, self.parallel.pp - 1
         all_reduce, logits = self.all_reduce_s(tokens), self.logits_s(seqs)
+        moe = self.model.num_moe_layers / layers * self.moe_layer_s(tokens)  # per layer of a stage
         stages = []
         for k, count in enumerate(self._stage_layers):
             share, first, is_last = count / layers, k == 0, k == last
             part = _Part(share * compute[0] + first * compute[1] + is_last * compute[2],
                          share * memory[0] + first * memory[1] + is_last * memory[2],
-                         (2 * count + first) * all_reduce + is_last * logits,
+                         (2 * count + first) * all_reduce + count * moe + is_last * logits,
                          share * self._kernels[0] + first * self._kernels[1] + is_last * self._kernels[2], first)
             stages.append((part.compute_s, part.memory_s, part.comm_s, self._stage_cost(part, decode_graph)))
         return stages, self.hops_s(tokens)
@@ -505,7 +581,8 @@ class CostModel:
         if tokens == 0:
             return StepCost(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, ())
         seqs = len(new_tokens)
-        experts = self.model.moe.experts_touched(tokens) if self.model.moe else 0.0
+        experts = (self.model.moe.experts_touched(tokens * self._moe_tokens) / self._expert_ranks
+                   if self.model.moe else 0.0)
         gemm = self._gemm
         # Tokens of KV the longest attention work item streams, in full and in sliding-window layers.
         item_tokens = min(longest, split)

@@ -28,6 +28,17 @@ all-reduce of ``n / c`` among the ``m`` chips of the same local rank (a ring, or
 ``2 ceil(log2 m)`` hops, ``2 n / B``), all-gather in the node. Reduce-scatter and all-gather are one
 phase: a direct exchange on a full mesh, a ring elsewhere, and over nodes the in-node phase and a ring
 across nodes.
+
+An all-to-all (expert parallelism's dispatch and combine) sends ``n / p`` of each chip's ``n`` bytes to
+every peer at once, as NCCL posts its ``p - 1`` sends and receives together and DeepEP's kernels write
+their peers' buffers directly: on a full mesh each share goes over its pair's links,
+``alpha + n / (p b)``; through a switch or PCIe all shares leave through the chip's injection bandwidth,
+``alpha + (p - 1) n / (p B)``. Over nodes the shares to the other nodes' chips leave through the chip's
+scale-out NICs while the in-node ones cross the scale-up tier, the two at once: the longer of the two.
+
+A group need not fill its nodes: ``per_node`` says how many of its chips share one (data parallelism's
+group holds one rank of each replica, so on nodes of ``c`` chips and replicas of ``r`` chips it has
+``max(1, c / r)`` in a node); a group spans ``ceil(p / per_node)`` nodes.
 """
 
 from __future__ import annotations
@@ -82,11 +93,13 @@ def _across_all_reduce(link: LinkProfile, n: float, m: int) -> dict[str, float]:
     return {"ring": 2 * (m - 1) * (a + n / m / bw), "tree": 2 * math.ceil(math.log2(m)) * a + 2 * n / bw}
 
 
-def _nodes(net: Network, group: int) -> int:
-    """How many nodes a group spans (1 within one); ValueError where the network cannot hold it."""
+def _nodes(net: Network, group: int, per_node: int | None = None) -> int:
+    """How many nodes a group spans (1 within one), ``per_node`` of its chips on each (default: a node's
+    worth); ValueError where the network cannot hold it."""
     if group < 1:
         raise ValueError(f"group size must be at least 1, got {group}")
-    if group <= net.node_chips:
+    per_node = per_node or net.node_chips
+    if group <= per_node:
         return 1
     out = net.scale_out
     if out is None:
@@ -94,7 +107,8 @@ def _nodes(net: Network, group: int) -> int:
                          f"profile names no scale-out network")
     if group > out.chips:
         raise ValueError(f"a group of {group} chips exceeds the {out.chips} chips the scale-out network connects")
-    return math.ceil(group / net.node_chips)
+    return math.ceil(group / per_node)
+
 
 
 def all_reduce(net: Network, nbytes: float, group: int) -> Collective:
@@ -113,29 +127,55 @@ def all_reduce(net: Network, nbytes: float, group: int) -> Collective:
     return _cheapest(net, options)
 
 
-def _phase(net: Network, nbytes: float, group: int) -> Collective:
-    nodes = _nodes(net, group)
+def _phase(net: Network, nbytes: float, group: int, per_node: int | None = None) -> Collective:
+    c = min(per_node or net.node_chips, net.node_chips)
+    nodes = _nodes(net, group, c)
     if group == 1 or nbytes <= 0:
         return NONE
     if nodes == 1:
         phase = _node_phase(net.scale_up, nbytes, group)
         return _cheapest(net, {phase.algorithm: phase.time_s})
-    out, c = net.scale_out, net.node_chips
+    out = net.scale_out
     options = {"ring": _node_phase(out, nbytes, group).time_s}
-    if group % c == 0:
+    if group % c == 0 and c > 1:
         options["hierarchical/ring"] = _node_phase(net.scale_up, nbytes, c).time_s + _node_phase(
             out, nbytes / c, nodes).time_s
     return _cheapest(net, options)
 
 
-def reduce_scatter(net: Network, nbytes: float, group: int) -> Collective:
+def reduce_scatter(net: Network, nbytes: float, group: int, per_node: int | None = None) -> Collective:
     """Reduce-scatter of an ``nbytes`` buffer held by each of ``group`` chips."""
-    return _phase(net, nbytes, group)
+    return _phase(net, nbytes, group, per_node)
 
 
-def all_gather(net: Network, nbytes: float, group: int) -> Collective:
+def all_gather(net: Network, nbytes: float, group: int, per_node: int | None = None) -> Collective:
     """All-gather whose result is ``nbytes`` on every chip."""
-    return _phase(net, nbytes, group)
+    return _phase(net, nbytes, group, per_node)
+
+
+def _exchange_s(link: LinkProfile, share: float, peers: int) -> float:
+    """``share`` bytes to each of ``peers`` chips of one tier at once."""
+    if peers < 1:
+        return 0.0
+    if link.topology == "full_mesh":
+        return link.latency_s + share / link.pair_bandwidth_bytes_per_s
+    return link.latency_s + peers * share / link.bandwidth_bytes_per_s
+
+
+def all_to_all(net: Network, nbytes: float, group: int, per_node: int | None = None) -> Collective:
+    """All-to-all of the ``nbytes`` each of ``group`` chips holds, an equal share for every chip of the group
+    (its own stays): expert parallelism's dispatch or combine under uniform routing (module docstring)."""
+    c = min(per_node or net.node_chips, net.node_chips)
+    nodes = _nodes(net, group, c)
+    if group == 1 or nbytes <= 0:
+        return NONE
+    share = nbytes / group
+    in_node = _exchange_s(net.scale_up, share, min(group, c) - 1)
+    if nodes == 1:
+        return _cheapest(net, {"direct": in_node})
+    out = net.scale_out
+    across = out.latency_s + (group - min(group, c)) * share / out.bandwidth_bytes_per_s
+    return _cheapest(net, {"direct": max(in_node, across)})
 
 
 def send_recv_s(net: Network, nbytes: float, across_nodes: bool = False) -> float:

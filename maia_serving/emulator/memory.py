@@ -4,6 +4,8 @@ Per chip, with tensor parallel size ``tp`` and pipeline parallel size ``pp``::
 
     usable    = hbm_capacity * gpu_memory_utilization - runtime_reserve
     weights   = decoder layers' weights * ceil(layers / pp) / layers / tp + embeddings / tp   (vocab-parallel)
+                (routed experts over the tp * dp chips of a stage: each expert's width split, or with
+                expert parallelism ceil(experts / (tp * dp)) whole experts on a chip)
     workspace = activations of one max_num_batched_tokens forward pass + fp32 logits
     kv_budget = usable - weights - workspace
     kv/token  = ceil(layers / pp) * (2 * ceil(kv_heads / tp) head rows, or MLA's latent) at the KV format's row size
@@ -24,8 +26,9 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from maia_serving.emulator import precision
+from maia_serving.emulator.cost import Parallel
 from maia_serving.emulator.hardware import DeviceProfile
-from maia_serving.emulator.model_shape import ModelShape
+from maia_serving.emulator.model_shape import Linear, ModelShape
 from maia_serving.emulator.units import format_bytes
 
 GiB = 2.0**30
@@ -37,6 +40,9 @@ class ServingConfig:
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1  # replicas, each with its own KV cache and batch (--data-parallel-size)
+    enable_expert_parallel: bool = False
+    all2all_backend: str = "allgather_reducescatter"
     kv_cache_dtype: str = "auto"
     max_model_len: int | None = None
     block_size: int = 16
@@ -48,8 +54,7 @@ class ServingConfig:
     comm_dtype: str | None = None  # the collectives' payload (--comm-dtype); None: the model dtype
 
     def __post_init__(self) -> None:
-        if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
-            raise ValueError("parallel sizes must be at least 1")
+        _ = self.parallel  # building the layout checks its sizes and its all2all backend
         precision.check_kv_cache_dtype(self.kv_cache_dtype, precision.KV_CACHE_FORMATS)
         for name in (self.weight_dtype, self.activation_dtype, self.comm_dtype):
             if name is not None:
@@ -58,6 +63,12 @@ class ServingConfig:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
+
+    @property
+    def parallel(self) -> Parallel:
+        """The layout, as the cost model takes it."""
+        return Parallel(self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size,
+                        self.enable_expert_parallel, self.all2all_backend)
 
 
 @dataclass(frozen=True)
@@ -106,6 +117,7 @@ class NotEnoughMemory(ValueError):
         msg = (
             f"{plan.model} does not fit on {plan.profile} "
             f"(tp={plan.config.tensor_parallel_size}, pp={plan.config.pipeline_parallel_size}, "
+            f"{_moe_layout(plan.config)}"
             f"kv_cache_dtype={plan.config.kv_cache_dtype}, max_model_len={plan.max_model_len}): "
             f"per chip it needs {format_bytes(plan.weight_bytes)} weights "
             f"+ {format_bytes(plan.workspace_bytes)} workspace "
@@ -117,6 +129,12 @@ class NotEnoughMemory(ValueError):
         if suggestions:
             msg += " Try: " + "; ".join(suggestions) + "."
         super().__init__(msg)
+
+
+def _moe_layout(config: ServingConfig) -> str:
+    """"dp=2, expert parallel, " where the layout has either; "" otherwise."""
+    dp = f"dp={config.data_parallel_size}, " if config.data_parallel_size > 1 else ""
+    return dp + ("expert parallel, " if config.enable_expert_parallel else "")
 
 
 def served_model(model: ModelShape, config: ServingConfig) -> ModelShape:
@@ -161,11 +179,23 @@ def kv_bytes_per_sequence(model: ModelShape, config: ServingConfig, length: int)
     return full * block * _kv_bytes_per_token_layer(model, config)
 
 
+def _shards(lin: Linear, config: ServingConfig) -> float:
+    """How many chips share one ``lin``: replicated on each, split over the tensor-parallel group, or for the
+    routed experts over the tp * dp chips of a stage (vLLM's MoE group), in equal slices or, with expert
+    parallelism, as whole experts (the first chips taking one more where they do not divide evenly)."""
+    if lin.split == "none":
+        return 1
+    if lin.group != "experts":
+        return config.tensor_parallel_size
+    ranks = config.tensor_parallel_size * config.data_parallel_size
+    return lin.experts / math.ceil(lin.experts / ranks) if config.enable_expert_parallel else ranks
+
+
 def weight_bytes_per_chip(model: ModelShape, config: ServingConfig) -> float:
     tp = config.tensor_parallel_size
     prec = model.precision()
     model_bytes = prec.model.bytes_per_element
-    linear = sum(model.linear_bytes(lin, prec) / (1 if lin.split == "none" else tp) for lin in model.linears())
+    linear = sum(model.linear_bytes(lin, prec) / _shards(lin, config) for lin in model.linears())
     decoder = linear + model.norm_params() * model_bytes / tp
     stage = _stage_layers(model.num_layers, config) / model.num_layers
     return decoder * stage + model.embedding_params() * model_bytes / tp

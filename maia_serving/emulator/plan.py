@@ -1,6 +1,8 @@
 """Which tensor x pipeline layout of N chips serves a model best, on each device: ``maia-serving plan``.
 
-Every ``tp x pp = N`` is tried on every device. A layout is rejected with a reason when it breaks a rule
+Every ``tp x pp = N`` is tried on every device; for a MoE model also every ``tp x pp x dp = N`` with ``dp``
+data-parallel replicas, each with and without expert parallelism (vLLM's ``-dp`` and
+``--enable-expert-parallel``), as MoE deployments are laid out. A layout is rejected with a reason when it breaks a rule
 vLLM enforces (query heads divisible by ``tp``; KV heads divisible by ``tp`` or ``tp`` by them, vLLM then
 replicating them; at most one stage per layer; vLLM splits layers unevenly otherwise, and the uneven
 stage is priced) or does not fit (the memory plan's refusal, the message `fit` and `simulate` give).
@@ -33,6 +35,8 @@ class LayoutResult:
     tp: int
     pp: int
     fits: bool
+    dp: int = 1
+    ep: bool = False
     reason: str | None = None
     output_throughput_tok_s: float | None = None
     goodput_tok_s: float | None = None  # output tokens per second of the requests meeting every SLO
@@ -47,11 +51,33 @@ class LayoutResult:
         return asdict(self)
 
 
-def layouts(num_devices: int) -> list[tuple[int, int]]:
-    """Every (tp, pp) with tp * pp = num_devices, widest tensor parallelism first."""
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int = 1
+    ep: bool = False
+
+    @property
+    def label(self) -> str:
+        """"tp4 pp1", with " dp2" and " ep" where they apply: the plots' and the messages' name for it."""
+        return f"tp{self.tp} pp{self.pp}" + (f" dp{self.dp}" if self.dp > 1 else "") + (" ep" if self.ep else "")
+
+
+def layouts(num_devices: int, moe: bool = False) -> list[Layout]:
+    """Every (tp, pp) with tp * pp = num_devices, widest tensor parallelism first; with ``moe`` every
+    (tp, pp, dp), each without and with expert parallelism where the experts have more than one chip."""
     if num_devices < 1:
         raise ValueError(f"--num-devices must be at least 1, got {num_devices}")
-    return [(num_devices // pp, pp) for pp in range(1, num_devices + 1) if num_devices % pp == 0]
+    divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
+    if not moe:
+        return [Layout(num_devices // pp, pp) for pp in divisors]
+    out = []
+    for dp in divisors:
+        for pp in (d for d in divisors if num_devices // dp % d == 0):
+            tp = num_devices // dp // pp
+            out += [Layout(tp, pp, dp)] + ([Layout(tp, pp, dp, ep=True)] if tp * dp > 1 else [])
+    return out
 
 
 def layout_error(model: ModelShape, tp: int, pp: int) -> str | None:
@@ -66,12 +92,12 @@ def layout_error(model: ModelShape, tp: int, pp: int) -> str | None:
     return None
 
 
-def network_error(profile: DeviceProfile, tp: int, pp: int) -> str | None:
-    """Why ``tp * pp`` chips of ``profile`` cannot be connected, or None."""
+def network_error(profile: DeviceProfile, chips: int) -> str | None:
+    """Why ``chips`` chips of ``profile`` cannot be connected, or None."""
     net = profile.network
     most = net.scale_out.chips if net.scale_out else net.node_chips
-    if tp * pp > most:
-        return f"{tp * pp} chips: the network of {profile.name} connects at most {most}"
+    if chips > most:
+        return f"{chips} chips: the network of {profile.name} connects at most {most}"
     return None
 
 
@@ -95,13 +121,15 @@ def comm_share(sim: Simulation) -> float:
 
 
 def evaluate(profile: DeviceProfile, model: ModelShape, config: ServingConfig, requests: list[Request],
-             slo: SLO, tp: int, pp: int, enable_prefix_caching: bool = True) -> LayoutResult:
+             slo: SLO, layout: Layout, enable_prefix_caching: bool = True) -> LayoutResult:
     """One layout on one device: its rejection, or the simulator's figures for ``requests``."""
-    base = LayoutResult(profile.name, topology_name(profile), tp, pp, fits=False)
-    error = layout_error(model, tp, pp) or network_error(profile, tp, pp)
+    tp, pp, dp = layout.tp, layout.pp, layout.dp
+    base = LayoutResult(profile.name, topology_name(profile), tp, pp, fits=False, dp=dp, ep=layout.ep)
+    error = layout_error(model, tp, pp) or network_error(profile, tp * pp * dp)
     if error:
         return replace(base, reason=error)
-    layout = replace(config, tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    layout = replace(config, tensor_parallel_size=tp, pipeline_parallel_size=pp, data_parallel_size=dp,
+                     enable_expert_parallel=layout.ep)
     try:
         sim = simulate_device(profile, model, layout, requests, enable_prefix_caching)
     except NotEnoughMemory as exc:
@@ -125,8 +153,12 @@ def plan(profiles: list[DeviceProfile], model: ModelShape, num_devices: int, con
     """Every layout of ``num_devices`` chips on every profile, ranked (module docstring); no SLO: every request
     counts."""
     slo = slo or SLO()
-    return ranked([evaluate(profile, model, config, requests, slo, tp, pp, enable_prefix_caching)
-                   for profile in profiles for tp, pp in layouts(num_devices)])
+    return ranked([evaluate(profile, model, config, requests, slo, layout, enable_prefix_caching)
+                   for profile in profiles for layout in layouts(num_devices, model.moe is not None)])
+
+
+def _label(result: LayoutResult) -> str:
+    return Layout(result.tp, result.pp, result.dp, result.ep).label
 
 
 def _pyplot():
@@ -151,7 +183,7 @@ def write_plots(out_dir: Path, results: list[LayoutResult], title: str) -> list[
         rows = [r for r in served if r.device == device and r.tpot_ms is not None]
         ax.scatter([r.tpot_ms for r in rows], [r.output_throughput_tok_s for r in rows], label=device, s=40)
         for r in rows:
-            ax.annotate(f"tp{r.tp} pp{r.pp}", (r.tpot_ms, r.output_throughput_tok_s), fontsize=8,
+            ax.annotate(_label(r), (r.tpot_ms, r.output_throughput_tok_s), fontsize=8,
                         xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("mean time per output token (ms)")
     ax.set_ylabel("output throughput (tok/s)")
@@ -162,11 +194,11 @@ def write_plots(out_dir: Path, results: list[LayoutResult], title: str) -> list[
     fig.savefig(paths[0])
     plt.close(fig)
 
-    labels = list(dict.fromkeys(f"tp{r.tp} pp{r.pp}" for r in results))
+    labels = list(dict.fromkeys(_label(r) for r in results))
     width = 0.8 / max(len(devices), 1)
     fig, ax = plt.subplots(figsize=(9, 5))
     for i, device in enumerate(devices):
-        share = {f"tp{r.tp} pp{r.pp}": 100 * r.comm_share for r in served if r.device == device}
+        share = {_label(r): 100 * r.comm_share for r in served if r.device == device}
         ax.bar([j + i * width for j in range(len(labels))], [share.get(label, 0.0) for label in labels], width,
                label=device)
     ax.set_xticks([j + width * (len(devices) - 1) / 2 for j in range(len(labels))], labels)

@@ -54,8 +54,7 @@ class EmulatedDevice:
         """The device serving ``model`` with ``config``; NotEnoughMemory (suggesting changes
         as ``flags`` spells them) if it does not fit."""
         plan = require_fit(model, profile, config, flags)
-        parallel = Parallel(tp=config.tensor_parallel_size, pp=config.pipeline_parallel_size)
-        return cls(profile, served_model(model, config), plan, parallel, config.kv_cache_dtype)
+        return cls(profile, served_model(model, config), plan, config.parallel, config.kv_cache_dtype)
 
     @property
     def kv_block_bytes(self) -> float:

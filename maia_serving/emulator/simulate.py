@@ -14,6 +14,13 @@ works on one batch at a time, so a batch waits at a stage still busy with the on
 latency is the sum over its stages (plus any wait); with enough requests to fill the queue, batches
 leave the pipeline one per slowest stage's time, which bounds the throughput. With ``pp = 1`` a step
 runs alone: the queue holds one batch.
+
+Data parallelism (``--data-parallel-size D``) runs D replicas, each an engine with its own scheduler and KV
+cache: the requests are dealt to them in turn (vLLM's front end sends each to the least-loaded replica;
+with requests of like lengths the two agree), and each replica is simulated on its share with the same cost
+model, which prices its MoE layers as if every replica ran a batch of the same shape (the replicas step
+together through them). The figures cover every request; the step log and KV figures are the first
+replica's, the others' being alike.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ class Simulation:
     prefix_cache_hit_tokens: int
     kv_cache_tokens: int = 0
     kv_bytes_per_token: float = 0.0  # one chip's, at the KV format's stored size (simulate_device sets it)
+    replicas: int = 1  # data-parallel replicas: steps and KV are the first one's (module docstring)
 
 
 class _StepPrices:
@@ -175,5 +183,21 @@ def simulate_device(profile: DeviceProfile, model: ModelShape, serving: ServingC
         max_num_batched_tokens=serving.max_num_batched_tokens,
         enable_prefix_caching=enable_prefix_caching,
     )
-    sim = simulate(requests, device.cost_model, config, device=profile.name)
-    return replace(sim, kv_bytes_per_token=device.plan.kv_bytes_per_token)
+    dp = serving.data_parallel_size
+    shares = [requests[i::dp] for i in range(min(dp, len(requests)))]
+    sims = [simulate(share, device.cost_model, config, device=profile.name) for share in shares]
+    return replace(merge_replicas(sims), kv_bytes_per_token=device.plan.kv_bytes_per_token)
+
+
+def merge_replicas(sims: list[Simulation]) -> Simulation:
+    """The replicas of a data-parallel run as one: requests dealt in turn (``sims[i]`` served requests
+    ``i, i + D, ...``) back in arrival order with their timings; the first replica's steps and KV cache."""
+    first = sims[0]
+    if len(sims) == 1:
+        return first
+    order = sorted(((req.arrival_s, k * len(sims) + i, req, timing) for i, sim in enumerate(sims)
+                    for k, (req, timing) in enumerate(zip(sim.requests, sim.timings))), key=lambda row: row[:2])
+    return replace(first, requests=tuple(row[2] for row in order), timings=tuple(row[3] for row in order),
+                   num_preemptions=sum(s.num_preemptions for s in sims),
+                   prefix_cache_queried_tokens=sum(s.prefix_cache_queried_tokens for s in sims),
+                   prefix_cache_hit_tokens=sum(s.prefix_cache_hit_tokens for s in sims), replicas=len(sims))

@@ -38,9 +38,14 @@ def serving_config(vllm_config: VllmConfig) -> ServingConfig:
     parallel = vllm_config.parallel_config
     sched = vllm_config.scheduler_config
     cache = vllm_config.cache_config
+    replicas = parallel.data_parallel_size
     return ServingConfig(
         tensor_parallel_size=parallel.tensor_parallel_size,
         pipeline_parallel_size=parallel.pipeline_parallel_size,
+        data_parallel_size=replicas,
+        enable_expert_parallel=parallel.enable_expert_parallel,
+        # Only replicas move tokens between MoE layers' chips; with one the backend is never used.
+        **({"all2all_backend": parallel.all2all_backend} if replicas > 1 else {}),
         kv_cache_dtype=kv_cache_dtype(vllm_config),
         max_model_len=vllm_config.model_config.max_model_len,
         block_size=cache.block_size,

@@ -114,9 +114,12 @@ def test_bad_config_values_are_refused():
     with pytest.raises(ValueError, match=r"^gpu_memory_utilization must be in \(0, 1\], got 0$"):
         ServingConfig(gpu_memory_utilization=0)
     assert ServingConfig(gpu_memory_utilization=1.0).gpu_memory_utilization == 1.0
-    for sizes in ({"tensor_parallel_size": 0}, {"pipeline_parallel_size": 0}):
-        with pytest.raises(ValueError, match="^parallel sizes must be at least 1$"):
+    for sizes, got in (({"tensor_parallel_size": 0}, "tp=0, pp=1, dp=1"), ({"pipeline_parallel_size": 0}, "pp=0"),
+                       ({"data_parallel_size": 0}, "dp=0")):
+        with pytest.raises(ValueError, match=f"^parallel sizes must be at least 1, got .*{got}"):
             ServingConfig(**sizes)
+    with pytest.raises(ValueError, match="unknown all2all backend 'pplx'; the cost model prices: allgather_"):
+        ServingConfig(all2all_backend="pplx")
     with pytest.raises(ValueError, match="kv cache dtype"):
         kv_bytes_per_token(load_model_shape("llama-3-8b"), ServingConfig(kv_cache_dtype="int3"))
 

@@ -16,8 +16,9 @@ REQUESTS = synthetic(16, 256, 16)
 
 
 def test_the_layouts_of_n_chips():
-    assert layouts(8) == [(8, 1), (4, 2), (2, 4), (1, 8)]
-    assert layouts(6) == [(6, 1), (3, 2), (2, 3), (1, 6)]
+    assert [(x.tp, x.pp, x.dp, x.ep) for x in layouts(8)] == [(8, 1, 1, False), (4, 2, 1, False), (2, 4, 1, False),
+                                                              (1, 8, 1, False)]
+    assert [(x.tp, x.pp) for x in layouts(6)] == [(6, 1), (3, 2), (2, 3), (1, 6)]
     with pytest.raises(ValueError, match="at least 1"):
         layouts(0)
 

@@ -20,7 +20,8 @@ def test_the_vllm_adapter_prices_the_proxy_and_names_the_setting(monkeypatch):
     config = SimpleNamespace(
         model_config=SimpleNamespace(hf_config=hf, dtype="torch.bfloat16", served_model_name="demo", model="m",
                                      max_model_len=512),
-        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
+        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1, data_parallel_size=1,
+                                        enable_expert_parallel=False, all2all_backend="allgather_reducescatter"),
         scheduler_config=SimpleNamespace(max_num_batched_tokens=2048, max_num_seqs=64),
         cache_config=SimpleNamespace(cache_dtype="auto", block_size=128, gpu_memory_utilization=0.92),
         additional_config={"maia_profile": "maia200", "maia_model": "llama-3-8b"})
@@ -35,3 +36,25 @@ def test_the_vllm_adapter_prices_the_proxy_and_names_the_setting(monkeypatch):
     monkeypatch.setenv(envs.MAIA_SERVING_MODEL, "nope")
     with pytest.raises(ValueError, match="^MAIA_SERVING_MODEL='nope': no model config"):
         build_device(config)
+
+
+def test_the_vllm_adapter_prices_replicas_and_expert_parallelism_as_vllm_is_given_them():
+    """-dp 2 -ep --all2all-backend deepep_low_latency reach the cost model; vLLM's ParallelConfig has the fields."""
+    from vllm.config import ParallelConfig
+
+    from maia_serving.emulator.cost import Parallel
+
+    assert {"data_parallel_size", "enable_expert_parallel", "all2all_backend"} <= set(vars(ParallelConfig()))
+    hf = SimpleNamespace(to_dict=lambda: dict(DEMO))
+    config = SimpleNamespace(
+        model_config=SimpleNamespace(hf_config=hf, dtype="torch.bfloat16", served_model_name="demo", model="m",
+                                     max_model_len=512),
+        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1, data_parallel_size=2,
+                                        enable_expert_parallel=True, all2all_backend="deepep_low_latency"),
+        scheduler_config=SimpleNamespace(max_num_batched_tokens=2048, max_num_seqs=64),
+        cache_config=SimpleNamespace(cache_dtype="auto", block_size=128, gpu_memory_utilization=0.92),
+        additional_config={"maia_profile": "maia200", "maia_model": "mixtral-8x7b"})
+    assert build_device(config).cost_model.parallel == Parallel(dp=2, ep=True, all2all="deepep_low_latency")
+    config.parallel_config.data_parallel_size = 1  # one replica: the backend is never used, so never checked
+    config.parallel_config.all2all_backend = "mori_low_latency"
+    assert build_device(config).cost_model.parallel == Parallel(ep=True)
