@@ -12,7 +12,10 @@ rows are zero, as vLLM's embedding loader leaves them), each attention layer car
 four float32 KV-quantization scales (1.0 without quantization), and tied embeddings are
 saved once, as ``lm_head.weight`` (vLLM drops the larger key of two tensors sharing memory).
 A pipeline stage holds its layers only (vLLM's default split, ``get_pp_indices``); the
-first stage holds ``model.embed_tokens``, the last ``model.norm`` and ``lm_head``.
+first stage holds ``model.embed_tokens``, the last ``model.norm`` and ``lm_head``. A Mixtral's
+experts become vLLM's fused MoE parameters, under ``experts.routed_experts`` as vLLM 0.32 nests
+them: ``w13_weight`` ``[experts, 2 * width / tp, hidden]`` (each expert's slice of w1, the gate, then
+of w3) and ``w2_weight`` ``[experts, hidden, width / tp]``; its router (``gate``) is whole on every rank.
 
 Everything streams: each output tensor is cut from the source slices it needs and written
 at once into a file whose header was computed up front, so memory stays near the largest
@@ -29,7 +32,7 @@ import json
 import shutil
 import struct
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -45,7 +48,7 @@ ATTN_SCALES = ("_k_scale", "_v_scale", "_q_scale", "_prob_scale")
 # Tensors some checkpoints carry and vLLM drops when loading (AutoWeightsLoader's list): kept aside for merge.
 UNUSED_BY_VLLM = ("rotary_pos_emb.inv_freq", "rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 UNUSED_FILE = "maia-reshard-unused.safetensors"  # outside the loader's file pattern
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "MixtralForCausalLM")
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
@@ -68,11 +71,13 @@ class Arch:
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
+    experts: int = 0  # a Mixtral's routed experts per layer, each a gated MLP of ``intermediate``; 0: dense
 
 
 @dataclass(frozen=True)
 class Piece:
-    """A slice ``[start, stop)`` along ``dim`` of a source tensor, placed at row ``at`` of an output tensor."""
+    """A slice ``[start, stop)`` along ``dim`` of a source tensor, placed at row ``at`` of an output tensor
+    (its leading dimensions flattened: row ``e * R + r`` of an ``[E, R, C]`` tensor is row ``r`` of expert ``e``)."""
 
     source: str
     dim: int
@@ -94,7 +99,7 @@ class OutTensor:
 
 
 def read_arch(config: dict) -> Arch:
-    """The split-relevant fields of a Llama, Mistral or Qwen2 ``config.json``."""
+    """The split-relevant fields of a Llama, Mistral, Qwen2 or Mixtral ``config.json``."""
     archs = config.get("architectures") or []
     if not any(a in ARCHITECTURES for a in archs):
         raise ReshardError(f"architectures {archs} not supported; reshard knows {', '.join(ARCHITECTURES)}")
@@ -109,6 +114,7 @@ def read_arch(config: dict) -> Arch:
         tied=bool(config.get("tie_word_embeddings", False)),
         qkv_bias=qwen2 or attention_bias, o_bias=not qwen2 and attention_bias,
         mlp_bias=bool(config.get("mlp_bias", False)),
+        experts=config["num_local_experts"] if "MixtralForCausalLM" in archs else 0,
     )
 
 
@@ -157,10 +163,8 @@ def hf_tensors(arch: Arch) -> dict[str, tuple[int, ...]]:
                        p + "self_attn.q_proj.weight": (q, arch.hidden),
                        p + "self_attn.k_proj.weight": (kv, arch.hidden),
                        p + "self_attn.v_proj.weight": (kv, arch.hidden),
-                       p + "self_attn.o_proj.weight": (arch.hidden, q),
-                       p + "mlp.gate_proj.weight": (arch.intermediate, arch.hidden),
-                       p + "mlp.up_proj.weight": (arch.intermediate, arch.hidden),
-                       p + "mlp.down_proj.weight": (arch.hidden, arch.intermediate)})
+                       p + "self_attn.o_proj.weight": (arch.hidden, q)})
+        shapes.update(_hf_mlp(arch, p))
         if arch.qkv_bias:
             shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                            p + "self_attn.v_proj.bias": (kv,)})
@@ -171,6 +175,34 @@ def hf_tensors(arch: Arch) -> dict[str, tuple[int, ...]]:
                            p + "mlp.up_proj.bias": (arch.intermediate,),
                            p + "mlp.down_proj.bias": (arch.hidden,)})
     return shapes
+
+
+def _hf_mlp(arch: Arch, p: str) -> dict[str, tuple[int, ...]]:
+    """One layer's MLP tensors: a gated MLP, or a Mixtral's router and experts."""
+    ff, h = arch.intermediate, arch.hidden
+    if not arch.experts:
+        return {p + "mlp.gate_proj.weight": (ff, h), p + "mlp.up_proj.weight": (ff, h),
+                p + "mlp.down_proj.weight": (h, ff)}
+    moe = p + "block_sparse_moe."
+    shapes = {moe + "gate.weight": (arch.experts, h)}
+    for e in range(arch.experts):
+        shapes.update({f"{moe}experts.{e}.w1.weight": (ff, h), f"{moe}experts.{e}.w2.weight": (h, ff),
+                       f"{moe}experts.{e}.w3.weight": (ff, h)})
+    return shapes
+
+
+def _expert_tensors(arch: Arch, p: str, tp: int, rank: int, dtype: str) -> list[OutTensor]:
+    """A Mixtral layer's router, whole, and its experts as vLLM's FusedMoE holds them on TP rank ``rank``."""
+    moe, ff, e_all = p + "block_sparse_moe.", arch.intermediate // tp, range(arch.experts)
+    fused = moe + "experts.routed_experts."
+    gate = OutTensor(moe + "gate.weight", (arch.experts, arch.hidden), dtype, "replicated",
+                     (Piece(moe + "gate.weight", 0, 0, arch.experts, 0),))
+    w13 = _stacked(fused + "w13_weight", "gate_up per expert", dtype, [
+        (f"{moe}experts.{e}.{w}.weight", rank * ff, (rank + 1) * ff) for e in e_all for w in ("w1", "w3")],
+        (arch.hidden,))
+    w2 = tuple(Piece(f"{moe}experts.{e}.w2.weight", 1, rank * ff, (rank + 1) * ff, e * arch.hidden) for e in e_all)
+    return [gate, replace(w13, shape=(arch.experts, 2 * ff, arch.hidden)),
+            OutTensor(fused + "w2_weight", (arch.experts, arch.hidden, ff), dtype, "row per expert", w2)]
 
 
 def _stacked(name: str, split: str, dtype: str, parts: list[tuple[str, int, int]],
@@ -205,6 +237,8 @@ def _layer_tensors(arch: Arch, i: int, tp: int, rank: int, dtype: str) -> list[O
         out.append(OutTensor(f"{attn}o_proj.bias", (arch.hidden,), dtype, "replicated",
                              (Piece(f"{attn}o_proj.bias", 0, 0, arch.hidden, 0),)))
     out += [OutTensor(f"{attn}attn.{s}", (), "F32", "attention scale (1.0)") for s in ATTN_SCALES]
+    if arch.experts:
+        return out + _expert_tensors(arch, p, tp, rank, dtype)
     for kind in ("weight", "bias") if arch.mlp_bias else ("weight",):
         tail = (arch.hidden,) if kind == "weight" else ()
         out.append(_stacked(f"{mlp}gate_up_proj.{kind}", "gate_up", dtype, [
@@ -281,6 +315,20 @@ def _read(path: Path, name: str, dim: int, start: int, stop: int) -> torch.Tenso
         index = [slice(None)] * len(view.get_shape())
         index[dim] = slice(start, stop)
         return view[tuple(index)]
+
+
+def _read_rows(path: Path, name: str, start: int, stop: int) -> torch.Tensor:
+    """Rows ``[start, stop)`` of a shard tensor with its leading dimensions flattened (``Piece.at``'s rows);
+    in an ``[E, R, C]`` tensor they lie within one ``e``, as each piece is one expert's."""
+    with safe_open(str(path), framework="pt") as f:
+        view = f.get_slice(name)
+        shape = view.get_shape()
+        if len(shape) < 3:
+            return view[start:stop]
+        e, offset = divmod(start, shape[1])
+        if offset + stop - start > shape[1]:
+            raise ReshardError(f"{path}: rows {start}:{stop} of {name} span two experts (the manifest is not ours)")
+        return view[e:e + 1, offset:offset + stop - start][0]
 
 
 def _header_bytes(specs: list[tuple[str, str, tuple[int, ...]]]) -> bytes:
@@ -485,7 +533,7 @@ def _assemble(name: str, dtype: str, shape: tuple[int, ...], holders: list[tuple
             continue
         covered.add(key)
         rows = piece.stop - piece.start if piece.dim == 0 else shape[0]
-        part = _read(path, out_name, 0, piece.at, piece.at + rows)
+        part = _read_rows(path, out_name, piece.at, piece.at + rows)
         full.narrow(piece.dim, piece.start, piece.stop - piece.start).copy_(part)
     extent = sum(stop - start for _, start, stop in covered)
     dims = {d for d, _, _ in covered}

@@ -1,7 +1,8 @@
 """A re-sharded checkpoint served by `vllm serve DST --device maia --load-format sharded_state` gives the
 original's greedy tokens: the demo model (GQA, 4 heads over 2 KV heads) at TP 2, at TP 4 (each KV head on
-two ranks) and at PP 2, and a tied-embedding sibling at TP 2 and PP 2 (the head once, as `lm_head.weight`,
-on the last stage; the embedding on the first)."""
+two ranks) and at PP 2, a tied-embedding sibling at TP 2 and PP 2 (the head once, as `lm_head.weight`,
+on the last stage; the embedding on the first), and the Mixtral sibling at TP 2 (each expert's width split into
+vLLM's fused w13 / w2 parameters)."""
 
 import json
 import os
@@ -52,20 +53,20 @@ def _tied_sibling(demo_model, out):
 
 
 @pytest.fixture(scope="module")
-def originals(demo_model, logs_dir, tmp_path_factory) -> dict:
+def originals(demo_model, moe_model, logs_dir, tmp_path_factory) -> dict:
     """Each variant's checkpoint and its greedy texts served as it is, on one rank."""
     tied = _tied_sibling(demo_model, tmp_path_factory.mktemp("tied") / "model")
     return {v: (m, _greedy(m, logs_dir / f"reshard-{v}-original.log", 1, 1))
-            for v, m in [("gqa", demo_model), ("tied", tied)]}
+            for v, m in [("gqa", demo_model), ("tied", tied), ("moe", moe_model)]}
 
 
 @pytest.mark.parametrize("variant,tp,pp", [("gqa", 2, 1), ("gqa", 4, 1), ("gqa", 1, 2), ("tied", 2, 1),
-                                           ("tied", 1, 2)])
+                                           ("tied", 1, 2), ("moe", 2, 1)])
 def test_sharded_state_serves_the_originals_tokens(originals, logs_dir, tmp_path, variant, tp, pp):
     model, want = originals[variant]
     reshard(model, tmp_path / "sharded", tp, pp)
     first = "model-rank-0-part-0.safetensors" if pp == 1 else "model-pp-0-tp-0-part-0.safetensors"
-    assert ("model.embed_tokens.weight" in load_file(tmp_path / "sharded" / first)) == (variant == "gqa" or pp > 1)
+    assert ("model.embed_tokens.weight" in load_file(tmp_path / "sharded" / first)) == (variant != "tied" or pp > 1)
     got = _greedy(tmp_path / "sharded", logs_dir / f"reshard-{variant}-tp{tp}-pp{pp}.log", tp, pp,
                   "--load-format", "sharded_state")
     assert got == want

@@ -28,6 +28,8 @@ VARIANTS = {
     "gqa": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=False)),
     "tied": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "mqa-qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+    "moe": ("MixtralConfig", "MixtralForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=False,
+                                                        num_local_experts=4, num_experts_per_tok=2)),
 }
 
 
@@ -131,6 +133,15 @@ def _expected_rank(full: dict[str, torch.Tensor], config: dict, tp: int, rank: i
         out[a + "o_proj.weight"] = full[a + "o_proj.weight"].chunk(tp, dim=1)[rank]
         for s in ("_k_scale", "_v_scale", "_q_scale", "_prob_scale"):
             out[a + "attn." + s] = torch.tensor(1.0)
+        if experts := config.get("num_local_experts"):  # vLLM's FusedMoE: [experts, rows, cols] per rank
+            moe = p + "block_sparse_moe."
+            out[moe + "gate.weight"] = full[moe + "gate.weight"]
+            e = [f"{moe}experts.{j}." for j in range(experts)]
+            out[moe + "experts.routed_experts.w13_weight"] = torch.stack([torch.cat(
+                [full[x + "w1.weight"].chunk(tp)[rank], full[x + "w3.weight"].chunk(tp)[rank]]) for x in e])
+            out[moe + "experts.routed_experts.w2_weight"] = torch.stack(
+                [full[x + "w2.weight"].chunk(tp, dim=1)[rank] for x in e])
+            continue
         out[m + "gate_up_proj.weight"] = torch.cat([full[m + "gate_proj.weight"].chunk(tp)[rank],
                                                     full[m + "up_proj.weight"].chunk(tp)[rank]])
         out[m + "down_proj.weight"] = full[m + "down_proj.weight"].chunk(tp, dim=1)[rank]
@@ -214,6 +225,18 @@ BAD_INPUTS = {
 }
 
 
+def test_a_mixtral_missing_an_expert_or_with_a_misshapen_one_is_refused_by_name(checkpoints, tmp_path):
+    expert = "model.layers.2.block_sparse_moe.experts.3.w3.weight"
+    src = _copy_with(checkpoints["moe"], tmp_path / "gone", lambda t: t.pop(expert))
+    with pytest.raises(ReshardError, match=f"missing tensor {expert}"):
+        reshard(src, tmp_path / "out", 2)
+    src = _copy_with(checkpoints["moe"], tmp_path / "wide",
+                     lambda t: t.update({expert: torch.zeros(130, 64, dtype=torch.bfloat16)}))
+    with pytest.raises(ReshardError, match=rf"tensor {expert} has shape \[130, 64\], config.json implies \[128, 64\]"):
+        reshard(src, tmp_path / "out", 2)
+    assert _no_leftovers(tmp_path) == []
+
+
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_checkpoint_is_refused_naming_the_tensor(checkpoints, tmp_path, case):
     change, message = BAD_INPUTS[case]
@@ -247,8 +270,9 @@ def test_layout_rules_are_vllms(checkpoints, tmp_path):
                          "num_key_value_heads": 4})
     with pytest.raises(ReshardError, match="num_key_value_heads 4 and --tensor-parallel-size 3"):
         rs.check_layout(arch, 3, 1)
-    with pytest.raises(ReshardError, match="architectures .*MixtralForCausalLM.* not supported"):
-        rs.read_arch({"architectures": ["MixtralForCausalLM"]})
+    with pytest.raises(ReshardError, match="architectures .*DeepseekV2ForCausalLM.* not supported; reshard knows "
+                                           "LlamaForCausalLM, .*MixtralForCausalLM"):
+        rs.read_arch({"architectures": ["DeepseekV2ForCausalLM"]})
 
 
 def test_existing_output_and_overlap_are_refused(checkpoints, tmp_path):
