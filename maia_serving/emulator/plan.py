@@ -182,7 +182,9 @@ def write_plots(out_dir: Path, results: list[LayoutResult], title: str) -> list[
     for device in devices:
         rows = [r for r in served if r.device == device and r.tpot_ms is not None]
         ax.scatter([r.tpot_ms for r in rows], [r.output_throughput_tok_s for r in rows], label=device, s=40)
-        for r in rows:
+        # Every point named, or with a MoE model's many layouts the three best of each device (the table has all).
+        named = rows if len(rows) <= 6 else sorted(rows, key=lambda r: r.rank)[:3]
+        for r in named:
             ax.annotate(_label(r), (r.tpot_ms, r.output_throughput_tok_s), fontsize=8,
                         xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("mean time per output token (ms)")
@@ -196,12 +198,14 @@ def write_plots(out_dir: Path, results: list[LayoutResult], title: str) -> list[
 
     labels = list(dict.fromkeys(_label(r) for r in results))
     width = 0.8 / max(len(devices), 1)
-    fig, ax = plt.subplots(figsize=(9, 5))
+    fig, ax = plt.subplots(figsize=(max(9.0, 0.55 * len(labels)), 5))
     for i, device in enumerate(devices):
         share = {_label(r): 100 * r.comm_share for r in served if r.device == device}
         ax.bar([j + i * width for j in range(len(labels))], [share.get(label, 0.0) for label in labels], width,
                label=device)
-    ax.set_xticks([j + width * (len(devices) - 1) / 2 for j in range(len(labels))], labels)
+    tilted = len(labels) > 6  # a MoE model's layouts: too many labels to sit side by side
+    ax.set_xticks([j + width * (len(devices) - 1) / 2 for j in range(len(labels))], labels,
+                  rotation=45 if tilted else 0, ha="right" if tilted else "center")
     ax.set_ylabel("communication's share of the steps' work (%)")
     ax.set_title(f"{title}: communication per topology (no bar: rejected)")
     ax.legend(fontsize=8)
