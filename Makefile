@@ -51,6 +51,7 @@ bench: setup
 	cd benchmarks && ../$(PY) simulator_speed.py
 	cd benchmarks && ../$(PY) fidelity.py
 	cd benchmarks && ../$(PY) live_vs_simulate.py
+	cd benchmarks && ../$(PY) live_arrivals.py
 	cd benchmarks && ../$(PY) reliability.py
 
 # Mutation testing of the emulator's pricing path and both adapters' step charging (not in CI:

@@ -115,6 +115,7 @@ MAIA_SERVING_DEVICE = "MAIA_SERVING_DEVICE"
 MAIA_SERVING_PROFILE = "MAIA_SERVING_PROFILE"
 MAIA_SERVING_MODEL = "MAIA_SERVING_MODEL"
 MAIA_SERVING_LOG_INTERVAL_S = "MAIA_SERVING_LOG_INTERVAL_S"
+MAIA_SERVING_PACE = "MAIA_SERVING_PACE"
 MAIA_SERVING_ATTENTION = "MAIA_SERVING_ATTENTION"
 MAIA_SERVING_KV_SCALES = "MAIA_SERVING_KV_SCALES"
 MAIA_SERVING_KV_CACHE_DTYPE = "MAIA_SERVING_KV_CACHE_DTYPE"
@@ -142,6 +143,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "runs on the host; unset: the served model itself"),
     Setting(MAIA_SERVING_LOG_INTERVAL_S, "10", _number(0, 86400, low_open=False), "seconds, 0 (every step) to 86400",
             "how often the engine logs its `Maia emulation [profile]` line"),
+    Setting(MAIA_SERVING_PACE, "0", _choice("0", "1"), "0 or 1",
+            "1: each busy step lasts at least its emulated time on the host's clock (the engine waits out the "
+            "difference), so a device slower than the host serves clients at the device's speed and arrivals "
+            "map one to one onto the emulated timeline; 0: the host runs as fast as it can"),
     Setting(MAIA_SERVING_ATTENTION, "maia", _choice("maia", "vllm-cpu"), "maia or vllm-cpu",
             "the host attention under vLLM: ours (BF16/FP8 KV, maia numerics) or vLLM's C++ CPU kernel "
             "(BF16 only, emulated figures only)", engines="vllm"),

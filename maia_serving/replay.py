@@ -28,6 +28,7 @@ import uuid
 from dataclasses import dataclass
 
 from maia_serving.emulator.simulate import Simulation
+from maia_serving.emulator.workload import Request
 from maia_serving.launch import metric, scrape
 
 # A prompt's tokens: distinct per request from the first token on, so no request shares a
@@ -78,9 +79,66 @@ def emulated_figures(before: dict[str, float], after: dict[str, float]) -> Figur
 
 def token_prompts(num_requests: int, input_len: int) -> list[list[int]]:
     """``num_requests`` prompts of exactly ``input_len`` token ids, sharing no prefix."""
+    return [_prompt(i, input_len) for i in range(num_requests)]
+
+
+def _prompt(i: int, input_len: int) -> list[int]:
+    """Request ``i``'s prompt: its own first token, then a body no other request's shares."""
     body = len(_BODY_TOKENS)
-    return [[_FIRST_TOKEN + i] + [_BODY_TOKENS[(7 * j + i) % body] for j in range(input_len - 1)]
-            for i in range(num_requests)]
+    return [_FIRST_TOKEN + i] + [_BODY_TOKENS[(7 * j + i) % body] for j in range(input_len - 1)]
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A trace replayed in real time: when each request really left (host seconds after the first, what
+    ``simulate`` is then given), the server's emulated figures, and the client's own stopwatch: mean time
+    to the first streamed token and per output token after it."""
+
+    sent: tuple[Request, ...]
+    emulated: Figures
+    client_ttft_s: float
+    client_tpot_s: float
+
+
+def replay_trace(url: str, model: str, requests: list[Request], timeout_s: float = 300.0) -> Trace:
+    """Send each of ``requests`` at its ``arrival_s`` (host seconds from the start) in its own streaming
+    request, as a load generator does, every one producing exactly ``output_len`` tokens."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=timeout_s)
+    salt = uuid.uuid4().hex
+    before = scrape(url)
+    rows: list[tuple[float, float, float] | BaseException | None] = [None] * len(requests)
+    start = time.monotonic()
+
+    def send(i: int, request: Request) -> None:
+        try:
+            time.sleep(max(0.0, start + request.arrival_s - time.monotonic()))
+            sent = time.monotonic()
+            stream = client.completions.create(
+                model=model, prompt=_prompt(i, request.input_len), max_tokens=request.output_len,
+                temperature=0, stream=True, extra_body={"ignore_eos": True, "cache_salt": salt})
+            first = last = None
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].text:
+                    last = time.monotonic()
+                    first = first or last
+            rows[i] = (sent - start, first - sent, (last - first) / max(1, request.output_len - 1))
+        except BaseException as exc:  # re-raised in the caller's thread
+            rows[i] = exc
+
+    threads = [threading.Thread(target=send, args=(i, r)) for i, r in enumerate(requests)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout_s)
+    if failed := next((r for r in rows if not isinstance(r, tuple)), None):
+        raise failed if isinstance(failed, BaseException) else TimeoutError("a request did not finish")
+    sent = tuple(Request(row[0], r.input_len, r.output_len) for row, r in zip(rows, requests))
+    order = sorted(range(len(sent)), key=lambda i: sent[i].arrival_s)
+    emulated = emulated_figures(before, _settled(url, before, len(rows)))
+    return Trace(sent=tuple(sent[i] for i in order), emulated=emulated,
+                 client_ttft_s=sum(r[1] for r in rows) / len(rows), client_tpot_s=sum(r[2] for r in rows) / len(rows))
 
 
 def _post(url: str) -> None:

@@ -19,7 +19,18 @@ thing both timelines share, and the clock keeps it. An idle gap has no step in i
 it maps one to one. The arrivals on the emulated timeline are therefore the host's
 arrivals exactly when the device idles between them, and otherwise as the host engine
 batched them: a host much slower than the device batches more requests per step than
-the device would have.
+the device would have, and a host faster than the device fewer.
+
+Pacing (``paced``, MAIA_SERVING_PACE=1) closes the second gap: after each step the engine waits
+(``pace_s``) until the host's clock has gone as far since the device last went busy as the
+emulated clock has, so while the host is faster the two clocks run together, a request that
+arrives while the device is busy joins the step the device would be running, and a client's
+own stopwatch reads the device's latency. A request that reached the server while the engine
+waited (the engine sees it when the wait is over; ``age_s`` says how long before) arrived, on the
+emulated timeline too, that long before the step's end, as ``simulate`` times an arrival during a
+step (it joins the queue when the step ends, its wait counted). Where a step takes the
+host longer than the device, the host's clock is the later one and nothing is waited (the two are
+lined up again from there); a request arriving while the host runs a step arrives at its start.
 """
 
 from __future__ import annotations
@@ -65,16 +76,30 @@ class EmulatedClock:
         self.requests: dict[str, RequestTiming] = {}
         self._host_time = host_time
         self._idle_since_host_s: float | None = host_time()  # None while a request is open
+        self.paced = False  # MAIA_SERVING_PACE: the engine waits out pace_s after each step
+        self._paced_host_s: float | None = None  # the host time the emulated clock's now_s stands for
+        self._last_step_s = 0.0
 
-    def arrive(self, request_id: str) -> RequestTiming:
-        """A request the engine has just seen; on an idle device, the host's idle time passes first."""
+    def arrive(self, request_id: str, age_s: float = 0.0) -> RequestTiming:
+        """A request the engine has just seen, ``age_s`` host seconds after it reached the server; on an idle
+        device, the host's idle time passes first."""
+        waited_s = self._waited_s(age_s)
         if self._idle_since_host_s is not None:
-            self.now_s += self._host_time() - self._idle_since_host_s
+            host_s = self._host_time()
+            self.now_s += host_s - self._idle_since_host_s
             self._idle_since_host_s = None
+            self._paced_host_s = host_s
         timing = self.requests.get(request_id)
         if timing is None:
-            timing = self.requests[request_id] = RequestTiming(arrival_s=self.now_s)
+            timing = self.requests[request_id] = RequestTiming(arrival_s=self.now_s - waited_s)
         return timing
+
+    def _waited_s(self, age_s: float) -> float:
+        """Paced and busy: how long before the last step's end the request reached the server (while the engine
+        waited out that step), at most the step; 0 otherwise."""
+        if not self.paced or self._paced_host_s is None or self._idle_since_host_s is not None:
+            return 0.0
+        return min(max(0.0, self._paced_host_s - (self._host_time() - age_s)), self._last_step_s)
 
     def advance(self, step_s: float, tokens_out: dict[str, int]) -> list[RequestTiming]:
         """End a step of ``step_s`` seconds in which each request emitted ``tokens_out[id]``;
@@ -84,6 +109,9 @@ class EmulatedClock:
         start_s = self.now_s
         self.now_s += step_s
         self.busy_s += step_s
+        self._last_step_s = step_s
+        if self._paced_host_s is not None:
+            self._paced_host_s += step_s
         self.num_steps += 1
         firsts = []
         for request_id, count in tokens_out.items():
@@ -104,6 +132,15 @@ class EmulatedClock:
         elif step_s > 0:
             self._idle_since_host_s = self._host_time()
         return firsts
+
+    def pace_s(self) -> float:
+        """Host seconds to wait for the host's clock to catch up with the emulated one (module docstring);
+        0 where the host is behind, which lines the two up from now."""
+        host_s = self._host_time()
+        if self._paced_host_s is None or self._paced_host_s <= host_s:
+            self._paced_host_s = host_s
+            return 0.0
+        return self._paced_host_s - host_s
 
     def finish(self, request_id: str) -> RequestTiming | None:
         """Forget a finished request and return its timing; the last one leaves the device idle."""

@@ -66,8 +66,8 @@ class EmulatedDevice:
         return (plan.runtime_reserve_bytes + plan.weight_bytes + plan.workspace_bytes
                 + kv_blocks_used * self.kv_block_bytes)
 
-    def arrive(self, request_id: str) -> None:
-        self.clock.arrive(request_id)
+    def arrive(self, request_id: str, age_s: float = 0.0) -> None:
+        self.clock.arrive(request_id, age_s)
 
     def abort(self, request_id: str) -> None:
         self.clock.finish(request_id)

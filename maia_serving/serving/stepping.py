@@ -36,8 +36,12 @@ class StepCharger:
     """One engine's emulated device, its log line and where its records go."""
 
     def __init__(self, device: EmulatedDevice, logger: logging.Logger, log_interval_s: float,
-                 sink: Callable[[StepRecord], None], on_error: Callable[[], None]):
+                 sink: Callable[[StepRecord], None], on_error: Callable[[], None], pace: bool = False,
+                 sleep: Callable[[float], None] = time.sleep):
         self.device = device
+        self.pace = pace  # MAIA_SERVING_PACE: wait out each step's emulated time (clock.EmulatedClock.pace_s)
+        device.clock.paced = pace  # and stamp arrivals during the wait as the clock's pacing rule says
+        self._sleep = sleep
         self.logger = logger
         self.sink = sink
         self.on_error = on_error
@@ -63,15 +67,20 @@ class StepCharger:
                 self.logger.debug("maia-serving: counting an emulation error failed", exc_info=True)
             return None
 
-    def arrive(self, request_id: str) -> None:
-        self.guard("a request's arrival", self.device.arrive, request_id)
+    def arrive(self, request_id: str, age_s: float = 0.0) -> None:
+        """A request the engine has just seen, ``age_s`` seconds after it reached the server."""
+        self.guard("a request's arrival", self.device.arrive, request_id, age_s)
 
     def abort(self, request_id: str) -> None:
         self.guard("a request's abort", self.device.abort, request_id)
 
     def charge(self, shape: EngineStep, wall_s: float, read_s: float) -> StepRecord | None:
-        """Charge one step; ``read_s`` is the host time the adapter spent reading its shape."""
-        return self.guard("charging a step", self._charge, shape, wall_s, read_s)
+        """Charge one step; ``read_s`` is the host time the adapter spent reading its shape. With pacing, return
+        once the host's clock has caught up with the emulated one."""
+        record = self.guard("charging a step", self._charge, shape, wall_s, read_s)
+        if self.pace and (wait_s := self.guard("pacing a step", self.device.clock.pace_s)):
+            self._sleep(wait_s)
+        return record
 
     def _charge(self, shape: EngineStep, wall_s: float, read_s: float) -> StepRecord:
         start = time.thread_time()

@@ -31,6 +31,8 @@ SURFACES: tuple[Surface, ...] = (
     Surface(f"{_SCHED}#kv_cache_manager", "private attribute", "the block pool", _UNTIL_SCHED),
     Surface("vllm.v1.request.Request#num_computed_tokens", "private attribute",
             "context length after this step's tokens", _UNTIL_SCHED),
+    Surface("vllm.v1.request.Request#arrival_time", "private attribute",
+            "when the request reached the server (a paced clock stamps arrivals during its wait)", _UNTIL_SCHED),
     Surface(f"{_POOL}.get_num_free_blocks", "private attribute", "KV blocks in use", _UNTIL_SCHED),
     Surface(f"{_POOL}#num_gpu_blocks", "private attribute", "the engine's KV capacity in blocks", _UNTIL_SCHED),
     Surface(f"{_POOL}#cached_block_hash_to_block", "private attribute",

@@ -45,7 +45,7 @@ class MaiaScheduler(Scheduler):
         self._publisher = StatsPublisher(envs.get(envs.MAIA_SERVING_STATS_ADDR))
         self.maia = StepCharger(device, logger, envs.get(envs.MAIA_SERVING_LOG_INTERVAL_S),
                                 sink=lambda record: self._publisher.send(record, time.monotonic()),
-                                on_error=self._publisher.count_error)
+                                on_error=self._publisher.count_error, pace=envs.get(envs.MAIA_SERVING_PACE) == "1")
         # Keyed by the SchedulerOutput's id: with a batch queue, two steps can be in flight.
         self._in_flight: dict[int, _Scheduled] = {}
         # The engine's collectives move the served model's tensors: a proxy shape's are the cost model's.
@@ -54,7 +54,8 @@ class MaiaScheduler(Scheduler):
 
     def add_request(self, request) -> None:
         super().add_request(request)
-        self.maia.arrive(request.request_id)
+        # arrival_time: the front end's time.time() when the request came in (a paced clock needs how long ago).
+        self.maia.arrive(request.request_id, max(0.0, time.time() - request.arrival_time))
 
     def finish_requests(self, request_ids, finished_status):
         aborted = super().finish_requests(request_ids, finished_status)

@@ -1,7 +1,8 @@
 """Proxy shapes and live-versus-offline agreement: the demo model served by `vllm serve --device maia`
 priced as Llama-3-8B on a Maia 200 says so in its log and /metrics, sizes its KV cache as that model
 would, and a static batch through it gives the emulated figures `simulate` gives for the same shape
-and workload (within 5%; the same steps, so in practice to rounding)."""
+and workload (within 5%; the same steps, so in practice to rounding). Paced (MAIA_SERVING_PACE=1) and priced
+as a model the host outruns, a request takes the client the device's time."""
 
 import time
 
@@ -77,3 +78,48 @@ def test_idle_time_between_requests_is_on_the_emulated_clock(proxy_server):
     busy = second["maia:emulated_busy_seconds_total"] - first["maia:emulated_busy_seconds_total"]
     assert busy < 0.1
     assert 2.0 + busy <= clock < 10.0  # the idle gap (2 s and the client's own time) plus the second request's steps
+
+
+
+@pytest.fixture(scope="module")
+def paced_server(demo_model):
+    """Paced (MAIA_SERVING_PACE=1) and priced as Llama-3-70B on a Maia 200: about 25 ms a decode step, several
+    times what this host takes for the demo model's."""
+    from conftest import ENGINE_ENV, LOGS, VLLM_LIMITS
+
+    from maia_serving.launch import Server, free_port, vllm_serve_cmd
+
+    port = free_port()
+    cmd = vllm_serve_cmd(demo_model, port, "--served-model-name", "demo", *VLLM_LIMITS, "--enforce-eager",
+                         "--additional-config", '{"maia_profile": "maia200", "maia_model": "llama-3-70b"}')
+    with Server(cmd, port, LOGS / "maia-paced-server.log", env={**ENGINE_ENV, "MAIA_SERVING_PACE": "1"}) as server:
+        yield server
+
+
+def test_paced_a_request_takes_the_client_the_devices_time(paced_server):
+    """One request of 64 output tokens: the engine's own host time is a fraction of the emulated busy time, and the
+    client waits at least the emulated time (the wait guarantees the bound, so it cannot flake)."""
+    from openai import OpenAI
+
+    from maia_serving.launch import scrape
+
+    url = paced_server.url
+    client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    before = scrape(url)
+    started = time.monotonic()
+    out = client.completions.create(model="demo", prompt=[[12] * 16], max_tokens=64, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    wall_s = time.monotonic() - started
+    assert out.usage.completion_tokens == 64
+    deadline = time.monotonic() + 10
+    while metric(after := scrape(url), "maia:emulated_tokens_total") < metric(before, "maia:emulated_tokens_total") \
+            + 80 and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    def delta(name: str) -> float:
+        return metric(after, name) - metric(before, name)
+
+    busy_s, host_s = delta("maia:emulated_busy_seconds_total"), delta("maia:host_step_seconds_total")
+    assert busy_s > 1.0
+    assert host_s < busy_s / 2, "the host is not faster than the device here: pacing shows nothing"
+    assert wall_s >= busy_s

@@ -138,3 +138,51 @@ def test_finishing_an_unknown_request_or_an_empty_step_keeps_the_idle_time():
     clock.advance(0.0, {})
     host.now_s += 1.0
     assert clock.arrive("a").arrival_s == 2.0
+
+
+def test_pacing_waits_until_the_host_has_gone_as_far_as_the_device():
+    """Busy from host time 100: after steps of 0.25 and 0.125 emulated seconds the host should stand at 100.375;
+    a host that took 0.0625 waits the rest. A step the host took longer than the device waits nothing and lines
+    the clocks up anew; an idle gap restarts them together at the next arrival."""
+    host = HostClock()
+    clock = EmulatedClock(host_time=host)
+    assert clock.pace_s() == 0.0  # nothing has run
+    clock.arrive("a")
+    clock.advance(0.25, {"a": 1})
+    clock.advance(0.125, {"a": 1})
+    host.now_s = 100.0625
+    assert clock.pace_s() == 0.3125
+    host.now_s = 100.375  # the wait done
+    clock.advance(0.125, {"a": 1})
+    host.now_s = 101.0  # the host took 0.625 for a step of 0.125: nothing to wait, and lined up at 101.0
+    assert clock.pace_s() == 0.0
+    clock.advance(0.25, {"a": 1})
+    host.now_s = 101.125
+    assert clock.pace_s() == 0.125
+    clock.finish("a")
+    host.now_s = 110.0
+    clock.arrive("b")  # after an idle gap: the emulated clock followed the host, and pacing starts from here
+    clock.advance(0.5, {"b": 1})
+    host.now_s = 110.25
+    assert clock.pace_s() == 0.25
+
+
+def test_paced_a_request_arriving_while_the_engine_waits_arrived_that_long_before_the_steps_end():
+    """Paced, a step of 0.5 from host time 100 ends at emulated 0.5 / host 100.5; a request that reached the server
+    at host 100.375 (the engine waiting; it sees the request at 100.5, 0.125 s later) arrived at emulated 0.375, as
+    simulate times an arrival during a step. Unpaced it arrives at the step's end; one older than the step at the
+    step's start. Where the host finished a step after the device (at 100.75), a request that came later arrives
+    at the step's end, one that came while the host still ran it inside it, as on the host's timeline."""
+    for paced, age, arrival in ((True, 0.125, 0.375), (False, 0.125, 0.5), (True, 2.0, 0.0)):
+        host = HostClock()
+        clock = EmulatedClock(host_time=host)
+        clock.paced = paced
+        clock.arrive("a")
+        clock.advance(0.5, {"a": 1})
+        host.now_s = 100.5
+        assert clock.arrive("b", age_s=age).arrival_s == arrival
+    clock.advance(0.25, {"a": 1})  # the host takes 0.5 for it: behind the device, lined up anew at 101.0
+    host.now_s = 101.0
+    assert clock.pace_s() == 0.0
+    assert clock.arrive("c").arrival_s == 0.75
+    assert clock.arrive("d", age_s=0.125).arrival_s == 0.625

@@ -105,3 +105,22 @@ def test_overhead_is_reading_plus_charging_plus_handing_on_the_previous_record(d
     step = EngineStep((1,), (8,), {}, [], 0, 0)
     assert charger.charge(step, 0.0, read_s=0.125).overhead_s == 0.125 + 0.5
     assert charger.charge(step, 0.0, read_s=0.125).overhead_s == 0.125 + 0.25 + 0.5  # the first sink took 0.5
+
+
+def test_with_pacing_the_charger_waits_what_the_clock_says_and_without_never(device):
+    """MAIA_SERVING_PACE=1: after a charged step the engine waits until the host's clock has caught up with the
+    emulated one; the record is the same either way."""
+    step = EngineStep((1,), (100,), {"r": 1}, [], 1, 0)
+    waits = []
+    paced = StepCharger(device, logging.getLogger(LOGGER), 1e9, sink=lambda r: None, on_error=lambda: None,
+                        pace=True, sleep=waits.append)
+    device.arrive("r")
+    record = paced.charge(step, wall_s=0.0, read_s=0.0)
+    assert len(waits) == 1 and 0 < waits[0] <= record.step_s
+    unpaced_device = EmulatedDevice.fit(load_profile("maia100"), load_model_shape("llama-3-8b"),
+                                        ServingConfig(max_model_len=4096))
+    unpaced = StepCharger(unpaced_device, logging.getLogger(LOGGER), 1e9, sink=lambda r: None,
+                          on_error=lambda: None, sleep=waits.append)
+    unpaced_device.arrive("r")
+    assert unpaced.charge(step, wall_s=0.0, read_s=0.0).step_s == record.step_s
+    assert len(waits) == 1

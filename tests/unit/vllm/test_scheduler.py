@@ -334,7 +334,8 @@ def test_host_time_is_the_wall_time_from_schedule_to_result_and_overhead_the_cpu
     """Both read off fake clocks: 0.5 s between schedule() and the result, no CPU time spent."""
     e = engine()
     wall = iter([100.0, 100.5])
-    fake = SimpleNamespace(perf_counter=lambda: next(wall), thread_time=lambda: 1000.0, monotonic=time.monotonic)
+    fake = SimpleNamespace(perf_counter=lambda: next(wall), thread_time=lambda: 1000.0, monotonic=time.monotonic,
+                           time=time.time)
     monkeypatch.setattr(scheduler_module, "time", fake)
     monkeypatch.setattr(stepping, "time", fake)
     e.add("a", [1] * 10, max_tokens=2)
