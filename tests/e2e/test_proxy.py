@@ -121,5 +121,5 @@ def test_paced_a_request_takes_the_client_the_devices_time(paced_server):
 
     busy_s, host_s = delta("maia:emulated_busy_seconds_total"), delta("maia:host_step_seconds_total")
     assert busy_s > 1.0
-    assert host_s < busy_s / 2, "the host is not faster than the device here: pacing shows nothing"
+    assert host_s < 0.8 * busy_s, "the host is not faster than the device here: pacing shows nothing"
     assert wall_s >= busy_s
