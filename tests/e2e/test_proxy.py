@@ -7,12 +7,13 @@ as a model the host outruns, a request takes the client the device's time."""
 import time
 
 import pytest
+from conftest import ENGINE_ENV, LOGS, VLLM_LIMITS  # at import: by run time `conftest` is another folder's
 
 from maia_serving.emulator import ServingConfig, load_model_shape, load_profile
 from maia_serving.emulator.session import EmulatedDevice
 from maia_serving.emulator.simulate import simulate_device
 from maia_serving.emulator.workload import synthetic
-from maia_serving.launch import metric
+from maia_serving.launch import Server, free_port, metric, vllm_serve_cmd
 from maia_serving.replay import replay_at_once, simulated_figures
 
 NUM_REQUESTS, INPUT_LEN, OUTPUT_LEN = 8, 128, 64
@@ -85,10 +86,6 @@ def test_idle_time_between_requests_is_on_the_emulated_clock(proxy_server):
 def paced_server(demo_model):
     """Paced (MAIA_SERVING_PACE=1) and priced as Llama-3-70B on a Maia 200: about 25 ms a decode step, several
     times what this host takes for the demo model's."""
-    from conftest import ENGINE_ENV, LOGS, VLLM_LIMITS
-
-    from maia_serving.launch import Server, free_port, vllm_serve_cmd
-
     port = free_port()
     cmd = vllm_serve_cmd(demo_model, port, "--served-model-name", "demo", *VLLM_LIMITS, "--enforce-eager",
                          "--additional-config", '{"maia_profile": "maia200", "maia_model": "llama-3-70b"}')
