@@ -165,6 +165,7 @@ def predict(case: dict[str, Any], settings: dict[str, Any], max_requests: int | 
         gpu_memory_utilization=settings["gpu_memory_utilization"],
         max_num_seqs=settings["max_num_seqs"],
         max_num_batched_tokens=settings["max_num_batched_tokens"],
+        fusions=tuple(settings.get("fusions", ())),
     )
     if settings.get("admission") == "guaranteed_no_evict":
         config = replace(config, max_num_seqs=no_evict_seqs(case, config))

@@ -10,7 +10,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from maia_serving.emulator.cost import ALL2ALL_BACKENDS
+from maia_serving.emulator.cost import ALL2ALL_BACKENDS, FUSIONS
 from maia_serving.emulator.hardware import host_profile_path, load_profile, profile_names
 from maia_serving.emulator.memory import MemoryPlan, ServingConfig, kv_bits_per_value, plan_memory, suggest
 from maia_serving.emulator.model_shape import KV_CACHE_DTYPES, builtin_model_names, load_model_shape
@@ -57,6 +57,7 @@ def _serving_config(args: argparse.Namespace) -> ServingConfig:
         data_parallel_size=args.data_parallel_size,
         enable_expert_parallel=args.enable_expert_parallel,
         all2all_backend=args.all2all_backend,
+        fusions=tuple(args.fusions),
         kv_cache_dtype=args.kv_cache_dtype,
         max_model_len=args.max_model_len,
         block_size=args.block_size,
@@ -84,8 +85,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         return 0 if plan.fits else 1
     weights = f", weights in {config.weight_dtype}" if config.weight_dtype else ""
     print(f"{model.name} ({model.num_params() / 1e9:.2f} B parameters, {model.dtype}{weights}) on "
-          f"{config.tensor_parallel_size * config.pipeline_parallel_size} x {profile.name} "
-          f"(tp={config.tensor_parallel_size}, pp={config.pipeline_parallel_size}), per chip:")
+          f"{config.parallel.chips} x {profile.name} ({_layout_words(config)}), per chip:")
     rows = [["", "bytes"],
             ["HBM capacity", format_bytes(plan.hbm_capacity_bytes)],
             [f"usable (x{config.gpu_memory_utilization} - runtime reserve)", format_bytes(plan.usable_bytes)],
@@ -174,7 +174,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(f"{model.name}: {described}; {_layout_words(config)}, "
+        fused = f", fused: {' '.join(config.fusions)}" if config.fusions else ""
+        print(f"{model.name}: {described}; {_layout_words(config)}{fused}, "
               f"kv={config.kv_cache_dtype}, max_num_seqs={config.max_num_seqs}, "
               f"max_num_batched_tokens={config.max_num_batched_tokens}, "
               f"prefix caching {'on' if args.enable_prefix_caching else 'off'}")
@@ -323,6 +324,8 @@ def _add_all2all(p: argparse.ArgumentParser) -> None:
 def _add_parallel(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    p.add_argument("--fusions", nargs="*", choices=FUSIONS, default=[],
+                   help="kernel fusions beyond vLLM's own, as other engines run them (TensorRT-LLM: qkv_rotary)")
     p.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                    help="replicas, each tp x pp chips with its own batch and KV cache")
     p.add_argument("--enable-expert-parallel", "-ep", action="store_true",

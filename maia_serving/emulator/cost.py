@@ -26,6 +26,11 @@ kernel and nothing else):
   into the next RMSNorm (vLLM's fused_add_rms_norm), so those are not kernels of their own.
 - ``step_overhead``: the host's work per step that the device waits for (scheduling,
   preparing inputs, sampling), charged once per step.
+- Fusions beyond the residual add (``FUSIONS``, none by default: vLLM and SGLang run BF16 rotary and
+  SiLU-and-mul as kernels of their own): ``qkv_rotary`` applies rotary inside the kernel that reads the
+  QKV projection's output (TensorRT-LLM's attention op does), so rotary moves no bytes and launches no
+  kernel; ``gate_up_silu`` applies SiLU-and-mul in the gate-up GEMM's epilogue, so the GEMM writes the
+  width instead of twice it and the activation is no kernel of its own. Their FLOPs stay.
 
 A step is a batch of sequences, each adding ``num_new_tokens`` to a context that then
 holds ``context_len`` tokens: decode is ``(1, n)``, a prefill ``(n, n)``, a chunk of a
@@ -343,7 +348,36 @@ def _mlp_ops(model: ModelShape, prec: Precision, parallel: Parallel) -> list[OpT
     return ops
 
 
-def op_terms(model: ModelShape, parallel: Parallel = SINGLE_CHIP, kv_cache_dtype: str = "auto") -> tuple[OpTerms, ...]:
+FUSIONS = ("qkv_rotary", "gate_up_silu")
+
+
+def check_fusions(fusions: Iterable[str]) -> frozenset[str]:
+    fusions = frozenset(fusions)
+    if unknown := sorted(fusions - set(FUSIONS)):
+        raise ValueError(f"unknown fusion {', '.join(unknown)}; known: {', '.join(FUSIONS)}")
+    return fusions
+
+
+def _fused(ops: list[OpTerms], fusions: frozenset[str]) -> list[OpTerms]:
+    """``ops`` with ``fusions`` applied (module docstring). SiLU-and-mul reads 2w and writes w a row, so a third
+    of its bytes is the w its gate-up GEMM no longer writes twice over."""
+    by_name = {t.name: i for i, t in enumerate(ops)}
+    out = list(ops)
+    if "qkv_rotary" in fusions:
+        i = by_name["rotary"]
+        out[i] = replace(out[i], bytes=_lin(), launches=0)
+    if "gate_up_silu" in fusions:
+        for name, i in by_name.items():
+            if name.endswith("silu_and_mul"):
+                gemm = by_name[name.replace("silu_and_mul", "gate_up_proj")]
+                written = tuple(b / 3 for b in out[i].bytes)
+                out[gemm] = replace(out[gemm], bytes=tuple(b - w for b, w in zip(out[gemm].bytes, written)))
+                out[i] = replace(out[i], bytes=_lin(), launches=0)
+    return out
+
+
+def op_terms(model: ModelShape, parallel: Parallel = SINGLE_CHIP, kv_cache_dtype: str = "auto",
+             fusions: Iterable[str] = ()) -> tuple[OpTerms, ...]:
     """Per-operator FLOP and byte terms of one forward pass on one chip of ``tp``.
 
     Weights are read in their stored dtype (precision.py), GEMM inputs in their GEMM dtype, everything
@@ -368,7 +402,7 @@ def op_terms(model: ModelShape, parallel: Parallel = SINGLE_CHIP, kv_cache_dtype
     ]
     if model.final_logit_softcap:
         ops.append(_op("logit_softcap", 1, _lin(seqs=SOFTCAP_FLOPS * vocab), _lin(seqs=2 * vocab * act), peak))
-    return tuple(ops)
+    return tuple(_fused(ops, check_fusions(fusions)))
 
 
 def _window_sum(lo: int, hi: int, window: int) -> int:
@@ -442,11 +476,11 @@ class CostModel:
     worked out once: what a live engine calls every step."""
 
     def __init__(self, profile: DeviceProfile, model: ModelShape, parallel: Parallel = SINGLE_CHIP,
-                 kv_cache_dtype: str = "auto"):
+                 kv_cache_dtype: str = "auto", fusions: Iterable[str] = ()):
         self.profile = profile
         self.model = model
         self.parallel = parallel
-        self.terms = op_terms(model, parallel, kv_cache_dtype)
+        self.terms = op_terms(model, parallel, kv_cache_dtype, fusions)
         prec = model.precision(kv_cache_dtype)
         self._model_bytes = prec.model.bytes_per_element
         self._comm_bytes = prec.comm.bytes_per_element

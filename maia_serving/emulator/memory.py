@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from maia_serving.emulator import precision
-from maia_serving.emulator.cost import Parallel
+from maia_serving.emulator.cost import Parallel, check_fusions
 from maia_serving.emulator.hardware import DeviceProfile
 from maia_serving.emulator.model_shape import Linear, ModelShape
 from maia_serving.emulator.units import format_bytes
@@ -52,9 +52,11 @@ class ServingConfig:
     weight_dtype: str | None = None  # the linear layers' storage instead of the checkpoint's (--weight-dtype)
     activation_dtype: str | None = None  # their GEMM inputs; None: as the weights' scheme feeds them
     comm_dtype: str | None = None  # the collectives' payload (--comm-dtype); None: the model dtype
+    fusions: tuple[str, ...] = ()  # kernel fusions beyond vLLM's own (cost.FUSIONS; --fusions)
 
     def __post_init__(self) -> None:
         _ = self.parallel  # building the layout checks its sizes and its all2all backend
+        check_fusions(self.fusions)
         precision.check_kv_cache_dtype(self.kv_cache_dtype, precision.KV_CACHE_FORMATS)
         for name in (self.weight_dtype, self.activation_dtype, self.comm_dtype):
             if name is not None:

@@ -41,11 +41,11 @@ class StepRecord:
 
 class EmulatedDevice:
     def __init__(self, profile: DeviceProfile, model: ModelShape, plan: MemoryPlan,
-                 parallel: Parallel, kv_cache_dtype: str):
+                 parallel: Parallel, kv_cache_dtype: str, fusions: tuple[str, ...] = ()):
         self.profile = profile
         self.plan = plan
         self.kv_cache_dtype = kv_cache_dtype
-        self.cost_model = CostModel(profile, model, parallel, kv_cache_dtype)
+        self.cost_model = CostModel(profile, model, parallel, kv_cache_dtype, fusions)
         self.clock = EmulatedClock()
 
     @classmethod
@@ -54,7 +54,7 @@ class EmulatedDevice:
         """The device serving ``model`` with ``config``; NotEnoughMemory (suggesting changes
         as ``flags`` spells them) if it does not fit."""
         plan = require_fit(model, profile, config, flags)
-        return cls(profile, served_model(model, config), plan, config.parallel, config.kv_cache_dtype)
+        return cls(profile, served_model(model, config), plan, config.parallel, config.kv_cache_dtype, config.fusions)
 
     @property
     def kv_block_bytes(self) -> float:
