@@ -52,6 +52,11 @@ def _choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
+def _flag(value: str) -> bool:
+    """0 or 1, as a bool."""
+    return _choice("0", "1")(value) == "1"
+
+
 def _number(low: float, high: float, low_open: bool = True) -> Callable[[str], float]:
     """A finite float in (low, high] (or [low, high] when ``low_open`` is False)."""
 
@@ -143,7 +148,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "runs on the host; unset: the served model itself"),
     Setting(MAIA_SERVING_LOG_INTERVAL_S, "10", _number(0, 86400, low_open=False), "seconds, 0 (every step) to 86400",
             "how often the engine logs its `Maia emulation [profile]` line"),
-    Setting(MAIA_SERVING_PACE, "0", _choice("0", "1"), "0 or 1",
+    Setting(MAIA_SERVING_PACE, "0", _flag, "0 or 1",
             "1: each busy step lasts at least its emulated time on the host's clock (the engine waits out the "
             "difference), so a device slower than the host serves clients at the device's speed and arrivals "
             "map one to one onto the emulated timeline; 0: the host runs as fast as it can"),

@@ -85,7 +85,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         return 0 if plan.fits else 1
     weights = f", weights in {config.weight_dtype}" if config.weight_dtype else ""
     print(f"{model.name} ({model.num_params() / 1e9:.2f} B parameters, {model.dtype}{weights}) on "
-          f"{config.parallel.chips} x {profile.name} ({_layout_words(config)}), per chip:")
+          f"{config.parallel.chips} x {profile.name} ({config.layout_words}), per chip:")
     rows = [["", "bytes"],
             ["HBM capacity", format_bytes(plan.hbm_capacity_bytes)],
             [f"usable (x{config.gpu_memory_utilization} - runtime reserve)", format_bytes(plan.usable_bytes)],
@@ -175,7 +175,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         fused = f", fused: {' '.join(config.fusions)}" if config.fusions else ""
-        print(f"{model.name}: {described}; {_layout_words(config)}{fused}, "
+        print(f"{model.name}: {described}; {config.layout_words}{fused}, "
               f"kv={config.kv_cache_dtype}, max_num_seqs={config.max_num_seqs}, "
               f"max_num_batched_tokens={config.max_num_batched_tokens}, "
               f"prefix caching {'on' if args.enable_prefix_caching else 'off'}")
@@ -189,14 +189,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             else:
                 print(f"{r['device']}: {r['error']}")
     return 0 if all(r["fits"] for r in rows) else 1
-
-
-def _layout_words(config: ServingConfig) -> str:
-    """"tp=2, pp=1", with the replicas and expert parallelism where the layout has them."""
-    words = f"tp={config.tensor_parallel_size}, pp={config.pipeline_parallel_size}"
-    if config.data_parallel_size > 1:
-        words += f", dp={config.data_parallel_size} ({config.all2all_backend})"
-    return words + (", expert parallel" if config.enable_expert_parallel else "")
 
 
 def _plan_table(results: list, slo_given: bool) -> str:

@@ -504,7 +504,6 @@ class CostModel:
         self._crosses = tuple(crosses_node(k, parallel.tp, self._net.node_chips) for k in range(parallel.pp - 1))
         # MoE under data parallelism: every replica's tokens reach this chip's experts (_mlp_ops), and the
         # chips per node of the two groups they travel in (vLLM's rank = (dp_rank * pp + stage) * tp + tp_rank).
-        self._moe_tokens = parallel.dp
         self._expert_ranks = parallel.moe_ranks if parallel.ep else 1
         replica, node = parallel.tp * parallel.pp, self._net.node_chips
         self._dp_per_node = max(1, node // replica)
@@ -615,7 +614,7 @@ class CostModel:
         if tokens == 0:
             return StepCost(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, ())
         seqs = len(new_tokens)
-        experts = (self.model.moe.experts_touched(tokens * self._moe_tokens) / self._expert_ranks
+        experts = (self.model.moe.experts_touched(tokens * self.parallel.dp) / self._expert_ranks
                    if self.model.moe else 0.0)
         gemm = self._gemm
         # Tokens of KV the longest attention work item streams, in full and in sliding-window layers.

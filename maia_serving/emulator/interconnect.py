@@ -93,27 +93,25 @@ def _across_all_reduce(link: LinkProfile, n: float, m: int) -> dict[str, float]:
     return {"ring": 2 * (m - 1) * (a + n / m / bw), "tree": 2 * math.ceil(math.log2(m)) * a + 2 * n / bw}
 
 
-def _nodes(net: Network, group: int, per_node: int | None = None) -> int:
-    """How many nodes a group spans (1 within one), ``per_node`` of its chips on each (default: a node's
-    worth); ValueError where the network cannot hold it."""
+def _span(net: Network, group: int, per_node: int | None = None) -> tuple[int, int]:
+    """A group's chips on each node (``per_node``, at most a node's worth, by default that) and how many nodes
+    it spans (1 within one); ValueError where the network cannot hold it."""
     if group < 1:
         raise ValueError(f"group size must be at least 1, got {group}")
-    per_node = per_node or net.node_chips
+    per_node = min(per_node or net.node_chips, net.node_chips)
     if group <= per_node:
-        return 1
+        return per_node, 1
     out = net.scale_out
     if out is None:
         raise ValueError(f"a group of {group} chips exceeds the {net.node_chips} chips of a node, and the "
                          f"profile names no scale-out network")
     if group > out.chips:
         raise ValueError(f"a group of {group} chips exceeds the {out.chips} chips the scale-out network connects")
-    return math.ceil(group / per_node)
-
-
+    return per_node, math.ceil(group / per_node)
 
 def all_reduce(net: Network, nbytes: float, group: int) -> Collective:
     """All-reduce of an ``nbytes`` buffer held by each of ``group`` chips, by the cheapest algorithm."""
-    nodes = _nodes(net, group)
+    _, nodes = _span(net, group)
     if group == 1 or nbytes <= 0:
         return NONE
     if nodes == 1:
@@ -128,8 +126,7 @@ def all_reduce(net: Network, nbytes: float, group: int) -> Collective:
 
 
 def _phase(net: Network, nbytes: float, group: int, per_node: int | None = None) -> Collective:
-    c = min(per_node or net.node_chips, net.node_chips)
-    nodes = _nodes(net, group, c)
+    c, nodes = _span(net, group, per_node)
     if group == 1 or nbytes <= 0:
         return NONE
     if nodes == 1:
@@ -165,8 +162,7 @@ def _exchange_s(link: LinkProfile, share: float, peers: int) -> float:
 def all_to_all(net: Network, nbytes: float, group: int, per_node: int | None = None) -> Collective:
     """All-to-all of the ``nbytes`` each of ``group`` chips holds, an equal share for every chip of the group
     (its own stays): expert parallelism's dispatch or combine under uniform routing (module docstring)."""
-    c = min(per_node or net.node_chips, net.node_chips)
-    nodes = _nodes(net, group, c)
+    c, nodes = _span(net, group, per_node)
     if group == 1 or nbytes <= 0:
         return NONE
     share = nbytes / group

@@ -72,6 +72,15 @@ class ServingConfig:
         return Parallel(self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size,
                         self.enable_expert_parallel, self.all2all_backend)
 
+    @property
+    def layout_words(self) -> str:
+        """"tp=2, pp=1", with the replicas (and their all2all backend) and expert parallelism where the layout
+        has them: how messages and the CLI name the layout."""
+        words = f"tp={self.tensor_parallel_size}, pp={self.pipeline_parallel_size}"
+        if self.data_parallel_size > 1:
+            words += f", dp={self.data_parallel_size} ({self.all2all_backend})"
+        return words + (", expert parallel" if self.enable_expert_parallel else "")
+
 
 @dataclass(frozen=True)
 class MemoryPlan:
@@ -118,9 +127,8 @@ class NotEnoughMemory(ValueError):
         self.suggestions = suggestions
         msg = (
             f"{plan.model} does not fit on {plan.profile} "
-            f"(tp={plan.config.tensor_parallel_size}, pp={plan.config.pipeline_parallel_size}, "
-            f"{_moe_layout(plan.config)}"
-            f"kv_cache_dtype={plan.config.kv_cache_dtype}, max_model_len={plan.max_model_len}): "
+            f"({plan.config.layout_words}, kv_cache_dtype={plan.config.kv_cache_dtype}, "
+            f"max_model_len={plan.max_model_len}): "
             f"per chip it needs {format_bytes(plan.weight_bytes)} weights "
             f"+ {format_bytes(plan.workspace_bytes)} workspace "
             f"+ {format_bytes(plan.kv_bytes_per_sequence)} KV for one sequence, "
@@ -131,12 +139,6 @@ class NotEnoughMemory(ValueError):
         if suggestions:
             msg += " Try: " + "; ".join(suggestions) + "."
         super().__init__(msg)
-
-
-def _moe_layout(config: ServingConfig) -> str:
-    """"dp=2, expert parallel, " where the layout has either; "" otherwise."""
-    dp = f"dp={config.data_parallel_size}, " if config.data_parallel_size > 1 else ""
-    return dp + ("expert parallel, " if config.enable_expert_parallel else "")
 
 
 def served_model(model: ModelShape, config: ServingConfig) -> ModelShape:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from maia_serving.emulator.cost import Parallel
 from maia_serving.emulator.hardware import DeviceProfile
 from maia_serving.emulator.memory import NotEnoughMemory, ServingConfig
 from maia_serving.emulator.model_shape import ModelShape
@@ -51,32 +52,24 @@ class LayoutResult:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class Layout:
-    tp: int
-    pp: int
-    dp: int = 1
-    ep: bool = False
-
-    @property
-    def label(self) -> str:
-        """"tp4 pp1", with " dp2" and " ep" where they apply: the plots' and the messages' name for it."""
-        return f"tp{self.tp} pp{self.pp}" + (f" dp{self.dp}" if self.dp > 1 else "") + (" ep" if self.ep else "")
+def label(tp: int, pp: int, dp: int = 1, ep: bool = False) -> str:
+    """"tp4 pp1", with " dp2" and " ep" where they apply: the plots' name for a layout."""
+    return f"tp{tp} pp{pp}" + (f" dp{dp}" if dp > 1 else "") + (" ep" if ep else "")
 
 
-def layouts(num_devices: int, moe: bool = False) -> list[Layout]:
+def layouts(num_devices: int, moe: bool = False) -> list[Parallel]:
     """Every (tp, pp) with tp * pp = num_devices, widest tensor parallelism first; with ``moe`` every
     (tp, pp, dp), each without and with expert parallelism where the experts have more than one chip."""
     if num_devices < 1:
         raise ValueError(f"--num-devices must be at least 1, got {num_devices}")
     divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
     if not moe:
-        return [Layout(num_devices // pp, pp) for pp in divisors]
+        return [Parallel(num_devices // pp, pp) for pp in divisors]
     out = []
     for dp in divisors:
         for pp in (d for d in divisors if num_devices // dp % d == 0):
             tp = num_devices // dp // pp
-            out += [Layout(tp, pp, dp)] + ([Layout(tp, pp, dp, ep=True)] if tp * dp > 1 else [])
+            out += [Parallel(tp, pp, dp)] + ([Parallel(tp, pp, dp, ep=True)] if tp * dp > 1 else [])
     return out
 
 
@@ -121,17 +114,18 @@ def comm_share(sim: Simulation) -> float:
 
 
 def evaluate(profile: DeviceProfile, model: ModelShape, config: ServingConfig, requests: list[Request],
-             slo: SLO, layout: Layout, enable_prefix_caching: bool = True) -> LayoutResult:
-    """One layout on one device: its rejection, or the simulator's figures for ``requests``."""
+             slo: SLO, layout: Parallel, enable_prefix_caching: bool = True) -> LayoutResult:
+    """One layout (its all2all backend is ``config``'s) on one device: its rejection, or the simulator's figures
+    for ``requests``."""
     tp, pp, dp = layout.tp, layout.pp, layout.dp
     base = LayoutResult(profile.name, topology_name(profile), tp, pp, fits=False, dp=dp, ep=layout.ep)
-    error = layout_error(model, tp, pp) or network_error(profile, tp * pp * dp)
+    error = layout_error(model, tp, pp) or network_error(profile, layout.chips)
     if error:
         return replace(base, reason=error)
-    layout = replace(config, tensor_parallel_size=tp, pipeline_parallel_size=pp, data_parallel_size=dp,
-                     enable_expert_parallel=layout.ep)
+    serving = replace(config, tensor_parallel_size=tp, pipeline_parallel_size=pp, data_parallel_size=dp,
+                      enable_expert_parallel=layout.ep)
     try:
-        sim = simulate_device(profile, model, layout, requests, enable_prefix_caching)
+        sim = simulate_device(profile, model, serving, requests, enable_prefix_caching)
     except NotEnoughMemory as exc:
         return replace(base, reason=str(exc))
     report = summarize(sim, slo)
@@ -158,7 +152,7 @@ def plan(profiles: list[DeviceProfile], model: ModelShape, num_devices: int, con
 
 
 def _label(result: LayoutResult) -> str:
-    return Layout(result.tp, result.pp, result.dp, result.ep).label
+    return label(result.tp, result.pp, result.dp, result.ep)
 
 
 def _pyplot():

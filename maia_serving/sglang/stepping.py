@@ -65,7 +65,7 @@ class MaiaStepper:
         self.charger = StepCharger(device, logger, envs.get(envs.MAIA_SERVING_LOG_INTERVAL_S),
                                    sink=metrics.apply if metrics else lambda record: None,
                                    on_error=(lambda: metrics.count_errors("charge")) if metrics else lambda: None,
-                                   pace=envs.get(envs.MAIA_SERVING_PACE) == "1")
+                                   pace=envs.get(envs.MAIA_SERVING_PACE))
         if metrics is not None:
             metrics.apply(DeviceInfo.of(device, engine_kv_tokens // self.block_size))
 

@@ -45,7 +45,7 @@ class MaiaScheduler(Scheduler):
         self._publisher = StatsPublisher(envs.get(envs.MAIA_SERVING_STATS_ADDR))
         self.maia = StepCharger(device, logger, envs.get(envs.MAIA_SERVING_LOG_INTERVAL_S),
                                 sink=lambda record: self._publisher.send(record, time.monotonic()),
-                                on_error=self._publisher.count_error, pace=envs.get(envs.MAIA_SERVING_PACE) == "1")
+                                on_error=self._publisher.count_error, pace=envs.get(envs.MAIA_SERVING_PACE))
         # Keyed by the SchedulerOutput's id: with a batch queue, two steps can be in flight.
         self._in_flight: dict[int, _Scheduled] = {}
         # The engine's collectives move the served model's tensors: a proxy shape's are the cost model's.

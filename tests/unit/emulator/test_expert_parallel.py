@@ -12,7 +12,7 @@ from maia_serving.emulator import ServingConfig, load_model_shape, load_profile
 from maia_serving.emulator.cost import CostModel, Parallel, StepShape, op_terms
 from maia_serving.emulator.interconnect import all_gather, all_to_all
 from maia_serving.emulator.memory import weight_bytes_per_chip
-from maia_serving.emulator.plan import Layout, layouts, plan
+from maia_serving.emulator.plan import label, layouts, plan
 from maia_serving.emulator.simulate import simulate_device
 from maia_serving.emulator.workload import synthetic
 
@@ -159,9 +159,9 @@ def test_replicas_share_the_requests_and_the_report_covers_all_of_them(mixtral):
 
 def test_plan_tries_replicas_and_expert_parallelism_for_a_moe_model(mixtral):
     """Of 2 chips: tp=2 and dp=2 each with and without EP; pp=2 leaves each stage's experts one chip, so no EP."""
-    assert layouts(2, moe=True) == [Layout(2, 1), Layout(2, 1, ep=True), Layout(1, 2), Layout(1, 1, 2),
-                                    Layout(1, 1, 2, ep=True)]
-    assert Layout(2, 1, 4, ep=True).label == "tp2 pp1 dp4 ep"
+    assert layouts(2, moe=True) == [Parallel(2, 1), Parallel(2, 1, ep=True), Parallel(1, 2), Parallel(1, 1, 2),
+                                    Parallel(1, 1, 2, ep=True)]
+    assert label(2, 1, 4, ep=True) == "tp2 pp1 dp4 ep"
     rows = plan([load_profile("h100-sxm")], mixtral, 4, ServingConfig(max_model_len=4096), synthetic(8, 256, 8))
     assert {(r.tp, r.pp, r.dp, r.ep) for r in rows} == {(x.tp, x.pp, x.dp, x.ep) for x in layouts(4, moe=True)}
     assert any(r.fits and r.dp == 4 and r.ep for r in rows)
