@@ -28,16 +28,22 @@ demo-sglang: setup-sglang
 
 # The vLLM environment drives every end-to-end test (SGLang's servers run from
 # .venv-sglang); the SGLang adapter's unit tests run in .venv-sglang.
+# Two pytest-xdist workers, a test file each at a time (module-wide servers start once): a server
+# waits on its start and its clients about a fifth of the time, and the other worker uses it. The
+# slowest files go first (tests/conftest.py), in that order: xdist's own reorder would start with the
+# unit files of most tests and leave one worker alone with the last long file.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: setup
 	$(SGL_PY) -m pytest $(SGLANG_UNIT)
-	$(PY) -m pytest tests
+	$(PY) -m pytest $(XDIST) tests
 
 test-unit: setup
 	$(SGL_PY) -m pytest $(SGLANG_UNIT)
-	$(PY) -m pytest tests/unit
+	$(PY) -m pytest $(XDIST) tests/unit
 
 test-e2e: setup
-	$(PY) -m pytest tests/e2e
+	$(PY) -m pytest $(XDIST) tests/e2e
 
 lint: setup-vllm
 	$(VENV_VLLM)/bin/ruff check maia_serving kernels tests benchmarks scripts

@@ -1,5 +1,7 @@
 """Shared fixtures: the demo model, built once per checkout under models/demo."""
 
+import fcntl
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -7,24 +9,66 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# The slowest test files first (seconds serially on this 2-core host, 2026-12-02), the rest after them in their
+# own order: `make test`'s two pytest-xdist workers each take the next file when they run low (with
+# --no-loadscope-reorder; xdist would otherwise start with the files of most tests, the unit tests), so the
+# long files overlap instead of one worker finishing the longest alone. Only an order: a file missing here
+# runs later, nothing is skipped.
+SLOWEST_FIRST = (
+    "e2e/test_parity.py",  # 92, and 360 on a fresh clone to train models/trained
+    "e2e/test_reshard_serve.py",  # 488
+    "e2e/test_engine_tools.py",  # 274
+    "e2e/test_collectives.py",  # 249
+    "e2e/test_errors.py",  # 231
+    "e2e/test_families_serve.py",  # 228
+    "e2e/test_sglang.py",  # 200
+    "e2e/test_mx_serve.py",  # 188
+    "e2e/test_vllm_offline.py",  # 137
+    "e2e/test_calibrate_host.py",  # about 150
+    "e2e/test_proxy.py",  # 86
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    tests = ROOT / "tests"
+    items.sort(key=lambda item: rank.get(item.path.relative_to(tests).as_posix(), len(rank)))
+
+
+def built_once(path: Path, build: Callable[[Path], object]) -> Path:
+    """``path``, built by ``build`` unless its weights are there. Under a file lock: `make test`'s two
+    pytest-xdist workers may both ask for a model of a fresh clone, and only one may build it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "model.safetensors").exists():
+            build(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def demo_model() -> Path:
     from maia_serving.models.demo import build_demo_model
 
-    path = ROOT / "models" / "demo"
-    if not (path / "model.safetensors").exists():
-        build_demo_model(path)
-    return path
+    return built_once(ROOT / "models" / "demo", build_demo_model)
+
+
+@pytest.fixture(scope="session")
+def trained_model() -> Path:
+    """models/trained, made by `maia-serving train-model` (about 6 minutes on two free cores, once).
+    A 60-step model is no shorter way: it answers every prompt with the same run of underscores,
+    which any two implementations agree on."""
+    from maia_serving.models.train import train_model
+
+    return built_once(ROOT / "models" / "trained", train_model)
 
 
 def _family_model(family: str) -> Path:
     """A demo-model sibling of another family (maia_serving.models.demo.FAMILIES), built once per checkout."""
     from maia_serving.models.demo import build_demo_model
 
-    path = ROOT / "models" / f"demo-{family}"
-    if not (path / "model.safetensors").exists():
-        build_demo_model(path, family=family, overwrite=True)
-    return path
+    return built_once(ROOT / "models" / f"demo-{family}",
+                      lambda path: build_demo_model(path, family=family, overwrite=True))
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 `vllm serve <demo> --device maia` and `python -m sglang.launch_server --model-path <demo>
 --device maia` (from .venv-sglang/), with the same limits so their figures compare."""
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +11,9 @@ import pytest
 from maia_serving.launch import Server, free_port, scrape, sglang_serve_cmd, vllm_serve_cmd
 
 ROOT = Path(__file__).resolve().parents[2]
-LOGS = ROOT / "models" / "logs"
+# `make test` runs two pytest-xdist workers; each keeps its own servers' logs, since a session-wide
+# server (maia_server, sglang_server) may start in both.
+LOGS = ROOT / "models" / "logs" / os.environ.get("PYTEST_XDIST_WORKER", "")
 # Eager mode keeps startup near 30 s; the CPU backend's compile warm-up adds as much again.
 ENGINE_ENV = {"VLLM_CPU_CI_ENV": "1", "MAIA_SERVING_LOG_INTERVAL_S": "1"}
 SGLANG_ENV = {"MAIA_SERVING_PROFILE": "maia100", "MAIA_SERVING_LOG_INTERVAL_S": "1"}

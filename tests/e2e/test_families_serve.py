@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import LOGS  # at import: by run time `conftest` is another folder's
 
 from maia_serving.emulator import ServingConfig, load_profile
 from maia_serving.emulator.model_shape import ModelShape, load_model_shape
@@ -28,7 +29,6 @@ from maia_serving.launch import Server, free_port, metric, scrape, sglang_serve_
 from maia_serving.models.demo import DEMO_EXPERTS, DEMO_EXPERTS_PER_TOKEN, DEMO_SLIDING_WINDOW
 from maia_serving.replay import Figures, replay_at_once, simulated_figures
 
-LOGS = Path(__file__).resolve().parents[2] / "models" / "logs"
 PROFILE = "maia100"
 # 41 token ids (BOS, then no repeats): over twice the window, so prefill and decode both feel it.
 PROMPT = [1] + [(37 * j + 11) % 2000 + 7 for j in range(40)]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -29,21 +28,7 @@ PROMPTS = [f"def {name}(self" for name in ("run", "close", "read", "write", "add
 MAX_TOKENS = 24
 PROFILE = "maia100"
 LIMITS_VLLM = ("--max-model-len", "256", "--max-num-batched-tokens", "2048", "--max-num-seqs", "64")
-MODELS = Path(__file__).resolve().parents[2] / "models"
 LIMITS_SGLANG = ("--context-length", "256", "--chunked-prefill-size", "2048", "--max-running-requests", "64")
-
-
-@pytest.fixture(scope="module")
-def trained_model():
-    """models/trained, made by `maia-serving train-model` (about 6 minutes on two free cores, once).
-    A 60-step model is no shorter way: it answers every prompt with the same run of underscores,
-    which any two implementations agree on."""
-    from maia_serving.models.train import train_model
-
-    path = MODELS / "trained"
-    if not (path / "model.safetensors").exists():
-        train_model(path)
-    return path
 
 
 # Two log-probabilities closer than this are a tie at BF16 precision: the engines' different
