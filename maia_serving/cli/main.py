@@ -243,15 +243,61 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if any(r.fits for r in results) else 1
 
 
+def _with_engine_time(data: dict, model: str) -> dict:
+    """The host profile ``data`` with vLLM's own time per step on ``model`` (calibrate.fit_engine_time), timed
+    in a fresh engine process on ``data`` as the host profile."""
+    import tempfile
+    from datetime import datetime, timezone
+
+    from maia_serving.emulator.calibrate import (
+        ENGINE_WORKLOADS,
+        fit_engine_time,
+        shape_timings,
+        with_engine_time,
+        write_profile,
+    )
+    from maia_serving.envs import MAIA_SERVING_CACHE_DIR
+    from maia_serving.vllm import step_timing
+
+    with tempfile.TemporaryDirectory() as cache:
+        write_profile(Path(cache) / "host.yaml", data)
+        try:
+            steps = step_timing.run(model, list(ENGINE_WORKLOADS), env={MAIA_SERVING_CACHE_DIR: cache})
+        except RuntimeError as exc:
+            raise ValueError(f"{exc}\nThe host profile was not written.") from None
+    engine = fit_engine_time(shape_timings(steps))
+    shapes = ", ".join(f"{p}x{t}" for p, t, _ in ENGINE_WORKLOADS)
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return with_engine_time(data, engine, f"fitted by calibrate-host on vLLM's eager steps of {model} "
+                                          f"(prompts x tokens: {shapes}), {when}")
+
+
 def cmd_calibrate_host(args: argparse.Namespace) -> int:
-    from maia_serving.emulator.calibrate import calibrate_host
+    from maia_serving.emulator.calibrate import host_profile_dict, write_profile
 
     path = Path(args.out) if args.out else host_profile_path()
-    data = calibrate_host(path)
+    if args.engine_model:
+        config_path = Path(args.engine_model) / "config.json"
+        if not config_path.is_file():
+            raise ValueError(f"--engine-model {args.engine_model}: no model there (a folder with config.json and "
+                             "weights, e.g. one `maia-serving demo-model --out DIR` wrote)")
+        config = json.loads(config_path.read_text())
+        heads = config["num_attention_heads"]  # the host attention is measured at the heads the engine runs
+        data = host_profile_dict((heads, config.get("num_key_value_heads") or heads,
+                                  config.get("head_dim") or config["hidden_size"] // heads))
+        print(f"timing vLLM's steps on {args.engine_model} (about 15 s)")
+        data = _with_engine_time(data, args.engine_model)
+    else:
+        data = host_profile_dict()
+    write_profile(path, data)
     print(f"host profile written to {path}")
     print(f"  memory bandwidth: {data['hbm_bandwidth']['value']:.1f} GB/s")
     for dtype, fig in data["peak_compute"].items():
         print(f"  matmul {dtype}: {fig['value'] * 1e3:.1f} GFLOP/s")
+    if args.engine_model:
+        print(f"  engine time per step: {data['step_overhead']['value']:.3f} ms + "
+              f"{data['step_overhead_per_seq']['value']:.1f} us a sequence + "
+              f"{data['step_overhead_per_token']['value']:.2f} us a token")
     return 0
 
 
@@ -419,6 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate-host", help="measure this machine as the `host` profile")
     p.add_argument("--out", help=f"where to write it (default {host_profile_path()})")
+    p.add_argument("--engine-model", metavar="DIR",
+                   help="also time vLLM's own steps serving this model on --device maia (about 15 s) and fit "
+                        "the engine's time per step, sequence and token: without it the host profile prices "
+                        "torch's work only")
     p.set_defaults(func=cmd_calibrate_host)
 
     p = sub.add_parser("demo-model", help="build the tiny random Llama used by the demo and tests")
@@ -475,6 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, required=True)
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    p.add_argument("--weight-dtype", default="auto",
+                   help="auto: the linear layers as the source stores them; fp8: E4M3 with a scale per output "
+                        "channel (compressed-tensors, which vLLM serves; merge cannot undo it)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out whole")
     p.set_defaults(func=cmd_reshard)
 
@@ -490,7 +543,7 @@ def cmd_reshard(args: argparse.Namespace) -> int:
     from maia_serving.models.reshard import reshard
 
     manifest = reshard(Path(args.model), Path(args.out), args.tensor_parallel_size, args.pipeline_parallel_size,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, weight_dtype=args.weight_dtype)
     print(f"{len(manifest['files'])} rank files for TP {args.tensor_parallel_size} x PP "
           f"{args.pipeline_parallel_size} written to {args.out}; serve with --load-format sharded_state")
     return 0

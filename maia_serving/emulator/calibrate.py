@@ -4,13 +4,22 @@ The host's peak is what it reaches: matmul FLOP/s per dtype and the bandwidth of
 a large copy, measured with torch, so the efficiency factors are 1.0; prefill attention
 gets its own, the serving host attention's measured rate against the matmul's. Capacity
 is the machine's physical memory.
+
+A serving engine on the host spends time of its own around each step (scheduling, input
+preparation, sampling, output processing) that torch's rates do not see; on a small model it is
+most of the step. ``fit_engine_time`` fits it from the live engine's steps (the adapter times them:
+``maia_serving.vllm.step_timing``) as a fixed time, a time per running sequence and one per scheduled
+token: the profile's ``step_overhead`` figures. It is fitted on ``ENGINE_WORKLOADS``, whose shapes
+``benchmarks/host_fidelity.py`` does not check.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import statistics
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -86,8 +95,10 @@ def _fig(value: float, unit: str, source: str) -> dict[str, Any]:
     return {"value": value, "unit": unit, "source": source}
 
 
-def host_profile_dict() -> dict[str, Any]:
-    """The host as a profile data file, every figure measured here and now."""
+def host_profile_dict(heads: tuple[int, int, int] = (8, 2, 64)) -> dict[str, Any]:
+    """The host as a profile data file, every figure measured here and now; prefill attention with ``heads``
+    (query heads, KV heads, head size): the host attention's rate depends on them (4 heads of 32 run at two
+    thirds of 8 heads of 64's rate here), so `calibrate-host --engine-model` passes the model's."""
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     measured = f"measured by maia-serving calibrate-host on {platform.node()}, {when}"
     bf16 = measure_matmul_flops("bf16") / 1e12  # also what the host attention's rate is a share of
@@ -110,9 +121,10 @@ def host_profile_dict() -> dict[str, Any]:
         "compute_efficiency": _fig(1.0, "ratio", "the measured rate is already achieved"),
         # Prefill attention at the serving host attention's own rate: priced at the matmul peak, one
         # prefill of 1,024 tokens was predicted at a ninth of its measured time (benchmarks/host_fidelity.py).
-        "attention_compute_efficiency": _fig(min(1.0, measure_attention_flops() / (bf16 * 1e12)), "ratio",
-                                             measured + " (maia_serving.ops prefill attention, 1,024 tokens, "
-                                             "8 heads of 64, against the bf16 matmul)"),
+        "attention_compute_efficiency": _fig(min(1.0, measure_attention_flops(1024, *heads) / (bf16 * 1e12)),
+                                             "ratio", measured + f" (maia_serving.ops prefill attention, 1,024 "
+                                             f"tokens, {heads[0]} heads and {heads[1]} KV heads of {heads[2]}, "
+                                             "against the bf16 matmul)"),
         "memory_efficiency": _fig(1.0, "ratio", "the measured rate is already achieved"),
         "runtime_reserve": _fig(0, "GiB", "none"),
         "kernel_launch": _fig(measure_op_overhead_s() * 1e6, "us", measured + " (a tiny torch op)"),
@@ -121,9 +133,105 @@ def host_profile_dict() -> dict[str, Any]:
     }
 
 
+def write_profile(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
 def calibrate_host(path: Path) -> dict[str, Any]:
     """Measure the host and write its profile to ``path``."""
     data = host_profile_dict()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    write_profile(path, data)
     return data
+
+
+# (prompts, prompt tokens, output tokens): decode of 2 to 48 sequences and prefills of 192 to 2,304
+# tokens, none of them a shape benchmarks/host_fidelity.py checks the fit on.
+ENGINE_WORKLOADS = ((2, 96, 32), (16, 96, 32), (48, 48, 24), (3, 384, 8))
+
+
+@dataclass(frozen=True)
+class ShapeTiming:
+    """One step shape's median measured and emulated times over the steps of that shape."""
+
+    kind: str  # "prefill" or "decode"
+    seqs: int
+    tokens: int
+    steps: int
+    measured_s: float
+    predicted_s: float
+
+
+def shape_timings(steps: list[dict], min_steps: int = 3) -> list[ShapeTiming]:
+    """Steps (``maia_serving.vllm.step_timing`` rows) grouped by shape, each shape seen at least ``min_steps``
+    times: a tail step seen once says little about its shape."""
+    groups: dict[tuple[int, int], list[dict]] = {}
+    for step in steps:
+        groups.setdefault((step["seqs"], step["tokens"]), []).append(step)
+    return [ShapeTiming("decode" if tokens == seqs else "prefill", seqs, tokens, len(group),
+                        statistics.median(s["measured_s"] for s in group),
+                        statistics.median(s["predicted_s"] for s in group))
+            for (seqs, tokens), group in sorted(groups.items(), key=lambda kv: (kv[0][1] > kv[0][0], kv[0]))
+            if len(group) >= min_steps]
+
+
+@dataclass(frozen=True)
+class EngineTime:
+    """The engine's host time per step: ``fixed_s + per_seq_s * seqs + per_token_s * tokens``."""
+
+    fixed_s: float
+    per_seq_s: float
+    per_token_s: float
+
+    def of(self, seqs: int, tokens: int) -> float:
+        return self.fixed_s + self.per_seq_s * seqs + self.per_token_s * tokens
+
+
+def _solve(rows: list[list[float]], rhs: list[float]) -> list[float] | None:
+    """Least squares of ``rows @ x = rhs`` through its normal equations (Gauss-Jordan); None if singular."""
+    n = len(rows[0])
+    a = [[sum(r[i] * r[j] for r in rows) for j in range(n)] + [sum(r[i] * y for r, y in zip(rows, rhs))]
+         for i in range(n)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
+        if abs(a[pivot][col]) < 1e-12 * max(1.0, abs(a[col][col])):
+            return None
+        a[col], a[pivot] = a[pivot], a[col]
+        for r in range(n):
+            if r != col:
+                f = a[r][col] / a[col][col]
+                a[r] = [x - f * y for x, y in zip(a[r], a[col])]
+    return [a[i][n] / a[i][i] for i in range(n)]
+
+
+def fit_engine_time(shapes: list[ShapeTiming]) -> EngineTime:
+    """The non-negative ``EngineTime`` that, added to each shape's emulated time, best matches its measured time
+    in relative terms (least squares on ``error / measured``, so a 1 ms decode counts as much as a 50 ms
+    prefill): every subset of the three terms is fitted and the best one with no negative term kept."""
+    if not shapes:
+        raise ValueError("no step shapes to fit the engine's time on")
+    features = [(1.0, float(s.seqs), float(s.tokens)) for s in shapes]
+    best, best_loss = EngineTime(0.0, 0.0, 0.0), float("inf")
+    for mask in range(1, 8):
+        used = [i for i in range(3) if mask >> i & 1]
+        rows = [[f[i] / s.measured_s for i in used] for f, s in zip(features, shapes)]
+        rhs = [(s.measured_s - s.predicted_s) / s.measured_s for s in shapes]
+        x = _solve(rows, rhs)
+        if x is None or min(x) < 0:
+            continue
+        coef = [0.0, 0.0, 0.0]
+        for i, v in zip(used, x):
+            coef[i] = v
+        loss = sum((sum(c * fi for c, fi in zip(coef, f)) + s.predicted_s - s.measured_s) ** 2 / s.measured_s ** 2
+                   for f, s in zip(features, shapes))
+        if loss < best_loss:
+            best, best_loss = EngineTime(*coef), loss
+    return best
+
+
+def with_engine_time(data: dict[str, Any], engine: EngineTime, source: str) -> dict[str, Any]:
+    """The host profile's data with the engine's time per step as its ``step_overhead`` figures."""
+    return {**data,
+            "step_overhead": _fig(engine.fixed_s * 1e3, "ms", source),
+            "step_overhead_per_seq": _fig(engine.per_seq_s * 1e6, "us", source + ", per running sequence"),
+            "step_overhead_per_token": _fig(engine.per_token_s * 1e6, "us", source + ", per scheduled token")}

@@ -25,7 +25,9 @@ kernel and nothing else):
   only shows when it is longer (``exposed_host_s``). The engines fuse each residual add
   into the next RMSNorm (vLLM's fused_add_rms_norm), so those are not kernels of their own.
 - ``step_overhead``: the host's work per step that the device waits for (scheduling,
-  preparing inputs, sampling), charged once per step.
+  preparing inputs, sampling), charged once per step, plus ``step_overhead_per_seq`` for each
+  running sequence and ``step_overhead_per_token`` for each scheduled token where the profile has
+  them (``host_step_s``; `calibrate-host --engine-model` fits all three on the live engine).
 - Fusions beyond the residual add (``FUSIONS``, none by default: vLLM and SGLang run BF16 rotary and
   SiLU-and-mul as kernels of their own): ``qkv_rotary`` applies rotary inside the kernel that reads the
   QKV projection's output (TensorRT-LLM's attention op does), so rotary moves no bytes and launches no
@@ -468,7 +470,7 @@ class _Part:
     memory_s: float
     comm_s: float
     kernels: float
-    first: bool  # the first stage: charged the host's step overhead
+    host_s: float  # the host's step overhead this stage waits on: all of it on the first stage, none elsewhere
 
 
 class CostModel:
@@ -565,11 +567,17 @@ class CostModel:
         comm = (2 * self.model.num_layers + 1) * self.all_reduce_s(tokens) + self.logits_s(seqs)
         return comm + self.model.num_moe_layers * self.moe_layer_s(tokens) + sum(self.hops_s(tokens))
 
+    def host_step_s(self, tokens: int, seqs: int) -> float:
+        """The host's own time in a step of ``seqs`` sequences and ``tokens`` tokens, which the device waits on:
+        the engine's scheduling, input preparation, sampling and output processing."""
+        p = self.profile
+        return p.step_overhead_s + p.step_overhead_per_seq_s * seqs + p.step_overhead_per_token_s * tokens
+
     def _stage_cost(self, part: _Part, decode_graph: bool) -> float:
         """Launch time of a stage (or a whole step): its kernels on the device, the host's step overhead on
         the first stage, and the host's launch time where it outlasts the device's work."""
         device_launch = self.profile.kernel_launch_s * part.kernels
-        launch = device_launch + (self.profile.step_overhead_s if part.first else 0.0)
+        launch = device_launch + part.host_s
         graph = self.profile.graph
         host = graph.launch_s if decode_graph else self.profile.host_launch_s * part.kernels
         if host:
@@ -588,7 +596,8 @@ class CostModel:
             part = _Part(share * compute[0] + first * compute[1] + is_last * compute[2],
                          share * memory[0] + first * memory[1] + is_last * memory[2],
                          (2 * count + first) * all_reduce + count * moe + is_last * logits,
-                         share * self._kernels[0] + first * self._kernels[1] + is_last * self._kernels[2], first)
+                         share * self._kernels[0] + first * self._kernels[1] + is_last * self._kernels[2],
+                         first * self.host_step_s(tokens, seqs))
             stages.append((part.compute_s, part.memory_s, part.comm_s, self._stage_cost(part, decode_graph)))
         return stages, self.hops_s(tokens)
 
@@ -652,7 +661,8 @@ class CostModel:
         decode_graph = bool(graph and tokens == seqs <= graph.max_batch)
         if self.parallel.pp == 1:
             comm = self.comm_s(tokens, seqs)
-            launch = self._stage_cost(_Part(compute, memory, comm, sum(self._kernels), True), decode_graph)
+            launch = self._stage_cost(_Part(compute, memory, comm, sum(self._kernels), self.host_step_s(tokens, seqs)),
+                                      decode_graph)
             return StepCost(compute, memory, comm, launch, flops, nbytes, tuple(ops))
         stages, hops = self._stages(tokens, seqs, placed_compute, placed_memory, decode_graph)
         compute, memory, comm, launch = (sum(column) for column in zip(*stages))

@@ -144,6 +144,10 @@ class DeviceProfile:
     host_launch_s: float = 0.0  # host time to launch one kernel eagerly; overlapped with the device's work
     graph: CudaGraphs | None = None  # decode steps replayed as one graph: one launch, not one per kernel
     step_overhead_s: float = 0.0  # host time per step the device waits on: scheduling, inputs, sampling
+    # and what that host time grows by per running sequence and per scheduled token (calibrate-host fits
+    # both on the live engine; the GPU profiles leave them 0)
+    step_overhead_per_seq_s: float = 0.0
+    step_overhead_per_token_s: float = 0.0
 
     def __post_init__(self) -> None:
         if "bf16" not in self.peak_flops_per_s:
@@ -241,8 +245,8 @@ def profile_from_dict(raw: dict[str, Any]) -> DeviceProfile:
         graph = CudaGraphs(_figure(g["launch"], "cuda_graphs.launch", sources, estimates),
                            int(_figure(g["max_batch"], "cuda_graphs.max_batch", sources, estimates)))
     attention = fig("attention_compute_efficiency") if "attention_compute_efficiency" in raw else None
-    split, host_launch, step_overhead = (optional("attention_split", 0), optional("host_launch", 0.0),
-                                         optional("step_overhead", 0.0))
+    split, host_launch = optional("attention_split", 0), optional("host_launch", 0.0)
+    overheads = [optional(key, 0.0) for key in ("step_overhead", "step_overhead_per_seq", "step_overhead_per_token")]
     return DeviceProfile(
         name=raw["name"],
         description=raw.get("description", ""),
@@ -264,7 +268,9 @@ def profile_from_dict(raw: dict[str, Any]) -> DeviceProfile:
         attention_split_tokens=int(split),
         host_launch_s=host_launch,
         graph=graph,
-        step_overhead_s=step_overhead,
+        step_overhead_s=overheads[0],
+        step_overhead_per_seq_s=overheads[1],
+        step_overhead_per_token_s=overheads[2],
     )
 
 

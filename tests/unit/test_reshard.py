@@ -332,3 +332,85 @@ def test_cli_reports_the_tensor(checkpoints, tmp_path, capsys):
     assert main(["reshard", "--model", str(checkpoints["tied"]), "--out", str(tmp_path / "s"), "-tp", "2"]) == 0
     assert main(["merge", "--model", str(tmp_path / "s"), "--out", str(tmp_path / "m")]) == 0
     assert _digests(tmp_path / "m") == _digests(checkpoints["tied"])
+
+
+# --- FP8 weights ---------------------------------------------------------------------------
+
+E4M3_STEP = 2.0 ** -4  # half an E4M3 mantissa step, relative: 3 mantissa bits
+E4M3_SUBNORMAL_STEP = 2.0 ** -10  # half the smallest subnormal (2^-9), in units of the row's scale
+
+
+def _dequantized(shard: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    return shard[name].float() * shard[name + "_scale"]
+
+
+@pytest.mark.parametrize("variant,tp", [("gqa", 1), ("gqa", 2), ("gqa", 4), ("mqa-qwen2", 2)])
+def test_fp8_ranks_hold_e4m3_weights_and_each_rows_scale(checkpoints, tmp_path, variant, tp):
+    """Every linear weight of a rank is E4M3 with a float32 scale per row, the row's largest magnitude over 448
+    taken over the whole source row (so the ranks of o_proj and down_proj share them), and dequantizes to the
+    BF16 slice within E4M3's rounding; everything else is the unquantized re-shard's."""
+    src = checkpoints[variant]
+    reshard(src, tmp_path / "plain", tp)
+    reshard(src, tmp_path / "fp8", tp, weight_dtype="fp8")
+    full = load_file(src / "model.safetensors")
+    for rank in range(tp):
+        plain = load_file(tmp_path / "plain" / f"model-rank-{rank}-part-0.safetensors")
+        fp8 = load_file(tmp_path / "fp8" / f"model-rank-{rank}-part-0.safetensors")
+        linear = [n for n in plain if n.endswith("_proj.weight")]
+        assert len(linear) == 4 * 3
+        for name in linear:
+            w, scale = plain[name].float(), fp8[name + "_scale"]
+            assert fp8[name].dtype == torch.float8_e4m3fn and scale.dtype == torch.float32
+            assert scale.shape == (w.shape[0], 1)
+            error = (_dequantized(fp8, name) - w).abs()
+            assert (error <= w.abs() * E4M3_STEP + scale * E4M3_SUBNORMAL_STEP).all(), name
+            if name.endswith(("o_proj.weight", "down_proj.weight")):  # row-parallel: scales of whole rows
+                source = full[name].float()
+                assert torch.equal(scale, source.abs().amax(1, keepdim=True) / 448), name
+                assert fp8[name].float().abs().amax() <= 448
+            else:
+                assert torch.equal(fp8[name].float().abs().amax(1), torch.full((w.shape[0],), 448.0)), name
+        others = {n for n in fp8 if not n.endswith(("_proj.weight", "_proj.weight_scale"))}
+        assert {n for n in plain if not n.endswith("_proj.weight")} <= others
+        for name in others:
+            if name in plain:
+                assert torch.equal(fp8[name], plain[name]), name
+            else:  # compressed-tensors' attention parameters, at their defaults
+                assert name.rsplit(".", 1)[1] in ("k_scale", "v_scale", "q_scale", "k_zero_point", "v_zero_point",
+                                                  "q_zero_point"), name
+                assert fp8[name].tolist() == [0.0 if "zero_point" in name else 1.0], name
+    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["strategy"] == "channel"
+    manifest = json.loads((tmp_path / "fp8" / rs.MANIFEST).read_text())
+    assert manifest["layout"]["weight_dtype"] == "fp8"
+
+
+def test_fp8_scales_by_hand():
+    """A row [448, -1, 0.3] has scale 1: 0.3 rounds to 0.3125 (E4M3 steps of 1/32 between 0.25 and 0.5); a row
+    of zeros keeps its zeros; 1e6 saturates no E4M3 value once divided by its own scale."""
+    rows = torch.tensor([[448.0, -1.0, 0.3], [0.0, 0.0, 0.0], [1e6, 5e5, -1e6]])
+    scales = rs.channel_scales(rows)
+    assert scales[0].item() == 1.0 and scales[1].item() > 0 and scales[2].item() == pytest.approx(1e6 / 448)
+    q = rs.quantize_fp8(rows, scales).float()
+    assert q[0].tolist() == [448.0, -1.0, 0.3125]
+    assert q[1].tolist() == [0.0, 0.0, 0.0]
+    assert q[2].tolist() == [448.0, 224.0, -448.0]
+
+
+def test_fp8_refusals_name_what_to_do(checkpoints, tmp_path):
+    reshard(checkpoints["gqa"], tmp_path / "fp8", 2, weight_dtype="fp8")
+    with pytest.raises(ReshardError, match="re-sharded with --weight-dtype fp8, which rounds the weights"):
+        merge(tmp_path / "fp8", tmp_path / "merged")
+    with pytest.raises(ReshardError, match="--weight-dtype 'int4' not supported; reshard takes auto, fp8"):
+        reshard(checkpoints["gqa"], tmp_path / "int4", 2, weight_dtype="int4")
+    with pytest.raises(ReshardError, match="a Mixtral's experts .* re-shard it without --weight-dtype"):
+        reshard(checkpoints["moe"], tmp_path / "moe", 2, weight_dtype="fp8")
+    with pytest.raises(ReshardError, match="already has a quantization_config \\(compressed-tensors\\)"):
+        reshard(tmp_path / "fp8", tmp_path / "twice", 1, weight_dtype="fp8")
+    bad = "model.layers.1.self_attn.o_proj.weight"
+    src = _copy_with(checkpoints["gqa"], tmp_path / "inf", lambda t: t[bad].__setitem__((3, 5), float("inf")))
+    with pytest.raises(ReshardError, match=f"tensor {bad} holds non-finite values"):
+        reshard(src, tmp_path / "out", 2, weight_dtype="fp8")
+    assert _no_leftovers(tmp_path) == []
+    assert not (tmp_path / "int4").exists() and not (tmp_path / "merged").exists()

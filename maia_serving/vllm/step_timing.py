@@ -1,0 +1,90 @@
+"""Time vLLM's own steps on ``--device maia``: each charged step's shape, measured wall time and
+emulated time, for ``maia-serving calibrate-host --engine-model`` and ``benchmarks/host_fidelity.py``.
+
+Run as ``python -m maia_serving.vllm.step_timing --model M --workload P T O [--workload ...]``: in a
+process of its own (the offline engine, engine core in process, eager, on the cached ``host`` profile),
+which prints one ``STEPS`` line of JSON. Each workload is ``P`` prompts of ``T`` distinct tokens
+generating ``O`` tokens each, once to warm up and ``--rounds`` times timed, the workloads taking turns
+round by round, with no prefix caching so that every round prefills in full. Ids avoid the specials,
+which sit at the vocabulary's start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+from maia_serving.envs import MAIA_SERVING_DEVICE
+
+# The engine in this process and on the maia platform; our KV budget, not most of the host's memory.
+ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_CI_ENV": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
+              MAIA_SERVING_DEVICE: "maia"}
+
+
+def time_steps(model: str, workloads: list[tuple[int, int, int]], rounds: int) -> list[dict]:
+    """Each timed step as ``{workload, tokens, seqs, predicted_s, measured_s}``."""
+    from maia_serving.serving import stepping
+
+    steps: list[dict] = []
+    charge = stepping.StepCharger._charge
+    current = [""]
+
+    def recording(self, shape, wall_s, read_s):
+        record = charge(self, shape, wall_s, read_s)
+        steps.append({"workload": current[0], "tokens": record.num_tokens, "seqs": record.num_seqs,
+                      "predicted_s": record.step_s, "measured_s": record.wall_s})
+        return record
+
+    stepping.StepCharger._charge = recording
+    from vllm import LLM, SamplingParams
+
+    longest = max(t + o for _, t, o in workloads)
+    batched = max(4096, max(p * t for p, t, _ in workloads))
+    llm = LLM(model, max_model_len=max(2048, longest), enforce_eager=True, max_num_batched_tokens=batched,
+              enable_prefix_caching=False, max_num_seqs=max(64, max(p for p, _, _ in workloads)),
+              additional_config={"maia_profile": "host"})
+    runs = [(f"{p}x{t}", [[5 + (i * 7 + j) % 1000 for j in range(t)] for i in range(p)],
+             SamplingParams(max_tokens=o, ignore_eos=True, temperature=0)) for p, t, o in workloads]
+    current[0] = "warm-up"
+    for _, batch, params in runs:
+        llm.generate(batch, params, use_tqdm=False)
+    for _ in range(rounds):  # round robin: the host's drift over the run reaches every workload alike
+        for name, batch, params in runs:
+            current[0] = name
+            llm.generate(batch, params, use_tqdm=False)
+    return [s for s in steps if s["workload"] != "warm-up"]
+
+
+def run(model: str, workloads: list[tuple[int, int, int]], rounds: int = 3, env: dict[str, str] | None = None,
+        timeout_s: float = 1800) -> list[dict]:
+    """``time_steps`` in a fresh process (this module as a script), with ``env`` over this one's."""
+    cmd = [sys.executable, "-m", "maia_serving.vllm.step_timing", "--model", model, "--rounds", str(rounds)]
+    for workload in workloads:
+        cmd += ["--workload", *map(str, workload)]
+    out = subprocess.run(cmd, env={**os.environ, **ENGINE_ENV, **(env or {})}, capture_output=True, text=True,
+                         timeout=timeout_s)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("STEPS ")), None)
+    if out.returncode or line is None:
+        raise RuntimeError(f"timing vLLM's steps on {model} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(line.removeprefix("STEPS "))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--workload", nargs=3, type=int, action="append", required=True,
+                        metavar=("PROMPTS", "PROMPT_TOKENS", "OUTPUT_TOKENS"))
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    for key, value in ENGINE_ENV.items():
+        os.environ.setdefault(key, value)
+    steps = time_steps(args.model, [tuple(w) for w in args.workload], args.rounds)
+    print("STEPS " + json.dumps(steps), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
