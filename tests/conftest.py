@@ -24,7 +24,6 @@ SLOWEST_FIRST = (
     "e2e/test_sglang.py",  # 200
     "e2e/test_mx_serve.py",  # 188
     "e2e/test_vllm_offline.py",  # 137
-    "e2e/test_calibrate_host.py",  # about 150
     "e2e/test_proxy.py",  # 86
 )
 
