@@ -447,6 +447,25 @@ def attention_floor_s(item_bytes: float, units: int, bytes_per_s: float) -> floa
     return item_bytes * units / bytes_per_s
 
 
+def expert_imbalance(tokens: float, top_k: int, chips: int, experts_per_chip: float) -> float:
+    """How many times the mean routed rows the busiest of ``chips`` expert-parallel chips runs, when ``tokens``
+    tokens each pick ``top_k`` experts uniformly and every chip holds ``experts_per_chip`` of them.
+
+    Why: under expert parallelism a MoE layer ends when its busiest chip has run its rows (the combine waits for
+    every chip), and with few tokens the busiest chip runs several times the mean: one decode token's two experts
+    sit on at most two of eight chips. A chip's rows are a sum of ``tokens * top_k`` draws, each its own with
+    probability ``1 / chips`` (mean ``mu``, deviation ``sigma``); the largest of ``chips`` such sums is about
+    ``mu + sigma sqrt(2 ln chips)`` (the Gaussian maximum), and no chip can run more than each token's
+    ``min(top_k, experts_per_chip)`` rows. Uniform routing is the best case: real routers favour some experts.
+    """
+    if chips <= 1 or tokens <= 0:
+        return 1.0
+    draws, p = tokens * top_k, 1.0 / chips
+    mean = draws * p
+    busiest = mean + math.sqrt(draws * p * (1 - p) * 2 * math.log(chips))
+    return max(1.0, min(busiest, tokens * min(top_k, experts_per_chip)) / mean)
+
+
 def exposed_host_s(host_s: float, device_s: float) -> float:
     """The host's launch time the device waits for: max(0, host - device).
 
@@ -507,6 +526,9 @@ class CostModel:
         # MoE under data parallelism: every replica's tokens reach this chip's experts (_mlp_ops), and the
         # chips per node of the two groups they travel in (vLLM's rank = (dp_rank * pp + stage) * tp + tp_rank).
         self._expert_ranks = parallel.moe_ranks if parallel.ep else 1
+        # Under expert parallelism the routed experts' rows are the busiest chip's (expert_imbalance).
+        self._routed = tuple(parallel.ep and model.moe is not None and parallel.moe_ranks > 1
+                             and t.name.startswith("experts.") for t in self.terms)
         replica, node = parallel.tp * parallel.pp, self._net.node_chips
         self._dp_per_node = max(1, node // replica)
         self._ep_per_node = min(parallel.tp, node) if replica >= node else node // replica * parallel.tp
@@ -623,8 +645,10 @@ class CostModel:
         if tokens == 0:
             return StepCost(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, ())
         seqs = len(new_tokens)
-        experts = (self.model.moe.experts_touched(tokens * self.parallel.dp) / self._expert_ranks
-                   if self.model.moe else 0.0)
+        moe = self.model.moe
+        experts = moe.experts_touched(tokens * self.parallel.dp) / self._expert_ranks if moe else 0.0
+        busiest = tokens * expert_imbalance(tokens * self.parallel.dp, moe.top_k, self._expert_ranks,
+                                            moe.num_experts / self._expert_ranks) if any(self._routed) else tokens
         gemm = self._gemm
         # Tokens of KV the longest attention work item streams, in full and in sliding-window layers.
         item_tokens = min(longest, split)
@@ -632,16 +656,18 @@ class CostModel:
         compute = memory = flops = nbytes = 0.0
         placed_compute, placed_memory = [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]
         ops = []
-        for term, flops_per_s, shape, place in zip(self.terms, self._flops_per_s, self._gemm_shapes, self._places):
+        for term, flops_per_s, shape, place, routed in zip(self.terms, self._flops_per_s, self._gemm_shapes,
+                                                           self._places, self._routed):
             ft, fs, fp, fc, f1, fwp, fwc, fe = term.flops
             bt, bs, bp, bc, b1, bwp, bwc, be = term.bytes
-            f = ft * tokens + fs * seqs + fp * pairs + fc * ctx + f1 + fwp * wpairs + fwc * wctx + fe * experts
-            b = bt * tokens + bs * seqs + bp * pairs + bc * ctx + b1 + bwp * wpairs + bwc * wctx + be * experts
+            rows = busiest if routed else tokens
+            f = ft * rows + fs * seqs + fp * pairs + fc * ctx + f1 + fwp * wpairs + fwc * wctx + fe * experts
+            b = bt * rows + bs * seqs + bp * pairs + bc * ctx + b1 + bwp * wpairs + bwc * wctx + be * experts
             compute_s, memory_s = f / flops_per_s, b / self._bytes_per_s
             if shape:
                 per_token, per_seq, per_expert, cols = shape
                 groups = per_expert * experts if per_expert else 1.0
-                compute_s /= gemm_utilization(per_token * tokens + per_seq * seqs, cols, groups,
+                compute_s /= gemm_utilization(per_token * rows + per_seq * seqs, cols, groups,
                                               gemm.tile_m, gemm.tile_n, gemm.units)
             elif split and term.kind == "attention":
                 # bc / bwc: KV bytes per context token over this term's layers; one item holds one KV head.

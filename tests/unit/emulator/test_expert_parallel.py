@@ -9,7 +9,7 @@ import pytest
 
 from maia_serving.cli.main import main
 from maia_serving.emulator import ServingConfig, load_model_shape, load_profile
-from maia_serving.emulator.cost import CostModel, Parallel, StepShape, op_terms
+from maia_serving.emulator.cost import CostModel, Parallel, StepShape, expert_imbalance, op_terms
 from maia_serving.emulator.interconnect import all_gather, all_to_all
 from maia_serving.emulator.memory import weight_bytes_per_chip
 from maia_serving.emulator.plan import label, layouts, plan
@@ -72,6 +72,29 @@ def test_expert_parallelism_keeps_experts_whole_and_gives_a_chip_its_share_of_th
     read = {c.name: c.bytes for c in cost_whole.ops}
     assert read["experts.gate_up_proj"] == pytest.approx({c.name: c.bytes for c in cost_split.ops}
                                                          ["experts.gate_up_proj"], rel=1e-3)
+
+
+def test_the_busiest_expert_chip_sets_the_layers_rows_by_hand():
+    """Uniform routing over 8 chips of one expert each. One token: 2 draws, the mean chip runs 1/4 of a row, the
+    busiest 1 (the cap: a chip holding one expert runs one row a token): 4x. 16 tokens: 32 draws, mean 4, sigma
+    sqrt(32 x 1/8 x 7/8) = 1.871, times sqrt(2 ln 8) = 2.039: 7.815 rows, 1.954x. 4,096 tokens: mean 1,024,
+    sigma 29.93: 1,085.0 rows, 1.060x. One chip, or no tokens: 1."""
+    assert expert_imbalance(1, 2, 8, 1) == 4.0
+    assert expert_imbalance(16, 2, 8, 1) == pytest.approx(7.815 / 4, rel=1e-3)
+    assert expert_imbalance(4096, 2, 8, 1) == pytest.approx(1085.04 / 1024, rel=1e-4)
+    assert expert_imbalance(100, 2, 1, 8) == 1.0 and expert_imbalance(0, 2, 8, 1) == 1.0
+
+
+def test_under_expert_parallelism_a_step_runs_the_busiest_chips_rows(mixtral):
+    """16 decode tokens, tp=8: with EP the routed experts' FLOPs are the busiest chip's (1.954x the mean 1/4 row a
+    token); split in width every chip runs every row alike, and the router is no routed expert."""
+    h100, step = load_profile("h100-sxm"), StepShape.of([(1, 100)] * 16)
+    for parallel, factor in ((Parallel(tp=8, ep=True), expert_imbalance(16, 2, 8, 1)), (Parallel(tp=8), 1.0)):
+        ops = {c.name: c for c in CostModel(h100, mixtral, parallel).cost(step, detail=True).ops}
+        terms = {t.name: t for t in op_terms(mixtral, parallel)}
+        for name in ("experts.gate_up_proj", "experts.down_proj", "router"):
+            scale = factor if name.startswith("experts.") else 1.0
+            assert ops[name].flops == pytest.approx(terms[name].flops[0] * 16 * scale, rel=1e-12), (parallel, name)
 
 
 def test_with_replicas_every_replicas_tokens_reach_the_experts(mixtral):
