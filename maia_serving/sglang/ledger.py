@@ -68,6 +68,11 @@ SURFACES: tuple[Surface, ...] = (
             "SGLang checks the length before tokenizing"),
     Surface("sglang.srt.entrypoints.openai.serving_base.OpenAIServingBase.handle_request", "patch",
             "a 404 for a model the server does not serve (patch/request_checks.py)", "SGLang checks model names"),
+    Surface("sglang.srt.observability.req_time_stats.APIServerReqTimeStats.__getstate__", "patch",
+            "a request's created_time reaches the scheduler, which a paced clock stamps arrivals with "
+            "(patch/request_age.py)", "SGLang sends a request's creation time to the scheduler"),
+    Surface("sglang.srt.observability.req_time_stats.APIServerReqTimeStats#created_time", "private attribute",
+            "when the API server created the request (perf_counter)", "SGLang sends it to the scheduler"),
     Surface(f"{_TOKENIZER}#served_model_name", "private attribute", "the name the model check accepts",
             "SGLang checks model names"),
     Surface(f"{_TOKENIZER}#context_len", "private attribute", "the length the pre-check compares with",

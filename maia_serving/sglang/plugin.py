@@ -18,7 +18,7 @@ def register() -> None:
 
     from maia_serving.envs import device_requested
     from maia_serving.sglang import ATTENTION_BACKEND
-    from maia_serving.sglang.patch import collectives, offline_device, request_checks
+    from maia_serving.sglang.patch import collectives, offline_device, request_age, request_checks
 
     add_attention_backend_choices([ATTENTION_BACKEND])
 
@@ -31,12 +31,15 @@ def register() -> None:
     offline_device.register()
     if device_requested():
         request_checks.register()
+        request_age.register()
         collectives.register()
         _register_step_hooks()
 
 
 def _register_step_hooks() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from maia_serving.sglang.patch.request_age import request_age_s
 
     def after_init(result, scheduler, *args, **kwargs):
         from sglang.srt.runtime_context import get_parallel
@@ -59,7 +62,7 @@ def _register_step_hooks() -> None:
 
     def on_request(scheduler, recv_req, *args, **kwargs):
         if scheduler.maia is not None:
-            scheduler.maia.arrive(recv_req.rid)
+            scheduler.maia.arrive(recv_req.rid, request_age_s(recv_req))
 
     def before_run(scheduler, batch, *args, **kwargs):
         if scheduler.maia is not None:

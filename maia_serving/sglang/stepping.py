@@ -73,8 +73,9 @@ class MaiaStepper:
     def device(self) -> EmulatedDevice:
         return self.charger.device
 
-    def arrive(self, rid: str) -> None:
-        self.charger.arrive(rid)
+    def arrive(self, rid: str, age_s: float = 0.0) -> None:
+        """A request the scheduler has just seen, ``age_s`` after it reached the server (patch/request_age.py)."""
+        self.charger.arrive(rid, age_s)
 
     def before_run(self, batch) -> None:
         self._pending = None

@@ -292,3 +292,17 @@ def test_a_one_rank_group_counts_nothing_and_a_reduce_scatter_counts_its_inputs(
     collectives.after_reduce_scatter(None, SimpleNamespace(world_size=2), x[:2], [x[:2], x[2:]])
     collectives.after_gather(None, SimpleNamespace(world_size=2), x)
     assert sorted(collectives.TALLY.take()) == [(2, 2, 256, 1, 0), (3, 2, 128, 1, 0)]
+
+
+def test_a_paced_arrival_during_the_wait_is_stamped_with_its_age(stepper):
+    """Paced, after a step: a request the API server created 3 ms ago (it came in while the engine waited out the
+    step) arrives 3 ms before the step's end on the emulated clock, as on vLLM (patch/request_age.py)."""
+    clock = stepper.device.clock
+    stepper.charger.pace = clock.paced = True  # as MAIA_SERVING_PACE=1 sets them: the step is waited out
+    sched = FakeScheduler()
+    stepper.arrive("a")
+    _run(stepper, sched, extend_batch([req("a")], [0], [512]), emit={"a"})
+    end_s = clock.now_s
+    assert clock._last_step_s > 3e-3  # a 512-token prefill of Llama-3-8B on Maia 100 takes longer than that
+    stepper.arrive("b", age_s=3e-3)
+    assert clock.requests["b"].arrival_s == pytest.approx(end_s - 3e-3, abs=1e-3)
