@@ -17,10 +17,10 @@ import os
 import subprocess
 import sys
 
-from maia_serving.envs import MAIA_SERVING_DEVICE
+from maia_serving.envs import MAIA_SERVING_DEVICE, VLLM_CPU_KVCACHE_SPACE
 
 # The engine in this process and on the maia platform; our KV budget, not most of the host's memory.
-ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_CI_ENV": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
+ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_CI_ENV": "1", VLLM_CPU_KVCACHE_SPACE: "1",
               MAIA_SERVING_DEVICE: "maia"}
 
 
