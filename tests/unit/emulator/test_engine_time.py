@@ -4,20 +4,9 @@ import dataclasses
 
 import pytest
 
-from maia_serving.emulator import load_model_shape, load_profile
 from maia_serving.emulator.calibrate import EngineTime, ShapeTiming, fit_engine_time, shape_timings, with_engine_time
 from maia_serving.emulator.cost import CostModel, Parallel
 from maia_serving.emulator.hardware import profile_from_dict
-
-
-@pytest.fixture(scope="module")
-def maia100():
-    return load_profile("maia100")
-
-
-@pytest.fixture(scope="module")
-def llama8b():
-    return load_model_shape("llama-3-8b")
 
 
 def test_the_engine_time_is_charged_per_step_sequence_and_token(maia100, llama8b):
