@@ -277,14 +277,11 @@ def cmd_calibrate_host(args: argparse.Namespace) -> int:
 
     path = Path(args.out) if args.out else host_profile_path()
     if args.engine_model:
-        config_path = Path(args.engine_model) / "config.json"
-        if not config_path.is_file():
+        if not (Path(args.engine_model) / "config.json").is_file():
             raise ValueError(f"--engine-model {args.engine_model}: no model there (a folder with config.json and "
                              "weights, e.g. one `maia-serving demo-model --out DIR` wrote)")
-        config = json.loads(config_path.read_text())
-        heads = config["num_attention_heads"]  # the host attention is measured at the heads the engine runs
-        data = host_profile_dict((heads, config.get("num_key_value_heads") or heads,
-                                  config.get("head_dim") or config["hidden_size"] // heads))
+        shape = load_model_shape(args.engine_model)  # the host attention is measured at the heads the engine runs
+        data = host_profile_dict((shape.num_heads, shape.num_kv_heads, shape.head_dim))
         print(f"timing vLLM's steps on {args.engine_model} (about 15 s)")
         data = _with_engine_time(data, args.engine_model)
     else:

@@ -529,6 +529,7 @@ class CostModel:
         # Under expert parallelism the routed experts' rows are the busiest chip's (expert_imbalance).
         self._routed = tuple(parallel.ep and model.moe is not None and parallel.moe_ranks > 1
                              and t.name.startswith("experts.") for t in self.terms)
+        self._any_routed = any(self._routed)
         replica, node = parallel.tp * parallel.pp, self._net.node_chips
         self._dp_per_node = max(1, node // replica)
         self._ep_per_node = min(parallel.tp, node) if replica >= node else node // replica * parallel.tp
@@ -648,7 +649,7 @@ class CostModel:
         moe = self.model.moe
         experts = moe.experts_touched(tokens * self.parallel.dp) / self._expert_ranks if moe else 0.0
         busiest = tokens * expert_imbalance(tokens * self.parallel.dp, moe.top_k, self._expert_ranks,
-                                            moe.num_experts / self._expert_ranks) if any(self._routed) else tokens
+                                            moe.num_experts / self._expert_ranks) if self._any_routed else tokens
         gemm = self._gemm
         # Tokens of KV the longest attention work item streams, in full and in sliding-window layers.
         item_tokens = min(longest, split)

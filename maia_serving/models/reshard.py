@@ -47,6 +47,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from maia_serving.models.outdir import output_dir
+from maia_serving.ops.fp8 import FP8_FORMATS
 
 MANIFEST = "maia-reshard.json"
 FORMAT = "maia-serving reshard 1"
@@ -58,9 +59,9 @@ UNUSED_BY_VLLM = ("rotary_pos_emb.inv_freq", "rotary_emb.inv_freq", "rotary_emb.
 UNUSED_FILE = "maia-reshard-unused.safetensors"  # outside the loader's file pattern
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "MixtralForCausalLM")
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}  # a source's
-STORED = {**DTYPES, "F8_E4M3": torch.float8_e4m3fn}  # what a shard may hold
+E4M3 = FP8_FORMATS["e4m3"]
+STORED = {**DTYPES, "F8_E4M3": E4M3.torch_dtype}  # what a shard may hold
 WEIGHT_DTYPES = ("auto", "fp8")  # auto: the source's dtype
-FP8_MAX = 448.0  # E4M3's largest finite value
 # vLLM's compressed-tensors scheme for FP8 weights with per-channel scales and BF16 activations (W8A16-FP8).
 FP8_QUANTIZATION_CONFIG = {
     "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
@@ -465,14 +466,14 @@ def check_source(arch: Arch, source: Source) -> str:
 
 
 def channel_scales(rows: torch.Tensor) -> torch.Tensor:
-    """One float32 scale per row: its largest magnitude over ``FP8_MAX``, so that it maps to E4M3's largest
-    finite value; an all-zero row gets the smallest normal float32 (any scale keeps its zeros)."""
-    return (rows.float().abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    """One float32 scale per row: its largest magnitude over E4M3's largest finite value, so that it maps to
+    that value; an all-zero row gets the smallest normal float32 (any scale keeps its zeros)."""
+    return (rows.float().abs().amax(dim=1, keepdim=True) / E4M3.max_value).clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def quantize_fp8(block: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``block / scales`` in E4M3, rounded to nearest even; clamped first, as the cast does not saturate."""
-    return (block.float() / scales).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return (block.float() / scales).clamp(-E4M3.max_value, E4M3.max_value).to(E4M3.torch_dtype)
 
 
 def _fp8(t: OutTensor, source: Source) -> torch.Tensor:
@@ -480,13 +481,14 @@ def _fp8(t: OutTensor, source: Source) -> torch.Tensor:
     row, so a row-parallel layer's ranks, which hold a slice of every row, share the scales."""
     parts = []
     for p in t.pieces:
-        path = source.files[p.source]
-        block = _read(path, p.source, p.dim, p.start, p.stop)
-        rows = block if p.dim == 0 else _read(path, p.source, 0, 0, source.shapes[p.source][0])
+        # Whole rows: the piece's own, or every row of the tensor when the piece is a slice of columns.
+        rows = _read(source.files[p.source], p.source, 0, *((p.start, p.stop) if p.dim == 0 else
+                                                           (0, source.shapes[p.source][0])))
         if not torch.isfinite(rows).all():
             raise ReshardError(f"tensor {p.source} holds non-finite values (inf or NaN): FP8 quantization needs "
                                "finite weights")
         scales = channel_scales(rows)
+        block = rows if p.dim == 0 else rows[:, p.start:p.stop]
         parts.append(quantize_fp8(block, scales) if t.fp8 == "weight" else scales)
     return torch.cat(parts)
 
