@@ -197,3 +197,34 @@ def test_the_kernel_decodes_every_fp8_code_as_torch_does(native_host_path, fmt):
     nan = expected.isnan()
     assert torch.equal(got.isnan(), nan)
     assert torch.equal(got[~nan], expected[~nan])
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8", "mxfp4", "nvfp4"])
+@pytest.mark.parametrize("block_scale", ["one", "small", "large"])
+def test_the_kernel_decodes_every_block_scaled_code_as_the_reference(native_host_path, fmt, block_scale):
+    """One key whose value row holds every element byte (MXFP8: all 256 E4M3 codes, NaN included; FP4:
+    all 256 pairs of codes) under one block scale: the output is the reference's dequantized row. The
+    kernel decodes these 16 at a time where the CPU converts FP16, one by one elsewhere."""
+    from maia_serving.ops.mx import MX_FORMATS, dequantize_mx_ref, head_bytes
+
+    spec = MX_FORMATS[fmt]
+    elements = torch.arange(256, dtype=torch.uint8)
+    per_block = spec.block_bytes - 1
+    scale_byte = {"one": 127, "small": 3, "large": 250}[block_scale] if spec.scale == "e8m0" else (
+        {"one": 0x38, "small": 0x01, "large": 0x7E}[block_scale])  # E4M3 1.0, its least subnormal, its 448
+    scale_bytes = torch.full((256 // per_block, 1), scale_byte, dtype=torch.uint8)
+    blocks = torch.cat([elements.view(-1, per_block), scale_bytes], 1)
+    head_dim = 256 * 8 // spec.element.bits
+    assert blocks.numel() == head_bytes(fmt, head_dim)
+    key_cache = torch.zeros(1, 16, 1, blocks.numel(), dtype=torch.uint8)
+    value_cache = key_cache.clone()
+    value_cache[0, 0, 0] = blocks.flatten()
+    query = torch.ones(1, 1, head_dim)
+    tables, lens, starts = torch.tensor([[0]]), torch.tensor([1]), torch.tensor([0, 1])
+    tensor_scale = 1.0 if spec.scale == "e4m3" else None
+    out = host.paged_attention_host(query, key_cache, value_cache, tables, lens, starts, 1.0, fmt, tensor_scale,
+                                    tensor_scale)
+    got, expected = out.view(-1), dequantize_mx_ref(value_cache[0, 0], fmt, head_dim, tensor_scale).view(-1)
+    nan = expected.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got[~nan], expected[~nan])

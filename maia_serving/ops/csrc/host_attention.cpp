@@ -1,7 +1,7 @@
 // Paged attention on a CPU host in one call per layer: each KV row is decoded while it is read
-// (BF16/FP16/FP32 as they are, FP8 in arithmetic, the block-scaled formats' FP6/FP4 elements through
-// the pair tables the Python side builds from the references: decoded values are the references' bit
-// for bit), and every query of the row's KV head meets it with an online softmax. Threads split the
+// (BF16/FP16/FP32 as they are, FP8 and FP4 16 at a time through FP16 where the CPU has F16C, else FP8
+// in arithmetic and FP4 through the pair tables the Python side builds from the references, FP6
+// through its pair tables: decoded values are the references' bit for bit), and every query of the row's KV head meets it with an online softmax. Threads split the
 // (sequence, KV head) pairs. Numerics: float32 scores, softmax and accumulation, as the torch
 // path; the sums run in another order, so results agree to float32 rounding, not bit for bit.
 #include <torch/extension.h>
@@ -9,6 +9,11 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+
+#if defined(__AVX2__) && defined(__F16C__)
+#include <immintrin.h>
+#define MAIA_F16C 1
 #endif
 
 #include <cmath>
@@ -37,6 +42,8 @@ struct Layout {
   int64_t kind, head_dim, row_elems, bits, block, block_bytes;
   const float* elements;  // kBlockScaled FP6/FP4: element pairs [2^(2 bits)][2] (FP8 elements are E4M3)
   const float* scales;    // kBlockScaled: the 256 block-scale values
+  bool fp4_tops = false;  // FP4 elements decoded through fp4_top (every code's value is FP16 with a zero low byte)
+  uint8_t fp4_top[16] = {};
 };
 
 template <typename T>
@@ -80,9 +87,52 @@ inline float e5m2(uint32_t code) {
   return from_bits(bits | (code & 0x80) << 24);
 }
 
+#ifdef MAIA_F16C
+// Where the CPU converts FP16 (F16C), 8-bit and 4-bit codes are decoded 16 at a time through FP16,
+// which holds every E4M3, E5M2 and E2M1 value exactly: E5M2 is FP16's top byte; E4M3's exponent and
+// mantissa shifted into FP16's fields are its value times 2^-8, subnormals included (FP16 has 5
+// exponent bits to E4M3's 4), so a multiply by 2^8 gives it back exactly; E2M1 values' FP16 codes have
+// a zero low byte, so a 16-entry byte shuffle looks up their top bytes. Same floats as the scalar code.
+inline void store_f16(__m128i halves, float* dst, float mul) {
+  _mm256_storeu_ps(dst, _mm256_mul_ps(_mm256_cvtph_ps(halves), _mm256_set1_ps(mul)));
+}
+
+template <bool E4M3>
+inline void decode_fp8_x16(const uint8_t* src, float* dst) {
+  const __m256i code = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  __m256i half;
+  if (E4M3) {
+    const __m256i mag = _mm256_and_si256(code, _mm256_set1_epi16(0x7F));
+    const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(code, _mm256_set1_epi16(0x80)), 8);
+    const __m256i nan = _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x7F));  // 0x7F: NaN, not 480
+    half = _mm256_or_si256(sign, _mm256_blendv_epi8(_mm256_slli_epi16(mag, 7), _mm256_set1_epi16(0x7E00), nan));
+  } else {
+    half = _mm256_slli_epi16(code, 8);
+  }
+  const float mul = E4M3 ? 256.0f : 1.0f;
+  store_f16(_mm256_castsi256_si128(half), dst, mul);
+  store_f16(_mm256_extracti128_si256(half, 1), dst + 8, mul);
+}
+
+// 8 bytes of E2M1 pairs (low nibble first) -> 16 floats times mul; `top` maps a code to its FP16 top byte.
+inline void decode_fp4_x16(const uint8_t* src, float* dst, __m128i top, float mul) {
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src));
+  const __m128i nib = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_shuffle_epi8(top, _mm_and_si128(bytes, nib));
+  const __m128i hi = _mm_shuffle_epi8(top, _mm_and_si128(_mm_srli_epi16(bytes, 4), nib));
+  const __m128i tops = _mm_unpacklo_epi8(lo, hi), zero = _mm_setzero_si128();
+  store_f16(_mm_unpacklo_epi8(zero, tops), dst, mul);
+  store_f16(_mm_unpackhi_epi8(zero, tops), dst + 8, mul);
+}
+#endif
+
 template <bool E4M3>
 inline void decode_fp8(const uint8_t* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = E4M3 ? e4m3(src[i]) : e5m2(src[i]);
+  int64_t i = 0;
+#ifdef MAIA_F16C
+  for (; i + 16 <= n; i += 16) decode_fp8_x16<E4M3>(src + i, dst + i);
+#endif
+  for (; i < n; ++i) dst[i] = E4M3 ? e4m3(src[i]) : e5m2(src[i]);
 }
 
 // One head's row of a block-scaled page: blocks of element bytes then a scale byte; the elements
@@ -95,6 +145,12 @@ inline void decode_block_scaled(const uint8_t* src, float* dst, const Layout& f,
     const float s = f.scales[p[f.block_bytes - 1]] * tensor_scale;
     if (f.bits == 8) {
       decode_fp8<true>(p, tmp, f.block);
+#ifdef MAIA_F16C
+    } else if (f.fp4_tops && f.block % 16 == 0 && (b + 1) * f.block <= f.head_dim) {  // a whole block
+      const __m128i top = _mm_loadu_si128(reinterpret_cast<const __m128i*>(f.fp4_top));
+      for (int64_t j = 0; j < f.block; j += 16) decode_fp4_x16(p + j / 2, dst + b * f.block + j, top, s);
+      continue;
+#endif
     } else if (f.bits == 4) {
       for (int64_t j = 0; j < f.block / 2; ++j) {
         const float* pair = f.elements + 2 * p[j];
@@ -115,6 +171,25 @@ inline void decode_block_scaled(const uint8_t* src, float* dst, const Layout& f,
     const int64_t n = std::min(f.block, f.head_dim - b * f.block);
     for (int64_t i = 0; i < n; ++i) dst[b * f.block + i] = tmp[i] * s;
   }
+}
+
+// The FP16 top byte of each FP4 code's value, read from the pair table (a byte whose high nibble is
+// zero holds its low nibble's value first); false if some value is not FP16 with a zero low byte.
+inline bool fp4_tops(const float* pairs, uint8_t* top) {
+#ifdef MAIA_F16C
+  for (int code = 0; code < 16; ++code) {
+    const float value = pairs[2 * code];
+    const uint16_t half = _cvtss_sh(value, _MM_FROUND_TO_NEAREST_INT);
+    if ((half & 0xFF) || _cvtsh_ss(half) != value || std::signbit(_cvtsh_ss(half)) != std::signbit(value))
+      return false;
+    top[code] = static_cast<uint8_t>(half >> 8);
+  }
+  return true;
+#else
+  (void)pairs;
+  (void)top;
+  return false;
+#endif
 }
 
 template <typename T>
@@ -249,9 +324,10 @@ void paged_attention(torch::Tensor out, torch::Tensor query, torch::Tensor key_c
   // This library's OpenMP runtime may not be torch's: use as many threads as torch was told to.
   omp_set_num_threads(at::get_num_threads());
 #endif
-  const Layout f{kind, query.size(2), key_cache.size(3), bits, block, block_bytes,
-                 elements.numel() ? elements.data_ptr<float>() : nullptr,
-                 scales.numel() ? scales.data_ptr<float>() : nullptr};
+  Layout f{kind, query.size(2), key_cache.size(3), bits, block, block_bytes,
+           elements.numel() ? elements.data_ptr<float>() : nullptr,
+           scales.numel() ? scales.data_ptr<float>() : nullptr};
+  if (kind == kBlockScaled && bits == 4) f.fp4_tops = fp4_tops(f.elements, f.fp4_top);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "maia_paged_attention", [&] {
     attend<scalar_t>(out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, f, k_scale,
                      v_scale, causal, window);
