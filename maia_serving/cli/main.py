@@ -13,7 +13,7 @@ from pathlib import Path
 from maia_serving.emulator.cost import ALL2ALL_BACKENDS, FUSIONS
 from maia_serving.emulator.hardware import host_profile_path, load_profile, profile_names
 from maia_serving.emulator.memory import MemoryPlan, ServingConfig, kv_bits_per_value, plan_memory, suggest
-from maia_serving.emulator.model_shape import KV_CACHE_DTYPES, builtin_model_names, load_model_shape
+from maia_serving.emulator.model_shape import KV_CACHE_DTYPES, builtin_model_names, load_model_shape, with_expert_load
 from maia_serving.emulator.units import format_bytes
 from maia_serving.models.demo import FAMILIES as DEMO_FAMILIES
 
@@ -144,13 +144,31 @@ def _simulate_table(rows: list[dict]) -> str:
     return _table(table)
 
 
+def _routed_model(args: argparse.Namespace):
+    """The model shape, priced with ``--expert-load``'s measured routing where given."""
+    model = load_model_shape(args.model)
+    return with_expert_load(model, args.expert_load) if args.expert_load else model
+
+
+def _routing_words(model) -> str:
+    load = model.moe.load if model.moe else None
+    return f", expert routing measured ({load.source})" if load else ""
+
+
+def _add_expert_load(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--expert-load", metavar="FILE",
+                   help="MoE models: measured routing, JSON {\"source\": ..., \"layers\": [[tokens per expert, ...], "
+                        "...]} (one list for all layers or one per MoE layer); default: every expert alike")
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from maia_serving.emulator.memory import NotEnoughMemory
     from maia_serving.emulator.report import SLO, refused, summarize, write_chrome_trace, write_plot
     from maia_serving.emulator.simulate import simulate_device
 
-    model = load_model_shape(args.model)
+    model = _routed_model(args)
     requests, described = _simulate_workload(args)
+    described += _routing_words(model)
     config = replace(_serving_config(args), max_num_batched_tokens=args.max_num_batched_tokens,
                      max_num_seqs=args.max_num_seqs)
     if args.weight_dtype != "auto":
@@ -214,9 +232,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from maia_serving.emulator.plan import plan, write_plots
     from maia_serving.emulator.report import SLO
 
-    model = load_model_shape(args.model)
+    model = _routed_model(args)
     args.trace = None
     requests, described = _simulate_workload(args)
+    described += _routing_words(model)
     config = ServingConfig(kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len,
                            gpu_memory_utilization=args.gpu_memory_utilization,
                            max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
@@ -396,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help=f"model directory, config.json, or one of: {models}")
     p.add_argument("--profile", "--device", dest="profile", nargs="+", default=["maia100", "maia200", "h100-sxm"],
                    help="device profiles to compare; --device is the old spelling")
+    _add_expert_load(p)
     _add_parallel(p)
     p.add_argument("--weight-dtype", default="auto",
                    help="the linear layers' storage (bf16, fp8, int4, mxfp4, ...); auto: the checkpoint's")
@@ -433,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help=f"model directory, config.json, or one of: {models}")
     p.add_argument("--device", "--profile", dest="profile", nargs="+", required=True,
                    help="device profiles to compare, topology variants included (h100-sxm@pcie; see `profiles`)")
+    _add_expert_load(p)
     p.add_argument("--num-devices", type=int, required=True,
                    help="chips per layout: every tp x pp = N is tried (a MoE model: every tp x pp x dp, with and "
                         "without expert parallelism)")

@@ -447,7 +447,8 @@ def attention_floor_s(item_bytes: float, units: int, bytes_per_s: float) -> floa
     return item_bytes * units / bytes_per_s
 
 
-def expert_imbalance(tokens: float, top_k: int, chips: int, experts_per_chip: float) -> float:
+def expert_imbalance(tokens: float, top_k: int, chips: int, experts_per_chip: float,
+                     chip_shares: tuple[tuple[float, ...], ...] | None = None) -> float:
     """How many times the mean routed rows the busiest of ``chips`` expert-parallel chips runs, when ``tokens``
     tokens each pick ``top_k`` experts uniformly and every chip holds ``experts_per_chip`` of them.
 
@@ -457,13 +458,18 @@ def expert_imbalance(tokens: float, top_k: int, chips: int, experts_per_chip: fl
     probability ``1 / chips`` (mean ``mu``, deviation ``sigma``); the largest of ``chips`` such sums is about
     ``mu + sigma sqrt(2 ln chips)`` (the Gaussian maximum), and no chip can run more than each token's
     ``min(top_k, experts_per_chip)`` rows. Uniform routing is the best case: real routers favour some experts.
+    ``chip_shares`` (``routing.ExpertLoad.chip_shares``: per layer, each chip's share of the draws) prices a
+    measured routing: each chip's sum has its own mean and deviation, the busiest is the largest of
+    ``mu_c + sigma_c sqrt(2 ln chips)`` (an upper estimate where one chip is far the hottest), averaged over
+    the layers. Without it every chip's share is ``1 / chips``.
     """
     if chips <= 1 or tokens <= 0:
         return 1.0
-    draws, p = tokens * top_k, 1.0 / chips
-    mean = draws * p
-    busiest = mean + math.sqrt(draws * p * (1 - p) * 2 * math.log(chips))
-    return max(1.0, min(busiest, tokens * min(top_k, experts_per_chip)) / mean)
+    draws, spread = tokens * top_k, math.sqrt(2 * math.log(chips))
+    mean, cap = draws / chips, tokens * min(top_k, experts_per_chip)
+    factors = [max(1.0, min(cap, max(draws * p + math.sqrt(draws * p * (1 - p)) * spread for p in layer)) / mean)
+               for layer in (chip_shares or ((1.0 / chips,) * chips,))]
+    return sum(factors) / len(factors)
 
 
 def exposed_host_s(host_s: float, device_s: float) -> float:
@@ -530,6 +536,8 @@ class CostModel:
         self._routed = tuple(parallel.ep and model.moe is not None and parallel.moe_ranks > 1
                              and t.name.startswith("experts.") for t in self.terms)
         self._any_routed = any(self._routed)
+        load = model.moe.load if model.moe else None
+        self._chip_shares = load.chip_shares(self._expert_ranks) if self._any_routed and load else None
         replica, node = parallel.tp * parallel.pp, self._net.node_chips
         self._dp_per_node = max(1, node // replica)
         self._ep_per_node = min(parallel.tp, node) if replica >= node else node // replica * parallel.tp
@@ -647,9 +655,14 @@ class CostModel:
             return StepCost(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, ())
         seqs = len(new_tokens)
         moe = self.model.moe
-        experts = moe.experts_touched(tokens * self.parallel.dp) / self._expert_ranks if moe else 0.0
+        experts = 0.0
+        if moe and self._chip_shares is not None:  # measured routing under EP: the chip that reads the most
+            experts = moe.load.busiest_chip_touched(tokens * self.parallel.dp, self._expert_ranks)
+        elif moe:
+            experts = moe.experts_touched(tokens * self.parallel.dp) / self._expert_ranks
         busiest = tokens * expert_imbalance(tokens * self.parallel.dp, moe.top_k, self._expert_ranks,
-                                            moe.num_experts / self._expert_ranks) if self._any_routed else tokens
+                                            moe.num_experts / self._expert_ranks,
+                                            self._chip_shares) if self._any_routed else tokens
         gemm = self._gemm
         # Tokens of KV the longest attention work item streams, in full and in sliding-window layers.
         item_tokens = min(longest, split)

@@ -28,6 +28,7 @@ from typing import Any
 
 from maia_serving.emulator import precision, quantization
 from maia_serving.emulator.precision import Precision, WeightQuant
+from maia_serving.emulator.routing import ExpertLoad, load_expert_load
 
 # `--kv-cache-dtype` values the emulator accepts (the block-scaled MX/NVFP4 formats too); "auto" stores
 # the KV cache in the model's dtype.
@@ -52,10 +53,14 @@ class MoE:
     expert_bias: bool = False  # gpt-oss
     router_bias: bool = False  # gpt-oss
     shared_expert_gate: bool = False  # Qwen2-MoE: one sigmoid output gating the shared expert
+    load: ExpertLoad | None = None  # measured routing (routing.py); None: each expert alike
 
     def experts_touched(self, tokens: float) -> float:
         """Expected distinct experts of a layer that ``tokens`` tokens route to, each to ``top_k`` of
-        ``num_experts`` chosen uniformly: E (1 - (1 - k/E)^T). What a step reads of the expert weights."""
+        ``num_experts`` chosen uniformly: E (1 - (1 - k/E)^T), or as ``load`` measured them. What a
+        step reads of the expert weights."""
+        if self.load is not None:
+            return self.load.experts_touched(tokens)
         return self.num_experts * (1.0 - (1.0 - self.top_k / self.num_experts) ** tokens)
 
 
@@ -424,6 +429,14 @@ def shape_from_config(config: dict[str, Any], name: str = "model") -> ModelShape
 def builtin_model_names() -> list[str]:
     folder = resources.files("maia_serving.emulator") / "models"
     return sorted(Path(str(p)).stem for p in folder.iterdir() if str(p).endswith(".json"))
+
+
+def with_expert_load(model: ModelShape, path: str | Path) -> ModelShape:
+    """``model`` priced with the routing measured in ``path`` (``routing.py``: the file's format)."""
+    if model.moe is None:
+        raise ValueError(f"--expert-load {path}: {model.name} has no routed experts (a dense model)")
+    load = load_expert_load(path, model.moe.num_experts, model.moe.top_k, model.num_moe_layers)
+    return replace(model, moe=replace(model.moe, load=load))
 
 
 def load_model_shape(spec: str | Path) -> ModelShape:

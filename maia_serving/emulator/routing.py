@@ -1,0 +1,109 @@
+"""Measured expert routing: how often each expert of a MoE layer is chosen, from a file.
+
+Why: the cost model's uniform routing is the best case for expert parallelism and the worst for the
+weights a step reads. Real routers favour some experts, per layer: without expert parallelism a hot
+expert's weights serve more tokens, so a decode step touches fewer distinct experts and reads less;
+with it the chip that holds the hot experts runs more rows than the mean, and the layer waits for it.
+``--expert-load FILE`` on ``simulate`` and ``plan`` prices a measured histogram instead.
+
+The file is JSON: ``{"source": "...", "layers": [[count, ...], ...]}``, one list per MoE layer (or a
+single list for all layers) of how many tokens chose each expert, ``num_experts`` counts each, from
+any run of the model on representative text: vLLM's expert-parallel load balancer keeps them
+(``--enable-eplb``), so does any router hook. Counts are normalized per layer to each expert's
+probability of being among a token's ``top_k`` (they sum to ``top_k``). Refused, by name: a number of
+layer lists other than one or the model's MoE layers, a list of another length than its experts,
+negative, non-finite or all-zero counts, and an expert with more than ``1 / top_k`` of a layer's
+choices (a top-k router picks an expert at most once a token).
+
+Placement follows vLLM's default (``--expert-placement-strategy linear``): chip ``c`` of ``chips``
+holds experts ``c * ceil(E / chips)`` up to the next chip's first (the last chips may hold fewer).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ExpertLoad:
+    """Per MoE layer, each expert's probability of being among a token's ``top_k`` (sums to top_k)."""
+
+    shares: tuple[tuple[float, ...], ...]
+    source: str = ""
+    # Per token count, what a step asks of it: a simulation asks for the same few counts thousands of times,
+    # and a model of 256 experts in 58 layers would cost 15,000 powers a step.
+    _memo: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def experts_touched(self, tokens: float) -> float:
+        """Expected distinct experts a layer's ``tokens`` route to, averaged over layers:
+        sum over experts of ``1 - (1 - p)^T`` (the uniform case is ``E (1 - (1 - k/E)^T)``)."""
+        key = ("touched", tokens)
+        if key not in self._memo:
+            self._memo[key] = sum(sum(1.0 - (1.0 - p) ** tokens for p in layer)
+                                  for layer in self.shares) / len(self.shares)
+        return self._memo[key]
+
+    def busiest_chip_touched(self, tokens: float, chips: int) -> float:
+        """Under expert parallelism, the distinct experts the chip touching most of its own reads, per layer,
+        averaged over layers: the layer waits for that chip's weights (uniform routing: the mean chip's)."""
+        key = ("busiest", tokens, chips)
+        if key not in self._memo:
+            total = 0.0
+            for layer in self.shares:
+                per_chip = -(-len(layer) // chips)
+                total += max(sum(1.0 - (1.0 - p) ** tokens for p in layer[c * per_chip:(c + 1) * per_chip])
+                             for c in range(chips))
+            self._memo[key] = total / len(self.shares)
+        return self._memo[key]
+
+    def chip_shares(self, chips: int) -> tuple[tuple[float, ...], ...]:
+        """Per layer, the fraction of the routed rows each chip's experts receive (linear placement)."""
+        per_layer = []
+        for layer in self.shares:
+            per_chip, total = -(-len(layer) // chips), sum(layer)
+            per_layer.append(tuple(sum(layer[c * per_chip:(c + 1) * per_chip]) / total for c in range(chips)))
+        return tuple(per_layer)
+
+
+def uniform(num_experts: int, top_k: int, layers: int = 1) -> ExpertLoad:
+    return ExpertLoad(((top_k / num_experts,) * num_experts,) * layers, "uniform")
+
+
+def from_counts(counts: list, num_experts: int, top_k: int, moe_layers: int, where: str = "expert load") -> ExpertLoad:
+    """Validate and normalize ``counts`` (one list, or one per MoE layer) for a model's MoE layers."""
+    layers = counts if counts and isinstance(counts[0], list) else [counts]
+    if len(layers) not in (1, moe_layers):
+        raise ValueError(f"{where}: {len(layers)} layer lists for a model with {moe_layers} MoE layers; give one "
+                         f"list for all layers or one per MoE layer")
+    shares = []
+    for i, layer in enumerate(layers):
+        if len(layer) != num_experts or not all(isinstance(c, (int, float)) for c in layer):
+            raise ValueError(f"{where}: layer {i} has {len(layer)} entries; the model has {num_experts} experts, "
+                             f"and each entry is a token count")
+        if any(not math.isfinite(c) or c < 0 for c in layer) or not sum(layer):
+            raise ValueError(f"{where}: layer {i}'s counts must be finite, non-negative and not all zero")
+        total = sum(layer)
+        hot = max(range(num_experts), key=layer.__getitem__)
+        if top_k * layer[hot] > total * (1 + 1e-9):
+            raise ValueError(f"{where}: layer {i}'s expert {hot} has {layer[hot]} of {total} choices, more than "
+                             f"1/top_k = 1/{top_k} of them, which a top-{top_k} router cannot make (each token "
+                             "picks an expert once); are these counts of another model?")
+        shares.append(tuple(top_k * c / total for c in layer))
+    return ExpertLoad(tuple(shares))
+
+
+def load_expert_load(path: str | Path, num_experts: int, top_k: int, moe_layers: int) -> ExpertLoad:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--expert-load {path}: no such file (a JSON file of per-expert token counts)")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--expert-load {path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("layers"), list) or not data["layers"]:
+        raise ValueError(f"--expert-load {path}: expected {{\"source\": ..., \"layers\": [[count, ...], ...]}}")
+    load = from_counts(data["layers"], num_experts, top_k, moe_layers, f"--expert-load {path}")
+    return ExpertLoad(load.shares, str(data.get("source", path.name)))
