@@ -8,8 +8,8 @@ with it the chip that holds the hot experts runs more rows than the mean, and th
 
 The file is JSON: ``{"source": "...", "layers": [[count, ...], ...]}``, one list per MoE layer (or a
 single list for all layers) of how many tokens chose each expert, ``num_experts`` counts each, from
-any run of the model on representative text: vLLM's expert-parallel load balancer keeps them
-(``--enable-eplb``), so does any router hook. Counts are normalized per layer to each expert's
+any run of the model on representative text (vLLM's expert-parallel load balancer, ``--enable-eplb``,
+counts them as it serves; a forward hook on the router gives them too). Counts are normalized per layer to each expert's
 probability of being among a token's ``top_k`` (they sum to ``top_k``). Refused, by name: a number of
 layer lists other than one or the model's MoE layers, a list of another length than its experts,
 negative, non-finite or all-zero counts, and an expert with more than ``1 / top_k`` of a layer's
@@ -66,10 +66,6 @@ class ExpertLoad:
             per_chip, total = -(-len(layer) // chips), sum(layer)
             per_layer.append(tuple(sum(layer[c * per_chip:(c + 1) * per_chip]) / total for c in range(chips)))
         return tuple(per_layer)
-
-
-def uniform(num_experts: int, top_k: int, layers: int = 1) -> ExpertLoad:
-    return ExpertLoad(((top_k / num_experts,) * num_experts,) * layers, "uniform")
 
 
 def from_counts(counts: list, num_experts: int, top_k: int, moe_layers: int, where: str = "expert load") -> ExpertLoad:
