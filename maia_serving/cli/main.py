@@ -370,6 +370,25 @@ def cmd_qat_kv(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_route_stats(args: argparse.Namespace) -> int:
+    from maia_serving.models.qat import training_split_files
+    from maia_serving.models.route_stats import route_counts
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out} exists; pass --overwrite to replace it")
+    data = [Path(f) for f in args.data] if args.data else training_split_files()
+    counts = route_counts(Path(args.model), data, args.max_tokens)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(counts) + "\n")
+    tmp.replace(out)
+    busiest = max(max(layer) * counts["top_k"] / sum(layer) for layer in counts["layers"])
+    print(f"expert choices of {counts['tokens']} tokens in {len(counts['layers'])} MoE layers written to {out} "
+          f"(the most chosen expert of any layer is among {busiest:.0%} of the tokens' top-{counts['top_k']}); "
+          f"price them with `maia-serving simulate --expert-load {out}`")
+    return 0
+
+
 def _add_all2all(p: argparse.ArgumentParser) -> None:
     p.add_argument("--all2all-backend", choices=ALL2ALL_BACKENDS, default=ALL2ALL_BACKENDS[0],
                    help="how a MoE layer's tokens reach the experts of other data-parallel replicas (vLLM's flag)")
@@ -516,6 +535,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["e4m3", "e5m2"], default="e4m3", help="FP8 format of the KV cache")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out whole")
     p.set_defaults(func=cmd_calibrate_kv)
+
+    p = sub.add_parser("route-stats", help="count which experts a MoE checkpoint's routers choose on some text: "
+                                           "the --expert-load file of simulate and plan")
+    p.add_argument("--model", required=True, help="MoE model directory (config.json + safetensors); only read")
+    p.add_argument("--data", nargs="+",
+                   help="text file(s) to route (default: the stdlib sources train-model trained on)")
+    p.add_argument("--max-tokens", type=int, default=65536, help="tokens of the text to route (default 65536)")
+    p.add_argument("--out", required=True, help="the JSON file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_route_stats)
 
     p = sub.add_parser("qat-kv", help="fine-tune a model with its KV cache fake-quantized (QAT); write a checkpoint "
                                       "that serves with that KV format")
