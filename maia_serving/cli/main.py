@@ -384,7 +384,8 @@ def cmd_route_stats(args: argparse.Namespace) -> int:
     tmp.replace(out)
     busiest = max(max(layer) * counts["top_k"] / sum(layer) for layer in counts["layers"])
     print(f"expert choices of {counts['tokens']} tokens in {len(counts['layers'])} MoE layers written to {out} "
-          f"(the most chosen expert of any layer is among {busiest:.0%} of the tokens' top-{counts['top_k']}); "
+          f"(the most chosen expert of any layer is chosen by {busiest:.0%} of the tokens, uniform routing's "
+          f"{counts['top_k'] / len(counts['layers'][0]):.0%}); "
           f"price them with `maia-serving simulate --expert-load {out}`")
     return 0
 
