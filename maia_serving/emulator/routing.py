@@ -51,24 +51,23 @@ class ExpertLoad:
         averaged over layers: the layer waits for that chip's weights (uniform routing: the mean chip's)."""
         key = ("busiest", tokens, chips)
         if key not in self._memo:
-            total = 0.0
-            for layer in self.shares:
-                per_chip = -(-len(layer) // chips)
-                total += max(sum(1.0 - (1.0 - p) ** tokens for p in layer[c * per_chip:(c + 1) * per_chip])
-                             for c in range(chips))
-            self._memo[key] = total / len(self.shares)
+            self._memo[key] = sum(max(sum(1.0 - (1.0 - p) ** tokens for p in chip) for chip in _placed(layer, chips))
+                                  for layer in self.shares) / len(self.shares)
         return self._memo[key]
 
     def chip_shares(self, chips: int) -> tuple[tuple[float, ...], ...]:
         """Per layer, the fraction of the routed rows each chip's experts receive (linear placement)."""
-        per_layer = []
-        for layer in self.shares:
-            per_chip, total = -(-len(layer) // chips), sum(layer)
-            per_layer.append(tuple(sum(layer[c * per_chip:(c + 1) * per_chip]) / total for c in range(chips)))
-        return tuple(per_layer)
+        return tuple(tuple(sum(chip) / sum(layer) for chip in _placed(layer, chips)) for layer in self.shares)
 
 
-def from_counts(counts: list, num_experts: int, top_k: int, moe_layers: int, where: str = "expert load") -> ExpertLoad:
+def _placed(layer: tuple[float, ...], chips: int) -> list[tuple[float, ...]]:
+    """A layer's per-expert values as each of ``chips`` holds them: vLLM's linear placement (module doc)."""
+    per_chip = -(-len(layer) // chips)
+    return [layer[c * per_chip:(c + 1) * per_chip] for c in range(chips)]
+
+
+def from_counts(counts: list, num_experts: int, top_k: int, moe_layers: int, where: str = "expert load",
+                source: str = "") -> ExpertLoad:
     """Validate and normalize ``counts`` (one list, or one per MoE layer) for a model's MoE layers."""
     layers = counts if counts and isinstance(counts[0], list) else [counts]
     if len(layers) not in (1, moe_layers):
@@ -79,16 +78,16 @@ def from_counts(counts: list, num_experts: int, top_k: int, moe_layers: int, whe
         if len(layer) != num_experts or not all(isinstance(c, (int, float)) for c in layer):
             raise ValueError(f"{where}: layer {i} has {len(layer)} entries; the model has {num_experts} experts, "
                              f"and each entry is a token count")
-        if any(not math.isfinite(c) or c < 0 for c in layer) or not sum(layer):
-            raise ValueError(f"{where}: layer {i}'s counts must be finite, non-negative and not all zero")
         total = sum(layer)
+        if any(not math.isfinite(c) or c < 0 for c in layer) or not total:
+            raise ValueError(f"{where}: layer {i}'s counts must be finite, non-negative and not all zero")
         hot = max(range(num_experts), key=layer.__getitem__)
         if top_k * layer[hot] > total * (1 + 1e-9):
             raise ValueError(f"{where}: layer {i}'s expert {hot} has {layer[hot]} of {total} choices, more than "
                              f"1/top_k = 1/{top_k} of them, which a top-{top_k} router cannot make (each token "
                              "picks an expert once); are these counts of another model?")
         shares.append(tuple(top_k * c / total for c in layer))
-    return ExpertLoad(tuple(shares))
+    return ExpertLoad(tuple(shares), source)
 
 
 def load_expert_load(path: str | Path, num_experts: int, top_k: int, moe_layers: int) -> ExpertLoad:
@@ -101,5 +100,5 @@ def load_expert_load(path: str | Path, num_experts: int, top_k: int, moe_layers:
         raise ValueError(f"--expert-load {path} is not valid JSON ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("layers"), list) or not data["layers"]:
         raise ValueError(f"--expert-load {path}: expected {{\"source\": ..., \"layers\": [[count, ...], ...]}}")
-    load = from_counts(data["layers"], num_experts, top_k, moe_layers, f"--expert-load {path}")
-    return ExpertLoad(load.shares, str(data.get("source", path.name)))
+    return from_counts(data["layers"], num_experts, top_k, moe_layers, f"--expert-load {path}",
+                       str(data.get("source", path.name)))

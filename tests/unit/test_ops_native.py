@@ -187,13 +187,24 @@ def test_the_kernel_decodes_every_fp8_code_as_torch_does(native_host_path, fmt):
     from maia_serving.ops.fp8 import resolve_kv_cache_dtype
 
     codes = torch.arange(256, dtype=torch.uint8)
-    key_cache = torch.zeros(1, 16, 1, 256, dtype=torch.uint8)
-    value_cache = torch.zeros(1, 16, 1, 256, dtype=torch.uint8)
-    value_cache[0, 0, 0] = codes
-    query = torch.ones(1, 1, 256)
+    got = _attended_value_row(codes, 256, fmt, 1.0)
+    _assert_same_values(got, codes.view(resolve_kv_cache_dtype(fmt).torch_dtype).float())
+
+
+def _attended_value_row(row: torch.Tensor, head_dim: int, fmt: str, scale: float | None) -> torch.Tensor:
+    """What one query of ones reads from a cache whose only key's value row holds ``row``'s bytes: that row,
+    as the kernel decodes it (one key: softmax weight 1)."""
+    key_cache = torch.zeros(1, 16, 1, row.numel(), dtype=torch.uint8)
+    value_cache = key_cache.clone()
+    value_cache[0, 0, 0] = row
+    query = torch.ones(1, 1, head_dim)
     tables, lens, starts = torch.tensor([[0]]), torch.tensor([1]), torch.tensor([0, 1])
-    out = host.paged_attention_host(query, key_cache, value_cache, tables, lens, starts, 1.0, fmt, 1.0, 1.0)
-    got, expected = out.view(-1), codes.view(resolve_kv_cache_dtype(fmt).torch_dtype).float()
+    return host.paged_attention_host(query, key_cache, value_cache, tables, lens, starts, 1.0, fmt, scale,
+                                     scale).view(-1)
+
+
+def _assert_same_values(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal values, NaN where expected has NaN."""
     nan = expected.isnan()
     assert torch.equal(got.isnan(), nan)
     assert torch.equal(got[~nan], expected[~nan])
@@ -216,15 +227,6 @@ def test_the_kernel_decodes_every_block_scaled_code_as_the_reference(native_host
     blocks = torch.cat([elements.view(-1, per_block), scale_bytes], 1)
     head_dim = 256 * 8 // spec.element.bits
     assert blocks.numel() == head_bytes(fmt, head_dim)
-    key_cache = torch.zeros(1, 16, 1, blocks.numel(), dtype=torch.uint8)
-    value_cache = key_cache.clone()
-    value_cache[0, 0, 0] = blocks.flatten()
-    query = torch.ones(1, 1, head_dim)
-    tables, lens, starts = torch.tensor([[0]]), torch.tensor([1]), torch.tensor([0, 1])
     tensor_scale = 1.0 if spec.scale == "e4m3" else None
-    out = host.paged_attention_host(query, key_cache, value_cache, tables, lens, starts, 1.0, fmt, tensor_scale,
-                                    tensor_scale)
-    got, expected = out.view(-1), dequantize_mx_ref(value_cache[0, 0], fmt, head_dim, tensor_scale).view(-1)
-    nan = expected.isnan()
-    assert torch.equal(got.isnan(), nan)
-    assert torch.equal(got[~nan], expected[~nan])
+    got = _attended_value_row(blocks.flatten(), head_dim, fmt, tensor_scale)
+    _assert_same_values(got, dequantize_mx_ref(blocks.flatten()[None], fmt, head_dim, tensor_scale).view(-1))
