@@ -119,6 +119,7 @@ def _text(value: str) -> str:
 MAIA_SERVING_DEVICE = "MAIA_SERVING_DEVICE"
 MAIA_SERVING_PROFILE = "MAIA_SERVING_PROFILE"
 MAIA_SERVING_MODEL = "MAIA_SERVING_MODEL"
+MAIA_SERVING_EXPERT_LOAD = "MAIA_SERVING_EXPERT_LOAD"
 MAIA_SERVING_LOG_INTERVAL_S = "MAIA_SERVING_LOG_INTERVAL_S"
 MAIA_SERVING_PACE = "MAIA_SERVING_PACE"
 MAIA_SERVING_ATTENTION = "MAIA_SERVING_ATTENTION"
@@ -146,6 +147,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "path or a model folder; or unset", "a proxy shape when the engine's own configuration names none: "
             "every step is priced and the emulated KV cache sized as this model, while the served (small) model "
             "runs on the host; unset: the served model itself"),
+    Setting(MAIA_SERVING_EXPERT_LOAD, "", _text, "a JSON file of per-expert token counts (`maia-serving "
+            "route-stats` writes one; `simulate --expert-load` reads the same); or unset",
+            "the measured routing a MoE priced model is charged with when the engine's own configuration names "
+            "none (vLLM: `--additional-config maia_expert_load`); unset: uniform routing"),
     Setting(MAIA_SERVING_LOG_INTERVAL_S, "10", _number(0, 86400, low_open=False), "seconds, 0 (every step) to 86400",
             "how often the engine logs its `Maia emulation [profile]` line"),
     Setting(MAIA_SERVING_PACE, "0", _flag, "0 or 1",
@@ -238,6 +243,11 @@ def profile_name(configured: str | None = None) -> str:
 def priced_model(configured: str | None = None) -> str | None:
     """The shape to price instead of the served model (the engine's setting, else MAIA_SERVING_MODEL), or None."""
     return str(configured or get(MAIA_SERVING_MODEL)) or None
+
+
+def expert_load(configured: str | None = None) -> str | None:
+    """The routing file to price the MoE layers with (the engine's setting, else MAIA_SERVING_EXPERT_LOAD), or None."""
+    return str(configured or get(MAIA_SERVING_EXPERT_LOAD)) or None
 
 
 def gib_bytes(name: str) -> int:

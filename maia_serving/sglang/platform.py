@@ -139,7 +139,7 @@ def _size_kv_pool(server_args) -> None:
     from maia_serving.emulator.memory import SGLANG_FLAGS
     from maia_serving.emulator.units import format_bytes
     from maia_serving.serving.host_fit import check_host
-    from maia_serving.serving.priced_model import engine_kv_tokens
+    from maia_serving.serving.priced_model import engine_kv_tokens, routing_note
     from maia_serving.sglang.device import build_device, host_plan
 
     device = build_device(server_args)  # raises NotEnoughMemory with what would fit
@@ -153,6 +153,9 @@ def _size_kv_pool(server_args) -> None:
     if plan.model != served.model:
         logger.info("Maia proxy shape: every step is priced, and the emulated KV cache sized, as %s on %s; "
                     "the host runs %s.", plan.model, plan.profile, served.model)
+    note = routing_note(device.cost_model.model)
+    if note:
+        logger.info(note)
     logger.info(
         "Maia KV cache: emulated %s holds %d tokens of %s (%.2f GiB) after %s of weights; the host "
         "gives at most %.2f GiB (%s), so the engine gets %d tokens (%.2f GiB).",

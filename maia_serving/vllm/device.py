@@ -57,11 +57,15 @@ def serving_config(vllm_config: VllmConfig) -> ServingConfig:
 
 def build_device(vllm_config: VllmConfig) -> EmulatedDevice:
     """The emulated device this engine runs on, priced as the served model or the proxy shape
-    ``maia_model`` names; NotEnoughMemory if that model does not fit."""
+    ``maia_model`` names (routed as ``maia_expert_load`` counts, if set); NotEnoughMemory if that
+    model does not fit."""
     profile = load_profile(envs.profile_name(vllm_config.additional_config.get("maia_profile")))
     configured = vllm_config.additional_config.get("maia_model")
     setting = "--additional-config maia_model" if configured else envs.MAIA_SERVING_MODEL
-    model = priced_shape(served_shape(vllm_config), envs.priced_model(configured), setting)
+    configured_load = vllm_config.additional_config.get("maia_expert_load")
+    load_setting = "--additional-config maia_expert_load" if configured_load else envs.MAIA_SERVING_EXPERT_LOAD
+    model = priced_shape(served_shape(vllm_config), envs.priced_model(configured), setting,
+                         envs.expert_load(configured_load), load_setting)
     return EmulatedDevice.fit(profile, model, serving_config(vllm_config))
 
 

@@ -20,7 +20,7 @@ DEMO = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_si
 
 @pytest.fixture
 def server_args(tmp_path, monkeypatch):
-    for name in (envs.MAIA_SERVING_MODEL, envs.MAIA_SERVING_HOST_KV_GIB):
+    for name in (envs.MAIA_SERVING_MODEL, envs.MAIA_SERVING_HOST_KV_GIB, envs.MAIA_SERVING_EXPERT_LOAD):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv(envs.MAIA_SERVING_PROFILE, "maia200")
     (tmp_path / "config.json").write_text(json.dumps(DEMO))
@@ -59,4 +59,21 @@ def test_the_host_cap_counts_the_served_model_s_bytes(server_args, monkeypatch):
 def test_an_unknown_proxy_names_the_variable_and_the_choices(server_args, monkeypatch):
     monkeypatch.setenv(envs.MAIA_SERVING_MODEL, "llama-9-9b")
     with pytest.raises(ValueError, match="^MAIA_SERVING_MODEL='llama-9-9b': no model config .* llama-3-70b"):
+        build_device(server_args)
+
+
+def test_the_proxy_is_routed_as_the_expert_load_file_counts(server_args, monkeypatch, tmp_path):
+    from maia_serving.serving.priced_model import routing_note
+
+    load = tmp_path / "load.json"
+    load.write_text(json.dumps({"source": "a hot expert", "layers": [80, 20, 20, 20, 20, 20, 10, 10]}))
+    monkeypatch.setenv(envs.MAIA_SERVING_MODEL, "mixtral-8x7b")
+    assert routing_note(build_device(server_args).cost_model.model) is None  # uniform routing: nothing to say
+    monkeypatch.setenv(envs.MAIA_SERVING_EXPERT_LOAD, str(load))
+    model = build_device(server_args).cost_model.model
+    assert model.moe.load.source == "a hot expert"
+    assert routing_note(model) == ("Maia routing: mixtral-8x7b's MoE layers are priced with the measured expert "
+                                   "load of a hot expert (not uniform routing).")
+    load.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="^MAIA_SERVING_EXPERT_LOAD='.*load.json': --expert-load .*expected"):
         build_device(server_args)

@@ -1,5 +1,6 @@
 """vllm/device.py: the emulated device from vLLM's config, priced as the served model or a proxy shape."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -56,3 +57,22 @@ def test_the_vllm_adapter_prices_replicas_and_expert_parallelism_as_vllm_is_give
     config.parallel_config.data_parallel_size = 1  # one replica: the backend is never used, so never checked
     config.parallel_config.all2all_backend = "mori_low_latency"
     assert build_device(config).cost_model.parallel == Parallel(ep=True)
+
+
+def test_the_vllm_adapter_routes_the_proxy_as_maia_expert_load_counts(monkeypatch, tmp_path):
+    """maia_expert_load (else MAIA_SERVING_EXPERT_LOAD) reaches the cost model; a bad file or a dense model is
+    refused naming the spelling the user gave."""
+    monkeypatch.delenv(envs.MAIA_SERVING_EXPERT_LOAD, raising=False)
+    load = tmp_path / "load.json"
+    load.write_text(json.dumps({"source": "a hot expert", "layers": [80, 20, 20, 20, 20, 20, 10, 10]}))
+    config = _vllm_config({"maia_profile": "maia200", "maia_model": "mixtral-8x7b", "maia_expert_load": str(load)})
+    routed = build_device(config).cost_model.model.moe
+    assert routed.load.source == "a hot expert" and routed.load.shares[0][0] == pytest.approx(2 * 80 / 200)
+    del config.additional_config["maia_expert_load"]
+    assert build_device(config).cost_model.model.moe.load is None  # uniform by default
+    monkeypatch.setenv(envs.MAIA_SERVING_EXPERT_LOAD, str(tmp_path / "none.json"))
+    with pytest.raises(ValueError, match="^MAIA_SERVING_EXPERT_LOAD='.*none.json': --expert-load .*no such file"):
+        build_device(config)
+    config.additional_config.update(maia_model="llama-3-8b", maia_expert_load=str(load))
+    with pytest.raises(ValueError, match="^--additional-config maia_expert_load=.*llama-3-8b has no routed experts"):
+        build_device(config)
