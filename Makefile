@@ -54,7 +54,7 @@ bench: setup
 	cd benchmarks && ../$(PY) kv_capacity.py
 	cd benchmarks && ../$(PY) kv_accuracy.py
 	cd benchmarks && ../$(PY) kernels_bench.py
-	cd benchmarks && ../$(PY) simulator_speed.py
+	cd benchmarks && ../$(PY) simulator_speed.py --moe
 	cd benchmarks && ../$(PY) fidelity.py
 	cd benchmarks && ../$(PY) live_vs_simulate.py
 	cd benchmarks && ../$(PY) live_arrivals.py

@@ -538,9 +538,24 @@ class CostModel:
         self._any_routed = any(self._routed)
         load = model.moe.load if model.moe else None
         self._chip_shares = load.chip_shares(self._expert_ranks) if self._any_routed and load else None
+        # Per term, what a step's loop reads, gathered once (the loop runs for every simulated step).
+        self._loop = tuple(zip(self.terms, self._flops_per_s, self._gemm_shapes, self._places, self._routed,
+                               (t.kind == "attention" for t in self.terms)))
+        self._busiest_memo: dict[int, float] = {}
+        self._comm_memo: dict[tuple[int, int], float] = {}
         replica, node = parallel.tp * parallel.pp, self._net.node_chips
         self._dp_per_node = max(1, node // replica)
         self._ep_per_node = min(parallel.tp, node) if replica >= node else node // replica * parallel.tp
+
+    def _busiest_factor(self, tokens: int) -> float:
+        """``expert_imbalance`` for this layout, remembered per token count: a simulation asks for the same
+        counts many times, and a measured load (a sum over every layer's chips) costs a few hundred powers."""
+        factor = self._busiest_memo.get(tokens)
+        if factor is None:
+            moe = self.model.moe
+            factor = self._busiest_memo[tokens] = expert_imbalance(
+                tokens, moe.top_k, self._expert_ranks, moe.num_experts / self._expert_ranks, self._chip_shares)
+        return factor
 
     def all_reduce_s(self, tokens: int) -> float:
         """One tensor-parallel all-reduce of the tokens' hidden states."""
@@ -660,33 +675,31 @@ class CostModel:
             experts = moe.load.busiest_chip_touched(tokens * self.parallel.dp, self._expert_ranks)
         elif moe:
             experts = moe.experts_touched(tokens * self.parallel.dp) / self._expert_ranks
-        busiest = tokens * expert_imbalance(tokens * self.parallel.dp, moe.top_k, self._expert_ranks,
-                                            moe.num_experts / self._expert_ranks,
-                                            self._chip_shares) if self._any_routed else tokens
+        busiest = tokens * self._busiest_factor(tokens * self.parallel.dp) if self._any_routed else tokens
         gemm = self._gemm
+        tile_m, tile_n, units = (gemm.tile_m, gemm.tile_n, gemm.units) if gemm else (0, 0, 0)
+        bytes_per_s = self._bytes_per_s
         # Tokens of KV the longest attention work item streams, in full and in sliding-window layers.
         item_tokens = min(longest, split)
         window_item_tokens = min(longest, split, window or longest)
         compute = memory = flops = nbytes = 0.0
         placed_compute, placed_memory = [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]
         ops = []
-        for term, flops_per_s, shape, place, routed in zip(self.terms, self._flops_per_s, self._gemm_shapes,
-                                                           self._places, self._routed):
+        for term, flops_per_s, shape, place, routed, attention in self._loop:
             ft, fs, fp, fc, f1, fwp, fwc, fe = term.flops
             bt, bs, bp, bc, b1, bwp, bwc, be = term.bytes
             rows = busiest if routed else tokens
             f = ft * rows + fs * seqs + fp * pairs + fc * ctx + f1 + fwp * wpairs + fwc * wctx + fe * experts
             b = bt * rows + bs * seqs + bp * pairs + bc * ctx + b1 + bwp * wpairs + bwc * wctx + be * experts
-            compute_s, memory_s = f / flops_per_s, b / self._bytes_per_s
+            compute_s, memory_s = f / flops_per_s, b / bytes_per_s
             if shape:
                 per_token, per_seq, per_expert, cols = shape
                 groups = per_expert * experts if per_expert else 1.0
-                compute_s /= gemm_utilization(per_token * rows + per_seq * seqs, cols, groups,
-                                              gemm.tile_m, gemm.tile_n, gemm.units)
-            elif split and term.kind == "attention":
+                compute_s /= gemm_utilization(per_token * rows + per_seq * seqs, cols, groups, tile_m, tile_n, units)
+            elif split and attention:
                 # bc / bwc: KV bytes per context token over this term's layers; one item holds one KV head.
                 item_bytes = (bc * item_tokens + bwc * window_item_tokens) / self._kv_heads
-                memory_s = max(memory_s, attention_floor_s(item_bytes, gemm.units, self._bytes_per_s))
+                memory_s = max(memory_s, attention_floor_s(item_bytes, units, bytes_per_s))
             if compute_s >= memory_s:
                 compute += compute_s
                 placed_compute[place] += compute_s
@@ -700,7 +713,9 @@ class CostModel:
         graph = self.profile.graph
         decode_graph = bool(graph and tokens == seqs <= graph.max_batch)
         if self.parallel.pp == 1:
-            comm = self.comm_s(tokens, seqs)
+            comm = self._comm_memo.get((tokens, seqs))
+            if comm is None:  # a step's collectives depend on its counts only, which recur
+                comm = self._comm_memo[tokens, seqs] = self.comm_s(tokens, seqs)
             launch = self._stage_cost(_Part(compute, memory, comm, sum(self._kernels), self.host_step_s(tokens, seqs)),
                                       decode_graph)
             return StepCost(compute, memory, comm, launch, flops, nbytes, tuple(ops))
