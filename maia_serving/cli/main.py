@@ -356,7 +356,7 @@ def cmd_qat_kv(args: argparse.Namespace) -> int:
     from maia_serving.models.qat import QatConfig, qat_kv, state_dir, training_split_files
 
     given = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "save_every": args.save_every,
-             "objective": args.objective}
+             "objective": args.objective, "ema_decay": args.ema_decay}
     config = QatConfig(fmt=args.format, seed=args.seed, **{k: v for k, v in given.items() if v is not None})
     print(f"checkpoint every {config.save_every} steps in {state_dir(Path(args.out))} (rerun to resume)")
     data = [Path(f) for f in args.data] if args.data else training_split_files()
@@ -561,6 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 400)")
     p.add_argument("--batch-size", type=int, default=None, help="windows per step (default 8)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4)")
+    p.add_argument("--ema-decay", type=float, default=None,
+                   help="write the moving average of the weights with this decay per step (default 0.99; 0: the "
+                        "last step's weights)")
     p.add_argument("--save-every", type=int, default=None,
                    help="steps between resumable checkpoints (default 25)")
     p.add_argument("--seed", type=int, default=0)

@@ -132,6 +132,28 @@ def test_deterministic_and_output_checkpoint(tiny_model_dir, tmp_path):
     assert not state_dir(out).exists()
 
 
+def test_the_output_is_the_moving_average_of_the_steps_weights(tiny_model_dir, tmp_path, monkeypatch):
+    step, trajectory = qat.train_step, []
+
+    def recorded(model, *args):
+        if not trajectory:  # the weights the average starts from: the source's
+            trajectory.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        loss = step(model, *args)
+        trajectory.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        return loss
+
+    monkeypatch.setattr(qat, "train_step", recorded)
+    decay = 0.75  # not 0.5, where the two weights of the average are alike
+    run(tiny_model_dir, tmp_path / "ema", QatConfig(**{**TINY.__dict__, "ema_decay": decay}))
+    average = dict(trajectory[0])
+    for weights_after in trajectory[1:]:
+        average = {n: torch.lerp(average[n], weights_after[n], 1 - decay) for n in average}
+    written, last = weights(tmp_path / "ema"), trajectory[-1]
+    assert len(trajectory) == TINY.steps + 1 and written.keys() == average.keys()
+    assert all(torch.equal(written[n], average[n].to(torch.bfloat16)) for n in written)
+    assert any(not torch.equal(written[n], last[n].to(torch.bfloat16)) for n in written)  # not the last step's
+
+
 def test_interrupted_run_resumes_bit_identical(tiny_model_dir, tmp_path, monkeypatch):
     run(tiny_model_dir, tmp_path / "whole")
     step, calls = qat.train_step, []
@@ -165,6 +187,8 @@ def test_errors(tiny_model_dir, tmp_path, capsys):
         qat_kv(tiny_model_dir, [tiny_model_dir / "calibration.txt"], tmp_path / "o", QatConfig(fmt="fp3"))
     with pytest.raises(ValueError, match="unknown QAT objective 'mse'; choose one of: distill, lm"):
         run(tiny_model_dir, tmp_path / "o", QatConfig(objective="mse"))
+    with pytest.raises(ValueError, match=r"--ema-decay must be in \[0, 1\)"):
+        run(tiny_model_dir, tmp_path / "o", QatConfig(ema_decay=1.0))
     with pytest.raises(FileNotFoundError, match="no config.json"):
         run(tmp_path, tmp_path / "o")
     with pytest.raises(FileNotFoundError, match="not found: .*missing.txt"):
