@@ -109,8 +109,9 @@ class QatConfig:
     Those last-step weights won back 57% in float32 but 38% scored in bf16 and 40% through vLLM,
     25% (float32) and 42% (bf16) with seed 1. Their moving average (``ema_decay`` 0.99, the default)
     wins back, seed 0: 58% float32, 61% bf16, 65% through vLLM, 57% through SGLang; seed 1: 32%,
-    50%, 54% through vLLM; seed 2: 45%, 65% (all 167 held-out windows). Also tried, seed 1: 16 windows a step 39%
-    (float32) and 45% (bf16) in twice the time; only the attention projections trainable, 2%."""
+    50%, 54% through vLLM; seed 2: 45%, 65% (all 167 held-out windows). Also tried, seed 1: 16
+    windows a step, 39% (float32) and 45% (bf16) in twice the time; only the attention projections
+    trainable, 2%."""
 
     fmt: str = "mxfp4"
     objective: str = "distill"  # see OBJECTIVES
