@@ -609,9 +609,14 @@ class CostModel:
         """Tensor-parallel all-reduces (two per layer, and the vocabulary-parallel embedding's) and the
         logits all-gather; one send/recv between consecutive pipeline stages; each MoE layer's dispatch and
         combine across data-parallel replicas. The counts are those a live vLLM step performs
-        (tests/e2e/test_collectives.py)."""
-        comm = (2 * self.model.num_layers + 1) * self.all_reduce_s(tokens) + self.logits_s(seqs)
-        return comm + self.model.num_moe_layers * self.moe_layer_s(tokens) + sum(self.hops_s(tokens))
+        (tests/e2e/test_collectives.py). Remembered per (tokens, seqs): a simulation asks for the same
+        counts many times."""
+        comm = self._comm_memo.get((tokens, seqs))
+        if comm is None:
+            comm = (2 * self.model.num_layers + 1) * self.all_reduce_s(tokens) + self.logits_s(seqs)
+            comm += self.model.num_moe_layers * self.moe_layer_s(tokens) + sum(self.hops_s(tokens))
+            self._comm_memo[tokens, seqs] = comm
+        return comm
 
     def host_step_s(self, tokens: int, seqs: int) -> float:
         """The host's own time in a step of ``seqs`` sequences and ``tokens`` tokens, which the device waits on:
@@ -713,9 +718,7 @@ class CostModel:
         graph = self.profile.graph
         decode_graph = bool(graph and tokens == seqs <= graph.max_batch)
         if self.parallel.pp == 1:
-            comm = self._comm_memo.get((tokens, seqs))
-            if comm is None:  # a step's collectives depend on its counts only, which recur
-                comm = self._comm_memo[tokens, seqs] = self.comm_s(tokens, seqs)
+            comm = self.comm_s(tokens, seqs)
             launch = self._stage_cost(_Part(compute, memory, comm, sum(self._kernels), self.host_step_s(tokens, seqs)),
                                       decode_graph)
             return StepCost(compute, memory, comm, launch, flops, nbytes, tuple(ops))

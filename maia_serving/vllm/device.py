@@ -60,13 +60,17 @@ def build_device(vllm_config: VllmConfig) -> EmulatedDevice:
     ``maia_model`` names (routed as ``maia_expert_load`` counts, if set); NotEnoughMemory if that
     model does not fit."""
     profile = load_profile(envs.profile_name(vllm_config.additional_config.get("maia_profile")))
-    configured = vllm_config.additional_config.get("maia_model")
-    setting = "--additional-config maia_model" if configured else envs.MAIA_SERVING_MODEL
-    configured_load = vllm_config.additional_config.get("maia_expert_load")
-    load_setting = "--additional-config maia_expert_load" if configured_load else envs.MAIA_SERVING_EXPERT_LOAD
-    model = priced_shape(served_shape(vllm_config), envs.priced_model(configured), setting,
-                         envs.expert_load(configured_load), load_setting)
+    spec, setting = _setting(vllm_config, "maia_model", envs.MAIA_SERVING_MODEL, envs.priced_model)
+    load, load_setting = _setting(vllm_config, "maia_expert_load", envs.MAIA_SERVING_EXPERT_LOAD, envs.expert_load)
+    model = priced_shape(served_shape(vllm_config), spec, setting, load, load_setting)
     return EmulatedDevice.fit(profile, model, serving_config(vllm_config))
+
+
+def _setting(vllm_config: VllmConfig, key: str, variable: str, read) -> tuple[str | None, str]:
+    """``read``'s value of the ``key`` of ``--additional-config`` (else of ``variable``), and the spelling the
+    user gave it, for errors to name."""
+    configured = vllm_config.additional_config.get(key)
+    return read(configured), f"--additional-config {key}" if configured else variable
 
 
 def host_plan(vllm_config: VllmConfig, device: EmulatedDevice) -> MemoryPlan:
