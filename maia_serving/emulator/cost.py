@@ -54,6 +54,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from maia_serving.emulator import interconnect
 from maia_serving.emulator.hardware import DeviceProfile
@@ -498,6 +499,26 @@ class _Part:
     host_s: float  # the host's step overhead this stage waits on: all of it on the first stage, none elsewhere
 
 
+_T = TypeVar("_T")
+
+# Entries a CostModel's memo holds before it forgets them all: a live server meets new (tokens, seqs) counts for
+# as long as it runs, and the table must stay small (65,536 entries of a few floats each).
+_MEMO_ENTRIES = 1 << 16
+
+
+def _remember(memo: dict, key: object, value: _T) -> _T:
+    """``memo[key] = value``, forgetting the whole memo first when it is full; returns ``value``."""
+    if len(memo) >= _MEMO_ENTRIES:
+        memo.clear()
+    memo[key] = value
+    return value
+
+
+# Some terms' roofline summed for one step (CostModel._priced): compute, memory, FLOPs and bytes in total, and
+# compute and memory per place (_EDGE_PLACE), which pipeline stages share out.
+_Sum = tuple[float, float, float, float, list[float], list[float]]
+
+
 class CostModel:
     """step_cost for one (profile, model, parallelism, KV dtype), with the terms
     worked out once: what a live engine calls every step."""
@@ -541,8 +562,15 @@ class CostModel:
         # Per term, what a step's loop reads, gathered once (the loop runs for every simulated step).
         self._loop = tuple(zip(self.terms, self._flops_per_s, self._gemm_shapes, self._places, self._routed,
                                (t.kind == "attention" for t in self.terms)))
+        # Terms that read no context variable (pairs, context, window pairs, window context) and no attention
+        # floor: their price is a function of (tokens, seqs) alone (_context_free).
+        free = tuple(t.kind != "attention" and not any(c[i] for c in (t.flops, t.bytes) for i in (2, 3, 5, 6))
+                     for t in self.terms)
+        self._free_loop = tuple(item for item, f in zip(self._loop, free) if f)
+        self._context_loop = tuple(item for item, f in zip(self._loop, free) if not f)
+        self._free_memo: dict[tuple[int, int], _Sum] = {}
         self._busiest_memo: dict[int, float] = {}
-        self._comm_memo: dict[tuple[int, int], float] = {}
+        self._comm_memo: dict[tuple[int, int], tuple[float, float, float, tuple[float, ...]]] = {}
         replica, node = parallel.tp * parallel.pp, self._net.node_chips
         self._dp_per_node = max(1, node // replica)
         self._ep_per_node = min(parallel.tp, node) if replica >= node else node // replica * parallel.tp
@@ -553,8 +581,8 @@ class CostModel:
         factor = self._busiest_memo.get(tokens)
         if factor is None:
             moe = self.model.moe
-            factor = self._busiest_memo[tokens] = expert_imbalance(
-                tokens, moe.top_k, self._expert_ranks, moe.num_experts / self._expert_ranks, self._chip_shares)
+            factor = _remember(self._busiest_memo, tokens, expert_imbalance(
+                tokens, moe.top_k, self._expert_ranks, moe.num_experts / self._expert_ranks, self._chip_shares))
         return factor
 
     def all_reduce_s(self, tokens: int) -> float:
@@ -605,18 +633,23 @@ class CostModel:
                                                    ops[op] == "send" and crosses_node(stage, tp, chips)).time_s
                    for op, group, nbytes, count, stage in rows)
 
+    def _comm_parts(self, tokens: int, seqs: int) -> tuple[float, float, float, tuple[float, ...]]:
+        """One tensor-parallel all-reduce, the logits all-gather, one MoE layer's dispatch and combine, and each
+        stage's hop for a step, remembered per (tokens, seqs): a simulation asks for the same counts many times."""
+        parts = self._comm_memo.get((tokens, seqs))
+        if parts is None:
+            parts = _remember(self._comm_memo, (tokens, seqs), (self.all_reduce_s(tokens), self.logits_s(seqs),
+                                                                self.moe_layer_s(tokens), self.hops_s(tokens)))
+        return parts
+
     def comm_s(self, tokens: int, seqs: int) -> float:
         """Tensor-parallel all-reduces (two per layer, and the vocabulary-parallel embedding's) and the
         logits all-gather; one send/recv between consecutive pipeline stages; each MoE layer's dispatch and
         combine across data-parallel replicas. The counts are those a live vLLM step performs
-        (tests/e2e/test_collectives.py). Remembered per (tokens, seqs): a simulation asks for the same
-        counts many times."""
-        comm = self._comm_memo.get((tokens, seqs))
-        if comm is None:
-            comm = (2 * self.model.num_layers + 1) * self.all_reduce_s(tokens) + self.logits_s(seqs)
-            comm += self.model.num_moe_layers * self.moe_layer_s(tokens) + sum(self.hops_s(tokens))
-            self._comm_memo[tokens, seqs] = comm
-        return comm
+        (tests/e2e/test_collectives.py)."""
+        all_reduce, logits, moe, hops = self._comm_parts(tokens, seqs)
+        comm = (2 * self.model.num_layers + 1) * all_reduce + logits
+        return comm + (self.model.num_moe_layers * moe + sum(hops))
 
     def host_step_s(self, tokens: int, seqs: int) -> float:
         """The host's own time in a step of ``seqs`` sequences and ``tokens`` tokens, which the device waits on:
@@ -639,8 +672,9 @@ class CostModel:
                 decode_graph: bool) -> tuple[list[tuple[float, float, float, float]], tuple[float, ...]]:
         """Each stage's (compute, memory, comm, launch) from the per-place sums, and the hops between them."""
         layers, last = self.model.num_layers, self.parallel.pp - 1
-        all_reduce, logits = self.all_reduce_s(tokens), self.logits_s(seqs)
-        moe = self.model.num_moe_layers / layers * self.moe_layer_s(tokens)  # per layer of a stage
+        all_reduce, logits, moe_layer, hops = self._comm_parts(tokens, seqs)
+        moe = self.model.num_moe_layers / layers * moe_layer  # per layer of a stage
+        host = self.host_step_s(tokens, seqs)
         stages = []
         for k, count in enumerate(self._stage_layers):
             share, first, is_last = count / layers, k == 0, k == last
@@ -648,32 +682,17 @@ class CostModel:
                          share * memory[0] + first * memory[1] + is_last * memory[2],
                          (2 * count + first) * all_reduce + count * moe + is_last * logits,
                          share * self._kernels[0] + first * self._kernels[1] + is_last * self._kernels[2],
-                         first * self.host_step_s(tokens, seqs))
+                         first * host)
             stages.append((part.compute_s, part.memory_s, part.comm_s, self._stage_cost(part, decode_graph)))
-        return stages, self.hops_s(tokens)
+        return stages, hops
 
     def cost(self, step: StepShape, detail: bool = False) -> StepCost:
         """The cost of a checked step; ``detail`` also lists each operator (slower: for reports)."""
         return self.cost_of(step.new_tokens, step.context_lens, detail)
 
-    def cost_of(self, new_tokens: tuple[int, ...], context_lens: tuple[int, ...], detail: bool = False) -> StepCost:
-        """The one implementation of a step's cost; a live engine calls it every step with a shape
-        trusted to be well formed, so it makes one pass and no checks (cost() checks first)."""
-        tokens = pairs = ctx = wpairs = wctx = longest = 0
-        window, split = self._window, self._split
-        for q, n in zip(new_tokens, context_lens):
-            tokens += q
-            ctx += n
-            # Causal: the new tokens hold positions n-q .. n-1 and each attends to itself and all before it.
-            pairs += q * n - q * (q - 1) // 2
-            if window:
-                wpairs += _window_sum(n - q + 1, n, window)
-                wctx += min(n, window)
-            if n > longest:
-                longest = n
-        if tokens == 0:
-            return StepCost(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, ())
-        seqs = len(new_tokens)
+    def _routing(self, tokens: int) -> tuple[float, float]:
+        """(routed rows, experts touched) of a step of ``tokens`` tokens: the busiest expert chip's rows under
+        expert parallelism (else the tokens), and the experts one chip reads (0 for a dense model)."""
         moe = self.model.moe
         experts = 0.0
         if moe and self._chip_shares is not None:  # measured routing under EP: the chip that reads the most
@@ -681,7 +700,14 @@ class CostModel:
         elif moe:
             experts = moe.experts_touched(tokens * self.parallel.dp) / self._expert_ranks
         busiest = tokens * self._busiest_factor(tokens * self.parallel.dp) if self._any_routed else tokens
-        gemm = self._gemm
+        return busiest, experts
+
+    def _priced(self, loop: tuple, tokens: int, seqs: int, pairs: int = 0, ctx: int = 0, wpairs: int = 0,
+                wctx: int = 0, longest: int = 0, ops: list[OpCost] | None = None) -> _Sum:
+        """The summed roofline of ``loop``'s terms (each bound by its larger side) for one step's variables;
+        ``ops``, when given, gets each operator's cost."""
+        busiest, experts = self._routing(tokens)
+        gemm, split, window = self._gemm, self._split, self._window
         tile_m, tile_n, units = (gemm.tile_m, gemm.tile_n, gemm.units) if gemm else (0, 0, 0)
         bytes_per_s = self._bytes_per_s
         # Tokens of KV the longest attention work item streams, in full and in sliding-window layers.
@@ -689,8 +715,7 @@ class CostModel:
         window_item_tokens = min(longest, split, window or longest)
         compute = memory = flops = nbytes = 0.0
         placed_compute, placed_memory = [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]
-        ops = []
-        for term, flops_per_s, shape, place, routed, attention in self._loop:
+        for term, flops_per_s, shape, place, routed, attention in loop:
             ft, fs, fp, fc, f1, fwp, fwc, fe = term.flops
             bt, bs, bp, bc, b1, bwp, bwc, be = term.bytes
             rows = busiest if routed else tokens
@@ -713,8 +738,48 @@ class CostModel:
                 placed_memory[place] += memory_s
             flops += f
             nbytes += b
-            if detail:
+            if ops is not None:
                 ops.append(OpCost(term.name, f, b, compute_s, memory_s))
+        return compute, memory, flops, nbytes, placed_compute, placed_memory
+
+    def _context_free(self, tokens: int, seqs: int) -> _Sum:
+        """The terms that do not read the contexts (GEMMs, norms, activations), remembered per (tokens, seqs):
+        a simulation's steps repeat those counts while their contexts grow, so only attention is priced anew."""
+        part = self._free_memo.get((tokens, seqs))
+        if part is None:
+            part = _remember(self._free_memo, (tokens, seqs), self._priced(self._free_loop, tokens, seqs))
+        return part
+
+    def cost_of(self, new_tokens: tuple[int, ...], context_lens: tuple[int, ...], detail: bool = False) -> StepCost:
+        """The one implementation of a step's cost; a live engine calls it every step with a shape
+        trusted to be well formed, so it makes one pass and no checks (cost() checks first)."""
+        tokens = pairs = ctx = wpairs = wctx = longest = 0
+        window = self._window
+        for q, n in zip(new_tokens, context_lens):
+            tokens += q
+            ctx += n
+            # Causal: the new tokens hold positions n-q .. n-1 and each attends to itself and all before it.
+            pairs += q * n - q * (q - 1) // 2
+            if window:
+                wpairs += _window_sum(n - q + 1, n, window)
+                wctx += min(n, window)
+            if n > longest:
+                longest = n
+        if tokens == 0:
+            return StepCost(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, ())
+        seqs = len(new_tokens)
+        ops: list[OpCost] = []
+        if detail:  # every operator in the model's order, none remembered
+            compute, memory, flops, nbytes, placed_compute, placed_memory = self._priced(
+                self._loop, tokens, seqs, pairs, ctx, wpairs, wctx, longest, ops)
+        else:
+            compute, memory, flops, nbytes, free_compute, free_memory = self._context_free(tokens, seqs)
+            c, m, f, b, placed_compute, placed_memory = self._priced(
+                self._context_loop, tokens, seqs, pairs, ctx, wpairs, wctx, longest)
+            compute, memory, flops, nbytes = compute + c, memory + m, flops + f, nbytes + b
+            for place in range(3):
+                placed_compute[place] += free_compute[place]
+                placed_memory[place] += free_memory[place]
         graph = self.profile.graph
         decode_graph = bool(graph and tokens == seqs <= graph.max_batch)
         if self.parallel.pp == 1:

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from maia_serving.emulator import Parallel, ServingConfig, StepShape, load_model_shape, load_profile, step_cost
+from maia_serving.emulator import cost as cost_module
 from maia_serving.emulator.cost import CostModel, StepCost, op_terms, roofline
 from maia_serving.emulator.session import EmulatedDevice
 
@@ -269,6 +270,30 @@ def test_cost_of_is_cost(setup, step):
     assert model.cost_of(step.new_tokens, step.context_lens, detail=True) == model.cost(step, detail=True)
 
 
+def _same_price(a: StepCost, b: StepCost) -> bool:
+    fields = ("compute_s", "memory_s", "comm_s", "launch_s", "flops", "bytes")
+    return (all(getattr(a, f) == pytest.approx(getattr(b, f), rel=ROUNDING) for f in fields)
+            and a.stages == pytest.approx(b.stages, rel=ROUNDING) and a.hops == b.hops)
+
+
+@given(SETUPS, STEPS)
+def test_the_remembered_price_is_the_price_worked_out_in_full(setup, step):
+    """Without ``detail`` the operators that read no context are priced once per (tokens, sequences), and the
+    shared cost model keeps them across examples: every step must still cost what the full pass says."""
+    model = _cost_model(*setup)
+    assert _same_price(model.cost(step), model.cost(step, detail=True))
+
+
+def test_a_longer_context_is_priced_anew_after_the_same_counts(maia100, llama8b):
+    """Two decodes of the same two sequences at 100 and at 8,000 tokens of context: the second step reuses
+    the GEMMs' price but not the attention's."""
+    model = CostModel(maia100, llama8b)
+    short, long = model.cost_of((1, 1), (100, 100)), model.cost_of((1, 1), (8000, 8000))
+    assert long.memory_s > short.memory_s
+    assert _same_price(long, model.cost_of((1, 1), (8000, 8000), detail=True))
+    assert _same_price(short, model.cost_of((1, 1), (100, 100), detail=True))
+
+
 @given(SETUPS, STEPS)
 def test_total_is_the_sum_of_its_parts(setup, step):
     cost = _cost_model(*setup).cost(step, detail=True)
@@ -351,3 +376,14 @@ def test_pipeline_stages_split_one_chips_work_without_adding_or_losing_any(llama
     assert split.memory_s == pytest.approx(whole.memory_s, rel=1e-12)
     assert split.comm_s - sum(split.hops) == pytest.approx(whole.comm_s, rel=1e-12)
     assert (split.flops, split.bytes) == pytest.approx((whole.flops, whole.bytes), rel=1e-12)
+
+
+def test_the_remembered_prices_stay_bounded(maia100, llama8b, monkeypatch):
+    """A live server meets new (tokens, sequences) counts for as long as it runs: past the bound a memo is
+    forgotten whole, and the prices after it are the full pass's."""
+    monkeypatch.setattr(cost_module, "_MEMO_ENTRIES", 2)
+    model = CostModel(maia100, llama8b)
+    for n in range(1, 6):
+        step = ((1,) * n, (100,) * n)
+        assert _same_price(model.cost_of(*step), model.cost_of(*step, detail=True))
+        assert len(model._free_memo) <= 2 and len(model._comm_memo) <= 2
