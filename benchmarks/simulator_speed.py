@@ -3,7 +3,8 @@
 Each row simulates the same 10,000 requests (input 512, output 128 by default) on one device,
 from the workload to the report (`summarize`), and prints the host's CPU seconds (which other
 tenants of a shared machine do not move) beside wall seconds. Rates from all at once to a
-nearly idle device: the slow end is many small steps, one per emulated decode. ``--moe`` adds rows
+nearly idle device: the slow end is many small steps, one per emulated decode; one row runs two pipeline
+stages (two batches in flight, each stage priced apart). ``--moe`` adds rows
 for Qwen3-30B-A3B under expert parallelism on 8 H100s, routed uniformly and with a per-layer load
 (``--expert-load``'s pricing: 128 experts x 48 layers, the slowest path the cost model has); the load
 is synthetic (Zipf-like shares, each layer's order shuffled by a fixed seed), for speed, not figures.
@@ -71,6 +72,8 @@ def main() -> int:
     model = load_model_shape(args.model)
     cases = [(profile, profile, model, ServingConfig(gpu_memory_utilization=utilization), rate)
              for profile, rate, utilization in CASES]
+    # Pipeline stages price each stage's share and the hops between them: their own path in the cost model.
+    cases.append(("maia200 PP2", "maia200", model, ServingConfig(pipeline_parallel_size=2), 5.0))
     if args.moe:
         cases += moe_cases()
     print(f"{args.model}, {args.num_prompts} x ({args.input_len} in, {args.output_len} out), "

@@ -488,17 +488,6 @@ def exposed_host_s(host_s: float, device_s: float) -> float:
 _EDGE_PLACE = {"embedding": 1, "final_norm": 2, "lm_head": 2, "logit_softcap": 2}
 
 
-@dataclass(frozen=True)
-class _Part:
-    """One stage's (or a whole step's) device work before launches: summed by _stage_cost."""
-
-    compute_s: float
-    memory_s: float
-    comm_s: float
-    kernels: float
-    host_s: float  # the host's step overhead this stage waits on: all of it on the first stage, none elsewhere
-
-
 _T = TypeVar("_T")
 
 # Entries a CostModel's memo holds before it forgets them all: a live server meets new (tokens, seqs) counts for
@@ -657,33 +646,34 @@ class CostModel:
         p = self.profile
         return p.step_overhead_s + p.step_overhead_per_seq_s * seqs + p.step_overhead_per_token_s * tokens
 
-    def _stage_cost(self, part: _Part, decode_graph: bool) -> float:
-        """Launch time of a stage (or a whole step): its kernels on the device, the host's step overhead on
-        the first stage, and the host's launch time where it outlasts the device's work."""
-        device_launch = self.profile.kernel_launch_s * part.kernels
-        launch = device_launch + part.host_s
+    def _launch_s(self, compute_s: float, memory_s: float, comm_s: float, kernels: float, host_s: float,
+                  decode_graph: bool) -> float:
+        """Launch time of a stage (or a whole step) of ``kernels`` kernels: on the device, the host's step
+        overhead ``host_s`` (all of it on the first stage, none elsewhere), and the host's launch time where it
+        outlasts the device's work."""
+        device_launch = self.profile.kernel_launch_s * kernels
+        launch = device_launch + host_s
         graph = self.profile.graph
-        host = graph.launch_s if decode_graph else self.profile.host_launch_s * part.kernels
+        host = graph.launch_s if decode_graph else self.profile.host_launch_s * kernels
         if host:
-            launch += exposed_host_s(host, part.compute_s + part.memory_s + part.comm_s + device_launch)
+            launch += exposed_host_s(host, compute_s + memory_s + comm_s + device_launch)
         return launch
 
     def _stages(self, tokens: int, seqs: int, compute: list[float], memory: list[float],
                 decode_graph: bool) -> tuple[list[tuple[float, float, float, float]], tuple[float, ...]]:
         """Each stage's (compute, memory, comm, launch) from the per-place sums, and the hops between them."""
-        layers, last = self.model.num_layers, self.parallel.pp - 1
+        layers, last, kernels = self.model.num_layers, self.parallel.pp - 1, self._kernels
         all_reduce, logits, moe_layer, hops = self._comm_parts(tokens, seqs)
         moe = self.model.num_moe_layers / layers * moe_layer  # per layer of a stage
         host = self.host_step_s(tokens, seqs)
         stages = []
         for k, count in enumerate(self._stage_layers):
             share, first, is_last = count / layers, k == 0, k == last
-            part = _Part(share * compute[0] + first * compute[1] + is_last * compute[2],
-                         share * memory[0] + first * memory[1] + is_last * memory[2],
-                         (2 * count + first) * all_reduce + count * moe + is_last * logits,
-                         share * self._kernels[0] + first * self._kernels[1] + is_last * self._kernels[2],
-                         first * host)
-            stages.append((part.compute_s, part.memory_s, part.comm_s, self._stage_cost(part, decode_graph)))
+            c = share * compute[0] + first * compute[1] + is_last * compute[2]
+            m = share * memory[0] + first * memory[1] + is_last * memory[2]
+            comm = (2 * count + first) * all_reduce + count * moe + is_last * logits
+            n = share * kernels[0] + first * kernels[1] + is_last * kernels[2]
+            stages.append((c, m, comm, self._launch_s(c, m, comm, n, first * host, decode_graph)))
         return stages, hops
 
     def cost(self, step: StepShape, detail: bool = False) -> StepCost:
@@ -784,8 +774,8 @@ class CostModel:
         decode_graph = bool(graph and tokens == seqs <= graph.max_batch)
         if self.parallel.pp == 1:
             comm = self.comm_s(tokens, seqs)
-            launch = self._stage_cost(_Part(compute, memory, comm, sum(self._kernels), self.host_step_s(tokens, seqs)),
-                                      decode_graph)
+            launch = self._launch_s(compute, memory, comm, sum(self._kernels), self.host_step_s(tokens, seqs),
+                                    decode_graph)
             return StepCost(compute, memory, comm, launch, flops, nbytes, tuple(ops))
         stages, hops = self._stages(tokens, seqs, placed_compute, placed_memory, decode_graph)
         compute, memory, comm, launch = (sum(column) for column in zip(*stages))
