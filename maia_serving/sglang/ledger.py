@@ -21,7 +21,8 @@ SURFACES: tuple[Surface, ...] = (
     Surface(f"{_SCHED}.__init__", "hook", "creates the emulated device once the scheduler knows its KV pool",
             _UNTIL_HOOKS),
     Surface(f"{_SCHED}.handle_generate_request", "hook", "a request's arrival on the emulated clock", _UNTIL_HOOKS),
-    Surface(f"{_SCHED}.run_batch", "hook", "reads each step's batch before it runs", _UNTIL_HOOKS),
+    Surface(f"{_SCHED}.run_batch", "hook", "reads each step's batch before it runs; a step's tally starts and ends "
+            "with it", _UNTIL_HOOKS),
     Surface(f"{_SCHED}.process_batch_result", "hook", "charges the step once its outputs are known", _UNTIL_HOOKS),
     Surface(f"{_SCHED}.abort_request", "hook", "forgets requests aborted before they ran", _UNTIL_HOOKS),
     Surface(f"{_SCHED}#max_total_num_tokens", "private attribute", "the engine's KV capacity in tokens",
@@ -51,6 +52,23 @@ SURFACES: tuple[Surface, ...] = (
       ("all_reduce", "all_gather", "gather", "reduce_scatter")),
     Surface(f"{_GROUP}#world_size", "private attribute", "the group a collective ran over",
             "SGLang lets a platform supply its communicator"),
+    Surface(f"{_GROUP}#rank_in_group", "private attribute", "which pipeline stage sends (whether a hop leaves a node)",
+            "SGLang lets a platform supply its communicator"),
+    Surface(f"{_SCHED}#pp_group", "private attribute", "the pipeline group a stage sends over",
+            "SGLang lets a platform supply its communicator"),
+    Surface(f"{_SCHED}._pp_send_proxy_to_next_stage", "hook",
+            "a pipeline stage relays the step's tally with its activations", "SGLang lets a platform supply its "
+            "communicator"),
+    Surface(f"{_SCHED}._pp_prepare_tensor_dict", "hook",
+            "the last stage returns the step's tally with the sampled tokens", "SGLang lets a platform supply its "
+            "communicator"),
+    Surface(f"{_SCHED}._pp_prep_batch_result", "hook",
+            "the first stage's result of a micro-batch takes the returned tally", "SGLang lets a platform supply "
+            "its communicator"),
+    Surface("sglang.srt.managers.utils.GenerationBatchResult#pp_hidden_states_proxy_tensors", "private attribute",
+            "the activations a stage sends", "SGLang lets a platform supply its communicator"),
+    Surface("sglang.srt.model_executor.forward_batch_info.PPProxyTensors#tensors", "private attribute",
+            "the dict a stage sends and the next receives", "SGLang lets a platform supply its communicator"),
     Surface("sglang.srt.plugins.hook_registry.HookRegistry#_patched", "private attribute",
             "checks at startup that every hook above applied (require_hooks_applied)",
             "HookRegistry raises when a hook fails to apply"),

@@ -56,8 +56,8 @@ def _register_step_hooks() -> None:
         scheduler.maia = None
         parallel, args = get_parallel(), scheduler.server_args
         if parallel.tp_rank == 0 and parallel.pp_rank == 0:
-            # The calls this process makes are the step's when it runs every layer of the served model.
-            engine_collectives = args.pp_size == 1 and not envs.priced_model()
+            # The calls the ranks make are the step's when they run the served model (not a priced shape).
+            engine_collectives = not envs.priced_model()
             scheduler.maia = MaiaStepper(build_device(args), scheduler.max_total_num_tokens, engine_collectives)
 
     def on_request(scheduler, recv_req, *args, **kwargs):
@@ -70,7 +70,7 @@ def _register_step_hooks() -> None:
 
     def after_result(result, scheduler, batch, *args, **kwargs):
         if scheduler.maia is not None:
-            scheduler.maia.after_result(batch, scheduler)
+            scheduler.maia.after_result(batch, scheduler, args[0] if args else kwargs.get("result"))
 
     def after_abort(result, scheduler, recv_req, *args, **kwargs):
         if scheduler.maia is not None:

@@ -1,9 +1,10 @@
 """Charge every SGLang engine step to the emulated device, in the scheduler process.
 
 SGLang's scheduler runs ``run_batch`` then ``process_batch_result`` for each step (the
-maia platform turns the overlap scheduler off, so the two belong to the same batch).
-The batch carries each request's new and cached tokens; after the result is processed
-each request's output and finish state are known. Hooks (registered by
+maia platform turns the overlap scheduler off). With pipeline parallelism the first stage
+launches a micro-batch before it processes an earlier one's result, so what ``run_batch`` read is
+kept per batch until that batch's result. The batch carries each request's new and cached tokens;
+after the result is processed each request's output and finish state are known. Hooks (registered by
 ``maia_serving.sglang.plugin`` through SGLang's HookRegistry) hand both to a
 ``MaiaStepper`` kept on the scheduler, which charges through the engine-neutral
 ``StepCharger``: an error there is logged and counted, never raised into SGLang.
@@ -21,7 +22,7 @@ from maia_serving import envs
 from maia_serving.emulator.session import EmulatedDevice
 from maia_serving.serving.metrics import DeviceInfo, EmulatedMetricSet
 from maia_serving.serving.stepping import EngineStep, StepCharger
-from maia_serving.sglang.patch.collectives import TALLY
+from maia_serving.sglang.patch.collectives import RELAY
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +55,11 @@ class MaiaStepper:
 
     def __init__(self, device: EmulatedDevice, engine_kv_tokens: int, engine_collectives: bool = False):
         self.engine_kv_tokens = engine_kv_tokens
-        # Charge the collectives this process counted (maia_serving.sglang.patch.collectives) in
-        # place of the cost model's count.
+        # Charge the collectives the step's ranks counted (maia_serving.sglang.patch.collectives, on its
+        # result) in place of the cost model's count.
         self.engine_collectives = engine_collectives
         self.block_size = device.plan.config.block_size
-        self._pending: _Pending | None = None
+        self._pending: dict[int, _Pending] = {}  # by id() of the batch run_batch ran, until its result
         # SGLang's /metrics aggregates the files that PROMETHEUS_MULTIPROC_DIR collects.
         self.metrics = EmulatedMetricSet() if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else None
         metrics = self.metrics
@@ -78,8 +79,7 @@ class MaiaStepper:
         self.charger.arrive(rid, age_s)
 
     def before_run(self, batch) -> None:
-        self._pending = None
-        TALLY.clear()
+        self._pending.pop(id(batch), None)
         self.charger.guard("reading a step's shape", self._read, batch)
 
     def _read(self, batch) -> None:
@@ -87,16 +87,18 @@ class MaiaStepper:
         shape = step_shape(batch)
         if shape is None:
             return
-        self._pending = _Pending(shape[0], shape[1], tuple(len(r.output_ids) for r in batch.reqs),
-                                 time.perf_counter(), 0.0)
-        self._pending.read_s = time.thread_time() - start
+        if len(self._pending) >= 64:  # results that never came (a micro-batch per pipeline stage is the most held)
+            self._pending.clear()
+        pending = self._pending[id(batch)] = _Pending(shape[0], shape[1], tuple(len(r.output_ids) for r in batch.reqs),
+                                                      time.perf_counter(), 0.0)
+        pending.read_s = time.thread_time() - start
 
-    def after_result(self, batch, scheduler) -> None:
-        pending, self._pending = self._pending, None
+    def after_result(self, batch, scheduler, result=None) -> None:
+        pending = self._pending.pop(id(batch), None)
         if pending is not None:
-            self.charger.guard("charging a step", self._charge, pending, batch, scheduler)
+            self.charger.guard("charging a step", self._charge, pending, batch, scheduler, result)
 
-    def _charge(self, pending: _Pending, batch, scheduler) -> None:
+    def _charge(self, pending: _Pending, batch, scheduler, result) -> None:
         wall_s = time.perf_counter() - pending.started
         start = time.thread_time()
         tokens_out: dict[str, int] = {}
@@ -105,7 +107,7 @@ class MaiaStepper:
             tokens_out[req.rid] = len(req.output_ids) - before
             if req.finished():
                 finished.append(req.rid)
-        collectives = TALLY.take() if self.engine_collectives else None
+        collectives = getattr(result, RELAY, None) if self.engine_collectives else None
         shape = EngineStep(pending.new_tokens, pending.contexts, tokens_out, finished, *self._kv_blocks(scheduler),
                            collectives)
         self.charger.charge(shape, wall_s, pending.read_s + time.thread_time() - start)

@@ -7,7 +7,8 @@ runner needs it for PP); SGLang at `--tp-size 2` and `--pp-size 2`. `/metrics` c
 the steps and their bytes, and charges exactly what the cost model's formula prices for the same steps
 (so the formula's counts are the engines': 2 all-reduces a layer and the embedding's, the logits'
 all-gather, the hidden states with the residual between stages). SGLang's pipeline stages run in other
-processes than the one that charges: there the formula is charged, once per step.
+processes than the one that charges: each relays its tally downstream, and the last returns the step's to
+the first.
 
 On a 2-core host each rank is pinned to a core (`VLLM_CPU_OMP_THREADS_BIND`, `SGLANG_CPU_OMP_THREADS_BIND`:
 both engines refuse more ranks than NUMA nodes otherwise).
@@ -16,6 +17,7 @@ both engines refuse more ranks than NUMA nodes otherwise).
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import ENGINE_ENV, SGLANG_ENV
@@ -88,13 +90,11 @@ def test_parallel_ranks_give_one_ranks_greedy_tokens(parallel_server, maia_serve
 
 
 def test_each_step_charges_the_collectives_the_engine_performed(parallel_server, demo_model):
-    engine, server, parallel = parallel_server
+    _, server, parallel = parallel_server
     model = shape_from_config(json.loads((demo_model / "config.json").read_text()))
     cost = CostModel(load_profile("maia100"), model, parallel)
     hidden = model.hidden_size * 2  # bf16 activations
-    if engine == "sglang" and parallel.pp > 1:  # stages elsewhere: the formula, charged once a step
-        count, nbytes = 0, 0
-    elif parallel.tp > 1:  # (2 layers + the embedding) all-reduces and the logits' all-gather, per step
+    if parallel.tp > 1:  # (2 layers + the embedding) all-reduces and the logits' all-gather, per step
         count = len(STEPS) * (2 * model.num_layers + 2)
         nbytes = sum((2 * model.num_layers + 1) * t * hidden + s * model.vocab_size * 2 for t, s in STEPS)
     else:  # the first stage sends the hidden states and the residual to the last
@@ -117,3 +117,34 @@ def test_each_step_charges_the_collectives_the_engine_performed(parallel_server,
     assert delta("maia:emulated_time_by_part_seconds_total", part="communication") == pytest.approx(want, rel=1e-6)
     busy = sum(cost.cost_of((t,), (t if t > 1 else 37 + i,)).total_s for i, (t, _) in enumerate(STEPS))
     assert delta("maia:emulated_busy_seconds_total") == pytest.approx(busy, rel=1e-6)
+
+
+def test_overlapping_requests_are_each_charged_as_their_own(parallel_server):
+    """Requests that arrive while others decode: with pipeline parallelism they run in other micro-batches than
+    the first, whose results come back in between. Every request gets its first token and its finish on the
+    emulated clock, and every token of every step is charged once, with no charging error."""
+    _, server, _ = parallel_server
+    client = _client(server)
+    lengths = (24, 16, 20, 12)
+
+    def ask(i: int) -> int:
+        time.sleep(0.4 * i)
+        prompt = [100 + 40 * i + j for j in range(20 + i)]  # no two share a first token: no prefix cache hits
+        out = client.completions.create(model="demo", prompt=prompt, max_tokens=lengths[i],
+                                        temperature=0, extra_body={"ignore_eos": True})
+        return out.usage.completion_tokens
+
+    before = scrape(server.url)
+    with ThreadPoolExecutor(len(lengths)) as pool:
+        assert list(pool.map(ask, range(len(lengths)))) == list(lengths)
+    # Each request's prompt, then one token for each output but the last (which leaves no new token to compute).
+    tokens = sum(20 + i + n - 1 for i, n in enumerate(lengths))
+    after = _settled(server.url, "maia:emulated_tokens_total", metric(before, "maia:emulated_tokens_total") + tokens)
+
+    def delta(name):
+        return metric(after, name) - metric(before, name)
+
+    assert delta("maia:emulated_tokens_total") == tokens
+    assert delta("maia:emulated_time_to_first_token_seconds_count") == len(lengths)
+    assert delta("maia:emulated_e2e_request_latency_seconds_count") == len(lengths)
+    assert delta("maia:emulation_errors_total") == 0

@@ -250,9 +250,9 @@ def test_each_hook_names_itself_when_it_fails(stepper, caplog, hook, what):
 
 @pytest.mark.parametrize("engine_collectives", [True, False], ids=["counted", "cost-model"])
 def test_the_collectives_a_step_made_are_what_it_is_charged(monkeypatch, registry, tmp_path, engine_collectives):
-    """The patch's tally (maia_serving.sglang.patch.collectives) of what ran between run_batch and the
-    result is the step's communication; calls before run_batch belong to no step. Without engine
-    collectives (a proxy shape, or pipeline stages in other processes) the cost model counts."""
+    """The patch's tally (maia_serving.sglang.patch.collectives) of what ran inside run_batch goes with the
+    step's result and is the step's communication; calls before run_batch belong to no step. Without engine
+    collectives (a proxy shape) the cost model counts."""
     from maia_serving.sglang.patch import collectives
 
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
@@ -264,21 +264,96 @@ def test_the_collectives_a_step_made_are_what_it_is_charged(monkeypatch, registr
     hidden = torch.zeros(8, 4096, dtype=torch.bfloat16)
     collectives.after_all_reduce(None, group, hidden)  # a scheduler-side call before the step
     stepper.arrive("a")
-    a, batch = req("a"), extend_batch([req("a")], [0], [8])
+    a, batch, sched = req("a"), extend_batch([req("a")], [0], [8]), FakeScheduler()
+    collectives.before_run_batch(sched, batch)
     stepper.before_run(batch)
     for _ in range(3):
         collectives.after_all_reduce(None, group, hidden)
     collectives.after_all_gather(None, group, torch.zeros(1, 64_128, dtype=torch.bfloat16))
+    result = SimpleNamespace()
+    collectives.after_run_batch(result, sched, batch)
+    collectives.after_all_reduce(None, group, hidden)  # processing the result: no step's
     a.output_ids.append(1)
-    stepper.after_result(batch, FakeScheduler())
+    stepper.after_result(batch, sched, result)
     formula = device.cost_model.cost_of((8,), (8,))
     rows = [(0, 2, 8 * 4096 * 2, 3, 0), (1, 2, 2 * 64_128 * 2, 1, 0)]
+    assert sorted(getattr(result, collectives.RELAY)) == rows
     comm = device.cost_model.collectives_s(rows) if engine_collectives else formula.comm_s
     assert device.clock.busy_s == pytest.approx(formula.total_s - formula.comm_s + comm, rel=1e-12)
     assert _value(registry, "maia:emulated_collectives_total") == (4 if engine_collectives else 0)
-    assert collectives.TALLY.rows() == ([] if engine_collectives else
-                                        [(0, 2, 65_536, 3, 0), (1, 2, 256_512, 1, 0)])
     collectives.TALLY.clear()
+
+
+def _stage_run(collectives, sched, batch, calls, proxy=None):
+    """One pipeline stage's run_batch: what it received, its own calls (``calls`` all-reduces of 64 bytes)."""
+    collectives.before_run_batch(sched, batch, proxy)
+    for _ in range(calls):
+        collectives.after_all_reduce(None, SimpleNamespace(world_size=2), torch.zeros(32, dtype=torch.bfloat16))
+    result = SimpleNamespace(pp_hidden_states_proxy_tensors=SimpleNamespace(tensors={
+        "hidden_states": torch.zeros(8, 16, dtype=torch.bfloat16),
+        "residual": torch.zeros(8, 16, dtype=torch.bfloat16)}))
+    collectives.after_run_batch(result, sched, batch)
+    return result
+
+
+def test_pipeline_stages_relay_the_steps_tally_to_the_first(monkeypatch, registry, tmp_path):
+    """Three stages (each two tensor-parallel ranks): each relays its tally with its activations, adding its send
+    (the hidden states and the residual, 2 x 256 bytes, from that stage); the last returns the whole step's
+    with the sampled tokens, and the first stage's result of that micro-batch is charged with it."""
+    from maia_serving.sglang.patch import collectives
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.setattr(stepping, "EmulatedMetricSet", lambda: EmulatedMetricSet(registry))
+    device = EmulatedDevice.fit(load_profile("maia100"), load_model_shape("llama-3-8b"),
+                                ServingConfig(max_model_len=4096, tensor_parallel_size=2, pipeline_parallel_size=2))
+    stepper = MaiaStepper(device, engine_kv_tokens=POOL_TOKENS, engine_collectives=True)
+    stages = [FakeScheduler() for _ in range(3)]
+    for rank, sched in enumerate(stages):
+        sched.pp_group = SimpleNamespace(rank_in_group=rank)
+    stepper.arrive("a")
+    a = req("a")
+    batch = extend_batch([a], [0], [8])
+    stepper.before_run(batch)
+    proxy = None
+    for rank, calls in enumerate((3, 2, 4)):
+        result = _stage_run(collectives, stages[rank], batch, calls, proxy)
+        if rank < 2:
+            collectives.before_send_proxy(stages[rank], result)
+            proxy = SimpleNamespace(tensors=dict(result.pp_hidden_states_proxy_tensors.tensors))
+    outputs = collectives.after_prepare_outputs({"next_token_ids": torch.zeros(1)}, stages[2], result, batch)
+    first_result = SimpleNamespace()
+    collectives.after_prep_batch_result(first_result, stages[0], batch, None, SimpleNamespace(tensors=outputs))
+    assert collectives.RELAY not in outputs  # taken out before the first stage forwards the outputs on
+    rows = sorted(getattr(first_result, collectives.RELAY))
+    assert rows == [(0, 2, 64, 9, 0), (4, 2, 512, 1, 0), (4, 2, 512, 1, 1)]
+    a.output_ids.append(1)
+    stepper.after_result(batch, stages[0], first_result)
+    assert _value(registry, "maia:emulated_collectives_total") == 11
+    assert _value(registry, "maia:emulated_collective_bytes_total") == 9 * 64 + 2 * 512
+    collectives.TALLY.clear()
+
+
+def test_micro_batches_in_flight_are_each_charged_with_their_own_shape(stepper, registry):
+    """With pipeline parallelism the first stage launches a micro-batch before it processes the result of an
+    earlier one: run A, run B, A's result, B's result. Each result is charged with what its own run read."""
+    sched = FakeScheduler()
+    for rid in "ab":
+        stepper.arrive(rid)
+    a, b = req("a"), req("b")
+    batch_a, batch_b = extend_batch([a], [0], [7]), extend_batch([b], [0], [3])
+    stepper.before_run(batch_a)
+    stepper.before_run(batch_b)
+    a.output_ids.append(1)
+    stepper.after_result(batch_a, sched)
+    b.output_ids.append(1)
+    stepper.after_result(batch_b, sched)
+    assert _value(registry, "maia:emulated_tokens_total") == 10
+    # Each request's first token came with its own step: two TTFTs, the second after both steps.
+    cost = stepper.device.cost_model
+    first, second = cost.cost_of((7,), (7,)).total_s, cost.cost_of((3,), (3,)).total_s
+    assert _value(registry, "maia:emulated_time_to_first_token_seconds_count") == 2
+    assert _value(registry, "maia:emulated_time_to_first_token_seconds_sum") == pytest.approx(
+        first + (first + second), rel=1e-9)
 
 
 def test_a_one_rank_group_counts_nothing_and_a_reduce_scatter_counts_its_inputs():
