@@ -57,6 +57,7 @@ def _serving_config(args: argparse.Namespace) -> ServingConfig:
         data_parallel_size=args.data_parallel_size,
         enable_expert_parallel=args.enable_expert_parallel,
         all2all_backend=args.all2all_backend,
+        **_eplb_settings(args),
         fusions=tuple(args.fusions),
         kv_cache_dtype=args.kv_cache_dtype,
         max_model_len=args.max_model_len,
@@ -236,6 +237,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     args.trace = None
     requests, described = _simulate_workload(args)
     described += _routing_words(model)
+    if args.enable_eplb:
+        described += (f", EPLB on the expert-parallel layouts "
+                      f"({args.eplb_config.get('num_redundant_experts', 0)} redundant experts)")
     config = ServingConfig(kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len,
                            gpu_memory_utilization=args.gpu_memory_utilization,
                            max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
@@ -244,7 +248,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                            comm_dtype=None if args.comm_dtype == "auto" else args.comm_dtype)
     slo = SLO(args.ttft_slo_ms, args.tpot_slo_ms)
     profiles = [load_profile(name) for name in args.profile]  # a misspelt name stops before any run
-    results = plan(profiles, model, args.num_devices, config, requests, slo, args.enable_prefix_caching)
+    eplb = args.eplb_config.get("num_redundant_experts", 0) if args.enable_eplb else None
+    results = plan(profiles, model, args.num_devices, config, requests, slo, args.enable_prefix_caching, eplb)
     if args.plot:
         write_plots(Path(args.plot), results, f"{model.name} on {args.num_devices} chips")
     if args.json:
@@ -393,6 +398,39 @@ def cmd_route_stats(args: argparse.Namespace) -> int:
 def _add_all2all(p: argparse.ArgumentParser) -> None:
     p.add_argument("--all2all-backend", choices=ALL2ALL_BACKENDS, default=ALL2ALL_BACKENDS[0],
                    help="how a MoE layer's tokens reach the experts of other data-parallel replicas (vLLM's flag)")
+    p.add_argument("--enable-eplb", action="store_true",
+                   help="MoE under expert parallelism: experts placed by vLLM's load balancer, on --expert-load's "
+                        "counts (or uniform routing)")
+    p.add_argument("--eplb-config", type=_eplb_config, default={}, metavar="JSON",
+                   help="vLLM's EPLB settings; priced: num_redundant_experts (extra replicas of the hottest experts)")
+
+
+# vLLM's EPLBConfig fields: all are accepted, as vLLM takes them; only the redundant experts change a price
+# (the others set when and how vLLM rearranges, which a steady-state simulation does not see).
+EPLB_CONFIG_KEYS = ("window_size", "step_interval", "num_redundant_experts", "log_balancedness",
+                    "log_balancedness_interval", "use_async", "policy", "communicator", "enable_migration_batching")
+
+
+def _eplb_config(text: str) -> dict:
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc}); e.g. '{{\"num_redundant_experts\": 8}}'") from None
+    if not isinstance(config, dict):
+        raise argparse.ArgumentTypeError("a JSON object, e.g. '{\"num_redundant_experts\": 8}'")
+    unknown = sorted(set(config) - set(EPLB_CONFIG_KEYS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown key(s) {', '.join(unknown)}; vLLM's are "
+                                         f"{', '.join(EPLB_CONFIG_KEYS)}")
+    redundant = config.get("num_redundant_experts", 0)
+    if not isinstance(redundant, int) or isinstance(redundant, bool) or redundant < 0:
+        raise argparse.ArgumentTypeError(f"num_redundant_experts must be a whole number, at least 0; got {redundant!r}")
+    return config
+
+
+def _eplb_settings(args: argparse.Namespace) -> dict:
+    """ServingConfig's EPLB fields from --enable-eplb and --eplb-config."""
+    return {"enable_eplb": args.enable_eplb, "num_redundant_experts": args.eplb_config.get("num_redundant_experts", 0)}
 
 
 def _add_parallel(p: argparse.ArgumentParser) -> None:

@@ -60,6 +60,7 @@ from maia_serving.emulator import interconnect
 from maia_serving.emulator.hardware import DeviceProfile
 from maia_serving.emulator.model_shape import Linear, ModelShape
 from maia_serving.emulator.precision import Precision
+from maia_serving.emulator.routing import eplb_error, uniform_load
 
 
 @dataclass(frozen=True)
@@ -97,17 +98,22 @@ ALL2ALL_BACKENDS = ("allgather_reducescatter", "deepep_high_throughput", "deepep
 class Parallel:
     """A layout as vLLM's flags give it: ``dp`` replicas (``--data-parallel-size``) of ``tp x pp`` chips, and
     with ``ep`` (``--enable-expert-parallel``) the routed experts spread whole over the ``tp * dp`` chips of a
-    stage instead of each expert's width split over them."""
+    stage instead of each expert's width split over them; with ``eplb`` (``--enable-eplb``, its
+    ``num_redundant_experts``; None: off) placed by vLLM's load balancer, with that many redundant experts."""
 
     tp: int = 1
     pp: int = 1
     dp: int = 1
     ep: bool = False
     all2all: str = "allgather_reducescatter"
+    eplb: int | None = None
 
     def __post_init__(self) -> None:
         if min(self.tp, self.pp, self.dp) < 1:
             raise ValueError(f"parallel sizes must be at least 1, got tp={self.tp}, pp={self.pp}, dp={self.dp}")
+        if self.eplb is not None and not self.ep:
+            raise ValueError("EPLB balances experts under expert parallelism: add --enable-expert-parallel "
+                             "(vLLM refuses --enable-eplb without it)")
         if self.all2all not in ALL2ALL_BACKENDS:
             raise ValueError(f"unknown all2all backend {self.all2all!r}; the cost model prices: "
                              f"{', '.join(ALL2ALL_BACKENDS)}")
@@ -546,8 +552,17 @@ class CostModel:
         self._routed = tuple(parallel.ep and model.moe is not None and parallel.moe_ranks > 1
                              and t.name.startswith("experts.") for t in self.terms)
         self._any_routed = any(self._routed)
-        load = model.moe.load if model.moe else None
-        self._chip_shares = load.chip_shares(self._expert_ranks) if self._any_routed and load else None
+        self._load = model.moe and model.moe.load
+        self._redundant = parallel.eplb
+        if self._redundant is not None:  # EPLB: balanced on the measured load, or on uniform routing without one
+            if model.moe is None:
+                raise ValueError(f"--enable-eplb balances routed experts; {model.name} has none (a dense model)")
+            error = eplb_error(model.moe.num_experts, self._redundant, self._expert_ranks)
+            if error:
+                raise ValueError(error)
+            self._load = self._load or uniform_load(model.moe.num_experts, model.moe.top_k)
+        self._chip_shares = (self._load.chip_shares(self._expert_ranks, self._redundant)
+                             if self._any_routed and self._load else None)
         # Per term, what a step's loop reads, gathered once (the loop runs for every simulated step).
         self._loop = tuple(zip(self.terms, self._flops_per_s, self._gemm_shapes, self._places, self._routed,
                                (t.kind == "attention" for t in self.terms)))
@@ -570,8 +585,9 @@ class CostModel:
         factor = self._busiest_memo.get(tokens)
         if factor is None:
             moe = self.model.moe
+            per_chip = (moe.num_experts + (self._redundant or 0)) / self._expert_ranks
             factor = _remember(self._busiest_memo, tokens, expert_imbalance(
-                tokens, moe.top_k, self._expert_ranks, moe.num_experts / self._expert_ranks, self._chip_shares))
+                tokens, moe.top_k, self._expert_ranks, per_chip, self._chip_shares))
         return factor
 
     def all_reduce_s(self, tokens: int) -> float:
@@ -685,8 +701,8 @@ class CostModel:
         expert parallelism (else the tokens), and the experts one chip reads (0 for a dense model)."""
         moe = self.model.moe
         experts = 0.0
-        if moe and self._chip_shares is not None:  # measured routing under EP: the chip that reads the most
-            experts = moe.load.busiest_chip_touched(tokens * self.parallel.dp, self._expert_ranks)
+        if moe and self._chip_shares is not None:  # measured routing (or EPLB) under EP: the chip reading the most
+            experts = self._load.busiest_chip_touched(tokens * self.parallel.dp, self._expert_ranks, self._redundant)
         elif moe:
             experts = moe.experts_touched(tokens * self.parallel.dp) / self._expert_ranks
         busiest = tokens * self._busiest_factor(tokens * self.parallel.dp) if self._any_routed else tokens

@@ -43,6 +43,8 @@ class ServingConfig:
     data_parallel_size: int = 1  # replicas, each with its own KV cache and batch (--data-parallel-size)
     enable_expert_parallel: bool = False
     all2all_backend: str = "allgather_reducescatter"
+    enable_eplb: bool = False  # vLLM's expert-parallel load balancer (--enable-eplb)
+    num_redundant_experts: int = 0  # its extra expert replicas (--eplb-config '{"num_redundant_experts": R}')
     kv_cache_dtype: str = "auto"
     max_model_len: int | None = None
     block_size: int = 16
@@ -55,7 +57,10 @@ class ServingConfig:
     fusions: tuple[str, ...] = ()  # kernel fusions beyond vLLM's own (cost.FUSIONS; --fusions)
 
     def __post_init__(self) -> None:
-        _ = self.parallel  # building the layout checks its sizes and its all2all backend
+        if self.num_redundant_experts and not self.enable_eplb:
+            raise ValueError(f"num_redundant_experts={self.num_redundant_experts} without EPLB: vLLM refuses it; add "
+                             "--enable-eplb or leave the redundant experts out")
+        _ = self.parallel  # building the layout checks its sizes, its all2all backend and EPLB's need of EP
         check_fusions(self.fusions)
         precision.check_kv_cache_dtype(self.kv_cache_dtype, precision.KV_CACHE_FORMATS)
         for name in (self.weight_dtype, self.activation_dtype, self.comm_dtype):
@@ -70,7 +75,8 @@ class ServingConfig:
     def parallel(self) -> Parallel:
         """The layout, as the cost model takes it."""
         return Parallel(self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size,
-                        self.enable_expert_parallel, self.all2all_backend)
+                        self.enable_expert_parallel, self.all2all_backend,
+                        self.num_redundant_experts if self.enable_eplb else None)
 
     @property
     def layout_words(self) -> str:
@@ -79,7 +85,10 @@ class ServingConfig:
         words = f"tp={self.tensor_parallel_size}, pp={self.pipeline_parallel_size}"
         if self.data_parallel_size > 1:
             words += f", dp={self.data_parallel_size} ({self.all2all_backend})"
-        return words + (", expert parallel" if self.enable_expert_parallel else "")
+        words += ", expert parallel" if self.enable_expert_parallel else ""
+        if self.enable_eplb:
+            words += f", EPLB ({self.num_redundant_experts} redundant experts)"
+        return words
 
 
 @dataclass(frozen=True)
@@ -186,13 +195,17 @@ def kv_bytes_per_sequence(model: ModelShape, config: ServingConfig, length: int)
 def _shards(lin: Linear, config: ServingConfig) -> float:
     """How many chips share one ``lin``: replicated on each, split over the tensor-parallel group, or for the
     routed experts over the tp * dp chips of a stage (vLLM's MoE group), in equal slices or, with expert
-    parallelism, as whole experts (the first chips taking one more where they do not divide evenly)."""
+    parallelism, as whole experts (the first chips taking one more where they do not divide evenly; with EPLB
+    each chip also holds its share of the redundant replicas, which divide evenly)."""
     if lin.split == "none":
         return 1
     if lin.group != "experts":
         return config.tensor_parallel_size
     ranks = config.tensor_parallel_size * config.data_parallel_size
-    return lin.experts / math.ceil(lin.experts / ranks) if config.enable_expert_parallel else ranks
+    if not config.enable_expert_parallel:
+        return ranks
+    redundant = config.num_redundant_experts if config.enable_eplb else 0
+    return lin.experts / math.ceil((lin.experts + redundant) / ranks)
 
 
 def weight_bytes_per_chip(model: ModelShape, config: ServingConfig) -> float:

@@ -23,6 +23,7 @@ from maia_serving.emulator.hardware import DeviceProfile
 from maia_serving.emulator.memory import NotEnoughMemory, ServingConfig
 from maia_serving.emulator.model_shape import ModelShape
 from maia_serving.emulator.report import SLO, meets, summarize
+from maia_serving.emulator.routing import eplb_error
 from maia_serving.emulator.simulate import Simulation, simulate_device
 from maia_serving.emulator.workload import Request
 
@@ -57,9 +58,10 @@ def label(tp: int, pp: int, dp: int = 1, ep: bool = False) -> str:
     return f"tp{tp} pp{pp}" + (f" dp{dp}" if dp > 1 else "") + (" ep" if ep else "")
 
 
-def layouts(num_devices: int, moe: bool = False) -> list[Parallel]:
+def layouts(num_devices: int, moe: bool = False, eplb: int | None = None) -> list[Parallel]:
     """Every (tp, pp) with tp * pp = num_devices, widest tensor parallelism first; with ``moe`` every
-    (tp, pp, dp), each without and with expert parallelism where the experts have more than one chip."""
+    (tp, pp, dp), each without and with expert parallelism where the experts have more than one chip (placed by
+    EPLB with ``eplb`` redundant experts, where given)."""
     if num_devices < 1:
         raise ValueError(f"--num-devices must be at least 1, got {num_devices}")
     divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
@@ -69,7 +71,7 @@ def layouts(num_devices: int, moe: bool = False) -> list[Parallel]:
     for dp in divisors:
         for pp in (d for d in divisors if num_devices // dp % d == 0):
             tp = num_devices // dp // pp
-            out += [Parallel(tp, pp, dp)] + ([Parallel(tp, pp, dp, ep=True)] if tp * dp > 1 else [])
+            out += [Parallel(tp, pp, dp)] + ([Parallel(tp, pp, dp, ep=True, eplb=eplb)] if tp * dp > 1 else [])
     return out
 
 
@@ -119,11 +121,13 @@ def evaluate(profile: DeviceProfile, model: ModelShape, config: ServingConfig, r
     for ``requests``."""
     tp, pp, dp = layout.tp, layout.pp, layout.dp
     base = LayoutResult(profile.name, topology_name(profile), tp, pp, fits=False, dp=dp, ep=layout.ep)
-    error = layout_error(model, tp, pp) or network_error(profile, layout.chips)
+    eplb = layout.eplb is not None
+    error = (layout_error(model, tp, pp) or network_error(profile, layout.chips)
+             or (eplb and eplb_error(model.moe.num_experts, layout.eplb, tp * dp)))
     if error:
         return replace(base, reason=error)
     serving = replace(config, tensor_parallel_size=tp, pipeline_parallel_size=pp, data_parallel_size=dp,
-                      enable_expert_parallel=layout.ep)
+                      enable_expert_parallel=layout.ep, enable_eplb=eplb, num_redundant_experts=layout.eplb or 0)
     try:
         sim = simulate_device(profile, model, serving, requests, enable_prefix_caching)
     except NotEnoughMemory as exc:
@@ -143,12 +147,15 @@ def ranked(results: list[LayoutResult]) -> list[LayoutResult]:
 
 
 def plan(profiles: list[DeviceProfile], model: ModelShape, num_devices: int, config: ServingConfig,
-         requests: list[Request], slo: SLO | None = None, enable_prefix_caching: bool = True) -> list[LayoutResult]:
+         requests: list[Request], slo: SLO | None = None, enable_prefix_caching: bool = True,
+         eplb: int | None = None) -> list[LayoutResult]:
     """Every layout of ``num_devices`` chips on every profile, ranked (module docstring); no SLO: every request
-    counts."""
+    counts. ``eplb``: the expert-parallel layouts' experts placed by EPLB with that many redundant experts."""
     slo = slo or SLO()
+    if eplb is not None and model.moe is None:
+        raise ValueError(f"--enable-eplb balances routed experts; {model.name} has none (a dense model)")
     return ranked([evaluate(profile, model, config, requests, slo, layout, enable_prefix_caching)
-                   for profile in profiles for layout in layouts(num_devices, model.moe is not None)])
+                   for profile in profiles for layout in layouts(num_devices, model.moe is not None, eplb)])
 
 
 def _label(result: LayoutResult) -> str:

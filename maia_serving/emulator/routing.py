@@ -15,8 +15,10 @@ layer lists other than one or the model's MoE layers, a list of another length t
 negative, non-finite or all-zero counts, and an expert with more than ``1 / top_k`` of a layer's
 choices (a top-k router picks an expert at most once a token).
 
-Placement follows vLLM's default (``--expert-placement-strategy linear``): chip ``c`` of ``chips``
-holds experts ``c * ceil(E / chips)`` up to the next chip's first (the last chips may hold fewer).
+Placement follows vLLM's default (``--expert-placement-strategy linear``): consecutive experts, ``E // chips``
+on each chip and one more on the first ``E % chips``. With ``--enable-eplb`` it follows vLLM's expert-parallel
+load balancer instead (``eplb_placement``), balanced on the same counts, which stand for the window of load
+it measured before rearranging.
 """
 
 from __future__ import annotations
@@ -46,24 +48,80 @@ class ExpertLoad:
                                   for layer in self.shares) / len(self.shares)
         return self._memo[key]
 
-    def busiest_chip_touched(self, tokens: float, chips: int) -> float:
+    def busiest_chip_touched(self, tokens: float, chips: int, redundant: int | None = None) -> float:
         """Under expert parallelism, the distinct experts the chip touching most of its own reads, per layer,
-        averaged over layers: the layer waits for that chip's weights (uniform routing: the mean chip's)."""
-        key = ("busiest", tokens, chips)
+        averaged over layers: the layer waits for that chip's weights (uniform routing: the mean chip's).
+        ``redundant``: EPLB's placement with that many redundant experts (None: vLLM's linear placement)."""
+        key = ("busiest", tokens, chips, redundant)
         if key not in self._memo:
-            self._memo[key] = sum(max(sum(1.0 - (1.0 - p) ** tokens for p in chip) for chip in _placed(layer, chips))
-                                  for layer in self.shares) / len(self.shares)
+            self._memo[key] = sum(max(sum(1.0 - (1.0 - p) ** tokens for p in chip) for chip in layer)
+                                  for layer in self.placed(chips, redundant)) / len(self.shares)
         return self._memo[key]
 
-    def chip_shares(self, chips: int) -> tuple[tuple[float, ...], ...]:
-        """Per layer, the fraction of the routed rows each chip's experts receive (linear placement)."""
-        return tuple(tuple(sum(chip) / sum(layer) for chip in _placed(layer, chips)) for layer in self.shares)
+    def chip_shares(self, chips: int, redundant: int | None = None) -> tuple[tuple[float, ...], ...]:
+        """Per layer, the fraction of the routed rows each chip's experts receive."""
+        return tuple(tuple(sum(chip) / sum(layer) for chip in chips_of)
+                     for layer, chips_of in zip(self.shares, self.placed(chips, redundant)))
+
+    def placed(self, chips: int, redundant: int | None = None) -> tuple[tuple[tuple[float, ...], ...], ...]:
+        """Per layer, per chip, the share of the tokens' choices each expert (or replica) the chip holds takes:
+        vLLM's linear placement, or with ``redundant`` EPLB's."""
+        key = ("placed", chips, redundant)
+        if key not in self._memo:
+            self._memo[key] = tuple(_placed(layer, chips) if redundant is None
+                                    else eplb_placement(layer, chips, redundant) for layer in self.shares)
+        return self._memo[key]
 
 
-def _placed(layer: tuple[float, ...], chips: int) -> list[tuple[float, ...]]:
+def _placed(layer: tuple[float, ...], chips: int) -> tuple[tuple[float, ...], ...]:
     """A layer's per-expert values as each of ``chips`` holds them: vLLM's linear placement (module doc)."""
-    per_chip = -(-len(layer) // chips)
-    return [layer[c * per_chip:(c + 1) * per_chip] for c in range(chips)]
+    base, extra = divmod(len(layer), chips)
+    out, start = [], 0
+    for c in range(chips):
+        end = start + base + (c < extra)
+        out.append(layer[start:end])
+        start = end
+    return tuple(out)
+
+
+def eplb_error(num_experts: int, redundant: int, chips: int) -> str | None:
+    """Why vLLM's EPLB refuses ``num_experts`` experts and ``redundant`` more over ``chips`` chips, or None."""
+    if redundant < 0:
+        return f"num_redundant_experts must be at least 0, got {redundant}"
+    if chips < 2:
+        return "EPLB balances experts over several chips: it needs tensor or data parallelism (vLLM refuses one)"
+    if (num_experts + redundant) % chips:
+        return (f"EPLB places the experts evenly: {num_experts} experts + {redundant} redundant do not divide over "
+                f"{chips} expert-parallel chips (vLLM refuses it); choose num_redundant_experts (--eplb-config) so "
+                "that they do")
+    return None
+
+
+def eplb_placement(layer: tuple[float, ...], chips: int, redundant: int) -> tuple[tuple[float, ...], ...]:
+    """A layer's experts as vLLM's expert-parallel load balancer (its default policy's global form, which vLLM
+    runs for models without expert groups and on one node) places them from their measured load:
+
+    1. ``redundant`` more replicas, each of the expert whose replicas now carry the most each;
+    2. the ``E + R`` replicas, heaviest first, each to the lightest chip with room, ``(E + R) / chips`` a chip.
+
+    A token picks among its expert's replicas evenly (vLLM hashes the token's index), so a replica takes its
+    expert's share over its replica count. Ties go to the lower index, as numpy's argmax and argmin choose.
+    """
+    error = eplb_error(len(layer), redundant, chips)
+    if error:
+        raise ValueError(error)
+    replicas = [1] * len(layer)
+    for _ in range(redundant):
+        hot = max(range(len(layer)), key=lambda e: (layer[e] / replicas[e], -e))
+        replicas[hot] += 1
+    physical = [layer[e] / replicas[e] for e in range(len(layer)) for _ in range(replicas[e])]
+    room = len(physical) // chips
+    loads, held = [0.0] * chips, [[] for _ in range(chips)]
+    for share in sorted(physical, reverse=True):
+        chip = min((c for c in range(chips) if len(held[c]) < room), key=lambda c: (loads[c], c))
+        held[chip].append(share)
+        loads[chip] += share
+    return tuple(tuple(chip) for chip in held)
 
 
 def from_counts(counts: list, num_experts: int, top_k: int, moe_layers: int, where: str = "expert load",
@@ -88,6 +146,11 @@ def from_counts(counts: list, num_experts: int, top_k: int, moe_layers: int, whe
                              "picks an expert once); are these counts of another model?")
         shares.append(tuple(top_k * c / total for c in layer))
     return ExpertLoad(tuple(shares), source)
+
+
+def uniform_load(num_experts: int, top_k: int) -> ExpertLoad:
+    """Every expert alike in every layer: what EPLB balances when no load was measured."""
+    return from_counts([1.0] * num_experts, num_experts, top_k, 1, source="uniform routing")
 
 
 def load_expert_load(path: str | Path, num_experts: int, top_k: int, moe_layers: int) -> ExpertLoad:

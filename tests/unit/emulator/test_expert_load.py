@@ -9,6 +9,7 @@ import pytest
 from maia_serving.cli.main import main
 from maia_serving.emulator import load_model_shape, load_profile
 from maia_serving.emulator.cost import CostModel, Parallel, StepShape, expert_imbalance
+from maia_serving.emulator.memory import ServingConfig, weight_bytes_per_chip
 from maia_serving.emulator.model_shape import MoE, with_expert_load
 from maia_serving.emulator.routing import from_counts
 
@@ -114,3 +115,95 @@ def test_an_expert_load_needs_a_moe_model_and_a_file(mixtral, tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         with_expert_load(mixtral, tmp_path / "missing.json")
     assert math.isclose(sum(from_counts(HOT, 8, 2, 1).shares[0]), 2.0)
+
+
+def test_experts_that_do_not_divide_go_one_more_to_the_first_chips():
+    """10 experts over 4 chips: 3, 3, 2, 2, as vLLM's determine_expert_map places them (linear)."""
+    load = from_counts([1] * 10, 10, 2, 1)
+    assert [len(chip) for chip in load.placed(4)[0]] == [3, 3, 2, 2]
+
+
+def test_eplb_places_a_hot_expert_by_hand():
+    """HOT over 4 chips, 2 each. Linear: chip 0 holds experts 0 and 1, half the choices. EPLB without redundant
+    experts packs the heaviest first onto the lightest chip with room: 0.8 | 0.2 | 0.2 | 0.2, then 0.2 to chip 1
+    and 0.2 to chip 2 (ties to the lower chip), 0.1 to chip 3, the last 0.1 to chip 0: 0.9, 0.4, 0.4, 0.3 of 2.
+    Four redundant experts all go to expert 0 (0.8 -> 0.4 -> 0.267 -> 0.2, then the tie at 0.2 to the lowest
+    index): five replicas of 0.16; 12 over 4 chips, 3 each: 0.5, 0.52, 0.52, 0.46."""
+    load = from_counts(HOT, 8, 2, 1)
+    assert load.chip_shares(4)[0] == pytest.approx((0.5, 0.2, 0.2, 0.1), rel=1e-12)
+    assert load.placed(4, 0)[0] == ((0.8, 0.1), (0.2, 0.2), (0.2, 0.2), (0.2, 0.1))
+    assert load.chip_shares(4, 0)[0] == pytest.approx((0.45, 0.2, 0.2, 0.15), rel=1e-12)
+    want = ((0.2, 0.2, 0.1), (0.2, 0.16, 0.16), (0.2, 0.16, 0.16), (0.2, 0.16, 0.1))
+    for chip, shares in zip(load.placed(4, 4)[0], want):
+        assert chip == pytest.approx(shares, rel=1e-12)
+    assert load.chip_shares(4, 4)[0] == pytest.approx((0.25, 0.26, 0.26, 0.23), rel=1e-12)
+    # The busiest chip of 4,096 tokens (8,192 draws, a mean chip's 2,048; spread sqrt(2 ln 4) = 1.66511):
+    # linear, chip 0 at 0.5: (4096 + sqrt(8192 x 0.25) x 1.66511) / 2048 = 2.0368x the mean rows; EPLB, 0.45:
+    # 1.8366x; with redundant experts, 0.26: 1.0723x.
+    factors = [expert_imbalance(4096, 2, 4, 2, load.chip_shares(4, r)) for r in (None, 0)]
+    factors.append(expert_imbalance(4096, 2, 4, 3, load.chip_shares(4, 4)))
+    assert factors == pytest.approx([2.0368, 1.8366, 1.0723], abs=1e-4)
+
+
+def test_eplb_of_uniform_routing_changes_nothing_but_the_replicas(mixtral):
+    """Without a measured load EPLB balances uniform routing: no redundant experts, the linear placement's
+    price; 8 redundant experts (two replicas of each, two a chip of 8) each chip reads two experts' weights
+    where it read one, and holds them."""
+    h100, decode = load_profile("h100-sxm"), StepShape.of([(1, 100)] * 64)
+    linear = CostModel(h100, mixtral, Parallel(tp=8, ep=True)).cost(decode)
+    assert CostModel(h100, mixtral, Parallel(tp=8, ep=True, eplb=0)).cost(decode) == linear
+    replicated = CostModel(h100, mixtral, Parallel(tp=8, ep=True, eplb=8)).cost(decode)
+    assert replicated.memory_s > 1.5 * linear.memory_s
+    experts = 32 * 3 * 4096 * 14336 * 2  # one expert in every layer
+    one = weight_bytes_per_chip(mixtral, ServingConfig(tensor_parallel_size=8, enable_expert_parallel=True))
+    two = weight_bytes_per_chip(mixtral, ServingConfig(tensor_parallel_size=8, enable_expert_parallel=True,
+                                                       enable_eplb=True, num_redundant_experts=8))
+    assert two - one == pytest.approx(experts, rel=1e-9)
+
+
+def test_eplb_wins_back_a_measured_imbalance(tmp_path):
+    """Qwen3-30B-A3B on 8 H100s with a skewed per-layer load: a prefill of 4,096 tokens waits for a busiest chip
+    that EPLB's placement evens out, and redundant experts even it further."""
+    model = load_model_shape("qwen3-30b-a3b")
+    counts = [[1000 / (r + 10) for r in range(128)][::1 if i % 2 else -1] for i in range(model.num_moe_layers)]
+    skewed = with_expert_load(model, _write(tmp_path, {"source": "test", "layers": counts}))
+    h100, prefill = load_profile("h100-sxm"), StepShape.of([(4096, 4096)])
+    times = [CostModel(h100, skewed, Parallel(tp=8, ep=True, eplb=r)).cost(prefill).total_s for r in (None, 0, 8)]
+    assert times[1] < times[0]
+    busiest = [CostModel(h100, skewed, Parallel(tp=8, ep=True, eplb=r))._busiest_factor(4096) for r in (None, 0, 8)]
+    assert busiest[0] > 1.3 > 1.1 > busiest[1] >= busiest[2] >= 1.0
+
+
+@pytest.mark.parametrize(("parallel", "config", "message"), [
+    (Parallel(tp=8, ep=True, eplb=3), None, r"8 experts \+ 3 redundant do not divide over 8"),
+    (Parallel(ep=True, eplb=0), None, "needs tensor or data parallelism"),
+    (None, dict(tensor_parallel_size=8, enable_eplb=True), "add --enable-expert-parallel"),
+    (None, dict(tensor_parallel_size=8, enable_expert_parallel=True, num_redundant_experts=8), "without EPLB"),
+])
+def test_eplb_refuses_what_vllm_refuses(mixtral, parallel, config, message):
+    with pytest.raises(ValueError, match=message):
+        CostModel(load_profile("h100-sxm"), mixtral, parallel) if parallel else ServingConfig(**config)
+
+
+def test_eplb_on_a_dense_model_is_refused():
+    with pytest.raises(ValueError, match="dense model"):
+        CostModel(load_profile("h100-sxm"), load_model_shape("llama-3-8b"), Parallel(tp=2, ep=True, eplb=0))
+
+
+def test_simulate_and_plan_take_vllms_eplb_flags(tmp_path, capsys):
+    eplb = ["--enable-eplb", "--eplb-config", '{"num_redundant_experts": 8, "window_size": 500}']
+    assert main(["simulate", "--model", "mixtral-8x7b", "--device", "h100-sxm", "-tp", "8", "-ep", *eplb,
+                 "--num-prompts", "16", "--input-len", "128", "--output-len", "8", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["fits"] and rows[0]["output_throughput_tok_s"] > 0
+    # 6 devices: EP over 6 chips cannot hold 8 + 2 experts evenly (a reason), over 2 it can.
+    assert main(["plan", "--model", "mixtral-8x7b", "--device", "h100-sxm", "--num-devices", "6", "--enable-eplb",
+                 "--eplb-config", '{"num_redundant_experts": 2}', "--num-prompts", "8", "--json"]) == 0
+    layouts = json.loads(capsys.readouterr().out)
+    refused = {(r["tp"], r["dp"]): r["reason"] for r in layouts if r["ep"] and not r["fits"]}
+    assert any("do not divide over 6" in reason for reason in refused.values())
+    assert any(r["ep"] and r["fits"] and r["tp"] * r["dp"] == 2 for r in layouts)  # 10 over 2 divides
+    with pytest.raises(SystemExit):
+        main(["simulate", "--model", "mixtral-8x7b", "--device", "h100-sxm", "-tp", "8", "-ep", "--enable-eplb",
+              "--eplb-config", '{"num_redundant_expert": 8}', "--num-prompts", "4"])
+    assert "unknown key(s) num_redundant_expert" in capsys.readouterr().err
