@@ -129,14 +129,20 @@ def simulate(requests: list[Request], costs: CostModel, config: SchedulerConfig,
         step = scheduler.schedule() if len(in_flight) < depth and scheduler.has_work else None
         if step and step.request_ids:
             cost = price(step.new_tokens, step.context_lens)
-            start, end, free_s = through_stages(now_s, cost, free_s)
+            total = cost.total_s
+            if cost.stages:
+                start, end, free_s = through_stages(now_s, cost, free_s)
+            else:  # one stage: through_stages' answer without its loop (most simulations, every step)
+                start = now_s if now_s > free_s[0] else free_s[0]
+                end = start + total
+                free_s = (end,)
             start_s.append(start)
             step_s.append(end - start)
             num_tokens.append(sum(step.new_tokens))
             num_seqs.append(len(step.request_ids))
             num_waiting.append(scheduler.num_waiting)
             kv_used.append(scheduler.pool.num_used)
-            work_s.append(cost.total_s)
+            work_s.append(total)
             comm_s.append(cost.comm_s)
             in_flight.append((end, step))
             if len(in_flight) < depth:
