@@ -675,22 +675,31 @@ class CostModel:
             launch += exposed_host_s(host, compute_s + memory_s + comm_s + device_launch)
         return launch
 
-    def _stages(self, tokens: int, seqs: int, compute: list[float], memory: list[float],
-                decode_graph: bool) -> tuple[list[tuple[float, float, float, float]], tuple[float, ...]]:
-        """Each stage's (compute, memory, comm, launch) from the per-place sums, and the hops between them."""
+    def _staged(self, tokens: int, seqs: int, compute: list[float], memory: list[float], flops: float,
+                nbytes: float, decode_graph: bool) -> StepCost:
+        """A pipelined step's cost from the per-place sums: each stage's share of the layers (the first also
+        runs the embedding and waits on the host, the last the LM head), the sums over stages, each stage's
+        total and the hops between them."""
         layers, last, kernels = self.model.num_layers, self.parallel.pp - 1, self._kernels
         all_reduce, logits, moe_layer, hops = self._comm_parts(tokens, seqs)
         moe = self.model.num_moe_layers / layers * moe_layer  # per layer of a stage
         host = self.host_step_s(tokens, seqs)
-        stages = []
+        totals = []
+        compute_s = memory_s = comm_s = launch_s = 0.0
         for k, count in enumerate(self._stage_layers):
             share, first, is_last = count / layers, k == 0, k == last
             c = share * compute[0] + first * compute[1] + is_last * compute[2]
             m = share * memory[0] + first * memory[1] + is_last * memory[2]
             comm = (2 * count + first) * all_reduce + count * moe + is_last * logits
             n = share * kernels[0] + first * kernels[1] + is_last * kernels[2]
-            stages.append((c, m, comm, self._launch_s(c, m, comm, n, first * host, decode_graph)))
-        return stages, hops
+            launch = self._launch_s(c, m, comm, n, first * host, decode_graph)
+            compute_s += c
+            memory_s += m
+            comm_s += comm
+            launch_s += launch
+            totals.append(c + m + comm + launch)
+        return StepCost(compute_s, memory_s, comm_s + sum(hops), launch_s, flops, nbytes, (),
+                        stages=tuple(totals), hops=hops)
 
     def cost(self, step: StepShape, detail: bool = False) -> StepCost:
         """The cost of a checked step; ``detail`` also lists each operator (slower: for reports)."""
@@ -793,10 +802,8 @@ class CostModel:
             launch = self._launch_s(compute, memory, comm, sum(self._kernels), self.host_step_s(tokens, seqs),
                                     decode_graph)
             return StepCost(compute, memory, comm, launch, flops, nbytes, tuple(ops))
-        stages, hops = self._stages(tokens, seqs, placed_compute, placed_memory, decode_graph)
-        compute, memory, comm, launch = (sum(column) for column in zip(*stages))
-        return StepCost(compute, memory, comm + sum(hops), launch, flops, nbytes, tuple(ops),
-                        stages=tuple(sum(stage) for stage in stages), hops=hops)
+        staged = self._staged(tokens, seqs, placed_compute, placed_memory, flops, nbytes, decode_graph)
+        return replace(staged, ops=tuple(ops)) if ops else staged
 
 
 def step_cost(profile: DeviceProfile, model: ModelShape, step: StepShape,
