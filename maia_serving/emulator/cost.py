@@ -552,17 +552,19 @@ class CostModel:
         self._routed = tuple(parallel.ep and model.moe is not None and parallel.moe_ranks > 1
                              and t.name.startswith("experts.") for t in self.terms)
         self._any_routed = any(self._routed)
-        self._load = model.moe and model.moe.load
         self._redundant = parallel.eplb
-        if self._redundant is not None:  # EPLB: balanced on the measured load, or on uniform routing without one
+        if self._redundant is not None:
             if model.moe is None:
                 raise ValueError(f"--enable-eplb balances routed experts; {model.name} has none (a dense model)")
             error = eplb_error(model.moe.num_experts, self._redundant, self._expert_ranks)
             if error:
                 raise ValueError(error)
+        # Under expert parallelism each chip's rows and reads follow its experts' share of the routing: the
+        # measured load, or uniform routing (whose chips differ only where the experts do not divide evenly).
+        self._load = model.moe.load if model.moe else None
+        if self._any_routed:
             self._load = self._load or uniform_load(model.moe.num_experts, model.moe.top_k)
-        self._chip_shares = (self._load.chip_shares(self._expert_ranks, self._redundant)
-                             if self._any_routed and self._load else None)
+        self._chip_shares = self._load.chip_shares(self._expert_ranks, self._redundant) if self._any_routed else None
         # Per term, what a step's loop reads, gathered once (the loop runs for every simulated step).
         self._loop = tuple(zip(self.terms, self._flops_per_s, self._gemm_shapes, self._places, self._routed,
                                (t.kind == "attention" for t in self.terms)))
@@ -710,7 +712,7 @@ class CostModel:
         expert parallelism (else the tokens), and the experts one chip reads (0 for a dense model)."""
         moe = self.model.moe
         experts = 0.0
-        if moe and self._chip_shares is not None:  # measured routing (or EPLB) under EP: the chip reading the most
+        if self._chip_shares is not None:  # under EP: the chip that reads the most
             experts = self._load.busiest_chip_touched(tokens * self.parallel.dp, self._expert_ranks, self._redundant)
         elif moe:
             experts = moe.experts_touched(tokens * self.parallel.dp) / self._expert_ranks

@@ -207,3 +207,14 @@ def test_simulate_and_plan_take_vllms_eplb_flags(tmp_path, capsys):
         main(["simulate", "--model", "mixtral-8x7b", "--device", "h100-sxm", "-tp", "8", "-ep", "--enable-eplb",
               "--eplb-config", '{"num_redundant_expert": 8}', "--num-prompts", "4"])
     assert "unknown key(s) num_redundant_expert" in capsys.readouterr().err
+
+
+def test_uniform_routing_over_uneven_chips_waits_for_the_fuller_chip(mixtral):
+    """8 experts over dp=3 chips under EP: vLLM places 3, 3 and 2. Uniform routing sends each of the first two
+    chips 3/8 of the draws, not a third, and they read 3 experts' weights: 16 tokens a replica (48 in all)
+    touch 3 (1 - 0.75^48) experts there, against the mean chip's 8/3 of them."""
+    costs = CostModel(load_profile("h100-sxm"), mixtral, Parallel(dp=3, ep=True))
+    rows, experts = costs._routing(16)
+    assert experts == pytest.approx(3 * (1 - 0.75**48), rel=1e-12)
+    assert rows == pytest.approx(16 * expert_imbalance(48, 2, 3, 3, ((3 / 8, 3 / 8, 2 / 8),)), rel=1e-12)
+    assert rows > 16 * expert_imbalance(48, 2, 3, 8 / 3)  # the even-chips formula
