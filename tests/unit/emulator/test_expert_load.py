@@ -3,6 +3,7 @@ refusals, worked by hand. Mixtral-8x7B: 32 MoE layers of 8 experts, top 2."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -218,3 +219,26 @@ def test_uniform_routing_over_uneven_chips_waits_for_the_fuller_chip(mixtral):
     assert experts == pytest.approx(3 * (1 - 0.75**48), rel=1e-12)
     assert rows == pytest.approx(16 * expert_imbalance(48, 2, 3, 3, ((3 / 8, 3 / 8, 2 / 8),)), rel=1e-12)
     assert rows > 16 * expert_imbalance(48, 2, 3, 8 / 3)  # the even-chips formula
+
+
+# The expert-load files benchmarks/README.md prices, with the model each is for.
+BENCHMARK_LOADS = {"expert-load-one-hot-expert.json": "mixtral-8x7b",
+                   "expert-load-zipf-qwen3-30b-a3b.json": "qwen3-30b-a3b",
+                   "expert-load-esft-vanilla-lite.json": "deepseek-v2-lite",
+                   "expert-load-esft-vanilla-lite-translation.json": "deepseek-v2-lite"}
+
+
+@pytest.mark.parametrize("name", sorted(BENCHMARK_LOADS))
+def test_the_benchmarks_expert_loads_load_for_their_model_and_name_their_source(name):
+    data = Path(__file__).parents[3] / "benchmarks" / "data"
+    assert sorted(p.name for p in data.glob("expert-load-*.json")) == sorted(BENCHMARK_LOADS)
+    model = with_expert_load(load_model_shape(BENCHMARK_LOADS[name]), data / name)
+    assert len(model.moe.load.source) > 40  # where the counts come from, and whether they are measured
+
+
+def test_the_measured_deepseek_load_counts_every_choice():
+    """26 MoE layers of 64 experts, each row the top-6 choices of the 33,279 tokens of ESFT's four tasks."""
+    data = json.loads((Path(__file__).parents[3] / "benchmarks" / "data" / "expert-load-esft-vanilla-lite.json")
+                      .read_text())
+    assert len(data["layers"]) == 26 and {len(layer) for layer in data["layers"]} == {64}
+    assert {sum(layer) for layer in data["layers"]} == {6 * 33_279}
