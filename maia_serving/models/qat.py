@@ -234,8 +234,9 @@ def training_split_files() -> list[Path]:
     return split_files(stdlib_files(), TrainConfig().heldout_every)[0]
 
 
-def data_stream(tokenizer, data: list[Path]) -> torch.Tensor:
-    """The data files' tokens, each file after a BOS (as ``train-model`` builds its stream)."""
+def data_stream(tokenizer, data: list[Path], max_tokens: int | None = None) -> torch.Tensor:
+    """The data files' tokens, each file after a BOS (as ``train-model`` builds its stream); with ``max_tokens``
+    the first that many, and the files after them are not read (nor checked for being empty)."""
     if not data:
         raise ValueError("no --data files given; pass text file(s) to fine-tune on, e.g. the model's calibration.txt")
     missing = [str(p) for p in data if not p.is_file()]
@@ -244,11 +245,13 @@ def data_stream(tokenizer, data: list[Path]) -> torch.Tensor:
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     ids: list[int] = []
     for path in data:
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
         file_ids = tokenizer(path.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
         if not file_ids:
             raise ValueError(f"--data file {path} is empty (no tokens); pass a file with text in it")
         ids += bos + file_ids
-    return torch.tensor(ids, dtype=torch.long)
+    return torch.tensor(ids[:max_tokens], dtype=torch.long)
 
 
 def state_dir(out: Path) -> Path:

@@ -41,7 +41,7 @@ def route_counts(model_dir: Path, data: list[Path], max_tokens: int = 65536, seq
     if max_tokens < 1 or seq_len < 2:
         raise ValueError("--max-tokens must be at least 1 and windows at least 2 tokens")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    stream = data_stream(tokenizer, data)[:max_tokens]
+    stream = data_stream(tokenizer, data, max_tokens)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     seq = min(seq_len, model.config.max_position_embeddings)
     experts, top_k = shape.moe.num_experts, shape.moe.top_k

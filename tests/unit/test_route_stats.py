@@ -77,3 +77,27 @@ def test_route_stats_refuses_what_it_cannot_count(moe_model, demo_model, tmp_pat
     (grouped / "config.json").write_text(json.dumps({**config, "n_group": 8, "topk_group": 4}))
     with pytest.raises(ValueError, match="chooses by more than its top-k logits"):
         route_counts(grouped, text, progress=False)
+
+
+def test_the_stream_stops_reading_files_once_it_has_its_tokens(tmp_path):
+    """route-stats keeps --max-tokens of --data: the files past them are not tokenized (the default data is a
+    million tokens of stdlib sources), and the tokens kept are the full stream's first ones."""
+    from maia_serving.models.qat import data_stream
+
+    seen = []
+
+    class Words:
+        bos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            seen.append(text)
+            return {"input_ids": [len(w) for w in text.split()]}
+
+    files = [tmp_path / f"{i}.txt" for i in range(3)]
+    files[0].write_text("a bb ccc dddd")
+    files[1].write_text("ee f")
+    files[2].write_text("")  # never read: the empty file is not refused
+    assert data_stream(Words(), files, max_tokens=6).tolist() == [0, 1, 2, 3, 4, 0]
+    assert seen == ["a bb ccc dddd", "ee f"]
+    with pytest.raises(ValueError, match="is empty"):
+        data_stream(Words(), files)
