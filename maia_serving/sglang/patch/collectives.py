@@ -22,8 +22,13 @@ wraps vLLM's CpuCommunicator).
 """
 from __future__ import annotations
 
+import functools
+import logging
+
 from maia_serving.serving.collectives import CollectiveTally
 from maia_serving.serving.collectives import tensor_bytes as _nbytes
+
+logger = logging.getLogger(__name__)
 
 GROUP = "sglang.srt.distributed.parallel_state.GroupCoordinator"
 SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
@@ -52,6 +57,25 @@ def after_reduce_scatter(result, group, output, input_list, *args, **kwargs) -> 
         TALLY.record("reduce_scatter", group.world_size, sum(_nbytes(t) for t in input_list))
 
 
+def _never_raises(hook):
+    """A relay hook that fails logs it (once) and leaves SGLang's call as it was: the step is then priced by the
+    cost model's count (its result carries no tally), and the engine serves on."""
+    @functools.wraps(hook)
+    def guarded(*args, **kwargs):
+        try:
+            return hook(*args, **kwargs)
+        except Exception:
+            if not guarded.failed:
+                logger.exception("maia-serving: %s failed; steps are priced by the cost model's collectives "
+                                 "instead of the ones SGLang made. Please report this.", hook.__name__)
+            guarded.failed = True
+            return None
+
+    guarded.failed = False
+    return guarded
+
+
+@_never_raises
 def before_run_batch(scheduler, batch, pp_proxy_tensors=None, *args, **kwargs) -> None:
     """A step's tally starts afresh (calls between steps belong to none), with what earlier stages relayed."""
     TALLY.clear()
@@ -59,11 +83,13 @@ def before_run_batch(scheduler, batch, pp_proxy_tensors=None, *args, **kwargs) -
         TALLY.merge(pp_proxy_tensors.tensors.pop(RELAY, ()))
 
 
+@_never_raises
 def after_run_batch(result, scheduler, *args, **kwargs) -> None:
     if result is not None:
         setattr(result, RELAY, TALLY.take())
 
 
+@_never_raises
 def before_send_proxy(scheduler, result, *args, **kwargs) -> None:
     """A stage hands on its activations with the step's calls so far, this send among them."""
     tensors = result.pp_hidden_states_proxy_tensors.tensors
@@ -74,12 +100,14 @@ def before_send_proxy(scheduler, result, *args, **kwargs) -> None:
     tensors[RELAY] = tally.take()
 
 
+@_never_raises
 def after_prepare_outputs(tensor_dict, scheduler, result, *args, **kwargs):
     """The last stage returns the step's tally to the first with the sampled tokens."""
     tensor_dict[RELAY] = getattr(result, RELAY, [])
     return tensor_dict
 
 
+@_never_raises
 def after_prep_batch_result(batch_result, scheduler, batch, metadata, pp_outputs, *args, **kwargs) -> None:
     """The first stage's result of a micro-batch takes the tally its last stage returned."""
     rows = pp_outputs.tensors.pop(RELAY, None) if pp_outputs is not None else None

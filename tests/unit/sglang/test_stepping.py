@@ -381,3 +381,15 @@ def test_a_paced_arrival_during_the_wait_is_stamped_with_its_age(stepper):
     assert clock._last_step_s > 3e-3  # a 512-token prefill of Llama-3-8B on Maia 100 takes longer than that
     stepper.arrive("b", age_s=3e-3)
     assert clock.requests["b"].arrival_s == pytest.approx(end_s - 3e-3, abs=1e-3)
+
+
+def test_a_relay_hook_that_fails_leaves_sglangs_call_alone(caplog):
+    """A result without the activations SGLang sends (an SGLang change, say): the hook logs once and returns
+    None, which keeps SGLang's own arguments and result, and the engine serves on."""
+    from maia_serving.sglang.patch import collectives
+
+    caplog.set_level(logging.ERROR)
+    sched = SimpleNamespace(pp_group=SimpleNamespace(rank_in_group=0))
+    assert collectives.before_send_proxy(sched, SimpleNamespace()) is None
+    assert collectives.before_send_proxy(sched, SimpleNamespace()) is None
+    assert [r.getMessage().split(";")[0] for r in caplog.records] == ["maia-serving: before_send_proxy failed"]
