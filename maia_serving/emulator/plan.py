@@ -39,6 +39,7 @@ class LayoutResult:
     fits: bool
     dp: int = 1
     ep: bool = False
+    eplb: int | None = None  # EPLB's redundant experts where it places them (None: vLLM's linear placement)
     reason: str | None = None
     output_throughput_tok_s: float | None = None
     goodput_tok_s: float | None = None  # output tokens per second of the requests meeting every SLO
@@ -120,7 +121,8 @@ def evaluate(profile: DeviceProfile, model: ModelShape, config: ServingConfig, r
     """One layout (its all2all backend is ``config``'s) on one device: its rejection, or the simulator's figures
     for ``requests``."""
     tp, pp, dp = layout.tp, layout.pp, layout.dp
-    base = LayoutResult(profile.name, topology_name(profile), tp, pp, fits=False, dp=dp, ep=layout.ep)
+    base = LayoutResult(profile.name, topology_name(profile), tp, pp, fits=False, dp=dp, ep=layout.ep,
+                        eplb=layout.eplb)
     eplb = layout.eplb is not None
     error = (layout_error(model, tp, pp) or network_error(profile, layout.chips)
              or (eplb and eplb_error(model.moe.num_experts, layout.eplb, tp * dp)))

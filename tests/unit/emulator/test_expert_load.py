@@ -204,6 +204,7 @@ def test_simulate_and_plan_take_vllms_eplb_flags(tmp_path, capsys):
     refused = {(r["tp"], r["dp"]): r["reason"] for r in layouts if r["ep"] and not r["fits"]}
     assert any("do not divide over 6" in reason for reason in refused.values())
     assert any(r["ep"] and r["fits"] and r["tp"] * r["dp"] == 2 for r in layouts)  # 10 over 2 divides
+    assert {r["eplb"] for r in layouts if r["ep"]} == {2} and {r["eplb"] for r in layouts if not r["ep"]} == {None}
     with pytest.raises(SystemExit):
         main(["simulate", "--model", "mixtral-8x7b", "--device", "h100-sxm", "-tp", "8", "-ep", "--enable-eplb",
               "--eplb-config", '{"num_redundant_expert": 8}', "--num-prompts", "4"])
