@@ -20,6 +20,7 @@ priced by the cost model's count.
 When it can go: when SGLang lets a platform supply its communicator (wrap it as the vLLM adapter
 wraps vLLM's CpuCommunicator).
 """
+
 from __future__ import annotations
 
 import functools
