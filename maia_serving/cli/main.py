@@ -12,7 +12,14 @@ from pathlib import Path
 
 from maia_serving.emulator.cost import ALL2ALL_BACKENDS, FUSIONS
 from maia_serving.emulator.hardware import host_profile_path, load_profile, profile_names
-from maia_serving.emulator.memory import MemoryPlan, ServingConfig, kv_bits_per_value, plan_memory, suggest
+from maia_serving.emulator.memory import (
+    MemoryPlan,
+    ServingConfig,
+    check_redundant_experts,
+    kv_bits_per_value,
+    plan_memory,
+    suggest,
+)
 from maia_serving.emulator.model_shape import KV_CACHE_DTYPES, builtin_model_names, load_model_shape, with_expert_load
 from maia_serving.emulator.units import format_bytes
 from maia_serving.models.demo import FAMILIES as DEMO_FAMILIES
@@ -237,9 +244,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     args.trace = None
     requests, described = _simulate_workload(args)
     described += _routing_words(model)
-    if args.enable_eplb:
-        described += (f", EPLB on the expert-parallel layouts "
-                      f"({args.eplb_config.get('num_redundant_experts', 0)} redundant experts)")
+    settings = _eplb_settings(args)
+    check_redundant_experts(**settings)
+    eplb = settings["num_redundant_experts"] if args.enable_eplb else None
+    if eplb is not None:
+        described += f", EPLB on the expert-parallel layouts ({eplb} redundant experts)"
     config = ServingConfig(kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len,
                            gpu_memory_utilization=args.gpu_memory_utilization,
                            max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
@@ -248,7 +257,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
                            comm_dtype=None if args.comm_dtype == "auto" else args.comm_dtype)
     slo = SLO(args.ttft_slo_ms, args.tpot_slo_ms)
     profiles = [load_profile(name) for name in args.profile]  # a misspelt name stops before any run
-    eplb = args.eplb_config.get("num_redundant_experts", 0) if args.enable_eplb else None
     results = plan(profiles, model, args.num_devices, config, requests, slo, args.enable_prefix_caching, eplb)
     if args.plot:
         write_plots(Path(args.plot), results, f"{model.name} on {args.num_devices} chips")

@@ -34,6 +34,14 @@ from maia_serving.emulator.units import format_bytes
 GiB = 2.0**30
 
 
+def check_redundant_experts(enable_eplb: bool, num_redundant_experts: int) -> None:
+    """Redundant experts without EPLB are refused, as vLLM refuses them (``plan`` checks its flags here too, as
+    its template config enables EPLB only on the expert-parallel layouts it tries)."""
+    if num_redundant_experts and not enable_eplb:
+        raise ValueError(f"num_redundant_experts={num_redundant_experts} without EPLB: vLLM refuses it; add "
+                         "--enable-eplb or leave the redundant experts out")
+
+
 @dataclass(frozen=True)
 class ServingConfig:
     """The engine settings that decide memory use, with vLLM's defaults."""
@@ -57,9 +65,7 @@ class ServingConfig:
     fusions: tuple[str, ...] = ()  # kernel fusions beyond vLLM's own (cost.FUSIONS; --fusions)
 
     def __post_init__(self) -> None:
-        if self.num_redundant_experts and not self.enable_eplb:
-            raise ValueError(f"num_redundant_experts={self.num_redundant_experts} without EPLB: vLLM refuses it; add "
-                             "--enable-eplb or leave the redundant experts out")
+        check_redundant_experts(self.enable_eplb, self.num_redundant_experts)
         _ = self.parallel  # building the layout checks its sizes, its all2all backend and EPLB's need of EP
         check_fusions(self.fusions)
         precision.check_kv_cache_dtype(self.kv_cache_dtype, precision.KV_CACHE_FORMATS)

@@ -50,7 +50,8 @@ class ExpertLoad:
 
     def busiest_chip_touched(self, tokens: float, chips: int, redundant: int | None = None) -> float:
         """Under expert parallelism, the distinct experts the chip touching most of its own reads, per layer,
-        averaged over layers: the layer waits for that chip's weights (uniform routing: the mean chip's).
+        averaged over layers: the layer waits for that chip's weights (with uniform routing, where the experts
+        divide evenly, every chip's).
         ``redundant``: EPLB's placement with that many redundant experts (None: vLLM's linear placement)."""
         key = ("busiest", tokens, chips, redundant)
         if key not in self._memo:

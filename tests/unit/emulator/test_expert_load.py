@@ -209,6 +209,10 @@ def test_simulate_and_plan_take_vllms_eplb_flags(tmp_path, capsys):
         main(["simulate", "--model", "mixtral-8x7b", "--device", "h100-sxm", "-tp", "8", "-ep", "--enable-eplb",
               "--eplb-config", '{"num_redundant_expert": 8}', "--num-prompts", "4"])
     assert "unknown key(s) num_redundant_expert" in capsys.readouterr().err
+    for command in (["simulate", "-tp", "8", "-ep"], ["plan", "--num-devices", "8"]):  # both refuse them alike
+        assert main([*command, "--model", "mixtral-8x7b", "--device", "h100-sxm", "--eplb-config",
+                     '{"num_redundant_experts": 8}', "--num-prompts", "4"]) == 2
+        assert "num_redundant_experts=8 without EPLB" in capsys.readouterr().err
 
 
 def test_uniform_routing_over_uneven_chips_waits_for_the_fuller_chip(mixtral):
