@@ -719,11 +719,12 @@ class CostModel:
         busiest = tokens * self._busiest_factor(tokens * self.parallel.dp) if self._any_routed else tokens
         return busiest, experts
 
-    def _priced(self, loop: tuple, tokens: int, seqs: int, pairs: int = 0, ctx: int = 0, wpairs: int = 0,
-                wctx: int = 0, longest: int = 0, ops: list[OpCost] | None = None) -> _Sum:
-        """The summed roofline of ``loop``'s terms (each bound by its larger side) for one step's variables;
-        ``ops``, when given, gets each operator's cost."""
-        busiest, experts = self._routing(tokens)
+    def _priced(self, loop: tuple, tokens: int, seqs: int, routing: tuple[float, float], pairs: int = 0,
+                ctx: int = 0, wpairs: int = 0, wctx: int = 0, longest: int = 0,
+                ops: list[OpCost] | None = None) -> _Sum:
+        """The summed roofline of ``loop``'s terms (each bound by its larger side) for one step's variables
+        (``routing``: ``_routing(tokens)``); ``ops``, when given, gets each operator's cost."""
+        busiest, experts = routing
         gemm, split, window = self._gemm, self._split, self._window
         tile_m, tile_n, units = (gemm.tile_m, gemm.tile_n, gemm.units) if gemm else (0, 0, 0)
         bytes_per_s = self._bytes_per_s
@@ -759,12 +760,12 @@ class CostModel:
                 ops.append(OpCost(term.name, f, b, compute_s, memory_s))
         return compute, memory, flops, nbytes, placed_compute, placed_memory
 
-    def _context_free(self, tokens: int, seqs: int) -> _Sum:
+    def _context_free(self, tokens: int, seqs: int, routing: tuple[float, float]) -> _Sum:
         """The terms that do not read the contexts (GEMMs, norms, activations), remembered per (tokens, seqs):
         a simulation's steps repeat those counts while their contexts grow, so only attention is priced anew."""
         part = self._free_memo.get((tokens, seqs))
         if part is None:
-            part = _remember(self._free_memo, (tokens, seqs), self._priced(self._free_loop, tokens, seqs))
+            part = _remember(self._free_memo, (tokens, seqs), self._priced(self._free_loop, tokens, seqs, routing))
         return part
 
     def cost_of(self, new_tokens: tuple[int, ...], context_lens: tuple[int, ...], detail: bool = False) -> StepCost:
@@ -786,13 +787,14 @@ class CostModel:
             return StepCost(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, ())
         seqs = len(new_tokens)
         ops: list[OpCost] = []
+        routing = self._routing(tokens)
         if detail:  # every operator in the model's order, none remembered
             compute, memory, flops, nbytes, placed_compute, placed_memory = self._priced(
-                self._loop, tokens, seqs, pairs, ctx, wpairs, wctx, longest, ops)
+                self._loop, tokens, seqs, routing, pairs, ctx, wpairs, wctx, longest, ops)
         else:
-            compute, memory, flops, nbytes, free_compute, free_memory = self._context_free(tokens, seqs)
+            compute, memory, flops, nbytes, free_compute, free_memory = self._context_free(tokens, seqs, routing)
             c, m, f, b, placed_compute, placed_memory = self._priced(
-                self._context_loop, tokens, seqs, pairs, ctx, wpairs, wctx, longest)
+                self._context_loop, tokens, seqs, routing, pairs, ctx, wpairs, wctx, longest)
             compute, memory, flops, nbytes = compute + c, memory + m, flops + f, nbytes + b
             for place in range(3):
                 placed_compute[place] += free_compute[place]
