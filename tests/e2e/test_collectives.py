@@ -14,6 +14,7 @@ On a 2-core host each rank is pinned to a core (`VLLM_CPU_OMP_THREADS_BIND`, `SG
 both engines refuse more ranks than NUMA nodes otherwise).
 """
 
+import functools
 import json
 import os
 import time
@@ -82,6 +83,10 @@ def _settled(url: str, name: str, at_least: float) -> dict[str, float]:
     return samples
 
 
+def _delta(before: dict[str, float], after: dict[str, float], name: str, **labels: str) -> float:
+    return metric(after, name, **labels) - metric(before, name, **labels)
+
+
 def test_parallel_ranks_give_one_ranks_greedy_tokens(parallel_server, maia_server):
     _, server, _ = parallel_server
     want = _greedy(maia_server)
@@ -105,10 +110,7 @@ def test_each_step_charges_the_collectives_the_engine_performed(parallel_server,
                                              extra_body={"ignore_eos": True})
     assert out.usage.completion_tokens == 4
     after = _settled(server.url, "maia:emulated_tokens_total", metric(before, "maia:emulated_tokens_total") + 40)
-
-    def delta(name, **labels):
-        return metric(after, name, **labels) - metric(before, name, **labels)
-
+    delta = functools.partial(_delta, before, after)
     assert delta("maia:emulated_tokens_total") == 40
     assert delta("maia:emulated_collectives_total") == count
     assert delta("maia:emulated_collective_bytes_total") == nbytes
@@ -140,10 +142,7 @@ def test_overlapping_requests_are_each_charged_as_their_own(parallel_server):
     # Each request's prompt, then one token for each output but the last (which leaves no new token to compute).
     tokens = sum(20 + i + n - 1 for i, n in enumerate(lengths))
     after = _settled(server.url, "maia:emulated_tokens_total", metric(before, "maia:emulated_tokens_total") + tokens)
-
-    def delta(name):
-        return metric(after, name) - metric(before, name)
-
+    delta = functools.partial(_delta, before, after)
     assert delta("maia:emulated_tokens_total") == tokens
     assert delta("maia:emulated_time_to_first_token_seconds_count") == len(lengths)
     assert delta("maia:emulated_e2e_request_latency_seconds_count") == len(lengths)
