@@ -275,15 +275,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if any(r.fits for r in results) else 1
 
 
-def _with_engine_time(data: dict, model: str) -> dict:
-    """The host profile ``data`` with vLLM's own time per step on ``model`` (calibrate.fit_engine_time), timed
-    in a fresh engine process on ``data`` as the host profile."""
+def _engine_calibration(data: dict, model: str, heads: tuple[int, int, int]) -> dict:
+    """The host profile as vLLM's engine on ``model`` finds the host: every figure measured again inside an
+    engine process (``step_timing.measure_host`` says why), then the engine's own time per step, sequence
+    and token (calibrate.fit_engine_time) timed in another on that profile. ``data``, measured in this
+    process, is the profile those engines start with."""
     import tempfile
     from datetime import datetime, timezone
 
     from maia_serving.emulator.calibrate import (
+        ENGINE_ROUNDS,
         ENGINE_WORKLOADS,
+        QUIET_SPREAD,
         fit_engine_time,
+        round_spread,
         shape_timings,
         with_engine_time,
         write_profile,
@@ -292,16 +297,26 @@ def _with_engine_time(data: dict, model: str) -> dict:
     from maia_serving.vllm import step_timing
 
     with tempfile.TemporaryDirectory() as cache:
-        write_profile(Path(cache) / "host.yaml", data)
+        env = {MAIA_SERVING_CACHE_DIR: cache}
         try:
-            steps = step_timing.run(model, list(ENGINE_WORKLOADS), env={MAIA_SERVING_CACHE_DIR: cache})
+            write_profile(Path(cache) / "host.yaml", data)
+            data = step_timing.run_measure_host(model, heads, env=env)
+            write_profile(Path(cache) / "host.yaml", data)
+            steps = step_timing.run(model, list(ENGINE_WORKLOADS), rounds=ENGINE_ROUNDS, env=env)
         except RuntimeError as exc:
             raise ValueError(f"{exc}\nThe host profile was not written.") from None
-    engine = fit_engine_time(shape_timings(steps))
-    shapes = ", ".join(f"{p}x{t}" for p, t, _ in ENGINE_WORKLOADS)
+    shapes = shape_timings(steps)
+    engine = fit_engine_time(shapes)
+    spread = round_spread(shapes)
+    print(f"  rounds: the slowest {100 * spread:.0f}% over the fastest (median shape); the fastest is kept")
+    if spread > QUIET_SPREAD:
+        print(f"  warning: the host's speed moved by more than {100 * QUIET_SPREAD:.0f}% while vLLM's steps were "
+              "timed (another process?); if the figures below look high, calibrate again when it is quiet")
+    names = ", ".join(f"{p}x{t}" for p, t, _ in ENGINE_WORKLOADS)
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return with_engine_time(data, engine, f"fitted by calibrate-host on vLLM's eager steps of {model} "
-                                          f"(prompts x tokens: {shapes}), {when}")
+                                          f"(prompts x tokens: {names}; each shape's fastest of {ENGINE_ROUNDS} "
+                                          f"rounds), {when}")
 
 
 def cmd_calibrate_host(args: argparse.Namespace) -> int:
@@ -313,9 +328,9 @@ def cmd_calibrate_host(args: argparse.Namespace) -> int:
             raise ValueError(f"--engine-model {args.engine_model}: no model there (a folder with config.json and "
                              "weights, e.g. one `maia-serving demo-model --out DIR` wrote)")
         shape = load_model_shape(args.engine_model)  # the host attention is measured at the heads the engine runs
-        data = host_profile_dict((shape.num_heads, shape.num_kv_heads, shape.head_dim))
-        print(f"timing vLLM's steps on {args.engine_model} (about 15 s)")
-        data = _with_engine_time(data, args.engine_model)
+        heads = (shape.num_heads, shape.num_kv_heads, shape.head_dim)
+        print(f"measuring the host inside vLLM's engine on {args.engine_model} and timing its steps (about 30 s)")
+        data = _engine_calibration(host_profile_dict(heads), args.engine_model, heads)
     else:
         data = host_profile_dict()
     write_profile(path, data)
@@ -324,6 +339,7 @@ def cmd_calibrate_host(args: argparse.Namespace) -> int:
     for dtype, fig in data["peak_compute"].items():
         print(f"  matmul {dtype}: {fig['value'] * 1e3:.1f} GFLOP/s")
     if args.engine_model:
+        print(f"  prefill attention: {100 * data['attention_compute_efficiency']['value']:.1f}% of the bf16 matmul")
         print(f"  engine time per step: {data['step_overhead']['value']:.3f} ms + "
               f"{data['step_overhead_per_seq']['value']:.1f} us a sequence + "
               f"{data['step_overhead_per_token']['value']:.2f} us a token")
@@ -550,9 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate-host", help="measure this machine as the `host` profile")
     p.add_argument("--out", help=f"where to write it (default {host_profile_path()})")
     p.add_argument("--engine-model", metavar="DIR",
-                   help="also time vLLM's own steps serving this model on --device maia (about 15 s) and fit "
-                        "the engine's time per step, sequence and token: without it the host profile prices "
-                        "torch's work only")
+                   help="measure the host inside vLLM's engine serving this model on --device maia, time the "
+                        "engine's own steps and fit its time per step, sequence and token (about 30 s): without "
+                        "it the host profile prices torch's work only, measured in a bare process")
     p.set_defaults(func=cmd_calibrate_host)
 
     p = sub.add_parser("demo-model", help="build the tiny random Llama used by the demo and tests")

@@ -10,7 +10,7 @@ preparation, sampling, output processing) that torch's rates do not see; on a sm
 most of the step. ``fit_engine_time`` fits it from the live engine's steps (the adapter times them:
 ``maia_serving.vllm.step_timing``) as a fixed time, a time per running sequence and one per scheduled
 token: the profile's ``step_overhead`` figures. It is fitted on ``ENGINE_WORKLOADS``, whose shapes
-``benchmarks/host_fidelity.py`` does not check.
+``benchmarks/host_fidelity.py`` does not check, each shape at its fastest of ``ENGINE_ROUNDS`` rounds.
 """
 
 from __future__ import annotations
@@ -95,12 +95,13 @@ def _fig(value: float, unit: str, source: str) -> dict[str, Any]:
     return {"value": value, "unit": unit, "source": source}
 
 
-def host_profile_dict(heads: tuple[int, int, int] = (8, 2, 64)) -> dict[str, Any]:
+def host_profile_dict(heads: tuple[int, int, int] = (8, 2, 64), where: str = "") -> dict[str, Any]:
     """The host as a profile data file, every figure measured here and now; prefill attention with ``heads``
     (query heads, KV heads, head size): the host attention's rate depends on them (4 heads of 32 run at two
-    thirds of 8 heads of 64's rate here), so `calibrate-host --engine-model` passes the model's."""
+    thirds of 8 heads of 64's rate here), so `calibrate-host --engine-model` passes the model's, and measures
+    inside the engine's process (``where`` says so in the sources)."""
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    measured = f"measured by maia-serving calibrate-host on {platform.node()}, {when}"
+    measured = f"measured by maia-serving calibrate-host on {platform.node()}{where}, {when}"
     bf16 = measure_matmul_flops("bf16") / 1e12  # also what the host attention's rate is a share of
     link = {
         "topology": "pcie",
@@ -148,11 +149,21 @@ def calibrate_host(path: Path) -> dict[str, Any]:
 # (prompts, prompt tokens, output tokens): decode of 2 to 48 sequences and prefills of 192 to 2,304
 # tokens, none of them a shape benchmarks/host_fidelity.py checks the fit on.
 ENGINE_WORKLOADS = ((2, 96, 32), (16, 96, 32), (48, 48, 24), (3, 384, 8))
+# Rounds of them: on a shared host one round in a few ran 10-50% slow (2026-12-04), the fastest one seldom.
+ENGINE_ROUNDS = 5
+# A slowest round this much over the fastest at the median shape: the host moved while it was timed.
+QUIET_SPREAD = 0.15
 
 
 @dataclass(frozen=True)
 class ShapeTiming:
-    """One step shape's median measured and emulated times over the steps of that shape."""
+    """One step shape's measured and emulated times over the steps of that shape.
+
+    ``measured_s`` is the median of the shape's steps in the fastest round: a shared host's neighbours only
+    ever slow a round down, so the fastest round is the host as its profile describes it (unloaded, as the
+    micro-benchmarks' best of repeats). ``all_steps_s`` is the median over every round, ``slowest_round_s``
+    the slowest round's median, which says how far the host moved during the run.
+    """
 
     kind: str  # "prefill" or "decode"
     seqs: int
@@ -160,6 +171,8 @@ class ShapeTiming:
     steps: int
     measured_s: float
     predicted_s: float
+    all_steps_s: float
+    slowest_round_s: float
 
 
 def shape_timings(steps: list[dict], min_steps: int = 3) -> list[ShapeTiming]:
@@ -168,11 +181,23 @@ def shape_timings(steps: list[dict], min_steps: int = 3) -> list[ShapeTiming]:
     groups: dict[tuple[int, int], list[dict]] = {}
     for step in steps:
         groups.setdefault((step["seqs"], step["tokens"]), []).append(step)
-    return [ShapeTiming("decode" if tokens == seqs else "prefill", seqs, tokens, len(group),
-                        statistics.median(s["measured_s"] for s in group),
-                        statistics.median(s["predicted_s"] for s in group))
-            for (seqs, tokens), group in sorted(groups.items(), key=lambda kv: (kv[0][1] > kv[0][0], kv[0]))
-            if len(group) >= min_steps]
+    timings = []
+    for (seqs, tokens), group in sorted(groups.items(), key=lambda kv: (kv[0][1] > kv[0][0], kv[0])):
+        if len(group) < min_steps:
+            continue
+        rounds: dict[int, list[float]] = {}
+        for step in group:
+            rounds.setdefault(step["round"], []).append(step["measured_s"])
+        medians = [statistics.median(times) for times in rounds.values()]
+        timings.append(ShapeTiming("decode" if tokens == seqs else "prefill", seqs, tokens, len(group), min(medians),
+                                   statistics.median(s["predicted_s"] for s in group),
+                                   statistics.median(s["measured_s"] for s in group), max(medians)))
+    return timings
+
+
+def round_spread(shapes: list[ShapeTiming]) -> float:
+    """How much slower the slowest round ran than the fastest, at the median shape: the host's drift."""
+    return statistics.median(s.slowest_round_s / s.measured_s - 1 for s in shapes)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,9 @@ def test_the_engine_time_is_fitted_on_vllm_and_loads_with_the_profile(demo_model
     assert profile.step_overhead_s > 0
     assert profile.step_overhead_per_seq_s >= 0 and profile.step_overhead_per_token_s >= 0
     assert "fitted by calibrate-host on vLLM's eager steps" in profile.sources["step_overhead_per_seq"]
+    # The device's rates too are the host as the engine finds it: measured inside vLLM's engine process.
+    for figure in ("attention_compute_efficiency", "hbm_bandwidth"):
+        assert f"inside vLLM's engine process serving {demo_model}" in profile.sources[figure], figure
 
 
 def test_a_missing_engine_model_is_refused_before_anything_is_written(tmp_path):

@@ -4,7 +4,14 @@ import dataclasses
 
 import pytest
 
-from maia_serving.emulator.calibrate import EngineTime, ShapeTiming, fit_engine_time, shape_timings, with_engine_time
+from maia_serving.emulator.calibrate import (
+    EngineTime,
+    ShapeTiming,
+    fit_engine_time,
+    round_spread,
+    shape_timings,
+    with_engine_time,
+)
 from maia_serving.emulator.cost import CostModel, Parallel
 from maia_serving.emulator.hardware import profile_from_dict
 
@@ -29,8 +36,9 @@ def test_under_pipeline_parallelism_the_first_stage_waits_on_the_host(maia100, l
 
 
 def _shape(seqs: int, tokens: int, device_s: float, engine: EngineTime) -> ShapeTiming:
-    return ShapeTiming("decode" if seqs == tokens else "prefill", seqs, tokens, 5,
-                       device_s + engine.of(seqs, tokens), device_s)
+    measured = device_s + engine.of(seqs, tokens)
+    return ShapeTiming("decode" if seqs == tokens else "prefill", seqs, tokens, 5, measured, device_s, measured,
+                       measured)
 
 
 def test_the_fit_recovers_an_engine_time_it_was_made_from():
@@ -43,7 +51,8 @@ def test_the_fit_recovers_an_engine_time_it_was_made_from():
 def test_the_fit_has_no_negative_term():
     """Measured times that fall with more sequences would need a negative per-sequence time: the fit drops the
     term rather than promise a step that gets cheaper as it grows."""
-    shapes = [ShapeTiming("decode", s, s, 5, measured, 0.0) for s, measured in ((1, 2e-3), (8, 1.9e-3), (32, 1.8e-3))]
+    shapes = [ShapeTiming("decode", s, s, 5, measured, 0.0, measured, measured)
+              for s, measured in ((1, 2e-3), (8, 1.9e-3), (32, 1.8e-3))]
     fit = fit_engine_time(shapes)
     assert fit.per_seq_s == 0.0 and fit.per_token_s == 0.0
     assert fit.fixed_s == pytest.approx(1.9e-3, rel=0.01)
@@ -52,11 +61,23 @@ def test_the_fit_has_no_negative_term():
 
 
 def test_steps_are_grouped_by_shape_and_rare_shapes_dropped():
-    steps = [{"seqs": 2, "tokens": 2, "measured_s": m, "predicted_s": 1e-4} for m in (1e-3, 3e-3, 2e-3)]
-    steps += [{"seqs": 2, "tokens": 192, "measured_s": 5e-3, "predicted_s": 2e-3}] * 3
-    steps += [{"seqs": 1, "tokens": 1, "measured_s": 9.0, "predicted_s": 0.0}]  # a tail step, seen once
-    assert shape_timings(steps) == [ShapeTiming("decode", 2, 2, 3, 2e-3, 1e-4),
-                                    ShapeTiming("prefill", 2, 192, 3, 5e-3, 2e-3)]
+    steps = [{"seqs": 2, "tokens": 2, "round": 0, "measured_s": m, "predicted_s": 1e-4} for m in (1e-3, 3e-3, 2e-3)]
+    steps += [{"seqs": 2, "tokens": 192, "round": 0, "measured_s": 5e-3, "predicted_s": 2e-3}] * 3
+    steps += [{"seqs": 1, "tokens": 1, "round": 0, "measured_s": 9.0, "predicted_s": 0.0}]  # a tail step, seen once
+    assert shape_timings(steps) == [ShapeTiming("decode", 2, 2, 3, 2e-3, 1e-4, 2e-3, 2e-3),
+                                    ShapeTiming("prefill", 2, 192, 3, 5e-3, 2e-3, 5e-3, 5e-3)]
+
+
+def test_a_shape_is_timed_at_its_fastest_round():
+    """A neighbour that slows one round by half does not move the figure: the round's median is set aside, and
+    the slowest round says how far the host moved. Every round's median stays beside it."""
+    steps = [{"seqs": 4, "tokens": 4, "round": r, "measured_s": m, "predicted_s": 1e-4}
+             for r, times in ((0, (2.0e-3, 2.1e-3, 1.9e-3)), (1, (3.0e-3, 3.1e-3, 2.9e-3)), (2, (2.2e-3, 2.4e-3, 2.3e-3)))
+             for m in times]
+    (shape,) = shape_timings(steps)
+    assert (shape.steps, shape.measured_s, shape.slowest_round_s) == (9, 2.0e-3, 3.0e-3)
+    assert shape.all_steps_s == 2.3e-3
+    assert round_spread([shape]) == pytest.approx(0.5)
 
 
 def test_the_fitted_figures_load_into_the_host_profile(maia100):
