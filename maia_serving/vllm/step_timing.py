@@ -31,6 +31,7 @@ ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_CI_ENV": "1", VLL
 
 
 def _engine(model: str, workloads: list[tuple[int, int, int]]):
+    """The offline engine on the ``host`` profile: eager, no prefix caching, room for each workload at once."""
     from vllm import LLM
 
     longest = max((t + o for _, t, o in workloads), default=0)
@@ -77,7 +78,7 @@ def measure_host(model: str, heads: tuple[int, int, int]) -> dict:
 
     llm = _engine(model, [])
     data = host_profile_dict(heads, where=f" inside vLLM's engine process serving {model}")
-    del llm
+    del llm  # up until every figure is measured
     return data
 
 
