@@ -72,7 +72,7 @@ def test_a_shape_is_timed_at_its_fastest_round():
     """A neighbour that slows one round by half does not move the figure: the round's median is set aside, and
     the slowest round says how far the host moved. Every round's median stays beside it."""
     steps = [{"seqs": 4, "tokens": 4, "round": r, "measured_s": m, "predicted_s": 1e-4}
-             for r, times in ((0, (2.0e-3, 2.1e-3, 1.9e-3)), (1, (3.0e-3, 3.1e-3, 2.9e-3)), (2, (2.2e-3, 2.4e-3, 2.3e-3)))
+             for r, times in enumerate(((2.0e-3, 2.1e-3, 1.9e-3), (3.0e-3, 3.1e-3, 2.9e-3), (2.2e-3, 2.4e-3, 2.3e-3)))
              for m in times]
     (shape,) = shape_timings(steps)
     assert (shape.steps, shape.measured_s, shape.slowest_round_s) == (9, 2.0e-3, 3.0e-3)
