@@ -212,9 +212,22 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                       f"{format_bytes(r['kv_bytes_per_token'])} per token ({config.kv_cache_dtype})")
                 usage = " ".join(f"{100 * u:.0f}" for _, u in r["kv_usage_over_time"])
                 print(f"{r['device']}: KV use over {r['duration_s']:.3g} s (%): {usage}")
+                if r["eplb_initial_steps"] is not None:
+                    print(f"{r['device']}: {_eplb_words(r['eplb_initial_steps'], r['num_steps'], config)}")
             else:
                 print(f"{r['device']}: {r['error']}")
     return 0 if all(r["fits"] for r in rows) else 1
+
+
+def _eplb_words(initial_steps: int, steps: int, config: ServingConfig) -> str:
+    """When EPLB balanced the experts in a simulated run, or that it never did."""
+    if initial_steps < steps:
+        return (f"EPLB balanced the experts after step {initial_steps} of {steps} (a quarter of step_interval "
+                f"{config.eplb_step_interval}); before, its initial map")
+    return (f"EPLB never rearranged: all {steps} steps at its initial expert map (vLLM first rearranges a quarter "
+            f"of step_interval {config.eplb_step_interval} = {config.eplb_first_rearrangement} steps in); "
+            "--eplb-config '{\"step_interval\": 4}' prices the balanced map from the second step on, as a "
+            "long-running server has it")
 
 
 def _plan_table(results: list, slo_given: bool) -> str:
@@ -245,14 +258,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     requests, described = _simulate_workload(args)
     described += _routing_words(model)
     settings = _eplb_settings(args)
-    check_redundant_experts(**settings)
+    check_redundant_experts(settings["enable_eplb"], settings["num_redundant_experts"])
     eplb = settings["num_redundant_experts"] if args.enable_eplb else None
     if eplb is not None:
         described += f", EPLB on the expert-parallel layouts ({eplb} redundant experts)"
     config = ServingConfig(kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len,
                            gpu_memory_utilization=args.gpu_memory_utilization,
                            max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                           all2all_backend=args.all2all_backend,
+                           all2all_backend=args.all2all_backend, eplb_step_interval=settings["eplb_step_interval"],
                            weight_dtype=None if args.weight_dtype == "auto" else args.weight_dtype,
                            comm_dtype=None if args.comm_dtype == "auto" else args.comm_dtype)
     slo = SLO(args.ttft_slo_ms, args.tpot_slo_ms)
@@ -268,6 +281,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
               f"max_num_seqs={config.max_num_seqs}, max_num_batched_tokens={config.max_num_batched_tokens}"
               f"{'; ranked by goodput under ' + slos if slos else '; ranked by output throughput'}")
         print(_plan_table(results, slo.given))
+        if any(r.eplb_rearranged is False for r in results):
+            print(f"EPLB never rearranged in some layouts' runs: their experts stayed at vLLM's initial map (it "
+                  f"first rearranges a quarter of step_interval {config.eplb_step_interval} = "
+                  f"{config.eplb_first_rearrangement} steps in); --eplb-config '{{\"step_interval\": 4}}' prices "
+                  "the balanced map from the second step on, as a long-running server has it")
         for r in results:
             if not r.fits:
                 extra = (f" dp={r.dp}" if r.dp > 1 else "") + (" ep" if r.ep else "")
@@ -426,11 +444,12 @@ def _add_all2all(p: argparse.ArgumentParser) -> None:
                    help="MoE under expert parallelism: experts placed by vLLM's load balancer, on --expert-load's "
                         "counts (or uniform routing)")
     p.add_argument("--eplb-config", type=_eplb_config, default={}, metavar="JSON",
-                   help="vLLM's EPLB settings; priced: num_redundant_experts (extra replicas of the hottest experts)")
+                   help="vLLM's EPLB settings; priced: num_redundant_experts (extra replicas of the hottest experts) "
+                        "and step_interval (the first rearrangement comes a quarter of it into the run)")
 
 
-# vLLM's EPLBConfig fields: all are accepted, as vLLM takes them; only the redundant experts change a price
-# (the others set when and how vLLM rearranges, which a steady-state simulation does not see).
+# vLLM's EPLBConfig fields: all are accepted, as vLLM takes them; the redundant experts and the step interval
+# change a price (the others set how vLLM measures the load and moves the weights, which is not charged).
 EPLB_CONFIG_KEYS = ("window_size", "step_interval", "num_redundant_experts", "log_balancedness",
                     "log_balancedness_interval", "use_async", "policy", "communicator", "enable_migration_batching")
 
@@ -446,15 +465,17 @@ def _eplb_config(text: str) -> dict:
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown key(s) {', '.join(unknown)}; vLLM's are "
                                          f"{', '.join(EPLB_CONFIG_KEYS)}")
-    redundant = config.get("num_redundant_experts", 0)
-    if not isinstance(redundant, int) or isinstance(redundant, bool) or redundant < 0:
-        raise argparse.ArgumentTypeError(f"num_redundant_experts must be a whole number, at least 0; got {redundant!r}")
+    for key, least in (("num_redundant_experts", 0), ("step_interval", 1)):
+        value = config.get(key, least)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise argparse.ArgumentTypeError(f"{key} must be a whole number, at least {least}; got {value!r}")
     return config
 
 
 def _eplb_settings(args: argparse.Namespace) -> dict:
     """ServingConfig's EPLB fields from --enable-eplb and --eplb-config."""
-    return {"enable_eplb": args.enable_eplb, "num_redundant_experts": args.eplb_config.get("num_redundant_experts", 0)}
+    return {"enable_eplb": args.enable_eplb, "num_redundant_experts": args.eplb_config.get("num_redundant_experts", 0),
+            "eplb_step_interval": args.eplb_config.get("step_interval", ServingConfig.eplb_step_interval)}
 
 
 def _add_parallel(p: argparse.ArgumentParser) -> None:

@@ -99,7 +99,8 @@ class Parallel:
     """A layout as vLLM's flags give it: ``dp`` replicas (``--data-parallel-size``) of ``tp x pp`` chips, and
     with ``ep`` (``--enable-expert-parallel``) the routed experts spread whole over the ``tp * dp`` chips of a
     stage instead of each expert's width split over them; with ``eplb`` (``--enable-eplb``, its
-    ``num_redundant_experts``; None: off) placed by vLLM's load balancer, with that many redundant experts."""
+    ``num_redundant_experts``; None: off) placed by vLLM's load balancer, with that many redundant experts,
+    balanced once it has ``eplb_rearranged`` (its initial map before: ``routing.eplb_initial_placement``)."""
 
     tp: int = 1
     pp: int = 1
@@ -107,6 +108,7 @@ class Parallel:
     ep: bool = False
     all2all: str = "allgather_reducescatter"
     eplb: int | None = None
+    eplb_rearranged: bool = True
 
     def __post_init__(self) -> None:
         if min(self.tp, self.pp, self.dp) < 1:
@@ -564,7 +566,8 @@ class CostModel:
         self._load = model.moe.load if model.moe else None
         if self._any_routed:
             self._load = self._load or uniform_load(model.moe.num_experts, model.moe.top_k)
-        self._chip_shares = self._load.chip_shares(self._expert_ranks, self._redundant) if self._any_routed else None
+        self._placement = (self._expert_ranks, self._redundant, parallel.eplb_rearranged)
+        self._chip_shares = self._load.chip_shares(*self._placement) if self._any_routed else None
         # Per term, what a step's loop reads, gathered once (the loop runs for every simulated step).
         self._loop = tuple(zip(self.terms, self._flops_per_s, self._gemm_shapes, self._places, self._routed,
                                (t.kind == "attention" for t in self.terms)))
@@ -713,7 +716,7 @@ class CostModel:
         moe = self.model.moe
         experts = 0.0
         if self._chip_shares is not None:  # under EP: the chip that reads the most
-            experts = self._load.busiest_chip_touched(tokens * self.parallel.dp, self._expert_ranks, self._redundant)
+            experts = self._load.busiest_chip_touched(tokens * self.parallel.dp, *self._placement)
         elif moe:
             experts = moe.experts_touched(tokens * self.parallel.dp) / self._expert_ranks
         busiest = tokens * self._busiest_factor(tokens * self.parallel.dp) if self._any_routed else tokens

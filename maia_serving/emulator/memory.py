@@ -53,6 +53,7 @@ class ServingConfig:
     all2all_backend: str = "allgather_reducescatter"
     enable_eplb: bool = False  # vLLM's expert-parallel load balancer (--enable-eplb)
     num_redundant_experts: int = 0  # its extra expert replicas (--eplb-config '{"num_redundant_experts": R}')
+    eplb_step_interval: int = 3000  # steps between its rearrangements (--eplb-config's step_interval; vLLM's default)
     kv_cache_dtype: str = "auto"
     max_model_len: int | None = None
     block_size: int = 16
@@ -66,6 +67,9 @@ class ServingConfig:
 
     def __post_init__(self) -> None:
         check_redundant_experts(self.enable_eplb, self.num_redundant_experts)
+        if not isinstance(self.eplb_step_interval, int) or self.eplb_step_interval < 1:
+            raise ValueError(f"EPLB's step_interval must be a whole number of steps, at least 1; got "
+                             f"{self.eplb_step_interval!r}")
         _ = self.parallel  # building the layout checks its sizes, its all2all backend and EPLB's need of EP
         check_fusions(self.fusions)
         precision.check_kv_cache_dtype(self.kv_cache_dtype, precision.KV_CACHE_FORMATS)
@@ -83,6 +87,12 @@ class ServingConfig:
         return Parallel(self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size,
                         self.enable_expert_parallel, self.all2all_backend,
                         self.num_redundant_experts if self.enable_eplb else None)
+
+    @property
+    def eplb_first_rearrangement(self) -> int:
+        """The steps EPLB serves with its initial map: vLLM starts its step counter three quarters of the way
+        to ``step_interval`` and rearranges when it gets there (``EplbState``), after a quarter of the interval."""
+        return max(1, self.eplb_step_interval // 4)
 
     @property
     def layout_words(self) -> str:

@@ -48,6 +48,7 @@ class LayoutResult:
     ttft_p99_ms: float | None = None
     tpot_p99_ms: float | None = None
     comm_share: float | None = None  # communication's share of the steps' work
+    eplb_rearranged: bool | None = None  # whether EPLB balanced the experts within the run (None: no EPLB)
     rank: int | None = None  # 1: the most goodput; None when rejected
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,7 +140,9 @@ def evaluate(profile: DeviceProfile, model: ModelShape, config: ServingConfig, r
     return replace(base, fits=True, output_throughput_tok_s=report.output_throughput_tok_s,
                    goodput_tok_s=goodput_tok_s(sim, slo, report.duration_s), ttft_ms=report.ttft_ms.mean,
                    tpot_ms=tpot.mean if tpot else None, ttft_p99_ms=report.ttft_ms.p99,
-                   tpot_p99_ms=tpot.p99 if tpot else None, comm_share=comm_share(sim))
+                   tpot_p99_ms=tpot.p99 if tpot else None, comm_share=comm_share(sim),
+                   eplb_rearranged=None if sim.eplb_initial_steps is None
+                   else sim.eplb_initial_steps < report.num_steps)
 
 
 def ranked(results: list[LayoutResult]) -> list[LayoutResult]:

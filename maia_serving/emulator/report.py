@@ -76,6 +76,7 @@ class SimReport:
     kv_peak_usage: float  # fraction of the KV blocks, at the busiest step
     kv_mean_usage: float  # time-weighted over the run's span, idle time at zero
     kv_usage_over_time: tuple[tuple[float, float], ...]  # (time_s, fraction) at KV_SAMPLES even times
+    eplb_initial_steps: int | None = None  # steps at EPLB's initial expert map, before it rearranges (None: no EPLB)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -147,6 +148,7 @@ def summarize(sim: Simulation, slo: SLO = SLO()) -> SimReport:
         kv_peak_usage=max(steps.kv_blocks_used) / sim.kv_cache_blocks,
         kv_mean_usage=busy_block_s / duration_s / sim.kv_cache_blocks if duration_s else 0.0,
         kv_usage_over_time=tuple(zip(sample_times, kv_usage_at(sim, sample_times))),
+        eplb_initial_steps=sim.eplb_initial_steps,
     )
 
 

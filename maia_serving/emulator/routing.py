@@ -17,8 +17,9 @@ choices (a top-k router picks an expert at most once a token).
 
 Placement follows vLLM's default (``--expert-placement-strategy linear``): consecutive experts, ``E // chips``
 on each chip and one more on the first ``E % chips``. With ``--enable-eplb`` it follows vLLM's expert-parallel
-load balancer instead (``eplb_placement``), balanced on the same counts, which stand for the window of load
-it measured before rearranging.
+load balancer instead: until its first rearrangement, vLLM's initial map (``eplb_initial_placement``), and
+from then on the balanced one (``eplb_placement``), balanced on the same counts, which stand for the window of
+load it measured before rearranging.
 """
 
 from __future__ import annotations
@@ -48,29 +49,35 @@ class ExpertLoad:
                                   for layer in self.shares) / len(self.shares)
         return self._memo[key]
 
-    def busiest_chip_touched(self, tokens: float, chips: int, redundant: int | None = None) -> float:
+    def busiest_chip_touched(self, tokens: float, chips: int, redundant: int | None = None,
+                             rearranged: bool = True) -> float:
         """Under expert parallelism, the distinct experts the chip touching most of its own reads, per layer,
         averaged over layers: the layer waits for that chip's weights (with uniform routing, where the experts
-        divide evenly, every chip's).
-        ``redundant``: EPLB's placement with that many redundant experts (None: vLLM's linear placement)."""
-        key = ("busiest", tokens, chips, redundant)
+        divide evenly, every chip's). ``redundant`` and ``rearranged``: as ``placed``."""
+        key = ("busiest", tokens, chips, redundant, rearranged)
         if key not in self._memo:
             self._memo[key] = sum(max(sum(1.0 - (1.0 - p) ** tokens for p in chip) for chip in layer)
-                                  for layer in self.placed(chips, redundant)) / len(self.shares)
+                                  for layer in self.placed(chips, redundant, rearranged)) / len(self.shares)
         return self._memo[key]
 
-    def chip_shares(self, chips: int, redundant: int | None = None) -> tuple[tuple[float, ...], ...]:
+    def chip_shares(self, chips: int, redundant: int | None = None,
+                    rearranged: bool = True) -> tuple[tuple[float, ...], ...]:
         """Per layer, the fraction of the routed rows each chip's experts receive."""
         return tuple(tuple(sum(chip) / sum(layer) for chip in chips_of)
-                     for layer, chips_of in zip(self.shares, self.placed(chips, redundant)))
+                     for layer, chips_of in zip(self.shares, self.placed(chips, redundant, rearranged)))
 
-    def placed(self, chips: int, redundant: int | None = None) -> tuple[tuple[tuple[float, ...], ...], ...]:
+    def placed(self, chips: int, redundant: int | None = None,
+               rearranged: bool = True) -> tuple[tuple[tuple[float, ...], ...], ...]:
         """Per layer, per chip, the share of the tokens' choices each expert (or replica) the chip holds takes:
-        vLLM's linear placement, or with ``redundant`` EPLB's."""
-        key = ("placed", chips, redundant)
+        vLLM's linear placement, or with ``redundant`` EPLB's, balanced once it has ``rearranged`` and its
+        initial map before."""
+        key = ("placed", chips, redundant, rearranged)
         if key not in self._memo:
-            self._memo[key] = tuple(_placed(layer, chips) if redundant is None
-                                    else eplb_placement(layer, chips, redundant) for layer in self.shares)
+            if redundant is None:
+                self._memo[key] = tuple(_placed(layer, chips) for layer in self.shares)
+            else:
+                place = eplb_placement if rearranged else eplb_initial_placement
+                self._memo[key] = tuple(place(layer, chips, redundant) for layer in self.shares)
         return self._memo[key]
 
 
@@ -96,6 +103,26 @@ def eplb_error(num_experts: int, redundant: int, chips: int) -> str | None:
                 f"{chips} expert-parallel chips (vLLM refuses it); choose num_redundant_experts (--eplb-config) so "
                 "that they do")
     return None
+
+
+def _with_replicas(layer: tuple[float, ...], slots: list[int]) -> list[float]:
+    """Each slot's share of the tokens' choices: its expert's, split evenly among the expert's replicas (vLLM
+    picks among them by the token's index)."""
+    replicas = [slots.count(e) for e in range(len(layer))]
+    return [layer[e] / replicas[e] for e in slots]
+
+
+def eplb_initial_placement(layer: tuple[float, ...], chips: int,
+                           redundant: int) -> tuple[tuple[float, ...], ...]:
+    """A layer's experts as vLLM's EPLB holds them until it first rearranges (``EplbState``'s initial map): the
+    ``E`` experts in order, then ``redundant`` replicas of experts ``0, 1, ...`` (``i % E``), the ``E + R``
+    slots in order, ``(E + R) / chips`` a chip. With no redundant experts, vLLM's linear placement."""
+    error = eplb_error(len(layer), redundant, chips)
+    if error:
+        raise ValueError(error)
+    physical = _with_replicas(layer, list(range(len(layer))) + [i % len(layer) for i in range(redundant)])
+    room = len(physical) // chips
+    return tuple(tuple(physical[c * room:(c + 1) * room]) for c in range(chips))
 
 
 def eplb_placement(layer: tuple[float, ...], chips: int, redundant: int) -> tuple[tuple[float, ...], ...]:

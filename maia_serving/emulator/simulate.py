@@ -21,6 +21,12 @@ with requests of like lengths the two agree), and each replica is simulated on i
 model, which prices its MoE layers as if every replica ran a batch of the same shape (the replicas step
 together through them). The figures cover every request; the step log and KV figures are the first
 replica's, the others' being alike.
+
+With ``--enable-eplb`` the experts start where vLLM's EPLB puts them before it has measured any load (its
+initial map) and are balanced from its first rearrangement on, ``step_interval / 4`` steps into the run
+(``ServingConfig.eplb_first_rearrangement``): a run shorter than that is served by the initial map
+throughout, as a fresh vLLM server would serve it. The rearrangement itself is not charged: vLLM moves the
+weights asynchronously by default (``use_async``), beside the steps.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from dataclasses import dataclass, replace
 from maia_serving.emulator.clock import RequestTiming
 from maia_serving.emulator.cost import CostModel, StepCost
 from maia_serving.emulator.hardware import DeviceProfile
-from maia_serving.emulator.memory import ServingConfig
+from maia_serving.emulator.memory import ServingConfig, served_model
 from maia_serving.emulator.model_shape import ModelShape
 from maia_serving.emulator.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from maia_serving.emulator.session import EmulatedDevice
@@ -69,6 +75,7 @@ class Simulation:
     kv_cache_tokens: int = 0
     kv_bytes_per_token: float = 0.0  # one chip's, at the KV format's stored size (simulate_device sets it)
     replicas: int = 1  # data-parallel replicas: steps and KV are the first one's (module docstring)
+    eplb_initial_steps: int | None = None  # steps priced at EPLB's initial expert map (None: no EPLB)
 
 
 class _StepPrices:
@@ -107,13 +114,16 @@ def through_stages(now_s: float, cost: StepCost, free_s: tuple[float, ...]) -> t
     return max(now_s, free_s[0]), free[-1], tuple(free)
 
 
-def simulate(requests: list[Request], costs: CostModel, config: SchedulerConfig, device: str = "") -> Simulation:
+def simulate(requests: list[Request], costs: CostModel, config: SchedulerConfig, device: str = "",
+             initial: tuple[int, CostModel] | None = None) -> Simulation:
     """Run ``requests`` (sorted by arrival) to completion under vLLM v1's policy, each step priced
-    by ``costs``, up to ``costs.parallel.pp`` batches in flight."""
+    by ``costs``, up to ``costs.parallel.pp`` batches in flight; with ``initial`` (steps, cost model), the
+    first that many steps by that one instead (EPLB's experts before it first rearranges them)."""
     if any(b.arrival_s < a.arrival_s for a, b in zip(requests, requests[1:])):
         raise ValueError("requests must be sorted by arrival time")
     scheduler = Scheduler(config)
     price = _StepPrices(costs)
+    initial_steps, initial_price = (initial[0], _StepPrices(initial[1])) if initial else (0, price)
     depth = costs.parallel.pp
     timings = [RequestTiming(arrival_s=r.arrival_s) for r in requests]
     log: tuple[list, ...] = ([], [], [], [], [], [], [], [])
@@ -128,7 +138,7 @@ def simulate(requests: list[Request], costs: CostModel, config: SchedulerConfig,
             arrived += 1
         step = scheduler.schedule() if len(in_flight) < depth and scheduler.has_work else None
         if step and step.request_ids:
-            cost = price(step.new_tokens, step.context_lens)
+            cost = (price if len(start_s) >= initial_steps else initial_price)(step.new_tokens, step.context_lens)
             total = cost.total_s
             if cost.stages:
                 start, end, free_s = through_stages(now_s, cost, free_s)
@@ -170,6 +180,7 @@ def simulate(requests: list[Request], costs: CostModel, config: SchedulerConfig,
         prefix_cache_queried_tokens=scheduler.prefix_cache_queried_tokens,
         prefix_cache_hit_tokens=scheduler.prefix_cache_hit_tokens,
         kv_cache_tokens=config.num_blocks * config.block_size,
+        eplb_initial_steps=min(initial_steps, len(start_s)) if initial else None,
     )
 
 
@@ -189,9 +200,14 @@ def simulate_device(profile: DeviceProfile, model: ModelShape, serving: ServingC
         max_num_batched_tokens=serving.max_num_batched_tokens,
         enable_prefix_caching=enable_prefix_caching,
     )
+    initial = None
+    if serving.enable_eplb:  # vLLM's EPLB starts from its initial map and first rearranges some steps in
+        initial = (serving.eplb_first_rearrangement, CostModel(
+            profile, served_model(model, serving), replace(serving.parallel, eplb_rearranged=False),
+            serving.kv_cache_dtype, serving.fusions))
     dp = serving.data_parallel_size
     shares = [requests[i::dp] for i in range(min(dp, len(requests)))]
-    sims = [simulate(share, device.cost_model, config, device=profile.name) for share in shares]
+    sims = [simulate(share, device.cost_model, config, device=profile.name, initial=initial) for share in shares]
     return replace(merge_replicas(sims), kv_bytes_per_token=device.plan.kv_bytes_per_token)
 
 

@@ -13,6 +13,8 @@ from maia_serving.emulator.cost import CostModel, Parallel, StepShape, expert_im
 from maia_serving.emulator.memory import ServingConfig, weight_bytes_per_chip
 from maia_serving.emulator.model_shape import MoE, with_expert_load
 from maia_serving.emulator.routing import from_counts
+from maia_serving.emulator.simulate import simulate_device
+from maia_serving.emulator.workload import synthetic
 
 HOT = [80, 20, 20, 20, 20, 20, 10, 10]  # expert 0 takes 40% of the 200 choices: p = 0.8, 0.2 x 5, 0.1 x 2
 
@@ -146,6 +148,47 @@ def test_eplb_places_a_hot_expert_by_hand():
     assert factors == pytest.approx([2.0368, 1.8366, 1.0723], abs=1e-4)
 
 
+def test_before_it_rearranges_eplb_holds_vllms_initial_map():
+    """HOT over 4 chips with 4 redundant experts, before any rearrangement: vLLM's initial map is experts 0-7,
+    then replicas of experts 0-3, the 12 slots in order, 3 a chip; experts 0-3 each split over two replicas."""
+    load = from_counts(HOT, 8, 2, 1)
+    assert load.placed(4, 4, rearranged=False)[0] == ((0.4, 0.1, 0.1), (0.1, 0.2, 0.2), (0.1, 0.1, 0.4),
+                                                     (0.1, 0.1, 0.1))
+    assert load.placed(4, 0, rearranged=False) == load.placed(4)  # no replicas: the linear placement
+    # As many replicas as experts: i % E, every expert twice, each chip the whole layer at half its shares.
+    half = tuple(p / 2 for p in load.shares[0])
+    assert load.placed(2, 8, rearranged=False)[0] == (half, half)
+
+
+def test_simulate_serves_the_initial_map_until_eplb_rearranges(tmp_path, capsys):
+    """A fresh vLLM server's EPLB balances a quarter of step_interval steps in: a run shorter than that is served
+    by the initial map throughout (the linear placement, with no replicas); with an interval of 40, the first 10
+    steps are and every later one is balanced, cheaper for the same shapes (a static batch schedules alike)."""
+    counts = [1000 / (r + 10) for r in range(128)]
+    model = with_expert_load(load_model_shape("qwen3-30b-a3b"), _write(tmp_path, {"source": "test", "layers": counts}))
+    h100, requests = load_profile("h100-sxm"), synthetic(16, 256, 32)
+    ep = dict(tensor_parallel_size=8, enable_expert_parallel=True)
+    linear = simulate_device(h100, model, ServingConfig(**ep), requests).steps.work_s
+    fresh = simulate_device(h100, model, ServingConfig(**ep, enable_eplb=True), requests)
+    assert fresh.eplb_initial_steps == len(fresh.steps.work_s) < 750 and fresh.steps.work_s == linear
+    quick = simulate_device(h100, model, ServingConfig(**ep, enable_eplb=True, eplb_step_interval=40), requests)
+    assert quick.eplb_initial_steps == 10 and quick.steps.work_s[:10] == linear[:10]
+    assert all(q < w for q, w in zip(quick.steps.work_s[10:], linear[10:]))
+    assert simulate_device(h100, model, ServingConfig(**ep), requests).eplb_initial_steps is None
+    with pytest.raises(ValueError, match="step_interval must be a whole number of steps, at least 1"):
+        ServingConfig(**ep, enable_eplb=True, eplb_step_interval=0)
+    # The CLI says which map served, and takes vLLM's spelling of the interval.
+    run = ["simulate", "--model", "qwen3-30b-a3b", "--device", "h100-sxm", "-tp", "8", "-ep", "--enable-eplb",
+           "--num-prompts", "16", "--input-len", "256", "--output-len", "32"]
+    assert main(run) == 0
+    assert "EPLB never rearranged: all" in capsys.readouterr().out
+    assert main([*run, "--eplb-config", '{"step_interval": 40}', "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["eplb_initial_steps"] == 10
+    with pytest.raises(SystemExit):
+        main([*run, "--eplb-config", '{"step_interval": 0}'])
+    assert "step_interval must be a whole number, at least 1" in capsys.readouterr().err
+
+
 def test_eplb_of_uniform_routing_changes_nothing_but_the_replicas(mixtral):
     """Without a measured load EPLB balances uniform routing: no redundant experts, the linear placement's
     price; 8 redundant experts (two replicas of each, two a chip of 8) each chip reads two experts' weights
@@ -205,6 +248,14 @@ def test_simulate_and_plan_take_vllms_eplb_flags(tmp_path, capsys):
     assert any("do not divide over 6" in reason for reason in refused.values())
     assert any(r["ep"] and r["fits"] and r["tp"] * r["dp"] == 2 for r in layouts)  # 10 over 2 divides
     assert {r["eplb"] for r in layouts if r["ep"]} == {2} and {r["eplb"] for r in layouts if not r["ep"]} == {None}
+    # 8 requests end long before a fresh server's first rearrangement (750 steps); an interval of 4 makes it the
+    # first step's end.
+    assert {r["eplb_rearranged"] for r in layouts if r["ep"] and r["fits"]} == {False}
+    assert {r["eplb_rearranged"] for r in layouts if not r["ep"]} == {None}
+    assert main(["plan", "--model", "mixtral-8x7b", "--device", "h100-sxm", "--num-devices", "2", "--enable-eplb",
+                 "--eplb-config", '{"num_redundant_experts": 2, "step_interval": 4}', "--num-prompts", "8",
+                 "--json"]) == 0
+    assert {r["eplb_rearranged"] for r in json.loads(capsys.readouterr().out) if r["ep"] and r["fits"]} == {True}
     with pytest.raises(SystemExit):
         main(["simulate", "--model", "mixtral-8x7b", "--device", "h100-sxm", "-tp", "8", "-ep", "--enable-eplb",
               "--eplb-config", '{"num_redundant_expert": 8}', "--num-prompts", "4"])
