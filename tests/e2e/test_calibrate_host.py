@@ -19,6 +19,7 @@ def test_the_engine_time_is_fitted_on_vllm_and_loads_with_the_profile(demo_model
     done = _calibrate("--out", str(out), "--engine-model", str(demo_model))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "engine time per step" in done.stdout
+    assert "rounds: the slowest" in done.stdout and "the fastest is kept" in done.stdout
     profile = profile_from_dict(yaml.safe_load(out.read_text()))
     assert profile.step_overhead_s > 0
     assert profile.step_overhead_per_seq_s >= 0 and profile.step_overhead_per_token_s >= 0
