@@ -134,6 +134,7 @@ def eplb_placement(layer: tuple[float, ...], chips: int, redundant: int) -> tupl
 
     A token picks among its expert's replicas evenly (vLLM hashes the token's index), so a replica takes its
     expert's share over its replica count. Ties go to the lower index, as numpy's argmax and argmin choose.
+    ``tests/unit/vllm/test_eplb_conformance.py`` checks it, and ``eplb_initial_placement``, against vLLM's code.
     """
     error = eplb_error(len(layer), redundant, chips)
     if error:
