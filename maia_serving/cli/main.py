@@ -219,15 +219,19 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0 if all(r["fits"] for r in rows) else 1
 
 
+def _eplb_never_words(config: ServingConfig) -> str:
+    """Why a run's EPLB kept its initial map, and how to price a server that has run a while."""
+    return (f"(vLLM first rearranges a quarter of step_interval {config.eplb_step_interval} = "
+            f"{config.eplb_first_rearrangement} steps in); --eplb-config '{{\"step_interval\": 4}}' prices the "
+            "balanced map from the second step on, as a long-running server has it")
+
+
 def _eplb_words(initial_steps: int, steps: int, config: ServingConfig) -> str:
     """When EPLB balanced the experts in a simulated run, or that it never did."""
     if initial_steps < steps:
         return (f"EPLB balanced the experts after step {initial_steps} of {steps} (a quarter of step_interval "
                 f"{config.eplb_step_interval}); before, its initial map")
-    return (f"EPLB never rearranged: all {steps} steps at its initial expert map (vLLM first rearranges a quarter "
-            f"of step_interval {config.eplb_step_interval} = {config.eplb_first_rearrangement} steps in); "
-            "--eplb-config '{\"step_interval\": 4}' prices the balanced map from the second step on, as a "
-            "long-running server has it")
+    return f"EPLB never rearranged: all {steps} steps at its initial expert map {_eplb_never_words(config)}"
 
 
 def _plan_table(results: list, slo_given: bool) -> str:
@@ -282,10 +286,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
               f"{'; ranked by goodput under ' + slos if slos else '; ranked by output throughput'}")
         print(_plan_table(results, slo.given))
         if any(r.eplb_rearranged is False for r in results):
-            print(f"EPLB never rearranged in some layouts' runs: their experts stayed at vLLM's initial map (it "
-                  f"first rearranges a quarter of step_interval {config.eplb_step_interval} = "
-                  f"{config.eplb_first_rearrangement} steps in); --eplb-config '{{\"step_interval\": 4}}' prices "
-                  "the balanced map from the second step on, as a long-running server has it")
+            print("EPLB never rearranged in some layouts' runs: their experts stayed at its initial map "
+                  + _eplb_never_words(config))
         for r in results:
             if not r.fits:
                 extra = (f" dp={r.dp}" if r.dp > 1 else "") + (" ep" if r.ep else "")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,7 +109,7 @@ def eplb_error(num_experts: int, redundant: int, chips: int) -> str | None:
 def _with_replicas(layer: tuple[float, ...], slots: list[int]) -> list[float]:
     """Each slot's share of the tokens' choices: its expert's, split evenly among the expert's replicas (vLLM
     picks among them by the token's index)."""
-    replicas = [slots.count(e) for e in range(len(layer))]
+    replicas = Counter(slots)
     return [layer[e] / replicas[e] for e in slots]
 
 
@@ -143,7 +144,7 @@ def eplb_placement(layer: tuple[float, ...], chips: int, redundant: int) -> tupl
     for _ in range(redundant):
         hot = max(range(len(layer)), key=lambda e: (layer[e] / replicas[e], -e))
         replicas[hot] += 1
-    physical = [layer[e] / replicas[e] for e in range(len(layer)) for _ in range(replicas[e])]
+    physical = _with_replicas(layer, [e for e in range(len(layer)) for _ in range(replicas[e])])
     room = len(physical) // chips
     loads, held = [0.0] * chips, [[] for _ in range(chips)]
     for share in sorted(physical, reverse=True):
