@@ -6,6 +6,7 @@ server the way a user would, on 127.0.0.1.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from maia_serving import envs
@@ -151,3 +153,27 @@ def scrape(url: str, prefix: str = "maia:") -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             out[name] = float(value)
     return out
+
+
+def settled_scrape(url: str, ready: Callable[[dict[str, float]], bool], prefix: str = "maia:",
+                   timeout_s: float = 30.0, poll_s: float = 0.05) -> dict[str, float]:
+    """``scrape`` once ``ready`` holds of it and the emulated figures have stopped moving; the last
+    scrape if ``timeout_s`` passes first.
+
+    A step's figures land one metric at a time, after the reply (vLLM: over the stats channel; SGLang:
+    into one file per kind of metric, which a scrape reads one after the other), so a scrape taken
+    meanwhile can count a step in one metric and not yet in another. Settled: two scrapes in a row
+    agree on every ``maia:`` sample and, within them, the busy time is the steps' summed time (both
+    add the same figures)."""
+    deadline = time.monotonic() + timeout_s
+    previous: dict[str, float] | None = None
+    while True:
+        samples = scrape(url, prefix)
+        emulated = {k: v for k, v in samples.items() if k.startswith("maia:")}
+        busy, summed = metric(emulated, "maia:emulated_busy_seconds_total"), metric(emulated,
+                                                                                     "maia:emulated_step_seconds_sum")
+        if (emulated == previous and math.isclose(busy, summed, rel_tol=1e-9, abs_tol=1e-12) and ready(samples)) \
+                or time.monotonic() > deadline:
+            return samples
+        previous = emulated
+        time.sleep(poll_s)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from maia_serving.emulator.simulate import Simulation
 from maia_serving.emulator.workload import Request
-from maia_serving.launch import metric, scrape
+from maia_serving.launch import metric, scrape, settled_scrape
 
 # A prompt's tokens: distinct per request from the first token on, so no request shares a
 # prefix-cache block with another (the simulator's synthetic requests share none); each replay
@@ -187,13 +187,8 @@ def replay_at_once(url: str, model: str, num_requests: int, input_len: int, outp
     return emulated_figures(before, _settled(url, before, num_requests))
 
 
-def _settled(url: str, before: dict[str, float], num_requests: int, timeout_s: float = 10.0) -> dict[str, float]:
-    """A scrape that counts every request's TPOT: the engine's last records reach /metrics just after
-    the answer (over the stats channel)."""
+def _settled(url: str, before: dict[str, float], num_requests: int) -> dict[str, float]:
+    """A settled scrape that counts every request's TPOT: the engine's last records reach /metrics just
+    after the answer."""
     name = "maia:emulated_time_per_output_token_seconds_count"
-    deadline = time.monotonic() + timeout_s
-    while True:
-        after = scrape(url)
-        if metric(after, name) - metric(before, name) >= num_requests or time.monotonic() > deadline:
-            return after
-        time.sleep(0.05)
+    return settled_scrape(url, lambda after: metric(after, name) - metric(before, name) >= num_requests, timeout_s=10)

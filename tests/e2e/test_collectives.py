@@ -26,7 +26,7 @@ from conftest import ENGINE_ENV, SGLANG_ENV
 from maia_serving.emulator.cost import CostModel, Parallel
 from maia_serving.emulator.hardware import load_profile
 from maia_serving.emulator.model_shape import shape_from_config
-from maia_serving.launch import Server, free_port, metric, scrape, sglang_serve_cmd, vllm_serve_cmd
+from maia_serving.launch import Server, free_port, metric, scrape, settled_scrape, sglang_serve_cmd, vllm_serve_cmd
 
 PROMPT = list(range(5, 5 + 37))  # 37 prompt tokens, given as ids so the count is exact
 STEPS = [(37, 1), (1, 1), (1, 1), (1, 1)]  # the prefill, then three decodes
@@ -77,10 +77,7 @@ def _greedy(server) -> list[str]:
 
 def _settled(url: str, name: str, at_least: float) -> dict[str, float]:
     """/metrics once ``name`` reaches ``at_least`` (the figures reach the API server a moment after the reply)."""
-    deadline = time.monotonic() + 30
-    while (samples := scrape(url)) and metric(samples, name) < at_least and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return samples
+    return settled_scrape(url, lambda samples: metric(samples, name) >= at_least)
 
 
 def _delta(before: dict[str, float], after: dict[str, float], name: str, **labels: str) -> float:

@@ -3,13 +3,12 @@ send hostile bodies. After each, the server answers, and after a soak nothing is
 running, waiting or holding KV blocks."""
 
 import json
-import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from maia_serving.launch import metric, scrape
+from maia_serving.launch import metric, settled_scrape
 from maia_serving.loadgen import Load, run_load
 
 # Each engine's own gauges of requests in flight.
@@ -24,13 +23,9 @@ def _answers(served) -> None:
 
 def _settled(served, timeout_s: float = 60.0) -> dict[str, float]:
     """/metrics once nothing runs or waits (the gauges lag the last step by a little)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        samples = scrape(served.server.url, prefix="")
-        busy = sum(metric(samples, name) for name in IN_FLIGHT[served.engine])
-        if busy == 0 or time.monotonic() > deadline:
-            return samples
-        time.sleep(0.5)
+    return settled_scrape(served.server.url, lambda samples: sum(metric(samples, name) for name in
+                                                                 IN_FLIGHT[served.engine]) == 0,
+                          prefix="", timeout_s=timeout_s, poll_s=0.5)
 
 
 def test_soak_with_clients_that_disconnect_and_time_out(served, logs_dir):

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from maia_serving.launch import scrape
+from maia_serving.launch import scrape, settled_scrape
 
 
 def test_models_lists_the_served_model(served):
@@ -111,12 +111,7 @@ def test_metrics_describe_the_device_before_any_request(served, demo_model):
 
 def _settled_scrape(url: str, steps_before: float, expected_steps: int) -> dict[str, float]:
     """/metrics once the request's steps are in (SGLang writes its files after responding)."""
-    for _ in range(50):
-        after = scrape(url)
-        if after["maia:emulated_step_seconds_count"] - steps_before >= expected_steps:
-            return after
-        time.sleep(0.1)
-    return after
+    return settled_scrape(url, lambda after: after["maia:emulated_step_seconds_count"] - steps_before >= expected_steps)
 
 
 def test_metrics_rise_by_exactly_what_one_request_costs(served, demo_model):
