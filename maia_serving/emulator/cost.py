@@ -60,7 +60,7 @@ from maia_serving.emulator import interconnect
 from maia_serving.emulator.hardware import DeviceProfile
 from maia_serving.emulator.model_shape import Linear, ModelShape
 from maia_serving.emulator.precision import Precision
-from maia_serving.emulator.routing import eplb_error, uniform_load
+from maia_serving.emulator.routing import eplb_error, eplb_nodes, uniform_load
 
 
 @dataclass(frozen=True)
@@ -566,7 +566,10 @@ class CostModel:
         self._load = model.moe.load if model.moe else None
         if self._any_routed:
             self._load = self._load or uniform_load(model.moe.num_experts, model.moe.top_k)
-        self._placement = (self._expert_ranks, self._redundant, parallel.eplb_rearranged)
+        # EPLB balances a grouped model per node first, over the nodes the whole deployment spans.
+        nodes = eplb_nodes(parallel.chips, self._net.node_chips, self._expert_ranks)
+        self._placement = (self._expert_ranks, self._redundant, parallel.eplb_rearranged,
+                           model.moe.num_groups if model.moe else 1, nodes)
         self._chip_shares = self._load.chip_shares(*self._placement) if self._any_routed else None
         # Per term, what a step's loop reads, gathered once (the loop runs for every simulated step).
         self._loop = tuple(zip(self.terms, self._flops_per_s, self._gemm_shapes, self._places, self._routed,

@@ -53,6 +53,7 @@ class MoE:
     expert_bias: bool = False  # gpt-oss
     router_bias: bool = False  # gpt-oss
     shared_expert_gate: bool = False  # Qwen2-MoE: one sigmoid output gating the shared expert
+    num_groups: int = 1  # DeepSeek's n_group: runs of consecutive experts, which vLLM's EPLB keeps whole on a node
     load: ExpertLoad | None = None  # measured routing (routing.py); None: each expert alike
 
     def experts_touched(self, tokens: float) -> float:
@@ -362,13 +363,17 @@ def _moe(text: dict[str, Any], kind: str, layers: int) -> MoE:
         first, freq = int(text.get("first_k_dense_replace") or 0), int(text.get("moe_layer_freq") or 1)
         dense = sum(1 for i in range(layers) if i < first or i % freq)
         shared = int(text.get("n_shared_experts") or 0) * inter
+        groups = int(text.get("n_group") or 1)
+        if groups < 1 or int(text[experts_key]) % groups:
+            raise ValueError(f"n_group ({groups}) must divide n_routed_experts ({text[experts_key]}) into groups "
+                             "of consecutive experts")
     else:
         # Qwen2MoeConfig: layer i is sparse unless listed in mlp_only_layers or (i + 1) % decoder_sparse_step.
         step, only = int(text.get("decoder_sparse_step") or 1), set(text.get("mlp_only_layers") or ())
         dense = sum(1 for i in range(layers) if i in only or (i + 1) % step)
-        shared = int(text.get("shared_expert_intermediate_size") or 0)
+        shared, groups = int(text.get("shared_expert_intermediate_size") or 0), 1
     return MoE(int(text[experts_key]), int(text["num_experts_per_tok"]), inter, shared_intermediate_size=shared,
-               num_dense_layers=dense, shared_expert_gate=kind == "qwen2_moe")
+               num_dense_layers=dense, shared_expert_gate=kind == "qwen2_moe", num_groups=groups)
 
 
 def _mla(text: dict[str, Any]) -> MLA:

@@ -18,8 +18,8 @@ choices (a top-k router picks an expert at most once a token).
 Placement follows vLLM's default (``--expert-placement-strategy linear``): consecutive experts, ``E // chips``
 on each chip and one more on the first ``E % chips``. With ``--enable-eplb`` it follows vLLM's expert-parallel
 load balancer instead: until its first rearrangement, vLLM's initial map (``eplb_initial_placement``), and
-from then on the balanced one (``eplb_placement``), balanced on the same counts, which stand for the window of
-load it measured before rearranging.
+from then on the balanced one (``eplb_placement``: per node first for a grouped model across nodes), balanced on
+the same counts, which stand for the window of load it measured before rearranging.
 """
 
 from __future__ import annotations
@@ -50,35 +50,37 @@ class ExpertLoad:
                                   for layer in self.shares) / len(self.shares)
         return self._memo[key]
 
-    def busiest_chip_touched(self, tokens: float, chips: int, redundant: int | None = None,
-                             rearranged: bool = True) -> float:
+    def busiest_chip_touched(self, tokens: float, chips: int, redundant: int | None = None, rearranged: bool = True,
+                             groups: int = 1, nodes: int = 1) -> float:
         """Under expert parallelism, the distinct experts the chip touching most of its own reads, per layer,
         averaged over layers: the layer waits for that chip's weights (with uniform routing, where the experts
-        divide evenly, every chip's). ``redundant`` and ``rearranged``: as ``placed``."""
-        key = ("busiest", tokens, chips, redundant, rearranged)
+        divide evenly, every chip's). The other arguments: as ``placed``."""
+        key = ("busiest", tokens, chips, redundant, rearranged, groups, nodes)
         if key not in self._memo:
+            placed = self.placed(chips, redundant, rearranged, groups, nodes)
             self._memo[key] = sum(max(sum(1.0 - (1.0 - p) ** tokens for p in chip) for chip in layer)
-                                  for layer in self.placed(chips, redundant, rearranged)) / len(self.shares)
+                                  for layer in placed) / len(self.shares)
         return self._memo[key]
 
-    def chip_shares(self, chips: int, redundant: int | None = None,
-                    rearranged: bool = True) -> tuple[tuple[float, ...], ...]:
+    def chip_shares(self, chips: int, redundant: int | None = None, rearranged: bool = True, groups: int = 1,
+                    nodes: int = 1) -> tuple[tuple[float, ...], ...]:
         """Per layer, the fraction of the routed rows each chip's experts receive."""
         return tuple(tuple(sum(chip) / sum(layer) for chip in chips_of)
-                     for layer, chips_of in zip(self.shares, self.placed(chips, redundant, rearranged)))
+                     for layer, chips_of in zip(self.shares, self.placed(chips, redundant, rearranged, groups, nodes)))
 
-    def placed(self, chips: int, redundant: int | None = None,
-               rearranged: bool = True) -> tuple[tuple[tuple[float, ...], ...], ...]:
+    def placed(self, chips: int, redundant: int | None = None, rearranged: bool = True, groups: int = 1,
+               nodes: int = 1) -> tuple[tuple[tuple[float, ...], ...], ...]:
         """Per layer, per chip, the share of the tokens' choices each expert (or replica) the chip holds takes:
-        vLLM's linear placement, or with ``redundant`` EPLB's, balanced once it has ``rearranged`` and its
-        initial map before."""
-        key = ("placed", chips, redundant, rearranged)
+        vLLM's linear placement, or with ``redundant`` EPLB's, balanced once it has ``rearranged`` (for a model
+        of ``groups`` expert groups over ``nodes`` nodes: ``eplb_placement``) and its initial map before."""
+        key = ("placed", chips, redundant, rearranged, groups, nodes)
         if key not in self._memo:
             if redundant is None:
                 self._memo[key] = tuple(_placed(layer, chips) for layer in self.shares)
+            elif rearranged:
+                self._memo[key] = tuple(eplb_placement(layer, chips, redundant, groups, nodes) for layer in self.shares)
             else:
-                place = eplb_placement if rearranged else eplb_initial_placement
-                self._memo[key] = tuple(place(layer, chips, redundant) for layer in self.shares)
+                self._memo[key] = tuple(eplb_initial_placement(layer, chips, redundant) for layer in self.shares)
         return self._memo[key]
 
 
@@ -126,32 +128,68 @@ def eplb_initial_placement(layer: tuple[float, ...], chips: int,
     return tuple(tuple(physical[c * room:(c + 1) * room]) for c in range(chips))
 
 
-def eplb_placement(layer: tuple[float, ...], chips: int, redundant: int) -> tuple[tuple[float, ...], ...]:
-    """A layer's experts as vLLM's expert-parallel load balancer (its default policy's global form, which vLLM
-    runs for models without expert groups and on one node) places them from their measured load:
+def eplb_nodes(world_chips: int, node_chips: int, ep_chips: int) -> int:
+    """The node count vLLM's EPLB balances over: the nodes the whole deployment spans (``get_node_count``, every
+    stage's and replica's chips), or one where they do not divide its ``ep_chips`` (vLLM then warns and balances
+    globally)."""
+    nodes = max(1, -(-world_chips // node_chips))
+    return 1 if ep_chips % nodes else nodes
 
-    1. ``redundant`` more replicas, each of the expert whose replicas now carry the most each;
-    2. the ``E + R`` replicas, heaviest first, each to the lightest chip with room, ``(E + R) / chips`` a chip.
+
+def _pack(weights: list[float], packs: int) -> list[list[int]]:
+    """vLLM's balanced packing: the items heaviest first, each to the lightest pack not yet full, ``len / packs``
+    a pack (item ``i`` to pack ``i`` where that is one). Ties go to the lower index, as numpy's argmin chooses."""
+    room = len(weights) // packs
+    if room == 1:
+        return [[i] for i in range(len(weights))]
+    loads, held = [0.0] * packs, [[] for _ in range(packs)]
+    for item in sorted(range(len(weights)), key=lambda i: -weights[i]):
+        pack = min((p for p in range(packs) if len(held[p]) < room), key=lambda p: (loads[p], p))
+        held[pack].append(item)
+        loads[pack] += weights[item]
+    return held
+
+
+def _replicate(layer: list[float], slots: int) -> list[float]:
+    """vLLM's replication: the experts, and ``slots - len(layer)`` more replicas, each of the expert whose
+    replicas now carry the most each (ties to the lower index, as numpy's argmax); each slot's share."""
+    replicas = [1] * len(layer)
+    for _ in range(slots - len(layer)):
+        hot = max(range(len(layer)), key=lambda e: (layer[e] / replicas[e], -e))
+        replicas[hot] += 1
+    return _with_replicas(layer, [e for e in range(len(layer)) for _ in range(replicas[e])])
+
+
+def eplb_placement(layer: tuple[float, ...], chips: int, redundant: int, groups: int = 1,
+                   nodes: int = 1) -> tuple[tuple[float, ...], ...]:
+    """A layer's experts as vLLM's expert-parallel load balancer (its default policy) places them from their
+    measured load, over ``chips`` chips on ``nodes`` nodes (``eplb_nodes``) for a model of ``groups`` expert
+    groups (DeepSeek's ``n_group``: consecutive experts), node by node in rank order:
+
+    1. where the groups divide over the nodes, each node gets ``groups / nodes`` of them, the heaviest group
+       first to the lightest node with room (vLLM's hierarchical policy); otherwise one node holds all (its
+       global policy, which the hierarchical one is on one node);
+    2. per node, ``redundant / nodes`` more replicas of its experts, each of the expert whose replicas now carry
+       the most each;
+    3. per node, its replicas heaviest first, each to the lightest of its chips with room, ``(E + R) / chips``
+       a chip.
 
     A token picks among its expert's replicas evenly (vLLM hashes the token's index), so a replica takes its
-    expert's share over its replica count. Ties go to the lower index, as numpy's argmax and argmin choose.
-    ``tests/unit/vllm/test_eplb_conformance.py`` checks it, and ``eplb_initial_placement``, against vLLM's code.
+    expert's share over its replica count. ``tests/unit/vllm/test_eplb_conformance.py`` checks it, and
+    ``eplb_initial_placement``, against vLLM's code.
     """
     error = eplb_error(len(layer), redundant, chips)
     if error:
         raise ValueError(error)
-    replicas = [1] * len(layer)
-    for _ in range(redundant):
-        hot = max(range(len(layer)), key=lambda e: (layer[e] / replicas[e], -e))
-        replicas[hot] += 1
-    physical = _with_replicas(layer, [e for e in range(len(layer)) for _ in range(replicas[e])])
-    room = len(physical) // chips
-    loads, held = [0.0] * chips, [[] for _ in range(chips)]
-    for share in sorted(physical, reverse=True):
-        chip = min((c for c in range(chips) if len(held[c]) < room), key=lambda c: (loads[c], c))
-        held[chip].append(share)
-        loads[chip] += share
-    return tuple(tuple(chip) for chip in held)
+    if groups % nodes or chips % nodes:
+        groups = nodes = 1
+    size = len(layer) // groups
+    out: list[tuple[float, ...]] = []
+    for held_groups in _pack([sum(layer[g * size:(g + 1) * size]) for g in range(groups)], nodes):
+        local = [layer[e] for g in held_groups for e in range(g * size, (g + 1) * size)]
+        physical = _replicate(local, (len(layer) + redundant) // nodes)
+        out.extend(tuple(physical[i] for i in chip) for chip in _pack(physical, chips // nodes))
+    return tuple(out)
 
 
 def from_counts(counts: list, num_experts: int, top_k: int, moe_layers: int, where: str = "expert load",

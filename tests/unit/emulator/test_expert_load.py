@@ -3,6 +3,7 @@ refusals, worked by hand. Mixtral-8x7B: 32 MoE layers of 8 experts, top 2."""
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -216,6 +217,21 @@ def test_eplb_wins_back_a_measured_imbalance(tmp_path):
     assert times[1] < times[0]
     busiest = [CostModel(h100, skewed, Parallel(tp=8, ep=True, eplb=r))._busiest_factor(4096) for r in (None, 0, 8)]
     assert busiest[0] > 1.3 > 1.1 > busiest[1] >= busiest[2] >= 1.0
+
+
+def test_eplb_balances_a_grouped_model_per_node_across_nodes():
+    """DeepSeek-V2-Lite's measured load as if its 64 experts were DeepSeek-V3's 8 groups, on 16 H100s (2 nodes
+    of 8): vLLM's EPLB packs whole groups onto each node before it balances the node's chips, so the busiest chip
+    carries more than the global policy would give it; on one node the groups change nothing."""
+    data = Path(__file__).parents[3] / "benchmarks" / "data" / "expert-load-esft-vanilla-lite.json"
+    model = with_expert_load(load_model_shape("deepseek-v2-lite"), data)
+    grouped = replace(model, moe=replace(model.moe, num_groups=8))
+    h100, two_nodes = load_profile("h100-sxm"), Parallel(tp=8, dp=2, ep=True, eplb=0)
+    assert CostModel(h100, grouped, two_nodes)._chip_shares == model.moe.load.chip_shares(16, 0, True, 8, 2)
+    busiest = [CostModel(h100, m, two_nodes)._busiest_factor(4096) for m in (model, grouped)]
+    assert busiest[1] > busiest[0] * 1.001
+    one_node = Parallel(tp=8, ep=True, eplb=0)
+    assert CostModel(h100, grouped, one_node)._chip_shares == CostModel(h100, model, one_node)._chip_shares
 
 
 @pytest.mark.parametrize(("parallel", "config", "message"), [

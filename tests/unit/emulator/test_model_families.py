@@ -313,6 +313,15 @@ def test_an_mlp_bias_is_refused_rather_than_left_out():
         shape_from_config({**shape_config("llama-3-8b"), "mlp_bias": True}, "l")
 
 
+def test_deepseeks_expert_groups_are_read_and_must_divide_its_experts():
+    """DeepSeek-V3's config.json: n_group 8 over 256 experts (vLLM's EPLB keeps each group on one node)."""
+    config = shape_config("deepseek-v2-lite")
+    assert "n_group" not in config and shape_from_config(config, "d").moe.num_groups == 1
+    assert shape_from_config({**config, "n_group": 8}, "d").moe.num_groups == 8
+    with pytest.raises(ValueError, match=r"n_group \(5\) must divide n_routed_experts \(64\)"):
+        shape_from_config({**config, "n_group": 5}, "d")
+
+
 def test_qwen2_moe_has_a_gated_shared_expert():
     """Qwen1.5-MoE-A2.7B (its config.json's fields): 14.3B parameters, 2.7B activated (Qwen blog, 2024)."""
     model = shape_from_config({

@@ -42,16 +42,32 @@ def test_the_balanced_map_is_vllms_default_policy(experts, redundant, chips, see
     assert sorted(sorted(c) for c in ours) == sorted(sorted(c) for c in vllms)
 
 
-@pytest.mark.parametrize(("experts", "redundant"), [(64, 0), (64, 16), (256, 32)])
-def test_a_grouped_model_on_one_node_is_balanced_as_the_global_policy_balances(experts, redundant):
-    """DeepSeek-style expert groups (8 here): vLLM's hierarchical policy packs groups onto nodes first, which on
-    one node changes nothing, so the emulator's global policy is vLLM's there. (Across nodes it is not: 256
-    experts + 32 over 2 nodes of 8 left vLLM's busiest chip up to 1.22x the global policy's, 2026-12-04.)"""
-    layer = _load(experts, 1)
+# (experts, redundant, chips, groups, nodes), DeepSeek-style expert groups: on one node (the global policy), across
+# nodes (per node first), one group a node, one replica a chip, and groups that do not divide over the nodes
+# (vLLM balances globally then).
+GROUPED = [(64, 0, 8, 8, 1), (256, 32, 8, 8, 1), (256, 0, 16, 8, 2), (256, 32, 16, 8, 2), (64, 16, 16, 8, 4),
+           (64, 0, 8, 4, 2), (16, 0, 16, 8, 2), (64, 0, 16, 2, 2), (60, 4, 16, 3, 2)]
+
+
+@pytest.mark.parametrize(("experts", "redundant", "chips", "groups", "nodes"), GROUPED)
+@pytest.mark.parametrize("seed", range(3))
+def test_a_grouped_model_is_balanced_per_node_as_vllm_balances_it(experts, redundant, chips, groups, nodes, seed):
+    """Compared node by node (vLLM's ranks fill node 0 first): each node's chips hold the same shares."""
+    layer = _load(experts, seed)
     phy2log = DefaultEplbPolicy.rebalance_experts(torch.tensor([layer], dtype=torch.float64), experts + redundant,
-                                                  8, 1, 8)[0].tolist()
-    ours = eplb_placement(tuple(layer), 8, redundant)
-    assert sorted(sorted(c) for c in ours) == sorted(sorted(c) for c in _chips(layer, phy2log, 8))
+                                                  groups, nodes, chips)[0].tolist()
+    ours, vllms = eplb_placement(tuple(layer), chips, redundant, groups, nodes), _chips(layer, phy2log, chips)
+    per_node = chips // nodes
+    for node in range(nodes):
+        mine, theirs = (c[node * per_node:(node + 1) * per_node] for c in (ours, vllms))
+        assert sorted(sorted(c) for c in mine) == sorted(sorted(c) for c in theirs)
+
+
+def test_across_nodes_a_grouped_model_leaves_the_busiest_chip_heavier_than_the_global_policy():
+    """What the hierarchical policy costs: groups stay whole on a node, so the nodes cannot even out."""
+    layer = tuple(_load(256, 1))
+    busiest = [max(map(sum, eplb_placement(layer, 16, 32, groups, nodes))) for groups, nodes in ((1, 1), (8, 2))]
+    assert busiest[1] > busiest[0] * 1.001
 
 
 @pytest.mark.parametrize(("experts", "redundant", "chips"), CASES)
