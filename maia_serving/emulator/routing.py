@@ -163,8 +163,8 @@ def _replicate(layer: list[float], slots: int) -> list[float]:
 def eplb_placement(layer: tuple[float, ...], chips: int, redundant: int, groups: int = 1,
                    nodes: int = 1) -> tuple[tuple[float, ...], ...]:
     """A layer's experts as vLLM's expert-parallel load balancer (its default policy) places them from their
-    measured load, over ``chips`` chips on ``nodes`` nodes (``eplb_nodes``) for a model of ``groups`` expert
-    groups (DeepSeek's ``n_group``: consecutive experts), node by node in rank order:
+    measured load, over ``chips`` chips on ``nodes`` nodes (``eplb_nodes``: they divide the chips) for a model of
+    ``groups`` expert groups (DeepSeek's ``n_group``: consecutive experts), node by node in rank order:
 
     1. where the groups divide over the nodes, each node gets ``groups / nodes`` of them, the heaviest group
        first to the lightest node with room (vLLM's hierarchical policy); otherwise one node holds all (its
@@ -181,7 +181,7 @@ def eplb_placement(layer: tuple[float, ...], chips: int, redundant: int, groups:
     error = eplb_error(len(layer), redundant, chips)
     if error:
         raise ValueError(error)
-    if groups % nodes or chips % nodes:
+    if groups % nodes:
         groups = nodes = 1
     size = len(layer) // groups
     out: list[tuple[float, ...]] = []
