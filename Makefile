@@ -3,8 +3,9 @@ VENV_VLLM := .venv-vllm
 VENV_SGLANG := .venv-sglang
 PY := $(VENV_VLLM)/bin/python
 SGL_PY := $(VENV_SGLANG)/bin/python
-# Engine-free unit tests run in both environments: the emulator and kernels install in each.
-SGLANG_UNIT := tests/unit/sglang tests/unit/emulator tests/unit/serving tests/unit/test_ops_host.py tests/unit/test_sglang_activate.py
+# The SGLang environment runs what depends on its own engine and torch: the SGLang adapter's unit tests and the
+# host attention built against its torch. Engine-free tests (emulator, serving, formats) run once, in .venv-vllm.
+SGLANG_UNIT := tests/unit/sglang tests/unit/ops/test_ops_host.py
 
 .PHONY: demo demo-sglang test test-unit test-e2e setup setup-vllm setup-sglang lint bench mutation clean
 
@@ -46,7 +47,7 @@ test-e2e: setup
 	$(PY) -m pytest $(XDIST) tests/e2e
 
 lint: setup-vllm
-	$(VENV_VLLM)/bin/ruff check maia_serving kernels tests benchmarks scripts
+	$(VENV_VLLM)/bin/ruff check maia_serving tests benchmarks scripts
 
 bench: setup
 	cd benchmarks && ../$(PY) serve_throughput.py

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "out"
+# The benchmarks drive servers with the test harness (tests/utils: launch, loadgen, replay), which is not shipped
+# in the package: importing this module puts the repository root on the path, so import it first.
+ROOT = OUT.parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 
 @dataclass

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from common import OUT, run_load, write_json
 
-from maia_serving.launch import Server, free_port, scrape, sglang_serve_cmd, vllm_serve_cmd
-from maia_serving.models.demo import build_demo_model
+from maia_serving.tools.training.demo import build_demo_model
+from tests.utils.launch import Server, free_port, scrape, sglang_serve_cmd, vllm_serve_cmd
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_LEN = "1024"

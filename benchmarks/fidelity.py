@@ -153,9 +153,9 @@ def predict(case: dict[str, Any], settings: dict[str, Any], max_requests: int | 
     """The case's metric as `maia-serving simulate` predicts it: the CLI's simulate_device and summarize,
     with the source's engine settings."""
     from maia_serving.emulator import ServingConfig, load_model_shape, load_profile
-    from maia_serving.emulator.report import summarize
-    from maia_serving.emulator.simulate import simulate_device
-    from maia_serving.emulator.workload import synthetic
+    from maia_serving.emulator.sim.report import summarize
+    from maia_serving.emulator.sim.simulate import simulate_device
+    from maia_serving.emulator.sim.workload import synthetic
 
     weights = case["precision"]["weights"]
     config = ServingConfig(

@@ -25,7 +25,9 @@ from pathlib import Path
 
 from common import write_json
 
-from maia_serving.emulator.calibrate import (
+from maia_serving.emulator.hardware import host_profile_path
+from maia_serving.serving.profiles import load_profile
+from maia_serving.tools.calibrate_host import (
     ENGINE_ROUNDS,
     ENGINE_WORKLOADS,
     EngineTime,
@@ -33,7 +35,6 @@ from maia_serving.emulator.calibrate import (
     round_spread,
     shape_timings,
 )
-from maia_serving.emulator.hardware import host_profile_path, load_profile
 from maia_serving.vllm import step_timing
 
 ROOT = Path(__file__).resolve().parent.parent

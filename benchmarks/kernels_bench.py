@@ -51,8 +51,8 @@ def _measure(
 
 
 def run(args: argparse.Namespace) -> list[BenchResult]:
-    from maia_serving.kernels import kv_absmax, paged_attention, reshape_and_cache
     from maia_serving.ops.fp8 import resolve_kv_cache_dtype
+    from maia_serving.ops.triton import kv_absmax, paged_attention, reshape_and_cache
 
     dev, act = torch.device("cuda"), torch.bfloat16
     fmt = resolve_kv_cache_dtype(args.kv_cache_dtype)

@@ -183,7 +183,7 @@ def measure(url: str, workload: dict) -> dict:
 def sglang_command(config: KvConfig, model: Path, port: int, max_model_len: int) -> tuple[list[str], dict[str, str]]:
     """An SGLang server on maia for ``config``: FP8 under SGLang's own spellings, the block-scaled
     formats through MAIA_SERVING_KV_CACHE_DTYPE (as the README documents), radix cache off."""
-    from maia_serving.launch import sglang_serve_cmd
+    from tests.utils.launch import sglang_serve_cmd
 
     # SGLang keeps a few positions of the context free for output (a 256 context takes 250 input tokens):
     # allowed a longer context, it scores vLLM's 255-token windows, and no position past 256 is used.
@@ -197,7 +197,7 @@ def sglang_command(config: KvConfig, model: Path, port: int, max_model_len: int)
 
 def run_config(config: KvConfig, model: Path, device: str, workload: dict, logs: Path,
                timeout_s: int, engine: str = "vllm") -> ConfigResult:
-    from maia_serving.launch import Server, ServerFailed, free_port, vllm_serve_cmd
+    from tests.utils.launch import Server, ServerFailed, free_port, vllm_serve_cmd
 
     result = ConfigResult(config.name, config.label, str(model), config.kv_cache_dtype)
     if config.maia_only and device != "maia":
@@ -252,7 +252,7 @@ def compare_with_bf16(results: list[ConfigResult]) -> None:
 def build_workload(model: Path, max_windows: int, num_prompts: int, prompt_tokens: int, gen_tokens: int) -> dict:
     from transformers import AutoConfig, AutoTokenizer
 
-    from maia_serving.models.train import HELDOUT_FILE, text_windows
+    from maia_serving.tools.training.train import HELDOUT_FILE, text_windows
 
     heldout = model / HELDOUT_FILE
     if not heldout.exists():
@@ -271,8 +271,8 @@ def build_workload(model: Path, max_windows: int, num_prompts: int, prompt_token
 
 
 def calibrate(model: Path, work: Path, fmt: str, max_tokens: int) -> Path:
-    from maia_serving.calibration import calibrate_kv
-    from maia_serving.models.train import CALIBRATION_FILE
+    from maia_serving.tools.calibrate_kv import calibrate_kv
+    from maia_serving.tools.training.train import CALIBRATION_FILE
 
     out = work / f"{model.name}-kv-{fmt}"
     calibrate_kv(model, [model / CALIBRATION_FILE], out, max_tokens=max_tokens, fmt=fmt, overwrite=True)

@@ -19,16 +19,16 @@ from pathlib import Path
 from common import OUT, run_load, write_json
 
 from maia_serving.emulator import ServingConfig, load_model_shape, load_profile, plan_memory
-from maia_serving.launch import Server, free_port, scrape, vllm_serve_cmd
-from maia_serving.models.demo import build_demo_model
+from maia_serving.tools.training.demo import build_demo_model
+from tests.utils.launch import Server, free_port, scrape, vllm_serve_cmd
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = 'maia:kv_cache_blocks{{holder="{}"}}'
 
 
 def calibrated(model: Path) -> Path:
-    from maia_serving.calibration import calibrate_kv
-    from maia_serving.models.tokenizer import stdlib_files
+    from maia_serving.tools.calibrate_kv import calibrate_kv
+    from maia_serving.tools.training.tokenizer import stdlib_files
 
     out = OUT / "demo-kv-fp8"
     if not (out / "config.json").exists():

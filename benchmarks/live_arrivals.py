@@ -14,11 +14,11 @@ from pathlib import Path
 from common import OUT
 
 from maia_serving.emulator import ServingConfig, load_model_shape, load_profile
-from maia_serving.emulator.simulate import simulate_device
-from maia_serving.emulator.workload import synthetic
-from maia_serving.launch import Server, free_port, metric, scrape, vllm_serve_cmd
-from maia_serving.models.demo import build_demo_model
-from maia_serving.replay import replay_trace, simulated_figures
+from maia_serving.emulator.sim.simulate import simulate_device
+from maia_serving.emulator.sim.workload import synthetic
+from maia_serving.tools.training.demo import build_demo_model
+from tests.utils.launch import Server, free_port, metric, scrape, vllm_serve_cmd
+from tests.utils.replay import replay_trace, simulated_figures
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMITS = {"max_model_len": 512, "max_num_batched_tokens": 2048, "max_num_seqs": 64}

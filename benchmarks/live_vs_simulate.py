@@ -4,7 +4,7 @@ shape, and through `maia-serving simulate` with the same shape, profile, limits 
 For each (engine, shape, profile) one server of the demo model priced as that shape; each workload
 is replayed through it as a plain client sends it (one HTTP request holding every prompt) and, on
 vLLM, also paused-then-resumed so that the engine sees the whole batch at once, as the simulator
-does (maia_serving.replay; SGLang already receives such a batch in one message). Prints the
+does (tests.utils.replay; SGLang already receives such a batch in one message). Prints the
 emulated busy time, mean TTFT and mean TPOT of both sides, and the live/simulated ratios.
 """
 
@@ -16,11 +16,11 @@ from pathlib import Path
 from common import OUT
 
 from maia_serving.emulator import ServingConfig, load_model_shape, load_profile
-from maia_serving.emulator.simulate import simulate_device
-from maia_serving.emulator.workload import synthetic
-from maia_serving.launch import Server, free_port, metric, scrape, sglang_serve_cmd, vllm_serve_cmd
-from maia_serving.models.demo import build_demo_model
-from maia_serving.replay import Figures, replay_at_once, simulated_figures
+from maia_serving.emulator.sim.simulate import simulate_device
+from maia_serving.emulator.sim.workload import synthetic
+from maia_serving.tools.training.demo import build_demo_model
+from tests.utils.launch import Server, free_port, metric, scrape, sglang_serve_cmd, vllm_serve_cmd
+from tests.utils.replay import Figures, replay_at_once, simulated_figures
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMITS = {"max_model_len": 512, "max_num_batched_tokens": 2048, "max_num_seqs": 64}

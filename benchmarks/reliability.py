@@ -1,6 +1,6 @@
 """Soak both maia servers with clients that give up, and vLLM's own CPU platform for reference.
 
-Each server gets the same seeded load (maia_serving.loadgen): streaming and plain
+Each server gets the same seeded load (tests.utils.loadgen): streaming and plain
 completions and chats at high concurrency, with a share of the streaming clients closing
 the connection after two chunks and a share of the plain ones timing out. Reported per
 server: requests, concurrency, what the clients did, failures (goal 0), whether anything
@@ -17,9 +17,9 @@ from pathlib import Path
 
 from common import OUT, write_json
 
-from maia_serving.launch import Server, free_port, metric, scrape, sglang_serve_cmd, vllm_serve_cmd
-from maia_serving.loadgen import Load, run_load
-from maia_serving.models.demo import build_demo_model
+from maia_serving.tools.training.demo import build_demo_model
+from tests.utils.launch import Server, free_port, metric, scrape, sglang_serve_cmd, vllm_serve_cmd
+from tests.utils.loadgen import Load, run_load
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_FLIGHT = {"vllm": ("vllm:num_requests_running", "vllm:num_requests_waiting"),

@@ -22,7 +22,7 @@ from common import OUT
 CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000, "hidden_size": 2048,
           "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 8,
           "head_dim": 128, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
-IMPORTS = "import torch, safetensors, maia_serving.models.reshard"
+IMPORTS = "import torch, safetensors, maia_serving.tools.checkpoints.reshard"
 
 
 def write_checkpoint(out: Path, config: dict) -> tuple[int, int]:
@@ -30,7 +30,7 @@ def write_checkpoint(out: Path, config: dict) -> tuple[int, int]:
     import torch
     from safetensors.torch import save_file
 
-    from maia_serving.models.reshard import hf_tensors, read_arch
+    from maia_serving.tools.checkpoints.reshard import hf_tensors, read_arch
 
     out.mkdir(parents=True)
     (out / "config.json").write_text(json.dumps(config))
@@ -81,10 +81,10 @@ def main() -> None:
         root = Path(tmp)
         total, largest = write_checkpoint(root / "src", CONFIG)
         base, reshard_peak, reshard_s = peak_rss(
-            f"maia_serving.models.reshard.reshard(Path('{root / 'src'}'), Path('{root / 'sharded'}'), "
+            f"maia_serving.tools.checkpoints.reshard.reshard(Path('{root / 'src'}'), Path('{root / 'sharded'}'), "
             f"{args.tensor_parallel_size})")
         merge_base, merge_peak, merge_s = peak_rss(
-            f"maia_serving.models.reshard.merge(Path('{root / 'sharded'}'), Path('{root / 'merged'}'))")
+            f"maia_serving.tools.checkpoints.reshard.merge(Path('{root / 'sharded'}'), Path('{root / 'merged'}'))")
     mib = 2 ** 20
     result = {"model_bytes": total, "largest_tensor_bytes": largest, "tensor_parallel_size": args.tensor_parallel_size,
               "reshard_rss_after_imports_bytes": base, "reshard_peak_rss_bytes": reshard_peak, "reshard_s": reshard_s,

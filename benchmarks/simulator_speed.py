@@ -19,10 +19,10 @@ import time
 from dataclasses import replace
 
 from maia_serving.emulator import ServingConfig, load_model_shape, load_profile
-from maia_serving.emulator.report import summarize
-from maia_serving.emulator.routing import from_counts
-from maia_serving.emulator.simulate import simulate_device
-from maia_serving.emulator.workload import synthetic
+from maia_serving.emulator.cost.routing import from_counts
+from maia_serving.emulator.sim.report import summarize
+from maia_serving.emulator.sim.simulate import simulate_device
+from maia_serving.emulator.sim.workload import synthetic
 
 # (profile, request rate, gpu_memory_utilization): 0.35 leaves Llama-3-8B on a Maia 100 KV for about 50
 # sequences of 640 tokens, so 256 at once preempt.

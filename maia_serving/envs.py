@@ -107,7 +107,7 @@ def _block_scaled_kv(value: str) -> str:
     """A block-scaled KV format of the dtype vocabulary, or "" (imported only when one is set)."""
     if not value:
         return ""
-    from maia_serving.emulator.precision import BLOCK_SCALED_KV_FORMATS
+    from maia_serving.formats.precision import BLOCK_SCALED_KV_FORMATS
 
     return _choice(*BLOCK_SCALED_KV_FORMATS)(value)
 

@@ -13,11 +13,12 @@ from pathlib import Path
 
 from openai import OpenAI
 
-from maia_serving.emulator.units import format_seconds
-from maia_serving.launch import Server, free_port, scrape, sglang_serve_cmd, vllm_serve_cmd
-from maia_serving.models.demo import build_demo_model
+from maia_serving.formats.units import format_seconds
+from maia_serving.tools.training.demo import build_demo_model
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the server harness lives in tests/utils, outside the package
+from tests.utils.launch import Server, free_port, scrape, sglang_serve_cmd, vllm_serve_cmd  # noqa: E402
 
 
 def main() -> int:

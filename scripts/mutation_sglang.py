@@ -100,7 +100,7 @@ def worker(manifest: Path) -> None:
     from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: F401
 
     import maia_serving.serving.metrics  # noqa: F401
-    from maia_serving.emulator.session import EmulatedDevice  # noqa: F401
+    from maia_serving.emulator.device.session import EmulatedDevice  # noqa: F401
 
     mutants = json.loads(manifest.read_text())
     source = (ROOT / TARGET).read_text()

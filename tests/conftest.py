@@ -47,7 +47,7 @@ def built_once(path: Path, build: Callable[[Path], object]) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_model() -> Path:
-    from maia_serving.models.demo import build_demo_model
+    from maia_serving.tools.training.demo import build_demo_model
 
     return built_once(ROOT / "models" / "demo", build_demo_model)
 
@@ -57,14 +57,14 @@ def trained_model() -> Path:
     """models/trained, made by `maia-serving train-model` (about 6 minutes on two free cores, once).
     A 60-step model is no shorter way: it answers every prompt with the same run of underscores,
     which any two implementations agree on."""
-    from maia_serving.models.train import train_model
+    from maia_serving.tools.training.train import train_model
 
     return built_once(ROOT / "models" / "trained", train_model)
 
 
 def _family_model(family: str) -> Path:
-    """A demo-model sibling of another family (maia_serving.models.demo.FAMILIES), built once per checkout."""
-    from maia_serving.models.demo import build_demo_model
+    """A demo-model sibling of another family (maia_serving.tools.training.demo.FAMILIES), built once per checkout."""
+    from maia_serving.tools.training.demo import build_demo_model
 
     return built_once(ROOT / "models" / f"demo-{family}",
                       lambda path: build_demo_model(path, family=family, overwrite=True))

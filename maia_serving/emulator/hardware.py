@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from maia_serving import envs
-from maia_serving.emulator import precision
+from maia_serving.formats import precision
 
 # Multipliers into SI base units (bytes, bytes/s, FLOP/s, seconds).
 _UNITS: dict[str, float] = {
@@ -309,15 +309,22 @@ def with_variant(raw: dict[str, Any], variant: str) -> dict[str, Any]:
             "name": f"{raw['name']}{VARIANT_SEPARATOR}{variant}"}
 
 
+class HostProfileMissing(UnknownProfileError):
+    """``host`` was asked for before this machine was measured: measuring needs torch, which the emulator does
+    not import, so the caller measures (``maia_serving.serving.profiles.load_profile`` does) and asks again."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"no host profile at {path}: run `maia-serving calibrate-host` to measure this machine")
+        self.path = path
+
+
 def load_profile(name: str) -> DeviceProfile:
-    """Load a profile by name (``h100-sxm@pcie``: a variant); ``host`` is measured once and cached
-    (see calibrate.py)."""
+    """Load a profile by name (``h100-sxm@pcie``: a variant); ``host`` is the one ``calibrate-host`` wrote
+    (HostProfileMissing before then)."""
     if name == "host":
         path = host_profile_path()
         if not path.exists():
-            from maia_serving.emulator.calibrate import calibrate_host
-
-            calibrate_host(path)
+            raise HostProfileMissing(path)
         return profile_from_dict(yaml.safe_load(path.read_text()))
     base, _, variant = name.partition(VARIANT_SEPARATOR)
     path = _builtin_dir() / f"{base}.yaml"

@@ -25,11 +25,12 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from maia_serving.emulator import precision
-from maia_serving.emulator.cost import Parallel, check_fusions
+from maia_serving.emulator.cost.layout import Parallel
+from maia_serving.emulator.cost.terms import check_fusions
 from maia_serving.emulator.hardware import DeviceProfile
 from maia_serving.emulator.model_shape import Linear, ModelShape
-from maia_serving.emulator.units import format_bytes
+from maia_serving.formats import precision
+from maia_serving.formats.units import format_bytes
 
 GiB = 2.0**30
 

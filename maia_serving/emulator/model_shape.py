@@ -26,9 +26,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from maia_serving.emulator import precision, quantization
-from maia_serving.emulator.precision import Precision, WeightQuant
-from maia_serving.emulator.routing import ExpertLoad, load_expert_load
+from maia_serving.emulator.cost.routing import ExpertLoad, load_expert_load
+from maia_serving.formats import precision, quantization
+from maia_serving.formats.precision import Precision, WeightQuant
 
 # `--kv-cache-dtype` values the emulator accepts (the block-scaled MX/NVFP4 formats too); "auto" stores
 # the KV cache in the model's dtype.
@@ -432,7 +432,7 @@ def shape_from_config(config: dict[str, Any], name: str = "model") -> ModelShape
 
 
 def builtin_model_names() -> list[str]:
-    folder = resources.files("maia_serving.emulator") / "models"
+    folder = resources.files("maia_serving.emulator") / "shapes"
     return sorted(Path(str(p)).stem for p in folder.iterdir() if str(p).endswith(".json"))
 
 
@@ -450,7 +450,7 @@ def load_model_shape(spec: str | Path) -> ModelShape:
     if path.is_dir():
         path = path / "config.json"
     if not path.exists():
-        builtin = Path(str(resources.files("maia_serving.emulator") / "models" / f"{spec}.json"))
+        builtin = Path(str(resources.files("maia_serving.emulator") / "shapes" / f"{spec}.json"))
         if not builtin.exists():
             raise FileNotFoundError(
                 f"no model config at {spec!r}: give a model directory, a config.json, or one of "

@@ -1,6 +1,6 @@
 """KV-cache ops for the maia device: Triton kernels with plain-torch references.
 
-Each op below runs either the Triton kernel from ``maia_serving.kernels`` or the reference
+Each op below runs either the Triton kernel from ``maia_serving.ops.triton`` or the reference
 from ``maia_serving.ops.fp8`` (same arguments, same numerics); a ``kv_cache_dtype`` that names a
 block-scaled format of ``maia_serving.ops.mx`` (mxfp8, mxfp6, mxfp6_e2m3, mxfp4, nvfp4) goes to
 ``kernels.reshape_and_cache_mx`` or ``ops.host.reshape_and_cache_mx_host`` (the reference's bytes, in
@@ -17,7 +17,7 @@ The choice is made on every call from the environment variable ``MAIA_SERVING_KE
   numerics, batched over sequences) for attention, the references for the rest.
 
 Note: Triton 3.9's interpreter converts fp32 to FP8 and bf16 inexactly; the kernel tests
-patch it (tests/unit/kernels/conftest.py). Serve with the torch reference on CPU hosts.
+patch it (tests/unit/ops/triton_kernels/conftest.py). Serve with the torch reference on CPU hosts.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def reshape_and_cache(
     )
     block_scaled = kv_cache_dtype in MX_FORMATS
     if kernel_backend(key.device) == "triton":
-        from maia_serving import kernels
+        from maia_serving.ops import triton as kernels
 
         (kernels.reshape_and_cache_mx if block_scaled else kernels.reshape_and_cache)(*args)
     else:
@@ -166,7 +166,7 @@ def paged_attention(
         causal,
     )
     if kernel_backend(query.device) == "triton":
-        from maia_serving import kernels
+        from maia_serving.ops import triton as kernels
 
         return kernels.paged_attention(*args, max_query_len=max_query_len, out=out, sliding_window=sliding_window)
     from maia_serving.ops.host import paged_attention_host
@@ -178,7 +178,7 @@ def paged_attention(
 def kv_absmax(x: torch.Tensor) -> torch.Tensor:
     """Per-KV-head ``max |x|`` as float32 ``[num_kv_heads]``; see ``kv_absmax_ref``."""
     if kernel_backend(x.device) == "triton":
-        from maia_serving import kernels
+        from maia_serving.ops import triton as kernels
 
         return kernels.kv_absmax(x)
     return kv_absmax_ref(x)

@@ -1,6 +1,6 @@
 """FP8 KV-cache formats, argument checks and plain-torch references.
 
-The references define the numerics that the Triton kernels in ``maia_serving.kernels``
+The references define the numerics that the Triton kernels in ``maia_serving.ops.triton``
 must reproduce; they import no engine and run on any torch device.
 
 Quantization: ``q = fp8(clamp(x.float() / scale, -max, +max))`` with round-to-nearest-even,
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from maia_serving.emulator import precision
+from maia_serving.formats import precision
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class Fp8Format:
     max_value: float
 
 
-# The canonical dtypes of maia_serving.emulator.precision (the one vocabulary) as torch holds them.
+# The canonical dtypes of maia_serving.formats.precision (the one vocabulary) as torch holds them.
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
     "bf16": torch.bfloat16,

@@ -1,9 +1,9 @@
 """Block-scaled KV-cache formats (OCP Microscaling MX v1.0 and NVFP4): plain-torch references.
 
-The references define the numerics that the Triton kernels in ``maia_serving.kernels.mx_cache``
+The references define the numerics that the Triton kernels in ``maia_serving.ops.triton.mx_cache``
 must reproduce bit for bit; they import no engine and run on any torch device.
 
-Formats (``MX_FORMATS``, built from ``maia_serving.emulator.precision``, the one dtype
+Formats (``MX_FORMATS``, built from ``maia_serving.formats.precision``, the one dtype
 vocabulary, which names each format's element and scale formats, block size and scale bits): a
 K or V row of one KV head (``head_dim`` values) is cut into blocks along the head dimension;
 each block stores its elements in a small float format and one shared scale.
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from maia_serving.emulator import precision
+from maia_serving.formats import precision
 from maia_serving.ops.fp8 import (
     check_paged_attention_args,
     check_slot_mapping,

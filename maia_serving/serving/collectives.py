@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
-from maia_serving.emulator.interconnect import COLLECTIVE_OPS
+from maia_serving.emulator.cost.interconnect import COLLECTIVE_OPS
 
 Row = tuple[int, int, int, int, int]
 _CODE = {op: code for code, op in enumerate(COLLECTIVE_OPS)}

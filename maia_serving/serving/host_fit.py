@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from maia_serving.emulator.memory import Flags, MemoryPlan
-from maia_serving.emulator.units import format_bytes
+from maia_serving.formats.units import format_bytes
 
 
 class HostTooSmall(ValueError):

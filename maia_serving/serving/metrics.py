@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import asdict, dataclass, fields
 
-from maia_serving.emulator.session import EmulatedDevice, StepRecord
-from maia_serving.emulator.units import format_bytes, format_seconds
+from maia_serving.emulator.device.session import EmulatedDevice, StepRecord
+from maia_serving.formats.units import format_bytes, format_seconds
 
 
 @dataclass

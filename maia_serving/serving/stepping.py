@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from maia_serving.emulator.session import EmulatedDevice, StepRecord
+from maia_serving.emulator.device.session import EmulatedDevice, StepRecord
 from maia_serving.serving.metrics import PeriodicLog
 
 

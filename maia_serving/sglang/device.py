@@ -7,12 +7,12 @@ from functools import lru_cache
 from pathlib import Path
 
 from maia_serving import envs
-from maia_serving.emulator import precision
-from maia_serving.emulator.hardware import load_profile
+from maia_serving.emulator.device.session import EmulatedDevice
 from maia_serving.emulator.memory import SGLANG_FLAGS, MemoryPlan, ServingConfig, plan_memory
 from maia_serving.emulator.model_shape import ModelShape, shape_from_config
-from maia_serving.emulator.session import EmulatedDevice
+from maia_serving.formats import precision
 from maia_serving.serving.priced_model import priced_shape
+from maia_serving.serving.profiles import load_profile
 
 # The emulated device pages its KV cache like vLLM on maia, whatever SGLang's host
 # page size, so both engines report the same capacity for the same profile.

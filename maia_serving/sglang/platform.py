@@ -87,7 +87,7 @@ def _apply_block_scaled_kv(server_args) -> None:
     """A block-scaled KV cache: SGLang's own ``--kv-cache-dtype mxfp8`` / ``nvfp4`` (meant for its GPU
     kernels) or MAIA_SERVING_KV_CACHE_DTYPE for any of them; SGLang's dtype stays auto and the
     variable, inherited by the scheduler processes, tells the pool and the backend."""
-    from maia_serving.emulator.precision import BLOCK_SCALED_KV_FORMATS
+    from maia_serving.formats.precision import BLOCK_SCALED_KV_FORMATS
 
     requested = str(server_args.kv_cache_dtype or "auto")
     fmt = envs.get(envs.MAIA_SERVING_KV_CACHE_DTYPE)
@@ -137,7 +137,7 @@ def _size_kv_pool(server_args) -> None:
     """Size the KV pool in tokens as the emulated HBM would hold them (of the proxy shape, if one is
     priced), clamped to what the host gives the served model."""
     from maia_serving.emulator.memory import SGLANG_FLAGS
-    from maia_serving.emulator.units import format_bytes
+    from maia_serving.formats.units import format_bytes
     from maia_serving.serving.host_fit import check_host
     from maia_serving.serving.priced_model import engine_kv_tokens, routing_note
     from maia_serving.sglang.device import build_device, host_plan

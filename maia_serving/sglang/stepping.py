@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 from maia_serving import envs
-from maia_serving.emulator.session import EmulatedDevice
+from maia_serving.emulator.device.session import EmulatedDevice
 from maia_serving.serving.metrics import DeviceInfo, EmulatedMetricSet
 from maia_serving.serving.stepping import EngineStep, StepCharger
 from maia_serving.sglang.patch.collectives import RELAY

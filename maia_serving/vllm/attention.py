@@ -36,7 +36,7 @@ from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_b
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from maia_serving import envs, ops
-from maia_serving.emulator import precision
+from maia_serving.formats import precision
 from maia_serving.ops import native
 from maia_serving.ops.host import PagedPlan, plan_paged_attention
 from maia_serving.ops.mx import MX_FORMATS, head_bytes

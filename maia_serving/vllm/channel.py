@@ -19,8 +19,8 @@ import math
 import threading
 from dataclasses import dataclass, field
 
-from maia_serving.emulator.clock import RequestTiming
-from maia_serving.emulator.session import StepRecord
+from maia_serving.emulator.device.clock import RequestTiming
+from maia_serving.emulator.device.session import StepRecord
 from maia_serving.serving.metrics import DeviceInfo, EmulatedMetricSet
 
 logger = logging.getLogger("vllm.maia_serving")

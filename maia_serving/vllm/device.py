@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from maia_serving import envs
-from maia_serving.emulator import precision
-from maia_serving.emulator.hardware import load_profile
+from maia_serving.emulator.device.session import EmulatedDevice
 from maia_serving.emulator.memory import MemoryPlan, ServingConfig, plan_memory
 from maia_serving.emulator.model_shape import ModelShape, shape_from_config
-from maia_serving.emulator.session import EmulatedDevice
+from maia_serving.formats import precision
 from maia_serving.serving.priced_model import priced_shape
+from maia_serving.serving.profiles import load_profile
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

@@ -18,7 +18,7 @@ _UNTIL_COMM = "vLLM reports each step's collectives to the scheduler"
 _UNTIL_FP8 = "vLLM's CPU build has a kernel for FP8 weights with BF16 activations"
 
 SURFACES: tuple[Surface, ...] = (
-    # Step charging (maia_serving.vllm.scheduler)
+    # Step charging (maia_serving.vllm.stepping)
     Surface(_SCHED, "subclass", "MaiaScheduler charges each step; set as scheduler_cls", _UNTIL_SCHED),
     Surface(f"{_SCHED}.schedule", "subclass", "reads the step's shape while every scheduled request is known",
             _UNTIL_SCHED),

@@ -14,7 +14,7 @@ from vllm.logger import init_logger
 from vllm.platforms.cpu import CpuPlatform
 
 from maia_serving import envs
-from maia_serving.emulator.precision import BLOCK_SCALED_KV_FORMATS
+from maia_serving.formats.precision import BLOCK_SCALED_KV_FORMATS
 from maia_serving.vllm import ledger
 
 if TYPE_CHECKING:
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 # A child of vLLM's logger, so our lines share its handlers and format.
 logger = init_logger("vllm.maia_serving")
 
-SCHEDULER_CLS = "maia_serving.vllm.scheduler.MaiaScheduler"
+SCHEDULER_CLS = "maia_serving.vllm.stepping.MaiaScheduler"
 WORKER_CLS = "maia_serving.vllm.worker.MaiaWorker"
 COMMUNICATOR_CLS = "maia_serving.vllm.communicator.MaiaCommunicator"
 ATTENTION_BACKEND_CLS = "maia_serving.vllm.attention.MaiaAttentionBackend"
@@ -189,7 +189,7 @@ def _apply_kv_cache_size(vllm_config: VllmConfig) -> None:
     """Size the KV cache in tokens as the emulated HBM would hold them (of the proxy shape, if one
     is priced), clamped to what the host gives the served model."""
     from maia_serving.emulator.memory import VLLM_FLAGS
-    from maia_serving.emulator.units import format_bytes
+    from maia_serving.formats.units import format_bytes
     from maia_serving.serving.host_fit import check_host
     from maia_serving.serving.priced_model import engine_kv_tokens, routing_note
     from maia_serving.vllm.device import build_device, host_plan

@@ -74,7 +74,7 @@ def time_steps(model: str, workloads: list[tuple[int, int, int]], rounds: int) -
 def measure_host(model: str, heads: tuple[int, int, int]) -> dict:
     """The host profile's data (``calibrate.host_profile_dict``) measured in this process once an engine
     serving ``model`` is up (the module docstring says why)."""
-    from maia_serving.emulator.calibrate import host_profile_dict
+    from maia_serving.tools.calibrate_host import host_profile_dict
 
     llm = _engine(model, [])
     data = host_profile_dict(heads, where=f" inside vLLM's engine process serving {model}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from maia_serving.launch import Server, free_port, scrape, sglang_serve_cmd, vllm_serve_cmd
+from tests.utils.launch import Server, free_port, scrape, sglang_serve_cmd, vllm_serve_cmd
 
 ROOT = Path(__file__).resolve().parents[2]
 # `make test` runs two pytest-xdist workers; each keeps its own servers' logs, since a session-wide
@@ -69,8 +69,8 @@ def openai_client(server: Server):
 @pytest.fixture(scope="session")
 def calibrated_demo(demo_model, tmp_path_factory):
     """The demo model calibrated by `maia-serving calibrate-kv` (E4M3): (folder, KvCalibration)."""
-    from maia_serving.calibration import calibrate_kv
-    from maia_serving.models.tokenizer import stdlib_files
+    from maia_serving.tools.calibrate_kv import calibrate_kv
+    from maia_serving.tools.training.tokenizer import stdlib_files
 
     out = tmp_path_factory.mktemp("demo-kv-fp8")
     result = calibrate_kv(demo_model, stdlib_files(3), out, max_tokens=4096, seq_len=256, progress=False)
@@ -98,7 +98,7 @@ def sglang_fp8_server(calibrated_demo):
 
 
 # The demo model priced as Llama-3-8B on a Maia 200. Dev mode serves /pause and /resume, with which
-# maia_serving.replay hands the engine a whole batch at once, as `simulate` does.
+# tests.utils.replay hands the engine a whole batch at once, as `simulate` does.
 PROXY_CONFIG = '{"maia_profile": "maia200", "maia_model": "llama-3-8b"}'
 
 

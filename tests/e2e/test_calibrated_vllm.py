@@ -16,8 +16,8 @@ import sys
 
 import pytest
 
-from maia_serving.calibration import SIDECAR, calibrate_kv
-from maia_serving.models.tokenizer import stdlib_files
+from maia_serving.tools.calibrate_kv import SIDECAR, calibrate_kv
+from maia_serving.tools.training.tokenizer import stdlib_files
 
 pytestmark = pytest.mark.e2e
 

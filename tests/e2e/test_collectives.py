@@ -23,10 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import ENGINE_ENV, SGLANG_ENV
 
-from maia_serving.emulator.cost import CostModel, Parallel
+from maia_serving.emulator.cost.layout import Parallel
+from maia_serving.emulator.cost.model import CostModel
 from maia_serving.emulator.hardware import load_profile
 from maia_serving.emulator.model_shape import shape_from_config
-from maia_serving.launch import Server, free_port, metric, scrape, settled_scrape, sglang_serve_cmd, vllm_serve_cmd
+from tests.utils.launch import Server, free_port, metric, scrape, settled_scrape, sglang_serve_cmd, vllm_serve_cmd
 
 PROMPT = list(range(5, 5 + 37))  # 37 prompt tokens, given as ids so the count is exact
 STEPS = [(37, 1), (1, 1), (1, 1), (1, 1)]  # the prefill, then three decodes

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from maia_serving.launch import sglang_python
+from tests.utils.launch import sglang_python
 
 VLLM = str(Path(sys.executable).with_name("vllm"))
 

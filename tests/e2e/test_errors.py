@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from maia_serving.launch import Server, ServerFailed, free_port, sglang_serve_cmd, vllm_serve_cmd
+from tests.utils.launch import Server, ServerFailed, free_port, sglang_serve_cmd, vllm_serve_cmd
 
 ENGINES = ("vllm", "sglang")
 

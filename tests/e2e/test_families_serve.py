@@ -23,11 +23,11 @@ from conftest import LOGS  # at import: by run time `conftest` is another folder
 
 from maia_serving.emulator import ServingConfig, load_profile
 from maia_serving.emulator.model_shape import ModelShape, load_model_shape
-from maia_serving.emulator.simulate import simulate_device
-from maia_serving.emulator.workload import synthetic
-from maia_serving.launch import Server, free_port, metric, scrape, sglang_serve_cmd, vllm_serve_cmd
-from maia_serving.models.demo import DEMO_EXPERTS, DEMO_EXPERTS_PER_TOKEN, DEMO_SLIDING_WINDOW
-from maia_serving.replay import Figures, replay_at_once, simulated_figures
+from maia_serving.emulator.sim.simulate import simulate_device
+from maia_serving.emulator.sim.workload import synthetic
+from maia_serving.tools.training.demo import DEMO_EXPERTS, DEMO_EXPERTS_PER_TOKEN, DEMO_SLIDING_WINDOW
+from tests.utils.launch import Server, free_port, metric, scrape, sglang_serve_cmd, vllm_serve_cmd
+from tests.utils.replay import Figures, replay_at_once, simulated_figures
 
 PROFILE = "maia100"
 # 41 token ids (BOS, then no repeats): over twice the window, so prefill and decode both feel it.

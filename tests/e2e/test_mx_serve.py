@@ -12,8 +12,8 @@ import json
 import pytest
 from conftest import LOGS, SGLANG_ENV, SGLANG_LIMITS, VLLM_LIMITS, openai_client
 
-from maia_serving.launch import Server, free_port, metric, scrape, sglang_serve_cmd, vllm_serve_cmd
 from maia_serving.ops.mx import head_bytes
+from tests.utils.launch import Server, free_port, metric, scrape, sglang_serve_cmd, vllm_serve_cmd
 
 CASES = [("vllm", "mxfp4"), ("vllm", "mxfp8"), ("sglang", "mxfp4"), ("sglang", "mxfp8")]
 
@@ -80,8 +80,8 @@ def test_mx_cache_holds_the_tokens_its_bytes_allow(mx_served, demo_model, reques
 def test_a_qat_checkpoint_serves_with_its_format(demo_model, tmp_path_factory):
     """`qat-kv` writes a plain checkpoint: SGLang serves it with the MXFP4 cache it was trained for
     (vLLM does in benchmarks/kv_accuracy.py)."""
-    from maia_serving.models.qat import QatConfig, qat_kv
-    from maia_serving.models.tokenizer import stdlib_files
+    from maia_serving.tools.training.qat import QatConfig, qat_kv
+    from maia_serving.tools.training.tokenizer import stdlib_files
 
     out = tmp_path_factory.mktemp("qat") / "demo-qat-mxfp4"
     cfg = QatConfig(fmt="mxfp4", steps=2, batch_size=2, seq_len=64, save_every=2, eval_windows=2, warmup_steps=1)

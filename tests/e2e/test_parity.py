@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from maia_serving.launch import Server, free_port, scrape, sglang_serve_cmd, vllm_serve_cmd
+from tests.utils.launch import Server, free_port, scrape, sglang_serve_cmd, vllm_serve_cmd
 
 if TYPE_CHECKING:
     import torch

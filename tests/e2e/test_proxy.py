@@ -10,11 +10,11 @@ import pytest
 from conftest import ENGINE_ENV, LOGS, VLLM_LIMITS  # at import: by run time `conftest` is another folder's
 
 from maia_serving.emulator import ServingConfig, load_model_shape, load_profile
-from maia_serving.emulator.session import EmulatedDevice
-from maia_serving.emulator.simulate import simulate_device
-from maia_serving.emulator.workload import synthetic
-from maia_serving.launch import Server, free_port, metric, vllm_serve_cmd
-from maia_serving.replay import replay_at_once, simulated_figures
+from maia_serving.emulator.device.session import EmulatedDevice
+from maia_serving.emulator.sim.simulate import simulate_device
+from maia_serving.emulator.sim.workload import synthetic
+from tests.utils.launch import Server, free_port, metric, vllm_serve_cmd
+from tests.utils.replay import replay_at_once, simulated_figures
 
 NUM_REQUESTS, INPUT_LEN, OUTPUT_LEN = 8, 128, 64
 PRICED = 'maia:device_info{kv_cache_dtype="auto",model="llama-3-8b",profile="maia200",tensor_parallel_size="1"}'
@@ -61,7 +61,7 @@ def test_idle_time_between_requests_is_on_the_emulated_clock(proxy_server):
     apart on the emulated clock too (before the rule, the clock held only the steps' busy time)."""
     from openai import OpenAI
 
-    from maia_serving.launch import scrape
+    from tests.utils.launch import scrape
 
     client = OpenAI(base_url=f"{proxy_server.url}/v1", api_key="none", max_retries=0)
 
@@ -98,7 +98,7 @@ def test_paced_a_request_takes_the_client_the_devices_time(paced_server):
     client waits at least the emulated time (the wait guarantees the bound, so it cannot flake)."""
     from openai import OpenAI
 
-    from maia_serving.launch import scrape
+    from tests.utils.launch import scrape
 
     url = paced_server.url
     client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)

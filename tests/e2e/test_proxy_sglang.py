@@ -5,10 +5,10 @@ figures `simulate` gives (SGLang prefills it in one step, as vLLM's policy does)
 import pytest
 
 from maia_serving.emulator import ServingConfig, load_model_shape, load_profile
-from maia_serving.emulator.simulate import simulate_device
-from maia_serving.emulator.workload import synthetic
-from maia_serving.launch import metric
-from maia_serving.replay import replay_at_once, simulated_figures
+from maia_serving.emulator.sim.simulate import simulate_device
+from maia_serving.emulator.sim.workload import synthetic
+from tests.utils.launch import metric
+from tests.utils.replay import replay_at_once, simulated_figures
 
 NUM_REQUESTS, INPUT_LEN, OUTPUT_LEN = 8, 128, 64
 PRICED = 'maia:device_info{kv_cache_dtype="auto",model="llama-3-8b",profile="maia200",tensor_parallel_size="1"}'

@@ -8,8 +8,8 @@ import urllib.request
 
 import pytest
 
-from maia_serving.launch import metric, settled_scrape
-from maia_serving.loadgen import Load, run_load
+from tests.utils.launch import metric, settled_scrape
+from tests.utils.loadgen import Load, run_load
 
 # Each engine's own gauges of requests in flight.
 IN_FLIGHT = {"vllm": ("vllm:num_requests_running", "vllm:num_requests_waiting"),

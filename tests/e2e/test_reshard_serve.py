@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from maia_serving.launch import Server, free_port, vllm_serve_cmd
-from maia_serving.models.reshard import reshard
+from maia_serving.tools.checkpoints.reshard import reshard
+from tests.utils.launch import Server, free_port, vllm_serve_cmd
 
 PROMPTS = ["def main():", "import sys", "class Foo:"]
 LIMITS = ("--max-model-len", "256", "--max-num-batched-tokens", "2048", "--max-num-seqs", "8")

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from maia_serving.launch import scrape, settled_scrape
+from tests.utils.launch import scrape, settled_scrape
 
 
 def test_models_lists_the_served_model(served):
@@ -89,10 +89,10 @@ def test_malformed_request_is_4xx_and_server_keeps_serving(served, body):
 
 def _demo_device(demo_model):
     """The emulated device both servers build for the demo model (maia100, the shared limits)."""
+    from maia_serving.emulator.device.session import EmulatedDevice
     from maia_serving.emulator.hardware import load_profile
     from maia_serving.emulator.memory import ServingConfig
     from maia_serving.emulator.model_shape import load_model_shape
-    from maia_serving.emulator.session import EmulatedDevice
 
     config = ServingConfig(max_model_len=512, max_num_batched_tokens=2048, max_num_seqs=64)
     return EmulatedDevice.fit(load_profile("maia100"), load_model_shape(demo_model), config)

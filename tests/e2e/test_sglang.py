@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from maia_serving.launch import scrape, sglang_python
+from tests.utils.launch import scrape, sglang_python
 
 OFFLINE = Path(__file__).with_name("sglang_offline.py")
 PROMPTS = ["def add(a, b):", "import os\n"]

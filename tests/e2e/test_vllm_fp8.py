@@ -2,7 +2,7 @@
 
 import pytest
 
-from maia_serving.launch import scrape
+from tests.utils.launch import scrape
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 Why: with ``MAIA_SERVING_PACE=1`` the engine waits out each step's emulated time, and a request that reached the
 server during that wait is stamped as arrived that long before the step's end (the rule in
-``maia_serving.emulator.clock``; vLLM's ``Request.arrival_time`` gives it). SGLang's scheduler learns of a
+``maia_serving.emulator.device.clock``; vLLM's ``Request.arrival_time`` gives it). SGLang's scheduler learns of a
 request from a ``TokenizedGenerateReqInput`` whose time stats (``APIServerReqTimeStats``, set by the tokenizer
 manager in the API server) SGLang 0.5.23 pickles without their times: its ``__getstate__`` leaves
 ``created_time`` out, with a comment on how to add it. This adds it; SGLang's own ``__setstate__`` moves every

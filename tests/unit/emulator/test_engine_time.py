@@ -4,7 +4,10 @@ import dataclasses
 
 import pytest
 
-from maia_serving.emulator.calibrate import (
+from maia_serving.emulator.cost.layout import Parallel
+from maia_serving.emulator.cost.model import CostModel
+from maia_serving.emulator.hardware import profile_from_dict
+from maia_serving.tools.calibrate_host import (
     EngineTime,
     ShapeTiming,
     fit_engine_time,
@@ -12,8 +15,6 @@ from maia_serving.emulator.calibrate import (
     shape_timings,
     with_engine_time,
 )
-from maia_serving.emulator.cost import CostModel, Parallel
-from maia_serving.emulator.hardware import profile_from_dict
 
 
 def test_the_engine_time_is_charged_per_step_sequence_and_token(maia100, llama8b):

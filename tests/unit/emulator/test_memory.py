@@ -19,7 +19,7 @@ from maia_serving.emulator.memory import (
     weight_bytes_per_chip,
     workspace_bytes_per_chip,
 )
-from maia_serving.emulator.units import format_bytes
+from maia_serving.formats.units import format_bytes
 
 MAIA100_HBM = 64 * 2**30  # "64 GB" of HBM2E: binary gigabytes
 

@@ -1,7 +1,7 @@
 """Model families from config.json: parameter counts and KV bytes against published figures, MoE, sliding
 windows and MLA in the memory plan and the step cost, and clear errors for what the emulator does not model.
 
-Sources of the published figures: maia_serving/emulator/models/SOURCES.md.
+Sources of the published figures: maia_serving/emulator/shapes/SOURCES.md.
 """
 
 import itertools
@@ -14,7 +14,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from maia_serving.emulator import ServingConfig, load_model_shape, load_profile, plan_memory
-from maia_serving.emulator.cost import CostModel, Parallel, _window_sum
+from maia_serving.emulator.cost.layout import Parallel
+from maia_serving.emulator.cost.model import CostModel
+from maia_serving.emulator.cost.terms import window_sum
 from maia_serving.emulator.memory import kv_bytes_per_sequence, kv_bytes_per_token, longest_sequence
 from maia_serving.emulator.model_shape import MoE, shape_from_config
 
@@ -234,7 +236,7 @@ def test_window_pairs_count_each_query_and_the_keys_it_sees(case):
     """A query at position p sees keys p - window + 1 .. p (vLLM's and HF's sliding window)."""
     q, n, window = case
     brute = sum(1 for p in range(n - q, n) for k in range(n) if p - window < k <= p)
-    assert _window_sum(n - q + 1, n, window) == brute
+    assert window_sum(n - q + 1, n, window) == brute
 
 
 def test_mla_attends_in_the_latent_space():
@@ -256,7 +258,7 @@ def test_gemma2_soft_caps_scores_and_logits():
 
 def shape_config(name: str) -> dict:
     """A built-in shape's config.json, as parsed."""
-    return json.loads((resources.files("maia_serving.emulator") / "models" / f"{name}.json").read_text())
+    return json.loads((resources.files("maia_serving.emulator") / "shapes" / f"{name}.json").read_text())
 
 
 def test_an_architecture_the_emulator_does_not_model_is_named():

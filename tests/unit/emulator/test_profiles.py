@@ -4,7 +4,8 @@ import pytest
 import yaml
 
 from maia_serving.emulator import UnknownProfileError, load_profile, profile_names
-from maia_serving.emulator.hardware import profile_from_dict
+from maia_serving.emulator.hardware import HostProfileMissing, profile_from_dict
+from maia_serving.serving.profiles import load_profile as serving_load_profile
 
 
 def test_builtin_profiles_and_their_figures():
@@ -66,7 +67,9 @@ def test_figure_without_source_or_unit_is_refused():
 
 def test_host_profile_is_measured_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("MAIA_SERVING_CACHE_DIR", str(tmp_path))
-    host = load_profile("host")
+    with pytest.raises(HostProfileMissing, match="maia-serving calibrate-host"):
+        load_profile("host")  # the emulator measures nothing: it imports no torch
+    host = serving_load_profile("host")
     assert (tmp_path / "host.yaml").exists()
     assert host.peak_flops("fp32") > 1e9 and host.hbm_bandwidth_bytes_per_s > 1e8
     assert host.hbm_capacity_bytes > 1e9

@@ -7,9 +7,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from maia_serving.emulator import ServingConfig, load_model_shape, load_profile
-from maia_serving.emulator.clock import RequestTiming
-from maia_serving.emulator.session import EmulatedDevice, StepRecord
-from maia_serving.emulator.units import format_bytes
+from maia_serving.emulator.device.clock import RequestTiming
+from maia_serving.emulator.device.session import EmulatedDevice, StepRecord
+from maia_serving.formats.units import format_bytes
 from maia_serving.serving.metrics import DeviceInfo, EmulatedMetricSet, PeriodicLog
 
 INFO = DeviceInfo(profile="maia100", model="demo", kv_cache_dtype="fp8", tensor_parallel_size=2,

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from maia_serving.emulator import ServingConfig, load_model_shape, load_profile
-from maia_serving.emulator.session import EmulatedDevice
+from maia_serving.emulator.device.session import EmulatedDevice
 from maia_serving.serving import stepping
 from maia_serving.serving.stepping import EngineStep, StepCharger
 

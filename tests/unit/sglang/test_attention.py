@@ -5,17 +5,17 @@ for FP8); requests own scattered slots through ``req_to_token``. The check is in
 of maia_serving.ops: per request, gather the cached K/V by slot, dequantize them exactly with
 the layer's scales (FP8 codes by the OCP spec formula) and attend in float64 with the causal
 offset of the prefix; the backend's bf16 output must be within one bf16 rounding step of that
-(tests/unit/attention_float64.py derives the bound).
+(tests/utils/attention_float64.py derives the bound).
 """
 
 from types import SimpleNamespace
 
 import pytest
 import torch
-from attention_float64 import assert_within_one_bf16_step, causal_attention_float64, dequantize_exact
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
 from maia_serving.sglang.attention import MaiaAttnBackend, config_window, dropped_window_warning
+from tests.utils.attention_float64 import assert_within_one_bf16_step, causal_attention_float64, dequantize_exact
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS = 4, 2, 16, 1
 STORE = {"auto": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}

@@ -9,11 +9,11 @@ import torch
 from prometheus_client import CollectorRegistry
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-from maia_serving.emulator.cost import CostModel
+from maia_serving.emulator.cost.model import CostModel
+from maia_serving.emulator.device.session import EmulatedDevice
 from maia_serving.emulator.hardware import load_profile
 from maia_serving.emulator.memory import ServingConfig
 from maia_serving.emulator.model_shape import load_model_shape
-from maia_serving.emulator.session import EmulatedDevice
 from maia_serving.serving import stepping as serving_stepping
 from maia_serving.serving.metrics import EmulatedMetricSet
 from maia_serving.sglang import stepping

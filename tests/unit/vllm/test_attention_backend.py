@@ -5,7 +5,7 @@ token's key then its value on the last axis) and the attention layer, which carr
 per-tensor scales ``_k_scale`` / ``_v_scale``. Two steps (prefills, then a decode, a chunked
 continuation and a new request) check that the bytes written are the reference quantization with
 the layer's scales, and that the output is float64 attention over those bytes, dequantized with
-the same scales, to one bf16 rounding step (tests/unit/attention_float64.py).
+the same scales, to one bf16 rounding step (tests/utils/attention_float64.py).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from attention_float64 import assert_within_one_bf16_step, paged_attention_float64
 from vllm.config import VllmConfig, set_current_vllm_config
 
 from maia_serving.ops.fp8 import quantize_fp8_ref
 from maia_serving.ops.host import plan_paged_attention
 from maia_serving.vllm.attention import MaiaAttentionImpl, MaiaAttentionMetadata
+from tests.utils.attention_float64 import assert_within_one_bf16_step, paged_attention_float64
 
 HEADS, KV_HEADS, HEAD_SIZE, BLOCK_SIZE, NUM_BLOCKS = 4, 2, 32, 16, 10
 FP8 = {"fp8": "e4m3", "fp8_e5m2": "e5m2"}

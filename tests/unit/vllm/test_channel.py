@@ -13,8 +13,8 @@ import pytest
 import zmq
 from prometheus_client import CollectorRegistry
 
-from maia_serving.emulator.clock import RequestTiming
-from maia_serving.emulator.session import StepRecord
+from maia_serving.emulator.device.clock import RequestTiming
+from maia_serving.emulator.device.session import StepRecord
 from maia_serving.serving.metrics import DeviceInfo
 from maia_serving.vllm.channel import MAX_MESSAGE_BYTES, Message, StatsPublisher, StatsReceiver, decode, encode
 

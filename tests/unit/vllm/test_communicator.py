@@ -7,10 +7,10 @@ import torch
 import torch.distributed as dist
 from vllm.distributed.device_communicators.cpu_communicator import CpuCommunicator
 
-from maia_serving.launch import free_port
 from maia_serving.serving.collectives import CollectiveTally
 from maia_serving.vllm import communicator as comm_module
 from maia_serving.vllm.communicator import RELAY_KEY, MaiaCommunicator
+from tests.utils.launch import free_port
 
 
 @pytest.fixture(scope="module")

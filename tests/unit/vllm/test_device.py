@@ -48,7 +48,7 @@ def test_the_vllm_adapter_prices_replicas_and_expert_parallelism_as_vllm_is_give
     """-dp 2 -ep --all2all-backend deepep_low_latency reach the cost model; vLLM's ParallelConfig has the fields."""
     from vllm.config import ParallelConfig
 
-    from maia_serving.emulator.cost import Parallel
+    from maia_serving.emulator.cost.layout import Parallel
 
     assert {"data_parallel_size", "enable_expert_parallel", "all2all_backend"} <= set(vars(ParallelConfig()))
     config = _vllm_config({"maia_profile": "maia200", "maia_model": "mixtral-8x7b"}, data_parallel_size=2,

@@ -9,7 +9,7 @@ import torch
 from vllm.distributed.eplb.eplb_state import EplbState
 from vllm.distributed.eplb.policy.default import DefaultEplbPolicy
 
-from maia_serving.emulator.routing import eplb_initial_placement, eplb_placement
+from maia_serving.emulator.cost.routing import eplb_initial_placement, eplb_placement
 
 # (experts, redundant, chips): one expert a chip, many, replicas of a few experts, more replicas than experts.
 CASES = [(8, 0, 8), (8, 8, 8), (64, 0, 8), (64, 16, 8), (128, 0, 8), (60, 4, 16), (6, 10, 4)]

@@ -1,0 +1,1 @@
+"""Checkpoint surgery: per-rank resharding and its exact inverse, and MoE routing counts."""
