@@ -66,7 +66,7 @@ def main() -> int:
         print(f"emulated TTFT {format_seconds(ttft)}, TPOT {format_seconds(tpot)}")
         emulated_blocks = m['maia:kv_cache_blocks{holder="emulated"}']
         engine_blocks = m['maia:kv_cache_blocks{holder="engine"}']
-        print(f"emulated HBM {m['maia:hbm_used_bytes'] / 1e9:.3f} / {m['maia:hbm_total_bytes'] / 1e9:.0f} GB; "
+        print(f"emulated HBM {m['maia:hbm_used_bytes'] / 2**30:.3f} / {m['maia:hbm_total_bytes'] / 2**30:.0f} GiB; "
               f"KV blocks: {emulated_blocks:.0f} on the emulated device, {engine_blocks:.0f} on the host")
         print(f"server log: {log}")
     return 0

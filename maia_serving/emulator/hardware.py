@@ -181,7 +181,7 @@ class DeviceProfile:
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "hbm_capacity_GB": self.hbm_capacity_bytes / 1e9,
+            "hbm_capacity_bytes": self.hbm_capacity_bytes,
             "hbm_bandwidth_TB_per_s": self.hbm_bandwidth_bytes_per_s / 1e12,
             "bf16_TFLOP_per_s": self.peak_flops("bf16") / 1e12,
             "scale_up_GB_per_s_per_direction": self.scale_up.bandwidth_bytes_per_s / 1e9,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 
 def format_bytes(nbytes: float) -> str:
-    """Decimal units, as datasheets give HBM capacity: "1.84 MB", "141.11 GB"."""
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+    """Binary units with their IEC labels: "64.00 GiB", "128.00 KiB". HBM stacks are sized in binary gigabytes,
+    so a datasheet's "64 GB" of Maia 100 is 64 GiB here, not "68.72 GB"; bandwidths stay decimal (GB/s)."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(nbytes) >= scale:
             return f"{nbytes / scale:.2f} {unit}"
     return f"{nbytes:.0f} B"

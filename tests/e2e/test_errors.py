@@ -137,9 +137,9 @@ def test_sglang_scales_file_that_does_not_parse_or_lacks_layers_stops_the_server
                                                    ("sglang", "--context-length", "MAIA_SERVING_HOST_KV_GIB")])
 def test_max_model_len_beyond_the_host_kv_cache_gets_the_fit_message(engine, length, setting, llama70b_shape,
                                                                     logs_dir):
-    """Llama-3-70B fits a Maia 200, but one 8192-token sequence (2.68 GB of KV) not the host's 1 GiB."""
+    """Llama-3-70B fits a Maia 200, but one 8192-token sequence (2.50 GiB of KV) not the host's 1 GiB."""
     msg = _fails(engine, llama70b_shape, "maia200", logs_dir / f"host-kv-{engine}.log", length, "8192")
-    assert f"with {length} 8192 needs 2.68 GB of KV cache for one sequence" in msg
+    assert f"with {length} 8192 needs 2.50 GiB of KV cache for one sequence" in msg
     assert f"raise {setting} or lower {length} to at most 3276" in msg
 
 

@@ -23,7 +23,7 @@ def test_profiles_show_sources(capsys):
 def test_fit_70b_on_one_maia100_fails_and_tp4_fits(capsys):
     assert main(["fit", "--model", "llama-3-70b", "--profile", "maia100"]) == 1
     out = capsys.readouterr().out
-    assert "DOES NOT FIT: short by 84.66 GB" in out and "--tensor-parallel-size 4" in out
+    assert "DOES NOT FIT: short by 78.85 GiB" in out and "--tensor-parallel-size 4" in out
     assert main(["fit", "--model", "llama-3-70b", "--device", "maia100", "--tensor-parallel-size", "4"]) == 0
     assert "FITS" in capsys.readouterr().out
 
@@ -86,7 +86,7 @@ def test_simulate_gives_a_device_that_does_not_fit_a_row_with_the_message_of_fit
         require_fit(load_model_shape("llama-3-70b"), load_profile("maia100"), ServingConfig())
     assert (refused["device"], refused["fits"], refused["error"]) == ("maia100", False, str(fit.value))
     assert refused["ttft_ms"] is None
-    for words in ("short by 84.66 GB", "--tensor-parallel-size 4 (up to 4 chips per node)"):
+    for words in ("short by 78.85 GiB", "--tensor-parallel-size 4 (up to 4 chips per node)"):
         assert words in fit_out and words in refused["error"]
     assert (served["device"], served["fits"], served["error"]) == ("maia200", True, None)
     assert served["ttft_ms"]["mean"] > 0
@@ -151,7 +151,7 @@ def test_fit_shows_an_mxfp4_cache_at_its_stored_size_and_against_bf16(capsys):
     bytes a token; Maia 100's 43,810,178,662.4-byte KV budget holds 78,645 blocks of 16 of them: 3.76x BF16's."""
     assert main(FIT_MXFP4) == 0
     out = capsys.readouterr().out
-    assert "KV per token (mxfp4, 4.25 bits a value)  34.82 KB" in out
+    assert "KV per token (mxfp4, 4.25 bits a value)  34.00 KiB" in out
     assert ("KV cache: 78645 blocks of 16 = 1258320 tokens (3.76x the 334240 tokens of a bfloat16 cache); "
             "153 concurrent sequences of 8192 tokens.") in out
     assert main([*FIT_MXFP4, "--json"]) == 0
@@ -168,7 +168,7 @@ def test_simulate_serves_an_mxfp4_cache_and_shows_its_capacity(capsys):
     assert (row["kv_cache_blocks"], row["kv_cache_tokens"], row["kv_bytes_per_token"]) == (78_645, 1_258_320, 34_816)
     assert main([*SIMULATE, "--device", "maia100", "--kv-cache-dtype", "mxfp4"]) == 0
     out = capsys.readouterr().out
-    assert "kv=mxfp4" in out and "maia100: KV cache of 1258320 tokens at 34.82 KB per token (mxfp4)" in out
+    assert "kv=mxfp4" in out and "maia100: KV cache of 1258320 tokens at 34.00 KiB per token (mxfp4)" in out
     tpot = {}
     for kv in ("auto", "mxfp4"):
         assert main([*SIMULATE, "--device", "maia100", "--kv-cache-dtype", kv, "--json"]) == 0

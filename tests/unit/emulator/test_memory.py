@@ -86,7 +86,7 @@ def test_llama3_70b_does_not_fit_one_maia100_and_says_by_how_much(llama70b, maia
     assert plan.shortfall_bytes == pytest.approx(expected_short)
     msg = str(err.value)
     assert "does not fit on maia100" in msg
-    assert f"short by {expected_short / 1e9:.2f} GB" in msg
+    assert f"short by {expected_short / 2**30:.2f} GiB" in msg
     assert "--tensor-parallel-size 4" in msg
 
 
@@ -133,7 +133,7 @@ def test_the_not_fit_message_in_full(llama70b, maia100):
         "llama-3-70b does not fit on maia100 (tp=1, pp=1, kv_cache_dtype=auto, max_model_len=8192): per chip it "
         f"needs {format_bytes(70_553_706_496 * 2)} weights + {format_bytes(plan.workspace_bytes)} workspace "
         f"+ {format_bytes(8192 * 2 * 80 * 8 * 128 * 2)} KV for one sequence, but only "
-        f"{format_bytes(MAIA100_HBM * 0.9 - 2**30)} of 68.72 GB HBM is usable; short by "
+        f"{format_bytes(MAIA100_HBM * 0.9 - 2**30)} of 64.00 GiB HBM is usable; short by "
         f"{format_bytes(plan.shortfall_bytes)}. Try: --tensor-parallel-size 4 (up to 4 chips per node).")
     assert plan.to_dict()["shortfall_bytes"] == plan.shortfall_bytes > 0 and plan.to_dict()["fits"] is False
 

@@ -23,7 +23,7 @@ def test_one_sequence_must_fit_the_host_kv_cache():
     with pytest.raises(HostTooSmall) as err:
         check_host(plan, 1 * GiB - 1, "VLLM_CPU_KVCACHE_SPACE", VLLM_FLAGS, memory_bytes=64 * GiB)
     msg = str(err.value)
-    assert "--max-model-len 8192 needs 1.07 GB of KV cache" in msg
+    assert "--max-model-len 8192 needs 1.00 GiB of KV cache" in msg
     assert "raise VLLM_CPU_KVCACHE_SPACE or lower --max-model-len to at most 8191" in msg
 
 

@@ -177,7 +177,7 @@ def _line(device, steps, emulated, host, record, ttft, tpot):
             "(last step 250 ms: compute 125 ms, memory 62.5 ms, communication 31.2 ms (5 collectives), launch 31.2 ms; "
             "compute-bound), "
             f"emulated TTFT mean {ttft}, TPOT mean {tpot}, "
-            f"HBM {format_bytes(device.hbm_used_bytes(record.kv_blocks_used))}/68.72 GB, "  # 64 GiB
+            f"HBM {format_bytes(device.hbm_used_bytes(record.kv_blocks_used))}/64.00 GiB, "
             f"KV blocks {record.kv_blocks_used}/{device.plan.num_blocks} used, {record.kv_blocks_cached} cached")
 
 

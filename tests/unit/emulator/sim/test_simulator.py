@@ -103,7 +103,7 @@ def test_a_model_that_does_not_fit_is_refused_with_the_message_of_fit(maia100):
     with pytest.raises(NotEnoughMemory) as fit:
         require_fit(llama70b, maia100, ServingConfig())
     assert str(refusal.value) == str(fit.value)
-    assert "short by 84.66 GB" in str(refusal.value) and "--tensor-parallel-size 4" in str(refusal.value)
+    assert "short by 78.85 GiB" in str(refusal.value) and "--tensor-parallel-size 4" in str(refusal.value)
 
 
 def test_a_request_longer_than_max_model_len_is_refused(llama8b, maia100):
