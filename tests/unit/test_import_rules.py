@@ -56,7 +56,8 @@ def imports(path: Path, name: str, top_level_only: bool = False) -> list[tuple[s
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
             found += [(base, alias.name) for alias in node.names]
     return found
 

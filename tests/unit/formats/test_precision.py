@@ -4,8 +4,8 @@ import pytest
 import yaml
 
 from maia_serving.emulator import load_profile
-from maia_serving.formats import precision
 from maia_serving.emulator.hardware import profile_from_dict
+from maia_serving.formats import precision
 from maia_serving.formats.precision import Precision, WeightQuant, gemm_peak
 
 

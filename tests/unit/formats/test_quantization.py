@@ -4,10 +4,10 @@ HBM and in bytes read, and which peak each GEMM runs at. Figures worked by hand 
 import pytest
 
 from maia_serving.emulator import ServingConfig, load_model_shape, load_profile, plan_memory
-from maia_serving.formats import precision
 from maia_serving.emulator.cost.model import CostModel
 from maia_serving.emulator.device.session import EmulatedDevice
 from maia_serving.emulator.model_shape import shape_from_config
+from maia_serving.formats import precision
 from maia_serving.formats.quantization import weight_quant
 
 # Llama-3-8B: the decoder's linear weights, its norms, and the untied embedding + LM head + final norm.
