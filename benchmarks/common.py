@@ -50,8 +50,9 @@ def process_tree_cpu_s(pid: int) -> float:
     return total
 
 
-def run_load(base_url: str, model: str, requests: int, concurrency: int, max_tokens: int,
-             server_pid: int) -> LoadResult:
+def run_load(
+    base_url: str, model: str, requests: int, concurrency: int, max_tokens: int, server_pid: int
+) -> LoadResult:
     """A fixed number of completions, ``concurrency`` at a time; every one runs to max_tokens."""
     from openai import OpenAI
 
@@ -59,9 +60,13 @@ def run_load(base_url: str, model: str, requests: int, concurrency: int, max_tok
     client = OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=3, timeout=600)
 
     def one(i: int) -> int:
-        out = client.completions.create(model=model, prompt=f"# file {i}\nimport os\n\ndef main():\n",
-                                        max_tokens=max_tokens, temperature=0,
-                                        extra_body={"ignore_eos": True})
+        out = client.completions.create(
+            model=model,
+            prompt=f"# file {i}\nimport os\n\ndef main():\n",
+            max_tokens=max_tokens,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
         return out.usage.completion_tokens
 
     one(-1)  # warm-up, not counted

@@ -28,23 +28,52 @@ LABELS = {"sglang-maia": "SGLang on maia", "vllm-maia": "vLLM on maia", "vllm-cp
 
 
 def servers(model: Path, profile: str) -> dict[str, Server]:
-    limits_vllm = ["--served-model-name", "demo", "--max-model-len", MAX_LEN, "--enforce-eager",
-                   "--max-num-batched-tokens", "2048", "--max-num-seqs", "64"]
-    limits_sglang = ["--served-model-name", "demo", "--context-length", MAX_LEN, "--enable-metrics",
-                     "--chunked-prefill-size", "2048", "--max-running-requests", "64"]
+    limits_vllm = [
+        "--served-model-name",
+        "demo",
+        "--max-model-len",
+        MAX_LEN,
+        "--enforce-eager",
+        "--max-num-batched-tokens",
+        "2048",
+        "--max-num-seqs",
+        "64",
+    ]
+    limits_sglang = [
+        "--served-model-name",
+        "demo",
+        "--context-length",
+        MAX_LEN,
+        "--enable-metrics",
+        "--chunked-prefill-size",
+        "2048",
+        "--max-running-requests",
+        "64",
+    ]
     vllm_env = {"VLLM_CPU_CI_ENV": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     out = {}
     port = free_port()
-    out["sglang-maia"] = Server(sglang_serve_cmd(model, port, *limits_sglang), port, OUT / "engines-sglang-maia.log",
-                                env={"MAIA_SERVING_PROFILE": profile, "MAIA_SERVING_HOST_KV_GIB": "1"})
+    out["sglang-maia"] = Server(
+        sglang_serve_cmd(model, port, *limits_sglang),
+        port,
+        OUT / "engines-sglang-maia.log",
+        env={"MAIA_SERVING_PROFILE": profile, "MAIA_SERVING_HOST_KV_GIB": "1"},
+    )
     port = free_port()
     out["vllm-maia"] = Server(
         vllm_serve_cmd(model, port, *limits_vllm, "--additional-config", f'{{"maia_profile": "{profile}"}}'),
-        port, OUT / "engines-vllm-maia.log", env={**vllm_env, "MAIA_SERVING_DEVICE": "maia"})
+        port,
+        OUT / "engines-vllm-maia.log",
+        env={**vllm_env, "MAIA_SERVING_DEVICE": "maia"},
+    )
     port = free_port()
     # The built-in CPU platform must not pick ours up from the environment.
-    out["vllm-cpu"] = Server(vllm_serve_cmd(model, port, *limits_vllm, device=None), port,
-                             OUT / "engines-vllm-cpu.log", env={**vllm_env, "MAIA_SERVING_DEVICE": ""})
+    out["vllm-cpu"] = Server(
+        vllm_serve_cmd(model, port, *limits_vllm, device=None),
+        port,
+        OUT / "engines-vllm-cpu.log",
+        env={**vllm_env, "MAIA_SERVING_DEVICE": ""},
+    )
     return out
 
 
@@ -105,10 +134,11 @@ def main() -> int:
         running = {name: stack.enter_context(srv) for name, srv in servers(model, args.profile).items()}
         order = list(LABELS)
         for i in range(args.rounds):
-            for name in order[i % 3:] + order[: i % 3]:
+            for name in order[i % 3 :] + order[: i % 3]:
                 srv = running[name]
-                rounds[name].append(run_load(srv.url, "demo", args.requests, args.concurrency, args.max_tokens,
-                                             srv.proc.pid))
+                rounds[name].append(
+                    run_load(srv.url, "demo", args.requests, args.concurrency, args.max_tokens, srv.proc.pid)
+                )
         time.sleep(0.5)  # SGLang's scheduler writes its metric files just after answering
         emu = {name: emulated(scrape(running[name].url)) for name in ("sglang-maia", "vllm-maia")}
     median = {k: statistics.median(r.output_tokens_per_s for r in v) for k, v in rounds.items()}
@@ -118,28 +148,45 @@ def main() -> int:
         """Median over rounds of a/b: each round of the two ran within the same rotation."""
         return statistics.median(x.output_tokens_per_s / y.output_tokens_per_s for x, y in zip(rounds[a], rounds[b]))
 
-    ratios = {f"{a} / {b}": (pair_ratio(a, b), per_cpu[a] / per_cpu[b])
-              for a, b in (("sglang-maia", "vllm-maia"), ("sglang-maia", "vllm-cpu"), ("vllm-maia", "vllm-cpu"))}
-    print(f"workload: {args.rounds} rotating rounds x {args.requests} requests, concurrency {args.concurrency}, "
-          f"{args.max_tokens} output tokens each, demo model, profile {args.profile}")
+    ratios = {
+        f"{a} / {b}": (pair_ratio(a, b), per_cpu[a] / per_cpu[b])
+        for a, b in (("sglang-maia", "vllm-maia"), ("sglang-maia", "vllm-cpu"), ("vllm-maia", "vllm-cpu"))
+    }
+    print(
+        f"workload: {args.rounds} rotating rounds x {args.requests} requests, concurrency {args.concurrency}, "
+        f"{args.max_tokens} output tokens each, demo model, profile {args.profile}"
+    )
     print(f"{'server':<22}{'median tok/s':>14}{'tok per CPU-s':>15}   rounds (tok/s)")
     for name, label in LABELS.items():
-        print(f"{label:<22}{median[name]:>14.1f}{per_cpu[name]:>15.1f}   "
-              + ", ".join(f"{r.output_tokens_per_s:.0f}" for r in rounds[name]))
+        print(
+            f"{label:<22}{median[name]:>14.1f}{per_cpu[name]:>15.1f}   "
+            + ", ".join(f"{r.output_tokens_per_s:.0f}" for r in rounds[name])
+        )
     print(f"\n{'ratio':<28}{'wall (median of rounds)':>24}{'per CPU-s':>12}")
     for name, (wall, cpu) in ratios.items():
         print(f"{name:<28}{wall:>24.3f}{cpu:>12.3f}")
     print(f"\nemulated on {args.profile} (means per request; same workload on both engines):")
     print(f"{'':<16}{'steps':>8}{'busy':>12}{'TTFT':>12}{'TPOT':>12}{'e2e':>12}{'KV tokens':>14}{'overhead':>10}")
     for name, e in emu.items():
-        print(f"{LABELS[name]:<16}{e['steps']:>8.0f}{e['busy_s'] * 1e3:>10.3f}ms{e['ttft_s'] * 1e6:>10.1f}us"
-              f"{e['tpot_s'] * 1e6:>10.1f}us{e['e2e_s'] * 1e3:>10.3f}ms{e['kv_tokens']:>14.0f}"
-              f"{e['overhead_share'] * 100:>9.2f}%")
+        print(
+            f"{LABELS[name]:<16}{e['steps']:>8.0f}{e['busy_s'] * 1e3:>10.3f}ms{e['ttft_s'] * 1e6:>10.1f}us"
+            f"{e['tpot_s'] * 1e6:>10.1f}us{e['e2e_s'] * 1e3:>10.3f}ms{e['kv_tokens']:>14.0f}"
+            f"{e['overhead_share'] * 100:>9.2f}%"
+        )
     OUT.mkdir(parents=True, exist_ok=True)
     figure = ROOT / "benchmarks" / "plots" / "engines.png"
     plot(median, emu, figure)
-    path = write_json("engines", {"args": vars(args), "rounds": rounds, "median_tok_s": median,
-                                  "tok_per_cpu_s": per_cpu, "ratios": ratios, "emulated": emu})
+    path = write_json(
+        "engines",
+        {
+            "args": vars(args),
+            "rounds": rounds,
+            "median_tok_s": median,
+            "tok_per_cpu_s": per_cpu,
+            "ratios": ratios,
+            "emulated": emu,
+        },
+    )
     print(f"results: {path}\nplot: {figure}")
     return 0
 

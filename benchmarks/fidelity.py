@@ -35,8 +35,23 @@ GOAL_MEAN = 0.10  # geometric mean within +-10%
 
 METRICS = {"output_throughput_tok_s": "tok/s", "e2e_latency_ms": "ms"}
 REGIMES = ("prefill-heavy", "decode-heavy", "balanced")
-CASE_FIELDS = ("id", "source", "hardware", "profile", "model", "shape", "precision", "tp", "num_requests",
-               "concurrency", "input_len", "output_len", "metric", "value", "regime")
+CASE_FIELDS = (
+    "id",
+    "source",
+    "hardware",
+    "profile",
+    "model",
+    "shape",
+    "precision",
+    "tp",
+    "num_requests",
+    "concurrency",
+    "input_len",
+    "output_len",
+    "metric",
+    "value",
+    "regime",
+)
 SOURCE_FIELDS = ("address", "software", "hardware", "method", "settings")
 SETTINGS_FIELDS = ("max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization", "enable_prefix_caching")
 
@@ -173,8 +188,13 @@ def predict(case: dict[str, Any], settings: dict[str, Any], max_requests: int | 
     if case["concurrency"] not in ("all", num):
         raise ValueError(f"case {case['id']}: only all-at-once workloads are simulated, got {case['concurrency']}")
     requests = synthetic(num, case["input_len"], case["output_len"])
-    sim = simulate_device(load_profile(case["profile"]), load_model_shape(case["shape"]), config, requests,
-                          settings["enable_prefix_caching"])
+    sim = simulate_device(
+        load_profile(case["profile"]),
+        load_model_shape(case["shape"]),
+        config,
+        requests,
+        settings["enable_prefix_caching"],
+    )
     report = summarize(sim)
     if case["metric"] == "output_throughput_tok_s":
         return report.output_throughput_tok_s
@@ -187,19 +207,24 @@ def run(data: dict[str, Any], max_requests: int | None = None, only: str | None 
         if only and only not in case["id"]:
             continue
         predicted = predict(case, data["sources"][case["source"]]["settings"], max_requests)
-        results.append(Result(case["id"], case["profile"], case["regime"], case["metric"], float(case["value"]),
-                              predicted))
+        results.append(
+            Result(case["id"], case["profile"], case["regime"], case["metric"], float(case["value"]), predicted)
+        )
         print(f"  {case['id']}: {results[-1].ratio:.3f}", flush=True)
     return results
 
 
 def table(results: list[Result]) -> str:
-    rows = ["| case | device | regime | metric | measured | predicted | predicted / measured speed |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| case | device | regime | metric | measured | predicted | predicted / measured speed |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         mark = "" if within(r.ratio, GOAL_CASE) else " **(outside +-25%)**"
-        rows.append(f"| {r.id} | {r.profile} | {r.regime} | {r.metric} | {r.measured:,.0f} | {r.predicted:,.0f} "
-                    f"| {r.ratio:.3f}{mark} |")
+        rows.append(
+            f"| {r.id} | {r.profile} | {r.regime} | {r.metric} | {r.measured:,.0f} | {r.predicted:,.0f} "
+            f"| {r.ratio:.3f}{mark} |"
+        )
     return "\n".join(rows)
 
 
@@ -232,8 +257,12 @@ def plot(results: list[Result], path: Path, title: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--max-requests", type=int, default=None,
-                        help="at most this many requests per case (default: as many as the source ran)")
+    parser.add_argument(
+        "--max-requests",
+        type=int,
+        default=None,
+        help="at most this many requests per case (default: as many as the source ran)",
+    )
     parser.add_argument("--only", help="only the cases whose id contains this")
     parser.add_argument("--plot", type=Path, default=PLOTS / "fidelity.png")
     parser.add_argument("--label", default="", help="a word for the plot's title and the JSON (e.g. before/after)")
@@ -247,16 +276,28 @@ def main() -> int:
     bad_case = worst(results)
     print(table(results))
     outside = sum(not within(r.ratio, GOAL_CASE) for r in results)
-    print(f"\ngeometric mean {gmean:.3f} (goal 0.90-1.10: {'met' if within(gmean, GOAL_MEAN) else 'NOT met'}); "
-          f"worst {bad_case.id} at {bad_case.ratio:.3f}; {outside} of {len(results)} cases outside +-25%")
+    print(
+        f"\ngeometric mean {gmean:.3f} (goal 0.90-1.10: {'met' if within(gmean, GOAL_MEAN) else 'NOT met'}); "
+        f"worst {bad_case.id} at {bad_case.ratio:.3f}; {outside} of {len(results)} cases outside +-25%"
+    )
     label = f" ({args.label})" if args.label else ""
-    title = (f"maia-serving simulate vs published, {len(results)} cases{label}: geometric mean {gmean:.3f}, "
-             f"worst {bad_case.ratio:.3f}")
+    title = (
+        f"maia-serving simulate vs published, {len(results)} cases{label}: geometric mean {gmean:.3f}, "
+        f"worst {bad_case.ratio:.3f}"
+    )
     plot(results, args.plot, title)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "fidelity.json").write_text(json.dumps(
-        {"label": args.label, "geometric_mean": gmean, "worst": asdict(bad_case) | {"ratio": bad_case.ratio},
-         "cases": [asdict(r) | {"ratio": r.ratio} for r in results]}, indent=2))
+    (OUT / "fidelity.json").write_text(
+        json.dumps(
+            {
+                "label": args.label,
+                "geometric_mean": gmean,
+                "worst": asdict(bad_case) | {"ratio": bad_case.ratio},
+                "cases": [asdict(r) | {"ratio": r.ratio} for r in results],
+            },
+            indent=2,
+        )
+    )
     print(f"plot: {args.plot}")
     return 0
 

@@ -53,10 +53,17 @@ def _rows(shapes, engine: EngineTime, fitted: EngineTime) -> list[dict]:
     rows = []
     for shape in shapes:
         device_s = shape.predicted_s - engine.of(shape.seqs, shape.tokens)
-        row = {"kind": shape.kind, "seqs": shape.seqs, "tokens": shape.tokens, "steps": shape.steps,
-               "measured_ms": 1e3 * shape.measured_s, "all_rounds_ms": 1e3 * shape.all_steps_s,
-               "device_ms": 1e3 * device_s, "profiled_ms": 1e3 * shape.predicted_s,
-               "fitted_ms": 1e3 * (device_s + fitted.of(shape.seqs, shape.tokens))}
+        row = {
+            "kind": shape.kind,
+            "seqs": shape.seqs,
+            "tokens": shape.tokens,
+            "steps": shape.steps,
+            "measured_ms": 1e3 * shape.measured_s,
+            "all_rounds_ms": 1e3 * shape.all_steps_s,
+            "device_ms": 1e3 * device_s,
+            "profiled_ms": 1e3 * shape.predicted_s,
+            "fitted_ms": 1e3 * (device_s + fitted.of(shape.seqs, shape.tokens)),
+        }
         for key in ("device", "profiled", "fitted"):
             row[f"{key}_error"] = row[f"{key}_ms"] / row["measured_ms"] - 1
         row["profiled_all_rounds_error"] = row["profiled_ms"] / row["all_rounds_ms"] - 1
@@ -73,41 +80,64 @@ def main() -> int:
     profile = load_profile("host")
     engine = EngineTime(profile.step_overhead_s, profile.step_overhead_per_seq_s, profile.step_overhead_per_token_s)
     calibration = {f"{p}x{t}" for p, t, _ in ENGINE_WORKLOADS}
-    steps = step_timing.run(args.model, [*ENGINE_WORKLOADS, *(WORKLOADS[name] for name in args.workloads)],
-                            rounds=args.rounds)
+    steps = step_timing.run(
+        args.model, [*ENGINE_WORKLOADS, *(WORKLOADS[name] for name in args.workloads)], rounds=args.rounds
+    )
     # The calibration workloads' shapes with the cached engine time taken out: what calibrate-host fits on.
-    device_only = [replace(s, predicted_s=s.predicted_s - engine.of(s.seqs, s.tokens))
-                   for s in shape_timings([s for s in steps if s["workload"] in calibration])]
+    device_only = [
+        replace(s, predicted_s=s.predicted_s - engine.of(s.seqs, s.tokens))
+        for s in shape_timings([s for s in steps if s["workload"] in calibration])
+    ]
     fitted = fit_engine_time(device_only)
     shapes = shape_timings([s for s in steps if s["workload"] not in calibration])
     rows = _rows(shapes, engine, fitted)
-    print(f"{args.model}, host profile ({host_profile_path()}), {len(rows)} step shapes, each at its fastest of "
-          f"{args.rounds} rounds (the round's median); the slowest round {100 * round_spread(shapes):.0f}% over "
-          "the fastest (median shape)")
+    print(
+        f"{args.model}, host profile ({host_profile_path()}), {len(rows)} step shapes, each at its fastest of "
+        f"{args.rounds} rounds (the round's median); the slowest round {100 * round_spread(shapes):.0f}% over "
+        "the fastest (median shape)"
+    )
     for label, e in (("in the profile", engine), ("fitted in this run", fitted)):
-        print(f"engine time {label}: {1e3 * e.fixed_s:.3f} ms a step + {1e6 * e.per_seq_s:.1f} us a sequence + "
-              f"{1e6 * e.per_token_s:.2f} us a token")
-    print(f"{'step':>8s} {'seqs':>5s} {'tokens':>6s} {'steps':>5s} {'measured ms':>11s} {'device':>7s} {'error':>6s} "
-          f"{'profiled':>8s} {'error':>6s} {'fitted':>7s} {'error':>6s} {'all rounds':>10s} {'error':>6s}")
+        print(
+            f"engine time {label}: {1e3 * e.fixed_s:.3f} ms a step + {1e6 * e.per_seq_s:.1f} us a sequence + "
+            f"{1e6 * e.per_token_s:.2f} us a token"
+        )
+    print(
+        f"{'step':>8s} {'seqs':>5s} {'tokens':>6s} {'steps':>5s} {'measured ms':>11s} {'device':>7s} {'error':>6s} "
+        f"{'profiled':>8s} {'error':>6s} {'fitted':>7s} {'error':>6s} {'all rounds':>10s} {'error':>6s}"
+    )
     for r in rows:
-        print(f"{r['kind']:>8s} {r['seqs']:5d} {r['tokens']:6d} {r['steps']:5d} {r['measured_ms']:11.2f} "
-              f"{r['device_ms']:7.2f} {100 * r['device_error']:+5.0f}% {r['profiled_ms']:8.2f} "
-              f"{100 * r['profiled_error']:+5.0f}% {r['fitted_ms']:7.2f} {100 * r['fitted_error']:+5.0f}% "
-              f"{r['all_rounds_ms']:10.2f} {100 * r['profiled_all_rounds_error']:+5.0f}%")
+        print(
+            f"{r['kind']:>8s} {r['seqs']:5d} {r['tokens']:6d} {r['steps']:5d} {r['measured_ms']:11.2f} "
+            f"{r['device_ms']:7.2f} {100 * r['device_error']:+5.0f}% {r['profiled_ms']:8.2f} "
+            f"{100 * r['profiled_error']:+5.0f}% {r['fitted_ms']:7.2f} {100 * r['fitted_error']:+5.0f}% "
+            f"{r['all_rounds_ms']:10.2f} {100 * r['profiled_all_rounds_error']:+5.0f}%"
+        )
     summary = {}
     for kind in ("decode", "prefill", None):
         chosen = [r for r in rows if kind in (None, r["kind"])]
-        summary[kind or "all"] = {key: statistics.median(abs(r[f"{key}_error"]) for r in chosen)
-                                  for key in ("device", "profiled", "fitted", "profiled_all_rounds")}
+        summary[kind or "all"] = {
+            key: statistics.median(abs(r[f"{key}_error"]) for r in chosen)
+            for key in ("device", "profiled", "fitted", "profiled_all_rounds")
+        }
         m = summary[kind or "all"]
-        print(f"{kind or 'all':>8s}: median absolute error {100 * m['profiled']:.0f}% with the profile's engine time "
-              f"(goal <= 10%; {100 * m['profiled_all_rounds']:.0f}% against every round's median), "
-              f"{100 * m['fitted']:.0f}% with the engine's time fitted in this run, {100 * m['device']:.0f}% with "
-              "the device's work alone")
+        print(
+            f"{kind or 'all':>8s}: median absolute error {100 * m['profiled']:.0f}% with the profile's engine time "
+            f"(goal <= 10%; {100 * m['profiled_all_rounds']:.0f}% against every round's median), "
+            f"{100 * m['fitted']:.0f}% with the engine's time fitted in this run, {100 * m['device']:.0f}% with "
+            "the device's work alone"
+        )
     if not engine.of(1, 1):
         print("(no engine time in the host profile: `maia-serving calibrate-host --engine-model models/demo`)")
-    write_json("host_fidelity", {"model": args.model, "engine_time": engine.__dict__, "fitted": fitted.__dict__,
-                                 "rows": rows, "median_abs_error": summary})
+    write_json(
+        "host_fidelity",
+        {
+            "model": args.model,
+            "engine_time": engine.__dict__,
+            "fitted": fitted.__dict__,
+            "rows": rows,
+            "median_abs_error": summary,
+        },
+    )
     return 0
 
 

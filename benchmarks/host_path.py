@@ -60,11 +60,33 @@ def run_round(name: str, args) -> dict:
     device, kv = CONFIGS[name]
     # One host KV budget for all (the maia platform's default; vLLM's CPU platform would otherwise take most
     # of this host's memory, and the page zeroing and memory pressure that brings skew the rounds).
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_CI_ENV": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
-           "MAIA_SERVING_DEVICE": device or "", "MAIA_SERVING_KV_CACHE_DTYPE": kv if kv.startswith("mx") else ""}
-    out = subprocess.run([sys.executable, __file__, "--child", name, "--prompts", str(args.prompts), "--tokens",
-                          str(args.tokens), "--repeats", str(args.repeats)],
-                         env=env, capture_output=True, text=True, timeout=600, check=True)
+    env = {
+        **os.environ,
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_CI_ENV": "1",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "MAIA_SERVING_DEVICE": device or "",
+        "MAIA_SERVING_KV_CACHE_DTYPE": kv if kv.startswith("mx") else "",
+    }
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            name,
+            "--prompts",
+            str(args.prompts),
+            "--tokens",
+            str(args.tokens),
+            "--repeats",
+            str(args.repeats),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))
     return json.loads(line.removeprefix("RESULT "))
 
@@ -75,8 +97,13 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
-                        help="configurations to run (default: all; a ratio is printed where both of its are run)")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        choices=list(CONFIGS),
+        default=list(CONFIGS),
+        help="configurations to run (default: all; a ratio is printed where both of its are run)",
+    )
     parser.add_argument("--child", choices=list(CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -85,10 +112,12 @@ def main() -> int:
     names = list(args.configs)
     rounds: dict[str, list[dict]] = {name: [] for name in names}
     for i in range(args.rounds):
-        for name in names[i % len(names):] + names[: i % len(names)]:  # rotate who goes first
+        for name in names[i % len(names) :] + names[: i % len(names)]:  # rotate who goes first
             rounds[name].append(run_round(name, args))
-    print(f"demo model, {args.prompts} prompts x {args.tokens} tokens at once, best of {args.repeats} per round, "
-          f"{args.rounds} rotating rounds (offline engine, eager)")
+    print(
+        f"demo model, {args.prompts} prompts x {args.tokens} tokens at once, best of {args.repeats} per round, "
+        f"{args.rounds} rotating rounds (offline engine, eager)"
+    )
     print(f"{'config':12s} {'tok/s':>8s} {'tok/CPU-s':>10s}   rounds (tok/s)")
     median = {}
     for name, rs in rounds.items():
@@ -96,13 +125,18 @@ def main() -> int:
         tpc = [r["tokens"] / r["cpu_s"] for r in rs]
         median[name] = (statistics.median(tps), statistics.median(tpc))
         print(f"{name:12s} {median[name][0]:8.1f} {median[name][1]:10.1f}   {', '.join(f'{x:.0f}' for x in tps)}")
-    ratios = {"maia-bf16 / cpu-bf16": ("maia-bf16", "cpu-bf16"), "maia-fp8 / maia-bf16": ("maia-fp8", "maia-bf16"),
-              "maia-mxfp4 / maia-bf16": ("maia-mxfp4", "maia-bf16")}
+    ratios = {
+        "maia-bf16 / cpu-bf16": ("maia-bf16", "cpu-bf16"),
+        "maia-fp8 / maia-bf16": ("maia-fp8", "maia-bf16"),
+        "maia-mxfp4 / maia-bf16": ("maia-mxfp4", "maia-bf16"),
+    }
     for label, (a, b) in ratios.items():
         if a not in median or b not in median:
             continue
-        print(f"{label}: {median[a][0] / median[b][0]:.3f} wall, {median[a][1] / median[b][1]:.3f} per CPU-s "
-              "(goal >= 0.95)")
+        print(
+            f"{label}: {median[a][0] / median[b][0]:.3f} wall, {median[a][1] / median[b][1]:.3f} per CPU-s "
+            "(goal >= 0.95)"
+        )
     write_json("host_path", {"args": vars(args), "rounds": rounds})
     return 0
 

@@ -38,16 +38,12 @@ def _nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _measure(
-    op: str, fn: Callable[[], object], bytes_moved: int, peak_gb_per_s: float
-) -> BenchResult:
+def _measure(op: str, fn: Callable[[], object], bytes_moved: int, peak_gb_per_s: float) -> BenchResult:
     import triton.testing
 
     time_ms = triton.testing.do_bench(fn, warmup=25, rep=100)
     gb_per_s = bytes_moved / (time_ms * 1e-3) / 1e9
-    return BenchResult(
-        op, time_ms * 1e3, bytes_moved, gb_per_s, gb_per_s / peak_gb_per_s
-    )
+    return BenchResult(op, time_ms * 1e3, bytes_moved, gb_per_s, gb_per_s / peak_gb_per_s)
 
 
 def run(args: argparse.Namespace) -> list[BenchResult]:
@@ -76,10 +72,7 @@ def run(args: argparse.Namespace) -> list[BenchResult]:
         key = torch.randn(num_tokens, kvh, d, generator=g, device=dev, dtype=act)
         value = torch.randn_like(key)
         slots = torch.randperm(num_blocks * bs, device=dev)[:num_tokens]
-        moved = (
-            _nbytes(key, value, slots)
-            + 2 * num_tokens * kvh * d * key_cache.element_size()
-        )
+        moved = _nbytes(key, value, slots) + 2 * num_tokens * kvh * d * key_cache.element_size()
         results.append(
             _measure(
                 op,
@@ -99,12 +92,8 @@ def run(args: argparse.Namespace) -> list[BenchResult]:
         )
 
     # Decode attention: one query token per sequence over seq_len tokens of context.
-    query = torch.randn(
-        args.num_seqs, args.num_heads, d, generator=g, device=dev, dtype=act
-    )
-    block_tables = torch.randperm(num_blocks, device=dev, dtype=torch.int32).view(
-        args.num_seqs, -1
-    )
+    query = torch.randn(args.num_seqs, args.num_heads, d, generator=g, device=dev, dtype=act)
+    block_tables = torch.randperm(num_blocks, device=dev, dtype=torch.int32).view(args.num_seqs, -1)
     seq_lens = torch.full((args.num_seqs,), args.seq_len, dtype=torch.int32, device=dev)
     query_start_loc = torch.arange(args.num_seqs + 1, dtype=torch.int32, device=dev)
     out = torch.empty_like(query)
@@ -133,9 +122,7 @@ def run(args: argparse.Namespace) -> list[BenchResult]:
     )
 
     x = torch.randn(8192, kvh, d, generator=g, device=dev, dtype=act)
-    results.append(
-        _measure("kv_absmax", lambda: kv_absmax(x), _nbytes(x), args.peak_gb_per_s)
-    )
+    results.append(_measure("kv_absmax", lambda: kv_absmax(x), _nbytes(x), args.peak_gb_per_s))
     return results
 
 
@@ -154,9 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument(
-        "--json", action="store_true", help="print JSON lines instead of a table"
-    )
+    parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     args = parser.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -170,16 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             print(json.dumps(r.to_dict()))
         return 0
-    print(
-        f"{torch.cuda.get_device_name()}, kv_cache_dtype={args.kv_cache_dtype}, "
-        f"peak {args.peak_gb_per_s:.0f} GB/s"
-    )
+    print(f"{torch.cuda.get_device_name()}, kv_cache_dtype={args.kv_cache_dtype}, peak {args.peak_gb_per_s:.0f} GB/s")
     print(f"{'op':<28}{'time_us':>10}{'MB_moved':>10}{'GB_per_s':>10}{'of_peak':>9}")
     for r in results:
-        print(
-            f"{r.op:<28}{r.time_us:>10.1f}{r.bytes_moved / 1e6:>10.2f}"
-            f"{r.gb_per_s:>10.0f}{r.peak_fraction:>9.1%}"
-        )
+        print(f"{r.op:<28}{r.time_us:>10.1f}{r.bytes_moved / 1e6:>10.2f}{r.gb_per_s:>10.0f}{r.peak_fraction:>9.1%}")
     return 0
 
 

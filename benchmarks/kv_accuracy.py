@@ -64,8 +64,14 @@ class KvConfig:
 CONFIGS = (
     KvConfig("bf16", "BF16", "auto", "base"),
     KvConfig("fp8_e4m3_per_tensor", "FP8 E4M3 per-tensor", "fp8", "e4m3"),
-    KvConfig("fp8_e4m3_per_head", "FP8 E4M3 per-head", "fp8", "e4m3", (("MAIA_SERVING_KV_SCALES", "per_head"),),
-             maia_only=True),
+    KvConfig(
+        "fp8_e4m3_per_head",
+        "FP8 E4M3 per-head",
+        "fp8",
+        "e4m3",
+        (("MAIA_SERVING_KV_SCALES", "per_head"),),
+        maia_only=True,
+    ),
     KvConfig("fp8_e5m2", "FP8 E5M2 calibrated", "fp8_e5m2", "e5m2"),
     KvConfig("fp8_e4m3_scale1", "FP8 E4M3 scale 1.0", "fp8", "base"),
     KvConfig("mxfp8", "MXFP8", "mxfp8", "base", maia_only=True),
@@ -101,6 +107,7 @@ class ConfigResult:
 
 # --- one live server per configuration ------------------------------------------------
 
+
 def root_error(log: str) -> str:
     """The first ``SomethingError: message`` line of a failed server's log: the root cause
     (the engine re-raises it as "Engine core initialization failed" further down)."""
@@ -110,8 +117,11 @@ def root_error(log: str) -> str:
 
 def server_env(config: KvConfig) -> dict[str, str]:
     """The host budget of the other benchmarks; only this configuration's own settings."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MAIA_SERVING_DEVICE", "MAIA_SERVING_KV_SCALES", "MAIA_SERVING_KV_CACHE_DTYPE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MAIA_SERVING_DEVICE", "MAIA_SERVING_KV_SCALES", "MAIA_SERVING_KV_CACHE_DTYPE")
+    }
     env.update(VLLM_CPU_CI_ENV="1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0|1")
     env.update(dict(config.env))
     return env
@@ -139,13 +149,38 @@ def measure_sglang(url: str, workload: dict) -> dict:
     the top one beside the actual token's) and greedy continuations as token ids."""
     t0 = time.perf_counter()
     with ThreadPoolExecutor(8) as pool:
-        scored = list(pool.map(lambda w: _generate(url, {
-            "input_ids": w, "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 1,
-            "sampling_params": {"max_new_tokens": 1, "temperature": 0}}), workload["windows"]))
+        scored = list(
+            pool.map(
+                lambda w: _generate(
+                    url,
+                    {
+                        "input_ids": w,
+                        "return_logprob": True,
+                        "logprob_start_len": 0,
+                        "top_logprobs_num": 1,
+                        "sampling_params": {"max_new_tokens": 1, "temperature": 0},
+                    },
+                ),
+                workload["windows"],
+            )
+        )
         t1 = time.perf_counter()
-        greedy = list(pool.map(lambda p: _generate(url, {
-            "input_ids": p, "sampling_params": {"max_new_tokens": workload["gen_tokens"], "temperature": 0,
-                                                "ignore_eos": True}}), workload["prompts"]))
+        greedy = list(
+            pool.map(
+                lambda p: _generate(
+                    url,
+                    {
+                        "input_ids": p,
+                        "sampling_params": {
+                            "max_new_tokens": workload["gen_tokens"],
+                            "temperature": 0,
+                            "ignore_eos": True,
+                        },
+                    },
+                ),
+                workload["prompts"],
+            )
+        )
     t2 = time.perf_counter()
     nll, top1 = 0.0, []
     for answer, window in zip(scored, workload["windows"]):
@@ -156,28 +191,56 @@ def measure_sglang(url: str, workload: dict) -> dict:
         for entry, top in zip(meta["input_token_logprobs"][1:], meta["input_top_logprobs"][1:]):
             nll -= entry[0]
             top1.append(int(top[0][1]))
-    return {"nll_sum": nll, "tokens_scored": len(top1), "top1_token_ids": top1,
-            "greedy_token_ids": [g["output_ids"] for g in greedy], "logprobs_s": t1 - t0, "greedy_s": t2 - t1}
+    return {
+        "nll_sum": nll,
+        "tokens_scored": len(top1),
+        "top1_token_ids": top1,
+        "greedy_token_ids": [g["output_ids"] for g in greedy],
+        "logprobs_s": t1 - t0,
+        "greedy_s": t2 - t1,
+    }
 
 
 def measure(url: str, workload: dict) -> dict:
     """Prompt logprobs over the windows and greedy continuations of the prompts, over HTTP."""
     t0 = time.perf_counter()
     with ThreadPoolExecutor(8) as pool:
-        scored = list(pool.map(lambda w: _complete(url, {"prompt": w, "max_tokens": 1, "temperature": 0,
-                                                         "prompt_logprobs": 1}), workload["windows"]))
+        scored = list(
+            pool.map(
+                lambda w: _complete(url, {"prompt": w, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 1}),
+                workload["windows"],
+            )
+        )
         t1 = time.perf_counter()
-        greedy = list(pool.map(lambda p: _complete(url, {"prompt": p, "max_tokens": workload["gen_tokens"],
-                                                         "temperature": 0, "ignore_eos": True,
-                                                         "return_token_ids": True}), workload["prompts"]))
+        greedy = list(
+            pool.map(
+                lambda p: _complete(
+                    url,
+                    {
+                        "prompt": p,
+                        "max_tokens": workload["gen_tokens"],
+                        "temperature": 0,
+                        "ignore_eos": True,
+                        "return_token_ids": True,
+                    },
+                ),
+                workload["prompts"],
+            )
+        )
     t2 = time.perf_counter()
     nll, top1 = 0.0, []
     for choice, window in zip(scored, workload["windows"]):
         for logprobs, token in zip(choice["prompt_logprobs"][1:], window[1:]):
             nll -= logprobs[str(token)]["logprob"]
             top1.append(int(next(t for t, lp in logprobs.items() if lp["rank"] == 1)))
-    return {"nll_sum": nll, "tokens_scored": len(top1), "top1_token_ids": top1,
-            "greedy_token_ids": [c["token_ids"] for c in greedy], "logprobs_s": t1 - t0, "greedy_s": t2 - t1}
+    return {
+        "nll_sum": nll,
+        "tokens_scored": len(top1),
+        "top1_token_ids": top1,
+        "greedy_token_ids": [c["token_ids"] for c in greedy],
+        "logprobs_s": t1 - t0,
+        "greedy_s": t2 - t1,
+    }
 
 
 def sglang_command(config: KvConfig, model: Path, port: int, max_model_len: int) -> tuple[list[str], dict[str, str]]:
@@ -191,12 +254,24 @@ def sglang_command(config: KvConfig, model: Path, port: int, max_model_len: int)
     kv = {"fp8": "fp8_e4m3"}.get(config.kv_cache_dtype, config.kv_cache_dtype)
     if kv.startswith(("mx", "nv")):
         env["MAIA_SERVING_KV_CACHE_DTYPE"], kv = kv, "auto"
-    return sglang_serve_cmd(model, port, "--served-model-name", "m", "--context-length", str(max_model_len + 8),
-                            "--kv-cache-dtype", kv, "--disable-radix-cache", "--random-seed", "0"), env
+    return sglang_serve_cmd(
+        model,
+        port,
+        "--served-model-name",
+        "m",
+        "--context-length",
+        str(max_model_len + 8),
+        "--kv-cache-dtype",
+        kv,
+        "--disable-radix-cache",
+        "--random-seed",
+        "0",
+    ), env
 
 
-def run_config(config: KvConfig, model: Path, device: str, workload: dict, logs: Path,
-               timeout_s: int, engine: str = "vllm") -> ConfigResult:
+def run_config(
+    config: KvConfig, model: Path, device: str, workload: dict, logs: Path, timeout_s: int, engine: str = "vllm"
+) -> ConfigResult:
     from tests.utils.launch import Server, ServerFailed, free_port, vllm_serve_cmd
 
     result = ConfigResult(config.name, config.label, str(model), config.kv_cache_dtype)
@@ -208,10 +283,21 @@ def run_config(config: KvConfig, model: Path, device: str, workload: dict, logs:
     if engine == "sglang":
         cmd, env = sglang_command(config, model, port, workload["max_model_len"])
     else:
-        cmd = vllm_serve_cmd(model, port, "--served-model-name", "m", "--max-model-len",
-                             str(workload["max_model_len"]), "--kv-cache-dtype", config.kv_cache_dtype,
-                             "--enforce-eager", "--no-enable-prefix-caching", "--seed", "0",
-                             device="maia" if device == "maia" else None)
+        cmd = vllm_serve_cmd(
+            model,
+            port,
+            "--served-model-name",
+            "m",
+            "--max-model-len",
+            str(workload["max_model_len"]),
+            "--kv-cache-dtype",
+            config.kv_cache_dtype,
+            "--enforce-eager",
+            "--no-enable-prefix-caching",
+            "--seed",
+            "0",
+            device="maia" if device == "maia" else None,
+        )
         env = server_env(config)
     log = logs / f"{engine}-{config.name}.log"
     try:
@@ -226,8 +312,10 @@ def run_config(config: KvConfig, model: Path, device: str, workload: dict, logs:
     for key, value in data.items():
         setattr(result, key, value)
     result.perplexity = math.exp(result.nll_sum / result.tokens_scored)
-    result.scales_log = "\n".join(sorted({m.group(1) for m in re.finditer(r"(Maia KV cache [^\n]*scales[^\n]*)",
-                                                                          log.read_text())})) or None
+    result.scales_log = (
+        "\n".join(sorted({m.group(1) for m in re.finditer(r"(Maia KV cache [^\n]*scales[^\n]*)", log.read_text())}))
+        or None
+    )
     return result
 
 
@@ -240,7 +328,8 @@ def compare_with_bf16(results: list[ConfigResult]) -> None:
         if r.status != "ok":
             continue
         r.top1_match_share = sum(a == b for a, b in zip(r.top1_token_ids, base.top1_token_ids)) / len(
-            base.top1_token_ids)
+            base.top1_token_ids
+        )
         same, prefix = 0, 0
         for a, b in zip(r.greedy_token_ids, base.greedy_token_ids):
             same += a == b
@@ -256,8 +345,9 @@ def build_workload(model: Path, max_windows: int, num_prompts: int, prompt_token
 
     heldout = model / HELDOUT_FILE
     if not heldout.exists():
-        raise FileNotFoundError(f"{heldout} does not exist: build the model with "
-                                f"`maia-serving train-model --out {model}`")
+        raise FileNotFoundError(
+            f"{heldout} does not exist: build the model with `maia-serving train-model --out {model}`"
+        )
     context = AutoConfig.from_pretrained(model).max_position_embeddings
     ids = AutoTokenizer.from_pretrained(model)(heldout.read_text(), add_special_tokens=False)["input_ids"]
     windows = text_windows(ids, context - 1)  # vLLM needs room for one generated token
@@ -289,8 +379,18 @@ def qat_recovery(results: list[ConfigResult]) -> float | None:
 
 def table(results: list[ConfigResult]) -> str:
     base = next((r.perplexity for r in results if r.name == "bf16" and r.perplexity), None)
-    rows = [["configuration", "kv_cache_dtype", "perplexity", "vs BF16", "top-1 = BF16", "greedy = BF16",
-             "common prefix", "wall s"]]
+    rows = [
+        [
+            "configuration",
+            "kv_cache_dtype",
+            "perplexity",
+            "vs BF16",
+            "top-1 = BF16",
+            "greedy = BF16",
+            "common prefix",
+            "wall s",
+        ]
+    ]
     for r in results:
         if r.status != "ok":
             rows.append([r.label, r.kv_cache_dtype, r.status, "", "", "", "", f"{r.wall_s:.0f}"])
@@ -299,8 +399,7 @@ def table(results: list[ConfigResult]) -> str:
         top1 = f"{100 * r.top1_match_share:.2f}%" if r.top1_match_share is not None else ""
         match = f"{100 * r.greedy_match_share:.0f}%" if r.greedy_match_share is not None else ""
         prefix = f"{r.greedy_mean_common_prefix_tokens:.1f}" if r.greedy_mean_common_prefix_tokens is not None else ""
-        rows.append([r.label, r.kv_cache_dtype, f"{r.perplexity:.3f}", delta, top1, match, prefix,
-                     f"{r.wall_s:.0f}"])
+        rows.append([r.label, r.kv_cache_dtype, f"{r.perplexity:.3f}", delta, top1, match, prefix, f"{r.wall_s:.0f}"])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -326,10 +425,13 @@ def plot(results: list[ConfigResult], title: str, path: Path) -> None:
         ax1.legend()
     ax1.set_ylabel("held-out perplexity (lower is better)")
     x = range(len(ok))
-    for offset, key, name, color in ((-0.2, "top1_match_share", "next-token top-1 (% of positions)", "tab:green"),
-                                     (0.2, "greedy_match_share", "32-token greedy output (% of prompts)", "tab:olive")):
-        bars = ax2.bar([i + offset for i in x], [100 * (getattr(r, key) or 0) for r in ok], 0.4, label=name,
-                       color=color)
+    for offset, key, name, color in (
+        (-0.2, "top1_match_share", "next-token top-1 (% of positions)", "tab:green"),
+        (0.2, "greedy_match_share", "32-token greedy output (% of prompts)", "tab:olive"),
+    ):
+        bars = ax2.bar(
+            [i + offset for i in x], [100 * (getattr(r, key) or 0) for r in ok], 0.4, label=name, color=color
+        )
         ax2.bar_label(bars, fmt="%.0f", fontsize=7)
     ax2.set_xticks(list(x), labels)
     ax2.set_ylabel("same as BF16 (%)")
@@ -347,19 +449,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--device", choices=DEVICES, default="maia")
-    parser.add_argument("--engine", choices=("vllm", "sglang"), default="vllm",
-                        help="sglang: SGLang's server on --device maia, asked through its native /generate")
+    parser.add_argument(
+        "--engine",
+        choices=("vllm", "sglang"),
+        default="vllm",
+        help="sglang: SGLang's server on --device maia, asked through its native /generate",
+    )
     parser.add_argument("--configs", nargs="+", choices=[c.name for c in CONFIGS], default=[c.name for c in CONFIGS])
-    parser.add_argument("--max-windows", type=int, default=64,
-                        help="held-out windows to score; 0: all (167 for models/trained, ~9 min in all)")
+    parser.add_argument(
+        "--max-windows",
+        type=int,
+        default=64,
+        help="held-out windows to score; 0: all (167 for models/trained, ~9 min in all)",
+    )
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--gen-tokens", type=int, default=32)
     parser.add_argument("--calibration-tokens", type=int, default=32768)
-    parser.add_argument("--qat-model", type=Path, default=ROOT / "models" / "trained-qat-mxfp4",
-                        help="the `maia-serving qat-kv --format mxfp4` checkpoint (skipped when it does not exist)")
-    parser.add_argument("--work-dir", type=Path, default=ROOT / "models" / "kv-accuracy",
-                        help="where the calibrated checkpoints go")
+    parser.add_argument(
+        "--qat-model",
+        type=Path,
+        default=ROOT / "models" / "trained-qat-mxfp4",
+        help="the `maia-serving qat-kv --format mxfp4` checkpoint (skipped when it does not exist)",
+    )
+    parser.add_argument(
+        "--work-dir", type=Path, default=ROOT / "models" / "kv-accuracy", help="where the calibrated checkpoints go"
+    )
     parser.add_argument("--timeout-s", type=int, default=300, help="for each server to start")
     args = parser.parse_args(argv)
 
@@ -371,8 +486,10 @@ def main(argv: list[str] | None = None) -> int:
         print("note: without bf16 there is no reference for the deltas and greedy agreement")
     checkpoints = {"base": model, "qat": args.qat_model.resolve()}
     if not (checkpoints["qat"] / "config.json").exists():
-        print(f"note: no QAT checkpoint at {checkpoints['qat']}: write it with `maia-serving qat-kv --model {model} "
-              f"--format mxfp4 --data {model / 'calibration.txt'} --out {checkpoints['qat']}`")
+        print(
+            f"note: no QAT checkpoint at {checkpoints['qat']}: write it with `maia-serving qat-kv --model {model} "
+            f"--format mxfp4 --data {model / 'calibration.txt'} --out {checkpoints['qat']}`"
+        )
         configs = [c for c in configs if c.checkpoint != "qat"]
     for fmt in sorted({c.checkpoint for c in configs} - {"base", "qat"}):
         checkpoints[fmt] = calibrate(model, args.work_dir, fmt, args.calibration_tokens)
@@ -382,16 +499,22 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for config in configs:
         print(f"[{config.name}] {config.kv_cache_dtype} on {checkpoints[config.checkpoint]} ...", flush=True)
-        results.append(run_config(config, checkpoints[config.checkpoint], args.device, workload, logs,
-                                  args.timeout_s, args.engine))
+        results.append(
+            run_config(config, checkpoints[config.checkpoint], args.device, workload, logs, args.timeout_s, args.engine)
+        )
         r = results[-1]
-        print(f"[{config.name}] {r.status} in {r.wall_s:.0f} s"
-              + (f": perplexity {r.perplexity:.3f}" if r.perplexity else f": {r.error}"), flush=True)
+        print(
+            f"[{config.name}] {r.status} in {r.wall_s:.0f} s"
+            + (f": perplexity {r.perplexity:.3f}" if r.perplexity else f": {r.error}"),
+            flush=True,
+        )
     compare_with_bf16(results)
 
     tokens = sum(len(w) - 1 for w in workload["windows"])
-    title = (f"{model.name} on {args.engine} --device {args.device}: {len(workload['windows'])} held-out windows "
-             f"({tokens} tokens scored), {len(workload['prompts'])} greedy prompts")
+    title = (
+        f"{model.name} on {args.engine} --device {args.device}: {len(workload['windows'])} held-out windows "
+        f"({tokens} tokens scored), {len(workload['prompts'])} greedy prompts"
+    )
     print(f"\n{title}\n{table(results)}")
     recovery = qat_recovery(results)
     if recovery is not None:
@@ -399,12 +522,20 @@ def main(argv: list[str] | None = None) -> int:
     training = model / "training.json"
     if training.exists() and not args.max_windows:  # train-model scored the same windows
         ref = json.loads(training.read_text())
-        print(f"transformers on the same windows: perplexity {ref['heldout_ppl_hf_bf16']:.3f} (bf16), "
-              f"{ref['heldout_ppl_hf_fp32']:.3f} (fp32)")
+        print(
+            f"transformers on the same windows: perplexity {ref['heldout_ppl_hf_bf16']:.3f} (bf16), "
+            f"{ref['heldout_ppl_hf_fp32']:.3f} (fp32)"
+        )
     report = {
-        "model": str(model), "engine": args.engine, "device": args.device, "windows": len(workload["windows"]),
-        "window_tokens": len(workload["windows"][0]), "tokens_scored": tokens,
-        "prompts": len(workload["prompts"]), "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
+        "model": str(model),
+        "engine": args.engine,
+        "device": args.device,
+        "windows": len(workload["windows"]),
+        "window_tokens": len(workload["windows"][0]),
+        "tokens_scored": tokens,
+        "prompts": len(workload["prompts"]),
+        "prompt_tokens": args.prompt_tokens,
+        "gen_tokens": args.gen_tokens,
         "calibration_tokens": args.calibration_tokens,
         "hf_reference": json.loads(training.read_text()) if training.exists() else None,
         "results": [{k: v for k, v in asdict(r).items() if not k.endswith("token_ids")} for r in results],

@@ -44,8 +44,12 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--formats", nargs="+", default=["fp8", "mxfp8", "mxfp6", "mxfp4", "nvfp4"],
-                        help="KV formats served beside BF16 (auto)")
+    parser.add_argument(
+        "--formats",
+        nargs="+",
+        default=["fp8", "mxfp8", "mxfp6", "mxfp4", "nvfp4"],
+        help="KV formats served beside BF16 (auto)",
+    )
     args = parser.parse_args()
     model = ROOT / "models" / "demo"
     if not (model / "config.json").exists():
@@ -59,15 +63,26 @@ def main() -> int:
         servers = {}
         for fmt, path in models.items():
             port = free_port()
-            cmd = vllm_serve_cmd(path, port, "--served-model-name", "demo", "--max-model-len", "1024",
-                                 "--enforce-eager", "--kv-cache-dtype", fmt,
-                                 "--additional-config", f'{{"maia_profile": "{args.profile}"}}')
+            cmd = vllm_serve_cmd(
+                path,
+                port,
+                "--served-model-name",
+                "demo",
+                "--max-model-len",
+                "1024",
+                "--enforce-eager",
+                "--kv-cache-dtype",
+                fmt,
+                "--additional-config",
+                f'{{"maia_profile": "{args.profile}"}}',
+            )
             servers[fmt] = stack.enter_context(Server(cmd, port, OUT / f"server-kv-{fmt}.log", env=env))
         for i in range(args.rounds):  # each round starts one server later: none always runs first
-            for fmt in formats[i % len(formats):] + formats[:i % len(formats)]:
+            for fmt in formats[i % len(formats) :] + formats[: i % len(formats)]:
                 srv = servers[fmt]
-                rounds[fmt].append(run_load(srv.url, "demo", args.requests, args.concurrency, args.max_tokens,
-                                            srv.proc.pid))
+                rounds[fmt].append(
+                    run_load(srv.url, "demo", args.requests, args.concurrency, args.max_tokens, srv.proc.pid)
+                )
         for fmt, srv in servers.items():
             m = scrape(srv.url)
             blocks[fmt] = {h: m[BLOCK.format(h)] for h in ("engine", "emulated")}
@@ -75,30 +90,57 @@ def main() -> int:
     ratio = {f: {h: blocks[f][h] / blocks["auto"][h] for h in ("engine", "emulated")} for f in formats}
     tput = {k: statistics.median(r.output_tokens_per_s for r in v) for k, v in rounds.items()}
     per_cpu = {k: statistics.median(r.output_tokens_per_cpu_s for r in v) for k, v in rounds.items()}
-    print(f"demo model on {args.profile}, host KV budget {args.host_kv_gib} GiB, block size {block_size}, "
-          f"{args.rounds} rotating rounds x {args.requests} requests x {args.max_tokens} tokens")
-    print(f"{'kv cache':<10}{'engine KV tokens':>18}{'emulated KV tokens':>20}{'x BF16':>8}{'tok/s':>10}"
-          f"{'tok/CPU-s':>11}{'x BF16 per CPU-s':>18}")
+    print(
+        f"demo model on {args.profile}, host KV budget {args.host_kv_gib} GiB, block size {block_size}, "
+        f"{args.rounds} rotating rounds x {args.requests} requests x {args.max_tokens} tokens"
+    )
+    print(
+        f"{'kv cache':<10}{'engine KV tokens':>18}{'emulated KV tokens':>20}{'x BF16':>8}{'tok/s':>10}"
+        f"{'tok/CPU-s':>11}{'x BF16 per CPU-s':>18}"
+    )
     for fmt in formats:
         engine, emulated = blocks[fmt]["engine"] * block_size, blocks[fmt]["emulated"] * block_size
-        print(f"{fmt:<10}{engine:>18,.0f}{emulated:>20,.0f}{ratio[fmt]['engine']:>8.3f}{tput[fmt]:>10.1f}"
-              f"{per_cpu[fmt]:>11.1f}{per_cpu[fmt] / per_cpu['auto']:>18.3f}")
+        print(
+            f"{fmt:<10}{engine:>18,.0f}{emulated:>20,.0f}{ratio[fmt]['engine']:>8.3f}{tput[fmt]:>10.1f}"
+            f"{per_cpu[fmt]:>11.1f}{per_cpu[fmt] / per_cpu['auto']:>18.3f}"
+        )
     print("goals: FP8 >= 1.98x and MXFP4 >= 3.7x the BF16 tokens; every format >= 0.95x BF16's tokens per CPU-s")
     shapes = []
     real = ("auto", "fp8", "mxfp6", "mxfp4")
     print("\nemulated capacity of real shapes (max model len 8192, gpu_memory_utilization 0.9), KV tokens:")
     print(f"{'model':<14}{'device':<10}{'tp':>3}" + "".join(f"{f:>14}" for f in real) + f"{'mxfp4 x':>9}")
-    for name, device, tp in (("llama-3-8b", "maia100", 1), ("llama-3-8b", "maia200", 1),
-                             ("llama-3-70b", "maia100", 4), ("llama-3-70b", "maia200", 1),
-                             ("llama-3-70b", "h100-sxm", 4)):
+    for name, device, tp in (
+        ("llama-3-8b", "maia100", 1),
+        ("llama-3-8b", "maia200", 1),
+        ("llama-3-70b", "maia100", 4),
+        ("llama-3-70b", "maia200", 1),
+        ("llama-3-70b", "h100-sxm", 4),
+    ):
         shape, profile = load_model_shape(name), load_profile(device)
-        tokens = {dt: plan_memory(shape, profile, ServingConfig(tensor_parallel_size=tp, kv_cache_dtype=dt,
-                                                                max_model_len=8192)).kv_tokens for dt in real}
+        tokens = {
+            dt: plan_memory(
+                shape, profile, ServingConfig(tensor_parallel_size=tp, kv_cache_dtype=dt, max_model_len=8192)
+            ).kv_tokens
+            for dt in real
+        }
         shapes.append({"model": name, "device": device, "tp": tp, "kv_tokens": tokens})
-        print(f"{name:<14}{device:<10}{tp:>3}" + "".join(f"{tokens[f]:>14,}" for f in real)
-              + f"{tokens['mxfp4'] / max(tokens['auto'], 1):>9.2f}")
-    path = write_json("kv_capacity", {"args": vars(args), "blocks": blocks, "ratio": ratio, "rounds": rounds,
-                                      "throughput_tok_s": tput, "tok_per_cpu_s": per_cpu, "shapes": shapes})
+        print(
+            f"{name:<14}{device:<10}{tp:>3}"
+            + "".join(f"{tokens[f]:>14,}" for f in real)
+            + f"{tokens['mxfp4'] / max(tokens['auto'], 1):>9.2f}"
+        )
+    path = write_json(
+        "kv_capacity",
+        {
+            "args": vars(args),
+            "blocks": blocks,
+            "ratio": ratio,
+            "rounds": rounds,
+            "throughput_tok_s": tput,
+            "tok_per_cpu_s": per_cpu,
+            "shapes": shapes,
+        },
+    )
     print(f"results: {path}")
     return 0
 

@@ -28,8 +28,9 @@ def _server(model: Path, shape: str, profile: str, pace: bool) -> Server:
     port = free_port()
     flags = [arg for key, value in LIMITS.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
     config = f'{{"maia_profile": "{profile}", "maia_model": "{shape}"}}'
-    cmd = vllm_serve_cmd(model, port, "--served-model-name", "demo", *flags, "--enforce-eager",
-                         "--additional-config", config)
+    cmd = vllm_serve_cmd(
+        model, port, "--served-model-name", "demo", *flags, "--enforce-eager", "--additional-config", config
+    )
     log = OUT / f"live-arrivals-{shape}-{profile}-pace{int(pace)}.log"
     return Server(cmd, port, log, env={"VLLM_CPU_CI_ENV": "1", "MAIA_SERVING_PACE": str(int(pace))})
 
@@ -47,27 +48,37 @@ def main() -> int:
     if not (args.model / "config.json").exists():
         build_demo_model(args.model)
     profile, shape = load_profile(args.profile), load_model_shape(args.shape)
-    print(f"{args.shape} on {args.profile}, {args.num_prompts} x ({args.input_len} in, {args.output_len} out), "
-          f"Poisson arrivals (seed 0)\n")
-    print("| rate req/s | paced | busy ms live / sim (ratio) | mean TTFT ms live / sim (ratio) "
-          "| mean TPOT ms live / sim (ratio) | client TTFT / TPOT ms |")
+    print(
+        f"{args.shape} on {args.profile}, {args.num_prompts} x ({args.input_len} in, {args.output_len} out), "
+        f"Poisson arrivals (seed 0)\n"
+    )
+    print(
+        "| rate req/s | paced | busy ms live / sim (ratio) | mean TTFT ms live / sim (ratio) "
+        "| mean TPOT ms live / sim (ratio) | client TTFT / TPOT ms |"
+    )
     print("|---|---|---|---|---|---|")
     for pace in (False, True):
         with _server(args.model, args.shape, args.profile, pace) as server:
             start = scrape(server.url)
-            block_size = round(metric(start, "maia:kv_cache_tokens", holder="emulated")
-                               / metric(start, "maia:kv_cache_blocks", holder="emulated"))
+            block_size = round(
+                metric(start, "maia:kv_cache_tokens", holder="emulated")
+                / metric(start, "maia:kv_cache_blocks", holder="emulated")
+            )
             serving = ServingConfig(**LIMITS, block_size=block_size, gpu_memory_utilization=0.92)
             for rate in args.rates:
-                trace = replay_trace(server.url, "demo", synthetic(args.num_prompts, args.input_len,
-                                                                   args.output_len, request_rate=rate))
+                trace = replay_trace(
+                    server.url, "demo", synthetic(args.num_prompts, args.input_len, args.output_len, request_rate=rate)
+                )
                 sim = simulated_figures(simulate_device(profile, shape, serving, list(trace.sent)))
                 live, ratio = trace.emulated, trace.emulated.ratio_to(sim)
-                print(f"| {rate:g} | {'yes' if pace else 'no'} "
-                      f"| {live.busy_s * 1e3:.1f} / {sim.busy_s * 1e3:.1f} ({ratio['busy_s']:.3f}) "
-                      f"| {live.ttft_s * 1e3:.2f} / {sim.ttft_s * 1e3:.2f} ({ratio['ttft_s']:.3f}) "
-                      f"| {live.tpot_s * 1e3:.3f} / {sim.tpot_s * 1e3:.3f} ({ratio['tpot_s']:.3f}) "
-                      f"| {trace.client_ttft_s * 1e3:.2f} / {trace.client_tpot_s * 1e3:.3f} |", flush=True)
+                print(
+                    f"| {rate:g} | {'yes' if pace else 'no'} "
+                    f"| {live.busy_s * 1e3:.1f} / {sim.busy_s * 1e3:.1f} ({ratio['busy_s']:.3f}) "
+                    f"| {live.ttft_s * 1e3:.2f} / {sim.ttft_s * 1e3:.2f} ({ratio['ttft_s']:.3f}) "
+                    f"| {live.tpot_s * 1e3:.3f} / {sim.tpot_s * 1e3:.3f} ({ratio['tpot_s']:.3f}) "
+                    f"| {trace.client_ttft_s * 1e3:.2f} / {trace.client_tpot_s * 1e3:.3f} |",
+                    flush=True,
+                )
     return 0
 
 

@@ -22,8 +22,10 @@ from tests.utils.launch import Server, free_port, metric, scrape, sglang_serve_c
 from tests.utils.loadgen import Load, run_load
 
 ROOT = Path(__file__).resolve().parent.parent
-IN_FLIGHT = {"vllm": ("vllm:num_requests_running", "vllm:num_requests_waiting"),
-             "sglang": ("sglang:num_running_reqs", "sglang:num_queue_reqs")}
+IN_FLIGHT = {
+    "vllm": ("vllm:num_requests_running", "vllm:num_requests_waiting"),
+    "sglang": ("sglang:num_running_reqs", "sglang:num_queue_reqs"),
+}
 
 
 def servers(model: Path) -> dict[str, tuple[str, Server]]:
@@ -31,16 +33,30 @@ def servers(model: Path) -> dict[str, tuple[str, Server]]:
     env = {"VLLM_CPU_CI_ENV": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "MAIA_SERVING_PROFILE": "maia100"}
     out = {}
     port = free_port()
-    out["vLLM on maia"] = ("vllm", Server(vllm_serve_cmd(model, port, *vllm_limits), port,
-                                          OUT / "reliability-vllm-maia.log", env=env))
+    out["vLLM on maia"] = (
+        "vllm",
+        Server(vllm_serve_cmd(model, port, *vllm_limits), port, OUT / "reliability-vllm-maia.log", env=env),
+    )
     port = free_port()
-    out["SGLang on maia"] = ("sglang", Server(
-        sglang_serve_cmd(model, port, "--served-model-name", "demo", "--context-length", "512", "--enable-metrics"),
-        port, OUT / "reliability-sglang-maia.log", env=env))
+    out["SGLang on maia"] = (
+        "sglang",
+        Server(
+            sglang_serve_cmd(model, port, "--served-model-name", "demo", "--context-length", "512", "--enable-metrics"),
+            port,
+            OUT / "reliability-sglang-maia.log",
+            env=env,
+        ),
+    )
     port = free_port()
-    out["vLLM CPU (built-in)"] = ("vllm", Server(vllm_serve_cmd(model, port, *vllm_limits, device=None), port,
-                                                 OUT / "reliability-vllm-cpu.log",
-                                                 env={**env, "MAIA_SERVING_DEVICE": ""}))
+    out["vLLM CPU (built-in)"] = (
+        "vllm",
+        Server(
+            vllm_serve_cmd(model, port, *vllm_limits, device=None),
+            port,
+            OUT / "reliability-vllm-cpu.log",
+            env={**env, "MAIA_SERVING_DEVICE": ""},
+        ),
+    )
     return out
 
 
@@ -65,27 +81,36 @@ def soak(name: str, engine: str, server: Server, load: Load, rounds: int) -> dic
             rss.append(server.rss_bytes())
         outcomes = sum((r.outcomes for r in reports), start=reports[0].outcomes.__class__())
         requests = rounds * load.num_requests
-        row = {"server": name, "requests": requests, "concurrency": load.concurrency,
-               **{k: outcomes[k] for k in ("ok", "disconnected", "timed_out", "failed")},
-               "failures": [f for r in reports for f in r.failures][:5],
-               "wall_s": round(sum(r.wall_s for r in reports), 1),
-               "cancelled_share": (outcomes["disconnected"] + outcomes["timed_out"]) / requests,
-               "alive": server.proc.poll() is None,
-               "left_in_flight": sum(metric(samples, n) for n in IN_FLIGHT[engine]),
-               "kv_blocks_used_after": metric(samples, "maia:kv_cache_blocks_used"),
-               "emulation_errors": metric(samples, "maia:emulation_errors_total"),
-               "rss_mib": [round(b / 2**20) for b in rss]}
+        row = {
+            "server": name,
+            "requests": requests,
+            "concurrency": load.concurrency,
+            **{k: outcomes[k] for k in ("ok", "disconnected", "timed_out", "failed")},
+            "failures": [f for r in reports for f in r.failures][:5],
+            "wall_s": round(sum(r.wall_s for r in reports), 1),
+            "cancelled_share": (outcomes["disconnected"] + outcomes["timed_out"]) / requests,
+            "alive": server.proc.poll() is None,
+            "left_in_flight": sum(metric(samples, n) for n in IN_FLIGHT[engine]),
+            "kv_blocks_used_after": metric(samples, "maia:kv_cache_blocks_used"),
+            "emulation_errors": metric(samples, "maia:emulation_errors_total"),
+            "rss_mib": [round(b / 2**20) for b in rss],
+        }
     print(json.dumps(row))
     return row
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| server | requests | concurrency | ok | disconnected | timed out | cancelled | failed | left in flight "
-             "| KV used after | RSS after warm-up, then each round (MiB) |", "|---" * 11 + "|"]
+    lines = [
+        "| server | requests | concurrency | ok | disconnected | timed out | cancelled | failed | left in flight "
+        "| KV used after | RSS after warm-up, then each round (MiB) |",
+        "|---" * 11 + "|",
+    ]
     for r in rows:
-        lines.append(f"| {r['server']} | {r['requests']} | {r['concurrency']} | {r['ok']} | {r['disconnected']} "
-                     f"| {r['timed_out']} | {r['cancelled_share']:.0%} | {r['failed']} | {r['left_in_flight']:.0f} "
-                     f"| {r['kv_blocks_used_after']:.0f} | {' → '.join(map(str, r['rss_mib']))} |")
+        lines.append(
+            f"| {r['server']} | {r['requests']} | {r['concurrency']} | {r['ok']} | {r['disconnected']} "
+            f"| {r['timed_out']} | {r['cancelled_share']:.0%} | {r['failed']} | {r['left_in_flight']:.0f} "
+            f"| {r['kv_blocks_used_after']:.0f} | {' → '.join(map(str, r['rss_mib']))} |"
+        )
     return "\n".join(lines)
 
 

@@ -19,9 +19,19 @@ from pathlib import Path
 
 from common import OUT
 
-CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000, "hidden_size": 2048,
-          "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 8,
-          "head_dim": 128, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 32000,
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
 IMPORTS = "import torch, safetensors, maia_serving.tools.checkpoints.reshard"
 
 
@@ -50,8 +60,9 @@ def write_checkpoint(out: Path, config: dict) -> tuple[int, int]:
         total, largest = total + sum(sizes), max(largest, *sizes)
         weight_map.update(dict.fromkeys(names, file))
         del tensors
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                  "weight_map": weight_map}))
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     return total, largest
 
 
@@ -64,9 +75,11 @@ def peak_rss(work: str) -> tuple[int, int, float]:
 
     The peak is Linux's VmHWM, reset after the imports (``clear_refs`` 5) so that it covers the work only.
     """
-    code = (f"{IMPORTS}; from pathlib import Path; import time; open('/proc/self/clear_refs', 'w').write('5'); "
-            f"rss = {_status_kib('VmRSS')}; t = time.perf_counter(); {work}; "
-            f"print(rss, {_status_kib('VmHWM')}, time.perf_counter() - t)")
+    code = (
+        f"{IMPORTS}; from pathlib import Path; import time; open('/proc/self/clear_refs', 'w').write('5'); "
+        f"rss = {_status_kib('VmRSS')}; t = time.perf_counter(); {work}; "
+        f"print(rss, {_status_kib('VmHWM')}, time.perf_counter() - t)"
+    )
     done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     rss, peak, seconds = done.stdout.split()[-3:]
     return int(rss) * 1024, int(peak) * 1024, float(seconds)
@@ -82,18 +95,30 @@ def main() -> None:
         total, largest = write_checkpoint(root / "src", CONFIG)
         base, reshard_peak, reshard_s = peak_rss(
             f"maia_serving.tools.checkpoints.reshard.reshard(Path('{root / 'src'}'), Path('{root / 'sharded'}'), "
-            f"{args.tensor_parallel_size})")
+            f"{args.tensor_parallel_size})"
+        )
         merge_base, merge_peak, merge_s = peak_rss(
-            f"maia_serving.tools.checkpoints.reshard.merge(Path('{root / 'sharded'}'), Path('{root / 'merged'}'))")
-    mib = 2 ** 20
-    result = {"model_bytes": total, "largest_tensor_bytes": largest, "tensor_parallel_size": args.tensor_parallel_size,
-              "reshard_rss_after_imports_bytes": base, "reshard_peak_rss_bytes": reshard_peak, "reshard_s": reshard_s,
-              "merge_rss_after_imports_bytes": merge_base, "merge_peak_rss_bytes": merge_peak, "merge_s": merge_s}
-    print(f"model {total / mib:.0f} MiB, largest tensor {largest / mib:.0f} MiB; "
-          f"reshard TP {args.tensor_parallel_size}: "
-          f"peak RSS {reshard_peak / mib:.0f} MiB, {(reshard_peak - base) / mib:.0f} MiB above the imports, "
-          f"{reshard_s:.0f} s; merge: peak {merge_peak / mib:.0f} MiB, {(merge_peak - merge_base) / mib:.0f} MiB "
-          f"above, {merge_s:.0f} s")
+            f"maia_serving.tools.checkpoints.reshard.merge(Path('{root / 'sharded'}'), Path('{root / 'merged'}'))"
+        )
+    mib = 2**20
+    result = {
+        "model_bytes": total,
+        "largest_tensor_bytes": largest,
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "reshard_rss_after_imports_bytes": base,
+        "reshard_peak_rss_bytes": reshard_peak,
+        "reshard_s": reshard_s,
+        "merge_rss_after_imports_bytes": merge_base,
+        "merge_peak_rss_bytes": merge_peak,
+        "merge_s": merge_s,
+    }
+    print(
+        f"model {total / mib:.0f} MiB, largest tensor {largest / mib:.0f} MiB; "
+        f"reshard TP {args.tensor_parallel_size}: "
+        f"peak RSS {reshard_peak / mib:.0f} MiB, {(reshard_peak - base) / mib:.0f} MiB above the imports, "
+        f"{reshard_s:.0f} s; merge: peak {merge_peak / mib:.0f} MiB, {(merge_peak - merge_base) / mib:.0f} MiB "
+        f"above, {merge_s:.0f} s"
+    )
     OUT.mkdir(exist_ok=True)
     (OUT / "reshard_memory.json").write_text(json.dumps(result, indent=1) + "\n")
 

@@ -29,10 +29,15 @@ def server(model: Path, device: str | None, profile: str, attention: str) -> Ser
     if device:
         extra += ["--additional-config", f'{{"maia_profile": "{profile}"}}']
     # The built-in CPU platform must not pick ours up from the environment.
-    env = {"VLLM_CPU_CI_ENV": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "MAIA_SERVING_DEVICE": device or "",
-           "MAIA_SERVING_ATTENTION": attention}
-    return Server(vllm_serve_cmd(model, port, *extra, device=device), port,
-                  OUT / f"server-{device or 'cpu'}.log", env=env)
+    env = {
+        "VLLM_CPU_CI_ENV": "1",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "MAIA_SERVING_DEVICE": device or "",
+        "MAIA_SERVING_ATTENTION": attention,
+    }
+    return Server(
+        vllm_serve_cmd(model, port, *extra, device=device), port, OUT / f"server-{device or 'cpu'}.log", env=env
+    )
 
 
 def main() -> int:
@@ -42,8 +47,12 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--attention", choices=["maia", "vllm-cpu"], default="maia",
-                        help="attention backend of the maia server (MAIA_SERVING_ATTENTION)")
+    parser.add_argument(
+        "--attention",
+        choices=["maia", "vllm-cpu"],
+        default="maia",
+        help="attention backend of the maia server (MAIA_SERVING_ATTENTION)",
+    )
     args = parser.parse_args()
     model = ROOT / "models" / "demo"
     if not (model / "config.json").exists():
@@ -51,12 +60,22 @@ def main() -> int:
     labels = {"cpu": "cpu (vLLM built-in)", "maia": f"maia ({args.profile}, {args.attention} attn)"}
     rounds: dict[str, list] = {"cpu": [], "maia": []}
     with ExitStack() as stack:
-        servers = {"cpu": stack.enter_context(server(model, None, args.profile, args.attention)),
-                   "maia": stack.enter_context(server(model, "maia", args.profile, args.attention))}
+        servers = {
+            "cpu": stack.enter_context(server(model, None, args.profile, args.attention)),
+            "maia": stack.enter_context(server(model, "maia", args.profile, args.attention)),
+        }
         for i in range(args.rounds):
-            for name in (("cpu", "maia") if i % 2 == 0 else ("maia", "cpu")):
-                rounds[name].append(run_load(servers[name].url, "demo", args.requests, args.concurrency,
-                                             args.max_tokens, servers[name].proc.pid))
+            for name in ("cpu", "maia") if i % 2 == 0 else ("maia", "cpu"):
+                rounds[name].append(
+                    run_load(
+                        servers[name].url,
+                        "demo",
+                        args.requests,
+                        args.concurrency,
+                        args.max_tokens,
+                        servers[name].proc.pid,
+                    )
+                )
         m = scrape(servers["maia"].url)
     median = {k: statistics.median(r.output_tokens_per_s for r in v) for k, v in rounds.items()}
     per_cpu = {k: statistics.median(r.output_tokens_per_cpu_s for r in v) for k, v in rounds.items()}
@@ -66,23 +85,43 @@ def main() -> int:
     cpu_ratio = per_cpu["maia"] / per_cpu["cpu"]
     steps = m["maia:emulated_step_seconds_count"]
     overhead = m["maia:emulator_overhead_seconds_total"] / m["maia:host_step_seconds_total"]
-    print(f"workload: {args.rounds} alternating rounds x {args.requests} requests, concurrency "
-          f"{args.concurrency}, {args.max_tokens} output tokens each, demo model")
+    print(
+        f"workload: {args.rounds} alternating rounds x {args.requests} requests, concurrency "
+        f"{args.concurrency}, {args.max_tokens} output tokens each, demo model"
+    )
     print(f"{'platform':<24}{'median tok/s':>14}{'tok per CPU-s':>15}   rounds (tok/s)")
     for name, label in labels.items():
-        print(f"{label:<24}{median[name]:>14.1f}{per_cpu[name]:>15.1f}   "
-              + ", ".join(f"{r.output_tokens_per_s:.0f}" for r in rounds[name]))
-    print(f"throughput ratio maia/cpu, median of back-to-back pairs: {ratio:.3f} (goal >= 0.95; pairs: "
-          + ", ".join(f"{r:.2f}" for r in pair_ratios) + ")")
+        print(
+            f"{label:<24}{median[name]:>14.1f}{per_cpu[name]:>15.1f}   "
+            + ", ".join(f"{r.output_tokens_per_s:.0f}" for r in rounds[name])
+        )
+    print(
+        f"throughput ratio maia/cpu, median of back-to-back pairs: {ratio:.3f} (goal >= 0.95; pairs: "
+        + ", ".join(f"{r:.2f}" for r in pair_ratios)
+        + ")"
+    )
     print(f"tokens per server CPU-second, maia/cpu: {cpu_ratio:.3f}")
-    print(f"emulator overhead: {overhead * 100:.2f}% of host step time over {steps:.0f} steps "
-          f"({m['maia:emulator_overhead_seconds_total'] / steps * 1e6:.1f} us CPU per step; goal <= 2%)")
-    print(f"emulated: {m['maia:emulated_busy_seconds_total'] * 1e3:.3f} ms busy on {args.profile} for "
-          f"{m['maia:host_step_seconds_total']:.2f} s of host steps")
-    path = write_json("serve_throughput", {"args": vars(args), "rounds": rounds, "median_tok_s": median,
-                                           "ratio": ratio, "pair_ratios": pair_ratios, "cpu_time_ratio": cpu_ratio,
-                                           "overhead_share": overhead,
-                                           "maia_metrics": m})
+    print(
+        f"emulator overhead: {overhead * 100:.2f}% of host step time over {steps:.0f} steps "
+        f"({m['maia:emulator_overhead_seconds_total'] / steps * 1e6:.1f} us CPU per step; goal <= 2%)"
+    )
+    print(
+        f"emulated: {m['maia:emulated_busy_seconds_total'] * 1e3:.3f} ms busy on {args.profile} for "
+        f"{m['maia:host_step_seconds_total']:.2f} s of host steps"
+    )
+    path = write_json(
+        "serve_throughput",
+        {
+            "args": vars(args),
+            "rounds": rounds,
+            "median_tok_s": median,
+            "ratio": ratio,
+            "pair_ratios": pair_ratios,
+            "cpu_time_ratio": cpu_ratio,
+            "overhead_share": overhead,
+            "maia_metrics": m,
+        },
+    )
     print(f"results: {path}")
     return 0
 

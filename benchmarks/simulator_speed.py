@@ -56,8 +56,11 @@ def moe_cases() -> list:
     model = load_model_shape(MOE_MODEL)
     skewed = replace(model, moe=replace(model.moe, load=zipf_load(model)))
     config = ServingConfig(tensor_parallel_size=MOE_CHIPS, enable_expert_parallel=True)
-    return [(f"{MOE_MODEL} EP{MOE_CHIPS} {routing}", MOE_PROFILE, shape, config, rate)
-            for routing, shape in (("uniform", model), ("per-layer load", skewed)) for rate in (math.inf, 10.0)]
+    return [
+        (f"{MOE_MODEL} EP{MOE_CHIPS} {routing}", MOE_PROFILE, shape, config, rate)
+        for routing, shape in (("uniform", model), ("per-layer load", skewed))
+        for rate in (math.inf, 10.0)
+    ]
 
 
 def main() -> int:
@@ -70,16 +73,22 @@ def main() -> int:
     parser.add_argument("--moe", action="store_true", help="also the MoE rows (module doc)")
     args = parser.parse_args()
     model = load_model_shape(args.model)
-    cases = [(profile, profile, model, ServingConfig(gpu_memory_utilization=utilization), rate)
-             for profile, rate, utilization in CASES]
+    cases = [
+        (profile, profile, model, ServingConfig(gpu_memory_utilization=utilization), rate)
+        for profile, rate, utilization in CASES
+    ]
     # Pipeline stages price each stage's share and the hops between them: their own path in the cost model.
     cases.append(("maia200 PP2", "maia200", model, ServingConfig(pipeline_parallel_size=2), 5.0))
     if args.moe:
         cases += moe_cases()
-    print(f"{args.model}, {args.num_prompts} x ({args.input_len} in, {args.output_len} out), "
-          f"prefix caching {'on' if args.prefix_caching else 'off'}\n")
-    print("| case | request rate | gpu_memory_utilization | steps | preemptions | emulated s | output tok/s "
-          "| host CPU s | host wall s |")
+    print(
+        f"{args.model}, {args.num_prompts} x ({args.input_len} in, {args.output_len} out), "
+        f"prefix caching {'on' if args.prefix_caching else 'off'}\n"
+    )
+    print(
+        "| case | request rate | gpu_memory_utilization | steps | preemptions | emulated s | output tok/s "
+        "| host CPU s | host wall s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for label, profile, shape, config, rate in cases:
         requests = synthetic(args.num_prompts, args.input_len, args.output_len, rate)
@@ -87,9 +96,11 @@ def main() -> int:
         sim = simulate_device(load_profile(profile), shape, config, requests, args.prefix_caching)
         report = summarize(sim)
         cpu_s, wall_s = time.process_time() - cpu0, time.perf_counter() - wall0
-        print(f"| {label} | {rate:g} | {config.gpu_memory_utilization} | {report.num_steps} | {report.num_preemptions} "
-              f"| {report.duration_s:.1f} | {report.output_throughput_tok_s:.0f} | {cpu_s:.2f} | {wall_s:.2f} |",
-              flush=True)
+        print(
+            f"| {label} | {rate:g} | {config.gpu_memory_utilization} | {report.num_steps} | {report.num_preemptions} "
+            f"| {report.duration_s:.1f} | {report.output_throughput_tok_s:.0f} | {cpu_s:.2f} | {wall_s:.2f} |",
+            flush=True,
+        )
     return 0
 
 

@@ -38,8 +38,9 @@ class Setting:
         try:
             return self.parse(value)
         except ValueError as exc:
-            raise SettingError(f"{self.name}={raw!r} is not valid ({exc}); allowed: {self.allowed}. "
-                               f"{self.name}: {self.why}") from None
+            raise SettingError(
+                f"{self.name}={raw!r} is not valid ({exc}); allowed: {self.allowed}. {self.name}: {self.why}"
+            ) from None
 
 
 def _choice(*choices: str) -> Callable[[str], str]:
@@ -137,56 +138,143 @@ DEFAULT_PROFILE = "maia200"
 # A host KV cache larger than this many GiB is a typo, not a machine.
 _MAX_HOST_KV_GIB = 1 << 20
 
-SETTINGS: dict[str, Setting] = {s.name: s for s in (
-    Setting(MAIA_SERVING_DEVICE, "", _choice("", "maia"), "maia, or unset",
+SETTINGS: dict[str, Setting] = {
+    s.name: s
+    for s in (
+        Setting(
+            MAIA_SERVING_DEVICE,
+            "",
+            _choice("", "maia"),
+            "maia, or unset",
             "activates the maia platform where no --device flag can be given (offline LLM(...), "
-            "sglang.Engine); `--device maia` sets it for the engine's child processes"),
-    Setting(MAIA_SERVING_PROFILE, DEFAULT_PROFILE, _text, "a name from `maia-serving profiles`",
-            "the emulated device when the engine's own configuration names none"),
-    Setting(MAIA_SERVING_MODEL, "", _text, "a built-in shape (`maia-serving fit --help` lists them), a config.json "
-            "path or a model folder; or unset", "a proxy shape when the engine's own configuration names none: "
+            "sglang.Engine); `--device maia` sets it for the engine's child processes",
+        ),
+        Setting(
+            MAIA_SERVING_PROFILE,
+            DEFAULT_PROFILE,
+            _text,
+            "a name from `maia-serving profiles`",
+            "the emulated device when the engine's own configuration names none",
+        ),
+        Setting(
+            MAIA_SERVING_MODEL,
+            "",
+            _text,
+            "a built-in shape (`maia-serving fit --help` lists them), a config.json path or a model folder; or unset",
+            "a proxy shape when the engine's own configuration names none: "
             "every step is priced and the emulated KV cache sized as this model, while the served (small) model "
-            "runs on the host; unset: the served model itself"),
-    Setting(MAIA_SERVING_EXPERT_LOAD, "", _text, "a JSON file of per-expert token counts (`maia-serving "
+            "runs on the host; unset: the served model itself",
+        ),
+        Setting(
+            MAIA_SERVING_EXPERT_LOAD,
+            "",
+            _text,
+            "a JSON file of per-expert token counts (`maia-serving "
             "route-stats` writes one; `simulate --expert-load` reads the same); or unset",
             "the measured routing a MoE priced model is charged with when the engine's own configuration names "
-            "none (vLLM: `--additional-config maia_expert_load`); unset: uniform routing"),
-    Setting(MAIA_SERVING_LOG_INTERVAL_S, "10", _number(0, 86400, low_open=False), "seconds, 0 (every step) to 86400",
-            "how often the engine logs its `Maia emulation [profile]` line"),
-    Setting(MAIA_SERVING_PACE, "0", _flag, "0 or 1",
+            "none (vLLM: `--additional-config maia_expert_load`); unset: uniform routing",
+        ),
+        Setting(
+            MAIA_SERVING_LOG_INTERVAL_S,
+            "10",
+            _number(0, 86400, low_open=False),
+            "seconds, 0 (every step) to 86400",
+            "how often the engine logs its `Maia emulation [profile]` line",
+        ),
+        Setting(
+            MAIA_SERVING_PACE,
+            "0",
+            _flag,
+            "0 or 1",
             "1: each busy step lasts at least its emulated time on the host's clock (the engine waits out the "
             "difference), so a device slower than the host serves clients at the device's speed and arrivals "
-            "map one to one onto the emulated timeline; 0: the host runs as fast as it can"),
-    Setting(MAIA_SERVING_ATTENTION, "maia", _choice("maia", "vllm-cpu"), "maia or vllm-cpu",
+            "map one to one onto the emulated timeline; 0: the host runs as fast as it can",
+        ),
+        Setting(
+            MAIA_SERVING_ATTENTION,
+            "maia",
+            _choice("maia", "vllm-cpu"),
+            "maia or vllm-cpu",
             "the host attention under vLLM: ours (BF16/FP8 KV, maia numerics) or vLLM's C++ CPU kernel "
-            "(BF16 only, emulated figures only)", engines="vllm"),
-    Setting(MAIA_SERVING_KV_SCALES, "per_tensor", _choice("per_tensor", "per_head"), "per_tensor or per_head",
-            "FP8 KV scales: the checkpoint's per-tensor ones, or the per-head sidecar of `calibrate-kv`"),
-    Setting(MAIA_SERVING_KV_CACHE_DTYPE, "", _block_scaled_kv, "mxfp8, mxfp6, mxfp6_e2m3, mxfp4 or nvfp4; or unset",
+            "(BF16 only, emulated figures only)",
+            engines="vllm",
+        ),
+        Setting(
+            MAIA_SERVING_KV_SCALES,
+            "per_tensor",
+            _choice("per_tensor", "per_head"),
+            "per_tensor or per_head",
+            "FP8 KV scales: the checkpoint's per-tensor ones, or the per-head sidecar of `calibrate-kv`",
+        ),
+        Setting(
+            MAIA_SERVING_KV_CACHE_DTYPE,
+            "",
+            _block_scaled_kv,
+            "mxfp8, mxfp6, mxfp6_e2m3, mxfp4 or nvfp4; or unset",
             "a block-scaled KV cache (OCP MX or NVFP4), which the engines' own configurations cannot hold: "
             "vLLM's --kv-cache-dtype on --device maia and SGLang's --kv-cache-dtype mxfp8/nvfp4 set it; "
-            "offline LLM(...) and sglang.Engine read it (the engine's own kv cache dtype stays auto)"),
-    Setting(MAIA_SERVING_KERNELS, "auto", _choice("auto", "triton", "torch"), "auto, triton or torch",
-            "KV ops: Triton kernels where a Triton device is, the torch path on a host (auto)"),
-    Setting(MAIA_SERVING_HOST_KERNEL, "auto", _choice("auto", "native", "torch"), "auto, native or torch",
+            "offline LLM(...) and sglang.Engine read it (the engine's own kv cache dtype stays auto)",
+        ),
+        Setting(
+            MAIA_SERVING_KERNELS,
+            "auto",
+            _choice("auto", "triton", "torch"),
+            "auto, triton or torch",
+            "KV ops: Triton kernels where a Triton device is, the torch path on a host (auto)",
+        ),
+        Setting(
+            MAIA_SERVING_HOST_KERNEL,
+            "auto",
+            _choice("auto", "native", "torch"),
+            "auto, native or torch",
             "the host attention: one C++ call per layer that decodes the KV cache while reading it (native; "
-            "`make setup` builds it), the chain of torch ops (torch), or native where it builds (auto)"),
-    Setting(MAIA_SERVING_HOST_KV_GIB, "1", _number(0, _MAX_HOST_KV_GIB), "GiB, > 0",
+            "`make setup` builds it), the chain of torch ops (torch), or native where it builds (auto)",
+        ),
+        Setting(
+            MAIA_SERVING_HOST_KV_GIB,
+            "1",
+            _number(0, _MAX_HOST_KV_GIB),
+            "GiB, > 0",
             "the most host memory SGLang's KV pool may take of what the emulated HBM would hold",
-            engines="sglang"),
-    Setting(VLLM_CPU_KVCACHE_SPACE, "1", _integer(1, _MAX_HOST_KV_GIB), "whole GiB, >= 1 (vLLM reads an integer)",
+            engines="sglang",
+        ),
+        Setting(
+            VLLM_CPU_KVCACHE_SPACE,
+            "1",
+            _integer(1, _MAX_HOST_KV_GIB),
+            "whole GiB, >= 1 (vLLM reads an integer)",
             "vLLM's own CPU KV-cache knob; on maia, the most host memory the KV cache may take of "
-            "what the emulated HBM would hold", engines="vllm"),
-    Setting(MAIA_SERVING_STATS_ADDR, "", _stats_addr, "ipc:// in a folder private to this user",
+            "what the emulated HBM would hold",
+            engines="vllm",
+        ),
+        Setting(
+            MAIA_SERVING_STATS_ADDR,
+            "",
+            _stats_addr,
+            "ipc:// in a folder private to this user",
             "the engine-to-API-server metrics channel of vLLM; set by the platform, not by users",
-            engines="vllm", user_facing=False),
-    Setting(MAIA_SERVING_CACHE_DIR, "", _text, "a folder",
+            engines="vllm",
+            user_facing=False,
+        ),
+        Setting(
+            MAIA_SERVING_CACHE_DIR,
+            "",
+            _text,
+            "a folder",
             "where `calibrate-host` keeps the measured host profile (default ~/.cache/maia-serving)",
-            engines="tools"),
-    Setting(MAIA_SERVING_SGLANG_PYTHON, "", _text, "a Python with sglang and maia-serving",
+            engines="tools",
+        ),
+        Setting(
+            MAIA_SERVING_SGLANG_PYTHON,
+            "",
+            _text,
+            "a Python with sglang and maia-serving",
             "the SGLang environment the tests, demo and benchmarks start servers from "
-            "(default .venv-sglang/bin/python)", engines="tools"),
-)}
+            "(default .venv-sglang/bin/python)",
+            engines="tools",
+        ),
+    )
+}
 
 
 def get(name: str) -> Any:
@@ -217,8 +305,9 @@ def markdown_table() -> str:
     """The README's settings table, generated from this one (a test keeps them equal)."""
     rows = ["| variable | default | allowed | engines | why |", "|---|---|---|---|---|"]
     for s in user_facing():
-        rows.append(f"| `{s.name}` | {f'`{s.default}`' if s.default else 'unset'} | {s.allowed} | {s.engines} "
-                    f"| {s.why} |")
+        rows.append(
+            f"| `{s.name}` | {f'`{s.default}`' if s.default else 'unset'} | {s.allowed} | {s.engines} | {s.why} |"
+        )
     return "\n".join(rows)
 
 

@@ -23,8 +23,9 @@ def verdicts() -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
     for meta in sorted((ROOT / "mutants").glob("maia_serving/**/*.py.meta")):
         codes = json.loads(meta.read_text())["exit_code_by_key"]
-        out[str(meta.relative_to(ROOT / "mutants"))[:-len(".meta")]] = {
-            name: status_by_exit_code[code] for name, code in codes.items()}
+        out[str(meta.relative_to(ROOT / "mutants"))[: -len(".meta")]] = {
+            name: status_by_exit_code[code] for name, code in codes.items()
+        }
     sglang = ROOT / "mutants" / "sglang" / "verdicts.json"
     if sglang.exists():
         out["maia_serving/sglang/stepping.py"] = json.loads(sglang.read_text())

@@ -56,8 +56,9 @@ def make_mutants() -> list[dict]:
         counts[owner] = counts.get(owner, 0) + 1
         code = deep_replace(module, mutation.original_node, mutation.mutated_node).code
         diff = difflib.unified_diff(source.splitlines(), code.splitlines(), TARGET, TARGET, n=0, lineterm="")
-        mutants.append({"name": f"{MODULE}.{owner}__mutmut_{counts[owner]}", "code": code,
-                        "diff": "\n".join(list(diff)[2:])})
+        mutants.append(
+            {"name": f"{MODULE}.{owner}__mutmut_{counts[owner]}", "code": code, "diff": "\n".join(list(diff)[2:])}
+        )
     return mutants
 
 

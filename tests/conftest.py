@@ -66,8 +66,9 @@ def _family_model(family: str) -> Path:
     """A demo-model sibling of another family (maia_serving.tools.training.demo.FAMILIES), built once per checkout."""
     from maia_serving.tools.training.demo import build_demo_model
 
-    return built_once(ROOT / "models" / f"demo-{family}",
-                      lambda path: build_demo_model(path, family=family, overwrite=True))
+    return built_once(
+        ROOT / "models" / f"demo-{family}", lambda path: build_demo_model(path, family=family, overwrite=True)
+    )
 
 
 @pytest.fixture(scope="session")

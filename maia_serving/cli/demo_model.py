@@ -17,10 +17,14 @@ class DemoModel(Subcommand):
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", required=True)
-        p.add_argument("--family", choices=list(FAMILIES), default="llama",
-                       help="llama (the demo), sliding-window (Mistral, every layer a window of 16 keys), "
-                            "hybrid-window (Olmo-3, one windowed layer and one full) or moe (Mixtral, 4 experts, "
-                            "top-2); same shape and tokenizer")
+        p.add_argument(
+            "--family",
+            choices=list(FAMILIES),
+            default="llama",
+            help="llama (the demo), sliding-window (Mistral, every layer a window of 16 keys), "
+            "hybrid-window (Olmo-3, one windowed layer and one full) or moe (Mixtral, 4 experts, "
+            "top-2); same shape and tokenizer",
+        )
         flags.add_overwrite(p)
         p.add_argument("--seed", type=int, default=0)
 

@@ -22,14 +22,18 @@ from maia_serving.emulator.sim.workload import Request
 
 
 def add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help=f"model directory, config.json, or one of: {', '.join(builtin_model_names())}")
+    p.add_argument(
+        "--model", required=True, help=f"model directory, config.json, or one of: {', '.join(builtin_model_names())}"
+    )
 
 
 def add_expert_load(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--expert-load", metavar="FILE",
-                   help="MoE models: measured routing, JSON {\"source\": ..., \"layers\": [[tokens per expert, ...], "
-                        "...]} (one list for all layers or one per MoE layer); default: every expert alike")
+    p.add_argument(
+        "--expert-load",
+        metavar="FILE",
+        help='MoE models: measured routing, JSON {"source": ..., "layers": [[tokens per expert, ...], '
+        "...]} (one list for all layers or one per MoE layer); default: every expert alike",
+    )
 
 
 def add_kv_cache_dtype(p: argparse.ArgumentParser) -> None:
@@ -37,38 +41,70 @@ def add_kv_cache_dtype(p: argparse.ArgumentParser) -> None:
 
 
 def add_all2all(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--all2all-backend", choices=ALL2ALL_BACKENDS, default=ALL2ALL_BACKENDS[0],
-                   help="how a MoE layer's tokens reach the experts of other data-parallel replicas (vLLM's flag)")
-    p.add_argument("--enable-eplb", action="store_true",
-                   help="MoE under expert parallelism: experts placed by vLLM's load balancer, on --expert-load's "
-                        "counts (or uniform routing)")
-    p.add_argument("--eplb-config", type=_eplb_config, default={}, metavar="JSON",
-                   help="vLLM's EPLB settings; priced: num_redundant_experts (extra replicas of the hottest experts) "
-                        "and step_interval (the first rearrangement comes a quarter of it into the run)")
+    p.add_argument(
+        "--all2all-backend",
+        choices=ALL2ALL_BACKENDS,
+        default=ALL2ALL_BACKENDS[0],
+        help="how a MoE layer's tokens reach the experts of other data-parallel replicas (vLLM's flag)",
+    )
+    p.add_argument(
+        "--enable-eplb",
+        action="store_true",
+        help="MoE under expert parallelism: experts placed by vLLM's load balancer, on --expert-load's "
+        "counts (or uniform routing)",
+    )
+    p.add_argument(
+        "--eplb-config",
+        type=_eplb_config,
+        default={},
+        metavar="JSON",
+        help="vLLM's EPLB settings; priced: num_redundant_experts (extra replicas of the hottest experts) "
+        "and step_interval (the first rearrangement comes a quarter of it into the run)",
+    )
 
 
 def add_parallel(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
-    p.add_argument("--fusions", nargs="*", choices=FUSIONS, default=[],
-                   help="kernel fusions beyond vLLM's own, as other engines run them (TensorRT-LLM: qkv_rotary)")
-    p.add_argument("--data-parallel-size", "-dp", type=int, default=1,
-                   help="replicas, each tp x pp chips with its own batch and KV cache")
-    p.add_argument("--enable-expert-parallel", "-ep", action="store_true",
-                   help="MoE: whole experts spread over the tp x dp chips of a stage instead of split")
+    p.add_argument(
+        "--fusions",
+        nargs="*",
+        choices=FUSIONS,
+        default=[],
+        help="kernel fusions beyond vLLM's own, as other engines run them (TensorRT-LLM: qkv_rotary)",
+    )
+    p.add_argument(
+        "--data-parallel-size",
+        "-dp",
+        type=int,
+        default=1,
+        help="replicas, each tp x pp chips with its own batch and KV cache",
+    )
+    p.add_argument(
+        "--enable-expert-parallel",
+        "-ep",
+        action="store_true",
+        help="MoE: whole experts spread over the tp x dp chips of a stage instead of split",
+    )
     add_all2all(p)
     add_kv_cache_dtype(p)
 
 
 def add_weight_dtype(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weight-dtype", default="auto",
-                   help="the linear layers' storage (bf16, fp8, int4, mxfp4, ...); auto: the checkpoint's")
+    p.add_argument(
+        "--weight-dtype",
+        default="auto",
+        help="the linear layers' storage (bf16, fp8, int4, mxfp4, ...); auto: the checkpoint's",
+    )
 
 
 def add_comm_dtype(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--comm-dtype", default="auto",
-                   help="the tensor/pipeline collectives' payload (bf16, fp8, int8, ...: a quantized all-reduce); "
-                        "auto: the model's dtype")
+    p.add_argument(
+        "--comm-dtype",
+        default="auto",
+        help="the tensor/pipeline collectives' payload (bf16, fp8, int8, ...: a quantized all-reduce); "
+        "auto: the model's dtype",
+    )
 
 
 def add_scheduler_limits(p: argparse.ArgumentParser) -> None:
@@ -88,8 +124,12 @@ def add_seed(p: argparse.ArgumentParser) -> None:
 
 
 def add_request_rate(p: argparse.ArgumentParser | argparse._MutuallyExclusiveGroup) -> None:
-    p.add_argument("--request-rate", type=float, default=float("inf"),
-                   help="Poisson arrivals per second; inf (default): all at once, a static batch")
+    p.add_argument(
+        "--request-rate",
+        type=float,
+        default=float("inf"),
+        help="Poisson arrivals per second; inf (default): all at once, a static batch",
+    )
 
 
 def add_output_len(p: argparse.ArgumentParser) -> None:
@@ -102,8 +142,17 @@ def add_overwrite(p: argparse.ArgumentParser, what: str = "replace a non-empty -
 
 # vLLM's EPLBConfig fields: all are accepted, as vLLM takes them; the redundant experts and the step interval
 # change a price (the others set how vLLM measures the load and moves the weights, which is not charged).
-EPLB_CONFIG_KEYS = ("window_size", "step_interval", "num_redundant_experts", "log_balancedness",
-                    "log_balancedness_interval", "use_async", "policy", "communicator", "enable_migration_batching")
+EPLB_CONFIG_KEYS = (
+    "window_size",
+    "step_interval",
+    "num_redundant_experts",
+    "log_balancedness",
+    "log_balancedness_interval",
+    "use_async",
+    "policy",
+    "communicator",
+    "enable_migration_batching",
+)
 
 
 def _eplb_config(text: str) -> dict:
@@ -115,8 +164,9 @@ def _eplb_config(text: str) -> dict:
         raise argparse.ArgumentTypeError("a JSON object, e.g. '{\"num_redundant_experts\": 8}'")
     unknown = sorted(set(config) - set(EPLB_CONFIG_KEYS))
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown key(s) {', '.join(unknown)}; vLLM's are "
-                                         f"{', '.join(EPLB_CONFIG_KEYS)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown key(s) {', '.join(unknown)}; vLLM's are {', '.join(EPLB_CONFIG_KEYS)}"
+        )
     for key, least in (("num_redundant_experts", 0), ("step_interval", 1)):
         value = config.get(key, least)
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
@@ -126,15 +176,20 @@ def _eplb_config(text: str) -> dict:
 
 def eplb_settings(args: argparse.Namespace) -> dict:
     """ServingConfig's EPLB fields from --enable-eplb and --eplb-config."""
-    return {"enable_eplb": args.enable_eplb, "num_redundant_experts": args.eplb_config.get("num_redundant_experts", 0),
-            "eplb_step_interval": args.eplb_config.get("step_interval", ServingConfig.eplb_step_interval)}
+    return {
+        "enable_eplb": args.enable_eplb,
+        "num_redundant_experts": args.eplb_config.get("num_redundant_experts", 0),
+        "eplb_step_interval": args.eplb_config.get("step_interval", ServingConfig.eplb_step_interval),
+    }
 
 
 def eplb_never_words(config: ServingConfig) -> str:
     """Why a run's EPLB kept its initial map, and how to price a server that has run a while."""
-    return (f"(vLLM first rearranges a quarter of step_interval {config.eplb_step_interval} = "
-            f"{config.eplb_first_rearrangement} steps in); --eplb-config '{{\"step_interval\": 4}}' prices the "
-            "balanced map from the second step on, as a long-running server has it")
+    return (
+        f"(vLLM first rearranges a quarter of step_interval {config.eplb_step_interval} = "
+        f"{config.eplb_first_rearrangement} steps in); --eplb-config '{{\"step_interval\": 4}}' prices the "
+        "balanced map from the second step on, as a long-running server has it"
+    )
 
 
 def serving_config(args: argparse.Namespace) -> ServingConfig:
@@ -159,14 +214,19 @@ def workload(args: argparse.Namespace) -> tuple[list[Request], str]:
     from maia_serving.emulator.sim.workload import read_trace, synthetic
 
     if getattr(args, "trace", None):
-        given = [flag for flag, value in (("--input-len", args.input_len), ("--output-len", args.output_len))
-                 if value is not None]
+        given = [
+            flag
+            for flag, value in (("--input-len", args.input_len), ("--output-len", args.output_len))
+            if value is not None
+        ]
         if given:
             raise ValueError(f"{' and '.join(given)} describe synthetic requests; --trace gives each request's lengths")
         requests = read_trace(Path(args.trace), args.num_prompts)
         return requests, f"{len(requests)} requests from {args.trace}"
-    num, input_len, output_len = (default if value is None else value for value, default in
-                                  ((args.num_prompts, 8), (args.input_len, 1024), (args.output_len, 128)))
+    num, input_len, output_len = (
+        default if value is None else value
+        for value, default in ((args.num_prompts, 8), (args.input_len, 1024), (args.output_len, 128))
+    )
     requests = synthetic(num, input_len, output_len, args.request_rate, args.seed)
     rate = "all at once" if math.isinf(args.request_rate) else f"Poisson at {args.request_rate:g}/s, seed {args.seed}"
     return requests, f"{num} x ({input_len} in, {output_len} out), {rate}"

@@ -22,8 +22,20 @@ from maia_serving.cli.simulate import Simulate
 from maia_serving.cli.train_model import TrainModel
 
 # In the order `maia-serving --help` lists them.
-SUBCOMMANDS: tuple[Subcommand, ...] = (Profiles(), Fit(), Simulate(), Plan(), CalibrateHost(), DemoModel(),
-                                       TrainModel(), CalibrateKv(), RouteStats(), QatKv(), Reshard(), Merge())
+SUBCOMMANDS: tuple[Subcommand, ...] = (
+    Profiles(),
+    Fit(),
+    Simulate(),
+    Plan(),
+    CalibrateHost(),
+    DemoModel(),
+    TrainModel(),
+    CalibrateKv(),
+    RouteStats(),
+    QatKv(),
+    Reshard(),
+    Merge(),
+)
 
 
 def package_version() -> str:

@@ -19,25 +19,47 @@ def _table(rows: list[dict]) -> str:
     def ms(latency: dict | None, key: str) -> str:
         return "-" if latency is None else f"{latency[key]:.2f}"
 
-    out = [["device", "req/s", "output tok/s", "total tok/s", "goodput req/s", "TTFT ms mean/p99",
-            "TPOT ms mean/p99", "e2e ms mean/p99", "KV peak", "preempted"]]
+    out = [
+        [
+            "device",
+            "req/s",
+            "output tok/s",
+            "total tok/s",
+            "goodput req/s",
+            "TTFT ms mean/p99",
+            "TPOT ms mean/p99",
+            "e2e ms mean/p99",
+            "KV peak",
+            "preempted",
+        ]
+    ]
     for r in rows:
         if not r["fits"]:
             out.append([r["device"], "does not fit"] + [""] * 8)
             continue
         goodput = "-" if r["goodput_req_s"] is None else f"{r['goodput_req_s']:.2f}"
-        out.append([r["device"], f"{r['request_throughput_req_s']:.2f}", f"{r['output_throughput_tok_s']:.0f}",
-                    f"{r['total_throughput_tok_s']:.0f}", goodput,
-                    *(f"{ms(r[k], 'mean')}/{ms(r[k], 'p99')}" for k in ("ttft_ms", "tpot_ms", "e2e_ms")),
-                    f"{r['kv_peak_usage']:.0%}", str(r["num_preemptions"])])
+        out.append(
+            [
+                r["device"],
+                f"{r['request_throughput_req_s']:.2f}",
+                f"{r['output_throughput_tok_s']:.0f}",
+                f"{r['total_throughput_tok_s']:.0f}",
+                goodput,
+                *(f"{ms(r[k], 'mean')}/{ms(r[k], 'p99')}" for k in ("ttft_ms", "tpot_ms", "e2e_ms")),
+                f"{r['kv_peak_usage']:.0%}",
+                str(r["num_preemptions"]),
+            ]
+        )
     return table(out)
 
 
 def _eplb_words(initial_steps: int, steps: int, config: ServingConfig) -> str:
     """When EPLB balanced the experts in a simulated run, or that it never did."""
     if initial_steps < steps:
-        return (f"EPLB balanced the experts after step {initial_steps} of {steps} (a quarter of step_interval "
-                f"{config.eplb_step_interval}); before, its initial map")
+        return (
+            f"EPLB balanced the experts after step {initial_steps} of {steps} (a quarter of step_interval "
+            f"{config.eplb_step_interval}); before, its initial map"
+        )
     return f"EPLB never rearranged: all {steps} steps at its initial expert map {flags.eplb_never_words(config)}"
 
 
@@ -47,31 +69,57 @@ class Simulate(Subcommand):
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         flags.add_model(p)
-        p.add_argument("--profile", "--device", dest="profile", nargs="+", default=["maia100", "maia200", "h100-sxm"],
-                       help="device profiles to compare; --device is the old spelling")
+        p.add_argument(
+            "--profile",
+            "--device",
+            dest="profile",
+            nargs="+",
+            default=["maia100", "maia200", "h100-sxm"],
+            help="device profiles to compare; --device is the old spelling",
+        )
         flags.add_expert_load(p)
         flags.add_parallel(p)
         flags.add_weight_dtype(p)
         flags.add_comm_dtype(p)
-        p.add_argument("--num-prompts", "--num-seqs", dest="num_prompts", type=int, default=None,
-                       help="requests to simulate (default 8; with --trace, its first N, default all)")
-        p.add_argument("--input-len", "--prompt-len", dest="input_len", type=int, default=None,
-                       help="prompt tokens per request (default 1024)")
+        p.add_argument(
+            "--num-prompts",
+            "--num-seqs",
+            dest="num_prompts",
+            type=int,
+            default=None,
+            help="requests to simulate (default 8; with --trace, its first N, default all)",
+        )
+        p.add_argument(
+            "--input-len",
+            "--prompt-len",
+            dest="input_len",
+            type=int,
+            default=None,
+            help="prompt tokens per request (default 1024)",
+        )
         flags.add_output_len(p)
         arrivals = p.add_mutually_exclusive_group()
         flags.add_request_rate(arrivals)
-        arrivals.add_argument("--trace", metavar="FILE",
-                              help="JSONL, one request a line: arrival_s, input_len, output_len, optional prefix_id "
-                                   "and prefix_len (see maia_serving/emulator/sim/workload.py)")
+        arrivals.add_argument(
+            "--trace",
+            metavar="FILE",
+            help="JSONL, one request a line: arrival_s, input_len, output_len, optional prefix_id "
+            "and prefix_len (see maia_serving/emulator/sim/workload.py)",
+        )
         flags.add_seed(p)
         flags.add_scheduler_limits(p)
         flags.add_memory_limits(p)
-        p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                       help="reuse cached KV blocks of shared prefixes (vLLM v1's default: on)")
+        p.add_argument(
+            "--enable-prefix-caching",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="reuse cached KV blocks of shared prefixes (vLLM v1's default: on)",
+        )
         p.add_argument("--ttft-slo-ms", type=float, default=None, help="goodput: time to first token at most this")
         p.add_argument("--tpot-slo-ms", type=float, default=None, help="goodput: time per output token at most this")
-        p.add_argument("--chrome-trace", metavar="FILE",
-                       help="write a Chrome / Perfetto trace of every step and request")
+        p.add_argument(
+            "--chrome-trace", metavar="FILE", help="write a Chrome / Perfetto trace of every step and request"
+        )
         p.add_argument("--plot", metavar="FILE", help="plot KV use and the queue over time (needs matplotlib)")
         p.add_argument("--json", action="store_true", help="one JSON object per device")
 
@@ -83,8 +131,11 @@ class Simulate(Subcommand):
         model = flags.routed_model(args)
         requests, described = flags.workload(args)
         described += flags.routing_words(model)
-        config = replace(flags.serving_config(args), max_num_batched_tokens=args.max_num_batched_tokens,
-                         max_num_seqs=args.max_num_seqs)
+        config = replace(
+            flags.serving_config(args),
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_seqs=args.max_num_seqs,
+        )
         if args.weight_dtype != "auto":
             config = replace(config, weight_dtype=args.weight_dtype)
         if args.comm_dtype != "auto":
@@ -107,15 +158,19 @@ class Simulate(Subcommand):
             print(json.dumps(rows, indent=2))
             return 0 if all(r["fits"] for r in rows) else 1
         fused = f", fused: {' '.join(config.fusions)}" if config.fusions else ""
-        print(f"{model.name}: {described}; {config.layout_words}{fused}, "
-              f"kv={config.kv_cache_dtype}, max_num_seqs={config.max_num_seqs}, "
-              f"max_num_batched_tokens={config.max_num_batched_tokens}, "
-              f"prefix caching {'on' if args.enable_prefix_caching else 'off'}")
+        print(
+            f"{model.name}: {described}; {config.layout_words}{fused}, "
+            f"kv={config.kv_cache_dtype}, max_num_seqs={config.max_num_seqs}, "
+            f"max_num_batched_tokens={config.max_num_batched_tokens}, "
+            f"prefix caching {'on' if args.enable_prefix_caching else 'off'}"
+        )
         print(_table(rows))
         for r in rows:
             if r["fits"]:
-                print(f"{r['device']}: KV cache of {r['kv_cache_tokens']} tokens at "
-                      f"{format_bytes(r['kv_bytes_per_token'])} per token ({config.kv_cache_dtype})")
+                print(
+                    f"{r['device']}: KV cache of {r['kv_cache_tokens']} tokens at "
+                    f"{format_bytes(r['kv_bytes_per_token'])} per token ({config.kv_cache_dtype})"
+                )
                 usage = " ".join(f"{100 * u:.0f}" for _, u in r["kv_usage_over_time"])
                 print(f"{r['device']}: KV use over {r['duration_s']:.3g} s (%): {usage}")
                 if r["eplb_initial_steps"] is not None:

@@ -26,6 +26,8 @@ class TrainModel(Subcommand):
         report = train_model(Path(args.out), config, overwrite=args.overwrite)
         print(f"trained model written to {args.out} in {report['total_s']:.0f} s")
         print(f"  loss: train {report['train_loss']:.3f}, held-out {report['heldout_loss']:.3f}")
-        print(f"  held-out perplexity (transformers): fp32 {report['heldout_ppl_hf_fp32']:.3f}, "
-              f"bf16 {report['heldout_ppl_hf_bf16']:.3f}")
+        print(
+            f"  held-out perplexity (transformers): fp32 {report['heldout_ppl_hf_fp32']:.3f}, "
+            f"bf16 {report['heldout_ppl_hf_bf16']:.3f}"
+        )
         return 0

@@ -8,8 +8,23 @@ from maia_serving.emulator.memory import MemoryPlan, NotEnoughMemory, ServingCon
 from maia_serving.emulator.model_shape import ModelShape, load_model_shape, shape_from_config
 
 __all__ = [
-    "DeviceProfile", "EmulatedClock", "LinkProfile", "MemoryPlan", "ModelShape", "NotEnoughMemory",
-    "Parallel", "RequestTiming", "ServingConfig", "StepCost", "StepShape",
-    "UnknownProfileError", "load_model_shape", "load_profile", "plan_memory", "profile_names",
-    "require_fit", "shape_from_config", "step_cost",
+    "DeviceProfile",
+    "EmulatedClock",
+    "LinkProfile",
+    "MemoryPlan",
+    "ModelShape",
+    "NotEnoughMemory",
+    "Parallel",
+    "RequestTiming",
+    "ServingConfig",
+    "StepCost",
+    "StepShape",
+    "UnknownProfileError",
+    "load_model_shape",
+    "load_profile",
+    "plan_memory",
+    "profile_names",
+    "require_fit",
+    "shape_from_config",
+    "step_cost",
 ]

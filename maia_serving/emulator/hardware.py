@@ -154,8 +154,10 @@ class DeviceProfile:
             raise ValueError(f"profile {self.name!r} needs a bf16 peak compute figure")
         unknown = set(self.peak_flops_per_s) - set(precision.PEAK_FALLBACK)
         if unknown:
-            raise ValueError(f"profile {self.name!r}: unknown peak formats {sorted(unknown)}; "
-                             f"known: {', '.join(precision.PEAK_FALLBACK)}")
+            raise ValueError(
+                f"profile {self.name!r}: unknown peak formats {sorted(unknown)}; "
+                f"known: {', '.join(precision.PEAK_FALLBACK)}"
+            )
         for name in ("compute_efficiency", "memory_efficiency", "attention_compute_efficiency"):
             value = getattr(self, name)
             if value is not None and not 0 < value <= 1:
@@ -242,8 +244,10 @@ def profile_from_dict(raw: dict[str, Any]) -> DeviceProfile:
         gemm = GemmTiling(*(int(_figure(g[k], f"gemm.{k}", sources, estimates)) for k in ("tile_m", "tile_n", "units")))
     if "cuda_graphs" in raw:
         g = raw["cuda_graphs"]
-        graph = CudaGraphs(_figure(g["launch"], "cuda_graphs.launch", sources, estimates),
-                           int(_figure(g["max_batch"], "cuda_graphs.max_batch", sources, estimates)))
+        graph = CudaGraphs(
+            _figure(g["launch"], "cuda_graphs.launch", sources, estimates),
+            int(_figure(g["max_batch"], "cuda_graphs.max_batch", sources, estimates)),
+        )
     attention = fig("attention_compute_efficiency") if "attention_compute_efficiency" in raw else None
     split, host_launch = optional("attention_split", 0), optional("host_launch", 0.0)
     overheads = [optional(key, 0.0) for key in ("step_overhead", "step_overhead_per_seq", "step_overhead_per_token")]
@@ -303,10 +307,14 @@ def with_variant(raw: dict[str, Any], variant: str) -> dict[str, Any]:
     (an SXM GPU on PCIe only, NVSwitch without in-switch reduction), so the chip's figures are written once."""
     variants = raw.get("variants", {})
     if variant not in variants:
-        raise UnknownProfileError(f"profile {raw['name']!r} has no variant {variant!r}; "
-                                  f"its variants: {', '.join(variants) or 'none'}")
-    return {**{k: v for k, v in raw.items() if k != "variants"}, **variants[variant],
-            "name": f"{raw['name']}{VARIANT_SEPARATOR}{variant}"}
+        raise UnknownProfileError(
+            f"profile {raw['name']!r} has no variant {variant!r}; its variants: {', '.join(variants) or 'none'}"
+        )
+    return {
+        **{k: v for k, v in raw.items() if k != "variants"},
+        **variants[variant],
+        "name": f"{raw['name']}{VARIANT_SEPARATOR}{variant}",
+    }
 
 
 class HostProfileMissing(UnknownProfileError):
@@ -329,8 +337,6 @@ def load_profile(name: str) -> DeviceProfile:
     base, _, variant = name.partition(VARIANT_SEPARATOR)
     path = _builtin_dir() / f"{base}.yaml"
     if not path.exists():
-        raise UnknownProfileError(
-            f"unknown device profile {name!r}; known profiles: {', '.join(profile_names())}"
-        )
+        raise UnknownProfileError(f"unknown device profile {name!r}; known profiles: {', '.join(profile_names())}")
     raw = yaml.safe_load(path.read_text())
     return profile_from_dict(with_variant(raw, variant) if variant else raw)

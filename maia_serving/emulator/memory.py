@@ -39,8 +39,10 @@ def check_redundant_experts(enable_eplb: bool, num_redundant_experts: int) -> No
     """Redundant experts without EPLB are refused, as vLLM refuses them (``plan`` checks its flags here too, as
     its template config enables EPLB only on the expert-parallel layouts it tries)."""
     if num_redundant_experts and not enable_eplb:
-        raise ValueError(f"num_redundant_experts={num_redundant_experts} without EPLB: vLLM refuses it; add "
-                         "--enable-eplb or leave the redundant experts out")
+        raise ValueError(
+            f"num_redundant_experts={num_redundant_experts} without EPLB: vLLM refuses it; add "
+            "--enable-eplb or leave the redundant experts out"
+        )
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,9 @@ class ServingConfig:
     def __post_init__(self) -> None:
         check_redundant_experts(self.enable_eplb, self.num_redundant_experts)
         if not isinstance(self.eplb_step_interval, int) or self.eplb_step_interval < 1:
-            raise ValueError(f"EPLB's step_interval must be a whole number of steps, at least 1; got "
-                             f"{self.eplb_step_interval!r}")
+            raise ValueError(
+                f"EPLB's step_interval must be a whole number of steps, at least 1; got {self.eplb_step_interval!r}"
+            )
         _ = self.parallel  # building the layout checks its sizes, its all2all backend and EPLB's need of EP
         check_fusions(self.fusions)
         precision.check_kv_cache_dtype(self.kv_cache_dtype, precision.KV_CACHE_FORMATS)
@@ -78,16 +81,19 @@ class ServingConfig:
             if name is not None:
                 precision.dtype(name)
         if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(
-                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
-            )
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
     @property
     def parallel(self) -> Parallel:
         """The layout, as the cost model takes it."""
-        return Parallel(self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size,
-                        self.enable_expert_parallel, self.all2all_backend,
-                        self.num_redundant_experts if self.enable_eplb else None)
+        return Parallel(
+            self.tensor_parallel_size,
+            self.pipeline_parallel_size,
+            self.data_parallel_size,
+            self.enable_expert_parallel,
+            self.all2all_backend,
+            self.num_redundant_experts if self.enable_eplb else None,
+        )
 
     @property
     def eplb_first_rearrangement(self) -> int:
@@ -97,7 +103,7 @@ class ServingConfig:
 
     @property
     def layout_words(self) -> str:
-        """"tp=2, pp=1", with the replicas (and their all2all backend) and expert parallelism where the layout
+        """ "tp=2, pp=1", with the replicas (and their all2all backend) and expert parallelism where the layout
         has them: how messages and the CLI name the layout."""
         words = f"tp={self.tensor_parallel_size}, pp={self.pipeline_parallel_size}"
         if self.data_parallel_size > 1:
@@ -252,11 +258,7 @@ def workspace_bytes_per_chip(model: ModelShape, config: ServingConfig) -> float:
     """
     tp = config.tensor_parallel_size
     tokens = config.max_num_batched_tokens
-    per_token = (
-        2 * model.hidden_size
-        + (model.q_size * 2 + model.kv_size * 2) / tp
-        + 2 * _mlp_width(model) / tp
-    )
+    per_token = 2 * model.hidden_size + (model.q_size * 2 + model.kv_size * 2) / tp + 2 * _mlp_width(model) / tp
     logits = config.max_num_seqs * model.vocab_size / tp * 4
     return tokens * per_token * model.dtype_bytes + logits
 
@@ -317,8 +319,7 @@ VLLM_FLAGS = Flags("--tensor-parallel-size", "--kv-cache-dtype fp8", "--max-mode
 SGLANG_FLAGS = Flags("--tp-size", "--kv-cache-dtype fp8_e4m3", "--context-length")
 
 
-def suggest(model: ModelShape, profile: DeviceProfile, config: ServingConfig,
-            flags: Flags = VLLM_FLAGS) -> list[str]:
+def suggest(model: ModelShape, profile: DeviceProfile, config: ServingConfig, flags: Flags = VLLM_FLAGS) -> list[str]:
     """Changes that would make the model fit, cheapest first, as ``flags`` spells them."""
     out: list[str] = []
     tp = config.tensor_parallel_size * 2
@@ -340,8 +341,9 @@ def suggest(model: ModelShape, profile: DeviceProfile, config: ServingConfig,
     return out
 
 
-def require_fit(model: ModelShape, profile: DeviceProfile, config: ServingConfig,
-                flags: Flags = VLLM_FLAGS) -> MemoryPlan:
+def require_fit(
+    model: ModelShape, profile: DeviceProfile, config: ServingConfig, flags: Flags = VLLM_FLAGS
+) -> MemoryPlan:
     """The memory plan, or NotEnoughMemory with the numbers and what would fit."""
     plan = plan_memory(model, profile, config)
     if not plan.fits:

@@ -169,16 +169,29 @@ class ModelShape:
     def _attention_linears(self) -> list[Linear]:
         h, layers, mla = self.hidden_size, self.num_layers, self.mla
         if mla is None:
-            return [Linear("qkv_proj", "attention", h, self.q_size + 2 * self.kv_size, layers, "column", self.qkv_bias),
-                    Linear("o_proj", "attention", self.q_size, h, layers, "row", self.o_bias)]
+            return [
+                Linear("qkv_proj", "attention", h, self.q_size + 2 * self.kv_size, layers, "column", self.qkv_bias),
+                Linear("o_proj", "attention", self.q_size, h, layers, "row", self.o_bias),
+            ]
         q_out = self.num_heads * (mla.qk_nope_head_dim + mla.qk_rope_head_dim)
-        q = ([Linear("q_a_proj", "attention", h, mla.q_lora_rank, layers, "none"),
-              Linear("q_b_proj", "attention", mla.q_lora_rank, q_out, layers, "column")] if mla.q_lora_rank
-             else [Linear("q_proj", "attention", h, q_out, layers, "column")])
+        q = (
+            [
+                Linear("q_a_proj", "attention", h, mla.q_lora_rank, layers, "none"),
+                Linear("q_b_proj", "attention", mla.q_lora_rank, q_out, layers, "column"),
+            ]
+            if mla.q_lora_rank
+            else [Linear("q_proj", "attention", h, q_out, layers, "column")]
+        )
         return q + [
             Linear("kv_a_proj", "attention", h, mla.latent_size, layers, "none"),
-            Linear("kv_b_proj", "attention", mla.kv_lora_rank,
-                   self.num_heads * (mla.qk_nope_head_dim + mla.v_head_dim), layers, "column"),
+            Linear(
+                "kv_b_proj",
+                "attention",
+                mla.kv_lora_rank,
+                self.num_heads * (mla.qk_nope_head_dim + mla.v_head_dim),
+                layers,
+                "column",
+            ),
             Linear("o_proj", "attention", self.num_heads * mla.v_head_dim, h, layers, "row"),
         ]
 
@@ -187,20 +200,26 @@ class ModelShape:
         dense = self.num_layers - self.num_moe_layers
         out = []
         if dense:
-            out += [Linear("gate_up_proj", "mlp", h, 2 * self.intermediate_size, dense, "column"),
-                    Linear("down_proj", "mlp", self.intermediate_size, h, dense, "row")]
+            out += [
+                Linear("gate_up_proj", "mlp", h, 2 * self.intermediate_size, dense, "column"),
+                Linear("down_proj", "mlp", self.intermediate_size, h, dense, "row"),
+            ]
         if moe:
             layers, inter, shared = self.num_moe_layers, moe.intermediate_size, moe.shared_intermediate_size
             out += [
-                Linear("router", "router", h, moe.num_experts + moe.shared_expert_gate, layers, "none",
-                       moe.router_bias),
-                Linear("experts.gate_up_proj", "experts", h, 2 * inter, layers, "column", moe.expert_bias,
-                       moe.num_experts),
+                Linear(
+                    "router", "router", h, moe.num_experts + moe.shared_expert_gate, layers, "none", moe.router_bias
+                ),
+                Linear(
+                    "experts.gate_up_proj", "experts", h, 2 * inter, layers, "column", moe.expert_bias, moe.num_experts
+                ),
                 Linear("experts.down_proj", "experts", inter, h, layers, "row", moe.expert_bias, moe.num_experts),
             ]
             if shared:
-                out += [Linear("shared_experts.gate_up_proj", "mlp", h, 2 * shared, layers, "column"),
-                        Linear("shared_experts.down_proj", "mlp", shared, h, layers, "row")]
+                out += [
+                    Linear("shared_experts.gate_up_proj", "mlp", h, 2 * shared, layers, "column"),
+                    Linear("shared_experts.down_proj", "mlp", shared, h, layers, "row"),
+                ]
         return out
 
     def linears(self) -> tuple[Linear, ...]:
@@ -237,13 +256,16 @@ class ModelShape:
     def precision(self, kv_cache_dtype: str = "auto") -> Precision:
         model = precision.dtype(self.dtype)
         comm = precision.dtype(self.comm_dtype) if self.comm_dtype else model
-        return Precision(model=model, kv_cache=precision.kv_cache_dtype(kv_cache_dtype, model),
-                         comm=comm, quant=self.quantization)
+        return Precision(
+            model=model, kv_cache=precision.kv_cache_dtype(kv_cache_dtype, model), comm=comm, quant=self.quantization
+        )
 
     def linear_bytes(self, lin: Linear, prec: Precision) -> float:
         """Stored bytes of ``lin``: weights in its group's dtype with their scales, biases in the model's."""
-        return (lin.weight_params * prec.weight(lin.group).bytes_per_element
-                + lin.bias_params * prec.model.bytes_per_element)
+        return (
+            lin.weight_params * prec.weight(lin.group).bytes_per_element
+            + lin.bias_params * prec.model.bytes_per_element
+        )
 
     def weight_bytes(self) -> float:
         prec = self.precision()
@@ -257,10 +279,11 @@ class ModelShape:
             return replace(self, quantization=quantization.override(weight_dtype, activation_dtype))
         if activation_dtype:
             if self.quantization is None:
-                raise ValueError(f"an activation dtype ({activation_dtype}) needs quantized weights: give a weight "
-                                 f"dtype too, or a quantized checkpoint")
-            return replace(self, quantization=replace(self.quantization,
-                                                      activation=precision.dtype(activation_dtype)))
+                raise ValueError(
+                    f"an activation dtype ({activation_dtype}) needs quantized weights: give a weight "
+                    f"dtype too, or a quantized checkpoint"
+                )
+            return replace(self, quantization=replace(self.quantization, activation=precision.dtype(activation_dtype)))
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -312,8 +335,18 @@ FAMILIES: dict[str, _Family] = {
 }
 
 # Keys of the features above: a config without a model_type that has any of them is not a plain dense decoder.
-_FEATURE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size", "kv_lora_rank",
-                 "q_lora_rank", "sliding_window", "layer_types", "attn_logit_softcapping", "final_logit_softcapping")
+_FEATURE_KEYS = (
+    "num_local_experts",
+    "num_experts",
+    "n_routed_experts",
+    "moe_intermediate_size",
+    "kv_lora_rank",
+    "q_lora_rank",
+    "sliding_window",
+    "layer_types",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+)
 
 
 def _family(text: dict[str, Any], name: str) -> tuple[str, _Family]:
@@ -321,12 +354,16 @@ def _family(text: dict[str, Any], name: str) -> tuple[str, _Family]:
     if model_type is None:
         unknown = [k for k in _FEATURE_KEYS if text.get(k) not in (None, [], False)]
         if unknown:
-            raise ValueError(f"config.json of {name!r} has no model_type but keys a dense decoder does not have: "
-                             f"{', '.join(unknown)}; give its model_type (known: {', '.join(FAMILIES)})")
+            raise ValueError(
+                f"config.json of {name!r} has no model_type but keys a dense decoder does not have: "
+                f"{', '.join(unknown)}; give its model_type (known: {', '.join(FAMILIES)})"
+            )
         return "llama", FAMILIES["llama"]
     if model_type not in FAMILIES:
-        raise ValueError(f"config.json of {name!r} is a {model_type!r}, an architecture the emulator does not "
-                         f"model; known: {', '.join(FAMILIES)}")
+        raise ValueError(
+            f"config.json of {name!r} is a {model_type!r}, an architecture the emulator does not "
+            f"model; known: {', '.join(FAMILIES)}"
+        )
     return model_type, FAMILIES[model_type]
 
 
@@ -343,19 +380,28 @@ def _sliding(text: dict[str, Any], family: _Family, layers: int) -> tuple[int | 
             start = int(text.get("max_window_layers", 0))
             types = ["sliding_attention" if i >= start else "full_attention" for i in range(layers)]
         else:
-            types = ["sliding_attention" if family.sliding == "all" or i % 2 == 0 else "full_attention"
-                     for i in range(layers)]
+            types = [
+                "sliding_attention" if family.sliding == "all" or i % 2 == 0 else "full_attention"
+                for i in range(layers)
+            ]
     unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
     if unknown or len(types) != layers:
-        raise ValueError(f"layer_types must give one of sliding_attention, full_attention per layer; got "
-                         f"{len(types)} entries for {layers} layers{', with ' + ', '.join(unknown) if unknown else ''}")
+        raise ValueError(
+            f"layer_types must give one of sliding_attention, full_attention per layer; got "
+            f"{len(types)} entries for {layers} layers{', with ' + ', '.join(unknown) if unknown else ''}"
+        )
     return int(window), types.count("sliding_attention")
 
 
 def _moe(text: dict[str, Any], kind: str, layers: int) -> MoE:
     if kind in ("mixtral", "gpt_oss"):
-        return MoE(int(text["num_local_experts"]), int(text["num_experts_per_tok"]), int(text["intermediate_size"]),
-                   expert_bias=kind == "gpt_oss", router_bias=kind == "gpt_oss")
+        return MoE(
+            int(text["num_local_experts"]),
+            int(text["num_experts_per_tok"]),
+            int(text["intermediate_size"]),
+            expert_bias=kind == "gpt_oss",
+            router_bias=kind == "gpt_oss",
+        )
     experts_key = "n_routed_experts" if kind == "deepseek" else "num_experts"
     inter = int(text["moe_intermediate_size"])
     if kind == "deepseek":
@@ -365,20 +411,34 @@ def _moe(text: dict[str, Any], kind: str, layers: int) -> MoE:
         shared = int(text.get("n_shared_experts") or 0) * inter
         groups = int(text.get("n_group") or 1)
         if groups < 1 or int(text[experts_key]) % groups:
-            raise ValueError(f"n_group ({groups}) must divide n_routed_experts ({text[experts_key]}) into groups "
-                             "of consecutive experts")
+            raise ValueError(
+                f"n_group ({groups}) must divide n_routed_experts ({text[experts_key]}) into groups "
+                "of consecutive experts"
+            )
     else:
         # Qwen2MoeConfig: layer i is sparse unless listed in mlp_only_layers or (i + 1) % decoder_sparse_step.
         step, only = int(text.get("decoder_sparse_step") or 1), set(text.get("mlp_only_layers") or ())
         dense = sum(1 for i in range(layers) if i in only or (i + 1) % step)
         shared, groups = int(text.get("shared_expert_intermediate_size") or 0), 1
-    return MoE(int(text[experts_key]), int(text["num_experts_per_tok"]), inter, shared_intermediate_size=shared,
-               num_dense_layers=dense, shared_expert_gate=kind == "qwen2_moe", num_groups=groups)
+    return MoE(
+        int(text[experts_key]),
+        int(text["num_experts_per_tok"]),
+        inter,
+        shared_intermediate_size=shared,
+        num_dense_layers=dense,
+        shared_expert_gate=kind == "qwen2_moe",
+        num_groups=groups,
+    )
 
 
 def _mla(text: dict[str, Any]) -> MLA:
-    return MLA(int(text["kv_lora_rank"]), int(text["qk_nope_head_dim"]), int(text["qk_rope_head_dim"]),
-               int(text["v_head_dim"]), int(text.get("q_lora_rank") or 0))
+    return MLA(
+        int(text["kv_lora_rank"]),
+        int(text["qk_nope_head_dim"]),
+        int(text["qk_rope_head_dim"]),
+        int(text["v_head_dim"]),
+        int(text.get("q_lora_rank") or 0),
+    )
 
 
 def _softcap(text: dict[str, Any], key: str, family: _Family) -> float | None:
@@ -410,8 +470,9 @@ def shape_from_config(config: dict[str, Any], name: str = "model") -> ModelShape
         head_dim=(mla.qk_nope_head_dim + mla.qk_rope_head_dim if mla else int(text.get("head_dim") or hidden // heads)),
         intermediate_size=int(text["intermediate_size"]),
         vocab_size=int(text["vocab_size"]),
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings",
-                                                                            family.tie_default))),
+        tie_word_embeddings=bool(
+            config.get("tie_word_embeddings", text.get("tie_word_embeddings", family.tie_default))
+        ),
         dtype=str(text.get("torch_dtype") or text.get("dtype") or "bfloat16"),
         max_position_embeddings=int(text.get("max_position_embeddings", 4096)),
         architecture=model_type,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,11 @@ class DType:
 
 
 _OCP_MX = "OCP Microscaling Formats (MX) v1.0: 32 elements share one 8-bit E8M0 scale"
-_MX = {"block_size": 32, "scale_bits": 8, "scale": "e8m0"}
-_SHARED_MICROEXPONENTS = ("Rouhani et al., ISCA 2023, 'With Shared Microexponents': 16 elements share an "
-                          "8-bit exponent, each pair a 1-bit microexponent (1 bit per element)")
+_MX: dict[str, Any] = {"block_size": 32, "scale_bits": 8, "scale": "e8m0"}
+_SHARED_MICROEXPONENTS = (
+    "Rouhani et al., ISCA 2023, 'With Shared Microexponents': 16 elements share an "
+    "8-bit exponent, each pair a 1-bit microexponent (1 bit per element)"
+)
 
 # Per-tensor and per-channel scales (FP8 and INT8 checkpoints) are under 0.2% of the weight at
 # k >= 2048 and are not counted; block and group scales are.
@@ -61,23 +64,63 @@ DTYPES: tuple[DType, ...] = (
     DType("fp32", 32, "fp32", "IEEE 754 binary32", aliases=("float32", "float")),
     DType("bf16", 16, "bf16", "bfloat16: 8-bit exponent, 7-bit mantissa", aliases=("bfloat16",)),
     DType("fp16", 16, "fp16", "IEEE 754 binary16", aliases=("float16", "half")),
-    DType("fp8_e4m3", 8, "fp8", "OCP 8-bit Floating Point Specification (OFP8) E4M3",
-          aliases=("fp8", "e4m3", "float8_e4m3fn", "fp8_e4m3fn")),
-    DType("fp8_e5m2", 8, "fp8", "OCP 8-bit Floating Point Specification (OFP8) E5M2",
-          aliases=("e5m2", "float8_e5m2")),
+    DType(
+        "fp8_e4m3",
+        8,
+        "fp8",
+        "OCP 8-bit Floating Point Specification (OFP8) E4M3",
+        aliases=("fp8", "e4m3", "float8_e4m3fn", "fp8_e4m3fn"),
+    ),
+    DType("fp8_e5m2", 8, "fp8", "OCP 8-bit Floating Point Specification (OFP8) E5M2", aliases=("e5m2", "float8_e5m2")),
     DType("int8", 8, "int8", "8-bit integer, per-channel scales (W8A8 INT8)"),
-    DType("int4", 4, "int4", "4-bit integer, one 16-bit scale per group of 128 (compressed-tensors W4A16 "
-          "default group size; a checkpoint's own group size replaces it)", block_size=128, scale_bits=16,
-          weight_only=True),
+    DType(
+        "int4",
+        4,
+        "int4",
+        "4-bit integer, one 16-bit scale per group of 128 (compressed-tensors W4A16 "
+        "default group size; a checkpoint's own group size replaces it)",
+        block_size=128,
+        scale_bits=16,
+        weight_only=True,
+    ),
     DType("mxfp8", 8, "fp8", _OCP_MX + " (MXFP8: FP8 E4M3 elements, spec Table 1)", element="e4m3", **_MX),
-    DType("mxfp6", 6, "fp6", _OCP_MX + " (MXFP6: FP6 E3M2 elements, spec Table 1; the variant Maia's KV "
-          "cache uses, issue 10)", element="e3m2", **_MX),
-    DType("mxfp6_e2m3", 6, "fp6", _OCP_MX + " (MXFP6: FP6 E2M3 elements, spec Table 1; the other FP6 "
-          "variant, one more mantissa bit and less range)", element="e2m3", **_MX),
-    DType("mxfp4", 4, "fp4", _OCP_MX + " (MXFP4: FP4 E2M1 elements, spec Table 1; gpt-oss's expert weights)",
-          element="e2m1", weight_only=True, **_MX),
-    DType("nvfp4", 4, "fp4", "NVIDIA NVFP4: E2M1 elements, one E4M3 scale per 16 (the per-tensor FP32 scale "
-          "is not counted)", block_size=16, scale_bits=8, weight_only=True, element="e2m1", scale="e4m3"),
+    DType(
+        "mxfp6",
+        6,
+        "fp6",
+        _OCP_MX + " (MXFP6: FP6 E3M2 elements, spec Table 1; the variant Maia's KV cache uses, issue 10)",
+        element="e3m2",
+        **_MX,
+    ),
+    DType(
+        "mxfp6_e2m3",
+        6,
+        "fp6",
+        _OCP_MX + " (MXFP6: FP6 E2M3 elements, spec Table 1; the other FP6 "
+        "variant, one more mantissa bit and less range)",
+        element="e2m3",
+        **_MX,
+    ),
+    DType(
+        "mxfp4",
+        4,
+        "fp4",
+        _OCP_MX + " (MXFP4: FP4 E2M1 elements, spec Table 1; gpt-oss's expert weights)",
+        element="e2m1",
+        weight_only=True,
+        **_MX,
+    ),
+    DType(
+        "nvfp4",
+        4,
+        "fp4",
+        "NVIDIA NVFP4: E2M1 elements, one E4M3 scale per 16 (the per-tensor FP32 scale is not counted)",
+        block_size=16,
+        scale_bits=8,
+        weight_only=True,
+        element="e2m1",
+        scale="e4m3",
+    ),
     DType("mx9", 8, "mx9", _SHARED_MICROEXPONENTS + "; sign and 7 mantissa bits", block_size=16, scale_bits=16),
     DType("mx6", 5, "mx6", _SHARED_MICROEXPONENTS + "; sign and 4 mantissa bits", block_size=16, scale_bits=16),
     DType("mx4", 3, "mx4", _SHARED_MICROEXPONENTS + "; sign and 2 mantissa bits", block_size=16, scale_bits=16),
@@ -199,20 +242,23 @@ class Precision:
     comm: DType
     quant: WeightQuant | None = field(default=None)
 
-    def _quantized(self, group: str) -> bool:
+    def _quant_of(self, group: str) -> WeightQuant | None:
+        """The quantization ``group``'s linears are stored in; None where they are in the model dtype."""
         if group not in LINEAR_GROUPS:
             raise ValueError(f"unknown linear layer group {group!r}; known: {', '.join(LINEAR_GROUPS)}")
-        return (self.quant is not None and group not in self.quant.unquantized
-                and group not in ALWAYS_UNQUANTIZED)
+        quant = self.quant
+        if quant is None or group in quant.unquantized or group in ALWAYS_UNQUANTIZED:
+            return None
+        return quant
 
     def weight(self, group: str) -> DType:
-        return self.quant.weight if self._quantized(group) else self.model
+        quant = self._quant_of(group)
+        return quant.weight if quant else self.model
 
     def activation(self, group: str) -> DType:
         """The input dtype of ``group``'s GEMMs (their outputs are in the model dtype)."""
-        if self._quantized(group) and self.quant.activation is not None:
-            return self.quant.activation
-        return self.model
+        quant = self._quant_of(group)
+        return quant.activation if quant and quant.activation is not None else self.model
 
     def gemm_peak(self, group: str) -> str:
         return gemm_peak(self.weight(group), self.activation(group))

@@ -34,8 +34,10 @@ def _ignored_group(entry: str) -> str | None:
     for pattern, group in _IGNORED_GROUPS:
         if re.search(pattern, entry):
             return group
-    raise ValueError(f"quantization_config leaves {entry!r} unquantized, which names no layer group the emulator "
-                     f"knows (lm_head, embed_tokens, self_attn, the router, experts)")
+    raise ValueError(
+        f"quantization_config leaves {entry!r} unquantized, which names no layer group the emulator "
+        f"knows (lm_head, embed_tokens, self_attn, the router, experts)"
+    )
 
 
 def _unquantized(entries: list[str] | None) -> frozenset[str]:
@@ -58,8 +60,10 @@ def _compressed_tensors_dtype(args: dict[str, Any], what: str) -> DType:
         return replace(fmt, block_size=int(group)) if group else replace(fmt, block_size=1, scale_bits=0)
     if (bits, kind) == (4, "float") and group in (16, 32):
         return precision.dtype("nvfp4" if group == 16 else "mxfp4")
-    raise ValueError(f"compressed-tensors {what} of {bits} bits, type {kind!r}, group size {group} is not modelled; "
-                     "known: 8-bit float, 8-bit int, 4-bit int, 4-bit float in groups of 16 or 32")
+    raise ValueError(
+        f"compressed-tensors {what} of {bits} bits, type {kind!r}, group size {group} is not modelled; "
+        "known: 8-bit float, 8-bit int, 4-bit int, 4-bit float in groups of 16 or 32"
+    )
 
 
 def _compressed_tensors(quant: dict[str, Any]) -> WeightQuant | None:
@@ -88,14 +92,22 @@ def _fp8(quant: dict[str, Any]) -> WeightQuant:
     block = quant.get("weight_block_size")
     if block:
         fmt = replace(fmt, block_size=block[0] * block[1], scale_bits=32)
-    return WeightQuant(weight=fmt, activation=precision.dtype("fp8_e4m3"),
-                       unquantized=_unquantized(quant.get("ignored_layers")), source="fp8")
+    return WeightQuant(
+        weight=fmt,
+        activation=precision.dtype("fp8_e4m3"),
+        unquantized=_unquantized(quant.get("ignored_layers")),
+        source="fp8",
+    )
 
 
 def _mxfp4(quant: dict[str, Any]) -> WeightQuant:
     """gpt-oss: MXFP4 weights; the GEMMs take BF16 activations, as vLLM runs them on Hopper."""
-    return WeightQuant(weight=precision.dtype("mxfp4"), activation=None,
-                       unquantized=_unquantized(quant.get("modules_to_not_convert")), source="mxfp4")
+    return WeightQuant(
+        weight=precision.dtype("mxfp4"),
+        activation=None,
+        unquantized=_unquantized(quant.get("modules_to_not_convert")),
+        source="mxfp4",
+    )
 
 
 def weight_quant(config: dict[str, Any]) -> WeightQuant | None:
@@ -106,8 +118,9 @@ def weight_quant(config: dict[str, Any]) -> WeightQuant | None:
     method = quant.get("quant_method")
     readers = {"compressed-tensors": _compressed_tensors, "fp8": _fp8, "mxfp4": _mxfp4}
     if method not in readers:
-        raise ValueError(f"quantization_config quant_method {method!r} is not modelled; known: "
-                         f"{', '.join(KNOWN_METHODS)}")
+        raise ValueError(
+            f"quantization_config quant_method {method!r} is not modelled; known: {', '.join(KNOWN_METHODS)}"
+        )
     return readers[method](quant)
 
 

@@ -171,8 +171,7 @@ def paged_attention(
         return kernels.paged_attention(*args, max_query_len=max_query_len, out=out, sliding_window=sliding_window)
     from maia_serving.ops.host import paged_attention_host
 
-    return paged_attention_host(*args, max_query_len=max_query_len, plan=plan, out=out,
-                                sliding_window=sliding_window)
+    return paged_attention_host(*args, max_query_len=max_query_len, plan=plan, out=out, sliding_window=sliding_window)
 
 
 def kv_absmax(x: torch.Tensor) -> torch.Tensor:

@@ -93,9 +93,7 @@ def check_cache_dtype(kv_cache_dtype: str, *caches: torch.Tensor) -> Fp8Format |
     return fmt
 
 
-def scale_tensor(
-    scale: float | torch.Tensor | None, num_kv_heads: int, device: torch.device
-) -> torch.Tensor:
+def scale_tensor(scale: float | torch.Tensor | None, num_kv_heads: int, device: torch.device) -> torch.Tensor:
     """Normalize an FP8 scale to float32 of shape ``[1]`` or ``[num_kv_heads]`` on ``device``.
 
     None means 1.0. Python floats must be finite and positive; tensor values are not checked
@@ -117,25 +115,19 @@ def scale_tensor(
     )
 
 
-def _head_broadcast(
-    scale: torch.Tensor | float | None, x: torch.Tensor
-) -> torch.Tensor:
+def _head_broadcast(scale: torch.Tensor | float | None, x: torch.Tensor) -> torch.Tensor:
     """A scale shaped to broadcast over ``[..., num_kv_heads, head_dim]``."""
     return scale_tensor(scale, x.shape[-2], x.device).reshape(-1, 1)
 
 
-def quantize_fp8_ref(
-    x: torch.Tensor, scale: float | torch.Tensor | None, fmt: str | Fp8Format
-) -> torch.Tensor:
+def quantize_fp8_ref(x: torch.Tensor, scale: float | torch.Tensor | None, fmt: str | Fp8Format) -> torch.Tensor:
     """``x [..., num_kv_heads, head_dim]`` -> FP8 codes as ``torch.uint8`` (see module doc)."""
     f = get_fp8_format(fmt)
     y = torch.clamp(x.float() / _head_broadcast(scale, x), -f.max_value, f.max_value)
     return y.to(f.torch_dtype).view(torch.uint8)
 
 
-def dequantize_fp8_ref(
-    codes: torch.Tensor, scale: float | torch.Tensor | None, fmt: str | Fp8Format
-) -> torch.Tensor:
+def dequantize_fp8_ref(codes: torch.Tensor, scale: float | torch.Tensor | None, fmt: str | Fp8Format) -> torch.Tensor:
     """FP8 codes ``[..., num_kv_heads, head_dim]`` (uint8) -> float32 values times scale."""
     f = get_fp8_format(fmt)
     return codes.view(f.torch_dtype).float() * _head_broadcast(scale, codes)
@@ -177,8 +169,7 @@ def check_reshape_and_cache_args(
         )
     if key.shape[1:] != key_cache.shape[2:]:
         raise ValueError(
-            f"key heads/head_dim {tuple(key.shape[1:])} do not match the cache's "
-            f"{tuple(key_cache.shape[2:])}"
+            f"key heads/head_dim {tuple(key.shape[1:])} do not match the cache's {tuple(key_cache.shape[2:])}"
         )
     check_slot_mapping(slot_mapping, key.shape[0])
     return fmt
@@ -200,18 +191,14 @@ def reshape_and_cache_ref(
     ``slot = slot_mapping[t]``; slot -1 marks padding and is skipped. FP8 caches get
     ``quantize_fp8_ref`` codes; unquantized caches a cast to their dtype (scales ignored).
     """
-    fmt = check_reshape_and_cache_args(
-        key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype
-    )
+    fmt = check_reshape_and_cache_args(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype)
     block_size = key_cache.shape[1]
     valid = slot_mapping >= 0
     slots = slot_mapping[valid].long()
     blocks, rows = slots // block_size, slots % block_size
     for src, cache, scale in ((key, key_cache, k_scale), (value, value_cache, v_scale)):
         x = src[valid]
-        cache[blocks, rows] = (
-            quantize_fp8_ref(x, scale, fmt) if fmt else x.to(cache.dtype)
-        )
+        cache[blocks, rows] = quantize_fp8_ref(x, scale, fmt) if fmt else x.to(cache.dtype)
 
 
 def check_paged_attention_args(
@@ -251,8 +238,7 @@ def check_paged_attention_args(
     ):
         if t.dtype not in (torch.int32, torch.int64) or tuple(t.shape) != shape:
             raise ValueError(
-                f"{name} must be int32/int64 of shape {shape} (num_seqs={num_seqs}), got "
-                f"{t.dtype} {tuple(t.shape)}"
+                f"{name} must be int32/int64 of shape {shape} (num_seqs={num_seqs}), got {t.dtype} {tuple(t.shape)}"
             )
     return fmt
 
@@ -262,8 +248,10 @@ def check_sliding_window(sliding_window: int | None, causal: bool) -> None:
     if sliding_window is None:
         return
     if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
-        raise ValueError(f"sliding_window must be a positive int (keys each query sees, itself included) or None, "
-                         f"got {sliding_window!r}")
+        raise ValueError(
+            f"sliding_window must be a positive int (keys each query sees, itself included) or None, "
+            f"got {sliding_window!r}"
+        )
     if not causal:
         raise ValueError("sliding_window needs causal attention")
 
@@ -330,18 +318,12 @@ def paged_attention_ref(
     for i, seq_len in enumerate(lens):
         q0, q1 = starts[i], starts[i + 1]
         if q1 - q0 > seq_len:
-            raise ValueError(
-                f"sequence {i} has {q1 - q0} queries but seq_len {seq_len}"
-            )
+            raise ValueError(f"sequence {i} has {q1 - q0} queries but seq_len {seq_len}")
         if q1 == q0:
             continue
         blocks = block_tables[i, : -(-seq_len // block_size)].long()
-        k = _gather_kv(key_cache, blocks, seq_len, k_scale, fmt).repeat_interleave(
-            group, dim=1
-        )
-        v = _gather_kv(value_cache, blocks, seq_len, v_scale, fmt).repeat_interleave(
-            group, dim=1
-        )
+        k = _gather_kv(key_cache, blocks, seq_len, k_scale, fmt).repeat_interleave(group, dim=1)
+        v = _gather_kv(value_cache, blocks, seq_len, v_scale, fmt).repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", query[q0:q1].float(), k) * scale
         if causal:
             q_pos = torch.arange(seq_len - (q1 - q0), seq_len, device=query.device)
@@ -358,9 +340,7 @@ def kv_absmax_ref(x: torch.Tensor) -> torch.Tensor:
     NaN entries are ignored (they would poison a calibrated scale); inf counts.
     """
     if x.dim() != 3:
-        raise ValueError(
-            f"x must be [num_tokens, num_kv_heads, head_dim], got {tuple(x.shape)}"
-        )
+        raise ValueError(f"x must be [num_tokens, num_kv_heads, head_dim], got {tuple(x.shape)}")
     if x.shape[0] == 0:
         return torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
     a = x.float().abs()

@@ -66,9 +66,17 @@ class PagedPlan:
     sliding_window: int | None = None  # the window the mask was built for
 
 
-def plan_paged_attention(block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
-                         num_tokens: int, num_heads: int, block_size: int, causal: bool = True,
-                         max_query_len: int | None = None, sliding_window: int | None = None) -> PagedPlan:
+def plan_paged_attention(
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    num_tokens: int,
+    num_heads: int,
+    block_size: int,
+    causal: bool = True,
+    max_query_len: int | None = None,
+    sliding_window: int | None = None,
+) -> PagedPlan:
     """The step's index tensors and mask; ``sliding_window`` as in ``paged_attention_ref``."""
     check_sliding_window(sliding_window, causal)
     num_seqs = seq_lens.shape[0]
@@ -133,8 +141,9 @@ def _element_values(elem_bytes: torch.Tensor, fmt: MxFormat) -> torch.Tensor:
     return _lookup(_pair_table(fmt), pairs).view(*elem_bytes.shape[:-1], fmt.block_size)
 
 
-def _decoded(packed: torch.Tensor, fmt: MxFormat, scale: float | torch.Tensor | None, head_axis: int = -2
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def _decoded(
+    packed: torch.Tensor, fmt: MxFormat, scale: float | torch.Tensor | None, head_axis: int = -2
+) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 ``[..., head_bytes]`` whose KV heads lie along ``head_axis`` -> (float32 elements
     ``[..., nb, block_size]``, their block scales ``[..., nb, 1]``, NVFP4's tensor scale applied as
     the reference does)."""
@@ -147,16 +156,16 @@ def _decoded(packed: torch.Tensor, fmt: MxFormat, scale: float | torch.Tensor | 
     return _element_values(blocks[..., :-1], fmt), block_scale[..., None]
 
 
-def decode_mx(packed: torch.Tensor, fmt: MxFormat, head_dim: int,
-              scale: float | torch.Tensor | None) -> torch.Tensor:
+def decode_mx(packed: torch.Tensor, fmt: MxFormat, head_dim: int, scale: float | torch.Tensor | None) -> torch.Tensor:
     """uint8 ``[..., num_kv_heads, head_bytes]`` -> float32 ``[..., num_kv_heads, head_dim]``, the
     values ``dequantize_mx_ref`` gives (same products in the same order), for gathered pages only."""
     elements, block_scale = _decoded(packed, fmt, scale)
     return (elements * block_scale).flatten(-2)[..., :head_dim]
 
 
-def _pages(cache: torch.Tensor, plan: PagedPlan, scale, fmt: Fp8Format | MxFormat | None,
-           head_dim: int) -> torch.Tensor:
+def _pages(
+    cache: torch.Tensor, plan: PagedPlan, scale, fmt: Fp8Format | MxFormat | None, head_dim: int
+) -> torch.Tensor:
     """``[num_seqs, kv_heads, max_len, head_dim]`` float32 keys or values, each head's rows
     contiguous (an MX head that ends in a partial block: a slice of its padded rows)."""
     pages = _gathered(cache, plan.blocks)  # [seqs, blocks, block_size, kv_heads, head_dim or head_bytes]
@@ -185,30 +194,48 @@ def _per_kv_head(scale, num_kv_heads: int, device: torch.device) -> torch.Tensor
     return scale_tensor(scale, num_kv_heads, device).view(1, -1, 1, 1)
 
 
-def _check_args(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, kv_cache_dtype,
-                k_scale, v_scale) -> Fp8Format | MxFormat | None:
+def _check_args(
+    query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, kv_cache_dtype, k_scale, v_scale
+) -> Fp8Format | MxFormat | None:
     """The reference's checks for the cache's format; the MX formats take no per-tensor scale."""
     mx_fmt = MX_FORMATS.get(kv_cache_dtype)
     if mx_fmt is None:
-        return check_paged_attention_args(query, key_cache, value_cache, block_tables, seq_lens,
-                                          query_start_loc, kv_cache_dtype)
-    check_paged_attention_mx_args(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
-                                  kv_cache_dtype)
+        return check_paged_attention_args(
+            query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, kv_cache_dtype
+        )
+    check_paged_attention_mx_args(
+        query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, kv_cache_dtype
+    )
     if mx_fmt.scale == "e8m0" and (k_scale is not None or v_scale is not None):
         raise ValueError(f"{mx_fmt.name} keeps all its scale in the E8M0 block scales; pass k_scale=v_scale=None")
     return mx_fmt
 
 
-def _mx_fallback(query, key_cache, value_cache, plan: PagedPlan, seq_lens, query_start_loc, scale,
-                 fmt: MxFormat, k_scale, v_scale, causal: bool, sliding_window: int | None) -> torch.Tensor:
+def _mx_fallback(
+    query,
+    key_cache,
+    value_cache,
+    plan: PagedPlan,
+    seq_lens,
+    query_start_loc,
+    scale,
+    fmt: MxFormat,
+    k_scale,
+    v_scale,
+    causal: bool,
+    sliding_window: int | None,
+) -> torch.Tensor:
     """The per-sequence reference over the plan's pages alone, decoded into a float32 cache of
     their own (block ``i * blocks + j`` is sequence i's j-th page)."""
     head_dim = query.shape[-1]
-    decoded = [decode_mx(_gathered(cache, plan.blocks).flatten(0, 1), fmt, head_dim, s)
-               for cache, s in ((key_cache, k_scale), (value_cache, v_scale))]
+    decoded = [
+        decode_mx(_gathered(cache, plan.blocks).flatten(0, 1), fmt, head_dim, s)
+        for cache, s in ((key_cache, k_scale), (value_cache, v_scale))
+    ]
     tables = torch.arange(plan.blocks.numel(), dtype=torch.int64, device=query.device).view(plan.blocks.shape)
-    return paged_attention_ref(query, *decoded, tables, seq_lens, query_start_loc, scale, "auto",
-                               causal=causal, sliding_window=sliding_window)
+    return paged_attention_ref(
+        query, *decoded, tables, seq_lens, query_start_loc, scale, "auto", causal=causal, sliding_window=sliding_window
+    )
 
 
 def _native_kernel(dtype: torch.dtype, *tensors: torch.Tensor):
@@ -226,8 +253,21 @@ def _kernel_scales(k_scale, v_scale, num_kv_heads: int, device: torch.device, us
     return ((scale_tensor(s, num_kv_heads, device).contiguous() if used else _ONE) for s in (k_scale, v_scale))
 
 
-def _native(out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, fmt,
-            k_scale, v_scale, causal: bool, sliding_window: int | None) -> bool:
+def _native(
+    out,
+    query,
+    key_cache,
+    value_cache,
+    block_tables,
+    seq_lens,
+    query_start_loc,
+    scale,
+    fmt,
+    k_scale,
+    v_scale,
+    causal: bool,
+    sliding_window: int | None,
+) -> bool:
     """Attend through the C++ kernel into ``out``; False, with nothing done, where it is not built or
     cannot take these tensors (then the torch path below runs)."""
     kernel = _native_kernel(query.dtype, query, out, key_cache, value_cache)
@@ -241,9 +281,26 @@ def _native(out, query, key_cache, value_cache, block_tables, seq_lens, query_st
         elements, scales, bits, block, block_bytes = _NO_TABLE, _NO_TABLE, 0, 0, 0
     per_head = isinstance(fmt, Fp8Format) or (isinstance(fmt, MxFormat) and fmt.scale == "e4m3")
     k_sc, v_sc = _kernel_scales(k_scale, v_scale, key_cache.shape[2], query.device, per_head)
-    kernel.paged_attention(out, query, key_cache, value_cache, block_tables.long().contiguous(),
-                           seq_lens.long().contiguous(), query_start_loc.long().contiguous(), float(scale), kind,
-                           bits, block, block_bytes, elements, scales, k_sc, v_sc, causal, sliding_window or 0)
+    kernel.paged_attention(
+        out,
+        query,
+        key_cache,
+        value_cache,
+        block_tables.long().contiguous(),
+        seq_lens.long().contiguous(),
+        query_start_loc.long().contiguous(),
+        float(scale),
+        kind,
+        bits,
+        block,
+        block_bytes,
+        elements,
+        scales,
+        k_sc,
+        v_sc,
+        causal,
+        sliding_window or 0,
+    )
     return True
 
 
@@ -256,13 +313,15 @@ _NO_TABLE = torch.empty(0, dtype=torch.float32)
 def _mx_element_table(fmt: MxFormat) -> torch.Tensor:
     """What the kernel looks elements up in: the FP6/FP4 pair table (FP8 elements, E4M3, it decodes itself)."""
     if fmt.element.bits == 8 and fmt.element.name != "e4m3":
-        raise NotImplementedError(f"the native host attention decodes 8-bit MX elements as E4M3, "
-                                  f"not {fmt.element.name}")
+        raise NotImplementedError(
+            f"the native host attention decodes 8-bit MX elements as E4M3, not {fmt.element.name}"
+        )
     return _NO_TABLE if fmt.element.bits == 8 else _pair_table(fmt).contiguous()
 
 
-def reshape_and_cache_host(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype: str = "auto",
-                           k_scale=None, v_scale=None) -> None:
+def reshape_and_cache_host(
+    key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype: str = "auto", k_scale=None, v_scale=None
+) -> None:
     """``reshape_and_cache_ref``'s checks and bytes, in one C++ call where the native module is built: an
     FP8 cache, or an unquantized one of the rows' own dtype (a cast to another dtype takes the reference)."""
     fmt = check_reshape_and_cache_args(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype)
@@ -274,12 +333,22 @@ def reshape_and_cache_host(key, value, key_cache, value_cache, slot_mapping, kv_
         reshape_and_cache_ref(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale)
         return
     k_sc, v_sc = _kernel_scales(k_scale, v_scale, key.shape[1], key.device, True)
-    kernel.reshape_and_cache_fp8(key, value, key_cache, value_cache, slot_mapping.long().contiguous(),
-                                 fmt.torch_dtype == torch.float8_e4m3fn, fmt.max_value, k_sc, v_sc)
+    kernel.reshape_and_cache_fp8(
+        key,
+        value,
+        key_cache,
+        value_cache,
+        slot_mapping.long().contiguous(),
+        fmt.torch_dtype == torch.float8_e4m3fn,
+        fmt.max_value,
+        k_sc,
+        v_sc,
+    )
 
 
-def reshape_and_cache_mx_host(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype: str,
-                              k_scale=None, v_scale=None) -> None:
+def reshape_and_cache_mx_host(
+    key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype: str, k_scale=None, v_scale=None
+) -> None:
     """``reshape_and_cache_mx_ref``'s checks and bytes, in one C++ call where the native module is built
     (the reference's chain of small ops per layer otherwise)."""
     fmt = check_reshape_and_cache_mx_args(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype)
@@ -291,9 +360,23 @@ def reshape_and_cache_mx_host(key, value, key_cache, value_cache, slot_mapping, 
     _check_scale(fmt, v_scale)
     elem = fmt.element
     k_sc, v_sc = _kernel_scales(k_scale, v_scale, key.shape[1], key.device, fmt.scale == "e4m3")
-    kernel.reshape_and_cache_block_scaled(key, value, key_cache, value_cache, slot_mapping.long().contiguous(),
-                                          elem.bits, elem.mantissa_bits, elem.bias, elem.max_code, elem.emax,
-                                          elem.max_value, fmt.block_size, fmt.scale == "e8m0", k_sc, v_sc)
+    kernel.reshape_and_cache_block_scaled(
+        key,
+        value,
+        key_cache,
+        value_cache,
+        slot_mapping.long().contiguous(),
+        elem.bits,
+        elem.mantissa_bits,
+        elem.bias,
+        elem.max_code,
+        elem.emax,
+        elem.max_value,
+        fmt.block_size,
+        fmt.scale == "e8m0",
+        k_sc,
+        v_sc,
+    )
 
 
 def paged_attention_host(
@@ -317,28 +400,80 @@ def paged_attention_host(
     formats, here with the window too); ``plan`` (from plan_paged_attention, the same batch and
     window) spares rebuilding the index tensors; ``out``, when given, receives the result (no
     second copy on the serving hot path)."""
-    fmt = _check_args(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, kv_cache_dtype,
-                      k_scale, v_scale)
+    fmt = _check_args(
+        query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, kv_cache_dtype, k_scale, v_scale
+    )
     num_heads, head_dim = query.shape[1:]
     if plan is not None and plan.sliding_window != sliding_window:
-        raise ValueError(f"the plan's mask is for sliding_window={plan.sliding_window}, this call asks for "
-                         f"{sliding_window}: plan each window apart")
+        raise ValueError(
+            f"the plan's mask is for sliding_window={plan.sliding_window}, this call asks for "
+            f"{sliding_window}: plan each window apart"
+        )
     result = torch.zeros_like(query) if out is None else out.zero_()
-    if _native(result, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, fmt,
-               k_scale, v_scale, causal, sliding_window):
+    if _native(
+        result,
+        query,
+        key_cache,
+        value_cache,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        scale,
+        fmt,
+        k_scale,
+        v_scale,
+        causal,
+        sliding_window,
+    ):
         return result  # the kernel needs no plan: the engines skip building one where it is built
     if plan is None:
-        plan = plan_paged_attention(block_tables, seq_lens, query_start_loc, query.shape[0], num_heads,
-                                    key_cache.shape[1], causal, max_query_len, sliding_window)
+        plan = plan_paged_attention(
+            block_tables,
+            seq_lens,
+            query_start_loc,
+            query.shape[0],
+            num_heads,
+            key_cache.shape[1],
+            causal,
+            max_query_len,
+            sliding_window,
+        )
     if plan.num_seqs == 0 or plan.max_q == 0:
         return result
     if not plan.batched and isinstance(fmt, MxFormat):
-        return result.copy_(_mx_fallback(query, key_cache, value_cache, plan, seq_lens, query_start_loc, scale,
-                                         fmt, k_scale, v_scale, causal, sliding_window))
+        return result.copy_(
+            _mx_fallback(
+                query,
+                key_cache,
+                value_cache,
+                plan,
+                seq_lens,
+                query_start_loc,
+                scale,
+                fmt,
+                k_scale,
+                v_scale,
+                causal,
+                sliding_window,
+            )
+        )
     if not plan.batched:
-        return result.copy_(paged_attention_ref(query, key_cache, value_cache, block_tables, seq_lens,
-                                                query_start_loc, scale, kv_cache_dtype, k_scale, v_scale,
-                                                causal, sliding_window))
+        return result.copy_(
+            paged_attention_ref(
+                query,
+                key_cache,
+                value_cache,
+                block_tables,
+                seq_lens,
+                query_start_loc,
+                scale,
+                kv_cache_dtype,
+                k_scale,
+                v_scale,
+                causal,
+                sliding_window,
+            )
+        )
     num_kv_heads = key_cache.shape[2]
     keys = _pages(key_cache, plan, k_scale, fmt, head_dim)
     values = _pages(value_cache, plan, v_scale, fmt, head_dim)

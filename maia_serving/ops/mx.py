@@ -243,9 +243,7 @@ def _check_scale(fmt: MxFormat, scale: float | torch.Tensor | None) -> None:
         raise ValueError(f"{fmt.name} keeps all its scale in the E8M0 block scales; pass scale=None")
 
 
-def quantize_mx_ref(
-    x: torch.Tensor, fmt: str | MxFormat, scale: float | torch.Tensor | None = None
-) -> torch.Tensor:
+def quantize_mx_ref(x: torch.Tensor, fmt: str | MxFormat, scale: float | torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., num_kv_heads, head_dim]`` -> uint8 ``[..., num_kv_heads, head_bytes]`` (module doc).
 
     ``scale`` is NVFP4's per-tensor scale (a float or ``[num_kv_heads]``; None means 1.0).
@@ -279,8 +277,7 @@ def dequantize_mx_ref(
     _check_scale(f, scale)
     if packed.shape[-1] != head_bytes(f, head_dim):
         raise ValueError(
-            f"{f.name} at head_dim {head_dim} stores {head_bytes(f, head_dim)} bytes per head, "
-            f"got {packed.shape[-1]}"
+            f"{f.name} at head_dim {head_dim} stores {head_bytes(f, head_dim)} bytes per head, got {packed.shape[-1]}"
         )
     codes, scale_codes = _unpack(packed, f)
     if f.scale == "e8m0":

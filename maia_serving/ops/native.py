@@ -42,10 +42,14 @@ def load():
     folder = build_dir()
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        return cpp_extension.load(name="maia_host_attention", sources=[str(p) for p in SOURCES],
-                                  build_directory=str(folder),
-                                  extra_cflags=["-O3", "-fopenmp", "-march=native", "-ffp-contract=off"],
-                                  extra_ldflags=["-fopenmp"], verbose=False)
+        return cpp_extension.load(
+            name="maia_host_attention",
+            sources=[str(p) for p in SOURCES],
+            build_directory=str(folder),
+            extra_cflags=["-O3", "-fopenmp", "-march=native", "-ffp-contract=off"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
     except Exception as exc:  # the builder raises several types; the message is what matters
         raise RuntimeError(f"building {SOURCE.name} into {folder} failed: {exc}") from exc
 
@@ -60,10 +64,16 @@ def module():
         return load()
     except RuntimeError as exc:
         if choice == "native":
-            raise RuntimeError(f"{envs.MAIA_SERVING_HOST_KERNEL}=native: {exc}. Install a C++ compiler "
-                               f"(g++) and run `make setup`, or set {envs.MAIA_SERVING_HOST_KERNEL}=torch.") from exc
-        logger.warning("maia-serving: the native host attention is unavailable (%s); serving with the torch path, "
-                       "which is slower (set %s=torch to silence this).", exc, envs.MAIA_SERVING_HOST_KERNEL)
+            raise RuntimeError(
+                f"{envs.MAIA_SERVING_HOST_KERNEL}=native: {exc}. Install a C++ compiler "
+                f"(g++) and run `make setup`, or set {envs.MAIA_SERVING_HOST_KERNEL}=torch."
+            ) from exc
+        logger.warning(
+            "maia-serving: the native host attention is unavailable (%s); serving with the torch path, "
+            "which is slower (set %s=torch to silence this).",
+            exc,
+            envs.MAIA_SERVING_HOST_KERNEL,
+        )
         return None
 
 

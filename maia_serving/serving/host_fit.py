@@ -22,8 +22,9 @@ def host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_host(plan: MemoryPlan, host_kv_bytes: float, kv_setting: str, flags: Flags,
-               memory_bytes: int | None = None) -> None:
+def check_host(
+    plan: MemoryPlan, host_kv_bytes: float, kv_setting: str, flags: Flags, memory_bytes: int | None = None
+) -> None:
     """HostTooSmall if one sequence of ``max_model_len`` does not fit the host's KV cache, or
     the host's memory cannot hold the weights, the KV cache and one step's activations of
     every rank."""
@@ -33,7 +34,8 @@ def check_host(plan: MemoryPlan, host_kv_bytes: float, kv_setting: str, flags: F
             f"{plan.model} with {flags.max_len} {plan.max_model_len} needs {format_bytes(one_seq)} of KV cache for one "
             f"sequence, but the host gives the KV cache {format_bytes(host_kv_bytes)} ({kv_setting}); raise "
             f"{kv_setting} or lower {flags.max_len} to at most "
-            f"{int(host_kv_bytes // plan.kv_bytes_per_token)}")
+            f"{int(host_kv_bytes // plan.kv_bytes_per_token)}"
+        )
     ranks = plan.config.tensor_parallel_size * plan.config.pipeline_parallel_size
     need = ranks * (plan.weight_bytes + plan.workspace_bytes + host_kv_bytes)
     memory = host_memory_bytes() if memory_bytes is None else memory_bytes
@@ -42,4 +44,5 @@ def check_host(plan: MemoryPlan, host_kv_bytes: float, kv_setting: str, flags: F
             f"the host has {format_bytes(memory)} of memory, but {ranks} rank(s) of {plan.model} need about "
             f"{format_bytes(need)} (weights {format_bytes(plan.weight_bytes)}, activations of a "
             f"{plan.config.max_num_batched_tokens}-token step {format_bytes(plan.workspace_bytes)} and KV cache "
-            f"{format_bytes(host_kv_bytes)} each); lower {flags.max_len} or the batched-token budget, or {kv_setting}")
+            f"{format_bytes(host_kv_bytes)} each); lower {flags.max_len} or the batched-token budget, or {kv_setting}"
+        )

@@ -53,11 +53,14 @@ def _read_json(path: Path, what: str) -> object:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise ScalesFileError(f"{what} {path} does not exist; write it with `{calibrate_command('MODEL')}` "
-                              f"(kv_cache_scales.json and {SIDECAR} in the output)") from None
+        raise ScalesFileError(
+            f"{what} {path} does not exist; write it with `{calibrate_command('MODEL')}` "
+            f"(kv_cache_scales.json and {SIDECAR} in the output)"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ScalesFileError(f"{what} {path} cannot be read as JSON ({exc}); write it again with "
-                              f"`{calibrate_command(str(path.parent))}`") from None
+        raise ScalesFileError(
+            f"{what} {path} cannot be read as JSON ({exc}); write it again with `{calibrate_command(str(path.parent))}`"
+        ) from None
 
 
 def _scale(value: object, path: Path, where: str) -> float:
@@ -77,8 +80,10 @@ def _layers(doc: object, path: Path, key_path: tuple[str, ...], num_layers: int)
         raise ScalesFileError(f"{path}: {'.'.join(key_path)} must map layer numbers to scales")
     missing = [i for i in range(num_layers) if str(i) not in node]
     if missing:
-        raise ScalesFileError(f"{path} lacks scales for layer(s) {missing[:8]} of the model's {num_layers}; "
-                              "was it calibrated for another model?")
+        raise ScalesFileError(
+            f"{path} lacks scales for layer(s) {missing[:8]} of the model's {num_layers}; "
+            "was it calibrated for another model?"
+        )
     return node
 
 
@@ -87,8 +92,10 @@ def load_sidecar(model_dir: str, num_layers: int, num_kv_heads: int) -> dict[int
     """Per layer, the K and V scale of every KV head, from ``model_dir``'s sidecar (checked)."""
     path = Path(model_dir) / SIDECAR
     if not path.exists():
-        raise ScalesFileError(f"{envs.MAIA_SERVING_KV_SCALES}=per_head needs {SIDECAR} in {model_dir}; run "
-                              f"`{calibrate_command(model_dir)}` and serve the output directory")
+        raise ScalesFileError(
+            f"{envs.MAIA_SERVING_KV_SCALES}=per_head needs {SIDECAR} in {model_dir}; run "
+            f"`{calibrate_command(model_dir)}` and serve the output directory"
+        )
     layers = _layers(_read_json(path, "the per-head scales file"), path, ("layers",), num_layers)
     out = {}
     for i in range(num_layers):
@@ -97,8 +104,10 @@ def load_sidecar(model_dir: str, num_layers: int, num_kv_heads: int) -> dict[int
         for kind in ("k", "v"):
             values = entry.get(kind) if isinstance(entry, dict) else None
             if not isinstance(values, list) or len(values) != num_kv_heads:
-                raise ScalesFileError(f"{path}: layer {i} needs {num_kv_heads} {kind.upper()} scales (one per KV "
-                                      f"head), found {values!r:.80}")
+                raise ScalesFileError(
+                    f"{path}: layer {i} needs {num_kv_heads} {kind.upper()} scales (one per KV "
+                    f"head), found {values!r:.80}"
+                )
             pair.append([_scale(x, path, f"layer {i} {kind}[{h}]") for h, x in enumerate(values)])
         out[i] = (pair[0], pair[1])
     return out
@@ -107,8 +116,9 @@ def load_sidecar(model_dir: str, num_layers: int, num_kv_heads: int) -> dict[int
 def load_sglang_scales_file(path: str | Path, num_layers: int) -> dict[int, float]:
     """Per layer, the scale in an SGLang ``--quantization-param-path`` file (tensor-parallel rank 0)."""
     path = Path(path)
-    layers = _layers(_read_json(path, "--quantization-param-path"), path, ("kv_cache", "scaling_factor", "0"),
-                     num_layers)
+    layers = _layers(
+        _read_json(path, "--quantization-param-path"), path, ("kv_cache", "scaling_factor", "0"), num_layers
+    )
     return {i: _scale(layers[str(i)], path, f"layer {i}") for i in range(num_layers)}
 
 
@@ -152,14 +162,17 @@ def layer_index(layer_name: str) -> int:
 def missing_scales_warning(cache_dtype: str, model_dir: str) -> str:
     """The loud warning for an FP8 cache without calibrated scales (never a quiet 1.0)."""
     bar = "!" * 80
-    return (f"\n{bar}\nKV cache {cache_dtype} but {model_dir} has no calibrated KV-cache scales: every "
-            "scale is 1.0, which clips keys and values beyond the format's range and wastes its "
-            f"precision below it.\nCalibrate: {calibrate_command(model_dir)}\n"
-            f"then serve the output directory.\n{bar}")
+    return (
+        f"\n{bar}\nKV cache {cache_dtype} but {model_dir} has no calibrated KV-cache scales: every "
+        "scale is 1.0, which clips keys and values beyond the format's range and wastes its "
+        f"precision below it.\nCalibrate: {calibrate_command(model_dir)}\n"
+        f"then serve the output directory.\n{bar}"
+    )
 
 
-def per_head_scales(model_dir: str, num_layers: int, total_kv_heads: int, layer: int, num_kv_heads: int,
-                    tp_rank: int, tp_size: int):
+def per_head_scales(
+    model_dir: str, num_layers: int, total_kv_heads: int, layer: int, num_kv_heads: int, tp_rank: int, tp_size: int
+):
     """This rank's slice of layer ``layer``'s per-head K and V scales from the sidecar, as tensors."""
     import torch
 
@@ -171,17 +184,23 @@ def per_head_scales(model_dir: str, num_layers: int, total_kv_heads: int, layer:
     else:
         first = 0 if total_kv_heads == num_kv_heads else tp_rank * num_kv_heads
     if first + num_kv_heads > total_kv_heads:
-        raise ValueError(f"{SIDECAR} has {total_kv_heads} KV heads for layer {layer}; rank {tp_rank} of {tp_size} "
-                         f"needs heads {first}..{first + num_kv_heads - 1}")
-    return (torch.tensor(k[first:first + num_kv_heads], dtype=torch.float32),
-            torch.tensor(v[first:first + num_kv_heads], dtype=torch.float32))
+        raise ValueError(
+            f"{SIDECAR} has {total_kv_heads} KV heads for layer {layer}; rank {tp_rank} of {tp_size} "
+            f"needs heads {first}..{first + num_kv_heads - 1}"
+        )
+    return (
+        torch.tensor(k[first : first + num_kv_heads], dtype=torch.float32),
+        torch.tensor(v[first : first + num_kv_heads], dtype=torch.float32),
+    )
 
 
 def check_nvfp4_scales(model_dir: str, hf_config: dict) -> None:
     """An NVFP4 cache's tensor scales come from the calibrated sidecar: it must exist and match the model."""
     if not (Path(model_dir) / SIDECAR).exists():
-        raise ScalesFileError(f"an nvfp4 KV cache needs calibrated tensor scales, and {model_dir} has no {SIDECAR}; "
-                              f"run `{calibrate_command(model_dir)}` and serve the output directory")
+        raise ScalesFileError(
+            f"an nvfp4 KV cache needs calibrated tensor scales, and {model_dir} has no {SIDECAR}; "
+            f"run `{calibrate_command(model_dir)}` and serve the output directory"
+        )
     load_sidecar(model_dir, *model_dims(hf_config))
 
 
@@ -191,8 +210,9 @@ def _sidecar_format(model_dir: str) -> str:
     return str(_read_json(Path(model_dir) / SIDECAR, "the per-head scales file").get("format", "e4m3"))
 
 
-def nvfp4_tensor_scales(model_dir: str, num_layers: int, total_kv_heads: int, layer: int, num_kv_heads: int,
-                        tp_rank: int, tp_size: int):
+def nvfp4_tensor_scales(
+    model_dir: str, num_layers: int, total_kv_heads: int, layer: int, num_kv_heads: int, tp_rank: int, tp_size: int
+):
     """NVFP4's tensor scales for this rank's heads of ``layer``: ``t = amax / (6 x 448)`` from the
     sidecar's calibrated absmax, so the largest block's E4M3 scale is E4M3's largest (E2M1's 6
     times it covers amax). One per KV head with MAIA_SERVING_KV_SCALES=per_head, else the
@@ -203,8 +223,10 @@ def nvfp4_tensor_scales(model_dir: str, num_layers: int, total_kv_heads: int, la
     calibrated = get_fp8_format(_sidecar_format(model_dir))
     nvfp4 = MX_FORMATS["nvfp4"]
     to_tensor_scale = calibrated.max_value / (nvfp4.element.max_value * get_fp8_format("e4m3").max_value)
-    scales = [s * to_tensor_scale for s in
-              per_head_scales(model_dir, num_layers, total_kv_heads, layer, num_kv_heads, tp_rank, tp_size)]
+    scales = [
+        s * to_tensor_scale
+        for s in per_head_scales(model_dir, num_layers, total_kv_heads, layer, num_kv_heads, tp_rank, tp_size)
+    ]
     if scale_mode() == "per_head":
         return scales[0], scales[1]
     return float(scales[0].max()), float(scales[1].max())

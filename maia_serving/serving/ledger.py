@@ -42,8 +42,9 @@ def resolve(surface: Surface) -> object:
             raise AttributeError(f"{name} sets no attribute {attr!r}")
         return obj
     except (ImportError, AttributeError, ValueError, importlib.metadata.PackageNotFoundError) as exc:
-        raise MissingSurface(f"{target} ({surface.kind}: {surface.why}) is missing from the installed engine: "
-                             f"{exc}") from None
+        raise MissingSurface(
+            f"{target} ({surface.kind}: {surface.why}) is missing from the installed engine: {exc}"
+        ) from None
 
 
 def _assigned_in_source(obj: object, attr: str) -> bool:
@@ -69,5 +70,8 @@ def require_all(surfaces: tuple[Surface, ...], engine: str) -> None:
         except MissingSurface as exc:
             missing.append(str(exc))
     if missing:
-        raise MissingSurface(f"maia-serving cannot run on this {engine} version:\n  " + "\n  ".join(missing)
-                             + f"\nInstall the {engine} version pinned in pyproject.toml.")
+        raise MissingSurface(
+            f"maia-serving cannot run on this {engine} version:\n  "
+            + "\n  ".join(missing)
+            + f"\nInstall the {engine} version pinned in pyproject.toml."
+        )

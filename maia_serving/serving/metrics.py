@@ -129,48 +129,88 @@ class EmulatedMetricSet:
         self.registry = REGISTRY if registry is None else registry
         reg = {"registry": self.registry}
         self.info: DeviceInfo | None = None
-        self.steps = Histogram("maia:emulated_step_seconds", "Emulated time of one engine step",
-                               buckets=_STEP_BUCKETS, **reg)
+        self.steps = Histogram(
+            "maia:emulated_step_seconds", "Emulated time of one engine step", buckets=_STEP_BUCKETS, **reg
+        )
         self.host_steps = Counter("maia:host_step_seconds", "Measured host time of the charged steps", **reg)
-        self.overhead = Counter("maia:emulator_overhead_seconds",
-                                "Host time spent charging steps to the emulator", **reg)
+        self.overhead = Counter(
+            "maia:emulator_overhead_seconds", "Host time spent charging steps to the emulator", **reg
+        )
         self.busy = Counter("maia:emulated_busy_seconds", "Emulated device time, summed over steps", **reg)
-        self.clock = Gauge("maia:emulated_clock_seconds",
-                           "Emulated time at the end of the last step, idle time included (the clock follows "
-                           "the host while no request is open)", multiprocess_mode="mostrecent", **reg)
-        self.parts = Counter("maia:emulated_time_by_part_seconds",
-                             "Emulated step time by part (compute, memory, communication, launch)", ["part"],
-                             **reg)
+        self.clock = Gauge(
+            "maia:emulated_clock_seconds",
+            "Emulated time at the end of the last step, idle time included (the clock follows "
+            "the host while no request is open)",
+            multiprocess_mode="mostrecent",
+            **reg,
+        )
+        self.parts = Counter(
+            "maia:emulated_time_by_part_seconds",
+            "Emulated step time by part (compute, memory, communication, launch)",
+            ["part"],
+            **reg,
+        )
         self.tokens = Counter("maia:emulated_tokens", "Tokens the emulated device processed", **reg)
-        self.collectives = Counter("maia:emulated_collectives",
-                                   "Collectives the engine performed and the emulated interconnect was charged for",
-                                   **reg)
+        self.collectives = Counter(
+            "maia:emulated_collectives",
+            "Collectives the engine performed and the emulated interconnect was charged for",
+            **reg,
+        )
         self.comm_bytes = Counter("maia:emulated_collective_bytes", "Bytes of the charged collectives", **reg)
-        self.errors = Counter("maia:emulation_errors",
-                              "Steps left uncharged or records dropped because of an error in the emulation "
-                              "(the engine kept serving); see the server log", ["stage"], **reg)
-        self.ttft = Histogram("maia:emulated_time_to_first_token_seconds", "Emulated TTFT",
-                              buckets=_LATENCY_BUCKETS, **reg)
-        self.tpot = Histogram("maia:emulated_time_per_output_token_seconds", "Emulated TPOT",
-                              buckets=_LATENCY_BUCKETS, **reg)
-        self.e2e = Histogram("maia:emulated_e2e_request_latency_seconds",
-                             "Emulated end-to-end request latency", buckets=_LATENCY_BUCKETS, **reg)
-        self.hbm_used = Gauge("maia:hbm_used_bytes", "Emulated HBM in use on one chip",
-                              multiprocess_mode="mostrecent", **reg)
-        self.hbm_total = Gauge("maia:hbm_total_bytes", "Emulated HBM capacity of one chip",
-                               multiprocess_mode="mostrecent", **reg)
-        self.kv_used = Gauge("maia:kv_cache_blocks_used", "KV cache blocks held by running requests",
-                             multiprocess_mode="mostrecent", **reg)
-        self.kv_cached = Gauge("maia:kv_cache_blocks_cached",
-                               "KV cache blocks held only by the prefix cache (reusable, evictable)",
-                               multiprocess_mode="mostrecent", **reg)
-        self.kv_total = Gauge("maia:kv_cache_blocks", "KV cache blocks", ["holder"], multiprocess_mode="mostrecent",
-                              **reg)
-        self.kv_tokens = Gauge("maia:kv_cache_tokens", "KV cache capacity in tokens (blocks x block size)",
-                               ["holder"], multiprocess_mode="mostrecent", **reg)
-        self.device = Gauge("maia:device_info", "The emulated device",
-                            ["profile", "model", "kv_cache_dtype", "tensor_parallel_size"],
-                            multiprocess_mode="mostrecent", **reg)
+        self.errors = Counter(
+            "maia:emulation_errors",
+            "Steps left uncharged or records dropped because of an error in the emulation "
+            "(the engine kept serving); see the server log",
+            ["stage"],
+            **reg,
+        )
+        self.ttft = Histogram(
+            "maia:emulated_time_to_first_token_seconds", "Emulated TTFT", buckets=_LATENCY_BUCKETS, **reg
+        )
+        self.tpot = Histogram(
+            "maia:emulated_time_per_output_token_seconds", "Emulated TPOT", buckets=_LATENCY_BUCKETS, **reg
+        )
+        self.e2e = Histogram(
+            "maia:emulated_e2e_request_latency_seconds",
+            "Emulated end-to-end request latency",
+            buckets=_LATENCY_BUCKETS,
+            **reg,
+        )
+        self.hbm_used = Gauge(
+            "maia:hbm_used_bytes", "Emulated HBM in use on one chip", multiprocess_mode="mostrecent", **reg
+        )
+        self.hbm_total = Gauge(
+            "maia:hbm_total_bytes", "Emulated HBM capacity of one chip", multiprocess_mode="mostrecent", **reg
+        )
+        self.kv_used = Gauge(
+            "maia:kv_cache_blocks_used",
+            "KV cache blocks held by running requests",
+            multiprocess_mode="mostrecent",
+            **reg,
+        )
+        self.kv_cached = Gauge(
+            "maia:kv_cache_blocks_cached",
+            "KV cache blocks held only by the prefix cache (reusable, evictable)",
+            multiprocess_mode="mostrecent",
+            **reg,
+        )
+        self.kv_total = Gauge(
+            "maia:kv_cache_blocks", "KV cache blocks", ["holder"], multiprocess_mode="mostrecent", **reg
+        )
+        self.kv_tokens = Gauge(
+            "maia:kv_cache_tokens",
+            "KV cache capacity in tokens (blocks x block size)",
+            ["holder"],
+            multiprocess_mode="mostrecent",
+            **reg,
+        )
+        self.device = Gauge(
+            "maia:device_info",
+            "The emulated device",
+            ["profile", "model", "kv_cache_dtype", "tensor_parallel_size"],
+            multiprocess_mode="mostrecent",
+            **reg,
+        )
         for stage in ("charge", "channel"):
             self.errors.labels(stage)  # present, at 0, before anything goes wrong
 
@@ -202,8 +242,7 @@ class EmulatedMetricSet:
         self.kv_total.labels("engine").set(info.engine_kv_blocks)
         self.kv_tokens.labels("emulated").set(info.emulated_kv_blocks * info.block_size)
         self.kv_tokens.labels("engine").set(info.engine_kv_blocks * info.block_size)
-        self.device.labels(info.profile, info.model, info.kv_cache_dtype,
-                           str(info.tensor_parallel_size)).set(1)
+        self.device.labels(info.profile, info.model, info.kv_cache_dtype, str(info.tensor_parallel_size)).set(1)
 
     def _apply_step(self, rec: StepRecord) -> None:
         self.steps.observe(rec.step_s)

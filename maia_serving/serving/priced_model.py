@@ -18,8 +18,9 @@ from maia_serving.emulator.memory import MemoryPlan
 from maia_serving.emulator.model_shape import ModelShape, load_model_shape, with_expert_load
 
 
-def priced_shape(served: ModelShape, spec: str | None, setting: str, load: str | None = None,
-                 load_setting: str = "") -> ModelShape:
+def priced_shape(
+    served: ModelShape, spec: str | None, setting: str, load: str | None = None, load_setting: str = ""
+) -> ModelShape:
     """``served`` itself, or the shape ``spec`` names (a built-in name, a config.json or a model
     folder), routed as the file ``load`` counts if one is given; ValueError naming the setting
     (``setting`` or ``load_setting``) and what is wrong with its value."""
@@ -47,5 +48,7 @@ def routing_note(model: ModelShape) -> str | None:
     """The log line saying which measured routing prices ``model``'s MoE layers (None: uniform or dense)."""
     if model.moe is None or model.moe.load is None:
         return None
-    return (f"Maia routing: {model.name}'s MoE layers are priced with the measured expert load of "
-            f"{model.moe.load.source} (not uniform routing).")
+    return (
+        f"Maia routing: {model.name}'s MoE layers are priced with the measured expert load of "
+        f"{model.moe.load.source} (not uniform routing)."
+    )

@@ -35,9 +35,16 @@ class EngineStep:
 class StepCharger:
     """One engine's emulated device, its log line and where its records go."""
 
-    def __init__(self, device: EmulatedDevice, logger: logging.Logger, log_interval_s: float,
-                 sink: Callable[[StepRecord], None], on_error: Callable[[], None], pace: bool = False,
-                 sleep: Callable[[float], None] = time.sleep):
+    def __init__(
+        self,
+        device: EmulatedDevice,
+        logger: logging.Logger,
+        log_interval_s: float,
+        sink: Callable[[StepRecord], None],
+        on_error: Callable[[], None],
+        pace: bool = False,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
         self.device = device
         self.pace = pace  # MAIA_SERVING_PACE: wait out each step's emulated time (clock.EmulatedClock.pace_s)
         device.clock.paced = pace  # and stamp arrivals during the wait as the clock's pacing rule says
@@ -56,9 +63,12 @@ class StepCharger:
         except Exception:
             self.errors += 1
             if self.errors == 1:
-                self.logger.exception("maia-serving: %s failed; the step is not charged to the emulated device "
-                                      "(counted in maia:emulation_errors_total) and the engine serves on. "
-                                      "Please report this.", what)
+                self.logger.exception(
+                    "maia-serving: %s failed; the step is not charged to the emulated device "
+                    "(counted in maia:emulation_errors_total) and the engine serves on. "
+                    "Please report this.",
+                    what,
+                )
             else:
                 self.logger.debug("maia-serving: %s failed again (%d errors)", what, self.errors, exc_info=True)
             try:
@@ -84,8 +94,15 @@ class StepCharger:
 
     def _charge(self, shape: EngineStep, wall_s: float, read_s: float) -> StepRecord:
         start = time.thread_time()
-        record = self.device.charge(shape.new_tokens, shape.contexts, shape.tokens_out, shape.finished,
-                                    shape.kv_blocks_used, wall_s, shape.collectives)
+        record = self.device.charge(
+            shape.new_tokens,
+            shape.contexts,
+            shape.tokens_out,
+            shape.finished,
+            shape.kv_blocks_used,
+            wall_s,
+            shape.collectives,
+        )
         record.kv_blocks_cached = shape.kv_blocks_cached
         if (line := self._log.observe(record, time.monotonic())) is not None:
             self.logger.info(line)

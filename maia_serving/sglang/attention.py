@@ -29,6 +29,7 @@ from maia_serving.serving import kv_scales
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass
 class MaiaForwardMetadata:
     """One step's batch in the ops' vocabulary, shared by every layer."""
@@ -77,9 +78,11 @@ def dropped_window_warning(config: int, layer_windows: set[int | None]) -> str |
     Llama, Mistral and Mixtral classes, on every attention backend)."""
     if layer_windows != {None}:
         return None
-    return (f"the model's config.json sets sliding_window={config}, but SGLang's code for this architecture "
-            "gives no layer a window: every query attends over all its keys, so the outputs are full attention's "
-            "(serve it with vLLM for the window), while the emulated figures price the window")
+    return (
+        f"the model's config.json sets sliding_window={config}, but SGLang's code for this architecture "
+        "gives no layer a window: every query attends over all its keys, so the outputs are full attention's "
+        "(serve it with vLLM for the window), while the emulated figures price the window"
+    )
 
 
 class MaiaAttnBackend(AttentionBackend):
@@ -91,8 +94,10 @@ class MaiaAttnBackend(AttentionBackend):
         self.req_to_token_pool = model_runner.req_to_token_pool
         self.token_to_kv_pool = model_runner.token_to_kv_pool
         if isinstance(self.token_to_kv_pool, BaseSWAKVPool):
-            raise NotImplementedError("the maia attention backend reads one KV pool, not SGLang's hybrid "
-                                      "full/sliding-window pools; serve this model with --disable-hybrid-swa-memory")
+            raise NotImplementedError(
+                "the maia attention backend reads one KV pool, not SGLang's hybrid "
+                "full/sliding-window pools; serve this model with --disable-hybrid-swa-memory"
+            )
         self.page_size = model_runner.page_size
         block_scaled = envs.get(envs.MAIA_SERVING_KV_CACHE_DTYPE)
         self.kv_cache_dtype = block_scaled or kv_cache_dtype_name(model_runner.kv_cache_dtype)
@@ -144,8 +149,13 @@ class MaiaAttnBackend(AttentionBackend):
         seq_lens = forward_batch.seq_lens.to(index)
         query_start_loc = query_start_loc.to(device)
         self.forward_metadata = MaiaForwardMetadata(
-            block_tables, seq_lens, query_start_loc, int(q_lens.sum()), int(q_lens.max()),
-            torch_path and not native_path)
+            block_tables,
+            seq_lens,
+            query_start_loc,
+            int(q_lens.sum()),
+            int(q_lens.max()),
+            torch_path and not native_path,
+        )
 
     # -- per layer -------------------------------------------------------------------
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True):
@@ -161,9 +171,15 @@ class MaiaAttnBackend(AttentionBackend):
         k_scale, v_scale = self._layer_scales(layer)
         if save_kv_cache and k is not None and v is not None:
             ops.reshape_and_cache(
-                k.view(-1, num_kv_heads, head_dim), v.view(-1, num_kv_heads, layer.v_head_dim),
-                key_cache, value_cache, forward_batch.out_cache_loc,
-                self.kv_cache_dtype, k_scale, v_scale)
+                k.view(-1, num_kv_heads, head_dim),
+                v.view(-1, num_kv_heads, layer.v_head_dim),
+                key_cache,
+                value_cache,
+                forward_batch.out_cache_loc,
+                self.kv_cache_dtype,
+                k_scale,
+                v_scale,
+            )
         query = q.reshape(-1, num_heads, head_dim)
         out = torch.empty_like(query)
         meta = self.forward_metadata
@@ -173,13 +189,34 @@ class MaiaAttnBackend(AttentionBackend):
         if self._layer_windows is not None:
             self._layer_windows.add(window)
         if meta.torch_path and window not in meta.plans:
-            meta.plans[window] = plan_paged_attention(meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                                                      meta.num_tokens, num_heads, self.page_size, causal=True,
-                                                      max_query_len=meta.max_query_len, sliding_window=window)
+            meta.plans[window] = plan_paged_attention(
+                meta.block_tables,
+                meta.seq_lens,
+                meta.query_start_loc,
+                meta.num_tokens,
+                num_heads,
+                self.page_size,
+                causal=True,
+                max_query_len=meta.max_query_len,
+                sliding_window=window,
+            )
         ops.paged_attention(
-            query, key_cache, value_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-            layer.scaling, self.kv_cache_dtype, k_scale, v_scale, True,
-            max_query_len=meta.max_query_len, out=out, plan=meta.plans.get(window), sliding_window=window)
+            query,
+            key_cache,
+            value_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            meta.query_start_loc,
+            layer.scaling,
+            self.kv_cache_dtype,
+            k_scale,
+            v_scale,
+            True,
+            max_query_len=meta.max_query_len,
+            out=out,
+            plan=meta.plans.get(window),
+            sliding_window=window,
+        )
         return out.view(-1, num_heads * head_dim)
 
     def _caches(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,8 +245,14 @@ class MaiaAttnBackend(AttentionBackend):
             )
 
             read = kv_scales.nvfp4_tensor_scales if self.tensor_scaled else kv_scales.per_head_scales
-            k, v = read(self.model_dir, *self.model_dims, layer.layer_id, layer.tp_k_head_num,
-                        get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size())
+            k, v = read(
+                self.model_dir,
+                *self.model_dims,
+                layer.layer_id,
+                layer.tp_k_head_num,
+                get_tensor_model_parallel_rank(),
+                get_tensor_model_parallel_world_size(),
+            )
             scales = (k.to(self.device), v.to(self.device)) if isinstance(k, torch.Tensor) else (k, v)
         else:
             k, v = layer_scale(layer, "k"), layer_scale(layer, "v")
@@ -222,20 +265,27 @@ class MaiaAttnBackend(AttentionBackend):
                 mode = "per_tensor"
             scales = (k, v)
         if not self._scales:
-            logger.info("Maia KV cache %s: %s scales, layer %d: k=%s v=%s", self.kv_cache_dtype, mode,
-                        layer.layer_id, kv_scales.show_scales(scales[0]), kv_scales.show_scales(scales[1]))
+            logger.info(
+                "Maia KV cache %s: %s scales, layer %d: k=%s v=%s",
+                self.kv_cache_dtype,
+                mode,
+                layer.layer_id,
+                kv_scales.show_scales(scales[0]),
+                kv_scales.show_scales(scales[1]),
+            )
         self._scales[layer.layer_id] = scales
         return scales
 
     @staticmethod
     def _check_layer(layer) -> None:
         if layer.is_cross_attention or layer.qk_head_dim != layer.v_head_dim:
-            raise NotImplementedError("the maia attention backend serves decoder self-attention with "
-                                      "equal K and V head sizes only")
+            raise NotImplementedError(
+                "the maia attention backend serves decoder self-attention with equal K and V head sizes only"
+            )
         if layer.logit_cap:
-            raise NotImplementedError("the maia attention backend has no logit soft-cap; "
-                                      "serve this model with another --attention-backend")
+            raise NotImplementedError(
+                "the maia attention backend has no logit soft-cap; serve this model with another --attention-backend"
+            )
 
     def support_triton(self) -> bool:
         return False
-

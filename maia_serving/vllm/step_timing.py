@@ -26,8 +26,12 @@ import sys
 from maia_serving.envs import MAIA_SERVING_DEVICE, VLLM_CPU_KVCACHE_SPACE
 
 # The engine in this process and on the maia platform; our KV budget, not most of the host's memory.
-ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_CI_ENV": "1", VLLM_CPU_KVCACHE_SPACE: "1",
-              MAIA_SERVING_DEVICE: "maia"}
+ENGINE_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_CI_ENV": "1",
+    VLLM_CPU_KVCACHE_SPACE: "1",
+    MAIA_SERVING_DEVICE: "maia",
+}
 
 
 def _engine(model: str, workloads: list[tuple[int, int, int]]):
@@ -36,9 +40,15 @@ def _engine(model: str, workloads: list[tuple[int, int, int]]):
 
     longest = max((t + o for _, t, o in workloads), default=0)
     batched = max(4096, max((p * t for p, t, _ in workloads), default=0))
-    return LLM(model, max_model_len=max(2048, longest), enforce_eager=True, max_num_batched_tokens=batched,
-               enable_prefix_caching=False, max_num_seqs=max(64, max((p for p, _, _ in workloads), default=0)),
-               additional_config={"maia_profile": "host"})
+    return LLM(
+        model,
+        max_model_len=max(2048, longest),
+        enforce_eager=True,
+        max_num_batched_tokens=batched,
+        enable_prefix_caching=False,
+        max_num_seqs=max(64, max((p for p, _, _ in workloads), default=0)),
+        additional_config={"maia_profile": "host"},
+    )
 
 
 def time_steps(model: str, workloads: list[tuple[int, int, int]], rounds: int) -> list[dict]:
@@ -51,16 +61,30 @@ def time_steps(model: str, workloads: list[tuple[int, int, int]], rounds: int) -
 
     def recording(self, shape, wall_s, read_s):
         record = charge(self, shape, wall_s, read_s)
-        steps.append({"workload": current[0], "round": current[1], "tokens": record.num_tokens,
-                      "seqs": record.num_seqs, "predicted_s": record.step_s, "measured_s": record.wall_s})
+        steps.append(
+            {
+                "workload": current[0],
+                "round": current[1],
+                "tokens": record.num_tokens,
+                "seqs": record.num_seqs,
+                "predicted_s": record.step_s,
+                "measured_s": record.wall_s,
+            }
+        )
         return record
 
     stepping.StepCharger._charge = recording
     from vllm import SamplingParams
 
     llm = _engine(model, workloads)
-    runs = [(f"{p}x{t}", [[5 + (i * 7 + j) % 1000 for j in range(t)] for i in range(p)],
-             SamplingParams(max_tokens=o, ignore_eos=True, temperature=0)) for p, t, o in workloads]
+    runs = [
+        (
+            f"{p}x{t}",
+            [[5 + (i * 7 + j) % 1000 for j in range(t)] for i in range(p)],
+            SamplingParams(max_tokens=o, ignore_eos=True, temperature=0),
+        )
+        for p, t, o in workloads
+    ]
     current[0] = "warm-up"
     for _, batch, params in runs:
         llm.generate(batch, params, use_tqdm=False)
@@ -84,17 +108,26 @@ def measure_host(model: str, heads: tuple[int, int, int]) -> dict:
 
 def _child(args: list[str], prefix: str, what: str, env: dict[str, str] | None, timeout_s: float):
     """This module as a script in a fresh process, with ``env`` over this one's: its ``prefix`` line's JSON."""
-    out = subprocess.run([sys.executable, "-m", "maia_serving.vllm.step_timing", *args],
-                         env={**os.environ, **ENGINE_ENV, **(env or {})}, capture_output=True, text=True,
-                         timeout=timeout_s)
+    out = subprocess.run(
+        [sys.executable, "-m", "maia_serving.vllm.step_timing", *args],
+        env={**os.environ, **ENGINE_ENV, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith(prefix + " ")), None)
     if out.returncode or line is None:
         raise RuntimeError(f"{what} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(line.removeprefix(prefix + " "))
 
 
-def run(model: str, workloads: list[tuple[int, int, int]], rounds: int = 3, env: dict[str, str] | None = None,
-        timeout_s: float = 1800) -> list[dict]:
+def run(
+    model: str,
+    workloads: list[tuple[int, int, int]],
+    rounds: int = 3,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 1800,
+) -> list[dict]:
     """``time_steps`` in a fresh process."""
     args = ["--model", model, "--rounds", str(rounds)]
     for workload in workloads:
@@ -102,19 +135,26 @@ def run(model: str, workloads: list[tuple[int, int, int]], rounds: int = 3, env:
     return _child(args, "STEPS", f"timing vLLM's steps on {model}", env, timeout_s)
 
 
-def run_measure_host(model: str, heads: tuple[int, int, int], env: dict[str, str] | None = None,
-                     timeout_s: float = 600) -> dict:
+def run_measure_host(
+    model: str, heads: tuple[int, int, int], env: dict[str, str] | None = None, timeout_s: float = 600
+) -> dict:
     """``measure_host`` in a fresh process."""
-    return _child(["--model", model, "--measure-host", *map(str, heads)], "PROFILE",
-                  f"measuring the host inside vLLM's engine on {model}", env, timeout_s)
+    return _child(
+        ["--model", model, "--measure-host", *map(str, heads)],
+        "PROFILE",
+        f"measuring the host inside vLLM's engine on {model}",
+        env,
+        timeout_s,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--workload", nargs=3, type=int, action="append",
-                      metavar=("PROMPTS", "PROMPT_TOKENS", "OUTPUT_TOKENS"))
+    what.add_argument(
+        "--workload", nargs=3, type=int, action="append", metavar=("PROMPTS", "PROMPT_TOKENS", "OUTPUT_TOKENS")
+    )
     what.add_argument("--measure-host", nargs=3, type=int, metavar=("HEADS", "KV_HEADS", "HEAD_DIM"))
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)

@@ -43,9 +43,14 @@ class MaiaScheduler(Scheduler):
         super().__init__(vllm_config, *args, **kwargs)
         device = build_device(vllm_config)
         self._publisher = StatsPublisher(envs.get(envs.MAIA_SERVING_STATS_ADDR))
-        self.maia = StepCharger(device, logger, envs.get(envs.MAIA_SERVING_LOG_INTERVAL_S),
-                                sink=lambda record: self._publisher.send(record, time.monotonic()),
-                                on_error=self._publisher.count_error, pace=envs.get(envs.MAIA_SERVING_PACE))
+        self.maia = StepCharger(
+            device,
+            logger,
+            envs.get(envs.MAIA_SERVING_LOG_INTERVAL_S),
+            sink=lambda record: self._publisher.send(record, time.monotonic()),
+            on_error=self._publisher.count_error,
+            pace=envs.get(envs.MAIA_SERVING_PACE),
+        )
         # Keyed by the SchedulerOutput's id: with a batch queue, two steps can be in flight.
         self._in_flight: dict[int, _Scheduled] = {}
         # The engine's collectives move the served model's tensors: a proxy shape's are the cost model's.
@@ -76,8 +81,9 @@ class MaiaScheduler(Scheduler):
         scheduled = out.num_scheduled_tokens
         # num_computed_tokens already counts this step's tokens (see _update_after_schedule).
         contexts = tuple(self.requests[rid].num_computed_tokens for rid in scheduled)
-        self._in_flight[id(out)] = _Scheduled(tuple(scheduled.values()), contexts, time.perf_counter(),
-                                              time.thread_time() - start)
+        self._in_flight[id(out)] = _Scheduled(
+            tuple(scheduled.values()), contexts, time.perf_counter(), time.thread_time() - start
+        )
 
     def update_from_output(self, scheduler_output, model_runner_output):
         outputs = super().update_from_output(scheduler_output, model_runner_output)

@@ -30,8 +30,10 @@ logger = init_logger("vllm.maia_serving")
 def _allow_amx() -> None:
     """Request the AMX tile state for this process where the CPU lists AMX (module docstring)."""
     if torch.cpu._is_amx_tile_supported() and not torch.cpu._init_amx():
-        logger.warning("maia-serving: the CPU lists AMX but Linux refused its tile state; "
-                       "MAIA_SERVING_ATTENTION=vllm-cpu may stop with 'Illegal instruction'")
+        logger.warning(
+            "maia-serving: the CPU lists AMX but Linux refused its tile state; "
+            "MAIA_SERVING_ATTENTION=vllm-cpu may stop with 'Illegal instruction'"
+        )
 
 
 def _with_collectives(output):

@@ -44,8 +44,16 @@ def logs_dir() -> Path:
 @pytest.fixture(scope="session")
 def maia_server(demo_model):
     port = free_port()
-    cmd = vllm_serve_cmd(demo_model, port, "--served-model-name", "demo", *VLLM_LIMITS,
-                         "--enforce-eager", "--additional-config", '{"maia_profile": "maia100"}')
+    cmd = vllm_serve_cmd(
+        demo_model,
+        port,
+        "--served-model-name",
+        "demo",
+        *VLLM_LIMITS,
+        "--enforce-eager",
+        "--additional-config",
+        '{"maia_profile": "maia100"}',
+    )
     with Server(cmd, port, LOGS / "maia-server.log", env=ENGINE_ENV) as server:
         server.metrics_at_start = scrape(server.url)  # before any request
         yield server
@@ -81,9 +89,18 @@ def calibrated_demo(demo_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def vllm_fp8_server(calibrated_demo):
     port = free_port()
-    cmd = vllm_serve_cmd(calibrated_demo[0], port, "--served-model-name", "demo-fp8", *VLLM_LIMITS,
-                         "--enforce-eager", "--kv-cache-dtype", "fp8", "--additional-config",
-                         '{"maia_profile": "maia100"}')
+    cmd = vllm_serve_cmd(
+        calibrated_demo[0],
+        port,
+        "--served-model-name",
+        "demo-fp8",
+        *VLLM_LIMITS,
+        "--enforce-eager",
+        "--kv-cache-dtype",
+        "fp8",
+        "--additional-config",
+        '{"maia_profile": "maia100"}',
+    )
     with Server(cmd, port, LOGS / "maia-fp8-server.log", env={"VLLM_CPU_CI_ENV": "1"}) as server:
         yield server
 
@@ -91,8 +108,16 @@ def vllm_fp8_server(calibrated_demo):
 @pytest.fixture(scope="module")
 def sglang_fp8_server(calibrated_demo):
     port = free_port()
-    cmd = sglang_serve_cmd(calibrated_demo[0], port, "--served-model-name", "demo-fp8", *SGLANG_LIMITS,
-                           "--kv-cache-dtype", "fp8_e4m3", "--enable-metrics")
+    cmd = sglang_serve_cmd(
+        calibrated_demo[0],
+        port,
+        "--served-model-name",
+        "demo-fp8",
+        *SGLANG_LIMITS,
+        "--kv-cache-dtype",
+        "fp8_e4m3",
+        "--enable-metrics",
+    )
     with Server(cmd, port, LOGS / "maia-sglang-fp8-server.log", env=SGLANG_ENV) as server:
         yield server
 
@@ -105,8 +130,16 @@ PROXY_CONFIG = '{"maia_profile": "maia200", "maia_model": "llama-3-8b"}'
 @pytest.fixture(scope="module")
 def proxy_server(demo_model):
     port = free_port()
-    cmd = vllm_serve_cmd(demo_model, port, "--served-model-name", "demo", *VLLM_LIMITS, "--enforce-eager",
-                         "--additional-config", PROXY_CONFIG)
+    cmd = vllm_serve_cmd(
+        demo_model,
+        port,
+        "--served-model-name",
+        "demo",
+        *VLLM_LIMITS,
+        "--enforce-eager",
+        "--additional-config",
+        PROXY_CONFIG,
+    )
     with Server(cmd, port, LOGS / "maia-proxy-server.log", env={**ENGINE_ENV, "VLLM_SERVER_DEV_MODE": "1"}) as server:
         server.metrics_at_start = scrape(server.url)  # before any request
         yield server

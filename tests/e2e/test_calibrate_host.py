@@ -9,8 +9,12 @@ from maia_serving.emulator.hardware import profile_from_dict
 
 
 def _calibrate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "maia_serving.cli.main", "calibrate-host", *args],
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "maia_serving.cli.main", "calibrate-host", *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def test_the_engine_time_is_fitted_on_vllm_and_loads_with_the_profile(demo_model, tmp_path):

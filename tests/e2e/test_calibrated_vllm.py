@@ -75,10 +75,20 @@ def main():
 def stock_vllm_scales(model, kv_cache_dtype, tmp_path) -> dict:
     (tmp_path / "stock_vllm_probe.py").write_text(PROBE)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAIA_SERVING_")}
-    env.update(VLLM_CPU_CI_ENV="1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_ALLOW_INSECURE_SERIALIZATION="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")])))
-    out = subprocess.run([sys.executable, "-c", "import stock_vllm_probe; stock_vllm_probe.main()", str(model),
-                          kv_cache_dtype], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    env.update(
+        VLLM_CPU_CI_ENV="1",
+        VLLM_CPU_KVCACHE_SPACE="1",
+        VLLM_ALLOW_INSECURE_SERIALIZATION="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")])),
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", "import stock_vllm_probe; stock_vllm_probe.main()", str(model), kv_cache_dtype],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line.removeprefix("RESULT "))

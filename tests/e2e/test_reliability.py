@@ -12,8 +12,10 @@ from tests.utils.launch import metric, settled_scrape
 from tests.utils.loadgen import Load, run_load
 
 # Each engine's own gauges of requests in flight.
-IN_FLIGHT = {"vllm": ("vllm:num_requests_running", "vllm:num_requests_waiting"),
-             "sglang": ("sglang:num_running_reqs", "sglang:num_queue_reqs")}
+IN_FLIGHT = {
+    "vllm": ("vllm:num_requests_running", "vllm:num_requests_waiting"),
+    "sglang": ("sglang:num_running_reqs", "sglang:num_queue_reqs"),
+}
 
 
 def _answers(served) -> None:
@@ -23,9 +25,13 @@ def _answers(served) -> None:
 
 def _settled(served, timeout_s: float = 60.0) -> dict[str, float]:
     """/metrics once nothing runs or waits (the gauges lag the last step by a little)."""
-    return settled_scrape(served.server.url, lambda samples: sum(metric(samples, name) for name in
-                                                                 IN_FLIGHT[served.engine]) == 0,
-                          prefix="", timeout_s=timeout_s, poll_s=0.5)
+    return settled_scrape(
+        served.server.url,
+        lambda samples: sum(metric(samples, name) for name in IN_FLIGHT[served.engine]) == 0,
+        prefix="",
+        timeout_s=timeout_s,
+        poll_s=0.5,
+    )
 
 
 def test_soak_with_clients_that_disconnect_and_time_out(served, logs_dir):
@@ -36,8 +42,14 @@ def test_soak_with_clients_that_disconnect_and_time_out(served, logs_dir):
     report = run_load(served.server.url, "demo", load)
     samples = _settled(served)
     rss_after = served.server.rss_bytes()
-    figures = {"engine": served.engine, "requests": load.num_requests, "concurrency": load.concurrency,
-               **report.to_dict(), "rss_before_mib": rss_before / 2**20, "rss_after_mib": rss_after / 2**20}
+    figures = {
+        "engine": served.engine,
+        "requests": load.num_requests,
+        "concurrency": load.concurrency,
+        **report.to_dict(),
+        "rss_before_mib": rss_before / 2**20,
+        "rss_after_mib": rss_after / 2**20,
+    }
     logs_dir.mkdir(parents=True, exist_ok=True)
     (logs_dir / f"soak-{served.engine}.json").write_text(json.dumps(figures, indent=2) + "\n")
     print(figures)
@@ -76,18 +88,23 @@ BAD_REQUESTS = [
     ("negative top_k", _C, {"model": "demo", "prompt": "x", "max_tokens": 4, "top_k": -5}),
     ("n of 0", _C, {"model": "demo", "prompt": "x", "max_tokens": 4, "n": 0}),
     ("presence_penalty out of range", _C, {"model": "demo", "prompt": "x", "max_tokens": 4, "presence_penalty": 5}),
-    ("frequency_penalty out of range", _C, {"model": "demo", "prompt": "x", "max_tokens": 4,
-                                            "frequency_penalty": -3}),
+    ("frequency_penalty out of range", _C, {"model": "demo", "prompt": "x", "max_tokens": 4, "frequency_penalty": -3}),
     ("stop of wrong type", _C, {"model": "demo", "prompt": "x", "max_tokens": 4, "stop": 42}),
     ("seed of wrong type", _C, {"model": "demo", "prompt": "x", "max_tokens": 4, "seed": "abc"}),
     ("stream of wrong type", _C, {"model": "demo", "prompt": "x", "max_tokens": 4, "stream": {"on": 1}}),
     ("chat without messages", _CH, {"model": "demo", "max_tokens": 4}),
     ("chat with messages of wrong type", _CH, {"model": "demo", "messages": "hi", "max_tokens": 4}),
     ("chat message without a role", _CH, {"model": "demo", "messages": [{"content": "hi"}], "max_tokens": 4}),
-    ("chat content of wrong type", _CH, {"model": "demo", "messages": [{"role": "user", "content": 42}],
-                                         "max_tokens": 4}),
-    ("chat with an unknown response_format", _CH, {"model": "demo", "messages": _OK_CHAT, "max_tokens": 4,
-                                                   "response_format": {"type": "telepathy"}}),
+    (
+        "chat content of wrong type",
+        _CH,
+        {"model": "demo", "messages": [{"role": "user", "content": 42}], "max_tokens": 4},
+    ),
+    (
+        "chat with an unknown response_format",
+        _CH,
+        {"model": "demo", "messages": _OK_CHAT, "max_tokens": 4, "response_format": {"type": "telepathy"}},
+    ),
     ("chat with a negative max_tokens", _CH, {"model": "demo", "messages": _OK_CHAT, "max_tokens": -1}),
 ]
 

@@ -34,13 +34,27 @@ def _greedy(model, log, tp: int, pp: int, *extra: str) -> list[str]:
     from openai import OpenAI
 
     port = free_port()
-    cmd = vllm_serve_cmd(model, port, "--served-model-name", "demo", *LIMITS, "--tensor-parallel-size", str(tp),
-                         "--pipeline-parallel-size", str(pp), *(["--enforce-eager"] if pp == 1 else []),
-                         "--additional-config", '{"maia_profile": "maia100"}', *extra)
+    cmd = vllm_serve_cmd(
+        model,
+        port,
+        "--served-model-name",
+        "demo",
+        *LIMITS,
+        "--tensor-parallel-size",
+        str(tp),
+        "--pipeline-parallel-size",
+        str(pp),
+        *(["--enforce-eager"] if pp == 1 else []),
+        "--additional-config",
+        '{"maia_profile": "maia100"}',
+        *extra,
+    )
     with Server(cmd, port, log, env=_env(tp, pp)) as server:
         client = OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
-        return [client.completions.create(model="demo", prompt=p, max_tokens=12, temperature=0).choices[0].text
-                for p in PROMPTS]
+        return [
+            client.completions.create(model="demo", prompt=p, max_tokens=12, temperature=0).choices[0].text
+            for p in PROMPTS
+        ]
 
 
 def _tied_sibling(demo_model, out):
@@ -74,20 +88,33 @@ def originals(demo_model, moe_model, logs_dir, tmp_path_factory) -> dict:
     (the checkpoint itself; for FP8, its dequantized sibling) served on one rank."""
     tied = _tied_sibling(demo_model, tmp_path_factory.mktemp("tied") / "model")
     dequantized = _dequantized_sibling(demo_model, tmp_path_factory.mktemp("dequantized") / "model")
-    variants = {"gqa": (demo_model, "auto", demo_model), "tied": (tied, "auto", tied),
-                "moe": (moe_model, "auto", moe_model), "fp8": (demo_model, "fp8", dequantized)}
-    return {v: (model, dtype, _greedy(reference, logs_dir / f"reshard-{v}-original.log", 1, 1))
-            for v, (model, dtype, reference) in variants.items()}
+    variants = {
+        "gqa": (demo_model, "auto", demo_model),
+        "tied": (tied, "auto", tied),
+        "moe": (moe_model, "auto", moe_model),
+        "fp8": (demo_model, "fp8", dequantized),
+    }
+    return {
+        v: (model, dtype, _greedy(reference, logs_dir / f"reshard-{v}-original.log", 1, 1))
+        for v, (model, dtype, reference) in variants.items()
+    }
 
 
-@pytest.mark.parametrize("variant,tp,pp", [("gqa", 2, 1), ("gqa", 4, 1), ("gqa", 1, 2), ("tied", 1, 2),
-                                           ("moe", 2, 1), ("fp8", 2, 1)])
+@pytest.mark.parametrize(
+    "variant,tp,pp", [("gqa", 2, 1), ("gqa", 4, 1), ("gqa", 1, 2), ("tied", 1, 2), ("moe", 2, 1), ("fp8", 2, 1)]
+)
 def test_sharded_state_serves_the_originals_tokens(originals, logs_dir, tmp_path, variant, tp, pp):
     model, weight_dtype, want = originals[variant]
     reshard(model, tmp_path / "sharded", tp, pp, weight_dtype=weight_dtype)
     first = "model-rank-0-part-0.safetensors" if pp == 1 else "model-pp-0-tp-0-part-0.safetensors"
     assert ("model.embed_tokens.weight" in load_file(tmp_path / "sharded" / first)) == (variant != "tied" or pp > 1)
-    got = _greedy(tmp_path / "sharded", logs_dir / f"reshard-{variant}-tp{tp}-pp{pp}.log", tp, pp,
-                  "--load-format", "sharded_state")
+    got = _greedy(
+        tmp_path / "sharded",
+        logs_dir / f"reshard-{variant}-tp{tp}-pp{pp}.log",
+        tp,
+        pp,
+        "--load-format",
+        "sharded_state",
+    )
     assert got == want
     assert all(want)

@@ -25,29 +25,33 @@ def test_completion(served):
 
 
 def test_greedy_is_deterministic(served):
-    texts = {served.client.completions.create(model="demo", prompt="import os\n", max_tokens=8,
-                                              temperature=0).choices[0].text for _ in range(2)}
+    texts = {
+        served.client.completions.create(model="demo", prompt="import os\n", max_tokens=8, temperature=0)
+        .choices[0]
+        .text
+        for _ in range(2)
+    }
     assert len(texts) == 1
 
 
 def test_chat(served):
     out = served.client.chat.completions.create(
-        model="demo", messages=[{"role": "user", "content": "Say hi."}], max_tokens=10, temperature=0)
+        model="demo", messages=[{"role": "user", "content": "Say hi."}], max_tokens=10, temperature=0
+    )
     assert out.choices[0].message.role == "assistant"
     assert out.usage.completion_tokens == 10
 
 
 def test_streaming_chat(served):
     stream = served.client.chat.completions.create(
-        model="demo", messages=[{"role": "user", "content": "Count."}], max_tokens=8, temperature=0,
-        stream=True)
+        model="demo", messages=[{"role": "user", "content": "Count."}], max_tokens=8, temperature=0, stream=True
+    )
     pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
     assert len(pieces) >= 2
 
 
 def test_streaming_completion(served):
-    stream = served.client.completions.create(model="demo", prompt="import", max_tokens=6, temperature=0,
-                                              stream=True)
+    stream = served.client.completions.create(model="demo", prompt="import", max_tokens=6, temperature=0, stream=True)
     pieces = [c.choices[0].text for c in stream if c.choices and c.choices[0].text]
     assert len(pieces) >= 2
 
@@ -64,8 +68,9 @@ def test_concurrent_requests(served):
 def _still_serving(served) -> None:
     """The server answers a whole request: four tokens, greedy and past any end-of-sequence token (sampled at the
     default temperature, the random demo weights drew one within four tokens now and then)."""
-    out = served.client.completions.create(model="demo", prompt="still there?", max_tokens=4, temperature=0,
-                                           extra_body={"ignore_eos": True})
+    out = served.client.completions.create(
+        model="demo", prompt="still there?", max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert out.usage.completion_tokens == 4
 
 
@@ -79,8 +84,9 @@ def test_prompt_over_max_model_len_is_400_and_server_keeps_serving(served):
 
 @pytest.mark.parametrize("body", [b"{not json", b'{"model": "demo", "prompt": "x", "max_tokens": "many"}'])
 def test_malformed_request_is_4xx_and_server_keeps_serving(served, body):
-    req = urllib.request.Request(f"{served.server.url}/v1/completions", data=body,
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{served.server.url}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+    )
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=10)
     assert 400 <= err.value.code < 500
@@ -118,8 +124,9 @@ def test_metrics_rise_by_exactly_what_one_request_costs(served, demo_model):
     """One request alone: a prefill and four decodes, priced as the cost model prices them."""
     device = _demo_device(demo_model)
     before = scrape(served.server.url)
-    out = served.client.completions.create(model="demo", prompt="a b c d e f g h", max_tokens=5, temperature=0,
-                                           extra_body={"ignore_eos": True})
+    out = served.client.completions.create(
+        model="demo", prompt="a b c d e f g h", max_tokens=5, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert out.usage.completion_tokens == 5
     n = out.usage.prompt_tokens
     after = _settled_scrape(served.server.url, before["maia:emulated_step_seconds_count"], 5)
@@ -132,11 +139,12 @@ def test_metrics_rise_by_exactly_what_one_request_costs(served, demo_model):
     for name in ("time_to_first_token", "time_per_output_token", "e2e_request_latency"):
         assert rise[f"maia:emulated_{name}_seconds_count"] == 1, name
     assert rise["maia:emulated_time_to_first_token_seconds_sum"] == pytest.approx(
-        device.cost_model.cost_of((n,), (n,)).total_s, rel=1e-9)
+        device.cost_model.cost_of((n,), (n,)).total_s, rel=1e-9
+    )
     assert after[DEVICE_INFO] == 1
     assert after["maia:kv_cache_blocks_used"] == 0  # the request is done: nothing held
     assert after["maia:hbm_used_bytes"] == device.hbm_used_bytes(0)
-    assert after["maia:emulation_errors_total{stage=\"charge\"}"] == 0
+    assert after['maia:emulation_errors_total{stage="charge"}'] == 0
     assert after['maia:kv_cache_blocks{holder="emulated"}'] >= after['maia:kv_cache_blocks{holder="engine"}'] > 0
 
 

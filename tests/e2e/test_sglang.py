@@ -18,9 +18,13 @@ PROMPTS = ["def add(a, b):", "import os\n"]
 
 def run_offline(model, kwargs: dict | None = None, env: dict | None = None) -> tuple[list[str], str]:
     """Offline Engine in the SGLang venv; returns the texts and the engine's log."""
-    proc = subprocess.run([str(sglang_python()), str(OFFLINE), str(model), json.dumps(PROMPTS),
-                           json.dumps(kwargs or {})], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        [str(sglang_python()), str(OFFLINE), str(model), json.dumps(PROMPTS), json.dumps(kwargs or {})],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     result = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
@@ -39,7 +43,8 @@ def test_fp8_completion_chat_and_stream(fp8_client):
     out = client.completions.create(model="demo-fp8", prompt="def add(a, b):", max_tokens=10, temperature=0)
     assert out.usage.completion_tokens == 10
     chat = client.chat.completions.create(
-        model="demo-fp8", messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0)
+        model="demo-fp8", messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0
+    )
     assert chat.usage.completion_tokens == 6
     stream = client.completions.create(model="demo-fp8", prompt="import", max_tokens=5, stream=True)
     assert len([c for c in stream if c.choices and c.choices[0].text]) >= 2
@@ -79,8 +84,9 @@ def test_offline_engine_on_maia_without_any_environment(offline_tp1):
 
 def test_offline_tensor_parallel_2_gives_the_same_tokens(demo_model, offline_tp1):
     """Two ranks on the host's two cores (SGLang binds one each), two emulated chips."""
-    texts, log = run_offline(demo_model, {"tp_size": 2}, env={"SGLANG_CPU_OMP_THREADS_BIND": "0|1",
-                                                              "MAIA_SERVING_LOG_INTERVAL_S": "0"})
+    texts, log = run_offline(
+        demo_model, {"tp_size": 2}, env={"SGLANG_CPU_OMP_THREADS_BIND": "0|1", "MAIA_SERVING_LOG_INTERVAL_S": "0"}
+    )
     assert texts == offline_tp1[0]
     assert "Maia emulation [maia200]" in log
 
@@ -95,8 +101,9 @@ def test_offline_fp8_without_scales_warns_loudly(demo_model):
 def test_offline_fp8_with_sglang_scales_file(demo_model, calibrated_demo):
     """The original model plus the scales file that calibrate-kv wrote beside its output."""
     calibrated, result = calibrated_demo
-    texts, log = run_offline(demo_model, {"kv_cache_dtype": "fp8_e4m3",
-                                          "quantization_param_path": str(calibrated / "kv_cache_scales.json")})
+    texts, log = run_offline(
+        demo_model, {"kv_cache_dtype": "fp8_e4m3", "quantization_param_path": str(calibrated / "kv_cache_scales.json")}
+    )
     assert all(texts)
     k, v = result.per_tensor()[0]
     # SGLang's scales file holds one scale per layer for K and V alike: the larger one.

@@ -16,7 +16,8 @@ def test_fp8_completion_chat_and_stream(fp8_client):
     out = fp8_client.completions.create(model="demo-fp8", prompt="def add(a, b):", max_tokens=10, temperature=0)
     assert out.usage.completion_tokens == 10
     chat = fp8_client.chat.completions.create(
-        model="demo-fp8", messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0)
+        model="demo-fp8", messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0
+    )
     assert chat.usage.completion_tokens == 6
     stream = fp8_client.completions.create(model="demo-fp8", prompt="import", max_tokens=5, stream=True)
     assert len([c for c in stream if c.choices and c.choices[0].text]) >= 2

@@ -24,15 +24,22 @@ if __name__ == "__main__":
 def _run(demo_model, tmp_path, tp: int, extra_env: dict[str, str] | None = None) -> tuple[dict, str]:
     script = tmp_path / "offline.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "MAIA_SERVING_DEVICE": "maia", "MAIA_SERVING_PROFILE": "h100-sxm",
-           "VLLM_CPU_CI_ENV": "1", "MAIA_SERVING_LOG_INTERVAL_S": "0", **(extra_env or {})}
+    env = {
+        **os.environ,
+        "MAIA_SERVING_DEVICE": "maia",
+        "MAIA_SERVING_PROFILE": "h100-sxm",
+        "VLLM_CPU_CI_ENV": "1",
+        "MAIA_SERVING_LOG_INTERVAL_S": "0",
+        **(extra_env or {}),
+    }
     if tp > 1:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % (os.cpu_count() or 1)) for i in range(tp))
-    out = subprocess.run([sys.executable, str(script), str(demo_model), str(tp)], env=env,
-                         capture_output=True, text=True, timeout=400)
+    out = subprocess.run(
+        [sys.executable, str(script), str(demo_model), str(tp)], env=env, capture_output=True, text=True, timeout=400
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):]), out.stdout + out.stderr  # vLLM logs to stdout
+    return json.loads(line[len("RESULT ") :]), out.stdout + out.stderr  # vLLM logs to stdout
 
 
 @pytest.fixture(scope="module")

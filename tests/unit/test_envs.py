@@ -36,15 +36,18 @@ def test_a_bad_value_names_the_variable_the_value_and_what_is_allowed(monkeypatc
     assert f"{name}={value!r}" in msg and why in msg and envs.SETTINGS[name].allowed in msg
 
 
-@pytest.mark.parametrize("name,value,parsed", [
-    ("MAIA_SERVING_LOG_INTERVAL_S", " 2.5 ", 2.5),
-    ("MAIA_SERVING_HOST_KV_GIB", "0.5", 0.5),
-    ("VLLM_CPU_KVCACHE_SPACE", "4", 4),
-    ("MAIA_SERVING_ATTENTION", "VLLM-CPU", "vllm-cpu"),
-    ("MAIA_SERVING_PROFILE", "", envs.DEFAULT_PROFILE),
-    ("MAIA_SERVING_LOG_INTERVAL_S", "", 10.0),
-    ("MAIA_SERVING_LOG_INTERVAL_S", "0", 0.0),
-])
+@pytest.mark.parametrize(
+    "name,value,parsed",
+    [
+        ("MAIA_SERVING_LOG_INTERVAL_S", " 2.5 ", 2.5),
+        ("MAIA_SERVING_HOST_KV_GIB", "0.5", 0.5),
+        ("VLLM_CPU_KVCACHE_SPACE", "4", 4),
+        ("MAIA_SERVING_ATTENTION", "VLLM-CPU", "vllm-cpu"),
+        ("MAIA_SERVING_PROFILE", "", envs.DEFAULT_PROFILE),
+        ("MAIA_SERVING_LOG_INTERVAL_S", "", 10.0),
+        ("MAIA_SERVING_LOG_INTERVAL_S", "0", 0.0),
+    ],
+)
 def test_good_values_and_defaults(monkeypatch, name, value, parsed):
     monkeypatch.setenv(name, value)
     assert envs.get(name) == parsed
@@ -71,8 +74,11 @@ def test_a_private_stats_folder_is_accepted(tmp_path, monkeypatch):
 
 def test_no_module_reads_our_variables_but_envs():
     root = Path(envs.__file__).parent
-    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
-                 if p.name != "envs.py" and any(f'"{n}"' in p.read_text() for n in envs.SETTINGS)]
+    offenders = [
+        str(p.relative_to(root))
+        for p in root.rglob("*.py")
+        if p.name != "envs.py" and any(f'"{n}"' in p.read_text() for n in envs.SETTINGS)
+    ]
     assert offenders == []
 
 
@@ -85,5 +91,6 @@ def test_the_readme_lists_every_user_facing_setting():
 def test_the_readme_settings_table_is_generated_from_the_table():
     text = README.read_text()
     block = text.split("<!-- settings:start -->\n", 1)[1].split("\n<!-- settings:end -->", 1)[0]
-    assert block == envs.markdown_table(), "regenerate it: python -c 'from maia_serving import envs; " \
-                                           "print(envs.markdown_table())'"
+    assert block == envs.markdown_table(), (
+        "regenerate it: python -c 'from maia_serving import envs; print(envs.markdown_table())'"
+    )

@@ -44,18 +44,21 @@ def test_every_case_names_its_source_and_every_source_its_address(data):
         assert case["precision"]["weights"] and case["precision"]["kv_cache"]
 
 
-@pytest.mark.parametrize("damage, complaint", [
-    (lambda d: d["cases"][0].pop("value"), "no value"),
-    (lambda d: d["cases"][0].update(source="nowhere"), "is not under sources"),
-    (lambda d: d["sources"][d["cases"][0]["source"]].pop("address"), "no address"),
-    (lambda d: d["cases"][0].update(metric="tokens"), "metric 'tokens'"),
-    (lambda d: d["cases"][0].update(tp=0), "tp must be a positive integer"),
-    (lambda d: d["cases"][1].update(id=d["cases"][0]["id"]), "appears twice"),
-    (lambda d: d.update(cases=d["cases"][:14]), "at least 15"),
-    (lambda d: d.update(cases=[c for c in d["cases"] if not c["shape"].startswith("mixtral")]), "a MoE model"),
-    (lambda d: d.update(cases=[c for c in d["cases"] if c["profile"] != "h200"]), "an H200 case"),
-    (lambda d: d.update(cases=[c for c in d["cases"] if c["regime"] != "prefill-heavy"]), "a prefill-heavy case"),
-])
+@pytest.mark.parametrize(
+    "damage, complaint",
+    [
+        (lambda d: d["cases"][0].pop("value"), "no value"),
+        (lambda d: d["cases"][0].update(source="nowhere"), "is not under sources"),
+        (lambda d: d["sources"][d["cases"][0]["source"]].pop("address"), "no address"),
+        (lambda d: d["cases"][0].update(metric="tokens"), "metric 'tokens'"),
+        (lambda d: d["cases"][0].update(tp=0), "tp must be a positive integer"),
+        (lambda d: d["cases"][1].update(id=d["cases"][0]["id"]), "appears twice"),
+        (lambda d: d.update(cases=d["cases"][:14]), "at least 15"),
+        (lambda d: d.update(cases=[c for c in d["cases"] if not c["shape"].startswith("mixtral")]), "a MoE model"),
+        (lambda d: d.update(cases=[c for c in d["cases"] if c["profile"] != "h200"]), "an H200 case"),
+        (lambda d: d.update(cases=[c for c in d["cases"] if c["regime"] != "prefill-heavy"]), "a prefill-heavy case"),
+    ],
+)
 def test_a_damaged_data_file_is_refused_with_the_reason(fidelity, data, damage, complaint):
     broken = copy.deepcopy(data)
     damage(broken)
@@ -78,8 +81,10 @@ def test_geometric_mean_and_worst_case(fidelity):
     assert fidelity.geometric_mean([2.0, 0.5, 1.0]) == pytest.approx(1.0)
     # (1.1 * 0.9 * 1.21)^(1/3) = 1.1979^(1/3) = 1.0620
     assert fidelity.geometric_mean([1.1, 0.9, 1.21]) == pytest.approx(1.0620, abs=1e-4)
-    results = [fidelity.Result(f"c{i}", "h100-sxm", "balanced", "output_throughput_tok_s", 100.0, p)
-               for i, p in enumerate([130.0, 70.0, 101.0])]
+    results = [
+        fidelity.Result(f"c{i}", "h100-sxm", "balanced", "output_throughput_tok_s", 100.0, p)
+        for i, p in enumerate([130.0, 70.0, 101.0])
+    ]
     # |log 1.3| = 0.262 < |log 0.7| = 0.357: 0.7 is the worse miss.
     assert fidelity.worst(results).id == "c1"
     assert [fidelity.within(r.ratio, 0.25) for r in results] == [False, False, True]

@@ -94,8 +94,11 @@ def test_each_room_imports_only_what_it_may(name):
 def test_no_import_cycles():
     """Module-level imports only: a cycle held apart by a function's lazy import is still a design smell, but
     the rules above already forbid the arrows that made them (envs -> emulator, emulator -> ops)."""
-    graph = {name: {own_target(m, i) for m, i in imports(path, name, top_level_only=True)
-                    if m.startswith("maia_serving")} & set(MODULES) for name, path in MODULES.items()}
+    graph = {
+        name: {own_target(m, i) for m, i in imports(path, name, top_level_only=True) if m.startswith("maia_serving")}
+        & set(MODULES)
+        for name, path in MODULES.items()
+    }
     state: dict[str, int] = {}
 
     def visit(node: str, trail: list[str]) -> list[str] | None:
@@ -112,12 +115,13 @@ def test_no_import_cycles():
 
     for name in MODULES:
         if name not in state and (cycle := visit(name, [])):
-            pytest.fail(f"import cycle: {' -> '.join(cycle[cycle.index(cycle[-1]):])}")
+            pytest.fail(f"import cycle: {' -> '.join(cycle[cycle.index(cycle[-1]) :])}")
 
 
 def _loaded_after(modules: list[str], watched: tuple[str, ...]) -> list[str]:
-    code = (f"import sys\nfor m in {modules!r}: __import__(m)\n"
-            f"print(','.join(w for w in {watched!r} if w in sys.modules))")
+    code = (
+        f"import sys\nfor m in {modules!r}: __import__(m)\nprint(','.join(w for w in {watched!r} if w in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return [w for w in out.stdout.strip().split(",") if w]

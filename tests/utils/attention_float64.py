@@ -41,8 +41,7 @@ from tests.utils.fp8_spec_table import E4M3, E5M2, Fp8Spec, decode
 U32 = 2.0**-24
 FP8_CACHE_DTYPES: dict[str, Fp8Spec] = {"fp8": E4M3, "fp8_e4m3": E4M3, "fp8_e5m2": E5M2}
 _DECODE_TABLES = {
-    spec.name: torch.tensor([decode(code, spec) for code in range(256)], dtype=torch.float64)
-    for spec in (E4M3, E5M2)
+    spec.name: torch.tensor([decode(code, spec) for code in range(256)], dtype=torch.float64) for spec in (E4M3, E5M2)
 }
 
 
@@ -57,8 +56,9 @@ def _mx_tables(fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 (element value by code, block scale by byte) of a block-scaled format, by the spec."""
     elem = mx_spec.SPECS[mx_spec.ELEMENT[fmt]]
     values = [mx_spec.decode(code, elem) for code in range(1 << elem.bits)]
-    scales = [mx_spec.decode(code, mx_spec.E4M3) if fmt == "nvfp4" else mx_spec.decode_e8m0(code)
-              for code in range(256)]
+    scales = [
+        mx_spec.decode(code, mx_spec.E4M3) if fmt == "nvfp4" else mx_spec.decode_e8m0(code) for code in range(256)
+    ]
     return torch.tensor(values, dtype=torch.float64), torch.tensor(scales, dtype=torch.float64)
 
 
@@ -149,8 +149,7 @@ def paged_attention_float64(
         head_dim = query.shape[-1]
         k = dequantize_exact(key_cache[blocks, rows], k_scale, kv_cache_dtype)[..., :head_dim]
         v = dequantize_exact(value_cache[blocks, rows], v_scale, kv_cache_dtype)[..., :head_dim]
-        out[q0:q1], err[q0:q1] = causal_attention_float64(query[q0:q1].double(), k, v, scale,
-                                                              sliding_window)
+        out[q0:q1], err[q0:q1] = causal_attention_float64(query[q0:q1].double(), k, v, scale, sliding_window)
     return out, err
 
 

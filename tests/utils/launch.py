@@ -34,8 +34,9 @@ class ServerFailed(RuntimeError):
 class Server:
     """A server process; ``with Server(cmd, port) as srv:`` waits for /health."""
 
-    def __init__(self, cmd: list[str], port: int, log_path: Path, env: dict[str, str] | None = None,
-                 timeout_s: float = 300.0):
+    def __init__(
+        self, cmd: list[str], port: int, log_path: Path, env: dict[str, str] | None = None, timeout_s: float = 300.0
+    ):
         self.cmd = cmd
         self.port = port
         self.log_path = log_path
@@ -54,8 +55,9 @@ class Server:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "w")
         # A session of its own, so stopping the server stops its engine processes too.
-        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
         deadline = time.monotonic() + self.timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -119,15 +121,26 @@ def sglang_python() -> Path:
     """The Python of the SGLang environment (``make setup-sglang`` builds .venv-sglang/)."""
     python = Path(envs.get(envs.MAIA_SERVING_SGLANG_PYTHON) or DEFAULT_SGLANG_PYTHON)
     if not python.exists():
-        raise FileNotFoundError(f"no SGLang environment at {python}: run `make setup-sglang` (or point "
-                                f"{envs.MAIA_SERVING_SGLANG_PYTHON} at a Python with sglang and maia-serving)")
+        raise FileNotFoundError(
+            f"no SGLang environment at {python}: run `make setup-sglang` (or point "
+            f"{envs.MAIA_SERVING_SGLANG_PYTHON} at a Python with sglang and maia-serving)"
+        )
     return python
 
 
 def sglang_serve_cmd(model: str | Path, port: int, *extra: str, device: str | None = "maia") -> list[str]:
     """``python -m sglang.launch_server --model-path MODEL --device maia ...`` in the SGLang venv."""
-    cmd = [str(sglang_python()), "-m", "sglang.launch_server", "--model-path", str(model),
-           "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [
+        str(sglang_python()),
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     if device:
         cmd += ["--device", device]
     return cmd + list(extra)
@@ -155,8 +168,13 @@ def scrape(url: str, prefix: str = "maia:") -> dict[str, float]:
     return out
 
 
-def settled_scrape(url: str, ready: Callable[[dict[str, float]], bool], prefix: str = "maia:",
-                   timeout_s: float = 30.0, poll_s: float = 0.05) -> dict[str, float]:
+def settled_scrape(
+    url: str,
+    ready: Callable[[dict[str, float]], bool],
+    prefix: str = "maia:",
+    timeout_s: float = 30.0,
+    poll_s: float = 0.05,
+) -> dict[str, float]:
     """``scrape`` once ``ready`` holds of it and the emulated figures have stopped moving; the last
     scrape if ``timeout_s`` passes first.
 
@@ -170,10 +188,13 @@ def settled_scrape(url: str, ready: Callable[[dict[str, float]], bool], prefix: 
     while True:
         samples = scrape(url, prefix)
         emulated = {k: v for k, v in samples.items() if k.startswith("maia:")}
-        busy, summed = metric(emulated, "maia:emulated_busy_seconds_total"), metric(emulated,
-                                                                                     "maia:emulated_step_seconds_sum")
-        if (emulated == previous and math.isclose(busy, summed, rel_tol=1e-9, abs_tol=1e-12) and ready(samples)) \
-                or time.monotonic() > deadline:
+        busy, summed = (
+            metric(emulated, "maia:emulated_busy_seconds_total"),
+            metric(emulated, "maia:emulated_step_seconds_sum"),
+        )
+        if (
+            emulated == previous and math.isclose(busy, summed, rel_tol=1e-9, abs_tol=1e-12) and ready(samples)
+        ) or time.monotonic() > deadline:
             return samples
         previous = emulated
         time.sleep(poll_s)

@@ -48,8 +48,11 @@ class Report:
         return self.outcomes["disconnected"] + self.outcomes["timed_out"]
 
     def to_dict(self) -> dict:
-        return {**{k: self.outcomes[k] for k in ("ok", "disconnected", "timed_out", "failed")},
-                "wall_s": round(self.wall_s, 2), "failures": self.failures[:5]}
+        return {
+            **{k: self.outcomes[k] for k in ("ok", "disconnected", "timed_out", "failed")},
+            "wall_s": round(self.wall_s, 2),
+            "failures": self.failures[:5],
+        }
 
 
 def _plan(load: Load) -> list[dict]:
@@ -130,6 +133,7 @@ async def _run(url: str, model: str, load: Load) -> Report:
         queue.put_nowait(plan)
     limits = httpx.Limits(max_connections=load.concurrency, max_keepalive_connections=0)
     async with httpx.AsyncClient(limits=limits) as client:
+
         async def worker() -> None:
             while not queue.empty():
                 await _one(client, url, model, queue.get_nowait(), load, report)

@@ -211,11 +211,11 @@ BLOCK_CASES: list[BlockCase] = [
     # amax 0: log2 is -inf, clamped to E8M0's smallest scale 2^-127; zeros keep their sign.
     BlockCase("zeros", "mxfp4", (0.0, -0.0), 0, (0b0_00_0, 0b1_00_0)),
     # amax a power of two: floor(log2 4) = 2 = emax_elem, X = 1, so 4 is stored as 4 (not 6).
-    BlockCase("amax_pow2_fp4", "mxfp4", (4.0, -1.0, 0.75, 0.25, 2.5), 127,
-              (0b0_11_0, 0b1_01_0, 0b0_01_0, 0b0_00_0, 0b0_10_0)),
+    BlockCase(
+        "amax_pow2_fp4", "mxfp4", (4.0, -1.0, 0.75, 0.25, 2.5), 127, (0b0_11_0, 0b1_01_0, 0b0_01_0, 0b0_00_0, 0b0_10_0)
+    ),
     # amax 4: shared_exp 2 - 8 = -6, X = 2^-6: 4 -> 256 (S.1111.000), 1/512 -> 2^-3 = 1.000 * 2^-3.
-    BlockCase("amax_pow2_fp8", "mxfp8", (4.0, -2.0**-9, 3.0), 127 - 6,
-              (0b0_1111_000, 0b1_0100_000, 0b0_1110_100)),
+    BlockCase("amax_pow2_fp8", "mxfp8", (4.0, -(2.0**-9), 3.0), 127 - 6, (0b0_1111_000, 0b1_0100_000, 0b0_1110_100)),
     # amax 28 in E3M2: floor(log2 28) = 4 = emax_elem, X = 1; 0.1 -> nearest 0.125 (subnormal).
     BlockCase("fp6_e3m2", "mxfp6", (28.0, 0.1, -17.0), 127, (0b0_111_11, 0b0_000_10, 0b1_111_00)),
     # E2M3: amax 3 -> floor(log2 3) = 1, shared_exp -1, X = 0.5: 3 -> 6 (S.11.100), 0.1 -> 0.2 -> 0.25,

@@ -39,5 +39,15 @@ def paged_batch(pairs, kv_cache_dtype, group, seed, k_scale, v_scale, block_size
     qsl = torch.zeros(len(pairs) + 1, dtype=torch.int32)
     qsl[1:] = torch.cumsum(q_lens, 0)
     seq_lens = torch.tensor([n for _, n in pairs], dtype=torch.int32)
-    return (query, key_cache, value_cache, perm.to(torch.int32), seq_lens, qsl, head_dim**-0.5, kv_cache_dtype,
-            k_scale, v_scale)
+    return (
+        query,
+        key_cache,
+        value_cache,
+        perm.to(torch.int32),
+        seq_lens,
+        qsl,
+        head_dim**-0.5,
+        kv_cache_dtype,
+        k_scale,
+        v_scale,
+    )

@@ -57,8 +57,13 @@ def simulated_figures(sim: Simulation) -> Figures:
     """The figures of a simulation, as /metrics would count them: busy time is the steps' charged work
     (``StepCost.total_s``), which with pipeline stages is not their overlapping spans."""
     tpots = [t.tpot_s for t in sim.timings if t.tpot_s is not None]
-    return Figures(busy_s=sum(sim.steps.work_s), ttft_s=sum(t.ttft_s for t in sim.timings) / len(sim.timings),
-                   tpot_s=sum(tpots) / len(tpots), num_steps=len(sim.steps.step_s), num_requests=len(sim.timings))
+    return Figures(
+        busy_s=sum(sim.steps.work_s),
+        ttft_s=sum(t.ttft_s for t in sim.timings) / len(sim.timings),
+        tpot_s=sum(tpots) / len(tpots),
+        num_steps=len(sim.steps.step_s),
+        num_requests=len(sim.timings),
+    )
 
 
 def emulated_figures(before: dict[str, float], after: dict[str, float]) -> Figures:
@@ -71,10 +76,13 @@ def emulated_figures(before: dict[str, float], after: dict[str, float]) -> Figur
     tpot_count = delta("maia:emulated_time_per_output_token_seconds_count")
     if not requests or not tpot_count:
         raise ValueError("no request finished between the two scrapes")
-    return Figures(busy_s=delta("maia:emulated_busy_seconds_total"),
-                   ttft_s=delta("maia:emulated_time_to_first_token_seconds_sum") / requests,
-                   tpot_s=delta("maia:emulated_time_per_output_token_seconds_sum") / tpot_count,
-                   num_steps=round(delta("maia:emulated_step_seconds_count")), num_requests=round(requests))
+    return Figures(
+        busy_s=delta("maia:emulated_busy_seconds_total"),
+        ttft_s=delta("maia:emulated_time_to_first_token_seconds_sum") / requests,
+        tpot_s=delta("maia:emulated_time_per_output_token_seconds_sum") / tpot_count,
+        num_steps=round(delta("maia:emulated_step_seconds_count")),
+        num_requests=round(requests),
+    )
 
 
 def token_prompts(num_requests: int, input_len: int) -> list[list[int]]:
@@ -116,8 +124,13 @@ def replay_trace(url: str, model: str, requests: list[Request], timeout_s: float
             time.sleep(max(0.0, start + request.arrival_s - time.monotonic()))
             sent = time.monotonic()
             stream = client.completions.create(
-                model=model, prompt=_prompt(i, request.input_len), max_tokens=request.output_len,
-                temperature=0, stream=True, extra_body={"ignore_eos": True, "cache_salt": salt})
+                model=model,
+                prompt=_prompt(i, request.input_len),
+                max_tokens=request.output_len,
+                temperature=0,
+                stream=True,
+                extra_body={"ignore_eos": True, "cache_salt": salt},
+            )
             first = last = None
             for chunk in stream:
                 if chunk.choices and chunk.choices[0].text:
@@ -137,8 +150,12 @@ def replay_trace(url: str, model: str, requests: list[Request], timeout_s: float
     sent = tuple(Request(row[0], r.input_len, r.output_len) for row, r in zip(rows, requests))
     order = sorted(range(len(sent)), key=lambda i: sent[i].arrival_s)
     emulated = emulated_figures(before, _settled(url, before, len(rows)))
-    return Trace(sent=tuple(sent[i] for i in order), emulated=emulated,
-                 client_ttft_s=sum(r[1] for r in rows) / len(rows), client_tpot_s=sum(r[2] for r in rows) / len(rows))
+    return Trace(
+        sent=tuple(sent[i] for i in order),
+        emulated=emulated,
+        client_ttft_s=sum(r[1] for r in rows) / len(rows),
+        client_tpot_s=sum(r[2] for r in rows) / len(rows),
+    )
 
 
 def _post(url: str) -> None:
@@ -147,8 +164,16 @@ def _post(url: str) -> None:
         resp.read()
 
 
-def replay_at_once(url: str, model: str, num_requests: int, input_len: int, output_len: int,
-                   pause: bool = True, settle_s: float = 2.0, timeout_s: float = 300.0) -> Figures:
+def replay_at_once(
+    url: str,
+    model: str,
+    num_requests: int,
+    input_len: int,
+    output_len: int,
+    pause: bool = True,
+    settle_s: float = 2.0,
+    timeout_s: float = 300.0,
+) -> Figures:
     """Serve the static batch on the server at ``url`` (vLLM in dev mode, for /pause) and return its
     emulated figures; every request must produce exactly ``output_len`` tokens. ``pause=False``
     sends it as a plain client would, in one HTTP request: for SGLang, or to show what the pause
@@ -162,9 +187,13 @@ def replay_at_once(url: str, model: str, num_requests: int, input_len: int, outp
 
     def send() -> None:
         try:
-            result["out"] = client.completions.create(model=model, prompt=token_prompts(num_requests, input_len),
-                                                      max_tokens=output_len, temperature=0,
-                                                      extra_body={"ignore_eos": True, "cache_salt": salt})
+            result["out"] = client.completions.create(
+                model=model,
+                prompt=token_prompts(num_requests, input_len),
+                max_tokens=output_len,
+                temperature=0,
+                extra_body={"ignore_eos": True, "cache_salt": salt},
+            )
         except Exception as exc:  # re-raised in the caller's thread
             result["error"] = exc
 

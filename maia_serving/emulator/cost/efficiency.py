@@ -40,8 +40,13 @@ def attention_floor_s(item_bytes: float, units: int, bytes_per_s: float) -> floa
     return item_bytes * units / bytes_per_s
 
 
-def expert_imbalance(tokens: float, top_k: int, chips: int, experts_per_chip: float,
-                     chip_shares: tuple[tuple[float, ...], ...] | None = None) -> float:
+def expert_imbalance(
+    tokens: float,
+    top_k: int,
+    chips: int,
+    experts_per_chip: float,
+    chip_shares: tuple[tuple[float, ...], ...] | None = None,
+) -> float:
     """How many times the mean routed rows the busiest of ``chips`` expert-parallel chips runs, when ``tokens``
     tokens each pick ``top_k`` experts uniformly and every chip holds ``experts_per_chip`` of them.
 
@@ -60,8 +65,10 @@ def expert_imbalance(tokens: float, top_k: int, chips: int, experts_per_chip: fl
         return 1.0
     draws, spread = tokens * top_k, math.sqrt(2 * math.log(chips))
     mean, cap = draws / chips, tokens * min(top_k, experts_per_chip)
-    factors = [max(1.0, min(cap, max(draws * p + math.sqrt(draws * p * (1 - p)) * spread for p in layer)) / mean)
-               for layer in (chip_shares or ((1.0 / chips,) * chips,))]
+    factors = [
+        max(1.0, min(cap, max(draws * p + math.sqrt(draws * p * (1 - p)) * spread for p in layer)) / mean)
+        for layer in (chip_shares or ((1.0 / chips,) * chips,))
+    ]
     return sum(factors) / len(factors)
 
 

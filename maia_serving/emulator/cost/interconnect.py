@@ -103,11 +103,14 @@ def _span(net: Network, group: int, per_node: int | None = None) -> tuple[int, i
         return per_node, 1
     out = net.scale_out
     if out is None:
-        raise ValueError(f"a group of {group} chips exceeds the {net.node_chips} chips of a node, and the "
-                         f"profile names no scale-out network")
+        raise ValueError(
+            f"a group of {group} chips exceeds the {net.node_chips} chips of a node, and the "
+            f"profile names no scale-out network"
+        )
     if group > out.chips:
         raise ValueError(f"a group of {group} chips exceeds the {out.chips} chips the scale-out network connects")
     return per_node, math.ceil(group / per_node)
+
 
 def all_reduce(net: Network, nbytes: float, group: int) -> Collective:
     """All-reduce of an ``nbytes`` buffer held by each of ``group`` chips, by the cheapest algorithm."""
@@ -135,8 +138,9 @@ def _phase(net: Network, nbytes: float, group: int, per_node: int | None = None)
     out = net.scale_out
     options = {"ring": _node_phase(out, nbytes, group).time_s}
     if group % c == 0 and c > 1:
-        options["hierarchical/ring"] = _node_phase(net.scale_up, nbytes, c).time_s + _node_phase(
-            out, nbytes / c, nodes).time_s
+        options["hierarchical/ring"] = (
+            _node_phase(net.scale_up, nbytes, c).time_s + _node_phase(out, nbytes / c, nodes).time_s
+        )
     return _cheapest(net, options)
 
 

@@ -30,11 +30,14 @@ class Parallel:
         if min(self.tp, self.pp, self.dp) < 1:
             raise ValueError(f"parallel sizes must be at least 1, got tp={self.tp}, pp={self.pp}, dp={self.dp}")
         if self.eplb is not None and not self.ep:
-            raise ValueError("EPLB balances experts under expert parallelism: add --enable-expert-parallel "
-                             "(vLLM refuses --enable-eplb without it)")
+            raise ValueError(
+                "EPLB balances experts under expert parallelism: add --enable-expert-parallel "
+                "(vLLM refuses --enable-eplb without it)"
+            )
         if self.all2all not in ALL2ALL_BACKENDS:
-            raise ValueError(f"unknown all2all backend {self.all2all!r}; the cost model prices: "
-                             f"{', '.join(ALL2ALL_BACKENDS)}")
+            raise ValueError(
+                f"unknown all2all backend {self.all2all!r}; the cost model prices: {', '.join(ALL2ALL_BACKENDS)}"
+            )
 
     @property
     def chips(self) -> int:
@@ -58,8 +61,10 @@ def stage_layers(num_layers: int, pp: int) -> tuple[int, ...]:
     """Layers of each pipeline stage as vLLM splits them (``vllm.distributed.utils.get_pp_indices``): evenly,
     the remainder one each to the stages before the last, which also holds the LM head."""
     if not 1 <= pp <= num_layers:
-        raise ValueError(f"pipeline parallel size {pp}: a model of {num_layers} layers takes 1 to {num_layers} "
-                         f"stages (each stage needs a layer)")
+        raise ValueError(
+            f"pipeline parallel size {pp}: a model of {num_layers} layers takes 1 to {num_layers} "
+            f"stages (each stage needs a layer)"
+        )
     parts = [num_layers // pp] * pp
     for i in range(2, num_layers % pp + 2):
         parts[-i] += 1

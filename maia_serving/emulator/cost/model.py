@@ -132,8 +132,12 @@ class StepCost:
 
     @property
     def bound(self) -> str:
-        parts = {"compute": self.compute_s, "memory": self.memory_s, "communication": self.comm_s,
-                 "launch": self.launch_s}
+        parts = {
+            "compute": self.compute_s,
+            "memory": self.memory_s,
+            "communication": self.comm_s,
+            "launch": self.launch_s,
+        }
         return max(parts, key=parts.__getitem__)
 
     def to_dict(self) -> dict[str, float | str]:
@@ -189,8 +193,14 @@ class CostModel:
     """step_cost for one (profile, model, parallelism, KV dtype), with the terms
     worked out once: what a live engine calls every step."""
 
-    def __init__(self, profile: DeviceProfile, model: ModelShape, parallel: Parallel = SINGLE_CHIP,
-                 kv_cache_dtype: str = "auto", fusions: Iterable[str] = ()):
+    def __init__(
+        self,
+        profile: DeviceProfile,
+        model: ModelShape,
+        parallel: Parallel = SINGLE_CHIP,
+        kv_cache_dtype: str = "auto",
+        fusions: Iterable[str] = (),
+    ):
         self.profile = profile
         self.model = model
         self.parallel = parallel
@@ -199,8 +209,10 @@ class CostModel:
         self._model_bytes = prec.model.bytes_per_element
         self._comm_bytes = prec.comm.bytes_per_element
         attention_eff = profile.attention_compute_efficiency or profile.compute_efficiency
-        self._flops_per_s = tuple(profile.peak_flops(t.peak) * attention_eff if t.kind == "attention"
-                                  else profile.effective_flops(t.peak) for t in self.terms)
+        self._flops_per_s = tuple(
+            profile.peak_flops(t.peak) * attention_eff if t.kind == "attention" else profile.effective_flops(t.peak)
+            for t in self.terms
+        )
         self._bytes_per_s = profile.effective_bandwidth_bytes_per_s
         self._window = model.sliding_window if model.num_sliding_layers else None
         self._gemm = profile.gemm
@@ -208,20 +220,27 @@ class CostModel:
         self._kv_heads = 1 if model.mla else math.ceil(model.num_kv_heads / parallel.tp)
         # Per term, what its efficiency model needs, flattened for the per-step loop: a GEMM's rows per token and
         # per sequence, its groups per expert touched (0: one group) and its columns; None for the others.
-        self._gemm_shapes = tuple((t.gemm_rows.tokens, t.gemm_rows.seqs, t.gemm_groups.experts, t.gemm_n)
-                                  if self._gemm and t.kind == "gemm" else None for t in self.terms)
+        self._gemm_shapes = tuple(
+            (t.gemm_rows.tokens, t.gemm_rows.seqs, t.gemm_groups.experts, t.gemm_n)
+            if self._gemm and t.kind == "gemm"
+            else None
+            for t in self.terms
+        )
         self._net = profile.network
         self._places = tuple(_EDGE_PLACE.get(t.name, 0) for t in self.terms)
-        self._kernels = tuple(sum(t.launches for t, p in zip(self.terms, self._places) if p == place)
-                              for place in range(3))
+        self._kernels = tuple(
+            sum(t.launches for t, p in zip(self.terms, self._places) if p == place) for place in range(3)
+        )
         self._stage_layers = stage_layers(model.num_layers, parallel.pp)
         self._crosses = tuple(crosses_node(k, parallel.tp, self._net.node_chips) for k in range(parallel.pp - 1))
         # MoE under data parallelism: every replica's tokens reach this chip's experts (_mlp_ops), and the
         # chips per node of the two groups they travel in (vLLM's rank = (dp_rank * pp + stage) * tp + tp_rank).
         self._expert_ranks = parallel.moe_ranks if parallel.ep else 1
         # Under expert parallelism the routed experts' rows are the busiest chip's (expert_imbalance).
-        self._routed = tuple(parallel.ep and model.moe is not None and parallel.moe_ranks > 1
-                             and t.name.startswith("experts.") for t in self.terms)
+        self._routed = tuple(
+            parallel.ep and model.moe is not None and parallel.moe_ranks > 1 and t.name.startswith("experts.")
+            for t in self.terms
+        )
         self._any_routed = any(self._routed)
         self._redundant = parallel.eplb
         if self._redundant is not None:
@@ -237,17 +256,34 @@ class CostModel:
             self._load = self._load or uniform_load(model.moe.num_experts, model.moe.top_k)
         # EPLB balances a grouped model per node first, over the nodes the whole deployment spans.
         nodes = eplb_nodes(parallel.chips, self._net.node_chips, self._expert_ranks)
-        self._placement = (self._expert_ranks, self._redundant, parallel.eplb_rearranged,
-                           model.moe.num_groups if model.moe else 1, nodes)
+        self._placement = (
+            self._expert_ranks,
+            self._redundant,
+            parallel.eplb_rearranged,
+            model.moe.num_groups if model.moe else 1,
+            nodes,
+        )
         self._chip_shares = self._load.chip_shares(*self._placement) if self._any_routed else None
         # Per term, what a step's loop reads, gathered once (the loop runs for every simulated step).
-        self._loop = tuple(zip(self.terms, self._flops_per_s, self._gemm_shapes, self._places, self._routed,
-                               (t.kind == "attention" for t in self.terms)))
+        self._loop = tuple(
+            zip(
+                self.terms,
+                self._flops_per_s,
+                self._gemm_shapes,
+                self._places,
+                self._routed,
+                (t.kind == "attention" for t in self.terms),
+            )
+        )
         # Terms that read no context variable (pairs, context, window pairs, window context) and no attention
         # floor: their price is a function of (tokens, seqs) alone (_context_free).
-        free = tuple(t.kind != "attention" and not any(c.attended_pairs or c.context_tokens or c.window_pairs
-                                                          or c.window_context for c in (t.flops, t.bytes))
-                     for t in self.terms)
+        free = tuple(
+            t.kind != "attention"
+            and not any(
+                c.attended_pairs or c.context_tokens or c.window_pairs or c.window_context for c in (t.flops, t.bytes)
+            )
+            for t in self.terms
+        )
         self._free_loop = tuple(item for item, f in zip(self._loop, free) if f)
         self._context_loop = tuple(item for item, f in zip(self._loop, free) if not f)
         self._free_memo: dict[tuple[int, int], _Sum] = {}
@@ -264,8 +300,11 @@ class CostModel:
         if factor is None:
             moe = self.model.moe
             per_chip = (moe.num_experts + (self._redundant or 0)) / self._expert_ranks
-            factor = _remember(self._busiest_memo, tokens, expert_imbalance(
-                tokens, moe.top_k, self._expert_ranks, per_chip, self._chip_shares))
+            factor = _remember(
+                self._busiest_memo,
+                tokens,
+                expert_imbalance(tokens, moe.top_k, self._expert_ranks, per_chip, self._chip_shares),
+            )
         return factor
 
     def all_reduce_s(self, tokens: int) -> float:
@@ -293,8 +332,10 @@ class CostModel:
         if par.all2all == "allgather_reducescatter" or not par.ep:
             group, per_node = (par.moe_ranks, self._ep_per_node) if sp else (par.dp, self._dp_per_node)
             gathered = par.dp * tokens * (hidden + moe.num_experts * self._model_bytes)
-            moved = (interconnect.all_gather(net, gathered, group, per_node).time_s
-                     + interconnect.reduce_scatter(net, par.dp * tokens * hidden, group, per_node).time_s)
+            moved = (
+                interconnect.all_gather(net, gathered, group, per_node).time_s
+                + interconnect.reduce_scatter(net, par.dp * tokens * hidden, group, per_node).time_s
+            )
         else:
             sent = tokens / par.tp * moe.top_k * hidden
             moved = 2 * interconnect.all_to_all(net, sent, par.moe_ranks, self._ep_per_node).time_s
@@ -312,17 +353,24 @@ class CostModel:
         """The collectives an engine step performed, each priced for its own bytes and group (rows as
         ``maia_serving.serving.collectives`` ships them: op index, group, bytes, count, sending stage)."""
         ops, net, tp, chips = interconnect.COLLECTIVE_OPS, self._net, self.parallel.tp, self._net.node_chips
-        return sum(count * interconnect.collective(net, ops[op], nbytes, group,
-                                                   ops[op] == "send" and crosses_node(stage, tp, chips)).time_s
-                   for op, group, nbytes, count, stage in rows)
+        return sum(
+            count
+            * interconnect.collective(
+                net, ops[op], nbytes, group, ops[op] == "send" and crosses_node(stage, tp, chips)
+            ).time_s
+            for op, group, nbytes, count, stage in rows
+        )
 
     def _comm_parts(self, tokens: int, seqs: int) -> tuple[float, float, float, tuple[float, ...]]:
         """One tensor-parallel all-reduce, the logits all-gather, one MoE layer's dispatch and combine, and each
         stage's hop for a step, remembered per (tokens, seqs): a simulation asks for the same counts many times."""
         parts = self._comm_memo.get((tokens, seqs))
         if parts is None:
-            parts = _remember(self._comm_memo, (tokens, seqs), (self.all_reduce_s(tokens), self.logits_s(seqs),
-                                                                self.moe_layer_s(tokens), self.hops_s(tokens)))
+            parts = _remember(
+                self._comm_memo,
+                (tokens, seqs),
+                (self.all_reduce_s(tokens), self.logits_s(seqs), self.moe_layer_s(tokens), self.hops_s(tokens)),
+            )
         return parts
 
     def comm_s(self, tokens: int, seqs: int) -> float:
@@ -340,8 +388,9 @@ class CostModel:
         p = self.profile
         return p.step_overhead_s + p.step_overhead_per_seq_s * seqs + p.step_overhead_per_token_s * tokens
 
-    def _launch_s(self, compute_s: float, memory_s: float, comm_s: float, kernels: float, host_s: float,
-                  decode_graph: bool) -> float:
+    def _launch_s(
+        self, compute_s: float, memory_s: float, comm_s: float, kernels: float, host_s: float, decode_graph: bool
+    ) -> float:
         """Launch time of a stage (or a whole step) of ``kernels`` kernels: on the device, the host's step
         overhead ``host_s`` (all of it on the first stage, none elsewhere), and the host's launch time where it
         outlasts the device's work."""
@@ -353,8 +402,16 @@ class CostModel:
             launch += exposed_host_s(host, compute_s + memory_s + comm_s + device_launch)
         return launch
 
-    def _staged(self, tokens: int, seqs: int, compute: list[float], memory: list[float], flops: float,
-                nbytes: float, decode_graph: bool) -> StepCost:
+    def _staged(
+        self,
+        tokens: int,
+        seqs: int,
+        compute: list[float],
+        memory: list[float],
+        flops: float,
+        nbytes: float,
+        decode_graph: bool,
+    ) -> StepCost:
         """A pipelined step's cost from the per-place sums: each stage's share of the layers (the first also
         runs the embedding and waits on the host, the last the LM head), the sums over stages, each stage's
         total and the hops between them."""
@@ -376,8 +433,9 @@ class CostModel:
             comm_s += comm
             launch_s += launch
             totals.append(c + m + comm + launch)
-        return StepCost(compute_s, memory_s, comm_s + sum(hops), launch_s, flops, nbytes, (),
-                        stages=tuple(totals), hops=hops)
+        return StepCost(
+            compute_s, memory_s, comm_s + sum(hops), launch_s, flops, nbytes, (), stages=tuple(totals), hops=hops
+        )
 
     def cost(self, step: StepShape, detail: bool = False) -> StepCost:
         """The cost of a checked step; ``detail`` also lists each operator (slower: for reports)."""
@@ -395,9 +453,19 @@ class CostModel:
         busiest = tokens * self._busiest_factor(tokens * self.parallel.dp) if self._any_routed else tokens
         return busiest, experts
 
-    def _priced(self, loop: tuple, tokens: int, seqs: int, routing: tuple[float, float], pairs: int = 0,
-                ctx: int = 0, wpairs: int = 0, wctx: int = 0, longest: int = 0,
-                ops: list[OpCost] | None = None) -> _Sum:
+    def _priced(
+        self,
+        loop: tuple,
+        tokens: int,
+        seqs: int,
+        routing: tuple[float, float],
+        pairs: int = 0,
+        ctx: int = 0,
+        wpairs: int = 0,
+        wctx: int = 0,
+        longest: int = 0,
+        ops: list[OpCost] | None = None,
+    ) -> _Sum:
         """The summed roofline of ``loop``'s terms (each bound by its larger side) for one step's variables
         (``routing``: ``_routing(tokens)``); ``ops``, when given, gets each operator's cost."""
         busiest, experts = routing
@@ -466,11 +534,13 @@ class CostModel:
         routing = self._routing(tokens)
         if detail:  # every operator in the model's order, none remembered
             compute, memory, flops, nbytes, placed_compute, placed_memory = self._priced(
-                self._loop, tokens, seqs, routing, pairs, ctx, wpairs, wctx, longest, ops)
+                self._loop, tokens, seqs, routing, pairs, ctx, wpairs, wctx, longest, ops
+            )
         else:
             compute, memory, flops, nbytes, free_compute, free_memory = self._context_free(tokens, seqs, routing)
             c, m, f, b, placed_compute, placed_memory = self._priced(
-                self._context_loop, tokens, seqs, routing, pairs, ctx, wpairs, wctx, longest)
+                self._context_loop, tokens, seqs, routing, pairs, ctx, wpairs, wctx, longest
+            )
             compute, memory, flops, nbytes = compute + c, memory + m, flops + f, nbytes + b
             for place in range(3):
                 placed_compute[place] += free_compute[place]
@@ -479,15 +549,21 @@ class CostModel:
         decode_graph = bool(graph and tokens == seqs <= graph.max_batch)
         if self.parallel.pp == 1:
             comm = self.comm_s(tokens, seqs)
-            launch = self._launch_s(compute, memory, comm, sum(self._kernels), self.host_step_s(tokens, seqs),
-                                    decode_graph)
+            launch = self._launch_s(
+                compute, memory, comm, sum(self._kernels), self.host_step_s(tokens, seqs), decode_graph
+            )
             return StepCost(compute, memory, comm, launch, flops, nbytes, tuple(ops))
         staged = self._staged(tokens, seqs, placed_compute, placed_memory, flops, nbytes, decode_graph)
         return replace(staged, ops=tuple(ops)) if ops else staged
 
 
-def step_cost(profile: DeviceProfile, model: ModelShape, step: StepShape,
-              parallel: Parallel = SINGLE_CHIP, kv_cache_dtype: str = "auto") -> StepCost:
+def step_cost(
+    profile: DeviceProfile,
+    model: ModelShape,
+    step: StepShape,
+    parallel: Parallel = SINGLE_CHIP,
+    kv_cache_dtype: str = "auto",
+) -> StepCost:
     """Emulated time of one forward pass of ``step`` on ``tp * pp`` chips of ``profile``,
     with the per-operator breakdown."""
     return CostModel(profile, model, parallel, kv_cache_dtype).cost(step, detail=True)

@@ -46,30 +46,43 @@ class ExpertLoad:
         sum over experts of ``1 - (1 - p)^T`` (the uniform case is ``E (1 - (1 - k/E)^T)``)."""
         key = ("touched", tokens)
         if key not in self._memo:
-            self._memo[key] = sum(sum(1.0 - (1.0 - p) ** tokens for p in layer)
-                                  for layer in self.shares) / len(self.shares)
+            self._memo[key] = sum(sum(1.0 - (1.0 - p) ** tokens for p in layer) for layer in self.shares) / len(
+                self.shares
+            )
         return self._memo[key]
 
-    def busiest_chip_touched(self, tokens: float, chips: int, redundant: int | None = None, rearranged: bool = True,
-                             groups: int = 1, nodes: int = 1) -> float:
+    def busiest_chip_touched(
+        self,
+        tokens: float,
+        chips: int,
+        redundant: int | None = None,
+        rearranged: bool = True,
+        groups: int = 1,
+        nodes: int = 1,
+    ) -> float:
         """Under expert parallelism, the distinct experts the chip touching most of its own reads, per layer,
         averaged over layers: the layer waits for that chip's weights (with uniform routing, where the experts
         divide evenly, every chip's). The other arguments: as ``placed``."""
         key = ("busiest", tokens, chips, redundant, rearranged, groups, nodes)
         if key not in self._memo:
             placed = self.placed(chips, redundant, rearranged, groups, nodes)
-            self._memo[key] = sum(max(sum(1.0 - (1.0 - p) ** tokens for p in chip) for chip in layer)
-                                  for layer in placed) / len(self.shares)
+            self._memo[key] = sum(
+                max(sum(1.0 - (1.0 - p) ** tokens for p in chip) for chip in layer) for layer in placed
+            ) / len(self.shares)
         return self._memo[key]
 
-    def chip_shares(self, chips: int, redundant: int | None = None, rearranged: bool = True, groups: int = 1,
-                    nodes: int = 1) -> tuple[tuple[float, ...], ...]:
+    def chip_shares(
+        self, chips: int, redundant: int | None = None, rearranged: bool = True, groups: int = 1, nodes: int = 1
+    ) -> tuple[tuple[float, ...], ...]:
         """Per layer, the fraction of the routed rows each chip's experts receive."""
-        return tuple(tuple(sum(chip) / sum(layer) for chip in chips_of)
-                     for layer, chips_of in zip(self.shares, self.placed(chips, redundant, rearranged, groups, nodes)))
+        return tuple(
+            tuple(sum(chip) / sum(layer) for chip in chips_of)
+            for layer, chips_of in zip(self.shares, self.placed(chips, redundant, rearranged, groups, nodes))
+        )
 
-    def placed(self, chips: int, redundant: int | None = None, rearranged: bool = True, groups: int = 1,
-               nodes: int = 1) -> tuple[tuple[tuple[float, ...], ...], ...]:
+    def placed(
+        self, chips: int, redundant: int | None = None, rearranged: bool = True, groups: int = 1, nodes: int = 1
+    ) -> tuple[tuple[tuple[float, ...], ...], ...]:
         """Per layer, per chip, the share of the tokens' choices each expert (or replica) the chip holds takes:
         vLLM's linear placement, or with ``redundant`` EPLB's, balanced once it has ``rearranged`` (for a model
         of ``groups`` expert groups over ``nodes`` nodes: ``eplb_placement``) and its initial map before."""
@@ -102,9 +115,11 @@ def eplb_error(num_experts: int, redundant: int, chips: int) -> str | None:
     if chips < 2:
         return "EPLB balances experts over several chips: it needs tensor or data parallelism (vLLM refuses one)"
     if (num_experts + redundant) % chips:
-        return (f"EPLB places the experts evenly: {num_experts} experts + {redundant} redundant do not divide over "
-                f"{chips} expert-parallel chips (vLLM refuses it); choose num_redundant_experts (--eplb-config) so "
-                "that they do")
+        return (
+            f"EPLB places the experts evenly: {num_experts} experts + {redundant} redundant do not divide over "
+            f"{chips} expert-parallel chips (vLLM refuses it); choose num_redundant_experts (--eplb-config) so "
+            "that they do"
+        )
     return None
 
 
@@ -115,8 +130,7 @@ def _with_replicas(layer: tuple[float, ...], slots: list[int]) -> list[float]:
     return [layer[e] / replicas[e] for e in slots]
 
 
-def eplb_initial_placement(layer: tuple[float, ...], chips: int,
-                           redundant: int) -> tuple[tuple[float, ...], ...]:
+def eplb_initial_placement(layer: tuple[float, ...], chips: int, redundant: int) -> tuple[tuple[float, ...], ...]:
     """A layer's experts as vLLM's EPLB holds them until it first rearranges (``EplbState``'s initial map): the
     ``E`` experts in order, then ``redundant`` replicas of experts ``0, 1, ...`` (``i % E``), the ``E + R``
     slots in order, ``(E + R) / chips`` a chip. With no redundant experts, vLLM's linear placement."""
@@ -125,7 +139,7 @@ def eplb_initial_placement(layer: tuple[float, ...], chips: int,
         raise ValueError(error)
     physical = _with_replicas(layer, list(range(len(layer))) + [i % len(layer) for i in range(redundant)])
     room = len(physical) // chips
-    return tuple(tuple(physical[c * room:(c + 1) * room]) for c in range(chips))
+    return tuple(tuple(physical[c * room : (c + 1) * room]) for c in range(chips))
 
 
 def eplb_nodes(world_chips: int, node_chips: int, ep_chips: int) -> int:
@@ -160,8 +174,9 @@ def _replicate(layer: list[float], slots: int) -> list[float]:
     return _with_replicas(layer, [e for e in range(len(layer)) for _ in range(replicas[e])])
 
 
-def eplb_placement(layer: tuple[float, ...], chips: int, redundant: int, groups: int = 1,
-                   nodes: int = 1) -> tuple[tuple[float, ...], ...]:
+def eplb_placement(
+    layer: tuple[float, ...], chips: int, redundant: int, groups: int = 1, nodes: int = 1
+) -> tuple[tuple[float, ...], ...]:
     """A layer's experts as vLLM's expert-parallel load balancer (its default policy) places them from their
     measured load, over ``chips`` chips on ``nodes`` nodes (``eplb_nodes``: they divide the chips) for a model of
     ``groups`` expert groups (DeepSeek's ``n_group``: consecutive experts), node by node in rank order:
@@ -185,33 +200,40 @@ def eplb_placement(layer: tuple[float, ...], chips: int, redundant: int, groups:
         groups = nodes = 1
     size = len(layer) // groups
     out: list[tuple[float, ...]] = []
-    for held_groups in _pack([sum(layer[g * size:(g + 1) * size]) for g in range(groups)], nodes):
+    for held_groups in _pack([sum(layer[g * size : (g + 1) * size]) for g in range(groups)], nodes):
         local = [layer[e] for g in held_groups for e in range(g * size, (g + 1) * size)]
         physical = _replicate(local, (len(layer) + redundant) // nodes)
         out.extend(tuple(physical[i] for i in chip) for chip in _pack(physical, chips // nodes))
     return tuple(out)
 
 
-def from_counts(counts: list, num_experts: int, top_k: int, moe_layers: int, where: str = "expert load",
-                source: str = "") -> ExpertLoad:
+def from_counts(
+    counts: list, num_experts: int, top_k: int, moe_layers: int, where: str = "expert load", source: str = ""
+) -> ExpertLoad:
     """Validate and normalize ``counts`` (one list, or one per MoE layer) for a model's MoE layers."""
     layers = counts if counts and isinstance(counts[0], list) else [counts]
     if len(layers) not in (1, moe_layers):
-        raise ValueError(f"{where}: {len(layers)} layer lists for a model with {moe_layers} MoE layers; give one "
-                         f"list for all layers or one per MoE layer")
+        raise ValueError(
+            f"{where}: {len(layers)} layer lists for a model with {moe_layers} MoE layers; give one "
+            f"list for all layers or one per MoE layer"
+        )
     shares = []
     for i, layer in enumerate(layers):
         if len(layer) != num_experts or not all(isinstance(c, (int, float)) for c in layer):
-            raise ValueError(f"{where}: layer {i} has {len(layer)} entries; the model has {num_experts} experts, "
-                             f"and each entry is a token count")
+            raise ValueError(
+                f"{where}: layer {i} has {len(layer)} entries; the model has {num_experts} experts, "
+                f"and each entry is a token count"
+            )
         total = sum(layer)
         if any(not math.isfinite(c) or c < 0 for c in layer) or not total:
             raise ValueError(f"{where}: layer {i}'s counts must be finite, non-negative and not all zero")
         hot = max(range(num_experts), key=layer.__getitem__)
         if top_k * layer[hot] > total * (1 + 1e-9):
-            raise ValueError(f"{where}: layer {i}'s expert {hot} has {layer[hot]} of {total} choices, more than "
-                             f"1/top_k = 1/{top_k} of them, which a top-{top_k} router cannot make (each token "
-                             "picks an expert once); are these counts of another model?")
+            raise ValueError(
+                f"{where}: layer {i}'s expert {hot} has {layer[hot]} of {total} choices, more than "
+                f"1/top_k = 1/{top_k} of them, which a top-{top_k} router cannot make (each token "
+                "picks an expert once); are these counts of another model?"
+            )
         shares.append(tuple(top_k * c / total for c in layer))
     return ExpertLoad(tuple(shares), source)
 
@@ -230,6 +252,7 @@ def load_expert_load(path: str | Path, num_experts: int, top_k: int, moe_layers:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"--expert-load {path} is not valid JSON ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("layers"), list) or not data["layers"]:
-        raise ValueError(f"--expert-load {path}: expected {{\"source\": ..., \"layers\": [[count, ...], ...]}}")
-    return from_counts(data["layers"], num_experts, top_k, moe_layers, f"--expert-load {path}",
-                       str(data.get("source", path.name)))
+        raise ValueError(f'--expert-load {path}: expected {{"source": ..., "layers": [[count, ...], ...]}}')
+    return from_counts(
+        data["layers"], num_experts, top_k, moe_layers, f"--expert-load {path}", str(data.get("source", path.name))
+    )

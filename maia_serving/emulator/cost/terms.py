@@ -58,8 +58,16 @@ class OpTerms:
     gemm_n: float = 0.0  # a GEMM's output columns on this chip
 
 
-def _lin(tokens: float = 0.0, seqs: float = 0.0, pairs: float = 0.0, context: float = 0.0, const: float = 0.0,
-         window_pairs: float = 0.0, window_context: float = 0.0, experts: float = 0.0) -> Coefficients:
+def _lin(
+    tokens: float = 0.0,
+    seqs: float = 0.0,
+    pairs: float = 0.0,
+    context: float = 0.0,
+    const: float = 0.0,
+    window_pairs: float = 0.0,
+    window_context: float = 0.0,
+    experts: float = 0.0,
+) -> Coefficients:
     return Coefficients(tokens, seqs, pairs, context, const, window_pairs, window_context, experts)
 
 
@@ -71,8 +79,9 @@ def _op(name: str, count: int, flops: Coefficients, nbytes: Coefficients, peak: 
     return OpTerms(name, flops.scaled(count), nbytes.scaled(count), count, peak)
 
 
-def _gemm(name: str, lin: Linear, prec: Precision, tp: int, rows: Coefficients, count: int,
-          weights: Coefficients = ONCE) -> OpTerms:
+def _gemm(
+    name: str, lin: Linear, prec: Precision, tp: int, rows: Coefficients, count: int, weights: Coefficients = ONCE
+) -> OpTerms:
     """``[m, k] @ [k, n]`` of ``lin``'s shard on one chip of ``tp`` sharing it, m = ``rows``: reads the weight
     (``weights`` times: once, or once per expert touched) in its stored dtype and the input in its GEMM dtype,
     writes the output in the model's. Biases are left out (under 0.1% of any layer's bytes)."""
@@ -86,8 +95,13 @@ def _gemm(name: str, lin: Linear, prec: Precision, tp: int, rows: Coefficients, 
     wgt = prec.weight(lin.group).bytes_per_element
     flops = rows.scaled(2 * k * n)
     nbytes = rows.scaled(k * a_in + n * a_out) + weights.scaled(k * n * wgt)
-    return replace(_op(name, count, flops, nbytes, prec.gemm_peak(lin.group)), kind="gemm", gemm_rows=rows,
-                   gemm_groups=weights, gemm_n=n)
+    return replace(
+        _op(name, count, flops, nbytes, prec.gemm_peak(lin.group)),
+        kind="gemm",
+        gemm_rows=rows,
+        gemm_groups=weights,
+        gemm_n=n,
+    )
 
 
 def _attention_ops(model: ModelShape, prec: Precision, tp: int) -> list[OpTerms]:
@@ -107,25 +121,41 @@ def _attention_ops(model: ModelShape, prec: Precision, tp: int) -> list[OpTerms]
         qk_dim, v_dim = mla.latent_size, mla.kv_lora_rank
         rotary = heads * mla.qk_rope_head_dim + mla.qk_rope_head_dim
         latent = mla.kv_lora_rank + mla.q_lora_rank
-        ops.append(_op("latent_norm", layers, _lin(tokens=5 * latent),
-                       _lin(tokens=2 * latent * act, const=latent * act), peak))
+        ops.append(
+            _op("latent_norm", layers, _lin(tokens=5 * latent), _lin(tokens=2 * latent * act, const=latent * act), peak)
+        )
     else:
         qk_dim = v_dim = model.head_dim
         rotary = (model.q_size + model.num_kv_heads * model.head_dim) / tp
     if model.qk_norm:
-        ops.append(_op("qk_norm", layers, _lin(tokens=5 * rotary),
-                       _lin(tokens=2 * rotary * act, const=2 * qk_dim * act), peak))
+        ops.append(
+            _op("qk_norm", layers, _lin(tokens=5 * rotary), _lin(tokens=2 * rotary * act, const=2 * qk_dim * act), peak)
+        )
     ops.append(_op("rotary", layers, _lin(tokens=6 * rotary), _lin(tokens=2 * rotary * act), peak))
     kv_token = model.kv_bytes_per_token_layer(tp, prec.kv_cache)
     per_pair = 2 * heads * (qk_dim + v_dim) + (SOFTCAP_FLOPS * heads if model.attn_logit_softcap else 0)
     io = kv_token + heads * (qk_dim + v_dim) * act
     sliding = model.num_sliding_layers
     if layers - sliding:
-        ops.append(replace(_op("attention", layers - sliding, _lin(pairs=per_pair), _lin(tokens=io, context=kv_token),
-                               peak), kind="attention"))
+        ops.append(
+            replace(
+                _op("attention", layers - sliding, _lin(pairs=per_pair), _lin(tokens=io, context=kv_token), peak),
+                kind="attention",
+            )
+        )
     if sliding:
-        ops.append(replace(_op("attention_sliding", sliding, _lin(window_pairs=per_pair),
-                               _lin(tokens=io, window_context=kv_token), peak), kind="attention"))
+        ops.append(
+            replace(
+                _op(
+                    "attention_sliding",
+                    sliding,
+                    _lin(window_pairs=per_pair),
+                    _lin(tokens=io, window_context=kv_token),
+                    peak,
+                ),
+                kind="attention",
+            )
+        )
     ops.append(_gemm("o_proj", linears["o_proj"], prec, tp, PER_TOKEN, layers))
     return ops
 
@@ -143,12 +173,15 @@ def _mlp_ops(model: ModelShape, prec: Precision, parallel: Parallel) -> list[OpT
     lin = {x.name: x for x in model.linears()}
     ops = []
 
-    def mlp(prefix: str, width: float, layers: int, rows: Coefficients, weights: Coefficients = ONCE,
-            shard: int = tp) -> list[OpTerms]:
+    def mlp(
+        prefix: str, width: float, layers: int, rows: Coefficients, weights: Coefficients = ONCE, shard: int = tp
+    ) -> list[OpTerms]:
         width /= shard
-        return [_gemm(f"{prefix}gate_up_proj", lin[f"{prefix}gate_up_proj"], prec, shard, rows, layers, weights),
-                _op(f"{prefix}silu_and_mul", layers, rows.scaled(5 * width), rows.scaled(3 * width * act), peak),
-                _gemm(f"{prefix}down_proj", lin[f"{prefix}down_proj"], prec, shard, rows, layers, weights)]
+        return [
+            _gemm(f"{prefix}gate_up_proj", lin[f"{prefix}gate_up_proj"], prec, shard, rows, layers, weights),
+            _op(f"{prefix}silu_and_mul", layers, rows.scaled(5 * width), rows.scaled(3 * width * act), peak),
+            _gemm(f"{prefix}down_proj", lin[f"{prefix}down_proj"], prec, shard, rows, layers, weights),
+        ]
 
     dense = model.num_layers - model.num_moe_layers
     if dense:
@@ -157,8 +190,14 @@ def _mlp_ops(model: ModelShape, prec: Precision, parallel: Parallel) -> list[OpT
         layers = model.num_moe_layers
         ops.append(_gemm("router", lin["router"], prec, tp, PER_TOKEN, layers))
         routed = moe.top_k * parallel.dp / (parallel.moe_ranks if parallel.ep else 1)
-        ops += mlp("experts.", moe.intermediate_size, layers, _lin(tokens=routed), _lin(experts=1.0),
-                   1 if parallel.ep else parallel.moe_ranks)
+        ops += mlp(
+            "experts.",
+            moe.intermediate_size,
+            layers,
+            _lin(tokens=routed),
+            _lin(experts=1.0),
+            1 if parallel.ep else parallel.moe_ranks,
+        )
         if moe.shared_intermediate_size:
             ops += mlp("shared_experts.", moe.shared_intermediate_size, layers, PER_TOKEN)
     return ops
@@ -192,8 +231,9 @@ def _fused(ops: list[OpTerms], fusions: frozenset[str]) -> list[OpTerms]:
     return out
 
 
-def op_terms(model: ModelShape, parallel: Parallel = SINGLE_CHIP, kv_cache_dtype: str = "auto",
-             fusions: Iterable[str] = ()) -> tuple[OpTerms, ...]:
+def op_terms(
+    model: ModelShape, parallel: Parallel = SINGLE_CHIP, kv_cache_dtype: str = "auto", fusions: Iterable[str] = ()
+) -> tuple[OpTerms, ...]:
     """Per-operator FLOP and byte terms of one forward pass on one chip of ``tp``.
 
     Weights are read in their stored dtype (precision.py), GEMM inputs in their GEMM dtype, everything
@@ -205,8 +245,11 @@ def op_terms(model: ModelShape, parallel: Parallel = SINGLE_CHIP, kv_cache_dtype
     peak = prec.model.peak
     vocab = model.vocab_size / tp
     lm_head = Linear("lm_head", "lm_head", h, model.vocab_size, 1, "column")
-    ops = [_op("rmsnorm", model.norms_per_layer * layers, _lin(tokens=5 * h), _lin(tokens=2 * h * act, const=h * wgt),
-               peak)]
+    ops = [
+        _op(
+            "rmsnorm", model.norms_per_layer * layers, _lin(tokens=5 * h), _lin(tokens=2 * h * act, const=h * wgt), peak
+        )
+    ]
     ops += _attention_ops(model, prec, tp)
     ops += _mlp_ops(model, prec, parallel)
     ops += [

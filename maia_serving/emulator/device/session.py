@@ -41,8 +41,15 @@ class StepRecord:
 
 
 class EmulatedDevice:
-    def __init__(self, profile: DeviceProfile, model: ModelShape, plan: MemoryPlan,
-                 parallel: Parallel, kv_cache_dtype: str, fusions: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        profile: DeviceProfile,
+        model: ModelShape,
+        plan: MemoryPlan,
+        parallel: Parallel,
+        kv_cache_dtype: str,
+        fusions: tuple[str, ...] = (),
+    ):
         self.profile = profile
         self.plan = plan
         self.kv_cache_dtype = kv_cache_dtype
@@ -50,8 +57,9 @@ class EmulatedDevice:
         self.clock = EmulatedClock()
 
     @classmethod
-    def fit(cls, profile: DeviceProfile, model: ModelShape, config: ServingConfig,
-            flags: Flags = VLLM_FLAGS) -> EmulatedDevice:
+    def fit(
+        cls, profile: DeviceProfile, model: ModelShape, config: ServingConfig, flags: Flags = VLLM_FLAGS
+    ) -> EmulatedDevice:
         """The device serving ``model`` with ``config``; NotEnoughMemory (suggesting changes
         as ``flags`` spells them) if it does not fit."""
         plan = require_fit(model, profile, config, flags)
@@ -64,8 +72,9 @@ class EmulatedDevice:
     def hbm_used_bytes(self, kv_blocks_used: int) -> float:
         """Emulated HBM in use on one chip: runtime, weights, workspace and live KV blocks."""
         plan = self.plan
-        return (plan.runtime_reserve_bytes + plan.weight_bytes + plan.workspace_bytes
-                + kv_blocks_used * self.kv_block_bytes)
+        return (
+            plan.runtime_reserve_bytes + plan.weight_bytes + plan.workspace_bytes + kv_blocks_used * self.kv_block_bytes
+        )
 
     def arrive(self, request_id: str, age_s: float = 0.0) -> None:
         self.clock.arrive(request_id, age_s)
@@ -73,9 +82,16 @@ class EmulatedDevice:
     def abort(self, request_id: str) -> None:
         self.clock.finish(request_id)
 
-    def charge(self, new_tokens: tuple[int, ...], context_lens: tuple[int, ...],
-               tokens_out: dict[str, int], finished: list[str], kv_blocks_used: int,
-               wall_s: float = 0.0, collectives: list[tuple[int, int, int, int, int]] | None = None) -> StepRecord:
+    def charge(
+        self,
+        new_tokens: tuple[int, ...],
+        context_lens: tuple[int, ...],
+        tokens_out: dict[str, int],
+        finished: list[str],
+        kv_blocks_used: int,
+        wall_s: float = 0.0,
+        collectives: list[tuple[int, int, int, int, int]] | None = None,
+    ) -> StepRecord:
         """Charge one step; ``finished`` requests leave the clock with their timings. ``collectives``, the
         calls the engine really made (``maia_serving.serving.collectives`` rows), replace the cost
         model's count of them where given."""

@@ -56,7 +56,7 @@ class LayoutResult:
 
 
 def label(tp: int, pp: int, dp: int = 1, ep: bool = False) -> str:
-    """"tp4 pp1", with " dp2" and " ep" where they apply: the plots' name for a layout."""
+    """ "tp4 pp1", with " dp2" and " ep" where they apply: the plots' name for a layout."""
     return f"tp{tp} pp{pp}" + (f" dp{dp}" if dp > 1 else "") + (" ep" if ep else "")
 
 
@@ -117,32 +117,54 @@ def comm_share(sim: Simulation) -> float:
     return sum(sim.steps.comm_s) / work if work else 0.0
 
 
-def evaluate(profile: DeviceProfile, model: ModelShape, config: ServingConfig, requests: list[Request],
-             slo: SLO, layout: Parallel, enable_prefix_caching: bool = True) -> LayoutResult:
+def evaluate(
+    profile: DeviceProfile,
+    model: ModelShape,
+    config: ServingConfig,
+    requests: list[Request],
+    slo: SLO,
+    layout: Parallel,
+    enable_prefix_caching: bool = True,
+) -> LayoutResult:
     """One layout (its all2all backend is ``config``'s) on one device: its rejection, or the simulator's figures
     for ``requests``."""
     tp, pp, dp = layout.tp, layout.pp, layout.dp
-    base = LayoutResult(profile.name, topology_name(profile), tp, pp, fits=False, dp=dp, ep=layout.ep,
-                        eplb=layout.eplb)
+    base = LayoutResult(profile.name, topology_name(profile), tp, pp, fits=False, dp=dp, ep=layout.ep, eplb=layout.eplb)
     eplb = layout.eplb is not None
-    error = (layout_error(model, tp, pp) or network_error(profile, layout.chips)
-             or (eplb and eplb_error(model.moe.num_experts, layout.eplb, tp * dp)))
+    error = (
+        layout_error(model, tp, pp)
+        or network_error(profile, layout.chips)
+        or (eplb and eplb_error(model.moe.num_experts, layout.eplb, tp * dp))
+    )
     if error:
         return replace(base, reason=error)
-    serving = replace(config, tensor_parallel_size=tp, pipeline_parallel_size=pp, data_parallel_size=dp,
-                      enable_expert_parallel=layout.ep, enable_eplb=eplb, num_redundant_experts=layout.eplb or 0)
+    serving = replace(
+        config,
+        tensor_parallel_size=tp,
+        pipeline_parallel_size=pp,
+        data_parallel_size=dp,
+        enable_expert_parallel=layout.ep,
+        enable_eplb=eplb,
+        num_redundant_experts=layout.eplb or 0,
+    )
     try:
         sim = simulate_device(profile, model, serving, requests, enable_prefix_caching)
     except NotEnoughMemory as exc:
         return replace(base, reason=str(exc))
     report = summarize(sim, slo)
     tpot = report.tpot_ms
-    return replace(base, fits=True, output_throughput_tok_s=report.output_throughput_tok_s,
-                   goodput_tok_s=goodput_tok_s(sim, slo, report.duration_s), ttft_ms=report.ttft_ms.mean,
-                   tpot_ms=tpot.mean if tpot else None, ttft_p99_ms=report.ttft_ms.p99,
-                   tpot_p99_ms=tpot.p99 if tpot else None, comm_share=comm_share(sim),
-                   eplb_rearranged=None if sim.eplb_initial_steps is None
-                   else sim.eplb_initial_steps < report.num_steps)
+    return replace(
+        base,
+        fits=True,
+        output_throughput_tok_s=report.output_throughput_tok_s,
+        goodput_tok_s=goodput_tok_s(sim, slo, report.duration_s),
+        ttft_ms=report.ttft_ms.mean,
+        tpot_ms=tpot.mean if tpot else None,
+        ttft_p99_ms=report.ttft_ms.p99,
+        tpot_p99_ms=tpot.p99 if tpot else None,
+        comm_share=comm_share(sim),
+        eplb_rearranged=None if sim.eplb_initial_steps is None else sim.eplb_initial_steps < report.num_steps,
+    )
 
 
 def ranked(results: list[LayoutResult]) -> list[LayoutResult]:
@@ -151,16 +173,28 @@ def ranked(results: list[LayoutResult]) -> list[LayoutResult]:
     return [replace(r, rank=i) for i, r in enumerate(served, 1)] + [r for r in results if not r.fits]
 
 
-def plan(profiles: list[DeviceProfile], model: ModelShape, num_devices: int, config: ServingConfig,
-         requests: list[Request], slo: SLO | None = None, enable_prefix_caching: bool = True,
-         eplb: int | None = None) -> list[LayoutResult]:
+def plan(
+    profiles: list[DeviceProfile],
+    model: ModelShape,
+    num_devices: int,
+    config: ServingConfig,
+    requests: list[Request],
+    slo: SLO | None = None,
+    enable_prefix_caching: bool = True,
+    eplb: int | None = None,
+) -> list[LayoutResult]:
     """Every layout of ``num_devices`` chips on every profile, ranked (module docstring); no SLO: every request
     counts. ``eplb``: the expert-parallel layouts' experts placed by EPLB with that many redundant experts."""
     slo = slo or SLO()
     if eplb is not None and model.moe is None:
         raise ValueError(f"--enable-eplb balances routed experts; {model.name} has none (a dense model)")
-    return ranked([evaluate(profile, model, config, requests, slo, layout, enable_prefix_caching)
-                   for profile in profiles for layout in layouts(num_devices, model.moe is not None, eplb)])
+    return ranked(
+        [
+            evaluate(profile, model, config, requests, slo, layout, enable_prefix_caching)
+            for profile in profiles
+            for layout in layouts(num_devices, model.moe is not None, eplb)
+        ]
+    )
 
 
 def _label(result: LayoutResult) -> str:
@@ -191,8 +225,9 @@ def write_plots(out_dir: Path, results: list[LayoutResult], title: str) -> list[
         # Every point named, or with a MoE model's many layouts the three best of each device (the table has all).
         named = rows if len(rows) <= 6 else sorted(rows, key=lambda r: r.rank)[:3]
         for r in named:
-            ax.annotate(_label(r), (r.tpot_ms, r.output_throughput_tok_s), fontsize=8,
-                        xytext=(4, 4), textcoords="offset points")
+            ax.annotate(
+                _label(r), (r.tpot_ms, r.output_throughput_tok_s), fontsize=8, xytext=(4, 4), textcoords="offset points"
+            )
     ax.set_xlabel("mean time per output token (ms)")
     ax.set_ylabel("output throughput (tok/s)")
     ax.set_title(title)
@@ -207,11 +242,19 @@ def write_plots(out_dir: Path, results: list[LayoutResult], title: str) -> list[
     fig, ax = plt.subplots(figsize=(max(9.0, 0.55 * len(labels)), 5))
     for i, device in enumerate(devices):
         share = {_label(r): 100 * r.comm_share for r in served if r.device == device}
-        ax.bar([j + i * width for j in range(len(labels))], [share.get(label, 0.0) for label in labels], width,
-               label=device)
+        ax.bar(
+            [j + i * width for j in range(len(labels))],
+            [share.get(label, 0.0) for label in labels],
+            width,
+            label=device,
+        )
     tilted = len(labels) > 6  # a MoE model's layouts: too many labels to sit side by side
-    ax.set_xticks([j + width * (len(devices) - 1) / 2 for j in range(len(labels))], labels,
-                  rotation=45 if tilted else 0, ha="right" if tilted else "center")
+    ax.set_xticks(
+        [j + width * (len(devices) - 1) / 2 for j in range(len(labels))],
+        labels,
+        rotation=45 if tilted else 0,
+        ha="right" if tilted else "center",
+    )
     ax.set_ylabel("communication's share of the steps' work (%)")
     ax.set_title(f"{title}: communication per topology (no bar: rejected)")
     ax.legend(fontsize=8)

@@ -124,8 +124,9 @@ def summarize(sim: Simulation, slo: SLO = SLO()) -> SimReport:
     good = sum(meets(t.ttft_s, t.tpot_s, slo) for t in timings)
     busy_block_s = sum(b * s for b, s in zip(steps.kv_blocks_used, held_s(sim)))
     sample_times = [start_s + duration_s * i / (KV_SAMPLES - 1) for i in range(KV_SAMPLES)]
-    hit_rate = (sim.prefix_cache_hit_tokens / sim.prefix_cache_queried_tokens
-                if sim.prefix_cache_queried_tokens else None)
+    hit_rate = (
+        sim.prefix_cache_hit_tokens / sim.prefix_cache_queried_tokens if sim.prefix_cache_queried_tokens else None
+    )
     return SimReport(
         device=sim.device,
         fits=True,
@@ -176,19 +177,36 @@ def chrome_trace(sims: list[Simulation]) -> dict[str, Any]:
         events.append({"ph": "M", "name": "process_name", "pid": pid, "args": {"name": sim.device}})
         steps = sim.steps
         for start, dur, tokens, seqs in zip(steps.start_s, steps.step_s, steps.num_tokens, steps.num_seqs):
-            events.append({"ph": "X", "pid": pid, "tid": 0, "name": "decode" if tokens == seqs else "prefill",
-                           "ts": start * 1e6, "dur": dur * 1e6, "args": {"tokens": tokens, "seqs": seqs}})
+            events.append(
+                {
+                    "ph": "X",
+                    "pid": pid,
+                    "tid": 0,
+                    "name": "decode" if tokens == seqs else "prefill",
+                    "ts": start * 1e6,
+                    "dur": dur * 1e6,
+                    "args": {"tokens": tokens, "seqs": seqs},
+                }
+            )
         last = None
         for start, seqs, waiting in zip(steps.start_s, steps.num_seqs, steps.num_waiting):
             if (seqs, waiting) != last:
-                events.append({"ph": "C", "pid": pid, "name": "requests", "ts": start * 1e6,
-                               "args": {"scheduled": seqs, "waiting": waiting}})
+                events.append(
+                    {
+                        "ph": "C",
+                        "pid": pid,
+                        "name": "requests",
+                        "ts": start * 1e6,
+                        "args": {"scheduled": seqs, "waiting": waiting},
+                    }
+                )
                 last = (seqs, waiting)
         last = None
         for t, blocks in zip(*kv_series(sim)):
             if blocks != last:
-                events.append({"ph": "C", "pid": pid, "name": "KV blocks used", "ts": t * 1e6,
-                               "args": {"blocks": blocks}})
+                events.append(
+                    {"ph": "C", "pid": pid, "name": "KV blocks used", "ts": t * 1e6, "args": {"blocks": blocks}}
+                )
                 last = blocks
         for rid, (request, timing) in enumerate(zip(sim.requests, sim.timings)):
             common = {"pid": pid, "tid": 1, "cat": "request", "id": rid}

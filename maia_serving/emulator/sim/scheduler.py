@@ -49,8 +49,12 @@ class SchedulerConfig:
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
-        limits = {"num_blocks": self.num_blocks, "block_size": self.block_size, "max_num_seqs": self.max_num_seqs,
-                  "max_num_batched_tokens": self.max_num_batched_tokens}
+        limits = {
+            "num_blocks": self.num_blocks,
+            "block_size": self.block_size,
+            "max_num_seqs": self.max_num_seqs,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+        }
         bad = [f"{k}={v}" for k, v in limits.items() if v < 1]
         if bad:
             raise ValueError(f"scheduler limits must be >= 1, got {', '.join(bad)}")
@@ -176,8 +180,10 @@ class Scheduler:
         bs = self.config.block_size
         peak_blocks = -(-(request.input_len + request.output_len - 1) // bs)
         if peak_blocks > self.config.num_blocks:
-            raise ValueError(f"a request of {request.input_len} + {request.output_len} tokens needs {peak_blocks} "
-                             f"KV blocks; the cache has {self.config.num_blocks}")
+            raise ValueError(
+                f"a request of {request.input_len} + {request.output_len} tokens needs {peak_blocks} "
+                f"KV blocks; the cache has {self.config.num_blocks}"
+            )
         rid = self._num_added
         self._num_added += 1
         seq = self._seqs[rid] = _Seq(rid, request)

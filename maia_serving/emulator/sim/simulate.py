@@ -114,8 +114,13 @@ def through_stages(now_s: float, cost: StepCost, free_s: tuple[float, ...]) -> t
     return max(now_s, free_s[0]), free[-1], tuple(free)
 
 
-def simulate(requests: list[Request], costs: CostModel, config: SchedulerConfig, device: str = "",
-             initial: tuple[int, CostModel] | None = None) -> Simulation:
+def simulate(
+    requests: list[Request],
+    costs: CostModel,
+    config: SchedulerConfig,
+    device: str = "",
+    initial: tuple[int, CostModel] | None = None,
+) -> Simulation:
     """Run ``requests`` (sorted by arrival) to completion under vLLM v1's policy, each step priced
     by ``costs``, up to ``costs.parallel.pp`` batches in flight; with ``initial`` (steps, cost model), the
     first that many steps by that one instead (EPLB's experts before it first rearranges them)."""
@@ -184,15 +189,22 @@ def simulate(requests: list[Request], costs: CostModel, config: SchedulerConfig,
     )
 
 
-def simulate_device(profile: DeviceProfile, model: ModelShape, serving: ServingConfig, requests: list[Request],
-                    enable_prefix_caching: bool = True) -> Simulation:
+def simulate_device(
+    profile: DeviceProfile,
+    model: ModelShape,
+    serving: ServingConfig,
+    requests: list[Request],
+    enable_prefix_caching: bool = True,
+) -> Simulation:
     """``requests`` served by ``model`` on ``profile`` with ``serving``'s settings, priced by the cost model
     of the live engines' EmulatedDevice; NotEnoughMemory (the live engines' message) when it does not fit."""
     device = EmulatedDevice.fit(profile, model, serving)
     longest = max(r.input_len + r.output_len for r in requests)
     if longest > device.plan.max_model_len:
-        raise ValueError(f"a request of {longest} tokens (input + output) exceeds max_model_len="
-                         f"{device.plan.max_model_len}; vLLM refuses it: raise --max-model-len or shorten the requests")
+        raise ValueError(
+            f"a request of {longest} tokens (input + output) exceeds max_model_len="
+            f"{device.plan.max_model_len}; vLLM refuses it: raise --max-model-len or shorten the requests"
+        )
     config = SchedulerConfig(
         num_blocks=device.plan.num_blocks,
         block_size=serving.block_size,
@@ -202,9 +214,16 @@ def simulate_device(profile: DeviceProfile, model: ModelShape, serving: ServingC
     )
     initial = None
     if serving.enable_eplb:  # vLLM's EPLB starts from its initial map and first rearranges some steps in
-        initial = (serving.eplb_first_rearrangement, CostModel(
-            profile, served_model(model, serving), replace(serving.parallel, eplb_rearranged=False),
-            serving.kv_cache_dtype, serving.fusions))
+        initial = (
+            serving.eplb_first_rearrangement,
+            CostModel(
+                profile,
+                served_model(model, serving),
+                replace(serving.parallel, eplb_rearranged=False),
+                serving.kv_cache_dtype,
+                serving.fusions,
+            ),
+        )
     dp = serving.data_parallel_size
     shares = [requests[i::dp] for i in range(min(dp, len(requests)))]
     sims = [simulate(share, device.cost_model, config, device=profile.name, initial=initial) for share in shares]
@@ -217,9 +236,20 @@ def merge_replicas(sims: list[Simulation]) -> Simulation:
     first = sims[0]
     if len(sims) == 1:
         return first
-    order = sorted(((req.arrival_s, k * len(sims) + i, req, timing) for i, sim in enumerate(sims)
-                    for k, (req, timing) in enumerate(zip(sim.requests, sim.timings))), key=lambda row: row[:2])
-    return replace(first, requests=tuple(row[2] for row in order), timings=tuple(row[3] for row in order),
-                   num_preemptions=sum(s.num_preemptions for s in sims),
-                   prefix_cache_queried_tokens=sum(s.prefix_cache_queried_tokens for s in sims),
-                   prefix_cache_hit_tokens=sum(s.prefix_cache_hit_tokens for s in sims), replicas=len(sims))
+    order = sorted(
+        (
+            (req.arrival_s, k * len(sims) + i, req, timing)
+            for i, sim in enumerate(sims)
+            for k, (req, timing) in enumerate(zip(sim.requests, sim.timings))
+        ),
+        key=lambda row: row[:2],
+    )
+    return replace(
+        first,
+        requests=tuple(row[2] for row in order),
+        timings=tuple(row[3] for row in order),
+        num_preemptions=sum(s.num_preemptions for s in sims),
+        prefix_cache_queried_tokens=sum(s.prefix_cache_queried_tokens for s in sims),
+        prefix_cache_hit_tokens=sum(s.prefix_cache_hit_tokens for s in sims),
+        replicas=len(sims),
+    )

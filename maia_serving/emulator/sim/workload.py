@@ -62,15 +62,19 @@ def arrival_times(num_requests: int, request_rate: float, seed: int = 0) -> list
     return times
 
 
-def synthetic(num_requests: int, input_len: int, output_len: int, request_rate: float = math.inf,
-              seed: int = 0) -> list[Request]:
+def synthetic(
+    num_requests: int, input_len: int, output_len: int, request_rate: float = math.inf, seed: int = 0
+) -> list[Request]:
     """``num_requests`` of the same lengths: a static batch at an infinite rate, else Poisson."""
     return [Request(t, input_len, output_len) for t in arrival_times(num_requests, request_rate, seed)]
 
 
 # Trace fields: the JSON types each may have, and how an error names them.
-_REQUIRED = {"arrival_s": ((int, float), "a number"), "input_len": ((int,), "an integer"),
-             "output_len": ((int,), "an integer")}
+_REQUIRED = {
+    "arrival_s": ((int, float), "a number"),
+    "input_len": ((int,), "an integer"),
+    "output_len": ((int,), "an integer"),
+}
 _OPTIONAL = {"prefix_id": ((str, int), "a string or an integer"), "prefix_len": ((int,), "an integer")}
 
 

@@ -30,10 +30,7 @@ def _kv_absmax_kernel(
     dims = tl.arange(0, BLOCK_D)
     mask = (tokens[:, None] < num_tokens) & (dims[None, :] < head_dim)
     x = tl.load(
-        x_ptr
-        + tokens[:, None].to(tl.int64) * x_stride_t
-        + head * x_stride_h
-        + dims[None, :],
+        x_ptr + tokens[:, None].to(tl.int64) * x_stride_t + head * x_stride_h + dims[None, :],
         mask=mask,
         other=0.0,
     ).to(tl.float32)
@@ -55,8 +52,7 @@ def kv_absmax(x: torch.Tensor) -> torch.Tensor:
     """Triton version of ``maia_serving.ops.fp8.kv_absmax_ref``: float32 ``[num_kv_heads]``."""
     if x.dim() != 3 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(
-            "x must be bf16/fp16/fp32 [num_tokens, num_kv_heads, head_dim], got "
-            f"{x.dtype} {tuple(x.shape)}"
+            f"x must be bf16/fp16/fp32 [num_tokens, num_kv_heads, head_dim], got {x.dtype} {tuple(x.shape)}"
         )
     if x.stride(-1) != 1:
         raise ValueError("x needs a contiguous head_dim (stride 1)")
@@ -65,9 +61,7 @@ def kv_absmax(x: torch.Tensor) -> torch.Tensor:
         return torch.zeros(num_kv_heads, dtype=torch.float32, device=x.device)
     block_t, block_d = _block_sizes(num_tokens, head_dim)
     num_token_blocks = triton.cdiv(num_tokens, block_t)
-    partial = torch.empty(
-        num_kv_heads, num_token_blocks, dtype=torch.float32, device=x.device
-    )
+    partial = torch.empty(num_kv_heads, num_token_blocks, dtype=torch.float32, device=x.device)
     _kv_absmax_kernel[(num_kv_heads, num_token_blocks)](
         x_ptr=x,
         partial_ptr=partial,

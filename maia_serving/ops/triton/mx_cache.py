@@ -209,14 +209,42 @@ def _reshape_and_cache_mx_kernel(
         k_scale = tl.load(k_scale_ptr)
         v_scale = tl.load(v_scale_ptr)
     _quantize_row(
-        key_ptr + token * key_stride_t + head * key_stride_h, key_cache_ptr + dst, k_scale, head_dim,
-        NUM_BLOCKS, NUM_BLOCKS_P2, BLOCK, PER_WORD, WORD_BYTES, WORD_BYTES_P2, BITS, MANT, BIAS, MAX_CODE, EMAX,
-        MAX_VALUE, NVFP4,
+        key_ptr + token * key_stride_t + head * key_stride_h,
+        key_cache_ptr + dst,
+        k_scale,
+        head_dim,
+        NUM_BLOCKS,
+        NUM_BLOCKS_P2,
+        BLOCK,
+        PER_WORD,
+        WORD_BYTES,
+        WORD_BYTES_P2,
+        BITS,
+        MANT,
+        BIAS,
+        MAX_CODE,
+        EMAX,
+        MAX_VALUE,
+        NVFP4,
     )
     _quantize_row(
-        value_ptr + token * value_stride_t + head * value_stride_h, value_cache_ptr + dst, v_scale, head_dim,
-        NUM_BLOCKS, NUM_BLOCKS_P2, BLOCK, PER_WORD, WORD_BYTES, WORD_BYTES_P2, BITS, MANT, BIAS, MAX_CODE, EMAX,
-        MAX_VALUE, NVFP4,
+        value_ptr + token * value_stride_t + head * value_stride_h,
+        value_cache_ptr + dst,
+        v_scale,
+        head_dim,
+        NUM_BLOCKS,
+        NUM_BLOCKS_P2,
+        BLOCK,
+        PER_WORD,
+        WORD_BYTES,
+        WORD_BYTES_P2,
+        BITS,
+        MANT,
+        BIAS,
+        MAX_CODE,
+        EMAX,
+        MAX_VALUE,
+        NVFP4,
     )
 
 

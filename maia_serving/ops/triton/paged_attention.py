@@ -85,10 +85,7 @@ def _paged_attention_kernel(
     dims = tl.arange(0, BLOCK_D)
     dim_valid = dims < head_dim
     q = tl.load(
-        query_ptr
-        + (q_start + q_token)[:, None] * query_stride_t
-        + head[:, None] * query_stride_h
-        + dims[None, :],
+        query_ptr + (q_start + q_token)[:, None] * query_stride_t + head[:, None] * query_stride_h + dims[None, :],
         mask=row_valid[:, None] & dim_valid[None, :],
         other=0.0,
     ).to(tl.float32)
@@ -126,26 +123,38 @@ def _paged_attention_kernel(
             mask=k_valid,
             other=0,
         ).to(tl.int64)
-        kv_offsets = (
-            page * cache_stride_b + (k_pos % BLOCK_SIZE) * cache_stride_s + cache_head
-        )
+        kv_offsets = page * cache_stride_b + (k_pos % BLOCK_SIZE) * cache_stride_s + cache_head
         kv_mask = k_valid[:, None] & dim_valid[None, :]
         if MX_BLOCK > 0:
             k = load_mx_tile(
-                key_cache_ptr, kv_offsets, dims, kv_mask, MX_BLOCK, MX_BITS, MX_MANT, MX_BIAS,
-                MX_PER_WORD, MX_WORD_BYTES, MX_NVFP4,
+                key_cache_ptr,
+                kv_offsets,
+                dims,
+                kv_mask,
+                MX_BLOCK,
+                MX_BITS,
+                MX_MANT,
+                MX_BIAS,
+                MX_PER_WORD,
+                MX_WORD_BYTES,
+                MX_NVFP4,
             )
             v = load_mx_tile(
-                value_cache_ptr, kv_offsets, dims, kv_mask, MX_BLOCK, MX_BITS, MX_MANT, MX_BIAS,
-                MX_PER_WORD, MX_WORD_BYTES, MX_NVFP4,
+                value_cache_ptr,
+                kv_offsets,
+                dims,
+                kv_mask,
+                MX_BLOCK,
+                MX_BITS,
+                MX_MANT,
+                MX_BIAS,
+                MX_PER_WORD,
+                MX_WORD_BYTES,
+                MX_NVFP4,
             )
         else:
-            k = tl.load(
-                key_cache_ptr + kv_offsets[:, None] + dims[None, :], mask=kv_mask, other=0
-            )
-            v = tl.load(
-                value_cache_ptr + kv_offsets[:, None] + dims[None, :], mask=kv_mask, other=0
-            )
+            k = tl.load(key_cache_ptr + kv_offsets[:, None] + dims[None, :], mask=kv_mask, other=0)
+            v = tl.load(value_cache_ptr + kv_offsets[:, None] + dims[None, :], mask=kv_mask, other=0)
             if IS_FP8:
                 if FP8_E5M2:
                     k = k.to(tl.float8e5, bitcast=True)
@@ -174,18 +183,13 @@ def _paged_attention_kernel(
     l_i = tl.where(l_i > 0.0, l_i, 1.0)  # padding rows: avoid 0/0 (never stored)
     out = acc * (v_scale / l_i)[:, None]
     tl.store(
-        out_ptr
-        + (q_start + q_token)[:, None] * out_stride_t
-        + head[:, None] * out_stride_h
-        + dims[None, :],
+        out_ptr + (q_start + q_token)[:, None] * out_stride_t + head[:, None] * out_stride_h + dims[None, :],
         out.to(out_ptr.dtype.element_ty),
         mask=row_valid[:, None] & dim_valid[None, :],
     )
 
 
-def _block_sizes(
-    max_query_len: int, queries_per_kv: int, head_dim: int
-) -> dict[str, int]:
+def _block_sizes(max_query_len: int, queries_per_kv: int, head_dim: int) -> dict[str, int]:
     """Tile sizes. ``tl.dot`` needs every dimension >= 16 and a power of two."""
     block_m = min(64, max(16, triton.next_power_of_2(max_query_len * queries_per_kv)))
     block_m = max(block_m, triton.next_power_of_2(queries_per_kv))
@@ -237,23 +241,19 @@ def paged_attention(
     )
     if mx_fmt:
         if mx_fmt.scale == "e8m0" and (k_scale is not None or v_scale is not None):
-            raise ValueError(
-                f"{mx_fmt.name} keeps all its scale in the E8M0 block scales; pass k_scale=v_scale=None"
-            )
+            raise ValueError(f"{mx_fmt.name} keeps all its scale in the E8M0 block scales; pass k_scale=v_scale=None")
         fmt = None
     if not math.isfinite(scale):
         raise ValueError(f"softmax scale must be finite, got {scale}")
     if key_cache.stride() != value_cache.stride():
         raise ValueError(
-            f"key_cache and value_cache need equal strides, got {key_cache.stride()} and "
-            f"{value_cache.stride()}"
+            f"key_cache and value_cache need equal strides, got {key_cache.stride()} and {value_cache.stride()}"
         )
     if out is None:
         out = torch.empty_like(query)
     elif out.shape != query.shape or out.dtype != query.dtype:
         raise ValueError(
-            f"out must match the query ({query.dtype} {tuple(query.shape)}), got "
-            f"{out.dtype} {tuple(out.shape)}"
+            f"out must match the query ({query.dtype} {tuple(query.shape)}), got {out.dtype} {tuple(out.shape)}"
         )
     if (
         query.stride(-1),
@@ -261,24 +261,18 @@ def paged_attention(
         key_cache.stride(-1),
         block_tables.stride(-1),
     ) != (1,) * 4:
-        raise ValueError(
-            "query, out, the caches and block_tables need a contiguous last dimension"
-        )
+        raise ValueError("query, out, the caches and block_tables need a contiguous last dimension")
     num_seqs = seq_lens.shape[0]
     num_heads, head_dim = query.shape[1:]
     block_size, num_kv_heads = key_cache.shape[1:3]
     if max_query_len is None:
-        max_query_len = (
-            int((query_start_loc[1:] - query_start_loc[:-1]).max()) if num_seqs else 0
-        )
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max()) if num_seqs else 0
     if max_query_len == 0 or query.shape[0] == 0:
         return out
     k_scale_t = scale_tensor(k_scale, num_kv_heads, query.device)
     v_scale_t = scale_tensor(v_scale, num_kv_heads, query.device)
     per_head_scale = k_scale_t.numel() > 1 or v_scale_t.numel() > 1
-    if (
-        per_head_scale
-    ):  # one flag for both: give a per-tensor partner one entry per head
+    if per_head_scale:  # one flag for both: give a per-tensor partner one entry per head
         k_scale_t = k_scale_t.expand(num_kv_heads).contiguous()
         v_scale_t = v_scale_t.expand(num_kv_heads).contiguous()
     queries_per_kv = num_heads // num_kv_heads

@@ -55,27 +55,15 @@ def _reshape_and_cache_kernel(
         mask=mask,
     ).to(tl.float32)
     value = tl.load(
-        value_ptr
-        + token * value_stride_t
-        + heads[:, None] * value_stride_h
-        + dims[None, :],
+        value_ptr + token * value_stride_t + heads[:, None] * value_stride_h + dims[None, :],
         mask=mask,
     ).to(tl.float32)
-    cache_offsets = (
-        block * cache_stride_b
-        + row * cache_stride_s
-        + heads[:, None] * cache_stride_h
-        + dims[None, :]
-    )
+    cache_offsets = block * cache_stride_b + row * cache_stride_s + heads[:, None] * cache_stride_h + dims[None, :]
 
     if IS_FP8:
         if PER_HEAD_SCALE:
-            k_scale = tl.load(
-                k_scale_ptr + heads, mask=heads < num_kv_heads, other=1.0
-            )[:, None]
-            v_scale = tl.load(
-                v_scale_ptr + heads, mask=heads < num_kv_heads, other=1.0
-            )[:, None]
+            k_scale = tl.load(k_scale_ptr + heads, mask=heads < num_kv_heads, other=1.0)[:, None]
+            v_scale = tl.load(v_scale_ptr + heads, mask=heads < num_kv_heads, other=1.0)[:, None]
         else:
             k_scale = tl.load(k_scale_ptr)
             v_scale = tl.load(v_scale_ptr)
@@ -84,9 +72,7 @@ def _reshape_and_cache_kernel(
         key = tl.math.div_rn(key, k_scale)
         value = tl.math.div_rn(value, v_scale)
         key = tl.where(key > FP8_MAX, FP8_MAX, tl.where(key < -FP8_MAX, -FP8_MAX, key))
-        value = tl.where(
-            value > FP8_MAX, FP8_MAX, tl.where(value < -FP8_MAX, -FP8_MAX, value)
-        )
+        value = tl.where(value > FP8_MAX, FP8_MAX, tl.where(value < -FP8_MAX, -FP8_MAX, value))
         if FP8_E5M2:
             key_out = key.to(tl.float8e5).to(tl.uint8, bitcast=True)
             value_out = value.to(tl.float8e5).to(tl.uint8, bitcast=True)
@@ -116,9 +102,7 @@ def reshape_and_cache(
     v_scale: float | torch.Tensor | None = None,
 ) -> None:
     """Triton version of ``maia_serving.ops.fp8.reshape_and_cache_ref`` (same arguments)."""
-    fmt = check_reshape_and_cache_args(
-        key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype
-    )
+    fmt = check_reshape_and_cache_args(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype)
     num_tokens, num_kv_heads, head_dim = key.shape
     k_scale_t, v_scale_t, per_head_scale = cache_write_scales(key, value, key_cache, value_cache, k_scale, v_scale)
     if num_tokens == 0:

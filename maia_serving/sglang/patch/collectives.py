@@ -61,14 +61,18 @@ def after_reduce_scatter(result, group, output, input_list, *args, **kwargs) -> 
 def _never_raises(hook):
     """A relay hook that fails logs it (once) and leaves SGLang's call as it was: the step is then priced by the
     cost model's count (its result carries no tally), and the engine serves on."""
+
     @functools.wraps(hook)
     def guarded(*args, **kwargs):
         try:
             return hook(*args, **kwargs)
         except Exception:
             if not guarded.failed:
-                logger.exception("maia-serving: %s failed; steps are priced by the cost model's collectives "
-                                 "instead of the ones SGLang made. Please report this.", hook.__name__)
+                logger.exception(
+                    "maia-serving: %s failed; steps are priced by the cost model's collectives "
+                    "instead of the ones SGLang made. Please report this.",
+                    hook.__name__,
+                )
             guarded.failed = True
             return None
 
@@ -96,8 +100,12 @@ def before_send_proxy(scheduler, result, *args, **kwargs) -> None:
     tensors = result.pp_hidden_states_proxy_tensors.tensors
     tally = CollectiveTally()
     tally.merge(getattr(result, RELAY, ()))
-    tally.record("send", 2, sum(_nbytes(t) for t in tensors.values() if hasattr(t, "element_size")),
-                 scheduler.pp_group.rank_in_group)
+    tally.record(
+        "send",
+        2,
+        sum(_nbytes(t) for t in tensors.values() if hasattr(t, "element_size")),
+        scheduler.pp_group.rank_in_group,
+    )
     tensors[RELAY] = tally.take()
 
 
@@ -116,15 +124,23 @@ def after_prep_batch_result(batch_result, scheduler, batch, metadata, pp_outputs
         setattr(batch_result, RELAY, rows)
 
 
-HOOKS = {"all_reduce": after_all_reduce, "all_gather": after_all_gather, "gather": after_gather,
-         "reduce_scatter": after_reduce_scatter}
+HOOKS = {
+    "all_reduce": after_all_reduce,
+    "all_gather": after_all_gather,
+    "gather": after_gather,
+    "reduce_scatter": after_reduce_scatter,
+}
 # (scheduler method, hook, "before" or "after"): a step's tally, and its relay between pipeline stages.
-STEP_HOOKS = (("run_batch", before_run_batch, "before"), ("run_batch", after_run_batch, "after"),
-              ("_pp_send_proxy_to_next_stage", before_send_proxy, "before"),
-              ("_pp_prepare_tensor_dict", after_prepare_outputs, "after"),
-              ("_pp_prep_batch_result", after_prep_batch_result, "after"))
-TARGETS = (tuple(f"{GROUP}.{method}" for method in HOOKS)
-           + tuple(dict.fromkeys(f"{SCHEDULER}.{method}" for method, _, _ in STEP_HOOKS)))
+STEP_HOOKS = (
+    ("run_batch", before_run_batch, "before"),
+    ("run_batch", after_run_batch, "after"),
+    ("_pp_send_proxy_to_next_stage", before_send_proxy, "before"),
+    ("_pp_prepare_tensor_dict", after_prepare_outputs, "after"),
+    ("_pp_prep_batch_result", after_prep_batch_result, "after"),
+)
+TARGETS = tuple(f"{GROUP}.{method}" for method in HOOKS) + tuple(
+    dict.fromkeys(f"{SCHEDULER}.{method}" for method, _, _ in STEP_HOOKS)
+)
 
 
 def register() -> None:

@@ -56,14 +56,20 @@ def max_chars_per_token(tokenizer) -> int:
 def check_text_length(manager, obj, *args, **kwargs) -> None:
     """Before tokenizing: a text that cannot fit the context is refused at once."""
     text = getattr(obj, "text", None)
-    if (not isinstance(text, str) or getattr(obj, "input_ids", None) is not None or manager.tokenizer is None
-            or getattr(manager, "allow_auto_truncate", False)):
+    if (
+        not isinstance(text, str)
+        or getattr(obj, "input_ids", None) is not None
+        or manager.tokenizer is None
+        or getattr(manager, "allow_auto_truncate", False)
+    ):
         return
     limit = manager.context_len * max_chars_per_token(manager.tokenizer) * _SLACK
     if len(text) > limit:
-        raise ValueError(f"The input ({len(text)} characters, more than {manager.context_len} tokens whatever "
-                         f"its tokenization) is longer than the model's context length ({manager.context_len} "
-                         "tokens).")
+        raise ValueError(
+            f"The input ({len(text)} characters, more than {manager.context_len} tokens whatever "
+            f"its tokenization) is longer than the model's context length ({manager.context_len} "
+            "tokens)."
+        )
 
 
 def known_model(served: str, model_path: str, requested: str | None) -> bool:
@@ -77,12 +83,16 @@ def check_model(original, handler, request, *args, **kwargs):
     """Around OpenAIServingBase.handle_request: a 404 for a model this server does not serve."""
     manager = handler.tokenizer_manager
     requested = getattr(request, "model", None)
-    if isinstance(requested, str) and not known_model(manager.served_model_name, manager.server_args.model_path,
-                                                      requested):
+    if isinstance(requested, str) and not known_model(
+        manager.served_model_name, manager.server_args.model_path, requested
+    ):
+
         async def not_found():
             return handler.create_error_response(
                 message=f"The model `{requested}` does not exist; this server serves `{manager.served_model_name}`.",
-                err_type="NotFoundError", status_code=404)
+                err_type="NotFoundError",
+                status_code=404,
+            )
 
         return not_found()
     return original(handler, request, *args, **kwargs)

@@ -64,15 +64,27 @@ STORED = {**DTYPES, "F8_E4M3": E4M3.torch_dtype}  # what a shard may hold
 WEIGHT_DTYPES = ("auto", "fp8")  # auto: the source's dtype
 # vLLM's compressed-tensors scheme for FP8 weights with per-channel scales and BF16 activations (W8A16-FP8).
 FP8_QUANTIZATION_CONFIG = {
-    "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+    "quant_method": "compressed-tensors",
+    "format": "float-quantized",
+    "quantization_status": "compressed",
     "ignore": ["lm_head"],
-    "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
-        "num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False}}},
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False},
+        }
+    },
 }
 # The attention layers' extra parameters under compressed-tensors (vLLM's CompressedTensorsKVCacheMethod) and
 # their values when the checkpoint has none.
-CT_ATTN_PARAMS = (("k_scale", "F32", 1.0), ("v_scale", "F32", 1.0), ("q_scale", "F32", 1.0),
-                  ("k_zero_point", None, 0.0), ("v_zero_point", None, 0.0), ("q_zero_point", None, 0.0))
+CT_ATTN_PARAMS = (
+    ("k_scale", "F32", 1.0),
+    ("v_scale", "F32", 1.0),
+    ("q_scale", "F32", 1.0),
+    ("k_zero_point", None, 0.0),
+    ("v_zero_point", None, 0.0),
+    ("q_zero_point", None, 0.0),
+)
 
 
 class ReshardError(ValueError):
@@ -132,12 +144,16 @@ def read_arch(config: dict) -> Arch:
     heads = config["num_attention_heads"]
     attention_bias = bool(config.get("attention_bias", False))
     return Arch(
-        layers=config["num_hidden_layers"], hidden=config["hidden_size"],
-        intermediate=config["intermediate_size"], vocab=config["vocab_size"], heads=heads,
+        layers=config["num_hidden_layers"],
+        hidden=config["hidden_size"],
+        intermediate=config["intermediate_size"],
+        vocab=config["vocab_size"],
+        heads=heads,
         kv_heads=config.get("num_key_value_heads") or heads,
         head_dim=config.get("head_dim") or config["hidden_size"] // heads,
         tied=bool(config.get("tie_word_embeddings", False)),
-        qkv_bias=qwen2 or attention_bias, o_bias=not qwen2 and attention_bias,
+        qkv_bias=qwen2 or attention_bias,
+        o_bias=not qwen2 and attention_bias,
         mlp_bias=bool(config.get("mlp_bias", False)),
         experts=config["num_local_experts"] if "MixtralForCausalLM" in archs else 0,
     )
@@ -154,13 +170,13 @@ def check_layout(arch: Arch, tp: int, pp: int) -> None:
     if arch.heads % tp:
         raise ReshardError(f"num_attention_heads {arch.heads} is not divisible by --tensor-parallel-size {tp}")
     if arch.kv_heads % tp and tp % arch.kv_heads:
-        raise ReshardError(f"num_key_value_heads {arch.kv_heads} and --tensor-parallel-size {tp}: "
-                           "neither divides the other")
+        raise ReshardError(
+            f"num_key_value_heads {arch.kv_heads} and --tensor-parallel-size {tp}: neither divides the other"
+        )
     if arch.intermediate % tp:
         raise ReshardError(f"intermediate_size {arch.intermediate} is not divisible by --tensor-parallel-size {tp}")
     if padded_vocab(arch) % tp:
-        raise ReshardError(f"vocabulary padded to {padded_vocab(arch)} is not divisible by "
-                           f"--tensor-parallel-size {tp}")
+        raise ReshardError(f"vocabulary padded to {padded_vocab(arch)} is not divisible by --tensor-parallel-size {tp}")
     if pp > arch.layers:
         raise ReshardError(f"--pipeline-parallel-size {pp} exceeds num_hidden_layers {arch.layers}")
 
@@ -177,28 +193,43 @@ def pp_layers(layers: int, pp: int) -> list[tuple[int, int]]:
 def hf_tensors(arch: Arch) -> dict[str, tuple[int, ...]]:
     """Every tensor name and shape a Hugging Face checkpoint of this config holds."""
     q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (arch.vocab, arch.hidden),
-                                          "model.norm.weight": (arch.hidden,)}
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (arch.vocab, arch.hidden),
+        "model.norm.weight": (arch.hidden,),
+    }
     if not arch.tied:
         shapes["lm_head.weight"] = (arch.vocab, arch.hidden)
     for i in range(arch.layers):
         p = f"model.layers.{i}."
-        shapes.update({p + "input_layernorm.weight": (arch.hidden,),
-                       p + "post_attention_layernorm.weight": (arch.hidden,),
-                       p + "self_attn.q_proj.weight": (q, arch.hidden),
-                       p + "self_attn.k_proj.weight": (kv, arch.hidden),
-                       p + "self_attn.v_proj.weight": (kv, arch.hidden),
-                       p + "self_attn.o_proj.weight": (arch.hidden, q)})
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (arch.hidden,),
+                p + "post_attention_layernorm.weight": (arch.hidden,),
+                p + "self_attn.q_proj.weight": (q, arch.hidden),
+                p + "self_attn.k_proj.weight": (kv, arch.hidden),
+                p + "self_attn.v_proj.weight": (kv, arch.hidden),
+                p + "self_attn.o_proj.weight": (arch.hidden, q),
+            }
+        )
         shapes.update(_hf_mlp(arch, p))
         if arch.qkv_bias:
-            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                           p + "self_attn.v_proj.bias": (kv,)})
+            shapes.update(
+                {
+                    p + "self_attn.q_proj.bias": (q,),
+                    p + "self_attn.k_proj.bias": (kv,),
+                    p + "self_attn.v_proj.bias": (kv,),
+                }
+            )
         if arch.o_bias:
             shapes[p + "self_attn.o_proj.bias"] = (arch.hidden,)
         if arch.mlp_bias:
-            shapes.update({p + "mlp.gate_proj.bias": (arch.intermediate,),
-                           p + "mlp.up_proj.bias": (arch.intermediate,),
-                           p + "mlp.down_proj.bias": (arch.hidden,)})
+            shapes.update(
+                {
+                    p + "mlp.gate_proj.bias": (arch.intermediate,),
+                    p + "mlp.up_proj.bias": (arch.intermediate,),
+                    p + "mlp.down_proj.bias": (arch.hidden,),
+                }
+            )
     return shapes
 
 
@@ -206,13 +237,21 @@ def _hf_mlp(arch: Arch, p: str) -> dict[str, tuple[int, ...]]:
     """One layer's MLP tensors: a gated MLP, or a Mixtral's router and experts."""
     ff, h = arch.intermediate, arch.hidden
     if not arch.experts:
-        return {p + "mlp.gate_proj.weight": (ff, h), p + "mlp.up_proj.weight": (ff, h),
-                p + "mlp.down_proj.weight": (h, ff)}
+        return {
+            p + "mlp.gate_proj.weight": (ff, h),
+            p + "mlp.up_proj.weight": (ff, h),
+            p + "mlp.down_proj.weight": (h, ff),
+        }
     moe = p + "block_sparse_moe."
     shapes = {moe + "gate.weight": (arch.experts, h)}
     for e in range(arch.experts):
-        shapes.update({f"{moe}experts.{e}.w1.weight": (ff, h), f"{moe}experts.{e}.w2.weight": (h, ff),
-                       f"{moe}experts.{e}.w3.weight": (ff, h)})
+        shapes.update(
+            {
+                f"{moe}experts.{e}.w1.weight": (ff, h),
+                f"{moe}experts.{e}.w2.weight": (h, ff),
+                f"{moe}experts.{e}.w3.weight": (ff, h),
+            }
+        )
     return shapes
 
 
@@ -220,18 +259,29 @@ def _expert_tensors(arch: Arch, p: str, tp: int, rank: int, dtype: str) -> list[
     """A Mixtral layer's router, whole, and its experts as vLLM's FusedMoE holds them on TP rank ``rank``."""
     moe, ff, e_all = p + "block_sparse_moe.", arch.intermediate // tp, range(arch.experts)
     fused = moe + "experts.routed_experts."
-    gate = OutTensor(moe + "gate.weight", (arch.experts, arch.hidden), dtype, "replicated",
-                     (Piece(moe + "gate.weight", 0, 0, arch.experts, 0),))
-    w13 = _stacked(fused + "w13_weight", "gate_up per expert", dtype, [
-        (f"{moe}experts.{e}.{w}.weight", rank * ff, (rank + 1) * ff) for e in e_all for w in ("w1", "w3")],
-        (arch.hidden,))
+    gate = OutTensor(
+        moe + "gate.weight",
+        (arch.experts, arch.hidden),
+        dtype,
+        "replicated",
+        (Piece(moe + "gate.weight", 0, 0, arch.experts, 0),),
+    )
+    w13 = _stacked(
+        fused + "w13_weight",
+        "gate_up per expert",
+        dtype,
+        [(f"{moe}experts.{e}.{w}.weight", rank * ff, (rank + 1) * ff) for e in e_all for w in ("w1", "w3")],
+        (arch.hidden,),
+    )
     w2 = tuple(Piece(f"{moe}experts.{e}.w2.weight", 1, rank * ff, (rank + 1) * ff, e * arch.hidden) for e in e_all)
-    return [gate, replace(w13, shape=(arch.experts, 2 * ff, arch.hidden)),
-            OutTensor(fused + "w2_weight", (arch.experts, arch.hidden, ff), dtype, "row per expert", w2)]
+    return [
+        gate,
+        replace(w13, shape=(arch.experts, 2 * ff, arch.hidden)),
+        OutTensor(fused + "w2_weight", (arch.experts, arch.hidden, ff), dtype, "row per expert", w2),
+    ]
 
 
-def _stacked(name: str, split: str, dtype: str, parts: list[tuple[str, int, int]],
-             tail: tuple[int, ...]) -> OutTensor:
+def _stacked(name: str, split: str, dtype: str, parts: list[tuple[str, int, int]], tail: tuple[int, ...]) -> OutTensor:
     """An output tensor made of source row ranges ``(source, start, stop)`` stacked along dim 0."""
     pieces, at = [], 0
     for source, start, stop in parts:
@@ -242,9 +292,12 @@ def _stacked(name: str, split: str, dtype: str, parts: list[tuple[str, int, int]
 
 def _fp8_pair(t: OutTensor) -> list[OutTensor]:
     """A linear layer's weight as E4M3 and, next to it, its rows' scales (compressed-tensors' ``weight_scale``)."""
-    return [replace(t, dtype="F8_E4M3", fp8="weight"),
-            replace(t, name=t.name + "_scale", shape=(t.shape[0], 1), dtype="F32", split=t.split + " (row scales)",
-                    fp8="scale")]
+    return [
+        replace(t, dtype="F8_E4M3", fp8="weight"),
+        replace(
+            t, name=t.name + "_scale", shape=(t.shape[0], 1), dtype="F32", split=t.split + " (row scales)", fp8="scale"
+        ),
+    ]
 
 
 def _layer_tensors(arch: Arch, i: int, tp: int, rank: int, dtype: str, fp8: bool = False) -> list[OutTensor]:
@@ -256,35 +309,85 @@ def _layer_tensors(arch: Arch, i: int, tp: int, rank: int, dtype: str, fp8: bool
     kv_rows = max(1, arch.kv_heads // tp) * arch.head_dim
     kv_rank = rank // max(1, tp // arch.kv_heads)  # the KV head group this rank holds (replicated if tp > kv)
     ff = arch.intermediate // tp
-    out = [OutTensor(p + n, (arch.hidden,), dtype, "replicated", (Piece(p + n, 0, 0, arch.hidden, 0),))
-           for n in ("input_layernorm.weight", "post_attention_layernorm.weight")]
+    out = [
+        OutTensor(p + n, (arch.hidden,), dtype, "replicated", (Piece(p + n, 0, 0, arch.hidden, 0),))
+        for n in ("input_layernorm.weight", "post_attention_layernorm.weight")
+    ]
     for kind in ("weight", "bias") if arch.qkv_bias else ("weight",):
         tail = (arch.hidden,) if kind == "weight" else ()
-        out.append(_stacked(f"{attn}qkv_proj.{kind}", "qkv", dtype, [
-            (f"{attn}q_proj.{kind}", rank * q_rows, (rank + 1) * q_rows),
-            (f"{attn}k_proj.{kind}", kv_rank * kv_rows, (kv_rank + 1) * kv_rows),
-            (f"{attn}v_proj.{kind}", kv_rank * kv_rows, (kv_rank + 1) * kv_rows)], tail))
-    out.append(OutTensor(f"{attn}o_proj.weight", (arch.hidden, q_rows), dtype, "row",
-                         (Piece(f"{attn}o_proj.weight", 1, rank * q_rows, (rank + 1) * q_rows, 0),)))
+        out.append(
+            _stacked(
+                f"{attn}qkv_proj.{kind}",
+                "qkv",
+                dtype,
+                [
+                    (f"{attn}q_proj.{kind}", rank * q_rows, (rank + 1) * q_rows),
+                    (f"{attn}k_proj.{kind}", kv_rank * kv_rows, (kv_rank + 1) * kv_rows),
+                    (f"{attn}v_proj.{kind}", kv_rank * kv_rows, (kv_rank + 1) * kv_rows),
+                ],
+                tail,
+            )
+        )
+    out.append(
+        OutTensor(
+            f"{attn}o_proj.weight",
+            (arch.hidden, q_rows),
+            dtype,
+            "row",
+            (Piece(f"{attn}o_proj.weight", 1, rank * q_rows, (rank + 1) * q_rows, 0),),
+        )
+    )
     if arch.o_bias:
-        out.append(OutTensor(f"{attn}o_proj.bias", (arch.hidden,), dtype, "replicated",
-                             (Piece(f"{attn}o_proj.bias", 0, 0, arch.hidden, 0),)))
+        out.append(
+            OutTensor(
+                f"{attn}o_proj.bias",
+                (arch.hidden,),
+                dtype,
+                "replicated",
+                (Piece(f"{attn}o_proj.bias", 0, 0, arch.hidden, 0),),
+            )
+        )
     out += [OutTensor(f"{attn}attn.{s}", (), "F32", "attention scale (1.0)") for s in ATTN_SCALES]
     if fp8:
-        out += [OutTensor(f"{attn}attn.{name}", (1,), kind or dtype, f"compressed-tensors default ({fill:g})",
-                          fill=fill) for name, kind, fill in CT_ATTN_PARAMS]
+        out += [
+            OutTensor(f"{attn}attn.{name}", (1,), kind or dtype, f"compressed-tensors default ({fill:g})", fill=fill)
+            for name, kind, fill in CT_ATTN_PARAMS
+        ]
     if arch.experts:
         return out + _expert_tensors(arch, p, tp, rank, dtype)
     for kind in ("weight", "bias") if arch.mlp_bias else ("weight",):
         tail = (arch.hidden,) if kind == "weight" else ()
-        out.append(_stacked(f"{mlp}gate_up_proj.{kind}", "gate_up", dtype, [
-            (f"{mlp}gate_proj.{kind}", rank * ff, (rank + 1) * ff),
-            (f"{mlp}up_proj.{kind}", rank * ff, (rank + 1) * ff)], tail))
-    out.append(OutTensor(f"{mlp}down_proj.weight", (arch.hidden, ff), dtype, "row",
-                         (Piece(f"{mlp}down_proj.weight", 1, rank * ff, (rank + 1) * ff, 0),)))
+        out.append(
+            _stacked(
+                f"{mlp}gate_up_proj.{kind}",
+                "gate_up",
+                dtype,
+                [
+                    (f"{mlp}gate_proj.{kind}", rank * ff, (rank + 1) * ff),
+                    (f"{mlp}up_proj.{kind}", rank * ff, (rank + 1) * ff),
+                ],
+                tail,
+            )
+        )
+    out.append(
+        OutTensor(
+            f"{mlp}down_proj.weight",
+            (arch.hidden, ff),
+            dtype,
+            "row",
+            (Piece(f"{mlp}down_proj.weight", 1, rank * ff, (rank + 1) * ff, 0),),
+        )
+    )
     if arch.mlp_bias:
-        out.append(OutTensor(f"{mlp}down_proj.bias", (arch.hidden,), dtype, "replicated",
-                             (Piece(f"{mlp}down_proj.bias", 0, 0, arch.hidden, 0),)))
+        out.append(
+            OutTensor(
+                f"{mlp}down_proj.bias",
+                (arch.hidden,),
+                dtype,
+                "replicated",
+                (Piece(f"{mlp}down_proj.bias", 0, 0, arch.hidden, 0),),
+            )
+        )
     if fp8:
         return [q for t in out for q in (_fp8_pair(t) if t.name.endswith("_proj.weight") else [t])]
     return out
@@ -298,8 +401,9 @@ def _vocab_tensor(arch: Arch, name: str, source: str, tp: int, rank: int, dtype:
     return OutTensor(name, (per_rank, arch.hidden), dtype, "vocab", pieces, per_rank - (stop - start))
 
 
-def rank_tensors(arch: Arch, tp: int, pp: int, tp_rank: int, pp_rank: int, dtype: str,
-                 fp8: bool = False) -> list[OutTensor]:
+def rank_tensors(
+    arch: Arch, tp: int, pp: int, tp_rank: int, pp_rank: int, dtype: str, fp8: bool = False
+) -> list[OutTensor]:
     """The state dict vLLM's model holds on one rank, each tensor with where it comes from."""
     first, last = pp_rank == 0, pp_rank == pp - 1
     start, end = pp_layers(arch.layers, pp)[pp_rank]
@@ -310,8 +414,15 @@ def rank_tensors(arch: Arch, tp: int, pp: int, tp_rank: int, pp_rank: int, dtype
     for i in range(start, end):
         out += _layer_tensors(arch, i, tp, tp_rank, dtype, fp8)
     if last:
-        out.append(OutTensor("model.norm.weight", (arch.hidden,), dtype, "replicated",
-                             (Piece("model.norm.weight", 0, 0, arch.hidden, 0),)))
+        out.append(
+            OutTensor(
+                "model.norm.weight",
+                (arch.hidden,),
+                dtype,
+                "replicated",
+                (Piece("model.norm.weight", 0, 0, arch.hidden, 0),),
+            )
+        )
         head_source = "model.embed_tokens.weight" if arch.tied else "lm_head.weight"
         out.append(_vocab_tensor(arch, "lm_head.weight", head_source, tp, tp_rank, dtype))
     return out
@@ -325,6 +436,7 @@ def rank_file(tp: int, pp: int, tp_rank: int, pp_rank: int) -> str:
 
 
 # --- safetensors files, read and written a tensor at a time -------------------------------
+
 
 def _raw_header(path: Path) -> str:
     """The JSON header of a safetensors file as stored (kept so merge can write it back verbatim)."""
@@ -367,7 +479,7 @@ def _read_rows(path: Path, name: str, start: int, stop: int) -> torch.Tensor:
         e, offset = divmod(start, shape[1])
         if offset + stop - start > shape[1]:
             raise ReshardError(f"{path}: rows {start}:{stop} of {name} span two experts (the manifest is not ours)")
-        return view[e:e + 1, offset:offset + stop - start][0]
+        return view[e : e + 1, offset : offset + stop - start][0]
 
 
 def _header_bytes(specs: list[tuple[str, str, tuple[int, ...]]]) -> bytes:
@@ -394,6 +506,7 @@ def _sha256(path: Path) -> str:
 
 
 # --- reshard ------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Source:
@@ -449,17 +562,21 @@ def check_source(arch: Arch, source: Source) -> str:
     if missing := sorted(expected.keys() - source.files.keys()):
         raise ReshardError(f"missing tensor {_names(missing)} (config.json implies it)")
     if extra := sorted(n for n in source.files.keys() - expected.keys() if not _unused(n)):
-        raise ReshardError(f"unexpected tensor {_names(extra)} in {source.files[extra[0]].name} "
-                           "(config.json implies no such tensor)")
+        raise ReshardError(
+            f"unexpected tensor {_names(extra)} in {source.files[extra[0]].name} (config.json implies no such tensor)"
+        )
     for name, shape in expected.items():
         if source.shapes[name] != shape:
-            raise ReshardError(f"tensor {name} has shape {list(source.shapes[name])}, "
-                               f"config.json implies {list(shape)}")
+            raise ReshardError(
+                f"tensor {name} has shape {list(source.shapes[name])}, config.json implies {list(shape)}"
+            )
     dtype, _ = Counter(source.dtypes[n] for n in expected).most_common(1)[0]
     for name in sorted(expected):
         if (other := source.dtypes[name]) != dtype:
-            raise ReshardError(f"mixed dtypes: tensor {name} is {other}, the others {dtype}; "
-                               "vLLM loads every weight in the model's one dtype")
+            raise ReshardError(
+                f"mixed dtypes: tensor {name} is {other}, the others {dtype}; "
+                "vLLM loads every weight in the model's one dtype"
+            )
     if dtype not in DTYPES:
         raise ReshardError(f"dtype {dtype} not supported; reshard takes {', '.join(DTYPES)}")
     return dtype
@@ -482,13 +599,15 @@ def _fp8(t: OutTensor, source: Source) -> torch.Tensor:
     parts = []
     for p in t.pieces:
         # Whole rows: the piece's own, or every row of the tensor when the piece is a slice of columns.
-        rows = _read(source.files[p.source], p.source, 0, *((p.start, p.stop) if p.dim == 0 else
-                                                           (0, source.shapes[p.source][0])))
+        rows = _read(
+            source.files[p.source], p.source, 0, *((p.start, p.stop) if p.dim == 0 else (0, source.shapes[p.source][0]))
+        )
         if not torch.isfinite(rows).all():
-            raise ReshardError(f"tensor {p.source} holds non-finite values (inf or NaN): FP8 quantization needs "
-                               "finite weights")
+            raise ReshardError(
+                f"tensor {p.source} holds non-finite values (inf or NaN): FP8 quantization needs finite weights"
+            )
         scales = channel_scales(rows)
-        block = rows if p.dim == 0 else rows[:, p.start:p.stop]
+        block = rows if p.dim == 0 else rows[:, p.start : p.stop]
         parts.append(quantize_fp8(block, scales) if t.fp8 == "weight" else scales)
     return torch.cat(parts)
 
@@ -515,8 +634,17 @@ def _write_rank(path: Path, tensors: list[OutTensor], source: Source) -> None:
 
 def unused_tensors(source: Source) -> list[OutTensor]:
     """The tensors vLLM would drop, each whole, for the side file merge reads them back from."""
-    return [OutTensor(n, source.shapes[n], source.dtypes[n], "not loaded by vLLM (kept for merge)",
-                      (Piece(n, 0, 0, source.shapes[n][0], 0),)) for n in sorted(source.files) if _unused(n)]
+    return [
+        OutTensor(
+            n,
+            source.shapes[n],
+            source.dtypes[n],
+            "not loaded by vLLM (kept for merge)",
+            (Piece(n, 0, 0, source.shapes[n][0], 0),),
+        )
+        for n in sorted(source.files)
+        if _unused(n)
+    ]
 
 
 def _copy_side_files(src: Path, dst: Path) -> list[str]:
@@ -544,12 +672,16 @@ def _check_weight_dtype(weight_dtype: str, arch: Arch, config: dict) -> bool:
     if weight_dtype == "auto":
         return False
     if arch.experts:
-        raise ReshardError("--weight-dtype fp8 quantizes dense linear layers; a Mixtral's experts (vLLM's fused "
-                           "MoE parameters) are not quantized by reshard: re-shard it without --weight-dtype")
+        raise ReshardError(
+            "--weight-dtype fp8 quantizes dense linear layers; a Mixtral's experts (vLLM's fused "
+            "MoE parameters) are not quantized by reshard: re-shard it without --weight-dtype"
+        )
     if "quantization_config" in config:
-        raise ReshardError(f"config.json already has a quantization_config "
-                           f"({config['quantization_config'].get('quant_method', '?')}); --weight-dtype fp8 "
-                           "quantizes an unquantized checkpoint")
+        raise ReshardError(
+            f"config.json already has a quantization_config "
+            f"({config['quantization_config'].get('quant_method', '?')}); --weight-dtype fp8 "
+            "quantizes an unquantized checkpoint"
+        )
     return True
 
 
@@ -573,16 +705,25 @@ def reshard(src: Path, out: Path, tp: int, pp: int = 1, overwrite: bool = False,
                 tensors = rank_tensors(arch, tp, pp, tp_rank, pp_rank, dtype, fp8)
                 name = rank_file(tp, pp, tp_rank, pp_rank)
                 _write_rank(work / name, tensors, source)
-                files[name] = {"pp_rank": pp_rank, "tp_rank": tp_rank, "sha256": _sha256(work / name),
-                               "tensors": [asdict(t) for t in tensors]}
+                files[name] = {
+                    "pp_rank": pp_rank,
+                    "tp_rank": tp_rank,
+                    "sha256": _sha256(work / name),
+                    "tensors": [asdict(t) for t in tensors],
+                }
         if unused := unused_tensors(source):
             _write_rank(work / UNUSED_FILE, unused, source)
-            files[UNUSED_FILE] = {"pp_rank": None, "tp_rank": None, "sha256": _sha256(work / UNUSED_FILE),
-                                  "tensors": [asdict(t) for t in unused]}
+            files[UNUSED_FILE] = {
+                "pp_rank": None,
+                "tp_rank": None,
+                "sha256": _sha256(work / UNUSED_FILE),
+                "tensors": [asdict(t) for t in unused],
+            }
         copied = _copy_side_files(src, work)
         if fp8:  # the copy is replaced: vLLM builds the FP8 layers from the quantization config
-            (work / "config.json").write_text(json.dumps({**config, "quantization_config": FP8_QUANTIZATION_CONFIG},
-                                                         indent=2) + "\n")
+            (work / "config.json").write_text(
+                json.dumps({**config, "quantization_config": FP8_QUANTIZATION_CONFIG}, indent=2) + "\n"
+            )
         index = src / INDEX
         manifest = {
             "format": FORMAT,
@@ -594,10 +735,15 @@ def reshard(src: Path, out: Path, tp: int, pp: int = 1, overwrite: bool = False,
                 "copied": copied,
                 "left_out": sorted({p.name for p in src.glob("*.safetensors")} - set(weight_files)),
             },
-            "layout": {"tensor_parallel_size": tp, "pipeline_parallel_size": pp,
-                       "pp_layers": [list(r) for r in pp_layers(arch.layers, pp)], "vocab_padded": padded_vocab(arch),
-                       "kv_head_replicas": max(1, tp // arch.kv_heads), "tied_embeddings": arch.tied,
-                       "weight_dtype": weight_dtype},
+            "layout": {
+                "tensor_parallel_size": tp,
+                "pipeline_parallel_size": pp,
+                "pp_layers": [list(r) for r in pp_layers(arch.layers, pp)],
+                "vocab_padded": padded_vocab(arch),
+                "kv_head_replicas": max(1, tp // arch.kv_heads),
+                "tied_embeddings": arch.tied,
+                "weight_dtype": weight_dtype,
+            },
             "files": files,
         }
         (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
@@ -605,6 +751,7 @@ def reshard(src: Path, out: Path, tp: int, pp: int = 1, overwrite: bool = False,
 
 
 # --- merge --------------------------------------------------------------------------------
+
 
 def _covering(manifest: dict, dst: Path) -> dict[str, list[tuple[Path, str, Piece]]]:
     """For each source tensor, every rank-file slice that holds part of it."""
@@ -658,8 +805,10 @@ def merge(dst: Path, out: Path, overwrite: bool = False) -> list[str]:
         raise ReshardError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     _check_paths(dst, out)
     if (weight_dtype := manifest["layout"].get("weight_dtype", "auto")) != "auto":
-        raise ReshardError(f"{dst} was re-sharded with --weight-dtype {weight_dtype}, which rounds the weights: merge "
-                           "rebuilds the source only from a re-shard without --weight-dtype")
+        raise ReshardError(
+            f"{dst} was re-sharded with --weight-dtype {weight_dtype}, which rounds the weights: merge "
+            "rebuilds the source only from a re-shard without --weight-dtype"
+        )
     for name, entry in manifest["files"].items():
         if not (dst / name).is_file() or _sha256(dst / name) != entry["sha256"]:
             raise ReshardError(f"{dst / name} is missing or differs from the sha256 in {MANIFEST}")
@@ -674,4 +823,3 @@ def merge(dst: Path, out: Path, overwrite: bool = False) -> list[str]:
         for name in manifest["source"]["copied"]:
             shutil.copy2(dst / name, work / name)
     return sorted(manifest["source"]["files"])
-

@@ -23,18 +23,35 @@ DEMO_EXPERTS, DEMO_EXPERTS_PER_TOKEN = 4, 2
 FAMILIES: dict[str, tuple[str, str, dict]] = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
     "sliding-window": ("MistralConfig", "MistralForCausalLM", {"sliding_window": DEMO_SLIDING_WINDOW}),
-    "hybrid-window": ("Olmo3Config", "Olmo3ForCausalLM", {
-        "sliding_window": DEMO_SLIDING_WINDOW, "layer_types": ["sliding_attention", "full_attention"],
-    }),
-    "moe": ("MixtralConfig", "MixtralForCausalLM", {
-        "num_local_experts": DEMO_EXPERTS, "num_experts_per_tok": DEMO_EXPERTS_PER_TOKEN,
-        "sliding_window": None, "router_jitter_noise": 0.0,
-    }),
+    "hybrid-window": (
+        "Olmo3Config",
+        "Olmo3ForCausalLM",
+        {
+            "sliding_window": DEMO_SLIDING_WINDOW,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+    ),
+    "moe": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        {
+            "num_local_experts": DEMO_EXPERTS,
+            "num_experts_per_tok": DEMO_EXPERTS_PER_TOKEN,
+            "sliding_window": None,
+            "router_jitter_noise": 0.0,
+        },
+    ),
 }
 
 
-def build_demo_model(out: Path, seed: int = 0, shape: LlamaShape = DEMO_SHAPE,
-                     tokenizer_files: int = 60, overwrite: bool = False, family: str = "llama") -> Path:
+def build_demo_model(
+    out: Path,
+    seed: int = 0,
+    shape: LlamaShape = DEMO_SHAPE,
+    tokenizer_files: int = 60,
+    overwrite: bool = False,
+    family: str = "llama",
+) -> Path:
     """Write config, bf16 safetensors weights and a tokenizer with a chat template."""
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
@@ -64,7 +81,8 @@ def _write_demo_model(out: Path, seed: int, shape: LlamaShape, tokenizer_files: 
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config).to(torch.bfloat16)
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     model.save_pretrained(out, safe_serialization=True)

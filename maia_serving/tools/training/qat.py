@@ -192,8 +192,9 @@ def fake_quantize_kv(x: torch.Tensor, fmt: str) -> torch.Tensor:
 def _qat_attention(module, query, key, value, attention_mask, *args, fmt: str, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    return sdpa_attention_forward(module, query, fake_quantize_kv(key, fmt), fake_quantize_kv(value, fmt),
-                                  attention_mask, *args, **kwargs)
+    return sdpa_attention_forward(
+        module, query, fake_quantize_kv(key, fmt), fake_quantize_kv(value, fmt), attention_mask, *args, **kwargs
+    )
 
 
 def register_qat_attention(fmt: str) -> str:
@@ -210,20 +211,26 @@ def register_qat_attention(fmt: str) -> str:
 
 def _check_model(model_dir: Path) -> None:
     if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a model directory: no config.json there (pass a Hugging Face "
-                                "model folder with config.json and *.safetensors)")
+        raise FileNotFoundError(
+            f"{model_dir} is not a model directory: no config.json there (pass a Hugging Face "
+            "model folder with config.json and *.safetensors)"
+        )
 
 
 def _check_attention(model, model_dir: Path) -> None:
     """The hook needs a model whose attention goes through transformers' AttentionInterface and
     hands it K/V rows of a known head_dim."""
     if not model._can_set_attn_implementation():
-        raise ValueError(f"{model_dir}: {type(model).__name__} does not dispatch attention through transformers' "
-                         "AttentionInterface, so its K/V cannot be fake-quantized; use a Llama-style model")
+        raise ValueError(
+            f"{model_dir}: {type(model).__name__} does not dispatch attention through transformers' "
+            "AttentionInterface, so its K/V cannot be fake-quantized; use a Llama-style model"
+        )
     config = model.config
     if getattr(config, "head_dim", None) is None and config.hidden_size % config.num_attention_heads:
-        raise ValueError(f"{model_dir}: head_dim is not set and hidden_size {config.hidden_size} is not a multiple "
-                         f"of num_attention_heads {config.num_attention_heads}; set head_dim in config.json")
+        raise ValueError(
+            f"{model_dir}: head_dim is not set and hidden_size {config.hidden_size} is not a multiple "
+            f"of num_attention_heads {config.num_attention_heads}; set head_dim in config.json"
+        )
 
 
 def training_split_files() -> list[Path]:
@@ -283,14 +290,22 @@ def _load_state(path: Path, fingerprint: str) -> dict | None:
         return None
     state = torch.load(path, weights_only=True)
     if state["fingerprint"] != fingerprint:
-        raise ValueError(f"{path} holds the checkpoint of a different qat-kv run (other model, data, format or "
-                         "settings); rerun with that run's arguments to resume it, or delete "
-                         f"{path.parent} to start over")
+        raise ValueError(
+            f"{path} holds the checkpoint of a different qat-kv run (other model, data, format or "
+            "settings); rerun with that run's arguments to resume it, or delete "
+            f"{path.parent} to start over"
+        )
     return state
 
 
-def qat_kv(model_dir: Path, data: list[Path], out: Path, cfg: QatConfig = QatConfig(),
-           overwrite: bool = False, progress: bool = True) -> QatReport:
+def qat_kv(
+    model_dir: Path,
+    data: list[Path],
+    out: Path,
+    cfg: QatConfig = QatConfig(),
+    overwrite: bool = False,
+    progress: bool = True,
+) -> QatReport:
     """Fine-tune ``model_dir`` with its KV cache fake-quantized to ``cfg.fmt``; write ``out``."""
     model_dir, out, data = Path(model_dir), Path(out), [Path(p) for p in data]
     check_format(cfg.fmt)
@@ -307,8 +322,7 @@ def qat_kv(model_dir: Path, data: list[Path], out: Path, cfg: QatConfig = QatCon
     return report
 
 
-def _qat(model_dir: Path, data: list[Path], out: Path, state_path: Path, cfg: QatConfig,
-         progress: bool) -> QatReport:
+def _qat(model_dir: Path, data: list[Path], out: Path, state_path: Path, cfg: QatConfig, progress: bool) -> QatReport:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -322,10 +336,12 @@ def _qat(model_dir: Path, data: list[Path], out: Path, state_path: Path, cfg: Qa
     source_attn = model.config._attn_implementation
     seq = min(cfg.seq_len, model.config.max_position_embeddings)
     if len(stream) < seq + 2:
-        raise ValueError(f"the --data files hold {len(stream)} tokens; a training window needs {seq + 2}: "
-                         "pass more text")
-    eval_windows = [stream[s:s + seq].tolist()
-                    for s in torch.linspace(0, len(stream) - seq, cfg.eval_windows).long().tolist()]
+        raise ValueError(
+            f"the --data files hold {len(stream)} tokens; a training window needs {seq + 2}: pass more text"
+        )
+    eval_windows = [
+        stream[s : s + seq].tolist() for s in torch.linspace(0, len(stream) - seq, cfg.eval_windows).long().tolist()
+    ]
     teacher = None
     if cfg.objective == "distill":
         teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
@@ -352,8 +368,14 @@ def _qat(model_dir: Path, data: list[Path], out: Path, state_path: Path, cfg: Qa
     model.train()
     offsets = torch.arange(seq + 1)
     train_start = time.perf_counter()
-    bar = tqdm(range(first, cfg.steps), initial=first, total=cfg.steps, desc=f"qat-kv {cfg.fmt}", unit="step",
-               disable=not progress)
+    bar = tqdm(
+        range(first, cfg.steps),
+        initial=first,
+        total=cfg.steps,
+        desc=f"qat-kv {cfg.fmt}",
+        unit="step",
+        disable=not progress,
+    )
     for step in bar:
         lr = lr_at(step, schedule)
         for group in opt.param_groups:
@@ -367,9 +389,19 @@ def _qat(model_dir: Path, data: list[Path], out: Path, state_path: Path, cfg: Qa
         recent = (recent + [loss])[-20:]
         bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", lr=f"{lr:.1e}")
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            _save_state(state_path, {"fingerprint": fingerprint, "step": step + 1, "model": model.state_dict(),
-                                     "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                                     "torch_rng": torch.get_rng_state(), "recent": recent, "ema": ema})
+            _save_state(
+                state_path,
+                {
+                    "fingerprint": fingerprint,
+                    "step": step + 1,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "generator": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "recent": recent,
+                    "ema": ema,
+                },
+            )
     train_s = time.perf_counter() - train_start
     if ema is not None:  # the average is what is written
         with torch.no_grad():
@@ -395,9 +427,18 @@ def _qat(model_dir: Path, data: list[Path], out: Path, state_path: Path, cfg: Qa
         gap = ppl["ptq"] - ppl["bf16"]
         recovered = (ppl["ptq"] - ppl["qat"]) / gap if gap > 0 else None
     report = QatReport(
-        format=cfg.fmt, config=asdict(cfg), model=str(model_dir), data=[str(p) for p in data],
-        data_tokens=len(stream), loss_before=loss_before, loss_after=loss_after, heldout_ppl=ppl,
-        heldout_tokens_scored=scored, recovered=recovered, resumed_from_step=first, train_s=train_s,
+        format=cfg.fmt,
+        config=asdict(cfg),
+        model=str(model_dir),
+        data=[str(p) for p in data],
+        data_tokens=len(stream),
+        loss_before=loss_before,
+        loss_after=loss_after,
+        heldout_ppl=ppl,
+        heldout_tokens_scored=scored,
+        recovered=recovered,
+        resumed_from_step=first,
+        train_s=train_s,
         total_s=time.perf_counter() - start,
     )
     (out / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n")
@@ -414,8 +455,9 @@ def train_step(model, opt: torch.optim.Optimizer, batch: torch.Tensor, grad_clip
     else:
         with torch.no_grad():
             target = teacher(input_ids=batch[:, :-1], use_cache=False).logits.reshape(logits.shape)
-        loss = torch.nn.functional.kl_div(logits.log_softmax(-1), target.log_softmax(-1), log_target=True,
-                                          reduction="batchmean")
+        loss = torch.nn.functional.kl_div(
+            logits.log_softmax(-1), target.log_softmax(-1), log_target=True, reduction="batchmean"
+        )
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

@@ -73,7 +73,7 @@ def eval_window(shape: LlamaShape = TRAIN_SHAPE) -> int:
 
 def text_windows(token_ids: list[int], window: int) -> list[list[int]]:
     """Non-overlapping windows of ``window`` tokens; the remainder is dropped."""
-    return [token_ids[i:i + window] for i in range(0, len(token_ids) - window + 1, window)]
+    return [token_ids[i : i + window] for i in range(0, len(token_ids) - window + 1, window)]
 
 
 def split_files(files: list[Path], every: int) -> tuple[list[Path], list[Path]]:
@@ -110,7 +110,7 @@ def mean_nll(model, windows: list[list[int]], batch_size: int = 16) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(windows), batch_size):
-            ids = torch.tensor(windows[i:i + batch_size])
+            ids = torch.tensor(windows[i : i + batch_size])
             logits = model(input_ids=ids[:, :-1], use_cache=False).logits.float()
             nll = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
@@ -128,8 +128,9 @@ def heldout_perplexity(model_dir: Path, dtype: str, attn_implementation: str | N
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
-                                                 attn_implementation=attn_implementation).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=getattr(torch, dtype), attn_implementation=attn_implementation
+    ).eval()
     ids = tokenizer((model_dir / HELDOUT_FILE).read_text(), add_special_tokens=False)["input_ids"]
     windows = text_windows(ids, model.config.max_position_embeddings - 1)
     return math.exp(mean_nll(model, windows)), len(windows) * (len(windows[0]) - 1)
@@ -144,8 +145,9 @@ def setup_determinism(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_model(out: Path, cfg: TrainConfig = TrainConfig(), shape: LlamaShape = TRAIN_SHAPE,
-                overwrite: bool = False) -> dict:
+def train_model(
+    out: Path, cfg: TrainConfig = TrainConfig(), shape: LlamaShape = TRAIN_SHAPE, overwrite: bool = False
+) -> dict:
     """Train, save the checkpoint and its texts to ``out``; return the report (also in training.json)."""
     if shape.head_dim % 32:
         raise ValueError(f"head_dim must be a multiple of 32 (vLLM's CPU attention), got {shape.head_dim}")
@@ -167,23 +169,34 @@ def _train(out: Path, cfg: TrainConfig, shape: LlamaShape) -> dict:
     (out / HELDOUT_FILE).write_text(heldout_text)
     (out / CALIBRATION_FILE).write_text(_capped_text(train_files, cfg.calibration_bytes))
 
-    encoded = tokenizer([p.read_text(encoding="utf-8", errors="replace") for p in train_files],
-                        add_special_tokens=False)["input_ids"]
+    encoded = tokenizer(
+        [p.read_text(encoding="utf-8", errors="replace") for p in train_files], add_special_tokens=False
+    )["input_ids"]
     stream = torch.tensor([t for ids in encoded for t in [tokenizer.bos_token_id, *ids]], dtype=torch.long)
     ctx = shape.max_position_embeddings
-    train_windows = [stream[s:s + eval_window(shape)].tolist()
-                     for s in torch.linspace(0, len(stream) - ctx - 1, cfg.eval_windows).long().tolist()]
+    train_windows = [
+        stream[s : s + eval_window(shape)].tolist()
+        for s in torch.linspace(0, len(stream) - ctx - 1, cfg.eval_windows).long().tolist()
+    ]
 
     config = LlamaConfig(
-        **asdict(shape), rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, dtype="bfloat16",
+        **asdict(shape),
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="bfloat16",
     )
     model = LlamaForCausalLM(config).float().train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
     gen = torch.Generator().manual_seed(cfg.seed)
     offsets = torch.arange(ctx + 1)
 
@@ -206,8 +219,9 @@ def _train(out: Path, cfg: TrainConfig, shape: LlamaShape) -> dict:
 
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     train_loss = mean_nll(model.float().eval(), train_windows)  # the saved (bf16-rounded) weights
-    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=tokenizer.pad_token_id).save_pretrained(out)
+    GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    ).save_pretrained(out)
     tokenizer.save_pretrained(out)
 
     ppl_fp32, heldout_tokens = heldout_perplexity(out, "float32")

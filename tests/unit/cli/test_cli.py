@@ -47,9 +47,18 @@ def test_fit_stores_the_weights_in_the_weight_dtype(capsys):
 
 
 def test_fit_reads_a_model_directory(tmp_path, capsys):
-    (tmp_path / "config.json").write_text(json.dumps({
-        "hidden_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1,
-        "intermediate_size": 128, "vocab_size": 100, "torch_dtype": "float32"}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "hidden_size": 64,
+                "num_attention_heads": 2,
+                "num_hidden_layers": 1,
+                "intermediate_size": 128,
+                "vocab_size": 100,
+                "torch_dtype": "float32",
+            }
+        )
+    )
     assert main(["fit", "--model", str(tmp_path), "--profile", "maia100"]) == 0
 
 
@@ -101,13 +110,16 @@ def test_simulate_prints_a_table_and_kv_use_over_time(capsys):
 
 def test_simulate_replays_a_trace(tmp_path, capsys):
     trace = tmp_path / "trace.jsonl"
-    trace.write_text('{"arrival_s": 0, "input_len": 64, "output_len": 4}\n'
-                     '{"arrival_s": 5, "input_len": 64, "output_len": 4}\n')
+    trace.write_text(
+        '{"arrival_s": 0, "input_len": 64, "output_len": 4}\n{"arrival_s": 5, "input_len": 64, "output_len": 4}\n'
+    )
     assert main(["simulate", "--model", "llama-3-8b", "--device", "maia200", "--trace", str(trace), "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["num_requests"] == 2 and row["duration_s"] > 5
-    assert main(["simulate", "--model", "llama-3-8b", "--device", "maia200", "--trace", str(trace),
-                 "--input-len", "8"]) == 2
+    assert (
+        main(["simulate", "--model", "llama-3-8b", "--device", "maia200", "--trace", str(trace), "--input-len", "8"])
+        == 2
+    )
     assert "--input-len describe synthetic requests" in capsys.readouterr().err
     trace.write_text('{"arrival_s": 0, "input_len": 64}\n')
     assert main(["simulate", "--model", "llama-3-8b", "--device", "maia200", "--trace", str(trace)]) == 2
@@ -152,8 +164,10 @@ def test_fit_shows_an_mxfp4_cache_at_its_stored_size_and_against_bf16(capsys):
     assert main(FIT_MXFP4) == 0
     out = capsys.readouterr().out
     assert "KV per token (mxfp4, 4.25 bits a value)  34.00 KiB" in out
-    assert ("KV cache: 78645 blocks of 16 = 1258320 tokens (3.76x the 334240 tokens of a bfloat16 cache); "
-            "153 concurrent sequences of 8192 tokens.") in out
+    assert (
+        "KV cache: 78645 blocks of 16 = 1258320 tokens (3.76x the 334240 tokens of a bfloat16 cache); "
+        "153 concurrent sequences of 8192 tokens."
+    ) in out
     assert main([*FIT_MXFP4, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert (data["kv_bytes_per_token"], data["kv_tokens"]) == (2 * 32 * 8 * 68, 1_258_320)
@@ -189,8 +203,22 @@ def test_an_unknown_kv_format_lists_the_choices(capsys, command, kv):
 
 def test_simulate_prices_the_collectives_in_the_comm_dtype(capsys):
     """--comm-dtype fp8 on a tensor-parallel layout: the same run, less time in communication."""
-    args = ["simulate", "--model", "llama-3-8b", "--profile", "maia100", "-tp", "4", "--num-prompts", "8",
-            "--input-len", "256", "--output-len", "16", "--json"]
+    args = [
+        "simulate",
+        "--model",
+        "llama-3-8b",
+        "--profile",
+        "maia100",
+        "-tp",
+        "4",
+        "--num-prompts",
+        "8",
+        "--input-len",
+        "256",
+        "--output-len",
+        "16",
+        "--json",
+    ]
     runs = {}
     for comm in ("auto", "fp8"):
         assert main([*args, "--comm-dtype", comm]) == 0

@@ -56,7 +56,7 @@ def _prefill_like(tokens: int, pairs: int) -> tuple[float, float]:
     """Enough tokens that the GEMMs and attention are compute-bound; norms, element-wise kernels and
     the one-row LM head stay memory-bound."""
     compute = (tokens * GEMM_FLOPS_PER_TOKEN + pairs * ATTENTION_FLOPS_PER_PAIR) / FLOPS_PER_S
-    memory = (tokens * ELEMENTWISE_BYTES_PER_TOKEN + NORM_WEIGHT_BYTES + LM_HEAD_WEIGHT_BYTES + PER_SEQ_BYTES)
+    memory = tokens * ELEMENTWISE_BYTES_PER_TOKEN + NORM_WEIGHT_BYTES + LM_HEAD_WEIGHT_BYTES + PER_SEQ_BYTES
     return compute, memory / BYTES_PER_S
 
 
@@ -67,10 +67,19 @@ GOLDEN = {
     "chunk": GoldenStep((512,), (4096,), *_prefill_like(512, 512 * 4096 - 512 * 511 // 2)),
     # Two sequences decode one token each: every operator is memory-bound, so the step reads every weight but
     # the embedding table once, each token's activations and the KV of all 2049 + 4097 context tokens.
-    "decode": GoldenStep((1, 1), (2049, 4097), 0.0, (
-        GEMM_WEIGHT_BYTES + NORM_WEIGHT_BYTES + LM_HEAD_WEIGHT_BYTES
-        + 2 * (GEMM_IO_BYTES_PER_TOKEN + ATTENTION_IO_BYTES_PER_TOKEN + ELEMENTWISE_BYTES_PER_TOKEN + PER_SEQ_BYTES)
-        + (2049 + 4097) * KV_BYTES_PER_CONTEXT_TOKEN) / BYTES_PER_S),
+    "decode": GoldenStep(
+        (1, 1),
+        (2049, 4097),
+        0.0,
+        (
+            GEMM_WEIGHT_BYTES
+            + NORM_WEIGHT_BYTES
+            + LM_HEAD_WEIGHT_BYTES
+            + 2 * (GEMM_IO_BYTES_PER_TOKEN + ATTENTION_IO_BYTES_PER_TOKEN + ELEMENTWISE_BYTES_PER_TOKEN + PER_SEQ_BYTES)
+            + (2049 + 4097) * KV_BYTES_PER_CONTEXT_TOKEN
+        )
+        / BYTES_PER_S,
+    ),
 }
 
 

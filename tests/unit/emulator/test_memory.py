@@ -114,8 +114,11 @@ def test_bad_config_values_are_refused():
     with pytest.raises(ValueError, match=r"^gpu_memory_utilization must be in \(0, 1\], got 0$"):
         ServingConfig(gpu_memory_utilization=0)
     assert ServingConfig(gpu_memory_utilization=1.0).gpu_memory_utilization == 1.0
-    for sizes, got in (({"tensor_parallel_size": 0}, "tp=0, pp=1, dp=1"), ({"pipeline_parallel_size": 0}, "pp=0"),
-                       ({"data_parallel_size": 0}, "dp=0")):
+    for sizes, got in (
+        ({"tensor_parallel_size": 0}, "tp=0, pp=1, dp=1"),
+        ({"pipeline_parallel_size": 0}, "pp=0"),
+        ({"data_parallel_size": 0}, "dp=0"),
+    ):
         with pytest.raises(ValueError, match=f"^parallel sizes must be at least 1, got .*{got}"):
             ServingConfig(**sizes)
     with pytest.raises(ValueError, match="unknown all2all backend 'pplx'; the cost model prices: allgather_"):
@@ -134,7 +137,8 @@ def test_the_not_fit_message_in_full(llama70b, maia100):
         f"needs {format_bytes(70_553_706_496 * 2)} weights + {format_bytes(plan.workspace_bytes)} workspace "
         f"+ {format_bytes(8192 * 2 * 80 * 8 * 128 * 2)} KV for one sequence, but only "
         f"{format_bytes(MAIA100_HBM * 0.9 - 2**30)} of 64.00 GiB HBM is usable; short by "
-        f"{format_bytes(plan.shortfall_bytes)}. Try: --tensor-parallel-size 4 (up to 4 chips per node).")
+        f"{format_bytes(plan.shortfall_bytes)}. Try: --tensor-parallel-size 4 (up to 4 chips per node)."
+    )
     assert plan.to_dict()["shortfall_bytes"] == plan.shortfall_bytes > 0 and plan.to_dict()["fits"] is False
 
 
@@ -150,9 +154,11 @@ def test_every_way_to_fit_is_suggested_cheapest_first_in_the_engines_spelling(ll
     ]
     with pytest.raises(NotEnoughMemory) as err:
         require_fit(llama8b, maia100, config, SGLANG_FLAGS)
-    assert str(err.value).endswith(" Try: --tp-size 2 (up to 4 chips per node); --kv-cache-dtype fp8_e4m3 (half "
-                                   "the KV bytes per token); --context-length 176944 (the longest sequence the KV "
-                                   "budget holds).")
+    assert str(err.value).endswith(
+        " Try: --tp-size 2 (up to 4 chips per node); --kv-cache-dtype fp8_e4m3 (half "
+        "the KV bytes per token); --context-length 176944 (the longest sequence the KV "
+        "budget holds)."
+    )
 
 
 def test_without_room_for_a_token_only_a_bigger_device_is_suggested(llama70b, maia100):
@@ -194,15 +200,18 @@ def test_an_moe_model_without_dense_layers_never_holds_a_dense_mlp():
     assert workspace_bytes_per_chip(wide, ServingConfig()) == workspace_bytes_per_chip(mixtral, ServingConfig())
 
 
-@pytest.mark.parametrize(("kv", "row", "per_token", "blocks"), [
-    ("auto", 128 * 2, 131_072, 20_890),
-    ("fp8", 128, 65_536, 41_780),
-    ("mxfp8", 4 * (32 + 1), 67_584, 40_514),  # 4 blocks of 32 one-byte elements, each with its E8M0 scale
-    ("mxfp6", 4 * (24 + 1), 51_200, 53_479),  # 32 six-bit elements are 24 bytes
-    ("mxfp6_e2m3", 4 * (24 + 1), 51_200, 53_479),
-    ("mxfp4", 4 * (16 + 1), 34_816, 78_645),  # 4.25 bits an element
-    ("nvfp4", 8 * (8 + 1), 36_864, 74_276),  # 8 blocks of 16 with an E4M3 scale: 4.5 bits
-])
+@pytest.mark.parametrize(
+    ("kv", "row", "per_token", "blocks"),
+    [
+        ("auto", 128 * 2, 131_072, 20_890),
+        ("fp8", 128, 65_536, 41_780),
+        ("mxfp8", 4 * (32 + 1), 67_584, 40_514),  # 4 blocks of 32 one-byte elements, each with its E8M0 scale
+        ("mxfp6", 4 * (24 + 1), 51_200, 53_479),  # 32 six-bit elements are 24 bytes
+        ("mxfp6_e2m3", 4 * (24 + 1), 51_200, 53_479),
+        ("mxfp4", 4 * (16 + 1), 34_816, 78_645),  # 4.25 bits an element
+        ("nvfp4", 8 * (8 + 1), 36_864, 74_276),  # 8 blocks of 16 with an E4M3 scale: 4.5 bits
+    ],
+)
 def test_llama3_8b_kv_bytes_and_capacity_in_each_kv_format_by_hand(llama8b, maia100, kv, row, per_token, blocks):
     """K and V x 32 layers x 8 heads x one 128-wide head row at the format's stored size, in the KV budget of
     test_llama3_8b_on_one_maia100_by_hand (43_810_178_662.4 bytes, which the KV format leaves as it is)."""
@@ -215,8 +224,10 @@ def test_llama3_8b_kv_bytes_and_capacity_in_each_kv_format_by_hand(llama8b, maia
 
 def test_mxfp4_holds_3_76x_the_tokens_of_bf16(llama8b, maia100):
     """256 bytes a BF16 head row against 68 in MXFP4: 3.76x, to the whole block; NVFP4's 72: 3.56x."""
-    tokens = {kv: plan_memory(llama8b, maia100, ServingConfig(kv_cache_dtype=kv)).kv_tokens
-              for kv in ("bf16", "mxfp4", "nvfp4")}
+    tokens = {
+        kv: plan_memory(llama8b, maia100, ServingConfig(kv_cache_dtype=kv)).kv_tokens
+        for kv in ("bf16", "mxfp4", "nvfp4")
+    }
     assert tokens == {"bf16": 334_240, "mxfp4": 1_258_320, "nvfp4": 1_188_416}
     assert tokens["mxfp4"] / tokens["bf16"] == pytest.approx(256 / 68, abs=1e-4)
     assert round(tokens["mxfp4"] / tokens["bf16"], 2) == 3.76

@@ -20,8 +20,17 @@ from maia_serving.emulator.cost.terms import window_sum
 from maia_serving.emulator.memory import kv_bytes_per_sequence, kv_bytes_per_token, longest_sequence
 from maia_serving.emulator.model_shape import MoE, shape_from_config
 
-BUILTIN = ("llama-3-8b", "llama-3-70b", "qwen2.5-7b", "mistral-7b", "gemma-2-9b", "mixtral-8x7b", "qwen3-30b-a3b",
-           "deepseek-v2-lite", "gpt-oss-20b")
+BUILTIN = (
+    "llama-3-8b",
+    "llama-3-70b",
+    "qwen2.5-7b",
+    "mistral-7b",
+    "gemma-2-9b",
+    "mixtral-8x7b",
+    "qwen3-30b-a3b",
+    "deepseek-v2-lite",
+    "gpt-oss-20b",
+)
 
 
 def _embedding_table(name: str) -> int:
@@ -29,30 +38,43 @@ def _embedding_table(name: str) -> int:
     return model.vocab_size * model.hidden_size
 
 
-@pytest.mark.parametrize(("name", "published", "tolerance"), [
-    ("llama-3-8b", 8_030_261_248, 0),  # Hugging Face safetensors count
-    ("llama-3-70b", 70.6e9, 0.001),
-    ("mistral-7b", 7.3e9, 0.01),  # Mistral AI, "Announcing Mistral 7B"
-    ("mixtral-8x7b", 46.7e9, 0.001),  # Mistral AI, "Mixtral of experts"
-    ("qwen3-30b-a3b", 30.5e9, 0.002),  # Qwen3-30B-A3B model card
-    ("deepseek-v2-lite", 15_706_484_224, 0),  # summed over the checkpoint's tensors; 15.7B in the DeepSeek-V2 paper
-    ("gpt-oss-20b", 20.91e9, 0.001),  # gpt-oss model card, Table 1
-])
+@pytest.mark.parametrize(
+    ("name", "published", "tolerance"),
+    [
+        ("llama-3-8b", 8_030_261_248, 0),  # Hugging Face safetensors count
+        ("llama-3-70b", 70.6e9, 0.001),
+        ("mistral-7b", 7.3e9, 0.01),  # Mistral AI, "Announcing Mistral 7B"
+        ("mixtral-8x7b", 46.7e9, 0.001),  # Mistral AI, "Mixtral of experts"
+        ("qwen3-30b-a3b", 30.5e9, 0.002),  # Qwen3-30B-A3B model card
+        ("deepseek-v2-lite", 15_706_484_224, 0),  # summed over the checkpoint's tensors; 15.7B in the DeepSeek-V2 paper
+        ("gpt-oss-20b", 20.91e9, 0.001),  # gpt-oss model card, Table 1
+    ],
+)
 def test_total_parameters_match_the_published_counts(name, published, tolerance):
     assert load_model_shape(name).num_params() == pytest.approx(published, rel=tolerance)
 
 
 def test_parameter_counts_by_hand():
     """Every weight of the families' layers, from the config.json fields."""
-    qwen3_layer = (2048 * (32 + 2 * 4) * 128 + 32 * 128 * 2048  # q, k, v, o
-                   + 2 * 128  # q_norm and k_norm
-                   + 2048 * 128 + 128 * 3 * 2048 * 768  # router and 128 experts
-                   + 2 * 2048)
+    qwen3_layer = (
+        2048 * (32 + 2 * 4) * 128
+        + 32 * 128 * 2048  # q, k, v, o
+        + 2 * 128  # q_norm and k_norm
+        + 2048 * 128
+        + 128 * 3 * 2048 * 768  # router and 128 experts
+        + 2 * 2048
+    )
     assert load_model_shape("qwen3-30b-a3b").num_params() == 48 * qwen3_layer + 2 * 151936 * 2048 + 2048
-    gpt_oss_layer = (2880 * (64 + 2 * 8) * 64 + (64 + 2 * 8) * 64 + 64 * 64 * 2880 + 2880  # biased q, k, v, o
-                     + 2880 * 32 + 32  # biased router
-                     + 32 * (2880 * 2 * 2880 + 2 * 2880 + 2880 * 2880 + 2880)  # 32 biased experts
-                     + 2 * 2880)  # (its 64 attention sinks a layer are not counted)
+    gpt_oss_layer = (
+        2880 * (64 + 2 * 8) * 64
+        + (64 + 2 * 8) * 64
+        + 64 * 64 * 2880
+        + 2880  # biased q, k, v, o
+        + 2880 * 32
+        + 32  # biased router
+        + 32 * (2880 * 2 * 2880 + 2 * 2880 + 2880 * 2880 + 2880)  # 32 biased experts
+        + 2 * 2880
+    )  # (its 64 attention sinks a layer are not counted)
     assert load_model_shape("gpt-oss-20b").num_params() == 24 * gpt_oss_layer + 2 * 201088 * 2880 + 2880
     moe_keys = ("num_experts", "moe_intermediate_size")
     dense = {k: v for k, v in shape_config("qwen3-30b-a3b").items() if k not in moe_keys}
@@ -68,18 +90,23 @@ def test_non_embedding_parameters_match_the_model_cards():
     assert load_model_shape("gemma-2-9b").num_params() - _embedding_table("gemma-2-9b") == 8_324_201_984
     # Qwen3-30B-A3B card: 29.9B non-embedding (input embedding and LM head); Qwen2.5-7B card: 6.53B.
     assert load_model_shape("qwen3-30b-a3b").num_params() - 2 * _embedding_table("qwen3-30b-a3b") == pytest.approx(
-        29.9e9, rel=0.002)
+        29.9e9, rel=0.002
+    )
     assert load_model_shape("qwen2.5-7b").num_params() - 2 * _embedding_table("qwen2.5-7b") == pytest.approx(
-        6.53e9, rel=0.001)
+        6.53e9, rel=0.001
+    )
 
 
-@pytest.mark.parametrize(("name", "published", "with_embedding", "tolerance"), [
-    ("mixtral-8x7b", 12.9e9, True, 0.002),  # Mistral AI counts the embedding table
-    ("qwen3-30b-a3b", 3.3e9, True, 0.02),  # so does Qwen (3.35B: "3.3B")
-    ("gpt-oss-20b", 3.61e9, False, 0.001),  # OpenAI leaves it out
-    # DeepSeek leaves it out too (so DeepSeek-V3's 37B); "2.4B" is given to two figures and ours is 2.45B.
-    ("deepseek-v2-lite", 2.4e9, False, 0.025),
-])
+@pytest.mark.parametrize(
+    ("name", "published", "with_embedding", "tolerance"),
+    [
+        ("mixtral-8x7b", 12.9e9, True, 0.002),  # Mistral AI counts the embedding table
+        ("qwen3-30b-a3b", 3.3e9, True, 0.02),  # so does Qwen (3.35B: "3.3B")
+        ("gpt-oss-20b", 3.61e9, False, 0.001),  # OpenAI leaves it out
+        # DeepSeek leaves it out too (so DeepSeek-V3's 37B); "2.4B" is given to two figures and ours is 2.45B.
+        ("deepseek-v2-lite", 2.4e9, False, 0.025),
+    ],
+)
 def test_active_parameters_match_the_published_counts(name, published, with_embedding, tolerance):
     active = load_model_shape(name).active_params() - (0 if with_embedding else _embedding_table(name))
     assert active == pytest.approx(published, rel=tolerance)
@@ -123,15 +150,18 @@ def test_mla_keeps_the_whole_latent_on_every_tensor_parallel_rank():
     assert kv_bytes_per_token(gqa, ServingConfig(tensor_parallel_size=4)) == 2 * 32 * 2 * 128 * 2  # 2 of 8 KV heads
 
 
-@pytest.mark.parametrize(("name", "length", "layer_blocks"), [
-    # Full layers keep every block of 16 tokens; a sliding layer past its window the ceil((window - 1) / 16) + 1
-    # blocks that cover it.
-    ("mistral-7b", 32768, 32 * 257),
-    ("mistral-7b", 4096, 32 * 256),  # within the window: every token
-    ("gemma-2-9b", 8192, 21 * 512 + 21 * 257),
-    ("gemma-2-9b", 4000, 42 * 250),
-    ("gpt-oss-20b", 131072, 12 * 8192 + 12 * 9),
-])
+@pytest.mark.parametrize(
+    ("name", "length", "layer_blocks"),
+    [
+        # Full layers keep every block of 16 tokens; a sliding layer past its window the ceil((window - 1) / 16) + 1
+        # blocks that cover it.
+        ("mistral-7b", 32768, 32 * 257),
+        ("mistral-7b", 4096, 32 * 256),  # within the window: every token
+        ("gemma-2-9b", 8192, 21 * 512 + 21 * 257),
+        ("gemma-2-9b", 4000, 42 * 250),
+        ("gpt-oss-20b", 131072, 12 * 8192 + 12 * 9),
+    ],
+)
 def test_sliding_layers_hold_only_their_window(name, length, layer_blocks):
     model = load_model_shape(name)
     per_token_layer = KV_BYTES_PER_TOKEN[name] // model.num_layers
@@ -205,11 +235,13 @@ def test_moe_workspace_holds_the_widest_mlp_a_token_produces():
     # A dense first layer wider than the 8 routed experts together sets the width instead.
     wide = shape_from_config({**qwen3, "mlp_only_layers": [0], "intermediate_size": 12288}, "q")
     assert plan_memory(wide, load_profile("h200"), config).workspace_bytes == (
-        1000 * (2 * 2048 + 2 * 4096 + 2 * 512 + 2 * 12288) * 2 + logits)
+        1000 * (2 * 2048 + 2 * 4096 + 2 * 512 + 2 * 12288) * 2 + logits
+    )
     # MLA: 16 query heads of 192, the 576-wide latent, 6 routed experts of 1408 and 2 shared ones.
     mla = plan_memory(load_model_shape("deepseek-v2-lite"), load_profile("h200"), config)
-    assert mla.workspace_bytes == (1000 * (2 * 2048 + 2 * 16 * 192 + 2 * 576 + 2 * (6 * 1408 + 2 * 1408)) * 2
-                                   + 10 * 102400 * 4)
+    assert mla.workspace_bytes == (
+        1000 * (2 * 2048 + 2 * 16 * 192 + 2 * 576 + 2 * (6 * 1408 + 2 * 1408)) * 2 + 10 * 102400 * 4
+    )
 
 
 def test_sliding_attention_reads_and_pairs_only_within_the_window():
@@ -284,11 +316,14 @@ def test_a_config_without_model_type_is_dense_only_without_the_keys_of_other_fam
     assert shape_from_config(dense, "d").moe is None
 
 
-@pytest.mark.parametrize(("changes", "window", "sliding"), [
-    ({}, None, 0),  # use_sliding_window is false in Qwen's configs: sliding_window is then unused
-    ({"use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 28}, 4096, 0),
-    ({"use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 20}, 4096, 8),
-])
+@pytest.mark.parametrize(
+    ("changes", "window", "sliding"),
+    [
+        ({}, None, 0),  # use_sliding_window is false in Qwen's configs: sliding_window is then unused
+        ({"use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 28}, 4096, 0),
+        ({"use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 20}, 4096, 8),
+    ],
+)
 def test_qwen_windows_follow_use_sliding_window_and_max_window_layers(changes, window, sliding):
     model = shape_from_config({**shape_config("qwen2.5-7b"), "sliding_window": 4096, **changes}, "q")
     assert (model.sliding_window, model.num_sliding_layers) == (window, sliding)
@@ -326,11 +361,25 @@ def test_deepseeks_expert_groups_are_read_and_must_divide_its_experts():
 
 def test_qwen2_moe_has_a_gated_shared_expert():
     """Qwen1.5-MoE-A2.7B (its config.json's fields): 14.3B parameters, 2.7B activated (Qwen blog, 2024)."""
-    model = shape_from_config({
-        "model_type": "qwen2_moe", "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24,
-        "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 151936, "num_experts": 60,
-        "num_experts_per_tok": 4, "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632,
-        "decoder_sparse_step": 1, "mlp_only_layers": [], "tie_word_embeddings": False}, "qwen1.5-moe-a2.7b")
+    model = shape_from_config(
+        {
+            "model_type": "qwen2_moe",
+            "hidden_size": 2048,
+            "intermediate_size": 5632,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 16,
+            "vocab_size": 151936,
+            "num_experts": 60,
+            "num_experts_per_tok": 4,
+            "moe_intermediate_size": 1408,
+            "shared_expert_intermediate_size": 5632,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "tie_word_embeddings": False,
+        },
+        "qwen1.5-moe-a2.7b",
+    )
     assert model.moe.shared_expert_gate and model.moe.num_dense_layers == 0
     assert model.num_params() == pytest.approx(14.3e9, rel=0.002)
     assert model.active_params() == pytest.approx(2.7e9, rel=0.01)
@@ -347,7 +396,12 @@ def test_every_builtin_shape_fits_a_plan_and_prices_a_step(name):
 
 def test_olmo3_windows_the_layers_its_layer_types_name():
     """Olmo-3 (the hybrid-window demo model's family): three windowed layers, then a full one."""
-    config = {**shape_config("llama-3-8b"), "model_type": "olmo3", "sliding_window": 4096, "attention_bias": False,
-              "layer_types": ["sliding_attention"] * 3 + ["full_attention"]} | {"num_hidden_layers": 4}
+    config = {
+        **shape_config("llama-3-8b"),
+        "model_type": "olmo3",
+        "sliding_window": 4096,
+        "attention_bias": False,
+        "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
+    } | {"num_hidden_layers": 4}
     model = shape_from_config(config, "o")
     assert (model.sliding_window, model.num_sliding_layers, model.qk_norm) == (4096, 3, True)

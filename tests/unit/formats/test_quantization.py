@@ -17,24 +17,54 @@ EMBEDDINGS = 2 * 128256 * 4096 + 4096
 assert LINEAR + NORMS + EMBEDDINGS == 8_030_261_248
 
 # llm-compressor's schemes as they appear in config.json (compressed-tensors).
-FP8_DYNAMIC = {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
-               "config_groups": {"group_0": {"targets": ["Linear"],
-                                             "weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
-                                             "input_activations": {"num_bits": 8, "type": "float",
-                                                                   "strategy": "token", "dynamic": True}}}}
-W8A8_INT8 = {"quant_method": "compressed-tensors", "format": "int-quantized", "ignore": ["lm_head"],
-             "config_groups": {"group_0": {"targets": ["Linear"],
-                                           "weights": {"num_bits": 8, "type": "int", "strategy": "channel"},
-                                           "input_activations": {"num_bits": 8, "type": "int", "dynamic": True}}}}
-W4A16 = {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
-         "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None,
-                                       "weights": {"num_bits": 4, "type": "int", "strategy": "group",
-                                                   "group_size": 128}}}}
-NVFP4 = {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized", "ignore": ["lm_head"],
-         "config_groups": {"group_0": {"targets": ["Linear"],
-                                       "weights": {"num_bits": 4, "type": "float", "strategy": "tensor_group",
-                                                   "group_size": 16},
-                                       "input_activations": {"num_bits": 4, "type": "float", "group_size": 16}}}}
+FP8_DYNAMIC = {
+    "quant_method": "compressed-tensors",
+    "format": "float-quantized",
+    "ignore": ["lm_head"],
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
+            "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True},
+        }
+    },
+}
+W8A8_INT8 = {
+    "quant_method": "compressed-tensors",
+    "format": "int-quantized",
+    "ignore": ["lm_head"],
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": "int", "strategy": "channel"},
+            "input_activations": {"num_bits": 8, "type": "int", "dynamic": True},
+        }
+    },
+}
+W4A16 = {
+    "quant_method": "compressed-tensors",
+    "format": "pack-quantized",
+    "ignore": ["lm_head"],
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "input_activations": None,
+            "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128},
+        }
+    },
+}
+NVFP4 = {
+    "quant_method": "compressed-tensors",
+    "format": "nvfp4-pack-quantized",
+    "ignore": ["lm_head"],
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16},
+            "input_activations": {"num_bits": 4, "type": "float", "group_size": 16},
+        }
+    },
+}
 
 
 def _weights(**args) -> dict:
@@ -47,26 +77,41 @@ FP8_BLOCK = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic
 
 
 def _llama8b(quantization_config: dict | None = None):
-    config = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-              "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "torch_dtype": "bfloat16",
-              "max_position_embeddings": 8192}
+    config = {
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "torch_dtype": "bfloat16",
+        "max_position_embeddings": 8192,
+    }
     if quantization_config:
         config["quantization_config"] = quantization_config
     return shape_from_config(config, "llama-3-8b")
 
 
-@pytest.mark.parametrize(("quant", "weight", "activation", "weight_bits"), [
-    (FP8_DYNAMIC, "fp8_e4m3", "fp8_e4m3", 8),
-    (W8A8_INT8, "int8", "int8", 8),
-    (W4A16, "int4", None, 4 + 16 / 128),
-    (_weights(num_bits=4, type="int", strategy="group", group_size=32), "int4", None, 4 + 16 / 32),
-    (_weights(num_bits=4, type="int", strategy="channel"), "int4", None, 4),  # per-channel scales: not counted
-    (NVFP4, "nvfp4", "nvfp4", 4 + 8 / 16),
-    (_weights(num_bits=4, type="float", strategy="group", group_size=32), "mxfp4", None, 4 + 8 / 32),
-    (FP8_BLOCK, "fp8_e4m3", "fp8_e4m3", 8 + 32 / (128 * 128)),
-    (_weights(num_bits=8, type="float", strategy="block", block_structure=[128, 128]), "fp8_e4m3", None,
-     8 + 32 / (128 * 128)),
-])
+@pytest.mark.parametrize(
+    ("quant", "weight", "activation", "weight_bits"),
+    [
+        (FP8_DYNAMIC, "fp8_e4m3", "fp8_e4m3", 8),
+        (W8A8_INT8, "int8", "int8", 8),
+        (W4A16, "int4", None, 4 + 16 / 128),
+        (_weights(num_bits=4, type="int", strategy="group", group_size=32), "int4", None, 4 + 16 / 32),
+        (_weights(num_bits=4, type="int", strategy="channel"), "int4", None, 4),  # per-channel scales: not counted
+        (NVFP4, "nvfp4", "nvfp4", 4 + 8 / 16),
+        (_weights(num_bits=4, type="float", strategy="group", group_size=32), "mxfp4", None, 4 + 8 / 32),
+        (FP8_BLOCK, "fp8_e4m3", "fp8_e4m3", 8 + 32 / (128 * 128)),
+        (
+            _weights(num_bits=8, type="float", strategy="block", block_structure=[128, 128]),
+            "fp8_e4m3",
+            None,
+            8 + 32 / (128 * 128),
+        ),
+    ],
+)
 def test_checkpoint_schemes_are_read_and_weights_counted_at_their_stored_size(quant, weight, activation, weight_bits):
     model = _llama8b(quant)
     q = model.quantization
@@ -79,31 +124,64 @@ def test_checkpoint_schemes_are_read_and_weights_counted_at_their_stored_size(qu
 
 def test_a_kv_cache_only_scheme_leaves_the_weights_alone():
     """What calibrate-kv writes: compressed-tensors with a kv_cache_scheme and no config_groups."""
-    model = _llama8b({"quant_method": "compressed-tensors", "format": "dense", "config_groups": {}, "ignore": [],
-                      "kv_cache_scheme": {"num_bits": 8, "type": "float", "strategy": "tensor"}})
+    model = _llama8b(
+        {
+            "quant_method": "compressed-tensors",
+            "format": "dense",
+            "config_groups": {},
+            "ignore": [],
+            "kv_cache_scheme": {"num_bits": 8, "type": "float", "strategy": "tensor"},
+        }
+    )
     assert model.quantization is None and model.weight_bytes() == 8_030_261_248 * 2
 
 
 def test_gpt_oss_keeps_attention_router_and_lm_head_in_bf16():
-    quant = weight_quant({"quantization_config": {
-        "quant_method": "mxfp4",
-        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
-                                   "lm_head"]}})
+    quant = weight_quant(
+        {
+            "quantization_config": {
+                "quant_method": "mxfp4",
+                "modules_to_not_convert": [
+                    "model.layers.*.self_attn",
+                    "model.layers.*.mlp.router",
+                    "model.embed_tokens",
+                    "lm_head",
+                ],
+            }
+        }
+    )
     assert quant.weight.name == "mxfp4" and quant.activation is None
     assert quant.unquantized == {"attention", "router", "lm_head"}
 
 
-@pytest.mark.parametrize(("quant", "message"), [
-    ({"quant_method": "gptq", "bits": 4}, "quant_method 'gptq' is not modelled; known: compressed-tensors, fp8, mxfp4"),
-    ({"quant_method": "fp8", "ignored_layers": ["model.layers.0.mlp.down_proj"]},
-     "leaves 'model.layers.0.mlp.down_proj' unquantized: one layer's exception is not modelled"),
-    ({"quant_method": "mxfp4", "modules_to_not_convert": ["vision_tower"]},
-     "leaves 'vision_tower' unquantized, which names no layer group"),
-    ({**W4A16, "config_groups": {"a": W4A16["config_groups"]["group_0"], "b": FP8_DYNAMIC["config_groups"]["group_0"]}},
-     "config_groups with different schemes are not modelled"),
-    ({**W4A16, "config_groups": {"g": {"weights": {"num_bits": 3, "type": "int", "group_size": 128}}}},
-     "weights of 3 bits, type 'int', group size 128 is not modelled"),
-])
+@pytest.mark.parametrize(
+    ("quant", "message"),
+    [
+        (
+            {"quant_method": "gptq", "bits": 4},
+            "quant_method 'gptq' is not modelled; known: compressed-tensors, fp8, mxfp4",
+        ),
+        (
+            {"quant_method": "fp8", "ignored_layers": ["model.layers.0.mlp.down_proj"]},
+            "leaves 'model.layers.0.mlp.down_proj' unquantized: one layer's exception is not modelled",
+        ),
+        (
+            {"quant_method": "mxfp4", "modules_to_not_convert": ["vision_tower"]},
+            "leaves 'vision_tower' unquantized, which names no layer group",
+        ),
+        (
+            {
+                **W4A16,
+                "config_groups": {"a": W4A16["config_groups"]["group_0"], "b": FP8_DYNAMIC["config_groups"]["group_0"]},
+            },
+            "config_groups with different schemes are not modelled",
+        ),
+        (
+            {**W4A16, "config_groups": {"g": {"weights": {"num_bits": 3, "type": "int", "group_size": 128}}}},
+            "weights of 3 bits, type 'int', group size 128 is not modelled",
+        ),
+    ],
+)
 def test_what_cannot_be_priced_is_an_error_not_a_guess(quant, message):
     with pytest.raises(ValueError, match=message):
         _llama8b(quant)
@@ -161,13 +239,16 @@ def test_weight_dtype_prices_a_bf16_checkpoint_as_fp8_through_the_engines_path()
     assert bf16.compute_s == pytest.approx(qkv.flops / (0.338e15 * 0.6), rel=1e-12)  # the vector units
 
 
-@pytest.mark.parametrize(("weight", "activation", "peak"), [
-    ("int4", None, "bf16"),  # weight-only formats keep BF16 activations
-    ("mxfp4", None, "bf16"),
-    ("mxfp4", "fp8", "fp8"),
-    ("mx6", None, "mx6"),  # MX formats multiply MX operands
-    ("fp8_e5m2", None, "fp8"),
-])
+@pytest.mark.parametrize(
+    ("weight", "activation", "peak"),
+    [
+        ("int4", None, "bf16"),  # weight-only formats keep BF16 activations
+        ("mxfp4", None, "bf16"),
+        ("mxfp4", "fp8", "fp8"),
+        ("mx6", None, "mx6"),  # MX formats multiply MX operands
+        ("fp8_e5m2", None, "fp8"),
+    ],
+)
 def test_a_weight_dtype_brings_its_own_scheme_unless_an_activation_dtype_is_given(weight, activation, peak):
     model = load_model_shape("llama-3-8b").with_weights(weight, activation)
     assert model.precision().gemm_peak("mlp") == peak

@@ -15,18 +15,22 @@ def test_prompts_have_the_length_and_share_no_first_block():
 
 
 def _scrape(busy, ttft_sum, ttft_count, tpot_sum, tpot_count, steps):
-    return {"maia:emulated_busy_seconds_total": busy, "maia:emulated_step_seconds_count": steps,
-            "maia:emulated_time_to_first_token_seconds_sum": ttft_sum,
-            "maia:emulated_time_to_first_token_seconds_count": ttft_count,
-            "maia:emulated_time_per_output_token_seconds_sum": tpot_sum,
-            "maia:emulated_time_per_output_token_seconds_count": tpot_count}
+    return {
+        "maia:emulated_busy_seconds_total": busy,
+        "maia:emulated_step_seconds_count": steps,
+        "maia:emulated_time_to_first_token_seconds_sum": ttft_sum,
+        "maia:emulated_time_to_first_token_seconds_count": ttft_count,
+        "maia:emulated_time_per_output_token_seconds_sum": tpot_sum,
+        "maia:emulated_time_per_output_token_seconds_count": tpot_count,
+    }
 
 
 def test_emulated_figures_are_the_rise_between_two_scrapes():
     before = _scrape(1.0, 0.5, 2, 0.25, 2, 10)
     after = _scrape(1.75, 1.5, 6, 0.75, 6, 30)
-    assert emulated_figures(before, after) == Figures(busy_s=0.75, ttft_s=0.25, tpot_s=0.125, num_steps=20,
-                                                      num_requests=4)
+    assert emulated_figures(before, after) == Figures(
+        busy_s=0.75, ttft_s=0.25, tpot_s=0.125, num_steps=20, num_requests=4
+    )
 
 
 def test_no_finished_request_is_an_error_not_a_division_by_zero():
@@ -38,8 +42,9 @@ def test_no_finished_request_is_an_error_not_a_division_by_zero():
 def test_simulated_figures_count_as_metrics_do():
     """Requests of one token have no TPOT, as /metrics leaves them out of its TPOT histogram."""
     timings = (RequestTiming(0.0, 0.5, 1.5, 3), RequestTiming(0.0, 1.0, 1.0, 1))
-    steps = StepLog((0.0, 0.5, 1.0), (0.5, 0.5, 0.5), (2, 2, 1), (2, 2, 1), (0, 0, 0), (1, 1, 1), (0.5, 0.5, 0.5),
-                    (0.0, 0.0, 0.0))
+    steps = StepLog(
+        (0.0, 0.5, 1.0), (0.5, 0.5, 0.5), (2, 2, 1), (2, 2, 1), (0, 0, 0), (1, 1, 1), (0.5, 0.5, 0.5), (0.0, 0.0, 0.0)
+    )
     sim = Simulation("maia200", (), timings, steps, 10, 0, 0, 0)
     assert simulated_figures(sim) == Figures(busy_s=1.5, ttft_s=0.75, tpot_s=0.5, num_steps=3, num_requests=2)
 

@@ -13,11 +13,13 @@ STEP_S = 1.25e-4
 
 
 def _text(steps: int, busy_steps: int, tpots: int) -> str:
-    return (f"maia:emulated_step_seconds_count {steps}.0\n"
-            f"maia:emulated_step_seconds_sum {steps * STEP_S!r}\n"
-            f"maia:emulated_busy_seconds_total {busy_steps * STEP_S!r}\n"
-            f"maia:emulated_time_per_output_token_seconds_count {tpots}.0\n"
-            "vllm:num_requests_running 0.0\n")
+    return (
+        f"maia:emulated_step_seconds_count {steps}.0\n"
+        f"maia:emulated_step_seconds_sum {steps * STEP_S!r}\n"
+        f"maia:emulated_busy_seconds_total {busy_steps * STEP_S!r}\n"
+        f"maia:emulated_time_per_output_token_seconds_count {tpots}.0\n"
+        "vllm:num_requests_running 0.0\n"
+    )
 
 
 @pytest.fixture

@@ -7,8 +7,9 @@ from maia_serving.ops import mx
 
 
 def test_the_mx_formats_are_the_vocabularys_block_scaled_kv_formats_in_order():
-    assert tuple(mx.MX_FORMATS) == precision.BLOCK_SCALED_KV_FORMATS == (
-        "mxfp8", "mxfp6", "mxfp6_e2m3", "mxfp4", "nvfp4")
+    assert (
+        tuple(mx.MX_FORMATS) == precision.BLOCK_SCALED_KV_FORMATS == ("mxfp8", "mxfp6", "mxfp6_e2m3", "mxfp4", "nvfp4")
+    )
     assert set(precision.BLOCK_SCALED_KV_FORMATS) <= set(precision.KV_CACHE_FORMATS)
 
 
@@ -38,7 +39,8 @@ def test_mxfp6_is_e3m2_as_ocp_mx_and_issue_10_name_it():
 
 
 def test_a_layout_the_pages_cannot_hold_is_refused():
-    wide_scale = precision.DType("mxfp4_wide", 4, "fp4", "test", block_size=32, scale_bits=16, element="e2m1",
-                                 scale="e8m0")
+    wide_scale = precision.DType(
+        "mxfp4_wide", 4, "fp4", "test", block_size=32, scale_bits=16, element="e2m1", scale="e8m0"
+    )
     with pytest.raises(ValueError, match="one 8-bit scale per block"):
         mx._from_vocabulary(wide_scale)

@@ -7,10 +7,18 @@ from maia_serving import ops
 from maia_serving.formats import precision
 
 
-@pytest.mark.parametrize(("spelling", "expected"), [
-    ("bfloat16", torch.bfloat16), ("bf16", torch.bfloat16), ("half", torch.float16), ("float", torch.float32),
-    ("fp8", torch.float8_e4m3fn), ("float8_e5m2", torch.float8_e5m2), ("int8", torch.int8),
-])
+@pytest.mark.parametrize(
+    ("spelling", "expected"),
+    [
+        ("bfloat16", torch.bfloat16),
+        ("bf16", torch.bfloat16),
+        ("half", torch.float16),
+        ("float", torch.float32),
+        ("fp8", torch.float8_e4m3fn),
+        ("float8_e5m2", torch.float8_e5m2),
+        ("int8", torch.int8),
+    ],
+)
 def test_every_spelling_maps_to_its_torch_dtype(spelling, expected):
     assert ops.torch_dtype(spelling) is expected
 

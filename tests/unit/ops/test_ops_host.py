@@ -15,8 +15,17 @@ CASES = {**BATCHES, "one_decode": [(1, 37)]}  # a batch of one token: the index 
 
 
 def _batch(pairs, kv_cache_dtype, group, seed, block_size=16, num_kv_heads=2, head_dim=40):
-    return paged_batch(pairs, kv_cache_dtype, group, seed, torch.tensor([0.02, 0.05])[:num_kv_heads],
-                       torch.tensor(0.03), block_size, num_kv_heads, head_dim)
+    return paged_batch(
+        pairs,
+        kv_cache_dtype,
+        group,
+        seed,
+        torch.tensor([0.02, 0.05])[:num_kv_heads],
+        torch.tensor(0.03),
+        block_size,
+        num_kv_heads,
+        head_dim,
+    )
 
 
 @pytest.fixture(params=["native", "torch", "ref"])
@@ -67,8 +76,9 @@ def test_the_fallback_hands_the_reference_every_argument(monkeypatch, torch_host
     """FP8 with per-head K and per-tensor V scales, not causal: the fallback is the reference, exactly."""
     monkeypatch.setattr(host, "MAX_BATCHED_SCORES", 0)
     args = _batch(CASES["chunked_and_prefix_hit"], "fp8_e4m3", 2, seed=5)
-    torch.testing.assert_close(paged_attention_host(*args, causal=False), paged_attention_ref(*args, causal=False),
-                               atol=0, rtol=0)
+    torch.testing.assert_close(
+        paged_attention_host(*args, causal=False), paged_attention_ref(*args, causal=False), atol=0, rtol=0
+    )
 
 
 def test_a_batch_at_the_score_limit_is_still_batched(monkeypatch, torch_host_path):
@@ -86,8 +96,9 @@ def test_a_batch_at_the_score_limit_is_still_batched(monkeypatch, torch_host_pat
 
 def test_not_causal_attends_every_key_of_its_own_sequence_only():
     args = _batch([(4, 20), (1, 33), (5, 48)], "auto", 2, seed=7)
-    torch.testing.assert_close(paged_attention_host(*args, causal=False), paged_attention_ref(*args, causal=False),
-                               atol=0, rtol=2**-7)
+    torch.testing.assert_close(
+        paged_attention_host(*args, causal=False), paged_attention_ref(*args, causal=False), atol=0, rtol=2**-7
+    )
 
 
 def test_blocks_smaller_than_the_kv_heads_are_read_whole():
@@ -137,8 +148,9 @@ def test_a_given_max_query_len_sets_the_padding():
 def test_sliding_window_is_float64_windowed_attention_rounded_once(attention, case, kv_cache_dtype, window):
     """Windows of one key (a query sees only itself), inside a page, one page, every key."""
     args = _batch(CASES[case], kv_cache_dtype, 2, seed=window)
-    assert_within_one_bf16_step(attention(*args, sliding_window=window),
-                                *paged_attention_float64(*args, sliding_window=window))
+    assert_within_one_bf16_step(
+        attention(*args, sliding_window=window), *paged_attention_float64(*args, sliding_window=window)
+    )
 
 
 def test_the_window_bites_and_sees_the_query_itself():
@@ -147,8 +159,10 @@ def test_the_window_bites_and_sees_the_query_itself():
     full attention for contexts longer than 16."""
     args = _batch([(1, 37), (3, 20)], "auto", 1, seed=13)
     query, key_cache, value_cache, block_tables = args[:4]
-    own = torch.stack([value_cache[block_tables[0, 36 // 16], 36 % 16]]
-                      + [value_cache[block_tables[1, t // 16], t % 16] for t in (17, 18, 19)])
+    own = torch.stack(
+        [value_cache[block_tables[0, 36 // 16], 36 % 16]]
+        + [value_cache[block_tables[1, t // 16], t % 16] for t in (17, 18, 19)]
+    )
     torch.testing.assert_close(paged_attention_host(*args, sliding_window=1), own, atol=0, rtol=0)
     windowed, full = paged_attention_host(*args, sliding_window=16), paged_attention_host(*args)
     assert (windowed - full).abs().amax() > 0.05
@@ -160,8 +174,9 @@ def test_a_plan_serves_only_its_own_window():
     args = _batch(CASES["decode"], "auto", 1, seed=14)
     query, _, _, block_tables, seq_lens, qsl = args[:6]
     plan = plan_paged_attention(block_tables, seq_lens, qsl, query.shape[0], query.shape[1], 16, sliding_window=8)
-    assert_within_one_bf16_step(paged_attention_host(*args, plan=plan, sliding_window=8),
-                                *paged_attention_float64(*args, sliding_window=8))
+    assert_within_one_bf16_step(
+        paged_attention_host(*args, plan=plan, sliding_window=8), *paged_attention_float64(*args, sliding_window=8)
+    )
     with pytest.raises(ValueError, match="plan each window apart"):
         paged_attention_host(*args, plan=plan)
 
@@ -169,5 +184,6 @@ def test_a_plan_serves_only_its_own_window():
 def test_the_fallback_keeps_the_window(monkeypatch, torch_host_path):
     monkeypatch.setattr(host, "MAX_BATCHED_SCORES", 0)
     args = _batch(CASES["chunked_and_prefix_hit"], "auto", 2, seed=15)
-    torch.testing.assert_close(paged_attention_host(*args, sliding_window=6),
-                               paged_attention_ref(*args, sliding_window=6), atol=0, rtol=0)
+    torch.testing.assert_close(
+        paged_attention_host(*args, sliding_window=6), paged_attention_ref(*args, sliding_window=6), atol=0, rtol=0
+    )

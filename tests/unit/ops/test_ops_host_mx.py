@@ -65,8 +65,9 @@ def test_host_is_the_mx_reference_and_float64_attention_rounded_once(case, fmt, 
 @pytest.mark.parametrize("window", [1, 5, 16])
 def test_sliding_window_is_float64_windowed_attention_rounded_once(fmt, window, host_kernel):
     args = _batch(CASES["chunked_and_prefix_hit"], fmt, 2, seed=window)
-    assert_within_one_bf16_step(paged_attention_host(*args, sliding_window=window),
-                                *paged_attention_float64(*args, sliding_window=window))
+    assert_within_one_bf16_step(
+        paged_attention_host(*args, sliding_window=window), *paged_attention_float64(*args, sliding_window=window)
+    )
 
 
 @pytest.mark.parametrize("fmt", ["mxfp6", "nvfp4"])
@@ -75,8 +76,9 @@ def test_the_fallback_decodes_the_pages_too(monkeypatch, fmt, window, torch_host
     """Past the score limit the per-sequence loop runs over the batch's pages, decoded alike."""
     monkeypatch.setattr(host, "MAX_BATCHED_SCORES", 0)
     args = _batch(CASES["chunked_and_prefix_hit"], fmt, 2, seed=16)
-    assert_within_one_bf16_step(paged_attention_host(*args, sliding_window=window),
-                                *paged_attention_float64(*args, sliding_window=window))
+    assert_within_one_bf16_step(
+        paged_attention_host(*args, sliding_window=window), *paged_attention_float64(*args, sliding_window=window)
+    )
 
 
 def _bump_scale_bytes(cache: torch.Tensor, fmt: str, block: int | None = None) -> torch.Tensor:
@@ -103,8 +105,8 @@ def test_a_wrong_block_scale_exceeds_the_tolerance(fmt):
     one = paged_attention_host(*args[:2], _bump_scale_bytes(value_cache, fmt, block=1), *args[3:])
     size = MX_FORMATS[fmt].block_size
     violations = bf16_step_violations(one, ref, err)
-    assert violations[..., size:2 * size].double().mean() > 0.5
-    assert not violations[..., :size].any() and not violations[..., 2 * size:].any()
+    assert violations[..., size : 2 * size].double().mean() > 0.5
+    assert not violations[..., :size].any() and not violations[..., 2 * size :].any()
 
 
 def test_a_one_percent_nvfp4_tensor_scale_error_exceeds_the_tolerance():

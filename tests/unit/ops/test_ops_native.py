@@ -33,8 +33,9 @@ def test_torch_is_the_torch_path(fresh, monkeypatch):
 def test_native_that_cannot_build_is_refused_with_what_to_do(fresh, monkeypatch):
     monkeypatch.setenv("MAIA_SERVING_HOST_KERNEL", "native")
     monkeypatch.setattr(native, "load", _broken_build)
-    with pytest.raises(RuntimeError, match="MAIA_SERVING_HOST_KERNEL=native: building .* g\\+\\+ not found.*"
-                                           "`make setup`"):
+    with pytest.raises(
+        RuntimeError, match="MAIA_SERVING_HOST_KERNEL=native: building .* g\\+\\+ not found.*`make setup`"
+    ):
         native.module()
 
 
@@ -66,8 +67,11 @@ def test_where_built_the_kernel_serves_alone(native_host_path, monkeypatch, fmt)
     write = host.reshape_and_cache_mx_host if fmt in MX_FORMATS else host.reshape_and_cache_host
     write(key, key, cache[:, 0], cache[:, 1], torch.tensor([1, 20, 33]), fmt, scale, scale)
     assert cache.any()
-    scales = (torch.tensor([0.02, 0.05]), torch.tensor(0.03)) if fmt.startswith("fp8") else (
-        (torch.tensor([0.01, 0.02]), torch.tensor([0.03, 0.04])) if fmt == "nvfp4" else (None, None))
+    scales = (
+        (torch.tensor([0.02, 0.05]), torch.tensor(0.03))
+        if fmt.startswith("fp8")
+        else ((torch.tensor([0.01, 0.02]), torch.tensor([0.03, 0.04])) if fmt == "nvfp4" else (None, None))
+    )
     args = paged_batch(CASES["chunked_and_prefix_hit"], fmt, 2, 3, *scales, 16, 2, 64)
     assert_within_one_bf16_step(host.paged_attention_host(*args), *paged_attention_float64(*args))
 
@@ -144,7 +148,7 @@ def test_the_native_fp8_write_is_the_references_bytes(native_host_path, fmt, dty
     from maia_serving.ops.fp8 import reshape_and_cache_ref
 
     key, value = _hostile_rows(64, dtype, seed=1), _hostile_rows(64, dtype, seed=2).flip(0)
-    slots = torch.randperm(4 * 16, generator=torch.Generator().manual_seed(9))[:key.shape[0]]
+    slots = torch.randperm(4 * 16, generator=torch.Generator().manual_seed(9))[: key.shape[0]]
     slots[0] = -1
     k_scale = torch.tensor([0.02, 0.7]) if per_head else torch.tensor(0.05)
     v_scale = torch.tensor([3.0, 1e-3]) if per_head else 0.25
@@ -162,7 +166,7 @@ def test_the_native_unquantized_write_is_the_references(native_host_path, dtype)
     from maia_serving.ops.fp8 import reshape_and_cache_ref
 
     key, value = _hostile_rows(64, dtype, seed=3), _hostile_rows(64, dtype, seed=4).flip(0)
-    slots = torch.randperm(4 * 16, generator=torch.Generator().manual_seed(5))[:key.shape[0]]
+    slots = torch.randperm(4 * 16, generator=torch.Generator().manual_seed(5))[: key.shape[0]]
     slots[1] = -1
     pages = [torch.full((4, 2, 16, 2, 64), 7.0, dtype=dtype) for _ in range(2)]
     host.reshape_and_cache_host(key, value, pages[0][:, 0], pages[0][:, 1], slots, "auto")
@@ -199,8 +203,9 @@ def _attended_value_row(row: torch.Tensor, head_dim: int, fmt: str, scale: float
     value_cache[0, 0, 0] = row
     query = torch.ones(1, 1, head_dim)
     tables, lens, starts = torch.tensor([[0]]), torch.tensor([1]), torch.tensor([0, 1])
-    return host.paged_attention_host(query, key_cache, value_cache, tables, lens, starts, 1.0, fmt, scale,
-                                     scale).view(-1)
+    return host.paged_attention_host(query, key_cache, value_cache, tables, lens, starts, 1.0, fmt, scale, scale).view(
+        -1
+    )
 
 
 def _assert_same_values(got: torch.Tensor, expected: torch.Tensor) -> None:
@@ -221,8 +226,11 @@ def test_the_kernel_decodes_every_block_scaled_code_as_the_reference(native_host
     spec = MX_FORMATS[fmt]
     elements = torch.arange(256, dtype=torch.uint8)
     per_block = spec.block_bytes - 1
-    scale_byte = {"one": 127, "small": 3, "large": 250}[block_scale] if spec.scale == "e8m0" else (
-        {"one": 0x38, "small": 0x01, "large": 0x7E}[block_scale])  # E4M3 1.0, its least subnormal, its 448
+    scale_byte = (
+        {"one": 127, "small": 3, "large": 250}[block_scale]
+        if spec.scale == "e8m0"
+        else ({"one": 0x38, "small": 0x01, "large": 0x7E}[block_scale])
+    )  # E4M3 1.0, its least subnormal, its 448
     scale_bytes = torch.full((256 // per_block, 1), scale_byte, dtype=torch.uint8)
     blocks = torch.cat([elements.view(-1, per_block), scale_bytes], 1)
     head_dim = 256 * 8 // spec.element.bits

@@ -26,8 +26,9 @@ def test_take_empties_and_merge_adds_a_relayed_tally():
     assert last.rows() == []
 
 
-@pytest.mark.parametrize("row", [(9, 2, 100, 1, 0), (0, 0, 100, 1, 0), (0, 2, -1, 1, 0), (0, 2, 100, 0, 0),
-                                 (0, 2, 100, 1, -1), (0, 2, 100)])
+@pytest.mark.parametrize(
+    "row", [(9, 2, 100, 1, 0), (0, 0, 100, 1, 0), (0, 2, -1, 1, 0), (0, 2, 100, 0, 0), (0, 2, 100, 1, -1), (0, 2, 100)]
+)
 def test_a_malformed_relayed_row_is_refused(row):
     with pytest.raises(ValueError):
         CollectiveTally().merge([row])

@@ -12,8 +12,11 @@ GiB = 2**30
 
 
 def _plan(max_len: int, batched: int = 8192):
-    return plan_memory(load_model_shape("llama-3-8b"), load_profile("maia200"),
-                       ServingConfig(max_model_len=max_len, max_num_batched_tokens=batched))
+    return plan_memory(
+        load_model_shape("llama-3-8b"),
+        load_profile("maia200"),
+        ServingConfig(max_model_len=max_len, max_num_batched_tokens=batched),
+    )
 
 
 def test_one_sequence_must_fit_the_host_kv_cache():

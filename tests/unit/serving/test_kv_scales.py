@@ -60,14 +60,17 @@ def test_good_sidecar_is_read(tmp_path, monkeypatch):
     assert scales.load_sidecar(str(tmp_path), 2, 4)[1] == ([0.1, 0.2, 0.3, 0.4], [1.0, 2.0, 3.0, 4.0])
 
 
-@pytest.mark.parametrize("layers,match", [
-    ({"0": GOOD_SIDECAR["0"]}, r"lacks scales for layer\(s\) \[1\]"),
-    ({**GOOD_SIDECAR, "1": {"k": [0.1, 0.2], "v": [1.0, 2.0, 3.0, 4.0]}}, "layer 1 needs 4 K scales"),
-    ({**GOOD_SIDECAR, "1": {"k": [0.1, 0.2, 0.0, 0.4], "v": [1.0, 2.0, 3.0, 4.0]}}, r"layer 1 k\[2\] is 0.0"),
-    ({**GOOD_SIDECAR, "0": {"k": [0.1, 0.2, 0.3, "x"], "v": [1.0, 2.0, 3.0, 4.0]}}, r"layer 0 k\[3\] is 'x'"),
-    ({**GOOD_SIDECAR, "0": {"k": [0.1, 0.2, 0.3, 0.4]}}, "layer 0 needs 4 V scales"),
-    ([1, 2], "must map layer numbers"),
-])
+@pytest.mark.parametrize(
+    "layers,match",
+    [
+        ({"0": GOOD_SIDECAR["0"]}, r"lacks scales for layer\(s\) \[1\]"),
+        ({**GOOD_SIDECAR, "1": {"k": [0.1, 0.2], "v": [1.0, 2.0, 3.0, 4.0]}}, "layer 1 needs 4 K scales"),
+        ({**GOOD_SIDECAR, "1": {"k": [0.1, 0.2, 0.0, 0.4], "v": [1.0, 2.0, 3.0, 4.0]}}, r"layer 1 k\[2\] is 0.0"),
+        ({**GOOD_SIDECAR, "0": {"k": [0.1, 0.2, 0.3, "x"], "v": [1.0, 2.0, 3.0, 4.0]}}, r"layer 0 k\[3\] is 'x'"),
+        ({**GOOD_SIDECAR, "0": {"k": [0.1, 0.2, 0.3, 0.4]}}, "layer 0 needs 4 V scales"),
+        ([1, 2], "must map layer numbers"),
+    ],
+)
 def test_bad_sidecar_is_refused_naming_the_file(tmp_path, monkeypatch, layers, match):
     monkeypatch.setenv(MAIA_SERVING_KV_SCALES, "per_head")
     _sidecar(tmp_path, layers)
@@ -95,15 +98,18 @@ def test_sglang_scales_file_is_read(tmp_path):
     assert scales.load_sglang_scales_file(path, 2) == {0: 0.5, 1: 0.25}
 
 
-@pytest.mark.parametrize("document,match", [
-    ("{not json", "cannot be read as JSON"),
-    ("", "cannot be read as JSON"),
-    ({"kv_cache": {"scaling_factor": {"0": {"0": 0.5}}}}, r"lacks scales for layer\(s\) \[1\]"),
-    ({"kv_cache": {"scaling_factor": {"1": {"0": 0.5, "1": 0.5}}}}, "has no kv_cache.scaling_factor.0"),
-    ({"kv_cache": {}}, "has no kv_cache.scaling_factor"),
-    ({"kv_cache": {"scaling_factor": {"0": {"0": 0.5, "1": -1}}}}, "layer 1 is -1"),
-    ({"kv_cache": {"scaling_factor": {"0": {"0": 0.5, "1": True}}}}, "layer 1 is True"),
-])
+@pytest.mark.parametrize(
+    "document,match",
+    [
+        ("{not json", "cannot be read as JSON"),
+        ("", "cannot be read as JSON"),
+        ({"kv_cache": {"scaling_factor": {"0": {"0": 0.5}}}}, r"lacks scales for layer\(s\) \[1\]"),
+        ({"kv_cache": {"scaling_factor": {"1": {"0": 0.5, "1": 0.5}}}}, "has no kv_cache.scaling_factor.0"),
+        ({"kv_cache": {}}, "has no kv_cache.scaling_factor"),
+        ({"kv_cache": {"scaling_factor": {"0": {"0": 0.5, "1": -1}}}}, "layer 1 is -1"),
+        ({"kv_cache": {"scaling_factor": {"0": {"0": 0.5, "1": True}}}}, "layer 1 is True"),
+    ],
+)
 def test_bad_sglang_scales_file_is_refused_naming_it(tmp_path, document, match):
     path = _sglang_file(tmp_path, document)
     with pytest.raises(scales.ScalesFileError, match=match) as err:
@@ -130,14 +136,17 @@ def test_more_ranks_than_kv_heads_replicate_one_head_each(tmp_path):
     assert got == [[1.0], [1.0], [2.0], [2.0]]
 
 
-@pytest.mark.parametrize("config,declared", [
-    (SimpleNamespace(), False),
-    (SimpleNamespace(quantization_config=None), False),
-    (SimpleNamespace(quantization_config={"kv_cache_scheme": {"num_bits": 8}}), True),
-    (SimpleNamespace(quantization_config=SimpleNamespace(to_dict=lambda: {"kv_cache_quant_algo": "FP8"})), True),
-    (SimpleNamespace(quantization_config="fp8"), False),  # neither a dict nor to_dict(): no scales
-    ({"quantization_config": {"kv_cache_quant_algo": "FP8"}}, True),
-])
+@pytest.mark.parametrize(
+    "config,declared",
+    [
+        (SimpleNamespace(), False),
+        (SimpleNamespace(quantization_config=None), False),
+        (SimpleNamespace(quantization_config={"kv_cache_scheme": {"num_bits": 8}}), True),
+        (SimpleNamespace(quantization_config=SimpleNamespace(to_dict=lambda: {"kv_cache_quant_algo": "FP8"})), True),
+        (SimpleNamespace(quantization_config="fp8"), False),  # neither a dict nor to_dict(): no scales
+        ({"quantization_config": {"kv_cache_quant_algo": "FP8"}}, True),
+    ],
+)
 def test_checkpoint_scales_are_read_from_a_transformers_config_too(config, declared):
     """The engines hand over transformers config objects, whose quantization_config may be an object."""
     assert scales.checkpoint_has_kv_scales(config) is declared
@@ -153,17 +162,21 @@ def test_the_missing_scales_warning_stands_out_and_names_dtype_and_model(tmp_pat
     scales.check_fp8_scales("fp8_e5m2", "models/x", CONFIG)
     lines = caplog.records[0].getMessage().split("\n")
     assert lines[0] == "" and lines[1] == lines[-1] == "!" * 80
-    assert lines[2] == ("KV cache fp8_e5m2 but models/x has no calibrated KV-cache scales: every scale is 1.0, "
-                        "which clips keys and values beyond the format's range and wastes its precision below it.")
+    assert lines[2] == (
+        "KV cache fp8_e5m2 but models/x has no calibrated KV-cache scales: every scale is 1.0, "
+        "which clips keys and values beyond the format's range and wastes its precision below it."
+    )
 
 
 def test_scales_file_errors_say_which_file_and_how_to_write_it(tmp_path):
     missing = tmp_path / "nope.json"
     with pytest.raises(scales.ScalesFileError) as err:
         scales.load_sglang_scales_file(missing, 2)
-    assert str(err.value) == (f"--quantization-param-path {missing} does not exist; write it with "
-                              "`maia-serving calibrate-kv --model MODEL --data FILE.txt --out MODEL-kv-fp8` "
-                              f"(kv_cache_scales.json and {scales.SIDECAR} in the output)")
+    assert str(err.value) == (
+        f"--quantization-param-path {missing} does not exist; write it with "
+        "`maia-serving calibrate-kv --model MODEL --data FILE.txt --out MODEL-kv-fp8` "
+        f"(kv_cache_scales.json and {scales.SIDECAR} in the output)"
+    )
     with pytest.raises(scales.ScalesFileError) as err:
         scales.load_sglang_scales_file(_sglang_file(tmp_path, "{"), 2)
     assert str(err.value).startswith(f"--quantization-param-path {tmp_path / 'kv_cache_scales.json'} cannot be read")
@@ -177,8 +190,9 @@ def test_scales_file_shape_errors_name_the_whole_key_path_and_the_first_eight_mi
     path = _sglang_file(tmp_path, {"kv_cache": {"scaling_factor": {"0": {}}}})
     with pytest.raises(scales.ScalesFileError) as err:
         scales.load_sglang_scales_file(path, 10)
-    assert str(err.value).endswith("lacks scales for layer(s) [0, 1, 2, 3, 4, 5, 6, 7] of the model's 10; "
-                                   "was it calibrated for another model?")
+    assert str(err.value).endswith(
+        "lacks scales for layer(s) [0, 1, 2, 3, 4, 5, 6, 7] of the model's 10; was it calibrated for another model?"
+    )
 
 
 def test_unsharded_kv_heads_take_every_scale_on_every_rank(tmp_path):
@@ -222,6 +236,7 @@ def test_layer_index_is_read_from_the_layer_name():
 
 
 # --- NVFP4's tensor scales: the sidecar's calibrated absmax / (6 x 448) ----------------------------
+
 
 def test_nvfp4_needs_the_sidecar_and_says_how_to_write_it(tmp_path):
     with pytest.raises(scales.ScalesFileError, match="an nvfp4 KV cache needs calibrated tensor scales") as err:

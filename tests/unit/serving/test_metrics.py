@@ -12,9 +12,19 @@ from maia_serving.emulator.device.session import EmulatedDevice, StepRecord
 from maia_serving.formats.units import format_bytes
 from maia_serving.serving.metrics import DeviceInfo, EmulatedMetricSet, PeriodicLog
 
-INFO = DeviceInfo(profile="maia100", model="demo", kv_cache_dtype="fp8", tensor_parallel_size=2,
-                  pipeline_parallel_size=1, hbm_total_bytes=64e9, hbm_static_bytes=2e9, kv_block_bytes=1e6,
-                  emulated_kv_blocks=1000, engine_kv_blocks=100, block_size=16)
+INFO = DeviceInfo(
+    profile="maia100",
+    model="demo",
+    kv_cache_dtype="fp8",
+    tensor_parallel_size=2,
+    pipeline_parallel_size=1,
+    hbm_total_bytes=64e9,
+    hbm_static_bytes=2e9,
+    kv_block_bytes=1e6,
+    emulated_kv_blocks=1000,
+    engine_kv_blocks=100,
+    block_size=16,
+)
 
 # name: (type, help, labels besides "le")
 FAMILIES = {
@@ -23,17 +33,29 @@ FAMILIES = {
     "maia:emulator_overhead_seconds": ("counter", "Host time spent charging steps to the emulator", set()),
     "maia:emulated_busy_seconds": ("counter", "Emulated device time, summed over steps", set()),
     "maia:emulated_clock_seconds": (
-        "gauge", "Emulated time at the end of the last step, idle time included (the clock follows the host while "
-                 "no request is open)", set()),
+        "gauge",
+        "Emulated time at the end of the last step, idle time included (the clock follows the host while "
+        "no request is open)",
+        set(),
+    ),
     "maia:emulated_time_by_part_seconds": (
-        "counter", "Emulated step time by part (compute, memory, communication, launch)", {"part"}),
+        "counter",
+        "Emulated step time by part (compute, memory, communication, launch)",
+        {"part"},
+    ),
     "maia:emulated_tokens": ("counter", "Tokens the emulated device processed", set()),
     "maia:emulated_collectives": (
-        "counter", "Collectives the engine performed and the emulated interconnect was charged for", set()),
+        "counter",
+        "Collectives the engine performed and the emulated interconnect was charged for",
+        set(),
+    ),
     "maia:emulated_collective_bytes": ("counter", "Bytes of the charged collectives", set()),
     "maia:emulation_errors": (
-        "counter", "Steps left uncharged or records dropped because of an error in the emulation (the engine kept "
-                   "serving); see the server log", {"stage"}),
+        "counter",
+        "Steps left uncharged or records dropped because of an error in the emulation (the engine kept "
+        "serving); see the server log",
+        {"stage"},
+    ),
     "maia:emulated_time_to_first_token_seconds": ("histogram", "Emulated TTFT", set()),
     "maia:emulated_time_per_output_token_seconds": ("histogram", "Emulated TPOT", set()),
     "maia:emulated_e2e_request_latency_seconds": ("histogram", "Emulated end-to-end request latency", set()),
@@ -41,11 +63,17 @@ FAMILIES = {
     "maia:hbm_total_bytes": ("gauge", "Emulated HBM capacity of one chip", set()),
     "maia:kv_cache_blocks_used": ("gauge", "KV cache blocks held by running requests", set()),
     "maia:kv_cache_blocks_cached": (
-        "gauge", "KV cache blocks held only by the prefix cache (reusable, evictable)", set()),
+        "gauge",
+        "KV cache blocks held only by the prefix cache (reusable, evictable)",
+        set(),
+    ),
     "maia:kv_cache_blocks": ("gauge", "KV cache blocks", {"holder"}),
     "maia:kv_cache_tokens": ("gauge", "KV cache capacity in tokens (blocks x block size)", {"holder"}),
     "maia:device_info": (
-        "gauge", "The emulated device", {"profile", "model", "kv_cache_dtype", "tensor_parallel_size"}),
+        "gauge",
+        "The emulated device",
+        {"profile", "model", "kv_cache_dtype", "tensor_parallel_size"},
+    ),
 }
 STEP_BUCKETS = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0]
 LATENCY_BUCKETS = [1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0]
@@ -56,9 +84,23 @@ def _timing(first_s, last_s, tokens):
 
 
 def _record(**changes) -> StepRecord:
-    fields = dict(step_s=0.25, compute_s=0.125, memory_s=0.0625, comm_s=0.03125, launch_s=0.03125, bound="compute",
-                  num_tokens=7, num_seqs=2, now_s=1.5, wall_s=0.5, kv_blocks_used=3, kv_blocks_cached=1,
-                  overhead_s=0.0078125, num_collectives=5, comm_bytes=4096)
+    fields = dict(
+        step_s=0.25,
+        compute_s=0.125,
+        memory_s=0.0625,
+        comm_s=0.03125,
+        launch_s=0.03125,
+        bound="compute",
+        num_tokens=7,
+        num_seqs=2,
+        now_s=1.5,
+        wall_s=0.5,
+        kv_blocks_used=3,
+        kv_blocks_cached=1,
+        overhead_s=0.0078125,
+        num_collectives=5,
+        comm_bytes=4096,
+    )
     return StepRecord(**{**fields, **changes})
 
 
@@ -79,8 +121,16 @@ def test_every_family_has_its_documented_name_type_help_and_labels(metrics):
         labels = {k for sample in family.samples for k in sample.labels} - {"le"}
         got[family.name] = (family.type, family.documentation, labels)
     assert got == FAMILIES
-    gauges = [metrics.clock, metrics.hbm_used, metrics.hbm_total, metrics.kv_used, metrics.kv_cached, metrics.kv_total,
-              metrics.kv_tokens, metrics.device]
+    gauges = [
+        metrics.clock,
+        metrics.hbm_used,
+        metrics.hbm_total,
+        metrics.kv_used,
+        metrics.kv_cached,
+        metrics.kv_total,
+        metrics.kv_tokens,
+        metrics.device,
+    ]
     # SGLang's /metrics merges the files of several processes: a gauge is the latest value set.
     assert {g._multiprocess_mode for g in gauges} == {"mostrecent"}
 
@@ -93,8 +143,13 @@ def test_the_default_registry_is_the_one_the_engines_serve(monkeypatch):
 
 
 def _buckets(metrics, name):
-    return [float(s.labels["le"]) for f in metrics.registry.collect() if f.name == name
-            for s in f.samples if s.name.endswith("_bucket")][:-1]  # without +Inf
+    return [
+        float(s.labels["le"])
+        for f in metrics.registry.collect()
+        if f.name == name
+        for s in f.samples
+        if s.name.endswith("_bucket")
+    ][:-1]  # without +Inf
 
 
 def test_histograms_have_step_and_latency_buckets(metrics):
@@ -115,8 +170,12 @@ def test_device_facts_set_capacity_and_zero_use(metrics):
     assert _value(metrics, "maia:kv_cache_blocks", holder="engine") == 100
     assert _value(metrics, "maia:kv_cache_tokens", holder="emulated") == 16000
     assert _value(metrics, "maia:kv_cache_tokens", holder="engine") == 1600
-    assert _value(metrics, "maia:device_info", profile="maia100", model="demo", kv_cache_dtype="fp8",
-                  tensor_parallel_size="2") == 1
+    assert (
+        _value(
+            metrics, "maia:device_info", profile="maia100", model="demo", kv_cache_dtype="fp8", tensor_parallel_size="2"
+        )
+        == 1
+    )
 
 
 def test_a_step_moves_every_figure(metrics):
@@ -129,18 +188,26 @@ def test_a_step_moves_every_figure(metrics):
     assert _value(metrics, "maia:emulator_overhead_seconds_total") == 0.0078125
     assert _value(metrics, "maia:emulated_busy_seconds_total") == 0.25
     assert _value(metrics, "maia:emulated_clock_seconds") == 1.5
-    parts = {p: _value(metrics, "maia:emulated_time_by_part_seconds_total", part=p)
-             for p in ("compute", "memory", "communication", "launch")}
+    parts = {
+        p: _value(metrics, "maia:emulated_time_by_part_seconds_total", part=p)
+        for p in ("compute", "memory", "communication", "launch")
+    }
     assert parts == {"compute": 0.125, "memory": 0.0625, "communication": 0.03125, "launch": 0.03125}
     assert _value(metrics, "maia:emulated_tokens_total") == 7
-    assert (_value(metrics, "maia:emulated_collectives_total"),
-            _value(metrics, "maia:emulated_collective_bytes_total")) == (5, 4096)
+    assert (
+        _value(metrics, "maia:emulated_collectives_total"),
+        _value(metrics, "maia:emulated_collective_bytes_total"),
+    ) == (5, 4096)
     assert _value(metrics, "maia:emulated_time_to_first_token_seconds_sum") == 0.75
     # Only a request with two tokens or more has a TPOT; one that never got a token has no latency.
-    assert (_value(metrics, "maia:emulated_time_per_output_token_seconds_count"),
-            _value(metrics, "maia:emulated_time_per_output_token_seconds_sum")) == (1, 0.5)
-    assert (_value(metrics, "maia:emulated_e2e_request_latency_seconds_count"),
-            _value(metrics, "maia:emulated_e2e_request_latency_seconds_sum")) == (2, 2.0)
+    assert (
+        _value(metrics, "maia:emulated_time_per_output_token_seconds_count"),
+        _value(metrics, "maia:emulated_time_per_output_token_seconds_sum"),
+    ) == (1, 0.5)
+    assert (
+        _value(metrics, "maia:emulated_e2e_request_latency_seconds_count"),
+        _value(metrics, "maia:emulated_e2e_request_latency_seconds_sum"),
+    ) == (2, 2.0)
     assert (_value(metrics, "maia:kv_cache_blocks_used"), _value(metrics, "maia:kv_cache_blocks_cached")) == (3, 1)
     assert _value(metrics, "maia:hbm_used_bytes") == 2e9 + 3 * 1e6
 
@@ -157,10 +224,12 @@ def test_errors_are_counted_by_stage_and_both_stages_start_at_zero(metrics):
 def test_device_facts_survive_the_round_trip_and_wrong_types_are_named():
     assert DeviceInfo.from_dict(INFO.to_dict()) == INFO
     assert DeviceInfo.from_dict({**INFO.to_dict(), "hbm_total_bytes": 64}).hbm_total_bytes == 64  # an int is a float
-    for name, value, message in [("profile", 3, "profile must be str, got int"),
-                                 ("tensor_parallel_size", True, "tensor_parallel_size must be int, got bool"),
-                                 ("block_size", 16.0, "block_size must be int, got float"),
-                                 ("kv_block_bytes", "1e6", "kv_block_bytes must be float, got str")]:
+    for name, value, message in [
+        ("profile", 3, "profile must be str, got int"),
+        ("tensor_parallel_size", True, "tensor_parallel_size must be int, got bool"),
+        ("block_size", 16.0, "block_size must be int, got float"),
+        ("kv_block_bytes", "1e6", "kv_block_bytes must be float, got str"),
+    ]:
         with pytest.raises(TypeError) as err:
             DeviceInfo.from_dict({**INFO.to_dict(), name: value})
         assert str(err.value) == message
@@ -168,17 +237,20 @@ def test_device_facts_survive_the_round_trip_and_wrong_types_are_named():
 
 @pytest.fixture(scope="module")
 def device():
-    return EmulatedDevice.fit(load_profile("maia100"), load_model_shape("llama-3-8b"),
-                              ServingConfig(max_model_len=4096))
+    return EmulatedDevice.fit(
+        load_profile("maia100"), load_model_shape("llama-3-8b"), ServingConfig(max_model_len=4096)
+    )
 
 
 def _line(device, steps, emulated, host, record, ttft, tpot):
-    return (f"Maia emulation [maia100]: llama-3-8b, {steps} steps, emulated {emulated} vs host {host} "
-            "(last step 250 ms: compute 125 ms, memory 62.5 ms, communication 31.2 ms (5 collectives), launch 31.2 ms; "
-            "compute-bound), "
-            f"emulated TTFT mean {ttft}, TPOT mean {tpot}, "
-            f"HBM {format_bytes(device.hbm_used_bytes(record.kv_blocks_used))}/64.00 GiB, "
-            f"KV blocks {record.kv_blocks_used}/{device.plan.num_blocks} used, {record.kv_blocks_cached} cached")
+    return (
+        f"Maia emulation [maia100]: llama-3-8b, {steps} steps, emulated {emulated} vs host {host} "
+        "(last step 250 ms: compute 125 ms, memory 62.5 ms, communication 31.2 ms (5 collectives), launch 31.2 ms; "
+        "compute-bound), "
+        f"emulated TTFT mean {ttft}, TPOT mean {tpot}, "
+        f"HBM {format_bytes(device.hbm_used_bytes(record.kv_blocks_used))}/64.00 GiB, "
+        f"KV blocks {record.kv_blocks_used}/{device.plan.num_blocks} used, {record.kv_blocks_cached} cached"
+    )
 
 
 def test_the_log_line_sums_each_interval_and_means_the_latencies(device):
@@ -210,13 +282,23 @@ def test_the_log_line_comes_every_ten_seconds_by_default(device):
 def test_an_mxfp4_device_shows_its_capacity_and_block_bytes(metrics):
     """Llama-3-8B on a Maia 100 with an MXFP4 KV cache: 34,816 bytes a token (68-byte head rows), 78,645 blocks
     of 16 (memory tests by hand), and each used block adds its 557,056 bytes to the HBM in use."""
-    device = EmulatedDevice.fit(load_profile("maia100"), load_model_shape("llama-3-8b"),
-                                ServingConfig(kv_cache_dtype="mxfp4"))
+    device = EmulatedDevice.fit(
+        load_profile("maia100"), load_model_shape("llama-3-8b"), ServingConfig(kv_cache_dtype="mxfp4")
+    )
     metrics.apply(DeviceInfo.of(device, engine_kv_blocks=100))
     assert _value(metrics, "maia:kv_cache_blocks", holder="emulated") == 78_645
     assert _value(metrics, "maia:kv_cache_tokens", holder="emulated") == 78_645 * 16 == 1_258_320
-    assert _value(metrics, "maia:device_info", profile="maia100", model="llama-3-8b", kv_cache_dtype="mxfp4",
-                  tensor_parallel_size="1") == 1
+    assert (
+        _value(
+            metrics,
+            "maia:device_info",
+            profile="maia100",
+            model="llama-3-8b",
+            kv_cache_dtype="mxfp4",
+            tensor_parallel_size="1",
+        )
+        == 1
+    )
     static = _value(metrics, "maia:hbm_used_bytes")
     metrics.set_kv(10, 0)
     assert _value(metrics, "maia:hbm_used_bytes") - static == 10 * 16 * 34_816

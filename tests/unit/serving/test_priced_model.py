@@ -11,9 +11,19 @@ from maia_serving.emulator.memory import ServingConfig, plan_memory
 from maia_serving.emulator.model_shape import builtin_model_names, load_model_shape, shape_from_config
 from maia_serving.serving.priced_model import engine_kv_tokens, priced_shape
 
-DEMO = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128, "intermediate_size": 384,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
-        "vocab_size": 2048, "max_position_embeddings": 2048, "torch_dtype": "bfloat16"}
+DEMO = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 128,
+    "intermediate_size": 384,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "vocab_size": 2048,
+    "max_position_embeddings": 2048,
+    "torch_dtype": "bfloat16",
+}
 SETTING = "--additional-config maia_model"
 
 
@@ -56,8 +66,9 @@ def test_a_missing_file_is_named(demo, tmp_path):
         priced_shape(demo, str(missing), envs.MAIA_SERVING_MODEL)
 
 
-@pytest.mark.parametrize("text, why", [("{not json", "is not a valid config.json"),
-                                       ('{"model_type": "llama"}', "hidden_size")])
+@pytest.mark.parametrize(
+    "text, why", [("{not json", "is not a valid config.json"), ('{"model_type": "llama"}', "hidden_size")]
+)
 def test_a_bad_file_is_named_with_what_is_wrong(demo, tmp_path, text, why):
     path = tmp_path / "config.json"
     path.write_text(text)
@@ -77,8 +88,10 @@ def test_the_setting_reads_the_engine_config_first_then_the_environment(monkeypa
 def _plans(profile: str, max_len: int = 512):
     config = ServingConfig(max_model_len=max_len, block_size=16)
     device = load_profile(profile)
-    return (plan_memory(load_model_shape("llama-3-70b"), device, config),
-            plan_memory(shape_from_config(DEMO, name="demo"), device, config))
+    return (
+        plan_memory(load_model_shape("llama-3-70b"), device, config),
+        plan_memory(shape_from_config(DEMO, name="demo"), device, config),
+    )
 
 
 def test_the_engine_holds_the_emulated_tokens_when_the_host_has_room():

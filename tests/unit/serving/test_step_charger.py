@@ -16,8 +16,9 @@ LOGGER = "test.serving.stepping"
 
 @pytest.fixture
 def device():
-    return EmulatedDevice.fit(load_profile("maia100"), load_model_shape("llama-3-8b"),
-                              ServingConfig(max_model_len=4096))
+    return EmulatedDevice.fit(
+        load_profile("maia100"), load_model_shape("llama-3-8b"), ServingConfig(max_model_len=4096)
+    )
 
 
 def charger_of(device, log_interval_s=1e9, on_error=lambda: None, sink=lambda record: None):
@@ -27,6 +28,7 @@ def charger_of(device, log_interval_s=1e9, on_error=lambda: None, sink=lambda re
 def _fail(exc):
     def fail(*args):
         raise exc
+
     return fail
 
 
@@ -39,10 +41,14 @@ def test_an_error_is_logged_in_full_once_then_at_debug_and_every_one_is_counted(
     assert charger.guard("reading a step", _fail(boom), 2) is None
     first, second = caplog.records
     assert (first.levelno, first.getMessage()) == (
-        logging.ERROR, "maia-serving: reading a step failed; the step is not charged to the emulated device "
-                       "(counted in maia:emulation_errors_total) and the engine serves on. Please report this.")
-    assert (second.levelno, second.getMessage()) == (logging.DEBUG, "maia-serving: reading a step failed again "
-                                                                    "(2 errors)")
+        logging.ERROR,
+        "maia-serving: reading a step failed; the step is not charged to the emulated device "
+        "(counted in maia:emulation_errors_total) and the engine serves on. Please report this.",
+    )
+    assert (second.levelno, second.getMessage()) == (
+        logging.DEBUG,
+        "maia-serving: reading a step failed again (2 errors)",
+    )
     assert first.exc_info[1] is boom and second.exc_info[1] is boom
     assert charger.errors == 2 and counted == [1, 1]
 
@@ -57,11 +63,14 @@ def test_an_error_counter_that_fails_is_logged_at_debug_and_swallowed(device, ca
     assert last.exc_info[1] is gone
 
 
-@pytest.mark.parametrize("call,what", [
-    (lambda charger: charger.arrive("r"), "a request's arrival"),
-    (lambda charger: charger.abort("r"), "a request's abort"),
-    (lambda charger: charger.charge(EngineStep((1,), (8,), {}, [], 0, 0), 0.0, 0.0), "charging a step"),
-])
+@pytest.mark.parametrize(
+    "call,what",
+    [
+        (lambda charger: charger.arrive("r"), "a request's arrival"),
+        (lambda charger: charger.abort("r"), "a request's abort"),
+        (lambda charger: charger.charge(EngineStep((1,), (8,), {}, [], 0, 0), 0.0, 0.0), "charging a step"),
+    ],
+)
 def test_each_entry_point_names_itself_when_the_device_fails(device, monkeypatch, caplog, call, what):
     for name in ("arrive", "abort", "charge"):
         monkeypatch.setattr(device, name, _fail(RuntimeError("boom")))
@@ -112,15 +121,24 @@ def test_with_pacing_the_charger_waits_what_the_clock_says_and_without_never(dev
     emulated one; the record is the same either way."""
     step = EngineStep((1,), (100,), {"r": 1}, [], 1, 0)
     waits = []
-    paced = StepCharger(device, logging.getLogger(LOGGER), 1e9, sink=lambda r: None, on_error=lambda: None,
-                        pace=True, sleep=waits.append)
+    paced = StepCharger(
+        device,
+        logging.getLogger(LOGGER),
+        1e9,
+        sink=lambda r: None,
+        on_error=lambda: None,
+        pace=True,
+        sleep=waits.append,
+    )
     device.arrive("r")
     record = paced.charge(step, wall_s=0.0, read_s=0.0)
     assert len(waits) == 1 and 0 < waits[0] <= record.step_s
-    unpaced_device = EmulatedDevice.fit(load_profile("maia100"), load_model_shape("llama-3-8b"),
-                                        ServingConfig(max_model_len=4096))
-    unpaced = StepCharger(unpaced_device, logging.getLogger(LOGGER), 1e9, sink=lambda r: None,
-                          on_error=lambda: None, sleep=waits.append)
+    unpaced_device = EmulatedDevice.fit(
+        load_profile("maia100"), load_model_shape("llama-3-8b"), ServingConfig(max_model_len=4096)
+    )
+    unpaced = StepCharger(
+        unpaced_device, logging.getLogger(LOGGER), 1e9, sink=lambda r: None, on_error=lambda: None, sleep=waits.append
+    )
     unpaced_device.arrive("r")
     assert unpaced.charge(step, wall_s=0.0, read_s=0.0).step_s == record.step_s
     assert len(waits) == 1

@@ -24,6 +24,7 @@ def test_sglangs_other_kv_formats_are_refused_by_name(value):
 
 # --- block-scaled formats: SGLang's --kv-cache-dtype mxfp8/nvfp4, or MAIA_SERVING_KV_CACHE_DTYPE ------------
 
+
 @pytest.fixture(autouse=True)
 def _no_block_scaled_format(monkeypatch):
     """Unset, and removed again after the test: the platform writes os.environ itself."""
@@ -82,8 +83,18 @@ def test_the_pool_stores_packed_rows(monkeypatch):
     from maia_serving.sglang.kv_pool import BlockScaledKVPool
 
     monkeypatch.setenv("MAIA_SERVING_KV_CACHE_DTYPE", "mxfp4")
-    pool = BlockScaledKVPool(32, page_size=16, dtype=torch.bfloat16, head_num=2, head_dim=64, v_head_dim=64,
-                             layer_num=2, device="cpu", enable_memory_saver=False, enable_alt_stream=False)
+    pool = BlockScaledKVPool(
+        32,
+        page_size=16,
+        dtype=torch.bfloat16,
+        head_num=2,
+        head_dim=64,
+        v_head_dim=64,
+        layer_num=2,
+        device="cpu",
+        enable_memory_saver=False,
+        enable_alt_stream=False,
+    )
     key = pool.get_key_buffer(0)
     assert key.dtype == torch.uint8 and key.shape[1:] == (2, 34)
     assert pool.get_value_buffer(1).shape[1:] == (2, 34)

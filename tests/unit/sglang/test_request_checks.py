@@ -11,9 +11,14 @@ from maia_serving.sglang.patch import request_checks as rc
 
 
 def _manager(vocab=1000, context=512, tokenizer=None, truncate=False):
-    return SimpleNamespace(model_config=SimpleNamespace(vocab_size=vocab), context_len=context, tokenizer=tokenizer,
-                           allow_auto_truncate=truncate, served_model_name="demo",
-                           server_args=SimpleNamespace(model_path="/models/demo"))
+    return SimpleNamespace(
+        model_config=SimpleNamespace(vocab_size=vocab),
+        context_len=context,
+        tokenizer=tokenizer,
+        allow_auto_truncate=truncate,
+        served_model_name="demo",
+        server_args=SimpleNamespace(model_path="/models/demo"),
+    )
 
 
 @pytest.mark.parametrize("ids,bad", [([1, 2, 1000], 1000), ([1, -1, 2], -1), ([10**9], 10**9)])
@@ -65,8 +70,18 @@ def test_no_token_of_a_real_tokenizer_is_longer_than_its_vocabulary_entry(demo_m
     assert len(text) <= len(tok(text, add_special_tokens=False)["input_ids"]) * longest
 
 
-@pytest.mark.parametrize("name,known", [("demo", True), ("/models/demo", True), ("default", True),
-                                        ("demo:my-lora", True), ("gpt-4", False), ("demox", False), ("", True)])
+@pytest.mark.parametrize(
+    "name,known",
+    [
+        ("demo", True),
+        ("/models/demo", True),
+        ("default", True),
+        ("demo:my-lora", True),
+        ("gpt-4", False),
+        ("demox", False),
+        ("", True),
+    ],
+)
 def test_model_names(name, known):
     assert rc.known_model("demo", "/models/demo", name) is known
 
@@ -78,8 +93,7 @@ def test_an_unknown_model_gets_a_404_and_a_known_one_goes_through():
         calls.append(request.model)
         return "served"
 
-    handler = SimpleNamespace(tokenizer_manager=_manager(),
-                              create_error_response=lambda **kw: kw)
+    handler = SimpleNamespace(tokenizer_manager=_manager(), create_error_response=lambda **kw: kw)
     out = asyncio.run(rc.check_model(original, handler, SimpleNamespace(model="gpt-4"), None))
     assert out["status_code"] == 404 and "`gpt-4` does not exist" in out["message"] and "`demo`" in out["message"]
     assert asyncio.run(rc.check_model(original, handler, SimpleNamespace(model="demo"), None)) == "served"

@@ -15,8 +15,9 @@ def _clean_env(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-@pytest.mark.parametrize("argv", [["launch_server", "--model-path", "m", "--device", "maia"],
-                                  ["sglang", "serve", "--device=maia"]])
+@pytest.mark.parametrize(
+    "argv", [["launch_server", "--model-path", "m", "--device", "maia"], ["sglang", "serve", "--device=maia"]]
+)
 def test_device_flag_selects_maia_and_tells_children(monkeypatch, argv):
     monkeypatch.setattr(sys, "argv", argv)
     assert activate() == PLATFORM_CLS

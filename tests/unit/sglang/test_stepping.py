@@ -68,8 +68,9 @@ def registry():
 def stepper(monkeypatch, registry, tmp_path):
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     monkeypatch.setattr(stepping, "EmulatedMetricSet", lambda: EmulatedMetricSet(registry))
-    device = EmulatedDevice.fit(load_profile("maia100"), load_model_shape("llama-3-8b"),
-                                ServingConfig(max_model_len=4096))
+    device = EmulatedDevice.fit(
+        load_profile("maia100"), load_model_shape("llama-3-8b"), ServingConfig(max_model_len=4096)
+    )
     return MaiaStepper(device, engine_kv_tokens=POOL_TOKENS)
 
 
@@ -198,8 +199,9 @@ def test_a_result_without_a_read_step_charges_nothing(stepper):
 def test_without_a_multiprocess_folder_there_are_no_metrics_and_charging_still_works(monkeypatch, registry):
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     monkeypatch.setattr(stepping, "EmulatedMetricSet", lambda: EmulatedMetricSet(registry))
-    device = EmulatedDevice.fit(load_profile("maia100"), load_model_shape("llama-3-8b"),
-                                ServingConfig(max_model_len=4096))
+    device = EmulatedDevice.fit(
+        load_profile("maia100"), load_model_shape("llama-3-8b"), ServingConfig(max_model_len=4096)
+    )
     quiet = MaiaStepper(device, engine_kv_tokens=POOL_TOKENS)
     assert quiet.metrics is None
     quiet.arrive("a")
@@ -210,8 +212,9 @@ def test_without_a_multiprocess_folder_there_are_no_metrics_and_charging_still_w
 def test_the_engine_pool_counts_whole_blocks(monkeypatch, registry, tmp_path):
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     monkeypatch.setattr(stepping, "EmulatedMetricSet", lambda: EmulatedMetricSet(registry))
-    device = EmulatedDevice.fit(load_profile("maia100"), load_model_shape("llama-3-8b"),
-                                ServingConfig(max_model_len=4096))
+    device = EmulatedDevice.fit(
+        load_profile("maia100"), load_model_shape("llama-3-8b"), ServingConfig(max_model_len=4096)
+    )
     MaiaStepper(device, engine_kv_tokens=POOL_TOKENS + 10)
     assert _value(registry, "maia:kv_cache_blocks", holder="engine") == POOL_TOKENS // 16
 
@@ -236,10 +239,14 @@ def test_a_request_in_a_chunked_prefill_runs_on_through_an_abort(stepper):
     assert set(stepper.device.clock.requests) == {"a-1"}
 
 
-@pytest.mark.parametrize("hook,what", [
-    (lambda stepper, sched: stepper.abort(SimpleNamespace(rid="a", abort_all=False), sched), "a request's abort"),
-    (lambda stepper, sched: _run(stepper, sched, extend_batch([req("b")], [0], [4])), "charging a step"),
-], ids=["abort", "result"])
+@pytest.mark.parametrize(
+    "hook,what",
+    [
+        (lambda stepper, sched: stepper.abort(SimpleNamespace(rid="a", abort_all=False), sched), "a request's abort"),
+        (lambda stepper, sched: _run(stepper, sched, extend_batch([req("b")], [0], [4])), "charging a step"),
+    ],
+    ids=["abort", "result"],
+)
 def test_each_hook_names_itself_when_it_fails(stepper, caplog, hook, what):
     caplog.set_level(logging.ERROR)
     broken = FakeScheduler()
@@ -257,8 +264,11 @@ def test_the_collectives_a_step_made_are_what_it_is_charged(monkeypatch, registr
 
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     monkeypatch.setattr(stepping, "EmulatedMetricSet", lambda: EmulatedMetricSet(registry))
-    device = EmulatedDevice.fit(load_profile("maia100"), load_model_shape("llama-3-8b"),
-                                ServingConfig(max_model_len=4096, tensor_parallel_size=2))
+    device = EmulatedDevice.fit(
+        load_profile("maia100"),
+        load_model_shape("llama-3-8b"),
+        ServingConfig(max_model_len=4096, tensor_parallel_size=2),
+    )
     stepper = MaiaStepper(device, engine_kv_tokens=POOL_TOKENS, engine_collectives=engine_collectives)
     group = SimpleNamespace(world_size=2)
     hidden = torch.zeros(8, 4096, dtype=torch.bfloat16)
@@ -289,9 +299,14 @@ def _stage_run(collectives, sched, batch, calls, proxy=None):
     collectives.before_run_batch(sched, batch, proxy)
     for _ in range(calls):
         collectives.after_all_reduce(None, SimpleNamespace(world_size=2), torch.zeros(32, dtype=torch.bfloat16))
-    result = SimpleNamespace(pp_hidden_states_proxy_tensors=SimpleNamespace(tensors={
-        "hidden_states": torch.zeros(8, 16, dtype=torch.bfloat16),
-        "residual": torch.zeros(8, 16, dtype=torch.bfloat16)}))
+    result = SimpleNamespace(
+        pp_hidden_states_proxy_tensors=SimpleNamespace(
+            tensors={
+                "hidden_states": torch.zeros(8, 16, dtype=torch.bfloat16),
+                "residual": torch.zeros(8, 16, dtype=torch.bfloat16),
+            }
+        )
+    )
     collectives.after_run_batch(result, sched, batch)
     return result
 
@@ -304,8 +319,11 @@ def test_pipeline_stages_relay_the_steps_tally_to_the_first(monkeypatch, registr
 
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     monkeypatch.setattr(stepping, "EmulatedMetricSet", lambda: EmulatedMetricSet(registry))
-    device = EmulatedDevice.fit(load_profile("maia100"), load_model_shape("llama-3-8b"),
-                                ServingConfig(max_model_len=4096, tensor_parallel_size=2, pipeline_parallel_size=2))
+    device = EmulatedDevice.fit(
+        load_profile("maia100"),
+        load_model_shape("llama-3-8b"),
+        ServingConfig(max_model_len=4096, tensor_parallel_size=2, pipeline_parallel_size=2),
+    )
     stepper = MaiaStepper(device, engine_kv_tokens=POOL_TOKENS, engine_collectives=True)
     stages = [FakeScheduler() for _ in range(3)]
     for rank, sched in enumerate(stages):
@@ -353,7 +371,8 @@ def test_micro_batches_in_flight_are_each_charged_with_their_own_shape(stepper, 
     first, second = cost.cost_of((7,), (7,)).total_s, cost.cost_of((3,), (3,)).total_s
     assert _value(registry, "maia:emulated_time_to_first_token_seconds_count") == 2
     assert _value(registry, "maia:emulated_time_to_first_token_seconds_sum") == pytest.approx(
-        first + (first + second), rel=1e-9)
+        first + (first + second), rel=1e-9
+    )
 
 
 def test_a_one_rank_group_counts_nothing_and_a_reduce_scatter_counts_its_inputs():

@@ -25,9 +25,17 @@ NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM = 2, 2, 16
 def tiny_llama(vocab_size: int, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=NUM_LAYERS, num_attention_heads=4, num_key_value_heads=NUM_KV_HEADS,
-                         head_dim=HEAD_DIM, max_position_embeddings=64, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=NUM_KV_HEADS,
+        head_dim=HEAD_DIM,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
 
@@ -73,7 +81,7 @@ def test_recorded_absmax_is_post_rope_keys_and_values():
     ids = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(1)).tolist()
     result = collect_absmax(model, ids, seq_len=16, progress=False)  # chunks of 16, 16, 8 tokens
 
-    chunks = [post_rope_kv_absmax(model, torch.tensor([ids[i:i + 16]])) for i in (0, 16, 32)]
+    chunks = [post_rope_kv_absmax(model, torch.tensor([ids[i : i + 16]])) for i in (0, 16, 32)]
     assert result.num_tokens == 40 and len(result.k_absmax) == NUM_LAYERS
     for layer in range(NUM_LAYERS):
         k_rope = torch.stack([c[0][layer] for c in chunks]).amax(0)
@@ -111,10 +119,13 @@ def test_calibrate_kv_writes_scales_config_and_sidecar(tiny_model_dir, data_file
     sidecar = json.loads((out / SIDECAR).read_text())
     assert sidecar["format"] == "e4m3" and sidecar["strategy"] == "per_head"
     assert sorted(sidecar["layers"]) == ["0", "1"]
-    with safe_open(out / "model.safetensors", framework="pt") as f, \
-            safe_open(tiny_model_dir / "model.safetensors", framework="pt") as src:
+    with (
+        safe_open(out / "model.safetensors", framework="pt") as f,
+        safe_open(tiny_model_dir / "model.safetensors", framework="pt") as src,
+    ):
         assert set(f.keys()) - set(src.keys()) == {
-            f"model.layers.{i}.self_attn.{kv}_scale" for i in range(NUM_LAYERS) for kv in "kv"}
+            f"model.layers.{i}.self_attn.{kv}_scale" for i in range(NUM_LAYERS) for kv in "kv"
+        }
         for name in src.keys():
             assert torch.equal(f.get_tensor(name), src.get_tensor(name))
         for i in range(NUM_LAYERS):
@@ -129,7 +140,12 @@ def test_calibrate_kv_writes_scales_config_and_sidecar(tiny_model_dir, data_file
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"] == kv_cache_quantization_config()
     assert config["quantization_config"]["kv_cache_scheme"] == {
-        "num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
+        "num_bits": 8,
+        "type": "float",
+        "strategy": "tensor",
+        "dynamic": False,
+        "symmetric": True,
+    }
     assert config["vocab_size"] == json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
     assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {p.name for p in out.iterdir()}
 
@@ -138,7 +154,8 @@ def test_calibrate_kv_writes_scales_config_and_sidecar(tiny_model_dir, data_file
     assert sglang["model_type"] == config["model_type"]
     assert sglang["kv_cache"]["dtype"] == "float8_e4m3fn"
     assert sglang["kv_cache"]["scaling_factor"]["0"] == {
-        str(i): max(sidecar["per_tensor"][str(i)].values()) for i in range(NUM_LAYERS)}
+        str(i): max(sidecar["per_tensor"][str(i)].values()) for i in range(NUM_LAYERS)
+    }
 
 
 def test_e5m2_calibration_declares_no_kv_cache_scheme(tiny_model_dir, data_file, tmp_path):
@@ -150,7 +167,8 @@ def test_e5m2_calibration_declares_no_kv_cache_scheme(tiny_model_dir, data_file,
     assert not (out / SGLANG_SCALES).exists()  # SGLang reads that file for E4M3 only
     with safe_open(out / "model.safetensors", framework="pt") as f:
         assert f.get_tensor("model.layers.0.self_attn.k_scale").item() == pytest.approx(
-            result.k_absmax[0].max().item() / 57344.0)
+            result.k_absmax[0].max().item() / 57344.0
+        )
 
 
 def test_sharded_checkpoint_gets_a_scales_shard(tiny_model_dir, data_file, tmp_path):
@@ -178,10 +196,25 @@ def test_model_dir_without_config_is_a_clear_error(data_file, tmp_path):
 
 
 def test_cli_reports_errors_and_runs(tiny_model_dir, data_file, tmp_path, capsys):
-    assert main(["calibrate-kv", "--model", str(tmp_path), "--data", str(data_file), "--out",
-                 str(tmp_path / "x")]) == 2
+    assert main(["calibrate-kv", "--model", str(tmp_path), "--data", str(data_file), "--out", str(tmp_path / "x")]) == 2
     assert "no config.json" in capsys.readouterr().err
-    assert main(["calibrate-kv", "--model", str(tiny_model_dir), "--data", str(data_file), "--out",
-                 str(tmp_path / "cli"), "--max-tokens", "128", "--format", "e5m2"]) == 0
+    assert (
+        main(
+            [
+                "calibrate-kv",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(data_file),
+                "--out",
+                str(tmp_path / "cli"),
+                "--max-tokens",
+                "128",
+                "--format",
+                "e5m2",
+            ]
+        )
+        == 0
+    )
     assert "calibrated e5m2 KV-cache scales on 128 tokens" in capsys.readouterr().out
     assert (tmp_path / "cli" / SIDECAR).exists()

@@ -29,9 +29,18 @@ def tiny_model_dir(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = train_tokenizer(300, stdlib_files(2))
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=64,
-                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id)
@@ -91,8 +100,15 @@ def test_attention_hook_fake_quantizes_post_rope_keys_and_values(monkeypatch):
 
     seen = []
     monkeypatch.setattr(qat, "fake_quantize_kv", lambda x, fmt: seen.append(x) or x)
-    config = LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    config = LlamaConfig(
+        vocab_size=50,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
     model = LlamaForCausalLM(config).eval()
     ids = torch.arange(6)[None]
     reference = model(input_ids=ids).logits
@@ -206,8 +222,22 @@ def test_errors(tiny_model_dir, tmp_path, capsys):
     (tmp_path / "short.txt").write_text("x = 1\n")
     with pytest.raises(ValueError, match="a training window needs 34: pass more text"):
         qat_kv(tiny_model_dir, [tmp_path / "short.txt"], tmp_path / "o", TINY)
-    assert main(["qat-kv", "--model", str(tiny_model_dir), "--format", "int3", "--data",
-                 str(tiny_model_dir / "calibration.txt"), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "qat-kv",
+                "--model",
+                str(tiny_model_dir),
+                "--format",
+                "int3",
+                "--data",
+                str(tiny_model_dir / "calibration.txt"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "unknown KV format 'int3'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 

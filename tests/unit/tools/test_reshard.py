@@ -21,15 +21,25 @@ from maia_serving.tools.checkpoints import reshard as rs
 from maia_serving.tools.checkpoints.reshard import ReshardError, merge, reshard
 
 # vocab 100 pads to 128 (TP 4: 32 rows a rank, the last rank 4 real rows and 28 zero rows).
-BASE = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-            head_dim=16, max_position_embeddings=128)
+BASE = dict(
+    vocab_size=100,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    head_dim=16,
+    max_position_embeddings=128,
+)
 VARIANTS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=4, tie_word_embeddings=False)),
     "gqa": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=False)),
     "tied": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "mqa-qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=1, tie_word_embeddings=True)),
-    "moe": ("MixtralConfig", "MixtralForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=False,
-                                                        num_local_experts=4, num_experts_per_tok=2)),
+    "moe": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(num_key_value_heads=2, tie_word_embeddings=False, num_local_experts=4, num_experts_per_tok=2),
+    ),
 }
 
 
@@ -84,7 +94,8 @@ def test_an_index_names_the_weight_files(checkpoints, tmp_path):
     for file, part in parts.items():
         save_file({n: tensors[n] for n in part}, src / file, metadata={"format": "pt"})
     (src / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {n: f for f, part in parts.items() for n in part}}, indent=2))
+        json.dumps({"weight_map": {n: f for f, part in parts.items() for n in part}}, indent=2)
+    )
     save_file({"layers.0.attention.wq.weight": torch.zeros(2)}, src / "consolidated.safetensors")
     manifest = reshard(src, tmp_path / "sharded", 2)
     assert manifest["source"]["left_out"] == ["consolidated.safetensors"]
@@ -102,8 +113,9 @@ def test_tensors_vllm_drops_are_kept_aside_for_merge(checkpoints, tmp_path):
     assert _digests(tmp_path / "merged") == _digests(src)
 
 
-def _expected_rank(full: dict[str, torch.Tensor], config: dict, tp: int, rank: int, layers: range,
-                   first: bool, last: bool) -> dict[str, torch.Tensor]:
+def _expected_rank(
+    full: dict[str, torch.Tensor], config: dict, tp: int, rank: int, layers: range, first: bool, last: bool
+) -> dict[str, torch.Tensor]:
     """vLLM's state dict of one rank, from the whole tensors."""
     heads, kv, hd = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
     tied = config["tie_word_embeddings"]
@@ -126,9 +138,13 @@ def _expected_rank(full: dict[str, torch.Tensor], config: dict, tp: int, rank: i
             out[p + n] = full[p + n]
         for kind in ("weight", "bias"):
             if a + f"q_proj.{kind}" in full:
-                out[a + f"qkv_proj.{kind}"] = torch.cat([full[a + f"q_proj.{kind}"].chunk(tp)[rank],
-                                                         kv_part(full[a + f"k_proj.{kind}"]),
-                                                         kv_part(full[a + f"v_proj.{kind}"])])
+                out[a + f"qkv_proj.{kind}"] = torch.cat(
+                    [
+                        full[a + f"q_proj.{kind}"].chunk(tp)[rank],
+                        kv_part(full[a + f"k_proj.{kind}"]),
+                        kv_part(full[a + f"v_proj.{kind}"]),
+                    ]
+                )
         assert heads % tp == 0
         out[a + "o_proj.weight"] = full[a + "o_proj.weight"].chunk(tp, dim=1)[rank]
         for s in ("_k_scale", "_v_scale", "_q_scale", "_prob_scale"):
@@ -137,13 +153,16 @@ def _expected_rank(full: dict[str, torch.Tensor], config: dict, tp: int, rank: i
             moe = p + "block_sparse_moe."
             out[moe + "gate.weight"] = full[moe + "gate.weight"]
             e = [f"{moe}experts.{j}." for j in range(experts)]
-            out[moe + "experts.routed_experts.w13_weight"] = torch.stack([torch.cat(
-                [full[x + "w1.weight"].chunk(tp)[rank], full[x + "w3.weight"].chunk(tp)[rank]]) for x in e])
+            out[moe + "experts.routed_experts.w13_weight"] = torch.stack(
+                [torch.cat([full[x + "w1.weight"].chunk(tp)[rank], full[x + "w3.weight"].chunk(tp)[rank]]) for x in e]
+            )
             out[moe + "experts.routed_experts.w2_weight"] = torch.stack(
-                [full[x + "w2.weight"].chunk(tp, dim=1)[rank] for x in e])
+                [full[x + "w2.weight"].chunk(tp, dim=1)[rank] for x in e]
+            )
             continue
-        out[m + "gate_up_proj.weight"] = torch.cat([full[m + "gate_proj.weight"].chunk(tp)[rank],
-                                                    full[m + "up_proj.weight"].chunk(tp)[rank]])
+        out[m + "gate_up_proj.weight"] = torch.cat(
+            [full[m + "gate_proj.weight"].chunk(tp)[rank], full[m + "up_proj.weight"].chunk(tp)[rank]]
+        )
         out[m + "down_proj.weight"] = full[m + "down_proj.weight"].chunk(tp, dim=1)[rank]
     if last:
         out["model.norm.weight"] = full["model.norm.weight"]
@@ -197,15 +216,18 @@ def test_stage_split_and_tied_key_are_vllms_own():
 def test_manifest_says_how_each_tensor_was_split(checkpoints, tmp_path):
     manifest = reshard(checkpoints["gqa"], tmp_path / "sharded", 4)
     assert manifest["layout"]["kv_head_replicas"] == 2
-    assert manifest["source"]["files"]["model.safetensors"]["sha256"] == _digests(checkpoints["gqa"])[
-        "model.safetensors"]
-    assert sorted(manifest["source"]["copied"]) == ["config.json", "generation_config.json",
-                                                    "tokenizer_config.json"]
+    assert (
+        manifest["source"]["files"]["model.safetensors"]["sha256"] == _digests(checkpoints["gqa"])["model.safetensors"]
+    )
+    assert sorted(manifest["source"]["copied"]) == ["config.json", "generation_config.json", "tokenizer_config.json"]
     tensors = {t["name"]: t for t in manifest["files"]["model-rank-3-part-0.safetensors"]["tensors"]}
     qkv = tensors["model.layers.0.self_attn.qkv_proj.weight"]
     assert qkv["split"] == "qkv"
     assert [(p["source"].rsplit(".", 2)[-2], p["start"], p["stop"]) for p in qkv["pieces"]] == [
-        ("q_proj", 48, 64), ("k_proj", 16, 32), ("v_proj", 16, 32)]
+        ("q_proj", 48, 64),
+        ("k_proj", 16, 32),
+        ("v_proj", 16, 32),
+    ]
     assert tensors["lm_head.weight"]["pad_rows"] == 28
 
 
@@ -214,14 +236,22 @@ def _no_leftovers(parent: Path) -> list[str]:
 
 
 BAD_INPUTS = {
-    "missing": (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"),
-                "missing tensor model.layers.1.mlp.up_proj.weight"),
-    "extra": (lambda t: t.update({"model.layers.0.self_attn.q_norm.weight": torch.zeros(16, dtype=torch.bfloat16)}),
-              "unexpected tensor model.layers.0.self_attn.q_norm.weight in model.safetensors"),
-    "shape": (lambda t: t.update({"model.layers.2.self_attn.k_proj.weight": torch.zeros(16, 64, dtype=torch.bfloat16)}),
-              r"tensor model.layers.2.self_attn.k_proj.weight has shape \[16, 64\], config.json implies \[32, 64\]"),
-    "dtype": (lambda t: t.update({"model.norm.weight": t["model.norm.weight"].float()}),
-              "mixed dtypes: tensor model.norm.weight is F32, the others BF16"),
+    "missing": (
+        lambda t: t.pop("model.layers.1.mlp.up_proj.weight"),
+        "missing tensor model.layers.1.mlp.up_proj.weight",
+    ),
+    "extra": (
+        lambda t: t.update({"model.layers.0.self_attn.q_norm.weight": torch.zeros(16, dtype=torch.bfloat16)}),
+        "unexpected tensor model.layers.0.self_attn.q_norm.weight in model.safetensors",
+    ),
+    "shape": (
+        lambda t: t.update({"model.layers.2.self_attn.k_proj.weight": torch.zeros(16, 64, dtype=torch.bfloat16)}),
+        r"tensor model.layers.2.self_attn.k_proj.weight has shape \[16, 64\], config.json implies \[32, 64\]",
+    ),
+    "dtype": (
+        lambda t: t.update({"model.norm.weight": t["model.norm.weight"].float()}),
+        "mixed dtypes: tensor model.norm.weight is F32, the others BF16",
+    ),
 }
 
 
@@ -230,8 +260,9 @@ def test_a_mixtral_missing_an_expert_or_with_a_misshapen_one_is_refused_by_name(
     src = _copy_with(checkpoints["moe"], tmp_path / "gone", lambda t: t.pop(expert))
     with pytest.raises(ReshardError, match=f"missing tensor {expert}"):
         reshard(src, tmp_path / "out", 2)
-    src = _copy_with(checkpoints["moe"], tmp_path / "wide",
-                     lambda t: t.update({expert: torch.zeros(130, 64, dtype=torch.bfloat16)}))
+    src = _copy_with(
+        checkpoints["moe"], tmp_path / "wide", lambda t: t.update({expert: torch.zeros(130, 64, dtype=torch.bfloat16)})
+    )
     with pytest.raises(ReshardError, match=rf"tensor {expert} has shape \[130, 64\], config.json implies \[128, 64\]"):
         reshard(src, tmp_path / "out", 2)
     assert _no_leftovers(tmp_path) == []
@@ -266,12 +297,16 @@ def test_layout_rules_are_vllms(checkpoints, tmp_path):
         reshard(checkpoints["llama"], tmp_path / "out", 8)
     with pytest.raises(ReshardError, match="--pipeline-parallel-size 4 exceeds num_hidden_layers 3"):
         reshard(checkpoints["llama"], tmp_path / "out", 1, 4)
-    arch = rs.read_arch({"architectures": ["LlamaForCausalLM"], **BASE, "num_attention_heads": 6,
-                         "num_key_value_heads": 4})
+    arch = rs.read_arch(
+        {"architectures": ["LlamaForCausalLM"], **BASE, "num_attention_heads": 6, "num_key_value_heads": 4}
+    )
     with pytest.raises(ReshardError, match="num_key_value_heads 4 and --tensor-parallel-size 3"):
         rs.check_layout(arch, 3, 1)
-    with pytest.raises(ReshardError, match="architectures .*DeepseekV2ForCausalLM.* not supported; reshard knows "
-                                           "LlamaForCausalLM, .*MixtralForCausalLM"):
+    with pytest.raises(
+        ReshardError,
+        match="architectures .*DeepseekV2ForCausalLM.* not supported; reshard knows "
+        "LlamaForCausalLM, .*MixtralForCausalLM",
+    ):
         rs.read_arch({"architectures": ["DeepseekV2ForCausalLM"]})
 
 
@@ -336,8 +371,8 @@ def test_cli_reports_the_tensor(checkpoints, tmp_path, capsys):
 
 # --- FP8 weights ---------------------------------------------------------------------------
 
-E4M3_STEP = 2.0 ** -4  # half an E4M3 mantissa step, relative: 3 mantissa bits
-E4M3_SUBNORMAL_STEP = 2.0 ** -10  # half the smallest subnormal (2^-9), in units of the row's scale
+E4M3_STEP = 2.0**-4  # half an E4M3 mantissa step, relative: 3 mantissa bits
+E4M3_SUBNORMAL_STEP = 2.0**-10  # half the smallest subnormal (2^-9), in units of the row's scale
 
 
 def _dequantized(shard: dict[str, torch.Tensor], name: str) -> torch.Tensor:
@@ -376,8 +411,14 @@ def test_fp8_ranks_hold_e4m3_weights_and_each_rows_scale(checkpoints, tmp_path, 
             if name in plain:
                 assert torch.equal(fp8[name], plain[name]), name
             else:  # compressed-tensors' attention parameters, at their defaults
-                assert name.rsplit(".", 1)[1] in ("k_scale", "v_scale", "q_scale", "k_zero_point", "v_zero_point",
-                                                  "q_zero_point"), name
+                assert name.rsplit(".", 1)[1] in (
+                    "k_scale",
+                    "v_scale",
+                    "q_scale",
+                    "k_zero_point",
+                    "v_zero_point",
+                    "q_zero_point",
+                ), name
                 assert fp8[name].tolist() == [0.0 if "zero_point" in name else 1.0], name
     config = json.loads((tmp_path / "fp8" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"

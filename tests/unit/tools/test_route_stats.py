@@ -42,7 +42,7 @@ def _routers_own_choices(model_dir, data, tokens):
     hooks = [r.register_forward_hook(lambda *a, i=i: count(i, *a)) for i, r in enumerate(routers)]
     with torch.no_grad():
         for start in range(0, len(stream), 256):
-            model(input_ids=stream[None, start:start + 256], use_cache=False)
+            model(input_ids=stream[None, start : start + 256], use_cache=False)
     for h in hooks:
         h.remove()
     return [c.tolist() for c in counts]
@@ -57,8 +57,17 @@ def test_the_counts_are_the_routers_own_choices(moe_model, text):
 
 def test_route_stats_writes_a_file_simulate_prices(moe_model, text, tmp_path, capsys):
     out = tmp_path / "load.json"
-    args = ["route-stats", "--model", str(moe_model), "--data", *map(str, text), "--max-tokens", "512",
-            "--out", str(out)]
+    args = [
+        "route-stats",
+        "--model",
+        str(moe_model),
+        "--data",
+        *map(str, text),
+        "--max-tokens",
+        "512",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     assert "--expert-load" in capsys.readouterr().out
     model = with_expert_load(load_model_shape(moe_model), out)

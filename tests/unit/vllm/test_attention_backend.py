@@ -27,8 +27,9 @@ FP8 = {"fp8": "e4m3", "fp8_e5m2": "e5m2"}
 STEPS = [[(0, 0, 20), (1, 0, 5)], [(0, 20, 1), (1, 5, 3), (2, 0, 2)]]
 
 
-def _metadata(step: list[tuple[int, int, int]], block_table: torch.Tensor,
-              sliding_window: int | None = None) -> MaiaAttentionMetadata:
+def _metadata(
+    step: list[tuple[int, int, int]], block_table: torch.Tensor, sliding_window: int | None = None
+) -> MaiaAttentionMetadata:
     """What MaiaMetadataBuilder.build gives the layers for this step on a host (its group's window)."""
     q_lens = torch.tensor([n for _, _, n in step])
     seq_lens = torch.tensor([p + n for _, p, n in step], dtype=torch.int32)
@@ -39,10 +40,16 @@ def _metadata(step: list[tuple[int, int, int]], block_table: torch.Tensor,
     slots = block_table[rows, pos // BLOCK_SIZE].long() * BLOCK_SIZE + pos % BLOCK_SIZE
     num_tokens, max_q = int(q_lens.sum()), int(q_lens.max())
     return MaiaAttentionMetadata(
-        num_actual_tokens=num_tokens, max_query_len=max_q, query_start_loc=query_start_loc, seq_lens=seq_lens,
-        block_table=block_table, slot_mapping=slots,
-        host_plan=plan_paged_attention(block_table, seq_lens, query_start_loc, num_tokens, HEADS, BLOCK_SIZE,
-                                       True, max_q, sliding_window))
+        num_actual_tokens=num_tokens,
+        max_query_len=max_q,
+        query_start_loc=query_start_loc,
+        seq_lens=seq_lens,
+        block_table=block_table,
+        slot_mapping=slots,
+        host_plan=plan_paged_attention(
+            block_table, seq_lens, query_start_loc, num_tokens, HEADS, BLOCK_SIZE, True, max_q, sliding_window
+        ),
+    )
 
 
 def _step_tensors(gen: torch.Generator, n: int) -> tuple[torch.Tensor, ...]:
@@ -53,21 +60,32 @@ def _step_tensors(gen: torch.Generator, n: int) -> tuple[torch.Tensor, ...]:
     return query, key, value, torch.empty(n, HEADS, HEAD_SIZE, dtype=torch.bfloat16)
 
 
-@pytest.mark.parametrize(("kv_cache_dtype", "window", "plan_window"), [
-    ("auto", None, None), ("fp8", None, None), ("fp8_e5m2", None, None),
-    ("auto", 8, 8),  # a sliding-window layer on its group's plan
-    ("fp8", 8, None),  # a sliding-window layer in a group planned without one: it plans for itself
-])
+@pytest.mark.parametrize(
+    ("kv_cache_dtype", "window", "plan_window"),
+    [
+        ("auto", None, None),
+        ("fp8", None, None),
+        ("fp8_e5m2", None, None),
+        ("auto", 8, 8),  # a sliding-window layer on its group's plan
+        ("fp8", 8, None),  # a sliding-window layer in a group planned without one: it plans for itself
+    ],
+)
 def test_forward_writes_with_the_layer_scales_and_attends_to_one_bf16_step(kv_cache_dtype, window, plan_window):
     gen = torch.Generator().manual_seed(0)
     with set_current_vllm_config(VllmConfig()):
         impl = MaiaAttentionImpl(HEADS, HEAD_SIZE, HEAD_SIZE**-0.5, KV_HEADS, None, window, kv_cache_dtype)
     # Calibrated scales as vLLM keeps them: 0-d float32 tensors (and their floats) on the layer.
-    layer = SimpleNamespace(layer_name="model.layers.0.self_attn.attn", _k_scale=torch.tensor(0.03),
-                            _v_scale=torch.tensor(0.011), _k_scale_float=0.03, _v_scale_float=0.011)
+    layer = SimpleNamespace(
+        layer_name="model.layers.0.self_attn.attn",
+        _k_scale=torch.tensor(0.03),
+        _v_scale=torch.tensor(0.011),
+        _k_scale_float=0.03,
+        _v_scale_float=0.011,
+    )
     fmt = FP8.get(kv_cache_dtype)
-    kv_cache = torch.zeros(NUM_BLOCKS, KV_HEADS, BLOCK_SIZE, 2 * HEAD_SIZE,
-                           dtype=torch.uint8 if fmt else torch.bfloat16)
+    kv_cache = torch.zeros(
+        NUM_BLOCKS, KV_HEADS, BLOCK_SIZE, 2 * HEAD_SIZE, dtype=torch.uint8 if fmt else torch.bfloat16
+    )
     # The token-major key and value views the layout defines (not the backend's own split).
     pages = kv_cache.permute(0, 2, 1, 3)
     key_cache, value_cache = pages[..., :HEAD_SIZE], pages[..., HEAD_SIZE:]
@@ -84,9 +102,19 @@ def test_forward_writes_with_the_layer_scales_and_attends_to_one_bf16_step(kv_ca
         for cache, x, scale in ((key_cache, key, layer._k_scale), (value_cache, value, layer._v_scale)):
             written = quantize_fp8_ref(x, scale, fmt) if fmt else x
             assert torch.equal(cache[blocks, rows], written), "cache bytes are not the reference quantization"
-        ref, err = paged_attention_float64(query, key_cache, value_cache, meta.block_table, meta.seq_lens,
-                                           meta.query_start_loc, impl.scale, kv_cache_dtype, layer._k_scale,
-                                           layer._v_scale, sliding_window=window)
+        ref, err = paged_attention_float64(
+            query,
+            key_cache,
+            value_cache,
+            meta.block_table,
+            meta.seq_lens,
+            meta.query_start_loc,
+            impl.scale,
+            kv_cache_dtype,
+            layer._k_scale,
+            layer._v_scale,
+            sliding_window=window,
+        )
         assert_within_one_bf16_step(output, ref, err)
 
 
@@ -114,15 +142,18 @@ def test_a_block_scaled_cache_is_written_and_read_as_the_mx_references(fmt):
         blocks, rows = meta.slot_mapping // BLOCK_SIZE, meta.slot_mapping % BLOCK_SIZE
         assert torch.equal(key_cache[blocks, rows], quantize_mx_ref(key, fmt))
         assert torch.equal(value_cache[blocks, rows], quantize_mx_ref(value, fmt))
-        expected = paged_attention_mx_ref(query, key_cache, value_cache, meta.block_table, meta.seq_lens,
-                                          meta.query_start_loc, impl.scale, fmt)
+        expected = paged_attention_mx_ref(
+            query, key_cache, value_cache, meta.block_table, meta.seq_lens, meta.query_start_loc, impl.scale, fmt
+        )
         torch.testing.assert_close(output, expected, atol=0, rtol=2**-7)
 
 
-@pytest.mark.parametrize(("kv_cache_dtype", "mode"), [("fp8", "per_head"), ("nvfp4", "per_tensor"),
-                                                      ("nvfp4", "per_head")])
-def test_scales_from_the_calibrated_sidecar_are_what_the_cache_is_written_with(kv_cache_dtype, mode, tmp_path,
-                                                                              monkeypatch):
+@pytest.mark.parametrize(
+    ("kv_cache_dtype", "mode"), [("fp8", "per_head"), ("nvfp4", "per_tensor"), ("nvfp4", "per_head")]
+)
+def test_scales_from_the_calibrated_sidecar_are_what_the_cache_is_written_with(
+    kv_cache_dtype, mode, tmp_path, monkeypatch
+):
     """Per-head FP8 scales and NVFP4's tensor scales come from calibrate-kv's sidecar (amax / 448 per KV
     head, so NVFP4's t is that / 6, per head or the layer's largest), for this layer and TP rank."""
     import json
@@ -140,8 +171,9 @@ def test_scales_from_the_calibrated_sidecar_are_what_the_cache_is_written_with(k
     block_scaled = kv_cache_dtype == "nvfp4"
     config = VllmConfig(additional_config={"maia_kv_cache_dtype": "nvfp4"} if block_scaled else {})
     with set_current_vllm_config(config):
-        impl = MaiaAttentionImpl(HEADS, HEAD_SIZE, HEAD_SIZE**-0.5, KV_HEADS, None, None,
-                                 "auto" if block_scaled else kv_cache_dtype)
+        impl = MaiaAttentionImpl(
+            HEADS, HEAD_SIZE, HEAD_SIZE**-0.5, KV_HEADS, None, None, "auto" if block_scaled else kv_cache_dtype
+        )
     impl.model_dir, impl.model_dims = str(tmp_path), (2, KV_HEADS)
     layer = SimpleNamespace(layer_name="model.layers.1.self_attn.attn")
     row = head_bytes("nvfp4", HEAD_SIZE) if block_scaled else HEAD_SIZE

@@ -18,15 +18,39 @@ from maia_serving.emulator.device.session import StepRecord
 from maia_serving.serving.metrics import DeviceInfo
 from maia_serving.vllm.channel import MAX_MESSAGE_BYTES, Message, StatsPublisher, StatsReceiver, decode, encode
 
-INFO = DeviceInfo(profile="maia100", model="demo", kv_cache_dtype="auto", tensor_parallel_size=1,
-                  pipeline_parallel_size=1, hbm_total_bytes=64e9, hbm_static_bytes=2e9, kv_block_bytes=1e6,
-                  emulated_kv_blocks=1000, engine_kv_blocks=100, block_size=16)
+INFO = DeviceInfo(
+    profile="maia100",
+    model="demo",
+    kv_cache_dtype="auto",
+    tensor_parallel_size=1,
+    pipeline_parallel_size=1,
+    hbm_total_bytes=64e9,
+    hbm_static_bytes=2e9,
+    kv_block_bytes=1e6,
+    emulated_kv_blocks=1000,
+    engine_kv_blocks=100,
+    block_size=16,
+)
 
 
 def _record(kv_used=3, first=(), finished=()) -> StepRecord:
-    return StepRecord(step_s=0.002, compute_s=0.001, memory_s=0.0005, comm_s=0.0, launch_s=0.0005, bound="compute",
-                      num_tokens=7, num_seqs=2, now_s=1.5, wall_s=0.01, kv_blocks_used=kv_used, kv_blocks_cached=1,
-                      overhead_s=1e-5, first_token_ttfts_s=list(first), finished=list(finished))
+    return StepRecord(
+        step_s=0.002,
+        compute_s=0.001,
+        memory_s=0.0005,
+        comm_s=0.0,
+        launch_s=0.0005,
+        bound="compute",
+        num_tokens=7,
+        num_seqs=2,
+        now_s=1.5,
+        wall_s=0.01,
+        kv_blocks_used=kv_used,
+        kv_blocks_cached=1,
+        overhead_s=1e-5,
+        first_token_ttfts_s=list(first),
+        finished=list(finished),
+    )
 
 
 def test_a_message_survives_the_round_trip():
@@ -35,18 +59,21 @@ def test_a_message_survives_the_round_trip():
     assert decode(encode(msg)) == msg
 
 
-@pytest.mark.parametrize("data", [
-    b"\x80\x04not json",
-    b"{}",
-    b"[1, 2]",
-    b'{"v": 2, "info": null, "steps": [], "errors": 0, "kv": null}',
-    b'{"v": 1, "info": null, "steps": {}, "errors": 0, "kv": null}',
-    b'{"v": 1, "info": null, "steps": [{"step_s": 1}], "errors": 0, "kv": null}',
-    b'{"v": 1, "info": null, "steps": [], "errors": "many", "kv": null}',
-    b'{"v": 1, "info": null, "steps": [], "errors": NaN, "kv": null}',
-    b'{"v": 1, "info": null, "steps": [], "errors": 0, "kv": [1]}',
-    b'{"v": 1, "info": {"profile": 3}, "steps": [], "errors": 0, "kv": null}',
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x80\x04not json",
+        b"{}",
+        b"[1, 2]",
+        b'{"v": 2, "info": null, "steps": [], "errors": 0, "kv": null}',
+        b'{"v": 1, "info": null, "steps": {}, "errors": 0, "kv": null}',
+        b'{"v": 1, "info": null, "steps": [{"step_s": 1}], "errors": 0, "kv": null}',
+        b'{"v": 1, "info": null, "steps": [], "errors": "many", "kv": null}',
+        b'{"v": 1, "info": null, "steps": [], "errors": NaN, "kv": null}',
+        b'{"v": 1, "info": null, "steps": [], "errors": 0, "kv": [1]}',
+        b'{"v": 1, "info": {"profile": 3}, "steps": [], "errors": 0, "kv": null}',
+    ],
+)
 def test_malformed_messages_are_refused(data):
     with pytest.raises((ValueError, TypeError, KeyError)):
         decode(data)
@@ -89,8 +116,17 @@ def test_device_facts_reach_metrics_before_any_step(addr, receiver):
     pub = StatsPublisher(addr)
     pub.announce(INFO)
     _drain_until(receiver, lambda: _value(receiver, "maia:hbm_total_bytes") == 64e9)
-    assert _value(receiver, "maia:device_info", profile="maia100", model="demo", kv_cache_dtype="auto",
-                  tensor_parallel_size="1") == 1
+    assert (
+        _value(
+            receiver,
+            "maia:device_info",
+            profile="maia100",
+            model="demo",
+            kv_cache_dtype="auto",
+            tensor_parallel_size="1",
+        )
+        == 1
+    )
     assert _value(receiver, "maia:kv_cache_tokens", holder="emulated") == 16000
     assert _value(receiver, "maia:hbm_used_bytes") == 2e9
 
@@ -161,17 +197,20 @@ def _step_json(**changes) -> bytes:
     return json.dumps({"v": 1, "info": None, "steps": [step], "errors": 0, "kv": None}).encode()
 
 
-@pytest.mark.parametrize("data,message", [
-    (b'{"v": 1, "info": null, "steps": {}, "errors": 0, "kv": null}', "steps must be a list"),
-    (b'{"v": 1, "info": null, "steps": [], "errors": 0, "kv": [1]}', "kv must be [used, cached]"),
-    (b'{"v": 1, "info": null, "steps": [], "errors": 1.5, "kv": null}', "errors must be a number"),
-    (b'{"v": 1, "info": null, "steps": [], "errors": "many", "kv": null}', "errors must be a number"),
-    (b'{"v": 1, "info": null, "steps": [3], "errors": 0, "kv": null}', "a step must be an object"),
-    (_step_json(bound=1), "bound must be a string"),
-    (_step_json(first_token_ttfts_s={}), "first_token_ttfts_s and finished must be lists"),
-    (_step_json(finished={}), "first_token_ttfts_s and finished must be lists"),
-    (_step_json(finished=[[0.5]]), "a request timing must be an object"),
-])
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        (b'{"v": 1, "info": null, "steps": {}, "errors": 0, "kv": null}', "steps must be a list"),
+        (b'{"v": 1, "info": null, "steps": [], "errors": 0, "kv": [1]}', "kv must be [used, cached]"),
+        (b'{"v": 1, "info": null, "steps": [], "errors": 1.5, "kv": null}', "errors must be a number"),
+        (b'{"v": 1, "info": null, "steps": [], "errors": "many", "kv": null}', "errors must be a number"),
+        (b'{"v": 1, "info": null, "steps": [3], "errors": 0, "kv": null}', "a step must be an object"),
+        (_step_json(bound=1), "bound must be a string"),
+        (_step_json(first_token_ttfts_s={}), "first_token_ttfts_s and finished must be lists"),
+        (_step_json(finished={}), "first_token_ttfts_s and finished must be lists"),
+        (_step_json(finished=[[0.5]]), "a request timing must be an object"),
+    ],
+)
 def test_a_malformed_message_is_refused_saying_what_is_wrong(data, message):
     with pytest.raises(TypeError) as err:
         decode(data)
@@ -258,9 +297,11 @@ def test_only_the_first_malformed_message_is_logged(addr, receiver, caplog):
     push.close()
     (warning,) = [r for r in caplog.records if r.name == "vllm.maia_serving"]
     assert warning.levelno == logging.WARNING
-    assert warning.getMessage() == ("maia-serving: dropped a malformed message on the metrics channel (not a "
-                                    "maia-serving stats message); counted in "
-                                    'maia:emulation_errors_total{stage="channel"}')
+    assert warning.getMessage() == (
+        "maia-serving: dropped a malformed message on the metrics channel (not a "
+        "maia-serving stats message); counted in "
+        'maia:emulation_errors_total{stage="channel"}'
+    )
 
 
 def test_drain_applies_every_waiting_message_and_counts_their_records():

@@ -8,22 +8,44 @@ import pytest
 from maia_serving import envs
 from maia_serving.vllm.device import build_device, host_plan
 
-DEMO = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128, "intermediate_size": 384,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
-        "vocab_size": 2048, "max_position_embeddings": 2048, "torch_dtype": "bfloat16"}
+DEMO = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 128,
+    "intermediate_size": 384,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "vocab_size": 2048,
+    "max_position_embeddings": 2048,
+    "torch_dtype": "bfloat16",
+}
 
 
 def _vllm_config(additional: dict, **parallel) -> SimpleNamespace:
     """A stand-in of vLLM's config serving the demo shape, one rank unless ``parallel`` says otherwise."""
-    layout = {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "data_parallel_size": 1,
-              "enable_expert_parallel": False, "all2all_backend": "allgather_reducescatter", **parallel}
+    layout = {
+        "tensor_parallel_size": 1,
+        "pipeline_parallel_size": 1,
+        "data_parallel_size": 1,
+        "enable_expert_parallel": False,
+        "all2all_backend": "allgather_reducescatter",
+        **parallel,
+    }
     return SimpleNamespace(
-        model_config=SimpleNamespace(hf_config=SimpleNamespace(to_dict=lambda: dict(DEMO)), dtype="torch.bfloat16",
-                                     served_model_name="demo", model="m", max_model_len=512),
+        model_config=SimpleNamespace(
+            hf_config=SimpleNamespace(to_dict=lambda: dict(DEMO)),
+            dtype="torch.bfloat16",
+            served_model_name="demo",
+            model="m",
+            max_model_len=512,
+        ),
         parallel_config=SimpleNamespace(**layout),
         scheduler_config=SimpleNamespace(max_num_batched_tokens=2048, max_num_seqs=64),
         cache_config=SimpleNamespace(cache_dtype="auto", block_size=128, gpu_memory_utilization=0.92),
-        additional_config=additional)
+        additional_config=additional,
+    )
 
 
 def test_the_vllm_adapter_prices_the_proxy_and_names_the_setting(monkeypatch):
@@ -51,8 +73,12 @@ def test_the_vllm_adapter_prices_replicas_and_expert_parallelism_as_vllm_is_give
     from maia_serving.emulator.cost.layout import Parallel
 
     assert {"data_parallel_size", "enable_expert_parallel", "all2all_backend"} <= set(vars(ParallelConfig()))
-    config = _vllm_config({"maia_profile": "maia200", "maia_model": "mixtral-8x7b"}, data_parallel_size=2,
-                          enable_expert_parallel=True, all2all_backend="deepep_low_latency")
+    config = _vllm_config(
+        {"maia_profile": "maia200", "maia_model": "mixtral-8x7b"},
+        data_parallel_size=2,
+        enable_expert_parallel=True,
+        all2all_backend="deepep_low_latency",
+    )
     assert build_device(config).cost_model.parallel == Parallel(dp=2, ep=True, all2all="deepep_low_latency")
     config.parallel_config.data_parallel_size = 1  # one replica: the backend is never used, so never checked
     config.parallel_config.all2all_backend = "mori_low_latency"

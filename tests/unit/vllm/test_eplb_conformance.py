@@ -21,7 +21,7 @@ def _chips(layer: list[float], phy2log: list[int], chips: int) -> list[tuple[flo
     replicas = [phy2log.count(e) for e in range(len(layer))]
     shares = [layer[e] / replicas[e] for e in phy2log]
     room = len(shares) // chips
-    return [tuple(shares[c * room:(c + 1) * room]) for c in range(chips)]
+    return [tuple(shares[c * room : (c + 1) * room]) for c in range(chips)]
 
 
 def _load(experts: int, seed: int) -> list[float]:
@@ -35,8 +35,9 @@ def _load(experts: int, seed: int) -> list[float]:
 def test_the_balanced_map_is_vllms_default_policy(experts, redundant, chips, seed):
     """Compared as each chip's set of shares, the chips in any order (vLLM numbers them by its packing)."""
     layer = _load(experts, seed)
-    phy2log = DefaultEplbPolicy.rebalance_experts(torch.tensor([layer], dtype=torch.float64), experts + redundant,
-                                                  1, 1, chips)[0].tolist()
+    phy2log = DefaultEplbPolicy.rebalance_experts(
+        torch.tensor([layer], dtype=torch.float64), experts + redundant, 1, 1, chips
+    )[0].tolist()
     ours = eplb_placement(tuple(layer), chips, redundant)
     vllms = _chips(layer, phy2log, chips)
     assert sorted(sorted(c) for c in ours) == sorted(sorted(c) for c in vllms)
@@ -45,8 +46,17 @@ def test_the_balanced_map_is_vllms_default_policy(experts, redundant, chips, see
 # (experts, redundant, chips, groups, nodes), DeepSeek-style expert groups: on one node (the global policy), across
 # nodes (per node first), one group a node, one replica a chip, and groups that do not divide over the nodes
 # (vLLM balances globally then).
-GROUPED = [(64, 0, 8, 8, 1), (256, 32, 8, 8, 1), (256, 0, 16, 8, 2), (256, 32, 16, 8, 2), (64, 16, 16, 8, 4),
-           (64, 0, 8, 4, 2), (16, 0, 16, 8, 2), (64, 0, 16, 2, 2), (60, 4, 16, 3, 2)]
+GROUPED = [
+    (64, 0, 8, 8, 1),
+    (256, 32, 8, 8, 1),
+    (256, 0, 16, 8, 2),
+    (256, 32, 16, 8, 2),
+    (64, 16, 16, 8, 4),
+    (64, 0, 8, 4, 2),
+    (16, 0, 16, 8, 2),
+    (64, 0, 16, 2, 2),
+    (60, 4, 16, 3, 2),
+]
 
 
 @pytest.mark.parametrize(("experts", "redundant", "chips", "groups", "nodes"), GROUPED)
@@ -54,12 +64,13 @@ GROUPED = [(64, 0, 8, 8, 1), (256, 32, 8, 8, 1), (256, 0, 16, 8, 2), (256, 32, 1
 def test_a_grouped_model_is_balanced_per_node_as_vllm_balances_it(experts, redundant, chips, groups, nodes, seed):
     """Compared node by node (vLLM's ranks fill node 0 first): each node's chips hold the same shares."""
     layer = _load(experts, seed)
-    phy2log = DefaultEplbPolicy.rebalance_experts(torch.tensor([layer], dtype=torch.float64), experts + redundant,
-                                                  groups, nodes, chips)[0].tolist()
+    phy2log = DefaultEplbPolicy.rebalance_experts(
+        torch.tensor([layer], dtype=torch.float64), experts + redundant, groups, nodes, chips
+    )[0].tolist()
     ours, vllms = eplb_placement(tuple(layer), chips, redundant, groups, nodes), _chips(layer, phy2log, chips)
     per_node = chips // nodes
     for node in range(nodes):
-        mine, theirs = (c[node * per_node:(node + 1) * per_node] for c in (ours, vllms))
+        mine, theirs = (c[node * per_node : (node + 1) * per_node] for c in (ours, vllms))
         assert sorted(sorted(c) for c in mine) == sorted(sorted(c) for c in theirs)
 
 

@@ -13,7 +13,12 @@ from maia_serving.vllm.device import kv_cache_dtype
 
 def test_the_backend_serves_vllms_bf16_and_fp8_spellings():
     assert set(get_args(CacheDType)) & set(MaiaAttentionBackend.supported_kv_cache_dtypes) == {
-        "auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2"}
+        "auto",
+        "bfloat16",
+        "fp8",
+        "fp8_e4m3",
+        "fp8_e5m2",
+    }
 
 
 def _config(cache_dtype: str, **additional) -> SimpleNamespace:
@@ -36,6 +41,7 @@ def test_the_device_prices_the_block_scaled_format_the_platform_recorded():
 
 
 # --- `vllm serve --device maia --kv-cache-dtype mxfp4` ----------------------------------------
+
 
 @pytest.fixture(autouse=True)
 def _no_block_scaled_format(monkeypatch):

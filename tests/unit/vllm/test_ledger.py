@@ -13,12 +13,15 @@ def test_surface_resolves_in_the_installed_vllm(surface):
     assert surface.why and surface.until and surface.kind
 
 
-@pytest.mark.parametrize("target", [
-    "vllm.v1.core.sched.scheduler.Scheduler.renamed_method",
-    "vllm.v1.core.block_pool.BlockPool#no_such_attribute",
-    "vllm.not_a_module.Thing",
-    "dist:no-such-distribution",
-])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "vllm.v1.core.sched.scheduler.Scheduler.renamed_method",
+        "vllm.v1.core.block_pool.BlockPool#no_such_attribute",
+        "vllm.not_a_module.Thing",
+        "dist:no-such-distribution",
+    ],
+)
 def test_a_missing_surface_is_named_with_why(target):
     surface = Surface(target, "private attribute", "why we need it", "when")
     with pytest.raises(MissingSurface, match="why we need it"):

@@ -85,8 +85,9 @@ class Engine:
             request = self.scheduler.requests[rid]
             done = request.num_computed_tokens >= request.num_tokens
             sampled.append([EOS if rid in eos else TOKEN] if done else [])
-        return ModelRunnerOutput(req_ids=ids, req_id_to_index={rid: i for i, rid in enumerate(ids)},
-                                 sampled_token_ids=sampled)
+        return ModelRunnerOutput(
+            req_ids=ids, req_id_to_index={rid: i for i, rid in enumerate(ids)}, sampled_token_ids=sampled
+        )
 
     def step(self, eos: tuple[str, ...] = ()):
         """One engine step; the scheduler's output and the finished requests' finish reasons."""
@@ -111,20 +112,36 @@ def engine(demo_model, receiver):
 
     def make(num_blocks: int = 16, prefix_caching: bool = False, proxy: str | None = None) -> Engine:
         vllm_config = VllmConfig(
-            model_config=ModelConfig(model=str(demo_model), dtype="bfloat16", max_model_len=256,
-                                     skip_tokenizer_init=True),
+            model_config=ModelConfig(
+                model=str(demo_model), dtype="bfloat16", max_model_len=256, skip_tokenizer_init=True
+            ),
             cache_config=CacheConfig(block_size=BLOCK, enable_prefix_caching=prefix_caching),
-            scheduler_config=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256, max_model_len=256,
-                                             is_encoder_decoder=False, enable_chunked_prefill=True,
-                                             async_scheduling=False),
+            scheduler_config=SchedulerConfig(
+                max_num_seqs=8,
+                max_num_batched_tokens=256,
+                max_model_len=256,
+                is_encoder_decoder=False,
+                enable_chunked_prefill=True,
+                async_scheduling=False,
+            ),
             additional_config={"maia_profile": PROFILE, **({"maia_model": proxy} if proxy else {})},
         )
         vllm_config.cache_config.num_gpu_blocks = num_blocks
-        kv_cache_config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=[
-            KVCacheGroupSpec(["layer"], FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=32,
-                                                          dtype=torch.bfloat16))])
-        scheduler = MaiaScheduler(vllm_config=vllm_config, kv_cache_config=kv_cache_config,
-                                  structured_output_manager=StructuredOutputManager(vllm_config), block_size=BLOCK)
+        kv_cache_config = KVCacheConfig(
+            num_blocks=num_blocks,
+            kv_cache_tensors=[],
+            kv_cache_groups=[
+                KVCacheGroupSpec(
+                    ["layer"], FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=32, dtype=torch.bfloat16)
+                )
+            ],
+        )
+        scheduler = MaiaScheduler(
+            vllm_config=vllm_config,
+            kv_cache_config=kv_cache_config,
+            structured_output_manager=StructuredOutputManager(vllm_config),
+            block_size=BLOCK,
+        )
         # Every record leaves at once, so each step's figures can be read before the next
         # (the batching is test_channel's business).
         scheduler._publisher.max_delay_s = 0.0
@@ -214,8 +231,14 @@ def test_preemption_keeps_charging(engine, cost):
     assert out.num_scheduled_tokens == {"b": 33}  # its prompt and three tokens, recomputed
     assert e.step()[1] == {"b": FinishReason.LENGTH}
 
-    busy = (cost((30, 30), (30, 30)) + cost((1, 1), (31, 31)) + cost((1, 1), (32, 32)) + cost((1,), (33,))
-            + cost((33,), (33,)) + cost((1,), (34,)))
+    busy = (
+        cost((30, 30), (30, 30))
+        + cost((1, 1), (31, 31))
+        + cost((1, 1), (32, 32))
+        + cost((1,), (33,))
+        + cost((33,), (33,))
+        + cost((1,), (34,))
+    )
     assert e.clock.busy_s == pytest.approx(busy, rel=1e-12)
     assert e.clock.requests == {}
     assert e.scheduler.maia.errors == 0
@@ -334,8 +357,9 @@ def test_host_time_is_the_wall_time_from_schedule_to_result_and_overhead_the_cpu
     """Both read off fake clocks: 0.5 s between schedule() and the result, no CPU time spent."""
     e = engine()
     wall = iter([100.0, 100.5])
-    fake = SimpleNamespace(perf_counter=lambda: next(wall), thread_time=lambda: 1000.0, monotonic=time.monotonic,
-                           time=time.time)
+    fake = SimpleNamespace(
+        perf_counter=lambda: next(wall), thread_time=lambda: 1000.0, monotonic=time.monotonic, time=time.time
+    )
     monkeypatch.setattr(scheduler_module, "time", fake)
     monkeypatch.setattr(stepping, "time", fake)
     e.add("a", [1] * 10, max_tokens=2)

@@ -56,8 +56,10 @@ def test_launch_cost_counts_every_kernel(llama8b):
 
 def test_fp8_kv_reads_half_the_attention_bytes(llama8b, maia100):
     step = StepShape.of([(1, 4096)] * 8)
-    attn = {dt: next(o for o in step_cost(maia100, llama8b, step, kv_cache_dtype=dt).ops
-                     if o.name == "attention") for dt in ("auto", "fp8")}
+    attn = {
+        dt: next(o for o in step_cost(maia100, llama8b, step, kv_cache_dtype=dt).ops if o.name == "attention")
+        for dt in ("auto", "fp8")
+    }
     kv_bytes = lambda elem: (8 * 4096 + 8) * 2 * 8 * 128 * elem * 32  # noqa: E731
     q_and_out = 2 * 8 * 32 * 128 * 2 * 32
     assert attn["auto"].bytes == kv_bytes(2) + q_and_out
@@ -65,14 +67,17 @@ def test_fp8_kv_reads_half_the_attention_bytes(llama8b, maia100):
     assert attn["fp8"].bytes - q_and_out == (attn["auto"].bytes - q_and_out) / 2
 
 
-@pytest.mark.parametrize(("kv", "row"), [("mxfp8", 4 * 33), ("mxfp6", 4 * 25), ("mxfp6_e2m3", 4 * 25),
-                                          ("mxfp4", 4 * 17), ("nvfp4", 8 * 9)])
+@pytest.mark.parametrize(
+    ("kv", "row"), [("mxfp8", 4 * 33), ("mxfp6", 4 * 25), ("mxfp6_e2m3", 4 * 25), ("mxfp4", 4 * 17), ("nvfp4", 8 * 9)]
+)
 def test_block_scaled_kv_reads_and_writes_its_stored_bytes(llama8b, maia100, kv, row):
     """8 sequences decoding at 4096: per layer each reads 4096 tokens' K and V rows of 8 heads and writes one
     token's, each 128-wide row at its stored size (whole blocks with their scales), plus q and the output."""
     step = StepShape.of([(1, 4096)] * 8)
-    attn = {dt: next(o for o in step_cost(maia100, llama8b, step, kv_cache_dtype=dt).ops
-                     if o.name == "attention") for dt in ("auto", kv)}
+    attn = {
+        dt: next(o for o in step_cost(maia100, llama8b, step, kv_cache_dtype=dt).ops if o.name == "attention")
+        for dt in ("auto", kv)
+    }
     q_and_out = 2 * 8 * 32 * 128 * 2 * 32
     assert attn[kv].bytes == (8 * 4096 + 8) * 2 * 8 * row * 32 + q_and_out
     assert attn[kv].flops == attn["auto"].flops  # dequantized in registers: the same math
@@ -131,10 +136,16 @@ FAMILY_OPERATORS = {
     # Gemma-2: soft-capping this chip's half of the 256000 logits of each sequence's last token.
     ("gemma-2-9b", 2, "logit_softcap"): (1, _terms(seqs=3 * 128000), _terms(seqs=2 * 128000 * 2)),
     # Mixtral: an expert's weights are read once per expert the step's tokens touch, not once per step.
-    ("mixtral-8x7b", 1, "experts.gate_up_proj"): (32, _terms(32 * 2 * 2 * 4096 * 28672),
-                                                  _terms(32 * 2 * (4096 + 28672) * 2, experts=32 * 4096 * 28672 * 2)),
-    ("mixtral-8x7b", 1, "experts.down_proj"): (32, _terms(32 * 2 * 2 * 14336 * 4096),
-                                               _terms(32 * 2 * (14336 + 4096) * 2, experts=32 * 14336 * 4096 * 2)),
+    ("mixtral-8x7b", 1, "experts.gate_up_proj"): (
+        32,
+        _terms(32 * 2 * 2 * 4096 * 28672),
+        _terms(32 * 2 * (4096 + 28672) * 2, experts=32 * 4096 * 28672 * 2),
+    ),
+    ("mixtral-8x7b", 1, "experts.down_proj"): (
+        32,
+        _terms(32 * 2 * 2 * 14336 * 4096),
+        _terms(32 * 2 * (14336 + 4096) * 2, experts=32 * 14336 * 4096 * 2),
+    ),
 }
 
 
@@ -164,7 +175,8 @@ def test_collectives_of_two_tensor_and_two_pipeline_stages_by_hand(llama8b, maia
     assert tp2_pp2.comm_s(100, 3) == pytest.approx(65 * one_shot + gather[2] + send, rel=1e-12)
     assert CostModel(maia100, llama8b, Parallel(pp=4)).comm_s(100, 3) == pytest.approx(3 * send, rel=1e-12)
     assert CostModel(maia100, llama8b, Parallel(tp=4)).comm_s(100, 3) == pytest.approx(
-        65 * one_shot + gather[4], rel=1e-12)
+        65 * one_shot + gather[4], rel=1e-12
+    )
 
 
 def test_the_engines_own_collectives_priced_one_by_one_are_the_formulas(llama8b, maia100):
@@ -213,14 +225,23 @@ def test_attention_full_and_sliding_adds_up_over_the_sequences(maia100):
 
 def test_a_step_without_tokens_costs_nothing(llama8b, maia100):
     assert CostModel(maia100, llama8b, Parallel(tp=2)).cost_of((), (), detail=True) == StepCost(
-        0.0, 0.0, 0.0, 0.0, 0.0, 0.0, ())
+        0.0, 0.0, 0.0, 0.0, 0.0, 0.0, ()
+    )
 
 
 def test_a_step_cost_reports_milliseconds_gflop_and_megabytes():
     """The figures `maia-serving simulate` prints."""
     cost = StepCost(compute_s=0.5, memory_s=0.25, comm_s=0.125, launch_s=0.0625, flops=3e9, bytes=5e6, ops=())
-    assert cost.to_dict() == {"total_ms": 937.5, "compute_ms": 500.0, "memory_ms": 250.0, "comm_ms": 125.0,
-                              "launch_ms": 62.5, "bound": "compute", "GFLOP": 3.0, "MB": 5.0}
+    assert cost.to_dict() == {
+        "total_ms": 937.5,
+        "compute_ms": 500.0,
+        "memory_ms": 250.0,
+        "comm_ms": 125.0,
+        "launch_ms": 62.5,
+        "bound": "compute",
+        "GFLOP": 3.0,
+        "MB": 5.0,
+    }
 
 
 def test_bad_step_shapes_are_refused():
@@ -253,12 +274,20 @@ def _sequences(max_len: int) -> st.SearchStrategy[tuple[int, int]]:
 DECODES = st.integers(1, 8192).map(lambda n: (1, n))
 PREFILLS = _sequences(8192)
 SEQUENCES = st.one_of(DECODES, PREFILLS)
-BATCHES = st.tuples(st.lists(DECODES, max_size=16), st.lists(PREFILLS, max_size=2)).map(
-    lambda parts: parts[0] + parts[1]).filter(bool)
+BATCHES = (
+    st.tuples(st.lists(DECODES, max_size=16), st.lists(PREFILLS, max_size=2))
+    .map(lambda parts: parts[0] + parts[1])
+    .filter(bool)
+)
 STEPS = BATCHES.map(StepShape.of)
 # (profile, model, tp, pp, KV cache dtype)
-SETUPS = st.tuples(st.sampled_from(PROFILES), st.sampled_from(MODELS), st.sampled_from((1, 2, 4)),
-                   st.sampled_from((1, 2)), st.sampled_from(("auto", "fp8")))
+SETUPS = st.tuples(
+    st.sampled_from(PROFILES),
+    st.sampled_from(MODELS),
+    st.sampled_from((1, 2, 4)),
+    st.sampled_from((1, 2)),
+    st.sampled_from(("auto", "fp8")),
+)
 # Regrouping the compute- and memory-bound operators' sums when one changes side can move a total by an ulp.
 ROUNDING = 1e-12
 
@@ -273,8 +302,11 @@ def test_cost_of_is_cost(setup, step):
 
 def _same_price(a: StepCost, b: StepCost) -> bool:
     fields = ("compute_s", "memory_s", "comm_s", "launch_s", "flops", "bytes")
-    return (all(getattr(a, f) == pytest.approx(getattr(b, f), rel=ROUNDING) for f in fields)
-            and a.stages == pytest.approx(b.stages, rel=ROUNDING) and a.hops == b.hops)
+    return (
+        all(getattr(a, f) == pytest.approx(getattr(b, f), rel=ROUNDING) for f in fields)
+        and a.stages == pytest.approx(b.stages, rel=ROUNDING)
+        and a.hops == b.hops
+    )
 
 
 @given(SETUPS, STEPS)
@@ -311,11 +343,15 @@ def test_more_bandwidth_is_never_slower(setup, step, factor):
     name, model, tp, pp, kv_cache_dtype = setup
     profile = load_profile(name)
     faster = dataclasses.replace(
-        profile, hbm_bandwidth_bytes_per_s=profile.hbm_bandwidth_bytes_per_s * factor,
-        scale_up=dataclasses.replace(profile.scale_up,
-                                     bandwidth_bytes_per_s=profile.scale_up.bandwidth_bytes_per_s * factor,
-                                     pair_bandwidth_bytes_per_s=profile.scale_up.pair_bandwidth_bytes_per_s
-                                     and profile.scale_up.pair_bandwidth_bytes_per_s * factor))
+        profile,
+        hbm_bandwidth_bytes_per_s=profile.hbm_bandwidth_bytes_per_s * factor,
+        scale_up=dataclasses.replace(
+            profile.scale_up,
+            bandwidth_bytes_per_s=profile.scale_up.bandwidth_bytes_per_s * factor,
+            pair_bandwidth_bytes_per_s=profile.scale_up.pair_bandwidth_bytes_per_s
+            and profile.scale_up.pair_bandwidth_bytes_per_s * factor,
+        ),
+    )
     fast = CostModel(faster, load_model_shape(model), Parallel(tp, pp), kv_cache_dtype).cost(step)
     assert fast.total_s <= _cost_model(*setup).cost(step).total_s * (1 + ROUNDING)
 
@@ -332,7 +368,7 @@ def _step_and_a_bigger_one(draw: st.DrawFn) -> tuple[StepShape, StepShape]:
     q, n = pairs[i]
     more = draw(st.integers(1, 1024))
     bigger = (q + more, n + more) if grow == "new tokens" else (q, n + more)
-    return StepShape.of(pairs), StepShape.of([*pairs[:i], bigger, *pairs[i + 1:]])
+    return StepShape.of(pairs), StepShape.of([*pairs[:i], bigger, *pairs[i + 1 :]])
 
 
 @given(SETUPS, _step_and_a_bigger_one())
@@ -344,16 +380,22 @@ def test_more_tokens_are_never_cheaper(setup, steps):
 
 def _causal_pairs_by_brute_force(step: StepShape) -> int:
     """Count (query, key) positions with key <= query, the new tokens being the last of each context."""
-    return sum(1 for q, n in zip(step.new_tokens, step.context_lens)
-               for query in range(n - q, n) for key in range(n) if key <= query)
+    return sum(
+        1
+        for q, n in zip(step.new_tokens, step.context_lens)
+        for query in range(n - q, n)
+        for key in range(n)
+        if key <= query
+    )
 
 
 @given(st.lists(_sequences(40), min_size=1, max_size=6).map(StepShape.of))
 def test_attention_prices_every_causal_pair(step):
     """Attention FLOPs are 4 per head dimension per query-key pair: QK^T and PV, a multiply-add each."""
     model = _cost_model("maia100", "llama-3-8b", 1, 1, "auto")
-    attention = next(o for o in model.cost_of(step.new_tokens, step.context_lens, detail=True).ops
-                     if o.name == "attention")
+    attention = next(
+        o for o in model.cost_of(step.new_tokens, step.context_lens, detail=True).ops if o.name == "attention"
+    )
     assert attention.flops == 32 * 4 * 32 * 128 * _causal_pairs_by_brute_force(step)
 
 
@@ -365,13 +407,15 @@ def test_causal_pairs_of_known_steps():
 
 @pytest.mark.parametrize("profile", ["maia100", "h100-sxm"])
 @pytest.mark.parametrize("pp", [2, 3])  # 32 layers: 16 + 16, and vLLM's uneven 11 + 11 + 10
-@pytest.mark.parametrize("step", [[(1, 900)] * 16, [(300, 700), (1, 40)], [(1, 100)] * 1024],
-                         ids=["decode", "mixed", "compute-bound-head"])  # 1024 rows: the LM head is compute bound
+@pytest.mark.parametrize(
+    "step", [[(1, 900)] * 16, [(300, 700), (1, 40)], [(1, 100)] * 1024], ids=["decode", "mixed", "compute-bound-head"]
+)  # 1024 rows: the LM head is compute bound
 def test_pipeline_stages_split_one_chips_work_without_adding_or_losing_any(llama8b, profile, pp, step):
     """Stages run their share of the layers, the first the embedding and the last the head: summed over
     the stages, compute, memory and the tensor-parallel collectives are one stage's, only the sends are new."""
-    whole, split = (CostModel(load_profile(profile), llama8b, Parallel(tp=2, pp=p)).cost_of(*zip(*step))
-                    for p in (1, pp))
+    whole, split = (
+        CostModel(load_profile(profile), llama8b, Parallel(tp=2, pp=p)).cost_of(*zip(*step)) for p in (1, pp)
+    )
     assert len(split.stages) == pp and len(split.hops) == pp - 1
     assert split.compute_s == pytest.approx(whole.compute_s, rel=1e-12)
     assert split.memory_s == pytest.approx(whole.memory_s, rel=1e-12)

@@ -35,20 +35,23 @@ def _op(costs: CostModel, name: str, new_tokens: tuple, context_lens: tuple):
     return next(o for o in costs.cost_of(new_tokens, context_lens, detail=True).ops if o.name == name)
 
 
-@pytest.mark.parametrize("rows, cols, groups, expected", [
-    # 8 decode rows on 64-row tiles: 48 tiles (one partial wave, filled by split-K), 8 / 64 of the work useful.
-    (8, 6144, 1, 8 / 64),
-    # A 2048-token prompt: 32 x 48 = 1536 whole tiles in ceil(1536 / 132) = 12 waves: 1536 / 1584.
-    (2048, 6144, 1, 1536 / 1584),
-    # 200 rows: 4 row tiles (256 rows) x 32 = 128 tiles, one wave: 200 / 256.
-    (200, 4096, 1, 200 / 256),
-    # MoE: 16 routed rows over 4 experts, 4 rows each on a 64-row tile, 112 column tiles each: 448 tiles in
-    # 4 waves of 132. Useful: (16 x 14336) / (448 x 64 x 128) = 1/16, times 448 / 528.
-    (16, 14336, 4, 1 / 16 * 448 / 528),
-    # Exactly one full wave: 132 tiles of 64 x 128.
-    (64 * 132, 128, 1, 1.0),
-    (0, 4096, 1, 1.0),
-])
+@pytest.mark.parametrize(
+    "rows, cols, groups, expected",
+    [
+        # 8 decode rows on 64-row tiles: 48 tiles (one partial wave, filled by split-K), 8 / 64 of the work useful.
+        (8, 6144, 1, 8 / 64),
+        # A 2048-token prompt: 32 x 48 = 1536 whole tiles in ceil(1536 / 132) = 12 waves: 1536 / 1584.
+        (2048, 6144, 1, 1536 / 1584),
+        # 200 rows: 4 row tiles (256 rows) x 32 = 128 tiles, one wave: 200 / 256.
+        (200, 4096, 1, 200 / 256),
+        # MoE: 16 routed rows over 4 experts, 4 rows each on a 64-row tile, 112 column tiles each: 448 tiles in
+        # 4 waves of 132. Useful: (16 x 14336) / (448 x 64 x 128) = 1/16, times 448 / 528.
+        (16, 14336, 4, 1 / 16 * 448 / 528),
+        # Exactly one full wave: 132 tiles of 64 x 128.
+        (64 * 132, 128, 1, 1.0),
+        (0, 4096, 1, 1.0),
+    ],
+)
 def test_gemm_utilization_by_hand(rows, cols, groups, expected):
     assert gemm_utilization(rows, cols, groups, 64, 128, 132) == pytest.approx(expected, rel=1e-12)
 
@@ -148,6 +151,7 @@ def test_the_shape_aware_figures_are_read_with_their_sources_and_estimates(h100)
     assert h100.attention_split_tokens == 512 and h100.attention_compute_efficiency == 0.6
     for key in ("gemm.tile_m", "gemm.units", "attention_split", "host_launch", "cuda_graphs.launch", "step_overhead"):
         assert h100.sources[key]
-    assert {"gemm.tile_n", "host_launch", "cuda_graphs.launch", "step_overhead",
-            "attention_compute_efficiency"} <= set(h100.estimates)
+    assert {"gemm.tile_n", "host_launch", "cuda_graphs.launch", "step_overhead", "attention_compute_efficiency"} <= set(
+        h100.estimates
+    )
     assert "gemm.units" not in h100.estimates and "gemm.tile_m" not in h100.estimates

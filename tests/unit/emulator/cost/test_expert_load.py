@@ -59,7 +59,8 @@ def test_a_hot_expert_sets_the_busiest_chip_by_hand():
     assert expert_imbalance(16, 2, 8, 1, shares) == 4.0
     two_layers = from_counts([[1] * 8, HOT], 8, 2, 2).chip_shares(8)  # each layer its own busiest chip, averaged
     assert expert_imbalance(4096, 2, 8, 1, two_layers) == pytest.approx(
-        (expert_imbalance(4096, 2, 8, 1) + 3367.225 / 1024) / 2, rel=1e-5)
+        (expert_imbalance(4096, 2, 8, 1) + 3367.225 / 1024) / 2, rel=1e-5
+    )
 
 
 def test_experts_spread_over_chips_as_vllm_places_them():
@@ -91,8 +92,7 @@ def test_simulate_and_plan_take_an_expert_load(tmp_path, capsys):
         assert main(["simulate", "--device", "h100-sxm", "-tp", "8", "--enable-expert-parallel", *common, *load]) == 0
         rows[bool(load)] = json.loads(capsys.readouterr().out)[0]["output_throughput_tok_s"]
     assert rows[True] < rows[False]
-    assert main(["plan", "--device", "h100-sxm", "--num-devices", "8", "--expert-load", str(path),
-                 *common[:-1]]) == 0
+    assert main(["plan", "--device", "h100-sxm", "--num-devices", "8", "--expert-load", str(path), *common[:-1]]) == 0
     assert "expert routing measured (a hand-made hot expert)" in capsys.readouterr().out
 
 
@@ -155,8 +155,12 @@ def test_before_it_rearranges_eplb_holds_vllms_initial_map():
     """HOT over 4 chips with 4 redundant experts, before any rearrangement: vLLM's initial map is experts 0-7,
     then replicas of experts 0-3, the 12 slots in order, 3 a chip; experts 0-3 each split over two replicas."""
     load = from_counts(HOT, 8, 2, 1)
-    assert load.placed(4, 4, rearranged=False)[0] == ((0.4, 0.1, 0.1), (0.1, 0.2, 0.2), (0.1, 0.1, 0.4),
-                                                     (0.1, 0.1, 0.1))
+    assert load.placed(4, 4, rearranged=False)[0] == (
+        (0.4, 0.1, 0.1),
+        (0.1, 0.2, 0.2),
+        (0.1, 0.1, 0.4),
+        (0.1, 0.1, 0.1),
+    )
     assert load.placed(4, 0, rearranged=False) == load.placed(4)  # no replicas: the linear placement
     # As many replicas as experts: i % E, every expert twice, each chip the whole layer at half its shares.
     half = tuple(p / 2 for p in load.shares[0])
@@ -181,8 +185,23 @@ def test_simulate_serves_the_initial_map_until_eplb_rearranges(tmp_path, capsys)
     with pytest.raises(ValueError, match="step_interval must be a whole number of steps, at least 1"):
         ServingConfig(**ep, enable_eplb=True, eplb_step_interval=0)
     # The CLI says which map served, and takes vLLM's spelling of the interval.
-    run = ["simulate", "--model", "qwen3-30b-a3b", "--device", "h100-sxm", "-tp", "8", "-ep", "--enable-eplb",
-           "--num-prompts", "16", "--input-len", "256", "--output-len", "32"]
+    run = [
+        "simulate",
+        "--model",
+        "qwen3-30b-a3b",
+        "--device",
+        "h100-sxm",
+        "-tp",
+        "8",
+        "-ep",
+        "--enable-eplb",
+        "--num-prompts",
+        "16",
+        "--input-len",
+        "256",
+        "--output-len",
+        "32",
+    ]
     assert main(run) == 0
     assert "EPLB never rearranged: all" in capsys.readouterr().out
     assert main([*run, "--eplb-config", '{"step_interval": 40}', "--json"]) == 0
@@ -203,8 +222,10 @@ def test_eplb_of_uniform_routing_changes_nothing_but_the_replicas(mixtral):
     assert replicated.memory_s > 1.5 * linear.memory_s
     experts = 32 * 3 * 4096 * 14336 * 2  # one expert in every layer
     one = weight_bytes_per_chip(mixtral, ServingConfig(tensor_parallel_size=8, enable_expert_parallel=True))
-    two = weight_bytes_per_chip(mixtral, ServingConfig(tensor_parallel_size=8, enable_expert_parallel=True,
-                                                       enable_eplb=True, num_redundant_experts=8))
+    two = weight_bytes_per_chip(
+        mixtral,
+        ServingConfig(tensor_parallel_size=8, enable_expert_parallel=True, enable_eplb=True, num_redundant_experts=8),
+    )
     assert two - one == pytest.approx(experts, rel=1e-9)
 
 
@@ -212,7 +233,7 @@ def test_eplb_wins_back_a_measured_imbalance(tmp_path):
     """Qwen3-30B-A3B on 8 H100s with a skewed per-layer load: a prefill of 4,096 tokens waits for a busiest chip
     that EPLB's placement evens out, and redundant experts even it further."""
     model = load_model_shape("qwen3-30b-a3b")
-    counts = [[1000 / (r + 10) for r in range(128)][::1 if i % 2 else -1] for i in range(model.num_moe_layers)]
+    counts = [[1000 / (r + 10) for r in range(128)][:: 1 if i % 2 else -1] for i in range(model.num_moe_layers)]
     skewed = with_expert_load(model, _write(tmp_path, {"source": "test", "layers": counts}))
     h100, prefill = load_profile("h100-sxm"), StepShape.of([(4096, 4096)])
     times = [CostModel(h100, skewed, Parallel(tp=8, ep=True, eplb=r)).cost(prefill).total_s for r in (None, 0, 8)]
@@ -236,12 +257,15 @@ def test_eplb_balances_a_grouped_model_per_node_across_nodes():
     assert CostModel(h100, grouped, one_node)._chip_shares == CostModel(h100, model, one_node)._chip_shares
 
 
-@pytest.mark.parametrize(("parallel", "config", "message"), [
-    (Parallel(tp=8, ep=True, eplb=3), None, r"8 experts \+ 3 redundant do not divide over 8"),
-    (Parallel(ep=True, eplb=0), None, "needs tensor or data parallelism"),
-    (None, dict(tensor_parallel_size=8, enable_eplb=True), "add --enable-expert-parallel"),
-    (None, dict(tensor_parallel_size=8, enable_expert_parallel=True, num_redundant_experts=8), "without EPLB"),
-])
+@pytest.mark.parametrize(
+    ("parallel", "config", "message"),
+    [
+        (Parallel(tp=8, ep=True, eplb=3), None, r"8 experts \+ 3 redundant do not divide over 8"),
+        (Parallel(ep=True, eplb=0), None, "needs tensor or data parallelism"),
+        (None, dict(tensor_parallel_size=8, enable_eplb=True), "add --enable-expert-parallel"),
+        (None, dict(tensor_parallel_size=8, enable_expert_parallel=True, num_redundant_experts=8), "without EPLB"),
+    ],
+)
 def test_eplb_refuses_what_vllm_refuses(mixtral, parallel, config, message):
     with pytest.raises(ValueError, match=message):
         CostModel(load_profile("h100-sxm"), mixtral, parallel) if parallel else ServingConfig(**config)
@@ -254,13 +278,52 @@ def test_eplb_on_a_dense_model_is_refused():
 
 def test_simulate_and_plan_take_vllms_eplb_flags(tmp_path, capsys):
     eplb = ["--enable-eplb", "--eplb-config", '{"num_redundant_experts": 8, "window_size": 500}']
-    assert main(["simulate", "--model", "mixtral-8x7b", "--device", "h100-sxm", "-tp", "8", "-ep", *eplb,
-                 "--num-prompts", "16", "--input-len", "128", "--output-len", "8", "--json"]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                "--model",
+                "mixtral-8x7b",
+                "--device",
+                "h100-sxm",
+                "-tp",
+                "8",
+                "-ep",
+                *eplb,
+                "--num-prompts",
+                "16",
+                "--input-len",
+                "128",
+                "--output-len",
+                "8",
+                "--json",
+            ]
+        )
+        == 0
+    )
     rows = json.loads(capsys.readouterr().out)
     assert rows[0]["fits"] and rows[0]["output_throughput_tok_s"] > 0
     # 6 devices: EP over 6 chips cannot hold 8 + 2 experts evenly (a reason), over 2 it can.
-    assert main(["plan", "--model", "mixtral-8x7b", "--device", "h100-sxm", "--num-devices", "6", "--enable-eplb",
-                 "--eplb-config", '{"num_redundant_experts": 2}', "--num-prompts", "8", "--json"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                "mixtral-8x7b",
+                "--device",
+                "h100-sxm",
+                "--num-devices",
+                "6",
+                "--enable-eplb",
+                "--eplb-config",
+                '{"num_redundant_experts": 2}',
+                "--num-prompts",
+                "8",
+                "--json",
+            ]
+        )
+        == 0
+    )
     layouts = json.loads(capsys.readouterr().out)
     refused = {(r["tp"], r["dp"]): r["reason"] for r in layouts if r["ep"] and not r["fits"]}
     assert any("do not divide over 6" in reason for reason in refused.values())
@@ -270,17 +333,63 @@ def test_simulate_and_plan_take_vllms_eplb_flags(tmp_path, capsys):
     # first step's end.
     assert {r["eplb_rearranged"] for r in layouts if r["ep"] and r["fits"]} == {False}
     assert {r["eplb_rearranged"] for r in layouts if not r["ep"]} == {None}
-    assert main(["plan", "--model", "mixtral-8x7b", "--device", "h100-sxm", "--num-devices", "2", "--enable-eplb",
-                 "--eplb-config", '{"num_redundant_experts": 2, "step_interval": 4}', "--num-prompts", "8",
-                 "--json"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                "mixtral-8x7b",
+                "--device",
+                "h100-sxm",
+                "--num-devices",
+                "2",
+                "--enable-eplb",
+                "--eplb-config",
+                '{"num_redundant_experts": 2, "step_interval": 4}',
+                "--num-prompts",
+                "8",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert {r["eplb_rearranged"] for r in json.loads(capsys.readouterr().out) if r["ep"] and r["fits"]} == {True}
     with pytest.raises(SystemExit):
-        main(["simulate", "--model", "mixtral-8x7b", "--device", "h100-sxm", "-tp", "8", "-ep", "--enable-eplb",
-              "--eplb-config", '{"num_redundant_expert": 8}', "--num-prompts", "4"])
+        main(
+            [
+                "simulate",
+                "--model",
+                "mixtral-8x7b",
+                "--device",
+                "h100-sxm",
+                "-tp",
+                "8",
+                "-ep",
+                "--enable-eplb",
+                "--eplb-config",
+                '{"num_redundant_expert": 8}',
+                "--num-prompts",
+                "4",
+            ]
+        )
     assert "unknown key(s) num_redundant_expert" in capsys.readouterr().err
     for command in (["simulate", "-tp", "8", "-ep"], ["plan", "--num-devices", "8"]):  # both refuse them alike
-        assert main([*command, "--model", "mixtral-8x7b", "--device", "h100-sxm", "--eplb-config",
-                     '{"num_redundant_experts": 8}', "--num-prompts", "4"]) == 2
+        assert (
+            main(
+                [
+                    *command,
+                    "--model",
+                    "mixtral-8x7b",
+                    "--device",
+                    "h100-sxm",
+                    "--eplb-config",
+                    '{"num_redundant_experts": 8}',
+                    "--num-prompts",
+                    "4",
+                ]
+            )
+            == 2
+        )
         assert "num_redundant_experts=8 without EPLB" in capsys.readouterr().err
 
 
@@ -296,10 +405,12 @@ def test_uniform_routing_over_uneven_chips_waits_for_the_fuller_chip(mixtral):
 
 
 # The expert-load files benchmarks/README.md prices, with the model each is for.
-BENCHMARK_LOADS = {"expert-load-one-hot-expert.json": "mixtral-8x7b",
-                   "expert-load-zipf-qwen3-30b-a3b.json": "qwen3-30b-a3b",
-                   "expert-load-esft-vanilla-lite.json": "deepseek-v2-lite",
-                   "expert-load-esft-vanilla-lite-translation.json": "deepseek-v2-lite"}
+BENCHMARK_LOADS = {
+    "expert-load-one-hot-expert.json": "mixtral-8x7b",
+    "expert-load-zipf-qwen3-30b-a3b.json": "qwen3-30b-a3b",
+    "expert-load-esft-vanilla-lite.json": "deepseek-v2-lite",
+    "expert-load-esft-vanilla-lite-translation.json": "deepseek-v2-lite",
+}
 
 
 @pytest.mark.parametrize("name", sorted(BENCHMARK_LOADS))
@@ -312,7 +423,8 @@ def test_the_benchmarks_expert_loads_load_for_their_model_and_name_their_source(
 
 def test_the_measured_deepseek_load_counts_every_choice():
     """26 MoE layers of 64 experts, each row the top-6 choices of the 33,279 tokens of ESFT's four tasks."""
-    data = json.loads((Path(__file__).parents[4] / "benchmarks" / "data" / "expert-load-esft-vanilla-lite.json")
-                      .read_text())
+    data = json.loads(
+        (Path(__file__).parents[4] / "benchmarks" / "data" / "expert-load-esft-vanilla-lite.json").read_text()
+    )
     assert len(data["layers"]) == 26 and {len(layer) for layer in data["layers"]} == {64}
     assert {sum(layer) for layer in data["layers"]} == {6 * 33_279}

@@ -73,8 +73,9 @@ def test_expert_parallelism_keeps_experts_whole_and_gives_a_chip_its_share_of_th
     cost_split = CostModel(load_profile("h100-sxm"), mixtral, Parallel(tp=2)).cost(one, detail=True)
     cost_whole = CostModel(load_profile("h100-sxm"), mixtral, Parallel(tp=2, ep=True)).cost(one, detail=True)
     read = {c.name: c.bytes for c in cost_whole.ops}
-    assert read["experts.gate_up_proj"] == pytest.approx({c.name: c.bytes for c in cost_split.ops}
-                                                         ["experts.gate_up_proj"], rel=1e-3)
+    assert read["experts.gate_up_proj"] == pytest.approx(
+        {c.name: c.bytes for c in cost_split.ops}["experts.gate_up_proj"], rel=1e-3
+    )
 
 
 def test_the_busiest_expert_chip_sets_the_layers_rows_by_hand():
@@ -161,8 +162,10 @@ def test_a_dense_model_and_one_replica_move_nothing_more():
     m100 = load_profile("maia100")
     assert CostModel(m100, llama, Parallel(tp=2, dp=2, ep=True)).moe_layer_s(100) == 0.0
     step = StepShape.of([(1, 300)] * 8)
-    assert (CostModel(m100, llama, Parallel(tp=2, dp=2)).cost(step).total_s
-            == CostModel(m100, llama, Parallel(tp=2)).cost(step).total_s)
+    assert (
+        CostModel(m100, llama, Parallel(tp=2, dp=2)).cost(step).total_s
+        == CostModel(m100, llama, Parallel(tp=2)).cost(step).total_s
+    )
 
 
 def test_faster_links_never_make_expert_parallelism_slower(mixtral):
@@ -175,8 +178,9 @@ def test_faster_links_never_make_expert_parallelism_slower(mixtral):
 def test_replicas_share_the_requests_and_the_report_covers_all_of_them(mixtral):
     """dp=2: requests dealt in turn to two replicas, each with its own KV cache; every request has its timing."""
     requests = synthetic(9, 256, 8)
-    sim = simulate_device(load_profile("h100-sxm"), mixtral, ServingConfig(tensor_parallel_size=2,
-                                                                           data_parallel_size=2), requests)
+    sim = simulate_device(
+        load_profile("h100-sxm"), mixtral, ServingConfig(tensor_parallel_size=2, data_parallel_size=2), requests
+    )
     assert sim.replicas == 2 and len(sim.timings) == 9
     assert all(t.num_output_tokens == 8 for t in sim.timings)
     alone = simulate_device(load_profile("h100-sxm"), mixtral, ServingConfig(tensor_parallel_size=2), requests[::2])
@@ -185,8 +189,13 @@ def test_replicas_share_the_requests_and_the_report_covers_all_of_them(mixtral):
 
 def test_plan_tries_replicas_and_expert_parallelism_for_a_moe_model(mixtral):
     """Of 2 chips: tp=2 and dp=2 each with and without EP; pp=2 leaves each stage's experts one chip, so no EP."""
-    assert layouts(2, moe=True) == [Parallel(2, 1), Parallel(2, 1, ep=True), Parallel(1, 2), Parallel(1, 1, 2),
-                                    Parallel(1, 1, 2, ep=True)]
+    assert layouts(2, moe=True) == [
+        Parallel(2, 1),
+        Parallel(2, 1, ep=True),
+        Parallel(1, 2),
+        Parallel(1, 1, 2),
+        Parallel(1, 1, 2, ep=True),
+    ]
     assert label(2, 1, 4, ep=True) == "tp2 pp1 dp4 ep"
     rows = plan([load_profile("h100-sxm")], mixtral, 4, ServingConfig(max_model_len=4096), synthetic(8, 256, 8))
     assert {(r.tp, r.pp, r.dp, r.ep) for r in rows} == {(x.tp, x.pp, x.dp, x.ep) for x in layouts(4, moe=True)}
@@ -195,9 +204,28 @@ def test_plan_tries_replicas_and_expert_parallelism_for_a_moe_model(mixtral):
 
 
 def test_simulate_takes_vllms_flags(capsys):
-    code = main(["simulate", "--model", "mixtral-8x7b", "--device", "h100-sxm", "-tp", "2", "-dp", "4", "-ep",
-                 "--all2all-backend", "deepep_low_latency", "--num-prompts", "8", "--input-len", "128",
-                 "--output-len", "4"])
+    code = main(
+        [
+            "simulate",
+            "--model",
+            "mixtral-8x7b",
+            "--device",
+            "h100-sxm",
+            "-tp",
+            "2",
+            "-dp",
+            "4",
+            "-ep",
+            "--all2all-backend",
+            "deepep_low_latency",
+            "--num-prompts",
+            "8",
+            "--input-len",
+            "128",
+            "--output-len",
+            "4",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "tp=2, pp=1, dp=4 (deepep_low_latency), expert parallel" in out
     with pytest.raises(SystemExit):

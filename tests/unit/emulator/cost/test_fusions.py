@@ -36,8 +36,10 @@ def test_silu_in_the_gate_up_epilogue_writes_the_width_once(model, prefix):
 def test_fusions_only_make_a_step_cheaper_and_an_unknown_one_is_refused():
     m200, llama = load_profile("maia200"), load_model_shape("llama-3-8b")
     step = StepShape.of([(512, 512)] * 4 + [(1, 900)] * 32)
-    costs = [CostModel(m200, llama, fusions=f).cost(step).total_s
-             for f in ((), ("qkv_rotary",), ("qkv_rotary", "gate_up_silu"))]
+    costs = [
+        CostModel(m200, llama, fusions=f).cost(step).total_s
+        for f in ((), ("qkv_rotary",), ("qkv_rotary", "gate_up_silu"))
+    ]
     assert costs[0] > costs[1] > costs[2]
     with pytest.raises(ValueError, match="unknown fusion rope; known: qkv_rotary, gate_up_silu"):
         ServingConfig(fusions=("rope",))
@@ -46,6 +48,21 @@ def test_fusions_only_make_a_step_cheaper_and_an_unknown_one_is_refused():
 def test_simulate_takes_the_fusions_and_says_so(capsys):
     from maia_serving.cli.main import main
 
-    code = main(["simulate", "--model", "llama-3-8b", "--device", "h100-sxm", "--fusions", "qkv_rotary",
-                 "--num-prompts", "4", "--input-len", "128", "--output-len", "4"])
+    code = main(
+        [
+            "simulate",
+            "--model",
+            "llama-3-8b",
+            "--device",
+            "h100-sxm",
+            "--fusions",
+            "qkv_rotary",
+            "--num-prompts",
+            "4",
+            "--input-len",
+            "128",
+            "--output-len",
+            "4",
+        ]
+    )
     assert code == 0 and "tp=1, pp=1, fused: qkv_rotary" in capsys.readouterr().out

@@ -54,8 +54,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("profile", "collective", "nbytes", "group", "algorithm", "seconds"), CASES,
-                         ids=[f"{c[0]}-{c[1].__name__}-{c[3]}" for c in CASES])
+@pytest.mark.parametrize(
+    ("profile", "collective", "nbytes", "group", "algorithm", "seconds"),
+    CASES,
+    ids=[f"{c[0]}-{c[1].__name__}-{c[3]}" for c in CASES],
+)
 def test_each_collective_on_each_topology_by_hand(profile, collective, nbytes, group, algorithm, seconds):
     chosen = collective(load_profile(profile).network, nbytes, group)
     assert chosen.algorithm == algorithm
@@ -120,11 +123,14 @@ def test_more_link_bandwidth_is_never_slower():
             assert all_reduce(fast, n, group).time_s <= all_reduce(net, n, group).time_s
 
 
-@pytest.mark.parametrize(("kwargs", "error"), [
-    ({"topology": "torus"}, "unknown topology"),
-    ({"topology": "full_mesh"}, "full_mesh tier, and only one, gives its pair bandwidth"),
-    ({"topology": "pcie", "in_network_reduction": True}, "only a switch reduces"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"topology": "torus"}, "unknown topology"),
+        ({"topology": "full_mesh"}, "full_mesh tier, and only one, gives its pair bandwidth"),
+        ({"topology": "pcie", "in_network_reduction": True}, "only a switch reduces"),
+    ],
+)
 def test_bad_links_are_refused(kwargs, error):
     with pytest.raises(ValueError, match=error):
         LinkProfile(**{"chips": 4, "bandwidth_bytes_per_s": 1e9, "latency_s": 0, **kwargs})

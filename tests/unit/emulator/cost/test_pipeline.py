@@ -22,8 +22,9 @@ class StagedCosts:
         self.stages, self.hop = stages, hop
 
     def cost_of(self, new_tokens, context_lens):
-        return SimpleNamespace(total_s=sum(self.stages) + self.hop, comm_s=self.hop, stages=self.stages,
-                               hops=(self.hop,))
+        return SimpleNamespace(
+            total_s=sum(self.stages) + self.hop, comm_s=self.hop, stages=self.stages, hops=(self.hop,)
+        )
 
 
 def _two_requests_one_prefill_a_batch():
@@ -72,8 +73,9 @@ def test_stages_between_nodes_send_over_the_scale_out_tier():
     model, m100 = load_model_shape("llama-3-70b"), load_profile("maia100")
     across, within = 10e-6 + 3_276_800 / 150e9, 5e-6 + 3_276_800 / 150e9
     assert CostModel(m100, model, Parallel(tp=4, pp=2)).hops_s(100) == pytest.approx((across,), rel=1e-12)
-    assert CostModel(m100, model, Parallel(tp=2, pp=4)).hops_s(100) == pytest.approx((within, across, within),
-                                                                                     rel=1e-12)
+    assert CostModel(m100, model, Parallel(tp=2, pp=4)).hops_s(100) == pytest.approx(
+        (within, across, within), rel=1e-12
+    )
 
 
 def test_a_batch_waits_for_a_stage_still_busy():

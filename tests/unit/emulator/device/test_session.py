@@ -24,8 +24,9 @@ def test_two_requests_are_timed_by_the_golden_steps(device, golden):
     first = device.charge(prefill.new_tokens, prefill.context_lens, {"a": 1}, [], kv_blocks_used=128, wall_s=0.25)
     device.arrive("b")
     second = device.charge(chunk.new_tokens, chunk.context_lens, {"b": 1}, [], kv_blocks_used=128 + 256)
-    third = device.charge(decode.new_tokens, decode.context_lens, {"a": 1, "b": 1}, ["a", "b"],
-                          kv_blocks_used=129 + 257)
+    third = device.charge(
+        decode.new_tokens, decode.context_lens, {"a": 1, "b": 1}, ["a", "b"], kv_blocks_used=129 + 257
+    )
 
     assert (first.num_tokens, first.num_seqs, first.kv_blocks_used, first.wall_s) == (2048, 1, 128, 0.25)
     assert (third.num_tokens, third.num_seqs, third.kv_blocks_used, third.wall_s) == (2, 2, 386, 0.0)
@@ -75,9 +76,15 @@ def test_hbm_used_is_the_plan_plus_the_live_kv_blocks(device):
     assert 0 <= 64 * 2**30 * 0.9 - device.hbm_used_bytes(20_890) < BLOCK_BYTES
 
 
-@pytest.mark.parametrize("config", [ServingConfig(kv_cache_dtype="fp8"), ServingConfig(tensor_parallel_size=2),
-                                    ServingConfig(tensor_parallel_size=2, pipeline_parallel_size=2)],
-                         ids=["fp8", "tp2", "tp2-pp2"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        ServingConfig(kv_cache_dtype="fp8"),
+        ServingConfig(tensor_parallel_size=2),
+        ServingConfig(tensor_parallel_size=2, pipeline_parallel_size=2),
+    ],
+    ids=["fp8", "tp2", "tp2-pp2"],
+)
 def test_steps_are_priced_with_the_configured_kv_dtype_and_parallelism(llama8b, maia100, config):
     device = EmulatedDevice.fit(maia100, llama8b, config)
     parallel = Parallel(tp=config.tensor_parallel_size, pp=config.pipeline_parallel_size)
@@ -104,8 +111,11 @@ def test_the_engines_collectives_replace_the_formulas_count(llama8b, maia100):
     assert record.comm_s == pytest.approx(model.collectives_s(rows), rel=1e-12)
     assert record.comm_s < formula.comm_s  # 3 all-reduces, not 65
     assert record.step_s == pytest.approx(formula.total_s - formula.comm_s + record.comm_s, rel=1e-12)
-    assert (record.compute_s, record.memory_s, record.launch_s) == (formula.compute_s, formula.memory_s,
-                                                                    formula.launch_s)
+    assert (record.compute_s, record.memory_s, record.launch_s) == (
+        formula.compute_s,
+        formula.memory_s,
+        formula.launch_s,
+    )
     assert (record.num_collectives, record.comm_bytes) == (4, 3 * 819_200 + 256_512)
     assert device.clock.busy_s == record.step_s
     plain = device.charge((100,), (100,), {}, [], kv_blocks_used=0)

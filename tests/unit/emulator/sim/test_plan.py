@@ -16,8 +16,12 @@ REQUESTS = synthetic(16, 256, 16)
 
 
 def test_the_layouts_of_n_chips():
-    assert [(x.tp, x.pp, x.dp, x.ep) for x in layouts(8)] == [(8, 1, 1, False), (4, 2, 1, False), (2, 4, 1, False),
-                                                              (1, 8, 1, False)]
+    assert [(x.tp, x.pp, x.dp, x.ep) for x in layouts(8)] == [
+        (8, 1, 1, False),
+        (4, 2, 1, False),
+        (2, 4, 1, False),
+        (1, 8, 1, False),
+    ]
     assert [(x.tp, x.pp) for x in layouts(6)] == [(6, 1), (3, 2), (2, 3), (1, 6)]
     with pytest.raises(ValueError, match="at least 1"):
         layouts(0)
@@ -42,8 +46,11 @@ def test_rejections_say_why_and_the_rest_rank_by_what_the_simulator_serves():
     assert [(r.device, r.tp, r.pp, r.fits) for r in rows[2:]] == [("maia100", 2, 1, False), ("maia100", 1, 2, False)]
     for row in rows[2:]:
         with pytest.raises(NotEnoughMemory) as fit:
-            require_fit(model, m100, ServingConfig(tensor_parallel_size=row.tp, pipeline_parallel_size=row.pp,
-                                                   max_model_len=4096))
+            require_fit(
+                model,
+                m100,
+                ServingConfig(tensor_parallel_size=row.tp, pipeline_parallel_size=row.pp, max_model_len=4096),
+            )
         assert row.reason == str(fit.value) and row.rank is None
     assert [r.rank for r in rows[:2]] == [1, 2] and rows[0].goodput_tok_s >= rows[1].goodput_tok_s
     for row in rows[:2]:
@@ -76,13 +83,44 @@ def test_chips_beyond_the_network_are_rejected_not_raised():
 
 
 def test_plan_json_has_the_fields_of_each_layout(capsys):
-    code = main(["plan", "--model", "llama-3-8b", "--device", "maia100", "h100-sxm@pcie", "--num-devices", "2",
-                 "--num-prompts", "4", "--input-len", "128", "--output-len", "4", "--tpot-slo-ms", "50", "--json"])
+    code = main(
+        [
+            "plan",
+            "--model",
+            "llama-3-8b",
+            "--device",
+            "maia100",
+            "h100-sxm@pcie",
+            "--num-devices",
+            "2",
+            "--num-prompts",
+            "4",
+            "--input-len",
+            "128",
+            "--output-len",
+            "4",
+            "--tpot-slo-ms",
+            "50",
+            "--json",
+        ]
+    )
     rows = json.loads(capsys.readouterr().out)
     assert code == 0 and len(rows) == 4
     for row in rows:
-        assert {"device", "tp", "pp", "fits", "reason", "output_throughput_tok_s", "ttft_ms", "tpot_ms",
-                "comm_share", "goodput_tok_s", "rank", "topology"} <= row.keys()
+        assert {
+            "device",
+            "tp",
+            "pp",
+            "fits",
+            "reason",
+            "output_throughput_tok_s",
+            "ttft_ms",
+            "tpot_ms",
+            "comm_share",
+            "goodput_tok_s",
+            "rank",
+            "topology",
+        } <= row.keys()
         assert row["fits"] and row["reason"] is None and row["output_throughput_tok_s"] > 0
     assert sorted(r["rank"] for r in rows) == [1, 2, 3, 4]
     assert {r["device"] for r in rows} == {"maia100", "h100-sxm@pcie"}
@@ -90,8 +128,25 @@ def test_plan_json_has_the_fields_of_each_layout(capsys):
 
 def test_plan_prints_a_table_with_the_rejections_and_writes_its_plots(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    code = main(["plan", "--model", "qwen2.5-7b", "--device", "maia100", "--num-devices", "8", "--num-prompts", "4",
-                 "--input-len", "128", "--output-len", "4", "--plot", str(tmp_path)])
+    code = main(
+        [
+            "plan",
+            "--model",
+            "qwen2.5-7b",
+            "--device",
+            "maia100",
+            "--num-devices",
+            "8",
+            "--num-prompts",
+            "4",
+            "--input-len",
+            "128",
+            "--output-len",
+            "4",
+            "--plot",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "ranked by output throughput" in out and "rejected" in out

@@ -8,8 +8,13 @@ from maia_serving.emulator.sim.workload import Request
 
 
 def config(**overrides) -> SchedulerConfig:
-    settings = {"num_blocks": 100, "block_size": 4, "max_num_seqs": 8, "max_num_batched_tokens": 100,
-                "enable_prefix_caching": False}
+    settings = {
+        "num_blocks": 100,
+        "block_size": 4,
+        "max_num_seqs": 8,
+        "max_num_batched_tokens": 100,
+        "enable_prefix_caching": False,
+    }
     return SchedulerConfig(**{**settings, **overrides})
 
 
@@ -24,8 +29,9 @@ def run(scheduler: Scheduler, steps: int | None = None) -> list[tuple]:
         step = scheduler.schedule()
         assert step.request_ids, "stuck: work left but nothing scheduled"
         result = scheduler.update(step)
-        out.append((step.request_ids, step.new_tokens, step.context_lens, step.preempted, result.sampled,
-                    result.finished))
+        out.append(
+            (step.request_ids, step.new_tokens, step.context_lens, step.preempted, result.sampled, result.finished)
+        )
     return out
 
 

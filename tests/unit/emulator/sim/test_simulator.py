@@ -64,10 +64,15 @@ def test_ttft_and_tpot_are_the_sums_of_the_live_cost_models_steps(llama8b, maia1
     """A's 3000-token prompt in chunks of the 2048-token budget; b's 1000 fit beside a's second chunk; both
     decode; b finishes after one decode and a after two."""
     costs = CostModel(maia100, llama8b)
-    sim = simulate([Request(0.0, 3000, 3), Request(0.0, 1000, 2)], costs,
-                   config(num_blocks=1000, block_size=16, max_num_batched_tokens=2048))
-    c1, c2, c3, c4 = (costs.cost_of(q, n).total_s for q, n in [
-        ((2048,), (2048,)), ((952, 1000), (3000, 1000)), ((1, 1), (3001, 1001)), ((1,), (3002,))])
+    sim = simulate(
+        [Request(0.0, 3000, 3), Request(0.0, 1000, 2)],
+        costs,
+        config(num_blocks=1000, block_size=16, max_num_batched_tokens=2048),
+    )
+    c1, c2, c3, c4 = (
+        costs.cost_of(q, n).total_s
+        for q, n in [((2048,), (2048,)), ((952, 1000), (3000, 1000)), ((1, 1), (3001, 1001)), ((1,), (3002,))]
+    )
     a, b = sim.timings
     assert a.ttft_s == b.ttft_s == pytest.approx(c1 + c2, rel=1e-12)
     assert a.tpot_s == pytest.approx((c3 + c4) / 2, rel=1e-12)
@@ -85,8 +90,12 @@ def test_a_static_batch_matches_the_old_lockstep_simulation_where_the_policies_c
     costs = CostModel(maia100, llama8b)
     prefill = costs.cost_of((prompt_len,) * num_seqs, (prompt_len,) * num_seqs).total_s
     decode = sum(costs.cost_of((1,) * num_seqs, (prompt_len + i,) * num_seqs).total_s for i in range(1, output_len))
-    old = {"ttft_s": prefill, "tpot_s": decode / (output_len - 1), "e2e_s": prefill + decode,
-           "output_tokens_per_s": num_seqs * output_len / (prefill + decode)}
+    old = {
+        "ttft_s": prefill,
+        "tpot_s": decode / (output_len - 1),
+        "e2e_s": prefill + decode,
+        "output_tokens_per_s": num_seqs * output_len / (prefill + decode),
+    }
 
     sim = simulate_device(maia100, llama8b, ServingConfig(), synthetic(num_seqs, prompt_len, output_len))
     report = summarize(sim)
@@ -148,27 +157,35 @@ def test_a_bad_rate_is_refused(rate):
 
 def test_a_trace_is_read_sorted_and_limited(tmp_path):
     path = tmp_path / "trace.jsonl"
-    path.write_text('{"arrival_s": 1.5, "input_len": 100, "output_len": 10}\n'
-                    '\n'
-                    '{"arrival_s": 0, "input_len": 64, "output_len": 1, "prefix_id": 7, "prefix_len": 32}\n'
-                    '{"arrival_s": 9, "input_len": 1, "output_len": 1}\n')
+    path.write_text(
+        '{"arrival_s": 1.5, "input_len": 100, "output_len": 10}\n'
+        "\n"
+        '{"arrival_s": 0, "input_len": 64, "output_len": 1, "prefix_id": 7, "prefix_len": 32}\n'
+        '{"arrival_s": 9, "input_len": 1, "output_len": 1}\n'
+    )
     assert read_trace(path) == [Request(0.0, 64, 1, "7", 32), Request(1.5, 100, 10), Request(9.0, 1, 1)]
     assert read_trace(path, limit=2) == [Request(0.0, 64, 1, "7", 32), Request(1.5, 100, 10)]
 
 
-@pytest.mark.parametrize("line, error", [
-    ("{arrival_s: 0}", "not JSON"),
-    ("[0, 1, 2]", "expected a JSON object, got list"),
-    ('{"arrival_s": 0, "input_len": 8}', "missing output_len"),
-    ('{"arrival_s": 0, "input_len": 8, "output_len": 2, "outptu_len": 3}', "unknown field outptu_len"),
-    ('{"arrival_s": "0", "input_len": 8, "output_len": 2}', 'arrival_s must be a number, got "0"'),
-    ('{"arrival_s": 0, "input_len": 8.5, "output_len": 2}', "input_len must be an integer, got 8.5"),
-    ('{"arrival_s": 0, "input_len": true, "output_len": 2}', "input_len must be an integer, got true"),
-    ('{"arrival_s": -1, "input_len": 8, "output_len": 2}', "arrival_s must be a finite number >= 0"),
-    ('{"arrival_s": 0, "input_len": 0, "output_len": 2}', "input_len and output_len must be >= 1"),
-    ('{"arrival_s": 0, "input_len": 8, "output_len": 2, "prefix_id": "s", "prefix_len": 9}', "prefix_len must be in"),
-    ('{"arrival_s": 0, "input_len": 8, "output_len": 2, "prefix_len": 4}', "prefix_len needs a prefix_id"),
-])
+@pytest.mark.parametrize(
+    "line, error",
+    [
+        ("{arrival_s: 0}", "not JSON"),
+        ("[0, 1, 2]", "expected a JSON object, got list"),
+        ('{"arrival_s": 0, "input_len": 8}', "missing output_len"),
+        ('{"arrival_s": 0, "input_len": 8, "output_len": 2, "outptu_len": 3}', "unknown field outptu_len"),
+        ('{"arrival_s": "0", "input_len": 8, "output_len": 2}', 'arrival_s must be a number, got "0"'),
+        ('{"arrival_s": 0, "input_len": 8.5, "output_len": 2}', "input_len must be an integer, got 8.5"),
+        ('{"arrival_s": 0, "input_len": true, "output_len": 2}', "input_len must be an integer, got true"),
+        ('{"arrival_s": -1, "input_len": 8, "output_len": 2}', "arrival_s must be a finite number >= 0"),
+        ('{"arrival_s": 0, "input_len": 0, "output_len": 2}', "input_len and output_len must be >= 1"),
+        (
+            '{"arrival_s": 0, "input_len": 8, "output_len": 2, "prefix_id": "s", "prefix_len": 9}',
+            "prefix_len must be in",
+        ),
+        ('{"arrival_s": 0, "input_len": 8, "output_len": 2, "prefix_len": 4}', "prefix_len needs a prefix_id"),
+    ],
+)
 def test_a_bad_trace_line_is_named_by_its_number(tmp_path, line, error):
     with pytest.raises(ValueError, match=error):
         parse_trace_line(line)
@@ -207,8 +224,7 @@ def test_the_report_counts_throughput_goodput_and_kv_use_over_the_run():
     # Blocks of 4: a 1 block, then a 2 and b 1, then b 2; idle; c 1. Peak 3 of 100.
     assert sim.steps.kv_blocks_used == (1, 3, 2, 1)
     assert report.kv_peak_usage == 0.03
-    assert report.kv_mean_usage == pytest.approx(
-        (1 * 0.1875 + 3 * 0.203125 + 2 * 0.140625 + 1 * 0.1875) / 2.1875 / 100)
+    assert report.kv_mean_usage == pytest.approx((1 * 0.1875 + 3 * 0.203125 + 2 * 0.140625 + 1 * 0.1875) / 2.1875 / 100)
     assert report.kv_usage_over_time[0] == (0.0, 0.01)
     assert report.kv_usage_over_time[10][1] == 0.0  # idle at 1.15 s
     assert report.kv_usage_over_time[-1] == (2.1875, 0.0)  # the run has ended
@@ -230,11 +246,18 @@ def test_the_chrome_trace_has_every_step_and_request():
     events = json.loads(json.dumps(chrome_trace([sim, sim])))["traceEvents"]
     steps = [e for e in events if e["ph"] == "X"]
     assert [(e["pid"], e["name"], e["ts"], e["dur"]) for e in steps[:4]] == [
-        (0, "prefill", 0.0, 187500.0), (0, "prefill", 187500.0, 203125.0), (0, "decode", 390625.0, 140625.0),
-        (0, "prefill", 2e6, 187500.0)]
+        (0, "prefill", 0.0, 187500.0),
+        (0, "prefill", 187500.0, 203125.0),
+        (0, "decode", 390625.0, 140625.0),
+        (0, "prefill", 2e6, 187500.0),
+    ]
     assert len(steps) == 8
     spans = [(e["id"], e["name"], e["ph"], e["ts"]) for e in events if e.get("cat") == "request" and e["pid"] == 0]
-    assert spans[4:8] == [(1, "request", "b", 62500.0), (1, "ttft", "b", 62500.0), (1, "ttft", "e", 390625.0),
-                          (1, "request", "e", 531250.0)]
+    assert spans[4:8] == [
+        (1, "request", "b", 62500.0),
+        (1, "ttft", "b", 62500.0),
+        (1, "ttft", "e", 390625.0),
+        (1, "request", "e", 531250.0),
+    ]
     kv = [(e["ts"], e["args"]["blocks"]) for e in events if e["name"] == "KV blocks used" and e["pid"] == 1]
     assert kv == [(0.0, 1), (187500.0, 3), (390625.0, 2), (531250.0, 0), (2e6, 1), (2187500.0, 0)]

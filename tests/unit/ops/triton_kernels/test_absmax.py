@@ -22,9 +22,7 @@ def test_kernel_matches_reference(num_tokens, num_kv_heads, head_dim, dtype, dev
     g = torch.Generator().manual_seed(num_tokens)
     x = (torch.randn(num_tokens, num_kv_heads, head_dim, generator=g) * 5).to(dtype)
     x[-1, 0, 1] = -1000.0  # the largest magnitude is negative, in the last token
-    torch.testing.assert_close(
-        kv_absmax(x.to(device)).cpu(), kv_absmax_ref(x), rtol=0, atol=0
-    )
+    torch.testing.assert_close(kv_absmax(x.to(device)).cpu(), kv_absmax_ref(x), rtol=0, atol=0)
     assert kv_absmax_ref(x)[0] == 1000.0
 
 

@@ -60,8 +60,13 @@ def _configs() -> dict[str, tuple[str, str, dict[str, str], dict]]:
         {"key_cache_ptr": "*u8", "value_cache_ptr": "*u8"},
         {"key_cache_ptr": "*bf16", "value_cache_ptr": "*bf16"},
     )
-    pa_common = {"BLOCK_SIZE": 16, "FP8_E5M2": False, "CAUSAL": True, "HAS_WINDOW": False,
-                 **mx.attention_constexprs(None)}
+    pa_common = {
+        "BLOCK_SIZE": 16,
+        "FP8_E5M2": False,
+        "CAUSAL": True,
+        "HAS_WINDOW": False,
+        **mx.attention_constexprs(None),
+    }
     return {
         "reshape_and_cache-e4m3": (
             RC,
@@ -218,9 +223,7 @@ def compiled() -> dict[str, dict]:
 def test_kernel_compiles_for_sm90(config_id, compiled):
     assert compiled[config_id]["error"] is None, compiled[config_id]["error"]
     if config_id.startswith("reshape_and_cache-e") or config_id == "reshape_and_cache_mx-nvfp4":
-        assert compiled[config_id]["div_rn"], (
-            "FP8 and NVFP4 quantization must divide as IEEE (div.rn)"
-        )
+        assert compiled[config_id]["div_rn"], "FP8 and NVFP4 quantization must divide as IEEE (div.rn)"
 
 
 if __name__ == "__main__":

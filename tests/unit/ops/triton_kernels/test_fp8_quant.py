@@ -19,9 +19,7 @@ NUM_BLOCKS = 5
 SENTINEL = 0x55  # bytes the writes must not touch
 
 
-def _inputs(
-    num_tokens: int, num_kv_heads: int, head_dim: int, dtype, seed: int, device
-):
+def _inputs(num_tokens: int, num_kv_heads: int, head_dim: int, dtype, seed: int, device):
     """Keys/values over many magnitudes (saturating and subnormal codes) plus inf and NaN."""
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -62,27 +60,17 @@ def _assert_same_codes(actual: torch.Tensor, expected: torch.Tensor, fmt: str) -
     ("head_dim", "block_size", "dtype"),
     [(80, 16, torch.bfloat16), (96, 32, torch.float16), (72, 16, torch.float32)],
 )
-def test_fp8_cache_write_bit_exact(
-    fmt, scale_kind, head_dim, block_size, dtype, device
-):
+def test_fp8_cache_write_bit_exact(fmt, scale_kind, head_dim, block_size, dtype, device):
     num_tokens, num_kv_heads = 9, 3
-    key, value = _inputs(
-        num_tokens, num_kv_heads, head_dim, dtype, seed=head_dim, device=device
-    )
+    key, value = _inputs(num_tokens, num_kv_heads, head_dim, dtype, seed=head_dim, device=device)
     slots = _slots(num_tokens, block_size, seed=block_size, device=device)
     k_scale, v_scale = _scales(scale_kind, num_kv_heads, device)
     shape = (NUM_BLOCKS, block_size, num_kv_heads, head_dim)
-    caches = [
-        torch.full(shape, SENTINEL, dtype=torch.uint8, device=device) for _ in range(4)
-    ]
+    caches = [torch.full(shape, SENTINEL, dtype=torch.uint8, device=device) for _ in range(4)]
     kv_cache_dtype = f"fp8_{fmt}"
 
-    reshape_and_cache(
-        key, value, caches[0], caches[1], slots, kv_cache_dtype, k_scale, v_scale
-    )
-    reshape_and_cache_ref(
-        key, value, caches[2], caches[3], slots, kv_cache_dtype, k_scale, v_scale
-    )
+    reshape_and_cache(key, value, caches[0], caches[1], slots, kv_cache_dtype, k_scale, v_scale)
+    reshape_and_cache_ref(key, value, caches[2], caches[3], slots, kv_cache_dtype, k_scale, v_scale)
 
     f = FP8_FORMATS[fmt]
     valid = slots >= 0
@@ -93,15 +81,11 @@ def test_fp8_cache_write_bit_exact(
     ):
         _assert_same_codes(cache, ref_cache, fmt)
         s = torch.as_tensor(scale, dtype=torch.float32, device=device).reshape(-1, 1)
-        direct = torch.clamp(x[valid].float() / s, -f.max_value, f.max_value).to(
-            f.torch_dtype
-        )
+        direct = torch.clamp(x[valid].float() / s, -f.max_value, f.max_value).to(f.torch_dtype)
         _assert_same_codes(cache[block, row], direct.view(torch.uint8), fmt)
         untouched = torch.ones(shape[:2], dtype=torch.bool, device=device)
         untouched[block, row] = False
-        assert bool((cache[untouched] == SENTINEL).all()), (
-            "a padding or unused slot was written"
-        )
+        assert bool((cache[untouched] == SENTINEL).all()), "a padding or unused slot was written"
 
 
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
@@ -126,9 +110,7 @@ def test_special_values(fmt, device):
         torch.tensor(1.976).to(f.torch_dtype).item(),
         0.0,
     ]
-    torch.testing.assert_close(
-        torch.tensor(got), torch.tensor(expected), rtol=0, atol=0, equal_nan=True
-    )
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize(
@@ -142,9 +124,7 @@ def test_special_values(fmt, device):
 )
 def test_unquantized_cache_write(src_dtype, cache_dtype, kv_cache_dtype, device):
     num_tokens, num_kv_heads, head_dim, block_size = 7, 2, 80, 16
-    key, value = _inputs(
-        num_tokens, num_kv_heads, head_dim, src_dtype, seed=1, device=device
-    )
+    key, value = _inputs(num_tokens, num_kv_heads, head_dim, src_dtype, seed=1, device=device)
     slots = _slots(num_tokens, block_size, seed=2, device=device)
     shape = (NUM_BLOCKS, block_size, num_kv_heads, head_dim)
     caches = [torch.zeros(shape, dtype=cache_dtype, device=device) for _ in range(4)]
@@ -191,9 +171,7 @@ def test_bad_arguments_raise_clear_errors(device):
     with pytest.raises(ValueError, match="torch.uint8"):
         reshape_and_cache(key, key, cache.bfloat16(), cache.bfloat16(), slots, "fp8")
     with pytest.raises(ValueError, match="num_kv_heads=2"):
-        reshape_and_cache(
-            key, key, cache, cache, slots, "fp8", torch.ones(3, device=device)
-        )
+        reshape_and_cache(key, key, cache, cache, slots, "fp8", torch.ones(3, device=device))
     with pytest.raises(ValueError, match="slot_mapping"):
         reshape_and_cache(key, key, cache, cache, slots[:1], "fp8")
     with pytest.raises(ValueError, match="do not match"):

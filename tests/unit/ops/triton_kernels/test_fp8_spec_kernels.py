@@ -31,8 +31,7 @@ def test_reshape_and_cache_writes_the_spec_codes(fmt, scale, device):
     k_cache = torch.zeros(1, 16, len(scales), key.shape[-1], dtype=torch.uint8, device=device)
     v_cache = torch.zeros_like(k_cache)
     scale_arg = scale.to(device) if isinstance(scale, torch.Tensor) else scale
-    reshape_and_cache(key, -key, k_cache, v_cache, torch.tensor([5], device=device), f"fp8_{fmt}",
-                      scale_arg, scale_arg)
+    reshape_and_cache(key, -key, k_cache, v_cache, torch.tensor([5], device=device), f"fp8_{fmt}", scale_arg, scale_arg)
 
     for cache, flip in ((k_cache, 0), (v_cache, 0x80)):
         for head in cache[0, 5].tolist():
@@ -55,8 +54,18 @@ def test_paged_attention_decodes_every_code(fmt, v_scale, device):
     k_cache = torch.zeros_like(v_cache)  # code 0: +0.0, so the single score is 0
     query = torch.zeros(1, 1, 256, dtype=torch.float32, device=device)
     index = torch.tensor([[0]], dtype=torch.int32, device=device)
-    out = paged_attention(query, k_cache, v_cache, index, torch.tensor([1], dtype=torch.int32, device=device),
-                          torch.tensor([0, 1], dtype=torch.int32, device=device), 1.0, f"fp8_{fmt}", 1.0, v_scale)
+    out = paged_attention(
+        query,
+        k_cache,
+        v_cache,
+        index,
+        torch.tensor([1], dtype=torch.int32, device=device),
+        torch.tensor([0, 1], dtype=torch.int32, device=device),
+        1.0,
+        f"fp8_{fmt}",
+        1.0,
+        v_scale,
+    )
 
     expected = torch.tensor([f32(decode(c, SPECS[fmt]) * f32(v_scale)) for c in range(256)])
     got = out.reshape(256).cpu()

@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="the interpreter is only patched without a GPU"
-)
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is only patched without a GPU")
 
 
 def test_patched_symbols_still_exist(triton_interpreter_patches):
@@ -22,10 +20,7 @@ def test_patched_symbols_still_exist(triton_interpreter_patches):
         "create_fp_to_fp": ["self", "src", "dst_type", "rounding_mode"],
     }
     for name, params in expected.items():
-        assert (
-            list(inspect.signature(triton_interpreter_patches[name]).parameters)
-            == params
-        ), name
+        assert list(inspect.signature(triton_interpreter_patches[name]).parameters) == params, name
     assert hasattr(interpreter, "TensorHandle")
     assert hasattr(interpreter, "InterpretedFunction")
     assert hasattr(interpreter._ir.ROUNDING_MODE, "RTNE")
@@ -51,9 +46,7 @@ def test_interpreter_still_needs_patch(triton_interpreter_patches):
 
     patched = builder.create_fp_to_fp(handle, tl.float8e4nv, rtne)
     assert patched.data.tolist() == expected.tolist()
-    original = triton_interpreter_patches["create_fp_to_fp"](
-        builder, handle, tl.float8e4nv, rtne
-    )
+    original = triton_interpreter_patches["create_fp_to_fp"](builder, handle, tl.float8e4nv, rtne)
     assert original.data.tolist() != expected.tolist(), (
         "Triton's interpreter now converts fp32 -> fp8 e4m3 correctly: check bf16 and NaN "
         "decoding too, then remove the conversion patch in tests/unit/ops/triton_kernels/conftest.py"

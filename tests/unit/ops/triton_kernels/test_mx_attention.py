@@ -37,14 +37,15 @@ def test_kernel_decodes_every_code(fmt, device):
     codes, scales = _every_code_row(fmt)
     size, bits = BLOCK_SIZE[fmt], SPECS[ELEMENT[fmt]].bits
     head_dim = len(codes)
-    row = sum((pack_block(codes[b * size:(b + 1) * size], s, bits) for b, s in enumerate(scales)), [])
+    row = sum((pack_block(codes[b * size : (b + 1) * size], s, bits) for b, s in enumerate(scales)), [])
     v_cache = torch.zeros(1, 16, 1, head_bytes(fmt, head_dim), dtype=torch.uint8, device=device)
     v_cache[0, 0, 0] = torch.tensor(row, dtype=torch.uint8)
     k_cache = torch.zeros_like(v_cache)  # all codes 0: the single score is 0
     query = torch.zeros(1, 1, head_dim, device=device)
     t = NVFP4_TENSOR_SCALE if fmt == "nvfp4" else None
-    out = paged_attention(query, k_cache, v_cache, _int32([[0]], device), _int32([1], device),
-                          _int32([0, 1], device), 1.0, fmt, t, t)
+    out = paged_attention(
+        query, k_cache, v_cache, _int32([[0]], device), _int32([1], device), _int32([0, 1], device), 1.0, fmt, t, t
+    )
 
     spec = SPECS[ELEMENT[fmt]]
     expected = []

@@ -31,9 +31,7 @@ TOLERANCES = {
     torch.bfloat16: {"atol": 1e-3, "rtol": 8e-3},
     torch.float16: {"atol": 1e-3, "rtol": 1e-3},
     # GPU dots round fp32 operands to TF32; the interpreter multiplies in fp32.
-    torch.float32: {"atol": 2e-3, "rtol": 2e-3}
-    if torch.cuda.is_available()
-    else {"atol": 1e-5, "rtol": 1e-5},
+    torch.float32: {"atol": 2e-3, "rtol": 2e-3} if torch.cuda.is_available() else {"atol": 1e-5, "rtol": 1e-5},
 }
 
 
@@ -52,14 +50,20 @@ class Case:
 
     def args(self, scale: float, kv_cache_dtype: str, scales: bool = True) -> tuple:
         """The positional arguments paged_attention and its reference share, up to the scales."""
-        head = (self.query, self.key_cache, self.value_cache, self.block_tables, self.seq_lens,
-                self.query_start_loc, scale, kv_cache_dtype)
+        head = (
+            self.query,
+            self.key_cache,
+            self.value_cache,
+            self.block_tables,
+            self.seq_lens,
+            self.query_start_loc,
+            scale,
+            kv_cache_dtype,
+        )
         return (*head, self.k_scale, self.v_scale) if scales else head
 
 
-def _make_case(
-    batch, num_heads, head_dim, block_size, kv_cache_dtype, q_dtype, seed, device
-) -> Case:
+def _make_case(batch, num_heads, head_dim, block_size, kv_cache_dtype, q_dtype, seed, device) -> Case:
     """Random queries and a paged cache with shuffled blocks; the true K/V kept densely."""
     g = torch.Generator().manual_seed(seed)
     num_pages = [math.ceil(s / block_size) for s, _ in batch]
@@ -73,11 +77,7 @@ def _make_case(
         k_scale, v_scale = torch.tensor([0.004, 0.011]), 0.007
     else:
         k_scale = v_scale = None
-    cache_dtype = (
-        torch.uint8
-        if fp8
-        else {"bf16": torch.bfloat16, "auto": torch.float32}[kv_cache_dtype]
-    )
+    cache_dtype = torch.uint8 if fp8 else {"bf16": torch.bfloat16, "auto": torch.float32}[kv_cache_dtype]
     key_cache, value_cache = (
         torch.zeros(shape, dtype=cache_dtype),
         torch.zeros(shape, dtype=cache_dtype),
@@ -90,9 +90,7 @@ def _make_case(
             (key_cache, keys, k_scale),
             (value_cache, values, v_scale),
         ):
-            x = torch.randn(
-                len(blocks) * block_size, NUM_KV_HEADS, head_dim, generator=g
-            )
+            x = torch.randn(len(blocks) * block_size, NUM_KV_HEADS, head_dim, generator=g)
             if fp8:
                 codes = quantize_fp8_ref(x, scale, fmt)
                 cache[blocks] = codes.reshape(-1, block_size, NUM_KV_HEADS, head_dim)
@@ -136,9 +134,7 @@ def _dense_attention(case: Case, scale: float, causal: bool) -> torch.Tensor:
             visible = seq_len - q_len + j + 1 if causal else seq_len
             for h in range(query.shape[1]):
                 scores = k[:visible, h // group] @ query[starts[i] + j, h] * scale
-                out[starts[i] + j, h] = (
-                    torch.softmax(scores, 0) @ v[:visible, h // group]
-                )
+                out[starts[i] + j, h] = torch.softmax(scores, 0) @ v[:visible, h // group]
     return out
 
 
@@ -175,9 +171,7 @@ def test_kernel_matches_reference(batch, group, kv_cache_dtype, device):
         (torch.float16, "fp8_e5m2", 72, 32, True),
     ],
 )
-def test_dtypes_head_sizes_and_non_causal(
-    q_dtype, kv_cache_dtype, head_dim, block_size, causal, device
-):
+def test_dtypes_head_sizes_and_non_causal(q_dtype, kv_cache_dtype, head_dim, block_size, causal, device):
     case = _make_case(
         BATCHES["mixed"],
         4,
@@ -196,9 +190,7 @@ def test_dtypes_head_sizes_and_non_causal(
 @pytest.mark.parametrize("kv_cache_dtype", ["fp8_e4m3", "auto"])
 @pytest.mark.parametrize("causal", [True, False])
 def test_reference_matches_dense_float64(batch, kv_cache_dtype, causal):
-    case = _make_case(
-        BATCHES[batch], 4, 40, 16, kv_cache_dtype, torch.float32, seed=7, device="cpu"
-    )
+    case = _make_case(BATCHES[batch], 4, 40, 16, kv_cache_dtype, torch.float32, seed=7, device="cpu")
     ref = paged_attention_ref(
         case.query,
         case.key_cache,
@@ -212,15 +204,11 @@ def test_reference_matches_dense_float64(batch, kv_cache_dtype, causal):
         case.v_scale,
         causal,
     )
-    torch.testing.assert_close(
-        ref.double(), _dense_attention(case, 0.15, causal), atol=1e-5, rtol=1e-5
-    )
+    torch.testing.assert_close(ref.double(), _dense_attention(case, 0.15, causal), atol=1e-5, rtol=1e-5)
 
 
 def test_out_and_max_query_len(device):
-    case = _make_case(
-        BATCHES["mixed"], 4, 64, 16, "fp8_e4m3", torch.bfloat16, seed=3, device=device
-    )
+    case = _make_case(BATCHES["mixed"], 4, 64, 16, "fp8_e4m3", torch.bfloat16, seed=3, device=device)
     out = torch.full_like(case.query, float("nan"))
     result = paged_attention(*case.args(0.125, "fp8_e4m3"), max_query_len=20, out=out)
     assert result is out
@@ -229,9 +217,7 @@ def test_out_and_max_query_len(device):
 
 
 def test_bad_arguments_raise_clear_errors(device):
-    case = _make_case(
-        BATCHES["decode"], 4, 64, 16, "bf16", torch.bfloat16, seed=0, device=device
-    )
+    case = _make_case(BATCHES["decode"], 4, 64, 16, "bf16", torch.bfloat16, seed=0, device=device)
     args = case.args(0.125, "bf16", scales=False)
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         paged_attention(case.query[:, :3], *args[1:])
@@ -248,9 +234,7 @@ def test_bad_arguments_raise_clear_errors(device):
 def test_sliding_window_matches_reference(batch, window, device):
     """Windows below, at and above a tile's and a page's size; 70 covers every key. The kernel
     starts each program's key loop at its first row's window, so it never reads older pages."""
-    case = _make_case(
-        BATCHES[batch], 4, 64, 16, "fp8_e4m3", torch.bfloat16, seed=window, device=device
-    )
+    case = _make_case(BATCHES[batch], 4, 64, 16, "fp8_e4m3", torch.bfloat16, seed=window, device=device)
     args = case.args(0.125, "fp8_e4m3")
     out = paged_attention(*args, sliding_window=window)
     ref = paged_attention_ref(*args, sliding_window=window)
@@ -260,9 +244,7 @@ def test_sliding_window_matches_reference(batch, window, device):
 
 
 def test_sliding_window_argument_errors(device):
-    case = _make_case(
-        BATCHES["decode"], 4, 64, 16, "bf16", torch.bfloat16, seed=0, device=device
-    )
+    case = _make_case(BATCHES["decode"], 4, 64, 16, "bf16", torch.bfloat16, seed=0, device=device)
     args = case.args(0.125, "bf16", scales=False)
     with pytest.raises(ValueError, match="positive int"):
         paged_attention(*args, sliding_window=0)
@@ -273,14 +255,10 @@ def test_sliding_window_argument_errors(device):
 def test_sliding_window_never_reads_pages_before_the_window(device):
     """vLLM frees the pages a window has passed (their block-table entries go stale): NaN there
     must not reach the output. Decode at position 63 with a window of 16 reads keys 48..63 only."""
-    case = _make_case(
-        [(64, 1)], 4, 64, 16, "bf16", torch.bfloat16, seed=5, device=device
-    )
+    case = _make_case([(64, 1)], 4, 64, 16, "bf16", torch.bfloat16, seed=5, device=device)
     args = case.args(0.125, "bf16", scales=False)
     ref = paged_attention_ref(*args, sliding_window=16)
     stale = case.block_tables[0, :3].long()
     for cache in (case.key_cache, case.value_cache):
         cache[stale] = float("nan")
-    torch.testing.assert_close(
-        paged_attention(*args, sliding_window=16), ref, **TOLERANCES[torch.bfloat16]
-    )
+    torch.testing.assert_close(paged_attention(*args, sliding_window=16), ref, **TOLERANCES[torch.bfloat16])
