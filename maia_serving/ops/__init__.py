@@ -29,6 +29,7 @@ import os
 import torch
 
 from maia_serving import envs
+from maia_serving.ops.batch import UNQUANTIZED, KvQuant, PagedBatch
 from maia_serving.ops.fp8 import (
     FP8_FORMATS,
     Fp8Format,
@@ -53,6 +54,8 @@ __all__ = [
     "KERNELS_ENV",
     "MX_FORMATS",
     "Fp8Format",
+    "KvQuant",
+    "PagedBatch",
     "check_cache_dtype",
     "dequantize_fp8_ref",
     "get_fp8_format",
@@ -99,23 +102,12 @@ def reshape_and_cache(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
-    kv_cache_dtype: str = "auto",
-    k_scale: float | torch.Tensor | None = None,
-    v_scale: float | torch.Tensor | None = None,
+    kv: KvQuant = UNQUANTIZED,
 ) -> None:
     """Write key/value into the paged caches in place; see ``reshape_and_cache_ref`` (and
     ``reshape_and_cache_mx_ref`` for the block-scaled formats)."""
-    args = (
-        key,
-        value,
-        key_cache,
-        value_cache,
-        slot_mapping,
-        kv_cache_dtype,
-        k_scale,
-        v_scale,
-    )
-    block_scaled = kv_cache_dtype in MX_FORMATS
+    args = (key, value, key_cache, value_cache, slot_mapping, kv.dtype, kv.k_scale, kv.v_scale)
+    block_scaled = kv.dtype in MX_FORMATS
     if kernel_backend(key.device) == "triton":
         from maia_serving.ops import triton as kernels
 
@@ -130,48 +122,38 @@ def paged_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
+    batch: PagedBatch,
     scale: float,
-    kv_cache_dtype: str = "auto",
-    k_scale: float | torch.Tensor | None = None,
-    v_scale: float | torch.Tensor | None = None,
-    causal: bool = True,
+    kv: KvQuant = UNQUANTIZED,
     *,
-    max_query_len: int | None = None,
     out: torch.Tensor | None = None,
-    plan=None,
-    sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Paged attention over varlen queries; see ``paged_attention_ref`` (``paged_attention_mx_ref``
-    for the block-scaled formats: both implementations decode them while reading).
-
-    ``max_query_len`` (the longest ``q_len``) spares the kernel a device sync; ``out``
-    receives the result when given and is returned. ``plan`` (``ops.host.PagedPlan`` for
-    the same batch and window) spares the torch path rebuilding its index tensors in every
-    layer. ``sliding_window``: each query sees its last that many keys, itself included.
-    """
-    args = (
-        query,
-        key_cache,
-        value_cache,
-        block_tables,
-        seq_lens,
-        query_start_loc,
-        scale,
-        kv_cache_dtype,
-        k_scale,
-        v_scale,
-        causal,
-    )
+    """Paged attention of ``batch``'s varlen queries; see ``paged_attention_ref`` (``paged_attention_mx_ref``
+    for the block-scaled formats: both implementations decode them while reading). ``out`` receives the
+    result when given and is returned."""
     if kernel_backend(query.device) == "triton":
         from maia_serving.ops import triton as kernels
 
-        return kernels.paged_attention(*args, max_query_len=max_query_len, out=out, sliding_window=sliding_window)
+        # The launch stays flat, as its reference's signature is.
+        return kernels.paged_attention(
+            query,
+            key_cache,
+            value_cache,
+            batch.block_tables,
+            batch.seq_lens,
+            batch.query_start_loc,
+            scale,
+            kv.dtype,
+            kv.k_scale,
+            kv.v_scale,
+            batch.causal,
+            max_query_len=batch.max_query_len,
+            out=out,
+            sliding_window=batch.sliding_window,
+        )
     from maia_serving.ops.host import paged_attention_host
 
-    return paged_attention_host(*args, max_query_len=max_query_len, plan=plan, out=out, sliding_window=sliding_window)
+    return paged_attention_host(query, key_cache, value_cache, batch, scale, kv, out=out)
 
 
 def kv_absmax(x: torch.Tensor) -> torch.Tensor:

@@ -20,11 +20,11 @@ decodes the whole cache on every call, which serving cannot afford.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 
 from maia_serving.ops import native
+from maia_serving.ops.batch import UNQUANTIZED, KvQuant, PagedBatch, PagedPlan
 from maia_serving.ops.fp8 import (
     Fp8Format,
     attended,
@@ -51,33 +51,10 @@ from maia_serving.ops.mx import (
 MAX_BATCHED_SCORES = 1 << 24
 
 
-@dataclass(frozen=True)
-class PagedPlan:
-    """Index tensors of one step's batch, shared by every layer (built once per step)."""
-
-    num_seqs: int
-    max_q: int
-    max_len: int
-    blocks: torch.Tensor  # [seqs, blocks needed for max_len]
-    index: torch.Tensor  # [seqs, max_q] token row of each padded query
-    valid_q: torch.Tensor  # [seqs, max_q]
-    mask: torch.Tensor  # [seqs, 1 or max_q, max_len], True where a key is not attended
-    batched: bool  # False: the padded scores would be too large, use the reference
-    sliding_window: int | None = None  # the window the mask was built for
-
-
-def plan_paged_attention(
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    num_tokens: int,
-    num_heads: int,
-    block_size: int,
-    causal: bool = True,
-    max_query_len: int | None = None,
-    sliding_window: int | None = None,
-) -> PagedPlan:
-    """The step's index tensors and mask; ``sliding_window`` as in ``paged_attention_ref``."""
+def plan_paged_attention(batch: PagedBatch, num_tokens: int, num_heads: int, block_size: int) -> PagedPlan:
+    """The step's index tensors and mask for ``batch``'s window, for the torch path."""
+    block_tables, seq_lens, query_start_loc = batch.block_tables, batch.seq_lens, batch.query_start_loc
+    causal, max_query_len, sliding_window = batch.causal, batch.max_query_len, batch.sliding_window
     check_sliding_window(sliding_window, causal)
     num_seqs = seq_lens.shape[0]
     q_lens = (query_start_loc[1:] - query_start_loc[:-1]).long()
@@ -383,23 +360,18 @@ def paged_attention_host(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
+    batch: PagedBatch,
     scale: float,
-    kv_cache_dtype: str = "auto",
-    k_scale: float | torch.Tensor | None = None,
-    v_scale: float | torch.Tensor | None = None,
-    causal: bool = True,
-    max_query_len: int | None = None,
-    plan: PagedPlan | None = None,
+    kv: KvQuant = UNQUANTIZED,
+    *,
     out: torch.Tensor | None = None,
-    sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Arguments and result as ``paged_attention_ref`` (``paged_attention_mx_ref`` for the block-scaled
-    formats, here with the window too); ``plan`` (from plan_paged_attention, the same batch and
-    window) spares rebuilding the index tensors; ``out``, when given, receives the result (no
-    second copy on the serving hot path)."""
+    """``paged_attention_ref``'s result (``paged_attention_mx_ref``'s for the block-scaled formats) for this
+    batch; ``batch.plan`` (from plan_paged_attention, the same batch and window) spares rebuilding the index
+    tensors; ``out``, when given, receives the result (no second copy on the serving hot path)."""
+    block_tables, seq_lens, query_start_loc = batch.block_tables, batch.seq_lens, batch.query_start_loc
+    kv_cache_dtype, k_scale, v_scale = kv.dtype, kv.k_scale, kv.v_scale
+    causal, sliding_window, plan = batch.causal, batch.sliding_window, batch.plan
     fmt = _check_args(
         query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, kv_cache_dtype, k_scale, v_scale
     )
@@ -427,17 +399,7 @@ def paged_attention_host(
     ):
         return result  # the kernel needs no plan: the engines skip building one where it is built
     if plan is None:
-        plan = plan_paged_attention(
-            block_tables,
-            seq_lens,
-            query_start_loc,
-            query.shape[0],
-            num_heads,
-            key_cache.shape[1],
-            causal,
-            max_query_len,
-            sliding_window,
-        )
+        plan = plan_paged_attention(batch, query.shape[0], num_heads, key_cache.shape[1])
     if plan.num_seqs == 0 or plan.max_q == 0:
         return result
     if not plan.batched and isinstance(fmt, MxFormat):

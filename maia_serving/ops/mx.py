@@ -374,6 +374,7 @@ def paged_attention_mx_ref(
     k_scale: float | torch.Tensor | None = None,
     v_scale: float | torch.Tensor | None = None,
     causal: bool = True,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """``fp8.paged_attention_ref`` over the float32 values the MX caches decode to (same arguments)."""
     fmt = check_paged_attention_mx_args(
@@ -383,5 +384,14 @@ def paged_attention_mx_ref(
     keys = dequantize_mx_ref(key_cache, fmt, head_dim, k_scale)
     values = dequantize_mx_ref(value_cache, fmt, head_dim, v_scale)
     return paged_attention_ref(
-        query, keys, values, block_tables, seq_lens, query_start_loc, scale, "auto", causal=causal
+        query,
+        keys,
+        values,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        scale,
+        "auto",
+        causal=causal,
+        sliding_window=sliding_window,
     )

@@ -15,7 +15,7 @@ last S + 1 keys, the ops' window. A block-scaled cache (MAIA_SERVING_KV_CACHE_DT
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
@@ -23,7 +23,8 @@ from sglang.srt.mem_cache.base_swa_memory_pool import BaseSWAKVPool
 
 from maia_serving import envs, ops
 from maia_serving.ops import native
-from maia_serving.ops.host import PagedPlan, plan_paged_attention
+from maia_serving.ops.batch import KvQuant, PagedBatch
+from maia_serving.ops.host import plan_paged_attention
 from maia_serving.ops.mx import MX_FORMATS
 from maia_serving.serving import kv_scales
 
@@ -32,15 +33,23 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class MaiaForwardMetadata:
-    """One step's batch in the ops' vocabulary, shared by every layer."""
+    """One step's batch in the ops' vocabulary, shared by every layer: seen by each sliding window (a model may
+    mix windowed and full layers) as a PagedBatch of its own, with the torch path's plan, made once a step by
+    the window's first layer."""
 
-    block_tables: torch.Tensor  # [seqs, pages] page numbers
-    seq_lens: torch.Tensor  # [seqs] tokens of context, this step's included
-    query_start_loc: torch.Tensor  # [seqs + 1]
+    batch: PagedBatch
     num_tokens: int
-    max_query_len: int
     torch_path: bool  # the torch ops (not the native kernel) plan their index tensors once per step and window
-    plans: dict[int | None, PagedPlan] = field(default_factory=dict)  # by window, built by a layer that needs it
+    windows: dict[int | None, PagedBatch] = field(default_factory=dict)
+
+    def for_window(self, window: int | None, num_heads: int, page_size: int) -> PagedBatch:
+        batch = self.windows.get(window)
+        if batch is None:
+            batch = self.batch.windowed(window)
+            if self.torch_path:
+                batch = replace(batch, plan=plan_paged_attention(batch, self.num_tokens, num_heads, page_size))
+            self.windows[window] = batch
+        return batch
 
 
 def kv_cache_dtype_name(dtype: torch.dtype) -> str:
@@ -148,14 +157,8 @@ class MaiaAttnBackend(AttentionBackend):
         torch.cumsum(q_lens, 0, out=query_start_loc[1:])
         seq_lens = forward_batch.seq_lens.to(index)
         query_start_loc = query_start_loc.to(device)
-        self.forward_metadata = MaiaForwardMetadata(
-            block_tables,
-            seq_lens,
-            query_start_loc,
-            int(q_lens.sum()),
-            int(q_lens.max()),
-            torch_path and not native_path,
-        )
+        batch = PagedBatch(block_tables, seq_lens, query_start_loc, int(q_lens.max()))
+        self.forward_metadata = MaiaForwardMetadata(batch, int(q_lens.sum()), torch_path and not native_path)
 
     # -- per layer -------------------------------------------------------------------
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True):
@@ -168,7 +171,7 @@ class MaiaAttnBackend(AttentionBackend):
         self._check_layer(layer)
         num_heads, num_kv_heads, head_dim = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
         key_cache, value_cache = self._caches(layer)
-        k_scale, v_scale = self._layer_scales(layer)
+        kv = KvQuant(self.kv_cache_dtype, *self._layer_scales(layer))
         if save_kv_cache and k is not None and v is not None:
             ops.reshape_and_cache(
                 k.view(-1, num_kv_heads, head_dim),
@@ -176,9 +179,7 @@ class MaiaAttnBackend(AttentionBackend):
                 key_cache,
                 value_cache,
                 forward_batch.out_cache_loc,
-                self.kv_cache_dtype,
-                k_scale,
-                v_scale,
+                kv,
             )
         query = q.reshape(-1, num_heads, head_dim)
         out = torch.empty_like(query)
@@ -188,35 +189,8 @@ class MaiaAttnBackend(AttentionBackend):
         window = layer_window(layer)
         if self._layer_windows is not None:
             self._layer_windows.add(window)
-        if meta.torch_path and window not in meta.plans:
-            meta.plans[window] = plan_paged_attention(
-                meta.block_tables,
-                meta.seq_lens,
-                meta.query_start_loc,
-                meta.num_tokens,
-                num_heads,
-                self.page_size,
-                causal=True,
-                max_query_len=meta.max_query_len,
-                sliding_window=window,
-            )
-        ops.paged_attention(
-            query,
-            key_cache,
-            value_cache,
-            meta.block_tables,
-            meta.seq_lens,
-            meta.query_start_loc,
-            layer.scaling,
-            self.kv_cache_dtype,
-            k_scale,
-            v_scale,
-            True,
-            max_query_len=meta.max_query_len,
-            out=out,
-            plan=meta.plans.get(window),
-            sliding_window=window,
-        )
+        batch = meta.for_window(window, num_heads, self.page_size)
+        ops.paged_attention(query, key_cache, value_cache, batch, layer.scaling, kv, out=out)
         return out.view(-1, num_heads * head_dim)
 
     def _caches(self, layer) -> tuple[torch.Tensor, torch.Tensor]:

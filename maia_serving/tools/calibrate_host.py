@@ -81,13 +81,8 @@ def measure_attention_flops(
     key_cache = torch.zeros(blocks, block, kv_heads, head_dim, dtype=torch.bfloat16)
     value_cache = torch.zeros_like(key_cache)
     ops.reshape_and_cache(kv, kv, key_cache, value_cache, torch.arange(tokens))
-    tables, lens, starts = torch.arange(blocks)[None], torch.tensor([tokens]), torch.tensor([0, tokens])
-    seconds = _best_of(
-        lambda: ops.paged_attention(
-            query, key_cache, value_cache, tables, lens, starts, head_dim**-0.5, max_query_len=tokens
-        ),
-        repeats,
-    )
+    batch = ops.PagedBatch(torch.arange(blocks)[None], torch.tensor([tokens]), torch.tensor([0, tokens]), tokens)
+    seconds = _best_of(lambda: ops.paged_attention(query, key_cache, value_cache, batch, head_dim**-0.5), repeats)
     pairs = tokens * (tokens + 1) // 2
     return 2 * heads * (2 * head_dim) * pairs / seconds
 

@@ -38,7 +38,8 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 from maia_serving import envs, ops
 from maia_serving.formats import precision
 from maia_serving.ops import native
-from maia_serving.ops.host import PagedPlan, plan_paged_attention
+from maia_serving.ops.batch import KvQuant, PagedBatch
+from maia_serving.ops.host import plan_paged_attention
 from maia_serving.ops.mx import MX_FORMATS, head_bytes
 from maia_serving.serving import kv_scales as scales
 
@@ -100,12 +101,8 @@ class MaiaAttentionBackend(AttentionBackend):
 @dataclass
 class MaiaAttentionMetadata:
     num_actual_tokens: int
-    max_query_len: int
-    query_start_loc: torch.Tensor  # [num_seqs + 1]
-    seq_lens: torch.Tensor  # [num_seqs]
-    block_table: torch.Tensor  # [num_seqs, max_blocks]
     slot_mapping: torch.Tensor  # [num_actual_tokens]
-    host_plan: PagedPlan | None  # index tensors for the torch path, shared by the group's layers of its window
+    batch: PagedBatch  # the step's batch for its KV cache group's window, with the torch path's plan
 
 
 class MaiaMetadataBuilder(AttentionMetadataBuilder[MaiaAttentionMetadata]):
@@ -128,32 +125,16 @@ class MaiaMetadataBuilder(AttentionMetadataBuilder[MaiaAttentionMetadata]):
         query_start_loc = m.query_start_loc[: num_seqs + 1]
         seq_lens = m.seq_lens[:num_seqs]
         block_table = m.block_table_tensor[:num_seqs]
-        host_plan = None
         torch_path = ops.kernel_backend(self.device) == "torch"
-        if torch_path and native.module() is not None:
+        native_path = torch_path and native.module() is not None
+        if native_path:
             # The C++ kernel reads int64 (vLLM keeps int32): converted once a step, not in every layer.
             block_table, seq_lens, query_start_loc = block_table.long(), seq_lens.long(), query_start_loc.long()
-        elif torch_path:  # the torch ops' index tensors
-            host_plan = plan_paged_attention(
-                block_table,
-                seq_lens,
-                query_start_loc,
-                m.num_actual_tokens,
-                self.num_heads,
-                self.block_size,
-                True,
-                m.max_query_len,
-                self.sliding_window,
-            )
-        return MaiaAttentionMetadata(
-            num_actual_tokens=m.num_actual_tokens,
-            max_query_len=m.max_query_len,
-            query_start_loc=query_start_loc,
-            seq_lens=seq_lens,
-            block_table=block_table,
-            slot_mapping=m.slot_mapping[: m.num_actual_tokens],
-            host_plan=host_plan,
-        )
+        batch = PagedBatch(block_table, seq_lens, query_start_loc, m.max_query_len, self.sliding_window)
+        if torch_path and not native_path:  # the torch ops' index tensors, once a step
+            plan = plan_paged_attention(batch, m.num_actual_tokens, self.num_heads, self.block_size)
+            batch = replace(batch, plan=plan)
+        return MaiaAttentionMetadata(m.num_actual_tokens, m.slot_mapping[: m.num_actual_tokens], batch)
 
 
 def split_kv_cache(kv_cache: torch.Tensor, row: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,11 +192,12 @@ class MaiaAttentionImpl(AttentionImpl):
         self._sidecar_scales: tuple[torch.Tensor | float, torch.Tensor | float] | None = None  # per head, or NVFP4's
         self._logged = False
 
-    def _scales(self, layer) -> tuple[torch.Tensor | float | None, torch.Tensor | float | None]:
-        """Per-head scales from the sidecar when asked for, else the layer's per-tensor ones; NVFP4's
-        tensor scales from the sidecar; none for the MX formats."""
+    def _kv(self, layer) -> KvQuant:
+        """The cache's format with per-head scales from the sidecar when asked for, else the layer's per-tensor
+        ones; NVFP4's tensor scales from the sidecar; none for the MX formats."""
         if not (self.fp8 or self.tensor_scaled):
-            return (None, None) if self.kv_cache_dtype in MX_FORMATS else (1.0, 1.0)
+            unit = None if self.kv_cache_dtype in MX_FORMATS else 1.0
+            return KvQuant(self.kv_cache_dtype, unit, unit)
         if self.tensor_scaled or scales.scale_mode() == "per_head":
             if self._sidecar_scales is None:
                 from vllm.distributed import get_tensor_model_parallel_rank
@@ -244,7 +226,7 @@ class MaiaAttentionImpl(AttentionImpl):
                     scales.show_scales(k),
                     scales.show_scales(v),
                 )
-        return k, v
+        return KvQuant(self.kv_cache_dtype, k, v)
 
     def forward(
         self,
@@ -264,37 +246,10 @@ class MaiaAttentionImpl(AttentionImpl):
             return output
         n = attn_metadata.num_actual_tokens
         key_cache, value_cache = split_kv_cache(kv_cache, self.row)
-        k_scale, v_scale = self._scales(layer)
-        ops.reshape_and_cache(
-            key[:n],
-            value[:n],
-            key_cache,
-            value_cache,
-            attn_metadata.slot_mapping,
-            self.kv_cache_dtype,
-            k_scale,
-            v_scale,
-        )
-        plan = attn_metadata.host_plan
-        if plan is not None and plan.sliding_window != self.sliding_window:
-            plan = None
-        ops.paged_attention(
-            query[:n],
-            key_cache,
-            value_cache,
-            attn_metadata.block_table,
-            attn_metadata.seq_lens,
-            attn_metadata.query_start_loc,
-            self.scale,
-            self.kv_cache_dtype,
-            k_scale,
-            v_scale,
-            causal=True,
-            max_query_len=attn_metadata.max_query_len,
-            out=output[:n],
-            plan=plan,
-            sliding_window=self.sliding_window,
-        )
+        kv = self._kv(layer)
+        ops.reshape_and_cache(key[:n], value[:n], key_cache, value_cache, attn_metadata.slot_mapping, kv)
+        batch = attn_metadata.batch.windowed(self.sliding_window)
+        ops.paged_attention(query[:n], key_cache, value_cache, batch, self.scale, kv, out=output[:n])
         return output
 
 

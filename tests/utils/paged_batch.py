@@ -4,6 +4,8 @@ arguments of paged attention, for the host-path tests of every KV format (elemen
 import torch
 
 from maia_serving.ops import reshape_and_cache_ref
+from maia_serving.ops.batch import KvQuant, PagedBatch
+from maia_serving.ops.host import paged_attention_host, plan_paged_attention
 from maia_serving.ops.mx import MX_FORMATS, head_bytes, reshape_and_cache_mx_ref
 
 # (q_len, seq_len) per request
@@ -51,3 +53,47 @@ def paged_batch(pairs, kv_cache_dtype, group, seed, k_scale, v_scale, block_size
         k_scale,
         v_scale,
     )
+
+
+def bundled(
+    query,
+    key_cache,
+    value_cache,
+    block_tables,
+    seq_lens,
+    query_start_loc,
+    scale,
+    kv_cache_dtype="auto",
+    k_scale=None,
+    v_scale=None,
+    causal=True,
+    *,
+    max_query_len=None,
+    plan=None,
+    sliding_window=None,
+):
+    """The references' flat arguments as the dispatch and the host path take them: (query, key_cache,
+    value_cache, PagedBatch, scale, KvQuant), so one argument tuple drives a reference and its rival."""
+    batch = PagedBatch(block_tables, seq_lens, query_start_loc, max_query_len, sliding_window, causal, plan)
+    return query, key_cache, value_cache, batch, scale, KvQuant(kv_cache_dtype, k_scale, v_scale)
+
+
+def host_attention(*args, out=None, **kwargs):
+    """``ops.host.paged_attention_host`` called with the reference's flat arguments."""
+    return paged_attention_host(*bundled(*args, **kwargs), out=out)
+
+
+def flat_plan(
+    block_tables,
+    seq_lens,
+    query_start_loc,
+    num_tokens,
+    num_heads,
+    block_size,
+    causal=True,
+    max_query_len=None,
+    sliding_window=None,
+):
+    """``ops.host.plan_paged_attention`` for the batch the flat arguments describe."""
+    batch = PagedBatch(block_tables, seq_lens, query_start_loc, max_query_len, sliding_window, causal)
+    return plan_paged_attention(batch, num_tokens, num_heads, block_size)

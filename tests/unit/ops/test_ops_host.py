@@ -6,10 +6,9 @@ import torch
 
 from maia_serving.ops import host
 from maia_serving.ops.fp8 import paged_attention_ref
-from maia_serving.ops.host import paged_attention_host, plan_paged_attention
 from tests.utils.attention_float64 import assert_within_one_bf16_step, bf16_step_violations, paged_attention_float64
 from tests.utils.paged_batch import CASES as BATCHES
-from tests.utils.paged_batch import paged_batch
+from tests.utils.paged_batch import flat_plan, host_attention, paged_batch
 
 CASES = {**BATCHES, "one_decode": [(1, 37)]}  # a batch of one token: the index tensors' edge
 
@@ -34,7 +33,7 @@ def attention(request):
     if request.param == "ref":
         return paged_attention_ref
     request.getfixturevalue(f"{request.param}_host_path")
-    return paged_attention_host
+    return host_attention
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -54,9 +53,9 @@ def test_a_one_percent_scale_or_output_error_exceeds_the_tolerance(kv_cache_dtyp
     ref, err = paged_attention_float64(*args)
     k_scale, v_scale = args[-2:]
     wrong = {  # name: (output, the least fraction of elements outside the tolerance)
-        "v_scale": (paged_attention_host(*args[:-1], v_scale * 1.01), 0.5),
-        "output": ((paged_attention_host(*args).double() * 1.01).bfloat16(), 0.5),
-        "k_scale": (paged_attention_host(*args[:-2], k_scale * 1.01, v_scale), 0.2),
+        "v_scale": (host_attention(*args[:-1], v_scale * 1.01), 0.5),
+        "output": ((host_attention(*args).double() * 1.01).bfloat16(), 0.5),
+        "k_scale": (host_attention(*args[:-2], k_scale * 1.01, v_scale), 0.2),
     }
     for name, (out, least) in wrong.items():
         assert bf16_step_violations(out, ref, err).double().mean() > least, name
@@ -65,7 +64,7 @@ def test_a_one_percent_scale_or_output_error_exceeds_the_tolerance(kv_cache_dtyp
 def test_large_prefill_falls_back_to_the_reference(monkeypatch, torch_host_path):
     monkeypatch.setattr(host, "MAX_BATCHED_SCORES", 10)
     args = _batch(CASES["prefill"], "auto", 2, seed=1)
-    torch.testing.assert_close(paged_attention_host(*args), paged_attention_ref(*args), atol=0, rtol=0)
+    torch.testing.assert_close(host_attention(*args), paged_attention_ref(*args), atol=0, rtol=0)
 
 
 def _refuse(*args, **kwargs):
@@ -77,7 +76,7 @@ def test_the_fallback_hands_the_reference_every_argument(monkeypatch, torch_host
     monkeypatch.setattr(host, "MAX_BATCHED_SCORES", 0)
     args = _batch(CASES["chunked_and_prefix_hit"], "fp8_e4m3", 2, seed=5)
     torch.testing.assert_close(
-        paged_attention_host(*args, causal=False), paged_attention_ref(*args, causal=False), atol=0, rtol=0
+        host_attention(*args, causal=False), paged_attention_ref(*args, causal=False), atol=0, rtol=0
     )
 
 
@@ -85,11 +84,11 @@ def test_a_batch_at_the_score_limit_is_still_batched(monkeypatch, torch_host_pat
     """2 sequences x 4 heads x 7 padded queries x 48 keys = 2688 padded scores."""
     args = _batch([(7, 7), (5, 48)], "auto", 2, seed=6)
     query, _, _, block_tables, seq_lens, qsl = args[:6]
-    plan = lambda: plan_paged_attention(block_tables, seq_lens, qsl, query.shape[0], 4, 16)  # noqa: E731
+    plan = lambda: flat_plan(block_tables, seq_lens, qsl, query.shape[0], 4, 16)  # noqa: E731
     monkeypatch.setattr(host, "MAX_BATCHED_SCORES", 2688)
     assert plan().batched
     monkeypatch.setattr(host, "paged_attention_ref", _refuse)
-    assert_within_one_bf16_step(paged_attention_host(*args), *paged_attention_float64(*args))
+    assert_within_one_bf16_step(host_attention(*args), *paged_attention_float64(*args))
     monkeypatch.setattr(host, "MAX_BATCHED_SCORES", 2687)
     assert not plan().batched
 
@@ -97,33 +96,33 @@ def test_a_batch_at_the_score_limit_is_still_batched(monkeypatch, torch_host_pat
 def test_not_causal_attends_every_key_of_its_own_sequence_only():
     args = _batch([(4, 20), (1, 33), (5, 48)], "auto", 2, seed=7)
     torch.testing.assert_close(
-        paged_attention_host(*args, causal=False), paged_attention_ref(*args, causal=False), atol=0, rtol=2**-7
+        host_attention(*args, causal=False), paged_attention_ref(*args, causal=False), atol=0, rtol=2**-7
     )
 
 
 def test_blocks_smaller_than_the_kv_heads_are_read_whole():
     """The block size is the cache's dim 1, not its number of KV heads (dim 2)."""
     args = _batch([(3, 9), (1, 14)], "auto", 1, seed=8, block_size=2, num_kv_heads=4)
-    assert_within_one_bf16_step(paged_attention_host(*args), *paged_attention_float64(*args))
+    assert_within_one_bf16_step(host_attention(*args), *paged_attention_float64(*args))
 
 
 def test_defaults_are_a_bf16_causal_cache_and_the_result_lands_in_out():
     query, key_cache, value_cache, block_tables, seq_lens, qsl, scale = _batch(CASES["prefill"], "auto", 2, 9)[:7]
     out = torch.full_like(query, 7.0)
-    result = paged_attention_host(query, key_cache, value_cache, block_tables, seq_lens, qsl, scale, out=out)
+    result = host_attention(query, key_cache, value_cache, block_tables, seq_lens, qsl, scale, out=out)
     assert result is out
     expected = paged_attention_ref(query, key_cache, value_cache, block_tables, seq_lens, qsl, scale)
     torch.testing.assert_close(out, expected, atol=0, rtol=2**-7)
-    plan = plan_paged_attention(block_tables, seq_lens, qsl, query.shape[0], query.shape[1], 16)
+    plan = flat_plan(block_tables, seq_lens, qsl, query.shape[0], query.shape[1], 16)
     assert torch.equal(plan.mask[0, :9, :9], torch.ones(9, 9, dtype=torch.bool).triu(1))
 
 
 def test_the_result_does_not_depend_on_torchs_default_dtype():
     args = _batch(CASES["decode"], "fp8_e4m3", 2, seed=10)
-    expected = paged_attention_host(*args)
+    expected = host_attention(*args)
     torch.set_default_dtype(torch.float64)
     try:
-        torch.testing.assert_close(paged_attention_host(*args), expected, atol=0, rtol=0)
+        torch.testing.assert_close(host_attention(*args), expected, atol=0, rtol=0)
     finally:
         torch.set_default_dtype(torch.float32)
 
@@ -131,15 +130,15 @@ def test_the_result_does_not_depend_on_torchs_default_dtype():
 def test_an_empty_batch_plans_nothing_and_returns_zeros():
     query, key_cache, value_cache, block_tables, seq_lens, qsl, scale = _batch([(1, 5)], "auto", 1, seed=11)[:7]
     empty = (query[:0], key_cache, value_cache, block_tables[:0], seq_lens[:0], qsl[:1], scale)
-    plan = plan_paged_attention(*empty[3:6], 0, 2, 16)
+    plan = flat_plan(*empty[3:6], 0, 2, 16)
     assert (plan.num_seqs, plan.max_q, plan.max_len) == (0, 0, 0)
-    assert paged_attention_host(*empty).shape == (0, 2, 40)
+    assert host_attention(*empty).shape == (0, 2, 40)
 
 
 def test_a_given_max_query_len_sets_the_padding():
     """The engine knows the step's longest query; the plan pads to it without reading q_lens back."""
     _, _, _, block_tables, seq_lens, qsl = _batch([(3, 9), (1, 14)], "auto", 1, seed=12)[:6]
-    assert plan_paged_attention(block_tables, seq_lens, qsl, 4, 2, 16, max_query_len=8).max_q == 8
+    assert flat_plan(block_tables, seq_lens, qsl, 4, 2, 16, max_query_len=8).max_q == 8
 
 
 @pytest.mark.parametrize("case", ["decode", "chunked_and_prefix_hit"])
@@ -163,27 +162,27 @@ def test_the_window_bites_and_sees_the_query_itself():
         [value_cache[block_tables[0, 36 // 16], 36 % 16]]
         + [value_cache[block_tables[1, t // 16], t % 16] for t in (17, 18, 19)]
     )
-    torch.testing.assert_close(paged_attention_host(*args, sliding_window=1), own, atol=0, rtol=0)
-    windowed, full = paged_attention_host(*args, sliding_window=16), paged_attention_host(*args)
+    torch.testing.assert_close(host_attention(*args, sliding_window=1), own, atol=0, rtol=0)
+    windowed, full = host_attention(*args, sliding_window=16), host_attention(*args)
     assert (windowed - full).abs().amax() > 0.05
-    plan = plan_paged_attention(*args[3:6], query.shape[0], query.shape[1], 16, sliding_window=16)
+    plan = flat_plan(*args[3:6], query.shape[0], query.shape[1], 16, sliding_window=16)
     assert plan.mask[0, 0].logical_not().nonzero().flatten().tolist() == list(range(21, 37))
 
 
 def test_a_plan_serves_only_its_own_window():
     args = _batch(CASES["decode"], "auto", 1, seed=14)
     query, _, _, block_tables, seq_lens, qsl = args[:6]
-    plan = plan_paged_attention(block_tables, seq_lens, qsl, query.shape[0], query.shape[1], 16, sliding_window=8)
+    plan = flat_plan(block_tables, seq_lens, qsl, query.shape[0], query.shape[1], 16, sliding_window=8)
     assert_within_one_bf16_step(
-        paged_attention_host(*args, plan=plan, sliding_window=8), *paged_attention_float64(*args, sliding_window=8)
+        host_attention(*args, plan=plan, sliding_window=8), *paged_attention_float64(*args, sliding_window=8)
     )
     with pytest.raises(ValueError, match="plan each window apart"):
-        paged_attention_host(*args, plan=plan)
+        host_attention(*args, plan=plan)
 
 
 def test_the_fallback_keeps_the_window(monkeypatch, torch_host_path):
     monkeypatch.setattr(host, "MAX_BATCHED_SCORES", 0)
     args = _batch(CASES["chunked_and_prefix_hit"], "auto", 2, seed=15)
     torch.testing.assert_close(
-        paged_attention_host(*args, sliding_window=6), paged_attention_ref(*args, sliding_window=6), atol=0, rtol=0
+        host_attention(*args, sliding_window=6), paged_attention_ref(*args, sliding_window=6), atol=0, rtol=0
     )

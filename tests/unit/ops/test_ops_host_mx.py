@@ -11,7 +11,7 @@ import torch
 
 from maia_serving import ops
 from maia_serving.ops import host
-from maia_serving.ops.host import decode_mx, paged_attention_host
+from maia_serving.ops.host import decode_mx
 from maia_serving.ops.mx import (
     MX_FORMATS,
     dequantize_mx_ref,
@@ -20,7 +20,7 @@ from maia_serving.ops.mx import (
     quantize_mx_ref,
 )
 from tests.utils.attention_float64 import assert_within_one_bf16_step, bf16_step_violations, paged_attention_float64
-from tests.utils.paged_batch import CASES, paged_batch
+from tests.utils.paged_batch import CASES, bundled, host_attention, paged_batch
 
 # NVFP4's per-tensor scales, calibrated as amax / (448 * 6) would be for these K and V: per KV head
 # for K, one for V (block scales stay below E4M3's 448).
@@ -56,7 +56,7 @@ def test_page_decoding_is_the_references_bit_for_bit(fmt, head_dim):
 def test_host_is_the_mx_reference_and_float64_attention_rounded_once(case, fmt, group, head_dim, host_kernel):
     """head_dim 40 pads every format's last block, 80 the MX formats' (NVFP4's blocks of 16 fit)."""
     args = _batch(CASES[case], fmt, group, seed=len(case) * group + head_dim, head_dim=head_dim)
-    got = paged_attention_host(*args)
+    got = host_attention(*args)
     assert_within_one_bf16_step(got, *paged_attention_float64(*args))
     torch.testing.assert_close(got, paged_attention_mx_ref(*args), atol=0, rtol=2**-7)
 
@@ -66,7 +66,7 @@ def test_host_is_the_mx_reference_and_float64_attention_rounded_once(case, fmt, 
 def test_sliding_window_is_float64_windowed_attention_rounded_once(fmt, window, host_kernel):
     args = _batch(CASES["chunked_and_prefix_hit"], fmt, 2, seed=window)
     assert_within_one_bf16_step(
-        paged_attention_host(*args, sliding_window=window), *paged_attention_float64(*args, sliding_window=window)
+        host_attention(*args, sliding_window=window), *paged_attention_float64(*args, sliding_window=window)
     )
 
 
@@ -77,7 +77,7 @@ def test_the_fallback_decodes_the_pages_too(monkeypatch, fmt, window, torch_host
     monkeypatch.setattr(host, "MAX_BATCHED_SCORES", 0)
     args = _batch(CASES["chunked_and_prefix_hit"], fmt, 2, seed=16)
     assert_within_one_bf16_step(
-        paged_attention_host(*args, sliding_window=window), *paged_attention_float64(*args, sliding_window=window)
+        host_attention(*args, sliding_window=window), *paged_attention_float64(*args, sliding_window=window)
     )
 
 
@@ -100,9 +100,9 @@ def test_a_wrong_block_scale_exceeds_the_tolerance(fmt):
     args = _batch(CASES["decode"], fmt, 2, seed=17)
     ref, err = paged_attention_float64(*args)
     value_cache = args[2]
-    every = paged_attention_host(*args[:2], _bump_scale_bytes(value_cache, fmt), *args[3:])
+    every = host_attention(*args[:2], _bump_scale_bytes(value_cache, fmt), *args[3:])
     assert bf16_step_violations(every, ref, err).double().mean() > 0.5
-    one = paged_attention_host(*args[:2], _bump_scale_bytes(value_cache, fmt, block=1), *args[3:])
+    one = host_attention(*args[:2], _bump_scale_bytes(value_cache, fmt, block=1), *args[3:])
     size = MX_FORMATS[fmt].block_size
     violations = bf16_step_violations(one, ref, err)
     assert violations[..., size : 2 * size].double().mean() > 0.5
@@ -112,21 +112,21 @@ def test_a_wrong_block_scale_exceeds_the_tolerance(fmt):
 def test_a_one_percent_nvfp4_tensor_scale_error_exceeds_the_tolerance():
     args = _batch(CASES["chunked_and_prefix_hit"], "nvfp4", 2, seed=18)
     ref, err = paged_attention_float64(*args)
-    out = paged_attention_host(*args[:-1], args[-1] * 1.01)
+    out = host_attention(*args[:-1], args[-1] * 1.01)
     assert bf16_step_violations(out, ref, err).double().mean() > 0.5
 
 
 def test_mx_formats_refuse_a_tensor_scale():
     args = _batch(CASES["decode"], "mxfp4", 1, seed=19)
     with pytest.raises(ValueError, match="E8M0 block scales; pass k_scale=v_scale=None"):
-        paged_attention_host(*args[:-2], 1.0, None)
+        host_attention(*args[:-2], 1.0, None)
 
 
 def test_a_cache_of_another_format_is_refused():
     args = list(_batch(CASES["decode"], "mxfp4", 1, seed=20, head_dim=128))
     args[7] = "mxfp8"
     with pytest.raises(ValueError, match=r"must be uint8 \[num_blocks, block_size, num_kv_heads, 132\]"):
-        paged_attention_host(*args)
+        host_attention(*args)
 
 
 def _fake_kernels(monkeypatch) -> list[str]:
@@ -155,9 +155,9 @@ def test_with_triton_each_format_reaches_its_kernels(monkeypatch, fmt):
     args = _batch(CASES["decode"], fmt, 1, seed=22) if fmt in MX_FORMATS else None
     write = "reshape_and_cache_mx" if fmt in MX_FORMATS else "reshape_and_cache"
     cache_dtype = torch.bfloat16 if fmt == "auto" else torch.uint8
-    ops.reshape_and_cache(*_write_args(fmt, cache_dtype), fmt)
+    ops.reshape_and_cache(*_write_args(fmt, cache_dtype), ops.KvQuant(fmt))
     if args is not None:
-        ops.paged_attention(*args)
+        ops.paged_attention(*bundled(*args))
     assert calls == [write] + (["paged_attention"] if args is not None else [])
 
 
@@ -165,20 +165,20 @@ def test_with_triton_each_format_reaches_its_kernels(monkeypatch, fmt):
 def test_on_a_host_the_write_is_the_reference_and_attention_the_host_path(fmt):
     k, v, key_cache, value_cache, slots = _write_args(fmt)
     k_scale, v_scale = _scales(fmt, 2)
-    ops.reshape_and_cache(k, v, key_cache, value_cache, slots, fmt, k_scale, v_scale)
+    ops.reshape_and_cache(k, v, key_cache, value_cache, slots, ops.KvQuant(fmt, k_scale, v_scale))
     expected = torch.zeros_like(key_cache)
     expected.view(-1, *key_cache.shape[2:])[slots] = quantize_mx_ref(k, fmt, k_scale)
     assert torch.equal(key_cache, expected)
     args = _batch(CASES["chunked_and_prefix_hit"], fmt, 2, seed=23)
-    torch.testing.assert_close(ops.paged_attention(*args), paged_attention_host(*args), atol=0, rtol=0)
+    torch.testing.assert_close(ops.paged_attention(*bundled(*args)), host_attention(*args), atol=0, rtol=0)
 
 
 def test_unknown_formats_keep_their_error():
     """A name no format has still meets the FP8 path's check, on the write and on attention."""
     message = "unknown kv cache dtype 'mxfp5'"
     with pytest.raises(ValueError, match=message):
-        ops.reshape_and_cache(*_write_args("mxfp5"), "mxfp5")
+        ops.reshape_and_cache(*_write_args("mxfp5"), ops.KvQuant("mxfp5"))
     args = list(_batch(CASES["decode"], "mxfp4", 1, seed=24))
     args[7] = "mxfp5"
     with pytest.raises(ValueError, match=message):
-        ops.paged_attention(*args)
+        ops.paged_attention(*bundled(*args))

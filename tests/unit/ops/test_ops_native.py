@@ -9,7 +9,7 @@ import torch
 
 from maia_serving.ops import host, native
 from tests.utils.attention_float64 import assert_within_one_bf16_step, paged_attention_float64
-from tests.utils.paged_batch import CASES, paged_batch
+from tests.utils.paged_batch import CASES, host_attention, paged_batch
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def test_where_built_the_kernel_serves_alone(native_host_path, monkeypatch, fmt)
         else ((torch.tensor([0.01, 0.02]), torch.tensor([0.03, 0.04])) if fmt == "nvfp4" else (None, None))
     )
     args = paged_batch(CASES["chunked_and_prefix_hit"], fmt, 2, 3, *scales, 16, 2, 64)
-    assert_within_one_bf16_step(host.paged_attention_host(*args), *paged_attention_float64(*args))
+    assert_within_one_bf16_step(host_attention(*args), *paged_attention_float64(*args))
 
 
 def _refuse(*args, **kwargs):
@@ -85,7 +85,7 @@ def test_a_cache_in_another_dtype_than_the_query_takes_the_torch_path(native_hos
     fit it, and the torch path serves it."""
     args = list(paged_batch(CASES["decode"], "auto", 2, 4, None, None, 16, 2, 32))
     args[1], args[2] = args[1].float(), args[2].float()
-    assert_within_one_bf16_step(host.paged_attention_host(*args), *paged_attention_float64(*args))
+    assert_within_one_bf16_step(host_attention(*args), *paged_attention_float64(*args))
 
 
 def _hostile_rows(head_dim: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -203,9 +203,7 @@ def _attended_value_row(row: torch.Tensor, head_dim: int, fmt: str, scale: float
     value_cache[0, 0, 0] = row
     query = torch.ones(1, 1, head_dim)
     tables, lens, starts = torch.tensor([[0]]), torch.tensor([1]), torch.tensor([0, 1])
-    return host.paged_attention_host(query, key_cache, value_cache, tables, lens, starts, 1.0, fmt, scale, scale).view(
-        -1
-    )
+    return host_attention(query, key_cache, value_cache, tables, lens, starts, 1.0, fmt, scale, scale).view(-1)
 
 
 def _assert_same_values(got: torch.Tensor, expected: torch.Tensor) -> None:

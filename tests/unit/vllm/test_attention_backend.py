@@ -10,12 +10,14 @@ the same scales, to one bf16 rounding step (tests/utils/attention_float64.py).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 import torch
 from vllm.config import VllmConfig, set_current_vllm_config
 
+from maia_serving.ops.batch import PagedBatch
 from maia_serving.ops.fp8 import quantize_fp8_ref
 from maia_serving.ops.host import plan_paged_attention
 from maia_serving.vllm.attention import MaiaAttentionImpl, MaiaAttentionMetadata
@@ -39,17 +41,9 @@ def _metadata(
     rows = torch.repeat_interleave(torch.arange(len(step)), q_lens)
     slots = block_table[rows, pos // BLOCK_SIZE].long() * BLOCK_SIZE + pos % BLOCK_SIZE
     num_tokens, max_q = int(q_lens.sum()), int(q_lens.max())
-    return MaiaAttentionMetadata(
-        num_actual_tokens=num_tokens,
-        max_query_len=max_q,
-        query_start_loc=query_start_loc,
-        seq_lens=seq_lens,
-        block_table=block_table,
-        slot_mapping=slots,
-        host_plan=plan_paged_attention(
-            block_table, seq_lens, query_start_loc, num_tokens, HEADS, BLOCK_SIZE, True, max_q, sliding_window
-        ),
-    )
+    batch = PagedBatch(block_table, seq_lens, query_start_loc, max_q, sliding_window)
+    plan = plan_paged_attention(batch, num_tokens, HEADS, BLOCK_SIZE)
+    return MaiaAttentionMetadata(num_actual_tokens=num_tokens, slot_mapping=slots, batch=replace(batch, plan=plan))
 
 
 def _step_tensors(gen: torch.Generator, n: int) -> tuple[torch.Tensor, ...]:
@@ -106,9 +100,9 @@ def test_forward_writes_with_the_layer_scales_and_attends_to_one_bf16_step(kv_ca
             query,
             key_cache,
             value_cache,
-            meta.block_table,
-            meta.seq_lens,
-            meta.query_start_loc,
+            meta.batch.block_tables,
+            meta.batch.seq_lens,
+            meta.batch.query_start_loc,
             impl.scale,
             kv_cache_dtype,
             layer._k_scale,
@@ -143,7 +137,7 @@ def test_a_block_scaled_cache_is_written_and_read_as_the_mx_references(fmt):
         assert torch.equal(key_cache[blocks, rows], quantize_mx_ref(key, fmt))
         assert torch.equal(value_cache[blocks, rows], quantize_mx_ref(value, fmt))
         expected = paged_attention_mx_ref(
-            query, key_cache, value_cache, meta.block_table, meta.seq_lens, meta.query_start_loc, impl.scale, fmt
+            query, key_cache, value_cache, meta.batch.block_tables, meta.batch.seq_lens, meta.batch.query_start_loc, impl.scale, fmt
         )
         torch.testing.assert_close(output, expected, atol=0, rtol=2**-7)
 
