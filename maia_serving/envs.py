@@ -15,24 +15,34 @@ import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar, cast
 
 
 class SettingError(ValueError):
     """A setting's value is not allowed; the message names the variable and the choices."""
 
 
+T = TypeVar("T")
+
+
+class Name(str, Generic[T]):
+    """A setting's environment variable: the name itself (a ``str``, for ``os.environ`` and messages) that also
+    carries the type its parser returns, so ``get(MAIA_SERVING_PACE)`` is a ``bool`` to a type checker."""
+
+    __slots__ = ()
+
+
 @dataclass(frozen=True)
-class Setting:
-    name: str
+class Setting(Generic[T]):
+    name: Name[T]
     default: str
-    parse: Callable[[str], Any]  # raises ValueError with what is wrong
+    parse: Callable[[str], T]  # raises ValueError with what is wrong
     allowed: str  # what a user may set, in words
     why: str
     engines: str = "both"  # "vllm", "sglang", "both", or "tools" (CLI, tests, benchmarks)
     user_facing: bool = True  # listed in the README's settings table
 
-    def read(self, environ: dict[str, str] | None = None) -> Any:
+    def read(self, environ: dict[str, str] | None = None) -> T:
         raw = (os.environ if environ is None else environ).get(self.name, "")
         value = raw.strip() or self.default
         try:
@@ -117,28 +127,28 @@ def _text(value: str) -> str:
     return value
 
 
-MAIA_SERVING_DEVICE = "MAIA_SERVING_DEVICE"
-MAIA_SERVING_PROFILE = "MAIA_SERVING_PROFILE"
-MAIA_SERVING_MODEL = "MAIA_SERVING_MODEL"
-MAIA_SERVING_EXPERT_LOAD = "MAIA_SERVING_EXPERT_LOAD"
-MAIA_SERVING_LOG_INTERVAL_S = "MAIA_SERVING_LOG_INTERVAL_S"
-MAIA_SERVING_PACE = "MAIA_SERVING_PACE"
-MAIA_SERVING_ATTENTION = "MAIA_SERVING_ATTENTION"
-MAIA_SERVING_KV_SCALES = "MAIA_SERVING_KV_SCALES"
-MAIA_SERVING_KV_CACHE_DTYPE = "MAIA_SERVING_KV_CACHE_DTYPE"
-MAIA_SERVING_KERNELS = "MAIA_SERVING_KERNELS"
-MAIA_SERVING_HOST_KERNEL = "MAIA_SERVING_HOST_KERNEL"
-MAIA_SERVING_HOST_KV_GIB = "MAIA_SERVING_HOST_KV_GIB"
-VLLM_CPU_KVCACHE_SPACE = "VLLM_CPU_KVCACHE_SPACE"
-MAIA_SERVING_STATS_ADDR = "MAIA_SERVING_STATS_ADDR"
-MAIA_SERVING_CACHE_DIR = "MAIA_SERVING_CACHE_DIR"
-MAIA_SERVING_SGLANG_PYTHON = "MAIA_SERVING_SGLANG_PYTHON"
+MAIA_SERVING_DEVICE: Name[str] = Name("MAIA_SERVING_DEVICE")
+MAIA_SERVING_PROFILE: Name[str] = Name("MAIA_SERVING_PROFILE")
+MAIA_SERVING_MODEL: Name[str] = Name("MAIA_SERVING_MODEL")
+MAIA_SERVING_EXPERT_LOAD: Name[str] = Name("MAIA_SERVING_EXPERT_LOAD")
+MAIA_SERVING_LOG_INTERVAL_S: Name[float] = Name("MAIA_SERVING_LOG_INTERVAL_S")
+MAIA_SERVING_PACE: Name[bool] = Name("MAIA_SERVING_PACE")
+MAIA_SERVING_ATTENTION: Name[str] = Name("MAIA_SERVING_ATTENTION")
+MAIA_SERVING_KV_SCALES: Name[str] = Name("MAIA_SERVING_KV_SCALES")
+MAIA_SERVING_KV_CACHE_DTYPE: Name[str] = Name("MAIA_SERVING_KV_CACHE_DTYPE")
+MAIA_SERVING_KERNELS: Name[str] = Name("MAIA_SERVING_KERNELS")
+MAIA_SERVING_HOST_KERNEL: Name[str] = Name("MAIA_SERVING_HOST_KERNEL")
+MAIA_SERVING_HOST_KV_GIB: Name[float] = Name("MAIA_SERVING_HOST_KV_GIB")
+VLLM_CPU_KVCACHE_SPACE: Name[int] = Name("VLLM_CPU_KVCACHE_SPACE")
+MAIA_SERVING_STATS_ADDR: Name[str] = Name("MAIA_SERVING_STATS_ADDR")
+MAIA_SERVING_CACHE_DIR: Name[str] = Name("MAIA_SERVING_CACHE_DIR")
+MAIA_SERVING_SGLANG_PYTHON: Name[str] = Name("MAIA_SERVING_SGLANG_PYTHON")
 
 DEFAULT_PROFILE = "maia200"
 # A host KV cache larger than this many GiB is a typo, not a machine.
 _MAX_HOST_KV_GIB = 1 << 20
 
-SETTINGS: dict[str, Setting] = {
+SETTINGS: dict[str, Setting[Any]] = {
     s.name: s
     for s in (
         Setting(
@@ -277,9 +287,9 @@ SETTINGS: dict[str, Setting] = {
 }
 
 
-def get(name: str) -> Any:
-    """The parsed value of setting ``name``; SettingError if it is not allowed."""
-    return SETTINGS[name].read()
+def get(name: Name[T]) -> T:
+    """The parsed value of setting ``name``, of the type its parser returns; SettingError if it is not allowed."""
+    return cast(T, SETTINGS[name].read())
 
 
 def check_all(engine: str | None = None) -> None:
@@ -297,7 +307,7 @@ def check_all(engine: str | None = None) -> None:
         raise SettingError("\n".join(errors))
 
 
-def user_facing() -> Iterable[Setting]:
+def user_facing() -> Iterable[Setting[Any]]:
     return (s for s in SETTINGS.values() if s.user_facing)
 
 
@@ -339,6 +349,7 @@ def expert_load(configured: str | None = None) -> str | None:
     return str(configured or get(MAIA_SERVING_EXPERT_LOAD)) or None
 
 
-def gib_bytes(name: str) -> int:
+def gib_bytes(name: Name[float] | Name[int]) -> int:
     """A GiB setting, as bytes."""
-    return int(get(name) * 2**30)
+    gib: float = SETTINGS[name].read()
+    return int(gib * 2**30)

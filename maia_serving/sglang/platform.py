@@ -151,41 +151,14 @@ def _validate_kv_scales(server_args) -> None:
 
 def _size_kv_pool(server_args) -> None:
     """Size the KV pool in tokens as the emulated HBM would hold them (of the proxy shape, if one is
-    priced), clamped to what the host gives the served model."""
+    priced), clamped to what the host gives the served model and to --max-total-tokens."""
     from maia_serving.emulator.memory import SGLANG_FLAGS
-    from maia_serving.formats.units import format_bytes
-    from maia_serving.serving.host_fit import check_host
-    from maia_serving.serving.priced_model import engine_kv_tokens, routing_note
+    from maia_serving.serving.kv_sizing import size_engine_kv
     from maia_serving.sglang.device import build_device, host_plan
 
     device = build_device(server_args)  # raises NotEnoughMemory with what would fit
-    plan, served = device.plan, host_plan(server_args, device)
-    host_cap = envs.gib_bytes(envs.MAIA_SERVING_HOST_KV_GIB)
-    tokens = engine_kv_tokens(plan, served, host_cap)
-    if server_args.max_total_tokens:
-        tokens = min(tokens, int(server_args.max_total_tokens))
-    check_host(served, tokens * served.kv_bytes_per_token, envs.MAIA_SERVING_HOST_KV_GIB, SGLANG_FLAGS)
-    server_args.max_total_tokens = tokens
-    if plan.model != served.model:
-        logger.info(
-            "Maia proxy shape: every step is priced, and the emulated KV cache sized, as %s on %s; the host runs %s.",
-            plan.model,
-            plan.profile,
-            served.model,
-        )
-    note = routing_note(device.cost_model.model)
-    if note:
-        logger.info(note)
-    logger.info(
-        "Maia KV cache: emulated %s holds %d tokens of %s (%.2f GiB) after %s of weights; the host "
-        "gives at most %.2f GiB (%s), so the engine gets %d tokens (%.2f GiB).",
-        plan.profile,
-        plan.kv_tokens,
-        plan.model,
-        plan.kv_tokens * plan.kv_bytes_per_token / 2**30,
-        format_bytes(plan.weight_bytes),
-        host_cap / 2**30,
-        envs.MAIA_SERVING_HOST_KV_GIB,
-        tokens,
-        tokens * served.kv_bytes_per_token / 2**30,
+    served = host_plan(server_args, device)
+    limit = int(server_args.max_total_tokens) if server_args.max_total_tokens else None
+    server_args.max_total_tokens = size_engine_kv(
+        device, served, envs.MAIA_SERVING_HOST_KV_GIB, SGLANG_FLAGS, logger, limit
     )

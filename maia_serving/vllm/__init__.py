@@ -14,6 +14,7 @@ import shutil
 import sys
 import tempfile
 
+from maia_serving import envs
 from maia_serving.envs import MAIA_SERVING_DEVICE, MAIA_SERVING_STATS_ADDR, device_flag, device_requested
 
 
@@ -36,7 +37,7 @@ def ensure_stats_addr() -> str:
     """The metrics channel's address: a socket in a folder only this user can enter
     (mkdtemp makes it 0700), created by the first process, inherited by the engine's
     and removed when that first process exits."""
-    addr = os.environ.get(MAIA_SERVING_STATS_ADDR)
+    addr = envs.get(MAIA_SERVING_STATS_ADDR)
     if not addr:
         folder = tempfile.mkdtemp(prefix="maia-serving-")
         addr = os.environ[MAIA_SERVING_STATS_ADDR] = f"ipc://{folder}/stats.sock"

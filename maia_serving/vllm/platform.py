@@ -113,7 +113,7 @@ class _KvCacheDtypeAction(argparse.Action):
         if value not in BLOCK_SCALED_KV_FORMATS:
             setattr(namespace, self.dest, value)
             return
-        already = os.environ.get(envs.MAIA_SERVING_KV_CACHE_DTYPE, "").strip()
+        already = envs.get(envs.MAIA_SERVING_KV_CACHE_DTYPE)
         if already and already != value:
             parser.error(f"--kv-cache-dtype {value} but {envs.MAIA_SERVING_KV_CACHE_DTYPE}={already}: give one")
         os.environ[envs.MAIA_SERVING_KV_CACHE_DTYPE] = value
@@ -211,41 +211,13 @@ def _apply_kv_cache_size(vllm_config: VllmConfig) -> None:
     """Size the KV cache in tokens as the emulated HBM would hold them (of the proxy shape, if one
     is priced), clamped to what the host gives the served model."""
     from maia_serving.emulator.memory import VLLM_FLAGS
-    from maia_serving.formats.units import format_bytes
-    from maia_serving.serving.host_fit import check_host
-    from maia_serving.serving.priced_model import engine_kv_tokens, routing_note
+    from maia_serving.serving.kv_sizing import size_engine_kv
     from maia_serving.vllm.device import build_device, host_plan
 
     device = build_device(vllm_config)  # raises NotEnoughMemory with what would fit
-    plan, served = device.plan, host_plan(vllm_config, device)
-    host_cap = envs.gib_bytes(envs.VLLM_CPU_KVCACHE_SPACE)
-    tokens = engine_kv_tokens(plan, served, host_cap)
+    served = host_plan(vllm_config, device)
+    tokens = size_engine_kv(device, served, envs.VLLM_CPU_KVCACHE_SPACE, VLLM_FLAGS, logger)
     vllm_config.cache_config.kv_cache_memory_bytes = int(tokens * served.kv_bytes_per_token)
-    check_host(served, vllm_config.cache_config.kv_cache_memory_bytes, envs.VLLM_CPU_KVCACHE_SPACE, VLLM_FLAGS)
-    if plan.model != served.model:
-        logger.info(
-            "Maia proxy shape: every step is priced, and the emulated KV cache sized, as %s on %s; the host runs %s.",
-            plan.model,
-            plan.profile,
-            served.model,
-        )
-    note = routing_note(device.cost_model.model)
-    if note:
-        logger.info(note)
-    logger.info(
-        "Maia KV cache: emulated %s holds %d blocks (%d tokens of %s, %.2f GiB) after %s of "
-        "weights; the host gives at most %.2f GiB (%s), so the engine gets %d tokens (%.2f GiB).",
-        plan.profile,
-        plan.num_blocks,
-        plan.kv_tokens,
-        plan.model,
-        plan.kv_tokens * plan.kv_bytes_per_token / 2**30,
-        format_bytes(plan.weight_bytes),
-        host_cap / 2**30,
-        envs.VLLM_CPU_KVCACHE_SPACE,
-        tokens,
-        vllm_config.cache_config.kv_cache_memory_bytes / 2**30,
-    )
 
 
 def _apply_worker(vllm_config: VllmConfig) -> None:
