@@ -62,7 +62,9 @@ class MoE:
         step reads of the expert weights."""
         if self.load is not None:
             return self.load.experts_touched(tokens)
-        return self.num_experts * (1.0 - (1.0 - self.top_k / self.num_experts) ** tokens)
+        # float ** float is Any to the checker (a negative base gives a complex); this base is in [0, 1).
+        touched: float = self.num_experts * (1.0 - (1.0 - self.top_k / self.num_experts) ** tokens)
+        return touched
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,12 @@ class ModelShape:
     def kv_size(self) -> int:
         """K and V widths of one token and layer before the cache (MLA: the latent)."""
         return self.mla.latent_size if self.mla else self.num_kv_heads * self.head_dim
+
+    def require_moe(self) -> MoE:
+        """``moe``, for code that prices routed experts; ValueError for a dense model."""
+        if self.moe is None:
+            raise ValueError(f"{self.name} has no routed experts (a dense model)")
+        return self.moe
 
     @property
     def num_moe_layers(self) -> int:
@@ -307,7 +315,8 @@ class _Family:
 
 
 _COMMON = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size")
-_MOE_KEYS = {
+# Keyed by _Family.moe, which is None for a dense family (no keys).
+_MOE_KEYS: dict[str | None, tuple[str, ...]] = {
     "mixtral": ("num_local_experts", "num_experts_per_tok"),
     "qwen": ("num_experts", "num_experts_per_tok", "moe_intermediate_size"),
     "qwen2_moe": ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size"),

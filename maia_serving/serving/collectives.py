@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
+from typing import Protocol
 
 from maia_serving.emulator.cost.interconnect import COLLECTIVE_OPS
 
@@ -56,6 +57,14 @@ def op_name(row: Row) -> str:
     return COLLECTIVE_OPS[row[0]]
 
 
-def tensor_bytes(tensor) -> int:
+class _Tensor(Protocol):
+    """What tensor_bytes reads off a tensor (torch.Tensor has both)."""
+
+    def numel(self) -> int: ...
+
+    def element_size(self) -> int: ...
+
+
+def tensor_bytes(tensor: _Tensor) -> int:
     """The bytes a tensor holds, as a collective moves them (any object with numel and element_size)."""
     return tensor.numel() * tensor.element_size()

@@ -16,8 +16,12 @@ import math
 import re
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 from maia_serving import envs
+
+if TYPE_CHECKING:
+    import torch
 
 SIDECAR = "maia_kv_scales.json"
 
@@ -29,7 +33,8 @@ class ScalesFileError(ValueError):
 
 
 def scale_mode() -> str:
-    return envs.get(envs.MAIA_SERVING_KV_SCALES)
+    mode: str = envs.get(envs.MAIA_SERVING_KV_SCALES)  # a _choice setting: one of its strings
+    return mode
 
 
 def checkpoint_has_kv_scales(hf_config: object) -> bool:
@@ -69,7 +74,7 @@ def _scale(value: object, path: Path, where: str) -> float:
     return float(value)
 
 
-def _layers(doc: object, path: Path, key_path: tuple[str, ...], num_layers: int) -> dict:
+def _layers(doc: object, path: Path, key_path: tuple[str, ...], num_layers: int) -> dict[str, object]:
     """``doc[key_path]``, a mapping with one entry per layer ``0..num_layers-1``."""
     node = doc
     for key in key_path:
@@ -97,10 +102,10 @@ def load_sidecar(model_dir: str, num_layers: int, num_kv_heads: int) -> dict[int
             f"`{calibrate_command(model_dir)}` and serve the output directory"
         )
     layers = _layers(_read_json(path, "the per-head scales file"), path, ("layers",), num_layers)
-    out = {}
+    out: dict[int, tuple[list[float], list[float]]] = {}
     for i in range(num_layers):
         entry = layers[str(i)]
-        pair = []
+        pair: list[list[float]] = []
         for kind in ("k", "v"):
             values = entry.get(kind) if isinstance(entry, dict) else None
             if not isinstance(values, list) or len(values) != num_kv_heads:
@@ -122,14 +127,16 @@ def load_sglang_scales_file(path: str | Path, num_layers: int) -> dict[int, floa
     return {i: _scale(layers[str(i)], path, f"layer {i}") for i in range(num_layers)}
 
 
-def model_dims(hf_config: dict) -> tuple[int, int]:
+def model_dims(hf_config: dict[str, Any]) -> tuple[int, int]:
     """(layers, KV heads) of a parsed config.json."""
     text = hf_config.get("text_config") or hf_config
     layers = text["num_hidden_layers"]
     return layers, text.get("num_key_value_heads") or text["num_attention_heads"]
 
 
-def check_fp8_scales(cache_dtype: str, model_dir: str, hf_config: dict, scales_file: str | None = None) -> str:
+def check_fp8_scales(
+    cache_dtype: str, model_dir: str, hf_config: dict[str, Any], scales_file: str | None = None
+) -> str:
     """Which scales an FP8 KV cache will use, after checking every file they come from:
     "per_head" (the sidecar), "file" (an engine's scales file), "checkpoint", or "none"
     (after the loud warning). Engine-specific rules are the adapters' to add."""
@@ -146,7 +153,7 @@ def check_fp8_scales(cache_dtype: str, model_dir: str, hf_config: dict, scales_f
     return "none"
 
 
-def show_scales(scale) -> str:
+def show_scales(scale: object) -> str:
     """A scale (float or tensor of per-head values) for the log line both backends write."""
     values = scale.reshape(-1).tolist() if hasattr(scale, "reshape") else [scale]
     return ",".join(f"{x:.4g}" for x in values)
@@ -172,7 +179,7 @@ def missing_scales_warning(cache_dtype: str, model_dir: str) -> str:
 
 def per_head_scales(
     model_dir: str, num_layers: int, total_kv_heads: int, layer: int, num_kv_heads: int, tp_rank: int, tp_size: int
-):
+) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's slice of layer ``layer``'s per-head K and V scales from the sidecar, as tensors."""
     import torch
 
@@ -194,7 +201,7 @@ def per_head_scales(
     )
 
 
-def check_nvfp4_scales(model_dir: str, hf_config: dict) -> None:
+def check_nvfp4_scales(model_dir: str, hf_config: dict[str, Any]) -> None:
     """An NVFP4 cache's tensor scales come from the calibrated sidecar: it must exist and match the model."""
     if not (Path(model_dir) / SIDECAR).exists():
         raise ScalesFileError(
@@ -207,12 +214,14 @@ def check_nvfp4_scales(model_dir: str, hf_config: dict) -> None:
 @lru_cache(maxsize=4)
 def _sidecar_format(model_dir: str) -> str:
     """The FP8 format the sidecar's scales were calibrated for (read once, not once per layer)."""
-    return str(_read_json(Path(model_dir) / SIDECAR, "the per-head scales file").get("format", "e4m3"))
+    # Untyped JSON: load_sidecar checks its shape; a document that is no mapping fails on .get, as before.
+    doc = cast(dict[str, object], _read_json(Path(model_dir) / SIDECAR, "the per-head scales file"))
+    return str(doc.get("format", "e4m3"))
 
 
 def nvfp4_tensor_scales(
     model_dir: str, num_layers: int, total_kv_heads: int, layer: int, num_kv_heads: int, tp_rank: int, tp_size: int
-):
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[float, float]:
     """NVFP4's tensor scales for this rank's heads of ``layer``: ``t = amax / (6 x 448)`` from the
     sidecar's calibrated absmax, so the largest block's E4M3 scale is E4M3's largest (E2M1's 6
     times it covers amax). One per KV head with MAIA_SERVING_KV_SCALES=per_head, else the

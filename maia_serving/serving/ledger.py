@@ -16,6 +16,7 @@ import inspect
 import pkgutil
 import re
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,12 @@ def resolve(surface: Surface) -> object:
         ) from None
 
 
-def _assigned_in_source(obj: object, attr: str) -> bool:
+def _assigned_in_source(obj: Any, attr: str) -> bool:
     """Whether a class (or one of its bases) uses ``self.<attr>``, or a module ``<any>.<attr>``
-    (set, perhaps by tuple unpacking, or read): a renamed attribute leaves no trace there."""
+    (set, perhaps by tuple unpacking, or read): a renamed attribute leaves no trace there.
+
+    ``obj`` is whatever ``pkgutil.resolve_name`` found (typed Any there): inspect.getsource
+    raises TypeError, caught below, for an object it has no source for."""
     prefix = r"self\." if inspect.isclass(obj) else r"\w\."
     pattern = re.compile(rf"{prefix}{re.escape(attr)}\b")
     for klass in inspect.getmro(obj) if inspect.isclass(obj) else (obj,):

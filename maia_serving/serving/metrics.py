@@ -8,10 +8,15 @@ itself, in the Prometheus multiprocess folder its ``/metrics`` aggregates.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any
 
 from maia_serving.emulator.device.session import EmulatedDevice, StepRecord
 from maia_serving.formats.units import format_bytes, format_seconds
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 
 @dataclass
@@ -47,19 +52,21 @@ class DeviceInfo:
             block_size=plan.config.block_size,
         )
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> DeviceInfo:
+    def from_dict(cls, data: Mapping[str, object]) -> DeviceInfo:
         """The inverse of to_dict, checking every field's type (data from another process)."""
-        return cls(**{f.name: _typed(data, f.name, f.type) for f in fields(cls)})
+        # `from __future__ import annotations`: every field's type is its annotation's text.
+        return cls(**{f.name: _typed(data, f.name, str(f.type)) for f in fields(cls)})
 
 
 _TYPES = {"str": (str,), "int": (int,), "float": (int, float)}
 
 
-def _typed(data: dict, name: str, type_name: str):
+def _typed(data: Mapping[str, object], name: str, type_name: str) -> Any:
+    """``data[name]``, checked to be of ``type_name`` at run time (so Any to the checker)."""
     value = data[name]
     if isinstance(value, bool) or not isinstance(value, _TYPES[type_name]):
         raise TypeError(f"{name} must be {type_name}, got {type(value).__name__}")
@@ -72,7 +79,7 @@ class PeriodicLog:
     def __init__(self, device: EmulatedDevice, interval_s: float = 10.0):
         self.device = device
         self.interval_s = interval_s
-        self._last_log_wall = None
+        self._last_log_wall: float | None = None
         self._steps = self._emu = self._wall = 0.0
         self._ttfts: deque[float] = deque(maxlen=1000)
         self._tpots: deque[float] = deque(maxlen=1000)
@@ -123,93 +130,93 @@ class EmulatedMetricSet:
     ``registry`` defaults to prometheus_client's global one, which the engines serve.
     """
 
-    def __init__(self, registry=None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
         from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
         self.registry = REGISTRY if registry is None else registry
-        reg = {"registry": self.registry}
+        reg = self.registry
         self.info: DeviceInfo | None = None
         self.steps = Histogram(
-            "maia:emulated_step_seconds", "Emulated time of one engine step", buckets=_STEP_BUCKETS, **reg
+            "maia:emulated_step_seconds", "Emulated time of one engine step", buckets=_STEP_BUCKETS, registry=reg
         )
-        self.host_steps = Counter("maia:host_step_seconds", "Measured host time of the charged steps", **reg)
+        self.host_steps = Counter("maia:host_step_seconds", "Measured host time of the charged steps", registry=reg)
         self.overhead = Counter(
-            "maia:emulator_overhead_seconds", "Host time spent charging steps to the emulator", **reg
+            "maia:emulator_overhead_seconds", "Host time spent charging steps to the emulator", registry=reg
         )
-        self.busy = Counter("maia:emulated_busy_seconds", "Emulated device time, summed over steps", **reg)
+        self.busy = Counter("maia:emulated_busy_seconds", "Emulated device time, summed over steps", registry=reg)
         self.clock = Gauge(
             "maia:emulated_clock_seconds",
             "Emulated time at the end of the last step, idle time included (the clock follows "
             "the host while no request is open)",
             multiprocess_mode="mostrecent",
-            **reg,
+            registry=reg,
         )
         self.parts = Counter(
             "maia:emulated_time_by_part_seconds",
             "Emulated step time by part (compute, memory, communication, launch)",
             ["part"],
-            **reg,
+            registry=reg,
         )
-        self.tokens = Counter("maia:emulated_tokens", "Tokens the emulated device processed", **reg)
+        self.tokens = Counter("maia:emulated_tokens", "Tokens the emulated device processed", registry=reg)
         self.collectives = Counter(
             "maia:emulated_collectives",
             "Collectives the engine performed and the emulated interconnect was charged for",
-            **reg,
+            registry=reg,
         )
-        self.comm_bytes = Counter("maia:emulated_collective_bytes", "Bytes of the charged collectives", **reg)
+        self.comm_bytes = Counter("maia:emulated_collective_bytes", "Bytes of the charged collectives", registry=reg)
         self.errors = Counter(
             "maia:emulation_errors",
             "Steps left uncharged or records dropped because of an error in the emulation "
             "(the engine kept serving); see the server log",
             ["stage"],
-            **reg,
+            registry=reg,
         )
         self.ttft = Histogram(
-            "maia:emulated_time_to_first_token_seconds", "Emulated TTFT", buckets=_LATENCY_BUCKETS, **reg
+            "maia:emulated_time_to_first_token_seconds", "Emulated TTFT", buckets=_LATENCY_BUCKETS, registry=reg
         )
         self.tpot = Histogram(
-            "maia:emulated_time_per_output_token_seconds", "Emulated TPOT", buckets=_LATENCY_BUCKETS, **reg
+            "maia:emulated_time_per_output_token_seconds", "Emulated TPOT", buckets=_LATENCY_BUCKETS, registry=reg
         )
         self.e2e = Histogram(
             "maia:emulated_e2e_request_latency_seconds",
             "Emulated end-to-end request latency",
             buckets=_LATENCY_BUCKETS,
-            **reg,
+            registry=reg,
         )
         self.hbm_used = Gauge(
-            "maia:hbm_used_bytes", "Emulated HBM in use on one chip", multiprocess_mode="mostrecent", **reg
+            "maia:hbm_used_bytes", "Emulated HBM in use on one chip", multiprocess_mode="mostrecent", registry=reg
         )
         self.hbm_total = Gauge(
-            "maia:hbm_total_bytes", "Emulated HBM capacity of one chip", multiprocess_mode="mostrecent", **reg
+            "maia:hbm_total_bytes", "Emulated HBM capacity of one chip", multiprocess_mode="mostrecent", registry=reg
         )
         self.kv_used = Gauge(
             "maia:kv_cache_blocks_used",
             "KV cache blocks held by running requests",
             multiprocess_mode="mostrecent",
-            **reg,
+            registry=reg,
         )
         self.kv_cached = Gauge(
             "maia:kv_cache_blocks_cached",
             "KV cache blocks held only by the prefix cache (reusable, evictable)",
             multiprocess_mode="mostrecent",
-            **reg,
+            registry=reg,
         )
         self.kv_total = Gauge(
-            "maia:kv_cache_blocks", "KV cache blocks", ["holder"], multiprocess_mode="mostrecent", **reg
+            "maia:kv_cache_blocks", "KV cache blocks", ["holder"], multiprocess_mode="mostrecent", registry=reg
         )
         self.kv_tokens = Gauge(
             "maia:kv_cache_tokens",
             "KV cache capacity in tokens (blocks x block size)",
             ["holder"],
             multiprocess_mode="mostrecent",
-            **reg,
+            registry=reg,
         )
         self.device = Gauge(
             "maia:device_info",
             "The emulated device",
             ["profile", "model", "kv_cache_dtype", "tensor_parallel_size"],
             multiprocess_mode="mostrecent",
-            **reg,
+            registry=reg,
         )
         for stage in ("charge", "channel"):
             self.errors.labels(stage)  # present, at 0, before anything goes wrong

@@ -13,9 +13,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from maia_serving.emulator.device.session import EmulatedDevice, StepRecord
 from maia_serving.serving.metrics import PeriodicLog
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ class StepCharger:
         self._log = PeriodicLog(device, log_interval_s)
         self._last_sink_s = 0.0
 
-    def guard(self, what: str, fn: Callable, *args) -> object | None:
+    def guard(self, what: str, fn: Callable[..., _T], *args: object) -> _T | None:
         """``fn(*args)``, or None after logging and counting an exception from it."""
         try:
             return fn(*args)

@@ -65,11 +65,20 @@ def _cheapest(net: Network, options: dict[str, float]) -> Collective:
     return Collective(name, net.scale_up.collective_latency_s + options[name])
 
 
+def _pair_bandwidth(link: LinkProfile) -> float:
+    """A full_mesh tier's pair bandwidth, which LinkProfile requires of every full_mesh tier; ValueError for
+    another topology."""
+    pair = link.pair_bandwidth_bytes_per_s
+    if pair is None:
+        raise ValueError(f"a {link.topology} tier has no pair bandwidth (only a full_mesh tier gives one)")
+    return pair
+
+
 def _node_all_reduce(link: LinkProfile, n: float, p: int) -> dict[str, float]:
     """The all-reduce algorithms of one tier and their times (module docstring)."""
     a, bw = link.latency_s, link.bandwidth_bytes_per_s
     if link.topology == "full_mesh":
-        pair = link.pair_bandwidth_bytes_per_s
+        pair = _pair_bandwidth(link)
         return {"one_shot": a + n / pair, "two_shot": 2 * (a + n / p / pair)}
     options = {"ring": 2 * (p - 1) * (a + n / p / bw)}
     if link.topology == "switch":
@@ -83,7 +92,7 @@ def _node_phase(link: LinkProfile, n: float, p: int) -> Collective:
     """One reduce-scatter or all-gather phase of an ``n``-byte buffer over ``p`` chips of a tier."""
     a = link.latency_s
     if link.topology == "full_mesh":
-        return Collective("direct", a + n / p / link.pair_bandwidth_bytes_per_s)
+        return Collective("direct", a + n / p / _pair_bandwidth(link))
     return Collective("ring", (p - 1) * (a + n / p / link.bandwidth_bytes_per_s))
 
 
@@ -101,15 +110,22 @@ def _span(net: Network, group: int, per_node: int | None = None) -> tuple[int, i
     per_node = min(per_node or net.node_chips, net.node_chips)
     if group <= per_node:
         return per_node, 1
+    out = _scale_out(net, group)
+    if group > out.chips:
+        raise ValueError(f"a group of {group} chips exceeds the {out.chips} chips the scale-out network connects")
+    return per_node, math.ceil(group / per_node)
+
+
+def _scale_out(net: Network, group: int) -> LinkProfile:
+    """The scale-out tier a group of ``group`` chips spanning nodes runs over (``_span`` found it spans more
+    than one); ValueError where the profile names none."""
     out = net.scale_out
     if out is None:
         raise ValueError(
             f"a group of {group} chips exceeds the {net.node_chips} chips of a node, and the "
             f"profile names no scale-out network"
         )
-    if group > out.chips:
-        raise ValueError(f"a group of {group} chips exceeds the {out.chips} chips the scale-out network connects")
-    return per_node, math.ceil(group / per_node)
+    return out
 
 
 def all_reduce(net: Network, nbytes: float, group: int) -> Collective:
@@ -119,7 +135,7 @@ def all_reduce(net: Network, nbytes: float, group: int) -> Collective:
         return NONE
     if nodes == 1:
         return _cheapest(net, _node_all_reduce(net.scale_up, nbytes, group))
-    out, c = net.scale_out, net.node_chips
+    out, c = _scale_out(net, group), net.node_chips
     options = {"ring": 2 * (group - 1) * (out.latency_s + nbytes / group / out.bandwidth_bytes_per_s)}
     if group % c == 0:
         in_node = 2 * _node_phase(net.scale_up, nbytes, c).time_s
@@ -135,7 +151,7 @@ def _phase(net: Network, nbytes: float, group: int, per_node: int | None = None)
     if nodes == 1:
         phase = _node_phase(net.scale_up, nbytes, group)
         return _cheapest(net, {phase.algorithm: phase.time_s})
-    out = net.scale_out
+    out = _scale_out(net, group)
     options = {"ring": _node_phase(out, nbytes, group).time_s}
     if group % c == 0 and c > 1:
         options["hierarchical/ring"] = (
@@ -159,7 +175,7 @@ def _exchange_s(link: LinkProfile, share: float, peers: int) -> float:
     if peers < 1:
         return 0.0
     if link.topology == "full_mesh":
-        return link.latency_s + share / link.pair_bandwidth_bytes_per_s
+        return link.latency_s + share / _pair_bandwidth(link)
     return link.latency_s + peers * share / link.bandwidth_bytes_per_s
 
 
@@ -173,7 +189,7 @@ def all_to_all(net: Network, nbytes: float, group: int, per_node: int | None = N
     in_node = _exchange_s(net.scale_up, share, min(group, c) - 1)
     if nodes == 1:
         return _cheapest(net, {"direct": in_node})
-    out = net.scale_out
+    out = _scale_out(net, group)
     across = out.latency_s + (group - min(group, c)) * share / out.bandwidth_bytes_per_s
     return _cheapest(net, {"direct": max(in_node, across)})
 

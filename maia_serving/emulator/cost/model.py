@@ -64,8 +64,8 @@ from maia_serving.emulator.cost.efficiency import (
     gemm_utilization,
 )
 from maia_serving.emulator.cost.layout import SINGLE_CHIP, Parallel, crosses_node, stage_layers
-from maia_serving.emulator.cost.routing import eplb_error, eplb_nodes, uniform_load
-from maia_serving.emulator.cost.terms import op_terms, window_sum
+from maia_serving.emulator.cost.routing import ExpertLoad, eplb_error, eplb_nodes, uniform_load
+from maia_serving.emulator.cost.terms import OpTerms, op_terms, window_sum
 from maia_serving.emulator.hardware import DeviceProfile
 from maia_serving.emulator.model_shape import ModelShape
 
@@ -169,6 +169,7 @@ def roofline(profile: DeviceProfile, name: str, flops: float, nbytes: float, dty
 _EDGE_PLACE = {"embedding": 1, "final_norm": 2, "lm_head": 2, "logit_softcap": 2}
 
 
+_K = TypeVar("_K")
 _T = TypeVar("_T")
 
 # Entries a CostModel's memo holds before it forgets them all: a live server meets new (tokens, seqs) counts for
@@ -176,7 +177,7 @@ _T = TypeVar("_T")
 _MEMO_ENTRIES = 1 << 16
 
 
-def _remember(memo: dict, key: object, value: _T) -> _T:
+def _remember(memo: dict[_K, _T], key: _K, value: _T) -> _T:
     """``memo[key] = value``, forgetting the whole memo first when it is full; returns ``value``."""
     if len(memo) >= _MEMO_ENTRIES:
         memo.clear()
@@ -187,6 +188,12 @@ def _remember(memo: dict, key: object, value: _T) -> _T:
 # Some terms' roofline summed for one step (CostModel._priced): compute, memory, FLOPs and bytes in total, and
 # compute and memory per place (_EDGE_PLACE), which pipeline stages share out.
 _Sum = tuple[float, float, float, float, list[float], list[float]]
+
+# A GEMM term's shape as its efficiency model reads it (OpTerms.gemm_shape), and one term of a step's loop as
+# CostModel._priced unpacks it: the term, its FLOP rate, its GEMM shape (None: no GEMM model), its place
+# (_EDGE_PLACE), whether its rows are the busiest expert chip's, whether it is attention.
+_GemmShape = tuple[float, float, float, float]
+_LoopItem = tuple[OpTerms, float, _GemmShape | None, int, bool, bool]
 
 
 class CostModel:
@@ -220,12 +227,7 @@ class CostModel:
         self._kv_heads = 1 if model.mla else math.ceil(model.num_kv_heads / parallel.tp)
         # Per term, what its efficiency model needs, flattened for the per-step loop: a GEMM's rows per token and
         # per sequence, its groups per expert touched (0: one group) and its columns; None for the others.
-        self._gemm_shapes = tuple(
-            (t.gemm_rows.tokens, t.gemm_rows.seqs, t.gemm_groups.experts, t.gemm_n)
-            if self._gemm and t.kind == "gemm"
-            else None
-            for t in self.terms
-        )
+        self._gemm_shapes = tuple(t.gemm_shape() if self._gemm and t.kind == "gemm" else None for t in self.terms)
         self._net = profile.network
         self._places = tuple(_EDGE_PLACE.get(t.name, 0) for t in self.terms)
         self._kernels = tuple(
@@ -251,9 +253,11 @@ class CostModel:
                 raise ValueError(error)
         # Under expert parallelism each chip's rows and reads follow its experts' share of the routing: the
         # measured load, or uniform routing (whose chips differ only where the experts do not divide evenly).
-        self._load = model.moe.load if model.moe else None
+        # (None: no routed experts, so no chip's share to price.)
+        self._routed_load: ExpertLoad | None = None
         if self._any_routed:
-            self._load = self._load or uniform_load(model.moe.num_experts, model.moe.top_k)
+            moe = model.require_moe()
+            self._routed_load = moe.load or uniform_load(moe.num_experts, moe.top_k)
         # EPLB balances a grouped model per node first, over the nodes the whole deployment spans.
         nodes = eplb_nodes(parallel.chips, self._net.node_chips, self._expert_ranks)
         self._placement = (
@@ -263,9 +267,9 @@ class CostModel:
             model.moe.num_groups if model.moe else 1,
             nodes,
         )
-        self._chip_shares = self._load.chip_shares(*self._placement) if self._any_routed else None
+        self._chip_shares = self._routed_load.chip_shares(*self._placement) if self._routed_load is not None else None
         # Per term, what a step's loop reads, gathered once (the loop runs for every simulated step).
-        self._loop = tuple(
+        self._loop: tuple[_LoopItem, ...] = tuple(
             zip(
                 self.terms,
                 self._flops_per_s,
@@ -298,7 +302,7 @@ class CostModel:
         counts many times, and a measured load (a sum over every layer's chips) costs a few hundred powers."""
         factor = self._busiest_memo.get(tokens)
         if factor is None:
-            moe = self.model.moe
+            moe = self.model.require_moe()  # only routed experts ask (_routing)
             per_chip = (moe.num_experts + (self._redundant or 0)) / self._expert_ranks
             factor = _remember(
                 self._busiest_memo,
@@ -396,8 +400,12 @@ class CostModel:
         outlasts the device's work."""
         device_launch = self.profile.kernel_launch_s * kernels
         launch = device_launch + host_s
-        graph = self.profile.graph
-        host = graph.launch_s if decode_graph else self.profile.host_launch_s * kernels
+        if decode_graph:
+            graph = self.profile.graph
+            assert graph is not None  # decode_graph: the step replays the profile's CUDA graphs (cost_of)
+            host = graph.launch_s
+        else:
+            host = self.profile.host_launch_s * kernels
         if host:
             launch += exposed_host_s(host, compute_s + memory_s + comm_s + device_launch)
         return launch
@@ -444,10 +452,10 @@ class CostModel:
     def _routing(self, tokens: int) -> tuple[float, float]:
         """(routed rows, experts touched) of a step of ``tokens`` tokens: the busiest expert chip's rows under
         expert parallelism (else the tokens), and the experts one chip reads (0 for a dense model)."""
-        moe = self.model.moe
+        moe, load = self.model.moe, self._routed_load
         experts = 0.0
-        if self._chip_shares is not None:  # under EP: the chip that reads the most
-            experts = self._load.busiest_chip_touched(tokens * self.parallel.dp, *self._placement)
+        if load is not None:  # under EP: the chip that reads the most
+            experts = load.busiest_chip_touched(tokens * self.parallel.dp, *self._placement)
         elif moe:
             experts = moe.experts_touched(tokens * self.parallel.dp) / self._expert_ranks
         busiest = tokens * self._busiest_factor(tokens * self.parallel.dp) if self._any_routed else tokens
@@ -455,7 +463,7 @@ class CostModel:
 
     def _priced(
         self,
-        loop: tuple,
+        loop: tuple[_LoopItem, ...],
         tokens: int,
         seqs: int,
         routing: tuple[float, float],

@@ -27,8 +27,13 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+# Per layer, per chip, the share of the tokens' choices each expert (or replica) the chip holds takes.
+Placement = tuple[tuple[tuple[float, ...], ...], ...]
 
 
 @dataclass(frozen=True)
@@ -38,18 +43,25 @@ class ExpertLoad:
     shares: tuple[tuple[float, ...], ...]
     source: str = ""
     # Per token count, what a step asks of it: a simulation asks for the same few counts thousands of times,
-    # and a model of 256 experts in 58 layers would cost 15,000 powers a step.
-    _memo: dict = field(default_factory=dict, compare=False, repr=False)
+    # and a model of 256 experts in 58 layers would cost 15,000 powers a step. One memo per question, keyed
+    # by its arguments: experts_touched's tokens, busiest_chip_touched's and placed's.
+    _touched_memo: dict[float, float] = field(default_factory=dict, compare=False, repr=False)
+    _busiest_memo: dict[tuple[float, int, int | None, bool, int, int], float] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+    _placed_memo: dict[tuple[int, int | None, bool, int, int], Placement] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def experts_touched(self, tokens: float) -> float:
         """Expected distinct experts a layer's ``tokens`` route to, averaged over layers:
         sum over experts of ``1 - (1 - p)^T`` (the uniform case is ``E (1 - (1 - k/E)^T)``)."""
-        key = ("touched", tokens)
-        if key not in self._memo:
-            self._memo[key] = sum(sum(1.0 - (1.0 - p) ** tokens for p in layer) for layer in self.shares) / len(
+        memo = self._touched_memo
+        if tokens not in memo:
+            memo[tokens] = sum(sum(1.0 - (1.0 - p) ** tokens for p in layer) for layer in self.shares) / len(
                 self.shares
             )
-        return self._memo[key]
+        return memo[tokens]
 
     def busiest_chip_touched(
         self,
@@ -63,13 +75,14 @@ class ExpertLoad:
         """Under expert parallelism, the distinct experts the chip touching most of its own reads, per layer,
         averaged over layers: the layer waits for that chip's weights (with uniform routing, where the experts
         divide evenly, every chip's). The other arguments: as ``placed``."""
-        key = ("busiest", tokens, chips, redundant, rearranged, groups, nodes)
-        if key not in self._memo:
+        key = (tokens, chips, redundant, rearranged, groups, nodes)
+        memo = self._busiest_memo
+        if key not in memo:
             placed = self.placed(chips, redundant, rearranged, groups, nodes)
-            self._memo[key] = sum(
+            memo[key] = sum(
                 max(sum(1.0 - (1.0 - p) ** tokens for p in chip) for chip in layer) for layer in placed
             ) / len(self.shares)
-        return self._memo[key]
+        return memo[key]
 
     def chip_shares(
         self, chips: int, redundant: int | None = None, rearranged: bool = True, groups: int = 1, nodes: int = 1
@@ -82,25 +95,27 @@ class ExpertLoad:
 
     def placed(
         self, chips: int, redundant: int | None = None, rearranged: bool = True, groups: int = 1, nodes: int = 1
-    ) -> tuple[tuple[tuple[float, ...], ...], ...]:
+    ) -> Placement:
         """Per layer, per chip, the share of the tokens' choices each expert (or replica) the chip holds takes:
         vLLM's linear placement, or with ``redundant`` EPLB's, balanced once it has ``rearranged`` (for a model
         of ``groups`` expert groups over ``nodes`` nodes: ``eplb_placement``) and its initial map before."""
-        key = ("placed", chips, redundant, rearranged, groups, nodes)
-        if key not in self._memo:
+        key = (chips, redundant, rearranged, groups, nodes)
+        memo = self._placed_memo
+        if key not in memo:
             if redundant is None:
-                self._memo[key] = tuple(_placed(layer, chips) for layer in self.shares)
+                memo[key] = tuple(_placed(layer, chips) for layer in self.shares)
             elif rearranged:
-                self._memo[key] = tuple(eplb_placement(layer, chips, redundant, groups, nodes) for layer in self.shares)
+                memo[key] = tuple(eplb_placement(layer, chips, redundant, groups, nodes) for layer in self.shares)
             else:
-                self._memo[key] = tuple(eplb_initial_placement(layer, chips, redundant) for layer in self.shares)
-        return self._memo[key]
+                memo[key] = tuple(eplb_initial_placement(layer, chips, redundant) for layer in self.shares)
+        return memo[key]
 
 
 def _placed(layer: tuple[float, ...], chips: int) -> tuple[tuple[float, ...], ...]:
     """A layer's per-expert values as each of ``chips`` holds them: vLLM's linear placement (module doc)."""
     base, extra = divmod(len(layer), chips)
-    out, start = [], 0
+    out: list[tuple[float, ...]] = []
+    start = 0
     for c in range(chips):
         end = start + base + (c < extra)
         out.append(layer[start:end])
@@ -123,7 +138,7 @@ def eplb_error(num_experts: int, redundant: int, chips: int) -> str | None:
     return None
 
 
-def _with_replicas(layer: tuple[float, ...], slots: list[int]) -> list[float]:
+def _with_replicas(layer: Sequence[float], slots: list[int]) -> list[float]:
     """Each slot's share of the tokens' choices: its expert's, split evenly among the expert's replicas (vLLM
     picks among them by the token's index)."""
     replicas = Counter(slots)
@@ -156,7 +171,8 @@ def _pack(weights: list[float], packs: int) -> list[list[int]]:
     room = len(weights) // packs
     if room == 1:
         return [[i] for i in range(len(weights))]
-    loads, held = [0.0] * packs, [[] for _ in range(packs)]
+    loads = [0.0] * packs
+    held: list[list[int]] = [[] for _ in range(packs)]
     for item in sorted(range(len(weights)), key=lambda i: -weights[i]):
         pack = min((p for p in range(packs) if len(held[p]) < room), key=lambda p: (loads[p], p))
         held[pack].append(item)
@@ -208,7 +224,7 @@ def eplb_placement(
 
 
 def from_counts(
-    counts: list, num_experts: int, top_k: int, moe_layers: int, where: str = "expert load", source: str = ""
+    counts: list[Any], num_experts: int, top_k: int, moe_layers: int, where: str = "expert load", source: str = ""
 ) -> ExpertLoad:
     """Validate and normalize ``counts`` (one list, or one per MoE layer) for a model's MoE layers."""
     layers = counts if counts and isinstance(counts[0], list) else [counts]

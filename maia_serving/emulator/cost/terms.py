@@ -33,7 +33,9 @@ class Coefficients(NamedTuple):
     def scaled(self, factor: float) -> Coefficients:
         return Coefficients(*(factor * c for c in self))
 
-    def __add__(self, other: tuple) -> Coefficients:  # type: ignore[override]
+    # Element-wise sum, not tuple concatenation: it takes only tuples of numbers, where tuple.__add__ takes any
+    # tuple, so the override is narrower than its base's (unavoidable for a NamedTuple that adds up).
+    def __add__(self, other: tuple[float, ...]) -> Coefficients:  # type: ignore[override]
         return Coefficients(*(x + y for x, y in zip(self, other)))
 
     def __sub__(self, other: Coefficients) -> Coefficients:
@@ -56,6 +58,13 @@ class OpTerms:
     gemm_rows: Coefficients | None = None  # a GEMM's m over all its groups, per layer (not times layers)
     gemm_groups: Coefficients | None = None  # how many independent GEMMs share those rows (experts touched)
     gemm_n: float = 0.0  # a GEMM's output columns on this chip
+
+    def gemm_shape(self) -> tuple[float, float, float, float]:
+        """What a GEMM's efficiency model reads (model.CostModel): its rows per token and per sequence, its groups
+        per expert touched (0: one group) and its columns; ValueError for a term that is no GEMM."""
+        if self.gemm_rows is None or self.gemm_groups is None:
+            raise ValueError(f"{self.name} is a {self.kind} term, not a GEMM: it has no GEMM shape")
+        return self.gemm_rows.tokens, self.gemm_rows.seqs, self.gemm_groups.experts, self.gemm_n
 
 
 def _lin(
@@ -85,7 +94,8 @@ def _gemm(
     """``[m, k] @ [k, n]`` of ``lin``'s shard on one chip of ``tp`` sharing it, m = ``rows``: reads the weight
     (``weights`` times: once, or once per expert touched) in its stored dtype and the input in its GEMM dtype,
     writes the output in the model's. Biases are left out (under 0.1% of any layer's bytes)."""
-    k, n = lin.in_features, lin.out_features
+    k: float = lin.in_features
+    n: float = lin.out_features
     if lin.split == "column":
         n /= tp
     elif lin.split == "row":

@@ -112,7 +112,8 @@ class EmulatedDevice:
             now_s=self.clock.now_s,
             wall_s=wall_s,
             kv_blocks_used=kv_blocks_used,
-            first_token_ttfts_s=[t.ttft_s for t in firsts],
+            # advance() returns the requests whose first token this step was: each has its TTFT.
+            first_token_ttfts_s=[ttft for t in firsts if (ttft := t.ttft_s) is not None],
             finished=done,
             num_collectives=sum(row[3] for row in collectives or ()),
             comm_bytes=sum(row[2] * row[3] for row in collectives or ()),

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, TypeVar
 
 from maia_serving.emulator.cost.layout import Parallel
 from maia_serving.emulator.cost.routing import eplb_error
 from maia_serving.emulator.hardware import DeviceProfile
 from maia_serving.emulator.memory import NotEnoughMemory, ServingConfig
 from maia_serving.emulator.model_shape import ModelShape
-from maia_serving.emulator.sim.report import SLO, meets, summarize
+from maia_serving.emulator.sim.report import SLO, meets, served_s, summarize
 from maia_serving.emulator.sim.simulate import Simulation, simulate_device
 from maia_serving.emulator.sim.workload import Request
 
@@ -53,6 +54,17 @@ class LayoutResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+_V = TypeVar("_V", int, float)
+
+
+def _figure(result: LayoutResult, value: _V | None) -> _V:
+    """``value``, a figure of ``result``: evaluate sets every one of a layout that fits (and ranked its rank);
+    ValueError for a rejected layout."""
+    if value is None:
+        raise ValueError(f"{result.device} {_label(result)} has no such figure: it was rejected ({result.reason})")
+    return value
 
 
 def label(tp: int, pp: int, dp: int = 1, ep: bool = False) -> str:
@@ -107,7 +119,7 @@ def topology_name(profile: DeviceProfile) -> str:
 
 def goodput_tok_s(sim: Simulation, slo: SLO, duration_s: float) -> float:
     """Output tokens per second of the requests that meet every SLO given."""
-    good = sum(t.num_output_tokens for t in sim.timings if meets(t.ttft_s, t.tpot_s, slo))
+    good = sum(t.num_output_tokens for t in sim.timings if meets(served_s(t.ttft_s, "first token", t), t.tpot_s, slo))
     return good / duration_s
 
 
@@ -134,7 +146,7 @@ def evaluate(
     error = (
         layout_error(model, tp, pp)
         or network_error(profile, layout.chips)
-        or (eplb and eplb_error(model.moe.num_experts, layout.eplb, tp * dp))
+        or (layout.eplb is not None and eplb_error(model.require_moe().num_experts, layout.eplb, tp * dp))
     )
     if error:
         return replace(base, reason=error)
@@ -169,7 +181,7 @@ def evaluate(
 
 def ranked(results: list[LayoutResult]) -> list[LayoutResult]:
     """Served layouts by goodput, best first, numbered; then the rejected ones in their order."""
-    served = sorted((r for r in results if r.fits), key=lambda r: -r.goodput_tok_s)
+    served = sorted((r for r in results if r.fits), key=lambda r: -_figure(r, r.goodput_tok_s))
     return [replace(r, rank=i) for i, r in enumerate(served, 1)] + [r for r in results if not r.fits]
 
 
@@ -201,7 +213,7 @@ def _label(result: LayoutResult) -> str:
     return label(result.tp, result.pp, result.dp, result.ep)
 
 
-def _pyplot():
+def _pyplot() -> ModuleType:
     try:
         import matplotlib
 
@@ -223,7 +235,7 @@ def write_plots(out_dir: Path, results: list[LayoutResult], title: str) -> list[
         rows = [r for r in served if r.device == device and r.tpot_ms is not None]
         ax.scatter([r.tpot_ms for r in rows], [r.output_throughput_tok_s for r in rows], label=device, s=40)
         # Every point named, or with a MoE model's many layouts the three best of each device (the table has all).
-        named = rows if len(rows) <= 6 else sorted(rows, key=lambda r: r.rank)[:3]
+        named = rows if len(rows) <= 6 else sorted(rows, key=lambda r: _figure(r, r.rank))[:3]
         for r in named:
             ax.annotate(
                 _label(r), (r.tpot_ms, r.output_throughput_tok_s), fontsize=8, xytext=(4, 4), textcoords="offset points"
@@ -241,7 +253,7 @@ def write_plots(out_dir: Path, results: list[LayoutResult], title: str) -> list[
     width = 0.8 / max(len(devices), 1)
     fig, ax = plt.subplots(figsize=(max(9.0, 0.55 * len(labels)), 5))
     for i, device in enumerate(devices):
-        share = {_label(r): 100 * r.comm_share for r in served if r.device == device}
+        share = {_label(r): 100 * _figure(r, r.comm_share) for r in served if r.device == device}
         ax.bar(
             [j + i * width for j in range(len(labels))],
             [share.get(label, 0.0) for label in labels],

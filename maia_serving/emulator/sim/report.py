@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from maia_serving.emulator.device.clock import RequestTiming
 from maia_serving.emulator.sim.simulate import Simulation
 
 KV_SAMPLES = 20  # points of KV use over time in a report; the trace and the plot have every step
@@ -108,6 +109,22 @@ def held_s(sim: Simulation) -> list[float]:
     return [min(dur, nxt - start) for start, dur, nxt in zip(steps.start_s, steps.step_s, nexts)]
 
 
+def served_s(value: float | None, what: str, timing: RequestTiming) -> float:
+    """``value``, the ``what`` of ``timing``: set for every request of a finished simulation, which serves each
+    to its last token; ValueError where it is not."""
+    if value is None:
+        raise ValueError(f"the request arriving at {timing.arrival_s} s has no {what}: it was never served")
+    return value
+
+
+def _latency(values_s: list[float], what: str) -> Latency:
+    """``Latency.of`` a finished simulation's requests, of which there is at least one."""
+    latency = Latency.of(values_s)
+    if latency is None:
+        raise ValueError(f"no {what}: the simulation served no request")
+    return latency
+
+
 def meets(ttft_s: float, tpot_s: float | None, slo: SLO) -> bool:
     if slo.ttft_ms is not None and ttft_s * 1e3 > slo.ttft_ms:
         return False
@@ -118,10 +135,11 @@ def summarize(sim: Simulation, slo: SLO = SLO()) -> SimReport:
     """The figures of a finished simulation."""
     timings, steps = sim.timings, sim.steps
     start_s = min(t.arrival_s for t in timings)
-    duration_s = max(t.last_token_s for t in timings) - start_s
+    duration_s = max(served_s(t.last_token_s, "last token", t) for t in timings) - start_s
     output_tokens = sum(t.num_output_tokens for t in timings)
     input_tokens = sum(r.input_len for r in sim.requests)
-    good = sum(meets(t.ttft_s, t.tpot_s, slo) for t in timings)
+    ttfts_s = [served_s(t.ttft_s, "first token", t) for t in timings]
+    good = sum(meets(ttft_s, t.tpot_s, slo) for ttft_s, t in zip(ttfts_s, timings))
     busy_block_s = sum(b * s for b, s in zip(steps.kv_blocks_used, held_s(sim)))
     sample_times = [start_s + duration_s * i / (KV_SAMPLES - 1) for i in range(KV_SAMPLES)]
     hit_rate = (
@@ -138,9 +156,9 @@ def summarize(sim: Simulation, slo: SLO = SLO()) -> SimReport:
         output_throughput_tok_s=output_tokens / duration_s,
         total_throughput_tok_s=(input_tokens + output_tokens) / duration_s,
         goodput_req_s=good / duration_s if slo.given else None,
-        ttft_ms=Latency.of([t.ttft_s for t in timings]),
+        ttft_ms=_latency(ttfts_s, "TTFT"),
         tpot_ms=Latency.of([t.tpot_s for t in timings if t.tpot_s is not None]),
-        e2e_ms=Latency.of([t.e2e_s for t in timings]),
+        e2e_ms=_latency([served_s(t.e2e_s, "last token", t) for t in timings], "end-to-end latency"),
         num_preemptions=sim.num_preemptions,
         prefix_cache_hit_rate=hit_rate,
         kv_cache_blocks=sim.kv_cache_blocks,
@@ -201,21 +219,23 @@ def chrome_trace(sims: list[Simulation]) -> dict[str, Any]:
                     }
                 )
                 last = (seqs, waiting)
-        last = None
+        last_blocks = None
         for t, blocks in zip(*kv_series(sim)):
-            if blocks != last:
+            if blocks != last_blocks:
                 events.append(
                     {"ph": "C", "pid": pid, "name": "KV blocks used", "ts": t * 1e6, "args": {"blocks": blocks}}
                 )
-                last = blocks
+                last_blocks = blocks
         for rid, (request, timing) in enumerate(zip(sim.requests, sim.timings)):
+            first_s = served_s(timing.first_token_s, "first token", timing)
+            last_s = served_s(timing.last_token_s, "last token", timing)
             common = {"pid": pid, "tid": 1, "cat": "request", "id": rid}
             args = {"input_len": request.input_len, "output_len": request.output_len}
             events += [
                 {**common, "ph": "b", "name": "request", "ts": timing.arrival_s * 1e6, "args": args},
                 {**common, "ph": "b", "name": "ttft", "ts": timing.arrival_s * 1e6},
-                {**common, "ph": "e", "name": "ttft", "ts": timing.first_token_s * 1e6},
-                {**common, "ph": "e", "name": "request", "ts": timing.last_token_s * 1e6},
+                {**common, "ph": "e", "name": "ttft", "ts": first_s * 1e6},
+                {**common, "ph": "e", "name": "request", "ts": last_s * 1e6},
             ]
     return {"traceEvents": events, "displayTimeUnit": "ms"}
 

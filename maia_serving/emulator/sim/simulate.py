@@ -131,8 +131,15 @@ def simulate(
     initial_steps, initial_price = (initial[0], _StepPrices(initial[1])) if initial else (0, price)
     depth = costs.parallel.pp
     timings = [RequestTiming(arrival_s=r.arrival_s) for r in requests]
-    log: tuple[list, ...] = ([], [], [], [], [], [], [], [])
-    start_s, step_s, num_tokens, num_seqs, num_waiting, kv_used, work_s, comm_s = log
+    # The step log's columns (StepLog).
+    start_s: list[float] = []
+    step_s: list[float] = []
+    num_tokens: list[int] = []
+    num_seqs: list[int] = []
+    num_waiting: list[int] = []
+    kv_used: list[int] = []
+    work_s: list[float] = []
+    comm_s: list[float] = []
     free_s = (0.0,) * depth
     in_flight: deque[tuple[float, ScheduledStep]] = deque()
     now_s = 0.0
@@ -179,7 +186,16 @@ def simulate(
         device=device,
         requests=tuple(requests),
         timings=tuple(timings),
-        steps=StepLog(*(tuple(column) for column in log)),
+        steps=StepLog(
+            tuple(start_s),
+            tuple(step_s),
+            tuple(num_tokens),
+            tuple(num_seqs),
+            tuple(num_waiting),
+            tuple(kv_used),
+            tuple(work_s),
+            tuple(comm_s),
+        ),
         kv_cache_blocks=config.num_blocks,
         num_preemptions=scheduler.num_preemptions,
         prefix_cache_queried_tokens=scheduler.prefix_cache_queried_tokens,

@@ -23,6 +23,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,8 @@ _REQUIRED = {
 _OPTIONAL = {"prefix_id": ((str, int), "a string or an integer"), "prefix_len": ((int,), "an integer")}
 
 
-def _field(obj: dict, key: str, types: tuple[type, ...], kind: str) -> object:
+def _field(obj: dict[str, object], key: str, types: tuple[type, ...], kind: str) -> Any:
+    """``obj[key]`` of a parsed trace line, checked to be one of ``types`` at run time (so Any to the checker)."""
     value = obj[key]
     if isinstance(value, bool) or not isinstance(value, types):  # JSON true is a Python int
         raise ValueError(f"{key} must be {kind}, got {json.dumps(value)}")
@@ -109,7 +111,7 @@ def parse_trace_line(line: str) -> Request:
 def read_trace(path: Path, limit: int | None = None) -> list[Request]:
     """The requests of a JSONL trace, sorted by arrival; the first ``limit`` lines' worth if given.
     A bad line stops the read with its file name and line number."""
-    requests = []
+    requests: list[Request] = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if limit is not None and len(requests) == limit:

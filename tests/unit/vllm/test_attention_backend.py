@@ -137,7 +137,14 @@ def test_a_block_scaled_cache_is_written_and_read_as_the_mx_references(fmt):
         assert torch.equal(key_cache[blocks, rows], quantize_mx_ref(key, fmt))
         assert torch.equal(value_cache[blocks, rows], quantize_mx_ref(value, fmt))
         expected = paged_attention_mx_ref(
-            query, key_cache, value_cache, meta.batch.block_tables, meta.batch.seq_lens, meta.batch.query_start_loc, impl.scale, fmt
+            query,
+            key_cache,
+            value_cache,
+            meta.batch.block_tables,
+            meta.batch.seq_lens,
+            meta.batch.query_start_loc,
+            impl.scale,
+            fmt,
         )
         torch.testing.assert_close(output, expected, atol=0, rtol=2**-7)
 
