@@ -9,7 +9,10 @@ SGLANG_UNIT := tests/unit/sglang tests/unit/ops/test_ops_host.py
 
 .PHONY: demo demo-sglang test test-unit test-e2e setup setup-vllm setup-sglang lint bench mutation clean
 
-setup: setup-vllm setup-sglang
+# Both environments at once (two jobs): pip spends much of its time on the disk, so the two installs overlap
+# well on two cores.
+setup:
+	$(MAKE) -j2 setup-vllm setup-sglang
 
 # Each environment also builds the native host attention for its own torch (maia_serving/ops/native.py;
 # seconds when its source is unchanged).
@@ -46,8 +49,14 @@ test-unit: setup
 test-e2e: setup
 	$(PY) -m pytest $(XDIST) tests/e2e
 
+# Lint, format and types (CI runs it before the suite): ruff's rules and format over the tree; mypy --strict over
+# the engine-free floors (formats, envs, the emulator, serving), whose types the adapters and tools lean on.
+LINTED := maia_serving tests benchmarks scripts
+TYPED := maia_serving/formats maia_serving/envs.py maia_serving/emulator maia_serving/serving
 lint: setup-vllm
-	$(VENV_VLLM)/bin/ruff check maia_serving tests benchmarks scripts
+	$(VENV_VLLM)/bin/ruff check $(LINTED)
+	$(VENV_VLLM)/bin/ruff format --check $(LINTED)
+	$(VENV_VLLM)/bin/mypy --strict $(TYPED)
 
 bench: setup
 	cd benchmarks && ../$(PY) serve_throughput.py

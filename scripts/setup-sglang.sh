@@ -19,7 +19,7 @@ fi
 # torch 2.14.1 and torchvision 0.29.1 come from the machine's wheel folder when present.
 "$VENV/bin/pip" install -q -r requirements/sglang-lean.txt
 "$VENV/bin/pip" install -q --no-deps "sglang==0.5.23"
-"$VENV/bin/pip" install -q --no-deps -e .
+flock .editable-install.lock "$VENV/bin/pip" install -q --no-deps -e .  # see setup-vllm.sh
 "$VENV/bin/pip" install -q pyyaml safetensors "pytest>=8" "hypothesis>=6.100"
 rm -f "$VENV"/.maia-setup-*
 touch "$STAMP"
