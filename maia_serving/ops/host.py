@@ -189,29 +189,33 @@ def _check_args(
 
 
 def _mx_fallback(
-    query,
-    key_cache,
-    value_cache,
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    batch: PagedBatch,
     plan: PagedPlan,
-    seq_lens,
-    query_start_loc,
-    scale,
+    scale: float,
     fmt: MxFormat,
-    k_scale,
-    v_scale,
-    causal: bool,
-    sliding_window: int | None,
+    kv: KvQuant,
 ) -> torch.Tensor:
     """The per-sequence reference over the plan's pages alone, decoded into a float32 cache of
     their own (block ``i * blocks + j`` is sequence i's j-th page)."""
     head_dim = query.shape[-1]
     decoded = [
         decode_mx(_gathered(cache, plan.blocks).flatten(0, 1), fmt, head_dim, s)
-        for cache, s in ((key_cache, k_scale), (value_cache, v_scale))
+        for cache, s in ((key_cache, kv.k_scale), (value_cache, kv.v_scale))
     ]
     tables = torch.arange(plan.blocks.numel(), dtype=torch.int64, device=query.device).view(plan.blocks.shape)
     return paged_attention_ref(
-        query, *decoded, tables, seq_lens, query_start_loc, scale, "auto", causal=causal, sliding_window=sliding_window
+        query,
+        *decoded,
+        tables,
+        batch.seq_lens,
+        batch.query_start_loc,
+        scale,
+        "auto",
+        causal=batch.causal,
+        sliding_window=batch.sliding_window,
     )
 
 
@@ -231,19 +235,14 @@ def _kernel_scales(k_scale, v_scale, num_kv_heads: int, device: torch.device, us
 
 
 def _native(
-    out,
-    query,
-    key_cache,
-    value_cache,
-    block_tables,
-    seq_lens,
-    query_start_loc,
-    scale,
-    fmt,
-    k_scale,
-    v_scale,
-    causal: bool,
-    sliding_window: int | None,
+    out: torch.Tensor,
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    batch: PagedBatch,
+    scale: float,
+    fmt: Fp8Format | MxFormat | None,
+    kv: KvQuant,
 ) -> bool:
     """Attend through the C++ kernel into ``out``; False, with nothing done, where it is not built or
     cannot take these tensors (then the torch path below runs)."""
@@ -257,15 +256,15 @@ def _native(
         kind = (native.FP8_E4M3 if fmt.torch_dtype == torch.float8_e4m3fn else native.FP8_E5M2) if fmt else native.PLAIN
         elements, scales, bits, block, block_bytes = _NO_TABLE, _NO_TABLE, 0, 0, 0
     per_head = isinstance(fmt, Fp8Format) or (isinstance(fmt, MxFormat) and fmt.scale == "e4m3")
-    k_sc, v_sc = _kernel_scales(k_scale, v_scale, key_cache.shape[2], query.device, per_head)
+    k_sc, v_sc = _kernel_scales(kv.k_scale, kv.v_scale, key_cache.shape[2], query.device, per_head)
     kernel.paged_attention(
         out,
         query,
         key_cache,
         value_cache,
-        block_tables.long().contiguous(),
-        seq_lens.long().contiguous(),
-        query_start_loc.long().contiguous(),
+        batch.block_tables.long().contiguous(),
+        batch.seq_lens.long().contiguous(),
+        batch.query_start_loc.long().contiguous(),
         float(scale),
         kind,
         bits,
@@ -275,8 +274,8 @@ def _native(
         scales,
         k_sc,
         v_sc,
-        causal,
-        sliding_window or 0,
+        batch.causal,
+        batch.sliding_window or 0,
     )
     return True
 
@@ -369,73 +368,39 @@ def paged_attention_host(
     """``paged_attention_ref``'s result (``paged_attention_mx_ref``'s for the block-scaled formats) for this
     batch; ``batch.plan`` (from plan_paged_attention, the same batch and window) spares rebuilding the index
     tensors; ``out``, when given, receives the result (no second copy on the serving hot path)."""
-    block_tables, seq_lens, query_start_loc = batch.block_tables, batch.seq_lens, batch.query_start_loc
-    kv_cache_dtype, k_scale, v_scale = kv.dtype, kv.k_scale, kv.v_scale
-    causal, sliding_window, plan = batch.causal, batch.sliding_window, batch.plan
-    fmt = _check_args(
-        query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, kv_cache_dtype, k_scale, v_scale
-    )
+    flat = (batch.block_tables, batch.seq_lens, batch.query_start_loc)  # as the reference takes them
+    fmt = _check_args(query, key_cache, value_cache, *flat, kv.dtype, kv.k_scale, kv.v_scale)
     num_heads, head_dim = query.shape[1:]
-    if plan is not None and plan.sliding_window != sliding_window:
+    plan = batch.plan
+    if plan is not None and plan.sliding_window != batch.sliding_window:
         raise ValueError(
             f"the plan's mask is for sliding_window={plan.sliding_window}, this call asks for "
-            f"{sliding_window}: plan each window apart"
+            f"{batch.sliding_window}: plan each window apart"
         )
     result = torch.zeros_like(query) if out is None else out.zero_()
-    if _native(
-        result,
-        query,
-        key_cache,
-        value_cache,
-        block_tables,
-        seq_lens,
-        query_start_loc,
-        scale,
-        fmt,
-        k_scale,
-        v_scale,
-        causal,
-        sliding_window,
-    ):
+    if _native(result, query, key_cache, value_cache, batch, scale, fmt, kv):
         return result  # the kernel needs no plan: the engines skip building one where it is built
     if plan is None:
         plan = plan_paged_attention(batch, query.shape[0], num_heads, key_cache.shape[1])
     if plan.num_seqs == 0 or plan.max_q == 0:
         return result
     if not plan.batched and isinstance(fmt, MxFormat):
-        return result.copy_(
-            _mx_fallback(
-                query,
-                key_cache,
-                value_cache,
-                plan,
-                seq_lens,
-                query_start_loc,
-                scale,
-                fmt,
-                k_scale,
-                v_scale,
-                causal,
-                sliding_window,
-            )
-        )
+        return result.copy_(_mx_fallback(query, key_cache, value_cache, batch, plan, scale, fmt, kv))
     if not plan.batched:
-        return result.copy_(
-            paged_attention_ref(
-                query,
-                key_cache,
-                value_cache,
-                block_tables,
-                seq_lens,
-                query_start_loc,
-                scale,
-                kv_cache_dtype,
-                k_scale,
-                v_scale,
-                causal,
-                sliding_window,
-            )
+        reference = paged_attention_ref(
+            query,
+            key_cache,
+            value_cache,
+            *flat,
+            scale,
+            kv.dtype,
+            kv.k_scale,
+            kv.v_scale,
+            batch.causal,
+            batch.sliding_window,
         )
+        return result.copy_(reference)
+    k_scale, v_scale = kv.k_scale, kv.v_scale
     num_kv_heads = key_cache.shape[2]
     keys = _pages(key_cache, plan, k_scale, fmt, head_dim)
     values = _pages(value_cache, plan, v_scale, fmt, head_dim)

@@ -36,6 +36,7 @@ file the loader's pattern does not match, so merge has them too.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import shutil
 import struct
@@ -46,6 +47,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from maia_serving.emulator.cost.layout import stage_layers
 from maia_serving.ops.fp8 import FP8_FORMATS
 from maia_serving.tools.outdir import output_dir
 
@@ -182,12 +184,10 @@ def check_layout(arch: Arch, tp: int, pp: int) -> None:
 
 
 def pp_layers(layers: int, pp: int) -> list[tuple[int, int]]:
-    """Each stage's ``[start, end)`` layers as vLLM's ``get_pp_indices`` splits them by default."""
-    parts = [layers // pp] * pp
-    for i in range(2, layers % pp + 2):
-        parts[-i] += 1
-    starts = [sum(parts[:i]) for i in range(pp)]
-    return [(s, s + n) for s, n in zip(starts, parts)]
+    """Each stage's ``[start, end)`` layers as vLLM's ``get_pp_indices`` splits them by default: the split the
+    cost model prices (``stage_layers``), as ranges."""
+    bounds = list(itertools.accumulate(stage_layers(layers, pp), initial=0))
+    return list(zip(bounds, bounds[1:]))
 
 
 def hf_tensors(arch: Arch) -> dict[str, tuple[int, ...]]:
