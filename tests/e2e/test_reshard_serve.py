@@ -8,6 +8,8 @@ the demo model re-sharded at TP 2 with FP8 weights, whose tokens are those of it
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -82,10 +84,43 @@ def _dequantized_sibling(demo_model, out):
     return out
 
 
+# The originals' greedy texts from vLLM's offline engine on one rank, every model in one process: the same engine
+# and platform as the servers below, one prompt at a time as a server receives them, without a server's start.
+ORIGINALS = """
+import json, sys
+from vllm import LLM, SamplingParams
+
+if __name__ == "__main__":
+    texts = {}
+    for name, path in json.loads(sys.argv[1]).items():
+        llm = LLM(model=path, max_model_len=256, max_num_batched_tokens=2048, max_num_seqs=8, enforce_eager=True)
+        greedy = SamplingParams(max_tokens=12, temperature=0)
+        texts[name] = [llm.generate([p], greedy, use_tqdm=False)[0].outputs[0].text for p in json.loads(sys.argv[2])]
+        del llm
+    print("RESULT " + json.dumps(texts))
+"""
+
+
+def _offline_greedy(models: dict[str, str], tmp_path, log) -> dict[str, list[str]]:
+    script = tmp_path / "originals.py"
+    script.write_text(ORIGINALS)
+    env = {**os.environ, **_env(1, 1), "MAIA_SERVING_DEVICE": "maia", "MAIA_SERVING_PROFILE": "maia100"}
+    out = subprocess.run(
+        [sys.executable, str(script), json.dumps(models), json.dumps(PROMPTS)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    log.write_text(out.stdout + out.stderr)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
+
+
 @pytest.fixture(scope="module")
 def originals(demo_model, moe_model, logs_dir, tmp_path_factory) -> dict:
     """Each variant's checkpoint to re-shard, its weight dtype, and the greedy texts of what it should compute
-    (the checkpoint itself; for FP8, its dequantized sibling) served on one rank."""
+    (the checkpoint itself; for FP8, its dequantized sibling) on one rank."""
     tied = _tied_sibling(demo_model, tmp_path_factory.mktemp("tied") / "model")
     dequantized = _dequantized_sibling(demo_model, tmp_path_factory.mktemp("dequantized") / "model")
     variants = {
@@ -94,10 +129,9 @@ def originals(demo_model, moe_model, logs_dir, tmp_path_factory) -> dict:
         "moe": (moe_model, "auto", moe_model),
         "fp8": (demo_model, "fp8", dequantized),
     }
-    return {
-        v: (model, dtype, _greedy(reference, logs_dir / f"reshard-{v}-original.log", 1, 1))
-        for v, (model, dtype, reference) in variants.items()
-    }
+    models = {v: str(reference) for v, (_, _, reference) in variants.items()}
+    texts = _offline_greedy(models, tmp_path_factory.mktemp("originals"), logs_dir / "reshard-originals.log")
+    return {v: (model, dtype, texts[v]) for v, (model, dtype, _) in variants.items()}
 
 
 @pytest.mark.parametrize(
