@@ -9,8 +9,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# The slowest test files first (seconds serially on this 2-core host, 2026-12-02 unless dated), the rest after them in their
-# own order: `make test`'s two pytest-xdist workers each take the next file when they run low (with
+# The slowest test files first (seconds serially on this 2-core host, 2026-12-02 unless dated), the rest after
+# them in their own order: `make test`'s two pytest-xdist workers each take the next file when they run low (with
 # --no-loadscope-reorder; xdist would otherwise start with the files of most tests, the unit tests), so the
 # long files overlap instead of one worker finishing the longest alone. Only an order: a file missing here
 # runs later, nothing is skipped.
