@@ -38,6 +38,8 @@ class Served:
 
 @pytest.fixture(scope="session")
 def logs_dir() -> Path:
+    """This worker's log folder, made here: a test may write a log before any server of this worker has."""
+    LOGS.mkdir(parents=True, exist_ok=True)
     return LOGS
 
 
