@@ -3,9 +3,9 @@ VENV_VLLM := .venv-vllm
 VENV_SGLANG := .venv-sglang
 PY := $(VENV_VLLM)/bin/python
 SGL_PY := $(VENV_SGLANG)/bin/python
-# The SGLang environment runs what depends on its own engine and torch: the SGLang adapter's unit tests and the
-# host attention built against its torch. Engine-free tests (emulator, serving, formats) run once, in .venv-vllm.
-SGLANG_UNIT := tests/unit/sglang tests/unit/ops/test_ops_host.py
+# The SGLang environment runs what depends on its own engine and torch: the SGLang adapter's unit tests, and the
+# host attention and the torch device built against its torch. Engine-free tests (emulator, serving, formats) run once, in .venv-vllm.
+SGLANG_UNIT := tests/unit/sglang tests/unit/ops/test_ops_host.py tests/unit/torch/test_torch_device.py
 
 .PHONY: demo demo-sglang test test-unit test-e2e setup setup-vllm setup-sglang lint bench mutation clean
 
@@ -14,15 +14,17 @@ SGLANG_UNIT := tests/unit/sglang tests/unit/ops/test_ops_host.py
 setup:
 	$(MAKE) -j2 setup-vllm setup-sglang
 
-# Each environment also builds the native host attention for its own torch (maia_serving/ops/native.py;
-# seconds when its source is unchanged).
+# Each environment also builds, for its own torch, the native host attention (maia_serving/ops/native.py) and
+# the maia torch device (maia_serving/torch/extension.py); seconds each when their sources are unchanged.
 setup-vllm:
 	bash scripts/setup-vllm.sh
 	$(PY) -m maia_serving.ops.native
+	$(PY) -m maia_serving.torch
 
 setup-sglang:
 	bash scripts/setup-sglang.sh
 	$(SGL_PY) -m maia_serving.ops.native
+	$(SGL_PY) -m maia_serving.torch
 
 demo: setup-vllm
 	$(PY) scripts/demo.py

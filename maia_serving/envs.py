@@ -139,6 +139,7 @@ MAIA_SERVING_KV_CACHE_DTYPE: Name[str] = Name("MAIA_SERVING_KV_CACHE_DTYPE")
 MAIA_SERVING_KERNELS: Name[str] = Name("MAIA_SERVING_KERNELS")
 MAIA_SERVING_HOST_KERNEL: Name[str] = Name("MAIA_SERVING_HOST_KERNEL")
 MAIA_SERVING_HOST_KV_GIB: Name[float] = Name("MAIA_SERVING_HOST_KV_GIB")
+MAIA_SERVING_TORCH_DEVICE: Name[str] = Name("MAIA_SERVING_TORCH_DEVICE")
 VLLM_CPU_KVCACHE_SPACE: Name[int] = Name("VLLM_CPU_KVCACHE_SPACE")
 MAIA_SERVING_STATS_ADDR: Name[str] = Name("MAIA_SERVING_STATS_ADDR")
 MAIA_SERVING_CACHE_DIR: Name[str] = Name("MAIA_SERVING_CACHE_DIR")
@@ -239,6 +240,16 @@ SETTINGS: dict[str, Setting[Any]] = {
             "auto, native or torch",
             "the host attention: one C++ call per layer that decodes the KV cache while reading it (native; "
             "`make setup` builds it), the chain of torch ops (torch), or native where it builds (auto)",
+        ),
+        Setting(
+            MAIA_SERVING_TORCH_DEVICE,
+            "auto",
+            _choice("auto", "on", "off"),
+            "auto, on or off",
+            "torch.device('maia') at `import torch` (PyTorch's device autoload): on, off, or on except in a process that "
+            "runs vLLM or SGLang (auto), whose code takes any PyTorch accelerator for a GPU; the serving path has its "
+            "own maia platform. `import maia_serving.torch` loads it whatever this says",
+            engines="tools",
         ),
         Setting(
             MAIA_SERVING_HOST_KV_GIB,

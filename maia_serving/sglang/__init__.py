@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
+from maia_serving import envs
 from maia_serving.envs import MAIA_SERVING_DEVICE, device_flag, device_requested
 
 PLATFORM_CLS = "maia_serving.sglang.platform.MaiaSRTPlatform"
@@ -27,4 +28,8 @@ def activate() -> str | None:
     """
     if device_flag(sys.argv[1:]) == "maia" or os.environ.get("SGLANG_PLATFORM") == "maia":
         os.environ[MAIA_SERVING_DEVICE] = "maia"
-    return PLATFORM_CLS if device_requested() else None
+    if not device_requested():
+        return None
+    # The engine's workers import torch too: the maia torch device stays out of them (an accelerator to SGLang).
+    os.environ.setdefault(envs.MAIA_SERVING_TORCH_DEVICE, "off")
+    return PLATFORM_CLS

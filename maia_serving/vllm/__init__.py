@@ -29,6 +29,8 @@ def activate() -> str | None:
         os.environ[MAIA_SERVING_DEVICE] = "maia"
     if not device_requested():
         return None
+    # The engine's workers import torch too: the maia torch device stays out of them (an accelerator to vLLM).
+    os.environ.setdefault(envs.MAIA_SERVING_TORCH_DEVICE, "off")
     ensure_stats_addr()  # created by the first process, inherited by the engine's
     return "maia_serving.vllm.platform.MaiaPlatform"
 

@@ -23,6 +23,7 @@ ALLOWED = {name: set(FLOORS[:i]) for i, name in enumerate(FLOORS)} | {
     "vllm": set(FLOORS),
     "sglang": set(FLOORS),
     "cli": set(FLOORS) | {"vllm"},  # calibrate-host times vLLM's engine (vllm/step_timing.py)
+    "torch": {"formats", "envs", "emulator"},  # the torch device: a third way into the one cost model
 }
 # Third-party imports a room may never make, even lazily.
 FORBIDDEN = {
@@ -31,6 +32,7 @@ FORBIDDEN = {
     "ops": ENGINES,
     "serving": ENGINES,
     "tools": ENGINES,
+    "torch": ENGINES,
     "cli": ENGINES + TORCH,  # the verbs' modules load torch only when they run
 }
 

@@ -1,0 +1,86 @@
+// The Python side of the extension: set the node up, read the trace log. Everything PyTorch itself
+// calls (allocator, guard, hooks, operators) registers at load time in the other files.
+#include "runtime.h"
+#include "trace.h"
+
+#include <torch/extension.h>
+
+namespace py = pybind11;
+
+namespace {
+
+py::tuple meta_to_py(const maia::Meta& m) {
+  const auto dtype = static_cast<c10::ScalarType>(m.dtype);
+  return py::make_tuple(m.sizes, m.strides, m.offset, c10::toString(dtype), c10::elementSize(dtype), m.device);
+}
+
+py::object arg_to_py(const maia::Arg& arg) {
+  return std::visit(
+      [](const auto& v) -> py::object {
+        using T = std::decay_t<decltype(v)>;
+        if constexpr (std::is_same_v<T, std::monostate>) {
+          return py::none();
+        } else if constexpr (std::is_same_v<T, maia::Meta>) {
+          return v.sizes.empty() && v.strides.empty() && v.dtype == 0 && v.device == -1 ? py::object(py::none())
+                                                                                          : py::object(meta_to_py(v));
+        } else if constexpr (std::is_same_v<T, std::vector<maia::Meta>>) {
+          py::list out;
+          for (const auto& m : v) {
+            out.append(meta_to_py(m));
+          }
+          return out;
+        } else {
+          return py::cast(v);
+        }
+      },
+      arg);
+}
+
+py::list drain() {
+  std::vector<maia::Event> events;
+  {
+    py::gil_scoped_release release;
+    events = maia::drain();
+  }
+  py::list out;
+  for (const auto& e : events) {
+    py::list args;
+    for (const auto& a : e.args) {
+      args.append(arg_to_py(a));
+    }
+    py::list outputs;
+    for (const auto& m : e.outputs) {
+      outputs.append(meta_to_py(m));
+    }
+    out.append(py::make_tuple(e.op, e.device, args, outputs, e.host_ns));
+  }
+  return out;
+}
+
+void on_full(py::object flush, size_t threshold) {
+  if (flush.is_none()) {
+    maia::on_full(nullptr, 0);
+    return;
+  }
+  // Never freed: the log outlives the interpreter (static storage), and dropping a Python reference after
+  // the interpreter finalized aborts. One small object per profile change.
+  auto* keep = new py::object(std::move(flush));
+  maia::on_full(
+      [keep] {
+        py::gil_scoped_acquire gil;
+        (*keep)();
+      },
+      threshold);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("configure", &maia::configure, "Chips of the node, each one's HBM in bytes, the chip's name.");
+  m.def("configured", &maia::configured);
+  m.def("device_count", []() { return static_cast<int>(maia::device_count()); });
+  m.def("current_device", []() { return static_cast<int>(maia::current_device()); });
+  m.def("set_device", [](int index) { maia::set_device(static_cast<c10::DeviceIndex>(index)); });
+  m.def("drain", &drain, "The operators recorded since the last drain, oldest first.");
+  m.def("on_full", &on_full, "Call ``flush`` when the log holds ``threshold`` events (None: never).");
+}

@@ -1,0 +1,153 @@
+"""``with maia_serving.torch.profile() as prof:``: what the block ran on maia, per operator, in emulated time.
+
+Shaped as ``torch.profiler``'s ``key_averages().table()``: one row per operator with its calls, emulated time,
+FLOPs, bytes, arithmetic intensity, what bounds it and its share of the total; and beside it the host
+time the emulation spent (the CPU kernels), so a user sees both what the chip would take and what the
+emulation costs. ``export_chrome_trace`` writes the emulated timeline, one track per chip, for Perfetto.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from maia_serving.formats.units import format_bytes, format_seconds
+from maia_serving.torch import pricing
+from maia_serving.torch.pricing import OpPrice
+
+
+@dataclass(frozen=True)
+class OpSummary:
+    """One operator's calls in the block, summed."""
+
+    op: str
+    calls: int
+    time_s: float
+    flops: float
+    bytes: float
+    host_s: float
+    compute_s: float
+    memory_s: float
+    link_s: float
+
+    @property
+    def intensity(self) -> float:
+        """FLOPs per byte moved."""
+        return self.flops / self.bytes if self.bytes else 0.0
+
+    @property
+    def bound(self) -> str:
+        if self.link_s > max(self.compute_s, self.memory_s):
+            return "link"
+        return "compute" if self.compute_s >= self.memory_s else "memory"
+
+
+class profile:  # noqa: N801 (named as torch.profiler.profile, used the same way)
+    """Collects every maia operator run inside the block, priced on the device profile."""
+
+    def __init__(self) -> None:
+        self.ops: list[OpPrice] = []
+        self._active = False
+
+    def __enter__(self) -> profile:
+        from maia_serving.torch import backend
+
+        backend.enable()
+        pricing.catch_up()  # what ran before the block is not the block's
+        pricing.LEDGER.listeners.append(self.ops.append)
+        self._active = True
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        pricing.catch_up()
+        pricing.LEDGER.listeners.remove(self.ops.append)
+        self._active = False
+
+    @property
+    def total_s(self) -> float:
+        """Emulated seconds of the block, summed over its chips."""
+        return sum(op.time_s for op in self.ops)
+
+    @property
+    def host_s(self) -> float:
+        return sum(op.host_s for op in self.ops)
+
+    def key_averages(self) -> list[OpSummary]:
+        """Per operator, most emulated time first."""
+        rows: dict[str, list[OpPrice]] = defaultdict(list)
+        for op in self.ops:
+            rows[op.op].append(op)
+        summaries = [
+            OpSummary(
+                op=name,
+                calls=len(ops),
+                time_s=sum(o.time_s for o in ops),
+                flops=sum(o.flops for o in ops),
+                bytes=sum(o.bytes for o in ops),
+                host_s=sum(o.host_s for o in ops),
+                compute_s=sum(o.compute_s for o in ops),
+                memory_s=sum(o.memory_s for o in ops),
+                link_s=sum(o.link_s for o in ops),
+            )
+            for name, ops in rows.items()
+        ]
+        return sorted(summaries, key=lambda s: s.time_s, reverse=True)
+
+    def table(self, row_limit: int = 20) -> str:
+        """The per-operator table, as ``torch.profiler``'s ``key_averages().table()`` prints one."""
+        from maia_serving.torch.backend import profile as device_profile
+
+        total = self.total_s or 1.0
+        head = ("Operator", "Calls", "Emulated", "Share", "FLOPs", "Bytes", "FLOP/B", "Bound", "Host")
+        body = [
+            (
+                s.op,
+                str(s.calls),
+                format_seconds(s.time_s),
+                f"{100 * s.time_s / total:.1f}%",
+                f"{s.flops:.3g}",
+                format_bytes(s.bytes),
+                f"{s.intensity:.1f}",
+                s.bound,
+                format_seconds(s.host_s),
+            )
+            for s in self.key_averages()[:row_limit]
+        ]
+        widths = [max(len(r[i]) for r in (head, *body)) for i in range(len(head))]
+        line = "-" * (sum(widths) + 2 * (len(widths) - 1))
+
+        def row(cells: tuple[str, ...]) -> str:
+            return "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            )
+
+        name = device_profile().name
+        foot = (
+            f"Emulated total on {name}: {format_seconds(self.total_s)} ({len(self.ops)} operators); "
+            f"host time of the emulation: {format_seconds(self.host_s)}"
+        )
+        return "\n".join([line, row(head), line, *map(row, body), line, foot])
+
+    def export_chrome_trace(self, path: str | Path) -> None:
+        """The block's operators on an emulated timeline (Chrome trace event format: Perfetto and
+        chrome://tracing open it), one track per chip, back to back as the chip would run them."""
+        events, clocks = [], defaultdict(float)
+        for op in self.ops:
+            start = clocks[op.device]
+            clocks[op.device] += op.time_s
+            events.append(
+                {
+                    "name": op.op,
+                    "ph": "X",
+                    "pid": 0,
+                    "tid": op.device,
+                    "ts": start * 1e6,
+                    "dur": op.time_s * 1e6,
+                    "args": {"flops": op.flops, "bytes": op.bytes, "bound": op.bound, "host_us": op.host_s * 1e6},
+                }
+            )
+        names = [{"name": "thread_name", "ph": "M", "pid": 0, "tid": d, "args": {"name": f"maia:{d}"}} for d in clocks]
+        Path(path).write_text(json.dumps({"traceEvents": names + events, "displayTimeUnit": "ns"}))
