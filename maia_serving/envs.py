@@ -246,9 +246,9 @@ SETTINGS: dict[str, Setting[Any]] = {
             "auto",
             _choice("auto", "on", "off"),
             "auto, on or off",
-            "torch.device('maia') at `import torch` (PyTorch's device autoload): on, off, or on except in a process that "
-            "runs vLLM or SGLang (auto), whose code takes any PyTorch accelerator for a GPU; the serving path has its "
-            "own maia platform. `import maia_serving.torch` loads it whatever this says",
+            "torch.device('maia') at `import torch` (PyTorch's device autoload): on, off, or on except in a process "
+            "that runs vLLM or SGLang (auto), whose code takes any PyTorch accelerator for a GPU; the serving path has "
+            "its own maia platform. `import maia_serving.torch` loads it whatever this says",
             engines="tools",
         ),
         Setting(

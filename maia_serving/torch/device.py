@@ -1,9 +1,9 @@
 """``torch.maia``: the device module, named and shaped as ``torch.cuda``'s functions that a model or a
 training loop calls (device count and name, the current chip, seeds, synchronize, memory statistics).
 
-Memory figures come from the C++ allocator through ``torch.accelerator`` (the same statistics CUDA's
-caching allocator keeps: ``allocated_bytes.all.current`` and so on); there is no cache, so reserved
-equals allocated and ``empty_cache()`` has nothing to give back.
+Memory figures come from the C++ allocator (the statistics CUDA's caching allocator keeps, under the same
+keys), read directly: on a CPU build of torch ``torch.accelerator`` answers for maia too, on a CUDA build
+for CUDA. There is no cache, so reserved equals allocated and ``empty_cache()`` has nothing to give back.
 """
 
 from __future__ import annotations
@@ -132,40 +132,41 @@ def set_rng_state(new_state: torch.Tensor, device: _Device = "maia") -> None:
 
 
 def memory_stats(device: _Device = None) -> OrderedDict[str, Any]:
-    return torch.accelerator.memory_stats(_index(device))
+    """The chip's allocator statistics under ``torch.cuda.memory_stats``' keys (the ``all`` pool)."""
+    return OrderedDict(sorted(_ext().memory_stats(_index(device)).items()))
 
 
 def memory_allocated(device: _Device = None) -> int:
-    return torch.accelerator.memory_allocated(_index(device))
+    return int(memory_stats(device)["allocated_bytes.all.current"])
 
 
 def max_memory_allocated(device: _Device = None) -> int:
-    return torch.accelerator.max_memory_allocated(_index(device))
+    return int(memory_stats(device)["allocated_bytes.all.peak"])
 
 
 def memory_reserved(device: _Device = None) -> int:
-    return torch.accelerator.memory_reserved(_index(device))
+    return int(memory_stats(device)["reserved_bytes.all.current"])
 
 
 def max_memory_reserved(device: _Device = None) -> int:
-    return torch.accelerator.max_memory_reserved(_index(device))
+    return int(memory_stats(device)["reserved_bytes.all.peak"])
 
 
 def reset_peak_memory_stats(device: _Device = None) -> None:
-    torch.accelerator.reset_peak_memory_stats(_index(device))
+    _ext().reset_peak(_index(device))
 
 
 def reset_accumulated_memory_stats(device: _Device = None) -> None:
-    torch.accelerator.reset_accumulated_memory_stats(_index(device))
+    _ext().reset_accumulated(_index(device))
 
 
 def empty_cache() -> None:
-    torch.accelerator.empty_cache()
+    """Nothing is cached: freed memory goes back at once."""
 
 
 def mem_get_info(device: _Device = None) -> tuple[int, int]:
     """(free, total) bytes of the chip's HBM, as ``torch.cuda.mem_get_info``."""
-    free, total = torch.accelerator.get_memory_info(_index(device))
+    free, total = _ext().memory_info(_index(device))
     return int(free), int(total)
 
 

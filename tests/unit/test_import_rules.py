@@ -24,6 +24,7 @@ ALLOWED = {name: set(FLOORS[:i]) for i, name in enumerate(FLOORS)} | {
     "sglang": set(FLOORS),
     "cli": set(FLOORS) | {"vllm"},  # calibrate-host times vLLM's engine (vllm/step_timing.py)
     "torch": {"formats", "envs", "emulator"},  # the torch device: a third way into the one cost model
+    "torch_autoload": {"envs", "torch"},  # PyTorch's entry point into it
 }
 # Third-party imports a room may never make, even lazily.
 FORBIDDEN = {
@@ -33,6 +34,7 @@ FORBIDDEN = {
     "serving": ENGINES,
     "tools": ENGINES,
     "torch": ENGINES,
+    "torch_autoload": ENGINES + TORCH,  # runs inside `import torch`: nothing of it at the top
     "cli": ENGINES + TORCH,  # the verbs' modules load torch only when they run
 }
 

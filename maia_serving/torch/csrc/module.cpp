@@ -73,6 +73,28 @@ void on_full(py::object flush, size_t threshold) {
       threshold);
 }
 
+// The chip's allocator statistics under torch.cuda.memory_stats' keys ("allocated_bytes.all.current" ...).
+// Read here rather than through torch.accelerator, which on a CUDA build of torch answers for CUDA.
+py::dict memory_stats(int index) {
+  const auto stats = maia::allocator()->getDeviceStats(static_cast<c10::DeviceIndex>(index));
+  py::dict out;
+  const std::pair<const char*, const c10::CachingAllocator::StatArray*> arrays[] = {
+      {"allocation", &stats.allocation},         {"segment", &stats.segment},
+      {"active", &stats.active},                 {"allocated_bytes", &stats.allocated_bytes},
+      {"reserved_bytes", &stats.reserved_bytes}, {"active_bytes", &stats.active_bytes},
+      {"requested_bytes", &stats.requested_bytes}};
+  for (const auto& [name, array] : arrays) {
+    const auto& all = (*array)[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)];
+    const std::string prefix = std::string(name) + ".all.";
+    out[py::str(prefix + "current")] = all.current;
+    out[py::str(prefix + "peak")] = all.peak;
+    out[py::str(prefix + "allocated")] = all.allocated;
+    out[py::str(prefix + "freed")] = all.freed;
+  }
+  out["num_ooms"] = stats.num_ooms;
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -81,6 +103,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("device_count", []() { return static_cast<int>(maia::device_count()); });
   m.def("current_device", []() { return static_cast<int>(maia::current_device()); });
   m.def("set_device", [](int index) { maia::set_device(static_cast<c10::DeviceIndex>(index)); });
+  m.def("memory_stats", &memory_stats);
+  m.def("reset_peak", [](int index) { maia::allocator()->resetPeakStats(static_cast<c10::DeviceIndex>(index)); });
+  m.def("reset_accumulated",
+        [](int index) { maia::allocator()->resetAccumulatedStats(static_cast<c10::DeviceIndex>(index)); });
+  m.def("memory_info", [](int index) { return maia::allocator()->getMemoryInfo(static_cast<c10::DeviceIndex>(index)); });
   m.def("drain", &drain, "The operators recorded since the last drain, oldest first.");
   m.def("on_full", &on_full, "Call ``flush`` when the log holds ``threshold`` events (None: never).");
 }

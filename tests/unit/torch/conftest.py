@@ -21,10 +21,19 @@ def small_hbm():
     maia_torch.set_profile(load_profile("maia200"))
 
 
-@pytest.fixture
-def maia100():
+def _node(name: str):
     gc.collect()
-    maia_torch.set_profile("maia100")
-    yield load_profile("maia100")
+    maia_torch.set_profile(name)
+    yield load_profile(name)
     gc.collect()
     maia_torch.set_profile("maia200")
+
+
+@pytest.fixture
+def maia100():
+    yield from _node("maia100")
+
+
+@pytest.fixture
+def h100():
+    yield from _node("h100-sxm")

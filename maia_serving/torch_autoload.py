@@ -6,7 +6,9 @@ Not in a process that runs vLLM or SGLang (MAIA_SERVING_TORCH_DEVICE=auto): thei
 ``torch.accelerator`` for the accelerator and would take the emulated chip for a GPU.
 
 It must never break ``import torch``: a failure is said once, as a warning, and leaves no maia device.
-It never builds the extension (a compiler run inside ``import torch``); ``make setup`` does.
+It never builds the extension (a compiler run inside ``import torch``); ``make setup`` does. It lives
+outside ``maia_serving/torch/`` so that deciding not to load imports nothing of it: a later
+``import maia_serving.torch`` then sets the device up as it always does.
 """
 
 from __future__ import annotations
