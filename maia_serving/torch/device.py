@@ -20,6 +20,24 @@ from maia_serving.formats.units import format_bytes
 _Device = torch.device | str | int | None
 
 
+class InductorUnsupportedError(Exception):
+    """Not a RuntimeError: Inductor swallows those when it looks for a device's code generators."""
+
+
+INDUCTOR_HOOKS = ("Scheduling", "PythonWrapperCodegen", "CppWrapperCodegen", "WrapperFxCodegen")
+
+
+def __getattr__(name: str) -> Any:
+    """Inductor asks the device module for its code generators (``torch.maia.Scheduling`` ...): maia has none."""
+    if name in INDUCTOR_HOOKS:
+        raise InductorUnsupportedError(
+            "torch.compile's default backend (Inductor) generates kernels for the devices it knows, and maia is not "
+            "one. Compile with torch.compile(model, backend='maia'): the captured graph runs operator by operator on "
+            "maia, each priced as in eager mode."
+        )
+    raise AttributeError(f"module 'torch.maia' has no attribute {name!r}")
+
+
 def _ext() -> Any:
     from maia_serving.torch import extension
 

@@ -4,7 +4,8 @@ The C++ device records each operator (its name, its arguments' shapes, strides a
 the host time it took); ``catch_up`` drains that log and prices each record:
 
 - FLOPs from PyTorch's own formulas (``torch.utils.flop_counter``'s registry: mm, addmm, bmm, convolution
-  and their backwards; attention from its ``sdpa_flop_count``), zero for the rest;
+  and their backwards; attention from its ``sdpa_flop_count``, times the pairs a causal mask keeps), zero
+  for the rest;
 - bytes from the tensors read and written, a broadcast dimension (stride 0) counted once, as
   ``torch.utils._runtime_estimation`` does;
 - time as the serving path prices an operator (``emulator.cost``): the larger of FLOPs over the dtype's peak
@@ -12,8 +13,8 @@ the host time it took); ``catch_up`` drains that log and prices each record:
   the profile's attention efficiency) and bytes over the effective HBM bandwidth, plus one kernel launch;
 - copies over the link they cross: the host link, the chips' interconnect, or the chip's own HBM.
 
-Each chip has an emulated clock that these prices advance. Pricing is lazy (a drained batch at a time)
-so that the operators themselves pay only for the record.
+Each chip has an emulated clock that these prices advance. Pricing is lazy and once per signature (the
+extension logs runs of signatures it keeps once), so that the operators pay only for the record.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from __future__ import annotations
 import functools
 import math
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils import flop_counter
 
@@ -33,9 +36,12 @@ from maia_serving.emulator.cost.interconnect import send_recv_s
 from maia_serving.emulator.hardware import DeviceProfile
 
 # A recorded tensor, as the extension hands it over: (sizes, strides, storage offset, c10 dtype name,
-# bytes per element, chip or -1 for the host).
-Meta = tuple[list[int], list[int], int, str, int, int]
-Event = tuple[str, int, list[Any], list[Meta], int]
+# bytes per element, chip or -1 for the host); None for an undefined one.
+Meta = tuple[tuple[int, ...], tuple[int, ...], int, str, int, int]
+# An operator's signature: its name, its arguments (Metas, tuples of Metas, scalars, int tuples) and results.
+Signature = tuple[str, tuple[Any, ...], tuple[Meta | None, ...]]
+# One run of a signature, as the extension logs it: its id, the chip, the host nanoseconds it took.
+RUN = np.dtype([("id", "<u4"), ("device", "<i4"), ("host_ns", "<i8")])
 
 # c10's dtype names -> the emulator's formats (the peak a GEMM in that dtype runs at).
 FORMATS = {
@@ -54,17 +60,15 @@ FLUSH_EVENTS = 1 << 16  # the log's size at which the device prices what it hold
 
 @dataclass(frozen=True)
 class OpPrice:
-    """One operator on one chip: what it computed and moved, and what that costs on the profile."""
+    """One operator signature: what it computes and moves, and what that costs on the profile."""
 
     op: str
-    device: int
     flops: float
     bytes: float
     compute_s: float
     memory_s: float
     link_s: float  # a copy across the host link or the interconnect
     launch_s: float
-    host_s: float  # what the host's CPU kernel took (the emulation's own cost, not the chip's)
 
     @property
     def time_s(self) -> float:
@@ -84,7 +88,7 @@ def tensor_bytes(meta: Meta) -> int:
 
 
 def _is_meta(value: Any) -> bool:
-    return isinstance(value, tuple) and len(value) == 6 and isinstance(value[0], list)
+    return isinstance(value, tuple) and len(value) == 6 and isinstance(value[3], str)
 
 
 @functools.cache
@@ -99,8 +103,10 @@ def schema(op: str) -> torch.FunctionSchema:
 def _shape(value: Any) -> Any:
     if _is_meta(value):
         return torch.Size(value[0])
-    if isinstance(value, list) and value and all(_is_meta(v) for v in value):
+    if isinstance(value, tuple) and value and all(_is_meta(v) for v in value):
         return [torch.Size(v[0]) for v in value]
+    if isinstance(value, tuple):
+        return list(value)
     return value
 
 
@@ -110,17 +116,28 @@ def _widened(query: Meta, kv: Meta) -> torch.Size:
     return torch.Size([b, query[0][1], s, d])
 
 
-def flops(op: str, args: Sequence[Any], outputs: Sequence[Meta]) -> float:
-    """PyTorch's FLOP count for the operator (0 where its registry has no formula)."""
+def causal_share(query: Meta, key: Meta) -> float:
+    """Share of the query-key pairs a causal mask keeps, the queries being the last of the keys (as in a
+    prefill or a decode): the fused kernel skips the masked tiles, as the serving cost model counts pairs."""
+    s_q, s_k = query[0][2], key[0][2]
+    kept = s_q * s_k - s_q * (s_q - 1) // 2 if s_q <= s_k else s_k * (s_k + 1) // 2
+    return kept / (s_q * s_k) if s_q and s_k else 1.0
+
+
+def flops(op: str, args: Sequence[Any], outputs: Sequence[Meta | None]) -> float:
+    """PyTorch's FLOP count for the operator (0 where its registry has no formula); attention's scaled by the
+    pairs a causal mask keeps."""
     name = op.partition("::")[2].partition(".")[0]
     if name == ATTENTION:
-        q, k, v = args[:3]
-        return float(flop_counter.sdpa_flop_count(torch.Size(q[0]), _widened(q, k), _widened(q, v)))
+        q, k, v, _, _, is_causal = args[:6]
+        full = flop_counter.sdpa_flop_count(torch.Size(q[0]), _widened(q, k), _widened(q, v))
+        return float(full) * (causal_share(q, k) if is_causal else 1.0)
     if name == ATTENTION + "_backward":
-        grad, q, k, v = args[:4]
-        return float(
-            flop_counter.sdpa_backward_flop_count(torch.Size(grad[0]), torch.Size(q[0]), _widened(q, k), _widened(q, v))
+        grad, q, k, v, _, _, is_causal = args[:7]
+        full = flop_counter.sdpa_backward_flop_count(
+            torch.Size(grad[0]), torch.Size(q[0]), _widened(q, k), _widened(q, v)
         )
+        return float(full) * (causal_share(q, k) if is_causal else 1.0)
     formula = flop_counter.flop_registry.get(getattr(torch.ops.aten, name, None))
     if formula is None:
         return 0.0
@@ -132,7 +149,7 @@ def flops(op: str, args: Sequence[Any], outputs: Sequence[Meta]) -> float:
             keywords[argument.name] = _shape(value)
         else:
             positional.append(_shape(value))
-    shapes = [torch.Size(o[0]) for o in outputs]
+    shapes = [None if o is None else torch.Size(o[0]) for o in outputs]  # positions kept: out_shape[1] is a grad
     return float(formula(*positional, **keywords, out_val=shapes[0] if len(shapes) == 1 else tuple(shapes)))
 
 
@@ -145,13 +162,13 @@ def _inputs(op: str, args: Sequence[Any]) -> list[Meta]:
             continue
         if _is_meta(value):
             found.append(value)
-        elif isinstance(value, list):
+        elif isinstance(value, tuple):
             found.extend(v for v in value if _is_meta(v))
     return found
 
 
 class Pricer:
-    """Prices the records of one profile; a record's price depends only on its shapes, so each is kept."""
+    """Prices signatures on one profile."""
 
     def __init__(self, profile: DeviceProfile):
         self.profile = profile
@@ -159,18 +176,17 @@ class Pricer:
         attention = profile.attention_compute_efficiency or profile.compute_efficiency
         self._attention_flops_per_s = {f: profile.peak_flops(f) * attention for f in set(FORMATS.values())}
         self._bytes_per_s = profile.effective_bandwidth_bytes_per_s
+        self._unpriced: set[str] = set()
 
-    def price(self, event: Event) -> OpPrice:
-        op, device, args, outputs, host_ns = event
-        return _price(self, op, device, _frozen(args), _frozen(outputs), host_ns / 1e9)
-
-    def _compute(self, op: str, args: list[Any], outputs: list[Meta], device: int) -> OpPrice:
+    def price(self, signature: Signature) -> OpPrice:
+        op, args, results = signature
+        outputs = [o for o in results if o is not None]
         name = op.partition("::")[2].partition(".")[0]
         if name == COPY:
-            return self._copy(op, args, device)
+            return self._copy(op, args)
         reads = _inputs(op, args)
         nbytes = float(sum(tensor_bytes(m) for m in reads) + sum(tensor_bytes(m) for m in outputs))
-        count = flops(op, args, outputs)
+        count = self._flops(op, args, results)
         fmt = next((FORMATS[m[3]] for m in reads if m[3] in FORMATS), "bf16")
         rate = (self._attention_flops_per_s if name.startswith(ATTENTION) else self._flops_per_s)[fmt]
         compute_s = count / rate
@@ -179,74 +195,70 @@ class Pricer:
             tiling = self.profile.gemm
             groups = math.prod(batch)
             compute_s /= gemm_utilization(rows * groups, cols, groups, tiling.tile_m, tiling.tile_n, tiling.units)
-        return OpPrice(
-            op, device, count, nbytes, compute_s, nbytes / self._bytes_per_s, 0.0, self.profile.kernel_launch_s, 0.0
-        )
+        memory_s = nbytes / self._bytes_per_s
+        return OpPrice(op, count, nbytes, compute_s, memory_s, 0.0, self.profile.kernel_launch_s)
 
-    def _copy(self, op: str, args: list[Any], device: int) -> OpPrice:
+    def _flops(self, op: str, args: tuple[Any, ...], results: tuple[Meta | None, ...]) -> float:
+        """The FLOP count, or 0 with one warning per operator where PyTorch's formula cannot read the arguments:
+        a model must not fail because its price could not be worked out."""
+        try:
+            return flops(op, args, results)
+        except Exception as exc:  # any formula's failure
+            if op not in self._unpriced:
+                self._unpriced.add(op)
+                warnings.warn(
+                    f"maia-serving: {op} is priced on its bytes alone ({type(exc).__name__}: {exc})",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return 0.0
+
+    def _copy(self, op: str, args: tuple[Any, ...]) -> OpPrice:
         src, dst = args[0], args[1]
         nbytes = float(tensor_bytes(dst))
         if src[5] >= 0 and dst[5] >= 0 and src[5] == dst[5]:  # on one chip: read and write its HBM
-            return OpPrice(
-                op, device, 0.0, 2 * nbytes, 0.0, 2 * nbytes / self._bytes_per_s, 0.0, self.profile.kernel_launch_s, 0.0
-            )
+            return OpPrice(op, 0.0, 2 * nbytes, 0.0, 2 * nbytes / self._bytes_per_s, 0.0, self.profile.kernel_launch_s)
         if src[5] >= 0 and dst[5] >= 0:  # chip to chip
             link_s = send_recv_s(self.profile.network, nbytes)
         else:
             link = self.profile.host_link
             link_s = link.latency_s + nbytes / link.bandwidth_bytes_per_s
-        return OpPrice(op, device, 0.0, nbytes, 0.0, 0.0, link_s, 0.0, 0.0)
-
-
-def _frozen(value: Any) -> Any:
-    if isinstance(value, list | tuple):
-        return tuple(_frozen(v) for v in value)
-    return value
-
-
-def _thawed(value: Any) -> Any:
-    if isinstance(value, tuple) and len(value) == 6 and isinstance(value[3], str):  # a Meta
-        return (list(value[0]), list(value[1]), *value[2:])
-    if isinstance(value, tuple):
-        return [_thawed(v) for v in value]
-    return value
-
-
-@functools.lru_cache(maxsize=1 << 14)
-def _priced(pricer: Pricer, op: str, device: int, args: tuple[Any, ...], outputs: tuple[Any, ...]) -> OpPrice:
-    return pricer._compute(op, _thawed(args), [_thawed(o) for o in outputs], device)
-
-
-def _price(
-    pricer: Pricer, op: str, device: int, args: tuple[Any, ...], outputs: tuple[Any, ...], host_s: float
-) -> OpPrice:
-    priced = _priced(pricer, op, device, args, outputs)
-    return OpPrice(**{**priced.__dict__, "host_s": host_s})
+        return OpPrice(op, 0.0, nbytes, 0.0, 0.0, link_s, 0.0)
 
 
 class Ledger:
-    """The emulated clocks of the node's chips, and whoever listens to each priced operator (profilers)."""
+    """Every signature the device has run (by the extension's ids), its price on the current profile, the
+    emulated clocks of the node's chips, and whoever listens to the runs (profilers)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.clocks: list[float] = []
-        self.listeners: list[Callable[[OpPrice], None]] = []
+        self._lock = threading.RLock()
+        self.signatures: list[Signature] = []
+        self.prices: list[OpPrice] = []
+        self.times = np.zeros(0)  # each signature's emulated seconds, by id
+        self.clocks = np.zeros(0)
+        self.listeners: list[Callable[[np.ndarray], None]] = []
         self.pricer: Pricer | None = None
 
     def reset(self, profile: DeviceProfile, chips: int) -> None:
+        """A new profile: its chips' clocks from zero, every known signature priced again."""
         with self._lock:
             self.pricer = Pricer(profile)
-            self.clocks = [0.0] * chips
+            self.prices = [self.pricer.price(s) for s in self.signatures]
+            self.times = np.array([p.time_s for p in self.prices], dtype=float)
+            self.clocks = np.zeros(chips)
 
-    def add(self, events: list[Event]) -> None:
+    def add(self, signatures: list[Signature], runs: bytes) -> None:
         with self._lock:
+            self.signatures.extend(signatures)
             if self.pricer is None:
                 return
-            for event in events:
-                price = self.pricer.price(event)
-                self.clocks[price.device] += price.time_s
-                for listen in self.listeners:
-                    listen(price)
+            fresh = [self.pricer.price(s) for s in signatures]
+            self.prices.extend(fresh)
+            self.times = np.concatenate([self.times, [p.time_s for p in fresh]])
+            records = np.frombuffer(runs, dtype=RUN)
+            np.add.at(self.clocks, records["device"], self.times[records["id"]])
+            for listen in self.listeners:
+                listen(records)
 
 
 LEDGER = Ledger()
@@ -256,12 +268,12 @@ def catch_up() -> None:
     """Price everything the device ran since the last call."""
     from maia_serving.torch import extension
 
-    LEDGER.add(extension.load_built().drain())
+    LEDGER.add(*extension.load_built().drain())
 
 
 def clock_s(device: int | None = None) -> float:
-    """Emulated seconds chip ``device`` (None: the current one) has been busy since the process began."""
+    """Emulated seconds chip ``device`` (None: the current one) has been busy since its profile was set."""
     from maia_serving.torch import device as maia
 
     catch_up()
-    return LEDGER.clocks[maia.current_device() if device is None else device]
+    return float(LEDGER.clocks[maia.current_device() if device is None else device])

@@ -13,6 +13,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
+
+import numpy as np
 
 from maia_serving.formats.units import format_bytes, format_seconds
 from maia_serving.torch import pricing
@@ -20,8 +23,20 @@ from maia_serving.torch.pricing import OpPrice
 
 
 @dataclass(frozen=True)
+class OpRun:
+    """One run of an operator in the block: its signature's price, the chip, the host time it took."""
+
+    price: OpPrice
+    device: int
+    host_s: float
+
+    def __getattr__(self, name: str) -> Any:  # op, flops, bytes, compute_s, time_s, bound ... of the price
+        return getattr(self.price, name)
+
+
+@dataclass(frozen=True)
 class OpSummary:
-    """One operator's calls in the block, summed."""
+    """One operator's runs in the block, summed."""
 
     op: str
     calls: int
@@ -49,51 +64,62 @@ class profile:  # noqa: N801 (named as torch.profiler.profile, used the same way
     """Collects every maia operator run inside the block, priced on the device profile."""
 
     def __init__(self) -> None:
-        self.ops: list[OpPrice] = []
-        self._active = False
+        self._records: list[np.ndarray] = []
 
     def __enter__(self) -> profile:
         from maia_serving.torch import backend
 
         backend.enable()
         pricing.catch_up()  # what ran before the block is not the block's
-        pricing.LEDGER.listeners.append(self.ops.append)
-        self._active = True
+        pricing.LEDGER.listeners.append(self._records.append)
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         pricing.catch_up()
-        pricing.LEDGER.listeners.remove(self.ops.append)
-        self._active = False
+        pricing.LEDGER.listeners.remove(self._records.append)
+
+    @property
+    def runs(self) -> np.ndarray:
+        """The block's runs in order: (signature id, chip, host ns)."""
+        return np.concatenate(self._records) if self._records else np.zeros(0, dtype=pricing.RUN)
+
+    @property
+    def ops(self) -> list[OpRun]:
+        prices = pricing.LEDGER.prices
+        return [OpRun(prices[i], int(d), ns / 1e9) for i, d, ns in self.runs.tolist()]
 
     @property
     def total_s(self) -> float:
         """Emulated seconds of the block, summed over its chips."""
-        return sum(op.time_s for op in self.ops)
+        return float(pricing.LEDGER.times[self.runs["id"]].sum())
 
     @property
     def host_s(self) -> float:
-        return sum(op.host_s for op in self.ops)
+        return float(self.runs["host_ns"].sum() / 1e9)
 
     def key_averages(self) -> list[OpSummary]:
         """Per operator, most emulated time first."""
-        rows: dict[str, list[OpPrice]] = defaultdict(list)
-        for op in self.ops:
-            rows[op.op].append(op)
-        summaries = [
-            OpSummary(
-                op=name,
-                calls=len(ops),
-                time_s=sum(o.time_s for o in ops),
-                flops=sum(o.flops for o in ops),
-                bytes=sum(o.bytes for o in ops),
-                host_s=sum(o.host_s for o in ops),
-                compute_s=sum(o.compute_s for o in ops),
-                memory_s=sum(o.memory_s for o in ops),
-                link_s=sum(o.link_s for o in ops),
-            )
-            for name, ops in rows.items()
-        ]
+        runs, prices = self.runs, pricing.LEDGER.prices
+        ids, calls = np.unique(runs["id"], return_counts=True)
+        host = dict(zip(ids.tolist(), np.bincount(runs["id"], weights=runs["host_ns"])[ids].tolist(), strict=True))
+        rows: dict[str, list[float]] = defaultdict(lambda: [0.0] * 8)
+        for i, n in zip(ids.tolist(), calls.tolist(), strict=True):
+            p = prices[i]
+            row = rows[p.op]
+            for k, value in enumerate(
+                (
+                    n,
+                    n * p.time_s,
+                    n * p.flops,
+                    n * p.bytes,
+                    host[i] / 1e9,
+                    n * p.compute_s,
+                    n * p.memory_s,
+                    n * p.link_s,
+                )
+            ):
+                row[k] += value
+        summaries = [OpSummary(op, int(r[0]), *r[1:]) for op, r in rows.items()]
         return sorted(summaries, key=lambda s: s.time_s, reverse=True)
 
     def table(self, row_limit: int = 20) -> str:
@@ -126,7 +152,7 @@ class profile:  # noqa: N801 (named as torch.profiler.profile, used the same way
 
         name = device_profile().name
         foot = (
-            f"Emulated total on {name}: {format_seconds(self.total_s)} ({len(self.ops)} operators); "
+            f"Emulated total on {name}: {format_seconds(self.total_s)} ({len(self.runs)} operators); "
             f"host time of the emulation: {format_seconds(self.host_s)}"
         )
         return "\n".join([line, row(head), line, *map(row, body), line, foot])

@@ -89,7 +89,7 @@ at::Tensor copy_from(const at::Tensor& self, const at::Tensor& dst, bool non_blo
   auto dst_host = dst.device().type() == kMaia ? host_alias(dst) : dst;
   TORCH_CHECK(src_host.is_cpu() && dst_host.is_cpu(), "maia copies to and from the host's CPU tensors and other maia "
               "tensors; move ", (src_host.is_cpu() ? dst : self).device(), " tensors to the CPU first");
-  const Span span("aten::_copy_from", dst.device().type() == kMaia ? dst.device().index() : self.device().index());
+  Span span("aten::_copy_from", dst.device().type() == kMaia ? dst.device().index() : self.device().index());
   at::native::copy_(dst_host, src_host, non_blocking);
   span.copy(self, dst);
   return dst;

@@ -9,9 +9,13 @@ namespace py = pybind11;
 
 namespace {
 
-py::tuple meta_to_py(const maia::Meta& m) {
+py::object meta_to_py(const maia::Meta& m) {
+  if (!m.defined) {
+    return py::none();
+  }
   const auto dtype = static_cast<c10::ScalarType>(m.dtype);
-  return py::make_tuple(m.sizes, m.strides, m.offset, c10::toString(dtype), c10::elementSize(dtype), m.device);
+  return py::make_tuple(py::tuple(py::cast(m.sizes)), py::tuple(py::cast(m.strides)), m.offset,
+                        c10::toString(dtype), c10::elementSize(dtype), m.device);
 }
 
 py::object arg_to_py(const maia::Arg& arg) {
@@ -21,14 +25,15 @@ py::object arg_to_py(const maia::Arg& arg) {
         if constexpr (std::is_same_v<T, std::monostate>) {
           return py::none();
         } else if constexpr (std::is_same_v<T, maia::Meta>) {
-          return v.sizes.empty() && v.strides.empty() && v.dtype == 0 && v.device == -1 ? py::object(py::none())
-                                                                                          : py::object(meta_to_py(v));
+          return meta_to_py(v);
         } else if constexpr (std::is_same_v<T, std::vector<maia::Meta>>) {
           py::list out;
           for (const auto& m : v) {
             out.append(meta_to_py(m));
           }
-          return out;
+          return py::tuple(out);
+        } else if constexpr (std::is_same_v<T, std::vector<int64_t>>) {
+          return py::tuple(py::cast(v));
         } else {
           return py::cast(v);
         }
@@ -36,25 +41,27 @@ py::object arg_to_py(const maia::Arg& arg) {
       arg);
 }
 
-py::list drain() {
-  std::vector<maia::Event> events;
+// (new signatures as (op, args, outputs) tuples, runs as bytes of maia::Run records).
+py::tuple drain() {
+  maia::Drained drained;
   {
     py::gil_scoped_release release;
-    events = maia::drain();
+    drained = maia::drain();
   }
-  py::list out;
-  for (const auto& e : events) {
+  py::list signatures;
+  for (const auto& s : drained.signatures) {
     py::list args;
-    for (const auto& a : e.args) {
+    for (const auto& a : s.args) {
       args.append(arg_to_py(a));
     }
     py::list outputs;
-    for (const auto& m : e.outputs) {
+    for (const auto& m : s.outputs) {
       outputs.append(meta_to_py(m));
     }
-    out.append(py::make_tuple(e.op, e.device, args, outputs, e.host_ns));
+    signatures.append(py::make_tuple(s.op, py::tuple(args), py::tuple(outputs)));
   }
-  return out;
+  const auto* bytes = reinterpret_cast<const char*>(drained.runs.data());
+  return py::make_tuple(signatures, py::bytes(bytes, drained.runs.size() * sizeof(maia::Run)));
 }
 
 void on_full(py::object flush, size_t threshold) {
@@ -108,6 +115,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("reset_accumulated",
         [](int index) { maia::allocator()->resetAccumulatedStats(static_cast<c10::DeviceIndex>(index)); });
   m.def("memory_info", [](int index) { return maia::allocator()->getMemoryInfo(static_cast<c10::DeviceIndex>(index)); });
-  m.def("drain", &drain, "The operators recorded since the last drain, oldest first.");
+  m.def("use_copying_fallback", &maia::use_copying_fallback, "PyTorch's copying cpu_fallback (to compare).");
+  m.def("drain", &drain, "(signatures first seen since the last drain, runs as bytes of (u32 id, i32 chip, i64 ns)).");
   m.def("on_full", &on_full, "Call ``flush`` when the log holds ``threshold`` events (None: never).");
 }

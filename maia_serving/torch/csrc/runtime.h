@@ -43,4 +43,8 @@ at::Tensor adopt(const at::Tensor& host, c10::DeviceIndex device);
 c10::Storage adopt_storage(const c10::Storage& host, c10::DeviceIndex device);
 c10::DataPtr adopt_data(const c10::Storage& host, c10::DeviceIndex device);
 
+// Run the other operators through at::native::cpu_fallback (copies both ways) instead of the aliasing
+// fallback: only to measure what the aliasing saves.
+void use_copying_fallback(bool copying);
+
 }  // namespace maia

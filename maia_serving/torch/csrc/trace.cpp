@@ -2,13 +2,15 @@
 
 #include <exception>
 #include <mutex>
+#include <unordered_map>
 
 namespace maia {
 namespace {
 
 struct Log {
   std::mutex mutex;
-  std::vector<Event> events;
+  std::unordered_map<std::string, uint32_t> ids;  // signature key -> id
+  Drained pending;
   std::function<void()> flush;
   size_t threshold = 0;
 };
@@ -18,6 +20,76 @@ Log& log() {
   return l;
 }
 
+template <typename T>
+void put(std::string& key, const T& value) {
+  key.append(reinterpret_cast<const char*>(&value), sizeof(T));
+}
+
+void put_ints(std::string& key, const std::vector<int64_t>& values) {
+  put(key, static_cast<uint32_t>(values.size()));
+  key.append(reinterpret_cast<const char*>(values.data()), values.size() * sizeof(int64_t));
+}
+
+void put_meta(std::string& key, const Meta& m) {
+  put(key, m.defined);
+  put(key, m.dtype);
+  put(key, m.device);
+  put(key, m.offset);
+  put_ints(key, m.sizes);
+  put_ints(key, m.strides);
+}
+
+// A byte string equal for two signatures exactly when they price alike.
+std::string key_of(const Signature& s) {
+  std::string key = s.op;
+  key.push_back('\0');
+  for (const Arg& arg : s.args) {
+    put(key, static_cast<uint8_t>(arg.index()));
+    std::visit(
+        [&key](const auto& v) {
+          using T = std::decay_t<decltype(v)>;
+          if constexpr (std::is_same_v<T, Meta>) {
+            put_meta(key, v);
+          } else if constexpr (std::is_same_v<T, std::vector<Meta>>) {
+            put(key, static_cast<uint32_t>(v.size()));
+            for (const Meta& m : v) {
+              put_meta(key, m);
+            }
+          } else if constexpr (std::is_same_v<T, std::vector<int64_t>>) {
+            put_ints(key, v);
+          } else if constexpr (!std::is_same_v<T, std::monostate>) {
+            put(key, v);
+          }
+        },
+        arg);
+  }
+  put(key, static_cast<uint8_t>(0xff));
+  for (const Meta& m : s.outputs) {
+    put_meta(key, m);
+  }
+  return key;
+}
+
+void record(Signature&& signature, c10::DeviceIndex device, int64_t host_ns) {
+  std::string key = key_of(signature);
+  std::function<void()> flush;
+  {
+    Log& l = log();
+    std::lock_guard<std::mutex> lock(l.mutex);
+    auto [it, fresh] = l.ids.try_emplace(std::move(key), static_cast<uint32_t>(l.ids.size()));
+    if (fresh) {
+      l.pending.signatures.push_back(std::move(signature));
+    }
+    l.pending.runs.push_back({it->second, static_cast<int32_t>(device), host_ns});
+    if (l.flush && l.pending.runs.size() >= l.threshold) {
+      flush = l.flush;
+    }
+  }
+  if (flush) {
+    flush();
+  }
+}
+
 }  // namespace
 
 Meta meta_of(const at::Tensor& t) {
@@ -25,6 +97,7 @@ Meta meta_of(const at::Tensor& t) {
   if (!t.defined()) {
     return m;
   }
+  m.defined = true;
   m.sizes = t.sizes().vec();
   m.strides = t.strides().vec();
   m.offset = t.storage_offset();
@@ -59,26 +132,11 @@ Arg arg_of(const c10::IValue& v) {
   return std::monostate{};
 }
 
-void record(Event&& event) {
-  std::function<void()> flush;
-  {
-    Log& l = log();
-    std::lock_guard<std::mutex> lock(l.mutex);
-    l.events.push_back(std::move(event));
-    if (l.flush && l.events.size() >= l.threshold) {
-      flush = l.flush;
-    }
-  }
-  if (flush) {
-    flush();
-  }
-}
-
-std::vector<Event> drain() {
+Drained drain() {
   Log& l = log();
   std::lock_guard<std::mutex> lock(l.mutex);
-  std::vector<Event> out;
-  out.swap(l.events);
+  Drained out;
+  std::swap(out, l.pending);
   return out;
 }
 
@@ -90,25 +148,24 @@ void on_full(std::function<void()> flush, size_t threshold) {
 }
 
 Span::Span(std::string op, c10::DeviceIndex device)
-    : start_(std::chrono::steady_clock::now()), uncaught_(std::uncaught_exceptions()) {
-  event_.op = std::move(op);
-  event_.device = static_cast<int8_t>(device);
+    : device_(device), start_(std::chrono::steady_clock::now()), uncaught_(std::uncaught_exceptions()) {
+  signature_.op = std::move(op);
 }
 
-void Span::copy(const at::Tensor& src, const at::Tensor& dst) const {
-  event_.args = {meta_of(src), meta_of(dst)};
-  event_.outputs = {meta_of(dst)};
+void Span::copy(const at::Tensor& src, const at::Tensor& dst) {
+  signature_.args = {meta_of(src), meta_of(dst)};
+  signature_.outputs = {meta_of(dst)};
 }
 
 Span::~Span() {
   if (std::uncaught_exceptions() > uncaught_) {
     return;
   }
-  event_.host_ns =
+  const int64_t host_ns =
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start_).count();
   try {
-    record(std::move(event_));
-  } catch (...) {  // a destructor must not throw; a lost event only loses its price
+    record(std::move(signature_), device_, host_ns);
+  } catch (...) {  // a destructor must not throw; a lost run only loses its price
   }
 }
 

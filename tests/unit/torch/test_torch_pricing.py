@@ -64,7 +64,8 @@ def test_attention_is_one_operator_with_pytorchs_sdpa_flops(maia100):
     v = torch.randn(1, 2, 16, 32, dtype=torch.bfloat16, device="maia")
     ops = priced(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
     op = only(ops, "aten::_scaled_dot_product_fused_attention_overrideable")
-    assert op.flops == 2 * (2 * 1 * 4 * 16 * 16 * 32)  # QK^T and PV, each query head over its group's keys
+    pairs = 16 * 17 // 2  # causal: each of the 16 queries sees itself and the keys before it
+    assert op.flops == 2 * (2 * 1 * 4 * pairs * 32)  # QK^T and PV, each query head over its group's keys
     assert op.bytes == 2 * (4 + 2 + 2 + 4) * 16 * 32 + 4 * 4 * 16  # q, k, v, out in bf16; logsumexp in fp32
     assert op.time_s == pytest.approx(max(op.flops / FLOPS_PER_S, op.bytes / BYTES_PER_S) + LAUNCH_S, rel=1e-12)
 
