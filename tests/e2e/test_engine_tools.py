@@ -1,5 +1,9 @@
-"""The engines' own launch, bench and eval entry points work in our environments, and each
-engine's benchmark client measures both maia servers (as users compare them)."""
+"""The engines' own launch, bench and eval entry points work in our environments, and each engine's benchmark
+client measures the other engine's maia server (as users compare them; each client's own engine is the easy
+pairing, and both clients speak the OpenAI API both servers serve).
+
+`vllm serve`, `python -m sglang.launch_server`, `vllm bench serve` and `sglang.bench_serving` run for real in
+this suite (every server; the benchmark clients below), so their --help is not asked here."""
 
 import json
 import subprocess
@@ -12,15 +16,12 @@ from tests.utils.launch import sglang_python
 
 VLLM = str(Path(sys.executable).with_name("vllm"))
 
-# Entry points the engines document; each must at least start (its --help exits 0).
+# Entry points the engines document that the suite does not otherwise run; each must at least start (its --help
+# exits 0).
 ENTRY_POINTS = {
-    "vllm serve": ("vllm", [VLLM, "serve", "--help"]),
-    "vllm bench serve": ("vllm", [VLLM, "bench", "serve", "--help"]),
     "vllm bench latency": ("vllm", [VLLM, "bench", "latency", "--help"]),
     "vllm bench throughput": ("vllm", [VLLM, "bench", "throughput", "--help"]),
-    "sglang.launch_server": ("sglang", ["-m", "sglang.launch_server", "--help"]),
     "sglang serve": ("sglang-script", ["serve", "--help"]),
-    "sglang.bench_serving": ("sglang", ["-m", "sglang.bench_serving", "--help"]),
     "sglang.bench_one_batch_server": ("sglang", ["-m", "sglang.bench_one_batch_server", "--help"]),
     "sglang.test.run_eval": ("sglang", ["-m", "sglang.test.run_eval", "--help"]),
 }
@@ -42,7 +43,7 @@ def test_entry_point_starts(name):
     assert "usage" in (out.stdout + out.stderr).lower()
 
 
-def _bench(tool: str, served, demo_model, tmp_path) -> dict:
+def _bench(tool: str, base_url: str, demo_model, tmp_path) -> dict:
     """A small random-prompt run of ``tool`` against the served engine; its result file."""
     result = tmp_path / f"{tool}.json"
     backend = "openai" if tool == "vllm" else "sglang-oai"
@@ -50,7 +51,7 @@ def _bench(tool: str, served, demo_model, tmp_path) -> dict:
         "--backend",
         backend,
         "--base-url",
-        served.server.url,
+        base_url,
         "--model",
         "demo",
         "--tokenizer",
@@ -93,8 +94,10 @@ def _bench(tool: str, served, demo_model, tmp_path) -> dict:
     return json.loads(lines[-1])
 
 
-@pytest.mark.parametrize("tool", ["vllm", "sglang"])
-def test_each_engines_benchmark_client_measures_both_maia_servers(tool, served, demo_model, tmp_path):
-    report = _bench(tool, served, demo_model, tmp_path)
+@pytest.mark.parametrize("tool,server", [("vllm", "sglang_server"), ("sglang", "maia_server")])
+def test_each_engines_benchmark_client_measures_the_other_engines_maia_server(
+    tool, server, demo_model, tmp_path, request
+):
+    report = _bench(tool, request.getfixturevalue(server).url, demo_model, tmp_path)
     assert report["completed"] == 8
     assert report["total_output_tokens"] > 0

@@ -1,6 +1,9 @@
 """Fixtures shared by every unit test folder; the helper modules (FP8 and MX spec tables, the float64
 attention reference, paged batches) live in tests/utils."""
 
+import gc
+from dataclasses import replace
+
 import pytest
 
 
@@ -26,3 +29,40 @@ def host_kernel(request) -> str:
     """Both host attention paths: the C++ kernel and the chain of torch ops."""
     request.getfixturevalue(f"{request.param}_host_path")
     return request.param
+
+
+# The maia torch device's nodes (tests/unit/torch), imported when asked for: the SGLang environment runs these
+# fixtures' folder beside its engine's tests.
+@pytest.fixture
+def small_hbm():
+    """A Maia 100 node whose chips hold 1 MiB each (a profile override), the default back afterwards."""
+    import maia_serving.torch as maia_torch
+    from maia_serving.emulator.hardware import load_profile
+
+    gc.collect()
+    profile = replace(load_profile("maia100"), hbm_capacity_bytes=float(2**20))
+    maia_torch.set_profile(profile)
+    yield profile
+    gc.collect()
+    maia_torch.set_profile(load_profile("maia200"))
+
+
+def _node(name: str):
+    import maia_serving.torch as maia_torch
+    from maia_serving.emulator.hardware import load_profile
+
+    gc.collect()
+    maia_torch.set_profile(name)
+    yield load_profile(name)
+    gc.collect()
+    maia_torch.set_profile("maia200")
+
+
+@pytest.fixture
+def maia100():
+    yield from _node("maia100")
+
+
+@pytest.fixture
+def h100():
+    yield from _node("h100-sxm")

@@ -8,6 +8,7 @@ import pickle
 import pytest
 import torch
 
+import maia_serving.torch  # noqa: F401  (the device, where autoload left it out: an engine's process)
 from maia_serving.emulator.hardware import load_profile
 
 MAIA200 = load_profile("maia200")

@@ -5,6 +5,8 @@ does not have, two chips in one operator (test_torch_device), out of memory (tes
 import pytest
 import torch
 
+import maia_serving.torch  # noqa: F401  (the device, where autoload left it out: an engine's process)
+
 
 def still_usable() -> None:
     x = torch.ones(3, device="maia")
