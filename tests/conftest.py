@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # long files overlap instead of one worker finishing the longest alone. Only an order: a file missing here
 # runs later, nothing is skipped.
 SLOWEST_FIRST = (
-    "e2e/test_parity.py",  # 92, and 360 on a fresh clone to train models/trained
+    "e2e/test_parity.py",  # 92, and under 60 to build models/recall on a fresh clone
     "e2e/test_reshard_serve.py",  # 409 (2026-12-07, the originals from one offline process)
     "e2e/test_engine_tools.py",  # 274
     "e2e/test_collectives.py",  # 249
@@ -53,13 +53,12 @@ def demo_model() -> Path:
 
 
 @pytest.fixture(scope="session")
-def trained_model() -> Path:
-    """models/trained, made by `maia-serving train-model` (about 6 minutes on two free cores, once).
-    A 60-step model is no shorter way: it answers every prompt with the same run of underscores,
-    which any two implementations agree on."""
-    from maia_serving.tools.training.train import train_model
+def recall_model(demo_model) -> Path:
+    """models/recall: the demo model trained to continue each parity prompt with a stdlib passage (under a minute;
+    tests/utils/recall_model.py says why parity needs it)."""
+    from tests.utils.recall_model import build_recall_model
 
-    return built_once(ROOT / "models" / "trained", train_model)
+    return built_once(ROOT / "models" / "recall", lambda out: build_recall_model(demo_model, out))
 
 
 def _family_model(family: str) -> Path:

@@ -1,11 +1,13 @@
 """SGLang on maia and vLLM on maia: the same tokens as each other and as transformers, and
 the same emulated KV capacity.
 
-A briefly trained model (not the random demo model, whose flat logits turn every
-rounding difference into a different token): greedy decoding of the same prompts on
-both engines, in BF16, with the same profile and limits. The engines share
-maia_serving.ops, so agreeing with each other does not prove either right: transformers'
-own `generate` on the same weights is the independent reference.
+A model trained to recall a stdlib passage after each prompt (tests/utils/recall_model.py; not the random
+demo model, whose flat logits turn every rounding difference into a different token, nor the accuracy
+model, which leads by under 0.15 nats at one greedy step in seven): greedy decoding of the same prompts on
+both engines, in BF16, with the same profile and limits. A wrong position, page or layer breaks the recall;
+small numerical errors in attention are the unit tests' (float64 references). The engines share
+maia_serving.ops, so agreeing with each other does not prove either right: transformers' own `generate` on
+the same weights is the independent reference.
 """
 
 from __future__ import annotations
@@ -18,20 +20,11 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.utils.launch import Server, free_port, scrape, sglang_serve_cmd, vllm_serve_cmd
+from tests.utils.recall_model import PROMPTS
 
 if TYPE_CHECKING:
     import torch
 
-PROMPTS = [f"def {name}(self" for name in ("run", "close", "read", "write", "add", "copy", "get", "set")] + [
-    "import os\n",
-    "class Parser:\n    def",
-    "for line in",
-    "if __name__ ==",
-    "return self.",
-    "    raise",
-    "from collections import",
-    "with open(",
-]
 MAX_TOKENS = 24
 PROFILE = "maia100"
 LIMITS_VLLM = ("--max-model-len", "256", "--max-num-batched-tokens", "2048", "--max-num-seqs", "64")
@@ -90,11 +83,11 @@ def parting(a: list[int], b: list[int]) -> int | None:
 
 
 @pytest.fixture(scope="module")
-def runs(trained_model, logs_dir):
+def runs(recall_model, logs_dir):
     out = {}
     port = free_port()
     cmd = vllm_serve_cmd(
-        trained_model,
+        recall_model,
         port,
         "--served-model-name",
         "m",
@@ -106,7 +99,7 @@ def runs(trained_model, logs_dir):
     with Server(cmd, port, logs_dir / "parity-vllm.log", env={"VLLM_CPU_CI_ENV": "1"}) as server:
         out["vllm"] = (greedy(server), scrape(server.url))
     port = free_port()
-    cmd = sglang_serve_cmd(trained_model, port, "--served-model-name", "m", *LIMITS_SGLANG, "--enable-metrics")
+    cmd = sglang_serve_cmd(recall_model, port, "--served-model-name", "m", *LIMITS_SGLANG, "--enable-metrics")
     with Server(cmd, port, logs_dir / "parity-sglang.log", env={"MAIA_SERVING_PROFILE": PROFILE}) as server:
         texts = greedy(server)
         time.sleep(0.2)
@@ -146,15 +139,15 @@ class Reference:
 
 
 @pytest.fixture(scope="module")
-def reference(runs, trained_model) -> list[Reference]:
+def reference(runs, recall_model) -> list[Reference]:
     """transformers' `generate` on the same checkpoint in BF16 on CPU, one prompt at a time (no
     padding), tokenized as the engines do: the tokenizer adds no BOS, and neither do they.
     Requested after `runs`, so no server shares the cores with it."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(trained_model)
-    model = AutoModelForCausalLM.from_pretrained(trained_model, dtype=torch.bfloat16).eval()
+    tokenizer = AutoTokenizer.from_pretrained(recall_model)
+    model = AutoModelForCausalLM.from_pretrained(recall_model, dtype=torch.bfloat16).eval()
     out = []
     for prompt in PROMPTS:
         prompt_ids = tokenizer(prompt)["input_ids"]
