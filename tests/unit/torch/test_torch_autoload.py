@@ -35,9 +35,9 @@ def test_import_torch_alone_makes_the_maia_device():
         "import sys, torch\n"
         "x = torch.arange(4.0, device='maia') * 2\n"
         "print(x.device, x.cpu().tolist(), torch.accelerator.current_accelerator().type, torch.maia.device_count())\n"
-        "print('maia_serving.torch' in sys.modules)"
+        "print('maia_serving.torch' in sys.modules, torch.accelerator.get_memory_info(1)[1] == 216 * 2**30)"
     )
-    assert out.stdout.split() == ["maia:0", "[0.0,", "2.0,", "4.0,", "6.0]", "maia", "4", "True"]
+    assert out.stdout.split() == ["maia:0", "[0.0,", "2.0,", "4.0,", "6.0]", "maia", "4", "True", "True"]
     assert "Warning" not in out.stderr
 
 

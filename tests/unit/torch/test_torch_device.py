@@ -19,7 +19,9 @@ def test_the_device_is_pytorchs_accelerator():
     assert torch.maia.is_available()
     assert torch.maia.device_count() == MAIA200.network.node_chips == 4
     assert torch.maia.get_device_name(0) == "Microsoft Maia 200"
-    assert torch.accelerator.get_memory_info(0)[1] == torch.maia.mem_get_info()[1] == MAIA200.hbm_capacity_bytes
+    assert torch.maia.mem_get_info()[1] == MAIA200.hbm_capacity_bytes
+    # torch.accelerator.get_memory_info answers the same in a fresh interpreter (test_torch_autoload); here a
+    # vLLM module another test imported may have replaced it (vllm/v1/worker/cpu/shm.py does, for its CPU worker).
 
 
 def test_tensor_is_maia_is_pytorchs_builtin_property_not_ours():
