@@ -16,15 +16,16 @@ setup:
 
 # Each environment also builds, for its own torch, the native host attention (maia_serving/ops/native.py) and
 # the maia torch device (maia_serving/torch/extension.py); seconds each when their sources are unchanged.
+# (MAIA_SERVING_TORCH_DEVICE=off: the device is not built yet, and `import torch` would say so.)
 setup-vllm:
 	bash scripts/setup-vllm.sh
-	$(PY) -m maia_serving.ops.native
-	$(PY) -m maia_serving.torch
+	MAIA_SERVING_TORCH_DEVICE=off $(PY) -m maia_serving.ops.native
+	MAIA_SERVING_TORCH_DEVICE=off $(PY) -m maia_serving.torch
 
 setup-sglang:
 	bash scripts/setup-sglang.sh
-	$(SGL_PY) -m maia_serving.ops.native
-	$(SGL_PY) -m maia_serving.torch
+	MAIA_SERVING_TORCH_DEVICE=off $(SGL_PY) -m maia_serving.ops.native
+	MAIA_SERVING_TORCH_DEVICE=off $(SGL_PY) -m maia_serving.torch
 
 demo: setup-vllm
 	$(PY) scripts/demo.py

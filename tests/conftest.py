@@ -9,22 +9,22 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# The slowest test files first (seconds serially on this 2-core host, 2026-12-02 unless dated), the rest after
+# The slowest test files first (seconds each, summed over its tests, beside the other worker), the rest after
 # them in their own order: `make test`'s two pytest-xdist workers each take the next file when they run low (with
 # --no-loadscope-reorder; xdist would otherwise start with the files of most tests, the unit tests), so the
 # long files overlap instead of one worker finishing the longest alone. Only an order: a file missing here
 # runs later, nothing is skipped.
 SLOWEST_FIRST = (
-    "e2e/test_parity.py",  # 92, and under 60 to build models/recall on a fresh clone
-    "e2e/test_reshard_serve.py",  # 409 (2026-12-07, the originals from one offline process)
-    "e2e/test_engine_tools.py",  # 274
-    "e2e/test_collectives.py",  # 249
-    "e2e/test_families_serve.py",  # 228
-    "e2e/test_sglang.py",  # 200
-    "e2e/test_mx_serve.py",  # 188
-    "e2e/test_vllm_offline.py",  # 137
-    "e2e/test_proxy.py",  # 86
-    "e2e/test_errors.py",  # 67 (2026-12-07: one launch per engine, the other cases in one probe each)
+    "e2e/test_sglang.py",  # 336 (2026-12-07 evening, a fresh clone's .ci/run)
+    "e2e/test_reshard_serve.py",  # 333
+    "e2e/test_families_serve.py",  # 308
+    "e2e/test_collectives.py",  # 303
+    "e2e/test_engine_tools.py",  # 260
+    "e2e/test_mx_serve.py",  # 252
+    "e2e/test_vllm_offline.py",  # 143
+    "e2e/test_parity.py",  # 120, models/recall built on the way
+    "e2e/test_proxy.py",  # 89
+    "e2e/test_errors.py",  # 85
 )
 
 
