@@ -3,7 +3,10 @@
 #include "runtime.h"
 #include "trace.h"
 
-#include <torch/extension.h>
+// Plain pybind11, not torch/extension.h: nothing here passes a tensor to Python, and that header is
+// two thirds of the extension's build time.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 namespace py = pybind11;
 
