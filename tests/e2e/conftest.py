@@ -2,24 +2,13 @@
 `vllm serve <demo> --device maia` and `python -m sglang.launch_server --model-path <demo>
 --device maia` (from .venv-sglang/), with the same limits so their figures compare."""
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.utils.e2e import ENGINE_ENV, LOGS, SGLANG_ENV, SGLANG_LIMITS, VLLM_LIMITS, openai_client
 from tests.utils.launch import Server, free_port, scrape, sglang_serve_cmd, vllm_serve_cmd
-
-ROOT = Path(__file__).resolve().parents[2]
-# `make test` runs two pytest-xdist workers; each keeps its own servers' logs, since a session-wide
-# server (maia_server, sglang_server) may start in both.
-LOGS = ROOT / "models" / "logs" / os.environ.get("PYTEST_XDIST_WORKER", "")
-# Eager mode keeps startup near 30 s; the CPU backend's compile warm-up adds as much again.
-ENGINE_ENV = {"VLLM_CPU_CI_ENV": "1", "MAIA_SERVING_LOG_INTERVAL_S": "1"}
-SGLANG_ENV = {"MAIA_SERVING_PROFILE": "maia100", "MAIA_SERVING_LOG_INTERVAL_S": "1"}
-# The same scheduling limits for both engines, so the emulated workspace and KV capacity match.
-VLLM_LIMITS = ("--max-model-len", "512", "--max-num-batched-tokens", "2048", "--max-num-seqs", "64")
-SGLANG_LIMITS = ("--context-length", "512", "--chunked-prefill-size", "2048", "--max-running-requests", "64")
 
 
 def pytest_collection_modifyitems(items):
@@ -68,12 +57,6 @@ def sglang_server(demo_model):
     with Server(cmd, port, LOGS / "maia-sglang-server.log", env=SGLANG_ENV) as server:
         server.metrics_at_start = scrape(server.url)  # before any request
         yield server
-
-
-def openai_client(server: Server):
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
 
 
 @pytest.fixture(scope="session")

@@ -21,12 +21,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import ENGINE_ENV, SGLANG_ENV
 
 from maia_serving.emulator.cost.layout import Parallel
 from maia_serving.emulator.cost.model import CostModel
 from maia_serving.emulator.hardware import load_profile
 from maia_serving.emulator.model_shape import shape_from_config
+from tests.utils.e2e import ENGINE_ENV, SGLANG_ENV
 from tests.utils.launch import Server, free_port, metric, scrape, settled_scrape, sglang_serve_cmd, vllm_serve_cmd
 
 PROMPT = list(range(5, 5 + 37))  # 37 prompt tokens, given as ids so the count is exact

@@ -19,13 +19,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import LOGS  # at import: by run time `conftest` is another folder's
 
 from maia_serving.emulator import ServingConfig, load_profile
 from maia_serving.emulator.model_shape import ModelShape, load_model_shape
 from maia_serving.emulator.sim.simulate import simulate_device
 from maia_serving.emulator.sim.workload import synthetic
 from maia_serving.tools.training.demo import DEMO_EXPERTS, DEMO_EXPERTS_PER_TOKEN, DEMO_SLIDING_WINDOW
+from tests.utils.e2e import LOGS
 from tests.utils.launch import Server, free_port, metric, scrape, sglang_serve_cmd, vllm_serve_cmd
 from tests.utils.replay import Figures, replay_at_once, simulated_figures
 

@@ -10,9 +10,9 @@ bytes allow (MXFP4 at the demo's head_dim 32: 17 bytes a head row against 64).
 import json
 
 import pytest
-from conftest import LOGS, SGLANG_ENV, SGLANG_LIMITS, VLLM_LIMITS, openai_client
 
 from maia_serving.ops.mx import head_bytes
+from tests.utils.e2e import LOGS, SGLANG_ENV, SGLANG_LIMITS, VLLM_LIMITS, openai_client
 from tests.utils.launch import Server, free_port, metric, scrape, sglang_serve_cmd, vllm_serve_cmd
 
 CASES = [("vllm", "mxfp4"), ("vllm", "mxfp8"), ("sglang", "mxfp4"), ("sglang", "mxfp8")]

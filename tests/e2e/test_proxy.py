@@ -7,12 +7,12 @@ as a model the host outruns, a request takes the client the device's time."""
 import time
 
 import pytest
-from conftest import ENGINE_ENV, LOGS, VLLM_LIMITS  # at import: by run time `conftest` is another folder's
 
 from maia_serving.emulator import ServingConfig, load_model_shape, load_profile
 from maia_serving.emulator.device.session import EmulatedDevice
 from maia_serving.emulator.sim.simulate import simulate_device
 from maia_serving.emulator.sim.workload import synthetic
+from tests.utils.e2e import ENGINE_ENV, LOGS, VLLM_LIMITS
 from tests.utils.launch import Server, free_port, metric, vllm_serve_cmd
 from tests.utils.replay import replay_at_once, simulated_figures
 

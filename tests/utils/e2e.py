@@ -1,0 +1,25 @@
+"""What the e2e tests share besides fixtures: where servers log, the engines' environments and limits, an OpenAI
+client. A module of its own, not tests/e2e/conftest.py: `from conftest import ...` finds whichever folder's
+conftest pytest loaded last, which is another folder's when tests/e2e and tests/unit are named together."""
+
+import os
+from pathlib import Path
+
+from tests.utils.launch import Server
+
+ROOT = Path(__file__).resolve().parents[2]
+# `make test` runs two pytest-xdist workers; each keeps its own servers' logs, since a session-wide
+# server (maia_server, sglang_server) may start in both.
+LOGS = ROOT / "models" / "logs" / os.environ.get("PYTEST_XDIST_WORKER", "")
+# Eager mode keeps startup near 30 s; the CPU backend's compile warm-up adds as much again.
+ENGINE_ENV = {"VLLM_CPU_CI_ENV": "1", "MAIA_SERVING_LOG_INTERVAL_S": "1"}
+SGLANG_ENV = {"MAIA_SERVING_PROFILE": "maia100", "MAIA_SERVING_LOG_INTERVAL_S": "1"}
+# The same scheduling limits for both engines, so the emulated workspace and KV capacity match.
+VLLM_LIMITS = ("--max-model-len", "512", "--max-num-batched-tokens", "2048", "--max-num-seqs", "64")
+SGLANG_LIMITS = ("--context-length", "512", "--chunked-prefill-size", "2048", "--max-running-requests", "64")
+
+
+def openai_client(server: Server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
