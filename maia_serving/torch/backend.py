@@ -2,7 +2,7 @@
 size the node from the device profile, register ``torch.maia``.
 
 Two ways in: ``import maia_serving.torch`` (always), and PyTorch's device-backend autoload
-(``autoload.py``).
+(``maia_serving/torch_autoload.py``).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.machinery
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -46,12 +47,15 @@ def build() -> ModuleType:
         )
     except Exception as exc:  # the builder raises several types; the message is what matters
         raise RuntimeError(f"building the maia device ({CSRC}) into {folder} failed: {exc}") from exc
+    sys.modules[NAME] = module  # load_built() answers with this one, not a second module over the same library
     return module
 
 
-@functools.cache
 def load_built() -> ModuleType:
-    """The module as built, without checking its sources (the autoload path); RuntimeError if not built."""
+    """The module as built (or as build() loaded it), without checking its sources (the autoload path);
+    RuntimeError if not built."""
+    if NAME in sys.modules:
+        return sys.modules[NAME]
     path = built_path()
     if not path.exists():
         raise RuntimeError(
@@ -64,4 +68,5 @@ def load_built() -> ModuleType:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    sys.modules[NAME] = module
     return module
