@@ -65,11 +65,8 @@ def is_initialized() -> bool:
 
 
 def _is_in_bad_fork() -> bool:
+    """torch.random.fork_rng asks a device module this; a forked child's maia is its parent's host memory."""
     return False
-
-
-def _lazy_init() -> None:
-    """Nothing to do lazily: the node is set up when the backend loads."""
 
 
 def device_count() -> int:

@@ -33,6 +33,7 @@ from torch.utils import flop_counter
 
 from maia_serving.emulator.cost.efficiency import gemm_utilization
 from maia_serving.emulator.cost.interconnect import send_recv_s
+from maia_serving.emulator.cost.model import roofline
 from maia_serving.emulator.hardware import DeviceProfile
 
 # A recorded tensor, as the extension hands it over: (sizes, strides, storage offset, c10 dtype name,
@@ -76,9 +77,14 @@ class OpPrice:
 
     @property
     def bound(self) -> str:
-        if self.link_s > max(self.compute_s, self.memory_s):
-            return "link"
-        return "compute" if self.compute_s >= self.memory_s else "memory"
+        return bound(self.compute_s, self.memory_s, self.link_s)
+
+
+def bound(compute_s: float, memory_s: float, link_s: float) -> str:
+    """What limits an operator (or a sum of them): the link it crosses, its compute, or its memory traffic."""
+    if link_s > max(compute_s, memory_s):
+        return "link"
+    return "compute" if compute_s >= memory_s else "memory"
 
 
 def tensor_bytes(meta: Meta) -> int:
@@ -172,10 +178,7 @@ class Pricer:
 
     def __init__(self, profile: DeviceProfile):
         self.profile = profile
-        self._flops_per_s = {f: profile.effective_flops(f) for f in set(FORMATS.values())}
-        attention = profile.attention_compute_efficiency or profile.compute_efficiency
-        self._attention_flops_per_s = {f: profile.peak_flops(f) * attention for f in set(FORMATS.values())}
-        self._bytes_per_s = profile.effective_bandwidth_bytes_per_s
+        self._attention_efficiency = profile.attention_compute_efficiency or profile.compute_efficiency
         self._unpriced: set[str] = set()
 
     def price(self, signature: Signature) -> OpPrice:
@@ -188,15 +191,16 @@ class Pricer:
         nbytes = float(sum(tensor_bytes(m) for m in reads) + sum(tensor_bytes(m) for m in outputs))
         count = self._flops(op, args, results)
         fmt = next((FORMATS[m[3]] for m in reads if m[3] in FORMATS), "bf16")
-        rate = (self._attention_flops_per_s if name.startswith(ATTENTION) else self._flops_per_s)[fmt]
-        compute_s = count / rate
+        cost = roofline(self.profile, op, count, nbytes, fmt)  # the serving path's own
+        compute_s = cost.compute_s
+        if name.startswith(ATTENTION):  # at the attention kernels' share of peak, as CostModel prices attention
+            compute_s = count / (self.profile.peak_flops(fmt) * self._attention_efficiency)
         if name in GEMMS and self.profile.gemm and outputs:
             *batch, rows, cols = outputs[0][0]
             tiling = self.profile.gemm
             groups = math.prod(batch)
             compute_s /= gemm_utilization(rows * groups, cols, groups, tiling.tile_m, tiling.tile_n, tiling.units)
-        memory_s = nbytes / self._bytes_per_s
-        return OpPrice(op, count, nbytes, compute_s, memory_s, 0.0, self.profile.kernel_launch_s)
+        return OpPrice(op, count, nbytes, compute_s, cost.memory_s, 0.0, self.profile.kernel_launch_s)
 
     def _flops(self, op: str, args: tuple[Any, ...], results: tuple[Meta | None, ...]) -> float:
         """The FLOP count, or 0 with one warning per operator where PyTorch's formula cannot read the arguments:
@@ -214,11 +218,11 @@ class Pricer:
             return 0.0
 
     def _copy(self, op: str, args: tuple[Any, ...]) -> OpPrice:
-        src, dst = args[0], args[1]
-        nbytes = float(tensor_bytes(dst))
-        if src[5] >= 0 and dst[5] >= 0 and src[5] == dst[5]:  # on one chip: read and write its HBM
-            return OpPrice(op, 0.0, 2 * nbytes, 0.0, 2 * nbytes / self._bytes_per_s, 0.0, self.profile.kernel_launch_s)
-        if src[5] >= 0 and dst[5] >= 0:  # chip to chip
+        (src_chip, dst_chip), nbytes = (args[0][5], args[1][5]), float(tensor_bytes(args[1]))
+        if src_chip == dst_chip >= 0:  # on one chip: read and write its HBM
+            memory_s = roofline(self.profile, op, 0.0, 2 * nbytes).memory_s
+            return OpPrice(op, 0.0, 2 * nbytes, 0.0, memory_s, 0.0, self.profile.kernel_launch_s)
+        if src_chip >= 0 and dst_chip >= 0:  # chip to chip
             link_s = send_recv_s(self.profile.network, nbytes)
         else:
             link = self.profile.host_link

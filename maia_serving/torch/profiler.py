@@ -55,9 +55,7 @@ class OpSummary:
 
     @property
     def bound(self) -> str:
-        if self.link_s > max(self.compute_s, self.memory_s):
-            return "link"
-        return "compute" if self.compute_s >= self.memory_s else "memory"
+        return pricing.bound(self.compute_s, self.memory_s, self.link_s)
 
 
 class profile:  # noqa: N801 (named as torch.profiler.profile, used the same way)
@@ -101,25 +99,24 @@ class profile:  # noqa: N801 (named as torch.profiler.profile, used the same way
         """Per operator, most emulated time first."""
         runs, prices = self.runs, pricing.LEDGER.prices
         ids, calls = np.unique(runs["id"], return_counts=True)
-        host = dict(zip(ids.tolist(), np.bincount(runs["id"], weights=runs["host_ns"])[ids].tolist(), strict=True))
-        rows: dict[str, list[float]] = defaultdict(lambda: [0.0] * 8)
-        for i, n in zip(ids.tolist(), calls.tolist(), strict=True):
-            p = prices[i]
-            row = rows[p.op]
-            for k, value in enumerate(
-                (
-                    n,
-                    n * p.time_s,
-                    n * p.flops,
-                    n * p.bytes,
-                    host[i] / 1e9,
-                    n * p.compute_s,
-                    n * p.memory_s,
-                    n * p.link_s,
-                )
-            ):
-                row[k] += value
-        summaries = [OpSummary(op, int(r[0]), *r[1:]) for op, r in rows.items()]
+        host_s = np.bincount(runs["id"], weights=runs["host_ns"])[ids] / 1e9
+        by_op: dict[str, list[tuple[OpPrice, int, float]]] = defaultdict(list)  # (signature, its calls, host s)
+        for i, n, h in zip(ids.tolist(), calls.tolist(), host_s.tolist(), strict=True):
+            by_op[prices[i].op].append((prices[i], n, h))
+        summaries = [
+            OpSummary(
+                op=op,
+                calls=sum(n for _, n, _ in rows),
+                time_s=sum(n * p.time_s for p, n, _ in rows),
+                flops=sum(n * p.flops for p, n, _ in rows),
+                bytes=sum(n * p.bytes for p, n, _ in rows),
+                host_s=sum(h for _, _, h in rows),
+                compute_s=sum(n * p.compute_s for p, n, _ in rows),
+                memory_s=sum(n * p.memory_s for p, n, _ in rows),
+                link_s=sum(n * p.link_s for p, n, _ in rows),
+            )
+            for op, rows in by_op.items()
+        ]
         return sorted(summaries, key=lambda s: s.time_s, reverse=True)
 
     def table(self, row_limit: int = 20) -> str:

@@ -33,29 +33,24 @@ def host_kernel(request) -> str:
 
 # The maia torch device's nodes (tests/unit/torch), imported when asked for: the SGLang environment runs these
 # fixtures' folder beside its engine's tests.
-@pytest.fixture
-def small_hbm():
-    """A Maia 100 node whose chips hold 1 MiB each (a profile override), the default back afterwards."""
+def _node(profile):
+    """The maia torch device sized from ``profile`` (a name or a DeviceProfile) for one test, maia200 after it."""
     import maia_serving.torch as maia_torch
     from maia_serving.emulator.hardware import load_profile
 
     gc.collect()
-    profile = replace(load_profile("maia100"), hbm_capacity_bytes=float(2**20))
     maia_torch.set_profile(profile)
-    yield profile
-    gc.collect()
-    maia_torch.set_profile(load_profile("maia200"))
-
-
-def _node(name: str):
-    import maia_serving.torch as maia_torch
-    from maia_serving.emulator.hardware import load_profile
-
-    gc.collect()
-    maia_torch.set_profile(name)
-    yield load_profile(name)
+    yield load_profile(profile) if isinstance(profile, str) else profile
     gc.collect()
     maia_torch.set_profile("maia200")
+
+
+@pytest.fixture
+def small_hbm():
+    """A Maia 100 node whose chips hold 1 MiB each (a profile override)."""
+    from maia_serving.emulator.hardware import load_profile
+
+    yield from _node(replace(load_profile("maia100"), hbm_capacity_bytes=float(2**20)))
 
 
 @pytest.fixture

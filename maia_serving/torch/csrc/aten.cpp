@@ -85,8 +85,8 @@ at::Tensor& set_storage_offset(at::Tensor& self, at::Storage source, c10::SymInt
 // Host to chip, chip to host, chip to chip: the bytes move on the host; trace.h prices each over
 // the link it would cross (the host link, the interconnect, or the chip's own HBM).
 at::Tensor copy_from(const at::Tensor& self, const at::Tensor& dst, bool non_blocking) {
-  const auto src_host = self.device().type() == kMaia ? host_alias(self) : self;
-  auto dst_host = dst.device().type() == kMaia ? host_alias(dst) : dst;
+  const auto src_host = on_host(self);
+  auto dst_host = on_host(dst);
   TORCH_CHECK(src_host.is_cpu() && dst_host.is_cpu(), "maia copies to and from the host's CPU tensors and other maia "
               "tensors; move ", (src_host.is_cpu() ? dst : self).device(), " tensors to the CPU first");
   Span span("aten::_copy_from", dst.device().type() == kMaia ? dst.device().index() : self.device().index());

@@ -85,12 +85,7 @@ class HostView {
   }
 
  private:
-  void chip(c10::DeviceIndex index) {
-    TORCH_CHECK(!device_ || *device_ == index, op_.schema().operator_name(), " on maia: its tensors are on maia:",
-                int(*device_), " and maia:", int(index),
-                ". An operator runs on one chip; move one with .to(\"maia:", int(*device_), "\") first.");
-    device_ = index;
-  }
+  void chip(c10::DeviceIndex index) { join_chip(device_, index, c10::str(op_.schema().operator_name())); }
 
   at::Tensor tensor(const at::Tensor& t) {
     if (!t.defined() || t.device().type() != kMaia) {

@@ -13,7 +13,7 @@
 namespace maia {
 namespace {
 
-at::Tensor on_host(const at::Tensor& t) { return t.defined() && t.device().type() == kMaia ? host_alias(t) : t; }
+using maia::on_host;  // the optional overload below would hide runtime.h's
 std::optional<at::Tensor> on_host(const std::optional<at::Tensor>& t) {
   return t ? std::optional<at::Tensor>(on_host(*t)) : std::nullopt;
 }
@@ -25,9 +25,7 @@ c10::DeviceIndex chip_of(std::initializer_list<const at::Tensor*> tensors, const
   std::optional<c10::DeviceIndex> device;
   for (const at::Tensor* t : tensors) {
     if (t->defined() && t->device().type() == kMaia) {
-      TORCH_CHECK(!device || *device == t->device().index(), op, " on maia: its tensors are on maia:", int(*device),
-                  " and maia:", int(t->device().index()), ". Move one with .to(\"maia:", int(*device), "\") first.");
-      device = t->device().index();
+      join_chip(device, t->device().index(), op);
     }
   }
   return device ? *device : current_device();

@@ -334,6 +334,14 @@ at::Tensor host_alias(const at::Tensor& maia) {
   return on_storage(host_storage(maia.storage()), maia, c10::DispatchKey::CPU);
 }
 
+at::Tensor on_host(const at::Tensor& t) { return t.defined() && t.device().type() == kMaia ? host_alias(t) : t; }
+
+void join_chip(std::optional<c10::DeviceIndex>& chip, c10::DeviceIndex index, const std::string& op) {
+  TORCH_CHECK(!chip || *chip == index, op, " on maia: its tensors are on maia:", int(*chip), " and maia:", int(index),
+              ". An operator runs on one chip; move one with .to(\"maia:", int(*chip), "\") first.");
+  chip = index;
+}
+
 c10::DataPtr adopt_data(const c10::Storage& host, c10::DeviceIndex device) {
   const size_t bytes = host.nbytes();
   charge(device, bytes);

@@ -7,6 +7,7 @@
 #include <c10/core/CachingDeviceAllocator.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -35,6 +36,11 @@ c10::DeviceAllocator* allocator();
 // the host's CPU kernels can run on them.
 c10::Storage host_storage(const c10::Storage& maia);
 at::Tensor host_alias(const at::Tensor& maia);
+// ``t`` as the host's CPU kernels take it: ``host_alias`` of a maia tensor, any other (or undefined) one as it is.
+at::Tensor on_host(const at::Tensor& t);
+// Joins chip ``index`` to the chips ``op``'s tensors were on so far (``chip``: none yet, or the one), or raises
+// naming both and what to do: an operator runs on one chip.
+void join_chip(std::optional<c10::DeviceIndex>& chip, c10::DeviceIndex index, const std::string& op);
 // ``like``'s sizes, strides and offset over ``storage``, a tensor of ``keys``' backend.
 at::Tensor on_storage(const c10::Storage& storage, const at::Tensor& like, c10::DispatchKey key);
 // A maia tensor that takes over a CPU tensor's memory (no copy), counted on chip ``device``'s HBM.
