@@ -32,10 +32,9 @@ ENGINES = ("vllm", "sglang")
 def _engine_process() -> bool:
     """The process runs vLLM or SGLang (it imports one, or was started as one; their worker processes inherit
     MAIA_SERVING_TORCH_DEVICE=off from the maia platform)."""
-    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
-    return any(e in sys.modules or program.startswith(e) for e in ENGINES) or any(
-        f"{os.sep}{e}{os.sep}" in (sys.argv[0] if sys.argv else "") for e in ENGINES
-    )
+    argv0 = sys.argv[0] if sys.argv else ""  # `vllm serve`, or `python -m sglang.launch_server` (.../sglang/...)
+    program = Path(argv0).name
+    return any(e in sys.modules or program.startswith(e) or f"{os.sep}{e}{os.sep}" in argv0 for e in ENGINES)
 
 
 def autoload() -> None:
