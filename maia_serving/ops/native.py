@@ -2,6 +2,9 @@
 block-scaled cache (``csrc/cache_write.cpp``), built from the project's own source with torch's
 extension builder.
 
+The entry points are operators (``torch.ops.maia_host.*``), not a Python module: registering them needs
+ATen's core headers only, where pybind11 and torch's Python bindings took most of the build.
+
 The torch path (``ops.host``) chains a dozen small ops per layer and materializes float32
 pages; this kernel decodes each KV row while reading it and meets it with every query of its
 KV head under an online softmax, threads over (sequence, KV head). ``make setup`` builds it
@@ -35,28 +38,30 @@ def build_dir() -> Path:
 
 @functools.cache
 def load():
-    """The compiled module, built first if its source changed; RuntimeError (with the compiler's
-    message) if it cannot be built."""
+    """The compiled operators (``torch.ops.maia_host``), built first if a source changed; RuntimeError (with
+    the compiler's message) if they cannot be built."""
     from torch.utils import cpp_extension
 
     folder = build_dir()
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        return cpp_extension.load(
+        cpp_extension.load(
             name="maia_host_attention",
             sources=[str(p) for p in SOURCES],
             build_directory=str(folder),
             extra_cflags=["-O3", "-fopenmp", "-march=native", "-ffp-contract=off"],
             extra_ldflags=["-fopenmp"],
+            is_python_module=False,
             verbose=False,
         )
     except Exception as exc:  # the builder raises several types; the message is what matters
         raise RuntimeError(f"building {SOURCE.name} into {folder} failed: {exc}") from exc
+    return torch.ops.maia_host
 
 
 @functools.cache
 def module():
-    """The kernel module to serve with, or None for the torch path (MAIA_SERVING_HOST_KERNEL)."""
+    """The kernel operators to serve with, or None for the torch path (MAIA_SERVING_HOST_KERNEL)."""
     choice = envs.get(envs.MAIA_SERVING_HOST_KERNEL)
     if choice == "torch":
         return None

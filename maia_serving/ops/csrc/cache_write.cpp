@@ -4,8 +4,10 @@
 // NVFP4) as ops/mx.py's quantize_mx_ref: the same float32 operations in the same order (powers of
 // two are exact, division and rounding as torch does them: one IEEE rounding, ties to even), so
 // every element code and scale byte is the reference's.
-#include <torch/extension.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/ones.h>
 #include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Float8_e5m2.h>
 
@@ -116,9 +118,9 @@ void write_row(const T* src, uint8_t* dst, int64_t head_dim, int64_t block, cons
 // Each (token, KV head) row of key and value to its slot's page (slot -1: padding, skipped), through
 // ``write(src, dst, scale)`` with the row's scale (a scale per KV head, or one for all).
 template <typename T, typename Write>
-void for_each_row(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& key_cache,
-                  torch::Tensor& value_cache, const torch::Tensor& slot_mapping, const torch::Tensor& k_scale,
-                  const torch::Tensor& v_scale, Write write) {
+void for_each_row(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                  at::Tensor& value_cache, const at::Tensor& slot_mapping, const at::Tensor& k_scale,
+                  const at::Tensor& v_scale, Write write) {
   const int64_t tokens = key.size(0), heads = key.size(1), page = key_cache.size(1);
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   const float* ks = k_scale.data_ptr<float>();
@@ -155,11 +157,11 @@ void write_fp8_row(const T* src, uint8_t* dst, int64_t head_dim, float scale, fl
 
 }  // namespace
 
-void reshape_and_cache_block_scaled(torch::Tensor key, torch::Tensor value, torch::Tensor key_cache,
-                                    torch::Tensor value_cache, torch::Tensor slot_mapping, int64_t bits,
+void reshape_and_cache_block_scaled(at::Tensor key, at::Tensor value, at::Tensor key_cache,
+                                    at::Tensor value_cache, at::Tensor slot_mapping, int64_t bits,
                                     int64_t mantissa_bits, int64_t bias, int64_t max_code, int64_t emax,
-                                    double max_value, int64_t block, bool e8m0, torch::Tensor k_scale,
-                                    torch::Tensor v_scale) {
+                                    double max_value, int64_t block, bool e8m0, at::Tensor k_scale,
+                                    at::Tensor v_scale) {
   TORCH_CHECK(block <= 64, "block-scaled blocks of at most 64 elements");
   const Minifloat elem{bits, mantissa_bits, bias, max_code};
   const int64_t head_dim = key.size(2);
@@ -172,9 +174,9 @@ void reshape_and_cache_block_scaled(torch::Tensor key, torch::Tensor value, torc
   });
 }
 
-void reshape_and_cache_fp8(torch::Tensor key, torch::Tensor value, torch::Tensor key_cache, torch::Tensor value_cache,
-                           torch::Tensor slot_mapping, bool e4m3, double max_value, torch::Tensor k_scale,
-                           torch::Tensor v_scale) {
+void reshape_and_cache_fp8(at::Tensor key, at::Tensor value, at::Tensor key_cache, at::Tensor value_cache,
+                           at::Tensor slot_mapping, bool e4m3, double max_value, at::Tensor k_scale,
+                           at::Tensor v_scale) {
   const int64_t head_dim = key.size(2);
   const float limit = static_cast<float>(max_value);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, key.scalar_type(), "maia_fp8_write", [&] {
@@ -184,11 +186,11 @@ void reshape_and_cache_fp8(torch::Tensor key, torch::Tensor value, torch::Tensor
   });
 }
 
-void reshape_and_cache_plain(torch::Tensor key, torch::Tensor value, torch::Tensor key_cache, torch::Tensor value_cache,
-                             torch::Tensor slot_mapping) {
+void reshape_and_cache_plain(at::Tensor key, at::Tensor value, at::Tensor key_cache, at::Tensor value_cache,
+                             at::Tensor slot_mapping) {
   TORCH_CHECK(key.scalar_type() == key_cache.scalar_type(), "an unquantized cache of the rows' own dtype");
   const int64_t row_bytes = key.size(2) * key.element_size();
-  const torch::Tensor unscaled = torch::ones({1}, torch::kFloat32);
+  const at::Tensor unscaled = at::ones({1}, at::kFloat);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, key.scalar_type(), "maia_plain_write", [&] {
     for_each_row<scalar_t>(key, value, key_cache, value_cache, slot_mapping, unscaled, unscaled,
                            [&](const scalar_t* src, uint8_t* dst, float) { std::memcpy(dst, src, row_bytes); });

@@ -4,8 +4,12 @@
 // through its pair tables: decoded values are the references' bit for bit), and every query of the row's KV head meets it with an online softmax. Threads split the
 // (sequence, KV head) pairs. Numerics: float32 scores, softmax and accumulation, as the torch
 // path; the sums run in another order, so results agree to float32 rounding, not bit for bit.
-#include <torch/extension.h>
+// ATen's core headers and the operator registry, not <torch/extension.h> (with pybind11 and torch's Python
+// bindings, about 30 s of compile for each file): the entry points are operators, called as torch.ops.maia_host.*.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -193,10 +197,10 @@ inline bool fp4_tops(const float* pairs, uint8_t* top) {
 }
 
 template <typename T>
-void attend(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor& key_cache,
-            const torch::Tensor& value_cache, const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
-            const torch::Tensor& query_start_loc, double scale, const Layout& f, const torch::Tensor& k_scale,
-            const torch::Tensor& v_scale, bool causal, int64_t window) {
+void attend(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+            const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
+            const at::Tensor& query_start_loc, double scale, const Layout& f, const at::Tensor& k_scale,
+            const at::Tensor& v_scale, bool causal, int64_t window) {
   const int64_t num_seqs = seq_lens.size(0), num_heads = query.size(1), head_dim = query.size(2);
   const int64_t kv_heads = key_cache.size(2), page = key_cache.size(1), group = num_heads / kv_heads;
   const int64_t* tables = block_tables.data_ptr<int64_t>();
@@ -314,10 +318,10 @@ void attend(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor&
 
 }  // namespace
 
-void paged_attention(torch::Tensor out, torch::Tensor query, torch::Tensor key_cache, torch::Tensor value_cache,
-                     torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor query_start_loc, double scale,
-                     int64_t kind, int64_t bits, int64_t block, int64_t block_bytes, torch::Tensor elements,
-                     torch::Tensor scales, torch::Tensor k_scale, torch::Tensor v_scale, bool causal,
+void paged_attention(at::Tensor out, at::Tensor query, at::Tensor key_cache, at::Tensor value_cache,
+                     at::Tensor block_tables, at::Tensor seq_lens, at::Tensor query_start_loc, double scale,
+                     int64_t kind, int64_t bits, int64_t block, int64_t block_bytes, at::Tensor elements,
+                     at::Tensor scales, at::Tensor k_scale, at::Tensor v_scale, bool causal,
                      int64_t window) {
   TORCH_CHECK(block <= 64, "block-scaled blocks of at most 64 elements");
 #ifdef _OPENMP
@@ -335,24 +339,36 @@ void paged_attention(torch::Tensor out, torch::Tensor query, torch::Tensor key_c
 }
 
 // cache_write.cpp
-void reshape_and_cache_block_scaled(torch::Tensor key, torch::Tensor value, torch::Tensor key_cache,
-                                    torch::Tensor value_cache, torch::Tensor slot_mapping, int64_t bits,
+void reshape_and_cache_block_scaled(at::Tensor key, at::Tensor value, at::Tensor key_cache,
+                                    at::Tensor value_cache, at::Tensor slot_mapping, int64_t bits,
                                     int64_t mantissa_bits, int64_t bias, int64_t max_code, int64_t emax,
-                                    double max_value, int64_t block, bool e8m0, torch::Tensor k_scale,
-                                    torch::Tensor v_scale);
-void reshape_and_cache_fp8(torch::Tensor key, torch::Tensor value, torch::Tensor key_cache, torch::Tensor value_cache,
-                           torch::Tensor slot_mapping, bool e4m3, double max_value, torch::Tensor k_scale,
-                           torch::Tensor v_scale);
+                                    double max_value, int64_t block, bool e8m0, at::Tensor k_scale,
+                                    at::Tensor v_scale);
+void reshape_and_cache_fp8(at::Tensor key, at::Tensor value, at::Tensor key_cache, at::Tensor value_cache,
+                           at::Tensor slot_mapping, bool e4m3, double max_value, at::Tensor k_scale,
+                           at::Tensor v_scale);
 
-void reshape_and_cache_plain(torch::Tensor key, torch::Tensor value, torch::Tensor key_cache, torch::Tensor value_cache,
-                             torch::Tensor slot_mapping);
+void reshape_and_cache_plain(at::Tensor key, at::Tensor value, at::Tensor key_cache, at::Tensor value_cache,
+                             at::Tensor slot_mapping);
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_attention", &paged_attention, "Paged attention over a decoded-while-read KV cache (maia-serving)");
-  m.def("reshape_and_cache_block_scaled", &reshape_and_cache_block_scaled,
-        "Quantize key/value rows into a block-scaled paged cache, as quantize_mx_ref does (maia-serving)");
-  m.def("reshape_and_cache_fp8", &reshape_and_cache_fp8,
-        "Quantize key/value rows into an FP8 paged cache, as quantize_fp8_ref does (maia-serving)");
-  m.def("reshape_and_cache_plain", &reshape_and_cache_plain,
-        "Copy key/value rows into an unquantized paged cache of their dtype (maia-serving)");
+// Schemas name what each writes (Tensor(a!)): out, and the caches.
+TORCH_LIBRARY(maia_host, m) {
+  m.def(
+      "paged_attention(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
+      "Tensor seq_lens, Tensor query_start_loc, float scale, int kind, int bits, int block, int block_bytes, "
+      "Tensor elements, Tensor scales, Tensor k_scale, Tensor v_scale, bool causal, int window) -> ()",
+      &paged_attention);
+  m.def(
+      "reshape_and_cache_block_scaled(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
+      "Tensor slot_mapping, int bits, int mantissa_bits, int bias, int max_code, int emax, float max_value, "
+      "int block, bool e8m0, Tensor k_scale, Tensor v_scale) -> ()",
+      &reshape_and_cache_block_scaled);
+  m.def(
+      "reshape_and_cache_fp8(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
+      "Tensor slot_mapping, bool e4m3, float max_value, Tensor k_scale, Tensor v_scale) -> ()",
+      &reshape_and_cache_fp8);
+  m.def(
+      "reshape_and_cache_plain(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
+      "Tensor slot_mapping) -> ()",
+      &reshape_and_cache_plain);
 }
