@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.utils.e2e import SESSION_SERVER_FILES
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -27,11 +29,37 @@ SLOWEST_FIRST = (
     "e2e/test_errors.py",  # 85
 )
 
+# `--dist loadfile` takes the files that use the session-wide servers as one file (tests/utils/e2e.py says why).
+SESSION_SERVERS = {"maia_server", "sglang_server", "served"}
+SHARED = "session-servers"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """pytest-xdist's --dist loadfile with SESSION_SERVER_FILES as one file."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedServersOnOneWorker(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = super()._split_scope(nodeid)
+            return SHARED if file.removeprefix("tests/") in SESSION_SERVER_FILES else file
+
+    return SharedServersOnOneWorker(config, log)
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     tests = ROOT / "tests"
-    items.sort(key=lambda item: rank.get(item.path.relative_to(tests).as_posix(), len(rank)))
+    files = {item: item.path.relative_to(tests).as_posix() for item in items}
+    unlisted = {files[item] for item in items if SESSION_SERVERS & set(item.fixturenames)} - set(SESSION_SERVER_FILES)
+    if unlisted:
+        raise pytest.UsageError(f"{sorted(unlisted)} use a session-wide server: add them to SESSION_SERVER_FILES")
+    group = {name: SHARED if name in SESSION_SERVER_FILES else name for name in files.values()}
+    rank: dict[str, int] = {}
+    for i, name in enumerate(SLOWEST_FIRST):
+        rank.setdefault(group.get(name, name), i)
+    items.sort(key=lambda item: rank.get(group[files[item]], len(rank)))
 
 
 def built_once(path: Path, build: Callable[[Path], object]) -> Path:

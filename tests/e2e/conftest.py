@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.utils.e2e import ENGINE_ENV, LOGS, SGLANG_ENV, SGLANG_LIMITS, VLLM_LIMITS, openai_client
+from tests.utils.e2e import (
+    ENGINE_ENV,
+    LOGS,
+    SGLANG_ENV,
+    SGLANG_LIMITS,
+    VLLM_LIMITS,
+    check_session_server_file,
+    openai_client,
+)
 from tests.utils.launch import Server, free_port, scrape, sglang_serve_cmd, vllm_serve_cmd
 
 
@@ -34,6 +42,7 @@ def logs_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def maia_server(demo_model):
+    check_session_server_file()
     port = free_port()
     cmd = vllm_serve_cmd(
         demo_model,
@@ -52,6 +61,7 @@ def maia_server(demo_model):
 
 @pytest.fixture(scope="session")
 def sglang_server(demo_model):
+    check_session_server_file()
     port = free_port()
     cmd = sglang_serve_cmd(demo_model, port, "--served-model-name", "demo", *SGLANG_LIMITS, "--enable-metrics")
     with Server(cmd, port, LOGS / "maia-sglang-server.log", env=SGLANG_ENV) as server:

@@ -1,5 +1,5 @@
 """The emulated interconnect is charged for the collectives the engine really performs on `--device maia`,
-and tensor and pipeline parallelism give one rank's greedy tokens, in both engines.
+and tensor and pipeline parallelism compute what the checkpoint does, in both engines.
 
 One request of a known prompt and length through each parallel server: vLLM at TP 2, eager and compiled
 (where the collectives are opaque custom ops the compiled graph calls), and at PP 2 (compiled: vLLM's CPU
@@ -27,11 +27,11 @@ from maia_serving.emulator.cost.model import CostModel
 from maia_serving.emulator.hardware import load_profile
 from maia_serving.emulator.model_shape import shape_from_config
 from tests.utils.e2e import ENGINE_ENV, SGLANG_ENV
+from tests.utils.greedy_reference import assert_computes_the_checkpoint, served_greedy
 from tests.utils.launch import Server, free_port, metric, scrape, settled_scrape, sglang_serve_cmd, vllm_serve_cmd
 
 PROMPT = list(range(5, 5 + 37))  # 37 prompt tokens, given as ids so the count is exact
 STEPS = [(37, 1), (1, 1), (1, 1), (1, 1)]  # the prefill, then three decodes
-GREEDY_PROMPTS = ["def main():", "import sys", "class Foo:"]
 VLLM_LIMITS = ("--max-model-len", "256", "--max-num-batched-tokens", "2048", "--max-num-seqs", "8")
 SGLANG_LIMITS = ("--context-length", "256", "--chunked-prefill-size", "2048", "--max-running-requests", "8")
 CONFIGS = [
@@ -99,14 +99,6 @@ def _client(server):
     return OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
 
 
-def _greedy(server) -> list[str]:
-    client = _client(server)
-    return [
-        client.completions.create(model="demo", prompt=p, max_tokens=12, temperature=0).choices[0].text
-        for p in GREEDY_PROMPTS
-    ]
-
-
 def _settled(url: str, name: str, at_least: float) -> dict[str, float]:
     """/metrics once ``name`` reaches ``at_least`` (the figures reach the API server a moment after the reply)."""
     return settled_scrape(url, lambda samples: metric(samples, name) >= at_least)
@@ -116,11 +108,10 @@ def _delta(before: dict[str, float], after: dict[str, float], name: str, **label
     return metric(after, name, **labels) - metric(before, name, **labels)
 
 
-def test_parallel_ranks_give_one_ranks_greedy_tokens(parallel_server, maia_server):
+def test_parallel_ranks_compute_what_the_checkpoint_does(parallel_server, demo_model):
+    """Each greedy token is transformers' best on the checkpoint, up to a tie (tests/utils/greedy_reference.py)."""
     _, server, _ = parallel_server
-    want = _greedy(maia_server)
-    assert all(want)
-    assert _greedy(server) == want
+    assert_computes_the_checkpoint(served_greedy(server.url), demo_model)
 
 
 def test_each_step_charges_the_collectives_the_engine_performed(parallel_server, demo_model):

@@ -1,6 +1,6 @@
 """A re-sharded checkpoint served by `vllm serve DST --device maia --load-format sharded_state` computes what the
 original does: each greedy token it serves is, up to a tie, the best one of transformers' float32 forward pass of
-the original checkpoint over the served sequence (in process: no engine runs the originals).
+the original checkpoint over the served sequence (tests/utils/greedy_reference.py; no engine runs the originals).
 
 The demo model (GQA, 4 heads over 2 KV heads) at TP 4 (each KV head on two ranks), a tied-embedding sibling at
 PP 2 (the head once, as `lm_head.weight`, on the last stage; the embedding on the first; its TP slicing is the
@@ -20,10 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from maia_serving.tools.checkpoints.reshard import reshard
+from tests.utils.greedy_reference import assert_computes_the_checkpoint, served_greedy
 from tests.utils.launch import Server, free_port, vllm_serve_cmd
 
-PROMPTS = ["def main():", "import sys", "class Foo:"]
-MAX_TOKENS = 12
 LIMITS = ("--max-model-len", "256", "--max-num-batched-tokens", "2048", "--max-num-seqs", "8")
 EAGER = {"VLLM_CPU_CI_ENV": "1"}  # the eager compile backend: startup near 30 s
 
@@ -38,9 +37,6 @@ def _env(tp: int, pp: int) -> dict[str, str]:
 
 
 def _greedy(model, log, tp: int, pp: int, *extra: str) -> list[tuple[list[int], list[int]]]:
-    """Per prompt, the server's prompt token ids and greedy completion ids."""
-    from openai import OpenAI
-
     port = free_port()
     cmd = vllm_serve_cmd(
         model,
@@ -58,14 +54,7 @@ def _greedy(model, log, tp: int, pp: int, *extra: str) -> list[tuple[list[int], 
         *extra,
     )
     with Server(cmd, port, log, env=_env(tp, pp)) as server:
-        client = OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
-        out = []
-        for prompt in PROMPTS:
-            choice = client.completions.create(
-                model="demo", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, extra_body={"return_token_ids": True}
-            ).choices[0]
-            out.append((choice.model_extra["prompt_token_ids"], choice.model_extra["token_ids"]))
-        return out
+        return served_greedy(server.url)
 
 
 def _tied_sibling(demo_model, out):
@@ -93,23 +82,6 @@ def _dequantized_sibling(demo_model, out):
     return out
 
 
-# Two log-probabilities closer than this are a tie: the server (BF16, its ranks' sums in their own order) may
-# pick either. On the demo models the served greedy token was transformers' own best at each of 36 steps, where the
-# best led the next by 0.002-0.3 nats (mean 0.06-0.09); another model's tokens trail it by more than 0.05 at all 36.
-TIE_NATS = 0.02
-
-
-def gaps_to_reference(reference, prompt_ids: list[int], ids: list[int]) -> list[float]:
-    """At each greedy step of the server, how far its token is below the reference model's best one, by the
-    reference's float32 log-probabilities over the server's own sequence (teacher forced: one parting does
-    not end the comparison, as it does between two generations)."""
-    seq = torch.tensor([prompt_ids + ids])
-    with torch.no_grad():
-        logprobs = torch.log_softmax(reference(seq).logits[0].float(), dim=-1)
-    rows = logprobs[len(prompt_ids) - 1 : len(prompt_ids) - 1 + len(ids)]
-    return (rows.max(dim=-1).values - rows[torch.arange(len(ids)), torch.tensor(ids)]).tolist()
-
-
 @pytest.fixture(scope="module")
 def variants(demo_model, moe_model, tmp_path_factory) -> dict:
     """Each variant's checkpoint to re-shard, its weight dtype, and the checkpoint whose computation it should
@@ -126,8 +98,6 @@ def variants(demo_model, moe_model, tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("variant,tp,pp", [("gqa", 4, 1), ("tied", 1, 2), ("moe", 2, 1), ("fp8", 2, 1)])
 def test_sharded_state_serves_the_originals_tokens(variants, logs_dir, tmp_path, variant, tp, pp):
-    from transformers import AutoModelForCausalLM
-
     model, weight_dtype, reference = variants[variant]
     reshard(model, tmp_path / "sharded", tp, pp, weight_dtype=weight_dtype)
     first = "model-rank-0-part-0.safetensors" if pp == 1 else "model-pp-0-tp-0-part-0.safetensors"
@@ -140,8 +110,4 @@ def test_sharded_state_serves_the_originals_tokens(variants, logs_dir, tmp_path,
         "--load-format",
         "sharded_state",
     )
-    original = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).eval()
-    for prompt, (prompt_ids, ids) in zip(PROMPTS, got):
-        assert len(ids) == MAX_TOKENS, prompt
-        gaps = gaps_to_reference(original, prompt_ids, ids)
-        assert max(gaps) < TIE_NATS, f"{prompt!r}: the served tokens trail the original's best by {gaps}"
+    assert_computes_the_checkpoint(got, reference)

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.utils.greedy_reference import PROMPTS, assert_computes_the_checkpoint
 from tests.utils.launch import scrape, sglang_python
 
 OFFLINE = Path(__file__).with_name("sglang_offline.py")
-PROMPTS = ["def add(a, b):", "import os\n"]
 
 
-def run_offline(model, kwargs: dict | None = None, env: dict | None = None) -> tuple[list[str], str]:
-    """Offline Engine in the SGLang venv; returns the texts and the engine's log."""
+def run_offline(model, kwargs: dict | None = None, env: dict | None = None) -> tuple[dict, str]:
+    """Offline Engine in the SGLang venv; returns its greedy texts and ids, and the engine's log."""
     proc = subprocess.run(
         [str(sglang_python()), str(OFFLINE), str(model), json.dumps(PROMPTS), json.dumps(kwargs or {})],
         capture_output=True,
@@ -28,7 +28,7 @@ def run_offline(model, kwargs: dict | None = None, env: dict | None = None) -> t
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     result = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
-    return json.loads(result.removeprefix("RESULT "))["texts"], log
+    return json.loads(result.removeprefix("RESULT ")), log
 
 
 @pytest.fixture(scope="module")
@@ -70,30 +70,25 @@ def test_fp8_kv_pool_holds_twice_the_tokens(sglang_fp8_server, fp8_client, sglan
     assert 'kv_cache_dtype="fp8_e4m3"' in next(k for k in fp8 if k.startswith("maia:device_info{"))
 
 
-@pytest.fixture(scope="module")
-def offline_tp1(demo_model):
-    return run_offline(demo_model, env={"MAIA_SERVING_LOG_INTERVAL_S": "0"})
+def test_offline_engine_at_tp2_on_maia_without_any_environment(demo_model):
+    """`sglang.Engine(device="maia")` with no MAIA_SERVING_* setting but the log's: two ranks on the host's two
+    cores (SGLang binds one each), two emulated chips of the default profile, its steps charged, and its greedy
+    tokens what the checkpoint computes (tests/utils/greedy_reference.py)."""
+    from transformers import AutoTokenizer
 
-
-def test_offline_engine_on_maia_without_any_environment(offline_tp1):
-    texts, log = offline_tp1
-    assert len(texts) == 2 and all(texts)
+    result, log = run_offline(
+        demo_model, {"tp_size": 2}, env={"SGLANG_CPU_OMP_THREADS_BIND": "0|1", "MAIA_SERVING_LOG_INTERVAL_S": "0"}
+    )
+    tokenizer = AutoTokenizer.from_pretrained(demo_model)
+    got = [(tokenizer(prompt)["input_ids"], ids) for prompt, ids in zip(PROMPTS, result["ids"])]
+    assert_computes_the_checkpoint(got, demo_model)
     assert "Maia KV cache: emulated maia200 holds" in log  # the default profile
     assert "Maia emulation [maia200]" in log  # steps were charged: startup alone does not print it
 
 
-def test_offline_tensor_parallel_2_gives_the_same_tokens(demo_model, offline_tp1):
-    """Two ranks on the host's two cores (SGLang binds one each), two emulated chips."""
-    texts, log = run_offline(
-        demo_model, {"tp_size": 2}, env={"SGLANG_CPU_OMP_THREADS_BIND": "0|1", "MAIA_SERVING_LOG_INTERVAL_S": "0"}
-    )
-    assert texts == offline_tp1[0]
-    assert "Maia emulation [maia200]" in log
-
-
 def test_offline_fp8_without_scales_warns_loudly(demo_model):
-    texts, log = run_offline(demo_model, {"kv_cache_dtype": "fp8_e5m2"})
-    assert all(texts)
+    result, log = run_offline(demo_model, {"kv_cache_dtype": "fp8_e5m2"})
+    assert all(result["texts"])
     assert "no calibrated KV-cache scales" in log and "maia-serving calibrate-kv --model" in log
     assert "Maia KV cache fp8_e5m2: default 1.0 scales" in log or "per_tensor scales, layer 0: k=1 v=1" in log
 
@@ -101,10 +96,10 @@ def test_offline_fp8_without_scales_warns_loudly(demo_model):
 def test_offline_fp8_with_sglang_scales_file(demo_model, calibrated_demo):
     """The original model plus the scales file that calibrate-kv wrote beside its output."""
     calibrated, result = calibrated_demo
-    texts, log = run_offline(
+    result, log = run_offline(
         demo_model, {"kv_cache_dtype": "fp8_e4m3", "quantization_param_path": str(calibrated / "kv_cache_scales.json")}
     )
-    assert all(texts)
+    assert all(result["texts"])
     k, v = result.per_tensor()[0]
     # SGLang's scales file holds one scale per layer for K and V alike: the larger one.
     assert f"per_tensor scales, layer 0: k={max(k, v):.4g} v={max(k, v):.4g}" in log
@@ -112,7 +107,7 @@ def test_offline_fp8_with_sglang_scales_file(demo_model, calibrated_demo):
 
 def test_offline_fp8_per_head_scales(calibrated_demo):
     model, result = calibrated_demo
-    texts, log = run_offline(model, {"kv_cache_dtype": "fp8_e4m3"}, env={"MAIA_SERVING_KV_SCALES": "per_head"})
-    assert all(texts)
+    result, log = run_offline(model, {"kv_cache_dtype": "fp8_e4m3"}, env={"MAIA_SERVING_KV_SCALES": "per_head"})
+    assert all(result["texts"])
     heads = ",".join(f"{x:.4g}" for x in result.k_scale[0].tolist())
     assert f"Maia KV cache fp8_e4m3: per_head scales, layer 0: k={heads} " in log

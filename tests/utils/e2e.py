@@ -8,8 +8,7 @@ from pathlib import Path
 from tests.utils.launch import Server
 
 ROOT = Path(__file__).resolve().parents[2]
-# `make test` runs two pytest-xdist workers; each keeps its own servers' logs, since a session-wide
-# server (maia_server, sglang_server) may start in both.
+# `make test` runs two pytest-xdist workers; each keeps its own servers' logs.
 LOGS = ROOT / "models" / "logs" / os.environ.get("PYTEST_XDIST_WORKER", "")
 # Eager mode keeps startup near 30 s; the CPU backend's compile warm-up adds as much again.
 ENGINE_ENV = {"VLLM_CPU_CI_ENV": "1", "MAIA_SERVING_LOG_INTERVAL_S": "1"}
@@ -17,6 +16,25 @@ SGLANG_ENV = {"MAIA_SERVING_PROFILE": "maia100", "MAIA_SERVING_LOG_INTERVAL_S": 
 # The same scheduling limits for both engines, so the emulated workspace and KV capacity match.
 VLLM_LIMITS = ("--max-model-len", "512", "--max-num-batched-tokens", "2048", "--max-num-seqs", "64")
 SGLANG_LIMITS = ("--context-length", "512", "--chunked-prefill-size", "2048", "--max-running-requests", "64")
+
+# The files that use the session-wide servers (maia_server, sglang_server, served: tests/e2e/conftest.py), which
+# `make test` runs on one worker (tests/conftest.py), so each server starts once in the suite, not once on each
+# worker. A file missing here is caught at collection, or where it asks for a server by name, when it starts.
+SESSION_SERVER_FILES = (
+    "e2e/test_sglang.py",
+    "e2e/test_mx_serve.py",
+    "e2e/test_engine_tools.py",
+    "e2e/test_serve.py",
+    "e2e/test_reliability.py",
+    "e2e/test_vllm_fp8.py",
+)
+
+
+def check_session_server_file() -> None:
+    """Raise, naming the fix, where the running test's file is not in SESSION_SERVER_FILES."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").split("::")[0].removeprefix("tests/")
+    if test not in SESSION_SERVER_FILES:
+        raise RuntimeError(f"{test} uses a session-wide server: add it to SESSION_SERVER_FILES in {__file__}")
 
 
 def openai_client(server: Server):

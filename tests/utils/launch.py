@@ -88,14 +88,21 @@ class Server:
         return total
 
     def stop(self) -> None:
+        """SIGTERM to the server alone, as a user's Ctrl-C or a process manager sends it: it stops its own
+        engine processes (a SIGTERM to them too reads to SGLang as a crashed scheduler, and it waits 5 s for
+        diagnostics). What is left of its session after 30 s, or after it exits, is killed."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.terminate()
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
+            pass
+        try:
             os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        except ProcessLookupError:  # the session is gone: nothing left
+            pass
+        self.proc.wait()
 
     def __enter__(self) -> Server:
         return self.start()
