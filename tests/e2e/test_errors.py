@@ -8,7 +8,6 @@ builds the configuration from the same command line with the engine's own code (
 all of an engine's cases in one interpreter, instead of a 10-20 s launch each."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.utils.launch import Server, ServerFailed, free_port, sglang_python, sglang_serve_cmd, vllm_serve_cmd
+from tests.utils.launch import (
+    Server,
+    ServerFailed,
+    child_env,
+    free_port,
+    sglang_python,
+    sglang_serve_cmd,
+    vllm_serve_cmd,
+)
 
 ENGINES = ("vllm", "sglang")
 PROBE = Path(__file__).with_name("startup_probe.py")
@@ -152,7 +159,7 @@ def _probe(engine: str, cases: dict[str, tuple[list[str], dict]], tmp: Path, log
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "MAIA_SERVING_DEVICE": "maia", "TMPDIR": str(tmp)},
+        env=child_env({"MAIA_SERVING_DEVICE": "maia", "TMPDIR": str(tmp)}),
     )
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(proc.stdout + proc.stderr)

@@ -3,7 +3,6 @@ cache with its scales (checkpoint, scales file, per-head, none), offline Engine 
 the platform staying out of the way when it is not asked for."""
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.utils.greedy_reference import PROMPTS, assert_computes_the_checkpoint
-from tests.utils.launch import scrape, sglang_python
+from tests.utils.launch import child_env, scrape, sglang_python
 
 OFFLINE = Path(__file__).with_name("sglang_offline.py")
 
@@ -23,7 +22,7 @@ def run_offline(model, kwargs: dict | None = None, env: dict | None = None) -> t
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, **(env or {})},
+        env=child_env(env),
     )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
@@ -76,19 +75,19 @@ def test_offline_engine_at_tp2_on_maia_without_any_environment(demo_model):
     tokens what the checkpoint computes (tests/utils/greedy_reference.py)."""
     from transformers import AutoTokenizer
 
-    result, log = run_offline(
+    offline, log = run_offline(
         demo_model, {"tp_size": 2}, env={"SGLANG_CPU_OMP_THREADS_BIND": "0|1", "MAIA_SERVING_LOG_INTERVAL_S": "0"}
     )
     tokenizer = AutoTokenizer.from_pretrained(demo_model)
-    got = [(tokenizer(prompt)["input_ids"], ids) for prompt, ids in zip(PROMPTS, result["ids"])]
+    got = [(tokenizer(prompt)["input_ids"], ids) for prompt, ids in zip(PROMPTS, offline["ids"])]
     assert_computes_the_checkpoint(got, demo_model)
     assert "Maia KV cache: emulated maia200 holds" in log  # the default profile
     assert "Maia emulation [maia200]" in log  # steps were charged: startup alone does not print it
 
 
 def test_offline_fp8_without_scales_warns_loudly(demo_model):
-    result, log = run_offline(demo_model, {"kv_cache_dtype": "fp8_e5m2"})
-    assert all(result["texts"])
+    offline, log = run_offline(demo_model, {"kv_cache_dtype": "fp8_e5m2"})
+    assert all(offline["texts"])
     assert "no calibrated KV-cache scales" in log and "maia-serving calibrate-kv --model" in log
     assert "Maia KV cache fp8_e5m2: default 1.0 scales" in log or "per_tensor scales, layer 0: k=1 v=1" in log
 
@@ -96,10 +95,10 @@ def test_offline_fp8_without_scales_warns_loudly(demo_model):
 def test_offline_fp8_with_sglang_scales_file(demo_model, calibrated_demo):
     """The original model plus the scales file that calibrate-kv wrote beside its output."""
     calibrated, result = calibrated_demo
-    result, log = run_offline(
+    offline, log = run_offline(
         demo_model, {"kv_cache_dtype": "fp8_e4m3", "quantization_param_path": str(calibrated / "kv_cache_scales.json")}
     )
-    assert all(result["texts"])
+    assert all(offline["texts"])
     k, v = result.per_tensor()[0]
     # SGLang's scales file holds one scale per layer for K and V alike: the larger one.
     assert f"per_tensor scales, layer 0: k={max(k, v):.4g} v={max(k, v):.4g}" in log
@@ -107,7 +106,7 @@ def test_offline_fp8_with_sglang_scales_file(demo_model, calibrated_demo):
 
 def test_offline_fp8_per_head_scales(calibrated_demo):
     model, result = calibrated_demo
-    result, log = run_offline(model, {"kv_cache_dtype": "fp8_e4m3"}, env={"MAIA_SERVING_KV_SCALES": "per_head"})
-    assert all(result["texts"])
+    offline, log = run_offline(model, {"kv_cache_dtype": "fp8_e4m3"}, env={"MAIA_SERVING_KV_SCALES": "per_head"})
+    assert all(offline["texts"])
     heads = ",".join(f"{x:.4g}" for x in result.k_scale[0].tolist())
     assert f"Maia KV cache fp8_e4m3: per_head scales, layer 0: k={heads} " in log

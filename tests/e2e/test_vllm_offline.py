@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests.utils.launch import child_env
+
 SCRIPT = """
 import json, sys
 from vllm import LLM, SamplingParams
@@ -24,14 +26,15 @@ if __name__ == "__main__":
 def _run(demo_model, tmp_path, tp: int, extra_env: dict[str, str] | None = None) -> tuple[dict, str]:
     script = tmp_path / "offline.py"
     script.write_text(SCRIPT)
-    env = {
-        **os.environ,
-        "MAIA_SERVING_DEVICE": "maia",
-        "MAIA_SERVING_PROFILE": "h100-sxm",
-        "VLLM_CPU_CI_ENV": "1",
-        "MAIA_SERVING_LOG_INTERVAL_S": "0",
-        **(extra_env or {}),
-    }
+    env = child_env(
+        {
+            "MAIA_SERVING_DEVICE": "maia",
+            "MAIA_SERVING_PROFILE": "h100-sxm",
+            "VLLM_CPU_CI_ENV": "1",
+            "MAIA_SERVING_LOG_INTERVAL_S": "0",
+            **(extra_env or {}),
+        }
+    )
     if tp > 1:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % (os.cpu_count() or 1)) for i in range(tp))
     out = subprocess.run(

@@ -7,6 +7,13 @@ from dataclasses import replace
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _no_inherited_stats_address(monkeypatch) -> None:
+    """vLLM's maia platform, loaded in process, sets MAIA_SERVING_STATS_ADDR in os.environ for the engine
+    processes it would start (a socket folder of its own): it must not outlive the test that loaded it."""
+    monkeypatch.delenv("MAIA_SERVING_STATS_ADDR", raising=False)
+
+
 @pytest.fixture
 def native_host_path(monkeypatch) -> None:
     """The C++ host attention, which this project's setup builds: it must load here."""

@@ -21,6 +21,14 @@ from pathlib import Path
 from maia_serving import envs
 
 
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment for a server or engine it starts, with ``extra``; without the metrics socket
+    address an in-process test's vLLM platform made for its own children (``MAIA_SERVING_STATS_ADDR``: a folder
+    that process owns): two servers given one address would publish to one socket."""
+    env = {k: v for k, v in os.environ.items() if k != envs.MAIA_SERVING_STATS_ADDR}
+    return {**env, **(extra or {})}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -40,7 +48,7 @@ class Server:
         self.cmd = cmd
         self.port = port
         self.log_path = log_path
-        self.env = {**os.environ, **(env or {})}
+        self.env = child_env(env)
         self.timeout_s = timeout_s
         self.proc: subprocess.Popen | None = None
 
