@@ -1,4 +1,4 @@
-"""The `maia-serving` command: profiles, fit, simulate, plan, calibrate-host, demo-model, train-model,
+"""The `maia-serving` command: profiles, fit, simulate, plan, profile, calibrate-host, demo-model, train-model,
 calibrate-kv, route-stats, qat-kv, reshard, merge."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from maia_serving.cli.demo_model import DemoModel
 from maia_serving.cli.fit import Fit
 from maia_serving.cli.merge import Merge
 from maia_serving.cli.plan import Plan
+from maia_serving.cli.profile_model import ProfileModel
 from maia_serving.cli.profiles import Profiles
 from maia_serving.cli.qat_kv import QatKv
 from maia_serving.cli.reshard import Reshard
@@ -27,6 +28,7 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Fit(),
     Simulate(),
     Plan(),
+    ProfileModel(),
     CalibrateHost(),
     DemoModel(),
     TrainModel(),

@@ -77,13 +77,16 @@ class OpPrice:
 
     @property
     def bound(self) -> str:
-        return bound(self.compute_s, self.memory_s, self.link_s)
+        return bound(self.compute_s, self.memory_s, self.link_s, self.launch_s)
 
 
-def bound(compute_s: float, memory_s: float, link_s: float) -> str:
-    """What limits an operator (or a sum of them): the link it crosses, its compute, or its memory traffic."""
-    if link_s > max(compute_s, memory_s):
+def bound(compute_s: float, memory_s: float, link_s: float, launch_s: float = 0.0) -> str:
+    """What limits an operator (or a sum of them): the link it crosses, its kernel launches (an operator too small
+    for its compute or memory traffic to outweigh the launch), its compute, or its memory traffic."""
+    if link_s > max(compute_s, memory_s, launch_s):
         return "link"
+    if launch_s > max(compute_s, memory_s):
+        return "launch"
     return "compute" if compute_s >= memory_s else "memory"
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from maia_serving.emulator.hardware import DeviceProfile
 from maia_serving.formats.units import format_bytes, format_seconds
 from maia_serving.torch import pricing
 from maia_serving.torch.pricing import OpPrice
@@ -47,6 +48,7 @@ class OpSummary:
     compute_s: float
     memory_s: float
     link_s: float
+    launch_s: float
 
     @property
     def intensity(self) -> float:
@@ -55,7 +57,7 @@ class OpSummary:
 
     @property
     def bound(self) -> str:
-        return pricing.bound(self.compute_s, self.memory_s, self.link_s)
+        return pricing.bound(self.compute_s, self.memory_s, self.link_s, self.launch_s)
 
 
 class profile:  # noqa: N801 (named as torch.profiler.profile, used the same way)
@@ -95,14 +97,20 @@ class profile:  # noqa: N801 (named as torch.profiler.profile, used the same way
     def host_s(self) -> float:
         return float(self.runs["host_ns"].sum() / 1e9)
 
-    def key_averages(self) -> list[OpSummary]:
-        """Per operator, most emulated time first."""
-        runs, prices = self.runs, pricing.LEDGER.prices
+    def key_averages(self, on: DeviceProfile | None = None) -> list[OpSummary]:
+        """Per operator, most emulated time first; ``on``: priced on another profile than the node's (the same
+        operators and shapes: what this block would take there)."""
+        runs = self.runs
         ids, calls = np.unique(runs["id"], return_counts=True)
         host_s = np.bincount(runs["id"], weights=runs["host_ns"])[ids] / 1e9
+        if on is None:
+            prices = [pricing.LEDGER.prices[i] for i in ids.tolist()]
+        else:  # a Pricer of its own: the node's prices stay the node's
+            pricer = pricing.Pricer(on)
+            prices = [pricer.price(pricing.LEDGER.signatures[i]) for i in ids.tolist()]
         by_op: dict[str, list[tuple[OpPrice, int, float]]] = defaultdict(list)  # (signature, its calls, host s)
-        for i, n, h in zip(ids.tolist(), calls.tolist(), host_s.tolist(), strict=True):
-            by_op[prices[i].op].append((prices[i], n, h))
+        for price, n, h in zip(prices, calls.tolist(), host_s.tolist(), strict=True):
+            by_op[price.op].append((price, n, h))
         summaries = [
             OpSummary(
                 op=op,
@@ -114,6 +122,7 @@ class profile:  # noqa: N801 (named as torch.profiler.profile, used the same way
                 compute_s=sum(n * p.compute_s for p, n, _ in rows),
                 memory_s=sum(n * p.memory_s for p, n, _ in rows),
                 link_s=sum(n * p.link_s for p, n, _ in rows),
+                launch_s=sum(n * p.launch_s for p, n, _ in rows),
             )
             for op, rows in by_op.items()
         ]

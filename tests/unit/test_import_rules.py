@@ -25,7 +25,9 @@ ALLOWED = {name: set(FLOORS[:i]) for i, name in enumerate(FLOORS)} | {
     "cli": set(FLOORS) | {"vllm"},  # calibrate-host times vLLM's engine (vllm/step_timing.py)
     "torch": {"formats", "envs", "emulator"},  # the torch device: a third way into the one cost model
     "torch_autoload": {"envs", "torch"},  # PyTorch's entry point into it
+    "zoo": set(),  # the built-in models of `profile`: their libraries' classes, nothing of ours
 }
+ALLOWED["tools"] |= {"torch", "zoo"}  # `profile` runs a model on the torch device
 # Third-party imports a room may never make, even lazily.
 FORBIDDEN = {
     "formats": ENGINES + TORCH + ("numpy", "yaml"),
@@ -35,6 +37,7 @@ FORBIDDEN = {
     "tools": ENGINES,
     "torch": ENGINES,
     "torch_autoload": ENGINES + TORCH,  # runs inside `import torch`: nothing of it at the top
+    "zoo": ENGINES,
     "cli": ENGINES + TORCH,  # the verbs' modules load torch only when they run
 }
 

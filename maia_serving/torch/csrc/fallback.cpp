@@ -216,4 +216,12 @@ void use_copying_fallback(bool copying) { g_copying.store(copying); }
 
 TORCH_LIBRARY_IMPL(_, PrivateUse1, m) { m.fallback(torch::CppFunction::makeFromBoxedFunction<&fallback>()); }
 
+// Norms whose CompositeExplicitAutograd decomposition would otherwise run on PrivateUse1 before the fallback is
+// asked (layer norm as a batch norm and an addcmul, group norm as six elementwise operators): the host's fused
+// kernel, one operator, as a device runs it and as it is priced.
+TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
+  m.impl("native_layer_norm", torch::CppFunction::makeFromBoxedFunction<&fallback>());
+  m.impl("native_group_norm", torch::CppFunction::makeFromBoxedFunction<&fallback>());
+}
+
 }  // namespace maia

@@ -43,8 +43,18 @@ def test_a_convolution_counts_pytorchs_flops_and_its_four_tensors(maia100):
     op = only(priced(lambda: conv(x)), "aten::convolution")
     assert op.flops == 2 * (8 * 32 * 32) * (3 * 3 * 3)
     assert op.bytes == 4 * (3 * 32 * 32 + 8 * 3 * 3 * 3 + 8 + 8 * 32 * 32)
-    assert op.bound == "memory"
+    assert op.memory_s > op.compute_s  # its bytes outweigh its FLOPs, and its launch both: launch-bound
+    assert op.bound == "launch" and op.launch_s > op.memory_s
     assert op.time_s == pytest.approx(op.bytes / BYTES_PER_S + LAUNCH_S, rel=1e-12)
+
+
+def test_what_bounds_an_operator():
+    """The link a copy crosses, then the launch of a kernel too small to outweigh it, then compute or memory."""
+    from maia_serving.torch.pricing import bound
+
+    assert bound(1.0, 2.0, 0.0) == "memory" and bound(2.0, 1.0, 0.0) == "compute"
+    assert bound(1.0, 2.0, 0.0, launch_s=3.0) == "launch"
+    assert bound(1.0, 2.0, 4.0, launch_s=3.0) == "link"
 
 
 def test_an_elementwise_op_reads_a_broadcast_dimension_once(maia100):
@@ -119,3 +129,26 @@ def test_the_profile_table_and_chrome_trace(maia100, tmp_path):
     spans = [e for e in events if e["ph"] == "X"]
     assert len(spans) == len(prof.ops) and all(e["dur"] > 0 for e in spans)
     assert spans[1]["ts"] == pytest.approx(spans[0]["ts"] + spans[0]["dur"])
+
+
+@pytest.mark.parametrize(
+    "make,op",
+    [
+        (lambda: torch.nn.LayerNorm(64), "aten::native_layer_norm"),
+        (lambda: torch.nn.GroupNorm(4, 16), "aten::native_group_norm"),
+    ],
+)
+def test_a_norm_is_one_fused_operator_as_on_a_device(maia100, make, op):
+    """Not ATen's decomposition for backends without a kernel (a layer norm as a batch norm and an addcmul): the
+    host's fused kernel, priced as one operator reading its input once; the CPU's result and gradient."""
+    torch.manual_seed(0)
+    norm, x = make(), torch.randn(8, 16, 64)
+    want = norm(x.requires_grad_())
+    want.square().sum().backward()
+    x_maia = x.detach().to("maia").requires_grad_()
+    norm_maia = norm.to("maia")
+    ops = priced(lambda: norm_maia(x_maia).square().sum().backward())
+    assert [o.op for o in ops].count(op) == 1, [o.op for o in ops]
+    assert not any(o.op.startswith(("aten::native_batch_norm", "aten::var_mean")) for o in ops)
+    torch.testing.assert_close(norm_maia(x_maia).cpu(), want)
+    torch.testing.assert_close(x_maia.grad.cpu(), x.grad)

@@ -1,0 +1,234 @@
+"""`maia-serving profile`: a model run once on the maia device, its operators then priced on each profile asked for.
+
+One run records every operator with its shapes (maia_serving.torch's ledger) and the memory the chip held at its
+peak; the same record priced on Maia 100, Maia 200 or an H100 says what one forward (or training step) takes
+there, where the time goes and whether it fits. The run's node is sized to hold anything the host can, so a model
+too large for a profile is measured, not cut short, and told what would fit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from maia_serving.emulator.hardware import DeviceProfile, load_profile
+from maia_serving.formats.units import format_bytes, format_seconds
+from maia_serving.zoo import Example, builtin
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TOP_OPS = 10
+
+
+@dataclass(frozen=True)
+class TopOp:
+    op: str
+    calls: int
+    time_ms: float
+    share: float
+    bound: str
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What the run on maia saw, independent of the profile: its operators (a finished ``profile`` block), the
+    chip memory at the peak, the weights' (and optimizer state's) share of it, the outputs."""
+
+    block: Any  # maia_serving.torch.profile
+    peak_memory_bytes: int
+    resident_bytes: int  # weights, inputs (and gradients and optimizer state when training) before the step
+    outputs: Any
+    unit: str
+    batch: int
+
+
+@dataclass(frozen=True)
+class ProfileReport:
+    """One profile's answer (``--json`` writes these keys)."""
+
+    profile: str
+    fits: bool
+    error: str | None
+    latency_ms: float
+    throughput_per_s: float
+    peak_memory_bytes: int
+    hbm_bytes: int
+    flops: float
+    bytes: float
+    top_ops: list[TopOp]
+    where: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_example(spec: str, batch: int, shape: int | None) -> Example:
+    """A built-in name, or ``module:callable`` returning ``(module, inputs)`` (inputs: a tensor or a tuple)."""
+    if ":" not in spec:
+        return builtin(spec).build(batch, shape)
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"--model {spec}: cannot import {attr!r} from {module_name!r} ({exc})") from exc
+    try:
+        made = factory()
+    except Exception as exc:  # the user's code: any failure is theirs to see
+        raise ValueError(f"--model {spec}: {attr}() raised {type(exc).__name__}: {exc}") from exc
+    if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module)):
+        raise ValueError(f"--model {spec}: {attr}() must return (nn.Module, example input), not {type(made).__name__}")
+    module, inputs = made
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    first = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+    return Example(module.eval(), inputs, "inputs", first.shape[0] if first is not None and first.dim() else 1)
+
+
+def _to(value: Any, device: str, dtype: torch.dtype) -> Any:
+    """Tensors to ``device``; floating ones in ``dtype`` (token ids and masks keep theirs); in tuples, lists and
+    dicts (a model output's fields) too. Anything else is dropped (None): a KV cache object, say, would keep
+    its maia tensors alive."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, dtype=dtype if value.is_floating_point() else value.dtype)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device, dtype) for k, v in value.items()}
+    return value if isinstance(value, (int, float, bool, str)) or value is None else None
+
+
+def _first_tensor(value: Any) -> torch.Tensor:
+    """The tensor a training step's loss is taken from: the output itself, its logits, or its first tensor."""
+    if isinstance(value, torch.Tensor):
+        return value
+    for key in ("logits", "sample", "last_hidden_state"):
+        found = getattr(value, key, None)
+        if isinstance(found, torch.Tensor):
+            return found
+    items = value.values() if isinstance(value, dict) else value
+    return next(v for v in items if isinstance(v, torch.Tensor))
+
+
+@contextlib.contextmanager
+def measuring_node(profile: DeviceProfile) -> Iterator[None]:
+    """The maia node sized as ``profile`` but with room for whatever the host holds: the run measures the peak
+    rather than stop at a capacity, and each profile's capacity is compared with it afterwards. The node is
+    sized as it was before, after."""
+    import maia_serving.torch as maia
+    from maia_serving.torch import backend
+
+    before = backend.profile()
+    maia.set_profile(replace(profile, hbm_capacity_bytes=float(2**50)))
+    try:
+        yield
+    except BaseException:
+        gc.collect()
+        with contextlib.suppress(RuntimeError):  # a failed run's tensors may live on in its traceback
+            maia.set_profile(before)
+        raise
+    gc.collect()  # the run's tensors (measure() hands the module back on the CPU) before the node is resized
+    maia.set_profile(before)
+
+
+def measure(example: Example, dtype: torch.dtype, train: bool = False) -> Measured:
+    """Run ``example`` once on maia:0 (forward; with ``train``, forward, backward and an AdamW step); the module
+    is back on the CPU afterwards."""
+    module = example.module.to(dtype).to("maia")
+    try:
+        return _run(module, example, dtype, train)
+    finally:
+        module.to("cpu")
+
+
+def _run(module: nn.Module, example: Example, dtype: torch.dtype, train: bool) -> Measured:
+    import maia_serving.torch as maia
+
+    inputs = _to(example.inputs, "maia", dtype)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, foreach=False) if train else None
+    torch.maia.synchronize()
+    if optimizer is not None:  # the optimizer's state exists from the first step on: make it before the peak
+        for p in module.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+    resident = torch.maia.memory_allocated()
+    torch.maia.reset_peak_memory_stats()
+    with maia.profile() as block:
+        if optimizer is None:
+            with torch.no_grad():
+                outputs = module(*inputs)
+        else:
+            outputs = module(*inputs)
+            _first_tensor(outputs).float().square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=False)
+    peak = torch.maia.max_memory_allocated()
+    with torch.no_grad():  # the copy keeps no graph: its AccumulateGrad nodes would hold the maia parameters
+        on_host = _to(outputs, "cpu", torch.float32)
+    return Measured(block, peak, resident, on_host, example.unit, example.batch)
+
+
+def _where(top: list[TopOp], latency_s: float) -> str:
+    """One line: the leading operators' shares and what bounds them."""
+    if not top:
+        return "no operator ran on maia"
+    lead = ", ".join(f"{t.op.removeprefix('aten::').partition('.')[0]} {t.share:.0%} ({t.bound})" for t in top[:3])
+    return f"{format_seconds(latency_s)} a step: {lead}"
+
+
+def _shortfall(measured: Measured, profile: DeviceProfile, dtype: str) -> str:
+    """What a model that does not fit needs, and what to try on one chip (a single forward is not split)."""
+    capacity = profile.hbm_capacity_bytes
+    need = measured.peak_memory_bytes
+    per_item = max(need - measured.resident_bytes, 0) / max(measured.batch, 1)
+    room = capacity - measured.resident_bytes
+    hint = []
+    if per_item and room > per_item and measured.batch > 1:
+        hint.append(f"--batch-size {int(room // per_item)} fits")
+    elif room <= 0:
+        hint.append("the weights alone do not fit")
+    if dtype == "fp32":
+        hint.append("--dtype bf16 halves the weights and activations")
+    return (
+        f"needs {format_bytes(need)} at its peak ({format_bytes(measured.resident_bytes)} resident), "
+        f"{profile.name} has {format_bytes(capacity)}" + (f": {'; '.join(hint)}" if hint else "")
+    )
+
+
+def report(measured: Measured, profile: DeviceProfile, dtype: str) -> ProfileReport:
+    """``measured`` priced on ``profile``."""
+    summaries = measured.block.key_averages(on=profile)
+    latency = sum(s.time_s for s in summaries)
+    top = [
+        TopOp(s.op, s.calls, s.time_s * 1e3, s.time_s / latency if latency else 0.0, s.bound)
+        for s in summaries[:TOP_OPS]
+    ]
+    fits = measured.peak_memory_bytes <= profile.hbm_capacity_bytes
+    return ProfileReport(
+        profile=profile.name,
+        fits=fits,
+        error=None if fits else _shortfall(measured, profile, dtype),
+        latency_ms=latency * 1e3,
+        throughput_per_s=measured.batch / latency if latency else 0.0,
+        peak_memory_bytes=measured.peak_memory_bytes,
+        hbm_bytes=int(profile.hbm_capacity_bytes),
+        flops=sum(s.flops for s in summaries),
+        bytes=sum(s.bytes for s in summaries),
+        top_ops=top,
+        where=_where(top, latency),
+    )
+
+
+def profile_model(
+    example: Example, profiles: list[str], dtype: str = "bf16", train: bool = False
+) -> tuple[list[ProfileReport], Measured]:
+    """``example`` measured once, reported on each of ``profiles``; and the measurement."""
+    loaded = [load_profile(name) for name in profiles]
+    with measuring_node(loaded[0]):
+        measured = measure(example, DTYPES[dtype], train)
+    return [report(measured, p, dtype) for p in loaded], measured

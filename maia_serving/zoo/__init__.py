@@ -1,0 +1,57 @@
+"""The models `maia-serving profile` knows by name: each built from its library's own model classes (or, where
+the library cannot install beside the environments' torch, from the published architecture), random weights
+made here (no hub), with an example input of the size a user runs it at.
+
+A size's parameter count is checked against the figure its authors publish (tests/unit/zoo); the full sizes
+are for pricing, the small ones for tests that run them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Example:
+    """A model and one batch of its input: what ``profile`` runs. ``unit`` is what a batch holds (images,
+    sequences, denoising steps), for throughput."""
+
+    module: nn.Module
+    inputs: tuple[torch.Tensor, ...]
+    unit: str
+    batch: int
+
+
+@dataclass(frozen=True)
+class BuiltIn:
+    """A named model: how to build it at a batch size (``shape``: its input's spatial size or sequence length,
+    None for the published one) and the parameter count its authors publish, with where."""
+
+    name: str
+    description: str
+    build: Callable[[int, int | None], Example]
+    published_params: int | None = None
+    source: str = ""
+
+
+def _registry() -> dict[str, BuiltIn]:
+    from maia_serving.zoo import llama, vit, yolo
+
+    models = [*yolo.builtins(), *vit.builtins(), *llama.builtins()]
+    return {m.name: m for m in models}
+
+
+def names() -> list[str]:
+    return list(_registry())
+
+
+def builtin(name: str) -> BuiltIn:
+    """The built-in model ``name``; ValueError naming the known ones."""
+    found = _registry().get(name)
+    if found is None:
+        raise ValueError(f"unknown model {name!r}: one of {', '.join(names())}, an .onnx file, or module:callable")
+    return found
