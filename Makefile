@@ -35,12 +35,13 @@ demo-sglang: setup-sglang
 
 # The vLLM environment drives every end-to-end test (SGLang's servers run from
 # .venv-sglang); the SGLang adapter's unit tests run in .venv-sglang.
-# Two pytest-xdist workers, a test file each at a time (module-wide servers start once; the files that use
-# the session-wide servers are one group, tests/conftest.py): a server waits on its start and its clients
-# about a fifth of the time, and the other worker uses it. The
-# slowest files go first (tests/conftest.py), in that order: xdist's own reorder would start with the
-# unit files of most tests and leave one worker alone with the last long file.
-TEST_WORKERS ?= 2
+# Three pytest-xdist workers on two cores, a test file each at a time (module-wide servers start once; the
+# files that use the session-wide servers are one group, tests/conftest.py): a server starts in single-threaded
+# imports and its clients wait on replies, so two workers left a third of the CPU idle (146% of 200%; three:
+# 153%, and the suite 23 -> 19 min, benchmarks/README.md). The slowest files go first (tests/conftest.py), in
+# that order: xdist's own reorder would start with the unit files of most tests and leave one worker alone
+# with the last long file.
+TEST_WORKERS ?= 3
 XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: setup
 	$(SGL_PY) -m pytest $(SGLANG_UNIT)

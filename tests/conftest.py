@@ -12,21 +12,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 # The slowest test files first (seconds each, summed over its tests, beside the other worker), the rest after
-# them in their own order: `make test`'s two pytest-xdist workers each take the next file when they run low (with
+# them in their own order: `make test`'s pytest-xdist workers each take the next file when they run low (with
 # --no-loadscope-reorder; xdist would otherwise start with the files of most tests, the unit tests), so the
 # long files overlap instead of one worker finishing the longest alone. Only an order: a file missing here
 # runs later, nothing is skipped.
 SLOWEST_FIRST = (
-    "e2e/test_sglang.py",  # 336 (2026-12-07 evening, a fresh clone's .ci/run)
-    "e2e/test_reshard_serve.py",  # 333
-    "e2e/test_families_serve.py",  # 308
-    "e2e/test_collectives.py",  # 303
-    "e2e/test_engine_tools.py",  # 260
-    "e2e/test_mx_serve.py",  # 252
-    "e2e/test_vllm_offline.py",  # 143
-    "e2e/test_parity.py",  # 120, models/recall built on the way
-    "e2e/test_proxy.py",  # 89
-    "e2e/test_errors.py",  # 85
+    "e2e/test_sglang.py",  # 274 (2026-12-07, 040d9ce's fresh-clone .ci/run); with the other session-server
+    # files (test_engine_tools 265, test_mx_serve 196, test_vllm_fp8 39, test_reliability 17, test_serve 5) one
+    # scope of about 800 s, the longest: first
+    "e2e/test_collectives.py",  # 315
+    "e2e/test_families_serve.py",  # 233
+    "e2e/test_reshard_serve.py",  # 214
+    "e2e/test_vllm_offline.py",  # 141
+    "e2e/test_parity.py",  # 115, models/recall built on the way
+    "e2e/test_proxy.py",  # 83
+    "e2e/test_errors.py",  # 68
 )
 
 # `--dist loadfile` takes the files that use the session-wide servers as one file (tests/utils/e2e.py says why).

@@ -12,7 +12,7 @@ import json
 import pytest
 
 from maia_serving.ops.mx import head_bytes
-from tests.utils.e2e import LOGS, SGLANG_ENV, SGLANG_LIMITS, VLLM_LIMITS, openai_client
+from tests.utils.e2e import LOGS, SGLANG_ENV, SGLANG_LIMITS, VLLM_LIMITS, assert_streams, openai_client
 from tests.utils.launch import Server, free_port, metric, scrape, sglang_serve_cmd, vllm_serve_cmd
 
 CASES = [("vllm", "mxfp4"), ("vllm", "mxfp8"), ("sglang", "mxfp4"), ("sglang", "mxfp8")]
@@ -62,10 +62,7 @@ def test_mx_cache_answers_completion_chat_and_stream(mx_served):
         extra_body={"ignore_eos": True},
     )
     assert chat.usage.completion_tokens == 6
-    stream = client.completions.create(
-        model="demo", prompt="import", max_tokens=5, stream=True, extra_body={"ignore_eos": True}
-    )
-    assert len([c for c in stream if c.choices and c.choices[0].text]) >= 2
+    assert_streams(client, "demo")
     # A second, longer request reads the pages the first ones wrote (prefix and decode).
     again = client.completions.create(model="demo", prompt="def add(a, b):" * 20, max_tokens=8, temperature=0)
     assert again.choices[0].text is not None

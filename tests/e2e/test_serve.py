@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
+from tests.utils.e2e import assert_streams
 from tests.utils.launch import scrape, settled_scrape
 
 
@@ -43,17 +44,22 @@ def test_chat(served):
 
 
 def test_streaming_chat(served):
-    stream = served.client.chat.completions.create(
-        model="demo", messages=[{"role": "user", "content": "Count."}], max_tokens=8, temperature=0, stream=True
+    """The streamed reply is the plain one, ending with its usage (how many chunks carry text is the server's
+    choice)."""
+    ask = {"model": "demo", "messages": [{"role": "user", "content": "Count."}], "max_tokens": 8, "temperature": 0}
+    body = {"ignore_eos": True}
+    plain = served.client.chat.completions.create(**ask, extra_body=body).choices[0].message.content
+    chunks = list(
+        served.client.chat.completions.create(
+            **ask, stream=True, stream_options={"include_usage": True}, extra_body=body
+        )
     )
-    pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
-    assert len(pieces) >= 2
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain
+    assert chunks[-1].usage.completion_tokens == 8
 
 
 def test_streaming_completion(served):
-    stream = served.client.completions.create(model="demo", prompt="import", max_tokens=6, temperature=0, stream=True)
-    pieces = [c.choices[0].text for c in stream if c.choices and c.choices[0].text]
-    assert len(pieces) >= 2
+    assert_streams(served.client, "demo", max_tokens=6)
 
 
 def test_concurrent_requests(served):

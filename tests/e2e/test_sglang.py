@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.utils.e2e import assert_streams
 from tests.utils.greedy_reference import PROMPTS, assert_computes_the_checkpoint
 from tests.utils.launch import child_env, scrape, sglang_python
 
@@ -45,8 +46,7 @@ def test_fp8_completion_chat_and_stream(fp8_client):
         model="demo-fp8", messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0
     )
     assert chat.usage.completion_tokens == 6
-    stream = client.completions.create(model="demo-fp8", prompt="import", max_tokens=5, stream=True)
-    assert len([c for c in stream if c.choices and c.choices[0].text]) >= 2
+    assert_streams(client, "demo-fp8")
 
 
 def test_fp8_applies_the_checkpoint_scales(sglang_fp8_server, fp8_client, calibrated_demo):

@@ -2,6 +2,7 @@
 
 import pytest
 
+from tests.utils.e2e import assert_streams
 from tests.utils.launch import scrape
 
 
@@ -19,8 +20,7 @@ def test_fp8_completion_chat_and_stream(fp8_client):
         model="demo-fp8", messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0
     )
     assert chat.usage.completion_tokens == 6
-    stream = fp8_client.completions.create(model="demo-fp8", prompt="import", max_tokens=5, stream=True)
-    assert len([c for c in stream if c.choices and c.choices[0].text]) >= 2
+    assert_streams(fp8_client, "demo-fp8")
 
 
 def test_fp8_uses_the_calibrated_scales_and_the_maia_backend(vllm_fp8_server, fp8_client, calibrated_demo):

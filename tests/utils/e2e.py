@@ -8,7 +8,7 @@ from pathlib import Path
 from tests.utils.launch import Server
 
 ROOT = Path(__file__).resolve().parents[2]
-# `make test` runs two pytest-xdist workers; each keeps its own servers' logs.
+# `make test` runs several pytest-xdist workers; each keeps its own servers' logs.
 LOGS = ROOT / "models" / "logs" / os.environ.get("PYTEST_XDIST_WORKER", "")
 # Eager mode keeps startup near 30 s; the CPU backend's compile warm-up adds as much again.
 ENGINE_ENV = {"VLLM_CPU_CI_ENV": "1", "MAIA_SERVING_LOG_INTERVAL_S": "1"}
@@ -41,3 +41,17 @@ def openai_client(server: Server):
     from openai import OpenAI
 
     return OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+
+
+def assert_streams(client, model: str, prompt: str = "import", max_tokens: int = 5) -> None:
+    """A streamed greedy completion is the plain one, in SSE chunks ending with its usage. How many chunks carry
+    text is the server's choice: a busy API server sends the tokens it has in one."""
+    greedy = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    body = {"ignore_eos": True}
+    plain = client.completions.create(**greedy, extra_body=body).choices[0].text
+    chunks = list(
+        client.completions.create(**greedy, stream=True, stream_options={"include_usage": True}, extra_body=body)
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == plain
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == max_tokens
+    assert any(c.choices and c.choices[0].finish_reason == "length" for c in chunks)
