@@ -38,7 +38,7 @@ demo-sglang: setup-sglang
 # Three pytest-xdist workers on two cores, a test file each at a time (module-wide servers start once; the
 # files that use the session-wide servers are one group, tests/conftest.py): a server starts in single-threaded
 # imports and its clients wait on replies, so two workers left a third of the CPU idle (146% of 200%; three:
-# 153%, and the suite 23 -> 19 min, benchmarks/README.md). The slowest files go first (tests/conftest.py), in
+# 153%, and a fresh clone's .ci/run 23 -> 19 min, benchmarks/README.md). The slowest files go first (tests/conftest.py), in
 # that order: xdist's own reorder would start with the unit files of most tests and leave one worker alone
 # with the last long file.
 TEST_WORKERS ?= 3
