@@ -38,6 +38,14 @@ class BuiltIn:
     source: str = ""
 
 
+def image_example(module: Callable[[int], nn.Module], batch: int, side: int, multiple: int, what: str) -> Example:
+    """An image model at ``batch`` random RGB images of ``side`` pixels (``module(side)`` builds it), the side a
+    multiple of what its strides or patches take."""
+    if side % multiple:
+        raise ValueError(f"{what} takes images whose side is a multiple of {multiple}, not {side}")
+    return Example(module(side), (torch.rand(batch, 3, side, side),), "images", batch)
+
+
 def _registry() -> dict[str, BuiltIn]:
     from maia_serving.zoo import llama, vit, yolo
 

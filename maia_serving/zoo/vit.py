@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from maia_serving.zoo import BuiltIn, Example
+from maia_serving.zoo import BuiltIn, Example, image_example
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,9 @@ def build_vit(size: VitSize, image: int = 224, classes: int = 1000) -> torch.nn.
 def builtins() -> list[BuiltIn]:
     def build(size: VitSize) -> Callable[[int, int | None], Example]:
         def make(batch: int, shape: int | None) -> Example:
-            side = shape or 224
-            if side % 16:
-                raise ValueError(f"a ViT with 16-pixel patches takes images whose side is a multiple of 16, not {side}")
-            return Example(build_vit(size, side), (torch.rand(batch, 3, side, side),), "images", batch)
+            return image_example(
+                lambda side: build_vit(size, side), batch, shape or 224, 16, "a ViT of 16-pixel patches"
+            )
 
         return make
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from maia_serving.zoo import BuiltIn, Example
+from maia_serving.zoo import BuiltIn, Example, image_example
 
 
 @dataclass(frozen=True)
@@ -193,18 +193,15 @@ class YoloV8(nn.Module):
         return self.detect([t3, b4, b5])
 
 
-# Ultralytics' model summaries (docs.ultralytics.com/models/yolov8, "params (M)"; the exact counts as its
-# `model.info()` prints them for the COCO head).
+# Ultralytics' model summaries for the COCO head, as `model.info()` prints them and ultralytics/cfg/models/v8/
+# yolov8.yaml quotes them beside each scale.
 PUBLISHED = {"n": 3_157_200, "s": 11_166_560, "m": 25_902_640, "l": 43_691_520, "x": 68_229_648}
 
 
 def builtins() -> list[BuiltIn]:
     def build(size: str) -> Callable[[int, int | None], Example]:
         def make(batch: int, shape: int | None) -> Example:
-            side = shape or 640
-            if side % 32:
-                raise ValueError(f"YOLOv8 takes images whose side is a multiple of 32, not {side}")
-            return Example(YoloV8(size).eval(), (torch.rand(batch, 3, side, side),), "images", batch)
+            return image_example(lambda _: YoloV8(size).eval(), batch, shape or 640, 32, "YOLOv8")
 
         return make
 
