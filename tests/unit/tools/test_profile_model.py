@@ -128,3 +128,13 @@ def test_a_module_callable_is_run_as_given(capsys, tmp_path, monkeypatch):
 def test_bad_input_is_exit_2_with_what_was_wrong(capsys, argv, message):
     status, out, err = _profile(capsys, *argv)
     assert status == 2 and message in err and out == ""
+
+
+def test_the_help_names_every_built_in_model(capsys):
+    """--help lists the built-ins without importing torch (the CLI starts in a fraction of a second)."""
+    from maia_serving import zoo
+
+    with pytest.raises(SystemExit):
+        main(["profile", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in zoo.names()), zoo.names()
