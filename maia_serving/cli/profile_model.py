@@ -28,7 +28,8 @@ class ProfileModel(Subcommand):
             "--model",
             required=True,
             help="a built-in model (yolov8n, yolov8s, yolov8m, yolov8l, yolov8x, vit-tiny-16, vit-base-16, "
-            "vit-large-16, llama-tiny, llama-3-8b) or module:callable returning (nn.Module, example input)",
+            "vit-large-16, unet-tiny, unet-sd15, llama-tiny, llama-3-8b) or module:callable returning "
+            "(nn.Module, example input)",
         )
         p.add_argument("--profile", nargs="+", default=DEFAULT_PROFILES, help="device profiles to price on")
         p.add_argument("--batch-size", type=int, default=1)

@@ -47,9 +47,9 @@ def image_example(module: Callable[[int], nn.Module], batch: int, side: int, mul
 
 
 def _registry() -> dict[str, BuiltIn]:
-    from maia_serving.zoo import llama, vit, yolo
+    from maia_serving.zoo import llama, unet, vit, yolo
 
-    models = [*yolo.builtins(), *vit.builtins(), *llama.builtins()]
+    models = [*yolo.builtins(), *vit.builtins(), *unet.builtins(), *llama.builtins()]
     return {m.name: m for m in models}
 
 

@@ -39,7 +39,12 @@ def _on_cpu_and_maia(name: str, batch: int, shape: int):
 
 @pytest.mark.parametrize(
     "name,batch,shape,field",
-    [("yolov8n", 2, 64, None), ("vit-tiny-16", 2, 32, "logits"), ("llama-tiny", 2, 16, "logits")],
+    [
+        ("yolov8n", 2, 64, None),
+        ("vit-tiny-16", 2, 32, "logits"),
+        ("unet-tiny", 2, 16, None),
+        ("llama-tiny", 2, 16, "logits"),
+    ],
 )
 def test_outputs_on_maia_equal_the_cpus(maia100, name, batch, shape, field):
     cpu, maia = _on_cpu_and_maia(name, batch, shape)
