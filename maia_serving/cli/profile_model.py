@@ -11,6 +11,7 @@ from typing import Any
 
 from maia_serving.cli.base import Subcommand, table
 from maia_serving.formats.units import format_bytes, format_seconds
+from maia_serving.serving.profiles import load_profile
 
 DEFAULT_PROFILES = ["maia100", "maia200", "h100-sxm"]
 
@@ -46,18 +47,15 @@ class ProfileModel(Subcommand):
         p.add_argument("--plot", metavar="FILE", help="per-operator time on each profile, as a picture")
 
     def run(self, args: argparse.Namespace) -> int:
-        from maia_serving.emulator.hardware import load_profile
-
         if args.batch_size < 1:
             raise ValueError(f"--batch-size {args.batch_size}: at least 1")
-        for name in args.profile:
-            load_profile(name)  # an unknown profile is an error before the model is built
+        profiles = [load_profile(name) for name in args.profile]  # an unknown one fails before the model is built
         from maia_serving.tools import profile_model as tool
 
         _progress(f"building {args.model} (batch {args.batch_size})")
         example = tool.load_example(args.model, args.batch_size, args.input_shape)
         _progress(f"running it once on maia in {args.dtype}{' (a training step)' if args.train else ''}")
-        reports, measured = tool.profile_model(example, args.profile, args.dtype, args.train)
+        reports, measured = tool.profile_model(example, profiles, args.dtype, args.train)
         if args.trace:
             measured.block.export_chrome_trace(args.trace)
         if args.plot:

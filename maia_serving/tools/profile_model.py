@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from maia_serving.emulator.hardware import DeviceProfile, load_profile
+from maia_serving.emulator.hardware import DeviceProfile
 from maia_serving.formats.units import format_bytes, format_seconds
+from maia_serving.ops.fp8 import TORCH_DTYPES
 from maia_serving.zoo import Example, builtin
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOP_OPS = 10
 
 
@@ -225,10 +225,10 @@ def report(measured: Measured, profile: DeviceProfile, dtype: str) -> ProfileRep
 
 
 def profile_model(
-    example: Example, profiles: list[str], dtype: str = "bf16", train: bool = False
+    example: Example, profiles: list[DeviceProfile], dtype: str = "bf16", train: bool = False
 ) -> tuple[list[ProfileReport], Measured]:
-    """``example`` measured once, reported on each of ``profiles``; and the measurement."""
-    loaded = [load_profile(name) for name in profiles]
-    with measuring_node(loaded[0]):
-        measured = measure(example, DTYPES[dtype], train)
-    return [report(measured, p, dtype) for p in loaded], measured
+    """``example`` measured once (``dtype``: bf16, fp16 or fp32), reported on each of ``profiles``; and the
+    measurement."""
+    with measuring_node(profiles[0]):
+        measured = measure(example, TORCH_DTYPES[dtype], train)
+    return [report(measured, p, dtype) for p in profiles], measured

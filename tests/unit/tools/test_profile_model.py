@@ -5,6 +5,7 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
 
 from maia_serving.cli.main import main
 from maia_serving.emulator.hardware import load_profile
@@ -75,7 +76,7 @@ def test_a_model_that_does_not_fit_says_what_it_needs_and_what_to_try():
 
     tiny = replace(load_profile("maia100"), hbm_capacity_bytes=float(2**20))
     with tool.measuring_node(load_profile("maia100")):
-        measured = tool.measure(builtin("vit-tiny-16").build(8, 32), tool.DTYPES["fp32"])
+        measured = tool.measure(builtin("vit-tiny-16").build(8, 32), torch.float32)
     report = tool.report(measured, tiny, "fp32")
     assert not report.fits
     assert "needs" in report.error and "1.00 MiB" in report.error
