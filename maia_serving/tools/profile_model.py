@@ -9,9 +9,7 @@ too large for a profile is measured, not cut short, and told what would fit.
 from __future__ import annotations
 
 import contextlib
-import gc
 import importlib
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -114,25 +112,13 @@ def _first_tensor(value: Any) -> torch.Tensor:
     return next(v for v in items if isinstance(v, torch.Tensor))
 
 
-@contextlib.contextmanager
-def measuring_node(profile: DeviceProfile) -> Iterator[None]:
+def measuring_node(profile: DeviceProfile) -> contextlib.AbstractContextManager[DeviceProfile]:
     """The maia node sized as ``profile`` but with room for whatever the host holds: the run measures the peak
     rather than stop at a capacity, and each profile's capacity is compared with it afterwards. The node is
-    sized as it was before, after."""
+    sized as it was before, after (``measure`` hands the module back on the CPU)."""
     import maia_serving.torch as maia
-    from maia_serving.torch import backend
 
-    before = backend.profile()
-    maia.set_profile(replace(profile, hbm_capacity_bytes=float(2**50)))
-    try:
-        yield
-    except BaseException:
-        gc.collect()
-        with contextlib.suppress(RuntimeError):  # a failed run's tensors may live on in its traceback
-            maia.set_profile(before)
-        raise
-    gc.collect()  # the run's tensors (measure() hands the module back on the CPU) before the node is resized
-    maia.set_profile(before)
+    return maia.sized_as(replace(profile, hbm_capacity_bytes=float(2**50)))
 
 
 def measure(example: Example, dtype: torch.dtype, train: bool = False) -> Measured:

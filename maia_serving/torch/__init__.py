@@ -14,7 +14,10 @@ host's CPU kernel on the same memory.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import sys
+from collections.abc import Iterator
 
 from maia_serving.emulator.hardware import DeviceProfile
 from maia_serving.torch.backend import MaiaSetupError, enable
@@ -38,9 +41,29 @@ def set_profile(profile: str | DeviceProfile) -> None:
     configure(load_profile(profile) if isinstance(profile, str) else profile)
 
 
+@contextlib.contextmanager
+def sized_as(profile: str | DeviceProfile) -> Iterator[DeviceProfile]:
+    """The node sized as ``profile`` inside the block, as it was before after it (each is ``set_profile``, so no
+    maia tensor may be alive at either end: the block's own are collected first). Where the block raised, a
+    tensor its traceback still holds leaves the node as the block had it, and the block's error is the one seen."""
+    from maia_serving.torch import backend
+
+    before = backend.profile()
+    set_profile(profile)
+    try:
+        yield backend.profile()
+    except BaseException:
+        gc.collect()
+        with contextlib.suppress(RuntimeError):
+            set_profile(before)
+        raise
+    gc.collect()
+    set_profile(before)
+
+
 from maia_serving.torch.pricing import clock_s  # noqa: E402
 
 if not _in_torch_import():
     enable()
 
-__all__ = ["MaiaSetupError", "clock_s", "enable", "profile", "set_profile"]
+__all__ = ["MaiaSetupError", "clock_s", "enable", "profile", "set_profile", "sized_as"]

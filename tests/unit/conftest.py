@@ -41,15 +41,12 @@ def host_kernel(request) -> str:
 # The maia torch device's nodes (tests/unit/torch), imported when asked for: the SGLang environment runs these
 # fixtures' folder beside its engine's tests.
 def _node(profile):
-    """The maia torch device sized from ``profile`` (a name or a DeviceProfile) for one test, maia200 after it."""
+    """The maia torch device sized from ``profile`` (a name or a DeviceProfile) for one test, as before after it."""
     import maia_serving.torch as maia_torch
-    from maia_serving.emulator.hardware import load_profile
 
-    gc.collect()
-    maia_torch.set_profile(profile)
-    yield load_profile(profile) if isinstance(profile, str) else profile
-    gc.collect()
-    maia_torch.set_profile("maia200")
+    gc.collect()  # what an earlier test left to the collector
+    with maia_torch.sized_as(profile) as sized:
+        yield sized
 
 
 @pytest.fixture

@@ -46,3 +46,23 @@ def test_a_chip_index_past_the_node_in_every_device_api():
     with pytest.raises(ValueError, match="expected a maia device, got cpu"):
         torch.maia.memory_allocated("cpu")
     still_usable()
+
+
+def test_a_block_that_fails_inside_sized_as_shows_its_own_error():
+    """The node cannot be resized while the failed block's tensor lives on in the traceback: the block's error is
+    the one raised, not the resize's; once that tensor is gone the node is resized as usual."""
+    from maia_serving.torch import backend, sized_as
+
+    def fail_holding_a_tensor() -> None:
+        held = torch.ones(4, device="maia")  # noqa: F841 (kept alive by this frame, in the traceback)
+        raise ValueError("the block's own")
+
+    before = backend.profile().name
+    with pytest.raises(ValueError, match="the block's own"):
+        with sized_as("maia100") as node:
+            assert node.name == "maia100"
+            fail_holding_a_tensor()
+    assert backend.profile().name == "maia100"  # the failed block's node, as documented
+    with sized_as("h100-sxm"):
+        still_usable()
+    maia_serving.torch.set_profile(before)
