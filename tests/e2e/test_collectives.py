@@ -111,7 +111,7 @@ def _delta(before: dict[str, float], after: dict[str, float], name: str, **label
 def test_parallel_ranks_compute_what_the_checkpoint_does(parallel_server, demo_model):
     """Each greedy token is transformers' best on the checkpoint, up to a tie (tests/utils/greedy_reference.py)."""
     _, server, _ = parallel_server
-    assert_computes_the_checkpoint(served_greedy(server.url), demo_model)
+    assert_computes_the_checkpoint(served_greedy(server), demo_model)
 
 
 def test_each_step_charges_the_collectives_the_engine_performed(parallel_server, demo_model):

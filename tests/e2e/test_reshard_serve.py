@@ -54,7 +54,7 @@ def _greedy(model, log, tp: int, pp: int, *extra: str) -> list[tuple[list[int], 
         *extra,
     )
     with Server(cmd, port, log, env=_env(tp, pp)) as server:
-        return served_greedy(server.url)
+        return served_greedy(server)
 
 
 def _tied_sibling(demo_model, out):

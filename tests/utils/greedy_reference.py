@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tests.utils.e2e import openai_client
+from tests.utils.launch import Server
+
 # Two log-probabilities closer than this are a tie: the server (BF16, its ranks' sums in their own order) may
 # pick either.
 TIE_NATS = 0.02
@@ -20,11 +23,9 @@ PROMPTS = ["def main():", "import sys", "class Foo:"]
 MAX_TOKENS = 12
 
 
-def served_greedy(url: str, model: str = "demo") -> list[tuple[list[int], list[int]]]:
+def served_greedy(server: Server, model: str = "demo") -> list[tuple[list[int], list[int]]]:
     """Per prompt, the server's prompt token ids and its greedy completion's (both engines return them)."""
-    from openai import OpenAI
-
-    client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    client = openai_client(server)
     out = []
     for prompt in PROMPTS:
         choice = client.completions.create(
