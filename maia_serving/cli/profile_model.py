@@ -29,8 +29,8 @@ class ProfileModel(Subcommand):
             "--model",
             required=True,
             help="a built-in model (yolov8n, yolov8s, yolov8m, yolov8l, yolov8x, vit-tiny-16, vit-base-16, "
-            "vit-large-16, unet-tiny, unet-sd15, llama-tiny, llama-3-8b) or module:callable returning "
-            "(nn.Module, example input)",
+            "vit-large-16, unet-tiny, unet-sd15, llama-tiny, llama-3-8b), an .onnx file, or module:callable "
+            "returning (nn.Module, example input)",
         )
         p.add_argument("--profile", nargs="+", default=DEFAULT_PROFILES, help="device profiles to price on")
         p.add_argument("--batch-size", type=int, default=1)
@@ -45,10 +45,18 @@ class ProfileModel(Subcommand):
         p.add_argument("--json", action="store_true", help="one object per profile")
         p.add_argument("--trace", metavar="FILE", help="the run's operators as a Chrome trace (Perfetto)")
         p.add_argument("--plot", metavar="FILE", help="per-operator time on each profile, as a picture")
+        p.add_argument(
+            "--save-outputs",
+            metavar="FILE.npz",
+            help="the outputs on maia (float32, by output name) with the inputs they came from, to compare with "
+            "another runtime's",
+        )
 
     def run(self, args: argparse.Namespace) -> int:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size {args.batch_size}: at least 1")
+        if args.train and args.model.endswith(".onnx"):
+            raise ValueError("--train: an ONNX file holds an inference graph; train a built-in or module:callable")
         profiles = [load_profile(name) for name in args.profile]  # an unknown one fails before the model is built
         from maia_serving.tools import profile_model as tool
 
@@ -58,6 +66,8 @@ class ProfileModel(Subcommand):
         reports, measured = tool.profile_model(example, profiles, args.dtype, args.train)
         if args.trace:
             measured.block.export_chrome_trace(args.trace)
+        if args.save_outputs:
+            tool.save_outputs(Path(args.save_outputs), example, measured)
         if args.plot:
             _plot(reports, Path(args.plot))
         if args.json:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,7 +68,14 @@ class ProfileReport:
 
 
 def load_example(spec: str, batch: int, shape: int | None) -> Example:
-    """A built-in name, or ``module:callable`` returning ``(module, inputs)`` (inputs: a tensor or a tuple)."""
+    """A built-in name, an ONNX file, or ``module:callable`` returning ``(module, inputs)`` (inputs: a tensor or a
+    tuple)."""
+    if spec.endswith(".onnx"):
+        from maia_serving import onnx_import
+
+        graph = onnx_import.load(spec)
+        inputs, batch = onnx_import.example_inputs(graph, batch, shape)
+        return Example(graph.eval(), inputs, "inputs", batch)
     if ":" not in spec:
         return builtin(spec).build(batch, shape)
     module_name, _, attr = spec.partition(":")
@@ -157,6 +165,28 @@ def _run(module: nn.Module, example: Example, dtype: torch.dtype, train: bool) -
     with torch.no_grad():  # the copy keeps no graph: its AccumulateGrad nodes would hold the maia parameters
         on_host = _to(outputs, "cpu", torch.float32)
     return Measured(block, peak, resident, on_host, example.unit, example.batch)
+
+
+def save_outputs(path: Path, example: Example, measured: Measured) -> None:
+    """``--save-outputs``: the run's outputs as named float32 arrays (an ONNX graph's by its output names, a model
+    output's by its fields, others ``output`` or ``output_0``, ``output_1``...) and the inputs they came from
+    (``input:NAME``), in one ``.npz``: what another runtime's outputs are compared with."""
+    import numpy as np
+
+    names = getattr(example.module, "output_names", None)
+    value = measured.outputs
+    if isinstance(value, torch.Tensor):
+        items = [(names[0] if names else "output", value)]
+    elif isinstance(value, dict):  # transformers' and diffusers' outputs are dicts
+        items = [(str(k), v) for k, v in value.items()]
+    else:
+        items = [(names[i] if names else f"output_{i}", v) for i, v in enumerate(value)]
+    arrays = {k: v.numpy() for k, v in items if isinstance(v, torch.Tensor)}
+    input_names = getattr(example.module, "input_names", None) or [f"{i}" for i in range(len(example.inputs))]
+    for name, given in zip(input_names, example.inputs, strict=True):
+        arrays[f"input:{name}"] = (given.float() if given.is_floating_point() else given).numpy()
+    with path.open("wb") as file:  # np.savez would add ".npz" to a name without it
+        np.savez(file, **arrays)
 
 
 def _where(top: list[TopOp], latency_s: float) -> str:

@@ -26,8 +26,9 @@ ALLOWED = {name: set(FLOORS[:i]) for i, name in enumerate(FLOORS)} | {
     "torch": {"formats", "envs", "emulator"},  # the torch device: a third way into the one cost model
     "torch_autoload": {"envs", "torch"},  # PyTorch's entry point into it
     "zoo": set(),  # the built-in models of `profile`: their libraries' classes, nothing of ours
+    "onnx_import": set(),  # ONNX graphs as torch modules: onnx and torch, nothing of ours
 }
-ALLOWED["tools"] |= {"torch", "zoo"}  # `profile` runs a model on the torch device
+ALLOWED["tools"] |= {"torch", "zoo", "onnx_import"}  # `profile` runs a model on the torch device
 # Third-party imports a room may never make, even lazily.
 FORBIDDEN = {
     "formats": ENGINES + TORCH + ("numpy", "yaml"),
@@ -38,6 +39,7 @@ FORBIDDEN = {
     "torch": ENGINES,
     "torch_autoload": ENGINES + TORCH,  # runs inside `import torch`: nothing of it at the top
     "zoo": ENGINES,
+    "onnx_import": ENGINES,
     "cli": ENGINES + TORCH,  # the verbs' modules load torch only when they run
 }
 

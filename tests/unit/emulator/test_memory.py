@@ -13,6 +13,7 @@ from maia_serving.emulator import (
 )
 from maia_serving.emulator.memory import (
     SGLANG_FLAGS,
+    kv_bits_per_value,
     kv_bytes_per_sequence,
     kv_bytes_per_token,
     suggest,
@@ -254,3 +255,35 @@ def test_fp8_is_suggested_only_where_it_is_smaller_and_says_by_how_much(llama8b,
     for kv in ("mxfp4", "fp8"):  # never up from a smaller format, nor to itself
         tips = suggest(llama8b, maia100, dataclasses.replace(config, kv_cache_dtype=kv, max_model_len=2_000_000))
         assert not any("--kv-cache-dtype" in tip for tip in tips)
+
+
+@pytest.mark.parametrize(
+    "kv_cache_dtype,bits",
+    [
+        ("auto", 16),  # the model's BF16
+        ("fp8", 8),
+        # OCP MX v1.0: one 8-bit E8M0 scale per 32 values
+        ("mxfp8", 8 + 8 / 32),
+        ("mxfp6", 6 + 8 / 32),
+        ("mxfp4", 4 + 8 / 32),
+        ("nvfp4", 4 + 8 / 16),  # NVIDIA's NVFP4: an FP8 E4M3 scale per 16 values
+    ],
+)
+def test_bits_a_stored_kv_value_costs_scales_included(llama70b, kv_cache_dtype, bits):
+    """At head_dim 128 the blocks divide the row: no padding."""
+    assert kv_bits_per_value(llama70b, ServingConfig(kv_cache_dtype=kv_cache_dtype)) == bits
+
+
+def test_a_row_that_blocks_do_not_divide_pays_its_padding(llama70b):
+    """A head of 80 values holds three MXFP4 blocks (96 values' worth of codes) and three scales."""
+    model = dataclasses.replace(llama70b, head_dim=80)
+    assert kv_bits_per_value(model, ServingConfig(kv_cache_dtype="mxfp4")) == (96 * 4 + 3 * 8) / 80
+
+
+def test_mla_stores_its_latent_row():
+    """An MLA row is the latent and the rope key, not a head: a 456 + 64 = 520-value row holds 17 MXFP4 blocks
+    (544 values' codes, 17 scales), where a head of DeepSeek-V2-Lite's would divide evenly."""
+    model = load_model_shape("deepseek-v2-lite")
+    model = dataclasses.replace(model, mla=dataclasses.replace(model.mla, kv_lora_rank=456))
+    assert model.head_dim % 32 == 0
+    assert kv_bits_per_value(model, ServingConfig(kv_cache_dtype="mxfp4")) == (544 * 4 + 17 * 8) / 520
