@@ -40,7 +40,13 @@ class ProfileModel(Subcommand):
             metavar="N",
             help="built-in models: the image side in pixels, or the sequence length (default: the model's own)",
         )
-        p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+        p.add_argument(
+            "--dtype",
+            choices=["bf16", "fp16", "fp32", "fp8"],
+            default="bf16",
+            help="fp8: linear and convolution layers in FP8 E4M3 (per-tensor scales, as vLLM's --quantization fp8), "
+            "the rest BF16; reports its output error against BF16",
+        )
         p.add_argument("--train", action="store_true", help="a training step: forward, backward, AdamW")
         p.add_argument("--json", action="store_true", help="one object per profile")
         p.add_argument("--trace", metavar="FILE", help="the run's operators as a Chrome trace (Perfetto)")
@@ -97,6 +103,13 @@ def _print(args: argparse.Namespace, reports: list[Any], measured: Any) -> None:
     for r in reports:
         if r.error:
             print(f"{r.profile}: does not fit: {r.error}")
+    error = reports[0].fp8_error
+    if error is not None:
+        top1 = "" if error.top1_agreement is None else f", top-1 agreement {error.top1_agreement:.1%}"
+        print(
+            f"FP8 against BF16 on this input: largest difference {error.max_rel:.2%} of the largest output, "
+            f"mean difference {error.mean_rel:.2%} of the mean magnitude{top1}"
+        )
     first = reports[0]
     print(f"\nTop operators on {first.profile} ({first.flops / 1e9:.4g} GFLOP, {format_bytes(first.bytes)} moved):")
     rows = [["operator", "calls", "time", "share", "bound"]]

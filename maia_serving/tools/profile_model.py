@@ -20,6 +20,7 @@ from torch import nn
 from maia_serving.emulator.hardware import DeviceProfile
 from maia_serving.formats.units import format_bytes, format_seconds
 from maia_serving.ops.fp8 import TORCH_DTYPES
+from maia_serving.tools.fp8_model import Fp8Error, compare, to_fp8
 from maia_serving.zoo import Example, builtin
 
 TOP_OPS = 10
@@ -62,6 +63,7 @@ class ProfileReport:
     bytes: float
     top_ops: list[TopOp]
     where: str
+    fp8_error: Fp8Error | None = None  # --dtype fp8: its outputs against BF16's on the same input
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,10 +131,11 @@ def measuring_node(profile: DeviceProfile) -> contextlib.AbstractContextManager[
     return maia.sized_as(replace(profile, hbm_capacity_bytes=float(2**50)))
 
 
-def measure(example: Example, dtype: torch.dtype, train: bool = False) -> Measured:
-    """Run ``example`` once on maia:0 (forward; with ``train``, forward, backward and an AdamW step); the module
+def measure(example: Example, dtype: torch.dtype, train: bool = False, cast: bool = True) -> Measured:
+    """Run ``example`` once on maia:0 (forward; with ``train``, forward, backward and an AdamW step) with its
+    inputs in ``dtype``, and its module too unless ``cast`` is False (an FP8 module keeps its codes); the module
     is back on the CPU afterwards."""
-    module = example.module.to(dtype).to("maia")
+    module = (example.module.to(dtype) if cast else example.module).to("maia")
     try:
         return _run(module, example, dtype, train)
     finally:
@@ -210,6 +213,8 @@ def _shortfall(measured: Measured, profile: DeviceProfile, dtype: str) -> str:
         hint.append("the weights alone do not fit")
     if dtype == "fp32":
         hint.append("--dtype bf16 halves the weights and activations")
+    elif dtype in ("bf16", "fp16"):
+        hint.append("--dtype fp8 halves the linear and convolution weights")
     return (
         f"needs {format_bytes(need)} at its peak ({format_bytes(measured.resident_bytes)} resident), "
         f"{profile.name} has {format_bytes(capacity)}" + (f": {'; '.join(hint)}" if hint else "")
@@ -243,8 +248,19 @@ def report(measured: Measured, profile: DeviceProfile, dtype: str) -> ProfileRep
 def profile_model(
     example: Example, profiles: list[DeviceProfile], dtype: str = "bf16", train: bool = False
 ) -> tuple[list[ProfileReport], Measured]:
-    """``example`` measured once (``dtype``: bf16, fp16 or fp32), reported on each of ``profiles``; and the
+    """``example`` measured once (``dtype``: bf16, fp16, fp32, or fp8: its linear and convolution layers in FP8,
+    measured after a BF16 run whose outputs it is compared with), reported on each of ``profiles``; and the
     measurement."""
+    error = None
     with measuring_node(profiles[0]):
-        measured = measure(example, TORCH_DTYPES[dtype], train)
-    return [report(measured, p, dtype) for p in profiles], measured
+        if dtype == "fp8":
+            if train:
+                raise ValueError("--dtype fp8 prices inference: FP8 training is not modelled (use --dtype bf16)")
+            reference = measure(example, torch.bfloat16)
+            if not to_fp8(example.module):
+                raise ValueError("--dtype fp8: the model has no nn.Linear or nn.Conv layer to run in FP8")
+            measured = measure(example, torch.bfloat16, cast=False)
+            error = compare(reference.outputs, measured.outputs, example.scores)
+        else:
+            measured = measure(example, TORCH_DTYPES[dtype], train)
+    return [replace(report(measured, p, dtype), fp8_error=error) for p in profiles], measured

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +25,9 @@ class Example:
     inputs: tuple[torch.Tensor, ...]
     unit: str
     batch: int
+    # The class scores in the model's output, classes on the last axis (``--dtype fp8``'s top-1 agreement);
+    # None for a model without (a UNet's noise).
+    scores: Callable[[Any], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -38,12 +42,24 @@ class BuiltIn:
     source: str = ""
 
 
-def image_example(module: Callable[[int], nn.Module], batch: int, side: int, multiple: int, what: str) -> Example:
+def image_example(
+    module: Callable[[int], nn.Module],
+    batch: int,
+    side: int,
+    multiple: int,
+    what: str,
+    scores: Callable[[Any], torch.Tensor] | None = None,
+) -> Example:
     """An image model at ``batch`` random RGB images of ``side`` pixels (``module(side)`` builds it), the side a
     multiple of what its strides or patches take."""
     if side % multiple:
         raise ValueError(f"{what} takes images whose side is a multiple of {multiple}, not {side}")
-    return Example(module(side), (torch.rand(batch, 3, side, side),), "images", batch)
+    return Example(module(side), (torch.rand(batch, 3, side, side),), "images", batch, scores)
+
+
+def logits(output: Any) -> torch.Tensor:
+    """A transformers model's class or token scores."""
+    return output["logits"]
 
 
 def _registry() -> dict[str, BuiltIn]:

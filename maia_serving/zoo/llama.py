@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from maia_serving.zoo import BuiltIn, Example
+from maia_serving.zoo import BuiltIn, Example, logits
 
 TINY = {
     "model_type": "llama",
@@ -47,7 +47,7 @@ def builtins() -> list[BuiltIn]:
         def make(batch: int, shape: int | None) -> Example:
             config = config_of(name)
             tokens = torch.randint(0, config["vocab_size"], (batch, shape or 128))
-            return Example(build_llama(config), (tokens,), "sequences", batch)
+            return Example(build_llama(config), (tokens,), "sequences", batch, logits)
 
         return make
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from maia_serving.zoo import BuiltIn, Example, image_example
+from maia_serving.zoo import BuiltIn, Example, image_example, logits
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def builtins() -> list[BuiltIn]:
     def build(size: VitSize) -> Callable[[int, int | None], Example]:
         def make(batch: int, shape: int | None) -> Example:
             return image_example(
-                lambda side: build_vit(size, side), batch, shape or 224, 16, "a ViT of 16-pixel patches"
+                lambda side: build_vit(size, side), batch, shape or 224, 16, "a ViT of 16-pixel patches", logits
             )
 
         return make

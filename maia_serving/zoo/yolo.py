@@ -198,10 +198,16 @@ class YoloV8(nn.Module):
 PUBLISHED = {"n": 3_157_200, "s": 11_166_560, "m": 25_902_640, "l": 43_691_520, "x": 68_229_648}
 
 
+def class_scores(output: torch.Tensor) -> torch.Tensor:
+    """Each anchor's 80 class scores (the detector's output is 4 box coordinates, then the classes, per
+    anchor)."""
+    return output[:, 4:, :].transpose(1, 2)
+
+
 def builtins() -> list[BuiltIn]:
     def build(size: str) -> Callable[[int, int | None], Example]:
         def make(batch: int, shape: int | None) -> Example:
-            return image_example(lambda _: YoloV8(size).eval(), batch, shape or 640, 32, "YOLOv8")
+            return image_example(lambda _: YoloV8(size).eval(), batch, shape or 640, 32, "YOLOv8", class_scores)
 
         return make
 

@@ -39,9 +39,17 @@ at::Tensor convolution(const at::Tensor& input, const at::Tensor& weight, const 
   const auto device = chip_of({&input, &weight}, "convolution");
   check_dtype(input.scalar_type(), "aten::convolution");
   Span span("aten::convolution", device);
-  auto out = at::convolution_symint(on_host(input), on_host(weight), on_host(bias), stride, padding, dilation,
-                                    transposed, output_padding, groups);
-  out = on_chip(out, device);
+  // FP8 E4M3/E5M2 operands (maia_serving.tools.fp8_model): the chip's FP8 convolution accumulates in FP32 and
+  // writes BF16, its caller applying the scales; the host has no FP8 convolution, so it computes in FP32. The
+  // record keeps the FP8 operands: the convolution is priced at the FP8 peak, its operands at a byte each.
+  const bool fp8 = c10::isFloat8Type(input.scalar_type());
+  TORCH_CHECK(!fp8 || !(bias && bias->defined()),
+              "aten::convolution in FP8 on maia: add the bias after the scales, not in the call");
+  auto host_input = fp8 ? on_host(input).to(at::kFloat) : on_host(input);
+  auto host_weight = fp8 ? on_host(weight).to(at::kFloat) : on_host(weight);
+  auto out = at::convolution_symint(host_input, host_weight, on_host(bias), stride, padding, dilation, transposed,
+                                    output_padding, groups);
+  out = on_chip(fp8 ? out.to(at::kBFloat16) : out, device);
   span.args({meta_of(input), meta_of(weight), meta_opt(bias), C10_AS_INTARRAYREF_SLOW(stride).vec(),
              C10_AS_INTARRAYREF_SLOW(padding).vec(), C10_AS_INTARRAYREF_SLOW(dilation).vec(), transposed,
              C10_AS_INTARRAYREF_SLOW(output_padding).vec(), groups.expect_int()});
@@ -145,7 +153,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpa_backward(
   return {gq, gk, gv, at::Tensor()};
 }
 
+// FP8 E4M3 codes of x and their per-tensor scale (its absolute maximum over 448; 1 where all are zero), as
+// vLLM's dynamic per-tensor FP8 quantization runs it: one kernel reduces to the scale, a second writes the codes;
+// each is recorded as what it reads and writes. Computed in FP32 on the host.
+std::tuple<at::Tensor, at::Tensor> quantize_fp8(const at::Tensor& x) {
+  const auto device = chip_of({&x}, "quantize_fp8");
+  const auto host = on_host(x).to(at::kFloat);
+  at::Tensor scale;
+  {
+    Span span("maia::fp8_amax", device);
+    const auto amax = host.abs().max();
+    scale = on_chip(at::where(amax > 0, amax / 448.0, at::ones_like(amax)), device);
+    span.args({meta_of(x)});
+    span.outputs({meta_of(scale)});
+  }
+  Span span("maia::fp8_quantize", device);
+  auto codes = on_chip((host / on_host(scale)).to(at::kFloat8_e4m3fn), device);
+  span.args({meta_of(x), meta_of(scale)});
+  span.outputs({meta_of(codes)});
+  return {codes, scale};
+}
+
 }  // namespace
+
+TORCH_LIBRARY(maia_fp8, m) { m.def("quantize(Tensor x) -> (Tensor codes, Tensor scale)"); }
+
+TORCH_LIBRARY_IMPL(maia_fp8, PrivateUse1, m) { m.impl("quantize", quantize_fp8); }
 
 TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
   m.impl("convolution_overrideable", convolution);

@@ -22,6 +22,7 @@ KEYS = {
     "bytes",
     "top_ops",
     "where",
+    "fp8_error",
 }
 
 
