@@ -48,6 +48,12 @@ class ProfileModel(Subcommand):
             "the rest BF16; reports its output error against BF16",
         )
         p.add_argument("--train", action="store_true", help="a training step: forward, backward, AdamW")
+        p.add_argument(
+            "--meta",
+            action="store_true",
+            help="shapes only: build the model on PyTorch's meta device and record its forward without running it "
+            "(no host memory, no outputs): for models the host cannot hold",
+        )
         p.add_argument("--json", action="store_true", help="one object per profile")
         p.add_argument("--trace", metavar="FILE", help="the run's operators as a Chrome trace (Perfetto)")
         p.add_argument("--plot", metavar="FILE", help="per-operator time on each profile, as a picture")
@@ -61,15 +67,20 @@ class ProfileModel(Subcommand):
     def run(self, args: argparse.Namespace) -> int:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size {args.batch_size}: at least 1")
+        if args.meta and (args.trace or args.save_outputs):
+            raise ValueError("--meta runs nothing: --trace and --save-outputs need a run (drop --meta)")
         if args.train and args.model.endswith(".onnx"):
             raise ValueError("--train: an ONNX file holds an inference graph; train a built-in or module:callable")
         profiles = [load_profile(name) for name in args.profile]  # an unknown one fails before the model is built
         from maia_serving.tools import profile_model as tool
 
         _progress(f"building {args.model} (batch {args.batch_size})")
-        example = tool.load_example(args.model, args.batch_size, args.input_shape)
-        _progress(f"running it once on maia in {args.dtype}{' (a training step)' if args.train else ''}")
-        reports, measured = tool.profile_model(example, profiles, args.dtype, args.train)
+        example = tool.load_example(args.model, args.batch_size, args.input_shape, args.meta)
+        if args.meta:
+            _progress(f"recording its forward on the meta device in {args.dtype}")
+        else:
+            _progress(f"running it once on maia in {args.dtype}{' (a training step)' if args.train else ''}")
+        reports, measured = tool.profile_model(example, profiles, args.dtype, args.train, args.meta)
         if args.trace:
             measured.block.export_chrome_trace(args.trace)
         if args.save_outputs:

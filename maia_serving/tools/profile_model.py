@@ -69,9 +69,14 @@ class ProfileReport:
         return asdict(self)
 
 
-def load_example(spec: str, batch: int, shape: int | None) -> Example:
+def load_example(spec: str, batch: int, shape: int | None, meta: bool = False) -> Example:
     """A built-in name, an ONNX file, or ``module:callable`` returning ``(module, inputs)`` (inputs: a tensor or a
-    tuple)."""
+    tuple); with ``meta``, built on PyTorch's meta device (shapes only, no memory)."""
+    if meta:
+        if spec.endswith(".onnx"):
+            raise ValueError("--meta: an ONNX file's weights are in the file; profile it without --meta")
+        with torch.device("meta"):
+            return load_example(spec, batch, shape)
     if spec.endswith(".onnx"):
         from maia_serving import onnx_import
 
@@ -192,6 +197,21 @@ def save_outputs(path: Path, example: Example, measured: Measured) -> None:
         np.savez(file, **arrays)
 
 
+def measure_meta(example: Example, dtype: torch.dtype) -> Measured:
+    """``example`` (built on the meta device) recorded as the maia device would run its forward, without running
+    it: the operators and the peak memory, no outputs."""
+    from maia_serving.torch.meta import meta_profile
+
+    module = example.module.to(dtype)
+    inputs = _to(example.inputs, "meta", dtype)
+    held = [*module.parameters(), *module.buffers(), *(t for t in inputs if isinstance(t, torch.Tensor))]
+    storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in held}
+    resident = sum(storages.values())
+    with torch.no_grad(), meta_profile(resident) as run:
+        module(*inputs)
+    return Measured(run, run.peak_bytes, resident, None, example.unit, example.batch)
+
+
 def _where(top: list[TopOp], latency_s: float) -> str:
     """One line: the leading operators' shares and what bounds them."""
     if not top:
@@ -246,11 +266,16 @@ def report(measured: Measured, profile: DeviceProfile, dtype: str) -> ProfileRep
 
 
 def profile_model(
-    example: Example, profiles: list[DeviceProfile], dtype: str = "bf16", train: bool = False
+    example: Example, profiles: list[DeviceProfile], dtype: str = "bf16", train: bool = False, meta: bool = False
 ) -> tuple[list[ProfileReport], Measured]:
     """``example`` measured once (``dtype``: bf16, fp16, fp32, or fp8: its linear and convolution layers in FP8,
-    measured after a BF16 run whose outputs it is compared with), reported on each of ``profiles``; and the
-    measurement."""
+    measured after a BF16 run whose outputs it is compared with; ``meta``: an example built on the meta device,
+    its forward recorded, not run), reported on each of ``profiles``; and the measurement."""
+    if meta:
+        if train or dtype == "fp8":
+            raise ValueError(f"--meta records a forward in bf16, fp16 or fp32, not {'--train' if train else 'fp8'}")
+        measured = measure_meta(example, TORCH_DTYPES[dtype])
+        return [report(measured, p, dtype) for p in profiles], measured
     error = None
     with measuring_node(profiles[0]):
         if dtype == "fp8":

@@ -60,6 +60,30 @@ class OpSummary:
         return pricing.bound(self.compute_s, self.memory_s, self.link_s, self.launch_s)
 
 
+def summarize(prices: list[OpPrice], calls: list[int], host_s: list[float]) -> list[OpSummary]:
+    """Signatures' prices (each run ``calls`` times, taking ``host_s`` on the host in all) summed per operator,
+    most emulated time first."""
+    by_op: dict[str, list[tuple[OpPrice, int, float]]] = defaultdict(list)
+    for price, n, h in zip(prices, calls, host_s, strict=True):
+        by_op[price.op].append((price, n, h))
+    summaries = [
+        OpSummary(
+            op=op,
+            calls=sum(n for _, n, _ in rows),
+            time_s=sum(n * p.time_s for p, n, _ in rows),
+            flops=sum(n * p.flops for p, n, _ in rows),
+            bytes=sum(n * p.bytes for p, n, _ in rows),
+            host_s=sum(h for _, _, h in rows),
+            compute_s=sum(n * p.compute_s for p, n, _ in rows),
+            memory_s=sum(n * p.memory_s for p, n, _ in rows),
+            link_s=sum(n * p.link_s for p, n, _ in rows),
+            launch_s=sum(n * p.launch_s for p, n, _ in rows),
+        )
+        for op, rows in by_op.items()
+    ]
+    return sorted(summaries, key=lambda s: s.time_s, reverse=True)
+
+
 class profile:  # noqa: N801 (named as torch.profiler.profile, used the same way)
     """Collects every maia operator run inside the block, priced on the device profile."""
 
@@ -108,25 +132,7 @@ class profile:  # noqa: N801 (named as torch.profiler.profile, used the same way
         else:  # a Pricer of its own: the node's prices stay the node's
             pricer = pricing.Pricer(on)
             prices = [pricer.price(pricing.LEDGER.signatures[i]) for i in ids.tolist()]
-        by_op: dict[str, list[tuple[OpPrice, int, float]]] = defaultdict(list)  # (signature, its calls, host s)
-        for price, n, h in zip(prices, calls.tolist(), host_s.tolist(), strict=True):
-            by_op[price.op].append((price, n, h))
-        summaries = [
-            OpSummary(
-                op=op,
-                calls=sum(n for _, n, _ in rows),
-                time_s=sum(n * p.time_s for p, n, _ in rows),
-                flops=sum(n * p.flops for p, n, _ in rows),
-                bytes=sum(n * p.bytes for p, n, _ in rows),
-                host_s=sum(h for _, _, h in rows),
-                compute_s=sum(n * p.compute_s for p, n, _ in rows),
-                memory_s=sum(n * p.memory_s for p, n, _ in rows),
-                link_s=sum(n * p.link_s for p, n, _ in rows),
-                launch_s=sum(n * p.launch_s for p, n, _ in rows),
-            )
-            for op, rows in by_op.items()
-        ]
-        return sorted(summaries, key=lambda s: s.time_s, reverse=True)
+        return summarize(prices, calls.tolist(), host_s.tolist())
 
     def table(self, row_limit: int = 20) -> str:
         """The per-operator table, as ``torch.profiler``'s ``key_averages().table()`` prints one."""
