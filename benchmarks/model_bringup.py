@@ -79,7 +79,7 @@ def sweep(name: str, shape: int | None, max_batch: int, dtype: str) -> list[Row]
                 chosen.throughput_per_s,
                 max(fitting, default=0),
                 chosen.peak_memory_bytes / 2**30,
-                chosen.where.partition(": ")[2],
+                chosen.where,
             )
         )
     return rows

@@ -107,7 +107,7 @@ def _print(args: argparse.Namespace, reports: list[Any], measured: Any) -> None:
                 format_bytes(r.hbm_bytes),
                 format_seconds(r.latency_ms / 1e3),
                 f"{r.throughput_per_s:.4g}",
-                r.where.partition(": ")[2],
+                r.where,
             ]
         )
     print(table(rows))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from maia_serving.emulator.hardware import DeviceProfile
-from maia_serving.formats.units import format_bytes, format_seconds
+from maia_serving.formats.units import format_bytes
 from maia_serving.ops.fp8 import TORCH_DTYPES
 from maia_serving.tools.fp8_model import Fp8Error, compare, to_fp8
 from maia_serving.zoo import Example, builtin
@@ -212,12 +212,11 @@ def measure_meta(example: Example, dtype: torch.dtype) -> Measured:
     return Measured(run, run.peak_bytes, resident, None, example.unit, example.batch)
 
 
-def _where(top: list[TopOp], latency_s: float) -> str:
+def _where(top: list[TopOp]) -> str:
     """One line: the leading operators' shares and what bounds them."""
     if not top:
         return "no operator ran on maia"
-    lead = ", ".join(f"{t.op.removeprefix('aten::').partition('.')[0]} {t.share:.0%} ({t.bound})" for t in top[:3])
-    return f"{format_seconds(latency_s)} a step: {lead}"
+    return ", ".join(f"{t.op.removeprefix('aten::').partition('.')[0]} {t.share:.0%} ({t.bound})" for t in top[:3])
 
 
 def _shortfall(measured: Measured, profile: DeviceProfile, dtype: str) -> str:
@@ -261,7 +260,7 @@ def report(measured: Measured, profile: DeviceProfile, dtype: str) -> ProfileRep
         flops=sum(s.flops for s in summaries),
         bytes=sum(s.bytes for s in summaries),
         top_ops=top,
-        where=_where(top, latency),
+        where=_where(top),
     )
 
 

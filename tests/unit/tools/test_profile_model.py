@@ -45,6 +45,8 @@ def test_json_one_object_per_profile_priced_on_each(capsys):
         assert r["throughput_per_s"] == pytest.approx(1 / (r["latency_ms"] / 1e3))
         assert set(r["top_ops"][0]) == {"op", "calls", "time_ms", "share", "bound"}
         assert sum(t["share"] for t in r["top_ops"]) <= 1 + 1e-9
+        lead = r["top_ops"][0]
+        assert r["where"].startswith(f"{lead['op'].removeprefix('aten::').partition('.')[0]} {lead['share']:.0%} (")
     # One run, so the same operators, shapes and memory; the prices are each profile's own.
     maia, h100 = reports
     assert maia["flops"] == h100["flops"] > 0 and maia["peak_memory_bytes"] == h100["peak_memory_bytes"] > 0
