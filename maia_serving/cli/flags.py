@@ -132,6 +132,16 @@ def add_request_rate(p: argparse.ArgumentParser | argparse._MutuallyExclusiveGro
     )
 
 
+def add_max_concurrency(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=None,
+        help="at most this many requests in flight, as vllm bench serve's flag: with the default infinite rate a "
+        "closed loop of N clients, how concurrency sweeps are measured; TTFT counts from when a request is sent",
+    )
+
+
 def add_output_len(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=int, default=None, help="output tokens per request (default 128)")
 

@@ -107,6 +107,7 @@ class Simulate(Subcommand):
             "and prefix_len (see maia_serving/emulator/sim/workload.py)",
         )
         flags.add_seed(p)
+        flags.add_max_concurrency(p)
         flags.add_scheduler_limits(p)
         flags.add_memory_limits(p)
         p.add_argument(
@@ -130,6 +131,8 @@ class Simulate(Subcommand):
 
         model = flags.routed_model(args)
         requests, described = flags.workload(args)
+        if args.max_concurrency is not None:
+            described += f", at most {args.max_concurrency} in flight"
         described += flags.routing_words(model)
         config = replace(
             flags.serving_config(args),
@@ -144,7 +147,9 @@ class Simulate(Subcommand):
         rows, sims = [], []
         for profile in [load_profile(name) for name in args.profile]:  # a misspelt name stops before any run
             try:
-                sim = simulate_device(profile, model, config, requests, args.enable_prefix_caching)
+                sim = simulate_device(
+                    profile, model, config, requests, args.enable_prefix_caching, args.max_concurrency
+                )
             except NotEnoughMemory as exc:
                 rows.append(refused(profile.name, str(exc)))
                 continue

@@ -22,6 +22,11 @@ model, which prices its MoE layers as if every replica ran a batch of the same s
 together through them). The figures cover every request; the step log and KV figures are the first
 replica's, the others' being alike.
 
+A client limit (``--max-concurrency N``, as ``vllm bench serve`` takes it: how concurrency sweeps are measured)
+holds a request back until fewer than N are in flight (sent, not finished): at an infinite rate, a closed loop of
+N clients each sending its next request when its last one ends. A request held back is sent when a slot opens,
+and its TTFT and E2E count from then, as the benchmark's client times them.
+
 With ``--enable-eplb`` the experts start where vLLM's EPLB puts them before it has measured any load (its
 initial map) and are balanced from its first rearrangement on, ``step_interval / 4`` steps into the run
 (``ServingConfig.eplb_first_rearrangement``): a run shorter than that is served by the initial map
@@ -120,12 +125,16 @@ def simulate(
     config: SchedulerConfig,
     device: str = "",
     initial: tuple[int, CostModel] | None = None,
+    max_concurrency: int | None = None,
 ) -> Simulation:
     """Run ``requests`` (sorted by arrival) to completion under vLLM v1's policy, each step priced
     by ``costs``, up to ``costs.parallel.pp`` batches in flight; with ``initial`` (steps, cost model), the
-    first that many steps by that one instead (EPLB's experts before it first rearranges them)."""
+    first that many steps by that one instead (EPLB's experts before it first rearranges them); with
+    ``max_concurrency``, at most that many requests in flight (module docstring)."""
     if any(b.arrival_s < a.arrival_s for a, b in zip(requests, requests[1:])):
         raise ValueError("requests must be sorted by arrival time")
+    if max_concurrency is not None and max_concurrency < 1:
+        raise ValueError(f"--max-concurrency must be >= 1, got {max_concurrency}")
     scheduler = Scheduler(config)
     price = _StepPrices(costs)
     initial_steps, initial_price = (initial[0], _StepPrices(initial[1])) if initial else (0, price)
@@ -144,10 +153,15 @@ def simulate(
     in_flight: deque[tuple[float, ScheduledStep]] = deque()
     now_s = 0.0
     arrived = 0
+    limit = max_concurrency or len(requests)
+    active = 0  # requests sent and not finished
+    opened_s = 0.0  # when a slot last opened under the client's limit
     while arrived < len(requests) or scheduler.has_work:
-        while arrived < len(requests) and requests[arrived].arrival_s <= now_s:
+        while arrived < len(requests) and requests[arrived].arrival_s <= now_s and active < limit:
+            timings[arrived].arrival_s = max(requests[arrived].arrival_s, opened_s)  # sent when a slot opened
             scheduler.add(requests[arrived])
             arrived += 1
+            active += 1
         step = scheduler.schedule() if len(in_flight) < depth and scheduler.has_work else None
         if step and step.request_ids:
             cost = (price if len(start_s) >= initial_steps else initial_price)(step.new_tokens, step.context_lens)
@@ -178,6 +192,10 @@ def simulate(
                     timing.first_token_s = now_s
                 timing.last_token_s = now_s
                 timing.num_output_tokens += 1
+                if timing.num_output_tokens == requests[rid].output_len:
+                    active -= 1
+                    if max_concurrency is not None:
+                        opened_s = now_s
         elif not scheduler.has_work:
             now_s = requests[arrived].arrival_s  # idle until the next arrival
         else:
@@ -211,9 +229,12 @@ def simulate_device(
     serving: ServingConfig,
     requests: list[Request],
     enable_prefix_caching: bool = True,
+    max_concurrency: int | None = None,
 ) -> Simulation:
     """``requests`` served by ``model`` on ``profile`` with ``serving``'s settings, priced by the cost model
-    of the live engines' EmulatedDevice; NotEnoughMemory (the live engines' message) when it does not fit."""
+    of the live engines' EmulatedDevice; NotEnoughMemory (the live engines' message) when it does not fit.
+    ``max_concurrency``: the client's limit on requests in flight, dealt among data-parallel replicas as the
+    requests are."""
     device = EmulatedDevice.fit(profile, model, serving)
     longest = max(r.input_len + r.output_len for r in requests)
     if longest > device.plan.max_model_len:
@@ -241,8 +262,18 @@ def simulate_device(
             ),
         )
     dp = serving.data_parallel_size
+    if max_concurrency is not None and 1 <= max_concurrency < dp:
+        raise ValueError(
+            f"--max-concurrency {max_concurrency} is below --data-parallel-size {dp}: a replica would get none"
+        )
     shares = [requests[i::dp] for i in range(min(dp, len(requests)))]
-    sims = [simulate(share, device.cost_model, config, device=profile.name, initial=initial) for share in shares]
+    limits = [
+        None if max_concurrency is None else max_concurrency // dp + (i < max_concurrency % dp) for i in range(dp)
+    ]
+    sims = [
+        simulate(share, device.cost_model, config, device=profile.name, initial=initial, max_concurrency=limit)
+        for share, limit in zip(shares, limits, strict=False)
+    ]
     return replace(merge_replicas(sims), kv_bytes_per_token=device.plan.kv_bytes_per_token)
 
 

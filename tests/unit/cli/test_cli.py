@@ -6,6 +6,7 @@ import pytest
 
 from maia_serving.cli.main import main
 from maia_serving.emulator import NotEnoughMemory, ServingConfig, load_model_shape, load_profile, require_fit
+from maia_serving.emulator.cost.model import CostModel
 
 
 def test_profiles_table(capsys):
@@ -106,6 +107,18 @@ def test_simulate_prints_a_table_and_kv_use_over_time(capsys):
     out = capsys.readouterr().out
     assert "4 x (128 in, 16 out), all at once" in out and "goodput req/s" in out
     assert "maia200: KV use over" in out
+
+
+def test_simulate_takes_vllm_benchs_max_concurrency(capsys):
+    """One client: every request runs alone, its TTFT one 128-token prefill and the run four requests long."""
+    assert main([*SIMULATE, "--device", "maia100", "--max-concurrency", "1", "--json"]) == 0
+    (alone,) = json.loads(capsys.readouterr().out)
+    prefill = CostModel(load_profile("maia100"), load_model_shape("llama-3-8b")).cost_of((128,), (128,)).total_s
+    assert alone["ttft_ms"]["p50"] == pytest.approx(alone["ttft_ms"]["p99"], rel=1e-9)
+    assert alone["ttft_ms"]["p50"] == pytest.approx(prefill * 1e3, rel=1e-9)
+    assert alone["duration_s"] == pytest.approx(4 * alone["e2e_ms"]["mean"] / 1e3, rel=1e-9)
+    assert main([*SIMULATE, "--device", "maia100", "--max-concurrency", "2"]) == 0
+    assert "4 x (128 in, 16 out), all at once, at most 2 in flight" in capsys.readouterr().out
 
 
 def test_simulate_replays_a_trace(tmp_path, capsys):

@@ -60,6 +60,54 @@ def test_unsorted_requests_are_refused():
         simulate([Request(1.0, 4, 1), Request(0.0, 4, 1)], DyadicCosts(), config())
 
 
+def test_one_client_sends_each_request_when_the_last_ends():
+    """--max-concurrency 1 at an infinite rate: a closed loop of one client. a's prefill (0 -> 0.1875) and
+    decode (-> 0.328125); b is sent then and runs alone the same way; each TTFT is one prefill step, not the
+    wait behind a."""
+    requests = [Request(0.0, 4, 2), Request(0.0, 4, 2)]
+    costs = DyadicCosts()
+    sim = simulate(requests, costs, config(), max_concurrency=1)
+    assert sim.steps.num_seqs == (1, 1, 1, 1)
+    assert sim.steps.start_s == (0.0, 0.1875, 0.328125, 0.515625)
+    a, b = sim.timings
+    assert b.arrival_s == a.last_token_s == 0.328125
+    assert a.ttft_s == b.ttft_s == 0.1875 and a.e2e_s == b.e2e_s == 0.328125
+    unlimited = simulate(requests, DyadicCosts(), config()).timings
+    assert unlimited[1].arrival_s == 0.0 and unlimited[1].ttft_s == 0.1875 + 1 / 16  # prefilled beside a
+
+
+def test_a_client_limit_caps_the_batch_and_a_slot_opens_when_a_request_ends():
+    """Six requests, three clients: the first three prefill together; the fourth is sent when the first of
+    them (the shortest) ends, and TTFT counts from then. No step ever holds more than three."""
+    requests = [Request(0.0, 4, n) for n in (1, 3, 3, 2, 2, 2)]
+    sim = simulate(requests, DyadicCosts(), config(), max_concurrency=3)
+    assert max(sim.steps.num_seqs) == 3 and sim.steps.num_seqs[0] == 3
+    first, _, _, fourth, _, _ = sim.timings
+    assert fourth.arrival_s == first.last_token_s == sim.steps.start_s[1]
+    assert all(t.num_output_tokens == r.output_len for t, r in zip(sim.timings, requests, strict=True))
+
+
+def test_a_limit_as_large_as_the_workload_changes_nothing():
+    requests = [Request(0.0, 4, 2), Request(0.0625, 4, 2), Request(2.0, 4, 1)]
+    free = simulate(requests, DyadicCosts(), config())
+    limited = simulate(requests, DyadicCosts(), config(), max_concurrency=3)
+    assert free.timings == limited.timings and free.steps == limited.steps
+
+
+def test_a_paced_request_held_back_is_sent_when_a_slot_opens_not_when_it_arrived():
+    """b arrives at 0.0625 while a holds the only slot; it is sent at a's end (0.328125), not at its arrival."""
+    sim = simulate([Request(0.0, 4, 2), Request(0.0625, 4, 2)], DyadicCosts(), config(), max_concurrency=1)
+    assert sim.timings[1].arrival_s == 0.328125 and sim.requests[1].arrival_s == 0.0625
+
+
+@pytest.mark.parametrize("limit,dp,message", [(0, 1, "must be >= 1"), (1, 2, "below --data-parallel-size 2")])
+def test_a_bad_client_limit_is_refused(llama8b, maia100, limit, dp, message):
+    with pytest.raises(ValueError, match=message):
+        simulate_device(
+            maia100, llama8b, ServingConfig(data_parallel_size=dp), synthetic(2, 16, 2), max_concurrency=limit
+        )
+
+
 def test_ttft_and_tpot_are_the_sums_of_the_live_cost_models_steps(llama8b, maia100):
     """A's 3000-token prompt in chunks of the 2048-token budget; b's 1000 fit beside a's second chunk; both
     decode; b finishes after one decode and a after two."""
