@@ -178,7 +178,19 @@ class OnnxGraph(nn.Module):
         for index, name in enumerate(sorted(device_constants)):
             self._device_names[name] = f"c{index}"
             self.register_buffer(f"c{index}", constants[name])
-        self._host = constants  # host copies of all, for host nodes and host arguments (never moved)
+        # The host keeps the rest (never moved), and small ones the device holds too: a shape or an axis a host
+        # node reads. A weight is not kept twice.
+        self._host = {
+            name: value
+            for name, value in constants.items()
+            if name not in device_constants or value.numel() <= HOST_CONSTANT_MAX
+        }
+
+    def _constant(self, name: str, on_host: bool) -> torch.Tensor:
+        """A constant where the reader wants it: the host's copy, or the module's buffer (the device's)."""
+        if name not in self._device_names or (on_host and name in self._host):
+            return self._host[name]
+        return getattr(self, self._device_names[name])  # type: ignore[no-any-return]
 
     def _plan_frees(self) -> None:
         last: dict[str, int] = {}
@@ -187,7 +199,7 @@ class OnnxGraph(nn.Module):
                 last[name] = index
         keep = set(self.output_names)
         for name, index in last.items():
-            if name and name not in keep and name not in self._host:
+            if name and name not in keep and name not in self._host and name not in self._device_names:
                 self.nodes[index].frees.append(name)
 
     def float_dtype(self) -> torch.dtype:
@@ -204,9 +216,7 @@ class OnnxGraph(nn.Module):
             if not node.on_host and name in self._host_values and position not in node.op.host_inputs:
                 value = value.to(run.device, dtype=run.dtype if value.is_floating_point() else value.dtype)
             return value
-        if node.on_host or position in node.op.host_inputs or name not in self._device_names:
-            return self._host[name]
-        return getattr(self, self._device_names[name])
+        return self._constant(name, node.on_host or position in node.op.host_inputs)
 
     def forward(self, *inputs: torch.Tensor) -> Any:
         if len(inputs) != len(self.input_names):
@@ -231,7 +241,7 @@ class OnnxGraph(nn.Module):
                     env[name] = value
             for name in node.frees:
                 env.pop(name, None)
-        found = [env[n] if n in env else self._host[n] for n in self.output_names]
+        found = [env[n] if n in env else self._constant(n, on_host=False) for n in self.output_names]
         return found[0] if len(found) == 1 else tuple(found)
 
 
