@@ -220,7 +220,13 @@ def serving_config(args: argparse.Namespace) -> ServingConfig:
 
 
 def workload(args: argparse.Namespace) -> tuple[list[Request], str]:
-    """The requests the flags describe, and a line that names them."""
+    """The requests the flags describe, and a line that names them (with the client's limit on those in flight)."""
+    requests, described = _requests(args)
+    limit = getattr(args, "max_concurrency", None)
+    return requests, described + (f", at most {limit} in flight" if limit is not None else "")
+
+
+def _requests(args: argparse.Namespace) -> tuple[list[Request], str]:
     from maia_serving.emulator.sim.workload import read_trace, synthetic
 
     if getattr(args, "trace", None):

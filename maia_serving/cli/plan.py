@@ -75,6 +75,7 @@ class Plan(Subcommand):
         flags.add_output_len(p)
         flags.add_request_rate(p)
         flags.add_seed(p)
+        flags.add_max_concurrency(p)
         flags.add_scheduler_limits(p)
         flags.add_memory_limits(p, block_size=False)
         p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
@@ -110,7 +111,17 @@ class Plan(Subcommand):
         )
         slo = SLO(args.ttft_slo_ms, args.tpot_slo_ms)
         profiles = [load_profile(name) for name in args.profile]  # a misspelt name stops before any run
-        results = plan(profiles, model, args.num_devices, config, requests, slo, args.enable_prefix_caching, eplb)
+        results = plan(
+            profiles,
+            model,
+            args.num_devices,
+            config,
+            requests,
+            slo,
+            args.enable_prefix_caching,
+            eplb,
+            args.max_concurrency,
+        )
         if args.plot:
             write_plots(Path(args.plot), results, f"{model.name} on {args.num_devices} chips")
         if args.json:

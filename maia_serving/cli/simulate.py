@@ -131,8 +131,6 @@ class Simulate(Subcommand):
 
         model = flags.routed_model(args)
         requests, described = flags.workload(args)
-        if args.max_concurrency is not None:
-            described += f", at most {args.max_concurrency} in flight"
         described += flags.routing_words(model)
         config = replace(
             flags.serving_config(args),

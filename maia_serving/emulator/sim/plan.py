@@ -137,9 +137,10 @@ def evaluate(
     slo: SLO,
     layout: Parallel,
     enable_prefix_caching: bool = True,
+    max_concurrency: int | None = None,
 ) -> LayoutResult:
     """One layout (its all2all backend is ``config``'s) on one device: its rejection, or the simulator's figures
-    for ``requests``."""
+    for ``requests`` (at most ``max_concurrency`` in flight)."""
     tp, pp, dp = layout.tp, layout.pp, layout.dp
     base = LayoutResult(profile.name, topology_name(profile), tp, pp, fits=False, dp=dp, ep=layout.ep, eplb=layout.eplb)
     eplb = layout.eplb is not None
@@ -160,7 +161,7 @@ def evaluate(
         num_redundant_experts=layout.eplb or 0,
     )
     try:
-        sim = simulate_device(profile, model, serving, requests, enable_prefix_caching)
+        sim = simulate_device(profile, model, serving, requests, enable_prefix_caching, max_concurrency)
     except NotEnoughMemory as exc:
         return replace(base, reason=str(exc))
     report = summarize(sim, slo)
@@ -194,15 +195,17 @@ def plan(
     slo: SLO | None = None,
     enable_prefix_caching: bool = True,
     eplb: int | None = None,
+    max_concurrency: int | None = None,
 ) -> list[LayoutResult]:
     """Every layout of ``num_devices`` chips on every profile, ranked (module docstring); no SLO: every request
-    counts. ``eplb``: the expert-parallel layouts' experts placed by EPLB with that many redundant experts."""
+    counts. ``eplb``: the expert-parallel layouts' experts placed by EPLB with that many redundant experts;
+    ``max_concurrency``: the client's limit on requests in flight (``simulate_device``)."""
     slo = slo or SLO()
     if eplb is not None and model.moe is None:
         raise ValueError(f"--enable-eplb balances routed experts; {model.name} has none (a dense model)")
     return ranked(
         [
-            evaluate(profile, model, config, requests, slo, layout, enable_prefix_caching)
+            evaluate(profile, model, config, requests, slo, layout, enable_prefix_caching, max_concurrency)
             for profile in profiles
             for layout in layouts(num_devices, model.moe is not None, eplb)
         ]

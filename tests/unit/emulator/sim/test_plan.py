@@ -126,6 +126,24 @@ def test_plan_json_has_the_fields_of_each_layout(capsys):
     assert {r["device"] for r in rows} == {"maia100", "h100-sxm@pcie"}
 
 
+def test_plan_runs_each_layout_under_the_clients_limit(capsys):
+    """One client: every layout serves the four requests one by one, so its TTFT is one 128-token prefill
+    (the layout's own), not a batch's."""
+    argv = ["plan", "--model", "llama-3-8b", "--device", "maia100", "--num-devices", "2", "--num-prompts", "4"]
+    argv += ["--input-len", "128", "--output-len", "4", "--json"]
+    assert main(argv) == 0
+    batched = {(r["tp"], r["pp"]): r for r in json.loads(capsys.readouterr().out)}
+    assert main([*argv, "--max-concurrency", "1"]) == 0
+    alone = {(r["tp"], r["pp"]): r for r in json.loads(capsys.readouterr().out)}
+    assert alone.keys() == batched.keys()
+    for key, row in alone.items():
+        assert row["ttft_ms"] == pytest.approx(row["ttft_p99_ms"], rel=1e-9)
+        assert row["ttft_ms"] < batched[key]["ttft_ms"]
+        assert row["output_throughput_tok_s"] < batched[key]["output_throughput_tok_s"]
+    assert main([*argv[:-1], "--max-concurrency", "2"]) == 0
+    assert "at most 2 in flight" in capsys.readouterr().out
+
+
 def test_plan_prints_a_table_with_the_rejections_and_writes_its_plots(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     code = main(
