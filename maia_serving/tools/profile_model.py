@@ -72,9 +72,11 @@ class ProfileReport:
 def load_example(spec: str, batch: int, shape: int | None, meta: bool = False) -> Example:
     """A built-in name, an ONNX file, or ``module:callable`` returning ``(module, inputs)`` (inputs: a tensor or a
     tuple); with ``meta``, built on PyTorch's meta device (shapes only, no memory)."""
+    if meta and spec.endswith(".onnx"):  # the file's weights are read, then left: shapes are what is priced
+        example = load_example(spec, batch, shape)
+        inputs = tuple(t.to("meta") for t in example.inputs)
+        return replace(example, module=example.module.to("meta"), inputs=inputs)
     if meta:
-        if spec.endswith(".onnx"):
-            raise ValueError("--meta: an ONNX file's weights are in the file; profile it without --meta")
         with torch.device("meta"):
             return load_example(spec, batch, shape)
     if spec.endswith(".onnx"):

@@ -2,8 +2,8 @@
 host memory) in the signatures the maia device records, so that a model too large for the host is priced as the
 device would price it: Llama-3-8B's forward, Stable Diffusion's UNet at a batch that fills a Maia 200.
 
-What the device records, this records: each kernel-running aten operator with its arguments' shapes, strides and
-dtypes, not views (a view runs no kernel), not allocations; ``scaled_dot_product_attention`` as the device's one
+What the device records, this records: each kernel-running aten operator on the meta tensors (the host's own
+work on CPU tensors is not the device's) with its arguments' shapes, strides and dtypes, not views (a view runs no kernel), not allocations; ``scaled_dot_product_attention`` as the device's one
 fused attention operator (on meta, PyTorch would write it out as its math fallback). Memory is counted as the
 device counts it: each new storage from its creation until the last tensor on it dies, over the resident
 weights and inputs.
@@ -30,7 +30,7 @@ from maia_serving.torch.profiler import OpSummary, summarize
 # Operators that run no kernel on the device beyond the views PyTorch marks: allocations and aliases.
 NO_KERNEL = frozenset({"empty", "empty_strided", "_unsafe_view", "alias", "detach", "lift_fresh", "t"})
 # Operators the device runs as its copy (``_copy_from``: read one tensor, write another).
-COPIES = frozenset({"_to_copy", "copy_"})
+COPIES = frozenset({"_to_copy", "copy_", "clone"})
 
 
 @functools.cache
@@ -40,8 +40,10 @@ def _c10_name(dtype: torch.dtype) -> str:
 
 
 def meta_of(t: torch.Tensor) -> Meta:
-    """A tensor as the device records one, on chip 0."""
-    return (tuple(t.shape), tuple(t.stride()), t.storage_offset(), _c10_name(t.dtype), t.element_size(), 0)
+    """A tensor as the device records one: on chip 0, or on the host (-1) for a CPU tensor (a copy from it
+    crosses the host link)."""
+    chip = -1 if t.device.type == "cpu" else 0
+    return (tuple(t.shape), tuple(t.stride()), t.storage_offset(), _c10_name(t.dtype), t.element_size(), chip)
 
 
 def _value(v: Any) -> Any:
@@ -94,7 +96,9 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = func.__name__.partition(".")[0]
-        outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.device.type == "meta"]
+        if not outputs:
+            return out  # the host's work (an ONNX graph's shape arithmetic): not the device's
         inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         self.run.memory.track(outputs, inputs)
         if name in COPIES and outputs:  # the device records a copy by its source and destination

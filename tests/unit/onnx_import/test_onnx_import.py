@@ -338,3 +338,18 @@ def test_host_floats_join_the_device_in_the_runs_float_type(tmp_path):
     assert y.dtype == torch.bfloat16
     expected = _ort(path, {"x": inputs.numpy()})[0]
     np.testing.assert_allclose(y.float().numpy(), expected, rtol=2e-2)
+
+
+@pytest.mark.parametrize("name", ["yolo", "vit"])
+def test_a_graph_recorded_on_meta_is_priced_as_its_live_run(exported, name):
+    """`profile model.onnx --meta`: the graph's shape arithmetic is the host's on both, so the device's
+    operators, FLOPs and memory are the live run's."""
+    from maia_serving.emulator.hardware import load_profile
+    from maia_serving.tools.profile_model import load_example, profile_model
+
+    live = _priced(load_example(str(exported[name]), 2, None))
+    example = load_example(str(exported[name]), 2, None, meta=True)
+    (meta,), _ = profile_model(example, [load_profile("maia100")], meta=True)
+    assert meta.flops == live.flops
+    assert meta.peak_memory_bytes == live.peak_memory_bytes
+    assert meta.latency_ms == pytest.approx(live.latency_ms, rel=0.02)

@@ -77,7 +77,6 @@ def test_an_8b_model_is_priced_without_holding_it(capsys):
         (["--model", "llama-tiny", "--meta", "--train"], "--meta records a forward"),
         (["--model", "llama-tiny", "--meta", "--dtype", "fp8"], "--meta records a forward"),
         (["--model", "llama-tiny", "--meta", "--trace", "t.json"], "--meta runs nothing"),
-        (["--model", "x.onnx", "--meta"], "an ONNX file's weights are in the file"),
     ],
 )
 def test_what_meta_cannot_do_is_exit_2(capsys, tmp_path, monkeypatch, argv, message):
