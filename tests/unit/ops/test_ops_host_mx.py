@@ -162,13 +162,16 @@ def test_with_triton_each_format_reaches_its_kernels(monkeypatch, fmt):
 
 
 @pytest.mark.parametrize("fmt", list(MX_FORMATS))
-def test_on_a_host_the_write_is_the_reference_and_attention_the_host_path(fmt):
+def test_on_a_host_the_write_is_the_reference_and_attention_the_host_path(fmt, host_kernel):
+    """Both host paths (the C++ write and the reference's torch ops) write the reference's bytes, keys and
+    values each with their own scale."""
     k, v, key_cache, value_cache, slots = _write_args(fmt)
     k_scale, v_scale = _scales(fmt, 2)
     ops.reshape_and_cache(k, v, key_cache, value_cache, slots, ops.KvQuant(fmt, k_scale, v_scale))
-    expected = torch.zeros_like(key_cache)
-    expected.view(-1, *key_cache.shape[2:])[slots] = quantize_mx_ref(k, fmt, k_scale)
-    assert torch.equal(key_cache, expected)
+    for cache, values, scale in ((key_cache, k, k_scale), (value_cache, v, v_scale)):
+        expected = torch.zeros_like(cache)
+        expected.view(-1, *cache.shape[2:])[slots] = quantize_mx_ref(values, fmt, scale)
+        assert torch.equal(cache, expected)
     args = _batch(CASES["chunked_and_prefix_hit"], fmt, 2, seed=23)
     torch.testing.assert_close(ops.paged_attention(*bundled(*args)), host_attention(*args), atol=0, rtol=0)
 
