@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from maia_serving.ops import host
-from maia_serving.ops.fp8 import paged_attention_ref
+from maia_serving.ops.fp8 import paged_attention_ref, reshape_and_cache_ref
 from tests.utils.attention_float64 import assert_within_one_bf16_step, bf16_step_violations, paged_attention_float64
 from tests.utils.paged_batch import CASES as BATCHES
 from tests.utils.paged_batch import flat_plan, host_attention, paged_batch
@@ -186,3 +186,24 @@ def test_the_fallback_keeps_the_window(monkeypatch, torch_host_path):
     torch.testing.assert_close(
         host_attention(*args, sliding_window=6), paged_attention_ref(*args, sliding_window=6), atol=0, rtol=0
     )
+
+
+@pytest.mark.parametrize(
+    "kv_cache_dtype,cache_dtype",
+    [("auto", torch.bfloat16), ("auto", torch.float32), ("fp8_e4m3", torch.uint8), ("fp8_e5m2", torch.uint8)],
+)
+def test_the_cache_write_is_the_references_on_both_host_paths(kv_cache_dtype, cache_dtype, host_kernel):
+    """The write in one C++ call (an FP8 cache, or one of the rows' dtype) and the reference's torch ops (a
+    cast to another dtype, or no native module) store the reference's bytes: keys and values apart, each head
+    with its own scale, each row at its slot."""
+    gen = torch.Generator().manual_seed(5)
+    k = torch.randn(3, 2, 40, generator=gen).to(torch.bfloat16)
+    v = (torch.randn(3, 2, 40, generator=gen) * 4).to(torch.bfloat16)
+    slots = torch.tensor([5, 17, 40])
+    fp8 = kv_cache_dtype.startswith("fp8")
+    scales = (torch.tensor([0.5, 2.0]), torch.tensor([1.5, 0.25])) if fp8 else (None, None)
+    got, expected = ([torch.zeros(4, 16, 2, 40, dtype=cache_dtype) for _ in range(2)] for _ in range(2))
+    host.reshape_and_cache_host(k, v, *got, slots, kv_cache_dtype, *scales)
+    reshape_and_cache_ref(k, v, *expected, slots, kv_cache_dtype, *scales)
+    for mine, want in zip(got, expected, strict=True):
+        assert want.any() and torch.equal(mine, want)

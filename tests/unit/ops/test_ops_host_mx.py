@@ -165,7 +165,8 @@ def test_with_triton_each_format_reaches_its_kernels(monkeypatch, fmt):
 def test_on_a_host_the_write_is_the_reference_and_attention_the_host_path(fmt, host_kernel):
     """Both host paths (the C++ write and the reference's torch ops) write the reference's bytes, keys and
     values each with their own scale."""
-    k, v, key_cache, value_cache, slots = _write_args(fmt)
+    k, _, key_cache, value_cache, slots = _write_args(fmt)
+    v = (k * -0.75).roll(1, -1)  # values unlike the keys: a write that swaps them is seen
     k_scale, v_scale = _scales(fmt, 2)
     ops.reshape_and_cache(k, v, key_cache, value_cache, slots, ops.KvQuant(fmt, k_scale, v_scale))
     for cache, values, scale in ((key_cache, k, k_scale), (value_cache, v, v_scale)):
