@@ -3,8 +3,9 @@ host memory) in the signatures the maia device records, so that a model too larg
 device would price it: Llama-3-8B's forward, Stable Diffusion's UNet at a batch that fills a Maia 200.
 
 What the device records, this records: each kernel-running aten operator on the meta tensors (the host's own
-work on CPU tensors is not the device's) with its arguments' shapes, strides and dtypes, not views (a view runs no kernel), not allocations; ``scaled_dot_product_attention`` as the device's one
-fused attention operator (on meta, PyTorch would write it out as its math fallback). Memory is counted as the
+work on CPU tensors is not the device's) with its arguments' shapes, strides and dtypes, not views (a view runs
+no kernel), not allocations; ``scaled_dot_product_attention`` as the device's one fused attention operator (on
+meta, PyTorch would write it out as its math fallback). Memory is counted as the
 device counts it: each new storage from its creation until the last tensor on it dies, over the resident
 weights and inputs.
 """
