@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from maia_serving.ops.fp8 import FP8_FORMATS
+from maia_serving.zoo import main_output
 
 E4M3 = FP8_FORMATS["e4m3"]
 
@@ -117,7 +118,7 @@ class Fp8Error:
 
 def compare(reference: Any, quantized: Any, scores: Callable[[Any], torch.Tensor] | None) -> Fp8Error:
     """``quantized`` (the FP8 run's outputs) against ``reference`` (BF16's), both on the host in FP32."""
-    ref, got = _main(reference), _main(quantized)
+    ref, got = main_output(reference), main_output(quantized)
     diff = (got - ref).abs()
     top1 = None
     if scores is not None:
@@ -127,14 +128,3 @@ def compare(reference: Any, quantized: Any, scores: Callable[[Any], torch.Tensor
         mean_rel=(diff.mean() / ref.abs().mean().clamp(min=1e-30)).item(),
         top1_agreement=top1,
     )
-
-
-def _main(value: Any) -> torch.Tensor:
-    """The output an error is measured on: the output itself, its logits or sample, or its first tensor."""
-    if isinstance(value, torch.Tensor):
-        return value
-    for key in ("logits", "sample"):
-        if isinstance(value, dict) and isinstance(value.get(key), torch.Tensor):
-            return value[key]
-    items = value.values() if isinstance(value, dict) else value
-    return next(v for v in items if isinstance(v, torch.Tensor))

@@ -21,7 +21,7 @@ from maia_serving.emulator.hardware import DeviceProfile
 from maia_serving.formats.units import format_bytes
 from maia_serving.ops.fp8 import TORCH_DTYPES
 from maia_serving.tools.fp8_model import Fp8Error, compare, to_fp8
-from maia_serving.zoo import Example, builtin
+from maia_serving.zoo import Example, builtin, main_output
 
 TOP_OPS = 10
 
@@ -117,18 +117,6 @@ def _to(value: Any, device: str, dtype: torch.dtype) -> Any:
     return value if isinstance(value, (int, float, bool, str)) or value is None else None
 
 
-def _first_tensor(value: Any) -> torch.Tensor:
-    """The tensor a training step's loss is taken from: the output itself, its logits, or its first tensor."""
-    if isinstance(value, torch.Tensor):
-        return value
-    for key in ("logits", "sample", "last_hidden_state"):
-        found = getattr(value, key, None)
-        if isinstance(found, torch.Tensor):
-            return found
-    items = value.values() if isinstance(value, dict) else value
-    return next(v for v in items if isinstance(v, torch.Tensor))
-
-
 def measuring_node(profile: DeviceProfile) -> contextlib.AbstractContextManager[DeviceProfile]:
     """The maia node sized as ``profile`` but with room for whatever the host holds: the run measures the peak
     rather than stop at a capacity, and each profile's capacity is compared with it afterwards. The node is
@@ -168,7 +156,7 @@ def _run(module: nn.Module, example: Example, dtype: torch.dtype, train: bool) -
                 outputs = module(*inputs)
         else:
             outputs = module(*inputs)
-            _first_tensor(outputs).float().square().mean().backward()
+            main_output(outputs).float().square().mean().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=False)
     peak = torch.maia.max_memory_allocated()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import weakref
+from collections import Counter
 from types import TracebackType
 from typing import Any
 
@@ -59,7 +60,6 @@ class LiveBytes:
     """Bytes of the storages the run made that some tensor still holds, and their peak, over ``resident``."""
 
     def __init__(self, resident: int) -> None:
-        self.resident = resident
         self.current = resident
         self.peak = resident
         self._held: dict[int, list[int]] = {}  # storage -> [bytes, tensors holding it]
@@ -102,7 +102,7 @@ class _Recorder(TorchDispatchMode):
             return out  # the host's work (an ONNX graph's shape arithmetic): not the device's
         inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         self.run.memory.track(outputs, inputs)
-        if name in COPIES and outputs:  # the device records a copy by its source and destination
+        if name in COPIES:  # the device records a copy by its source and destination
             source = args[1] if name == "copy_" else args[0]
             self.run.signatures.append((f"aten::{pricing.COPY}", (meta_of(source), meta_of(outputs[0])), ()))
         elif not (func.is_view or name in NO_KERNEL):
@@ -165,17 +165,6 @@ class meta_profile:  # noqa: N801 (used as maia_serving.torch.profile is)
     def key_averages(self, on: DeviceProfile) -> list[OpSummary]:
         """Per operator, most emulated time first, priced on ``on``."""
         pricer = pricing.Pricer(on)
-        counts: dict[Signature, int] = {}
-        for signature in self.signatures:
-            key = _hashable(signature)
-            counts[key] = counts.get(key, 0) + 1
+        counts = Counter(self.signatures)  # records are tuples all through (_value): hashable as they are
         prices = [pricer.price(s) for s in counts]
         return summarize(prices, list(counts.values()), [0.0] * len(counts))
-
-
-def _hashable(value: Any) -> Any:
-    if isinstance(value, list):
-        return tuple(_hashable(v) for v in value)
-    if isinstance(value, tuple):
-        return tuple(_hashable(v) for v in value)
-    return value

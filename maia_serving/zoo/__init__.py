@@ -62,6 +62,20 @@ def logits(output: Any) -> torch.Tensor:
     return output["logits"]
 
 
+def main_output(value: Any) -> torch.Tensor:
+    """A model output's main tensor: the output itself, its logits, sample or last hidden state (a field of
+    transformers' or diffusers' output objects, or a key of the plain dict they become on the host), or its
+    first tensor."""
+    if isinstance(value, torch.Tensor):
+        return value
+    for key in ("logits", "sample", "last_hidden_state"):
+        found = value.get(key) if isinstance(value, dict) else getattr(value, key, None)
+        if isinstance(found, torch.Tensor):
+            return found
+    items = value.values() if isinstance(value, dict) else value
+    return next(v for v in items if isinstance(v, torch.Tensor))
+
+
 def _registry() -> dict[str, BuiltIn]:
     from maia_serving.zoo import llama, unet, vit, yolo
 
