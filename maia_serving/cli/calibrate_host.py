@@ -60,6 +60,57 @@ def _engine_calibration(data: dict, model: str, heads: tuple[int, int, int]) -> 
     )
 
 
+def _served_model(url: str) -> str:
+    """The one model the server at ``url`` serves (/v1/models)."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as resp:
+        models = [m["id"] for m in json.loads(resp.read())["data"]]
+    if len(models) != 1:
+        raise ValueError(f"--server {url} serves {models}: name one with --served-model")
+    return models[0]
+
+
+def _front_end_calibration(path: Path, url: str, model: str | None) -> int:
+    """The front end of the server at ``url`` measured into the host profile at ``path`` (measured first if absent)."""
+    import urllib.error
+    from datetime import datetime, timezone
+
+    import yaml
+
+    from maia_serving.tools.calibrate_host import (
+        FRONT_END_PROMPTS,
+        FRONT_END_ROUNDS,
+        fit_front_end,
+        host_profile_dict,
+        measure_front_end,
+        with_front_end,
+        write_profile,
+    )
+
+    try:
+        model = model or _served_model(url)
+        print(f"timing the front end of {url} ({model}): lone requests of {FRONT_END_PROMPTS} prompt tokens")
+        samples = measure_front_end(url, model)
+    except (OSError, urllib.error.URLError, RuntimeError, KeyError) as exc:
+        raise ValueError(f"--server {url}: {exc}. The host profile was not changed.") from None
+    front_end = fit_front_end(samples)
+    data = yaml.safe_load(path.read_text()) if path.is_file() else host_profile_dict()
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    source = (
+        f"measured by calibrate-host --server on {model}: client time of lone one-token requests less the "
+        f"server's emulated TTFT, fastest of {FRONT_END_ROUNDS} per prompt length, {when}"
+    )
+    write_profile(path, with_front_end(data, front_end, source))
+    print(f"host profile written to {path}")
+    print(
+        f"  front end per request: {front_end.fixed_s * 1e3:.2f} ms + "
+        f"{front_end.per_input_token_s * 1e6:.2f} us a prompt token"
+    )
+    return 0
+
+
 class CalibrateHost(Subcommand):
     name = "calibrate-host"
     help = "measure this machine as the `host` profile"
@@ -73,11 +124,23 @@ class CalibrateHost(Subcommand):
             "engine's own steps and fit its time per step, sequence and token (about 30 s): without "
             "it the host profile prices torch's work only, measured in a bare process",
         )
+        p.add_argument(
+            "--server",
+            metavar="URL",
+            help="time the front end of a running `vllm serve --device maia` (or SGLang) server at URL: lone "
+            "requests against its own emulated TTFT (about 10 s); written into the host profile as its "
+            "request_overhead figures, which `simulate --front-end host` charges, the rest of the profile kept",
+        )
+        p.add_argument(
+            "--served-model", default=None, help="with --server: the model name it serves (default: its only one)"
+        )
 
     def run(self, args: argparse.Namespace) -> int:
         from maia_serving.tools.calibrate_host import host_profile_dict, write_profile
 
         path = Path(args.out) if args.out else host_profile_path()
+        if args.server:
+            return _front_end_calibration(path, args.server.rstrip("/"), args.served_model)
         if args.engine_model:
             if not (Path(args.engine_model) / "config.json").is_file():
                 raise ValueError(

@@ -142,6 +142,20 @@ def add_max_concurrency(p: argparse.ArgumentParser) -> None:
     )
 
 
+FRONT_ENDS = ("profile", "host", "none")
+
+
+def add_front_end(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--front-end",
+        choices=FRONT_ENDS,
+        default="profile",
+        help="the serving front end's time per request in TTFT (HTTP, tokenization, the hand-off to the engine): "
+        "each profile's own (default), this host's as `calibrate-host --server` measured it (to replay a live run "
+        "served here), or none (the device's time alone, as the engine's own clock counts TTFT)",
+    )
+
+
 def add_output_len(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=int, default=None, help="output tokens per request (default 128)")
 

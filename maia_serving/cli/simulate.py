@@ -10,6 +10,7 @@ from pathlib import Path
 
 from maia_serving.cli import flags
 from maia_serving.cli.base import Subcommand, table
+from maia_serving.emulator.hardware import NO_FRONT_END, FrontEnd
 from maia_serving.emulator.memory import ServingConfig
 from maia_serving.formats.units import format_bytes
 from maia_serving.serving.profiles import load_profile
@@ -63,6 +64,21 @@ def _eplb_words(initial_steps: int, steps: int, config: ServingConfig) -> str:
     return f"EPLB never rearranged: all {steps} steps at its initial expert map {flags.eplb_never_words(config)}"
 
 
+def _front_end(which: str) -> FrontEnd | None:
+    """The front end ``--front-end`` names: None for each profile's own."""
+    if which == "none":
+        return NO_FRONT_END
+    if which == "profile":
+        return None
+    host = load_profile("host").front_end
+    if host == NO_FRONT_END:
+        raise ValueError(
+            "--front-end host: the host profile has no front-end figures; measure them on a running server with "
+            "`maia-serving calibrate-host --server URL`"
+        )
+    return host
+
+
 class Simulate(Subcommand):
     name = "simulate"
     help = "serve a workload on one or more devices, simulated: vLLM v1's scheduler, the live cost model"
@@ -108,6 +124,7 @@ class Simulate(Subcommand):
         )
         flags.add_seed(p)
         flags.add_max_concurrency(p)
+        flags.add_front_end(p)
         flags.add_scheduler_limits(p)
         flags.add_memory_limits(p)
         p.add_argument(
@@ -142,11 +159,12 @@ class Simulate(Subcommand):
         if args.comm_dtype != "auto":
             config = replace(config, comm_dtype=args.comm_dtype)
         slo = SLO(args.ttft_slo_ms, args.tpot_slo_ms)
+        front_end = _front_end(args.front_end)
         rows, sims = [], []
         for profile in [load_profile(name) for name in args.profile]:  # a misspelt name stops before any run
             try:
                 sim = simulate_device(
-                    profile, model, config, requests, args.enable_prefix_caching, args.max_concurrency
+                    profile, model, config, requests, args.enable_prefix_caching, args.max_concurrency, front_end
                 )
             except NotEnoughMemory as exc:
                 rows.append(refused(profile.name, str(exc)))
@@ -176,6 +194,12 @@ class Simulate(Subcommand):
                 )
                 usage = " ".join(f"{100 * u:.0f}" for _, u in r["kv_usage_over_time"])
                 print(f"{r['device']}: KV use over {r['duration_s']:.3g} s (%): {usage}")
+                front = r["ttft_front_end_ms"]["mean"]
+                if front:
+                    print(
+                        f"{r['device']}: of the mean TTFT, {front:.2f} ms is the serving front end's "
+                        f"(--front-end {args.front_end}), the rest the device's"
+                    )
                 if r["eplb_initial_steps"] is not None:
                     print(f"{r['device']}: {_eplb_words(r['eplb_initial_steps'], r['num_steps'], config)}")
             else:

@@ -118,6 +118,22 @@ class CudaGraphs:
 
 
 @dataclass(frozen=True)
+class FrontEnd:
+    """The serving front end's own time per request, which the device never sees: from a client's send to the
+    scheduler (the HTTP request, input processing, whose tokenization grows with the prompt, the hand-off to the
+    engine) and the first token's way back. A client's TTFT holds it; the engine's own clock does not."""
+
+    fixed_s: float = 0.0
+    per_input_token_s: float = 0.0
+
+    def of(self, input_len: int) -> float:
+        return self.fixed_s + self.per_input_token_s * input_len
+
+
+NO_FRONT_END = FrontEnd()  # the device's time alone, as the engine's own clock counts TTFT
+
+
+@dataclass(frozen=True)
 class DeviceProfile:
     """One emulated chip. Figures are in SI units; ``sources`` maps each to its citation."""
 
@@ -148,6 +164,7 @@ class DeviceProfile:
     # both on the live engine; the GPU profiles leave them 0)
     step_overhead_per_seq_s: float = 0.0
     step_overhead_per_token_s: float = 0.0
+    front_end: FrontEnd = NO_FRONT_END  # per request, before the scheduler (``request_overhead`` figures)
 
     def __post_init__(self) -> None:
         if "bf16" not in self.peak_flops_per_s:
@@ -251,6 +268,7 @@ def profile_from_dict(raw: dict[str, Any]) -> DeviceProfile:
     attention = fig("attention_compute_efficiency") if "attention_compute_efficiency" in raw else None
     split, host_launch = optional("attention_split", 0), optional("host_launch", 0.0)
     overheads = [optional(key, 0.0) for key in ("step_overhead", "step_overhead_per_seq", "step_overhead_per_token")]
+    front_end = FrontEnd(optional("request_overhead", 0.0), optional("request_overhead_per_input_token", 0.0))
     return DeviceProfile(
         name=raw["name"],
         description=raw.get("description", ""),
@@ -275,6 +293,7 @@ def profile_from_dict(raw: dict[str, Any]) -> DeviceProfile:
         step_overhead_s=overheads[0],
         step_overhead_per_seq_s=overheads[1],
         step_overhead_per_token_s=overheads[2],
+        front_end=front_end,
     )
 
 

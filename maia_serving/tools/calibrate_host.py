@@ -11,6 +11,11 @@ most of the step. ``fit_engine_time`` fits it from the live engine's steps (the 
 ``maia_serving.vllm.step_timing``) as a fixed time, a time per running sequence and one per scheduled
 token: the profile's ``step_overhead`` figures. It is fitted on ``ENGINE_WORKLOADS``, whose shapes
 ``benchmarks/host_fidelity.py`` does not check, each shape at its fastest of ``ENGINE_ROUNDS`` rounds.
+
+The server's front end (HTTP, tokenization, the hand-off to the engine, the reply) is what a client's TTFT holds
+beyond the engine's: ``measure_front_end`` times lone requests against a running server's own emulated TTFT, and
+``fit_front_end`` makes them the profile's ``request_overhead`` figures (``FrontEnd``), which ``simulate --front-end
+host`` charges to replay a run served on this host.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from maia_serving.emulator.hardware import FrontEnd
 
 
 def _best_of(fn, repeats: int) -> float:
@@ -277,4 +284,98 @@ def with_engine_time(data: dict[str, Any], engine: EngineTime, source: str) -> d
         "step_overhead": _fig(engine.fixed_s * 1e3, "ms", source),
         "step_overhead_per_seq": _fig(engine.per_seq_s * 1e6, "us", source + ", per running sequence"),
         "step_overhead_per_token": _fig(engine.per_token_s * 1e6, "us", source + ", per scheduled token"),
+    }
+
+
+# The serving front end (``FrontEnd``): lone requests of these prompt lengths, one output token each, timed by
+# the client against the engine's own emulated TTFT; the fastest of ``FRONT_END_ROUNDS`` per length (a shared
+# host only ever slows a request down).
+FRONT_END_PROMPTS = (16, 384)
+FRONT_END_ROUNDS = 5
+_TTFT = "maia:emulated_time_to_first_token_seconds"
+
+
+@dataclass(frozen=True)
+class FrontEndSample:
+    """One lone request: its prompt, the client's time from send to reply, and the engine's emulated TTFT (queue and
+    prefill on the device, which the paced server waits out); the rest is the front end's."""
+
+    input_len: int
+    client_s: float
+    device_s: float
+
+    @property
+    def front_end_s(self) -> float:
+        return self.client_s - self.device_s
+
+
+def _ttft_totals(url: str) -> tuple[float, float]:
+    """The server's emulated TTFT histogram: (sum of seconds, count), over every engine."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    total = count = 0.0
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        base = name.partition("{")[0]
+        if base == f"{_TTFT}_sum":
+            total += float(value)
+        elif base == f"{_TTFT}_count":
+            count += float(value)
+    return total, count
+
+
+def measure_front_end(url: str, model: str, timeout_s: float = 60.0) -> list[FrontEndSample]:
+    """Lone requests to the `vllm serve --device maia` (or SGLang) server at ``url``, one after another, each timed
+    by this client and by the server's emulated TTFT (read back from /metrics once it has counted the request)."""
+    import json
+    import urllib.request
+
+    samples = []
+    for round_ in range(FRONT_END_ROUNDS):
+        for length in FRONT_END_PROMPTS:
+            prompt = [100 + (7 * j + 13 * round_ + length) % 1000 for j in range(length)]  # no prefix-cache hits
+            body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0}).encode()
+            request = urllib.request.Request(
+                f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+            )
+            before = _ttft_totals(url)
+            start = time.perf_counter()
+            with urllib.request.urlopen(request, timeout=timeout_s) as resp:
+                resp.read()
+            client_s = time.perf_counter() - start
+            deadline = time.monotonic() + timeout_s
+            while (after := _ttft_totals(url))[1] < before[1] + 1:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{url}/metrics never counted the request: is it a --device maia server?")
+                time.sleep(0.02)
+            samples.append(FrontEndSample(length, client_s, after[0] - before[0]))
+    return samples
+
+
+def fit_front_end(samples: list[FrontEndSample]) -> FrontEnd:
+    """A fixed time and one per prompt token through the fastest sample of each prompt length (a shared host only
+    slows a request down); neither below zero."""
+    fastest: dict[int, float] = {}
+    for s in samples:
+        fastest[s.input_len] = min(fastest.get(s.input_len, float("inf")), s.front_end_s)
+    if len(fastest) < 2:
+        raise ValueError("the front end needs lone requests of at least two prompt lengths")
+    lengths = sorted(fastest)
+    xs, ys = lengths, [fastest[n] for n in lengths]
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
+    slope = max(0.0, slope)
+    return FrontEnd(max(0.0, mean_y - slope * mean_x), slope)
+
+
+def with_front_end(data: dict[str, Any], front_end: FrontEnd, source: str) -> dict[str, Any]:
+    """The host profile's data with the front end's figures."""
+    return {
+        **data,
+        "request_overhead": _fig(front_end.fixed_s * 1e3, "ms", source),
+        "request_overhead_per_input_token": _fig(
+            front_end.per_input_token_s * 1e6, "us", source + ", per prompt token"
+        ),
     }

@@ -48,6 +48,7 @@ class RequestTiming:
     first_token_s: float | None = None
     last_token_s: float | None = None
     num_output_tokens: int = 0
+    front_end_s: float = 0.0  # of the TTFT, the serving front end's (simulate.py; the live clock starts after it)
 
     @property
     def ttft_s(self) -> float | None:

@@ -78,6 +78,9 @@ class SimReport:
     kv_mean_usage: float  # time-weighted over the run's span, idle time at zero
     kv_usage_over_time: tuple[tuple[float, float], ...]  # (time_s, fraction) at KV_SAMPLES even times
     eplb_initial_steps: int | None = None  # steps at EPLB's initial expert map, before it rearranges (None: no EPLB)
+    # of each TTFT, the serving front end's share (HTTP, tokenization, the hand-off; simulate.py): the rest is the
+    # device's, queueing and prefill
+    ttft_front_end_ms: Latency | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -168,6 +171,7 @@ def summarize(sim: Simulation, slo: SLO = SLO()) -> SimReport:
         kv_mean_usage=busy_block_s / duration_s / sim.kv_cache_blocks if duration_s else 0.0,
         kv_usage_over_time=tuple(zip(sample_times, kv_usage_at(sim, sample_times))),
         eplb_initial_steps=sim.eplb_initial_steps,
+        ttft_front_end_ms=Latency.of([t.front_end_s for t in timings]),
     )
 
 

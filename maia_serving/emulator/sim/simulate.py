@@ -27,6 +27,13 @@ holds a request back until fewer than N are in flight (sent, not finished): at a
 N clients each sending its next request when its last one ends. A request held back is sent when a slot opens,
 and its TTFT and E2E count from then, as the benchmark's client times them.
 
+The serving front end's own time per request (``FrontEnd``: the HTTP request, tokenization, the hand-off to the
+engine and the first token's way back) is charged on the way in, as BLIS charges its queueing time: a request
+reaches the scheduler that long after it was sent, and its TTFT and E2E count from the send, as a client's stopwatch
+does. The way out is folded into the way in: a client cannot tell them apart in its TTFT, and every later token
+takes the same way, so TPOT holds none of it. ``RequestTiming.front_end_s`` keeps each request's share, which the
+report gives apart from the device's. Requests reach the scheduler in the order they were sent.
+
 With ``--enable-eplb`` the experts start where vLLM's EPLB puts them before it has measured any load (its
 initial map) and are balanced from its first rearrangement on, ``step_interval / 4`` steps into the run
 (``ServingConfig.eplb_first_rearrangement``): a run shorter than that is served by the initial map
@@ -42,7 +49,7 @@ from dataclasses import dataclass, replace
 from maia_serving.emulator.cost.model import CostModel, StepCost
 from maia_serving.emulator.device.clock import RequestTiming
 from maia_serving.emulator.device.session import EmulatedDevice
-from maia_serving.emulator.hardware import DeviceProfile
+from maia_serving.emulator.hardware import NO_FRONT_END, DeviceProfile, FrontEnd
 from maia_serving.emulator.memory import ServingConfig, served_model
 from maia_serving.emulator.model_shape import ModelShape
 from maia_serving.emulator.sim.scheduler import ScheduledStep, Scheduler, SchedulerConfig
@@ -126,11 +133,13 @@ def simulate(
     device: str = "",
     initial: tuple[int, CostModel] | None = None,
     max_concurrency: int | None = None,
+    front_end: FrontEnd = NO_FRONT_END,
 ) -> Simulation:
     """Run ``requests`` (sorted by arrival) to completion under vLLM v1's policy, each step priced
     by ``costs``, up to ``costs.parallel.pp`` batches in flight; with ``initial`` (steps, cost model), the
     first that many steps by that one instead (EPLB's experts before it first rearranges them); with
-    ``max_concurrency``, at most that many requests in flight (module docstring)."""
+    ``max_concurrency``, at most that many requests in flight; each request reaching the scheduler
+    ``front_end.of(input_len)`` after it was sent (module docstring)."""
     if any(b.arrival_s < a.arrival_s for a, b in zip(requests, requests[1:])):
         raise ValueError("requests must be sorted by arrival time")
     if max_concurrency is not None and max_concurrency < 1:
@@ -156,9 +165,17 @@ def simulate(
     limit = max_concurrency or len(requests)
     active = 0  # requests sent and not finished
     opened_s = 0.0  # when a slot last opened under the client's limit
+
+    def ready_s(index: int) -> float:
+        """When request ``index``, sent when it arrives or when a slot opens, reaches the scheduler."""
+        request = requests[index]
+        return max(request.arrival_s, opened_s) + front_end.of(request.input_len)
+
     while arrived < len(requests) or scheduler.has_work:
-        while arrived < len(requests) and requests[arrived].arrival_s <= now_s and active < limit:
-            timings[arrived].arrival_s = max(requests[arrived].arrival_s, opened_s)  # sent when a slot opened
+        while arrived < len(requests) and active < limit and ready_s(arrived) <= now_s:
+            timing = timings[arrived]
+            timing.arrival_s = max(requests[arrived].arrival_s, opened_s)  # sent when a slot opened
+            timing.front_end_s = front_end.of(requests[arrived].input_len)
             scheduler.add(requests[arrived])
             arrived += 1
             active += 1
@@ -197,7 +214,7 @@ def simulate(
                     if max_concurrency is not None:
                         opened_s = now_s
         elif not scheduler.has_work:
-            now_s = requests[arrived].arrival_s  # idle until the next arrival
+            now_s = ready_s(arrived)  # idle until the next request reaches the scheduler
         else:
             raise AssertionError("a scheduler with work and nothing in flight scheduled nothing")
     return Simulation(
@@ -230,11 +247,12 @@ def simulate_device(
     requests: list[Request],
     enable_prefix_caching: bool = True,
     max_concurrency: int | None = None,
+    front_end: FrontEnd | None = None,
 ) -> Simulation:
     """``requests`` served by ``model`` on ``profile`` with ``serving``'s settings, priced by the cost model
     of the live engines' EmulatedDevice; NotEnoughMemory (the live engines' message) when it does not fit.
     ``max_concurrency``: the client's limit on requests in flight, dealt among data-parallel replicas as the
-    requests are."""
+    requests are. ``front_end``: the serving front end's time per request (default: the profile's)."""
     device = EmulatedDevice.fit(profile, model, serving)
     longest = max(r.input_len + r.output_len for r in requests)
     if longest > device.plan.max_model_len:
@@ -271,7 +289,15 @@ def simulate_device(
         None if max_concurrency is None else max_concurrency // dp + (i < max_concurrency % dp) for i in range(dp)
     ]
     sims = [
-        simulate(share, device.cost_model, config, device=profile.name, initial=initial, max_concurrency=limit)
+        simulate(
+            share,
+            device.cost_model,
+            config,
+            device=profile.name,
+            initial=initial,
+            max_concurrency=limit,
+            front_end=profile.front_end if front_end is None else front_end,
+        )
         for share, limit in zip(shares, limits, strict=False)
     ]
     return replace(merge_replicas(sims), kv_bytes_per_token=device.plan.kv_bytes_per_token)

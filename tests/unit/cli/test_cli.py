@@ -110,13 +110,20 @@ def test_simulate_prints_a_table_and_kv_use_over_time(capsys):
 
 
 def test_simulate_takes_vllm_benchs_max_concurrency(capsys):
-    """One client: every request runs alone, its TTFT one 128-token prefill and the run four requests long."""
+    """One client: every request runs alone, its TTFT the front end's time (the profile's 3.70 ms + 3.51 us a
+    prompt token: 4.149 ms for 128 tokens, reported apart) and one 128-token prefill, and the run four requests
+    long; with --front-end none the prefill alone."""
     assert main([*SIMULATE, "--device", "maia100", "--max-concurrency", "1", "--json"]) == 0
     (alone,) = json.loads(capsys.readouterr().out)
     prefill = CostModel(load_profile("maia100"), load_model_shape("llama-3-8b")).cost_of((128,), (128,)).total_s
     assert alone["ttft_ms"]["p50"] == pytest.approx(alone["ttft_ms"]["p99"], rel=1e-9)
-    assert alone["ttft_ms"]["p50"] == pytest.approx(prefill * 1e3, rel=1e-9)
+    assert alone["ttft_front_end_ms"]["mean"] == pytest.approx(3.70 + 128 * 3.51e-3, rel=1e-9)
+    assert alone["ttft_ms"]["p50"] == pytest.approx(3.70 + 128 * 3.51e-3 + prefill * 1e3, rel=1e-9)
     assert alone["duration_s"] == pytest.approx(4 * alone["e2e_ms"]["mean"] / 1e3, rel=1e-9)
+    assert main([*SIMULATE, "--device", "maia100", "--max-concurrency", "1", "--front-end", "none", "--json"]) == 0
+    (bare,) = json.loads(capsys.readouterr().out)
+    assert bare["ttft_ms"]["p50"] == pytest.approx(prefill * 1e3, rel=1e-9)
+    assert bare["ttft_front_end_ms"]["mean"] == 0.0
     assert main([*SIMULATE, "--device", "maia100", "--max-concurrency", "2"]) == 0
     assert "4 x (128 in, 16 out), all at once, at most 2 in flight" in capsys.readouterr().out
 

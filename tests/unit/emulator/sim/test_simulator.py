@@ -11,6 +11,7 @@ import pytest
 from maia_serving.emulator import NotEnoughMemory, ServingConfig, load_model_shape, require_fit
 from maia_serving.emulator.cost.layout import Parallel
 from maia_serving.emulator.cost.model import CostModel
+from maia_serving.emulator.hardware import NO_FRONT_END, FrontEnd
 from maia_serving.emulator.sim.report import SLO, Latency, SimReport, chrome_trace, kv_series, refused, summarize
 from maia_serving.emulator.sim.scheduler import SchedulerConfig
 from maia_serving.emulator.sim.simulate import _StepPrices, simulate, simulate_device
@@ -145,12 +146,55 @@ def test_a_static_batch_matches_the_old_lockstep_simulation_where_the_policies_c
         "output_tokens_per_s": num_seqs * output_len / (prefill + decode),
     }
 
-    sim = simulate_device(maia100, llama8b, ServingConfig(), synthetic(num_seqs, prompt_len, output_len))
+    requests = synthetic(num_seqs, prompt_len, output_len)
+    sim = simulate_device(maia100, llama8b, ServingConfig(), requests, front_end=NO_FRONT_END)
     report = summarize(sim)
     assert report.num_steps == output_len
     for t in sim.timings:
         assert (t.ttft_s, t.tpot_s, t.e2e_s) == pytest.approx((old["ttft_s"], old["tpot_s"], old["e2e_s"]), rel=1e-12)
     assert report.output_throughput_tok_s == pytest.approx(old["output_tokens_per_s"], rel=1e-12)
+
+
+def test_the_front_end_delays_each_request_by_its_time_and_counts_in_ttft_not_tpot(llama8b, maia100):
+    """A front end of 4 ms + 10 us a prompt token (hand-worked: 4 + 10 * 100 / 1000 = 5 ms for 100 tokens, 4.5 ms
+    for 50): a lone request reaches the scheduler 5 ms after it was sent and its TTFT is that plus its prefill;
+    a second one sent 1 ms later, with a shorter prompt, still queues behind it (order of sending), and its
+    TTFT counts from its own send. TPOT is the device's alone; the report keeps the front end's share apart."""
+    front = FrontEnd(4e-3, 10e-6)
+    costs = CostModel(maia100, llama8b)
+    lone = simulate_device(maia100, llama8b, ServingConfig(), synthetic(1, 100, 3), front_end=front)
+    prefill = costs.cost_of((100,), (100,)).total_s
+    decode = [costs.cost_of((1,), (100 + i,)).total_s for i in (1, 2)]
+    (t,) = lone.timings
+    assert t.front_end_s == pytest.approx(5e-3, rel=1e-12)
+    assert t.ttft_s == pytest.approx(5e-3 + prefill, rel=1e-12)
+    assert t.tpot_s == pytest.approx(sum(decode) / 2, rel=1e-12)
+    assert lone.steps.start_s[0] == pytest.approx(5e-3, rel=1e-12)
+    report = summarize(lone)
+    assert report.ttft_front_end_ms.mean == pytest.approx(5.0, rel=1e-12)
+    assert report.ttft_ms.mean == pytest.approx(5.0 + prefill * 1e3, rel=1e-12)
+
+    two = [Request(0.0, 100, 2), Request(1e-3, 50, 2)]
+    sim = simulate_device(maia100, llama8b, ServingConfig(), two, front_end=front)
+    a, b = sim.timings
+    assert (a.arrival_s, b.arrival_s) == (0.0, 1e-3)
+    assert (a.front_end_s, b.front_end_s) == pytest.approx((5e-3, 4.5e-3), rel=1e-12)
+    assert sim.steps.start_s[0] == pytest.approx(5e-3, rel=1e-12)  # the first reached the scheduler alone
+    assert b.first_token_s > a.first_token_s  # the second is scheduled after it
+    none = simulate_device(maia100, llama8b, ServingConfig(), synthetic(1, 100, 3), front_end=NO_FRONT_END)
+    assert none.timings[0].ttft_s == pytest.approx(prefill, rel=1e-12)
+    assert summarize(none).ttft_front_end_ms.mean == 0.0
+
+
+def test_under_a_client_limit_the_next_request_is_sent_when_one_ends_and_pays_the_front_end(llama8b, maia100):
+    """One client (--max-concurrency 1), two requests: the second is sent when the first's last token arrives,
+    and reaches the scheduler the front end's time later."""
+    front = FrontEnd(2e-3, 0.0)
+    sim = simulate_device(maia100, llama8b, ServingConfig(), synthetic(2, 64, 2), max_concurrency=1, front_end=front)
+    a, b = sim.timings
+    assert b.arrival_s == pytest.approx(a.last_token_s, rel=1e-12)
+    assert sim.steps.start_s[2] == pytest.approx(a.last_token_s + 2e-3, rel=1e-12)
+    assert b.ttft_s == pytest.approx(2e-3 + sim.steps.step_s[2], rel=1e-12)
 
 
 def test_a_model_that_does_not_fit_is_refused_with_the_message_of_fit(maia100):
