@@ -52,6 +52,7 @@ def replay(source: dict, point: dict, num_per_client: int) -> dict[str, float]:
         weight_dtype=emulate["weight_dtype"],
         kv_cache_dtype=emulate["kv_cache_dtype"],
         max_model_len=point["input_len"] + point["output_len"],
+        scheduler_policy=emulate.get("scheduler_policy", "vllm"),
     )
     c = point["concurrency"]
     requests = synthetic(max(num_per_client * c, 32), point["input_len"], point["output_len"])

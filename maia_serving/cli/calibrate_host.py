@@ -91,7 +91,7 @@ def _front_end_calibration(path: Path, url: str, model: str | None) -> int:
 
     try:
         model = model or _served_model(url)
-        print(f"timing the front end of {url} ({model}): lone requests of {FRONT_END_PROMPTS} prompt tokens")
+        print(f"timing the front end of {url} ({model}): lone requests of {FRONT_END_PROMPTS} prompt tokens (~20 s)")
         samples = measure_front_end(url, model)
     except (OSError, urllib.error.URLError, RuntimeError, KeyError) as exc:
         raise ValueError(f"--server {url}: {exc}. The host profile was not changed.") from None
@@ -106,7 +106,8 @@ def _front_end_calibration(path: Path, url: str, model: str | None) -> int:
     print(f"host profile written to {path}")
     print(
         f"  front end per request: {front_end.fixed_s * 1e3:.2f} ms + "
-        f"{front_end.per_input_token_s * 1e6:.2f} us a prompt token"
+        f"{front_end.per_input_token_s * 1e6:.2f} us a prompt token, and "
+        f"{front_end.per_output_token_s * 1e6:.0f} us a streamed token, {front_end.per_step_s * 1e6:.0f} us a step"
     )
     return 0
 

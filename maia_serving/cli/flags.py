@@ -18,6 +18,7 @@ from maia_serving.emulator.model_shape import (
     load_model_shape,
     with_expert_load,
 )
+from maia_serving.emulator.sim.scheduler import POLICIES
 from maia_serving.emulator.sim.workload import Request
 
 
@@ -110,6 +111,14 @@ def add_comm_dtype(p: argparse.ArgumentParser) -> None:
 def add_scheduler_limits(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument(
+        "--scheduler-policy",
+        choices=POLICIES,
+        default="vllm",
+        help="KV admission: vLLM's (blocks as tokens are computed, preempting under pressure; SGLang alike) or "
+        "TensorRT-LLM's default GUARANTEED_NO_EVICT (a request admitted only with blocks for its prompt and all its "
+        "output, never preempted), to replay measurements of that engine",
+    )
 
 
 def add_memory_limits(p: argparse.ArgumentParser, block_size: bool = True) -> None:

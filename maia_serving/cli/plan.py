@@ -104,6 +104,7 @@ class Plan(Subcommand):
             gpu_memory_utilization=args.gpu_memory_utilization,
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_num_seqs=args.max_num_seqs,
+            scheduler_policy=args.scheduler_policy,
             all2all_backend=args.all2all_backend,
             eplb_step_interval=settings["eplb_step_interval"],
             weight_dtype=None if args.weight_dtype == "auto" else args.weight_dtype,

@@ -153,6 +153,7 @@ class Simulate(Subcommand):
             flags.serving_config(args),
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_num_seqs=args.max_num_seqs,
+            scheduler_policy=args.scheduler_policy,
         )
         if args.weight_dtype != "auto":
             config = replace(config, weight_dtype=args.weight_dtype)

@@ -125,6 +125,8 @@ class FrontEnd:
 
     fixed_s: float = 0.0
     per_input_token_s: float = 0.0
+    per_output_token_s: float = 0.0  # its work to stream one token back (sim/front_end.py: it queues)
+    per_step_s: float = 0.0  # its work to take one step's outputs in from the engine
 
     def of(self, input_len: int) -> float:
         return self.fixed_s + self.per_input_token_s * input_len
@@ -268,7 +270,12 @@ def profile_from_dict(raw: dict[str, Any]) -> DeviceProfile:
     attention = fig("attention_compute_efficiency") if "attention_compute_efficiency" in raw else None
     split, host_launch = optional("attention_split", 0), optional("host_launch", 0.0)
     overheads = [optional(key, 0.0) for key in ("step_overhead", "step_overhead_per_seq", "step_overhead_per_token")]
-    front_end = FrontEnd(optional("request_overhead", 0.0), optional("request_overhead_per_input_token", 0.0))
+    front_end = FrontEnd(
+        *(
+            optional(key, 0.0)
+            for key in ("request_overhead", "request_overhead_per_input_token", "token_output_time", "step_output_time")
+        )
+    )
     return DeviceProfile(
         name=raw["name"],
         description=raw.get("description", ""),

@@ -67,6 +67,7 @@ class ServingConfig:
     activation_dtype: str | None = None  # their GEMM inputs; None: as the weights' scheme feeds them
     comm_dtype: str | None = None  # the collectives' payload (--comm-dtype); None: the model dtype
     fusions: tuple[str, ...] = ()  # kernel fusions beyond vLLM's own (cost.FUSIONS; --fusions)
+    scheduler_policy: str = "vllm"  # KV admission: vLLM's, or TensorRT-LLM's "trtllm-no-evict" (sim/scheduler.py)
 
     def __post_init__(self) -> None:
         check_redundant_experts(self.enable_eplb, self.num_redundant_experts)

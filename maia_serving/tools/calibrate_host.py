@@ -287,18 +287,21 @@ def with_engine_time(data: dict[str, Any], engine: EngineTime, source: str) -> d
     }
 
 
-# The serving front end (``FrontEnd``): lone requests of these prompt lengths, one output token each, timed by
-# the client against the engine's own emulated TTFT; the fastest of ``FRONT_END_ROUNDS`` per length (a shared
-# host only ever slows a request down).
+# The serving front end (``FrontEnd``): lone streamed requests of these prompt lengths, one output token each,
+# timed by the client to the first event against the engine's own emulated TTFT; the fastest of
+# ``FRONT_END_ROUNDS`` per length (a shared host only ever slows a request down). Its work per streamed token:
+# the server process's CPU time over four requests of ``FRONT_END_TOKENS`` output tokens at once against one.
 FRONT_END_PROMPTS = (16, 384)
 FRONT_END_ROUNDS = 5
+FRONT_END_TOKENS = 48
 _TTFT = "maia:emulated_time_to_first_token_seconds"
 
 
 @dataclass(frozen=True)
 class FrontEndSample:
-    """One lone request: its prompt, the client's time from send to reply, and the engine's emulated TTFT (queue and
-    prefill on the device, which the paced server waits out); the rest is the front end's."""
+    """One lone request: its prompt, the client's time from send to the first streamed token, and the engine's
+    emulated TTFT (queue and prefill on the device, which the paced server waits out); the rest is the front
+    end's."""
 
     input_len: int
     client_s: float
@@ -309,65 +312,150 @@ class FrontEndSample:
         return self.client_s - self.device_s
 
 
-def _ttft_totals(url: str) -> tuple[float, float]:
-    """The server's emulated TTFT histogram: (sum of seconds, count), over every engine."""
+@dataclass(frozen=True)
+class FrontEndTiming:
+    """What ``measure_front_end`` found: the lone requests, and the server's CPU time per streamed token and per
+    step (None where its /metrics has no process CPU counter)."""
+
+    samples: tuple[FrontEndSample, ...]
+    per_output_token_s: float | None
+    per_step_s: float | None = None
+
+
+def _scrape(url: str) -> dict[str, float]:
+    """The server's emulated TTFT histogram (sum, count over every engine) and its process CPU seconds."""
     import urllib.request
 
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
         text = resp.read().decode()
-    total = count = 0.0
+    out: dict[str, float] = {}
     for line in text.splitlines():
         name, _, value = line.rpartition(" ")
         base = name.partition("{")[0]
-        if base == f"{_TTFT}_sum":
-            total += float(value)
-        elif base == f"{_TTFT}_count":
-            count += float(value)
-    return total, count
+        if base in (f"{_TTFT}_sum", f"{_TTFT}_count", "process_cpu_seconds_total"):
+            out[base] = out.get(base, 0.0) + float(value)
+    return out
 
 
-def measure_front_end(url: str, model: str, timeout_s: float = 60.0) -> list[FrontEndSample]:
-    """Lone requests to the `vllm serve --device maia` (or SGLang) server at ``url``, one after another, each timed
-    by this client and by the server's emulated TTFT (read back from /metrics once it has counted the request)."""
+def _stream(url: str, model: str, prompt: list[int], max_tokens: int, timeout_s: float) -> float:
+    """One streamed completion, read to its end; the client's time from send to the first event."""
     import json
     import urllib.request
 
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    request = urllib.request.Request(
+        f"{url}/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    first = None
+    start = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=timeout_s) as resp:
+        for line in resp:  # the first streamed event, as a load generator times TTFT
+            if first is None and line.startswith(b"data:"):
+                first = time.perf_counter() - start
+    if first is None:
+        raise RuntimeError(f"{url} streamed nothing back")
+    return first
+
+
+def _counted(url: str, before: dict[str, float], requests: int, timeout_s: float) -> dict[str, float]:
+    """/metrics once the engine has counted ``requests`` more first tokens than ``before``."""
+    deadline = time.monotonic() + timeout_s
+    while (after := _scrape(url)).get(f"{_TTFT}_count", 0.0) < before.get(f"{_TTFT}_count", 0.0) + requests:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url}/metrics never counted the request: is it a --device maia server?")
+        time.sleep(0.02)
+    return after
+
+
+def _streams(url: str, model: str, prompts: list[list[int]], max_tokens: int, timeout_s: float) -> None:
+    """``prompts`` streamed at once, one thread each, every one read to its end."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def one(prompt: list[int]) -> None:
+        try:
+            _stream(url, model, prompt, max_tokens, timeout_s)
+        except BaseException as exc:  # re-raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(p,)) for p in prompts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout_s)
+    if errors:
+        raise errors[0]
+
+
+def measure_front_end(url: str, model: str, timeout_s: float = 60.0, settle_s: float = 0.3) -> FrontEndTiming:
+    """Lone requests to the `vllm serve --device maia` (or SGLang) server at ``url``, one after another, each timed
+    by this client and by the server's emulated TTFT (read back from /metrics once it has counted it); and the
+    server process's CPU time over batches sent at once, two scrapes each (``settle_s`` after the last token, so
+    the server's own bookkeeping lands): one and four requests of one token, one and four of ``FRONT_END_TOKENS``.
+    Four long less one long is three requests' own work and 3 x ``FRONT_END_TOKENS`` tokens' (their steps are
+    shared); four short less one short, three requests' work and 3 tokens': the difference is the work per token
+    alone, without a request's or a step's."""
     samples = []
+    has_cpu = "process_cpu_seconds_total" in _scrape(url)
+    cpu: dict[tuple[int, int], float] = {}
+
+    def cpu_of(prompts: list[list[int]], tokens: int) -> None:
+        before = _scrape(url)
+        _streams(url, model, prompts, tokens, timeout_s)
+        time.sleep(settle_s)
+        after = _scrape(url)
+        key = (len(prompts), tokens)
+        cpu[key] = (
+            cpu.get(key, 0.0)
+            + after.get("process_cpu_seconds_total", 0.0)
+            - before.get("process_cpu_seconds_total", 0.0)
+        )
+
     for round_ in range(FRONT_END_ROUNDS):
         for length in FRONT_END_PROMPTS:
             prompt = [100 + (7 * j + 13 * round_ + length) % 1000 for j in range(length)]  # no prefix-cache hits
-            body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0}).encode()
-            request = urllib.request.Request(
-                f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"}
-            )
-            before = _ttft_totals(url)
-            start = time.perf_counter()
-            with urllib.request.urlopen(request, timeout=timeout_s) as resp:
-                resp.read()
-            client_s = time.perf_counter() - start
-            deadline = time.monotonic() + timeout_s
-            while (after := _ttft_totals(url))[1] < before[1] + 1:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{url}/metrics never counted the request: is it a --device maia server?")
-                time.sleep(0.02)
-            samples.append(FrontEndSample(length, client_s, after[0] - before[0]))
-    return samples
+            before = _scrape(url)
+            client_s = _stream(url, model, prompt, 1, timeout_s)
+            after = _counted(url, before, 1, timeout_s)
+            samples.append(FrontEndSample(length, client_s, after[f"{_TTFT}_sum"] - before[f"{_TTFT}_sum"]))
+        if has_cpu:
+            prompts = [[200 + (11 * j + 5 * k + round_) % 1000 for j in range(FRONT_END_PROMPTS[0])] for k in range(4)]
+            for count in (1, 4):
+                for tokens in (1, FRONT_END_TOKENS):
+                    cpu_of(prompts[:count], tokens)
+    if not has_cpu:
+        return FrontEndTiming(tuple(samples), None)
+    rounds, tokens = FRONT_END_ROUNDS, FRONT_END_TOKENS
+    long_, short = cpu[4, tokens] - cpu[1, tokens], cpu[4, 1] - cpu[1, 1]
+    per_token = max(0.0, (long_ - short) / (3 * (tokens - 1) * rounds))
+    # One long less one short: (tokens - 1) more steps, each with one token.
+    per_step = max(0.0, (cpu[1, tokens] - cpu[1, 1]) / ((tokens - 1) * rounds) - per_token)
+    return FrontEndTiming(tuple(samples), per_token, per_step)
 
 
-def fit_front_end(samples: list[FrontEndSample]) -> FrontEnd:
-    """A fixed time and one per prompt token through the fastest sample of each prompt length (a shared host only
-    slows a request down); neither below zero."""
+def fit_front_end(timing: FrontEndTiming) -> FrontEnd:
+    """The front end's work per request, a fixed time and one per prompt token through the fastest lone request of
+    each prompt length (a shared host only slows a request down), less its first token's way back (the work per
+    step and per streamed token); none below zero."""
+    per_token, per_step = timing.per_output_token_s or 0.0, timing.per_step_s or 0.0
     fastest: dict[int, float] = {}
-    for s in samples:
-        fastest[s.input_len] = min(fastest.get(s.input_len, float("inf")), s.front_end_s)
+    for s in timing.samples:
+        fastest[s.input_len] = min(fastest.get(s.input_len, float("inf")), s.front_end_s - per_token - per_step)
     if len(fastest) < 2:
         raise ValueError("the front end needs lone requests of at least two prompt lengths")
-    lengths = sorted(fastest)
-    xs, ys = lengths, [fastest[n] for n in lengths]
+    xs = sorted(fastest)
+    ys = [fastest[n] for n in xs]
     mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
-    slope = max(0.0, slope)
-    return FrontEnd(max(0.0, mean_y - slope * mean_x), slope)
+    slope = max(0.0, sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs))
+    return FrontEnd(max(0.0, mean_y - slope * mean_x), slope, per_token, per_step)
 
 
 def with_front_end(data: dict[str, Any], front_end: FrontEnd, source: str) -> dict[str, Any]:
@@ -377,5 +465,18 @@ def with_front_end(data: dict[str, Any], front_end: FrontEnd, source: str) -> di
         "request_overhead": _fig(front_end.fixed_s * 1e3, "ms", source),
         "request_overhead_per_input_token": _fig(
             front_end.per_input_token_s * 1e6, "us", source + ", per prompt token"
+        ),
+        "step_output_time": _fig(
+            front_end.per_step_s * 1e6,
+            "us",
+            "the server process's CPU time per engine step (one request of "
+            f"{FRONT_END_TOKENS} output tokens against one of one token, less its tokens' own), measured by "
+            "calibrate-host --server",
+        ),
+        "token_output_time": _fig(
+            front_end.per_output_token_s * 1e6,
+            "us",
+            "the server process's CPU time per streamed token (process_cpu_seconds_total over four requests of "
+            f"{FRONT_END_TOKENS} output tokens at once against one), measured by calibrate-host --server",
         ),
     }

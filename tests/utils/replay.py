@@ -21,6 +21,7 @@ not overlap.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import urllib.request
@@ -55,11 +56,12 @@ class Figures:
 
 def simulated_figures(sim: Simulation) -> Figures:
     """The figures of a simulation, as /metrics would count them: busy time is the steps' charged work
-    (``StepCost.total_s``), which with pipeline stages is not their overlapping spans."""
+    (``StepCost.total_s``), which with pipeline stages is not their overlapping spans; TTFT from when a request
+    reached the scheduler, as the engine's own clock counts it (without the front end's share)."""
     tpots = [t.tpot_s for t in sim.timings if t.tpot_s is not None]
     return Figures(
         busy_s=sum(sim.steps.work_s),
-        ttft_s=sum(t.ttft_s for t in sim.timings) / len(sim.timings),
+        ttft_s=sum(t.ttft_s - t.front_end_s for t in sim.timings) / len(sim.timings),
         tpot_s=sum(tpots) / len(tpots),
         num_steps=len(sim.steps.step_s),
         num_requests=len(sim.timings),
@@ -110,32 +112,38 @@ class Trace:
 
 def replay_trace(url: str, model: str, requests: list[Request], timeout_s: float = 300.0) -> Trace:
     """Send each of ``requests`` at its ``arrival_s`` (host seconds from the start) in its own streaming
-    request, as a load generator does, every one producing exactly ``output_len`` tokens."""
-    from openai import OpenAI
-
-    client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=timeout_s)
+    request, as a load generator does, every one producing exactly ``output_len`` tokens. The client is plain
+    HTTP (as ``vllm bench serve``'s aiohttp is): the OpenAI SDK's own work per request is ~10 ms on this
+    host, which would be the client's time in the TTFT, not the server's."""
     salt = uuid.uuid4().hex
     before = scrape(url)
     rows: list[tuple[float, float, float] | BaseException | None] = [None] * len(requests)
     start = time.monotonic()
 
     def send(i: int, request: Request) -> None:
+        body = {
+            "model": model,
+            "prompt": _prompt(i, request.input_len),
+            "max_tokens": request.output_len,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+            "cache_salt": salt,
+        }
+        post = urllib.request.Request(
+            f"{url}/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
         try:
             time.sleep(max(0.0, start + request.arrival_s - time.monotonic()))
             sent = time.monotonic()
-            stream = client.completions.create(
-                model=model,
-                prompt=_prompt(i, request.input_len),
-                max_tokens=request.output_len,
-                temperature=0,
-                stream=True,
-                extra_body={"ignore_eos": True, "cache_salt": salt},
-            )
             first = last = None
-            for chunk in stream:
-                if chunk.choices and chunk.choices[0].text:
-                    last = time.monotonic()
-                    first = first or last
+            with urllib.request.urlopen(post, timeout=timeout_s) as resp:
+                for line in resp:  # one event a token (its text may be "" until a character completes)
+                    if line.startswith(b"data:") and not line.startswith(b"data: [DONE]"):
+                        last = time.monotonic()
+                        first = first or last
+            if first is None or last is None:
+                raise RuntimeError(f"request {i} streamed no token")
             rows[i] = (sent - start, first - sent, (last - first) / max(1, request.output_len - 1))
         except BaseException as exc:  # re-raised in the caller's thread
             rows[i] = exc

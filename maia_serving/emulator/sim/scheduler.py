@@ -22,6 +22,12 @@ run, from the requests that are not in one of them. A request in flight is skipp
 is accounted (``update``) and is never the one preempted. vLLM also pipelines a long prompt's next chunk
 before the previous one returns; here a prefill waits for its chunk, the one difference.
 
+TensorRT-LLM's default admission (``policy="trtllm-no-evict"``, its ``CapacitySchedulerPolicy.GUARANTEED_NO_EVICT``),
+to replay measurements of that engine: a waiting request is admitted only when the blocks for its prompt and all
+of its output tokens are free, and takes them all at once, so a running request never needs another block and is
+never preempted; step 2 never happens. Under a KV limit it runs fewer requests at once than vLLM's policy does,
+which admits on the prompt's blocks alone.
+
 Prefix caching (vLLM v1's default): every full block that gets scheduled is cached under
 the identity of its tokens; a request admitted with nothing computed (new, or preempted)
 reuses its longest run of cached leading blocks, short of its last token, which is always
@@ -37,6 +43,8 @@ from typing import NamedTuple
 
 from maia_serving.emulator.sim.workload import Request
 
+POLICIES = ("vllm", "trtllm-no-evict")
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -47,8 +55,11 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     enable_prefix_caching: bool = True
+    policy: str = "vllm"  # or "trtllm-no-evict": admission reserves a request's every block (module docstring)
 
     def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"scheduler policy {self.policy!r}: known ones are {', '.join(POLICIES)}")
         limits = {
             "num_blocks": self.num_blocks,
             "block_size": self.block_size,
@@ -215,12 +226,12 @@ class Scheduler:
                 seq.blocks[index] = key
         seq.num_hashed = full
 
-    def _allocate(self, seq: _Seq, hits: list[Hashable], num_new: int) -> bool:
-        """Blocks for ``num_new`` more tokens after the computed ones and the ``hits``; False,
-        changing nothing, if too few are free."""
+    def _allocate(self, seq: _Seq, hits: list[Hashable], num_new: int, reserve: int = 0) -> bool:
+        """Blocks for ``num_new`` more tokens after the computed ones and the ``hits`` (for ``reserve`` tokens in
+        all where that is more); False, changing nothing, if too few are free."""
         pool, bs = self.pool, self.config.block_size
         computed = seq.num_computed + len(hits) * bs
-        need = -(-(computed + num_new) // bs) - len(seq.blocks) - len(hits)
+        need = -(-max(computed + num_new, reserve) // bs) - len(seq.blocks) - len(hits)
         refs = pool.refs
         if need + sum(1 for key in hits if refs[key] == 0) > pool.num_free:
             return False
@@ -289,11 +300,13 @@ class Scheduler:
             budget -= num_new
             index += 1
         waiting = self._waiting
+        reserve_all = config.policy == "trtllm-no-evict"
         while not preempted and waiting and budget > 0 and len(running) < config.max_num_seqs:
             seq = waiting[0]
             hits = self._cache_hits(seq) if config.enable_prefix_caching else []
             num_new = min(seq.num_tokens - len(hits) * bs, budget)
-            if not self._allocate(seq, hits, num_new):
+            reserve = seq.request.input_len + seq.request.output_len - 1 if reserve_all else 0
+            if not self._allocate(seq, hits, num_new, reserve):
                 break
             if config.enable_prefix_caching:
                 self.prefix_cache_queried_tokens += seq.num_tokens

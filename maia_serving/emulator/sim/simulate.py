@@ -27,12 +27,11 @@ holds a request back until fewer than N are in flight (sent, not finished): at a
 N clients each sending its next request when its last one ends. A request held back is sent when a slot opens,
 and its TTFT and E2E count from then, as the benchmark's client times them.
 
-The serving front end's own time per request (``FrontEnd``: the HTTP request, tokenization, the hand-off to the
-engine and the first token's way back) is charged on the way in, as BLIS charges its queueing time: a request
-reaches the scheduler that long after it was sent, and its TTFT and E2E count from the send, as a client's stopwatch
-does. The way out is folded into the way in: a client cannot tell them apart in its TTFT, and every later token
-takes the same way, so TPOT holds none of it. ``RequestTiming.front_end_s`` keeps each request's share, which the
-report gives apart from the device's. Requests reach the scheduler in the order they were sent.
+The serving front end (``FrontEnd``: the HTTP request, tokenization, the hand-off to the engine, each token's way
+back) is one worker beside the engine (front_end.py): a request reaches the scheduler when the worker has taken
+its input in, and each token reaches its client when the worker has streamed it, so TTFT, TPOT and E2E are the
+client's. ``RequestTiming.front_end_s`` keeps the front end's share of each TTFT, which the report gives apart from
+the device's. Requests reach the scheduler in the order they were sent.
 
 With ``--enable-eplb`` the experts start where vLLM's EPLB puts them before it has measured any load (its
 initial map) and are balanced from its first rearrangement on, ``step_interval / 4`` steps into the run
@@ -52,6 +51,7 @@ from maia_serving.emulator.device.session import EmulatedDevice
 from maia_serving.emulator.hardware import NO_FRONT_END, DeviceProfile, FrontEnd
 from maia_serving.emulator.memory import ServingConfig, served_model
 from maia_serving.emulator.model_shape import ModelShape
+from maia_serving.emulator.sim.front_end import FrontEndQueue
 from maia_serving.emulator.sim.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from maia_serving.emulator.sim.workload import Request
 
@@ -161,24 +161,10 @@ def simulate(
     free_s = (0.0,) * depth
     in_flight: deque[tuple[float, ScheduledStep]] = deque()
     now_s = 0.0
-    arrived = 0
-    limit = max_concurrency or len(requests)
-    active = 0  # requests sent and not finished
-    opened_s = 0.0  # when a slot last opened under the client's limit
-
-    def ready_s(index: int) -> float:
-        """When request ``index``, sent when it arrives or when a slot opens, reaches the scheduler."""
-        request = requests[index]
-        return max(request.arrival_s, opened_s) + front_end.of(request.input_len)
-
-    while arrived < len(requests) or scheduler.has_work:
-        while arrived < len(requests) and active < limit and ready_s(arrived) <= now_s:
-            timing = timings[arrived]
-            timing.arrival_s = max(requests[arrived].arrival_s, opened_s)  # sent when a slot opened
-            timing.front_end_s = front_end.of(requests[arrived].input_len)
-            scheduler.add(requests[arrived])
-            arrived += 1
-            active += 1
+    front = FrontEndQueue(front_end, requests, timings, max_concurrency)
+    while front.has_work or scheduler.has_work:
+        for index in front.ready(now_s):
+            scheduler.add(requests[index])
         step = scheduler.schedule() if len(in_flight) < depth and scheduler.has_work else None
         if step and step.request_ids:
             cost = (price if len(start_s) >= initial_steps else initial_price)(step.new_tokens, step.context_lens)
@@ -203,18 +189,12 @@ def simulate(
         if in_flight:
             end, done = in_flight.popleft()
             now_s = max(now_s, end)
-            for rid in scheduler.update(done).sampled:
-                timing = timings[rid]
-                if timing.first_token_s is None:
-                    timing.first_token_s = now_s
-                timing.last_token_s = now_s
-                timing.num_output_tokens += 1
-                if timing.num_output_tokens == requests[rid].output_len:
-                    active -= 1
-                    if max_concurrency is not None:
-                        opened_s = now_s
+            out = scheduler.update(done)  # ids are the order of add(): the requests' order
+            front.step(now_s, out.sampled, set(out.finished))
         elif not scheduler.has_work:
-            now_s = ready_s(arrived)  # idle until the next request reaches the scheduler
+            ready_s = front.next_ready_s()  # idle until the next request reaches the scheduler
+            assert ready_s is not None, "nothing to run and nothing on its way, with requests left to send"
+            now_s = max(now_s, ready_s)
         else:
             raise AssertionError("a scheduler with work and nothing in flight scheduled nothing")
     return Simulation(
@@ -266,6 +246,7 @@ def simulate_device(
         max_num_seqs=serving.max_num_seqs,
         max_num_batched_tokens=serving.max_num_batched_tokens,
         enable_prefix_caching=enable_prefix_caching,
+        policy=serving.scheduler_policy,
     )
     initial = None
     if serving.enable_eplb:  # vLLM's EPLB starts from its initial map and first rearranges some steps in

@@ -223,3 +223,30 @@ def test_a_request_that_could_never_fit_is_refused():
 def test_bad_limits_are_refused():
     with pytest.raises(ValueError, match="max_num_seqs=0"):
         SchedulerConfig(num_blocks=1, max_num_seqs=0)
+
+
+def test_trtllm_admission_reserves_every_block_a_request_will_hold_and_never_preempts():
+    """TensorRT-LLM's GUARANTEED_NO_EVICT on 4 blocks of 4 tokens, three requests of 4 prompt and 5 output tokens
+    (hand-worked: 4 + 5 - 1 = 8 tokens of KV at most, 2 blocks each). vLLM's policy admits all three on one block
+    each and preempts when their decodes need a second; TensorRT-LLM's admits two (2 + 2 = 4 blocks, all taken at
+    once), holds the third until one finishes, and preempts nothing."""
+    for policy, admitted, preempts in (("vllm", (0, 1, 2), True), ("trtllm-no-evict", (0, 1), False)):
+        scheduler = Scheduler(config(num_blocks=4, policy=policy))
+        for _ in range(3):
+            scheduler.add(req(4, 5))
+        steps = run(scheduler)
+        assert steps[0][0] == admitted
+        assert any(step[3] for step in steps) is preempts
+        assert sum(len(step[5]) for step in steps) == 3
+    scheduler = Scheduler(config(num_blocks=4, policy="trtllm-no-evict"))
+    for _ in range(3):
+        scheduler.add(req(4, 5))
+    scheduler.update(scheduler.schedule())
+    assert scheduler.pool.num_used == 4  # both admitted requests hold all their blocks from their first step
+    first_done = next(i for i, step in enumerate(run(scheduler), 1) if step[5])
+    assert first_done == 4  # a 5-token output: prefill (1st token) + 4 decodes; the third joins after
+
+
+def test_an_unknown_scheduler_policy_is_refused_with_the_known_ones():
+    with pytest.raises(ValueError, match="known ones are vllm, trtllm-no-evict"):
+        SchedulerConfig(num_blocks=1, policy="sglang")

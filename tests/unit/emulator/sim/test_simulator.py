@@ -158,8 +158,9 @@ def test_a_static_batch_matches_the_old_lockstep_simulation_where_the_policies_c
 def test_the_front_end_delays_each_request_by_its_time_and_counts_in_ttft_not_tpot(llama8b, maia100):
     """A front end of 4 ms + 10 us a prompt token (hand-worked: 4 + 10 * 100 / 1000 = 5 ms for 100 tokens, 4.5 ms
     for 50): a lone request reaches the scheduler 5 ms after it was sent and its TTFT is that plus its prefill;
-    a second one sent 1 ms later, with a shorter prompt, still queues behind it (order of sending), and its
-    TTFT counts from its own send. TPOT is the device's alone; the report keeps the front end's share apart."""
+    a second one sent 1 ms later waits for the one worker, busy until 5 ms, and reaches the scheduler at
+    5 + 4.5 = 9.5 ms: 8.5 ms of its TTFT, which counts from its own send, are the front end's. TPOT is the
+    device's alone (no work per output token); the report keeps the front end's share apart."""
     front = FrontEnd(4e-3, 10e-6)
     costs = CostModel(maia100, llama8b)
     lone = simulate_device(maia100, llama8b, ServingConfig(), synthetic(1, 100, 3), front_end=front)
@@ -178,12 +179,28 @@ def test_the_front_end_delays_each_request_by_its_time_and_counts_in_ttft_not_tp
     sim = simulate_device(maia100, llama8b, ServingConfig(), two, front_end=front)
     a, b = sim.timings
     assert (a.arrival_s, b.arrival_s) == (0.0, 1e-3)
-    assert (a.front_end_s, b.front_end_s) == pytest.approx((5e-3, 4.5e-3), rel=1e-12)
+    assert (a.front_end_s, b.front_end_s) == pytest.approx((5e-3, 8.5e-3), rel=1e-12)
     assert sim.steps.start_s[0] == pytest.approx(5e-3, rel=1e-12)  # the first reached the scheduler alone
     assert b.first_token_s > a.first_token_s  # the second is scheduled after it
     none = simulate_device(maia100, llama8b, ServingConfig(), synthetic(1, 100, 3), front_end=NO_FRONT_END)
     assert none.timings[0].ttft_s == pytest.approx(prefill, rel=1e-12)
     assert summarize(none).ttft_front_end_ms.mean == 0.0
+
+
+def test_the_front_end_streams_each_token_after_the_work_before_it(llama8b, maia100):
+    """1 ms of front-end work per output token (no input work): two requests at once sample their first tokens
+    in the same step; the worker streams the first request's at step end + 1 ms, the second's at + 2 ms, so
+    their TTFTs differ by 1 ms and the second's front-end share is 2 ms; a lone request's TPOT is the device's."""
+    front = FrontEnd(0.0, 0.0, 1e-3)
+    sim = simulate_device(maia100, llama8b, ServingConfig(), synthetic(2, 64, 3), front_end=front)
+    a, b = sim.timings
+    end = sim.steps.start_s[0] + sim.steps.step_s[0]
+    assert (a.first_token_s, b.first_token_s) == pytest.approx((end + 1e-3, end + 2e-3), rel=1e-12)
+    assert (a.front_end_s, b.front_end_s) == pytest.approx((1e-3, 2e-3), rel=1e-12)
+    lone = simulate_device(maia100, llama8b, ServingConfig(), synthetic(1, 64, 3), front_end=front)
+    bare = simulate_device(maia100, llama8b, ServingConfig(), synthetic(1, 64, 3), front_end=NO_FRONT_END)
+    assert lone.timings[0].tpot_s == pytest.approx(bare.timings[0].tpot_s, rel=1e-12)
+    assert lone.timings[0].ttft_s == pytest.approx(bare.timings[0].ttft_s + 1e-3, rel=1e-12)
 
 
 def test_under_a_client_limit_the_next_request_is_sent_when_one_ends_and_pays_the_front_end(llama8b, maia100):
