@@ -79,7 +79,7 @@ class FrontEndQueue:
             out.append(self._ready.popleft()[1])
         return out
 
-    def step(self, end_s: float, sampled: list[int], finished: set[int]) -> None:
+    def step(self, end_s: float, sampled: tuple[int, ...], finished: set[int]) -> None:
         """The step that ended at ``end_s`` sampled a token for each of ``sampled`` (``finished``: their last): the
         worker takes the step's outputs in (``per_step_s``) and streams each token, after what it already has
         (sends up to ``end_s`` first); a client sees its token when the worker is done with it."""
