@@ -395,31 +395,38 @@ def _streams(url: str, model: str, prompts: list[list[int]], max_tokens: int, ti
         raise errors[0]
 
 
-def measure_front_end(url: str, model: str, timeout_s: float = 60.0, settle_s: float = 0.3) -> FrontEndTiming:
+def measure_front_end(
+    url: str,
+    model: str,
+    rounds: int = FRONT_END_ROUNDS,
+    tokens: int = FRONT_END_TOKENS,
+    timeout_s: float = 60.0,
+    settle_s: float = 0.3,
+) -> FrontEndTiming:
     """Lone requests to the `vllm serve --device maia` (or SGLang) server at ``url``, one after another, each timed
     by this client and by the server's emulated TTFT (read back from /metrics once it has counted it); and the
     server process's CPU time over batches sent at once, two scrapes each (``settle_s`` after the last token, so
-    the server's own bookkeeping lands): one and four requests of one token, one and four of ``FRONT_END_TOKENS``.
-    Four long less one long is three requests' own work and 3 x ``FRONT_END_TOKENS`` tokens' (their steps are
+    the server's own bookkeeping lands): one and four requests of one token, one and four of ``tokens``, in each of
+    ``rounds``. Four long less one long is three requests' own work and 3 x ``tokens`` tokens' (their steps are
     shared); four short less one short, three requests' work and 3 tokens': the difference is the work per token
     alone, without a request's or a step's."""
     samples = []
     has_cpu = "process_cpu_seconds_total" in _scrape(url)
     cpu: dict[tuple[int, int], float] = {}
 
-    def cpu_of(prompts: list[list[int]], tokens: int) -> None:
+    def cpu_of(prompts: list[list[int]], max_tokens: int) -> None:
         before = _scrape(url)
-        _streams(url, model, prompts, tokens, timeout_s)
+        _streams(url, model, prompts, max_tokens, timeout_s)
         time.sleep(settle_s)
         after = _scrape(url)
-        key = (len(prompts), tokens)
+        key = (len(prompts), max_tokens)
         cpu[key] = (
             cpu.get(key, 0.0)
             + after.get("process_cpu_seconds_total", 0.0)
             - before.get("process_cpu_seconds_total", 0.0)
         )
 
-    for round_ in range(FRONT_END_ROUNDS):
+    for round_ in range(rounds):
         for length in FRONT_END_PROMPTS:
             prompt = [100 + (7 * j + 13 * round_ + length) % 1000 for j in range(length)]  # no prefix-cache hits
             before = _scrape(url)
@@ -429,11 +436,10 @@ def measure_front_end(url: str, model: str, timeout_s: float = 60.0, settle_s: f
         if has_cpu:
             prompts = [[200 + (11 * j + 5 * k + round_) % 1000 for j in range(FRONT_END_PROMPTS[0])] for k in range(4)]
             for count in (1, 4):
-                for tokens in (1, FRONT_END_TOKENS):
-                    cpu_of(prompts[:count], tokens)
+                for length in (1, tokens):
+                    cpu_of(prompts[:count], length)
     if not has_cpu:
         return FrontEndTiming(tuple(samples), None)
-    rounds, tokens = FRONT_END_ROUNDS, FRONT_END_TOKENS
     long_, short = cpu[4, tokens] - cpu[1, tokens], cpu[4, 1] - cpu[1, 1]
     per_token = max(0.0, (long_ - short) / (3 * (tokens - 1) * rounds))
     # One long less one short: (tokens - 1) more steps, each with one token.

@@ -29,6 +29,7 @@ BUILTIN = (
     "mixtral-8x7b",
     "qwen3-30b-a3b",
     "deepseek-v2-lite",
+    "deepseek-r1",
     "gpt-oss-20b",
 )
 
@@ -48,6 +49,7 @@ def _embedding_table(name: str) -> int:
         ("qwen3-30b-a3b", 30.5e9, 0.002),  # Qwen3-30B-A3B model card
         ("deepseek-v2-lite", 15_706_484_224, 0),  # summed over the checkpoint's tensors; 15.7B in the DeepSeek-V2 paper
         ("gpt-oss-20b", 20.91e9, 0.001),  # gpt-oss model card, Table 1
+        ("deepseek-r1", 671e9, 0.001),  # DeepSeek-V3 technical report (arXiv:2412.19437): 671B, the MTP module aside
     ],
 )
 def test_total_parameters_match_the_published_counts(name, published, tolerance):
@@ -105,6 +107,7 @@ def test_non_embedding_parameters_match_the_model_cards():
         ("gpt-oss-20b", 3.61e9, False, 0.001),  # OpenAI leaves it out
         # DeepSeek leaves it out too (so DeepSeek-V3's 37B); "2.4B" is given to two figures and ours is 2.45B.
         ("deepseek-v2-lite", 2.4e9, False, 0.025),
+        ("deepseek-r1", 37e9, False, 0.02),  # DeepSeek-V3 technical report: 37B activated per token (ours 36.6B)
     ],
 )
 def test_active_parameters_match_the_published_counts(name, published, with_embedding, tolerance):
