@@ -151,23 +151,11 @@ def problems(data: dict[str, Any]) -> list[str]:
     return out
 
 
-def no_evict_seqs(case: dict[str, Any], config: Any) -> int:
-    """TensorRT-LLM's GUARANTEED_NO_EVICT admission for requests of one length: a request starts only when
-    the KV blocks of its whole input + output are free, so at most blocks // blocks-per-request run at once
-    (vLLM's policy instead admits on the prompt and preempts when decode runs out). The same rule for every
-    case of the source, worked out from the emulated memory plan, not tuned per case."""
-    from maia_serving.emulator import load_model_shape, load_profile
-    from maia_serving.emulator.memory import plan_memory
-
-    plan = plan_memory(load_model_shape(case["shape"]), load_profile(case["profile"]), config)
-    per_request = -(-(case["input_len"] + case["output_len"]) // config.block_size)
-    return max(1, min(config.max_num_seqs, plan.num_blocks // per_request))
-
-
 def predict(case: dict[str, Any], settings: dict[str, Any], max_requests: int | None = None) -> float:
     """The case's metric as `maia-serving simulate` predicts it: the CLI's simulate_device and summarize,
     with the source's engine settings."""
     from maia_serving.emulator import ServingConfig, load_model_shape, load_profile
+    from maia_serving.emulator.hardware import NO_FRONT_END
     from maia_serving.emulator.sim.report import summarize
     from maia_serving.emulator.sim.simulate import simulate_device
     from maia_serving.emulator.sim.workload import synthetic
@@ -182,8 +170,8 @@ def predict(case: dict[str, Any], settings: dict[str, Any], max_requests: int | 
         max_num_batched_tokens=settings["max_num_batched_tokens"],
         fusions=tuple(settings.get("fusions", ())),
     )
-    if settings.get("admission") == "guaranteed_no_evict":
-        config = replace(config, max_num_seqs=no_evict_seqs(case, config))
+    if settings.get("admission") == "guaranteed_no_evict":  # TensorRT-LLM's default (sim/scheduler.py)
+        config = replace(config, scheduler_policy="trtllm-no-evict")
     num = case["num_requests"] if max_requests is None else min(case["num_requests"], max_requests)
     if case["concurrency"] not in ("all", num):
         raise ValueError(f"case {case['id']}: only all-at-once workloads are simulated, got {case['concurrency']}")
@@ -194,6 +182,7 @@ def predict(case: dict[str, Any], settings: dict[str, Any], max_requests: int | 
         config,
         requests,
         settings["enable_prefix_caching"],
+        front_end=NO_FRONT_END,  # offline benchmarks (vllm bench latency, trtllm-bench): no HTTP front end
     )
     report = summarize(sim)
     if case["metric"] == "output_throughput_tok_s":

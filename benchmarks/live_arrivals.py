@@ -14,6 +14,7 @@ from pathlib import Path
 from common import OUT
 
 from maia_serving.emulator import ServingConfig, load_model_shape, load_profile
+from maia_serving.emulator.hardware import NO_FRONT_END
 from maia_serving.emulator.sim.simulate import simulate_device
 from maia_serving.emulator.sim.workload import synthetic
 from maia_serving.tools.training.demo import build_demo_model
@@ -69,7 +70,9 @@ def main() -> int:
                 trace = replay_trace(
                     server.url, "demo", synthetic(args.num_prompts, args.input_len, args.output_len, request_rate=rate)
                 )
-                sim = simulated_figures(simulate_device(profile, shape, serving, list(trace.sent)))
+                sim = simulated_figures(  # the engine's own figures: client_ttft.py adds the front end
+                    simulate_device(profile, shape, serving, list(trace.sent), front_end=NO_FRONT_END)
+                )
                 live, ratio = trace.emulated, trace.emulated.ratio_to(sim)
                 print(
                     f"| {rate:g} | {'yes' if pace else 'no'} "

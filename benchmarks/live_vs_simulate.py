@@ -16,6 +16,7 @@ from pathlib import Path
 from common import OUT
 
 from maia_serving.emulator import ServingConfig, load_model_shape, load_profile
+from maia_serving.emulator.hardware import NO_FRONT_END
 from maia_serving.emulator.sim.simulate import simulate_device
 from maia_serving.emulator.sim.workload import synthetic
 from maia_serving.tools.training.demo import build_demo_model
@@ -88,7 +89,13 @@ def main() -> int:
             serving = ServingConfig(**LIMITS, block_size=block_size, gpu_memory_utilization=0.92)
             for workload in WORKLOADS:
                 sim = simulated_figures(
-                    simulate_device(load_profile(profile), load_model_shape(shape), serving, synthetic(*workload))
+                    simulate_device(
+                        load_profile(profile),
+                        load_model_shape(shape),
+                        serving,
+                        synthetic(*workload),
+                        front_end=NO_FRONT_END,  # the engine's own figures: from when it has the batch
+                    )
                 )
                 for how, pause in REPLAYS[engine]:
                     live = replay_at_once(server.url, "demo", *workload, pause=pause)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from maia_serving.emulator import ServingConfig, load_profile
+from maia_serving.emulator.hardware import NO_FRONT_END
 from maia_serving.emulator.model_shape import ModelShape, load_model_shape
 from maia_serving.emulator.sim.simulate import simulate_device
 from maia_serving.emulator.sim.workload import synthetic
@@ -147,7 +148,9 @@ def _simulated(shape: ModelShape, block_size: int) -> Figures:
         gpu_memory_utilization=0.92,
     )
     return simulated_figures(
-        simulate_device(load_profile(PROFILE), shape, config, synthetic(1, len(PROMPT), MAX_TOKENS))
+        simulate_device(
+            load_profile(PROFILE), shape, config, synthetic(1, len(PROMPT), MAX_TOKENS), front_end=NO_FRONT_END
+        )
     )
 
 

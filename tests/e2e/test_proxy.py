@@ -10,6 +10,7 @@ import pytest
 
 from maia_serving.emulator import ServingConfig, load_model_shape, load_profile
 from maia_serving.emulator.device.session import EmulatedDevice
+from maia_serving.emulator.hardware import NO_FRONT_END
 from maia_serving.emulator.sim.simulate import simulate_device
 from maia_serving.emulator.sim.workload import synthetic
 from tests.utils.e2e import ENGINE_ENV, LOGS, VLLM_LIMITS
@@ -62,6 +63,7 @@ def test_a_static_batch_matches_simulate(proxy_server):
             load_model_shape("llama-3-8b"),
             _config(_block_size(proxy_server.metrics_at_start)),
             synthetic(NUM_REQUESTS, INPUT_LEN, OUTPUT_LEN),
+            front_end=NO_FRONT_END,  # the batch reaches the paused engine at once, past the front end
         )
     )
     assert (live.num_requests, live.num_steps) == (NUM_REQUESTS, sim.num_steps), "not the simulator's steps"

@@ -5,6 +5,7 @@ figures `simulate` gives (SGLang prefills it in one step, as vLLM's policy does)
 import pytest
 
 from maia_serving.emulator import ServingConfig, load_model_shape, load_profile
+from maia_serving.emulator.hardware import NO_FRONT_END
 from maia_serving.emulator.sim.simulate import simulate_device
 from maia_serving.emulator.sim.workload import synthetic
 from tests.utils.launch import metric
@@ -41,6 +42,7 @@ def test_a_static_batch_matches_simulate(sglang_proxy_server):
             load_model_shape("llama-3-8b"),
             config,
             synthetic(NUM_REQUESTS, INPUT_LEN, OUTPUT_LEN),
+            front_end=NO_FRONT_END,  # the batch reaches the scheduler in one message, past the front end
         )
     )
     assert (live.num_requests, live.num_steps) == (NUM_REQUESTS, sim.num_steps), "not the simulator's steps"
