@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import OUT
+from live_arrivals import LIMITS, serve
 
 from maia_serving.emulator import ServingConfig, load_model_shape, load_profile
 from maia_serving.emulator.hardware import NO_FRONT_END
@@ -19,11 +19,10 @@ from maia_serving.emulator.sim.simulate import simulate_device
 from maia_serving.emulator.sim.workload import synthetic
 from maia_serving.tools.calibrate_host import fit_front_end, measure_front_end
 from maia_serving.tools.training.demo import build_demo_model
-from tests.utils.launch import Server, free_port, metric, scrape, vllm_serve_cmd
+from tests.utils.launch import metric, scrape
 from tests.utils.replay import replay_trace
 
 ROOT = Path(__file__).resolve().parent.parent
-LIMITS = {"max_model_len": 1024, "max_num_batched_tokens": 2048, "max_num_seqs": 64}
 
 
 def main() -> int:
@@ -39,14 +38,7 @@ def main() -> int:
     if not (args.model / "config.json").exists():
         build_demo_model(args.model)
     profile, shape = load_profile(args.profile), load_model_shape(args.shape)
-    port = free_port()
-    flags = [arg for key, value in LIMITS.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
-    config = f'{{"maia_profile": "{args.profile}", "maia_model": "{args.shape}"}}'
-    cmd = vllm_serve_cmd(
-        args.model, port, "--served-model-name", "demo", *flags, "--enforce-eager", "--additional-config", config
-    )
-    log = OUT / f"client-ttft-{args.shape}-{args.profile}.log"
-    with Server(cmd, port, log, env={"VLLM_CPU_CI_ENV": "1", "MAIA_SERVING_PACE": "1"}) as server:
+    with serve(args.model, args.shape, args.profile, True, "client-ttft") as server:
         start = scrape(server.url)
         block_size = round(
             metric(start, "maia:kv_cache_tokens", holder="emulated")

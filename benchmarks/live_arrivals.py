@@ -25,14 +25,15 @@ ROOT = Path(__file__).resolve().parent.parent
 LIMITS = {"max_model_len": 512, "max_num_batched_tokens": 2048, "max_num_seqs": 64}
 
 
-def _server(model: Path, shape: str, profile: str, pace: bool) -> Server:
+def serve(model: Path, shape: str, profile: str, pace: bool, name: str = "live-arrivals") -> Server:
+    """`vllm serve --device maia` of ``model`` priced as ``shape`` on ``profile``, paced or not, logging to out/."""
     port = free_port()
     flags = [arg for key, value in LIMITS.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
     config = f'{{"maia_profile": "{profile}", "maia_model": "{shape}"}}'
     cmd = vllm_serve_cmd(
         model, port, "--served-model-name", "demo", *flags, "--enforce-eager", "--additional-config", config
     )
-    log = OUT / f"live-arrivals-{shape}-{profile}-pace{int(pace)}.log"
+    log = OUT / f"{name}-{shape}-{profile}-pace{int(pace)}.log"
     return Server(cmd, port, log, env={"VLLM_CPU_CI_ENV": "1", "MAIA_SERVING_PACE": str(int(pace))})
 
 
@@ -59,7 +60,7 @@ def main() -> int:
     )
     print("|---|---|---|---|---|---|")
     for pace in (False, True):
-        with _server(args.model, args.shape, args.profile, pace) as server:
+        with serve(args.model, args.shape, args.profile, pace) as server:
             start = scrape(server.url)
             block_size = round(
                 metric(start, "maia:kv_cache_tokens", holder="emulated")

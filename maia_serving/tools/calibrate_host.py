@@ -288,8 +288,8 @@ def with_engine_time(data: dict[str, Any], engine: EngineTime, source: str) -> d
 
 
 # The serving front end (``FrontEnd``): lone streamed requests of these prompt lengths, one output token each,
-# timed by the client to the first event against the engine's own emulated TTFT; the fastest of
-# ``FRONT_END_ROUNDS`` per length (a shared host only ever slows a request down). Its work per streamed token:
+# timed by the client to the first event against the engine's own emulated TTFT; the median of
+# ``FRONT_END_ROUNDS`` per length. Its work per streamed token and per step:
 # the server process's CPU time over four requests of ``FRONT_END_TOKENS`` output tokens at once against one.
 FRONT_END_PROMPTS = (16, 384)
 FRONT_END_ROUNDS = 5
@@ -448,17 +448,18 @@ def measure_front_end(
 
 
 def fit_front_end(timing: FrontEndTiming) -> FrontEnd:
-    """The front end's work per request, a fixed time and one per prompt token through the fastest lone request of
-    each prompt length (a shared host only slows a request down), less its first token's way back (the work per
-    step and per streamed token); none below zero."""
+    """The front end's work per request, a fixed time and one per prompt token through the median lone request of
+    each prompt length (not the fastest, as for the engine's steps: a request's way through the event loop varies
+    with what else it is doing, and a client meets its typical time), less its first token's way back (the work
+    per step and per streamed token); none below zero."""
     per_token, per_step = timing.per_output_token_s or 0.0, timing.per_step_s or 0.0
-    fastest: dict[int, float] = {}
+    by_length: dict[int, list[float]] = {}
     for s in timing.samples:
-        fastest[s.input_len] = min(fastest.get(s.input_len, float("inf")), s.front_end_s - per_token - per_step)
-    if len(fastest) < 2:
+        by_length.setdefault(s.input_len, []).append(s.front_end_s - per_token - per_step)
+    if len(by_length) < 2:
         raise ValueError("the front end needs lone requests of at least two prompt lengths")
-    xs = sorted(fastest)
-    ys = [fastest[n] for n in xs]
+    xs = sorted(by_length)
+    ys = [statistics.median(by_length[n]) for n in xs]
     mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
     slope = max(0.0, sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs))
     return FrontEnd(max(0.0, mean_y - slope * mean_x), slope, per_token, per_step)

@@ -96,3 +96,26 @@ def maia100() -> DeviceProfile:
 @pytest.fixture(scope="session")
 def golden() -> dict[str, GoldenStep]:
     return GOLDEN
+
+
+@pytest.fixture
+def host_raw() -> dict:
+    """The least data file a profile loads from, figures of a small host: what calibrate-host adds to."""
+    raw = {
+        "name": "host",
+        "hbm_capacity": {"value": 24, "unit": "GB", "source": "s"},
+        "hbm_bandwidth": {"value": 10, "unit": "GB/s", "source": "s"},
+        "sram": {"value": 0, "unit": "MB", "source": "s"},
+        "peak_compute": {"bf16": {"value": 0.4, "unit": "TFLOP/s", "source": "s"}},
+        "compute_efficiency": {"value": 1.0, "unit": "ratio", "source": "s"},
+        "memory_efficiency": {"value": 1.0, "unit": "ratio", "source": "s"},
+        "runtime_reserve": {"value": 0, "unit": "GiB", "source": "s"},
+        "kernel_launch": {"value": 2, "unit": "us", "source": "s"},
+        "scale_up": {
+            "topology": "pcie",
+            "bandwidth": {"value": 10, "unit": "GB/s", "source": "s"},
+            "latency": {"value": 1, "unit": "us", "source": "s"},
+        },
+    }
+    raw["host_link"] = raw["scale_up"]
+    return raw

@@ -89,25 +89,9 @@ def test_a_shape_is_timed_at_its_fastest_round():
     assert round_spread([shape]) == pytest.approx(0.5)
 
 
-def test_the_fitted_figures_load_into_the_host_profile(maia100):
+def test_the_fitted_figures_load_into_the_host_profile(host_raw):
     """with_engine_time writes the three figures with units and a source, and the profile loader reads them."""
-    raw = {
-        "name": "host",
-        "hbm_capacity": {"value": 24, "unit": "GB", "source": "s"},
-        "hbm_bandwidth": {"value": 10, "unit": "GB/s", "source": "s"},
-        "sram": {"value": 0, "unit": "MB", "source": "s"},
-        "peak_compute": {"bf16": {"value": 0.4, "unit": "TFLOP/s", "source": "s"}},
-        "compute_efficiency": {"value": 1.0, "unit": "ratio", "source": "s"},
-        "memory_efficiency": {"value": 1.0, "unit": "ratio", "source": "s"},
-        "runtime_reserve": {"value": 0, "unit": "GiB", "source": "s"},
-        "kernel_launch": {"value": 2, "unit": "us", "source": "s"},
-        "scale_up": {
-            "topology": "pcie",
-            "bandwidth": {"value": 10, "unit": "GB/s", "source": "s"},
-            "latency": {"value": 1, "unit": "us", "source": "s"},
-        },
-    }
-    raw["host_link"] = raw["scale_up"]
+    raw = host_raw
     profile = profile_from_dict(with_engine_time(raw, EngineTime(1.3e-3, 26e-6, 4e-6), "fitted"))
     assert profile.step_overhead_s == pytest.approx(1.3e-3)
     assert profile.step_overhead_per_seq_s == pytest.approx(26e-6)

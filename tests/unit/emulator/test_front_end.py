@@ -9,35 +9,16 @@ from maia_serving.emulator.hardware import FrontEnd, load_profile, profile_from_
 from maia_serving.tools.calibrate_host import FrontEndSample, FrontEndTiming, fit_front_end, with_front_end
 
 
-def _raw() -> dict:
-    raw = {
-        "name": "host",
-        "hbm_capacity": {"value": 24, "unit": "GB", "source": "s"},
-        "hbm_bandwidth": {"value": 10, "unit": "GB/s", "source": "s"},
-        "sram": {"value": 0, "unit": "MB", "source": "s"},
-        "peak_compute": {"bf16": {"value": 0.4, "unit": "TFLOP/s", "source": "s"}},
-        "compute_efficiency": {"value": 1.0, "unit": "ratio", "source": "s"},
-        "memory_efficiency": {"value": 1.0, "unit": "ratio", "source": "s"},
-        "runtime_reserve": {"value": 0, "unit": "GiB", "source": "s"},
-        "kernel_launch": {"value": 2, "unit": "us", "source": "s"},
-        "scale_up": {
-            "topology": "pcie",
-            "bandwidth": {"value": 10, "unit": "GB/s", "source": "s"},
-            "latency": {"value": 1, "unit": "us", "source": "s"},
-        },
-    }
-    raw["host_link"] = raw["scale_up"]
-    return raw
-
-
-def test_the_fit_is_the_fastest_sample_per_length_less_the_first_tokens_way_back():
-    """Lone requests of 16 and 416 prompt tokens whose fastest front-end times are 6.3 and 10.3 ms, with 0.2 ms a
+def test_the_fit_is_the_median_sample_per_length_less_the_first_tokens_way_back():
+    """Lone requests of 16 and 416 prompt tokens whose median front-end times are 6.3 and 10.3 ms, with 0.2 ms a
     step and 0.1 ms a token out: 6.0 and 10.0 ms in, so 10 us a prompt token (4 ms / 400) and 5.84 ms fixed
-    (6.0 - 16 x 0.01); a slower sample of each length and the engine's own time do not move it."""
+    (6.0 - 16 x 0.01); a faster and a slower sample of each length and the engine's own time do not move it."""
     samples = (
         FrontEndSample(16, 0.0263, 0.020),
+        FrontEndSample(16, 0.0213, 0.020),
         FrontEndSample(16, 0.0400, 0.020),
         FrontEndSample(416, 0.0603, 0.050),
+        FrontEndSample(416, 0.0503, 0.050),
         FrontEndSample(416, 0.0703, 0.050),
     )
     front = fit_front_end(FrontEndTiming(samples, 1e-4, 2e-4))
@@ -55,15 +36,15 @@ def test_the_fit_has_no_negative_term_and_needs_two_lengths():
         fit_front_end(FrontEndTiming(shrinking[:1], None))
 
 
-def test_the_measured_figures_load_into_the_host_profile():
+def test_the_measured_figures_load_into_the_host_profile(host_raw):
     front = FrontEnd(4e-3, 7e-6, 1.1e-4, 9.9e-4)
-    profile = profile_from_dict(with_front_end(_raw(), front, "measured"))
+    profile = profile_from_dict(with_front_end(host_raw, front, "measured"))
     assert profile.front_end.fixed_s == pytest.approx(4e-3)
     assert profile.front_end.per_input_token_s == pytest.approx(7e-6)
     assert profile.front_end.per_output_token_s == pytest.approx(1.1e-4)
     assert profile.front_end.per_step_s == pytest.approx(9.9e-4)
     assert profile.sources["request_overhead"] == "measured"
-    assert profile_from_dict(_raw()).front_end == FrontEnd()
+    assert profile_from_dict(host_raw).front_end == FrontEnd()
 
 
 def test_the_built_in_profiles_carry_blis_published_front_end():
@@ -87,15 +68,15 @@ def test_calibrate_host_against_no_server_says_so_and_leaves_the_profile(tmp_pat
     assert out.read_text() == "kept: true\n"
 
 
-def test_simulate_front_end_host_without_measured_figures_says_how_to_measure(tmp_path, monkeypatch, capsys):
+def test_simulate_front_end_host_without_measured_figures_says_how_to_measure(host_raw, tmp_path, monkeypatch, capsys):
     from maia_serving.tools.calibrate_host import write_profile
 
     monkeypatch.setenv("MAIA_SERVING_CACHE_DIR", str(tmp_path))
-    write_profile(tmp_path / "host.yaml", _raw())
+    write_profile(tmp_path / "host.yaml", host_raw)
     argv = ["simulate", "--model", "llama-3-8b", "--device", "maia100", "--front-end", "host", "--json"]
     assert main(argv) == 2
     assert "calibrate-host --server URL" in capsys.readouterr().err
-    write_profile(tmp_path / "host.yaml", with_front_end(_raw(), FrontEnd(0.05, 0.0), "measured"))
+    write_profile(tmp_path / "host.yaml", with_front_end(host_raw, FrontEnd(0.05, 0.0), "measured"))
     assert main(argv) == 0
     (row,) = json.loads(capsys.readouterr().out)
     # 8 requests sent at once through one worker of 50 ms each: 50, 100, ... 400 ms in, a mean of 225 ms
