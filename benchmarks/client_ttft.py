@@ -8,43 +8,21 @@ server's own emulated TTFT), then Poisson arrivals at each rate, timed by the cl
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 
-from live_arrivals import LIMITS, serve
+from live_arrivals import arguments, serve, serving_of
 
-from maia_serving.emulator import ServingConfig, load_model_shape, load_profile
+from maia_serving.emulator import load_model_shape, load_profile
 from maia_serving.emulator.hardware import NO_FRONT_END
 from maia_serving.emulator.sim.simulate import simulate_device
 from maia_serving.emulator.sim.workload import synthetic
 from maia_serving.tools.calibrate_host import fit_front_end, measure_front_end
-from maia_serving.tools.training.demo import build_demo_model
-from tests.utils.launch import metric, scrape
 from tests.utils.replay import replay_trace
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", type=Path, default=ROOT / "models" / "demo")
-    parser.add_argument("--shape", default="llama-3-8b")
-    parser.add_argument("--profile", default="maia100")
-    parser.add_argument("--num-prompts", type=int, default=32)
-    parser.add_argument("--input-len", type=int, default=384)
-    parser.add_argument("--output-len", type=int, default=48)
-    parser.add_argument("--rates", type=float, nargs="+", default=[1.0, 4.0, 16.0])
-    args = parser.parse_args()
-    if not (args.model / "config.json").exists():
-        build_demo_model(args.model)
+    args = arguments(__doc__, 384, 48, [1.0, 4.0, 16.0])
     profile, shape = load_profile(args.profile), load_model_shape(args.shape)
     with serve(args.model, args.shape, args.profile, True, "client-ttft") as server:
-        start = scrape(server.url)
-        block_size = round(
-            metric(start, "maia:kv_cache_tokens", holder="emulated")
-            / metric(start, "maia:kv_cache_blocks", holder="emulated")
-        )
-        serving = ServingConfig(**LIMITS, block_size=block_size, gpu_memory_utilization=0.92)
+        serving = serving_of(server.url)
         front = fit_front_end(measure_front_end(server.url, "demo"))
         print(
             f"{args.shape} on {args.profile}, paced, {args.num_prompts} x ({args.input_len} in, "

@@ -37,18 +37,35 @@ def serve(model: Path, shape: str, profile: str, pace: bool, name: str = "live-a
     return Server(cmd, port, log, env={"VLLM_CPU_CI_ENV": "1", "MAIA_SERVING_PACE": str(int(pace))})
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+def arguments(doc: str, input_len: int, output_len: int, rates: list[float]) -> argparse.Namespace:
+    """The command line of a live run under Poisson arrivals (this one and client_ttft.py), the demo model built."""
+    parser = argparse.ArgumentParser(description=doc)
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "demo")
     parser.add_argument("--shape", default="llama-3-8b")
     parser.add_argument("--profile", default="maia100")
     parser.add_argument("--num-prompts", type=int, default=32)
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=32)
-    parser.add_argument("--rates", type=float, nargs="+", default=[2.0, 8.0, 32.0])
+    parser.add_argument("--input-len", type=int, default=input_len)
+    parser.add_argument("--output-len", type=int, default=output_len)
+    parser.add_argument("--rates", type=float, nargs="+", default=rates)
     args = parser.parse_args()
     if not (args.model / "config.json").exists():
         build_demo_model(args.model)
+    return args
+
+
+def serving_of(url: str) -> ServingConfig:
+    """The emulator's config of a server started by ``serve``: its limits, vLLM's default memory share, and the
+    KV block size it reports."""
+    start = scrape(url)
+    block_size = round(
+        metric(start, "maia:kv_cache_tokens", holder="emulated")
+        / metric(start, "maia:kv_cache_blocks", holder="emulated")
+    )
+    return ServingConfig(**LIMITS, block_size=block_size, gpu_memory_utilization=0.92)
+
+
+def main() -> int:
+    args = arguments(__doc__, 128, 32, [2.0, 8.0, 32.0])
     profile, shape = load_profile(args.profile), load_model_shape(args.shape)
     print(
         f"{args.shape} on {args.profile}, {args.num_prompts} x ({args.input_len} in, {args.output_len} out), "
@@ -61,12 +78,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for pace in (False, True):
         with serve(args.model, args.shape, args.profile, pace) as server:
-            start = scrape(server.url)
-            block_size = round(
-                metric(start, "maia:kv_cache_tokens", holder="emulated")
-                / metric(start, "maia:kv_cache_blocks", holder="emulated")
-            )
-            serving = ServingConfig(**LIMITS, block_size=block_size, gpu_memory_utilization=0.92)
+            serving = serving_of(server.url)
             for rate in args.rates:
                 trace = replay_trace(
                     server.url, "demo", synthetic(args.num_prompts, args.input_len, args.output_len, request_rate=rate)
