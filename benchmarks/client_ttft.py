@@ -8,7 +8,6 @@ server's own emulated TTFT), then Poisson arrivals at each rate, timed by the cl
 
 from __future__ import annotations
 
-
 from live_arrivals import arguments, serve, serving_of
 
 from maia_serving.emulator import load_model_shape, load_profile
@@ -17,6 +16,7 @@ from maia_serving.emulator.sim.simulate import simulate_device
 from maia_serving.emulator.sim.workload import synthetic
 from maia_serving.tools.calibrate_host import fit_front_end, measure_front_end
 from tests.utils.replay import replay_trace
+
 
 def main() -> int:
     args = arguments(__doc__, 384, 48, [1.0, 4.0, 16.0])
