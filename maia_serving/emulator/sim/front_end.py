@@ -79,27 +79,28 @@ class FrontEndQueue:
             out.append(self._ready.popleft()[1])
         return out
 
-    def step(self, end_s: float, sampled: tuple[int, ...], finished: set[int]) -> None:
+    def step(self, end_s: float, sampled: tuple[int, ...], finished: tuple[int, ...]) -> None:
         """The step that ended at ``end_s`` sampled a token for each of ``sampled`` (``finished``: their last): the
         worker takes the step's outputs in (``per_step_s``) and streams each token, after what it already has
         (sends up to ``end_s`` first); a client sees its token when the worker is done with it."""
-        front_end = self.front_end
+        front_end, timings = self.front_end, self.timings
+        per_token = front_end.per_output_token_s
+        streams = bool(front_end.per_step_s or per_token)
         seen_s = end_s
-        if front_end.per_step_s or front_end.per_output_token_s:
+        if streams:
             self.send_until(end_s)
             self.free_s = max(self.free_s, end_s) + front_end.per_step_s
         for index in sampled:
-            if front_end.per_output_token_s:
-                self.free_s += front_end.per_output_token_s
-            if front_end.per_step_s or front_end.per_output_token_s:
+            if streams:
+                self.free_s += per_token
                 seen_s = self.free_s
-            timing = self.timings[index]
+            timing = timings[index]
             if timing.first_token_s is None:
                 timing.first_token_s = seen_s
                 timing.front_end_s += seen_s - end_s
             timing.last_token_s = seen_s
             timing.num_output_tokens += 1
-            if index in finished:
+            if finished and index in finished:
                 self.open -= 1
                 if self.limited:
                     self.opened_s = max(self.opened_s, seen_s)

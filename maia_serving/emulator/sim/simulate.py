@@ -138,8 +138,8 @@ def simulate(
     """Run ``requests`` (sorted by arrival) to completion under vLLM v1's policy, each step priced
     by ``costs``, up to ``costs.parallel.pp`` batches in flight; with ``initial`` (steps, cost model), the
     first that many steps by that one instead (EPLB's experts before it first rearranges them); with
-    ``max_concurrency``, at most that many requests in flight; each request reaching the scheduler
-    ``front_end.of(input_len)`` after it was sent (module docstring)."""
+    ``max_concurrency``, at most that many requests in flight; each request and token through ``front_end``'s
+    one worker (module docstring)."""
     if any(b.arrival_s < a.arrival_s for a, b in zip(requests, requests[1:])):
         raise ValueError("requests must be sorted by arrival time")
     if max_concurrency is not None and max_concurrency < 1:
@@ -190,7 +190,7 @@ def simulate(
             end, done = in_flight.popleft()
             now_s = max(now_s, end)
             out = scheduler.update(done)  # ids are the order of add(): the requests' order
-            front.step(now_s, out.sampled, set(out.finished))
+            front.step(now_s, out.sampled, out.finished)
         elif not scheduler.has_work:
             ready_s = front.next_ready_s()  # idle until the next request reaches the scheduler
             assert ready_s is not None, "nothing to run and nothing on its way, with requests left to send"
