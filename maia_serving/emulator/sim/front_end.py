@@ -37,7 +37,6 @@ class FrontEndQueue:
         self.open = 0  # sent, and the last token not yet seen by the client
         self.opened_s = 0.0  # when a client last saw its last token (under a limit, the next send)
         self._ready: deque[tuple[float, int]] = deque()  # (reaches the scheduler at, request), in sending order
-        self._engine_first_s: dict[int, float] = {}
 
     @property
     def has_work(self) -> bool:

@@ -188,19 +188,26 @@ def test_the_front_end_delays_each_request_by_its_time_and_counts_in_ttft_not_tp
 
 
 def test_the_front_end_streams_each_token_after_the_work_before_it(llama8b, maia100):
-    """1 ms of front-end work per output token (no input work): two requests at once sample their first tokens
-    in the same step; the worker streams the first request's at step end + 1 ms, the second's at + 2 ms, so
-    their TTFTs differ by 1 ms and the second's front-end share is 2 ms; a lone request's TPOT is the device's."""
-    front = FrontEnd(0.0, 0.0, 1e-3)
-    sim = simulate_device(maia100, llama8b, ServingConfig(), synthetic(2, 64, 3), front_end=front)
-    a, b = sim.timings
+    """0.5 ms of front-end work per step and 1 ms per output token (no input work): two requests at once sample
+    their first tokens in the same step; the worker takes the step in, then streams the first request's token at
+    step end + 1.5 ms and the second's at + 2.5 ms, so their front-end shares are 1.5 and 2.5 ms. A third request,
+    sent a second later while the first two still stream, queues its input behind nothing (the worker is idle by
+    then) and its own tokens likewise; a lone request's TPOT is the device's."""
+    front = FrontEnd(0.0, 0.0, 1e-3, 0.5e-3)
+    requests = [Request(0.0, 64, 3), Request(0.0, 64, 3), Request(1.0, 64, 3)]
+    sim = simulate_device(maia100, llama8b, ServingConfig(), requests, front_end=front)
+    a, b, c = sim.timings
     end = sim.steps.start_s[0] + sim.steps.step_s[0]
-    assert (a.first_token_s, b.first_token_s) == pytest.approx((end + 1e-3, end + 2e-3), rel=1e-12)
-    assert (a.front_end_s, b.front_end_s) == pytest.approx((1e-3, 2e-3), rel=1e-12)
+    assert (a.first_token_s, b.first_token_s) == pytest.approx((end + 1.5e-3, end + 2.5e-3), rel=1e-12)
+    assert (a.front_end_s, b.front_end_s, c.front_end_s) == pytest.approx((1.5e-3, 2.5e-3, 1.5e-3), rel=1e-12)
+    assert c.arrival_s == 1.0
     lone = simulate_device(maia100, llama8b, ServingConfig(), synthetic(1, 64, 3), front_end=front)
     bare = simulate_device(maia100, llama8b, ServingConfig(), synthetic(1, 64, 3), front_end=NO_FRONT_END)
     assert lone.timings[0].tpot_s == pytest.approx(bare.timings[0].tpot_s, rel=1e-12)
-    assert lone.timings[0].ttft_s == pytest.approx(bare.timings[0].ttft_s + 1e-3, rel=1e-12)
+    assert lone.timings[0].ttft_s == pytest.approx(bare.timings[0].ttft_s + 1.5e-3, rel=1e-12)
+    only_tokens = FrontEnd(0.0, 0.0, 1e-3)
+    tokens_only = simulate_device(maia100, llama8b, ServingConfig(), synthetic(1, 64, 3), front_end=only_tokens)
+    assert tokens_only.timings[0].ttft_s == pytest.approx(bare.timings[0].ttft_s + 1e-3, rel=1e-12)
 
 
 def test_under_a_client_limit_the_next_request_is_sent_when_one_ends_and_pays_the_front_end(llama8b, maia100):
