@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -337,8 +337,20 @@ def _scrape(url: str) -> dict[str, float]:
     return out
 
 
-def _stream(url: str, model: str, prompt: list[int], max_tokens: int, timeout_s: float) -> float:
-    """One streamed completion, read to its end; the client's time from send to the first event."""
+class StreamTimes(NamedTuple):
+    """One streamed completion as its client timed it, in seconds after the send: its first and last token."""
+
+    first_s: float
+    last_s: float
+
+
+def stream_completion(
+    url: str, model: str, prompt: list[int], max_tokens: int, timeout_s: float, **extra: Any
+) -> StreamTimes:
+    """One streamed completion from the OpenAI-compatible server at ``url``, exactly ``max_tokens`` long, read to
+    its end by a plain HTTP client (as ``vllm bench serve``'s aiohttp is; the OpenAI SDK adds ~10 ms of its own a
+    request on a small host), timing each event as a load generator times TTFT and TPOT; ``extra`` joins the
+    body."""
     import json
     import urllib.request
 
@@ -349,19 +361,21 @@ def _stream(url: str, model: str, prompt: list[int], max_tokens: int, timeout_s:
         "temperature": 0,
         "stream": True,
         "ignore_eos": True,
+        **extra,
     }
     request = urllib.request.Request(
         f"{url}/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
     )
-    first = None
-    start = time.perf_counter()
+    first = last = None
+    start = time.monotonic()
     with urllib.request.urlopen(request, timeout=timeout_s) as resp:
-        for line in resp:  # the first streamed event, as a load generator times TTFT
-            if first is None and line.startswith(b"data:"):
-                first = time.perf_counter() - start
-    if first is None:
-        raise RuntimeError(f"{url} streamed nothing back")
-    return first
+        for line in resp:  # one event a token (its text may be "" until a character completes)
+            if line.startswith(b"data:") and not line.startswith(b"data: [DONE]"):
+                last = time.monotonic() - start
+                first = last if first is None else first
+    if first is None or last is None:
+        raise RuntimeError(f"{url} streamed no token back")
+    return StreamTimes(first, last)
 
 
 def _counted(url: str, before: dict[str, float], requests: int, timeout_s: float) -> dict[str, float]:
@@ -382,7 +396,7 @@ def _streams(url: str, model: str, prompts: list[list[int]], max_tokens: int, ti
 
     def one(prompt: list[int]) -> None:
         try:
-            _stream(url, model, prompt, max_tokens, timeout_s)
+            stream_completion(url, model, prompt, max_tokens, timeout_s)
         except BaseException as exc:  # re-raised below
             errors.append(exc)
 
@@ -430,7 +444,7 @@ def measure_front_end(
         for length in FRONT_END_PROMPTS:
             prompt = [100 + (7 * j + 13 * round_ + length) % 1000 for j in range(length)]  # no prefix-cache hits
             before = _scrape(url)
-            client_s = _stream(url, model, prompt, 1, timeout_s)
+            client_s = stream_completion(url, model, prompt, 1, timeout_s).first_s
             after = _counted(url, before, 1, timeout_s)
             samples.append(FrontEndSample(length, client_s, after[f"{_TTFT}_sum"] - before[f"{_TTFT}_sum"]))
         if has_cpu:
@@ -460,9 +474,8 @@ def fit_front_end(timing: FrontEndTiming) -> FrontEnd:
         raise ValueError("the front end needs lone requests of at least two prompt lengths")
     xs = sorted(by_length)
     ys = [statistics.median(by_length[n]) for n in xs]
-    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
-    slope = max(0.0, sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs))
-    return FrontEnd(max(0.0, mean_y - slope * mean_x), slope, per_token, per_step)
+    slope = max(0.0, statistics.linear_regression(xs, ys).slope)
+    return FrontEnd(max(0.0, statistics.fmean(ys) - slope * statistics.fmean(xs)), slope, per_token, per_step)
 
 
 def with_front_end(data: dict[str, Any], front_end: FrontEnd, source: str) -> dict[str, Any]:

@@ -21,7 +21,6 @@ not overlap.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import urllib.request
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 
 from maia_serving.emulator.sim.simulate import Simulation
 from maia_serving.emulator.sim.workload import Request
+from maia_serving.tools.calibrate_host import stream_completion
 from tests.utils.launch import metric, scrape, settled_scrape
 
 # A prompt's tokens: distinct per request from the first token on, so no request shares a
@@ -112,39 +112,22 @@ class Trace:
 
 def replay_trace(url: str, model: str, requests: list[Request], timeout_s: float = 300.0) -> Trace:
     """Send each of ``requests`` at its ``arrival_s`` (host seconds from the start) in its own streaming
-    request, as a load generator does, every one producing exactly ``output_len`` tokens. The client is plain
-    HTTP (as ``vllm bench serve``'s aiohttp is): the OpenAI SDK's own work per request is ~10 ms on this
-    host, which would be the client's time in the TTFT, not the server's."""
+    request, as a load generator does, every one producing exactly ``output_len`` tokens, timed by a plain HTTP
+    client (``stream_completion``): the OpenAI SDK's own work per request is ~10 ms on this host, which would be
+    the client's time in the TTFT, not the server's."""
     salt = uuid.uuid4().hex
     before = scrape(url)
     rows: list[tuple[float, float, float] | BaseException | None] = [None] * len(requests)
     start = time.monotonic()
 
     def send(i: int, request: Request) -> None:
-        body = {
-            "model": model,
-            "prompt": _prompt(i, request.input_len),
-            "max_tokens": request.output_len,
-            "temperature": 0,
-            "stream": True,
-            "ignore_eos": True,
-            "cache_salt": salt,
-        }
-        post = urllib.request.Request(
-            f"{url}/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-        )
         try:
             time.sleep(max(0.0, start + request.arrival_s - time.monotonic()))
             sent = time.monotonic()
-            first = last = None
-            with urllib.request.urlopen(post, timeout=timeout_s) as resp:
-                for line in resp:  # one event a token (its text may be "" until a character completes)
-                    if line.startswith(b"data:") and not line.startswith(b"data: [DONE]"):
-                        last = time.monotonic()
-                        first = first or last
-            if first is None or last is None:
-                raise RuntimeError(f"request {i} streamed no token")
-            rows[i] = (sent - start, first - sent, (last - first) / max(1, request.output_len - 1))
+            first_s, last_s = stream_completion(
+                url, model, _prompt(i, request.input_len), request.output_len, timeout_s, cache_salt=salt
+            )
+            rows[i] = (sent - start, first_s, (last_s - first_s) / max(1, request.output_len - 1))
         except BaseException as exc:  # re-raised in the caller's thread
             rows[i] = exc
 
