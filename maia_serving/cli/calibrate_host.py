@@ -100,7 +100,7 @@ def _front_end_calibration(path: Path, url: str, model: str | None) -> int:
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     source = (
         f"measured by calibrate-host --server on {model}: client time of lone one-token requests less the "
-        f"server's emulated TTFT, fastest of {FRONT_END_ROUNDS} per prompt length, {when}"
+        f"server's emulated TTFT, median of {FRONT_END_ROUNDS} per prompt length, {when}"
     )
     write_profile(path, with_front_end(data, front_end, source))
     print(f"host profile written to {path}")
@@ -129,7 +129,7 @@ class CalibrateHost(Subcommand):
             "--server",
             metavar="URL",
             help="time the front end of a running `vllm serve --device maia` (or SGLang) server at URL: lone "
-            "requests against its own emulated TTFT (about 10 s); written into the host profile as its "
+            "requests against its own emulated TTFT (about 20 s); written into the host profile as its "
             "request_overhead figures, which `simulate --front-end host` charges, the rest of the profile kept",
         )
         p.add_argument(
