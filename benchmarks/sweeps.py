@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -75,7 +76,6 @@ def replay(
     source: dict,
     point: dict,
     num_per_client: int,
-    token_output_us: float | None = None,
     policy: str | None = None,
     per_seq_us: float | None = None,
 ) -> dict[str, float]:
@@ -84,8 +84,6 @@ def replay(
     per_seq_us = emulate.get("step_overhead_per_seq_us", 0.0) if per_seq_us is None else per_seq_us
     if per_seq_us:
         profile = replace(profile, step_overhead_per_seq_s=per_seq_us * 1e-6)
-    per_token_us = emulate.get("token_output_us", 0.0) if token_output_us is None else token_output_us
-    front_end = replace(profile.front_end, per_output_token_s=per_token_us * 1e-6)
     serving = ServingConfig(
         tensor_parallel_size=source["tp"],
         weight_dtype=emulate["weight_dtype"],
@@ -96,7 +94,7 @@ def replay(
     c = point["concurrency"]
     count = point.get("num_requests") or emulate.get("requests_per_client", num_per_client) * c
     requests = synthetic(count, point["input_len"], point["output_len"])
-    sim = simulate_device(profile, load_model_shape(source["emulator_shape"]), serving, requests, True, c, front_end)
+    sim = simulate_device(profile, load_model_shape(source["emulator_shape"]), serving, requests, True, c)
     return measured(sim, c, emulate.get("measurement", "all"))
 
 
@@ -107,13 +105,6 @@ def mape(rows: list[Replay], metric: str) -> tuple[float | None, int]:
         if r.published.get(metric) and r.emulated.get(metric) is not None
     ]
     return (100 * sum(errors) / len(errors) if errors else None), len(errors)
-
-
-def slope(points: list[tuple[float, float]]) -> float:
-    """Least-squares slope of (x, y) points."""
-    mean_x = sum(x for x, _ in points) / len(points)
-    mean_y = sum(y for _, y in points) / len(points)
-    return sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points)
 
 
 def tpot_slopes(rows: list[Replay]) -> list[str]:
@@ -128,8 +119,9 @@ def tpot_slopes(rows: list[Replay]) -> list[str]:
     for (source, isl, osl), members in sorted(groups.items()):
         if len({r.concurrency for r in members}) < 3:
             continue
-        published = slope([(r.concurrency, r.published["tpot_ms"]) for r in members])
-        emulated = slope([(r.concurrency, r.emulated["tpot_ms"]) for r in members])
+        clients = [r.concurrency for r in members]
+        published = statistics.linear_regression(clients, [r.published["tpot_ms"] for r in members]).slope
+        emulated = statistics.linear_regression(clients, [r.emulated["tpot_ms"] for r in members]).slope
         lines.append(f"| {source} | {isl} / {osl} | {published:.4f} | {emulated:.4f} | {emulated / published:.2f} |")
     return lines
 
@@ -175,9 +167,6 @@ def main() -> None:
         help="where the source does not say how many it sent (a steady window measures the middle three)",
     )
     parser.add_argument("--sources", nargs="*", help="only these source keys")
-    parser.add_argument(
-        "--token-output-us", type=float, default=None, help="the front end's work per streamed token, for every source"
-    )
     parser.add_argument("--plot", type=Path, default=None, help="write the emulated-against-published plot here")
     parser.add_argument("--scheduler-policy", default=None, help="instead of each source's (to compare)")
     parser.add_argument(
@@ -203,7 +192,6 @@ def main() -> None:
                     source,
                     point,
                     args.requests_per_client,
-                    args.token_output_us,
                     args.scheduler_policy,
                     args.step_overhead_per_seq_us,
                 ),
